@@ -1,0 +1,37 @@
+//! The admin API's JSON documents, shared by the server and the CLI.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+pub use crate::{conns::ConnView, enroll::PodView};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StatusView {
+    pub version: String,
+    pub node: String,
+    pub ready: bool,
+    pub fail_mode: String,
+    pub uptime_s: u64,
+    pub programs: Vec<ProgramView>,
+    pub counters: BTreeMap<String, u64>,
+    pub pods_enrolled: usize,
+    pub connections_open: usize,
+    pub connections_total: u64,
+    pub manifest_errors: Vec<ManifestErrorView>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ProgramView {
+    pub name: String,
+    pub attach_type: String,
+    pub id: u32,
+    pub link_id: Option<u32>,
+    pub pinned: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ManifestErrorView {
+    pub file: String,
+    pub reason: String,
+}

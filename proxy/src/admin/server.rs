@@ -1,0 +1,148 @@
+//! The node-local admin API: JSON over HTTP/1.1 on 127.0.0.1:15000 and on a unix socket
+//! (`/run/sluice/<node>/admin.sock`) so that it can be reached from outside the node's
+//! network namespace. It runs on its own single-threaded runtime, away from the data path,
+//! and only reads shared state.
+
+use std::{
+    convert::Infallible,
+    path::PathBuf,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::Instant,
+};
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{body::Incoming, server::conn::http1, service::service_fn, Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::net::{TcpListener, UnixListener};
+use tracing::{debug, warn};
+
+use super::api::{ManifestErrorView, ProgramView, StatusView};
+use crate::{conns::ConnRegistry, discovery::Model, enroll, redirect::Redirector};
+
+pub struct AdminState {
+    pub node: String,
+    pub started: Instant,
+    pub ready: AtomicBool,
+    pub redirector: Arc<Redirector>,
+    pub model: Arc<ArcSwap<Model>>,
+    pub conns: Arc<ConnRegistry>,
+    pub pods: enroll::PodsView,
+}
+
+impl AdminState {
+    fn status(&self) -> StatusView {
+        let model = self.model.load();
+        StatusView {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            node: self.node.clone(),
+            ready: self.ready.load(Ordering::Acquire),
+            fail_mode: format!("{:?}", self.redirector.fail_mode()).to_lowercase(),
+            uptime_s: self.started.elapsed().as_secs(),
+            programs: self
+                .redirector
+                .programs()
+                .iter()
+                .map(|p| ProgramView {
+                    name: p.name.to_string(),
+                    attach_type: p.attach_type.to_string(),
+                    id: p.id,
+                    link_id: p.link_id,
+                    pinned: p.pinned,
+                })
+                .collect(),
+            counters: self.redirector.counters().into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
+            pods_enrolled: self.pods.read().unwrap_or_else(|p| p.into_inner()).len(),
+            connections_open: self.conns.open_count(),
+            connections_total: self.conns.total(),
+            manifest_errors: model
+                .errors
+                .iter()
+                .map(|e| ManifestErrorView { file: e.file.display().to_string(), reason: e.reason.clone() })
+                .collect(),
+        }
+    }
+}
+
+/// Serves the admin API on `tcp` and `unix` until the process exits.
+pub async fn serve(state: Arc<AdminState>, tcp: TcpListener, unix: Option<(UnixListener, PathBuf)>) {
+    if let Some((unix, path)) = unix {
+        let state = state.clone();
+        tokio::spawn(async move {
+            loop {
+                match unix.accept().await {
+                    Ok((stream, _)) => spawn_conn(TokioIo::new(stream), state.clone()),
+                    Err(e) => {
+                        warn!(socket = %path.display(), error = %e, "admin accept failed");
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    }
+                }
+            }
+        });
+    }
+    loop {
+        match tcp.accept().await {
+            Ok((stream, _)) => spawn_conn(TokioIo::new(stream), state.clone()),
+            Err(e) => {
+                warn!(error = %e, "admin accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+fn spawn_conn<I>(io: I, state: Arc<AdminState>)
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    tokio::spawn(async move {
+        let svc = service_fn(move |req| {
+            let state = state.clone();
+            async move { Ok::<_, Infallible>(route(&state, req)) }
+        });
+        if let Err(e) = http1::Builder::new().serve_connection(io, svc).await {
+            debug!(error = %e, "admin connection ended with an error");
+        }
+    });
+}
+
+fn route(state: &AdminState, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    if req.method() != Method::GET {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "only GET is supported\n");
+    }
+    match req.uri().path() {
+        "/status" => json(&state.status()),
+        "/pods" => json(&enroll::pods_snapshot(&state.pods)),
+        "/conns" => json(&state.conns.snapshot()),
+        "/ready" => {
+            if state.ready.load(Ordering::Acquire) {
+                text(StatusCode::OK, "ready\n")
+            } else {
+                text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+            }
+        }
+        other => text(StatusCode::NOT_FOUND, &format!("no such endpoint {other}; try /status, /pods, /conns, /ready\n")),
+    }
+}
+
+fn json<T: serde::Serialize>(value: &T) -> Response<Full<Bytes>> {
+    match serde_json::to_vec_pretty(value) {
+        Ok(body) => Response::builder()
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(body)))
+            .expect("static response parts are valid"),
+        Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, &format!("serialising: {e}\n")),
+    }
+}
+
+fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(status)
+        .header("content-type", "text/plain")
+        .body(Full::new(Bytes::from(body.to_string())))
+        .expect("static response parts are valid")
+}

@@ -1,0 +1,260 @@
+//! `sluice run`: wires the node daemon together.
+//!
+//! Threads: the data path runs on a multi-threaded tokio runtime; the control path (discovery
+//! updates → enrollment) runs on the main thread; the admin API, the heartbeat and the eBPF log
+//! reader share one single-threaded runtime of their own. The control path hands the data path
+//! immutable model snapshots through an `ArcSwap` and never waits on it.
+
+use std::{
+    path::PathBuf,
+    sync::{atomic::Ordering, mpsc, Arc},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+use arc_swap::ArcSwap;
+use tokio::io::unix::AsyncFd;
+use tracing::{error, info, warn};
+
+use crate::{
+    admin::server::{self, AdminState},
+    conns::ConnRegistry,
+    discovery::{self, Model},
+    enroll::Enroller,
+    l4::DataPath,
+    podres,
+    redirect::{FailMode, RedirectConfig, Redirector},
+    routing::RoundRobin,
+};
+
+#[derive(Debug, Clone)]
+pub struct RunArgs {
+    pub node: String,
+    pub manifests: PathBuf,
+    pub cgroup_root: PathBuf,
+    pub fail_mode: FailMode,
+    pub admin_addr: std::net::SocketAddr,
+    pub admin_socket: PathBuf,
+    pub bpffs: PathBuf,
+    pub connect_timeout: Duration,
+}
+
+enum Control {
+    Model(Arc<Model>),
+    Shutdown(&'static str),
+}
+
+/// How often the heartbeat the kernel programs check is refreshed (they treat 1.5 s of
+/// silence as "sluice is gone").
+const HEARTBEAT_EVERY: Duration = Duration::from_millis(250);
+/// Re-check pods on the node this often (sandboxes appearing, pods dying).
+const RECONCILE_EVERY: Duration = Duration::from_millis(250);
+
+pub fn run(args: RunArgs) -> Result<()> {
+    raise_fd_limit();
+    let started = Instant::now();
+
+    // Preflight: everything that can be wrong with the host is reported before touching it.
+    let (kubepods, driver) = podres::kubepods(&args.cgroup_root).context("locating the pods' cgroup")?;
+    let own_cgroup = podres::own_cgroup().context("finding sluice's own cgroup")?;
+    if own_cgroup.starts_with(&kubepods) {
+        bail!(
+            "sluice runs inside the pods' cgroup ({}); it must run in a cgroup outside {} so that its own connections are never redirected",
+            own_cgroup.display(),
+            kubepods.display()
+        );
+    }
+    let self_cgroup_id = podres::cgroup_id(&own_cgroup)?;
+
+    // Discovery: the first model is complete before anything is enrolled.
+    let model = Arc::new(ArcSwap::from_pointee(Model::default()));
+    let (control_tx, control_rx) = mpsc::channel::<Control>();
+    let _source = {
+        let model = model.clone();
+        let tx = control_tx.clone();
+        discovery::ManifestDir::spawn(args.manifests.clone(), move |m: Arc<Model>| {
+            model.store(m.clone());
+            let _ = tx.send(Control::Model(m));
+        })
+        .with_context(|| format!("loading manifests from {}", args.manifests.display()))?
+    };
+
+    let (redirector, logger) = Redirector::load_and_attach(&RedirectConfig {
+        node: args.node.clone(),
+        attach_cgroup: kubepods.clone(),
+        self_cgroup_id,
+        fail_mode: args.fail_mode,
+        bpffs: args.bpffs.clone(),
+    })
+    .context("loading and attaching the eBPF programs (sluice needs root, cgroup v2 and a kernel with BPF cgroup hooks, 5.8 or newer)")?;
+    let redirector = Arc::new(redirector);
+
+    let data_rt = tokio::runtime::Builder::new_multi_thread()
+        .thread_name("sluice-data")
+        .enable_all()
+        .build()
+        .context("starting the data-path runtime")?;
+    let conns = Arc::new(ConnRegistry::default());
+    let dp = Arc::new(DataPath {
+        redirector: redirector.clone(),
+        model: model.clone(),
+        conns: conns.clone(),
+        balancer: RoundRobin::default(),
+        connect_timeout: args.connect_timeout,
+    });
+    let mut enroller = Enroller::new(
+        args.node.clone(),
+        kubepods.clone(),
+        driver,
+        redirector.clone(),
+        data_rt.handle().clone(),
+        dp,
+    );
+
+    let admin = Arc::new(AdminState {
+        node: args.node.clone(),
+        started,
+        ready: Default::default(),
+        redirector: redirector.clone(),
+        model: model.clone(),
+        conns,
+        pods: enroller.view(),
+    });
+    start_admin_thread(&args, admin.clone(), redirector.clone(), logger, control_tx)?;
+
+    enroller.reconcile(&model.load());
+    admin.ready.store(true, Ordering::Release);
+    info!(
+        node = %args.node,
+        kubepods = %kubepods.display(),
+        fail_mode = ?args.fail_mode,
+        admin = %args.admin_addr,
+        admin_socket = %args.admin_socket.display(),
+        startup_ms = started.elapsed().as_millis() as u64,
+        "sluice ready"
+    );
+
+    let reason = loop {
+        match control_rx.recv_timeout(RECONCILE_EVERY) {
+            Ok(Control::Model(m)) => enroller.reconcile(&m),
+            Ok(Control::Shutdown(why)) => break why,
+            Err(mpsc::RecvTimeoutError::Timeout) => enroller.reconcile(&model.load()),
+            Err(mpsc::RecvTimeoutError::Disconnected) => break "control channel closed",
+        }
+    };
+
+    info!(reason, "stopping");
+    admin.ready.store(false, Ordering::Release);
+    // Tell the kernel programs right away: fail-open passes new connections through,
+    // fail-closed refuses them. In fail-open mode dropping the redirector also detaches.
+    redirector.mark_dead();
+    let _ = std::fs::remove_file(&args.admin_socket);
+    drop(enroller);
+    data_rt.shutdown_timeout(Duration::from_millis(200));
+    Ok(())
+}
+
+/// The admin API, the heartbeat, the eBPF log reader and signal handling, on one small runtime.
+fn start_admin_thread(
+    args: &RunArgs,
+    admin: Arc<AdminState>,
+    redirector: Arc<Redirector>,
+    logger: aya_log::EbpfLogger<&'static dyn log::Log>,
+    control: mpsc::Sender<Control>,
+) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the admin runtime")?;
+    // Bind before reporting ready, so a port clash is a start-up error, not a silent one.
+    let tcp = {
+        let _g = rt.enter();
+        let std_l = std::net::TcpListener::bind(args.admin_addr)
+            .with_context(|| format!("binding the admin API on {}", args.admin_addr))?;
+        std_l.set_nonblocking(true)?;
+        tokio::net::TcpListener::from_std(std_l)?
+    };
+    let unix = {
+        let path = args.admin_socket.clone();
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        let _ = std::fs::remove_file(&path);
+        let _g = rt.enter();
+        let l = tokio::net::UnixListener::bind(&path)
+            .with_context(|| format!("binding the admin socket {}", path.display()))?;
+        (l, path)
+    };
+    std::thread::Builder::new()
+        .name("sluice-admin".into())
+        .spawn(move || {
+            rt.block_on(async move {
+                tokio::spawn(heartbeat(redirector));
+                tokio::spawn(forward_ebpf_logs(logger));
+                tokio::spawn(signals(control));
+                server::serve(admin, tcp, Some(unix)).await;
+            })
+        })
+        .context("starting the admin thread")?;
+    Ok(())
+}
+
+async fn heartbeat(redirector: Arc<Redirector>) {
+    let mut tick = tokio::time::interval(HEARTBEAT_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    loop {
+        tick.tick().await;
+        redirector.heartbeat();
+    }
+}
+
+/// Moves the kernel programs' aya-log records into tracing (through the `log` bridge).
+async fn forward_ebpf_logs(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
+    // SAFETY: the logger owns its ring buffer fd for as long as the AsyncFd owns the logger,
+    // and always reports the same fd.
+    let registered = unsafe { AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) };
+    let mut fd = match registered {
+        Ok(fd) => fd,
+        Err(e) => {
+            warn!(error = %e, "cannot poll the eBPF log buffer; kernel-side log lines will be lost");
+            return;
+        }
+    };
+    loop {
+        match fd.readable_mut().await {
+            Ok(mut guard) => {
+                guard.get_inner_mut().flush();
+                guard.clear_ready();
+            }
+            Err(e) => {
+                error!(error = %e, "eBPF log buffer polling failed");
+                return;
+            }
+        }
+    }
+}
+
+async fn signals(control: mpsc::Sender<Control>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        warn!("cannot install signal handlers; stop sluice with SIGKILL");
+        return;
+    };
+    let why = tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    };
+    let _ = control.send(Control::Shutdown(why));
+}
+
+/// One proxy for a whole node holds two sockets per connection plus listeners per pod.
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit/setrlimit with a valid pointer to our own struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}

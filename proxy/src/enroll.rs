@@ -1,0 +1,287 @@
+//! Live enrollment: keeps the set of pods whose traffic sluice captures equal to "pods on this
+//! node, in a namespace annotated `sluice.dev/mesh: enabled`, whose sandbox exists".
+//!
+//! Enrolling a pod: find its cgroup and network namespace, open its listeners inside that
+//! namespace, start accepting, and only then add its cgroup to the kernel's `ENROLLED` map (so
+//! the kernel never redirects to a listener that is not there yet). Releasing does it in the
+//! opposite order. Connections already open are never touched: they hold their own sockets.
+//!
+//! Runs on the control thread; the only data-path effect is spawning/aborting accept tasks.
+
+use std::{
+    collections::{HashMap, HashSet},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    path::PathBuf,
+    sync::{atomic::Ordering, Arc, RwLock},
+};
+
+use serde::{Deserialize, Serialize};
+use sluice_common::OUTBOUND_PORT;
+use tokio::task::JoinHandle;
+use tracing::{debug, info, warn};
+
+use crate::{
+    conns::PodStats,
+    discovery::{Model, Pod},
+    l4::{self, DataPath, PodContext},
+    netns::PodNetns,
+    podres::{self, CgroupDriver, PodResError},
+    redirect::Redirector,
+};
+
+/// What the admin API shows for one enrolled pod.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PodView {
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+    pub ip: IpAddr,
+    pub cgroup_id: u64,
+    pub cgroup_path: PathBuf,
+    /// Inode of the pod's network namespace.
+    pub netns: u64,
+    pub listeners: Vec<SocketAddr>,
+    pub connections_open: u64,
+    pub connections_total: u64,
+}
+
+struct EnrolledPod {
+    ctx: Arc<PodContext>,
+    namespace: String,
+    name: String,
+    uid: String,
+    cgroup_id: u64,
+    cgroup_path: PathBuf,
+    listeners: Vec<SocketAddr>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+pub struct Enroller {
+    node: String,
+    kubepods: PathBuf,
+    driver: CgroupDriver,
+    redirector: Arc<Redirector>,
+    data_rt: tokio::runtime::Handle,
+    dp: Arc<DataPath>,
+    /// Enrolled pods by UID.
+    enrolled: HashMap<String, EnrolledPod>,
+    /// Pods we are waiting for (sandbox not there yet), so we say so once, not every tick.
+    waiting: HashSet<String>,
+    next_pod_id: u32,
+    view: PodsView,
+}
+
+/// The enrolled pods as the admin API reads them: static facts plus the live counters.
+pub type PodsView = Arc<RwLock<Vec<(PodView, Arc<PodStats>)>>>;
+
+/// The enrolled pods with their current connection counts.
+pub fn pods_snapshot(view: &PodsView) -> Vec<PodView> {
+    view.read()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+        .map(|(v, stats)| PodView {
+            connections_open: stats.open.load(Ordering::Relaxed),
+            connections_total: stats.total.load(Ordering::Relaxed),
+            ..v.clone()
+        })
+        .collect()
+}
+
+impl Enroller {
+    pub fn new(
+        node: String,
+        kubepods: PathBuf,
+        driver: CgroupDriver,
+        redirector: Arc<Redirector>,
+        data_rt: tokio::runtime::Handle,
+        dp: Arc<DataPath>,
+    ) -> Self {
+        Self {
+            node,
+            kubepods,
+            driver,
+            redirector,
+            data_rt,
+            dp,
+            enrolled: HashMap::new(),
+            waiting: HashSet::new(),
+            next_pod_id: 1,
+            view: Arc::new(RwLock::new(Vec::new())),
+        }
+    }
+
+    /// Shared read-only view of the enrolled pods, for the admin API.
+    pub fn view(&self) -> PodsView {
+        self.view.clone()
+    }
+
+    /// Brings the enrolled set in line with `model` and with what exists on the node.
+    pub fn reconcile(&mut self, model: &Model) {
+        let node = self.node.clone();
+        let desired: HashMap<&str, &Pod> = model
+            .pods_on_node(&node)
+            .filter(|p| model.is_enrolled(&p.namespace))
+            .map(|p| (p.uid.as_str(), p))
+            .collect();
+
+        // Release pods that left the mesh, left the node, or whose sandbox is gone.
+        let gone: Vec<String> = self
+            .enrolled
+            .iter()
+            .filter(|(uid, e)| !desired.contains_key(uid.as_str()) || !e.cgroup_path.is_dir())
+            .map(|(uid, _)| uid.clone())
+            .collect();
+        for uid in gone {
+            if let Some(pod) = self.enrolled.remove(&uid) {
+                self.release(pod);
+            }
+        }
+        self.waiting.retain(|uid| desired.contains_key(uid.as_str()));
+
+        for (uid, pod) in desired {
+            if self.enrolled.contains_key(uid) {
+                continue;
+            }
+            match self.enroll(pod) {
+                Ok(e) => {
+                    self.waiting.remove(uid);
+                    info!(pod = %format!("{}/{}", pod.namespace, pod.name), ip = %pod.ip, cgroup_id = e.cgroup_id, "pod enrolled");
+                    self.enrolled.insert(uid.to_string(), e);
+                }
+                Err(EnrollError::NotYet(reason)) => {
+                    if self.waiting.insert(uid.to_string()) {
+                        info!(pod = %format!("{}/{}", pod.namespace, pod.name), %reason, "waiting for pod sandbox");
+                    }
+                }
+                Err(EnrollError::Failed(reason)) => {
+                    if self.waiting.insert(uid.to_string()) {
+                        warn!(pod = %format!("{}/{}", pod.namespace, pod.name), %reason, "cannot enroll pod");
+                    }
+                }
+            }
+        }
+        self.publish_view();
+    }
+
+    /// Whether any desired pod is still waiting (the caller re-runs reconcile on a timer).
+    pub fn has_waiting(&self) -> bool {
+        !self.waiting.is_empty()
+    }
+
+    fn enroll(&mut self, pod: &Pod) -> Result<EnrolledPod, EnrollError> {
+        let cgroup_path = podres::pod_cgroup(&self.kubepods, self.driver, &pod.uid).map_err(EnrollError::from)?;
+        let cgroup_id = podres::cgroup_id(&cgroup_path).map_err(EnrollError::from)?;
+        let netns = podres::pod_netns(&cgroup_path).map_err(EnrollError::from)?;
+        let key: Arc<str> = format!("{}/{}", pod.namespace, pod.name).into();
+        let netns = PodNetns::spawn(netns, &pod.name)
+            .map_err(|e| EnrollError::Failed(format!("cannot enter network namespace: {e}")))?;
+
+        let addrs = [
+            SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), OUTBOUND_PORT),
+            SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), OUTBOUND_PORT),
+        ];
+        let results = netns
+            .listen(&addrs)
+            .map_err(|e| EnrollError::Failed(format!("netns worker: {e}")))?;
+        let mut listeners = Vec::new();
+        for (addr, result) in addrs.iter().zip(results) {
+            match result {
+                Ok(l) => listeners.push((*addr, l)),
+                // IPv6 may be disabled in the pod; IPv4 is required.
+                Err(e) if addr.is_ipv6() => debug!(pod = %key, error = %e, "no IPv6 outbound listener"),
+                Err(e) => {
+                    return Err(EnrollError::Failed(format!(
+                        "cannot listen on {addr} in the pod's network namespace: {e} (is the port taken by the pod?)"
+                    )))
+                }
+            }
+        }
+
+        let pod_id = self.next_pod_id;
+        self.next_pod_id = self.next_pod_id.wrapping_add(1).max(1);
+        let ctx = Arc::new(PodContext {
+            pod_id,
+            key,
+            ip: pod.ip,
+            netns: netns.clone(),
+            stats: Arc::new(PodStats::default()),
+        });
+        let mut tasks = Vec::new();
+        let mut bound = Vec::new();
+        for (addr, std_listener) in listeners {
+            let _guard = self.data_rt.enter();
+            let listener = tokio::net::TcpListener::from_std(std_listener)
+                .map_err(|e| EnrollError::Failed(format!("listener {addr}: {e}")))?;
+            tasks.push(self.data_rt.spawn(l4::serve_listener(listener, ctx.clone(), self.dp.clone())));
+            bound.push(addr);
+        }
+        if let Err(e) = self.redirector.enroll(cgroup_id, pod_id) {
+            tasks.iter().for_each(JoinHandle::abort);
+            return Err(EnrollError::Failed(e.to_string()));
+        }
+        Ok(EnrolledPod {
+            ctx,
+            namespace: pod.namespace.clone(),
+            name: pod.name.clone(),
+            uid: pod.uid.clone(),
+            cgroup_id,
+            cgroup_path,
+            listeners: bound,
+            tasks,
+        })
+    }
+
+    fn release(&self, pod: EnrolledPod) {
+        if let Err(e) = self.redirector.release(pod.cgroup_id) {
+            warn!(pod = %pod.ctx.key, error = %e, "cannot remove pod from the eBPF enrollment map");
+        }
+        // Closing the listeners; accepted connections keep running in their own tasks.
+        pod.tasks.iter().for_each(JoinHandle::abort);
+        info!(pod = %pod.ctx.key, open_connections = pod.ctx.stats.open.load(Ordering::Relaxed), "pod released");
+    }
+
+    /// Releases everything (graceful stop).
+    pub fn release_all(&mut self) {
+        let pods: Vec<EnrolledPod> = self.enrolled.drain().map(|(_, p)| p).collect();
+        for pod in pods {
+            self.release(pod);
+        }
+        self.publish_view();
+    }
+
+    pub fn publish_view(&self) {
+        let mut pods: Vec<(PodView, Arc<PodStats>)> = self
+            .enrolled
+            .values()
+            .map(|e| (PodView {
+                namespace: e.namespace.clone(),
+                name: e.name.clone(),
+                uid: e.uid.clone(),
+                ip: e.ctx.ip,
+                cgroup_id: e.cgroup_id,
+                cgroup_path: e.cgroup_path.clone(),
+                netns: e.ctx.netns.inode(),
+                listeners: e.listeners.clone(),
+                connections_open: 0,
+                connections_total: 0,
+            }, e.ctx.stats.clone()))
+            .collect();
+        pods.sort_by(|(a, _), (b, _)| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+        *self.view.write().unwrap_or_else(|p| p.into_inner()) = pods;
+    }
+}
+
+enum EnrollError {
+    /// The pod is not there yet (no cgroup, no process): try again on the next tick.
+    NotYet(String),
+    Failed(String),
+}
+
+impl From<PodResError> for EnrollError {
+    fn from(e: PodResError) -> Self {
+        match e {
+            PodResError::CgroupNotFound { .. } | PodResError::NoProcesses(_) => EnrollError::NotYet(e.to_string()),
+            other => EnrollError::Failed(other.to_string()),
+        }
+    }
+}

@@ -1,0 +1,158 @@
+//! The `sluice` binary: the node daemon (`sluice run`) and the node-local admin CLI.
+
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
+
+use anyhow::Result;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use sluice::{
+    cli::{self, AdminEndpoint, Output},
+    daemon::{self, RunArgs},
+    redirect::{self, FailMode},
+};
+
+#[derive(Parser)]
+#[command(name = "sluice", version, about = "Per-node service-mesh data plane: eBPF socket redirection into one shared proxy")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the node daemon.
+    Run(RunFlags),
+    /// Version, node, attached programs, fail mode and counters.
+    Status(AdminFlags),
+    /// Enrolled pods on this node: IP, cgroup, listeners, connections.
+    Pods(AdminFlags),
+    /// Live connections: source pod, original destination, endpoint, bytes, age.
+    Conns(AdminFlags),
+    /// Remove what a stopped sluice left in the kernel for a node (fail-closed pins) and its admin socket.
+    Cleanup {
+        /// Node name sluice ran with.
+        #[arg(long, env = "SLUICE_NODE")]
+        node: String,
+        #[arg(long, default_value = "/sys/fs/bpf")]
+        bpffs: PathBuf,
+    },
+}
+
+#[derive(Args)]
+struct RunFlags {
+    /// This node's name (pods are served when their spec.nodeName matches). Also names the
+    /// kernel-global objects of this instance (pins, admin socket).
+    #[arg(long, env = "SLUICE_NODE")]
+    node: String,
+    /// Directory of Kubernetes-style YAML manifests (watched for changes).
+    #[arg(long, env = "SLUICE_MANIFESTS")]
+    manifests: PathBuf,
+    /// The cgroup-v2 directory holding kubepods/ or kubepods.slice/ (on a node: the cgroup-v2 mount).
+    #[arg(long, env = "SLUICE_CGROUP_ROOT")]
+    cgroup_root: PathBuf,
+    /// Refuse enrolled pods' connections while sluice is down, instead of letting them through.
+    #[arg(long)]
+    fail_closed: bool,
+    /// Admin API address (node-local).
+    #[arg(long, default_value = "127.0.0.1:15000")]
+    admin_addr: SocketAddr,
+    /// Admin API unix socket [default: /run/sluice/<node>/admin.sock].
+    #[arg(long)]
+    admin_socket: Option<PathBuf>,
+    /// bpffs mount (fail-closed pins live under <bpffs>/sluice/<node>/).
+    #[arg(long, default_value = "/sys/fs/bpf")]
+    bpffs: PathBuf,
+    /// Upstream connect timeout in milliseconds.
+    #[arg(long, default_value_t = 5000)]
+    connect_timeout_ms: u64,
+    /// Log format.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Args)]
+struct AdminFlags {
+    /// Output format.
+    #[arg(short = 'o', long = "output", value_enum, default_value_t = Output::Table)]
+    output: Output,
+    /// Admin API: http://HOST:PORT or a unix socket path [default: http://127.0.0.1:15000].
+    #[arg(long, env = "SLUICE_ADMIN")]
+    admin: Option<String>,
+    /// Reach the sluice of node NAME through its unix socket /run/sluice/NAME/admin.sock.
+    #[arg(long, conflicts_with = "admin")]
+    node: Option<String>,
+}
+
+impl AdminFlags {
+    fn endpoint(&self) -> AdminEndpoint {
+        AdminEndpoint::from_flags(self.admin.as_deref(), self.node.as_deref())
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run(flags) => run(flags),
+        Command::Status(a) => print(cli::status(&a.endpoint(), a.output)),
+        Command::Pods(a) => print(cli::pods(&a.endpoint(), a.output)),
+        Command::Conns(a) => print(cli::conns(&a.endpoint(), a.output)),
+        Command::Cleanup { node, bpffs } => cleanup(&node, &bpffs),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn print(out: Result<String>) -> Result<()> {
+    print!("{}", out?);
+    Ok(())
+}
+
+fn run(f: RunFlags) -> Result<()> {
+    init_logging(f.log_format);
+    let admin_socket = f.admin_socket.unwrap_or_else(|| cli::default_admin_socket(&f.node));
+    let result = daemon::run(RunArgs {
+        node: f.node,
+        manifests: f.manifests,
+        cgroup_root: f.cgroup_root,
+        fail_mode: if f.fail_closed { FailMode::Closed } else { FailMode::Open },
+        admin_addr: f.admin_addr,
+        admin_socket,
+        bpffs: f.bpffs,
+        connect_timeout: Duration::from_millis(f.connect_timeout_ms),
+    });
+    if let Err(e) = &result {
+        tracing::error!(error = format!("{e:#}"), "sluice failed to start");
+    }
+    result
+}
+
+fn cleanup(node: &str, bpffs: &std::path::Path) -> Result<()> {
+    let removed = redirect::remove_pins(bpffs, node)?;
+    let socket = cli::default_admin_socket(node);
+    let _ = std::fs::remove_file(&socket);
+    if let Some(dir) = socket.parent() {
+        let _ = std::fs::remove_dir(dir);
+    }
+    println!("removed {removed} pinned object(s) for node {node}");
+    Ok(())
+}
+
+fn init_logging(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("SLUICE_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
