@@ -118,7 +118,7 @@ impl Enroller {
     /// Brings the enrolled set in line with `model` and with what exists on the node.
     pub fn reconcile(&mut self, model: &Model) {
         let node = self.node.clone();
-        let desired: HashMap<&str, &Pod> = model
+        let desired: HashMap<&str, &Arc<Pod>> = model
             .pods_on_node(&node)
             .filter(|p| model.is_enrolled(&p.namespace))
             .map(|p| (p.uid.as_str(), p))

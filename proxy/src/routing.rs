@@ -29,13 +29,13 @@ pub fn resolve(model: &Model, dst: SocketAddr) -> Target {
     match model.service_for(dst.ip(), dst.port()) {
         Some(svc) => {
             let mut h = DefaultHasher::new();
-            svc.namespace.hash(&mut h);
-            svc.name.hash(&mut h);
+            svc.namespace().hash(&mut h);
+            svc.name().hash(&mut h);
             dst.port().hash(&mut h);
             Target {
-                service: Some(format!("{}/{}", svc.namespace, svc.name).into()),
+                service: Some(format!("{}/{}", svc.namespace(), svc.name()).into()),
                 balance_key: h.finish() | 1,
-                endpoints: svc.endpoints.clone(),
+                endpoints: svc.endpoints().clone(),
             }
         }
         None => Target { service: None, balance_key: 0, endpoints: Arc::from([dst].as_slice()) },

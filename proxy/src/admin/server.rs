@@ -60,7 +60,7 @@ impl AdminState {
             connections_open: self.conns.open_count(),
             connections_total: self.conns.total(),
             manifest_errors: model
-                .errors
+                .errors()
                 .iter()
                 .map(|e| ManifestErrorView { file: e.file.display().to_string(), reason: e.reason.clone() })
                 .collect(),

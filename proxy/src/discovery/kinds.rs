@@ -1,0 +1,250 @@
+//! Parsers for the kinds in the registry (`manifest::KINDS`): core/v1 Namespace, Pod and
+//! Service, and discovery.k8s.io/v1 EndpointSlice. Each takes validated metadata and the whole
+//! document, reads the fields sluice uses and ignores the rest (status.conditions,
+//! managedFields, containers, ...), applying the API's defaults.
+
+use std::collections::HashSet;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use super::fields::{check_port_name, NameRule, Node};
+use super::manifest::{DocError, Meta};
+use super::model::{
+    AddressType, Endpoint, EndpointPort, EndpointSlice, Namespace, Object, Pod, PodPhase, PodRef,
+    Protocol, Service, ServicePort, TargetPort, MESH_ANNOTATION, MESH_ENABLED,
+    SERVICE_NAME_LABEL,
+};
+
+pub(crate) fn namespace(meta: Meta, _doc: &Node<'_>) -> Result<Object, DocError> {
+    let enrolled = meta.annotations.get(MESH_ANNOTATION).is_some_and(|v| v == MESH_ENABLED);
+    Ok(Object::Namespace(Arc::new(Namespace {
+        name: meta.name,
+        labels: meta.labels,
+        annotations: meta.annotations,
+        enrolled,
+    })))
+}
+
+pub(crate) fn pod(meta: Meta, doc: &Node<'_>) -> Result<Object, DocError> {
+    // The uid names the pod's cgroup, which is how the node finds the pod's processes and
+    // network namespace; a pod without one could never be enrolled.
+    let uid = meta.uid.ok_or_else(|| DocError::Missing { field: "metadata.uid".into() })?;
+    let (service_account, node_name, host_network) = match doc.get("spec") {
+        None => (None, None, false),
+        Some(spec) => {
+            spec.expect_mapping()?;
+            let sa = match spec.opt_str("serviceAccountName")? {
+                Some(sa) => Some(sa),
+                None => spec.opt_str("serviceAccount")?, // deprecated alias, still honoured
+            };
+            let node = spec.opt_str("nodeName")?;
+            (sa, node, spec.opt_bool("hostNetwork")?.unwrap_or(false))
+        }
+    };
+    let status = doc.require("status")?;
+    let ip = status.require("podIP")?.as_ip()?;
+    let phase = match status.get("phase") {
+        // A manifest that states a pod's IP describes a pod that exists; a hand-written one
+        // often leaves the phase out.
+        None => PodPhase::Running,
+        Some(n) => match n.as_str()? {
+            "Pending" => PodPhase::Pending,
+            "Running" => PodPhase::Running,
+            "Succeeded" => PodPhase::Succeeded,
+            "Failed" => PodPhase::Failed,
+            "Unknown" => PodPhase::Unknown,
+            other => {
+                return Err(n.invalid(format!(
+                    "{other:?} is not a pod phase (Pending, Running, Succeeded, Failed, Unknown)"
+                )))
+            }
+        },
+    };
+    Ok(Object::Pod(Arc::new(Pod {
+        namespace: meta.namespace,
+        name: meta.name,
+        uid,
+        labels: meta.labels,
+        annotations: meta.annotations,
+        service_account: service_account.unwrap_or("default").to_owned(),
+        node_name: node_name.map(str::to_owned),
+        ip,
+        host_network,
+        phase,
+    })))
+}
+
+pub(crate) fn service(meta: Meta, doc: &Node<'_>) -> Result<Object, DocError> {
+    let (cluster_ip, ports, selector) = match doc.get("spec") {
+        None => (None, Vec::new(), Default::default()),
+        Some(spec) => {
+            spec.expect_mapping()?;
+            (cluster_ip(&spec)?, service_ports(&spec)?, spec.string_map("selector")?)
+        }
+    };
+    Ok(Object::Service(Arc::new(Service {
+        namespace: meta.namespace,
+        name: meta.name,
+        labels: meta.labels,
+        cluster_ip,
+        ports,
+        selector,
+    })))
+}
+
+fn cluster_ip(spec: &Node<'_>) -> Result<Option<IpAddr>, DocError> {
+    let Some(node) = spec.get("clusterIP") else { return Ok(None) };
+    match node.as_str()? {
+        "" | "None" => Ok(None),
+        s => s.parse().map(Some).map_err(|_| {
+            node.invalid(format!("{s:?} is not an IP address (use \"None\" for a headless Service)"))
+        }),
+    }
+}
+
+fn service_ports(spec: &Node<'_>) -> Result<Vec<ServicePort>, DocError> {
+    let nodes = spec.list("ports")?;
+    let mut ports = Vec::with_capacity(nodes.len());
+    let mut names = HashSet::new();
+    let mut numbers = HashSet::new();
+    for node in &nodes {
+        let name = port_name(node)?;
+        // The API's rules: with several ports every port is named, and names and
+        // (port, protocol) pairs are unique. Resolution to endpoints relies on the names.
+        if nodes.len() > 1 && name.is_none() {
+            return Err(node.invalid("a port must have a name when a Service has several ports"));
+        }
+        if let Some(name) = &name {
+            if !names.insert(name.clone()) {
+                return Err(node.invalid(format!("duplicate port name {name:?}")));
+            }
+        }
+        let port = node.require("port")?.as_port()?;
+        let protocol = protocol(node)?;
+        if !numbers.insert((port, protocol)) {
+            return Err(node.invalid(format!("duplicate port {port}/{protocol}")));
+        }
+        let target_port = match node.get("targetPort") {
+            None => TargetPort::Number(port),
+            Some(t) => match t.value.as_str() {
+                Some(s) => match check_port_name(s) {
+                    None => TargetPort::Name(s.to_owned()),
+                    Some(reason) => return Err(t.invalid(reason)),
+                },
+                None => TargetPort::Number(t.as_port()?),
+            },
+        };
+        ports.push(ServicePort {
+            name,
+            port,
+            target_port,
+            protocol,
+            app_protocol: node.opt_str("appProtocol")?.map(str::to_owned),
+        });
+    }
+    Ok(ports)
+}
+
+/// A port's optional name ("" is no name), which must be a DNS label.
+fn port_name(node: &Node<'_>) -> Result<Option<String>, DocError> {
+    let Some(name) = node.opt_str("name")? else { return Ok(None) };
+    if let Some(reason) = NameRule::Dns1123Label.check(name) {
+        return Err(node.require("name")?.invalid(reason));
+    }
+    Ok(Some(name.to_owned()))
+}
+
+fn protocol(node: &Node<'_>) -> Result<Protocol, DocError> {
+    let Some(p) = node.get("protocol") else { return Ok(Protocol::Tcp) };
+    match p.as_str()? {
+        "TCP" => Ok(Protocol::Tcp),
+        "UDP" => Ok(Protocol::Udp),
+        "SCTP" => Ok(Protocol::Sctp),
+        other => Err(p.invalid(format!("{other:?} is not a protocol (TCP, UDP, SCTP)"))),
+    }
+}
+
+pub(crate) fn endpoint_slice(meta: Meta, doc: &Node<'_>) -> Result<Object, DocError> {
+    // Without the label the slice belongs to no Service; in a manifest that is a mistake.
+    let service_name = meta.labels.get(SERVICE_NAME_LABEL).cloned().ok_or_else(|| {
+        DocError::Missing { field: format!("metadata.labels[{SERVICE_NAME_LABEL:?}]") }
+    })?;
+    let at = doc.require("addressType")?;
+    let address_type = match at.as_str()? {
+        "IPv4" => AddressType::IPv4,
+        "IPv6" => AddressType::IPv6,
+        "FQDN" => return Err(at.invalid("addressType FQDN is not supported (deprecated upstream)")),
+        other => return Err(at.invalid(format!("{other:?} is not an address type (IPv4, IPv6)"))),
+    };
+    let mut ports = Vec::new();
+    for node in doc.list("ports")? {
+        ports.push(EndpointPort {
+            name: port_name(&node)?,
+            port: node.require("port")?.as_port()?,
+            protocol: protocol(&node)?,
+            app_protocol: node.opt_str("appProtocol")?.map(str::to_owned),
+        });
+    }
+    let mut endpoints = Vec::new();
+    for node in doc.list("endpoints")? {
+        endpoints.push(endpoint(&node, address_type, &meta.namespace)?);
+    }
+    Ok(Object::EndpointSlice(Arc::new(EndpointSlice {
+        namespace: meta.namespace,
+        name: meta.name,
+        service_name,
+        address_type,
+        ports,
+        endpoints,
+    })))
+}
+
+fn endpoint(node: &Node<'_>, family: AddressType, namespace: &str) -> Result<Endpoint, DocError> {
+    let addrs = node.list("addresses")?;
+    if addrs.is_empty() {
+        return Err(match node.get("addresses") {
+            None => DocError::Missing { field: node.child_path("addresses") },
+            Some(list) => list.invalid("must list at least one address"),
+        });
+    }
+    let mut addresses = Vec::with_capacity(addrs.len());
+    for a in &addrs {
+        let ip = a.as_ip()?;
+        let matches = match family {
+            AddressType::IPv4 => ip.is_ipv4(),
+            AddressType::IPv6 => ip.is_ipv6(),
+        };
+        if !matches {
+            return Err(a.invalid(format!("{ip} does not match the slice's addressType {family:?}")));
+        }
+        addresses.push(ip);
+    }
+    // Condition defaults per the EndpointSlice API: a nil ready or serving means true, a nil
+    // terminating means false.
+    let (ready, serving, terminating) = match node.get("conditions") {
+        None => (true, true, false),
+        Some(c) => {
+            c.expect_mapping()?;
+            (
+                c.opt_bool("ready")?.unwrap_or(true),
+                c.opt_bool("serving")?.unwrap_or(true),
+                c.opt_bool("terminating")?.unwrap_or(false),
+            )
+        }
+    };
+    let target_ref = match node.get("targetRef") {
+        Some(r) if r.opt_str("kind")?.is_none_or(|k| k == "Pod") => Some(PodRef {
+            namespace: r.opt_str("namespace")?.unwrap_or(namespace).to_owned(),
+            name: r.require("name")?.as_str()?.to_owned(),
+        }),
+        _ => None, // a reference to something other than a pod is of no use to the data path
+    };
+    Ok(Endpoint {
+        addresses,
+        ready,
+        serving,
+        terminating,
+        node_name: node.opt_str("nodeName")?.map(str::to_owned),
+        target_ref,
+    })
+}

@@ -1,0 +1,261 @@
+//! The objects of the model: plain Rust structs distilled from Kubernetes objects.
+//!
+//! Only the fields sluice acts on are kept; everything else in a manifest (managedFields,
+//! status.conditions, container specs, ...) is dropped at parse time, so a snapshot stays small
+//! and cheap to rebuild. Objects are shared behind `Arc` between snapshots: rebuilding the
+//! model after one file changed re-uses every other file's objects without copying them.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use serde::Serialize;
+
+/// Labels and annotations. A `BTreeMap` keeps them in a stable order for logs and the admin API.
+pub type Labels = BTreeMap<String, String>;
+
+/// The namespace annotation that enrolls a namespace in the mesh...
+pub const MESH_ANNOTATION: &str = "sluice.dev/mesh";
+/// ...when it has exactly this value.
+pub const MESH_ENABLED: &str = "enabled";
+/// The label that ties an EndpointSlice to its Service.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Namespace {
+    pub name: String,
+    pub labels: Labels,
+    pub annotations: Labels,
+    /// `annotations["sluice.dev/mesh"] == "enabled"`, computed once at parse time.
+    pub enrolled: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+pub enum PodPhase {
+    Pending,
+    Running,
+    Succeeded,
+    Failed,
+    Unknown,
+}
+
+impl PodPhase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PodPhase::Pending => "Pending",
+            PodPhase::Running => "Running",
+            PodPhase::Succeeded => "Succeeded",
+            PodPhase::Failed => "Failed",
+            PodPhase::Unknown => "Unknown",
+        }
+    }
+
+    /// A pod in a terminal phase has stopped for good; its IP may already belong to another pod.
+    pub fn is_terminal(self) -> bool {
+        matches!(self, PodPhase::Succeeded | PodPhase::Failed)
+    }
+}
+
+impl fmt::Display for PodPhase {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Pod {
+    pub namespace: String,
+    pub name: String,
+    /// metadata.uid: names the pod's cgroup (`kubepods/<qos>/pod<uid>`), hence required.
+    pub uid: String,
+    pub labels: Labels,
+    pub annotations: Labels,
+    /// spec.serviceAccountName (or the deprecated spec.serviceAccount), else "default".
+    pub service_account: String,
+    /// spec.nodeName; `None` for a pod not scheduled yet.
+    pub node_name: Option<String>,
+    /// status.podIP.
+    pub ip: IpAddr,
+    /// spec.hostNetwork: such a pod shares its node's IP, so it is left out of `pod_by_ip`.
+    pub host_network: bool,
+    pub phase: PodPhase,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub enum Protocol {
+    #[serde(rename = "TCP")]
+    Tcp,
+    #[serde(rename = "UDP")]
+    Udp,
+    #[serde(rename = "SCTP")]
+    Sctp,
+}
+
+impl Protocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "TCP",
+            Protocol::Udp => "UDP",
+            Protocol::Sctp => "SCTP",
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A Service port's targetPort: a number, or the name of a container port.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+#[serde(untagged)]
+pub enum TargetPort {
+    Number(u16),
+    Name(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ServicePort {
+    /// `None` when the manifest has no name (or ""); only a single-port Service may omit it.
+    pub name: Option<String>,
+    pub port: u16,
+    /// Defaults to `port` when absent, as Kubernetes does. Informational: the port endpoints
+    /// listen on is what the EndpointSlice says.
+    pub target_port: TargetPort,
+    pub protocol: Protocol,
+    pub app_protocol: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Service {
+    pub namespace: String,
+    pub name: String,
+    pub labels: Labels,
+    /// spec.clusterIP; `None` for a headless Service ("None") or one without an address.
+    pub cluster_ip: Option<IpAddr>,
+    pub ports: Vec<ServicePort>,
+    pub selector: Labels,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+pub enum AddressType {
+    IPv4,
+    IPv6,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct EndpointPort {
+    pub name: Option<String>,
+    pub port: u16,
+    pub protocol: Protocol,
+    pub app_protocol: Option<String>,
+}
+
+/// `namespace/name` of the pod behind an endpoint (targetRef of kind Pod).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+pub struct PodRef {
+    pub namespace: String,
+    pub name: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Endpoint {
+    pub addresses: Vec<IpAddr>,
+    /// conditions.ready; absent means ready (Kubernetes API semantics).
+    pub ready: bool,
+    /// conditions.serving; absent means serving.
+    pub serving: bool,
+    /// conditions.terminating; absent means not terminating.
+    pub terminating: bool,
+    pub node_name: Option<String>,
+    pub target_ref: Option<PodRef>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct EndpointSlice {
+    pub namespace: String,
+    pub name: String,
+    /// The `kubernetes.io/service-name` label.
+    pub service_name: String,
+    pub address_type: AddressType,
+    pub ports: Vec<EndpointPort>,
+    pub endpoints: Vec<Endpoint>,
+}
+
+/// The kinds the model knows. Adding a kind means: a variant here and in [`Object`], a parser
+/// registered in `manifest::KINDS`, and a map in `Model` (see `snapshot.rs`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub enum Kind {
+    Namespace,
+    Pod,
+    Service,
+    EndpointSlice,
+}
+
+impl Kind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Namespace => "Namespace",
+            Kind::Pod => "Pod",
+            Kind::Service => "Service",
+            Kind::EndpointSlice => "EndpointSlice",
+        }
+    }
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Identity of an object across files: two definitions with the same key conflict.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ObjectKey {
+    pub kind: Kind,
+    /// Empty for cluster-scoped kinds (Namespace).
+    pub namespace: String,
+    pub name: String,
+}
+
+impl fmt::Display for ObjectKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.namespace.is_empty() {
+            write!(f, "{} {:?}", self.kind, self.name)
+        } else {
+            write!(f, "{} \"{}/{}\"", self.kind, self.namespace, self.name)
+        }
+    }
+}
+
+/// One parsed object, as a manifest file yields it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Object {
+    Namespace(Arc<Namespace>),
+    Pod(Arc<Pod>),
+    Service(Arc<Service>),
+    EndpointSlice(Arc<EndpointSlice>),
+}
+
+impl Object {
+    pub fn kind(&self) -> Kind {
+        match self {
+            Object::Namespace(_) => Kind::Namespace,
+            Object::Pod(_) => Kind::Pod,
+            Object::Service(_) => Kind::Service,
+            Object::EndpointSlice(_) => Kind::EndpointSlice,
+        }
+    }
+
+    pub fn key(&self) -> ObjectKey {
+        let (namespace, name) = match self {
+            Object::Namespace(o) => ("", o.name.as_str()),
+            Object::Pod(o) => (o.namespace.as_str(), o.name.as_str()),
+            Object::Service(o) => (o.namespace.as_str(), o.name.as_str()),
+            Object::EndpointSlice(o) => (o.namespace.as_str(), o.name.as_str()),
+        };
+        ObjectKey { kind: self.kind(), namespace: namespace.to_owned(), name: name.to_owned() }
+    }
+}

@@ -1,0 +1,279 @@
+//! [`Model`]: one immutable snapshot of everything discovery knows.
+//!
+//! A snapshot is built on the control path whenever a source changes and is then only read.
+//! Every index the data path needs is computed here, once per snapshot, so that lookups are a
+//! hash probe with no allocation: `service_for` (ClusterIP:port → Service port and its ready
+//! endpoints) and `pod_by_ip`.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use serde::Serialize;
+
+use super::manifest::{self, Format, ParseError};
+use super::model::{EndpointSlice, Namespace, Object, Pod, PodPhase, Protocol, Service, ServicePort};
+
+/// A manifest file that is (partly) not in force, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+pub struct ManifestError {
+    pub file: PathBuf,
+    pub reason: String,
+}
+
+/// A Service port as the data path needs it: the Service, which of its ports, and the ready
+/// endpoints for that port. Cloning is cheap (reference counts only).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceTarget {
+    service: Arc<Service>,
+    port_index: usize,
+    endpoints: Arc<[SocketAddr]>,
+}
+
+impl ServiceTarget {
+    pub fn service(&self) -> &Arc<Service> {
+        &self.service
+    }
+
+    pub fn namespace(&self) -> &str {
+        &self.service.namespace
+    }
+
+    pub fn name(&self) -> &str {
+        &self.service.name
+    }
+
+    pub fn port(&self) -> &ServicePort {
+        &self.service.ports[self.port_index]
+    }
+
+    /// Ready endpoints, as `pod IP : port the EndpointSlice names`, sorted and de-duplicated
+    /// (an endpoint can sit in two slices while the controller moves it).
+    pub fn endpoints(&self) -> &Arc<[SocketAddr]> {
+        &self.endpoints
+    }
+}
+
+type ByName<T> = HashMap<String, Arc<T>>;
+/// namespace → name → object: nested so a lookup by `(&str, &str)` needs no owned key.
+type ByNsName<T> = HashMap<String, ByName<T>>;
+
+/// An immutable snapshot. Share it as `Arc<Model>`; swap whole snapshots, never mutate one.
+#[derive(Debug, Default)]
+pub struct Model {
+    generation: u64,
+    errors: Vec<ManifestError>,
+    namespaces: ByName<Namespace>,
+    pods: ByNsName<Pod>,
+    services: ByNsName<Service>,
+    endpoint_slices: ByNsName<EndpointSlice>,
+    // Indexes, derived from the maps above when the snapshot is built.
+    targets: HashMap<String, HashMap<String, Box<[ServiceTarget]>>>,
+    by_cluster_addr: HashMap<SocketAddr, ServiceTarget>,
+    pods_by_node: HashMap<String, Vec<Arc<Pod>>>,
+    pods_by_ip: HashMap<IpAddr, Arc<Pod>>,
+}
+
+impl Model {
+    /// The model before any source has spoken: generation 0, no objects.
+    pub fn empty() -> Model {
+        Model::default()
+    }
+
+    /// Builds a snapshot. When two objects share a kind, namespace and name, the first one
+    /// wins (a source resolves such conflicts, and reports them, before calling this).
+    pub fn build(
+        objects: impl IntoIterator<Item = Object>,
+        errors: Vec<ManifestError>,
+        generation: u64,
+    ) -> Model {
+        let mut m = Model { generation, errors, ..Model::default() };
+        for object in objects {
+            match object {
+                Object::Namespace(o) => {
+                    m.namespaces.entry(o.name.clone()).or_insert(o);
+                }
+                Object::Pod(o) => insert(&mut m.pods, o, |p| (&p.namespace, &p.name)),
+                Object::Service(o) => insert(&mut m.services, o, |s| (&s.namespace, &s.name)),
+                Object::EndpointSlice(o) => {
+                    insert(&mut m.endpoint_slices, o, |s| (&s.namespace, &s.name))
+                }
+            }
+        }
+        m.index_services();
+        m.index_pods();
+        m
+    }
+
+    /// A snapshot of one manifest text, for tests and tools (generation 0, no errors).
+    pub fn from_manifest(text: &str, format: Format) -> Result<Model, ParseError> {
+        Ok(Model::build(manifest::parse(text, format)?, Vec::new(), 0))
+    }
+
+    fn index_services(&mut self) {
+        // Slices grouped by the Service they belong to, in name order so that endpoint lists
+        // come out the same whatever the hash order.
+        let mut slices: HashMap<(&str, &str), Vec<&EndpointSlice>> = HashMap::new();
+        for s in self.endpoint_slices.values().flat_map(|m| m.values()) {
+            slices.entry((s.namespace.as_str(), s.service_name.as_str())).or_default().push(s);
+        }
+        let mut services: Vec<&Arc<Service>> =
+            self.services.values().flat_map(|m| m.values()).collect();
+        // Deterministic winner if two Services claim one ClusterIP:port.
+        services.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+        for svc in services {
+            let svc_slices = slices.get(&(svc.namespace.as_str(), svc.name.as_str()));
+            let targets: Box<[ServiceTarget]> = (0..svc.ports.len())
+                .map(|i| ServiceTarget {
+                    service: svc.clone(),
+                    port_index: i,
+                    endpoints: ready_endpoints(&svc.ports[i], svc_slices.map_or(&[][..], |v| v)),
+                })
+                .collect();
+            if let Some(ip) = svc.cluster_ip {
+                // Only TCP reaches the proxy; indexing UDP too would let a UDP port shadow
+                // the TCP port with the same number.
+                for t in targets.iter().filter(|t| t.port().protocol == Protocol::Tcp) {
+                    self.by_cluster_addr
+                        .entry(SocketAddr::new(ip, t.port().port))
+                        .or_insert_with(|| t.clone());
+                }
+            }
+            self.targets
+                .entry(svc.namespace.clone())
+                .or_default()
+                .insert(svc.name.clone(), targets);
+        }
+    }
+
+    fn index_pods(&mut self) {
+        let mut pods: Vec<&Arc<Pod>> = self.pods.values().flat_map(|m| m.values()).collect();
+        pods.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+        for pod in pods {
+            if let Some(node) = &pod.node_name {
+                self.pods_by_node.entry(node.clone()).or_default().push(pod.clone());
+            }
+            if pod.host_network {
+                continue; // shares the node's IP with every other host-network pod
+            }
+            // Kubernetes reuses the IP of a finished pod, so two pods may share one; the live
+            // one is the one traffic is for.
+            match self.pods_by_ip.get(&pod.ip) {
+                Some(have) if ip_rank(have.phase) <= ip_rank(pod.phase) => {}
+                _ => {
+                    self.pods_by_ip.insert(pod.ip, pod.clone());
+                }
+            }
+        }
+    }
+
+    /// Counts up by one with every snapshot a source publishes.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// Files (or objects in them) that are not in force, sorted by file.
+    pub fn errors(&self) -> &[ManifestError] {
+        &self.errors
+    }
+
+    /// The Service port behind a ClusterIP:port, with its ready endpoints. An IPv4-mapped IPv6
+    /// address (what a dual-stack socket reports) matches the IPv4 ClusterIP.
+    pub fn service_for(&self, ip: IpAddr, port: u16) -> Option<&ServiceTarget> {
+        self.by_cluster_addr.get(&SocketAddr::new(ip.to_canonical(), port))
+    }
+
+    /// The Service port `port` of Service `namespace/name` (for routes that name a backend
+    /// Service); also works for headless Services.
+    pub fn service_port(&self, namespace: &str, name: &str, port: u16) -> Option<&ServiceTarget> {
+        self.targets.get(namespace)?.get(name)?.iter().find(|t| t.port().port == port)
+    }
+
+    /// The pod that owns `ip` on any node (host-network pods excluded). Prefers a running pod
+    /// over a finished one that once had the same IP.
+    pub fn pod_by_ip(&self, ip: IpAddr) -> Option<&Arc<Pod>> {
+        self.pods_by_ip.get(&ip.to_canonical())
+    }
+
+    /// Pods scheduled on `node`, in namespace/name order, whatever their phase.
+    pub fn pods_on_node<'a>(&'a self, node: &str) -> impl Iterator<Item = &'a Arc<Pod>> + 'a {
+        self.pods_by_node.get(node).into_iter().flatten()
+    }
+
+    pub fn namespace(&self, name: &str) -> Option<&Arc<Namespace>> {
+        self.namespaces.get(name)
+    }
+
+    /// Whether pods of `namespace` belong to the mesh. A namespace with no manifest is not.
+    pub fn is_enrolled(&self, namespace: &str) -> bool {
+        self.namespaces.get(namespace).is_some_and(|n| n.enrolled)
+    }
+
+    pub fn pod(&self, namespace: &str, name: &str) -> Option<&Arc<Pod>> {
+        self.pods.get(namespace)?.get(name)
+    }
+
+    pub fn service(&self, namespace: &str, name: &str) -> Option<&Arc<Service>> {
+        self.services.get(namespace)?.get(name)
+    }
+
+    pub fn endpoint_slice(&self, namespace: &str, name: &str) -> Option<&Arc<EndpointSlice>> {
+        self.endpoint_slices.get(namespace)?.get(name)
+    }
+
+    /// Iterators over every object of a kind, in no particular order.
+    pub fn namespaces(&self) -> impl Iterator<Item = &Arc<Namespace>> {
+        self.namespaces.values()
+    }
+
+    pub fn pods(&self) -> impl Iterator<Item = &Arc<Pod>> {
+        self.pods.values().flat_map(|m| m.values())
+    }
+
+    pub fn services(&self) -> impl Iterator<Item = &Arc<Service>> {
+        self.services.values().flat_map(|m| m.values())
+    }
+
+    pub fn endpoint_slices(&self) -> impl Iterator<Item = &Arc<EndpointSlice>> {
+        self.endpoint_slices.values().flat_map(|m| m.values())
+    }
+}
+
+fn insert<T>(map: &mut ByNsName<T>, object: Arc<T>, key: impl Fn(&T) -> (&String, &String)) {
+    let (ns, name) = key(&object);
+    let by_name = map.entry(ns.clone()).or_default();
+    if !by_name.contains_key(name) {
+        by_name.insert(name.clone(), object);
+    }
+}
+
+/// Lower is preferred when two pods claim one IP.
+fn ip_rank(phase: PodPhase) -> u8 {
+    match phase {
+        PodPhase::Running => 0,
+        PodPhase::Pending => 1,
+        PodPhase::Unknown => 2,
+        PodPhase::Succeeded | PodPhase::Failed => 3,
+    }
+}
+
+/// Resolves a Service port to ready endpoint addresses the way kube-proxy does: the slice port
+/// with the same name (both unnamed for a single unnamed port) and protocol gives the port
+/// number; the Service's targetPort is not consulted, because the slice already resolved it
+/// (a named targetPort can map to a different number on each pod).
+fn ready_endpoints(port: &ServicePort, slices: &[&EndpointSlice]) -> Arc<[SocketAddr]> {
+    let mut out = Vec::new();
+    for slice in slices {
+        let Some(sp) = slice.ports.iter().find(|p| p.name == port.name && p.protocol == port.protocol)
+        else {
+            continue;
+        };
+        for ep in slice.endpoints.iter().filter(|e| e.ready) {
+            out.extend(ep.addresses.iter().map(|ip| SocketAddr::new(*ip, sp.port)));
+        }
+    }
+    out.sort_unstable();
+    out.dedup();
+    out.into()
+}

@@ -1,0 +1,410 @@
+//! The node simulator: real Linux nodes in miniature, built from network namespaces, veth
+//! pairs, bridges and cgroup-v2 directories, so that sluice runs against the real kernel path
+//! without a cluster or a container engine.
+//!
+//! ```text
+//!   fabric netns <id>-fab: bridge fbr0
+//!      │ n1 ─ up0 10.243.0.1            │ n2 ─ up0 10.243.0.2
+//!   node netns <id>-n1                  node netns <id>-n2       (sluice runs here, in
+//!      bridge sbr0 10.244.1.1/24           bridge sbr0 10.244.2.1/24   <root>/system)
+//!      │ vp0 ─ eth0 10.244.1.10            │ vp0 ─ eth0 10.244.2.10
+//!   pod netns <id>-n1-web               pod netns <id>-n2-db
+//!      cgroup <cg2>/sluice-sim/<id>/n1/kubepods/besteffort/pod<uid> (+ a sandbox process)
+//! ```
+//!
+//! Everything is named after the sim id (`sl` + 6 hex digits) and torn down when the [`Sim`] is
+//! dropped, also on panic; [`sweep()`] removes what a killed run left behind.
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use sluice_tests::{PodOpts, Sim, SluiceOpts};
+//! # fn main() -> anyhow::Result<()> {
+//! let t = Duration::from_secs(10);
+//! let sim = Sim::new()?;
+//! let node = sim.add_node("n1")?;
+//! let web = node.add_pod("shop", "web", PodOpts::labels(&[("app", "web")]))?;
+//! let client = node.add_pod("shop", "client", PodOpts::default())?;
+//! sim.write_namespace("shop", true)?;
+//! sim.write_service("shop", "web", "10.96.0.10", &[("http", 80, 8080)], &[&web])?;
+//! let mut server = web.simpod(["http-server", "--port", "8080", "--name", "web"])?;
+//! server.wait_listening(t)?;
+//! let sluice = node.start_sluice(SluiceOpts::default())?;
+//! sluice.wait_ready(t)?;
+//! sluice.wait_for("/pods", |v| v.as_array().is_some_and(|p| p.len() == 2), t)?;
+//! let out = client.run_simpod(["http-get", "--to", "10.96.0.10:80"])?;
+//! assert_eq!(out.check()?.json()?["body"]["name"], "web");
+//! # Ok(()) }
+//! ```
+//!
+//! Processes started through the simulator log to `<tmp>/sluice-sim-<id>/logs/`; set
+//! `SLUICE_SIM_KEEP=1` to keep that directory after teardown. When a test panics, the tails of
+//! the logs are printed before teardown.
+
+use std::{
+    collections::BTreeSet,
+    fs,
+    path::{Path, PathBuf},
+    process::Child,
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc, Mutex, MutexGuard,
+    },
+};
+
+use anyhow::{anyhow, bail, Context, Result};
+
+pub mod admin_client;
+pub mod bins;
+pub mod cgroup;
+pub mod manifest;
+pub mod netns;
+mod node;
+mod pod;
+mod process;
+mod sluice;
+pub mod sweep;
+mod util;
+
+pub use bins::{simpod_bin, sluice_bin};
+pub use node::Node;
+pub use pod::{Pod, PodOpts};
+pub use process::{Output, PodProcess, Signal, SimProcess};
+pub use sluice::{Sluice, SluiceOpts};
+pub use sweep::{leftovers, leftovers_of, sweep, sweep_where, Leftover, LeftoverKind};
+pub use util::{poll_until, tail_file};
+
+/// Environment variable: keep the sim's temp dir (manifests, logs) after teardown.
+pub const KEEP_ENV: &str = "SLUICE_SIM_KEEP";
+
+/// State shared by the [`Sim`] and every handle derived from it (nodes, pods, processes).
+pub(crate) struct SimShared {
+    pub id: String,
+    pub temp_dir: PathBuf,
+    pub manifest_dir: PathBuf,
+    pub log_dir: PathBuf,
+    /// `<cg2>/sluice-sim/<id>`.
+    pub cgroup_root: PathBuf,
+    kept: AtomicBool,
+    torn_down: AtomicBool,
+    log_seq: AtomicU64,
+    state: Mutex<SimState>,
+}
+
+#[derive(Default)]
+pub(crate) struct SimState {
+    pub nodes: Vec<Node>,
+    pub fabric: bool,
+    /// (namespace, name) of every pod, which must be unique across the sim as in a cluster.
+    pub pod_names: BTreeSet<(String, String)>,
+    /// Sandbox processes, reaped at teardown.
+    pub sandboxes: Vec<Child>,
+}
+
+impl SimShared {
+    pub(crate) fn state(&self) -> MutexGuard<'_, SimState> {
+        // A panic elsewhere (in a test) must not make teardown impossible.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn is_kept(&self) -> bool {
+        self.kept.load(Ordering::SeqCst)
+    }
+
+    pub(crate) fn ensure_live(&self) -> Result<()> {
+        if self.torn_down.load(Ordering::SeqCst) {
+            bail!("sim {} was already torn down", self.id);
+        }
+        Ok(())
+    }
+
+    /// Fresh `(stdout, stderr)` log paths for a process: `<logs>/<label>-<n>-<program>.*`.
+    pub(crate) fn log_paths(&self, label: &str, program: &str) -> (PathBuf, PathBuf) {
+        let n = self.log_seq.fetch_add(1, Ordering::SeqCst);
+        let base = format!("{label}-{n}-{program}");
+        (
+            self.log_dir.join(format!("{base}.stdout")),
+            self.log_dir.join(format!("{base}.stderr")),
+        )
+    }
+
+    /// Writes a file into the manifest directory atomically.
+    pub(crate) fn write_manifest(&self, name: &str, contents: &[u8]) -> Result<PathBuf> {
+        if name.contains('/') || name.starts_with('.') || name.is_empty() {
+            bail!("bad manifest file name {name:?}");
+        }
+        util::write_atomic(&self.manifest_dir, name, contents)
+    }
+}
+
+/// One simulated cluster: nodes joined by a fabric, pods on them, a manifest directory.
+pub struct Sim {
+    shared: Arc<SimShared>,
+}
+
+impl Sim {
+    /// Creates an empty sim with a fresh id, its cgroup directory and its temp dir
+    /// (`<tmp>/sluice-sim-<id>/{manifests,logs}`). Needs root.
+    pub fn new() -> Result<Sim> {
+        if !nix::unistd::geteuid().is_root() {
+            bail!("the node simulator needs root (network namespaces, cgroups, veths)");
+        }
+        let parent = cgroup::sim_cgroup_parent()?;
+        fs::create_dir_all(&parent).with_context(|| format!("creating {}", parent.display()))?;
+        // Claim an id atomically: mkdir fails if another sim (any process) has it.
+        let mut claimed = None;
+        for _ in 0..32 {
+            let id = format!("sl{}", util::hex(&util::random_bytes(3)?));
+            if netns::list()
+                .iter()
+                .any(|n| util::sim_id_of(n) == Some(id.as_str()))
+            {
+                continue; // an unswept leftover uses this id: pick another
+            }
+            match fs::create_dir(parent.join(&id)) {
+                Ok(()) => {
+                    claimed = Some(id);
+                    break;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(e) => {
+                    return Err(e)
+                        .with_context(|| format!("creating {}", parent.join(&id).display()))
+                }
+            }
+        }
+        let id = claimed
+            .ok_or_else(|| anyhow!("could not find a free sim id under {}", parent.display()))?;
+        let temp_dir = std::env::temp_dir().join(format!("sluice-sim-{id}"));
+        let sim = Sim {
+            shared: Arc::new(SimShared {
+                manifest_dir: temp_dir.join("manifests"),
+                log_dir: temp_dir.join("logs"),
+                temp_dir,
+                cgroup_root: parent.join(&id),
+                id,
+                kept: AtomicBool::new(false),
+                torn_down: AtomicBool::new(false),
+                log_seq: AtomicU64::new(0),
+                state: Mutex::new(SimState::default()),
+            }),
+        };
+        // From here on, a failure drops `sim`, which removes what was created.
+        for d in [&sim.shared.manifest_dir, &sim.shared.log_dir] {
+            fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+        }
+        Ok(sim)
+    }
+
+    /// `sl` + 6 hex digits; prefix of every kernel object of this sim.
+    pub fn id(&self) -> &str {
+        &self.shared.id
+    }
+
+    /// The directory of manifests that sluice's `--manifests` points at.
+    pub fn manifest_dir(&self) -> &Path {
+        &self.shared.manifest_dir
+    }
+
+    /// Logs of every process started through the sim.
+    pub fn log_dir(&self) -> &Path {
+        &self.shared.log_dir
+    }
+
+    /// The sim's temp dir (manifests, logs, admin sockets).
+    pub fn temp_dir(&self) -> &Path {
+        &self.shared.temp_dir
+    }
+
+    /// `<cg2>/sluice-sim/<id>`, the parent of every node's cgroup root.
+    pub fn cgroup_root(&self) -> &Path {
+        &self.shared.cgroup_root
+    }
+
+    /// Adds node number K (1-based, in order of creation); see [`Node`] for its layout.
+    pub fn add_node(&self, name: &str) -> Result<Node> {
+        self.shared.ensure_live()?;
+        node::create(&self.shared, name)
+            .with_context(|| format!("sim {}: adding node {name}", self.shared.id))
+    }
+
+    pub fn nodes(&self) -> Vec<Node> {
+        self.shared.state().nodes.clone()
+    }
+
+    /// Writes `ns-<name>.yaml`: a Namespace, annotated `sluice.dev/mesh: enabled` if `enrolled`.
+    pub fn write_namespace(&self, name: &str, enrolled: bool) -> Result<PathBuf> {
+        let yaml = manifest::to_yaml(&[manifest::namespace(name, enrolled)])?;
+        self.shared
+            .write_manifest(&manifest::namespace_file_name(name), yaml.as_bytes())
+    }
+
+    /// Writes `svc-<ns>-<name>.yaml`: a ClusterIP Service with `ports` (name, port, targetPort)
+    /// and an EndpointSlice listing `endpoints` (ready), as the endpoint-slice controller would.
+    pub fn write_service(
+        &self,
+        namespace: &str,
+        name: &str,
+        cluster_ip: &str,
+        ports: &[(&str, u16, u16)],
+        endpoints: &[&Pod],
+    ) -> Result<PathBuf> {
+        cluster_ip.parse::<std::net::IpAddr>().with_context(|| {
+            format!("service {namespace}/{name}: bad cluster IP {cluster_ip:?}")
+        })?;
+        let node_names: Vec<String> = endpoints
+            .iter()
+            .map(|p| p.node().name().to_string())
+            .collect();
+        let eps: Vec<manifest::Endpoint> = endpoints
+            .iter()
+            .zip(&node_names)
+            .map(|(p, node_name)| manifest::Endpoint {
+                ip: p.ip(),
+                pod_name: p.name(),
+                pod_namespace: p.namespace(),
+                pod_uid: p.uid(),
+                node_name,
+                labels: p.labels(),
+            })
+            .collect();
+        let yaml = manifest::to_yaml(&manifest::service(namespace, name, cluster_ip, ports, &eps))?;
+        self.shared.write_manifest(
+            &manifest::service_file_name(namespace, name),
+            yaml.as_bytes(),
+        )
+    }
+
+    /// Writes a raw manifest file (atomically) into the manifest directory.
+    pub fn write_file(&self, name: &str, contents: impl AsRef<[u8]>) -> Result<PathBuf> {
+        self.shared.write_manifest(name, contents.as_ref())
+    }
+
+    /// Removes a manifest file (a missing file is not an error).
+    pub fn remove_file(&self, name: &str) -> Result<()> {
+        let p = self.shared.manifest_dir.join(name);
+        match fs::remove_file(&p) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(e).with_context(|| format!("removing {}", p.display()))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Disables teardown: the nodes, pods, sluice instances and processes stay as they are
+    /// (handles dropped later leave their processes running), for `cargo xtask demo --keep`.
+    /// Prints how to look around and how to clean up.
+    pub fn keep(&self) {
+        self.shared.kept.store(true, Ordering::SeqCst);
+        let nodes = self.nodes();
+        let mut msg = format!(
+            "sluice-sim: keeping sim {} (nothing will be torn down)\n",
+            self.id()
+        );
+        for n in &nodes {
+            msg += &format!(
+                "  node {}: netns {} (ip netns exec {} bash), cgroup {}\n",
+                n.short_name(),
+                n.netns(),
+                n.netns(),
+                n.cgroup_root().display()
+            );
+        }
+        msg += &format!(
+            "  manifests: {}\n  logs: {}\n",
+            self.manifest_dir().display(),
+            self.log_dir().display()
+        );
+        msg += &format!(
+            "  clean up with: cargo xtask sweep   (then: rm -rf {})",
+            self.temp_dir().display()
+        );
+        eprintln!("{msg}");
+    }
+
+    /// Tears everything down now (Drop does the same); returns what could not be removed.
+    pub fn teardown(&self) -> Result<()> {
+        if self.shared.is_kept() || self.shared.torn_down.swap(true, Ordering::SeqCst) {
+            return Ok(());
+        }
+        let id = self.shared.id.clone();
+        let report = sweep::sweep_report(&|sim| sim == id);
+        // The sandboxes are children of this process: reap them (they were killed above).
+        let sandboxes = std::mem::take(&mut self.shared.state().sandboxes);
+        for mut child in sandboxes {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let mut errors = report.errors;
+        if std::env::var(KEEP_ENV).is_ok_and(|v| v == "1") {
+            eprintln!(
+                "sluice-sim {id}: {KEEP_ENV}=1, keeping {}",
+                self.shared.temp_dir.display()
+            );
+        } else if let Err(e) = fs::remove_dir_all(&self.shared.temp_dir) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                errors.push(format!("removing {}: {e}", self.shared.temp_dir.display()));
+            }
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(anyhow!(
+                "sim {id} teardown incomplete:\n  {}",
+                errors.join("\n  ")
+            ))
+        }
+    }
+}
+
+impl Sim {
+    /// When a test fails, its output is all CI shows: print the tails of the logs before the
+    /// temp dir goes (sluice logs first, then non-empty stderr of other processes).
+    fn dump_logs(&self) {
+        let Ok(rd) = fs::read_dir(&self.shared.log_dir) else {
+            return;
+        };
+        let mut files: Vec<PathBuf> = rd.flatten().map(|e| e.path()).collect();
+        files.sort();
+        let is_sluice = |p: &PathBuf| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("sluice-"))
+        };
+        let sluice_logs = files.iter().filter(|p| is_sluice(p)).take(6);
+        let stderrs = files
+            .iter()
+            .filter(|p| !is_sluice(p) && p.extension().is_some_and(|e| e == "stderr"))
+            .filter(|p| p.metadata().is_ok_and(|m| m.len() > 0))
+            .take(8);
+        let mut out = String::new();
+        for (p, lines) in sluice_logs.map(|p| (p, 40)).chain(stderrs.map(|p| (p, 10))) {
+            out += &format!(
+                "--- {} (last {lines} lines)\n{}\n",
+                p.display(),
+                tail_file(p, lines)
+            );
+        }
+        if out.is_empty() {
+            out = "(no sluice log, no stderr output)\n".into();
+        }
+        eprint!(
+            "sluice-sim {}: test failed; log tails (all logs in {}):\n{out}",
+            self.id(),
+            self.log_dir().display()
+        );
+    }
+}
+
+impl Drop for Sim {
+    fn drop(&mut self) {
+        if std::thread::panicking() && !self.shared.is_kept() {
+            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.dump_logs()));
+        }
+        // Never panic in drop (a panic while a failed test unwinds would abort the process).
+        let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.teardown()));
+        match res {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => eprintln!("sluice-sim: {e:#}"),
+            Err(_) => eprintln!("sluice-sim {}: teardown panicked", self.shared.id),
+        }
+    }
+}

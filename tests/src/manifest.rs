@@ -1,0 +1,205 @@
+//! Kubernetes-style manifests the simulator writes into the manifest directory that sluice
+//! watches (its embedded discovery source). Shapes follow the real API objects so the same
+//! discovery code parses what the Kubernetes API source yields.
+
+use std::{collections::BTreeMap, net::Ipv4Addr};
+
+use anyhow::{Context, Result};
+use serde_json::{json, Value};
+
+/// The namespace annotation that enrolls a namespace in the mesh.
+pub const MESH_ANNOTATION: &str = "sluice.dev/mesh";
+
+/// What a pod manifest needs to say about a pod.
+pub struct PodManifest<'a> {
+    pub namespace: &'a str,
+    pub name: &'a str,
+    pub uid: &'a str,
+    pub labels: &'a BTreeMap<String, String>,
+    pub node_name: &'a str,
+    pub service_account: &'a str,
+    pub ip: Ipv4Addr,
+}
+
+pub fn pod_file_name(namespace: &str, name: &str) -> String {
+    format!("pod-{namespace}-{name}.yaml")
+}
+
+pub fn namespace_file_name(name: &str) -> String {
+    format!("ns-{name}.yaml")
+}
+
+pub fn service_file_name(namespace: &str, name: &str) -> String {
+    format!("svc-{namespace}-{name}.yaml")
+}
+
+pub fn pod(p: &PodManifest) -> Value {
+    json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": p.name,
+            "namespace": p.namespace,
+            "uid": p.uid,
+            "labels": p.labels,
+        },
+        "spec": {
+            "nodeName": p.node_name,
+            "serviceAccountName": p.service_account,
+        },
+        "status": {
+            "podIP": p.ip.to_string(),
+            "podIPs": [{"ip": p.ip.to_string()}],
+            "phase": "Running",
+        },
+    })
+}
+
+pub fn namespace(name: &str, enrolled: bool) -> Value {
+    let mut metadata = json!({
+        "name": name,
+        "labels": {"kubernetes.io/metadata.name": name},
+    });
+    if enrolled {
+        metadata["annotations"] = json!({ MESH_ANNOTATION: "enabled" });
+    }
+    json!({"apiVersion": "v1", "kind": "Namespace", "metadata": metadata})
+}
+
+/// A backend of a Service, as an EndpointSlice lists it.
+pub struct Endpoint<'a> {
+    pub ip: Ipv4Addr,
+    pub pod_name: &'a str,
+    pub pod_namespace: &'a str,
+    pub pod_uid: &'a str,
+    pub node_name: &'a str,
+    pub labels: &'a BTreeMap<String, String>,
+}
+
+/// A ClusterIP Service and the EndpointSlice the endpoint-slice controller would derive from it.
+/// Ports are `(name, port, targetPort)`. The slice lists target ports (what endpoints listen
+/// on), as the real controller does. The selector is the set of labels all endpoints share
+/// (informational: sluice takes endpoints from the slice).
+pub fn service(
+    namespace: &str,
+    name: &str,
+    cluster_ip: &str,
+    ports: &[(&str, u16, u16)],
+    endpoints: &[Endpoint],
+) -> Vec<Value> {
+    let svc_ports: Vec<Value> = ports
+        .iter()
+        .map(|(n, port, target)| json!({"name": n, "port": port, "targetPort": target, "protocol": "TCP"}))
+        .collect();
+    let mut spec = json!({
+        "type": "ClusterIP",
+        "clusterIP": cluster_ip,
+        "clusterIPs": [cluster_ip],
+        "ports": svc_ports,
+    });
+    let mut common: Option<BTreeMap<String, String>> = None;
+    for e in endpoints {
+        common = Some(match common {
+            None => e.labels.clone(),
+            Some(c) => c
+                .into_iter()
+                .filter(|(k, v)| e.labels.get(k) == Some(v))
+                .collect(),
+        });
+    }
+    if let Some(sel) = common.filter(|c| !c.is_empty()) {
+        spec["selector"] = json!(sel);
+    }
+    let service = json!({
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": spec,
+    });
+    let slice = json!({
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
+        "metadata": {
+            "name": format!("{name}-sim"),
+            "namespace": namespace,
+            "labels": {
+                "kubernetes.io/service-name": name,
+                "endpointslice.kubernetes.io/managed-by": "sluice-sim",
+            },
+        },
+        "addressType": "IPv4",
+        "endpoints": endpoints.iter().map(|e| json!({
+            "addresses": [e.ip.to_string()],
+            "conditions": {"ready": true, "serving": true, "terminating": false},
+            "targetRef": {"kind": "Pod", "name": e.pod_name, "namespace": e.pod_namespace, "uid": e.pod_uid},
+            "nodeName": e.node_name,
+        })).collect::<Vec<_>>(),
+        "ports": ports.iter().map(|(n, _, target)| json!({"name": n, "port": target, "protocol": "TCP"})).collect::<Vec<_>>(),
+    });
+    vec![service, slice]
+}
+
+/// Renders documents as (multi-document) YAML.
+pub fn to_yaml(docs: &[Value]) -> Result<String> {
+    let mut out = String::new();
+    for (i, d) in docs.iter().enumerate() {
+        if i > 0 {
+            out.push_str("---\n");
+        }
+        out.push_str(&serde_yaml::to_string(d).context("rendering YAML")?);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde::Deserialize;
+
+    #[test]
+    fn service_yaml_round_trips() {
+        let labels: BTreeMap<String, String> = [("app".to_string(), "web".to_string())].into();
+        let ep = Endpoint {
+            ip: "10.244.1.10".parse().unwrap(),
+            pod_name: "web-1",
+            pod_namespace: "shop",
+            pod_uid: "u1",
+            node_name: "sl000000-n1",
+            labels: &labels,
+        };
+        let yaml = to_yaml(&service(
+            "shop",
+            "web",
+            "10.96.0.10",
+            &[("http", 80, 8080)],
+            &[ep],
+        ))
+        .unwrap();
+        let docs: Vec<Value> = serde_yaml::Deserializer::from_str(&yaml)
+            .map(|d| Value::deserialize(d).unwrap())
+            .collect();
+        assert_eq!(docs.len(), 2);
+        assert_eq!(docs[0]["spec"]["clusterIP"], "10.96.0.10");
+        assert_eq!(docs[0]["spec"]["ports"][0]["targetPort"], 8080);
+        assert_eq!(docs[0]["spec"]["selector"]["app"], "web");
+        assert_eq!(docs[1]["kind"], "EndpointSlice");
+        assert_eq!(
+            docs[1]["metadata"]["labels"]["kubernetes.io/service-name"],
+            "web"
+        );
+        assert_eq!(docs[1]["endpoints"][0]["addresses"][0], "10.244.1.10");
+        assert_eq!(docs[1]["endpoints"][0]["conditions"]["ready"], true);
+        assert_eq!(docs[1]["ports"][0]["port"], 8080);
+    }
+
+    #[test]
+    fn namespace_annotation_only_when_enrolled() {
+        assert_eq!(
+            namespace("a", true)["metadata"]["annotations"][MESH_ANNOTATION],
+            "enabled"
+        );
+        assert!(namespace("a", false)["metadata"]
+            .get("annotations")
+            .is_none());
+    }
+}

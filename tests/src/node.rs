@@ -1,0 +1,306 @@
+//! A simulated node: a network namespace with a bridge for its pods, an uplink into the fabric,
+//! and a cgroup root laid out like a kubelet's.
+
+use std::{
+    ffi::OsStr,
+    fs,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    process::Command,
+    sync::{atomic::AtomicU32, Arc},
+    time::Duration,
+};
+
+use anyhow::{bail, Context, Result};
+
+use crate::{
+    netns,
+    pod::{self, Pod, PodOpts},
+    process::{self, Output, Placement, SimProcess},
+    sluice::{Sluice, SluiceOpts},
+    util::ip_batch,
+    SimShared,
+};
+
+/// Most nodes a sim may have (10.244.K.0/24 and 10.243.0.K per node).
+const MAX_NODES: usize = 200;
+
+/// A simulated node. Cheap to clone; all clones are the same node.
+///
+/// Node K (1-based): netns `<id>-<name>` with `lo` up, ip_forward on, bridge `sbr0`
+/// 10.244.K.1/24 (the pods' gateway), uplink `up0` 10.243.0.K/24 in the fabric, a route to
+/// every other node's 10.244.J.0/24 via 10.243.0.J; cgroup root
+/// `<cg2>/sluice-sim/<id>/<name>` holding `kubepods/besteffort/` (pods) and `system/` (sluice).
+#[derive(Clone)]
+pub struct Node {
+    pub(crate) inner: Arc<NodeInner>,
+}
+
+pub(crate) struct NodeInner {
+    pub sim: Arc<SimShared>,
+    pub short: String,
+    pub full: String,
+    pub index: u8,
+    pub cgroup_root: PathBuf,
+    pub next_pod: AtomicU32,
+    pub sluice_runs: AtomicU32,
+}
+
+fn fabric_netns(sim: &SimShared) -> String {
+    format!("{}-fab", sim.id)
+}
+
+fn pod_cidr(k: u8) -> String {
+    format!("10.244.{k}.0/24")
+}
+
+fn uplink_ip(k: u8) -> Ipv4Addr {
+    Ipv4Addr::new(10, 243, 0, k)
+}
+
+pub(crate) fn create(sim: &Arc<SimShared>, name: &str) -> Result<Node> {
+    if name.is_empty()
+        || name.len() > 20
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        || name.starts_with('-')
+        || name == "fab"
+    {
+        bail!("bad node name {name:?}: use 1-20 of [a-z0-9-], not starting with '-' (and not \"fab\")");
+    }
+    // One node at a time: the index, the fabric and the routes on the other nodes depend on
+    // the set of nodes.
+    let mut state = sim.state();
+    if state.nodes.iter().any(|n| n.short_name() == name) {
+        bail!("node {name} already exists");
+    }
+    if state.nodes.len() >= MAX_NODES {
+        bail!("at most {MAX_NODES} nodes");
+    }
+    let k = (state.nodes.len() + 1) as u8;
+    let full = format!("{}-{name}", sim.id);
+    let fab = fabric_netns(sim);
+
+    if !state.fabric {
+        netns::add(&fab)?;
+        state.fabric = true;
+        ip_batch(
+            Some(&fab),
+            &[
+                "link set lo up".into(),
+                "link add fbr0 type bridge".into(),
+                "link set fbr0 up".into(),
+            ],
+        )
+        .context("setting up the fabric bridge")?;
+    }
+
+    netns::add(&full)?;
+    ip_batch(
+        Some(&full),
+        &[
+            "link set lo up".into(),
+            "link add sbr0 type bridge".into(),
+            format!("addr add 10.244.{k}.1/24 dev sbr0"),
+            "link set sbr0 up".into(),
+        ],
+    )
+    .context("setting up the node bridge")?;
+    // The node routes between its pods' bridge and the fabric, like a real node.
+    netns::sysctl(&full, "net.ipv4.ip_forward", "1")?;
+
+    // Uplink: created in the fabric netns with its peer moved straight into the node netns, so
+    // names never collide in between.
+    ip_batch(
+        Some(&fab),
+        &[
+            format!("link add n{k} type veth peer name up0 netns {full}"),
+            format!("link set n{k} master fbr0"),
+            format!("link set n{k} up"),
+        ],
+    )
+    .context("creating the node uplink")?;
+    let mut cmds = vec![
+        format!("addr add {}/24 dev up0", uplink_ip(k)),
+        "link set up0 up".into(),
+    ];
+    for other in &state.nodes {
+        let j = other.index();
+        cmds.push(format!("route add {} via {}", pod_cidr(j), uplink_ip(j)));
+    }
+    ip_batch(Some(&full), &cmds).context("configuring the node uplink")?;
+    for other in &state.nodes {
+        ip_batch(
+            Some(other.netns()),
+            &[format!("route add {} via {}", pod_cidr(k), uplink_ip(k))],
+        )
+        .with_context(|| {
+            format!(
+                "adding a route to node {name} on node {}",
+                other.short_name()
+            )
+        })?;
+    }
+
+    let cgroup_root = sim.cgroup_root.join(name);
+    for sub in ["kubepods/besteffort", "system"] {
+        let d = cgroup_root.join(sub);
+        fs::create_dir_all(&d).with_context(|| format!("creating cgroup {}", d.display()))?;
+    }
+
+    let node = Node {
+        inner: Arc::new(NodeInner {
+            sim: sim.clone(),
+            short: name.to_string(),
+            full,
+            index: k,
+            cgroup_root,
+            next_pod: AtomicU32::new(0),
+            sluice_runs: AtomicU32::new(0),
+        }),
+    };
+    state.nodes.push(node.clone());
+    Ok(node)
+}
+
+impl Node {
+    /// The node's name as sluice and the manifests know it: `<simid>-<name>`.
+    pub fn name(&self) -> &str {
+        &self.inner.full
+    }
+
+    /// The name given to [`crate::Sim::add_node`].
+    pub fn short_name(&self) -> &str {
+        &self.inner.short
+    }
+
+    /// K: 1-based position in the sim.
+    pub fn index(&self) -> u8 {
+        self.inner.index
+    }
+
+    /// The node's network namespace (same as [`name`](Self::name)).
+    pub fn netns(&self) -> &str {
+        &self.inner.full
+    }
+
+    /// `<cg2>/sluice-sim/<id>/<name>`: what sluice gets as `--cgroup-root`.
+    pub fn cgroup_root(&self) -> &Path {
+        &self.inner.cgroup_root
+    }
+
+    /// `<root>/kubepods`, the parent of all pod cgroups.
+    pub fn kubepods_cgroup(&self) -> PathBuf {
+        self.inner.cgroup_root.join("kubepods")
+    }
+
+    /// `<root>/system`, where node processes (sluice) run.
+    pub fn system_cgroup(&self) -> PathBuf {
+        self.inner.cgroup_root.join("system")
+    }
+
+    /// The pods' gateway, 10.244.K.1.
+    pub fn bridge_ip(&self) -> Ipv4Addr {
+        Ipv4Addr::new(10, 244, self.inner.index, 1)
+    }
+
+    /// The node's address in the fabric, 10.243.0.K.
+    pub fn uplink_ip(&self) -> Ipv4Addr {
+        uplink_ip(self.inner.index)
+    }
+
+    /// `10.244.K.0/24`.
+    pub fn pod_cidr(&self) -> String {
+        pod_cidr(self.inner.index)
+    }
+
+    /// Where this node's sluice listens for admin requests: `<sim tmp>/<name>-admin.sock`.
+    pub fn admin_socket_path(&self) -> PathBuf {
+        self.inner
+            .sim
+            .temp_dir
+            .join(format!("{}-admin.sock", self.inner.short))
+    }
+
+    /// Creates a pod on this node: netns, veth into the node bridge, cgroup, sandbox process,
+    /// manifest (see [`Pod`]).
+    pub fn add_pod(&self, namespace: &str, name: &str, opts: PodOpts) -> Result<Pod> {
+        self.inner.sim.ensure_live()?;
+        pod::create(self, namespace, name, opts).with_context(|| {
+            format!(
+                "sim {}: adding pod {namespace}/{name} on node {}",
+                self.inner.sim.id, self.inner.short
+            )
+        })
+    }
+
+    pub(crate) fn placement(&self, label: &str) -> Placement {
+        Placement {
+            netns: self.inner.full.clone(),
+            cgroup: self.system_cgroup(),
+            label: label.to_string(),
+        }
+    }
+
+    /// A `Command` that runs in the node netns and the node's `system` cgroup (customize stdio,
+    /// env, then spawn it yourself).
+    pub fn command<I, S>(&self, args: I) -> Result<Command>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        process::command_in(&self.placement(&format!("{}-node", self.inner.short)), args)
+    }
+
+    /// Starts `args[0]` with `args[1..]` in the node netns and `system` cgroup.
+    pub fn spawn<I, S>(&self, args: I) -> Result<SimProcess>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        self.inner.sim.ensure_live()?;
+        let placement = self.placement(&format!("{}-node", self.inner.short));
+        let cmd = process::command_in(&placement, args)?;
+        SimProcess::spawn(&self.inner.sim, &placement, cmd)
+    }
+
+    /// Runs a program in the node netns to completion (60 s limit).
+    pub fn run<I, S>(&self, args: I) -> Result<Output>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        self.run_timeout(args, Duration::from_secs(60))
+    }
+
+    pub fn run_timeout<I, S>(&self, args: I, timeout: Duration) -> Result<Output>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        self.inner.sim.ensure_live()?;
+        let placement = self.placement(&format!("{}-node", self.inner.short));
+        let cmd = process::command_in(&placement, args)?;
+        process::run_to_completion(&self.inner.sim, &placement, cmd, timeout)
+    }
+
+    /// Starts sluice for this node (see [`Sluice`]). Does not wait for readiness.
+    pub fn start_sluice(&self, opts: SluiceOpts) -> Result<Sluice> {
+        self.inner.sim.ensure_live()?;
+        Sluice::start(self.clone(), opts)
+    }
+
+    pub(crate) fn sim(&self) -> &Arc<SimShared> {
+        &self.inner.sim
+    }
+}
+
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Node")
+            .field("name", &self.inner.full)
+            .field("index", &self.inner.index)
+            .finish()
+    }
+}

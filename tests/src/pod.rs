@@ -1,0 +1,418 @@
+//! A simulated pod: its own network namespace wired to the node bridge, a cgroup where the
+//! kubelet's cgroupfs driver would put it, a sandbox process, and a Pod manifest.
+
+use std::{
+    collections::BTreeMap,
+    ffi::OsStr,
+    fs,
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+
+use anyhow::{bail, Context, Result};
+
+use crate::{
+    cgroup, manifest, netns,
+    node::Node,
+    process::{self, Output, Placement, SimProcess},
+    util::{ip_batch, short_hash, uuid_v4},
+};
+
+/// Most pods per node (10.244.K.10 ..= 10.244.K.254).
+const MAX_PODS: u32 = 245;
+/// Longest netns name we create (the kernel allows 255; keep `ip netns list` readable).
+const MAX_NETNS_NAME: usize = 64;
+
+/// What a pod is created with.
+#[derive(Debug, Clone, Default)]
+pub struct PodOpts {
+    pub labels: BTreeMap<String, String>,
+    /// `spec.serviceAccountName`; "default" when unset.
+    pub service_account: Option<String>,
+}
+
+impl PodOpts {
+    /// `PodOpts::labels(&[("app", "web")])`.
+    pub fn labels(labels: &[(&str, &str)]) -> PodOpts {
+        PodOpts {
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            service_account: None,
+        }
+    }
+
+    pub fn service_account(mut self, sa: &str) -> PodOpts {
+        self.service_account = Some(sa.to_string());
+        self
+    }
+}
+
+/// A simulated pod. Cheap to clone.
+///
+/// Pod i (0-based) on node K: netns `<id>-<node>-<pod>`, `eth0` 10.244.K.(10+i)/24 with a
+/// default route via 10.244.K.1, `lo` up; node-side veth `vp<i>` on the node bridge; cgroup
+/// `<node root>/kubepods/besteffort/pod<uid>` holding a sandbox process (`sleep infinity`, the
+/// pause container's stand-in: sluice finds the pod's netns through it); manifest
+/// `pod-<ns>-<name>.yaml`.
+#[derive(Clone)]
+pub struct Pod {
+    inner: Arc<PodInner>,
+}
+
+struct PodInner {
+    node: Node,
+    namespace: String,
+    name: String,
+    uid: String,
+    ip: Ipv4Addr,
+    index: u32,
+    netns: String,
+    cgroup: PathBuf,
+    sandbox_pid: u32,
+    labels: BTreeMap<String, String>,
+    service_account: String,
+    deleted: AtomicBool,
+}
+
+/// Kubernetes object names: DNS-1123 subdomain (lowercase alphanumerics, '-', '.'), ≤ 63 here
+/// because they also go into file and netns names.
+fn check_k8s_name(what: &str, s: &str) -> Result<()> {
+    let ok = !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+        && s.as_bytes()[0].is_ascii_alphanumeric()
+        && s.as_bytes()[s.len() - 1].is_ascii_alphanumeric();
+    if !ok {
+        bail!("bad {what} name {s:?}: use lowercase alphanumerics, '-' and '.', at most 63");
+    }
+    Ok(())
+}
+
+fn netns_name(node: &Node, pod: &str, index: u32, taken: impl Fn(&str) -> bool) -> String {
+    let base = format!("{}-{pod}", node.name());
+    let name = if base.len() > MAX_NETNS_NAME {
+        format!("{}-{}", &base[..MAX_NETNS_NAME - 9], short_hash(&base))
+    } else {
+        base
+    };
+    // The same pod name in two namespaces on one node: disambiguate by index.
+    if taken(&name) {
+        format!("{name}-{index}")
+    } else {
+        name
+    }
+}
+
+pub(crate) fn create(node: &Node, namespace: &str, name: &str, opts: PodOpts) -> Result<Pod> {
+    check_k8s_name("namespace", namespace)?;
+    check_k8s_name("pod", name)?;
+    let sim = node.sim().clone();
+    {
+        let mut state = sim.state();
+        if !state
+            .pod_names
+            .insert((namespace.to_string(), name.to_string()))
+        {
+            bail!("pod {namespace}/{name} already exists in this sim");
+        }
+    }
+    let index = node.inner.next_pod.fetch_add(1, Ordering::SeqCst);
+    if index >= MAX_PODS {
+        bail!("at most {MAX_PODS} pods per node");
+    }
+    let k = node.index();
+    let ip = Ipv4Addr::new(10, 244, k, (10 + index) as u8);
+    let uid = uuid_v4()?;
+    let netns = netns_name(node, name, index, |n| netns::netns_path(n).exists());
+    let veth = format!("vp{index}");
+
+    netns::add(&netns)?;
+    // Created from the node side with the peer placed straight into the pod netns as eth0, so
+    // the many eth0s never meet in one namespace.
+    ip_batch(
+        Some(node.netns()),
+        &[
+            format!("link add {veth} type veth peer name eth0 netns {netns}"),
+            format!("link set {veth} master sbr0"),
+            format!("link set {veth} up"),
+        ],
+    )
+    .context("creating the pod veth")?;
+    ip_batch(
+        Some(&netns),
+        &[
+            "link set lo up".into(),
+            format!("addr add {ip}/24 dev eth0"),
+            "link set eth0 up".into(),
+            format!("route add default via {}", node.bridge_ip()),
+        ],
+    )
+    .context("configuring the pod network")?;
+
+    let cgroup = node
+        .kubepods_cgroup()
+        .join("besteffort")
+        .join(format!("pod{uid}"));
+    fs::create_dir(&cgroup).with_context(|| format!("creating cgroup {}", cgroup.display()))?;
+
+    // The sandbox holds the pod's netns and cgroup for the pod's lifetime, like the pause
+    // container: sluice discovers the pod's netns only via processes in the pod's cgroup.
+    let label = format!("{}-{name}", node.short_name());
+    let placement = Placement {
+        netns: netns.clone(),
+        cgroup: cgroup.clone(),
+        label,
+    };
+    let mut cmd = process::command_in(&placement, ["sleep", "infinity"])?;
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let child = cmd
+        .spawn()
+        .context("starting the pod sandbox (sleep infinity)")?;
+    let sandbox_pid = child.id();
+    sim.state().sandboxes.push(child);
+
+    let pod = Pod {
+        inner: Arc::new(PodInner {
+            node: node.clone(),
+            namespace: namespace.to_string(),
+            name: name.to_string(),
+            uid,
+            ip,
+            index,
+            netns,
+            cgroup,
+            sandbox_pid,
+            labels: opts.labels,
+            service_account: opts
+                .service_account
+                .unwrap_or_else(|| "default".to_string()),
+            deleted: AtomicBool::new(false),
+        }),
+    };
+    // Last: once the manifest exists the pod is complete (sandbox running in its cgroup).
+    pod.write_manifest()?;
+    Ok(pod)
+}
+
+impl Pod {
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    pub fn namespace(&self) -> &str {
+        &self.inner.namespace
+    }
+
+    /// The pod's UID (UUID v4), also in its cgroup name `pod<uid>`.
+    pub fn uid(&self) -> &str {
+        &self.inner.uid
+    }
+
+    pub fn ip(&self) -> Ipv4Addr {
+        self.inner.ip
+    }
+
+    /// `ip:port` of this pod.
+    pub fn addr(&self, port: u16) -> SocketAddr {
+        SocketAddr::V4(SocketAddrV4::new(self.inner.ip, port))
+    }
+
+    /// Position on its node (0-based): the IP's last octet is 10 + index.
+    pub fn index(&self) -> u32 {
+        self.inner.index
+    }
+
+    pub fn netns(&self) -> &str {
+        &self.inner.netns
+    }
+
+    /// `<node root>/kubepods/besteffort/pod<uid>`.
+    pub fn cgroup_path(&self) -> &Path {
+        &self.inner.cgroup
+    }
+
+    pub fn sandbox_pid(&self) -> u32 {
+        self.inner.sandbox_pid
+    }
+
+    pub fn labels(&self) -> &BTreeMap<String, String> {
+        &self.inner.labels
+    }
+
+    pub fn service_account(&self) -> &str {
+        &self.inner.service_account
+    }
+
+    pub fn node(&self) -> &Node {
+        &self.inner.node
+    }
+
+    /// `pod-<ns>-<name>.yaml`.
+    pub fn manifest_file(&self) -> String {
+        manifest::pod_file_name(&self.inner.namespace, &self.inner.name)
+    }
+
+    /// (Re)writes the pod's manifest.
+    pub fn write_manifest(&self) -> Result<PathBuf> {
+        let i = &self.inner;
+        let doc = manifest::pod(&manifest::PodManifest {
+            namespace: &i.namespace,
+            name: &i.name,
+            uid: &i.uid,
+            labels: &i.labels,
+            node_name: i.node.name(),
+            service_account: &i.service_account,
+            ip: i.ip,
+        });
+        let yaml = manifest::to_yaml(&[doc])?;
+        i.node
+            .sim()
+            .write_manifest(&self.manifest_file(), yaml.as_bytes())
+    }
+
+    fn placement(&self) -> Placement {
+        Placement {
+            netns: self.inner.netns.clone(),
+            cgroup: self.inner.cgroup.clone(),
+            label: format!("{}-{}", self.inner.node.short_name(), self.inner.name),
+        }
+    }
+
+    fn ensure_live(&self) -> Result<()> {
+        self.inner.node.sim().ensure_live()?;
+        if self.inner.deleted.load(Ordering::SeqCst) {
+            bail!(
+                "pod {}/{} was deleted",
+                self.inner.namespace,
+                self.inner.name
+            );
+        }
+        Ok(())
+    }
+
+    /// A `Command` that runs in the pod's netns and cgroup (customize, then spawn it yourself).
+    pub fn command<I, S>(&self, args: I) -> Result<Command>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        self.ensure_live()?;
+        process::command_in(&self.placement(), args)
+    }
+
+    /// Starts `args[0]` with `args[1..]` inside the pod (netns and cgroup).
+    pub fn spawn<I, S>(&self, args: I) -> Result<SimProcess>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        self.ensure_live()?;
+        let placement = self.placement();
+        let cmd = process::command_in(&placement, args)?;
+        SimProcess::spawn(self.inner.node.sim(), &placement, cmd)
+    }
+
+    /// Runs a program inside the pod to completion (60 s limit).
+    pub fn run<I, S>(&self, args: I) -> Result<Output>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        self.run_timeout(args, Duration::from_secs(60))
+    }
+
+    pub fn run_timeout<I, S>(&self, args: I, timeout: Duration) -> Result<Output>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        self.ensure_live()?;
+        let placement = self.placement();
+        let cmd = process::command_in(&placement, args)?;
+        process::run_to_completion(self.inner.node.sim(), &placement, cmd, timeout)
+    }
+
+    /// Starts the simpod helper with `args` (e.g. `["echo-server", "--port", "7000"]`).
+    pub fn simpod<I, S>(&self, args: I) -> Result<SimProcess>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        let mut all = vec![crate::simpod_bin()?.into_os_string()];
+        all.extend(process::os_args(args));
+        self.spawn(all)
+    }
+
+    /// Runs the simpod helper to completion (60 s limit).
+    pub fn run_simpod<I, S>(&self, args: I) -> Result<Output>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        self.run_simpod_timeout(args, Duration::from_secs(60))
+    }
+
+    pub fn run_simpod_timeout<I, S>(&self, args: I, timeout: Duration) -> Result<Output>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        let mut all = vec![crate::simpod_bin()?.into_os_string()];
+        all.extend(process::os_args(args));
+        self.run_timeout(all, timeout)
+    }
+
+    /// Deletes the pod as the kubelet would: manifest first (the API object goes), then every
+    /// process in its cgroup, the cgroup, and the netns (which takes the veth pair with it).
+    pub fn delete(&self) -> Result<()> {
+        if self.inner.deleted.swap(true, Ordering::SeqCst) {
+            return Ok(());
+        }
+        let sim = self.inner.node.sim();
+        let file = sim.manifest_dir.join(self.manifest_file());
+        if let Err(e) = fs::remove_file(&file) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                return Err(e).with_context(|| format!("removing {}", file.display()));
+            }
+        }
+        cgroup::kill_tree(&self.inner.cgroup, Duration::from_secs(10))?;
+        {
+            let mut state = sim.state();
+            if let Some(pos) = state
+                .sandboxes
+                .iter()
+                .position(|c| c.id() == self.inner.sandbox_pid)
+            {
+                let mut child = state.sandboxes.remove(pos);
+                let _ = child.wait();
+            }
+            state
+                .pod_names
+                .remove(&(self.inner.namespace.clone(), self.inner.name.clone()));
+        }
+        cgroup::remove_tree(&self.inner.cgroup)?;
+        netns::delete(&self.inner.netns)
+    }
+}
+
+impl std::fmt::Debug for Pod {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pod")
+            .field("namespace", &self.inner.namespace)
+            .field("name", &self.inner.name)
+            .field("ip", &self.inner.ip)
+            .field("netns", &self.inner.netns)
+            .finish()
+    }
+}

@@ -1,0 +1,473 @@
+//! Tests of the node simulator itself (no sluice): the network it builds carries real traffic,
+//! processes land in the right netns and cgroup, and nothing survives teardown or a sweep.
+//! Needs root (network namespaces, cgroups).
+//!
+//! Tests in this file run in parallel threads of one process, so none of them calls the global
+//! `sweep()`: it would tear down the other tests' live sims. They use `sweep_where` /
+//! `leftovers_of` on their own sim id, which run the same code.
+
+use std::{
+    fs,
+    os::unix::fs::{MetadataExt, PermissionsExt},
+    path::PathBuf,
+    time::Duration,
+};
+
+use anyhow::{ensure, Context, Result};
+use serde_json::Value;
+use sluice_tests::{leftovers_of, sweep_where, LeftoverKind, PodOpts, Signal, Sim, SluiceOpts};
+
+const T: Duration = Duration::from_secs(10);
+const MIB: u64 = 1024 * 1024;
+
+/// Runs tcp-client in `from` against `to` and checks a byte-exact echo round trip.
+fn echo_round_trip(
+    from: &sluice_tests::Pod,
+    to: std::net::SocketAddr,
+    bytes: u64,
+) -> Result<Value> {
+    let out = from.run_simpod([
+        "tcp-client",
+        "--to",
+        &to.to_string(),
+        "--send-bytes",
+        &bytes.to_string(),
+    ])?;
+    out.check()?;
+    let r = out.json()?;
+    ensure!(r["ok"] == true, "client failed: {r}");
+    ensure!(
+        r["sent"] == bytes && r["received"] == bytes,
+        "byte counts: {r}"
+    );
+    ensure!(
+        r["sha256_sent"] == r["sha256_received"],
+        "echoed bytes differ: {r}"
+    );
+    ensure!(r["peer"] == to.to_string(), "peer {} != {to}", r["peer"]);
+    let local_ip = r["local"]
+        .as_str()
+        .unwrap_or_default()
+        .rsplit_once(':')
+        .map(|(ip, _)| ip)
+        .unwrap_or_default();
+    ensure!(
+        local_ip == from.ip().to_string(),
+        "client address {local_ip} is not the pod IP {}",
+        from.ip()
+    );
+    Ok(r)
+}
+
+fn pid_alive(pid: u32) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            !s.rsplit_once(')')
+                .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
+        })
+        .unwrap_or(false)
+}
+
+fn cgroup_of(pid: u32) -> Result<String> {
+    let text = fs::read_to_string(format!("/proc/{pid}/cgroup"))?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .map(str::to_string)
+        .context("no cgroup v2 line")
+}
+
+fn netns_of(pid: u32) -> Result<u64> {
+    Ok(fs::metadata(format!("/proc/{pid}/ns/net"))?.ino())
+}
+
+#[test]
+fn two_pods_on_one_node_exchange_a_mebibyte() -> Result<()> {
+    let sim = Sim::new()?;
+    let n1 = sim.add_node("n1")?;
+    let server = n1.add_pod("demo", "server", PodOpts::labels(&[("app", "echo")]))?;
+    let client = n1.add_pod("demo", "client", PodOpts::default())?;
+    assert_eq!(server.ip().to_string(), "10.244.1.10");
+    assert_eq!(client.ip().to_string(), "10.244.1.11");
+
+    let mut echo = server.simpod(["echo-server", "--port", "7000"])?;
+    echo.wait_listening(T)?;
+    echo_round_trip(&client, server.addr(7000), MIB)?;
+    // The server saw the client's own pod address: nothing NATs on the way.
+    let accepted = echo.wait_for_json(T, |v| v["event"] == "accepted")?;
+    assert_eq!(
+        accepted["peer"]
+            .as_str()
+            .unwrap()
+            .split(':')
+            .next()
+            .unwrap(),
+        client.ip().to_string()
+    );
+    Ok(())
+}
+
+#[test]
+fn pods_reach_each_other_across_nodes() -> Result<()> {
+    let sim = Sim::new()?;
+    let nodes = [
+        sim.add_node("n1")?,
+        sim.add_node("n2")?,
+        sim.add_node("n3")?,
+    ];
+    let pods = nodes
+        .iter()
+        .map(|n| n.add_pod("demo", &format!("p-{}", n.short_name()), PodOpts::default()))
+        .collect::<Result<Vec<_>>>()?;
+    assert_eq!(pods[1].ip().to_string(), "10.244.2.10");
+    let mut servers = Vec::new();
+    for p in &pods {
+        let mut s = p.simpod(["echo-server", "--port", "7000"])?;
+        s.wait_listening(T)?;
+        servers.push(s);
+    }
+    // 1 → 2 (routes added when n2 joined), 3 → 1 and 1 → 3 (routes added to existing nodes
+    // when n3 joined), 2 → 3.
+    for (a, b) in [(0, 1), (2, 0), (0, 2), (1, 2)] {
+        echo_round_trip(&pods[a], pods[b].addr(7000), 64 * 1024)
+            .with_context(|| format!("{} -> {}", pods[a].name(), pods[b].name()))?;
+    }
+    Ok(())
+}
+
+#[test]
+fn processes_are_placed_in_the_pod_netns_and_cgroup() -> Result<()> {
+    let sim = Sim::new()?;
+    let n1 = sim.add_node("n1")?;
+    let pod = n1.add_pod(
+        "shop",
+        "web",
+        PodOpts::labels(&[("app", "web")]).service_account("web-sa"),
+    )?;
+
+    let pod_ns = fs::metadata(format!("/run/netns/{}", pod.netns()))?.ino();
+    let rel = |p: &std::path::Path| -> String {
+        format!(
+            "/{}",
+            p.strip_prefix(sluice_tests::cgroup::cgroup2_mount().unwrap())
+                .unwrap()
+                .display()
+        )
+    };
+    assert!(pod
+        .cgroup_path()
+        .ends_with(format!("kubepods/besteffort/pod{}", pod.uid())));
+
+    // The sandbox is what sluice finds the pod's netns through.
+    let procs = fs::read_to_string(pod.cgroup_path().join("cgroup.procs"))?;
+    assert!(
+        procs.lines().any(|l| l == pod.sandbox_pid().to_string()),
+        "sandbox not in {procs}"
+    );
+    assert_eq!(netns_of(pod.sandbox_pid())?, pod_ns);
+
+    let mut p = pod.spawn(["sleep", "60"])?;
+    assert_eq!(cgroup_of(p.pid())?, rel(pod.cgroup_path()));
+    assert_eq!(netns_of(p.pid())?, pod_ns);
+    p.kill(Signal::SIGKILL)?;
+    assert!(!p.wait(T)?.success());
+
+    let mut q = n1.spawn(["sleep", "60"])?;
+    assert_eq!(cgroup_of(q.pid())?, rel(&n1.system_cgroup()));
+    assert_eq!(
+        netns_of(q.pid())?,
+        fs::metadata(format!("/run/netns/{}", n1.netns()))?.ino()
+    );
+    q.kill(Signal::SIGTERM)?;
+
+    // The pod network as the brief fixes it.
+    let out = pod.run(["ip", "-4", "-o", "addr", "show", "dev", "eth0"])?;
+    assert!(
+        out.check()?.stdout.contains("10.244.1.10/24"),
+        "{}",
+        out.stdout
+    );
+    let out = pod.run(["ip", "route", "show", "default"])?;
+    assert!(
+        out.check()?.stdout.contains("via 10.244.1.1"),
+        "{}",
+        out.stdout
+    );
+
+    // The manifest, as a Kubernetes client would read it.
+    let yaml = fs::read_to_string(sim.manifest_dir().join("pod-shop-web.yaml"))?;
+    let m: Value = serde_yaml::from_str(&yaml)?;
+    assert_eq!(m["kind"], "Pod");
+    assert_eq!(m["metadata"]["uid"], pod.uid());
+    assert_eq!(m["metadata"]["labels"]["app"], "web");
+    assert_eq!(m["spec"]["nodeName"], n1.name());
+    assert_eq!(m["spec"]["serviceAccountName"], "web-sa");
+    assert_eq!(m["status"]["podIP"], "10.244.1.10");
+    assert_eq!(m["status"]["phase"], "Running");
+
+    sim.write_namespace("shop", true)?;
+    sim.write_service("shop", "web", "10.96.0.10", &[("http", 80, 8080)], &[&pod])?;
+    let ns: Value = serde_yaml::from_str(&fs::read_to_string(
+        sim.manifest_dir().join("ns-shop.yaml"),
+    )?)?;
+    assert_eq!(ns["metadata"]["annotations"]["sluice.dev/mesh"], "enabled");
+    let svc = fs::read_to_string(sim.manifest_dir().join("svc-shop-web.yaml"))?;
+    assert!(
+        svc.contains("EndpointSlice") && svc.contains("10.244.1.10"),
+        "{svc}"
+    );
+
+    // Deleting the pod takes everything of it, and only it.
+    pod.delete()?;
+    assert!(!sim.manifest_dir().join("pod-shop-web.yaml").exists());
+    assert!(!pod.cgroup_path().exists());
+    assert!(!std::path::Path::new(&format!("/run/netns/{}", pod.netns())).exists());
+    assert!(!pid_alive(pod.sandbox_pid()));
+    assert!(pod.spawn(["true"]).is_err());
+    Ok(())
+}
+
+#[test]
+fn http_server_and_client_speak_keepalive() -> Result<()> {
+    let sim = Sim::new()?;
+    let n1 = sim.add_node("n1")?;
+    let server = n1.add_pod("demo", "api", PodOpts::default())?;
+    let client = n1.add_pod("demo", "cli", PodOpts::default())?;
+    let mut srv = server.simpod(["http-server", "--port", "8080", "--name", "api-1"])?;
+    srv.wait_listening(T)?;
+    let out = client.run_simpod([
+        "http-get",
+        "--to",
+        &server.addr(8080).to_string(),
+        "--path",
+        "/hello?x=1",
+        "--count",
+        "3",
+        "--keepalive",
+        "--header",
+        "x-test: yes",
+    ])?;
+    let lines = out.check()?.json_lines()?;
+    assert_eq!(lines.len(), 3);
+    for l in &lines {
+        assert_eq!(l["status"], 200, "{l}");
+        assert_eq!(l["body"]["name"], "api-1");
+        assert_eq!(l["body"]["path"], "/hello?x=1");
+        assert_eq!(l["body"]["headers"]["x-test"], "yes");
+        // One connection for all three requests.
+        assert_eq!(l["local"], lines[0]["local"]);
+        assert_eq!(l["body"]["peer"], lines[0]["local"]);
+    }
+    let out = client.run_simpod([
+        "http-get",
+        "--to",
+        &server.addr(8080).to_string(),
+        "--path",
+        "/?status=503",
+    ])?;
+    assert_eq!(out.check()?.json()?["status"], 503);
+    Ok(())
+}
+
+#[test]
+fn hold_and_loop_clients() -> Result<()> {
+    let sim = Sim::new()?;
+    let n1 = sim.add_node("n1")?;
+    let server = n1.add_pod("demo", "echo", PodOpts::default())?;
+    let client = n1.add_pod("demo", "cli", PodOpts::default())?;
+    let mut echo = server.simpod(["echo-server", "--port", "7000"])?;
+    echo.wait_listening(T)?;
+
+    let mut hold = client.simpod(["hold", "--to", &server.addr(7000).to_string()])?;
+    let c = hold.wait_for_json(T, |v| v["event"] == "connected")?;
+    assert_eq!(c["peer"], server.addr(7000).to_string());
+    hold.send_line("hello")?;
+    assert_eq!(
+        hold.wait_for_json(T, |v| v["event"] == "echo")?["data"],
+        "hello"
+    );
+    hold.close_stdin();
+    assert!(hold.wait(T)?.success());
+
+    let out = client.run_simpod([
+        "loop",
+        "--to",
+        &server.addr(7000).to_string(),
+        "--interval-ms",
+        "10",
+        "--count",
+        "3",
+    ])?;
+    let lines = out.check()?.json_lines()?;
+    assert_eq!(lines.len(), 3);
+    assert!(lines.iter().all(|l| l["ok"] == true), "{lines:?}");
+
+    // Nothing listens on 7001: the error names the io::ErrorKind.
+    let out = client.run_simpod(["tcp-client", "--to", &server.addr(7001).to_string()])?;
+    assert!(!out.success());
+    let r = out.json()?;
+    assert_eq!(r["ok"], false);
+    assert!(
+        r["error"]
+            .as_str()
+            .unwrap()
+            .starts_with("ConnectionRefused"),
+        "{r}"
+    );
+    Ok(())
+}
+
+/// A stand-in for sluice (perl is always on Debian): serves the admin API on the unix socket and
+/// reports where it runs, so the `Sluice` handle is checked without the real daemon.
+const FAKE_SLUICE: &str = r#"#!/usr/bin/perl
+use strict; use warnings; use IO::Socket::UNIX; use Socket;
+my %a; for (my $i = 0; $i < @ARGV; $i++) { $a{$ARGV[$i]} = $ARGV[$i + 1] if $ARGV[$i] =~ /^--/ }
+my $sock = $a{'--admin-socket'}; unlink $sock;
+my $srv = IO::Socket::UNIX->new(Type => SOCK_STREAM, Local => $sock, Listen => 16) or die "listen $sock: $!";
+print STDERR "fake sluice listening on $sock\n";
+my $ns = readlink("/proc/self/ns/net");
+open(my $f, "<", "/proc/self/cgroup") or die; my $cg = ""; while (<$f>) { $cg = $1 if /^0::(.*)$/ }
+my $args = join(" ", @ARGV);
+while (my $c = $srv->accept) {
+  my $req = ""; while (my $l = <$c>) { $req .= $l; last if $l eq "\r\n" }
+  my ($path) = $req =~ /^GET (\S+)/;
+  my $body = qq({"ready":true,"node":"$a{'--node'}","netns":"$ns","cgroup":"$cg","path":"$path","args":"$args"});
+  print $c "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n",
+    sprintf("%x\r\n%s\r\n0\r\n\r\n", length($body), $body);
+  close $c;
+}
+"#;
+
+#[test]
+fn sluice_handle_runs_the_daemon_in_the_node() -> Result<()> {
+    let sim = Sim::new()?;
+    let n1 = sim.add_node("n1")?;
+    let fake = sim.temp_dir().join("fake-sluice");
+    fs::write(&fake, FAKE_SLUICE)?;
+    fs::set_permissions(&fake, fs::Permissions::from_mode(0o755))?;
+    let sluice = n1.start_sluice(SluiceOpts {
+        bin: Some(fake),
+        fail_closed: true,
+        ..Default::default()
+    })?;
+
+    let st = sluice.wait_ready(T)?;
+    assert_eq!(st["node"], n1.name());
+    assert_eq!(st["path"], "/status");
+    let node_ns = fs::metadata(format!("/run/netns/{}", n1.netns()))?.ino();
+    assert_eq!(st["netns"], format!("net:[{node_ns}]"));
+    assert_eq!(st["cgroup"], format!("/sluice-sim/{}/n1/system", sim.id()));
+    let args = st["args"].as_str().unwrap();
+    assert!(args.starts_with("run --node "), "{args}");
+    assert!(
+        args.contains(&format!("--manifests {}", sim.manifest_dir().display())),
+        "{args}"
+    );
+    assert!(
+        args.contains(&format!("--cgroup-root {}", n1.cgroup_root().display())),
+        "{args}"
+    );
+    assert!(args.ends_with("--fail-closed"), "{args}");
+    assert_eq!(sluice.get_json("/pods")?["path"], "/pods");
+    assert!(sluice.log_contents().contains("fake sluice listening"));
+
+    sluice.kill(Signal::SIGKILL)?;
+    sluice.wait_exit(T)?;
+    let err = format!("{:#}", sluice.wait_ready(T).unwrap_err());
+    assert!(err.contains("exited"), "{err}");
+
+    sluice.restart()?;
+    sluice.wait_ready(T)?;
+    assert!(
+        sluice.log_path().ends_with("sluice-n1-2.log"),
+        "{}",
+        sluice.log_path().display()
+    );
+    Ok(())
+}
+
+#[test]
+fn teardown_after_a_panic_leaves_nothing() {
+    let mut seen: Option<(String, PathBuf, Vec<u32>)> = None;
+    let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let sim = Sim::new().unwrap();
+        let n1 = sim.add_node("n1").unwrap();
+        let n2 = sim.add_node("n2").unwrap();
+        let a = n1.add_pod("demo", "a", PodOpts::default()).unwrap();
+        let b = n2.add_pod("demo", "b", PodOpts::default()).unwrap();
+        // Grandchildren this process holds no handle on: only the cgroup kill reaches them.
+        let _sh = a
+            .spawn(["sh", "-c", "sleep 1000 & sleep 1000 & wait"])
+            .unwrap();
+        let mut echo = b.simpod(["echo-server", "--port", "7000"]).unwrap();
+        echo.wait_listening(T).unwrap();
+        let pids = sluice_tests::cgroup::pids_in_tree(sim.cgroup_root())
+            .into_iter()
+            .map(|p| p as u32)
+            .collect();
+        seen = Some((sim.id().to_string(), sim.temp_dir().to_path_buf(), pids));
+        panic!("deliberate panic inside a test body");
+    }));
+    assert!(res.is_err());
+    let (id, temp, pids) = seen.expect("the body ran up to the panic");
+    assert!(
+        pids.len() >= 5,
+        "sandboxes, sh, two sleeps, echo-server: {pids:?}"
+    );
+    let left = leftovers_of(&id);
+    assert!(left.is_empty(), "left behind: {left:#?}");
+    assert!(!temp.exists(), "{} still exists", temp.display());
+    for pid in pids {
+        assert!(!pid_alive(pid), "process {pid} survived");
+    }
+    assert!(!sluice_tests::netns::list()
+        .iter()
+        .any(|n| n.starts_with(&id)));
+    assert!(!sluice_tests::cgroup::sim_cgroup_parent()
+        .unwrap()
+        .join(&id)
+        .exists());
+}
+
+#[test]
+fn sweep_removes_a_leaked_sim() -> Result<()> {
+    let sim = Sim::new()?;
+    let n1 = sim.add_node("n1")?;
+    let pod = n1.add_pod("demo", "leaky", PodOpts::default())?;
+    let sandbox = pod.sandbox_pid();
+    let id = sim.id().to_string();
+    let temp = sim.temp_dir().to_path_buf();
+    // The handle holding the process goes too: as if the test process had been killed.
+    let sleeper = pod.spawn(["sleep", "1000"])?;
+    let sleeper_pid = sleeper.pid();
+    std::mem::forget(sleeper);
+    std::mem::forget(sim);
+
+    let found = leftovers_of(&id);
+    let count = |k| found.iter().filter(|l| l.kind == k).count();
+    assert_eq!(
+        count(LeftoverKind::Netns),
+        3,
+        "fabric, node, pod: {found:#?}"
+    );
+    assert_eq!(count(LeftoverKind::Cgroup), 1, "{found:#?}");
+    assert!(
+        count(LeftoverKind::Process) >= 2,
+        "sandbox and sleep: {found:#?}"
+    );
+
+    let swept = sweep_where(|s| s == id);
+    assert_eq!(swept.len(), found.len(), "{swept:#?}");
+    assert!(
+        swept.iter().any(|d| d.contains(&format!("{id}-n1-leaky"))),
+        "{swept:#?}"
+    );
+    assert!(leftovers_of(&id).is_empty(), "{:#?}", leftovers_of(&id));
+    assert!(!pid_alive(sandbox));
+    // Both were children of this process, whose handles were forgotten: reap them here.
+    for pid in [sandbox, sleeper_pid] {
+        nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid as i32), None)?;
+    }
+    // Sweep leaves temp dirs alone (they may hold logs someone kept on purpose).
+    fs::remove_dir_all(temp)?;
+    Ok(())
+}
