@@ -62,7 +62,16 @@ pub fn leftovers_of(sim_id: &str) -> Vec<Leftover> {
 /// after a test suite or a kept demo: it also tears down sims that are still running. Removal
 /// errors are printed to stderr; check [`leftovers`] afterwards to be sure.
 pub fn sweep() -> Vec<String> {
-    sweep_where(|_| true)
+    let found = sweep_where(|_| true);
+    // With every sim gone, the shared parents are empty: remove them too, so a swept machine
+    // looks as it did before any run (rmdir refuses a non-empty directory, so this is safe).
+    if let Ok(parent) = cgroup::sim_cgroup_parent() {
+        let _ = fs::remove_dir(parent);
+    }
+    for mount in bpffs_mounts() {
+        let _ = fs::remove_dir(mount.join("sluice"));
+    }
+    found
 }
 
 /// [`sweep`] limited to the sims whose id passes `filter` (so a test can sweep its own

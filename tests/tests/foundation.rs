@@ -343,3 +343,74 @@ fn cli_reports_when_sluice_is_not_running() -> Result<()> {
     assert!(err.contains("Is sluice running"), "{err}");
     Ok(())
 }
+
+/// A hung sluice (stopped, its listeners still open) must not black-hole traffic: its heartbeat
+/// goes stale and the kernel programs let connections through (fail-open) until it resumes.
+#[test]
+fn fail_open_when_sluice_hangs() -> Result<()> {
+    let w = world(1, true, SluiceOpts::default())?;
+    let backend = w.backends[0].addr(ECHO_PORT);
+    expect_ok(&tcp_exchange(&w.client, backend, 10)?)?;
+
+    w.sluice.kill(Signal::SIGSTOP)?;
+    // Each attempt has a short timeout: while the heartbeat is still fresh a redirected
+    // connection waits in the stopped listener's queue; once stale, connections go direct.
+    let direct = sluice_tests::poll_until(Duration::from_secs(10), || {
+        let out = w
+            .client
+            .run_simpod_timeout(["tcp-client", "--to", &backend.to_string(), "--send-bytes", "10", "--timeout-ms", "500"], T)
+            .ok()?;
+        let r = out.json().ok()?;
+        (r["ok"] == true && !via_sluice(&r)).then_some(r)
+    });
+    w.sluice.kill(Signal::SIGCONT)?;
+    let direct = direct.context("with sluice stopped, connections never went direct (heartbeat not honoured)")?;
+    assert_eq!(direct["received"], 10);
+
+    // Resumed: the heartbeat is fresh again and traffic goes through sluice.
+    let back = sluice_tests::poll_until(Duration::from_secs(10), || {
+        let r = tcp_exchange(&w.client, backend, 10).ok()?;
+        (r["ok"] == true && via_sluice(&r)).then_some(r)
+    });
+    back.context("after SIGCONT traffic never returned to sluice")?;
+    Ok(())
+}
+
+/// Pods that appear on a running node are enrolled; pods that go away are released, and their
+/// listeners closed. Pods on other nodes are never enrolled here.
+#[test]
+fn pods_come_and_go_while_running() -> Result<()> {
+    let w = world(1, true, SluiceOpts::default())?;
+    let late = w.node.add_pod("shop", "late", PodOpts::default())?;
+    let view = wait_enrolled(&w.sluice, &late)?;
+    let entry = view.as_array().unwrap().iter().find(|p| p["name"] == "late").unwrap().clone();
+    assert_eq!(entry["ip"], late.ip().to_string(), "{entry}");
+    assert_eq!(entry["uid"], late.uid(), "{entry}");
+    let r = tcp_exchange(&late, echo_vip(), 64)?;
+    expect_ok(&r)?;
+    assert!(via_sluice(&r), "{r}");
+
+    // A pod of another node in the same enrolled namespace is not this sluice's business.
+    let other = w.sim.add_node("n2")?;
+    let elsewhere = other.add_pod("shop", "elsewhere", PodOpts::default())?;
+    late.delete()?;
+    wait_released(&w.sluice, &late)?;
+    let pods = enrolled_pods(&w.sluice)?;
+    assert!(!pods.contains(&"shop/elsewhere".to_string()), "a pod of node n2 was enrolled on n1: {pods:?}");
+    drop(elsewhere);
+    // The remaining pods are unaffected.
+    expect_ok(&tcp_exchange(&w.client, echo_vip(), 64)?)?;
+    Ok(())
+}
+
+/// The kernel programs' aya-log lines arrive in sluice's own log (here at debug level, which
+/// sluice's filter enables for the `sluice_ebpf` target at load time).
+#[test]
+fn kernel_log_lines_reach_sluice_log() -> Result<()> {
+    let opts = SluiceOpts { env: vec![("SLUICE_LOG".into(), "info,sluice_ebpf=debug".into())], ..Default::default() };
+    let w = world(1, true, opts)?;
+    expect_ok(&tcp_exchange(&w.client, echo_vip(), 10)?)?;
+    let line = wait_log(&w, &["sluice_ebpf", "10.96.0.10:9000", "redirected to sluice"])?;
+    eprintln!("kernel line: {line}");
+    Ok(())
+}

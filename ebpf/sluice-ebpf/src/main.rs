@@ -31,7 +31,7 @@ use aya_ebpf::{
     programs::{SockAddrContext, SockOpsContext},
     EbpfContext,
 };
-use aya_log_ebpf::warn;
+use aya_log_ebpf::{debug, warn};
 use sluice_common::{
     config, counter, ConnKey, OrigDst, PodEntry, AF_INET, AF_INET6, MAX_CGROUP_DEPTH,
     OUTBOUND_PORT, RESERVED_PORTS,
@@ -223,6 +223,7 @@ pub fn sluice_connect4(ctx: SockAddrContext) -> i32 {
             if listener_up && !remember(&ctx, &orig) {
                 return ALLOW;
             }
+            debug!(&ctx, "pod {} (cgroup {}): connect to {:i}:{} redirected to sluice", pod.pod_id, cgroup_id, u32::from_be(ip), port);
             sa.user_ip4 = loopback;
             sa.user_port = OUTBOUND_PORT_BE;
             ALLOW

@@ -128,7 +128,13 @@ impl Redirector {
     pub fn load_and_attach(
         cfg: &RedirectConfig,
     ) -> Result<(Self, aya_log::EbpfLogger<&'static dyn log::Log>), RedirectError> {
-        let mut ebpf = EbpfLoader::new().load(BPF_OBJECT).map_err(RedirectError::Load)?;
+        // Kernel-side log lines cost a ring-buffer write each: only the levels that sluice's
+        // own filter lets through for target `sluice_ebpf` are compiled in at load time.
+        let kernel_log_level = kernel_log_level();
+        let mut ebpf = EbpfLoader::new()
+            .override_global("AYA_LOG_LEVEL", &kernel_log_level, true)
+            .load(BPF_OBJECT)
+            .map_err(RedirectError::Load)?;
         // Before loading any program: the programs reference the log map.
         let logger = aya_log::EbpfLogger::init(&mut ebpf).map_err(|e| RedirectError::Map {
             name: "AYA_LOGS",
@@ -409,6 +415,23 @@ where
 
 fn map_err(name: &'static str, e: aya::maps::MapError) -> RedirectError {
     RedirectError::Map { name, reason: e.to_string() }
+}
+
+/// The aya-log level (1 = error … 5 = trace) matching what tracing lets through for the
+/// kernel programs' log target.
+fn kernel_log_level() -> u8 {
+    use tracing::{enabled, Level};
+    if enabled!(target: "sluice_ebpf", Level::TRACE) {
+        5
+    } else if enabled!(target: "sluice_ebpf", Level::DEBUG) {
+        4
+    } else if enabled!(target: "sluice_ebpf", Level::INFO) {
+        3
+    } else if enabled!(target: "sluice_ebpf", Level::WARN) {
+        2
+    } else {
+        1
+    }
 }
 
 /// CLOCK_BOOTTIME in nanoseconds: the clock `bpf_ktime_get_boot_ns` reads.
