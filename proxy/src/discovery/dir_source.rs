@@ -126,6 +126,12 @@ pub struct ManifestDirHandle {
     thread: Option<JoinHandle<()>>,
 }
 
+impl std::fmt::Debug for ManifestDirHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ManifestDirHandle").field("dir", &self.dir).finish_non_exhaustive()
+    }
+}
+
 impl ManifestDirHandle {
     pub fn dir(&self) -> &Path {
         &self.dir

@@ -95,7 +95,9 @@ impl<'a> Node<'a> {
 
     /// The elements of the list `key`; an absent list is empty.
     pub fn list(&self, key: &str) -> Result<Vec<Node<'a>>, DocError> {
-        let Some(node) = self.get(key) else { return Ok(Vec::new()) };
+        let Some(node) = self.get(key) else {
+            return Ok(Vec::new());
+        };
         let seq = node.value.as_sequence().ok_or_else(|| node.expected("a list"))?;
         Ok(seq
             .iter()
@@ -108,7 +110,9 @@ impl<'a> Node<'a> {
     /// the API server insists: `enabled: true` is a boolean, and a silent conversion would hide
     /// the mistake.
     pub fn string_map(&self, key: &str) -> Result<BTreeMap<String, String>, DocError> {
-        let Some(node) = self.get(key) else { return Ok(BTreeMap::new()) };
+        let Some(node) = self.get(key) else {
+            return Ok(BTreeMap::new());
+        };
         let map = node.expect_mapping()?;
         let mut out = BTreeMap::new();
         for (k, v) in map {
@@ -162,9 +166,7 @@ impl NameRule {
             NameRule::Dns1035Label => {
                 is_dns_label(name) && name.starts_with(|c: char| c.is_ascii_lowercase())
             }
-            NameRule::Dns1123Subdomain => {
-                name.len() <= 253 && name.split('.').all(is_dns_label)
-            }
+            NameRule::Dns1123Subdomain => name.len() <= 253 && name.split('.').all(is_dns_label),
         };
         (!ok).then(|| {
             let rule = match self {

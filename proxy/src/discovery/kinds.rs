@@ -10,9 +10,8 @@ use std::sync::Arc;
 use super::fields::{check_port_name, NameRule, Node};
 use super::manifest::{DocError, Meta};
 use super::model::{
-    AddressType, Endpoint, EndpointPort, EndpointSlice, Namespace, Object, Pod, PodPhase, PodRef,
-    Protocol, Service, ServicePort, TargetPort, MESH_ANNOTATION, MESH_ENABLED,
-    SERVICE_NAME_LABEL,
+    AddressType, Endpoint, EndpointPort, EndpointSlice, Namespace, Object, Pod, PodPhase, PodRef, Protocol,
+    Service, ServicePort, TargetPort, MESH_ANNOTATION, MESH_ENABLED, SERVICE_NAME_LABEL,
 };
 
 pub(crate) fn namespace(meta: Meta, _doc: &Node<'_>) -> Result<Object, DocError> {
@@ -93,7 +92,9 @@ pub(crate) fn service(meta: Meta, doc: &Node<'_>) -> Result<Object, DocError> {
 }
 
 fn cluster_ip(spec: &Node<'_>) -> Result<Option<IpAddr>, DocError> {
-    let Some(node) = spec.get("clusterIP") else { return Ok(None) };
+    let Some(node) = spec.get("clusterIP") else {
+        return Ok(None);
+    };
     match node.as_str()? {
         "" | "None" => Ok(None),
         s => s.parse().map(Some).map_err(|_| {
@@ -147,7 +148,9 @@ fn service_ports(spec: &Node<'_>) -> Result<Vec<ServicePort>, DocError> {
 
 /// A port's optional name ("" is no name), which must be a DNS label.
 fn port_name(node: &Node<'_>) -> Result<Option<String>, DocError> {
-    let Some(name) = node.opt_str("name")? else { return Ok(None) };
+    let Some(name) = node.opt_str("name")? else {
+        return Ok(None);
+    };
     if let Some(reason) = NameRule::Dns1123Label.check(name) {
         return Err(node.require("name")?.invalid(reason));
     }
@@ -155,7 +158,9 @@ fn port_name(node: &Node<'_>) -> Result<Option<String>, DocError> {
 }
 
 fn protocol(node: &Node<'_>) -> Result<Protocol, DocError> {
-    let Some(p) = node.get("protocol") else { return Ok(Protocol::Tcp) };
+    let Some(p) = node.get("protocol") else {
+        return Ok(Protocol::Tcp);
+    };
     match p.as_str()? {
         "TCP" => Ok(Protocol::Tcp),
         "UDP" => Ok(Protocol::Udp),
@@ -166,9 +171,11 @@ fn protocol(node: &Node<'_>) -> Result<Protocol, DocError> {
 
 pub(crate) fn endpoint_slice(meta: Meta, doc: &Node<'_>) -> Result<Object, DocError> {
     // Without the label the slice belongs to no Service; in a manifest that is a mistake.
-    let service_name = meta.labels.get(SERVICE_NAME_LABEL).cloned().ok_or_else(|| {
-        DocError::Missing { field: format!("metadata.labels[{SERVICE_NAME_LABEL:?}]") }
-    })?;
+    let service_name = meta
+        .labels
+        .get(SERVICE_NAME_LABEL)
+        .cloned()
+        .ok_or_else(|| DocError::Missing { field: format!("metadata.labels[{SERVICE_NAME_LABEL:?}]") })?;
     let at = doc.require("addressType")?;
     let address_type = match at.as_str()? {
         "IPv4" => AddressType::IPv4,

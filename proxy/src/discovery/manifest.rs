@@ -90,10 +90,11 @@ pub enum ParseError {
     Yaml { document: usize, message: String, line: Option<usize>, column: Option<usize> },
     #[error("invalid JSON: {message}")]
     Json { message: String, line: usize, column: usize },
+    // Boxed: keeps `Result<_, ParseError>` small on the happy path.
     #[error("{at}: {error}")]
-    Document { at: DocRef, error: DocError },
+    Document { at: Box<DocRef>, error: DocError },
     #[error("{key} is defined twice in this file ({first} and {second})")]
-    Duplicate { key: ObjectKey, first: DocRef, second: DocRef },
+    Duplicate { key: Box<ObjectKey>, first: Box<DocRef>, second: Box<DocRef> },
 }
 
 /// The metadata every kind shares, already validated.
@@ -169,7 +170,8 @@ impl Parsed {
     fn push(&mut self, object: Object, at: DocRef) -> Result<(), ParseError> {
         let key = object.key();
         if let Some(first) = self.seen.get(&key) {
-            return Err(ParseError::Duplicate { key, first: first.clone(), second: at });
+            let (first, second) = (Box::new(first.clone()), Box::new(at));
+            return Err(ParseError::Duplicate { key: Box::new(key), first, second });
         }
         self.seen.insert(key, at);
         self.objects.push(object);
@@ -212,27 +214,22 @@ fn parse_json(text: &str, out: &mut Parsed) -> Result<(), ParseError> {
         })?;
         let at = DocRef { document: i + 1, ..DocRef::default() };
         // JSON maps onto YAML's data model without loss (numbers, strings, maps, lists).
-        let value = serde_yaml::to_value(json).map_err(|e| ParseError::Document {
-            at: at.clone(),
-            error: DocError::Invalid { field: String::new(), reason: e.to_string() },
-        })?;
+        let value = serde_yaml::to_value(json)
+            .map_err(|e| doc_error(&at, DocError::Invalid { field: String::new(), reason: e.to_string() }))?;
         parse_document(value, at, out)?;
     }
     Ok(())
 }
 
-/// The line each YAML document starts on, for messages only: a document starts at the first
-/// content line, and a new one at every `---` marker except one that opens the file. If this
-/// ever disagrees with the parser, a message names the wrong line but the right document number.
+/// The line each YAML document starts on, for messages only: a document starts at its `---`
+/// marker, or, for a first document without one, at its first content line. If this ever
+/// disagrees with the parser, a message names the wrong line but the right document number.
 fn document_start_lines(text: &str) -> Vec<usize> {
     let mut starts = Vec::new();
     let mut content_seen = false;
     for (i, line) in text.lines().enumerate() {
-        let is_marker = line.starts_with("---")
-            && line[3..].chars().next().is_none_or(|c| c.is_whitespace());
+        let is_marker = line.starts_with("---") && line[3..].chars().next().is_none_or(|c| c.is_whitespace());
         if is_marker {
-            // Content before the first marker is a document of its own; a marker that opens
-            // the file is not preceded by one.
             starts.push(i + 1);
             content_seen = true;
         } else if !content_seen {
@@ -251,28 +248,29 @@ fn parse_document(mut value: Value, mut at: DocRef, out: &mut Parsed) -> Result<
         return Ok(()); // an empty document, e.g. a trailing `---`
     }
     // `<<: *anchor` merge keys, which the Kubernetes YAML decoder supports.
-    value.apply_merge().map_err(|e| doc_error(&at, DocError::Invalid {
-        field: String::new(),
-        reason: e.to_string(),
-    }))?;
+    value
+        .apply_merge()
+        .map_err(|e| doc_error(&at, DocError::Invalid { field: String::new(), reason: e.to_string() }))?;
     let root = Node::root(&value);
     let kind = root.get("kind").map(|n| n.as_str()).transpose().map_err(|e| doc_error(&at, e))?;
     if kind.is_some_and(|k| k == "List" || (k.ends_with("List") && root.get("items").is_some())) {
         let items = root.list("items").map_err(|e| doc_error(&at, e))?;
         for (i, item) in items.iter().enumerate() {
+            // Field paths inside an item are relative to the item; the DocRef names the item.
+            let item = &Node::root(item.value);
             let item_at = DocRef { item: Some(i), ..at.clone() };
-            let object = parse_object(item, &item_at).map_err(|(at, e)| doc_error(&at, e))?;
+            let object = parse_object(item, &item_at)?;
             out.push(object, item_at_with_name(item_at, item))?;
         }
         return Ok(());
     }
-    let object = parse_object(&root, &at).map_err(|(at, e)| doc_error(&at, e))?;
+    let object = parse_object(&root, &at)?;
     at = item_at_with_name(at, &root);
     out.push(object, at)
 }
 
 fn doc_error(at: &DocRef, error: DocError) -> ParseError {
-    ParseError::Document { at: at.clone(), error }
+    ParseError::Document { at: Box::new(at.clone()), error }
 }
 
 fn item_at_with_name(mut at: DocRef, node: &Node<'_>) -> DocRef {
@@ -292,16 +290,14 @@ fn object_label(node: &Node<'_>) -> Option<String> {
 }
 
 /// Validates the envelope (kind, apiVersion, metadata) and hands over to the kind's parser.
-fn parse_object(node: &Node<'_>, at: &DocRef) -> Result<Object, (DocRef, DocError)> {
-    let with_name = |e| (item_at_with_name(at.clone(), node), e);
-    node.expect_mapping().map_err(|_| {
-        (at.clone(), DocError::NotAnObject { found: super::fields::describe(node.value) })
-    })?;
+fn parse_object(node: &Node<'_>, at: &DocRef) -> Result<Object, ParseError> {
+    let with_name = |e| doc_error(&item_at_with_name(at.clone(), node), e);
+    node.expect_mapping()
+        .map_err(|_| doc_error(at, DocError::NotAnObject { found: super::fields::describe(node.value) }))?;
     let kind = node.get("kind").ok_or_else(|| with_name(DocError::Missing { field: "kind".into() }))?;
     let kind = kind.as_str().map_err(with_name)?;
-    let api_version = node
-        .get("apiVersion")
-        .ok_or_else(|| with_name(DocError::Missing { field: "apiVersion".into() }))?;
+    let api_version =
+        node.get("apiVersion").ok_or_else(|| with_name(DocError::Missing { field: "apiVersion".into() }))?;
     let api_version = api_version.as_str().map_err(with_name)?;
     let spec = KINDS.iter().find(|s| s.kind.as_str() == kind).ok_or_else(|| {
         with_name(DocError::UnknownKind { kind: kind.to_owned(), api_version: api_version.to_owned() })
@@ -318,9 +314,7 @@ fn parse_object(node: &Node<'_>, at: &DocRef) -> Result<Object, (DocRef, DocErro
 }
 
 fn parse_meta(node: &Node<'_>, spec: &KindSpec) -> Result<Meta, DocError> {
-    let metadata = node
-        .get("metadata")
-        .ok_or_else(|| DocError::Missing { field: "metadata.name".into() })?;
+    let metadata = node.get("metadata").ok_or_else(|| DocError::Missing { field: "metadata.name".into() })?;
     metadata.expect_mapping()?;
     let name_node = metadata.require("name")?;
     let name = name_node.as_str()?;

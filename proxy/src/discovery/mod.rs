@@ -39,9 +39,9 @@ use thiserror::Error;
 pub use dir_source::{ManifestDir, ManifestDirHandle};
 pub use manifest::{DocError, DocRef, Format, ParseError};
 pub use model::{
-    AddressType, Endpoint, EndpointPort, EndpointSlice, Kind, Labels, Namespace, Object,
-    ObjectKey, Pod, PodPhase, PodRef, Protocol, Service, ServicePort, TargetPort,
-    MESH_ANNOTATION, MESH_ENABLED, SERVICE_NAME_LABEL,
+    AddressType, Endpoint, EndpointPort, EndpointSlice, Kind, Labels, Namespace, Object, ObjectKey, Pod,
+    PodPhase, PodRef, Protocol, Service, ServicePort, TargetPort, MESH_ANNOTATION, MESH_ENABLED,
+    SERVICE_NAME_LABEL,
 };
 pub use snapshot::{ManifestError, Model, ServiceTarget};
 

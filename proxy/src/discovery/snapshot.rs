@@ -96,9 +96,7 @@ impl Model {
                 }
                 Object::Pod(o) => insert(&mut m.pods, o, |p| (&p.namespace, &p.name)),
                 Object::Service(o) => insert(&mut m.services, o, |s| (&s.namespace, &s.name)),
-                Object::EndpointSlice(o) => {
-                    insert(&mut m.endpoint_slices, o, |s| (&s.namespace, &s.name))
-                }
+                Object::EndpointSlice(o) => insert(&mut m.endpoint_slices, o, |s| (&s.namespace, &s.name)),
             }
         }
         m.index_services();
@@ -118,8 +116,7 @@ impl Model {
         for s in self.endpoint_slices.values().flat_map(|m| m.values()) {
             slices.entry((s.namespace.as_str(), s.service_name.as_str())).or_default().push(s);
         }
-        let mut services: Vec<&Arc<Service>> =
-            self.services.values().flat_map(|m| m.values()).collect();
+        let mut services: Vec<&Arc<Service>> = self.services.values().flat_map(|m| m.values()).collect();
         // Deterministic winner if two Services claim one ClusterIP:port.
         services.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
         for svc in services {
@@ -140,10 +137,7 @@ impl Model {
                         .or_insert_with(|| t.clone());
                 }
             }
-            self.targets
-                .entry(svc.namespace.clone())
-                .or_default()
-                .insert(svc.name.clone(), targets);
+            self.targets.entry(svc.namespace.clone()).or_default().insert(svc.name.clone(), targets);
         }
     }
 
@@ -265,8 +259,7 @@ fn ip_rank(phase: PodPhase) -> u8 {
 fn ready_endpoints(port: &ServicePort, slices: &[&EndpointSlice]) -> Arc<[SocketAddr]> {
     let mut out = Vec::new();
     for slice in slices {
-        let Some(sp) = slice.ports.iter().find(|p| p.name == port.name && p.protocol == port.protocol)
-        else {
+        let Some(sp) = slice.ports.iter().find(|p| p.name == port.name && p.protocol == port.protocol) else {
             continue;
         };
         for ep in slice.endpoints.iter().filter(|e| e.ready) {

@@ -23,11 +23,13 @@ use super::snapshot::{ManifestError, Model};
 /// Whether a directory entry is a manifest: `*.yaml`, `*.yml` or `*.json`, and not a hidden
 /// file or an editor's scratch file (`.x.yaml.swp`, `x.yaml~`, `.#x.yaml`, `#x.yaml#`).
 pub(crate) fn is_manifest_name(name: &OsStr) -> bool {
-    let Some(name) = name.to_str() else { return false };
-    !name.starts_with('.')
-        && !name.ends_with('~')
-        && !(name.starts_with('#') && name.ends_with('#'))
-        && Format::from_path(Path::new(name)).is_some()
+    let Some(name) = name.to_str() else {
+        return false;
+    };
+    let scratch = name.starts_with('.') // hidden, `.#x.yaml` locks, `.x.yaml.swp`, `..data`
+        || name.ends_with('~')
+        || (name.starts_with('#') && name.ends_with('#'));
+    !scratch && Format::from_path(Path::new(name)).is_some()
 }
 
 #[derive(Default)]
@@ -79,8 +81,7 @@ impl Store {
                 present.push(name);
             }
         }
-        let gone: Vec<OsString> =
-            self.files.keys().filter(|k| !present.contains(k)).cloned().collect();
+        let gone: Vec<OsString> = self.files.keys().filter(|k| !present.contains(k)).cloned().collect();
         let mut changed = false;
         for name in gone.iter().chain(present.iter()) {
             changed |= self.refresh(name);
@@ -107,7 +108,9 @@ impl Store {
         if self.files.get(name).is_some_and(|s| s.hash == hash) {
             return false; // e.g. a touch, or our own earlier read of this content
         }
-        let Some(format) = Format::from_path(&path) else { return false };
+        let Some(format) = Format::from_path(&path) else {
+            return false;
+        };
         let parsed = match std::str::from_utf8(&bytes) {
             Ok(text) => manifest::parse(text, format).map_err(|e| e.to_string()),
             Err(e) => Err(format!("the file is not valid UTF-8: {e}")),

@@ -1,1 +1,7 @@
+//! Unit tests of the discovery module (`cargo test -p sluice --lib discovery`).
 
+mod fixtures;
+mod parse;
+mod resolve;
+mod store;
+mod watch;

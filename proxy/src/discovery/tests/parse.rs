@@ -149,9 +149,9 @@ fn json_file() {
 fn bad_yaml_reports_line_and_column() {
     let text = format!("{}---\nkind: Pod\n  name: x\n", fixtures::namespace("a", true));
     let e = parse(&text, Format::Yaml).unwrap_err();
-    assert!(matches!(e, ParseError::Yaml { document: 2, line: Some(7), .. }), "{e:?}");
+    assert!(matches!(e, ParseError::Yaml { document: 2, line: Some(9), .. }), "{e:?}");
     assert!(e.to_string().starts_with("invalid YAML in document 2: "), "{e}");
-    assert!(e.to_string().contains("line 7 column"), "{e}");
+    assert!(e.to_string().contains("line 9 column"), "{e}");
 }
 
 #[test]
@@ -168,14 +168,23 @@ fn missing_envelope_fields() {
         err("apiVersion: v1\nkind: Service\nmetadata:\n  namespace: shop\n"),
         "document 1 (line 1): missing required field `metadata.name`"
     );
-    assert_eq!(err("apiVersion: v1\nkind: Service\n"), "document 1 (line 1): missing required field `metadata.name`");
-    assert_eq!(err("- a\n- b\n"), "document 1 (line 1): expected a Kubernetes object (a mapping), found a list");
+    assert_eq!(
+        err("apiVersion: v1\nkind: Service\n"),
+        "document 1 (line 1): missing required field `metadata.name`"
+    );
+    assert_eq!(
+        err("- a\n- b\n"),
+        "document 1 (line 1): expected a Kubernetes object (a mapping), found a list"
+    );
 }
 
 #[test]
 fn unknown_kind_and_version() {
-    let text = format!("{}---\napiVersion: x/v1\nkind: Foo\nmetadata:\n  name: f\n", fixtures::namespace("a", false));
-    assert_eq!(err(&text), "document 2 (line 4) Foo \"f\": unknown kind \"Foo\" (apiVersion x/v1)");
+    let text = format!(
+        "{}---\napiVersion: x/v1\nkind: Foo\nmetadata:\n  name: f\n",
+        fixtures::namespace("a", false)
+    );
+    assert_eq!(err(&text), "document 2 (line 5) Foo \"f\": unknown kind \"Foo\" (apiVersion x/v1)");
     let e = err("apiVersion: discovery.k8s.io/v1beta1\nkind: EndpointSlice\nmetadata:\n  name: s\n");
     assert!(e.contains("kind EndpointSlice is not served at apiVersion \"discovery.k8s.io/v1beta1\" (use \"discovery.k8s.io/v1\")"), "{e}");
 }
@@ -198,7 +207,12 @@ fn pod_errors() {
 fn service_errors() {
     let svc = |spec: &str| format!("apiVersion: v1\nkind: Service\nmetadata:\n  name: web\nspec:\n{spec}");
     let e = err(&svc("  clusterIP: 10.96.0.999\n"));
-    assert!(e.ends_with("spec.clusterIP: \"10.96.0.999\" is not an IP address (use \"None\" for a headless Service)"), "{e}");
+    assert!(
+        e.ends_with(
+            "spec.clusterIP: \"10.96.0.999\" is not an IP address (use \"None\" for a headless Service)"
+        ),
+        "{e}"
+    );
     let e = err(&svc("  ports:\n  - port: 70000\n"));
     assert!(e.ends_with("spec.ports[0].port: port 70000 is out of range 1-65535"), "{e}");
     let e = err(&svc("  ports:\n  - port: 0\n"));
@@ -230,7 +244,10 @@ fn endpoint_slice_errors() {
     let e = err(&format!("{labelled}addressType: FQDN\n"));
     assert!(e.contains("FQDN is not supported"), "{e}");
     let e = err(&format!("{labelled}addressType: IPv4\nendpoints:\n- addresses: [fd00::1]\n"));
-    assert!(e.ends_with("endpoints[0].addresses[0]: fd00::1 does not match the slice's addressType IPv4"), "{e}");
+    assert!(
+        e.ends_with("endpoints[0].addresses[0]: fd00::1 does not match the slice's addressType IPv4"),
+        "{e}"
+    );
     let e = err(&format!("{labelled}addressType: IPv4\nendpoints:\n- addresses: []\n"));
     assert!(e.ends_with("endpoints[0].addresses: must list at least one address"), "{e}");
     let e = err(&format!("{labelled}addressType: IPv4\nports:\n- name: http\n"));
@@ -241,8 +258,15 @@ fn endpoint_slice_errors() {
 
 #[test]
 fn labels_must_be_strings() {
-    let e = err("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: a\n  annotations:\n    sluice.dev/mesh: true\n");
-    assert!(e.ends_with("metadata.annotations[\"sluice.dev/mesh\"]: expected a string, found a boolean (quote it)"), "{e}");
+    let e = err(
+        "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: a\n  annotations:\n    sluice.dev/mesh: true\n",
+    );
+    assert!(
+        e.ends_with(
+            "metadata.annotations[\"sluice.dev/mesh\"]: expected a string, found a boolean (quote it)"
+        ),
+        "{e}"
+    );
 }
 
 #[test]
@@ -257,7 +281,7 @@ fn duplicate_object_in_one_file() {
     let text = format!("{}---\n{}", fixtures::namespace("a", true), fixtures::namespace("a", false));
     assert_eq!(
         err(&text),
-        "Namespace \"a\" is defined twice in this file (document 1 (line 1) Namespace \"a\" and document 2 (line 5) Namespace \"a\")"
+        "Namespace \"a\" is defined twice in this file (document 1 (line 1) Namespace \"a\" and document 2 (line 7) Namespace \"a\")"
     );
 }
 

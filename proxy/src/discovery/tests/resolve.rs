@@ -102,7 +102,11 @@ fn unnamed_port_uses_unnamed_slice_port_across_slices() {
 
 #[test]
 fn service_without_ready_endpoints_still_resolves() {
-    let text = UNNAMED.replace("- addresses: [10.244.2.20, 10.244.1.20]", "- addresses: [10.244.2.20]\n  conditions: {ready: false}")
+    let text = UNNAMED
+        .replace(
+            "- addresses: [10.244.2.20, 10.244.1.20]",
+            "- addresses: [10.244.2.20]\n  conditions: {ready: false}",
+        )
         .replace("conditions: {ready: true}", "conditions: {ready: false}");
     let m = model(&text);
     let t = m.service_for(ip("10.96.5.5"), 5432).unwrap();
