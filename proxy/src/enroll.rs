@@ -13,6 +13,7 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::PathBuf,
     sync::{atomic::Ordering, Arc, RwLock},
+    time::{Duration, Instant},
 };
 
 use serde::{Deserialize, Serialize};
@@ -67,9 +68,15 @@ pub struct Enroller {
     enrolled: HashMap<String, EnrolledPod>,
     /// Pods we are waiting for (sandbox not there yet), so we say so once, not every tick.
     waiting: HashSet<String>,
+    /// Pods whose enrollment failed for a reason that will not fix itself within a tick
+    /// (e.g. the pod holds port 15001), with when we may try again.
+    retry_after: HashMap<String, Instant>,
     next_pod_id: u32,
     view: PodsView,
 }
+
+/// How long to wait before retrying a pod whose enrollment failed (not merely "not yet").
+const FAILED_RETRY: Duration = Duration::from_secs(5);
 
 /// The enrolled pods as the admin API reads them: static facts plus the live counters.
 pub type PodsView = Arc<RwLock<Vec<(PodView, Arc<PodStats>)>>>;
@@ -105,6 +112,7 @@ impl Enroller {
             dp,
             enrolled: HashMap::new(),
             waiting: HashSet::new(),
+            retry_after: HashMap::new(),
             next_pod_id: 1,
             view: Arc::new(RwLock::new(Vec::new())),
         }
@@ -131,20 +139,25 @@ impl Enroller {
             .filter(|(uid, e)| !desired.contains_key(uid.as_str()) || !e.cgroup_path.is_dir())
             .map(|(uid, _)| uid.clone())
             .collect();
+        let mut changed = !gone.is_empty();
         for uid in gone {
             if let Some(pod) = self.enrolled.remove(&uid) {
                 self.release(pod);
             }
         }
         self.waiting.retain(|uid| desired.contains_key(uid.as_str()));
+        self.retry_after.retain(|uid, _| desired.contains_key(uid.as_str()));
 
+        let now = Instant::now();
         for (uid, pod) in desired {
-            if self.enrolled.contains_key(uid) {
+            if self.enrolled.contains_key(uid) || self.retry_after.get(uid).is_some_and(|t| *t > now) {
                 continue;
             }
             match self.enroll(pod) {
                 Ok(e) => {
+                    changed = true;
                     self.waiting.remove(uid);
+                    self.retry_after.remove(uid);
                     info!(pod = %format!("{}/{}", pod.namespace, pod.name), ip = %pod.ip, cgroup_id = e.cgroup_id, "pod enrolled");
                     self.enrolled.insert(uid.to_string(), e);
                 }
@@ -154,13 +167,16 @@ impl Enroller {
                     }
                 }
                 Err(EnrollError::Failed(reason)) => {
+                    self.retry_after.insert(uid.to_string(), now + FAILED_RETRY);
                     if self.waiting.insert(uid.to_string()) {
-                        warn!(pod = %format!("{}/{}", pod.namespace, pod.name), %reason, "cannot enroll pod");
+                        warn!(pod = %format!("{}/{}", pod.namespace, pod.name), %reason, retry_in_s = FAILED_RETRY.as_secs(), "cannot enroll pod");
                     }
                 }
             }
         }
-        self.publish_view();
+        if changed {
+            self.publish_view();
+        }
     }
 
     /// Whether any desired pod is still waiting (the caller re-runs reconcile on a timer).

@@ -414,3 +414,27 @@ fn kernel_log_lines_reach_sluice_log() -> Result<()> {
     eprintln!("kernel line: {line}");
     Ok(())
 }
+
+/// A pod that holds 127.0.0.1:15001 itself cannot be enrolled: sluice says so clearly, keeps
+/// serving the other pods, and leaves that pod's traffic alone (it is not redirected).
+#[test]
+fn pod_holding_the_capture_port_is_reported_not_broken() -> Result<()> {
+    let w = world(1, true, SluiceOpts::default())?;
+    w.sim.write_namespace("squat", false)?;
+    let squatter = w.node.add_pod("squat", "squatter", PodOpts::default())?;
+    let mut server = squatter.simpod(["echo-server", "--port", "15001", "--bind", "127.0.0.1"])?;
+    server.wait_listening(T)?;
+
+    w.sim.write_namespace("squat", true)?;
+    let line = wait_log(&w, &["cannot enroll pod", "squat/squatter", "15001"])?;
+    eprintln!("reported as: {line}");
+    assert!(!enrolled_pods(&w.sluice)?.contains(&"squat/squatter".to_string()));
+
+    let r = tcp_exchange(&squatter, w.backends[0].addr(ECHO_PORT), 32)?;
+    expect_ok(&r)?;
+    assert!(!via_sluice(&r), "an unenrolled pod's traffic must not be redirected: {r}");
+    let r = tcp_exchange(&w.client, echo_vip(), 32)?;
+    expect_ok(&r)?;
+    assert!(via_sluice(&r), "{r}");
+    Ok(())
+}

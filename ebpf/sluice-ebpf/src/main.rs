@@ -59,12 +59,12 @@ static ENROLLED: HashMap<u64, PodEntry> = HashMap::with_max_entries(16384, 0);
 /// Original destination per redirected client socket (cookie). LRU so that a burst of
 /// sockets never makes redirection fail; entries are also removed when the socket closes.
 #[map]
-static ORIG_BY_COOKIE: LruHashMap<u64, OrigDst> = LruHashMap::with_max_entries(262144, 0);
+static ORIG_BY_COOKIE: LruHashMap<u64, OrigDst> = LruHashMap::with_max_entries(65536, 0);
 
 /// Original destination per established redirected connection, keyed as sluice's listener
 /// sees the client. sluice removes an entry when it accepts the connection.
 #[map]
-static ORIG_BY_TUPLE: LruHashMap<ConnKey, OrigDst> = LruHashMap::with_max_entries(262144, 0);
+static ORIG_BY_TUPLE: LruHashMap<ConnKey, OrigDst> = LruHashMap::with_max_entries(65536, 0);
 
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::LEN, 0);
