@@ -1,6 +1,7 @@
 //! `cargo xtask …`: the project's tasks. The README's two commands are `cargo xtask demo` and
 //! `cargo xtask test`; both run `setup` first, which installs whatever is missing.
 
+mod bench;
 mod demo;
 mod setup;
 
@@ -39,6 +40,8 @@ enum Task {
     },
     /// Remove every leftover of simulated nodes (namespaces, cgroups, pins, processes).
     Sweep,
+    /// Benchmarks against a direct connection (release builds); see docs/benchmarks.md.
+    Bench(bench::BenchArgs),
 }
 
 fn main() {
@@ -48,6 +51,7 @@ fn main() {
         Task::Build { release } => setup::run().and_then(|_| build(release)),
         Task::Test { args } => setup::run().and_then(|_| test(&args)),
         Task::Demo { keep } => setup::run().and_then(|_| build(false)).and_then(|_| demo::run(keep)),
+        Task::Bench(args) => setup::run().and_then(|_| bench::run(args)),
         Task::Sweep => {
             report_sweep("sweep");
             Ok(())
