@@ -14,7 +14,10 @@ use std::{
 use anyhow::{anyhow, bail, Context, Result};
 use serde::de::DeserializeOwned;
 
-use crate::admin::api::{ConnView, PodView, StatusView};
+use crate::{
+    admin::api::{ConnView, PodView, StatusView},
+    identity::CertView,
+};
 
 /// Where the admin API is.
 #[derive(Debug, Clone)]
@@ -171,12 +174,13 @@ pub fn pods(ep: &AdminEndpoint, out: Output) -> Result<String> {
         return Ok("no enrolled pods on this node (is the namespace annotated sluice.dev/mesh=enabled?)\n".into());
     }
     Ok(table(
-        &["POD", "IP", "CGROUP ID", "NETNS", "LISTENERS", "OPEN", "TOTAL"],
+        &["POD", "IP", "IDENTITY", "CGROUP ID", "NETNS", "LISTENERS", "OPEN", "TOTAL"],
         pods.iter()
             .map(|p| {
                 vec![
                     format!("{}/{}", p.namespace, p.name),
                     p.ip.to_string(),
+                    p.identity.clone(),
                     p.cgroup_id.to_string(),
                     format!("net:[{}]", p.netns),
                     p.listeners.iter().map(|l| l.to_string()).collect::<Vec<_>>().join(","),
@@ -197,20 +201,55 @@ pub fn conns(ep: &AdminEndpoint, out: Output) -> Result<String> {
         return Ok("no open connections\n".into());
     }
     Ok(table(
-        &["ID", "SOURCE POD", "SOURCE", "DESTINATION", "SERVICE", "ENDPOINT", "SENT", "RECEIVED", "AGE"],
+        &["ID", "DIR", "SOURCE POD", "SOURCE", "DESTINATION", "SERVICE", "ENDPOINT", "SECURITY", "PEER IDENTITY", "SENT", "RECEIVED", "AGE"],
         conns
             .iter()
             .map(|c| {
                 vec![
                     c.id.to_string(),
+                    match c.direction {
+                        crate::conns::Direction::Outbound => "out".into(),
+                        crate::conns::Direction::Inbound => "in".into(),
+                    },
                     c.source_pod.clone(),
                     c.source_addr.to_string(),
                     c.original_dst.to_string(),
                     c.service.clone().unwrap_or_else(|| "-".into()),
                     c.endpoint.to_string(),
+                    c.security.clone(),
+                    c.peer_identity.clone().unwrap_or_else(|| "-".into()),
                     human_bytes(c.bytes_sent),
                     human_bytes(c.bytes_received),
                     human_age(c.age_ms),
+                ]
+            })
+            .collect(),
+    ))
+}
+
+pub fn certs(ep: &AdminEndpoint, out: Output) -> Result<String> {
+    let certs: Vec<CertView> = get(ep, "/certs")?;
+    if out == Output::Json {
+        return Ok(serde_json::to_string_pretty(&certs)? + "\n");
+    }
+    if certs.is_empty() {
+        return Ok("no workload certificates (no enrolled pods on this node)\n".into());
+    }
+    Ok(table(
+        &["IDENTITY", "SERIAL", "NOT BEFORE", "NOT AFTER", "NEXT RENEWAL", "FAILURES"],
+        certs
+            .iter()
+            .map(|c| {
+                vec![
+                    c.identity.to_string(),
+                    c.serial.clone(),
+                    c.not_before.clone(),
+                    c.not_after.clone(),
+                    c.next_renewal.clone(),
+                    match &c.last_error {
+                        Some(e) => format!("{} ({e})", c.renewal_failures),
+                        None => c.renewal_failures.to_string(),
+                    },
                 ]
             })
             .collect(),

@@ -24,9 +24,23 @@ pub struct PodStats {
     pub total: AtomicU64,
 }
 
+/// Which side of the mesh a connection is on, from this node's point of view.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Direction {
+    /// From an enrolled pod on this node, captured by connect().
+    Outbound,
+    /// To an enrolled pod on this node (HBONE stream or captured plaintext).
+    Inbound,
+}
+
 #[derive(Debug)]
 pub struct ConnEntry {
     pub id: u64,
+    pub direction: Direction,
+    /// The other side's SPIFFE ID when it was authenticated by mTLS.
+    pub peer_identity: Option<Arc<str>>,
+    pub mtls: bool,
     pub source_pod: Arc<str>,
     pub source_addr: SocketAddr,
     pub original_dst: SocketAddr,
@@ -43,6 +57,10 @@ pub struct ConnEntry {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ConnView {
     pub id: u64,
+    pub direction: Direction,
+    pub peer_identity: Option<String>,
+    /// "mtls" or "plaintext".
+    pub security: String,
     pub source_pod: String,
     pub source_addr: SocketAddr,
     pub original_dst: SocketAddr,
@@ -84,6 +102,9 @@ impl Drop for ConnGuard {
 }
 
 pub struct NewConn {
+    pub direction: Direction,
+    pub peer_identity: Option<Arc<str>>,
+    pub mtls: bool,
     pub source_pod: Arc<str>,
     pub source_addr: SocketAddr,
     pub original_dst: SocketAddr,
@@ -100,6 +121,9 @@ impl ConnRegistry {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let entry = Arc::new(ConnEntry {
             id,
+            direction: c.direction,
+            peer_identity: c.peer_identity,
+            mtls: c.mtls,
             source_pod: c.source_pod,
             source_addr: c.source_addr,
             original_dst: c.original_dst,
@@ -132,6 +156,9 @@ impl ConnRegistry {
                 shard.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect();
             out.extend(entries.iter().map(|e| ConnView {
                 id: e.id,
+                direction: e.direction,
+                peer_identity: e.peer_identity.as_deref().map(str::to_string),
+                security: if e.mtls { "mtls" } else { "plaintext" }.to_string(),
                 source_pod: e.source_pod.to_string(),
                 source_addr: e.source_addr,
                 original_dst: e.original_dst,
@@ -157,6 +184,9 @@ mod tests {
         let pod = Arc::new(PodStats::default());
         let a: SocketAddr = "10.0.0.1:1".parse().unwrap();
         let mk = || NewConn {
+            direction: Direction::Outbound,
+            peer_identity: None,
+            mtls: false,
             source_pod: "ns/p".into(),
             source_addr: a,
             original_dst: a,

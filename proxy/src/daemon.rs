@@ -21,10 +21,13 @@ use crate::{
     conns::ConnRegistry,
     discovery::{self, Model},
     enroll::Enroller,
+    identity::{self, CertManager, CertManagerConfig, EmbeddedCa, EmbeddedCaConfig},
+    inbound::Inbound,
     l4::DataPath,
     podres,
     redirect::{FailMode, RedirectConfig, Redirector},
     routing::RoundRobin,
+    transport::{HbonePool, ServerStats},
 };
 
 #[derive(Debug, Clone)]
@@ -37,6 +40,11 @@ pub struct RunArgs {
     pub admin_socket: PathBuf,
     pub bpffs: PathBuf,
     pub connect_timeout: Duration,
+    /// Directory with the mesh root (`ca.pem`, `ca-key.pem`) for the embedded CA.
+    pub ca_dir: PathBuf,
+    pub trust_domain: String,
+    /// Lifetime of workload certificates (renewed at half of it).
+    pub cert_lifetime: Duration,
 }
 
 enum Control {
@@ -89,6 +97,25 @@ pub fn run(args: RunArgs) -> Result<()> {
     .context("loading and attaching the eBPF programs (sluice needs root, cgroup v2 and a kernel with BPF cgroup hooks, 5.8 or newer)")?;
     let redirector = Arc::new(redirector);
 
+    // Identities: the embedded CA signs only for pods scheduled on this node.
+    let ca = EmbeddedCa::load(
+        &args.ca_dir.join(identity::CA_CERT_FILE),
+        &args.ca_dir.join(identity::CA_KEY_FILE),
+        EmbeddedCaConfig { leaf_lifetime: args.cert_lifetime, ..EmbeddedCaConfig::new(&args.node, &args.trust_domain) },
+        identity::model_authorizer(model.clone()),
+    )
+    .with_context(|| {
+        format!(
+            "loading the mesh CA from {} (create one with `sluice ca init --dir {}`, the same on every node)",
+            args.ca_dir.display(),
+            args.ca_dir.display()
+        )
+    })?;
+    let certs = Arc::new(
+        CertManager::new(&args.node, &args.trust_domain, Arc::new(ca), CertManagerConfig::default())
+            .context("starting the certificate manager")?,
+    );
+
     let data_rt = tokio::runtime::Builder::new_multi_thread()
         .thread_name("sluice-data")
         .enable_all()
@@ -101,6 +128,18 @@ pub fn run(args: RunArgs) -> Result<()> {
         conns: conns.clone(),
         balancer: RoundRobin::default(),
         connect_timeout: args.connect_timeout,
+        identity: certs.clone(),
+        trust_domain: args.trust_domain.clone(),
+        pool: HbonePool::default(),
+    });
+    certs.spawn_rotation(data_rt.handle());
+    let inbound = Arc::new(Inbound {
+        redirector: redirector.clone(),
+        model: model.clone(),
+        conns: conns.clone(),
+        counters: Default::default(),
+        tunnel_stats: Arc::new(ServerStats::default()),
+        connect_timeout: args.connect_timeout,
     });
     let mut enroller = Enroller::new(
         args.node.clone(),
@@ -108,7 +147,8 @@ pub fn run(args: RunArgs) -> Result<()> {
         driver,
         redirector.clone(),
         data_rt.handle().clone(),
-        dp,
+        dp.clone(),
+        inbound.clone(),
     );
 
     let admin = Arc::new(AdminState {
@@ -119,6 +159,9 @@ pub fn run(args: RunArgs) -> Result<()> {
         model: model.clone(),
         conns,
         pods: enroller.view(),
+        certs: certs.clone(),
+        inbound,
+        data: dp,
     });
     start_admin_thread(&args, admin.clone(), redirector.clone(), logger, control_tx)?;
 

@@ -17,17 +17,21 @@ use std::{
 };
 
 use serde::{Deserialize, Serialize};
-use sluice_common::OUTBOUND_PORT;
+use sluice_common::{HBONE_PORT, INBOUND_PORT, OUTBOUND_PORT};
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
 use crate::{
     conns::PodStats,
+    deliver,
     discovery::{Model, Pod},
+    identity::{self, CertManager, SpiffeId},
+    inbound::{self, Inbound},
     l4::{self, DataPath, PodContext},
     netns::PodNetns,
     podres::{self, CgroupDriver, PodResError},
     redirect::Redirector,
+    transport::server as hbone_server,
 };
 
 /// What the admin API shows for one enrolled pod.
@@ -42,6 +46,9 @@ pub struct PodView {
     /// Inode of the pod's network namespace.
     pub netns: u64,
     pub listeners: Vec<SocketAddr>,
+    pub identity: String,
+    /// Whether the application sees mesh clients' own addresses (transparent delivery).
+    pub source_ip_preserved: bool,
     pub connections_open: u64,
     pub connections_total: u64,
 }
@@ -55,6 +62,8 @@ struct EnrolledPod {
     cgroup_path: PathBuf,
     listeners: Vec<SocketAddr>,
     tasks: Vec<JoinHandle<()>>,
+    /// The inbound-capture program's attachment to the pod's namespace (dropping detaches).
+    _inbound_link: Option<aya::programs::links::FdLink>,
 }
 
 pub struct Enroller {
@@ -64,6 +73,9 @@ pub struct Enroller {
     redirector: Arc<Redirector>,
     data_rt: tokio::runtime::Handle,
     dp: Arc<DataPath>,
+    inbound: Arc<Inbound>,
+    identity: Arc<CertManager>,
+    trust_domain: String,
     /// Enrolled pods by UID.
     enrolled: HashMap<String, EnrolledPod>,
     /// Pods we are waiting for (sandbox not there yet), so we say so once, not every tick.
@@ -102,7 +114,10 @@ impl Enroller {
         redirector: Arc<Redirector>,
         data_rt: tokio::runtime::Handle,
         dp: Arc<DataPath>,
+        inbound: Arc<Inbound>,
     ) -> Self {
+        let identity = dp.identity.clone();
+        let trust_domain = dp.trust_domain.clone();
         Self {
             node,
             kubepods,
@@ -110,6 +125,9 @@ impl Enroller {
             redirector,
             data_rt,
             dp,
+            inbound,
+            identity,
+            trust_domain,
             enrolled: HashMap::new(),
             waiting: HashSet::new(),
             retry_after: HashMap::new(),
@@ -176,6 +194,8 @@ impl Enroller {
         }
         if changed {
             self.publish_view();
+            let ids: HashSet<SpiffeId> = self.enrolled.values().map(|e| e.ctx.identity.clone()).collect();
+            self.identity.retain(&ids);
         }
     }
 
@@ -187,15 +207,41 @@ impl Enroller {
     fn enroll(&mut self, pod: &Pod) -> Result<EnrolledPod, EnrollError> {
         let cgroup_path = podres::pod_cgroup(&self.kubepods, self.driver, &pod.uid).map_err(EnrollError::from)?;
         let cgroup_id = podres::cgroup_id(&cgroup_path).map_err(EnrollError::from)?;
-        let netns = podres::pod_netns(&cgroup_path).map_err(EnrollError::from)?;
+        let netns_handle = podres::pod_netns(&cgroup_path).map_err(EnrollError::from)?;
+        let netns_fd = netns_handle
+            .fd
+            .try_clone()
+            .map_err(|e| EnrollError::Failed(format!("duplicating the netns fd: {e}")))?;
         let key: Arc<str> = format!("{}/{}", pod.namespace, pod.name).into();
-        let netns = PodNetns::spawn(netns, &pod.name)
+        let netns = PodNetns::spawn(netns_handle, &pod.name)
             .map_err(|e| EnrollError::Failed(format!("cannot enter network namespace: {e}")))?;
 
-        let addrs = [
+        // The pod's certificate comes first: its HBONE listener must present it.
+        let identity = SpiffeId::for_pod(&self.trust_domain, pod);
+        self.data_rt
+            .block_on(self.identity.ensure(&identity))
+            .map_err(|e| EnrollError::Failed(format!("no certificate for {identity}: {e}")))?;
+        let server_tls = self
+            .identity
+            .server_config(&identity)
+            .map_err(|e| EnrollError::Failed(format!("TLS server configuration for {identity}: {e}")))?;
+
+        let transparent = match deliver::prepare_pod(&netns) {
+            Ok(()) => true,
+            Err(e) => {
+                warn!(pod = %key, error = %e, "cannot prepare source-address-preserving delivery; applications will see the pod's own address for mesh clients");
+                false
+            }
+        };
+
+        let outbound = [
             SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), OUTBOUND_PORT),
             SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), OUTBOUND_PORT),
         ];
+        let hbone_addr = SocketAddr::new(pod.ip, HBONE_PORT);
+        let inbound_addr = SocketAddr::new(pod.ip, INBOUND_PORT);
+        let mut addrs = outbound.to_vec();
+        addrs.extend([hbone_addr, inbound_addr]);
         let results = netns
             .listen(&addrs)
             .map_err(|e| EnrollError::Failed(format!("netns worker: {e}")))?;
@@ -203,8 +249,10 @@ impl Enroller {
         for (addr, result) in addrs.iter().zip(results) {
             match result {
                 Ok(l) => listeners.push((*addr, l)),
-                // IPv6 may be disabled in the pod; IPv4 is required.
-                Err(e) if addr.is_ipv6() => debug!(pod = %key, error = %e, "no IPv6 outbound listener"),
+                // IPv6 may be disabled in the pod; everything else is required.
+                Err(e) if addr.is_ipv6() && addr.port() == OUTBOUND_PORT => {
+                    debug!(pod = %key, error = %e, "no IPv6 outbound listener")
+                }
                 Err(e) => {
                     return Err(EnrollError::Failed(format!(
                         "cannot listen on {addr} in the pod's network namespace: {e} (is the port taken by the pod?)"
@@ -217,19 +265,56 @@ impl Enroller {
         self.next_pod_id = self.next_pod_id.wrapping_add(1).max(1);
         let ctx = Arc::new(PodContext {
             pod_id,
-            key,
+            key: key.clone(),
+            namespace: pod.namespace.as_str().into(),
+            name: pod.name.as_str().into(),
             ip: pod.ip,
+            identity_str: identity.to_string().into(),
+            identity: identity.clone(),
             netns: netns.clone(),
             stats: Arc::new(PodStats::default()),
+            transparent,
         });
         let mut tasks = Vec::new();
         let mut bound = Vec::new();
+        let mut inbound_link = None;
         for (addr, std_listener) in listeners {
+            if addr == inbound_addr {
+                // The kernel hands captured plaintext to this socket: register it before
+                // capture starts.
+                if let IpAddr::V4(v4) = pod.ip {
+                    if let Err(e) = self.redirector.register_inbound(v4, &std_listener) {
+                        warn!(pod = %key, error = %e, "cannot register the inbound listener; plaintext to this pod is not captured");
+                    }
+                }
+            }
             let _guard = self.data_rt.enter();
             let listener = tokio::net::TcpListener::from_std(std_listener)
                 .map_err(|e| EnrollError::Failed(format!("listener {addr}: {e}")))?;
-            tasks.push(self.data_rt.spawn(l4::serve_listener(listener, ctx.clone(), self.dp.clone())));
+            let task = if addr == hbone_addr {
+                let ctx = ctx.clone();
+                let inbound = self.inbound.clone();
+                self.data_rt.spawn(hbone_server::serve(
+                    listener,
+                    key.clone(),
+                    server_tls.clone(),
+                    |c| identity::peer_identity(c).map(|id| id.to_string()),
+                    self.inbound.tunnel_stats.clone(),
+                    move |req| inbound::handle_tunnel(req, ctx.clone(), inbound.clone()),
+                ))
+            } else if addr == inbound_addr {
+                self.data_rt.spawn(inbound::serve_plaintext(listener, ctx.clone(), self.inbound.clone()))
+            } else {
+                self.data_rt.spawn(l4::serve_listener(listener, ctx.clone(), self.dp.clone()))
+            };
+            tasks.push(task);
             bound.push(addr);
+        }
+        if pod.ip.is_ipv4() {
+            match self.redirector.attach_inbound(std::os::fd::AsFd::as_fd(&netns_fd)) {
+                Ok(link) => inbound_link = Some(link),
+                Err(e) => warn!(pod = %key, error = %e, "cannot attach inbound capture; plaintext to this pod bypasses sluice"),
+            }
         }
         if let Err(e) = self.redirector.enroll(cgroup_id, pod_id) {
             tasks.iter().for_each(JoinHandle::abort);
@@ -244,12 +329,16 @@ impl Enroller {
             cgroup_path,
             listeners: bound,
             tasks,
+            _inbound_link: inbound_link,
         })
     }
 
     fn release(&self, pod: EnrolledPod) {
         if let Err(e) = self.redirector.release(pod.cgroup_id) {
             warn!(pod = %pod.ctx.key, error = %e, "cannot remove pod from the eBPF enrollment map");
+        }
+        if let IpAddr::V4(v4) = pod.ctx.ip {
+            self.redirector.unregister_inbound(v4);
         }
         // Closing the listeners; accepted connections keep running in their own tasks.
         pod.tasks.iter().for_each(JoinHandle::abort);
@@ -278,6 +367,8 @@ impl Enroller {
                 cgroup_path: e.cgroup_path.clone(),
                 netns: e.ctx.netns.inode(),
                 listeners: e.listeners.clone(),
+                identity: e.ctx.identity_str.to_string(),
+                source_ip_preserved: e.ctx.transparent,
                 connections_open: 0,
                 connections_total: 0,
             }, e.ctx.stats.clone()))

@@ -20,11 +20,13 @@ use tokio::{
 use tracing::{debug, info, warn};
 
 use crate::{
-    conns::{ConnRegistry, NewConn, PodStats},
+    conns::{ConnRegistry, Direction, NewConn, PodStats},
     discovery::Model,
+    identity::{CertManager, SpiffeId},
     netns::PodNetns,
     redirect::Redirector,
     routing::{self, RoundRobin},
+    transport::{pump, HbonePool, PoolKey},
 };
 
 /// Per-direction copy buffer. Allocated only once a connection has data to move, so idle
@@ -36,9 +38,16 @@ pub struct PodContext {
     pub pod_id: u32,
     /// "namespace/name"
     pub key: Arc<str>,
+    pub namespace: Arc<str>,
+    pub name: Arc<str>,
     pub ip: IpAddr,
+    /// The pod's SPIFFE identity.
+    pub identity: SpiffeId,
+    pub identity_str: Arc<str>,
     pub netns: Arc<PodNetns>,
     pub stats: Arc<PodStats>,
+    /// Whether the pod's namespace is prepared for delivery with the client's source address.
+    pub transparent: bool,
 }
 
 /// Shared state of the data path (read-mostly; the control path swaps `model`).
@@ -48,6 +57,9 @@ pub struct DataPath {
     pub conns: Arc<ConnRegistry>,
     pub balancer: RoundRobin,
     pub connect_timeout: Duration,
+    pub identity: Arc<CertManager>,
+    pub trust_domain: String,
+    pub pool: HbonePool,
 }
 
 /// Accepts connections on one of a pod's outbound listeners until the task is aborted
@@ -83,11 +95,20 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, dp: A
         reset(&client);
         return;
     };
+    // An endpoint that is an enrolled pod (on any node) is reached through its HBONE port,
+    // with mutual TLS carrying both pods' identities.
+    let mesh_peer = model
+        .pod_by_ip(endpoint.ip())
+        .filter(|p| !p.host_network && model.is_enrolled(&p.namespace))
+        .map(|p| SpiffeId::for_pod(&dp.trust_domain, p));
     drop(model);
 
     let guard = dp.conns.open(
         &pod.stats,
         NewConn {
+            direction: Direction::Outbound,
+            peer_identity: mesh_peer.as_ref().map(|id| Arc::from(id.to_string())),
+            mtls: mesh_peer.is_some(),
             source_pod: pod.key.clone(),
             source_addr: SocketAddr::new(pod.ip, peer.port()),
             original_dst: orig.addr,
@@ -95,6 +116,34 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, dp: A
             endpoint,
         },
     );
+    let _ = client.set_nodelay(true);
+    if let Some(peer_id) = mesh_peer {
+        let tls = match dp.identity.client_config(&pod.identity, peer_id.clone()) {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(pod = %pod.key, peer = %peer_id, error = %e, "no client certificate for this pod yet; resetting connection");
+                reset(&client);
+                return;
+            }
+        };
+        let key = PoolKey {
+            src_pod: pod.pod_id,
+            src_identity: pod.identity_str.clone(),
+            dst_identity: peer_id.to_string().into(),
+            dst: endpoint.ip(),
+        };
+        match dp.pool.open(&key, &pod.netns, tls, endpoint, dp.connect_timeout).await {
+            Ok((send, recv)) => {
+                debug!(pod = %pod.key, dst = %orig.addr, %endpoint, peer = %peer_id, id = guard.entry.id, "forwarding through tunnel");
+                pump::tcp_h2(client, send, recv, &guard.entry.sent, &guard.entry.received).await;
+            }
+            Err(e) => {
+                warn!(pod = %pod.key, dst = %orig.addr, %endpoint, peer = %peer_id, error = %e, "tunnel failed; resetting client");
+                reset(&client);
+            }
+        }
+        return;
+    }
     let upstream = match connect(&pod.netns, endpoint, dp.connect_timeout).await {
         Ok(s) => s,
         Err(e) => {
@@ -105,7 +154,6 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, dp: A
         }
     };
     debug!(pod = %pod.key, dst = %orig.addr, %endpoint, id = guard.entry.id, "forwarding");
-    let _ = client.set_nodelay(true);
     forward(client, upstream, &guard.entry.sent, &guard.entry.received).await;
 }
 

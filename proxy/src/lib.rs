@@ -4,13 +4,19 @@
 //! ([`enroll`]) and the data path ([`l4`]). See DESIGN.md for the request path.
 
 pub mod admin;
+pub mod ca_tool;
 pub mod cli;
 pub mod conns;
 pub mod daemon;
+pub mod deliver;
 pub mod discovery;
 pub mod enroll;
+pub mod identity;
+pub mod inbound;
 pub mod l4;
 pub mod netns;
 pub mod podres;
+pub mod policy;
 pub mod redirect;
 pub mod routing;
+pub mod transport;

@@ -25,8 +25,13 @@ enum Command {
     Status(AdminFlags),
     /// Enrolled pods on this node: IP, cgroup, listeners, connections.
     Pods(AdminFlags),
-    /// Live connections: source pod, original destination, endpoint, bytes, age.
+    /// Live connections: source pod, original destination, endpoint, mTLS peer identity, bytes, age.
     Conns(AdminFlags),
+    /// Workload certificates held on this node: identity, serial, validity, next renewal.
+    Certs(AdminFlags),
+    /// The mesh root CA: create one, or sign a certificate with it by hand.
+    #[command(subcommand)]
+    Ca(CaCommand),
     /// Remove what a stopped sluice left in the kernel for a node (fail-closed pins) and its admin socket.
     Cleanup {
         /// Node name sluice ran with.
@@ -34,6 +39,36 @@ enum Command {
         node: String,
         #[arg(long, default_value = "/sys/fs/bpf")]
         bpffs: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum CaCommand {
+    /// Create the mesh root (ca.pem, ca-key.pem) that every node's sluice loads.
+    Init {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long, default_value = "cluster.local")]
+        trust_domain: String,
+        /// Replace existing files.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Sign a workload certificate directly with the root key (debugging, tests).
+    Issue {
+        #[arg(long)]
+        dir: PathBuf,
+        /// SPIFFE ID, e.g. spiffe://cluster.local/ns/shop/sa/web
+        #[arg(long)]
+        identity: String,
+        /// Output prefix: writes PREFIX.pem and PREFIX.key.pem.
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 86400)]
+        lifetime_s: i64,
+        /// Make it already expired.
+        #[arg(long)]
+        expired: bool,
     },
 }
 
@@ -61,6 +96,15 @@ struct RunFlags {
     /// bpffs mount (fail-closed pins live under <bpffs>/sluice/<node>/).
     #[arg(long, default_value = "/sys/fs/bpf")]
     bpffs: PathBuf,
+    /// Directory holding the mesh root CA (ca.pem, ca-key.pem), see `sluice ca init`.
+    #[arg(long, env = "SLUICE_CA_DIR", default_value = "/var/lib/sluice/ca")]
+    ca_dir: PathBuf,
+    /// SPIFFE trust domain of workload identities.
+    #[arg(long, default_value = "cluster.local")]
+    trust_domain: String,
+    /// Lifetime of workload certificates in seconds (renewed at half of it).
+    #[arg(long, default_value_t = 86400)]
+    cert_lifetime_s: u64,
     /// Upstream connect timeout in milliseconds.
     #[arg(long, default_value_t = 5000)]
     connect_timeout_ms: u64,
@@ -101,6 +145,21 @@ fn main() -> ExitCode {
         Command::Status(a) => print(cli::status(&a.endpoint(), a.output)),
         Command::Pods(a) => print(cli::pods(&a.endpoint(), a.output)),
         Command::Conns(a) => print(cli::conns(&a.endpoint(), a.output)),
+        Command::Certs(a) => print(cli::certs(&a.endpoint(), a.output)),
+        Command::Ca(CaCommand::Init { dir, trust_domain, force }) => {
+            sluice::identity::ca_init(&dir, &trust_domain, force).map_err(Into::into).map(|(c, k)| {
+                println!("mesh root for {trust_domain}: {} (key {})", c.display(), k.display());
+            })
+        }
+        Command::Ca(CaCommand::Issue { dir, identity, out, lifetime_s, expired }) => {
+            sluice::ca_tool::issue(sluice::ca_tool::IssueArgs {
+                ca_dir: &dir,
+                identity: &identity,
+                out: &out,
+                lifetime: time::Duration::seconds(lifetime_s),
+                expired,
+            })
+        }
         Command::Cleanup { node, bpffs } => cleanup(&node, &bpffs),
     };
     match result {
@@ -129,6 +188,9 @@ fn run(f: RunFlags) -> Result<()> {
         admin_socket,
         bpffs: f.bpffs,
         connect_timeout: Duration::from_millis(f.connect_timeout_ms),
+        ca_dir: f.ca_dir,
+        trust_domain: f.trust_domain,
+        cert_lifetime: Duration::from_secs(f.cert_lifetime_s),
     });
     if let Err(e) = &result {
         tracing::error!(error = format!("{e:#}"), "sluice failed to start");

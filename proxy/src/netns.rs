@@ -26,8 +26,11 @@ use crate::podres::NetnsHandle;
 /// Ready sockets kept per family.
 const POOL_TARGET: usize = 8;
 
+type Job = Box<dyn FnOnce() + Send>;
+
 enum Request {
     Listen(Vec<SocketAddr>, mpsc::SyncSender<Vec<io::Result<std::net::TcpListener>>>),
+    Run(Job),
     Socket(Domain, oneshot::Sender<io::Result<Socket>>),
     Refill,
 }
@@ -81,6 +84,7 @@ impl PodNetns {
                         Request::Listen(addrs, reply) => {
                             let _ = reply.send(addrs.iter().map(|a| listen(*a)).collect());
                         }
+                        Request::Run(job) => job(),
                         Request::Socket(domain, reply) => {
                             let _ = reply.send(new_socket(domain));
                         }
@@ -113,6 +117,17 @@ impl PodNetns {
         let (reply_tx, reply_rx) = mpsc::sync_channel(1);
         self.send(Request::Listen(addrs.to_vec(), reply_tx))?;
         reply_rx.recv().map_err(|_| io::Error::other("netns worker thread is gone"))
+    }
+
+    /// Runs `f` on the thread that lives in the pod's network namespace (blocking: control path
+    /// only). Anything namespace-relative `f` does (creating sockets, opening /proc/sys/net,
+    /// spawning `ip`) applies to the pod's namespace.
+    pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> io::Result<T> {
+        let (tx, rx) = mpsc::sync_channel(1);
+        self.send(Request::Run(Box::new(move || {
+            let _ = tx.send(f());
+        })))?;
+        rx.recv().map_err(|_| io::Error::other("netns worker thread is gone"))
     }
 
     /// A fresh, unconnected, non-blocking TCP socket in the namespace, for a connection to `dst`.

@@ -241,6 +241,24 @@ impl Sluice {
     }
 }
 
+/// The sim's mesh root CA (`<sim tmp>/ca`), created with `sluice ca init` on first use.
+pub fn ensure_mesh_ca(sim_tmp: &Path, bin: &Path) -> Result<std::path::PathBuf> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = sim_tmp.join("ca");
+    if !dir.join("ca.pem").exists() {
+        let out = std::process::Command::new(bin)
+            .args(["ca", "init", "--dir"])
+            .arg(&dir)
+            .output()
+            .with_context(|| format!("running {} ca init", bin.display()))?;
+        if !out.status.success() {
+            anyhow::bail!("sluice ca init failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+    }
+    Ok(dir)
+}
+
 fn spawn(node: &Node, opts: &SluiceOpts, bin: &Path, admin_socket: &Path) -> Result<Run> {
     let sim = node.sim();
     let n = node.inner.sluice_runs.fetch_add(1, Ordering::SeqCst) + 1;
@@ -261,6 +279,12 @@ fn spawn(node: &Node, opts: &SluiceOpts, bin: &Path, admin_socket: &Path) -> Res
     ];
     if opts.fail_closed {
         args.push("--fail-closed".into());
+    }
+    if opts.bin.is_none() {
+        // Every node of a sim trusts one mesh root, like the nodes of a cluster.
+        let ca_dir = ensure_mesh_ca(&sim.temp_dir, bin)?;
+        args.push("--ca-dir".into());
+        args.push(ca_dir.into_os_string());
     }
     args.extend(opts.args.iter().cloned());
     let placement = node.placement(&format!("sluice-{}", node.short_name()));

@@ -28,9 +28,10 @@ fn clusterip_through_sluice_to_enrolled_backend() -> Result<()> {
     assert_eq!(connected["peer"], echo_vip().to_string(), "getpeername must return the ClusterIP: {connected}");
     assert!(via_sluice(&connected), "the connection should have gone to sluice's listener: {connected}");
 
-    // While it is open, sluice lists it.
-    let conns = w.sluice.wait_for("/conns", |v| v.as_array().is_some_and(|a| !a.is_empty()), T)?;
-    let c = &conns[0];
+    // While it is open, sluice lists it (the outbound side; the backend is on this node too,
+    // so its inbound side is listed as well).
+    let conns = w.sluice.wait_for("/conns", |v| v.as_array().is_some_and(|a| a.iter().any(|c| c["direction"] == "outbound")), T)?;
+    let c = conns.as_array().unwrap().iter().find(|c| c["direction"] == "outbound").unwrap();
     assert_eq!(c["source_pod"], "shop/client", "{c}");
     assert_eq!(c["original_dst"], echo_vip().to_string(), "{c}");
     assert_eq!(c["service"], "shop/web", "{c}");
@@ -58,7 +59,8 @@ fn clusterip_through_sluice_to_enrolled_backend() -> Result<()> {
     // backend) were never redirected back into it.
     let redirected = counter(&w.sluice, "redirected")? - redirected_before;
     assert_eq!(redirected, 2, "expected exactly the two client connections to be redirected");
-    assert_eq!(connections_total(&w.sluice)?, 2);
+    assert_eq!(pod_total(&w.sluice, "client")?, 2, "two outbound connections from the client");
+    assert_eq!(pod_total(&w.sluice, "web-0")?, 2, "and the same two arriving at the backend");
     Ok(())
 }
 
@@ -89,14 +91,26 @@ fn non_enrolled_pod_is_never_touched() -> Result<()> {
     let w = world(1, true, SluiceOpts::default())?;
     w.sim.write_namespace("plain", false)?;
     let outsider = w.node.add_pod("plain", "outsider", PodOpts::default())?;
-    let before = (counter(&w.sluice, "redirected")?, counter(&w.sluice, "fail_open_passthrough")?, connections_total(&w.sluice)?);
+    let target = w.node.add_pod("plain", "target", PodOpts::default())?;
+    let _servers = start_servers(&target)?;
+    let before = (
+        counter(&w.sluice, "redirected")?,
+        counter(&w.sluice, "fail_open_passthrough")?,
+        counter(&w.sluice, "inbound_captured")?,
+        connections_total(&w.sluice)?,
+    );
 
-    let r = tcp_exchange(&outsider, w.backends[0].addr(ECHO_PORT), 4096)?;
+    let r = tcp_exchange(&outsider, target.addr(ECHO_PORT), 4096)?;
     expect_ok(&r)?;
     assert_eq!(r["local"].as_str().unwrap().split(':').next(), Some(outsider.ip().to_string().as_str()), "{r}");
     assert_eq!(r["received"], 4096);
 
-    let after = (counter(&w.sluice, "redirected")?, counter(&w.sluice, "fail_open_passthrough")?, connections_total(&w.sluice)?);
+    let after = (
+        counter(&w.sluice, "redirected")?,
+        counter(&w.sluice, "fail_open_passthrough")?,
+        counter(&w.sluice, "inbound_captured")?,
+        connections_total(&w.sluice)?,
+    );
     assert_eq!(before, after, "sluice must not have seen the outsider's connection");
     let pods = enrolled_pods(&w.sluice)?;
     assert!(!pods.iter().any(|p| p.starts_with("plain/")), "{pods:?}");
@@ -206,7 +220,7 @@ fn fail_open_after_sigkill_and_restart() -> Result<()> {
     let r = tcp_exchange(&w.client, backend, 1000)?;
     expect_ok(&r)?;
     assert!(via_sluice(&r), "after the restart traffic must go through sluice again: {r}");
-    assert_eq!(connections_total(&w.sluice)?, 1);
+    assert_eq!(pod_total(&w.sluice, "client")?, 1);
     Ok(())
 }
 

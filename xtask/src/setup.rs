@@ -17,6 +17,10 @@ const APT_PACKAGES: &[&str] = &[
     "iproute2",
     // Real clients in the demo and tests.
     "curl",
+    // The mesh tests: a packet capture between simulated nodes, and a hand-run TLS peer.
+    "tcpdump",
+    "tshark",
+    "openssl",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

@@ -113,7 +113,9 @@ pub mod counter {
     pub const TUPLE_RECORDED: u32 = 4;
     /// A map insert failed (map full or similar): the connection was passed through.
     pub const MAP_ERRORS: u32 = 5;
-    pub const LEN: u32 = 6;
+    /// Inbound connections (from outside a pod) handed to sluice's inbound listener.
+    pub const INBOUND_CAPTURED: u32 = 6;
+    pub const LEN: u32 = 7;
 }
 
 /// Names of the maps and programs in the object file, used by the loader.
@@ -123,11 +125,14 @@ pub mod names {
     pub const MAP_ORIG_BY_COOKIE: &str = "ORIG_BY_COOKIE";
     pub const MAP_ORIG_BY_TUPLE: &str = "ORIG_BY_TUPLE";
     pub const MAP_COUNTERS: &str = "COUNTERS";
+    pub const MAP_INBOUND: &str = "INBOUND";
+    pub const MAP_DELIVERING: &str = "DELIVERING";
     pub const PROG_CONNECT4: &str = "sluice_connect4";
     pub const PROG_CONNECT6: &str = "sluice_connect6";
     pub const PROG_GETPEERNAME4: &str = "sluice_getpeername4";
     pub const PROG_GETPEERNAME6: &str = "sluice_getpeername6";
     pub const PROG_SOCKOPS: &str = "sluice_sockops";
+    pub const PROG_INBOUND: &str = "sluice_inbound";
 }
 
 #[cfg(feature = "user")]

@@ -26,9 +26,9 @@ use aya_ebpf::{
         bpf_ktime_get_boot_ns,
         generated::{bpf_sk_lookup_tcp, bpf_sk_release},
     },
-    macros::{cgroup_sock_addr, map, sock_ops},
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
-    programs::{SockAddrContext, SockOpsContext},
+    macros::{cgroup_sock_addr, map, sk_lookup, sock_ops},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, SockHash},
+    programs::{SkLookupContext, SockAddrContext, SockOpsContext},
     EbpfContext,
 };
 use aya_log_ebpf::{debug, warn};
@@ -65,6 +65,17 @@ static ORIG_BY_COOKIE: LruHashMap<u64, OrigDst> = LruHashMap::with_max_entries(6
 /// sees the client. sluice removes an entry when it accepts the connection.
 #[map]
 static ORIG_BY_TUPLE: LruHashMap<ConnKey, OrigDst> = LruHashMap::with_max_entries(65536, 0);
+
+/// sluice's inbound (plaintext capture) listener of each enrolled pod, keyed by the pod's IPv4
+/// address (network byte order). A socket leaves the map by itself when it is closed, so a
+/// dead sluice captures nothing: plaintext then reaches the application directly.
+#[map]
+static INBOUND: SockHash<u32> = SockHash::with_max_entries(16384, 0);
+
+/// Source (address, port) of sluice's own connections delivering to applications, which must
+/// not be captured again. Key: `(ipv4 network-order) << 32 | port (host order)`.
+#[map]
+static DELIVERING: LruHashMap<u64, u8> = LruHashMap::with_max_entries(65536, 0);
 
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::LEN, 0);
@@ -390,6 +401,42 @@ fn on_established(ctx: &SockOpsContext) {
     count(counter::TUPLE_RECORDED);
     // Ask for state changes so the cookie entry is dropped when the socket closes.
     let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+}
+
+const SK_PASS: u32 = 1;
+/// Loopback is always ifindex 1 in a network namespace.
+const LOOPBACK_IFINDEX: u32 = 1;
+
+/// Attached to each enrolled pod's network namespace: a TCP connection arriving from outside
+/// the pod for one of the pod's own ports is given to sluice's inbound listener instead of the
+/// application's, so that policy applies to plaintext from non-mesh clients. Connections that
+/// arrive on loopback (sluice delivering to the application, or the pod talking to itself) and
+/// connections to sluice's own ports (HBONE 15008) take the normal path.
+#[sk_lookup]
+pub fn sluice_inbound(ctx: SkLookupContext) -> u32 {
+    let l = unsafe { &*ctx.lookup };
+    if l.protocol != IPPROTO_TCP || l.family != u32::from(AF_INET) || l.ingress_ifindex == LOOPBACK_IFINDEX {
+        return SK_PASS;
+    }
+    if is_reserved_port(l.local_port as u16) {
+        return SK_PASS;
+    }
+    // sluice delivering a connection it accepted for this pod: its SYN looks like one from the
+    // client (same source address), so it is recognised by its exact source address and port.
+    let delivering = (u64::from(l.remote_ip4) << 32) | u64::from(u16::from_be(l.remote_port));
+    if unsafe { DELIVERING.get(&delivering) }.is_some() {
+        return SK_PASS;
+    }
+    // A hung sluice still has its listener in INBOUND: honour the heartbeat, as connect4 does
+    // (fail-open lets the connection reach the application).
+    if !heartbeat_fresh() && config_value(config::FAIL_CLOSED) == 0 {
+        return SK_PASS;
+    }
+    let local_ip = l.local_ip4;
+    if INBOUND.redirect_sk_lookup(&ctx, local_ip, 0).is_ok() {
+        count(counter::INBOUND_CAPTURED);
+    }
+    SK_PASS
 }
 
 #[cfg(not(test))]

@@ -19,6 +19,11 @@ pub struct StatusView {
     pub connections_open: usize,
     pub connections_total: u64,
     pub manifest_errors: Vec<ManifestErrorView>,
+    /// Generation of the configuration model in force, and how many pods it knows (any node).
+    #[serde(default)]
+    pub model_generation: u64,
+    #[serde(default)]
+    pub model_pods: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -22,7 +22,7 @@ use tokio::net::{TcpListener, UnixListener};
 use tracing::{debug, warn};
 
 use super::api::{ManifestErrorView, ProgramView, StatusView};
-use crate::{conns::ConnRegistry, discovery::Model, enroll, redirect::Redirector};
+use crate::{conns::ConnRegistry, discovery::Model, enroll, identity::CertManager, inbound::Inbound, l4::DataPath, redirect::Redirector};
 
 pub struct AdminState {
     pub node: String,
@@ -32,9 +32,33 @@ pub struct AdminState {
     pub model: Arc<ArcSwap<Model>>,
     pub conns: Arc<ConnRegistry>,
     pub pods: enroll::PodsView,
+    pub certs: Arc<CertManager>,
+    pub inbound: Arc<Inbound>,
+    pub data: Arc<DataPath>,
 }
 
 impl AdminState {
+    /// Kernel counters and the proxy's own, in one flat map.
+    fn counters(&self) -> std::collections::BTreeMap<String, u64> {
+        let mut all: std::collections::BTreeMap<String, u64> =
+            self.redirector.counters().into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+        let c = &self.inbound.counters;
+        let t = &self.inbound.tunnel_stats;
+        for (name, value) in [
+            ("hbone_streams_in", &c.tunnel_streams),
+            ("hbone_handshakes_failed", &t.handshakes_failed),
+            ("hbone_streams_rejected", &t.streams_rejected),
+            ("plaintext_accepted", &c.plaintext_accepted),
+            ("plaintext_refused_strict", &c.plaintext_refused_strict),
+            ("policy_denied", &c.policy_denied),
+            ("delivery_failed", &c.delivery_failed),
+        ] {
+            all.insert(name.to_string(), value.load(Ordering::Relaxed));
+        }
+        all.insert("hbone_pooled_connections".to_string(), self.data.pool.len() as u64);
+        all
+    }
+
     fn status(&self) -> StatusView {
         let model = self.model.load();
         StatusView {
@@ -55,7 +79,7 @@ impl AdminState {
                     pinned: p.pinned,
                 })
                 .collect(),
-            counters: self.redirector.counters().into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
+            counters: self.counters(),
             pods_enrolled: self.pods.read().unwrap_or_else(|p| p.into_inner()).len(),
             connections_open: self.conns.open_count(),
             connections_total: self.conns.total(),
@@ -64,6 +88,8 @@ impl AdminState {
                 .iter()
                 .map(|e| ManifestErrorView { file: e.file.display().to_string(), reason: e.reason.clone() })
                 .collect(),
+            model_generation: model.generation(),
+            model_pods: model.pods().count(),
         }
     }
 }
@@ -118,6 +144,7 @@ fn route(state: &AdminState, req: Request<Incoming>) -> Response<Full<Bytes>> {
         "/status" => json(&state.status()),
         "/pods" => json(&enroll::pods_snapshot(&state.pods)),
         "/conns" => json(&state.conns.snapshot()),
+        "/certs" => json(&state.certs.certs()),
         "/ready" => {
             if state.ready.load(Ordering::Acquire) {
                 text(StatusCode::OK, "ready\n")
@@ -125,7 +152,7 @@ fn route(state: &AdminState, req: Request<Incoming>) -> Response<Full<Bytes>> {
                 text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
             }
         }
-        other => text(StatusCode::NOT_FOUND, &format!("no such endpoint {other}; try /status, /pods, /conns, /ready\n")),
+        other => text(StatusCode::NOT_FOUND, &format!("no such endpoint {other}; try /status, /pods, /conns, /certs, /ready\n")),
     }
 }
 

@@ -106,6 +106,34 @@ impl<'a> Node<'a> {
             .collect())
     }
 
+    /// The strings of the list `key`; an absent list is empty.
+    pub fn str_list(&self, key: &str) -> Result<Vec<(Node<'a>, &'a str)>, DocError> {
+        self.list(key)?.into_iter().map(|n| n.as_str().map(|s| (n, s))).collect()
+    }
+
+    /// Fails on the first field of this mapping (in document order) that is not in `known`.
+    /// `explain` gives the reason for a field it knows about (one sluice cannot enforce, say);
+    /// any other field is "unknown". A field that is null or an empty list is absent, as
+    /// everywhere else, and not checked.
+    pub fn only_fields(
+        &self,
+        known: &[&str],
+        explain: impl Fn(&str) -> Option<String>,
+    ) -> Result<(), DocError> {
+        for (k, v) in self.expect_mapping()? {
+            let Some(k) = k.as_str() else {
+                return Err(self.expected("string keys"));
+            };
+            let absent = v.is_null() || v.as_sequence().is_some_and(|s| s.is_empty());
+            if absent || known.contains(&k) {
+                continue;
+            }
+            let reason = explain(k).unwrap_or_else(|| format!("unknown field (known: {})", known.join(", ")));
+            return Err(DocError::Invalid { field: self.child_path(k), reason });
+        }
+        Ok(())
+    }
+
     /// A `map[string]string` field (labels, annotations, selector). Values must be strings, as
     /// the API server insists: `enabled: true` is a boolean, and a silent conversion would hide
     /// the mistake.

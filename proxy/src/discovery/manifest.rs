@@ -6,7 +6,7 @@
 //! model that matches neither the old nor the new intent.
 //!
 //! Kinds are dispatched through [`KINDS`], a registry of `(kind, apiVersion) → parser`, so a
-//! new kind (HTTPRoute, AuthorizationPolicy, sluice's CRDs) is one entry plus its parser.
+//! new kind (HTTPRoute, sluice's CRDs) is one entry plus its parser.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -76,10 +76,20 @@ pub enum DocError {
     Missing { field: String },
     #[error("unknown kind {kind:?} (apiVersion {api_version})")]
     UnknownKind { kind: String, api_version: String },
-    #[error("kind {kind} is not served at apiVersion {api_version:?} (use {expected:?})")]
-    UnsupportedVersion { kind: String, api_version: String, expected: &'static str },
+    #[error("kind {kind} is not served at apiVersion {api_version:?} (use {})", one_of(.expected))]
+    UnsupportedVersion { kind: String, api_version: String, expected: &'static [&'static str] },
     #[error("{field}: {reason}")]
     Invalid { field: String, reason: String },
+}
+
+/// `"a"`, `"a" or "b"`, `"a", "b" or "c"`.
+fn one_of(versions: &[&str]) -> String {
+    let quoted: Vec<String> = versions.iter().map(|v| format!("{v:?}")).collect();
+    match quoted.split_last() {
+        None => String::new(),
+        Some((last, [])) => last.clone(),
+        Some((last, rest)) => format!("{} or {last}", rest.join(", ")),
+    }
 }
 
 /// Why a whole file was rejected.
@@ -110,7 +120,8 @@ pub(crate) struct Meta {
 /// One registered kind.
 pub(crate) struct KindSpec {
     pub kind: Kind,
-    pub api_version: &'static str,
+    /// The apiVersions served, preferred first.
+    pub api_versions: &'static [&'static str],
     pub namespaced: bool,
     pub name_rule: NameRule,
     /// Builds the object from validated metadata and the whole document.
@@ -121,31 +132,39 @@ pub(crate) struct KindSpec {
 pub(crate) const KINDS: &[KindSpec] = &[
     KindSpec {
         kind: Kind::Namespace,
-        api_version: "v1",
+        api_versions: &["v1"],
         namespaced: false,
         name_rule: NameRule::Dns1123Label,
         parse: kinds::namespace,
     },
     KindSpec {
         kind: Kind::Pod,
-        api_version: "v1",
+        api_versions: &["v1"],
         namespaced: true,
         name_rule: NameRule::Dns1123Subdomain,
         parse: kinds::pod,
     },
     KindSpec {
         kind: Kind::Service,
-        api_version: "v1",
+        api_versions: &["v1"],
         namespaced: true,
         name_rule: NameRule::Dns1035Label,
         parse: kinds::service,
     },
     KindSpec {
         kind: Kind::EndpointSlice,
-        api_version: "discovery.k8s.io/v1",
+        api_versions: &["discovery.k8s.io/v1"],
         namespaced: true,
         name_rule: NameRule::Dns1123Subdomain,
         parse: kinds::endpoint_slice,
+    },
+    KindSpec {
+        kind: Kind::AuthorizationPolicy,
+        // Istio serves both with the same schema; v1beta1 is what most existing policies say.
+        api_versions: &["security.istio.io/v1", "security.istio.io/v1beta1"],
+        namespaced: true,
+        name_rule: NameRule::Dns1123Subdomain,
+        parse: kinds::authorization_policy,
     },
 ];
 
@@ -302,11 +321,11 @@ fn parse_object(node: &Node<'_>, at: &DocRef) -> Result<Object, ParseError> {
     let spec = KINDS.iter().find(|s| s.kind.as_str() == kind).ok_or_else(|| {
         with_name(DocError::UnknownKind { kind: kind.to_owned(), api_version: api_version.to_owned() })
     })?;
-    if spec.api_version != api_version {
+    if !spec.api_versions.contains(&api_version) {
         return Err(with_name(DocError::UnsupportedVersion {
             kind: kind.to_owned(),
             api_version: api_version.to_owned(),
-            expected: spec.api_version,
+            expected: spec.api_versions,
         }));
     }
     let meta = parse_meta(node, spec).map_err(with_name)?;

@@ -1,4 +1,5 @@
-//! Discovery: the in-memory model of namespaces, pods, services and endpoints, fed by sources.
+//! Discovery: the in-memory model of namespaces, pods, services, endpoints and authorization
+//! policies, fed by sources.
 //!
 //! Data flows one way: a source (today the manifest directory; later the Kubernetes API)
 //! parses objects, builds an immutable [`Model`] snapshot with every index precomputed, and
@@ -39,9 +40,10 @@ use thiserror::Error;
 pub use dir_source::{ManifestDir, ManifestDirHandle};
 pub use manifest::{DocError, DocRef, Format, ParseError};
 pub use model::{
-    AddressType, Endpoint, EndpointPort, EndpointSlice, Kind, Labels, Namespace, Object, ObjectKey, Pod,
-    PodPhase, PodRef, Protocol, Service, ServicePort, TargetPort, MESH_ANNOTATION, MESH_ENABLED,
-    SERVICE_NAME_LABEL,
+    AddressType, AuthorizationPolicy, AuthzAction, AuthzOperation, AuthzRule, AuthzSource, Endpoint,
+    EndpointPort, EndpointSlice, Kind, Labels, Namespace, Object, ObjectKey, PeerAuthMode, Pod, PodPhase,
+    PodRef, Protocol, Service, ServicePort, StringMatch, TargetPort, MESH_ANNOTATION, MESH_ENABLED,
+    PEER_AUTH_ANNOTATION, SERVICE_NAME_LABEL,
 };
 pub use snapshot::{ManifestError, Model, ServiceTarget};
 

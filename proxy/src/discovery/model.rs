@@ -21,6 +21,42 @@ pub const MESH_ANNOTATION: &str = "sluice.dev/mesh";
 pub const MESH_ENABLED: &str = "enabled";
 /// The label that ties an EndpointSlice to its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// The namespace annotation that sets the namespace's [`PeerAuthMode`] (`STRICT` or
+/// `PERMISSIVE`; absent means PERMISSIVE).
+pub const PEER_AUTH_ANNOTATION: &str = "sluice.dev/peer-authentication";
+
+/// Whether an enrolled pod accepts plaintext from clients outside the mesh (Istio's
+/// PeerAuthentication modes, set per namespace with [`PEER_AUTH_ANNOTATION`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize)]
+pub enum PeerAuthMode {
+    /// Mutual TLS from mesh clients, plaintext from everyone else. The default, as in Istio.
+    #[default]
+    #[serde(rename = "PERMISSIVE")]
+    Permissive,
+    /// Mutual TLS only: plaintext connections are refused.
+    #[serde(rename = "STRICT")]
+    Strict,
+}
+
+impl PeerAuthMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PeerAuthMode::Permissive => "PERMISSIVE",
+            PeerAuthMode::Strict => "STRICT",
+        }
+    }
+
+    /// Whether a plaintext connection (no client certificate) may be accepted.
+    pub fn accepts_plaintext(self) -> bool {
+        self == PeerAuthMode::Permissive
+    }
+}
+
+impl fmt::Display for PeerAuthMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Namespace {
@@ -29,6 +65,8 @@ pub struct Namespace {
     pub annotations: Labels,
     /// `annotations["sluice.dev/mesh"] == "enabled"`, computed once at parse time.
     pub enrolled: bool,
+    /// `annotations["sluice.dev/peer-authentication"]`, PERMISSIVE when absent.
+    pub peer_auth: PeerAuthMode,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
@@ -184,6 +222,150 @@ pub struct EndpointSlice {
     pub endpoints: Vec<Endpoint>,
 }
 
+/// What an [`AuthorizationPolicy`] does to the connections its rules match.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+pub enum AuthzAction {
+    #[serde(rename = "ALLOW")]
+    Allow,
+    #[serde(rename = "DENY")]
+    Deny,
+}
+
+impl AuthzAction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuthzAction::Allow => "ALLOW",
+            AuthzAction::Deny => "DENY",
+        }
+    }
+}
+
+impl fmt::Display for AuthzAction {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One value of a `principals` or `namespaces` list, matched the way Istio matches it: `*` is
+/// any (non-empty) value, `abc*` a prefix, `*abc` a suffix, anything else exact.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum StringMatch {
+    Any,
+    Exact(String),
+    Prefix(String),
+    Suffix(String),
+}
+
+impl StringMatch {
+    /// Parses a value as written in a policy. Fails on an empty value and on a `*` anywhere
+    /// but at one end (Istio would take such a `*` literally, which never matches an
+    /// identity and so is always a mistake).
+    pub fn parse(s: &str) -> Result<StringMatch, String> {
+        if s.is_empty() {
+            return Err("must not be empty".into());
+        }
+        if s == "*" {
+            return Ok(StringMatch::Any);
+        }
+        let inner = s.strip_prefix('*').or_else(|| s.strip_suffix('*')).unwrap_or(s);
+        if inner.contains('*') {
+            return Err(format!(
+                "{s:?}: a wildcard '*' may only stand alone, at the start or at the end (as in Istio)"
+            ));
+        }
+        Ok(if s.starts_with('*') {
+            StringMatch::Suffix(inner.to_owned())
+        } else if s.ends_with('*') {
+            StringMatch::Prefix(inner.to_owned())
+        } else {
+            StringMatch::Exact(s.to_owned())
+        })
+    }
+
+    pub fn matches(&self, value: &str) -> bool {
+        match self {
+            StringMatch::Any => !value.is_empty(),
+            StringMatch::Exact(v) => value == v,
+            StringMatch::Prefix(p) => value.starts_with(p.as_str()),
+            StringMatch::Suffix(s) => value.ends_with(s.as_str()),
+        }
+    }
+}
+
+impl fmt::Display for StringMatch {
+    /// The form a policy writes (`*`, `abc*`, `*abc`, `abc`).
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StringMatch::Any => f.write_str("*"),
+            StringMatch::Exact(v) => f.write_str(v),
+            StringMatch::Prefix(v) => write!(f, "{v}*"),
+            StringMatch::Suffix(v) => write!(f, "*{v}"),
+        }
+    }
+}
+
+impl Serialize for StringMatch {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// `rules[].from[].source`: who a connection comes from. Every non-empty list must match; an
+/// empty list is no condition (Istio cannot tell an empty list from an absent one either).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AuthzSource {
+    /// Matched against the client's SPIFFE ID without `spiffe://` (`cluster.local/ns/a/sa/b`);
+    /// stored in that form whichever form the policy used.
+    pub principals: Vec<StringMatch>,
+    pub not_principals: Vec<StringMatch>,
+    /// Matched against the namespace in the client's SPIFFE ID.
+    pub namespaces: Vec<StringMatch>,
+    pub not_namespaces: Vec<StringMatch>,
+}
+
+/// `rules[].to[].operation`: what a connection is for; at L4, only the destination port.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AuthzOperation {
+    pub ports: Vec<u16>,
+    pub not_ports: Vec<u16>,
+}
+
+/// One entry of `spec.rules`. An empty `from` matches every source, an empty `to` every port:
+/// a rule `{}` matches every connection.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct AuthzRule {
+    /// Matches if any source matches.
+    pub from: Vec<AuthzSource>,
+    /// Matches if any operation matches.
+    pub to: Vec<AuthzOperation>,
+}
+
+/// Istio's `security.istio.io` AuthorizationPolicy, reduced to what sluice enforces at L4 (per
+/// connection, at the destination). Policies that use anything else are rejected at parse time.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AuthorizationPolicy {
+    pub namespace: String,
+    pub name: String,
+    /// `spec.selector.matchLabels`: the pods of the policy's namespace it applies to (those
+    /// with all these labels). Empty, or no selector at all, selects every pod of the namespace.
+    pub selector: Labels,
+    /// `spec.action`, ALLOW when absent.
+    pub action: AuthzAction,
+    /// `spec.rules`. A connection matches the policy if it matches any rule; with no rules
+    /// the policy matches nothing (an ALLOW policy without rules is Istio's "allow-nothing").
+    pub rules: Vec<AuthzRule>,
+}
+
+impl AuthorizationPolicy {
+    /// Whether the policy applies to a pod with these labels (the pod must also be in the
+    /// policy's namespace; the caller checks that).
+    pub fn selects(&self, pod_labels: &Labels) -> bool {
+        self.selector.iter().all(|(k, v)| pod_labels.get(k) == Some(v))
+    }
+}
+
 /// The kinds the model knows. Adding a kind means: a variant here and in [`Object`], a parser
 /// registered in `manifest::KINDS`, and a map in `Model` (see `snapshot.rs`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
@@ -192,6 +374,7 @@ pub enum Kind {
     Pod,
     Service,
     EndpointSlice,
+    AuthorizationPolicy,
 }
 
 impl Kind {
@@ -201,6 +384,7 @@ impl Kind {
             Kind::Pod => "Pod",
             Kind::Service => "Service",
             Kind::EndpointSlice => "EndpointSlice",
+            Kind::AuthorizationPolicy => "AuthorizationPolicy",
         }
     }
 }
@@ -237,6 +421,7 @@ pub enum Object {
     Pod(Arc<Pod>),
     Service(Arc<Service>),
     EndpointSlice(Arc<EndpointSlice>),
+    AuthorizationPolicy(Arc<AuthorizationPolicy>),
 }
 
 impl Object {
@@ -246,6 +431,7 @@ impl Object {
             Object::Pod(_) => Kind::Pod,
             Object::Service(_) => Kind::Service,
             Object::EndpointSlice(_) => Kind::EndpointSlice,
+            Object::AuthorizationPolicy(_) => Kind::AuthorizationPolicy,
         }
     }
 
@@ -255,6 +441,7 @@ impl Object {
             Object::Pod(o) => (o.namespace.as_str(), o.name.as_str()),
             Object::Service(o) => (o.namespace.as_str(), o.name.as_str()),
             Object::EndpointSlice(o) => (o.namespace.as_str(), o.name.as_str()),
+            Object::AuthorizationPolicy(o) => (o.namespace.as_str(), o.name.as_str()),
         };
         ObjectKey { kind: self.kind(), namespace: namespace.to_owned(), name: name.to_owned() }
     }

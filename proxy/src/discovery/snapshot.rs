@@ -3,7 +3,7 @@
 //! A snapshot is built on the control path whenever a source changes and is then only read.
 //! Every index the data path needs is computed here, once per snapshot, so that lookups are a
 //! hash probe with no allocation: `service_for` (ClusterIP:port → Service port and its ready
-//! endpoints) and `pod_by_ip`.
+//! endpoints), `pod_by_ip`, and the authorization policies of a namespace in name order.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -13,7 +13,10 @@ use std::sync::Arc;
 use serde::Serialize;
 
 use super::manifest::{self, Format, ParseError};
-use super::model::{EndpointSlice, Namespace, Object, Pod, PodPhase, Protocol, Service, ServicePort};
+use super::model::{
+    AuthorizationPolicy, EndpointSlice, Namespace, Object, PeerAuthMode, Pod, PodPhase, Protocol, Service,
+    ServicePort,
+};
 
 /// A manifest file that is (partly) not in force, and why.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
@@ -68,11 +71,14 @@ pub struct Model {
     pods: ByNsName<Pod>,
     services: ByNsName<Service>,
     endpoint_slices: ByNsName<EndpointSlice>,
+    authorization_policies: ByNsName<AuthorizationPolicy>,
     // Indexes, derived from the maps above when the snapshot is built.
     targets: HashMap<String, HashMap<String, Box<[ServiceTarget]>>>,
     by_cluster_addr: HashMap<SocketAddr, ServiceTarget>,
     pods_by_node: HashMap<String, Vec<Arc<Pod>>>,
     pods_by_ip: HashMap<IpAddr, Arc<Pod>>,
+    /// namespace → its AuthorizationPolicies, sorted by name.
+    policies_by_ns: HashMap<String, Box<[Arc<AuthorizationPolicy>]>>,
 }
 
 impl Model {
@@ -97,11 +103,23 @@ impl Model {
                 Object::Pod(o) => insert(&mut m.pods, o, |p| (&p.namespace, &p.name)),
                 Object::Service(o) => insert(&mut m.services, o, |s| (&s.namespace, &s.name)),
                 Object::EndpointSlice(o) => insert(&mut m.endpoint_slices, o, |s| (&s.namespace, &s.name)),
+                Object::AuthorizationPolicy(o) => {
+                    insert(&mut m.authorization_policies, o, |p| (&p.namespace, &p.name))
+                }
             }
         }
         m.index_services();
         m.index_pods();
+        m.index_policies();
         m
+    }
+
+    fn index_policies(&mut self) {
+        for (ns, by_name) in &self.authorization_policies {
+            let mut list: Vec<Arc<AuthorizationPolicy>> = by_name.values().cloned().collect();
+            list.sort_by(|a, b| a.name.cmp(&b.name));
+            self.policies_by_ns.insert(ns.clone(), list.into());
+        }
     }
 
     /// A snapshot of one manifest text, for tests and tools (generation 0, no errors).
@@ -202,6 +220,25 @@ impl Model {
     /// Whether pods of `namespace` belong to the mesh. A namespace with no manifest is not.
     pub fn is_enrolled(&self, namespace: &str) -> bool {
         self.namespaces.get(namespace).is_some_and(|n| n.enrolled)
+    }
+
+    /// The namespace's peer authentication mode; PERMISSIVE for a namespace with no manifest.
+    pub fn peer_auth_mode(&self, namespace: &str) -> PeerAuthMode {
+        self.namespaces.get(namespace).map_or(PeerAuthMode::Permissive, |n| n.peer_auth)
+    }
+
+    /// The AuthorizationPolicies of `namespace`, sorted by name (empty if it has none).
+    pub fn authorization_policies(&self, namespace: &str) -> &[Arc<AuthorizationPolicy>] {
+        self.policies_by_ns.get(namespace).map_or(&[], |v| v)
+    }
+
+    pub fn authorization_policy(&self, namespace: &str, name: &str) -> Option<&Arc<AuthorizationPolicy>> {
+        self.authorization_policies.get(namespace)?.get(name)
+    }
+
+    /// Every AuthorizationPolicy, by namespace in no particular order, by name within one.
+    pub fn all_authorization_policies(&self) -> impl Iterator<Item = &Arc<AuthorizationPolicy>> {
+        self.policies_by_ns.values().flat_map(|v| v.iter())
     }
 
     pub fn pod(&self, namespace: &str, name: &str) -> Option<&Arc<Pod>> {

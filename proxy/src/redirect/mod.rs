@@ -19,10 +19,10 @@ use std::{
 };
 
 use aya::{
-    maps::{Array, HashMap, MapData, PerCpuArray},
+    maps::{Array, HashMap, MapData, PerCpuArray, SockHash},
     programs::{
         links::{CgroupAttachMode, FdLink, PinnedLink},
-        CgroupSockAddr, SockOps,
+        CgroupSockAddr, SkLookup, SockOps,
     },
     Ebpf, EbpfLoader,
 };
@@ -100,7 +100,9 @@ pub struct AttachedProgram {
 
 pub struct Redirector {
     // Owns the programs (and, in fail-open mode, their links: dropping it detaches them).
-    _ebpf: Ebpf,
+    // Locked only on the control path (attaching the inbound program to a pod's netns).
+    ebpf: Mutex<Ebpf>,
+    inbound: Mutex<SockHash<MapData, u32>>,
     _pinned: Vec<PinnedLink>,
     config: Mutex<Array<MapData, u64>>,
     enrolled: Mutex<HashMap<MapData, u64, PodEntry>>,
@@ -109,6 +111,10 @@ pub struct Redirector {
     #[allow(dead_code)]
     orig_by_tuple: MapData,
     orig_by_tuple_fd: RawFd,
+    // Same arrangement for DELIVERING, updated around each delivery connect.
+    #[allow(dead_code)]
+    delivering: MapData,
+    delivering_fd: RawFd,
     programs: Vec<AttachedProgram>,
     fail_mode: FailMode,
 }
@@ -158,6 +164,7 @@ impl Redirector {
         }
         let enrolled: HashMap<MapData, u64, PodEntry> = take_map(&mut ebpf, names::MAP_ENROLLED)?;
         let counters: PerCpuArray<MapData, u64> = take_map(&mut ebpf, names::MAP_COUNTERS)?;
+        let inbound: SockHash<MapData, u32> = take_map(&mut ebpf, names::MAP_INBOUND)?;
         let orig_by_tuple = match ebpf.take_map(names::MAP_ORIG_BY_TUPLE) {
             Some(aya::maps::Map::LruHashMap(data)) => data,
             _ => {
@@ -168,6 +175,16 @@ impl Redirector {
             }
         };
         let orig_by_tuple_fd = orig_by_tuple.fd().as_fd().as_raw_fd();
+        let delivering = match ebpf.take_map(names::MAP_DELIVERING) {
+            Some(aya::maps::Map::LruHashMap(data)) => data,
+            _ => {
+                return Err(RedirectError::Map {
+                    name: names::MAP_DELIVERING,
+                    reason: "missing from the object or not an LRU hash".into(),
+                })
+            }
+        };
+        let delivering_fd = delivering.fd().as_fd().as_raw_fd();
 
         let mut fd_links: Vec<(&'static str, &'static str, FdLink)> = Vec::new();
         for (name, attach_type) in SOCK_ADDR_PROGRAMS {
@@ -198,6 +215,13 @@ impl Redirector {
                 })?;
                 fd_links.push((name, "sockops", fd_link));
             }
+        }
+
+        // The inbound program is loaded now and attached per pod network namespace later.
+        {
+            let name = names::PROG_INBOUND;
+            let prog: &mut SkLookup = program(&mut ebpf, name)?;
+            prog.load().map_err(|source| RedirectError::Program { name, source })?;
         }
 
         // The new programs are attached: now drop whatever a previous sluice of this node left
@@ -252,13 +276,16 @@ impl Redirector {
 
         Ok((
             Self {
-                _ebpf: ebpf,
+                ebpf: Mutex::new(ebpf),
+                inbound: Mutex::new(inbound),
                 _pinned: pinned,
                 config: Mutex::new(config),
                 enrolled: Mutex::new(enrolled),
                 counters,
                 orig_by_tuple,
                 orig_by_tuple_fd,
+                delivering,
+                delivering_fd,
                 programs,
                 fail_mode: cfg.fail_mode,
             },
@@ -300,6 +327,54 @@ impl Redirector {
         }
     }
 
+    /// Attaches the inbound-capture program to a pod's network namespace. The link detaches
+    /// when the returned value is dropped (pod released, or sluice gone).
+    pub fn attach_inbound(&self, netns: std::os::fd::BorrowedFd<'_>) -> Result<FdLink, RedirectError> {
+        let name = names::PROG_INBOUND;
+        let mut ebpf = self.ebpf.lock().unwrap_or_else(|p| p.into_inner());
+        let prog: &mut SkLookup = program(&mut ebpf, name)?;
+        let id = prog.attach(netns).map_err(|source| RedirectError::Program { name, source })?;
+        let link = prog.take_link(id).map_err(|source| RedirectError::Program { name, source })?;
+        // sk_lookup links are always bpf_links, so this conversion cannot fail.
+        let link: FdLink = match link.try_into() {
+            Ok(l) => l,
+            Err(never) => match never {},
+        };
+        Ok(link)
+    }
+
+    /// Makes `listener` the socket that receives a pod's captured plaintext connections. The
+    /// kernel drops the entry by itself when the socket closes.
+    pub fn register_inbound(&self, pod_ip: Ipv4Addr, listener: &impl AsRawFd) -> Result<(), RedirectError> {
+        let key = u32::from_ne_bytes(pod_ip.octets());
+        let mut map = self.inbound.lock().unwrap_or_else(|p| p.into_inner());
+        map.insert(key, listener.as_raw_fd(), 0).map_err(|e| map_err(names::MAP_INBOUND, e))
+    }
+
+    /// Stops capturing a pod's inbound plaintext (its listener may stay open a moment longer).
+    pub fn unregister_inbound(&self, pod_ip: Ipv4Addr) {
+        let key = u32::from_ne_bytes(pod_ip.octets());
+        let mut map = self.inbound.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = map.remove(&key);
+    }
+
+    /// Exempts sluice's own delivery connection from `source` from inbound capture, until
+    /// [`Self::delivery_done`]. (Its SYN carries the client's address, so only the exact
+    /// source address and port tell it apart from the client's own connections.)
+    pub fn delivery_started(&self, source: SocketAddr) {
+        if let Some(key) = delivery_key(source) {
+            if let Err(e) = rawmap::update(self.delivering_fd, &key, &1u8) {
+                warn!(%source, error = %e, "cannot exempt a delivery from capture");
+            }
+        }
+    }
+
+    pub fn delivery_done(&self, source: SocketAddr) {
+        if let Some(key) = delivery_key(source) {
+            let _ = rawmap::delete(self.delivering_fd, &key);
+        }
+    }
+
     /// The original destination of a connection accepted on pod `pod_id`'s outbound listener
     /// from `client` (its peer address), removing the record. `None` if the kernel did not
     /// redirect this connection.
@@ -325,6 +400,7 @@ impl Redirector {
             (counter::PEERNAME_REWRITTEN, "getpeername_rewritten"),
             (counter::TUPLE_RECORDED, "connections_recorded"),
             (counter::MAP_ERRORS, "map_errors"),
+            (counter::INBOUND_CAPTURED, "inbound_captured"),
         ];
         NAMES
             .iter()
@@ -368,6 +444,13 @@ impl From<OrigDst> for OrigDstAddr {
             IpAddr::V4(Ipv4Addr::from(v.addr[0].to_ne_bytes()))
         };
         Self { addr: SocketAddr::new(ip, v.port), pod_id: v.pod_id, cgroup_id: v.cgroup_id }
+    }
+}
+
+fn delivery_key(source: SocketAddr) -> Option<u64> {
+    match source.ip() {
+        IpAddr::V4(v4) => Some((u64::from(u32::from_ne_bytes(v4.octets())) << 32) | u64::from(source.port())),
+        IpAddr::V6(_) => None,
     }
 }
 

@@ -4,6 +4,8 @@
 
 use std::{io, os::fd::RawFd};
 
+const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
 const BPF_MAP_LOOKUP_AND_DELETE_ELEM: libc::c_long = 21;
 
 /// `union bpf_attr` as used by the map element commands.
@@ -14,6 +16,39 @@ struct MapElemAttr {
     key: u64,
     value: u64,
     flags: u64,
+}
+
+fn map_cmd(cmd: libc::c_long, attr: &MapElemAttr) -> io::Result<()> {
+    // SAFETY: attr points at valid key/value buffers of the map's sizes for the call.
+    let rc = unsafe {
+        libc::syscall(libc::SYS_bpf, cmd, attr as *const MapElemAttr, std::mem::size_of::<MapElemAttr>() as u32)
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Inserts or replaces `key` → `value`.
+pub fn update<K, V>(map_fd: RawFd, key: &K, value: &V) -> io::Result<()> {
+    let attr = MapElemAttr {
+        map_fd: map_fd as u32,
+        _pad: 0,
+        key: key as *const K as u64,
+        value: value as *const V as u64,
+        flags: 0,
+    };
+    map_cmd(BPF_MAP_UPDATE_ELEM, &attr)
+}
+
+/// Deletes `key`; a missing key is not an error.
+pub fn delete<K>(map_fd: RawFd, key: &K) -> io::Result<()> {
+    let attr = MapElemAttr { map_fd: map_fd as u32, _pad: 0, key: key as *const K as u64, value: 0, flags: 0 };
+    match map_cmd(BPF_MAP_DELETE_ELEM, &attr) {
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        r => r,
+    }
 }
 
 /// Looks `key` up and deletes it in one step. `Ok(false)` when the key is absent.

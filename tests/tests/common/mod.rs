@@ -140,3 +140,14 @@ pub fn expect_ok(v: &Value) -> Result<()> {
     }
     Ok(())
 }
+
+/// `connections_total` of one enrolled pod (by name) as `/pods` reports it.
+pub fn pod_total(sluice: &Sluice, name: &str) -> Result<u64> {
+    let pods = sluice.get_json("/pods")?;
+    pods.as_array()
+        .context("/pods is not a list")?
+        .iter()
+        .find(|p| p["name"] == name)
+        .and_then(|p| p["connections_total"].as_u64())
+        .with_context(|| format!("pod {name} not in /pods: {pods}"))
+}

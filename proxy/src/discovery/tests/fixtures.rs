@@ -213,3 +213,79 @@ pub fn pod(ns: &str, name: &str, node: &str, ip: &str) -> String {
          spec:\n  nodeName: {node}\nstatus:\n  podIP: {ip}\n  phase: Running\n"
     )
 }
+
+/// Istio's "allow-nothing" example as `kubectl get -o yaml` prints it: an ALLOW policy (the
+/// default action) without rules, for every pod of the namespace.
+pub const ALLOW_NOTHING: &str = r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  annotations:
+    kubectl.kubernetes.io/last-applied-configuration: |
+      {"apiVersion":"security.istio.io/v1","kind":"AuthorizationPolicy","metadata":{"annotations":{},"name":"allow-nothing","namespace":"shop"},"spec":{}}
+  creationTimestamp: "2024-05-03T08:00:00Z"
+  generation: 1
+  name: allow-nothing
+  namespace: shop
+  resourceVersion: "7001"
+  uid: 5b0c6f0e-1234-4abc-9def-000000000001
+spec: {}
+"#;
+
+/// Istio's "deny requests from the dev namespace" example, at the older v1beta1 version.
+pub const DENY_FROM_NAMESPACE: &str = r#"
+apiVersion: security.istio.io/v1beta1
+kind: AuthorizationPolicy
+metadata:
+  name: deny-from-dev
+  namespace: shop
+spec:
+  selector:
+    matchLabels:
+      app: web
+  action: DENY
+  rules:
+  - from:
+    - source:
+        namespaces: ["dev"]
+"#;
+
+/// Istio's "allow by principal and port" shape: one service account, two ports.
+pub const ALLOW_PRINCIPAL_PORT: &str = r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: web-viewer
+  namespace: shop
+  labels:
+    team: storefront
+spec:
+  selector:
+    matchLabels:
+      app: web
+  action: ALLOW
+  rules:
+  - from:
+    - source:
+        principals: ["cluster.local/ns/shop/sa/frontend"]
+    to:
+    - operation:
+        ports: ["8080", "9091"]
+"#;
+
+/// A namespace with a peer authentication mode.
+pub fn namespace_peer_auth(name: &str, mode: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {name}\n  annotations:\n    \
+         sluice.dev/mesh: enabled\n    sluice.dev/peer-authentication: {mode}\n"
+    )
+}
+
+/// A minimal AuthorizationPolicy with the given spec (indented two spaces, or `{}`).
+pub fn policy(ns: &str, name: &str, spec: &str) -> String {
+    let spec = if spec.trim() == "{}" { " {}\n".to_owned() } else { format!("\n{spec}") };
+    format!(
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: {name}\n  \
+         namespace: {ns}\nspec:{spec}"
+    )
+}

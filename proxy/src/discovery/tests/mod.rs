@@ -1,5 +1,6 @@
 //! Unit tests of the discovery module (`cargo test -p sluice --lib discovery`).
 
+mod authz;
 mod fixtures;
 mod parse;
 mod resolve;

@@ -155,3 +155,23 @@ async fn spawn_watch_feeds_a_watch_channel() {
     assert!(rx.borrow().is_enrolled("a"));
     handle.shutdown();
 }
+
+#[test]
+fn editing_a_policy_publishes_within_a_second() {
+    use crate::discovery::AuthzAction;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("policy.yaml");
+    fs::write(&file, fixtures::DENY_FROM_NAMESPACE).unwrap();
+    let mut w = watch(dir.path());
+    let deny_dev = |m: &Model| {
+        m.authorization_policy("shop", "deny-from-dev")
+            .map(|p| (p.action, p.rules[0].from[0].namespaces[0].to_string()))
+    };
+    assert_eq!(deny_dev(&w.last), Some((AuthzAction::Deny, "dev".to_owned())));
+
+    fs::write(&file, fixtures::DENY_FROM_NAMESPACE.replace("[\"dev\"]", "[\"test\"]")).unwrap();
+    w.until("policy edited", |m| deny_dev(m) == Some((AuthzAction::Deny, "test".to_owned())));
+
+    fs::remove_file(&file).unwrap();
+    w.until("policy withdrawn", |m| m.authorization_policies("shop").is_empty());
+}

@@ -1,0 +1,86 @@
+//! Identity: per-workload SPIFFE certificates for the pods on this node, the CA that signs
+//! them, and the rustls configurations the mesh transport uses.
+//!
+//! Every enrolled pod runs as `spiffe://<trust domain>/ns/<namespace>/sa/<service account>`
+//! ([`SpiffeId`]). [`CertManager`] holds one ECDSA P-256 key (memory only) and short-lived
+//! certificate per identity with a pod on this node, obtained from a [`CertificateAuthority`]
+//! by CSR, and renewed at about half of its life. The data path sees only
+//! [`CertManager::client_config`], [`CertManager::server_config`] and [`peer_identity`]; how a
+//! certificate is obtained (the [`EmbeddedCa`] here, a remote CA later; see `ca.rs` for how
+//! production keeps the root key off the nodes) is invisible to it.
+//!
+//! Wiring in the daemon:
+//! ```ignore
+//! let authorize = identity::model_authorizer(snapshot.clone());   // Arc<ArcSwap<Model>>
+//! let mut ca_config = EmbeddedCaConfig::new(&args.node, &args.trust_domain);
+//! ca_config.leaf_lifetime = args.cert_lifetime;                    // default 24 h
+//! let ca = EmbeddedCa::load(&args.ca_cert, &args.ca_key, ca_config, authorize)?;
+//! let certs = Arc::new(CertManager::new(&args.node, &args.trust_domain, Arc::new(ca),
+//!                                       CertManagerConfig::default())?);
+//! let _rotation = certs.spawn_rotation(data_rt.handle());
+//! // enrollment: certs.ensure(&id).await? before opening a pod's listeners, then
+//! //             certs.retain(&ids_of_enrolled_pods) whenever the enrolled set changed;
+//! // admin API:  certs.certs() for `sluice certs`.
+//! ```
+//!
+//! Layout: `spiffe` (IDs), `ca` (the CA trait and its errors), `root` (`ca init`, loading the
+//! root), `embedded_ca`, `manager` (certificates, rotation), `verify` (peer verification),
+//! `tls` (rustls configurations), `x509` (certificate field helpers).
+
+mod ca;
+mod embedded_ca;
+mod manager;
+mod root;
+mod spiffe;
+mod tls;
+mod verify;
+mod x509;
+
+#[cfg(test)]
+mod tests;
+
+use std::time::Duration;
+
+use thiserror::Error;
+
+pub use ca::{CaError, CertificateAuthority, SignFuture, SignRequest};
+pub use embedded_ca::{model_authorizer, Authorizer, EmbeddedCa, EmbeddedCaConfig};
+pub use manager::{CertManager, CertManagerConfig, CertView};
+pub use root::{ca_init, CA_CERT_FILE, CA_KEY_FILE, ROOT_COMMON_NAME, ROOT_LIFETIME};
+pub use spiffe::{check_trust_domain, SpiffeError, SpiffeId, DEFAULT_TRUST_DOMAIN};
+pub use tls::{peer_identity, ALPN_H2};
+pub use verify::VerifyError;
+pub use x509::LeafIdError;
+
+/// Default validity of workload certificates.
+pub const DEFAULT_CERT_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+
+/// How far back certificates' notBefore is set, so that peers whose clocks lag a little
+/// accept a certificate the moment it is issued.
+pub(crate) const NOT_BEFORE_SKEW: Duration = Duration::from_secs(5);
+
+/// Errors of the manager and the TLS glue.
+#[derive(Debug, Error)]
+pub enum IdentityError {
+    #[error(transparent)]
+    Ca(#[from] CaError),
+    #[error(
+        "no certificate for {identity} on this node (it has no enrolled pod here, or its certificate \
+         has not been issued yet)"
+    )]
+    NoCertificate { identity: SpiffeId },
+    #[error("the CA did not answer within {after:?} when asked for {identity}")]
+    CaTimeout { identity: SpiffeId, after: Duration },
+    #[error("the CA returned an unusable certificate for {identity}: {reason}")]
+    BadCaResponse { identity: SpiffeId, reason: String },
+    #[error("generating a key pair: {0}")]
+    Key(String),
+    #[error("building the certificate signing request for {identity}: {reason}")]
+    Csr { identity: SpiffeId, reason: String },
+    #[error("trust bundle: {0}")]
+    TrustBundle(String),
+    #[error("TLS configuration: {0}")]
+    Tls(#[from] rustls::Error),
+    #[error("invalid identity configuration: {0}")]
+    Config(String),
+}

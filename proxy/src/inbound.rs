@@ -1,0 +1,196 @@
+//! The destination side: connections *to* an enrolled pod on this node. They arrive either as
+//! HBONE streams on the pod's `IP:15008` (from a mesh client, identity verified by mTLS) or as
+//! plaintext captured by the kernel (`sk_lookup`) onto the pod's `IP:15006` listener (from a
+//! client outside the mesh). Either way: peer authentication mode, authorization policy, then
+//! delivery to the application from inside the pod's namespace with the client's address.
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+
+use arc_swap::ArcSwap;
+use http::{Response, StatusCode};
+use serde::Serialize;
+use tokio::net::{TcpListener, TcpStream};
+use tracing::{debug, info, warn};
+
+use crate::{
+    conns::{ConnRegistry, Direction, NewConn},
+    deliver,
+    discovery::{Model, PeerAuthMode},
+    identity::SpiffeId,
+    l4::{self, PodContext},
+    policy::{self, Source},
+    transport::{pump, server, TunnelRequest},
+};
+
+/// Node-wide counters of the destination side.
+#[derive(Debug, Default, Serialize)]
+pub struct InboundCounters {
+    pub tunnel_streams: AtomicU64,
+    pub plaintext_accepted: AtomicU64,
+    pub plaintext_refused_strict: AtomicU64,
+    pub policy_denied: AtomicU64,
+    pub delivery_failed: AtomicU64,
+}
+
+pub struct Inbound {
+    pub redirector: Arc<crate::redirect::Redirector>,
+    pub model: Arc<ArcSwap<Model>>,
+    pub conns: Arc<ConnRegistry>,
+    pub counters: InboundCounters,
+    pub tunnel_stats: Arc<server::ServerStats>,
+    pub connect_timeout: Duration,
+}
+
+enum Verdict {
+    Allowed,
+    Denied(String),
+}
+
+impl Inbound {
+    fn authorize(&self, pod: &PodContext, port: u16, principal: Option<&SpiffeId>) -> Verdict {
+        let model = self.model.load();
+        let Some(dest) = model.pod(&pod.namespace, &pod.name) else {
+            return Verdict::Denied("destination pod is no longer in the model".into());
+        };
+        let principal_str = principal.map(|p| p.to_string());
+        let source = match principal_str.as_deref() {
+            Some(id) => Source::mtls(id),
+            None => Source::PLAINTEXT,
+        };
+        let decision = policy::authorize(&model, dest, port, &source);
+        if decision.allowed {
+            Verdict::Allowed
+        } else {
+            Verdict::Denied(format!(
+                "{} ({})",
+                decision.reason,
+                decision.policy.as_deref().unwrap_or("no policy")
+            ))
+        }
+    }
+}
+
+/// Handles one HBONE stream addressed to `pod`.
+pub async fn handle_tunnel(mut req: TunnelRequest, pod: Arc<PodContext>, inbound: Arc<Inbound>) {
+    inbound.counters.tunnel_streams.fetch_add(1, Ordering::Relaxed);
+    if req.target.ip() != pod.ip {
+        warn!(pod = %pod.key, target = %req.target, peer = %req.peer_identity, "HBONE: CONNECT target is not this pod");
+        server::reply(&mut req.respond, StatusCode::BAD_REQUEST);
+        return;
+    }
+    let principal: Option<SpiffeId> = req.peer_identity.parse().ok();
+    if let Verdict::Denied(why) = inbound.authorize(&pod, req.target.port(), principal.as_ref()) {
+        inbound.counters.policy_denied.fetch_add(1, Ordering::Relaxed);
+        warn!(pod = %pod.key, port = req.target.port(), source = %req.peer_identity, reason = %why, "connection denied by authorization policy");
+        server::reply(&mut req.respond, StatusCode::FORBIDDEN);
+        return;
+    }
+    let app = match deliver::connect(&inbound.redirector, &pod.netns, pod.transparent, req.peer.ip(), req.target, inbound.connect_timeout).await {
+        Ok(s) => s,
+        Err(e) => {
+            inbound.counters.delivery_failed.fetch_add(1, Ordering::Relaxed);
+            info!(pod = %pod.key, target = %req.target, error = %e, "delivery to the application failed");
+            server::reply(&mut req.respond, StatusCode::SERVICE_UNAVAILABLE);
+            return;
+        }
+    };
+    let response = Response::builder().status(StatusCode::OK).body(()).expect("valid response");
+    let send = match req.respond.send_response(response, false) {
+        Ok(s) => s,
+        Err(e) => {
+            debug!(pod = %pod.key, error = %e, "tunnel stream gone before it was answered");
+            return;
+        }
+    };
+    let guard = inbound.conns.open(
+        &pod.stats,
+        NewConn {
+            direction: Direction::Inbound,
+            peer_identity: Some(req.peer_identity.clone()),
+            mtls: true,
+            source_pod: source_pod_name(&inbound.model, req.peer),
+            source_addr: req.peer,
+            original_dst: req.target,
+            service: None,
+            endpoint: req.target,
+        },
+    );
+    // Bytes towards the application count as "received" from the peer's point of view of
+    // this connection: sent = peer → app, received = app → peer, as for outbound.
+    pump::tcp_h2(app, send, req.body, &guard.entry.received, &guard.entry.sent).await;
+}
+
+/// Serves the pod's plaintext-capture listener (`IP:15006`) until the task is aborted.
+pub async fn serve_plaintext(listener: TcpListener, pod: Arc<PodContext>, inbound: Arc<Inbound>) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                let pod = pod.clone();
+                let inbound = inbound.clone();
+                tokio::spawn(async move { handle_plaintext(stream, peer, pod, inbound).await });
+            }
+            Err(e) => {
+                warn!(pod = %pod.key, error = %e, "inbound accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+async fn handle_plaintext(client: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, inbound: Arc<Inbound>) {
+    // sk_lookup hands us the connection without rewriting it: our local address is the one
+    // the client dialled.
+    let Ok(target) = client.local_addr() else { return };
+    let mode = inbound.model.load().peer_auth_mode(&pod.namespace);
+    if mode == PeerAuthMode::Strict {
+        inbound.counters.plaintext_refused_strict.fetch_add(1, Ordering::Relaxed);
+        warn!(pod = %pod.key, %peer, %target, "plaintext connection refused: namespace is STRICT (mTLS only)");
+        pump::reset(&client);
+        return;
+    }
+    if let Verdict::Denied(why) = inbound.authorize(&pod, target.port(), None) {
+        inbound.counters.policy_denied.fetch_add(1, Ordering::Relaxed);
+        warn!(pod = %pod.key, %peer, port = target.port(), reason = %why, "plaintext connection denied by authorization policy");
+        pump::reset(&client);
+        return;
+    }
+    inbound.counters.plaintext_accepted.fetch_add(1, Ordering::Relaxed);
+    let app = match deliver::connect(&inbound.redirector, &pod.netns, pod.transparent, peer.ip(), target, inbound.connect_timeout).await {
+        Ok(s) => s,
+        Err(e) => {
+            inbound.counters.delivery_failed.fetch_add(1, Ordering::Relaxed);
+            info!(pod = %pod.key, %target, error = %e, "delivery to the application failed; resetting");
+            pump::reset(&client);
+            return;
+        }
+    };
+    let guard = inbound.conns.open(
+        &pod.stats,
+        NewConn {
+            direction: Direction::Inbound,
+            peer_identity: None,
+            mtls: false,
+            source_pod: source_pod_name(&inbound.model, peer),
+            source_addr: peer,
+            original_dst: target,
+            service: None,
+            endpoint: target,
+        },
+    );
+    l4::forward(client, app, &guard.entry.sent, &guard.entry.received).await;
+}
+
+/// "ns/name" of the pod with the peer's IP if the model knows it, else the IP.
+fn source_pod_name(model: &ArcSwap<Model>, peer: SocketAddr) -> Arc<str> {
+    match model.load().pod_by_ip(peer.ip()) {
+        Some(p) => format!("{}/{}", p.namespace, p.name).into(),
+        None => peer.ip().to_string().into(),
+    }
+}

@@ -1,0 +1,145 @@
+//! HBONE server: accepts mutual-TLS connections on a pod's `IP:15008`, requires a client
+//! certificate from the mesh CA, and hands every HTTP/2 CONNECT stream to a handler together
+//! with the client's verified SPIFFE identity. Anything else (garbage, TLS without a client
+//! certificate, plain HTTP/1.1) fails the handshake of that connection only.
+
+use std::{
+    future::Future,
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+
+use bytes::Bytes;
+use h2::{server::SendResponse, RecvStream};
+use http::{Method, Response, StatusCode};
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+use tracing::{debug, warn};
+
+use super::client::{CONNECTION_WINDOW, STREAM_WINDOW};
+
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// One CONNECT stream, authenticated.
+pub struct TunnelRequest {
+    /// The tunnel's TCP peer (the source pod's IP).
+    pub peer: SocketAddr,
+    /// The client's SPIFFE ID, from its verified certificate.
+    pub peer_identity: Arc<str>,
+    /// The CONNECT target (`:authority`).
+    pub target: SocketAddr,
+    pub body: RecvStream,
+    pub respond: SendResponse<Bytes>,
+}
+
+/// Counters of tunnels refused before any stream (bad TLS, no client cert, not HTTP/2...).
+#[derive(Debug, Default)]
+pub struct ServerStats {
+    pub handshakes_failed: AtomicU64,
+    pub streams_rejected: AtomicU64,
+}
+
+/// Serves `listener` until the task is aborted. `tls` gives the current server configuration
+/// for the pod's identity; `identity_of` reads the SPIFFE ID from the verified peer.
+pub async fn serve<H, F>(
+    listener: TcpListener,
+    pod: Arc<str>,
+    tls: Arc<rustls::ServerConfig>,
+    identity_of: fn(&rustls::CommonState) -> Option<String>,
+    stats: Arc<ServerStats>,
+    handler: H,
+) where
+    H: Fn(TunnelRequest) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = ()> + Send + 'static,
+{
+    let acceptor = TlsAcceptor::from(tls);
+    loop {
+        let (tcp, peer) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(%pod, error = %e, "HBONE accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let acceptor = acceptor.clone();
+        let handler = handler.clone();
+        let pod = pod.clone();
+        let stats = stats.clone();
+        tokio::spawn(async move {
+            let _ = tcp.set_nodelay(true);
+            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    stats.handshakes_failed.fetch_add(1, Ordering::Relaxed);
+                    warn!(%pod, %peer, error = %e, "HBONE: TLS handshake refused");
+                    return;
+                }
+                Err(_) => {
+                    stats.handshakes_failed.fetch_add(1, Ordering::Relaxed);
+                    warn!(%pod, %peer, "HBONE: TLS handshake timed out");
+                    return;
+                }
+            };
+            let Some(peer_identity) = identity_of(tls.get_ref().1) else {
+                stats.handshakes_failed.fetch_add(1, Ordering::Relaxed);
+                warn!(%pod, %peer, "HBONE: client certificate carries no SPIFFE ID; closing");
+                return;
+            };
+            let peer_identity: Arc<str> = peer_identity.into();
+            let mut conn = match h2::server::Builder::new()
+                .initial_window_size(STREAM_WINDOW)
+                .initial_connection_window_size(CONNECTION_WINDOW)
+                .handshake::<_, Bytes>(tls)
+                .await
+            {
+                Ok(c) => c,
+                Err(e) => {
+                    stats.handshakes_failed.fetch_add(1, Ordering::Relaxed);
+                    warn!(%pod, %peer, peer_identity = %peer_identity, error = %e, "HBONE: not an HTTP/2 client");
+                    return;
+                }
+            };
+            debug!(%pod, %peer, peer_identity = %peer_identity, "HBONE tunnel accepted");
+            while let Some(next) = conn.accept().await {
+                let (request, mut respond) = match next {
+                    Ok(r) => r,
+                    Err(e) => {
+                        debug!(%pod, %peer, error = %e, "HBONE tunnel ended");
+                        break;
+                    }
+                };
+                if request.method() != Method::CONNECT {
+                    stats.streams_rejected.fetch_add(1, Ordering::Relaxed);
+                    reply(&mut respond, StatusCode::METHOD_NOT_ALLOWED);
+                    continue;
+                }
+                let target = request.uri().authority().and_then(|a| a.as_str().parse::<SocketAddr>().ok());
+                let Some(target) = target else {
+                    stats.streams_rejected.fetch_add(1, Ordering::Relaxed);
+                    warn!(%pod, %peer, uri = %request.uri(), "HBONE: CONNECT without an ip:port authority");
+                    reply(&mut respond, StatusCode::BAD_REQUEST);
+                    continue;
+                };
+                let req = TunnelRequest {
+                    peer,
+                    peer_identity: peer_identity.clone(),
+                    target,
+                    body: request.into_body(),
+                    respond,
+                };
+                tokio::spawn(handler(req));
+            }
+        });
+    }
+}
+
+/// Answers a stream with a status and no body.
+pub fn reply(respond: &mut SendResponse<Bytes>, status: StatusCode) {
+    let response = Response::builder().status(status).body(()).expect("status-only response is valid");
+    let _ = respond.send_response(response, true);
+}
