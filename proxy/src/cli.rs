@@ -156,7 +156,7 @@ pub fn status(ep: &AdminEndpoint, out: Output) -> Result<String> {
             })
             .collect(),
     );
-    o += "\nkernel counters:\n";
+    o += "\ncounters (kernel programs and proxy):\n";
     o += &table(&["COUNTER", "VALUE"], s.counters.iter().map(|(k, v)| vec![k.clone(), v.to_string()]).collect());
     if !s.manifest_errors.is_empty() {
         o += "\nmanifest errors (last good state of these files stays in force):\n";

@@ -184,6 +184,11 @@ fn cross_node_traffic_is_mutual_tls_only() -> Result<()> {
         }
     }
     assert!(app_data > 0, "no TLS application data seen: {rows:?}");
+    // Both client connections (the held one and the HTTP request) rode one pooled tunnel.
+    let syns = tshark_fields(&pcap, &["tcp.flags.syn", "tcp.flags.ack"])?.iter().filter(|r| r.as_str() == "1,0").count();
+    assert_eq!(syns, 1, "expected one tunnel connection between the nodes for two client connections");
+    let streams = m.s2.get_json("/status")?["counters"]["hbone_streams_in"].as_u64().unwrap_or(0);
+    assert_eq!(streams, 2, "two CONNECT streams over that one tunnel");
     eprintln!("{} packets between the nodes, all TCP on 15008, TLS application data present, marker absent", rows.len());
     Ok(())
 }

@@ -1,7 +1,8 @@
-//! `cargo xtask demo`: a simulated node (real network namespaces, veths, cgroups and
+//! `cargo xtask demo`: two simulated nodes (real network namespaces, veths, cgroups and
 //! processes) with a client and three web backends behind a Service in an enrolled namespace,
-//! plus a pod in a namespace that is not enrolled. sluice runs for the node; real curl sends
-//! traffic; then the CLI shows what sluice saw.
+//! spread over both nodes, plus a pod in a namespace that is not enrolled. sluice runs on each
+//! node; real curl sends traffic (mutual TLS between the pods' identities, same node and
+//! across); then the CLI shows what each sluice saw.
 
 use std::time::Duration;
 
@@ -13,15 +14,16 @@ const CLUSTER_IP: &str = "10.96.0.10";
 
 pub fn run(keep: bool) -> Result<()> {
     let sim = Sim::new()?;
-    let node = sim.add_node("node-1")?;
-    step(&format!("simulated node {} (network namespace {})", node.name(), node.netns()));
+    let n1 = sim.add_node("node-1")?;
+    let n2 = sim.add_node("node-2")?;
+    step(&format!("two simulated nodes: {} and {} (one mesh root CA)", n1.name(), n2.name()));
 
     sim.write_namespace("shop", true)?;
     sim.write_namespace("legacy", false)?;
     let mut servers: Vec<SimProcess> = Vec::new();
     let mut backends: Vec<Pod> = Vec::new();
-    for i in 0..3 {
-        let pod = node.add_pod("shop", &format!("web-{i}"), PodOpts::labels(&[("app", "web")]))?;
+    for (i, node) in [&n1, &n2, &n2].iter().enumerate() {
+        let pod = node.add_pod("shop", &format!("web-{i}"), PodOpts::labels(&[("app", "web")]).service_account("web"))?;
         let mut http = pod.simpod(["http-server", "--port", "8080", "--name", pod.name()])?;
         http.wait_listening(T)?;
         servers.push(http);
@@ -29,52 +31,81 @@ pub fn run(keep: bool) -> Result<()> {
     }
     let refs: Vec<&Pod> = backends.iter().collect();
     sim.write_service("shop", "web", CLUSTER_IP, &[("http", 80, 8080)], &refs)?;
-    let client = node.add_pod("shop", "client", PodOpts::labels(&[("app", "client")]))?;
-    let outsider = node.add_pod("legacy", "outsider", PodOpts::default())?;
+    let client = n1.add_pod("shop", "client", PodOpts::labels(&[("app", "client")]).service_account("client"))?;
+    let outsider = n1.add_pod("legacy", "outsider", PodOpts::default())?;
     for p in backends.iter().chain([&client, &outsider]) {
-        println!("  pod {:<16} {:<12} netns {}", format!("{}/{}", p.namespace(), p.name()), p.ip(), p.netns());
+        println!(
+            "  pod {:<16} {:<12} on {:<6} netns {}",
+            format!("{}/{}", p.namespace(), p.name()),
+            p.ip(),
+            p.node().short_name(),
+            p.netns()
+        );
     }
-    println!("  service shop/web  {CLUSTER_IP}:80 -> web-0..2:8080   (namespace shop is enrolled, legacy is not)");
+    println!("  service shop/web  {CLUSTER_IP}:80 -> web-0 (node-1), web-1, web-2 (node-2) :8080");
+    println!("  namespace shop is enrolled (PERMISSIVE), legacy is not");
 
-    step("starting sluice for the node");
-    let sluice = node.start_sluice(SluiceOpts::default())?;
-    sluice.wait_ready(T)?;
-    sluice.wait_for("/pods", |v| v.as_array().is_some_and(|p| p.len() == 4), T)?;
+    step("starting sluice on both nodes");
+    let s1 = n1.start_sluice(SluiceOpts::default())?;
+    let s2 = n2.start_sluice(SluiceOpts::default())?;
+    s1.wait_ready(T)?;
+    s2.wait_ready(T)?;
+    s1.wait_for("/pods", |v| v.as_array().is_some_and(|p| p.len() == 2), T)?;
+    s2.wait_for("/pods", |v| v.as_array().is_some_and(|p| p.len() == 2), T)?;
 
-    step(&format!("shop/client: curl http://{CLUSTER_IP}/ six times (each a new connection)"));
+    step(&format!("shop/client: curl http://{CLUSTER_IP}/ six times (mTLS tunnels, same node and across)"));
     for _ in 0..6 {
         let out = client.run_timeout(["curl", "-sS", "--max-time", "5", &format!("http://{CLUSTER_IP}/")], T)?;
         if !out.success() {
             bail!("curl failed: {}", out.stderr.trim());
         }
         let body: serde_json::Value = serde_json::from_str(out.stdout.trim()).context("backend answer")?;
-        println!("  answered by {:<6} which saw the client as {}", body["name"].as_str().unwrap_or("?"), body["peer"].as_str().unwrap_or("?"));
+        println!(
+            "  answered by {:<6} which saw the client as {}",
+            body["name"].as_str().unwrap_or("?"),
+            body["peer"].as_str().unwrap_or("?")
+        );
     }
 
-    step("legacy/outsider (not enrolled): curl web-0's pod IP directly");
+    step("legacy/outsider (not in the mesh): plaintext curl to web-0's pod IP, captured and allowed (PERMISSIVE)");
     let out = outsider.run_timeout(["curl", "-sS", "--max-time", "5", &format!("http://{}:8080/", backends[0].ip())], T)?;
     println!("  {}", out.stdout.trim());
 
-    // A connection held open so that `sluice conns` has something to show.
-    let mut held = client.spawn(["curl", "-sS", "--max-time", "60", "-o", "/dev/null", &format!("http://{CLUSTER_IP}/?delay_ms=30000")])?;
-    sluice.wait_for("/conns", |v| v.as_array().is_some_and(|c| !c.is_empty()), T)?;
+    // Connections held open so that `sluice conns` has something to show on both sides.
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(client.spawn(["curl", "-sS", "--max-time", "60", "-o", "/dev/null", &format!("http://{CLUSTER_IP}/?delay_ms=30000")])?);
+    }
+    held.push(outsider.spawn(["curl", "-sS", "--max-time", "60", "-o", "/dev/null", &format!("http://{}:8080/?delay_ms=30000", backends[0].ip())])?);
+    s2.wait_for("/conns", |v| v.as_array().is_some_and(|c| c.len() >= 2), T)?;
+    s1.wait_for("/conns", |v| v.as_array().is_some_and(|c| c.len() >= 4), T)?;
 
-    for cmd in [["status"], ["pods"], ["conns"]] {
-        step(&format!("sluice {}", cmd[0]));
-        let out = sluice.cli(&cmd)?;
+    for (title, sluice, cmd) in [
+        ("node-1: sluice status", &s1, "status"),
+        ("node-1: sluice pods", &s1, "pods"),
+        ("node-1: sluice certs", &s1, "certs"),
+        ("node-2: sluice certs", &s2, "certs"),
+        ("node-1: sluice conns", &s1, "conns"),
+        ("node-2: sluice conns", &s2, "conns"),
+    ] {
+        step(title);
+        let out = sluice.cli(&[cmd])?;
         print!("{}", indent(&out.stdout));
         if !out.success() {
-            bail!("sluice {} failed: {}", cmd[0], out.stderr);
+            bail!("sluice {cmd} failed: {}", out.stderr);
         }
     }
-    let _ = held.kill(sluice_tests::Signal::SIGKILL);
+    for mut h in held {
+        let _ = h.kill(sluice_tests::Signal::SIGKILL);
+    }
 
     if keep {
         step("left running (--keep). Try:");
-        println!("  ip netns exec {} {} status          # the CLI, from the node's network namespace", node.netns(), sluice_tests::sluice_bin()?.display());
-        println!("  {} conns --admin {}", sluice_tests::sluice_bin()?.display(), sluice.admin_socket().display());
+        let bin = sluice_tests::sluice_bin()?;
+        println!("  ip netns exec {} {} conns          # the CLI, from node-1's network namespace", n1.netns(), bin.display());
+        println!("  {} certs --admin {}", bin.display(), s2.admin_socket().display());
         println!("  ip netns exec {} curl -s http://{CLUSTER_IP}/", client.netns());
-        println!("  sluice's log: {}", sluice.log_path().display());
+        println!("  logs: {} and {}", s1.log_path().display(), s2.log_path().display());
         println!("  clean up with: cargo xtask sweep");
         // Handles dropped after keep() leave their processes running.
         sim.keep();

@@ -267,6 +267,15 @@ impl Redirector {
                 programs.push(AttachedProgram { name, attach_type, id, link_id: None, pinned: false });
             }
         }
+        // The inbound program is attached per enrolled pod's network namespace, not here.
+        let inbound_id = ebpf.program(names::PROG_INBOUND).and_then(|p| p.info().ok()).map(|i| i.id()).unwrap_or(0);
+        programs.push(AttachedProgram {
+            name: names::PROG_INBOUND,
+            attach_type: "sk_lookup (per pod netns)",
+            id: inbound_id,
+            link_id: None,
+            pinned: false,
+        });
         info!(
             cgroup = %cfg.attach_cgroup.display(),
             fail_mode = ?cfg.fail_mode,
