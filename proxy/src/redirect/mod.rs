@@ -165,26 +165,8 @@ impl Redirector {
         let enrolled: HashMap<MapData, u64, PodEntry> = take_map(&mut ebpf, names::MAP_ENROLLED)?;
         let counters: PerCpuArray<MapData, u64> = take_map(&mut ebpf, names::MAP_COUNTERS)?;
         let inbound: SockHash<MapData, u32> = take_map(&mut ebpf, names::MAP_INBOUND)?;
-        let orig_by_tuple = match ebpf.take_map(names::MAP_ORIG_BY_TUPLE) {
-            Some(aya::maps::Map::LruHashMap(data)) => data,
-            _ => {
-                return Err(RedirectError::Map {
-                    name: names::MAP_ORIG_BY_TUPLE,
-                    reason: "missing from the object or not an LRU hash".into(),
-                })
-            }
-        };
-        let orig_by_tuple_fd = orig_by_tuple.fd().as_fd().as_raw_fd();
-        let delivering = match ebpf.take_map(names::MAP_DELIVERING) {
-            Some(aya::maps::Map::LruHashMap(data)) => data,
-            _ => {
-                return Err(RedirectError::Map {
-                    name: names::MAP_DELIVERING,
-                    reason: "missing from the object or not an LRU hash".into(),
-                })
-            }
-        };
-        let delivering_fd = delivering.fd().as_fd().as_raw_fd();
+        let (orig_by_tuple, orig_by_tuple_fd) = take_raw_lru(&mut ebpf, names::MAP_ORIG_BY_TUPLE)?;
+        let (delivering, delivering_fd) = take_raw_lru(&mut ebpf, names::MAP_DELIVERING)?;
 
         let mut fd_links: Vec<(&'static str, &'static str, FdLink)> = Vec::new();
         for (name, attach_type) in SOCK_ADDR_PROGRAMS {
@@ -503,6 +485,18 @@ where
         reason: "missing from the eBPF object".into(),
     })?;
     T::try_from(map).map_err(|e| map_err(name, e))
+}
+
+/// An LRU hash map the data path uses through raw `bpf(2)` calls: the map object (to keep the
+/// fd open) and its fd.
+fn take_raw_lru(ebpf: &mut Ebpf, name: &'static str) -> Result<(MapData, RawFd), RedirectError> {
+    match ebpf.take_map(name) {
+        Some(aya::maps::Map::LruHashMap(data)) => {
+            let fd = data.fd().as_fd().as_raw_fd();
+            Ok((data, fd))
+        }
+        _ => Err(RedirectError::Map { name, reason: "missing from the object or not an LRU hash".into() }),
+    }
 }
 
 fn map_err(name: &'static str, e: aya::maps::MapError) -> RedirectError {
