@@ -33,7 +33,8 @@ use crate::{
 #[derive(Debug, Clone)]
 pub struct RunArgs {
     pub node: String,
-    pub manifests: PathBuf,
+    /// Where the model comes from: the manifest directory (default) or the Kubernetes API.
+    pub source: discovery::SourceConfig,
     pub cgroup_root: PathBuf,
     pub fail_mode: FailMode,
     pub admin_addr: std::net::SocketAddr,
@@ -45,6 +46,8 @@ pub struct RunArgs {
     pub trust_domain: String,
     /// Lifetime of workload certificates (renewed at half of it).
     pub cert_lifetime: Duration,
+    /// On SIGTERM, how long open connections may take to finish before sluice exits.
+    pub drain_timeout: Duration,
 }
 
 enum Control {
@@ -80,11 +83,12 @@ pub fn run(args: RunArgs) -> Result<()> {
     let _source = {
         let model = model.clone();
         let tx = control_tx.clone();
-        discovery::ManifestDir::spawn(args.manifests.clone(), move |m: Arc<Model>| {
-            model.store(m.clone());
-            let _ = tx.send(Control::Model(m));
-        })
-        .with_context(|| format!("loading manifests from {}", args.manifests.display()))?
+        args.source
+            .spawn(&args.node, move |m: Arc<Model>| {
+                model.store(m.clone());
+                let _ = tx.send(Control::Model(m));
+            })
+            .with_context(|| format!("loading the model from the {}", args.source.describe()))?
     };
 
     let (redirector, logger) = Redirector::load_and_attach(&RedirectConfig {
@@ -131,14 +135,16 @@ pub fn run(args: RunArgs) -> Result<()> {
         identity: certs.clone(),
         trust_domain: args.trust_domain.clone(),
         pool: HbonePool::default(),
+        tunnel_fallbacks: Default::default(),
     });
     certs.spawn_rotation(data_rt.handle());
+    let inbound_stats = Arc::new(ServerStats::default());
     let inbound = Arc::new(Inbound {
         redirector: redirector.clone(),
         model: model.clone(),
         conns: conns.clone(),
         counters: Default::default(),
-        tunnel_stats: Arc::new(ServerStats::default()),
+        tunnel_stats: inbound_stats.clone(),
         connect_timeout: args.connect_timeout,
     });
     let mut enroller = Enroller::new(
@@ -157,7 +163,7 @@ pub fn run(args: RunArgs) -> Result<()> {
         ready: Default::default(),
         redirector: redirector.clone(),
         model: model.clone(),
-        conns,
+        conns: conns.clone(),
         pods: enroller.view(),
         certs: certs.clone(),
         inbound,
@@ -186,14 +192,38 @@ pub fn run(args: RunArgs) -> Result<()> {
         }
     };
 
-    info!(reason, "stopping");
+    // Graceful stop: not ready; new connections go to a successor process if one took over
+    // (its listeners share our ports and queued connections migrate to them), else pass
+    // through (fail-open) or are refused (fail-closed); open connections finish first.
     admin.ready.store(false, Ordering::Release);
-    // Tell the kernel programs right away: fail-open passes new connections through,
-    // fail-closed refuses them. In fail-open mode dropping the redirector also detaches.
+    let successor = !redirector.is_owner();
     redirector.mark_dead();
-    let _ = std::fs::remove_file(&args.admin_socket);
+    enroller.stop_accepting();
+    // Tunnels from other nodes: GOAWAY, so their next streams open new tunnels (to the
+    // successor, if there is one).
+    inbound_stats.draining.send_replace(true);
+    let open = conns.open_count();
+    info!(reason, successor, open_connections = open, drain_timeout_s = args.drain_timeout.as_secs(), "stopping: draining");
+    let deadline = Instant::now() + args.drain_timeout;
+    let mut last_report = Instant::now();
+    while conns.open_count() > 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+        if last_report.elapsed() >= Duration::from_secs(1) {
+            info!(open_connections = conns.open_count(), "draining");
+            last_report = Instant::now();
+        }
+    }
+    let left = conns.open_count();
+    if left > 0 {
+        warn!(open_connections = left, "drain timeout reached; closing the remaining connections");
+    }
+    if !successor {
+        // The successor, if any, has bound the socket path to itself by now.
+        let _ = std::fs::remove_file(&args.admin_socket);
+    }
     drop(enroller);
     data_rt.shutdown_timeout(Duration::from_millis(200));
+    info!("stopped");
     Ok(())
 }
 
@@ -209,13 +239,16 @@ fn start_admin_thread(
         .enable_all()
         .build()
         .context("starting the admin runtime")?;
-    // Bind before reporting ready, so a port clash is a start-up error, not a silent one.
-    let tcp = {
-        let _g = rt.enter();
-        let std_l = std::net::TcpListener::bind(args.admin_addr)
-            .with_context(|| format!("binding the admin API on {}", args.admin_addr))?;
-        std_l.set_nonblocking(true)?;
-        tokio::net::TcpListener::from_std(std_l)?
+    // During an upgrade the previous process still holds the admin port until it exits; the
+    // unix socket is taken over at once, the TCP port as soon as it is free. Any other bind
+    // error is a start-up error.
+    let tcp = match std::net::TcpListener::bind(args.admin_addr) {
+        Ok(l) => Some(l),
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+            warn!(addr = %args.admin_addr, "admin port busy (a previous sluice still draining?); will take it over when free");
+            None
+        }
+        Err(e) => return Err(e).with_context(|| format!("binding the admin API on {}", args.admin_addr)),
     };
     let unix = {
         let path = args.admin_socket.clone();
@@ -228,6 +261,7 @@ fn start_admin_thread(
             .with_context(|| format!("binding the admin socket {}", path.display()))?;
         (l, path)
     };
+    let admin_addr = args.admin_addr;
     std::thread::Builder::new()
         .name("sluice-admin".into())
         .spawn(move || {
@@ -235,7 +269,7 @@ fn start_admin_thread(
                 tokio::spawn(heartbeat(redirector));
                 tokio::spawn(forward_ebpf_logs(logger));
                 tokio::spawn(signals(control));
-                server::serve(admin, tcp, Some(unix)).await;
+                server::serve(admin, tcp, admin_addr, Some(unix)).await;
             })
         })
         .context("starting the admin thread")?;

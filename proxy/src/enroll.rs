@@ -83,7 +83,6 @@ pub struct Enroller {
     /// Pods whose enrollment failed for a reason that will not fix itself within a tick
     /// (e.g. the pod holds port 15001), with when we may try again.
     retry_after: HashMap<String, Instant>,
-    next_pod_id: u32,
     view: PodsView,
 }
 
@@ -131,7 +130,6 @@ impl Enroller {
             enrolled: HashMap::new(),
             waiting: HashSet::new(),
             retry_after: HashMap::new(),
-            next_pod_id: 1,
             view: Arc::new(RwLock::new(Vec::new())),
         }
     }
@@ -226,6 +224,12 @@ impl Enroller {
             .server_config(&identity)
             .map_err(|e| EnrollError::Failed(format!("TLS server configuration for {identity}: {e}")))?;
 
+        // Listeners are SO_REUSEPORT so the next sluice process can open its own next to ours;
+        // with tcp_migrate_req, connections still queued on ours when we close them move to
+        // the successor's instead of being reset.
+        if let Err(e) = netns.run(|| std::fs::write("/proc/sys/net/ipv4/tcp_migrate_req", "1")) .and_then(|r| r) {
+            debug!(pod = %key, error = %e, "cannot enable tcp_migrate_req (kernel < 5.14?); an upgrade may reset queued connections");
+        }
         let transparent = match deliver::prepare_pod(&netns) {
             Ok(()) => true,
             Err(e) => {
@@ -261,8 +265,9 @@ impl Enroller {
             }
         }
 
-        let pod_id = self.next_pod_id;
-        self.next_pod_id = self.next_pod_id.wrapping_add(1).max(1);
+        // The pod's number in the kernel maps comes from its cgroup id, so that every sluice
+        // process of this node (old and new, during an upgrade) uses the same one.
+        let pod_id = (cgroup_id as u32).max(1);
         let ctx = Arc::new(PodContext {
             pod_id,
             key: key.clone(),
@@ -345,7 +350,16 @@ impl Enroller {
         info!(pod = %pod.ctx.key, open_connections = pod.ctx.stats.open.load(Ordering::Relaxed), "pod released");
     }
 
-    /// Releases everything (graceful stop).
+    /// Stops accepting on every pod's listeners (graceful stop), leaving the kernel state
+    /// (enrollment, inbound capture) for a successor process or for fail-open/closed.
+    /// Connections already accepted carry on.
+    pub fn stop_accepting(&mut self) {
+        for pod in self.enrolled.values() {
+            pod.tasks.iter().for_each(JoinHandle::abort);
+        }
+    }
+
+    /// Releases everything.
     pub fn release_all(&mut self) {
         let pods: Vec<EnrolledPod> = self.enrolled.drain().map(|(_, p)| p).collect();
         for pod in pods {

@@ -26,7 +26,7 @@ use crate::{
     netns::PodNetns,
     redirect::Redirector,
     routing::{self, RoundRobin},
-    transport::{pump, HbonePool, PoolKey},
+    transport::{pump, HbonePool, PoolKey, TunnelError},
 };
 
 /// Per-direction copy buffer. Allocated only once a connection has data to move, so idle
@@ -60,6 +60,8 @@ pub struct DataPath {
     pub identity: Arc<CertManager>,
     pub trust_domain: String,
     pub pool: HbonePool,
+    /// Connections sent plaintext because the destination had no tunnel endpoint.
+    pub tunnel_fallbacks: AtomicU64,
 }
 
 /// Accepts connections on one of a pod's outbound listeners until the task is aborted
@@ -103,46 +105,29 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, dp: A
         .map(|p| SpiffeId::for_pod(&dp.trust_domain, p));
     drop(model);
 
-    let guard = dp.conns.open(
-        &pod.stats,
-        NewConn {
-            direction: Direction::Outbound,
-            peer_identity: mesh_peer.as_ref().map(|id| Arc::from(id.to_string())),
-            mtls: mesh_peer.is_some(),
-            source_pod: pod.key.clone(),
-            source_addr: SocketAddr::new(pod.ip, peer.port()),
-            original_dst: orig.addr,
-            service: target.service.clone(),
-            endpoint,
-        },
-    );
     let _ = client.set_nodelay(true);
     if let Some(peer_id) = mesh_peer {
-        let tls = match dp.identity.client_config(&pod.identity, peer_id.clone()) {
-            Ok(c) => c,
-            Err(e) => {
-                warn!(pod = %pod.key, peer = %peer_id, error = %e, "no client certificate for this pod yet; resetting connection");
-                reset(&client);
-                return;
-            }
-        };
-        let key = PoolKey {
-            src_pod: pod.pod_id,
-            src_identity: pod.identity_str.clone(),
-            dst_identity: peer_id.to_string().into(),
-            dst: endpoint.ip(),
-        };
-        match dp.pool.open(&key, &pod.netns, tls, endpoint, dp.connect_timeout).await {
+        match open_tunnel(&pod, &dp, &peer_id, endpoint).await {
             Ok((send, recv)) => {
+                let guard = dp.conns.open(&pod.stats, new_conn(&pod, peer, orig.addr, &target, endpoint, Some(&peer_id)));
                 debug!(pod = %pod.key, dst = %orig.addr, %endpoint, peer = %peer_id, id = guard.entry.id, "forwarding through tunnel");
                 pump::tcp_h2(client, send, recv, &guard.entry.sent, &guard.entry.received).await;
+                return;
+            }
+            // Nobody serves the mesh at the destination (its node's sluice is down, or has not
+            // enrolled the pod yet): like fail-open, do not black-hole the connection; go
+            // plaintext. (A STRICT destination still refuses it; TLS and identity failures
+            // never fall back.)
+            Err(e) if e.is_unreachable() => {
+                dp.tunnel_fallbacks.fetch_add(1, Ordering::Relaxed);
+                info!(pod = %pod.key, dst = %orig.addr, %endpoint, peer = %peer_id, error = %e, "no tunnel endpoint at the destination; sending plaintext");
             }
             Err(e) => {
                 warn!(pod = %pod.key, dst = %orig.addr, %endpoint, peer = %peer_id, error = %e, "tunnel failed; resetting client");
                 reset(&client);
+                return;
             }
         }
-        return;
     }
     let upstream = match connect(&pod.netns, endpoint, dp.connect_timeout).await {
         Ok(s) => s,
@@ -153,8 +138,48 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, dp: A
             return;
         }
     };
+    let guard = dp.conns.open(&pod.stats, new_conn(&pod, peer, orig.addr, &target, endpoint, None));
     debug!(pod = %pod.key, dst = %orig.addr, %endpoint, id = guard.entry.id, "forwarding");
     forward(client, upstream, &guard.entry.sent, &guard.entry.received).await;
+}
+
+fn new_conn(
+    pod: &PodContext,
+    peer: SocketAddr,
+    original_dst: SocketAddr,
+    target: &routing::Target,
+    endpoint: SocketAddr,
+    mesh_peer: Option<&SpiffeId>,
+) -> NewConn {
+    NewConn {
+        direction: Direction::Outbound,
+        peer_identity: mesh_peer.map(|id| Arc::from(id.to_string())),
+        mtls: mesh_peer.is_some(),
+        source_pod: pod.key.clone(),
+        source_addr: SocketAddr::new(pod.ip, peer.port()),
+        original_dst,
+        service: target.service.clone(),
+        endpoint,
+    }
+}
+
+async fn open_tunnel(
+    pod: &PodContext,
+    dp: &DataPath,
+    peer_id: &SpiffeId,
+    endpoint: SocketAddr,
+) -> Result<(h2::SendStream<bytes::Bytes>, h2::RecvStream), TunnelError> {
+    let tls = dp
+        .identity
+        .client_config(&pod.identity, peer_id.clone())
+        .map_err(|e| TunnelError::Config(format!("no client certificate for {}: {e}", pod.identity)))?;
+    let key = PoolKey {
+        src_pod: pod.pod_id,
+        src_identity: pod.identity_str.clone(),
+        dst_identity: peer_id.to_string().into(),
+        dst: endpoint.ip(),
+    };
+    dp.pool.open(&key, &pod.netns, tls, endpoint, dp.connect_timeout).await
 }
 
 async fn connect(netns: &PodNetns, endpoint: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {

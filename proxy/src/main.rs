@@ -7,6 +7,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use sluice::{
     cli::{self, AdminEndpoint, Output},
     daemon::{self, RunArgs},
+    discovery::{KubeConfig, SourceConfig},
     redirect::{self, FailMode},
 };
 
@@ -78,9 +79,22 @@ struct RunFlags {
     /// kernel-global objects of this instance (pins, admin socket).
     #[arg(long, env = "SLUICE_NODE")]
     node: String,
-    /// Directory of Kubernetes-style YAML manifests (watched for changes).
+    /// Directory of Kubernetes-style YAML manifests (watched for changes); required with
+    /// `--source manifests`.
     #[arg(long, env = "SLUICE_MANIFESTS")]
-    manifests: PathBuf,
+    manifests: Option<PathBuf>,
+    // --- Discovery source (the manifest directory stays the default) ---
+    /// Where the model comes from: a manifest directory, or the Kubernetes API (list/watch).
+    #[arg(long, value_enum, env = "SLUICE_SOURCE", default_value_t = Source::Manifests)]
+    source: Source,
+    /// With `--source kubernetes`: the API server URL, used as is without credentials (kubectl
+    /// proxy, tests). Without it: --kubeconfig, else KUBECONFIG / ~/.kube/config, else the
+    /// in-cluster service account.
+    #[arg(long, env = "SLUICE_KUBE_API")]
+    kube_api: Option<String>,
+    /// With `--source kubernetes`: a kubeconfig file (its current context).
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
     /// The cgroup-v2 directory holding kubepods/ or kubepods.slice/ (on a node: the cgroup-v2 mount).
     #[arg(long, env = "SLUICE_CGROUP_ROOT")]
     cgroup_root: PathBuf,
@@ -105,12 +119,21 @@ struct RunFlags {
     /// Lifetime of workload certificates in seconds (renewed at half of it).
     #[arg(long, default_value_t = 86400)]
     cert_lifetime_s: u64,
+    /// On SIGTERM, seconds to let open connections finish before exiting.
+    #[arg(long, default_value_t = 25)]
+    drain_timeout_s: u64,
     /// Upstream connect timeout in milliseconds.
     #[arg(long, default_value_t = 5000)]
     connect_timeout_ms: u64,
     /// Log format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Source {
+    Manifests,
+    Kubernetes,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -179,9 +202,10 @@ fn print(out: Result<String>) -> Result<()> {
 fn run(f: RunFlags) -> Result<()> {
     init_logging(f.log_format);
     let admin_socket = f.admin_socket.unwrap_or_else(|| cli::default_admin_socket(&f.node));
+    let source = source_config(f.source, f.manifests, f.kube_api, f.kubeconfig)?;
     let result = daemon::run(RunArgs {
         node: f.node,
-        manifests: f.manifests,
+        source,
         cgroup_root: f.cgroup_root,
         fail_mode: if f.fail_closed { FailMode::Closed } else { FailMode::Open },
         admin_addr: f.admin_addr,
@@ -191,11 +215,36 @@ fn run(f: RunFlags) -> Result<()> {
         ca_dir: f.ca_dir,
         trust_domain: f.trust_domain,
         cert_lifetime: Duration::from_secs(f.cert_lifetime_s),
+        drain_timeout: Duration::from_secs(f.drain_timeout_s),
     });
     if let Err(e) = &result {
         tracing::error!(error = format!("{e:#}"), "sluice failed to start");
     }
     result
+}
+
+/// `--source` and the flags that go with it.
+fn source_config(
+    source: Source,
+    manifests: Option<PathBuf>,
+    kube_api: Option<String>,
+    kubeconfig: Option<PathBuf>,
+) -> Result<SourceConfig> {
+    match source {
+        Source::Manifests => {
+            if kube_api.is_some() || kubeconfig.is_some() {
+                anyhow::bail!("--kube-api and --kubeconfig need --source kubernetes");
+            }
+            let dir = manifests.ok_or_else(|| anyhow::anyhow!("--manifests DIR is required with --source manifests (the default)"))?;
+            Ok(SourceConfig::Manifests(dir))
+        }
+        Source::Kubernetes => {
+            if let Some(dir) = manifests {
+                tracing::warn!(dir = %dir.display(), "--manifests is ignored with --source kubernetes");
+            }
+            Ok(SourceConfig::Kubernetes(KubeConfig { api_url: kube_api, kubeconfig, ..KubeConfig::default() }))
+        }
+    }
 }
 
 fn cleanup(node: &str, bpffs: &std::path::Path) -> Result<()> {

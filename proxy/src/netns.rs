@@ -188,6 +188,8 @@ fn listen(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
         s.set_only_v6(true)?;
     }
     s.set_reuse_address(true)?;
+    // The next sluice process binds the same addresses during an upgrade.
+    s.set_reuse_port(true)?;
     s.bind(&addr.into())?;
     s.listen(1024)?;
     s.set_nonblocking(true)?;

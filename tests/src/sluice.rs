@@ -133,7 +133,10 @@ impl Sluice {
     /// Polls `GET /status` (backoff from 10 ms) until it says `"ready": true`, and returns it.
     /// Fails with the log tail if sluice exits or `timeout` passes.
     pub fn wait_ready(&self, timeout: Duration) -> Result<Value> {
-        self.wait_for("/status", |v| v["ready"] == true, timeout)
+        // Match the pid: during an upgrade the previous process of the node may still answer
+        // on the same admin socket until this one has bound it.
+        let pid = u64::from(self.pid());
+        self.wait_for("/status", |v| v["ready"] == true && v["pid"].as_u64().is_none_or(|p| p == pid), timeout)
             .context("waiting for sluice to become ready")
     }
 

@@ -35,6 +35,11 @@ pub const RESERVED_PORTS: [u16; 6] = [
 pub const AF_INET: u16 = 2;
 pub const AF_INET6: u16 = 10;
 
+/// Version of the layout of the pinned maps (their names, key/value types and sizes). Bump it
+/// whenever any of them changes: a process with another layout then makes maps of its own
+/// instead of reusing incompatible ones.
+pub const MAP_LAYOUT_VERSION: u32 = 1;
+
 /// How many cgroup levels above a socket's own cgroup the programs look for an enrolled pod
 /// cgroup (containers live in sub-cgroups of their pod's cgroup on a real node).
 pub const MAX_CGROUP_DEPTH: u32 = 16;
@@ -95,7 +100,10 @@ pub mod config {
     pub const SELF_CGROUP: u32 = 2;
     /// A heartbeat older than this many nanoseconds means sluice is not alive.
     pub const STALE_AFTER_NS: u32 = 3;
-    pub const LEN: u32 = 4;
+    /// pid of the sluice process that currently owns the node (the newest to start). A process
+    /// that stops marks sluice dead only if it is still the owner: not when a successor took over.
+    pub const OWNER_PID: u32 = 4;
+    pub const LEN: u32 = 5;
 }
 
 /// Slots of the per-CPU `COUNTERS` array.

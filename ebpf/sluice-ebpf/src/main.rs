@@ -49,36 +49,39 @@ const V4_MAPPED_PREFIX: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
 const V6_LAST_WORD_ONE: u32 = u32::from_ne_bytes([0, 0, 0, 1]);
 const OUTBOUND_PORT_BE: u32 = OUTBOUND_PORT.to_be() as u32;
 
+// Every map except the log buffer is pinned (under <bpffs>/sluice/<node>/maps-v<layout>/) and
+// reused by the next sluice process of the node: during an upgrade, whichever process accepts
+// a redirected connection finds its original destination in the same maps.
 #[map]
-static CONFIG: Array<u64> = Array::with_max_entries(config::LEN, 0);
+static CONFIG: Array<u64> = Array::pinned(config::LEN, 0);
 
 /// Enrolled pod cgroups: cgroup v2 id → pod. Maintained by sluice.
 #[map]
-static ENROLLED: HashMap<u64, PodEntry> = HashMap::with_max_entries(16384, 0);
+static ENROLLED: HashMap<u64, PodEntry> = HashMap::pinned(16384, 0);
 
 /// Original destination per redirected client socket (cookie). LRU so that a burst of
 /// sockets never makes redirection fail; entries are also removed when the socket closes.
 #[map]
-static ORIG_BY_COOKIE: LruHashMap<u64, OrigDst> = LruHashMap::with_max_entries(65536, 0);
+static ORIG_BY_COOKIE: LruHashMap<u64, OrigDst> = LruHashMap::pinned(65536, 0);
 
 /// Original destination per established redirected connection, keyed as sluice's listener
 /// sees the client. sluice removes an entry when it accepts the connection.
 #[map]
-static ORIG_BY_TUPLE: LruHashMap<ConnKey, OrigDst> = LruHashMap::with_max_entries(65536, 0);
+static ORIG_BY_TUPLE: LruHashMap<ConnKey, OrigDst> = LruHashMap::pinned(65536, 0);
 
 /// sluice's inbound (plaintext capture) listener of each enrolled pod, keyed by the pod's IPv4
 /// address (network byte order). A socket leaves the map by itself when it is closed, so a
 /// dead sluice captures nothing: plaintext then reaches the application directly.
 #[map]
-static INBOUND: SockHash<u32> = SockHash::with_max_entries(16384, 0);
+static INBOUND: SockHash<u32> = SockHash::pinned(16384, 0);
 
 /// Source (address, port) of sluice's own connections delivering to applications, which must
 /// not be captured again. Key: `(ipv4 network-order) << 32 | port (host order)`.
 #[map]
-static DELIVERING: LruHashMap<u64, u8> = LruHashMap::with_max_entries(65536, 0);
+static DELIVERING: LruHashMap<u64, u8> = LruHashMap::pinned(65536, 0);
 
 #[map]
-static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::LEN, 0);
+static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(counter::LEN, 0);
 
 #[inline(always)]
 fn count(slot: u32) {

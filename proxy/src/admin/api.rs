@@ -9,6 +9,9 @@ pub use crate::{conns::ConnView, enroll::PodView};
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StatusView {
     pub version: String,
+    /// Process id (during an upgrade two sluice processes of a node exist for a while).
+    #[serde(default)]
+    pub pid: u32,
     pub node: String,
     pub ready: bool,
     pub fail_mode: String,

@@ -56,6 +56,7 @@ impl AdminState {
             all.insert(name.to_string(), value.load(Ordering::Relaxed));
         }
         all.insert("hbone_pooled_connections".to_string(), self.data.pool.len() as u64);
+        all.insert("hbone_fallback_plaintext".to_string(), self.data.tunnel_fallbacks.load(Ordering::Relaxed));
         all
     }
 
@@ -63,6 +64,7 @@ impl AdminState {
         let model = self.model.load();
         StatusView {
             version: env!("CARGO_PKG_VERSION").to_string(),
+            pid: std::process::id(),
             node: self.node.clone(),
             ready: self.ready.load(Ordering::Acquire),
             fail_mode: format!("{:?}", self.redirector.fail_mode()).to_lowercase(),
@@ -94,8 +96,14 @@ impl AdminState {
     }
 }
 
-/// Serves the admin API on `tcp` and `unix` until the process exits.
-pub async fn serve(state: Arc<AdminState>, tcp: TcpListener, unix: Option<(UnixListener, PathBuf)>) {
+/// Serves the admin API on TCP (`tcp`, or `addr` once it can be bound) and on `unix` until the
+/// process exits.
+pub async fn serve(
+    state: Arc<AdminState>,
+    tcp: Option<std::net::TcpListener>,
+    addr: std::net::SocketAddr,
+    unix: Option<(UnixListener, PathBuf)>,
+) {
     if let Some((unix, path)) = unix {
         let state = state.clone();
         tokio::spawn(async move {
@@ -110,6 +118,25 @@ pub async fn serve(state: Arc<AdminState>, tcp: TcpListener, unix: Option<(UnixL
             }
         });
     }
+    let tcp = match tcp {
+        Some(l) => l,
+        None => loop {
+            // The previous process releases the port when it exits.
+            tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+            if let Ok(l) = std::net::TcpListener::bind(addr) {
+                tracing::info!(%addr, "admin port taken over");
+                break l;
+            }
+        },
+    };
+    let tcp = match tcp.set_nonblocking(true).and_then(|_| TcpListener::from_std(tcp)) {
+        Ok(l) => l,
+        Err(e) => {
+            warn!(%addr, error = %e, "admin API not served on TCP");
+            std::future::pending::<()>().await;
+            unreachable!()
+        }
+    };
     loop {
         match tcp.accept().await {
             Ok((stream, _)) => spawn_conn(TokioIo::new(stream), state.clone()),
@@ -145,6 +172,7 @@ fn route(state: &AdminState, req: Request<Incoming>) -> Response<Full<Bytes>> {
         "/pods" => json(&enroll::pods_snapshot(&state.pods)),
         "/conns" => json(&state.conns.snapshot()),
         "/certs" => json(&state.certs.certs()),
+        "/model" => json(&state.model.load().view()),
         "/ready" => {
             if state.ready.load(Ordering::Acquire) {
                 text(StatusCode::OK, "ready\n")
@@ -152,7 +180,7 @@ fn route(state: &AdminState, req: Request<Incoming>) -> Response<Full<Bytes>> {
                 text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
             }
         }
-        other => text(StatusCode::NOT_FOUND, &format!("no such endpoint {other}; try /status, /pods, /conns, /certs, /ready\n")),
+        other => text(StatusCode::NOT_FOUND, &format!("no such endpoint {other}; try /status, /pods, /conns, /certs, /model, /ready\n")),
     }
 }
 

@@ -310,26 +310,39 @@ fn object_label(node: &Node<'_>) -> Option<String> {
 
 /// Validates the envelope (kind, apiVersion, metadata) and hands over to the kind's parser.
 fn parse_object(node: &Node<'_>, at: &DocRef) -> Result<Object, ParseError> {
-    let with_name = |e| doc_error(&item_at_with_name(at.clone(), node), e);
-    node.expect_mapping()
-        .map_err(|_| doc_error(at, DocError::NotAnObject { found: super::fields::describe(node.value) }))?;
-    let kind = node.get("kind").ok_or_else(|| with_name(DocError::Missing { field: "kind".into() }))?;
-    let kind = kind.as_str().map_err(with_name)?;
-    let api_version =
-        node.get("apiVersion").ok_or_else(|| with_name(DocError::Missing { field: "apiVersion".into() }))?;
-    let api_version = api_version.as_str().map_err(with_name)?;
-    let spec = KINDS.iter().find(|s| s.kind.as_str() == kind).ok_or_else(|| {
-        with_name(DocError::UnknownKind { kind: kind.to_owned(), api_version: api_version.to_owned() })
+    check_and_parse(node).map_err(|e| doc_error(&item_at_with_name(at.clone(), node), e))
+}
+
+/// Parses one object that arrives as a JSON value rather than in a file: what the Kubernetes
+/// API source gets from a list or a watch event. It goes through exactly the envelope checks and
+/// kind parsers a manifest file goes through, so both sources yield the same objects (same
+/// validation, same defaults). The error names the field; the caller names the object.
+pub fn parse_json_object(json: serde_json::Value) -> Result<Object, DocError> {
+    // JSON maps onto YAML's data model without loss (numbers, strings, maps, lists).
+    let value = serde_yaml::to_value(json)
+        .map_err(|e| DocError::Invalid { field: String::new(), reason: e.to_string() })?;
+    check_and_parse(&Node::root(&value))
+}
+
+fn check_and_parse(node: &Node<'_>) -> Result<Object, DocError> {
+    node.expect_mapping().map_err(|_| DocError::NotAnObject { found: super::fields::describe(node.value) })?;
+    let kind = node.get("kind").ok_or_else(|| DocError::Missing { field: "kind".into() })?;
+    let kind = kind.as_str()?;
+    let api_version = node.get("apiVersion").ok_or_else(|| DocError::Missing { field: "apiVersion".into() })?;
+    let api_version = api_version.as_str()?;
+    let spec = KINDS.iter().find(|s| s.kind.as_str() == kind).ok_or_else(|| DocError::UnknownKind {
+        kind: kind.to_owned(),
+        api_version: api_version.to_owned(),
     })?;
     if !spec.api_versions.contains(&api_version) {
-        return Err(with_name(DocError::UnsupportedVersion {
+        return Err(DocError::UnsupportedVersion {
             kind: kind.to_owned(),
             api_version: api_version.to_owned(),
             expected: spec.api_versions,
-        }));
+        });
     }
-    let meta = parse_meta(node, spec).map_err(with_name)?;
-    (spec.parse)(meta, node).map_err(with_name)
+    let meta = parse_meta(node, spec)?;
+    (spec.parse)(meta, node)
 }
 
 fn parse_meta(node: &Node<'_>, spec: &KindSpec) -> Result<Meta, DocError> {

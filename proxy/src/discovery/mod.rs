@@ -1,8 +1,7 @@
 //! Discovery: the in-memory model of namespaces, pods, services, endpoints and authorization
 //! policies, fed by sources.
 //!
-//! Data flows one way: a source (today the manifest directory; later the Kubernetes API)
-//! parses objects, builds an immutable [`Model`] snapshot with every index precomputed, and
+//! Data flows one way: a source (the manifest directory, or the Kubernetes API) parses objects, builds an immutable [`Model`] snapshot with every index precomputed, and
 //! publishes it as `Arc<Model>`. Consumers swap whole snapshots (`arc_swap::ArcSwap<Model>`
 //! for the data path, a `tokio::sync::watch` channel for control-plane tasks) and never see a
 //! half-applied change.
@@ -20,23 +19,30 @@
 //!
 //! Layout: `model` (object types), `snapshot` (the `Model` and its indexes), `manifest` (file
 //! parsing and the kind registry), `kinds` (one parser per kind), `fields` (field access with
-//! error paths), `store` (per-file state and conflict rules), `dir_source` (the watcher).
+//! error paths), `store` (per-file state and conflict rules), `dir_source` (the watcher),
+//! `kube` (the Kubernetes API source: list/watch into the same parsers), `view` (the model as
+//! `GET /model` shows it). [`SourceConfig`] picks the source; the manifest directory is the
+//! default.
 
 mod dir_source;
 mod fields;
 mod kinds;
+pub mod kube;
 pub mod manifest;
 mod model;
 mod snapshot;
 mod store;
+mod view;
 
 #[cfg(test)]
 mod tests;
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use thiserror::Error;
 
+pub use self::kube::{KubeConfig, KubeError, KubeSource, KubeSourceHandle};
 pub use dir_source::{ManifestDir, ManifestDirHandle};
 pub use manifest::{DocError, DocRef, Format, ParseError};
 pub use model::{
@@ -46,6 +52,10 @@ pub use model::{
     PEER_AUTH_ANNOTATION, SERVICE_NAME_LABEL,
 };
 pub use snapshot::{ManifestError, Model, ServiceTarget};
+pub use view::{
+    AuthorizationPolicyView, EndpointSliceView, ErrorView, ModelView, NamespaceView, PodView, ServicePortView,
+    ServiceView,
+};
 
 /// Why a source could not start. (Problems inside manifest files are not errors of the
 /// source: they are reported in [`Model::errors`] and logged.)
@@ -59,4 +69,46 @@ pub enum DiscoveryError {
     Read { dir: PathBuf, source: std::io::Error },
     #[error("cannot watch manifest directory {}: {source}", dir.display())]
     Watch { dir: PathBuf, source: notify::Error },
+    #[error(transparent)]
+    Kube(#[from] KubeError),
+}
+
+/// Where the model comes from (`sluice run --source`).
+#[derive(Debug, Clone)]
+pub enum SourceConfig {
+    /// A directory of manifests, watched for changes: the embedded default, no cluster needed.
+    Manifests(PathBuf),
+    /// The Kubernetes API (list/watch), for the pods of this node and what they talk to.
+    Kubernetes(KubeConfig),
+}
+
+impl SourceConfig {
+    /// Starts the source for node `node`: `publish` gets the first complete model before this
+    /// returns, then every new one (on the source's own thread; it must not block).
+    pub fn spawn<F>(&self, node: &str, publish: F) -> Result<SourceHandle, DiscoveryError>
+    where
+        F: Fn(Arc<Model>) + Send + 'static,
+    {
+        Ok(match self {
+            SourceConfig::Manifests(dir) => SourceHandle::Manifests(ManifestDir::spawn(dir.clone(), publish)?),
+            SourceConfig::Kubernetes(config) => {
+                SourceHandle::Kubernetes(KubeSource::spawn(config.clone(), node, publish)?)
+            }
+        })
+    }
+
+    /// For logs and errors: the directory, or the API server.
+    pub fn describe(&self) -> String {
+        match self {
+            SourceConfig::Manifests(dir) => format!("manifest directory {}", dir.display()),
+            SourceConfig::Kubernetes(config) => format!("Kubernetes API ({})", config.describe()),
+        }
+    }
+}
+
+/// Keeps a source running; dropping it stops the source.
+#[derive(Debug)]
+pub enum SourceHandle {
+    Manifests(ManifestDirHandle),
+    Kubernetes(KubeSourceHandle),
 }

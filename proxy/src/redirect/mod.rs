@@ -137,10 +137,20 @@ impl Redirector {
         // Kernel-side log lines cost a ring-buffer write each: only the levels that sluice's
         // own filter lets through for target `sluice_ebpf` are compiled in at load time.
         let kernel_log_level = kernel_log_level();
+        // The maps are pinned per node and reused by the next process of the node.
+        pins::ensure_bpffs(&cfg.bpffs).map_err(|reason| RedirectError::Pin { path: cfg.bpffs.clone(), reason })?;
+        let maps_dir = pins::maps_dir(&cfg.bpffs, &cfg.node);
+        std::fs::create_dir_all(&maps_dir)
+            .map_err(|e| RedirectError::Pin { path: maps_dir.clone(), reason: e.to_string() })?;
+        let reused = std::fs::read_dir(&maps_dir).map(|d| d.count()).unwrap_or(0) > 0;
         let mut ebpf = EbpfLoader::new()
             .override_global("AYA_LOG_LEVEL", &kernel_log_level, true)
+            .default_map_pin_directory(&maps_dir)
             .load(BPF_OBJECT)
             .map_err(RedirectError::Load)?;
+        if reused {
+            info!(dir = %maps_dir.display(), "reusing the maps of a previous sluice process of this node");
+        }
         // Before loading any program: the programs reference the log map.
         let logger = aya_log::EbpfLogger::init(&mut ebpf).map_err(|e| RedirectError::Map {
             name: "AYA_LOGS",
@@ -159,6 +169,7 @@ impl Redirector {
             (config::FAIL_CLOSED, fail_closed),
             (config::STALE_AFTER_NS, HEARTBEAT_STALE_AFTER.as_nanos() as u64),
             (config::HEARTBEAT_NS, boottime_ns()),
+            (config::OWNER_PID, u64::from(std::process::id())),
         ] {
             config.set(slot, value, 0).map_err(|e| map_err(names::MAP_CONFIG, e))?;
         }
@@ -206,26 +217,25 @@ impl Redirector {
             prog.load().map_err(|source| RedirectError::Program { name, source })?;
         }
 
-        // The new programs are attached: now drop whatever a previous sluice of this node left
-        // pinned (fail-closed), so that there is never a moment without redirection.
+        // The new programs are attached: now drop the links a previous fail-closed sluice of
+        // this node left pinned, so that there is never a moment without redirection.
         let pin_dir = pins::pin_dir(&cfg.bpffs, &cfg.node);
-        if let Err(e) = remove_pins(&cfg.bpffs, &cfg.node) {
+        if let Err(e) = pins::remove_stale(&cfg.bpffs, &cfg.node) {
             warn!(dir = %pin_dir.display(), error = %e, "could not remove previous pins");
         }
+        let links_dir = pins::links_dir(&cfg.bpffs, &cfg.node);
 
         let mut programs = Vec::new();
         let mut pinned = Vec::new();
         if cfg.fail_mode == FailMode::Closed {
             // Fail-closed: the links must outlive this process, so they are pinned in bpffs.
-            pins::ensure_bpffs(&cfg.bpffs)
-                .map_err(|reason| RedirectError::Pin { path: cfg.bpffs.clone(), reason })?;
-            std::fs::create_dir_all(&pin_dir).map_err(|e| RedirectError::Pin {
-                path: pin_dir.clone(),
+            std::fs::create_dir_all(&links_dir).map_err(|e| RedirectError::Pin {
+                path: links_dir.clone(),
                 reason: e.to_string(),
             })?;
             for (name, attach_type, link) in fd_links {
                 let info = link.info().ok();
-                let path = pin_dir.join(name);
+                let path = links_dir.join(name);
                 let pinned_link = link.pin(&path).map_err(|e| RedirectError::Pin {
                     path: path.clone(),
                     reason: e.to_string(),
@@ -284,14 +294,31 @@ impl Redirector {
         ))
     }
 
-    /// Refreshes the liveness entry the programs check before redirecting.
+    /// Refreshes the liveness entry the programs check before redirecting. (During a handover
+    /// both processes beat; that is fine, either one alive means sluice is alive.)
     pub fn heartbeat(&self) {
         self.set_config(config::HEARTBEAT_NS, boottime_ns());
     }
 
-    /// Marks sluice as gone right away (graceful stop), instead of waiting for staleness.
-    pub fn mark_dead(&self) {
+    /// Marks sluice as gone right away (graceful stop), instead of waiting for staleness,
+    /// unless a newer sluice process of this node has taken over the (shared) maps.
+    /// Returns whether it did.
+    pub fn mark_dead(&self) -> bool {
+        let config = self.config.lock().unwrap_or_else(|p| p.into_inner());
+        let owner = config.get(&config::OWNER_PID, 0).unwrap_or(0);
+        drop(config);
+        if owner != u64::from(std::process::id()) {
+            info!(successor_pid = owner, "a newer sluice process owns this node; leaving it in charge");
+            return false;
+        }
         self.set_config(config::HEARTBEAT_NS, 0);
+        true
+    }
+
+    /// Whether this process is still the node's owner (no successor started).
+    pub fn is_owner(&self) -> bool {
+        let config = self.config.lock().unwrap_or_else(|p| p.into_inner());
+        config.get(&config::OWNER_PID, 0).unwrap_or(0) == u64::from(std::process::id())
     }
 
     fn set_config(&self, slot: u32, value: u64) {

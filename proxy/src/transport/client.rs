@@ -50,6 +50,12 @@ impl TunnelError {
     pub fn is_refusal(&self) -> bool {
         matches!(self, TunnelError::Refused { .. })
     }
+
+    /// Whether nothing listens on the destination's tunnel port (its node's sluice is not
+    /// serving that pod): the TCP connection itself was refused.
+    pub fn is_unreachable(&self) -> bool {
+        matches!(self, TunnelError::Connect { source, .. } if source.kind() == io::ErrorKind::ConnectionRefused)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]

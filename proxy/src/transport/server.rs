@@ -36,11 +36,24 @@ pub struct TunnelRequest {
     pub respond: SendResponse<Bytes>,
 }
 
-/// Counters of tunnels refused before any stream (bad TLS, no client cert, not HTTP/2...).
-#[derive(Debug, Default)]
+/// Counters of tunnels refused before any stream (bad TLS, no client cert, not HTTP/2...),
+/// and the node-wide "draining" signal: when set, every tunnel sends GOAWAY (its open streams
+/// finish; clients open new tunnels, to the next sluice process during an upgrade).
+#[derive(Debug)]
 pub struct ServerStats {
     pub handshakes_failed: AtomicU64,
     pub streams_rejected: AtomicU64,
+    pub draining: tokio::sync::watch::Sender<bool>,
+}
+
+impl Default for ServerStats {
+    fn default() -> Self {
+        Self {
+            handshakes_failed: AtomicU64::new(0),
+            streams_rejected: AtomicU64::new(0),
+            draining: tokio::sync::watch::channel(false).0,
+        }
+    }
 }
 
 /// Serves `listener` until the task is aborted. `tls` gives the current server configuration
@@ -105,7 +118,24 @@ pub async fn serve<H, F>(
                 }
             };
             debug!(%pod, %peer, peer_identity = %peer_identity, "HBONE tunnel accepted");
-            while let Some(next) = conn.accept().await {
+            let mut draining = stats.draining.subscribe();
+            let mut goaway_sent = false;
+            loop {
+                let next = if goaway_sent {
+                    // Keep serving the streams already open until the peer is done.
+                    conn.accept().await
+                } else {
+                    tokio::select! {
+                        next = conn.accept() => next,
+                        _ = until_draining(&mut draining) => {
+                            debug!(%pod, %peer, "draining: GOAWAY");
+                            conn.graceful_shutdown();
+                            goaway_sent = true;
+                            continue;
+                        }
+                    }
+                };
+                let Some(next) = next else { break };
                 let (request, mut respond) = match next {
                     Ok(r) => r,
                     Err(e) => {
@@ -135,6 +165,19 @@ pub async fn serve<H, F>(
                 tokio::spawn(handler(req));
             }
         });
+    }
+}
+
+/// Resolves once the node starts draining (never, if the signal's sender is gone).
+async fn until_draining(rx: &mut tokio::sync::watch::Receiver<bool>) {
+    loop {
+        let draining = *rx.borrow_and_update();
+        if draining {
+            return;
+        }
+        if rx.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
     }
 }
 

@@ -2,6 +2,7 @@
 
 mod authz;
 mod fixtures;
+mod kube;
 mod parse;
 mod resolve;
 mod store;

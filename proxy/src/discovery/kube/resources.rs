@@ -1,0 +1,97 @@
+//! What the Kubernetes source watches: one entry per watch, each feeding one kind of the model.
+//!
+//! Pods are watched twice, with complementary field selectors, so every pod arrives through
+//! exactly one watch:
+//!
+//! - `spec.nodeName=<this node>`: the pods sluice serves (enrollment, certificates, policy
+//!   selection by labels). This is the watch that matters for the node; it is small, lists
+//!   fast, and its relists never depend on the size of the cluster.
+//! - `spec.nodeName!=<this node>`: every other pod, because the data path maps a destination
+//!   pod IP to its mesh identity (namespace, service account) to open the HBONE tunnel with the
+//!   right expectations, and the inbound side maps a plaintext client IP to a pod. The API
+//!   cannot project fields (a metadata-only watch has no `status.podIP`), so this watch carries
+//!   whole pods: its cost is O(pods in the cluster) on the wire at every (re)list and every pod
+//!   update anywhere, which the API server's watch cache serves without touching etcd. sluice
+//!   keeps only the distilled [`Pod`](crate::discovery::Pod) (a few hundred bytes each), and a
+//!   pod update that changes none of its fields (most are status conditions) does not rebuild
+//!   the model. Unscheduled pods match this selector too; they have no IP yet and are skipped.
+//!
+//! Istio's AuthorizationPolicy is a CRD: a cluster without Istio's CRDs does not serve it, and
+//! sluice then carries on without policies (see [`WatchSpec::optional`]).
+
+use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use ::kube::core::ApiResource;
+
+use crate::discovery::model::Kind;
+
+/// Which pods a watch selects, relative to this node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum NodeSelector {
+    All,
+    ThisNode,
+    OtherNodes,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct WatchSpec {
+    /// For logs and errors: `pods (this node)`, `services`, ...
+    pub label: &'static str,
+    pub resource: ApiResource,
+    pub kind: Kind,
+    pub namespaced: bool,
+    pub nodes: NodeSelector,
+    /// A 404 on the list means "not installed", not an error: carry on without it.
+    pub optional: bool,
+}
+
+impl WatchSpec {
+    /// The field selector for this watch on `node`.
+    pub fn field_selector(&self, node: &str) -> Option<String> {
+        match self.nodes {
+            NodeSelector::All => None,
+            NodeSelector::ThisNode => Some(format!("spec.nodeName={node}")),
+            NodeSelector::OtherNodes => Some(format!("spec.nodeName!={node}")),
+        }
+    }
+}
+
+/// The group/version sluice reads AuthorizationPolicies at. v1 is served by Istio 1.22 and
+/// later, with the same schema as v1beta1.
+pub(crate) fn authorization_policy_resource() -> ApiResource {
+    ApiResource {
+        group: "security.istio.io".into(),
+        version: "v1".into(),
+        api_version: "security.istio.io/v1".into(),
+        kind: "AuthorizationPolicy".into(),
+        plural: "authorizationpolicies".into(),
+    }
+}
+
+/// Every watch, in the order their objects are fed to the model.
+pub(crate) fn watches() -> Vec<WatchSpec> {
+    let spec = |label, resource, kind, namespaced, nodes, optional| WatchSpec {
+        label,
+        resource,
+        kind,
+        namespaced,
+        nodes,
+        optional,
+    };
+    use NodeSelector::*;
+    vec![
+        spec("namespaces", ApiResource::erase::<Namespace>(&()), Kind::Namespace, false, All, false),
+        spec("pods (this node)", ApiResource::erase::<Pod>(&()), Kind::Pod, true, ThisNode, false),
+        spec("pods (other nodes)", ApiResource::erase::<Pod>(&()), Kind::Pod, true, OtherNodes, false),
+        spec("services", ApiResource::erase::<Service>(&()), Kind::Service, true, All, false),
+        spec("endpointslices", ApiResource::erase::<EndpointSlice>(&()), Kind::EndpointSlice, true, All, false),
+        spec(
+            "authorizationpolicies",
+            authorization_policy_resource(),
+            Kind::AuthorizationPolicy,
+            true,
+            All,
+            true,
+        ),
+    ]
+}

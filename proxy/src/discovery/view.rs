@@ -1,0 +1,166 @@
+//! [`ModelView`]: the model as the admin API shows it (`GET /model`).
+//!
+//! A flat, sorted summary of what discovery knows, whichever source fed it: operators compare it
+//! with `kubectl get`, and the end-to-end tests compare it with what they told the (fake) API
+//! server or wrote into the manifest directory. Sorted by namespace and name so that two views
+//! of the same model are byte-for-byte equal.
+
+use std::net::IpAddr;
+
+use serde::Serialize;
+
+use super::model::{PeerAuthMode, Protocol, TargetPort};
+use super::snapshot::Model;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ModelView {
+    /// Counts up with every snapshot the source publishes.
+    pub generation: u64,
+    /// Objects (manifest files, or API objects named `kubernetes:<Kind>/<ns>/<name>`) that are
+    /// not in force, or not in their latest version, and why.
+    pub errors: Vec<ErrorView>,
+    pub namespaces: Vec<NamespaceView>,
+    pub pods: Vec<PodView>,
+    pub services: Vec<ServiceView>,
+    pub endpoint_slices: Vec<EndpointSliceView>,
+    pub authorization_policies: Vec<AuthorizationPolicyView>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ErrorView {
+    /// A manifest file's path, or `kubernetes:<Kind>/<namespace>/<name>`.
+    pub source: String,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct NamespaceView {
+    pub name: String,
+    pub enrolled: bool,
+    pub peer_auth: PeerAuthMode,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PodView {
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+    pub ip: IpAddr,
+    pub node: Option<String>,
+    pub service_account: String,
+    pub phase: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ServiceView {
+    pub namespace: String,
+    pub name: String,
+    pub cluster_ip: Option<IpAddr>,
+    pub ports: Vec<ServicePortView>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ServicePortView {
+    pub name: Option<String>,
+    pub port: u16,
+    pub protocol: Protocol,
+    pub target_port: TargetPort,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct EndpointSliceView {
+    pub namespace: String,
+    pub name: String,
+    pub service: String,
+    /// Addresses of the ready endpoints, sorted.
+    pub ready_addresses: Vec<IpAddr>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AuthorizationPolicyView {
+    pub namespace: String,
+    pub name: String,
+    pub action: super::model::AuthzAction,
+}
+
+impl Model {
+    /// The summary `GET /model` serves.
+    pub fn view(&self) -> ModelView {
+        let mut namespaces: Vec<NamespaceView> = self
+            .namespaces()
+            .map(|n| NamespaceView { name: n.name.clone(), enrolled: n.enrolled, peer_auth: n.peer_auth })
+            .collect();
+        namespaces.sort_by(|a, b| a.name.cmp(&b.name));
+
+        let mut pods: Vec<PodView> = self
+            .pods()
+            .map(|p| PodView {
+                namespace: p.namespace.clone(),
+                name: p.name.clone(),
+                uid: p.uid.clone(),
+                ip: p.ip,
+                node: p.node_name.clone(),
+                service_account: p.service_account.clone(),
+                phase: p.phase.as_str().to_owned(),
+            })
+            .collect();
+        pods.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+
+        let mut services: Vec<ServiceView> = self
+            .services()
+            .map(|s| ServiceView {
+                namespace: s.namespace.clone(),
+                name: s.name.clone(),
+                cluster_ip: s.cluster_ip,
+                ports: s
+                    .ports
+                    .iter()
+                    .map(|p| ServicePortView {
+                        name: p.name.clone(),
+                        port: p.port,
+                        protocol: p.protocol,
+                        target_port: p.target_port.clone(),
+                    })
+                    .collect(),
+            })
+            .collect();
+        services.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+
+        let mut endpoint_slices: Vec<EndpointSliceView> = self
+            .endpoint_slices()
+            .map(|s| {
+                let mut ready: Vec<IpAddr> =
+                    s.endpoints.iter().filter(|e| e.ready).flat_map(|e| e.addresses.iter().copied()).collect();
+                ready.sort_unstable();
+                ready.dedup();
+                EndpointSliceView {
+                    namespace: s.namespace.clone(),
+                    name: s.name.clone(),
+                    service: s.service_name.clone(),
+                    ready_addresses: ready,
+                }
+            })
+            .collect();
+        endpoint_slices.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+
+        let mut authorization_policies: Vec<AuthorizationPolicyView> = self
+            .all_authorization_policies()
+            .map(|p| AuthorizationPolicyView { namespace: p.namespace.clone(), name: p.name.clone(), action: p.action })
+            .collect();
+        authorization_policies.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+
+        ModelView {
+            generation: self.generation(),
+            errors: self
+                .errors()
+                .iter()
+                .map(|e| ErrorView { source: e.file.display().to_string(), reason: e.reason.clone() })
+                .collect(),
+            namespaces,
+            pods,
+            services,
+            endpoint_slices,
+            authorization_policies,
+        }
+    }
+}
