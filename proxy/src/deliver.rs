@@ -36,10 +36,10 @@ const RULE_PREF: u32 = 32000;
 /// Prepares a pod's namespace for transparent delivery. Idempotent.
 pub fn prepare_pod(netns: &PodNetns) -> io::Result<()> {
     netns.run(|| -> io::Result<()> {
-        std::fs::write("/proc/sys/net/ipv4/tcp_fwmark_accept", "1")?;
+        crate::sysctl::write_net("ipv4.tcp_fwmark_accept", "1")?;
         // Replies the kernel makes itself (a RST from a closed port, ICMP) must carry the
         // mark too, or a refused delivery would look like a timeout.
-        std::fs::write("/proc/sys/net/ipv4/fwmark_reflect", "1")?;
+        crate::sysctl::write_net("ipv4.fwmark_reflect", "1")?;
         let mark = format!("{DELIVERY_MARK:#x}/{MARK_MASK:#x}");
         let rules = ip(&["-4", "rule", "show", "pref", &RULE_PREF.to_string()])?;
         if !rules.contains(&format!("lookup {TABLE}")) {

@@ -227,7 +227,7 @@ impl Enroller {
         // Listeners are SO_REUSEPORT so the next sluice process can open its own next to ours;
         // with tcp_migrate_req, connections still queued on ours when we close them move to
         // the successor's instead of being reset.
-        if let Err(e) = netns.run(|| std::fs::write("/proc/sys/net/ipv4/tcp_migrate_req", "1")) .and_then(|r| r) {
+        if let Err(e) = netns.run(|| crate::sysctl::write_net("ipv4.tcp_migrate_req", "1")) .and_then(|r| r) {
             debug!(pod = %key, error = %e, "cannot enable tcp_migrate_req (kernel < 5.14?); an upgrade may reset queued connections");
         }
         let transparent = match deliver::prepare_pod(&netns) {

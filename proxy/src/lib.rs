@@ -19,4 +19,5 @@ pub mod podres;
 pub mod policy;
 pub mod redirect;
 pub mod routing;
+pub mod sysctl;
 pub mod transport;

@@ -31,7 +31,27 @@ pub fn run() -> Result<()> {
     ensure_nightly_rust_src()?;
     ensure_bpf_linker()?;
     ensure_nextest()?;
+    ensure_python_packages()?;
     Ok(())
+}
+
+/// Python tools the deploy/ validation test runs (Kubernetes schemas, CRD schemas).
+fn ensure_python_packages() -> Result<()> {
+    let present = Command::new("python3")
+        .args(["-c", "import kubernetes_validate, jsonschema"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if present {
+        return Ok(());
+    }
+    eprintln!("setup: installing kubernetes-validate and jsonschema (PyPI)");
+    run_cmd(
+        Command::new("python3").args(["-m", "pip", "install", "--quiet", "kubernetes-validate==1.37.0", "jsonschema>=4.18"]),
+        "pip install kubernetes-validate jsonschema",
+    )
 }
 
 fn ensure_root() -> Result<()> {

@@ -1,0 +1,282 @@
+//! The Kubernetes manifests in `deploy/` (issue 7, acceptance 2): every manifest validates
+//! against the Kubernetes schemas of a current release, CRDs included, and the example
+//! resources validate against the CRDs' schemas. The validation itself is
+//! `tests/deploy/validate.py` (kubernetes-validate and jsonschema from PyPI, which `cargo xtask
+//! setup` installs); this suite runs it and fails with its output. The other tests pin down the
+//! security-relevant choices of the DaemonSet and the RBAC rules, so that a later edit that
+//! widens them fails here rather than in a review.
+//!
+//! No root, no cluster, no network: a few seconds.
+
+use std::{
+    collections::BTreeSet,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{bail, ensure, Context, Result};
+use serde::Deserialize;
+use serde_yaml::Value;
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_path_buf()
+}
+
+fn deploy_dir() -> PathBuf {
+    repo_root().join("deploy")
+}
+
+/// Every `*.yaml`, `*.yml`, `*.json` under `dir`, recursively.
+fn manifest_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).with_context(|| format!("reading {}", d.display()))? {
+            let path = entry?.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if path.extension().is_some_and(|e| e == "yaml" || e == "yml" || e == "json") {
+                out.push(path);
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// All documents of one manifest file.
+fn documents(path: &Path) -> Result<Vec<Value>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut docs = Vec::new();
+    for de in serde_yaml::Deserializer::from_str(&text) {
+        let v = Value::deserialize(de).with_context(|| format!("parsing {}", path.display()))?;
+        if !v.is_null() {
+            docs.push(v);
+        }
+    }
+    Ok(docs)
+}
+
+fn one_of_kind(path: &Path, kind: &str) -> Result<Value> {
+    let docs = documents(path)?;
+    let mut it = docs.into_iter().filter(|d| d["kind"] == kind);
+    let doc = it.next().with_context(|| format!("no {kind} in {}", path.display()))?;
+    ensure!(it.next().is_none(), "more than one {kind} in {}", path.display());
+    Ok(doc)
+}
+
+fn strings(v: &Value) -> Vec<String> {
+    v.as_sequence()
+        .map(|s| s.iter().filter_map(|x| x.as_str().map(str::to_owned)).collect())
+        .unwrap_or_default()
+}
+
+/// Acceptance 2: kubernetes-validate (strict, the oldest supported and the newest shipped
+/// Kubernetes release) for built-in kinds and CRDs, the CRDs' openAPIV3Schema for the custom
+/// resources, plus cross-references between the manifests.
+#[test]
+fn every_manifest_validates_against_kubernetes_and_crd_schemas() -> Result<()> {
+    let script = repo_root().join("tests/deploy/validate.py");
+    let out =
+        Command::new("python3").arg(&script).arg(deploy_dir()).current_dir(repo_root()).output().context(
+            "running python3 (the deploy validation needs Python 3 with kubernetes-validate and jsonschema)",
+        )?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if !out.status.success() {
+        bail!(
+            "{} failed ({}).\n--- stdout\n{stdout}\n--- stderr\n{stderr}\n\
+             (its Python packages come from `python3 -m pip install kubernetes-validate==1.37.0 jsonschema`, \
+             which `cargo xtask setup` runs)",
+            script.display(),
+            out.status
+        );
+    }
+    print!("{stdout}");
+
+    // The validator saw every manifest file there is, and checked every document.
+    let files = manifest_files(&deploy_dir())?;
+    let docs: usize = files.iter().map(|f| documents(f).map(|d| d.len())).sum::<Result<usize>>()?;
+    let summary = format!("{docs} documents in {} files, 0 errors", files.len());
+    ensure!(stdout.contains(&summary), "expected the validator to report {summary:?}:\n{stdout}");
+    ensure!(
+        stdout.lines().filter(|l| l.starts_with("checked ")).count() == docs,
+        "every document must be reported as checked:\n{stdout}"
+    );
+    // The kinds this suite is about were validated by the right schemas (built-in kinds against
+    // the oldest supported release, 1.30, and the newest one kubernetes-validate ships).
+    for needle in [
+        "DaemonSet/sluice): Kubernetes 1.30, 1.",
+        "CustomResourceDefinition/trafficpolicies.sluice.dev): Kubernetes 1.30, 1.",
+        "TrafficPolicy/reviews): CRD schema trafficpolicies.sluice.dev.yaml",
+        "AuthorizationPolicy/ratings-from-reviews): CRD schema authorizationpolicies.security.istio.io.yaml",
+        "HTTPRoute/reviews-canary): stand-in schema gateway-api-routes-subset.yaml",
+    ] {
+        ensure!(stdout.contains(needle), "expected {needle:?} in the validator's report:\n{stdout}");
+    }
+    Ok(())
+}
+
+/// The DaemonSet runs sluice unprivileged with exactly the capabilities it needs, on every node,
+/// with the host namespaces and mounts sluice's kernel work requires.
+#[test]
+fn daemonset_is_least_privilege_and_runs_everywhere() -> Result<()> {
+    let ds = one_of_kind(&deploy_dir().join("daemonset.yaml"), "DaemonSet")?;
+    let pod = &ds["spec"]["template"]["spec"];
+    let containers = pod["containers"].as_sequence().context("containers")?;
+    ensure!(containers.len() == 1, "one container");
+    let c = &containers[0];
+    let sc = &c["securityContext"];
+
+    ensure!(sc["privileged"] != Value::Bool(true), "sluice's container must not be privileged");
+    ensure!(
+        strings(&sc["capabilities"]["drop"]) == ["ALL"],
+        "drop ALL capabilities: {:?}",
+        sc["capabilities"]
+    );
+    let added: BTreeSet<String> = strings(&sc["capabilities"]["add"]).into_iter().collect();
+    let expected: BTreeSet<String> =
+        ["BPF", "NET_ADMIN", "SYS_ADMIN", "PERFMON", "SYS_PTRACE"].map(String::from).into_iter().collect();
+    ensure!(added == expected, "capabilities {added:?}, expected exactly {expected:?}");
+    ensure!(sc["readOnlyRootFilesystem"] == Value::Bool(true), "read-only root filesystem");
+
+    // The only privileged container is the one-line bpffs mount (Bidirectional propagation
+    // demands privileged), and it does nothing else.
+    for init in pod["initContainers"].as_sequence().into_iter().flatten() {
+        if init["securityContext"]["privileged"] == Value::Bool(true) {
+            ensure!(init["name"] == "mount-bpffs", "unexpected privileged init container {:?}", init["name"]);
+            let cmd = strings(&init["command"]).join(" ");
+            ensure!(cmd.contains("mount -t bpf bpf /sys/fs/bpf"), "mount-bpffs runs {cmd:?}");
+        }
+    }
+
+    ensure!(pod["hostPID"] == Value::Bool(true), "hostPID: pods' /proc/<pid>/ns/net");
+    ensure!(pod["hostNetwork"] == Value::Bool(true), "hostNetwork: node-local admin API");
+    ensure!(pod["priorityClassName"] == "system-node-critical", "priority class");
+    let tolerations = pod["tolerations"].as_sequence().context("tolerations")?;
+    ensure!(
+        tolerations
+            .iter()
+            .any(|t| t["operator"] == "Exists" && t.get("key").is_none() && t.get("effect").is_none()),
+        "a toleration that tolerates every taint: {tolerations:?}"
+    );
+    ensure!(
+        pod["terminationGracePeriodSeconds"].as_u64().is_some_and(|s| s >= 30),
+        "a grace period for draining"
+    );
+    // Upgrades without loss: the new pod starts beside the old one on each node.
+    let strategy = &ds["spec"]["updateStrategy"];
+    ensure!(
+        strategy["type"] == "RollingUpdate"
+            && strategy["rollingUpdate"]["maxSurge"] == 1
+            && strategy["rollingUpdate"]["maxUnavailable"] == 0,
+        "{strategy:?}"
+    );
+    // ... which declared ports would forbid (a host-network pod's ports become hostPorts).
+    ensure!(c.get("ports").is_none(), "no container ports on a host-network pod that surges");
+
+    // Requests and limits on every container.
+    for c in containers.iter().chain(pod["initContainers"].as_sequence().into_iter().flatten()) {
+        for k in ["requests", "limits"] {
+            ensure!(c["resources"][k]["memory"].is_string(), "{:?}: resources.{k}.memory", c["name"]);
+        }
+    }
+
+    // Probes through the admin socket, which belongs to the newest sluice on the node.
+    let ready = strings(&c["readinessProbe"]["exec"]["command"]).join(" ");
+    ensure!(
+        ready.contains("sluice status --node \"$NODE_NAME\"") && ready.contains("\"ready\""),
+        "readiness asks the node's newest sluice whether it is ready: {ready}"
+    );
+    let live = strings(&c["livenessProbe"]["exec"]["command"]).join(" ");
+    ensure!(live.contains("sluice status --node \"$NODE_NAME\""), "liveness: {live}");
+
+    // The command line and the mounts it relies on.
+    let args = strings(&c["args"]);
+    for want in [
+        "run",
+        "--node=$(NODE_NAME)",
+        "--source=kubernetes",
+        "--cgroup-root=/host/sys/fs/cgroup",
+        "--ca-dir=/etc/sluice/ca",
+        "--bpffs=/sys/fs/bpf",
+    ] {
+        ensure!(args.iter().any(|a| a == want), "sluice run needs {want}: {args:?}");
+    }
+    let env = c["env"].as_sequence().context("env")?;
+    let node = env.iter().find(|e| e["name"] == "NODE_NAME").context("NODE_NAME env")?;
+    ensure!(node["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName", "{node:?}");
+    ensure!(env.iter().any(|e| e["name"] == "SLUICE_LOG"), "SLUICE_LOG from the ConfigMap");
+
+    let mounts = c["volumeMounts"].as_sequence().context("volumeMounts")?;
+    let volumes = pod["volumes"].as_sequence().context("volumes")?;
+    let host_path = |mount_path: &str| -> Option<(String, Option<String>)> {
+        let m = mounts.iter().find(|m| m["mountPath"] == mount_path)?;
+        let v = volumes.iter().find(|v| v["name"] == m["name"])?;
+        let src = v["hostPath"]["path"].as_str().or_else(|| v["secret"]["secretName"].as_str())?;
+        Some((src.to_owned(), m["mountPropagation"].as_str().map(str::to_owned)))
+    };
+    ensure!(
+        host_path("/host/sys/fs/cgroup").is_some_and(|(p, _)| p == "/sys/fs/cgroup"),
+        "host cgroup2 mount"
+    );
+    ensure!(
+        host_path("/sys/fs/bpf") == Some(("/sys/fs/bpf".into(), Some("HostToContainer".into()))),
+        "host bpffs with HostToContainer propagation"
+    );
+    ensure!(
+        host_path("/run/sluice").is_some_and(|(p, _)| p == "/run/sluice"),
+        "admin socket dir on the host"
+    );
+    ensure!(host_path("/etc/sluice/ca").is_some_and(|(s, _)| s == "sluice-ca"), "mesh root from the Secret");
+    Ok(())
+}
+
+/// sluice only reads the API: get/list/watch on what it watches, nothing else.
+#[test]
+fn rbac_only_reads_what_sluice_watches() -> Result<()> {
+    let role = one_of_kind(&deploy_dir().join("rbac.yaml"), "ClusterRole")?;
+    let mut granted = BTreeSet::new();
+    for rule in role["rules"].as_sequence().context("rules")? {
+        let verbs: BTreeSet<String> = strings(&rule["verbs"]).into_iter().collect();
+        ensure!(
+            verbs == ["get", "list", "watch"].map(String::from).into_iter().collect(),
+            "verbs {verbs:?} in {rule:?}"
+        );
+        ensure!(rule.get("resourceNames").is_none() && rule.get("nonResourceURLs").is_none(), "{rule:?}");
+        for g in strings(&rule["apiGroups"]) {
+            for r in strings(&rule["resources"]) {
+                ensure!(!g.contains('*') && !r.contains('*'), "no wildcards: {g}/{r}");
+                granted.insert(format!("{g}/{r}"));
+            }
+        }
+    }
+    let expected: BTreeSet<String> = [
+        "/namespaces",
+        "/pods",
+        "/services",
+        "discovery.k8s.io/endpointslices",
+        "security.istio.io/authorizationpolicies",
+        "gateway.networking.k8s.io/httproutes",
+        "gateway.networking.k8s.io/grpcroutes",
+        "sluice.dev/trafficpolicies",
+    ]
+    .map(String::from)
+    .into_iter()
+    .collect();
+    ensure!(granted == expected, "granted {granted:?}, expected exactly {expected:?}");
+
+    // Every sluice.dev CRD shipped is readable by sluice.
+    for f in manifest_files(&deploy_dir().join("crds"))? {
+        for crd in documents(&f)? {
+            let g = crd["spec"]["group"].as_str().unwrap_or_default();
+            let plural = crd["spec"]["names"]["plural"].as_str().unwrap_or_default();
+            ensure!(
+                granted.contains(&format!("{g}/{plural}")),
+                "{}: {g}/{plural} is not granted",
+                f.display()
+            );
+        }
+    }
+    Ok(())
+}
