@@ -145,6 +145,14 @@ impl Enroller {
         let desired: HashMap<&str, &Arc<Pod>> = model
             .pods_on_node(&node)
             .filter(|p| model.is_enrolled(&p.namespace))
+            .filter(|p| {
+                // A hostNetwork pod shares the node's network namespace: there is no pod
+                // namespace to capture in, and capturing the node's would capture everything.
+                if p.host_network && self.waiting.insert(p.uid.clone()) {
+                    info!(pod = %format!("{}/{}", p.namespace, p.name), "hostNetwork pods are never enrolled");
+                }
+                !p.host_network
+            })
             .map(|p| (p.uid.as_str(), p))
             .collect();
 
@@ -161,7 +169,7 @@ impl Enroller {
                 self.release(pod);
             }
         }
-        self.waiting.retain(|uid| desired.contains_key(uid.as_str()));
+        self.waiting.retain(|uid| desired.contains_key(uid.as_str()) || model.pods_on_node(&node).any(|p| p.host_network && &p.uid == uid));
         self.retry_after.retain(|uid, _| desired.contains_key(uid.as_str()));
 
         let now = Instant::now();

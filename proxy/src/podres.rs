@@ -18,6 +18,8 @@ pub enum PodResError {
     NoCgroup2,
     #[error("no kubepods cgroup under {0} (looked for kubepods/ and kubepods.slice/); is --cgroup-root the cgroup-v2 directory that holds the pods?")]
     NoKubepods(PathBuf),
+    #[error("the kubelet keeps pods in cgroup v1 ({0}) on this hybrid host; sluice's socket hooks need the pods in cgroup v2 (run the kubelet with the unified hierarchy)")]
+    PodsInCgroupV1(PathBuf),
     #[error("pod {uid}: no cgroup found under {root}")]
     CgroupNotFound { uid: String, root: PathBuf },
     #[error("pod cgroup {0} has no processes yet (sandbox not started)")]
@@ -87,7 +89,24 @@ pub fn kubepods(root: &Path) -> Result<(PathBuf, CgroupDriver), PodResError> {
     if systemd.is_dir() {
         return Ok((systemd, CgroupDriver::Systemd));
     }
+    if let Some(v1) = kubepods_in_cgroup_v1() {
+        return Err(PodResError::PodsInCgroupV1(v1));
+    }
     Err(PodResError::NoKubepods(root.to_path_buf()))
+}
+
+/// A `kubepods` tree in a cgroup v1 hierarchy (hybrid hosts whose kubelet uses v1).
+fn kubepods_in_cgroup_v1() -> Option<PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/mounts").ok()?;
+    mounts
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let (_dev, dir, fstype) = (f.next()?, f.next()?, f.next()?);
+            (fstype == "cgroup").then(|| PathBuf::from(dir))
+        })
+        .flat_map(|d| [d.join("kubepods"), d.join("kubepods.slice")])
+        .find(|p| p.is_dir())
 }
 
 /// The cgroup directory of the pod with `uid`, if its sandbox exists on this node.

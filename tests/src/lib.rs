@@ -66,7 +66,7 @@ pub mod sweep;
 mod util;
 
 pub use bins::{simpod_bin, sluice_bin};
-pub use node::Node;
+pub use node::{CgroupDriver, Node};
 pub use pod::{Pod, PodOpts};
 pub use process::{Output, PodProcess, Signal, SimProcess};
 pub use sluice::{Sluice, SluiceOpts};
@@ -222,8 +222,13 @@ impl Sim {
 
     /// Adds node number K (1-based, in order of creation); see [`Node`] for its layout.
     pub fn add_node(&self, name: &str) -> Result<Node> {
+        self.add_node_with(name, CgroupDriver::Cgroupfs)
+    }
+
+    /// A node whose pod cgroups follow `driver`'s layout.
+    pub fn add_node_with(&self, name: &str, driver: CgroupDriver) -> Result<Node> {
         self.shared.ensure_live()?;
-        node::create(&self.shared, name)
+        node::create(&self.shared, name, driver)
             .with_context(|| format!("sim {}: adding node {name}", self.shared.id))
     }
 

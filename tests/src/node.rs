@@ -36,12 +36,25 @@ pub struct Node {
     pub(crate) inner: Arc<NodeInner>,
 }
 
+/// How the node's kubelet lays out pod cgroups (sluice must find pods under either).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CgroupDriver {
+    /// `kubepods/besteffort/pod<uid>`, processes directly in the pod cgroup.
+    #[default]
+    Cgroupfs,
+    /// `kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod<uid_with_underscores>.slice`,
+    /// processes in a container sub-cgroup `cri-containerd-<id>.scope`, as containerd with the
+    /// systemd driver makes them.
+    Systemd,
+}
+
 pub(crate) struct NodeInner {
     pub sim: Arc<SimShared>,
     pub short: String,
     pub full: String,
     pub index: u8,
     pub cgroup_root: PathBuf,
+    pub driver: CgroupDriver,
     pub next_pod: AtomicU32,
     pub sluice_runs: AtomicU32,
 }
@@ -58,7 +71,7 @@ fn uplink_ip(k: u8) -> Ipv4Addr {
     Ipv4Addr::new(10, 243, 0, k)
 }
 
-pub(crate) fn create(sim: &Arc<SimShared>, name: &str) -> Result<Node> {
+pub(crate) fn create(sim: &Arc<SimShared>, name: &str, driver: CgroupDriver) -> Result<Node> {
     if name.is_empty()
         || name.len() > 20
         || !name
@@ -144,7 +157,11 @@ pub(crate) fn create(sim: &Arc<SimShared>, name: &str) -> Result<Node> {
     }
 
     let cgroup_root = sim.cgroup_root.join(name);
-    for sub in ["kubepods/besteffort", "system"] {
+    let qos_dir = match driver {
+        CgroupDriver::Cgroupfs => "kubepods/besteffort",
+        CgroupDriver::Systemd => "kubepods.slice/kubepods-besteffort.slice",
+    };
+    for sub in [qos_dir, "system"] {
         let d = cgroup_root.join(sub);
         fs::create_dir_all(&d).with_context(|| format!("creating cgroup {}", d.display()))?;
     }
@@ -156,6 +173,7 @@ pub(crate) fn create(sim: &Arc<SimShared>, name: &str) -> Result<Node> {
             full,
             index: k,
             cgroup_root,
+            driver,
             next_pod: AtomicU32::new(0),
             sluice_runs: AtomicU32::new(0),
         }),
@@ -190,9 +208,16 @@ impl Node {
         &self.inner.cgroup_root
     }
 
-    /// `<root>/kubepods`, the parent of all pod cgroups.
+    /// `<root>/kubepods` (or `kubepods.slice`), the parent of all pod cgroups.
     pub fn kubepods_cgroup(&self) -> PathBuf {
-        self.inner.cgroup_root.join("kubepods")
+        match self.inner.driver {
+            CgroupDriver::Cgroupfs => self.inner.cgroup_root.join("kubepods"),
+            CgroupDriver::Systemd => self.inner.cgroup_root.join("kubepods.slice"),
+        }
+    }
+
+    pub fn cgroup_driver(&self) -> CgroupDriver {
+        self.inner.driver
     }
 
     /// `<root>/system`, where node processes (sluice) run.

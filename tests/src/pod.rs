@@ -17,6 +17,7 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 
+use crate::node::CgroupDriver;
 use crate::{
     cgroup, manifest, netns,
     node::Node,
@@ -76,6 +77,9 @@ struct PodInner {
     index: u32,
     netns: String,
     cgroup: PathBuf,
+    /// Where the pod's processes run: the pod cgroup itself (cgroupfs driver) or a container
+    /// scope below it (systemd driver).
+    proc_cgroup: PathBuf,
     sandbox_pid: u32,
     labels: BTreeMap<String, String>,
     service_account: String,
@@ -158,18 +162,29 @@ pub(crate) fn create(node: &Node, namespace: &str, name: &str, opts: PodOpts) ->
     )
     .context("configuring the pod network")?;
 
-    let cgroup = node
-        .kubepods_cgroup()
-        .join("besteffort")
-        .join(format!("pod{uid}"));
-    fs::create_dir(&cgroup).with_context(|| format!("creating cgroup {}", cgroup.display()))?;
+    let (cgroup, proc_cgroup) = match node.cgroup_driver() {
+        CgroupDriver::Cgroupfs => {
+            let c = node.kubepods_cgroup().join("besteffort").join(format!("pod{uid}"));
+            (c.clone(), c)
+        }
+        CgroupDriver::Systemd => {
+            let c = node
+                .kubepods_cgroup()
+                .join("kubepods-besteffort.slice")
+                .join(format!("kubepods-besteffort-pod{}.slice", uid.replace('-', "_")));
+            // Processes live one level down, in a container scope, as on a real node.
+            let scope = c.join(format!("cri-containerd-{}.scope", &uid.replace('-', "")[..12]));
+            (c, scope)
+        }
+    };
+    fs::create_dir_all(&proc_cgroup).with_context(|| format!("creating cgroup {}", proc_cgroup.display()))?;
 
     // The sandbox holds the pod's netns and cgroup for the pod's lifetime, like the pause
     // container: sluice discovers the pod's netns only via processes in the pod's cgroup.
     let label = format!("{}-{name}", node.short_name());
     let placement = Placement {
         netns: netns.clone(),
-        cgroup: cgroup.clone(),
+        cgroup: proc_cgroup.clone(),
         label,
     };
     let mut cmd = process::command_in(&placement, ["sleep", "infinity"])?;
@@ -192,6 +207,7 @@ pub(crate) fn create(node: &Node, namespace: &str, name: &str, opts: PodOpts) ->
             index,
             netns,
             cgroup,
+            proc_cgroup,
             sandbox_pid,
             labels: opts.labels,
             service_account: opts
@@ -284,7 +300,7 @@ impl Pod {
     fn placement(&self) -> Placement {
         Placement {
             netns: self.inner.netns.clone(),
-            cgroup: self.inner.cgroup.clone(),
+            cgroup: self.inner.proc_cgroup.clone(),
             label: format!("{}-{}", self.inner.node.short_name(), self.inner.name),
         }
     }
