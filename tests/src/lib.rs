@@ -56,6 +56,7 @@ use anyhow::{anyhow, bail, Context, Result};
 pub mod admin_client;
 pub mod bins;
 pub mod cgroup;
+pub mod fake_apiserver;
 pub mod manifest;
 pub mod netns;
 mod node;

@@ -325,10 +325,12 @@ pub fn parse_json_object(json: serde_json::Value) -> Result<Object, DocError> {
 }
 
 fn check_and_parse(node: &Node<'_>) -> Result<Object, DocError> {
-    node.expect_mapping().map_err(|_| DocError::NotAnObject { found: super::fields::describe(node.value) })?;
+    node.expect_mapping()
+        .map_err(|_| DocError::NotAnObject { found: super::fields::describe(node.value) })?;
     let kind = node.get("kind").ok_or_else(|| DocError::Missing { field: "kind".into() })?;
     let kind = kind.as_str()?;
-    let api_version = node.get("apiVersion").ok_or_else(|| DocError::Missing { field: "apiVersion".into() })?;
+    let api_version =
+        node.get("apiVersion").ok_or_else(|| DocError::Missing { field: "apiVersion".into() })?;
     let api_version = api_version.as_str()?;
     let spec = KINDS.iter().find(|s| s.kind.as_str() == kind).ok_or_else(|| DocError::UnknownKind {
         kind: kind.to_owned(),

@@ -129,8 +129,12 @@ impl Model {
         let mut endpoint_slices: Vec<EndpointSliceView> = self
             .endpoint_slices()
             .map(|s| {
-                let mut ready: Vec<IpAddr> =
-                    s.endpoints.iter().filter(|e| e.ready).flat_map(|e| e.addresses.iter().copied()).collect();
+                let mut ready: Vec<IpAddr> = s
+                    .endpoints
+                    .iter()
+                    .filter(|e| e.ready)
+                    .flat_map(|e| e.addresses.iter().copied())
+                    .collect();
                 ready.sort_unstable();
                 ready.dedup();
                 EndpointSliceView {
@@ -145,7 +149,11 @@ impl Model {
 
         let mut authorization_policies: Vec<AuthorizationPolicyView> = self
             .all_authorization_policies()
-            .map(|p| AuthorizationPolicyView { namespace: p.namespace.clone(), name: p.name.clone(), action: p.action })
+            .map(|p| AuthorizationPolicyView {
+                namespace: p.namespace.clone(),
+                name: p.name.clone(),
+                action: p.action,
+            })
             .collect();
         authorization_policies.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
 

@@ -6,7 +6,7 @@ use std::{net::SocketAddr, time::Duration};
 
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
-use sluice_tests::{Node, Pod, PodOpts, SimProcess, Sim, Sluice, SluiceOpts};
+use sluice_tests::{Node, Pod, PodOpts, Sim, SimProcess, Sluice, SluiceOpts};
 
 pub const T: Duration = Duration::from_secs(15);
 pub const CLUSTER_IP: &str = "10.96.0.10";
@@ -36,7 +36,8 @@ pub fn http_vip() -> SocketAddr {
 pub fn start_servers(pod: &Pod) -> Result<Vec<SimProcess>> {
     let mut echo = pod.simpod(["echo-server", "--port", &ECHO_PORT.to_string()])?;
     echo.wait_listening(T).with_context(|| format!("echo server in {}", pod.name()))?;
-    let mut http = pod.simpod(["http-server", "--port", &HTTP_TARGET_PORT.to_string(), "--name", pod.name()])?;
+    let mut http =
+        pod.simpod(["http-server", "--port", &HTTP_TARGET_PORT.to_string(), "--name", pod.name()])?;
     http.wait_listening(T).with_context(|| format!("http server in {}", pod.name()))?;
     Ok(vec![echo, http])
 }
@@ -105,7 +106,9 @@ pub fn wait_released(sluice: &Sluice, pod: &Pod) -> Result<Value> {
 
 fn has_pod(v: &Value, key: &str) -> bool {
     v.as_array().is_some_and(|pods| {
-        pods.iter().any(|p| format!("{}/{}", p["namespace"].as_str().unwrap_or(""), p["name"].as_str().unwrap_or("")) == key)
+        pods.iter().any(|p| {
+            format!("{}/{}", p["namespace"].as_str().unwrap_or(""), p["name"].as_str().unwrap_or("")) == key
+        })
     })
 }
 

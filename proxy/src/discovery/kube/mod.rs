@@ -41,10 +41,10 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use futures_util::stream::{self, StreamExt};
 use ::kube::api::{Api, DynamicObject};
 use ::kube::runtime::watcher::{self, watcher, Event};
 use ::kube::runtime::WatchStreamExt;
+use futures_util::stream::{self, StreamExt};
 use thiserror::Error;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
@@ -214,10 +214,15 @@ impl Drop for KubeSourceHandle {
 
 async fn client(config: &KubeConfig) -> Result<::kube::Client, KubeError> {
     let cfg = if let Some(url) = &config.api_url {
-        let uri: http::Uri =
-            url.parse().map_err(|e: http::uri::InvalidUri| KubeError::BadUrl { url: url.clone(), reason: e.to_string() })?;
+        let uri: http::Uri = url.parse().map_err(|e: http::uri::InvalidUri| KubeError::BadUrl {
+            url: url.clone(),
+            reason: e.to_string(),
+        })?;
         if uri.scheme().is_none() || uri.host().is_none() {
-            return Err(KubeError::BadUrl { url: url.clone(), reason: "expected http(s)://HOST[:PORT]".into() });
+            return Err(KubeError::BadUrl {
+                url: url.clone(),
+                reason: "expected http(s)://HOST[:PORT]".into(),
+            });
         }
         ::kube::Config::new(uri)
     } else if let Some(path) = &config.kubeconfig {
@@ -249,7 +254,12 @@ struct Source<F> {
 }
 
 impl<F: Fn(Arc<Model>)> Source<F> {
-    fn new(node: String, config: KubeConfig, publish: F, ready: std::sync::mpsc::Sender<Result<(), KubeError>>) -> Self {
+    fn new(
+        node: String,
+        config: KubeConfig,
+        publish: F,
+        ready: std::sync::mpsc::Sender<Result<(), KubeError>>,
+    ) -> Self {
         let specs = watches();
         Source {
             store: KubeStore::new(&specs),
@@ -317,7 +327,11 @@ impl<F: Fn(Arc<Model>)> Source<F> {
     fn handle(&mut self, i: usize, event: Result<Event<DynamicObject>, watcher::Error>) {
         let changed = match event {
             Ok(event) => {
-                self.recovered(i);
+                // `Init` comes before every list attempt, failed ones included: only a
+                // completed list or a watch event shows the watch works again.
+                if !matches!(event, Event::Init | Event::InitApply(_)) {
+                    self.recovered(i);
+                }
                 match event {
                     Event::Init => {
                         self.store.init(i);
@@ -331,7 +345,9 @@ impl<F: Fn(Arc<Model>)> Source<F> {
                     }
                     Event::InitDone => self.store.init_done(i).changed(),
                     Event::Apply(obj) => to_json(obj).is_some_and(|json| self.store.apply(i, json).changed()),
-                    Event::Delete(obj) => to_json(obj).is_some_and(|json| self.store.delete(i, &json).changed()),
+                    Event::Delete(obj) => {
+                        to_json(obj).is_some_and(|json| self.store.delete(i, &json).changed())
+                    }
                 }
             }
             Err(e) => self.failed(i, e),
@@ -347,7 +363,9 @@ impl<F: Fn(Arc<Model>)> Source<F> {
     fn failed(&mut self, i: usize, error: watcher::Error) -> bool {
         let spec = &self.specs[i];
         match &error {
-            watcher::Error::InitialListFailed(::kube::Error::Api(status)) if status.code == 404 && spec.optional => {
+            watcher::Error::InitialListFailed(::kube::Error::Api(status))
+                if status.code == 404 && spec.optional =>
+            {
                 return self.store.absent(i).changed();
             }
             watcher::Error::WatchError(status) if status.code == 410 => {

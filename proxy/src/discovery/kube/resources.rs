@@ -19,9 +19,9 @@
 //! Istio's AuthorizationPolicy is a CRD: a cluster without Istio's CRDs does not serve it, and
 //! sluice then carries on without policies (see [`WatchSpec::optional`]).
 
+use ::kube::core::ApiResource;
 use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use ::kube::core::ApiResource;
 
 use crate::discovery::model::Kind;
 
@@ -84,7 +84,14 @@ pub(crate) fn watches() -> Vec<WatchSpec> {
         spec("pods (this node)", ApiResource::erase::<Pod>(&()), Kind::Pod, true, ThisNode, false),
         spec("pods (other nodes)", ApiResource::erase::<Pod>(&()), Kind::Pod, true, OtherNodes, false),
         spec("services", ApiResource::erase::<Service>(&()), Kind::Service, true, All, false),
-        spec("endpointslices", ApiResource::erase::<EndpointSlice>(&()), Kind::EndpointSlice, true, All, false),
+        spec(
+            "endpointslices",
+            ApiResource::erase::<EndpointSlice>(&()),
+            Kind::EndpointSlice,
+            true,
+            All,
+            false,
+        ),
         spec(
             "authorizationpolicies",
             authorization_policy_resource(),

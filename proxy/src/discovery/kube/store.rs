@@ -82,7 +82,13 @@ impl KubeStore {
         KubeStore {
             streams: specs
                 .iter()
-                .map(|spec| Stream { spec: spec.clone(), objects: BTreeMap::new(), relist: None, synced: false, absent: false })
+                .map(|spec| Stream {
+                    spec: spec.clone(),
+                    objects: BTreeMap::new(),
+                    relist: None,
+                    synced: false,
+                    absent: false,
+                })
                 .collect(),
             generation: 0,
             reported: HashSet::new(),
@@ -205,7 +211,10 @@ impl KubeStore {
                     objects.push(good.clone());
                 }
                 if let Some(reason) = &entry.error {
-                    errors.push(ManifestError { file: source_name(stream.spec.kind, key), reason: reason.clone() });
+                    errors.push(ManifestError {
+                        file: source_name(stream.spec.kind, key),
+                        reason: reason.clone(),
+                    });
                 }
             }
         }

@@ -57,7 +57,7 @@ fn api_objects_make_the_same_model_as_manifests() {
     let from_api = s.build();
     let from_file = Model::from_manifest(&fixtures::all(), Format::Yaml).unwrap();
 
-    assert_eq!(from_api.generation(), 2);
+    assert_eq!(from_api.generation(), 1);
     assert!(from_api.errors().is_empty(), "{:?}", from_api.errors());
     assert_eq!(from_api.namespace("shop"), from_file.namespace("shop"));
     assert_eq!(from_api.pod("shop", "web-7d9c6b5f4-x2x8q"), from_file.pod("shop", "web-7d9c6b5f4-x2x8q"));
@@ -97,14 +97,16 @@ fn a_pod_without_an_ip_is_not_in_the_model_yet() {
     sync_all(&mut s);
     let local = watch("pods (this node)");
     let mut pending = api_item(&fixtures::pod("shop", "new", "node-1", "10.244.1.50"));
-    pending["status"] = json!({"phase": "Pending", "conditions": [{"type": "PodScheduled", "status": "True"}]});
+    pending["status"] =
+        json!({"phase": "Pending", "conditions": [{"type": "PodScheduled", "status": "True"}]});
     assert!(!s.apply(local, pending.clone()).changed());
     let m = s.build();
     assert!(m.pod("shop", "new").is_none());
     assert!(m.errors().is_empty(), "an unstarted pod is not an error: {:?}", m.errors());
 
     let mut running = pending;
-    running["status"] = json!({"phase": "Running", "podIP": "10.244.1.50", "podIPs": [{"ip": "10.244.1.50"}]});
+    running["status"] =
+        json!({"phase": "Running", "podIP": "10.244.1.50", "podIPs": [{"ip": "10.244.1.50"}]});
     assert!(s.apply(local, running).changed());
     assert_eq!(s.build().pod("shop", "new").unwrap().ip.to_string(), "10.244.1.50");
 }
@@ -132,7 +134,11 @@ fn an_invalid_version_keeps_the_last_good_one_and_is_reported() {
     bad["spec"]["clusterIP"] = json!("10.96.0.999");
     assert!(s.apply(svc, bad.clone()).changed());
     let m = s.build();
-    assert_eq!(m.service("shop", "web").unwrap().cluster_ip.unwrap().to_string(), "10.96.0.10", "last good stays");
+    assert_eq!(
+        m.service("shop", "web").unwrap().cluster_ip.unwrap().to_string(),
+        "10.96.0.10",
+        "last good stays"
+    );
     assert_eq!(m.errors().len(), 1);
     assert_eq!(m.errors()[0].file.to_str(), Some("kubernetes:Service/shop/web"));
     assert!(m.errors()[0].reason.contains("spec.clusterIP"), "{}", m.errors()[0].reason);
@@ -222,7 +228,9 @@ fn a_crd_that_goes_away_takes_its_objects_with_it() {
     let mut s = store();
     sync_all(&mut s);
     let p = watch("authorizationpolicies");
-    let policy: Value = serde_yaml::from_str(&fixtures::policy("shop", "deny-all", "action: DENY\n  rules:\n  - {}")).unwrap();
+    let policy: Value =
+        serde_yaml::from_str(&fixtures::policy("shop", "deny-all", "  action: DENY\n  rules:\n  - {}\n"))
+            .unwrap();
     assert!(s.apply(p, through_kube(policy)).changed());
     assert_eq!(s.build().authorization_policies("shop").len(), 1);
     assert!(s.absent(p).changed());
@@ -245,4 +253,23 @@ fn names(m: &Model) -> Vec<String> {
     let mut v: Vec<String> = m.pods().map(|p| p.name.clone()).collect();
     v.sort();
     v
+}
+
+/// What `spawn` says when it cannot get a first complete list: what it waited for, and why.
+#[test]
+fn spawn_fails_clearly_without_an_api_server() {
+    for url in ["http://127.0.0.1:1", "https://127.0.0.1:1"] {
+        let config = KubeConfig {
+            api_url: Some(url.into()),
+            sync_timeout: std::time::Duration::from_millis(1500),
+            ..KubeConfig::default()
+        };
+        let err = KubeSource::spawn(config, "node-1", |_| panic!("nothing to publish")).unwrap_err();
+        let KubeError::SyncTimeout { pending, last_error, .. } = &err else { panic!("{err}") };
+        assert_eq!(pending.len(), watches().len(), "{err}");
+        assert!(last_error.is_some(), "the connection error is named: {err}");
+        assert!(err.to_string().contains(url), "{err}");
+    }
+    let bad = KubeConfig { api_url: Some("not a url".into()), ..KubeConfig::default() };
+    assert!(matches!(KubeSource::spawn(bad, "node-1", |_| {}), Err(KubeError::BadUrl { .. })));
 }

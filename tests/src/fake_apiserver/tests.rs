@@ -1,0 +1,348 @@
+//! The fake API server's protocol, checked with a raw HTTP client (no root needed): it has to
+//! behave like kube-apiserver for the end-to-end tests to mean anything.
+
+use std::{
+    io::{BufRead, BufReader, Read, Write},
+    net::TcpStream,
+    time::Duration,
+};
+
+use serde_json::{json, Value};
+
+use super::{objects, FakeApiServer, Resource};
+
+const T: Duration = Duration::from_secs(5);
+
+/// One connection to the server; reads responses, including chunked watch streams event by event.
+struct Client {
+    r: BufReader<TcpStream>,
+}
+
+struct Head {
+    status: u16,
+    chunked: bool,
+    length: usize,
+}
+
+impl Client {
+    fn new(s: &FakeApiServer) -> Client {
+        let stream = TcpStream::connect(s.addr()).unwrap();
+        stream.set_read_timeout(Some(T)).unwrap();
+        Client {
+            r: BufReader::new(stream),
+        }
+    }
+
+    fn send(&mut self, target: &str) -> Head {
+        write!(
+            self.r.get_mut(),
+            "GET {target} HTTP/1.1\r\nHost: x\r\nAccept: application/json\r\n\r\n"
+        )
+        .unwrap();
+        let mut line = String::new();
+        self.r.read_line(&mut line).unwrap();
+        let status = line.split(' ').nth(1).unwrap().parse().unwrap();
+        let (mut chunked, mut length) = (false, 0);
+        loop {
+            line.clear();
+            self.r.read_line(&mut line).unwrap();
+            if line == "\r\n" {
+                break;
+            }
+            let (k, v) = line.split_once(':').unwrap();
+            match k.to_ascii_lowercase().as_str() {
+                "transfer-encoding" => chunked = v.trim() == "chunked",
+                "content-length" => length = v.trim().parse().unwrap(),
+                _ => {}
+            }
+        }
+        Head {
+            status,
+            chunked,
+            length,
+        }
+    }
+
+    /// A plain request: status and JSON body.
+    fn get(&mut self, target: &str) -> (u16, Value) {
+        let head = self.send(target);
+        assert!(!head.chunked);
+        let mut body = vec![0; head.length];
+        self.r.read_exact(&mut body).unwrap();
+        (head.status, serde_json::from_slice(&body).unwrap())
+    }
+
+    /// Starts a watch; read its events with [`Client::event`].
+    fn watch(&mut self, target: &str) {
+        let head = self.send(target);
+        assert_eq!(head.status, 200);
+        assert!(head.chunked, "a watch is streamed");
+    }
+
+    /// The next event; `None` at the clean end of the stream. Panics if the connection is cut.
+    fn event(&mut self) -> Option<Value> {
+        let mut size = String::new();
+        self.r.read_line(&mut size).unwrap();
+        assert!(!size.is_empty(), "connection closed mid-stream");
+        let n = usize::from_str_radix(size.trim(), 16).unwrap();
+        let mut data = vec![0; n + 2];
+        self.r.read_exact(&mut data).unwrap();
+        if n == 0 {
+            return None;
+        }
+        assert!(data[..n].ends_with(b"\n"), "one event per line");
+        Some(serde_json::from_slice(&data[..n]).unwrap())
+    }
+
+    /// Whether the server closed the connection without ending the response.
+    fn is_cut(&mut self) -> bool {
+        let mut buf = [0u8; 1];
+        matches!(self.r.read(&mut buf), Ok(0) | Err(_))
+    }
+}
+
+fn pod(name: &str, node: &str, ip: &str) -> Value {
+    objects::pod(&objects::PodSpec {
+        namespace: "shop",
+        name,
+        uid: None,
+        node: Some(node),
+        ip: Some(ip.parse().unwrap()),
+        labels: [("app".to_string(), "web".to_string())].into(),
+        service_account: "web",
+    })
+}
+
+fn names(list: &Value) -> Vec<&str> {
+    list["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["metadata"]["name"].as_str().unwrap())
+        .collect()
+}
+
+fn rv(v: &Value) -> u64 {
+    v["metadata"]["resourceVersion"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn discovery_and_lists_look_like_the_real_server() {
+    let s = FakeApiServer::start_local().unwrap();
+    let mut c = Client::new(&s);
+    assert_eq!(c.get("/version").1["gitVersion"], "v1.35.1");
+    assert_eq!(c.get("/api").1["versions"], json!(["v1"]));
+    let groups = c.get("/apis").1;
+    let names_of = |g: &Value| {
+        g["groups"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|g| g["name"].as_str().unwrap().to_string())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(names_of(&groups), ["discovery.k8s.io", "security.istio.io"]);
+    assert!(c.get("/api/v1").1["resources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|r| r["name"] == "pods"));
+
+    let stored = s.apply(pod("web-1", "n1", "10.244.1.10")).unwrap();
+    assert!(
+        stored["metadata"]["uid"]
+            .as_str()
+            .is_some_and(|u| u.len() == 36),
+        "uid assigned"
+    );
+    s.apply(pod("web-2", "n2", "10.244.2.10")).unwrap();
+    s.apply(objects::namespace("shop", &[])).unwrap();
+    let (code, list) = c.get("/api/v1/pods?limit=500");
+    assert_eq!(code, 200);
+    assert_eq!(list["kind"], "PodList");
+    assert_eq!(rv(&list), s.resource_version());
+    assert_eq!(names(&list), ["web-1", "web-2"]);
+    assert!(
+        list["items"][0].get("kind").is_none(),
+        "built-in list items carry no kind"
+    );
+
+    // Field selectors, = and !=, as sluice uses them; and what the real server refuses.
+    assert_eq!(
+        names(&c.get("/api/v1/pods?fieldSelector=spec.nodeName%3Dn1").1),
+        ["web-1"]
+    );
+    assert_eq!(
+        names(&c.get("/api/v1/pods?fieldSelector=spec.nodeName%21%3Dn1").1),
+        ["web-2"]
+    );
+    assert_eq!(c.get("/api/v1/pods?fieldSelector=spec.bogus%3Dx").0, 400);
+    assert_eq!(
+        names(
+            &c.get("/api/v1/namespaces/shop/pods?labelSelector=app%3Dweb")
+                .1
+        ),
+        ["web-1", "web-2"]
+    );
+    assert_eq!(
+        c.get("/api/v1/namespaces/shop/pods/web-2").1["spec"]["nodeName"],
+        "n2"
+    );
+    assert_eq!(c.get("/api/v1/namespaces/shop/pods/nope").0, 404);
+
+    // Pagination: two pages at the first page's revision.
+    let (_, page1) = c.get("/api/v1/pods?limit=1");
+    assert_eq!(names(&page1), ["web-1"]);
+    assert_eq!(page1["metadata"]["remainingItemCount"], 1);
+    let token = page1["metadata"]["continue"].as_str().unwrap().to_string();
+    let (_, page2) = c.get(&format!("/api/v1/pods?limit=1&continue={token}"));
+    assert_eq!(names(&page2), ["web-2"]);
+    assert_eq!(rv(&page2), rv(&page1));
+    assert!(page2["metadata"].get("continue").is_none());
+    assert_eq!(
+        s.stats(Resource::Pods).lists,
+        6,
+        "the refused request is not a list"
+    );
+}
+
+#[test]
+fn watch_resumes_from_a_resource_version_with_selector_transitions() {
+    let s = FakeApiServer::start_local().unwrap();
+    s.apply(pod("a", "n1", "10.244.1.10")).unwrap();
+    let list_rv = s.resource_version();
+    s.apply(pod("b", "n1", "10.244.1.11")).unwrap(); // after the list: replayed
+    let mut c = Client::new(&s);
+    c.watch(&format!("/api/v1/pods?watch=true&resourceVersion={list_rv}&fieldSelector=spec.nodeName%3Dn1&allowWatchBookmarks=true&timeoutSeconds=290"));
+    let e = c.event().unwrap();
+    assert_eq!(
+        (e["type"].as_str(), e["object"]["metadata"]["name"].as_str()),
+        (Some("ADDED"), Some("b"))
+    );
+    assert_eq!(e["object"]["kind"], "Pod", "watch events carry the kind");
+    s.wait_stats(Resource::Pods, T, "the watch", |st| st.open_watches == 1)
+        .unwrap();
+
+    let mut moved = pod("a", "n2", "10.244.1.10"); // stops matching spec.nodeName=n1
+    moved["metadata"]["labels"]["v"] = json!("2");
+    s.apply(moved).unwrap();
+    assert_eq!(c.event().unwrap()["type"], "DELETED");
+    s.apply(pod("c", "n2", "10.244.2.12")).unwrap(); // never matches: no event
+    s.delete("Pod", "shop", "b").unwrap();
+    let e = c.event().unwrap();
+    assert_eq!(
+        (e["type"].as_str(), e["object"]["metadata"]["name"].as_str()),
+        (Some("DELETED"), Some("b"))
+    );
+    assert_eq!(
+        rv(&e["object"]),
+        s.resource_version(),
+        "a deletion has its own revision"
+    );
+
+    assert_eq!(s.bookmark(Resource::Pods), 1);
+    let b = c.event().unwrap();
+    assert_eq!(b["type"], "BOOKMARK");
+    assert_eq!(rv(&b["object"]), s.resource_version());
+}
+
+#[test]
+fn expired_history_is_410_gone_and_timeouts_end_cleanly() {
+    let s = FakeApiServer::start_local().unwrap();
+    s.apply(pod("a", "n1", "10.244.1.10")).unwrap();
+    let old = s.resource_version();
+    s.apply(pod("b", "n1", "10.244.1.11")).unwrap();
+    s.compact(Resource::Pods);
+
+    // Resuming from before the compaction: an ERROR event with 410 in a 200, then the end.
+    let mut c = Client::new(&s);
+    c.watch(&format!("/api/v1/pods?watch=1&resourceVersion={old}"));
+    let e = c.event().unwrap();
+    assert_eq!(e["type"], "ERROR");
+    assert_eq!(
+        (e["object"]["code"].as_u64(), e["object"]["reason"].as_str()),
+        (Some(410), Some("Expired"))
+    );
+    assert!(c.event().is_none(), "the stream ends cleanly");
+
+    // Same connection (keep-alive): a watch from now works, and times out cleanly.
+    c.watch(&format!(
+        "/api/v1/pods?watch=1&resourceVersion={}&timeoutSeconds=1",
+        s.resource_version()
+    ));
+    assert!(c.event().is_none(), "timeoutSeconds ends the stream");
+
+    // An open watch whose history expires under it, with changes it never sees.
+    c.watch(&format!(
+        "/api/v1/pods?watch=1&resourceVersion={}",
+        s.resource_version()
+    ));
+    s.wait_stats(Resource::Pods, T, "the watch", |st| st.open_watches == 1)
+        .unwrap();
+    let expired = s
+        .expire(Resource::Pods, |u| u.delete("Pod", "shop", "a"))
+        .unwrap();
+    assert_eq!(expired, 1);
+    assert_eq!(c.event().unwrap()["object"]["code"], 410);
+    assert!(c.event().is_none());
+    assert_eq!(s.stats(Resource::Pods).gone, 2);
+    assert!(
+        s.get("Pod", "shop", "a").is_none(),
+        "the unseen change is in force"
+    );
+}
+
+#[test]
+fn dropped_watches_are_cut_and_crds_can_be_absent() {
+    let s = FakeApiServer::start_local().unwrap();
+    let mut c = Client::new(&s);
+    c.watch("/apis/discovery.k8s.io/v1/endpointslices?watch=true&resourceVersion=1");
+    s.wait_stats(Resource::EndpointSlices, T, "the watch", |st| {
+        st.open_watches == 1
+    })
+    .unwrap();
+    assert_eq!(s.drop_watches(), 1);
+    assert!(
+        c.is_cut(),
+        "no terminating chunk, the connection just closes"
+    );
+
+    s.set_installed(Resource::AuthorizationPolicies, false);
+    let mut c = Client::new(&s);
+    let (code, body) = c.get("/apis/security.istio.io/v1/authorizationpolicies?limit=500");
+    assert_eq!((code, body["reason"].as_str()), (404, Some("NotFound")));
+    assert_eq!(c.get("/apis").1["groups"].as_array().unwrap().len(), 1);
+    assert!(s
+        .apply(objects::authorization_policy("shop", "p", json!({})))
+        .is_err());
+    s.set_installed(Resource::AuthorizationPolicies, true);
+    s.apply(objects::authorization_policy(
+        "shop",
+        "p",
+        json!({"action": "DENY", "rules": [{}]}),
+    ))
+    .unwrap();
+    let (code, list) = c.get("/apis/security.istio.io/v1beta1/authorizationpolicies");
+    assert_eq!(code, 200);
+    assert_eq!(
+        list["items"][0]["apiVersion"], "security.istio.io/v1beta1",
+        "custom resources are listed with their version"
+    );
+    assert_eq!(list["items"][0]["metadata"]["generation"], 1);
+}
+
+#[test]
+fn timestamps_are_rfc3339() {
+    assert_eq!(
+        super::rfc3339(std::time::UNIX_EPOCH + Duration::from_secs(1_772_442_847)),
+        "2026-03-02T09:14:07Z"
+    );
+    assert_eq!(
+        super::rfc3339(std::time::UNIX_EPOCH),
+        "1970-01-01T00:00:00Z"
+    );
+}
