@@ -55,7 +55,7 @@ enum Control {
     Shutdown(&'static str),
 }
 
-/// How often the heartbeat the kernel programs check is refreshed (they treat 1.5 s of
+/// How often the heartbeat the kernel programs check is refreshed (they treat 3 s of
 /// silence as "sluice is gone").
 const HEARTBEAT_EVERY: Duration = Duration::from_millis(250);
 /// Re-check pods on the node this often (sandboxes appearing, pods dying).

@@ -42,7 +42,7 @@ static BPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), 
 const ATTACH_MODE: CgroupAttachMode = CgroupAttachMode::Single;
 
 /// A heartbeat older than this means sluice is gone (fail-open/closed kicks in).
-const HEARTBEAT_STALE_AFTER: Duration = Duration::from_millis(1500);
+const HEARTBEAT_STALE_AFTER: Duration = Duration::from_millis(3000);
 
 #[derive(Debug, Error)]
 pub enum RedirectError {
