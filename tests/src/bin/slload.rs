@@ -170,7 +170,10 @@ fn mono_ns() -> u64 {
 }
 
 fn sleep_until_ns(t: u64) {
-    let ts = libc::timespec { tv_sec: (t / 1_000_000_000) as libc::time_t, tv_nsec: (t % 1_000_000_000) as libc::c_long };
+    let ts = libc::timespec {
+        tv_sec: (t / 1_000_000_000) as libc::time_t,
+        tv_nsec: (t % 1_000_000_000) as libc::c_long,
+    };
     loop {
         // SAFETY: a valid timespec; no remaining-time pointer is needed with TIMER_ABSTIME.
         let r = unsafe {
@@ -745,7 +748,9 @@ fn hold(target: &Target, count: usize) -> io::Result<()> {
     let started = mono_ns();
     let mut held = Vec::with_capacity(count);
     let (mut failed, mut consecutive, mut first_error) = (0usize, 0usize, None);
-    while held.len() < count && consecutive < 100 {
+    // A path that stopped accepting (e.g. a proxy out of descriptors) fails each attempt only
+    // after the timeout: give up after a few in a row.
+    while held.len() < count && consecutive < 5 {
         match HttpConn::connect(target.to, timeout).and_then(|mut c| {
             let (status, _) = c.exchange(&req)?;
             check_status(status)?;
@@ -805,7 +810,9 @@ fn seq(target: &Target, interval_us: u64) -> io::Result<()> {
                 }
             }
         }
-        emit(json!({"event": "done", "count": n, "errors": errors, "elapsed_ms": (mono_ns() - start) / 1_000_000}));
+        emit(
+            json!({"event": "done", "count": n, "errors": errors, "elapsed_ms": (mono_ns() - start) / 1_000_000}),
+        );
     }
     Ok(())
 }
@@ -813,7 +820,8 @@ fn seq(target: &Target, interval_us: u64) -> io::Result<()> {
 // ---------------------------------------------------------------- serve
 
 fn serve(bind: &str, port: u16, body_bytes: usize, threads: usize) -> io::Result<()> {
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(threads.max(1)).enable_all().build()?;
+    let rt =
+        tokio::runtime::Builder::new_multi_thread().worker_threads(threads.max(1)).enable_all().build()?;
     let bind = bind.to_string();
     rt.block_on(async move {
         let listener = tokio::net::TcpListener::bind((bind.as_str(), port)).await?;

@@ -29,9 +29,12 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
-use sluice_tests::SluiceOpts;
+use sluice_tests::{Sluice, SluiceOpts};
 
-use super::world::{wait_enrolled, World};
+use super::{
+    world::{wait_enrolled, World},
+    Scenario,
+};
 
 pub struct Params {
     pub n: u64,
@@ -47,58 +50,64 @@ fn control(arg: &str, pid: u32) -> Result<()> {
         .context("running callgrind_control (valgrind installed?)")?;
     let text = String::from_utf8_lossy(&out.stdout);
     if !out.status.success() || !text.contains("OK") {
-        bail!("callgrind_control {arg} {pid}: {}{}", text.trim(), String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "callgrind_control {arg} {pid}: {}{}",
+            text.trim(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(())
 }
 
-/// The highest-numbered dump `<base>.<pid>.<k>` and its total instruction count.
-fn latest_dump(dir: &Path, pid: u32) -> Result<(PathBuf, u64)> {
+/// The highest dump number `k` of `callgrind.out.<pid>.<k>` in `dir`.
+fn dump_index(dir: &Path, pid: u32) -> Option<u32> {
     let prefix = format!("callgrind.out.{pid}.");
-    let mut best: Option<(u32, PathBuf)> = None;
-    for e in fs::read_dir(dir)?.flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        if let Some(k) = name.strip_prefix(&prefix).and_then(|k| k.parse::<u32>().ok()) {
-            if best.as_ref().is_none_or(|(b, _)| k > *b) {
-                best = Some((k, e.path()));
-            }
-        }
-    }
-    let (_, path) = best.with_context(|| format!("no callgrind dump {prefix}* in {}", dir.display()))?;
-    let text = fs::read_to_string(&path)?;
-    let total = text
-        .lines()
+    fs::read_dir(dir)
+        .ok()?
+        .flatten()
+        .filter_map(|e| e.file_name().to_string_lossy().strip_prefix(&prefix).and_then(|k| k.parse().ok()))
+        .max()
+}
+
+fn dump_total(path: &Path) -> Option<u64> {
+    let text = fs::read_to_string(path).ok()?;
+    text.lines()
         .find_map(|l| l.strip_prefix("totals:").or_else(|| l.strip_prefix("summary:")))
         .and_then(|v| v.split_whitespace().next())
         .and_then(|v| v.parse().ok())
-        .with_context(|| format!("no totals in {}", path.display()))?;
-    Ok((path, total))
 }
 
-/// zero → `f` → dump; returns the dump and its total.
-fn window(pid: u32, dir: &Path, f: impl FnOnce() -> Result<()>) -> Result<(PathBuf, u64)> {
-    control("--zero", pid)?;
-    f()?;
-    control("--dump", pid)?;
-    // The dump is written by the guest shortly after the command is acknowledged.
-    let mut last = None;
-    for _ in 0..100 {
-        match latest_dump(dir, pid) {
-            Ok(d) if last.as_ref().is_some_and(|(p, _): &(PathBuf, u64)| *p == d.0) => return Ok(d),
-            Ok(d) => last = Some(d),
-            Err(_) => {}
-        }
-        thread::sleep(Duration::from_millis(100));
+/// zero → `f` → dump, for every pid; returns each pid's new dump and its total.
+fn window(pids: &[u32], dir: &Path, f: impl FnOnce() -> Result<()>) -> Result<Vec<(PathBuf, u64)>> {
+    let before: Vec<Option<u32>> = pids.iter().map(|p| dump_index(dir, *p)).collect();
+    for pid in pids {
+        control("--zero", *pid)?;
     }
-    last.context("callgrind wrote no dump")
+    f()?;
+    for pid in pids {
+        control("--dump", *pid)?;
+    }
+    let mut out = Vec::new();
+    for (pid, before) in pids.iter().zip(before) {
+        // The guest writes the dump shortly after acknowledging the command.
+        let found = sluice_tests::poll_until(Duration::from_secs(60), || {
+            let k = dump_index(dir, *pid).filter(|k| Some(*k) > before)?;
+            let path = dir.join(format!("callgrind.out.{pid}.{k}"));
+            dump_total(&path).map(|t| (path, t))
+        });
+        out.push(found.with_context(|| format!("callgrind wrote no new dump for pid {pid}"))?);
+    }
+    Ok(out)
 }
 
-/// Replaces n1's sluice with one under callgrind and measures the `l4` scenario.
-pub fn measure(world: &mut World, p: &Params) -> Result<Value> {
-    let dir = p.out_dir.join("callgrind");
-    let _ = fs::remove_dir_all(&dir);
-    fs::create_dir_all(&dir)?;
-    // The wrapper keeps the simulator's way of starting sluice (`<bin> run --node …`).
+/// Starts sluice on `node` under callgrind (replacing `native`, which is stopped).
+fn start_under_callgrind(
+    world: &World,
+    node: &sluice_tests::Node,
+    native: &Sluice,
+    dir: &Path,
+    enrolled: &[&sluice_tests::Pod],
+) -> Result<Sluice> {
     let wrapper = world.sim.temp_dir().join("sluice-callgrind.sh");
     fs::write(
         &wrapper,
@@ -111,33 +120,81 @@ pub fn measure(world: &mut World, p: &Params) -> Result<Value> {
     fs::set_permissions(&wrapper, fs::Permissions::from_mode(0o755))?;
     let mut opts = SluiceOpts { bin: Some(wrapper), ..SluiceOpts::default() };
     if world.bins.sluice_takes_ca_dir() {
-        let ca = world.sim.temp_dir().join("ca-callgrind");
-        let out = Command::new(&world.bins.sluice).args(["ca", "init", "--dir"]).arg(&ca).output()?;
-        if !out.status.success() {
-            bail!("sluice ca init: {}", String::from_utf8_lossy(&out.stderr));
+        // The simulator passes its mesh CA only to its default binary: pass the same one.
+        let ca = world.sim.temp_dir().join("ca");
+        if !ca.join("ca.pem").exists() {
+            let out = Command::new(&world.bins.sluice).args(["ca", "init", "--dir"]).arg(&ca).output()?;
+            if !out.status.success() {
+                bail!("sluice ca init: {}", String::from_utf8_lossy(&out.stderr));
+            }
         }
         opts.args = vec!["--ca-dir".into(), ca.into_os_string()];
     }
-    world.sluice.stop(Duration::from_secs(10)).context("stopping the native sluice")?;
-    let sluice = world.n1.start_sluice(opts)?;
+    native.stop(Duration::from_secs(10)).context("stopping the native sluice")?;
+    let sluice = node.start_sluice(opts)?;
     let slow = Duration::from_secs(180);
     sluice.wait_ready(slow).context("sluice under callgrind")?;
-    wait_enrolled(&sluice, &[&world.mesh_client], slow)?;
-    let pid = sluice.pid();
+    wait_enrolled(&sluice, enrolled, slow)?;
+    Ok(sluice)
+}
 
-    let mut client = world.mesh_client.spawn([
+/// Replaces the sluices with ones under callgrind and measures every proxied scenario.
+pub fn measure(world: &mut World, scenarios: &[Scenario], p: &Params) -> Result<Value> {
+    let dir = p.out_dir.join("callgrind");
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir)?;
+    let proxied: Vec<Scenario> = scenarios.iter().copied().filter(|s| *s != Scenario::Direct).collect();
+    let cg1 = start_under_callgrind(world, &world.n1, &world.sluice, &dir, &[&world.mesh_client])?;
+    let cg2 = match (proxied.contains(&Scenario::Mtls), &world.n2, &world.sluice2, &world.mesh_server_x) {
+        (true, Some(n2), Some(native), Some(mx)) => Some(start_under_callgrind(world, n2, native, &dir, &[mx])?),
+        (true, ..) => bail!("mtls needs the second node"),
+        _ => None,
+    };
+    let mut results = json!({});
+    for s in proxied {
+        let route = world.route(s)?.clone();
+        // (node, pid) of every sluice the scenario's requests pass through.
+        let mut nodes = vec![("n1", cg1.pid())];
+        if s == Scenario::Mtls {
+            nodes.push(("n2", cg2.as_ref().expect("started for mtls").pid()));
+        }
+        let pids: Vec<u32> = nodes.iter().map(|(_, p)| *p).collect();
+        eprintln!("bench: callgrind, {}: N = {}", s.name(), p.n);
+        let v = measure_route(world, &route, &nodes, &pids, &dir, p)
+            .with_context(|| format!("instructions for {}", s.name()))?;
+        results[s.name()] = v;
+    }
+    // Graceful stops: callgrind writes its final dumps.
+    let _ = cg1.stop(Duration::from_secs(60));
+    if let Some(c) = cg2 {
+        let _ = c.stop(Duration::from_secs(60));
+    }
+    Ok(results)
+}
+
+fn measure_route(
+    world: &World,
+    route: &super::world::Route,
+    nodes: &[(&str, u32)],
+    pids: &[u32],
+    dir: &Path,
+    p: &Params,
+) -> Result<Value> {
+    let slow = Duration::from_secs(180);
+    let mut client = route.client.spawn([
         world.slload().to_string_lossy().as_ref(),
         "seq",
         "--to",
-        &world.l4.http.to_string(),
+        &route.http.to_string(),
         "--interval-us",
         &p.interval_us.to_string(),
         "--timeout-ms",
         "60000",
     ])?;
     let connected = client.wait_for_json(slow, |v| v["event"] == "connected")?;
-    world.l4.check_path(connected["local"].as_str())?;
-    let batch_timeout = |n: u64| Duration::from_micros(n * p.interval_us) * 3 + Duration::from_secs(120);
+    route.check_path(connected["local"].as_str())?;
+    let batch_timeout =
+        |n: u64| Duration::from_micros(n * p.interval_us) * 3 + Duration::from_secs(120);
     let mut send = |n: u64| -> Result<()> {
         client.send_line(&n.to_string())?;
         let done = client.wait_for_json(batch_timeout(n), |v| v["event"] == "done")?;
@@ -146,44 +203,52 @@ pub fn measure(world: &mut World, p: &Params) -> Result<Value> {
         }
         Ok(())
     };
-    // Warm-up: lazily initialised state, first-use allocations, buffer growth.
+    // Warm-up: lazily initialised state, first-use allocations, buffer growth, the tunnel.
     send(p.n.min(200))?;
+    let sum = |w: &[(PathBuf, u64)]| w.iter().map(|(_, t)| *t as f64).sum::<f64>();
     let mut rounds = Vec::new();
-    let mut profile_dump = None;
+    let mut profile_dumps = Vec::new();
     for _ in 0..p.repeats.max(1) {
-        let (_, t1) = window(pid, &dir, || send(p.n))?;
-        let (d2, t2) = window(pid, &dir, || send(2 * p.n))?;
-        let (_, idle) = window(pid, &dir, || {
+        let w1 = window(pids, dir, || send(p.n))?;
+        let w2 = window(pids, dir, || send(2 * p.n))?;
+        let idle = window(pids, dir, || {
             thread::sleep(Duration::from_micros(p.n * p.interval_us));
             Ok(())
         })?;
-        let per_request = (t2 as f64 - t1 as f64) / p.n as f64;
-        let corrected = (t2 as f64 - t1 as f64 - idle as f64) / p.n as f64;
+        let (t1, t2, ti) = (sum(&w1), sum(&w2), sum(&idle));
+        let per_node: Vec<Value> = nodes
+            .iter()
+            .enumerate()
+            .map(|(i, (node, _))| {
+                json!({"node": node, "per_request": ((w2[i].1 as f64 - w1[i].1 as f64) / p.n as f64).round()})
+            })
+            .collect();
         rounds.push(json!({
-            "total_n": t1, "total_2n": t2, "idle_window": idle,
-            "per_request": per_request.round(), "per_request_minus_idle": corrected.round(),
+            "total_n": t1, "total_2n": t2, "idle_window": ti,
+            "per_request": ((t2 - t1) / p.n as f64).round(),
+            "per_request_minus_idle": ((t2 - t1 - ti) / p.n as f64).round(),
+            "per_node": per_node,
         }));
-        profile_dump = Some(d2);
+        profile_dumps = w2.into_iter().map(|(d, _)| d).collect();
     }
     client.close_stdin();
     let _ = client.wait(Duration::from_secs(30));
-    // Graceful stop: callgrind writes its final dump.
-    let _ = sluice.stop(Duration::from_secs(60));
-
-    let profile = match &profile_dump {
-        Some(d) => annotate(d, 2 * p.n, &p.out_dir)?,
-        None => Value::Null,
-    };
+    let mut profiles = Vec::new();
+    for ((node, _), dump) in nodes.iter().zip(&profile_dumps) {
+        let name = format!("callgrind-profile-{}-{node}.txt", route.scenario.name());
+        let mut prof = annotate(dump, 2 * p.n, &p.out_dir.join(&name))?;
+        prof["node"] = json!(node);
+        prof["file"] = json!(name);
+        profiles.push(prof);
+    }
     let med = |k: &str| super::measure::median(rounds.iter().filter_map(|r| r[k].as_f64()).collect());
+    let window_s = p.n as f64 * p.interval_us as f64 / 1e6;
     let idle_per_s = super::measure::median(
-        rounds
-            .iter()
-            .filter_map(|r| r["idle_window"].as_f64())
-            .map(|i| i / (p.n as f64 * p.interval_us as f64 / 1e6))
-            .collect(),
+        rounds.iter().filter_map(|r| r["idle_window"].as_f64()).map(|i| i / window_s).collect(),
     );
     Ok(json!({
-        "scenario": "l4",
+        "scenario": route.scenario.name(),
+        "nodes": nodes.iter().map(|(n, _)| *n).collect::<Vec<_>>(),
         "n": p.n,
         "interval_us": p.interval_us,
         "rate_rps": 1e6 / p.interval_us as f64,
@@ -191,7 +256,7 @@ pub fn measure(world: &mut World, p: &Params) -> Result<Value> {
         "per_request_minus_idle": med("per_request_minus_idle"),
         "idle_instructions_per_s": idle_per_s.map(f64::round),
         "rounds": rounds,
-        "profile": profile,
+        "profiles": profiles,
     }))
 }
 
@@ -238,7 +303,9 @@ fn parse_dump(path: &Path) -> Result<Profile> {
             funcs.entry(func.clone()).or_insert_with(|| (0, 0, ob.clone()));
         } else if let Some(v) = line.strip_prefix("cfn=") {
             callee = resolve('f', v);
-        } else if let Some(v) = line.strip_prefix("fl=").or_else(|| line.strip_prefix("fi=")).or_else(|| line.strip_prefix("fe=")) {
+        } else if let Some(v) =
+            line.strip_prefix("fl=").or_else(|| line.strip_prefix("fi=")).or_else(|| line.strip_prefix("fe="))
+        {
             resolve('l', v);
         } else if let Some(v) = line.strip_prefix("cfi=").or_else(|| line.strip_prefix("cfl=")) {
             resolve('l', v);
@@ -266,14 +333,33 @@ fn parse_dump(path: &Path) -> Result<Profile> {
 
 /// What a function belongs to, for the breakdown by component.
 fn component(name: &str, object: &str) -> &'static str {
-    let has = |p: &str| name.starts_with(p) || name.contains(&format!("<{p}")) || name.contains(&format!(" {p}"));
+    let has =
+        |p: &str| name.starts_with(p) || name.contains(&format!("<{p}")) || name.contains(&format!(" {p}"));
     if has("sluice") {
         "sluice"
+    } else if has("rustls")
+        || has("ring::")
+        || name.starts_with("ring_core")
+        || name.contains("aesni")
+        || name.contains("gcm")
+        || name.contains("ghash")
+        || name.contains("chacha")
+        || name.contains("sha256")
+        || has("webpki")
+    {
+        "TLS (rustls, ring: records, AES-GCM)"
+    } else if has("h2::") || has("hpack") || has("http::") || has("hyper") || has("bytes::") {
+        "HTTP/2 (h2: HBONE framing), http, bytes"
     } else if has("tokio::") || has("mio::") {
         "tokio + mio (runtime, I/O driver)"
-    } else if has("tracing") || has("arc_swap") || has("aya") || has("hyper") || has("socket2") {
+    } else if has("tracing") || has("arc_swap") || has("aya") || has("socket2") {
         "other crates"
-    } else if has("alloc::") || has("core::") || has("std::") || name.contains("__rust") || name.contains("__rdl") {
+    } else if has("alloc::")
+        || has("core::")
+        || has("std::")
+        || name.contains("__rust")
+        || name.contains("__rdl")
+    {
         "Rust std/core/alloc"
     } else if object.contains("libc.so") {
         "libc (syscall wrappers, malloc, memcpy)"
@@ -286,7 +372,7 @@ fn component(name: &str, object: &str) -> &'static str {
 
 /// The top functions of a dump by self and by inclusive cost, per request, and the self cost
 /// by component; the callgrind_annotate listing goes to `callgrind-profile.txt` as well.
-fn annotate(dump: &Path, requests: u64, out_dir: &Path) -> Result<Value> {
+fn annotate(dump: &Path, requests: u64, out_file: &Path) -> Result<Value> {
     let prof = parse_dump(dump)?;
     let per = |ir: u64| (ir as f64 / requests as f64).round();
     let mut by_self: Vec<(&String, &(u64, u64, String))> = prof.funcs.iter().collect();
@@ -296,11 +382,10 @@ fn annotate(dump: &Path, requests: u64, out_dir: &Path) -> Result<Value> {
     // Frames that contain (nearly) everything (thread start, the runtime's worker loop) say
     // nothing about where the time goes.
     let wrapper = |incl: u64| prof.total > 0 && incl as f64 > 0.9 * prof.total as f64;
-    let row = |(name, (s, i, ob)): (&String, &(u64, u64, String))| {
-        json!({"function": name, "self": s, "inclusive": i, "self_per_request": per(*s), "inclusive_per_request": per(*i), "object": ob})
-    };
+    let row = |(name, (s, i, ob)): (&String, &(u64, u64, String))| json!({"function": name, "self": s, "inclusive": i, "self_per_request": per(*s), "inclusive_per_request": per(*i), "object": ob});
     let exclusive: Vec<Value> = by_self.iter().take(30).map(|x| row(*x)).collect();
-    let inclusive: Vec<Value> = by_incl.iter().filter(|(_, (_, i, _))| !wrapper(*i)).take(40).map(|x| row(*x)).collect();
+    let inclusive: Vec<Value> =
+        by_incl.iter().filter(|(_, (_, i, _))| !wrapper(*i)).take(40).map(|x| row(*x)).collect();
     let mut comps: std::collections::BTreeMap<&str, u64> = Default::default();
     for (name, (s, _, ob)) in &prof.funcs {
         *comps.entry(component(name, ob)).or_default() += s;
@@ -312,7 +397,12 @@ fn annotate(dump: &Path, requests: u64, out_dir: &Path) -> Result<Value> {
         .map(|(c, s)| json!({"component": c, "self_per_request": per(*s), "pct": (*s as f64 * 1000.0 / prof.total.max(1) as f64).round() / 10.0}))
         .collect();
 
-    let mut text = format!("Profile of {} ({} requests, {} instructions in all)\n\n", dump.display(), requests, prof.total);
+    let mut text = format!(
+        "Profile of {} ({} requests, {} instructions in all)\n\n",
+        dump.display(),
+        requests,
+        prof.total
+    );
     text += "== by self cost\n  self/request  inclusive/request  function\n";
     for (name, (s, i, _)) in by_self.iter().take(60) {
         text += &format!("{:>14} {:>18}  {name}\n", per(*s), per(*i));
@@ -329,6 +419,8 @@ fn annotate(dump: &Path, requests: u64, out_dir: &Path) -> Result<Value> {
     if let Ok(a) = annotated {
         text += &format!("\n== callgrind_annotate --inclusive=yes\n{}", String::from_utf8_lossy(&a.stdout));
     }
-    fs::write(out_dir.join("callgrind-profile.txt"), text)?;
-    Ok(json!({"total": prof.total, "requests": requests, "exclusive": exclusive, "inclusive": inclusive, "components": components}))
+    fs::write(out_file, text)?;
+    Ok(
+        json!({"total": prof.total, "requests": requests, "exclusive": exclusive, "inclusive": inclusive, "components": components}),
+    )
 }

@@ -13,11 +13,15 @@ use std::{
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::{json, Value};
 
-use super::world::{Route, World};
+use super::{
+    world::{Route, World},
+    Scenario,
+};
 
 /// utime + stime of a process (all its threads), in seconds.
 pub fn cpu_seconds(pid: u32) -> Result<f64> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).with_context(|| format!("reading /proc/{pid}/stat"))?;
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat"))
+        .with_context(|| format!("reading /proc/{pid}/stat"))?;
     // The command name (field 2) may contain spaces: fields are counted after its ')'.
     let rest = stat.rsplit_once(')').map(|(_, r)| r).context("malformed /proc/<pid>/stat")?;
     let f: Vec<&str> = rest.split_whitespace().collect();
@@ -31,7 +35,8 @@ pub fn cpu_seconds(pid: u32) -> Result<f64> {
 
 /// VmRSS of a process in KiB.
 pub fn rss_kib(pid: u32) -> Result<u64> {
-    let status = fs::read_to_string(format!("/proc/{pid}/status")).with_context(|| format!("reading /proc/{pid}/status"))?;
+    let status = fs::read_to_string(format!("/proc/{pid}/status"))
+        .with_context(|| format!("reading /proc/{pid}/status"))?;
     status
         .lines()
         .find_map(|l| l.strip_prefix("VmRSS:"))
@@ -110,7 +115,15 @@ fn sluice_pids(world: &World, cross: bool) -> Vec<u32> {
 }
 
 /// Runs a command in the route's client pod and measures sluice around it.
-fn measured(world: &World, route: &Route, round: usize, args: Vec<String>, timeout: Duration, cross: bool, parse: impl Fn(&str) -> Result<Value>) -> Result<Run> {
+fn measured(
+    world: &World,
+    route: &Route,
+    round: usize,
+    args: Vec<String>,
+    timeout: Duration,
+    cross: bool,
+    parse: impl Fn(&str) -> Result<Value>,
+) -> Result<Run> {
     let pids = sluice_pids(world, cross);
     let cpu0: f64 = pids.iter().map(|p| cpu_seconds(*p)).sum::<Result<f64>>()?;
     let sampler = RssSampler::start(world.sluice.pid());
@@ -139,12 +152,26 @@ fn last_json(stdout: &str) -> Result<Value> {
 }
 
 /// `slload <mode> --to <route> <args…>`; checks the path the connections took.
-pub fn slload(world: &World, route: &Route, round: usize, mode: &str, extra: &[String], expected_s: f64) -> Result<Run> {
-    let mut args = vec![world.slload().to_string_lossy().into_owned(), mode.to_string(), "--to".into(), route.http.to_string()];
+pub fn slload(
+    world: &World,
+    route: &Route,
+    round: usize,
+    mode: &str,
+    extra: &[String],
+    expected_s: f64,
+) -> Result<Run> {
+    let mut args = vec![
+        world.slload().to_string_lossy().into_owned(),
+        mode.to_string(),
+        "--to".into(),
+        route.http.to_string(),
+    ];
     args.extend(extra.iter().cloned());
     let timeout = Duration::from_secs_f64(expected_s * 2.0 + 60.0);
-    let run = measured(world, route, round, args, timeout, false, last_json)?;
+    let streams = tunnel_streams(world, route)?;
+    let run = measured(world, route, round, args, timeout, route.scenario == Scenario::Mtls, last_json)?;
     route.check_path(run.out["locals"][0].as_str())?;
+    check_tunnel(world, route, streams)?;
     if run.f("completed").or_else(|| run.f("latency.count")) == Some(0.0) {
         bail!(
             "{} {mode}: no request succeeded ({} errors; first: {})",
@@ -169,13 +196,25 @@ pub fn slload(world: &World, route: &Route, round: usize, mode: &str, extra: &[S
 pub fn iperf(world: &World, route: &Route, round: usize, seconds: u64, cross: bool) -> Result<Run> {
     let omit = if seconds >= 5 { 1 } else { 0 };
     let args: Vec<String> = [
-        "iperf3", "-c", &route.iperf.ip().to_string(), "-p", &route.iperf.port().to_string(), "-t", &seconds.to_string(),
-        "-O", &omit.to_string(), "-J", "--connect-timeout", "5000",
+        "iperf3",
+        "-c",
+        &route.iperf.ip().to_string(),
+        "-p",
+        &route.iperf.port().to_string(),
+        "-t",
+        &seconds.to_string(),
+        "-O",
+        &omit.to_string(),
+        "-J",
+        "--connect-timeout",
+        "5000",
     ]
     .iter()
     .map(|s| s.to_string())
     .collect();
     let timeout = Duration::from_secs(seconds + 60);
+    let streams = tunnel_streams(world, route)?;
+    let cross = cross || route.scenario == Scenario::Mtls;
     measured(world, route, round, args, timeout, cross, |stdout| {
         let v: Value = serde_json::from_str(stdout)?;
         if let Some(e) = v.get("error") {
@@ -195,8 +234,29 @@ pub fn iperf(world: &World, route: &Route, round: usize, seconds: u64, cross: bo
     })
     .and_then(|run| {
         route.check_path(run.out["locals"][0].as_str())?;
+        check_tunnel(world, route, streams)?;
         Ok(run)
     })
+}
+
+/// HBONE streams node 2's sluice has accepted so far (for `mtls` routes).
+fn tunnel_streams(world: &World, route: &Route) -> Result<Option<u64>> {
+    if route.scenario != Scenario::Mtls {
+        return Ok(None);
+    }
+    let s = world.sluice2.as_ref().context("mtls needs sluice on node 2")?;
+    Ok(s.get_json("/status")?["counters"]["hbone_streams_in"].as_u64())
+}
+
+/// An `mtls` run must have gone through the tunnel: node 2's sluice counted new streams.
+fn check_tunnel(world: &World, route: &Route, before: Option<u64>) -> Result<()> {
+    if let Some(before) = before {
+        let after = tunnel_streams(world, route)?.unwrap_or(0);
+        if after <= before {
+            bail!("mtls: node 2's sluice accepted no HBONE stream (hbone_streams_in stayed at {before}): the connections did not take the tunnel");
+        }
+    }
+    Ok(())
 }
 
 /// Median of the values (NaN-free); `None` when empty.

@@ -17,13 +17,25 @@ pub const BENCHES: &[(&str, &str)] = &[
 ];
 
 /// Not benchmarked yet: these hot paths arrive with L7.
-pub const NOT_YET: &[&str] = &["protocol detection (HTTP/1.1, HTTP/2, opaque TCP)", "route matching with 1000 HTTPRoutes"];
+pub const NOT_YET: &[&str] =
+    &["protocol detection (HTTP/1.1, HTTP/2, opaque TCP)", "route matching with 1000 HTTPRoutes"];
 
 pub fn run(out_dir: &Path, quick: bool) -> Result<Value> {
     let home = out_dir.join("criterion");
     let (warm, measure) = if quick { ("0.5", "1") } else { ("1", "3") };
     let status = crate::cargo()
-        .args(["bench", "--package", "sluice", "--bench", "hotpaths", "--", "--warm-up-time", warm, "--measurement-time", measure])
+        .args([
+            "bench",
+            "--package",
+            "sluice",
+            "--bench",
+            "hotpaths",
+            "--",
+            "--warm-up-time",
+            warm,
+            "--measurement-time",
+            measure,
+        ])
         .env("CRITERION_HOME", &home)
         .status()
         .context("running cargo bench")?;
@@ -33,7 +45,9 @@ pub fn run(out_dir: &Path, quick: bool) -> Result<Value> {
     let mut rows = Vec::new();
     for (id, what) in BENCHES {
         let file = home.join(id).join("new/estimates.json");
-        let v: Value = serde_json::from_str(&fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?)?;
+        let v: Value = serde_json::from_str(
+            &fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?,
+        )?;
         rows.push(json!({
             "id": id,
             "what": what,

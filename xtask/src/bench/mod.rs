@@ -38,18 +38,19 @@ use world::{Bins, World};
 pub enum Scenario {
     /// Client pod → server pod, namespace not enrolled: no sluice in the path (the baseline).
     Direct,
-    /// Same node, enrolled namespace: opaque TCP through sluice.
+    /// Same node, enrolled client, server outside the mesh: opaque TCP through sluice.
     L4,
     /// Same node, HTTP/1.1 through sluice's L7 proxy.
     Http,
-    /// Two nodes, HTTP through both sluices and the mTLS (HBONE) tunnel.
+    /// Two nodes, enrolled client and server: through both sluices and the mTLS (HBONE) tunnel.
     Mtls,
     /// Unary gRPC calls over HTTP/2 through sluice.
     Grpc,
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 5] = [Scenario::Direct, Scenario::L4, Scenario::Http, Scenario::Mtls, Scenario::Grpc];
+    pub const ALL: [Scenario; 5] =
+        [Scenario::Direct, Scenario::L4, Scenario::Http, Scenario::Mtls, Scenario::Grpc];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -61,12 +62,14 @@ impl Scenario {
         }
     }
 
-    /// Why a scenario cannot run yet; `None` when it can.
+    /// Why a scenario cannot run yet; `None` when it can. `mtls` depends on the sluice binary
+    /// (see [`set_tunnel_available`]).
     pub fn not_available(self) -> Option<&'static str> {
         match self {
             Scenario::Direct | Scenario::L4 => None,
             Scenario::Http => Some("needs sluice's L7 HTTP/1.1 proxy"),
-            Scenario::Mtls => Some("needs the node-to-node mTLS (HBONE) tunnel in the default path"),
+            Scenario::Mtls if TUNNEL.load(std::sync::atomic::Ordering::Relaxed) => None,
+            Scenario::Mtls => Some("needs the node-to-node mTLS (HBONE) tunnel (this sluice has no --ca-dir)"),
             Scenario::Grpc => Some("needs sluice's HTTP/2 (gRPC) proxy and a gRPC load mode in slload"),
         }
     }
@@ -74,12 +77,23 @@ impl Scenario {
     pub fn describe(self) -> &'static str {
         match self {
             Scenario::Direct => "client pod → server pod IP, namespace not enrolled (no sluice)",
-            Scenario::L4 => "enrolled client → Service ClusterIP → sluice (opaque TCP) → server, same node",
+            Scenario::L4 => {
+                "enrolled client → Service ClusterIP → sluice (opaque TCP) → server outside the mesh, same node"
+            }
             Scenario::Http => "enrolled client → sluice L7 (HTTP/1.1) → server, same node",
-            Scenario::Mtls => "client on node 1 → sluice → mTLS tunnel → sluice on node 2 → server",
+            Scenario::Mtls => {
+                "enrolled client on node 1 → sluice → mTLS (HBONE) tunnel → sluice on node 2 → enrolled server"
+            }
             Scenario::Grpc => "unary gRPC over HTTP/2 through sluice",
         }
     }
+}
+
+/// Whether the sluice under test has the mTLS tunnel (decided from the binary at run time).
+static TUNNEL: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+pub fn set_tunnel_available(yes: bool) {
+    TUNNEL.store(yes, std::sync::atomic::Ordering::Relaxed);
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
@@ -157,6 +171,9 @@ pub struct Config {
     pub profile: &'static str,
     pub build: bool,
     pub sections: Vec<Section>,
+    /// What `--scenarios` asked for; resolved into `scenarios` and `unavailable` once the
+    /// sluice binary is known.
+    pub requested: Vec<Scenario>,
     pub scenarios: Vec<Scenario>,
     pub unavailable: Vec<Scenario>,
     pub rounds: usize,
@@ -194,20 +211,13 @@ impl Config {
         }
         sections.sort();
         sections.dedup();
-        let mut scenarios = vec![Scenario::Direct];
-        let mut unavailable = Vec::new();
-        for s in &a.scenarios {
-            match s.not_available() {
-                None if !scenarios.contains(s) => scenarios.push(*s),
-                None => {}
-                Some(_) => unavailable.push(*s),
-            }
-        }
-        if scenarios.len() < 2 && sections.iter().any(|s| *s != Section::Micro) {
-            bail!("no scenario to compare with direct is available (asked for {:?})", a.scenarios);
-        }
         let duration = a.duration.unwrap_or(pick(30.0, 3.0));
-        if !(duration > 0.0) || a.rps == 0 || a.connections == 0 || a.max_connections == 0 || a.churn_connections == 0 {
+        if !(duration > 0.0)
+            || a.rps == 0
+            || a.connections == 0
+            || a.max_connections == 0
+            || a.churn_connections == 0
+        {
             bail!("--duration, --rps and the connection counts must be positive");
         }
         let mut rate_levels = vec![a.rps];
@@ -223,8 +233,9 @@ impl Config {
             profile: "release",
             build: !a.no_build,
             sections,
-            scenarios,
-            unavailable,
+            requested: a.scenarios.clone(),
+            scenarios: Vec::new(),
+            unavailable: Vec::new(),
             rounds: a.rounds.unwrap_or(if q { 1 } else { 3 }).max(1),
             rate_levels,
             connections: a.connections,
@@ -258,7 +269,7 @@ impl Config {
             rounds: Some(1),
             idle_connections: Some(100),
             instructions_requests: None,
-            scenarios: Scenario::ALL.to_vec(),
+            scenarios: vec![Scenario::L4],
             only: vec![Section::Latency, Section::Churn, Section::Idle],
             no_build: true,
             out: None,
@@ -272,6 +283,24 @@ impl Config {
         c.out_dir = target_dir()?.join("bench").join("smoke");
         c.command = "(smoke)".into();
         Ok(c)
+    }
+
+    /// Splits the requested scenarios into those this sluice can run and the others.
+    fn resolve_scenarios(&mut self) -> Result<()> {
+        self.scenarios = vec![Scenario::Direct];
+        self.unavailable.clear();
+        for s in &self.requested {
+            match s.not_available() {
+                None if !self.scenarios.contains(s) => self.scenarios.push(*s),
+                None => {}
+                Some(_) => self.unavailable.push(*s),
+            }
+        }
+        self.scenarios.sort();
+        if self.scenarios.len() < 2 && self.sections.iter().any(|s| *s != Section::Micro) {
+            bail!("no scenario to compare with direct is available (asked for {:?})", self.requested);
+        }
+        Ok(())
     }
 
     fn has(&self, s: Section) -> bool {
@@ -331,6 +360,11 @@ pub fn smoke() -> Result<()> {
 }
 
 fn run_config(cfg: &Config) -> Result<()> {
+    let bins = Bins::locate(cfg.profile)?;
+    set_tunnel_available(bins.sluice_takes_ca_dir());
+    let mut cfg = cfg.clone();
+    cfg.resolve_scenarios()?;
+    let cfg = &cfg;
     if cfg.has(Section::Bulk) || cfg.has(Section::Instructions) {
         let mut pkgs = Vec::new();
         if cfg.has(Section::Bulk) {
@@ -342,9 +376,12 @@ fn run_config(cfg: &Config) -> Result<()> {
         crate::setup::ensure_apt_packages(&pkgs)?;
     }
     for s in &cfg.unavailable {
-        eprintln!("bench: scenario {} is not available yet ({})", s.name(), s.not_available().unwrap_or_default());
+        eprintln!(
+            "bench: scenario {} is not available yet ({})",
+            s.name(),
+            s.not_available().unwrap_or_default()
+        );
     }
-    let bins = Bins::locate(cfg.profile)?;
     raise_nofile();
     fs::create_dir_all(&cfg.out_dir).with_context(|| format!("creating {}", cfg.out_dir.display()))?;
     let started = Instant::now();
@@ -352,7 +389,7 @@ fn run_config(cfg: &Config) -> Result<()> {
 
     let needs_world = cfg.sections.iter().any(|s| *s != Section::Micro);
     if needs_world {
-        let cross = cfg.has(Section::Bulk);
+        let cross = cfg.has(Section::Bulk) || cfg.scenarios.contains(&Scenario::Mtls);
         eprintln!("bench: building the simulated cluster ({})", if cross { "2 nodes" } else { "1 node" });
         let mut world = World::build(&bins, cross, cfg.has(Section::Bulk))?;
         // Let the enrollment settle before the at-rest figure.
@@ -380,8 +417,13 @@ fn run_config(cfg: &Config) -> Result<()> {
         if cfg.has(Section::Instructions) {
             section(&mut res, "instructions", |res| {
                 eprintln!("bench: instructions per request under callgrind (N = {})", cfg.instr_n);
-                let p = callgrind::Params { n: cfg.instr_n, interval_us: 10_000, repeats: if cfg.quick { 1 } else { 2 }, out_dir: cfg.out_dir.clone() };
-                res.instructions = Some(callgrind::measure(&mut world, &p)?);
+                let p = callgrind::Params {
+                    n: cfg.instr_n,
+                    interval_us: 10_000,
+                    repeats: if cfg.quick { 1 } else { 2 },
+                    out_dir: cfg.out_dir.clone(),
+                };
+                res.instructions = Some(callgrind::measure(&mut world, &cfg.scenarios, &p)?);
                 Ok(())
             });
         }
@@ -417,7 +459,11 @@ fn check_world(world: &World) -> Result<()> {
         );
     }
     if !world.sluice.is_running() {
-        bail!("sluice on n1 exited ({:?}); its log:\n{}", world.sluice.exit_status(), sluice_tests::tail_file(&world.sluice.log_path(), 30));
+        bail!(
+            "sluice on n1 exited ({:?}); its log:\n{}",
+            world.sluice.exit_status(),
+            sluice_tests::tail_file(&world.sluice.log_path(), 30)
+        );
     }
     Ok(())
 }
@@ -443,14 +489,24 @@ fn latency(cfg: &Config, world: &World, res: &mut Results) -> Result<()> {
         let mut runs: BTreeMap<Scenario, Vec<Run>> = BTreeMap::new();
         for round in 0..cfg.rounds {
             for s in cfg.compared() {
-                eprintln!("bench: {rps} rps, {} connections, {} round {}/{}", cfg.connections, s.name(), round + 1, cfg.rounds);
+                eprintln!(
+                    "bench: {rps} rps, {} connections, {} round {}/{}",
+                    cfg.connections,
+                    s.name(),
+                    round + 1,
+                    cfg.rounds
+                );
                 let extra = vec![
-                    "--rps".into(), rps.to_string(),
-                    "--connections".into(), cfg.connections.to_string(),
-                    "--duration-ms".into(), ms(cfg.rate_duration),
-                    "--warmup-ms".into(), ms(cfg.warmup),
+                    "--rps".into(),
+                    rps.to_string(),
+                    "--connections".into(),
+                    cfg.connections.to_string(),
+                    "--duration-ms".into(),
+                    ms(cfg.rate_duration),
+                    "--warmup-ms".into(),
+                    ms(cfg.warmup),
                 ];
-                let run = measure::slload(world, world.route(s), round, "rate", &extra, secs)?;
+                let run = measure::slload(world, world.route(s)?, round, "rate", &extra, secs)?;
                 runs.entry(s).or_default().push(run);
             }
         }
@@ -459,14 +515,30 @@ fn latency(cfg: &Config, world: &World, res: &mut Results) -> Result<()> {
     let mut runs: BTreeMap<Scenario, Vec<Run>> = BTreeMap::new();
     for round in 0..cfg.rounds {
         for s in cfg.compared() {
-            eprintln!("bench: saturation, {} connections, {} round {}/{}", cfg.max_connections, s.name(), round + 1, cfg.rounds);
+            eprintln!(
+                "bench: saturation, {} connections, {} round {}/{}",
+                cfg.max_connections,
+                s.name(),
+                round + 1,
+                cfg.rounds
+            );
             let extra = vec![
-                "--connections".into(), cfg.max_connections.to_string(),
-                "--duration-ms".into(), ms(cfg.max_duration),
-                "--warmup-ms".into(), ms(cfg.warmup),
+                "--connections".into(),
+                cfg.max_connections.to_string(),
+                "--duration-ms".into(),
+                ms(cfg.max_duration),
+                "--warmup-ms".into(),
+                ms(cfg.warmup),
             ];
             let secs = (cfg.warmup + cfg.max_duration).as_secs_f64();
-            runs.entry(s).or_default().push(measure::slload(world, world.route(s), round, "max", &extra, secs)?);
+            runs.entry(s).or_default().push(measure::slload(
+                world,
+                world.route(s)?,
+                round,
+                "max",
+                &extra,
+                secs,
+            )?);
         }
     }
     res.levels.push((format!("saturation ({} conns)", cfg.max_connections), None, runs));
@@ -474,19 +546,34 @@ fn latency(cfg: &Config, world: &World, res: &mut Results) -> Result<()> {
 }
 
 fn bulk(cfg: &Config, world: &World, res: &mut Results) -> Result<()> {
-    let places: Vec<(&str, [&world::Route; 2], bool)> = {
-        let mut v = vec![("same node", [&world.direct, &world.l4], false)];
+    let places: Vec<(&str, Vec<&world::Route>, bool)> = {
+        let mut v = vec![("same node", vec![&world.direct, &world.l4], false)];
         if let (Some(d), Some(l)) = (&world.direct_x, &world.l4_x) {
-            v.push(("across nodes", [d, l], true));
+            let mut routes = vec![d, l];
+            if cfg.scenarios.contains(&Scenario::Mtls) {
+                routes.extend(world.mtls.as_ref());
+            }
+            v.push(("across nodes", routes, true));
         }
         v
     };
     for (label, routes, cross) in places {
         let mut runs: BTreeMap<Scenario, Vec<Run>> = BTreeMap::new();
         for round in 0..cfg.rounds {
-            for route in routes {
-                eprintln!("bench: iperf3 {label}, {} round {}/{}", route.scenario.name(), round + 1, cfg.rounds);
-                runs.entry(route.scenario).or_default().push(measure::iperf(world, route, round, cfg.bulk_seconds, cross)?);
+            for route in routes.iter().copied() {
+                eprintln!(
+                    "bench: iperf3 {label}, {} round {}/{}",
+                    route.scenario.name(),
+                    round + 1,
+                    cfg.rounds
+                );
+                runs.entry(route.scenario).or_default().push(measure::iperf(
+                    world,
+                    route,
+                    round,
+                    cfg.bulk_seconds,
+                    cross,
+                )?);
             }
         }
         res.bulk.push((label.to_string(), runs));
@@ -497,14 +584,30 @@ fn bulk(cfg: &Config, world: &World, res: &mut Results) -> Result<()> {
 fn churn(cfg: &Config, world: &World, res: &mut Results) -> Result<()> {
     for round in 0..cfg.rounds {
         for s in cfg.compared() {
-            eprintln!("bench: churn, {} at a time, {} round {}/{}", cfg.churn_connections, s.name(), round + 1, cfg.rounds);
+            eprintln!(
+                "bench: churn, {} at a time, {} round {}/{}",
+                cfg.churn_connections,
+                s.name(),
+                round + 1,
+                cfg.rounds
+            );
             let extra = vec![
-                "--connections".into(), cfg.churn_connections.to_string(),
-                "--duration-ms".into(), ms(cfg.churn_duration),
-                "--warmup-ms".into(), ms(cfg.warmup),
+                "--connections".into(),
+                cfg.churn_connections.to_string(),
+                "--duration-ms".into(),
+                ms(cfg.churn_duration),
+                "--warmup-ms".into(),
+                ms(cfg.warmup),
             ];
             let secs = (cfg.warmup + cfg.churn_duration).as_secs_f64();
-            res.churn.entry(s).or_default().push(measure::slload(world, world.route(s), round, "churn", &extra, secs)?);
+            res.churn.entry(s).or_default().push(measure::slload(
+                world,
+                world.route(s)?,
+                round,
+                "churn",
+                &extra,
+                secs,
+            )?);
         }
     }
     Ok(())
@@ -512,9 +615,23 @@ fn churn(cfg: &Config, world: &World, res: &mut Results) -> Result<()> {
 
 /// sluice's RSS with N idle connections open through it.
 fn idle(cfg: &Config, world: &World) -> Result<Value> {
-    let n = cfg.idle_connections;
-    eprintln!("bench: {n} idle connections through sluice");
     let pid = world.sluice.pid();
+    // sluice holds two descriptors per proxied connection. Without CAP_SYS_RESOURCE (as in
+    // some sandboxes) the hard RLIMIT_NOFILE cannot be raised, so hold as many as fit.
+    let limit = nofile_limit(pid).unwrap_or(u64::MAX);
+    let used = fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count() as u64).unwrap_or(0);
+    let fit = (limit.saturating_sub(used + 100) / 2) as usize;
+    let n = cfg.idle_connections.min(fit);
+    if n < cfg.idle_connections {
+        eprintln!(
+            "bench: sluice's RLIMIT_NOFILE is {limit} (the hard limit could not be raised): holding {n} instead of {} idle connections, and extrapolating",
+            cfg.idle_connections
+        );
+    }
+    if n == 0 {
+        bail!("sluice's RLIMIT_NOFILE ({limit}) leaves no room for idle connections");
+    }
+    eprintln!("bench: {n} idle connections through sluice");
     let before = measure::rss_kib(pid)?;
     let open_before = world.sluice.get_json("/status")?["connections_open"].as_u64().unwrap_or(0);
     let mut hold = world.l4.client.spawn([
@@ -524,6 +641,8 @@ fn idle(cfg: &Config, world: &World) -> Result<Value> {
         &world.l4.http.to_string(),
         "--count",
         &n.to_string(),
+        "--timeout-ms",
+        "5000",
     ])?;
     let held = hold.wait_for_json(Duration::from_secs(300), |v| v["event"] == "held")?;
     world.l4.check_path(held["locals"][0].as_str())?;
@@ -538,7 +657,11 @@ fn idle(cfg: &Config, world: &World) -> Result<Value> {
     hold.close_stdin();
     hold.wait(Duration::from_secs(60))?;
     // Connections close asynchronously in sluice.
-    let _ = world.sluice.wait_for("/status", |v| v["connections_open"].as_u64().is_some_and(|o| o <= open_before), Duration::from_secs(30));
+    let _ = world.sluice.wait_for(
+        "/status",
+        |v| v["connections_open"].as_u64().is_some_and(|o| o <= open_before),
+        Duration::from_secs(30),
+    );
     std::thread::sleep(Duration::from_secs(1));
     let after = measure::rss_kib(pid)?;
     Ok(json!({
@@ -549,8 +672,18 @@ fn idle(cfg: &Config, world: &World) -> Result<Value> {
         "rss_with_idle_kib": with,
         "rss_after_close_kib": after,
         "kib_per_connection": ((with as f64 - before as f64) / n as f64 * 100.0).round() / 100.0,
+        "wanted": cfg.idle_connections,
+        "nofile_limit": if limit == u64::MAX { None } else { Some(limit) },
+        "rss_at_wanted_kib": (before as f64 + (with as f64 - before as f64) / n as f64 * cfg.idle_connections as f64).round(),
         "open_ms": held["elapsed_ms"],
     }))
+}
+
+/// The soft RLIMIT_NOFILE of a process (`/proc/<pid>/limits`).
+fn nofile_limit(pid: u32) -> Option<u64> {
+    let limits = fs::read_to_string(format!("/proc/{pid}/limits")).ok()?;
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    line.split_whitespace().nth(3)?.parse().ok()
 }
 
 /// Raises this process's RLIMIT_NOFILE (soft and hard) so that the processes it starts can

@@ -25,7 +25,8 @@ pub mod reference {
     pub const BULK_SAME_NODE: &str = "ztunnel 42 %; Envoy sidecar 49 %";
     pub const BULK_CROSS_NODE: &str = "ztunnel 93 %; Envoy sidecar 70 %";
     pub const CHURN_CPU: &str = "ztunnel ≈ 1.7 vCPU (≈ 2 vCPU for 72k new connections/min)";
-    pub const INSTRUCTIONS: &str = "ztunnel ≈ 52 000 (L4 + mTLS, two hops, 1 KiB); goal < 45 000 with L7 + mTLS";
+    pub const INSTRUCTIONS: &str =
+        "ztunnel ≈ 52 000 (L4 + mTLS, two hops, 1 KiB); goal < 45 000 with L7 + mTLS";
 }
 
 fn sh(cmd: &str, args: &[&str]) -> String {
@@ -45,10 +46,15 @@ fn workspace_root() -> PathBuf {
 /// Machine, date, build and configuration of this run.
 pub fn meta(cfg: &Config, bins: &Bins) -> Value {
     let cpuinfo = fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let cpu = cpuinfo.lines().find_map(|l| l.strip_prefix("model name")).map(|v| v.trim_start_matches([' ', '\t', ':']).to_string());
-    let mem_kib: Option<u64> = fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|m| m.lines().find_map(|l| l.strip_prefix("MemTotal:")).and_then(|v| v.split_whitespace().next()?.parse().ok()));
+    let cpu = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .map(|v| v.trim_start_matches([' ', '\t', ':']).to_string());
+    let mem_kib: Option<u64> = fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
+        m.lines()
+            .find_map(|l| l.strip_prefix("MemTotal:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+    });
     let root = workspace_root();
     let root_s = root.to_string_lossy();
     let commit = sh("git", &["-C", &root_s, "rev-parse", "--short", "HEAD"]);
@@ -59,7 +65,13 @@ pub fn meta(cfg: &Config, bins: &Bins) -> Value {
         "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
         "memory_gib": mem_kib.map(|k| (k as f64 / 1048576.0 * 10.0).round() / 10.0),
         "kernel": sh("uname", &["-r"]),
-        "commit": if dirty { format!("{commit} (with uncommitted changes)") } else { commit },
+        // Other work on the machine shows here (the benchmark's own load is on top of it).
+        "loadavg_at_start": fs::read_to_string("/proc/loadavg").ok().map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" ")),
+        "commit": match (commit.is_empty(), dirty) {
+            (true, _) => "(not a git checkout)".to_string(),
+            (false, true) => format!("{commit} (with uncommitted changes)"),
+            (false, false) => commit,
+        },
         "sluice_bin": bins.sluice,
         "profile": cfg.profile,
         "command": format!("cargo xtask bench {}", cfg.command.trim_start_matches("bench").trim()),
@@ -108,7 +120,11 @@ fn ratio(a: Option<f64>, b: Option<f64>) -> Option<f64> {
 
 /// CPU seconds sluice spent per 1000 completed requests (= vCPU per 1000 rps), median.
 fn cpu_per_1000(runs: &[Run], count_key: &str) -> Option<f64> {
-    median(runs.iter().filter_map(|r| Some(r.sluice_cpu_s * 1000.0 / r.f(count_key).filter(|n| *n > 0.0)?)).collect())
+    median(
+        runs.iter()
+            .filter_map(|r| Some(r.sluice_cpu_s * 1000.0 / r.f(count_key).filter(|n| *n > 0.0)?))
+            .collect(),
+    )
 }
 
 fn cores(runs: &[Run]) -> Option<f64> {
@@ -119,7 +135,12 @@ fn sum(runs: &[Run], key: &str) -> f64 {
     runs.iter().filter_map(|r| r.f(key)).sum()
 }
 
-const PCTS: [(&str, &str); 4] = [("p50", "latency.p50_us"), ("p90", "latency.p90_us"), ("p99", "latency.p99_us"), ("p99.9", "latency.p999_us")];
+const PCTS: [(&str, &str); 4] = [
+    ("p50", "latency.p50_us"),
+    ("p90", "latency.p90_us"),
+    ("p99", "latency.p99_us"),
+    ("p99.9", "latency.p999_us"),
+];
 
 /// The computed figures (what the table shows), as JSON.
 pub fn summary(res: &Results) -> Value {
@@ -143,55 +164,90 @@ pub fn summary(res: &Results) -> Value {
                 }
             }
             if rps.is_none() && *s != Scenario::Direct {
-                row["rps_pct_of_direct"] = json!(ratio(med(rs, "achieved_rps"), med(direct, "achieved_rps")).map(|r| r * 100.0));
+                row["rps_pct_of_direct"] =
+                    json!(ratio(med(rs, "achieved_rps"), med(direct, "achieved_rps")).map(|r| r * 100.0));
                 row["sluice_cpu_per_1000_req"] = json!(cpu_per_1000(rs, "total"));
             }
             latency.push(row);
         }
     }
-    let bulk: Vec<Value> = res
-        .bulk
-        .iter()
-        .map(|(label, runs)| {
-            let d = runs.get(&Scenario::Direct).map(Vec::as_slice).unwrap_or(&[]);
-            let l = runs.get(&Scenario::L4).map(Vec::as_slice).unwrap_or(&[]);
-            json!({
+    let mut bulk = Vec::new();
+    for (label, runs) in &res.bulk {
+        let d = runs.get(&Scenario::Direct).map(Vec::as_slice).unwrap_or(&[]);
+        for (sc, rs) in runs {
+            bulk.push(json!({
                 "where": label,
-                "direct_gbit_s": med(d, "gbit_s"),
-                "l4_gbit_s": med(l, "gbit_s"),
-                "l4_pct_of_direct": ratio(med(l, "gbit_s"), med(d, "gbit_s")).map(|r| r * 100.0),
-                "l4_sluice_cores": cores(l),
+                "scenario": sc.name(),
+                "gbit_s": med(rs, "gbit_s"),
+                "pct_of_direct": ratio(med(rs, "gbit_s"), med(d, "gbit_s")).map(|r| r * 100.0),
+                "sluice_cores": cores(rs),
+            }));
+        }
+    }
+    let d = res.churn.get(&Scenario::Direct).map(Vec::as_slice).unwrap_or(&[]);
+    let churn: Vec<Value> = res
+        .churn
+        .iter()
+        .map(|(sc, rs)| {
+            json!({
+                "scenario": sc.name(),
+                "conns_per_s": med(rs, "conns_per_s"),
+                "pct_of_direct": ratio(med(rs, "conns_per_s"), med(d, "conns_per_s")).map(|r| r * 100.0),
+                "p50_us": med(rs, "latency.p50_us"),
+                "connect_p50_us": med(rs, "connect.p50_us"),
+                "added_total_p50_us": added(rs, d, "latency.p50_us"),
+                "added_connect_p50_us": added(rs, d, "connect.p50_us"),
+                "sluice_cpu_per_1000_conns": cpu_per_1000(rs, "total"),
+                "sluice_cores": cores(rs),
+                "errors": sum(rs, "errors"),
             })
         })
         .collect();
-    let churn = if res.churn.is_empty() {
-        Value::Null
-    } else {
-        let d = res.churn.get(&Scenario::Direct).map(Vec::as_slice).unwrap_or(&[]);
-        let l = res.churn.get(&Scenario::L4).map(Vec::as_slice).unwrap_or(&[]);
-        json!({
-            "direct_conns_per_s": med(d, "conns_per_s"),
-            "l4_conns_per_s": med(l, "conns_per_s"),
-            "l4_pct_of_direct": ratio(med(l, "conns_per_s"), med(d, "conns_per_s")).map(|r| r * 100.0),
-            "direct_p50_us": med(d, "latency.p50_us"),
-            "l4_p50_us": med(l, "latency.p50_us"),
-            "added_connect_p50_us": added(l, d, "connect.p50_us"),
-            "added_total_p50_us": added(l, d, "latency.p50_us"),
-            "l4_sluice_cpu_per_1000_conns": cpu_per_1000(l, "total"),
-            "l4_sluice_cores": cores(l),
-            "errors": sum(d, "errors") + sum(l, "errors"),
+    let instructions: serde_json::Map<String, Value> = res
+        .instructions
+        .as_ref()
+        .and_then(Value::as_object)
+        .map(|m| {
+            m.iter()
+                .map(|(sc, i)| {
+                    let per_node: Vec<Value> = i["nodes"]
+                        .as_array()
+                        .cloned()
+                        .unwrap_or_default()
+                        .iter()
+                        .enumerate()
+                        .map(|(k, node)| {
+                            let v = median(
+                                i["rounds"]
+                                    .as_array()
+                                    .cloned()
+                                    .unwrap_or_default()
+                                    .iter()
+                                    .filter_map(|r| r["per_node"][k]["per_request"].as_f64())
+                                    .collect(),
+                            );
+                            json!({"node": node, "per_request": v})
+                        })
+                        .collect();
+                    (
+                        sc.clone(),
+                        json!({
+                            "per_request": i["per_request"], "per_request_minus_idle": i["per_request_minus_idle"],
+                            "idle_instructions_per_s": i["idle_instructions_per_s"], "n": i["n"],
+                            "rate_rps": i["rate_rps"], "per_node": per_node,
+                        }),
+                    )
+                })
+                .collect()
         })
-    };
+        .unwrap_or_default();
     json!({
         "latency": latency,
         "bulk": bulk,
         "churn": churn,
         "rss_rest_kib": res.rss_rest_kib,
         "idle": res.idle,
-        "instructions": res.instructions.as_ref().map(|i| json!({
-            "per_request": i["per_request"], "per_request_minus_idle": i["per_request_minus_idle"],
-            "idle_instructions_per_s": i["idle_instructions_per_s"], "n": i["n"], "rate_rps": i["rate_rps"],
-        })),
+        "instructions": instructions,
     })
 }
 
@@ -261,10 +317,18 @@ pub fn markdown(cfg: &Config, res: &Results, sum: &Value) -> String {
     let _ = writeln!(o, "### Results of {}\n", s(&m["date"]));
     let _ = writeln!(
         o,
-        "Machine: {} × {}, {} GiB, Linux {}. sluice {} ({} build). Command: `{}`; {} alternated round(s) per scenario, figures are medians over rounds.\n",
-        m["cpus"], s(&m["cpu"]), m["memory_gib"], s(&m["kernel"]), s(&m["commit"]), s(&m["profile"]), s(&m["command"]), cfg.rounds
+        "Machine: {} × {}, {} GiB, Linux {} (load average at the start: {}). sluice {} ({} build). Command: `{}`; {} alternated round(s) per scenario, figures are medians over rounds; the run took {} s.\n",
+        m["cpus"], s(&m["cpu"]), m["memory_gib"], s(&m["kernel"]), s(&m["loadavg_at_start"]), s(&m["commit"]), s(&m["profile"]), s(&m["command"]), cfg.rounds, m["wall_s"]
     );
-    let _ = writeln!(o, "Scenarios: {}.", cfg.scenarios.iter().map(|s| format!("`{}` ({})", s.name(), s.describe())).collect::<Vec<_>>().join("; "));
+    let _ = writeln!(
+        o,
+        "Scenarios: {}.",
+        cfg.scenarios
+            .iter()
+            .map(|s| format!("`{}` ({})", s.name(), s.describe()))
+            .collect::<Vec<_>>()
+            .join("; ")
+    );
     let na: Vec<String> = Scenario::ALL
         .iter()
         .filter(|s| s.not_available().is_some())
@@ -305,108 +369,176 @@ pub fn markdown(cfg: &Config, res: &Results, sum: &Value) -> String {
         o.push('\n');
     }
 
+    let proxied: Vec<Scenario> = cfg.scenarios.iter().copied().filter(|s| *s != Scenario::Direct).collect();
     let _ = writeln!(o, "#### Throughput and connections\n");
-    let _ = writeln!(o, "| measure | direct | l4 | l4 as % of direct | reference |");
-    let _ = writeln!(o, "|---|---:|---:|---:|---|");
+    let _ = writeln!(o, "| measure | scenario | value | % of direct | reference |");
+    let _ = writeln!(o, "|---|---|---:|---:|---|");
     for b in sum["bulk"].as_array().cloned().unwrap_or_default() {
-        let (label, reference) = if b["where"] == "same node" {
-            ("bulk TCP (iperf3, 1 stream), same node", reference::BULK_SAME_NODE)
+        let same = b["where"] == "same node";
+        let reference = if b["scenario"] == "direct" {
+            "—"
+        } else if same {
+            reference::BULK_SAME_NODE
         } else {
-            ("bulk TCP (iperf3, 1 stream), across nodes", reference::BULK_CROSS_NODE)
+            reference::BULK_CROSS_NODE
         };
-        let g = |k: &str| num(&b[k]).map(|x| format!("{x:.2} Gbit/s")).unwrap_or_else(|| "—".into());
-        let _ = writeln!(o, "| {label} | {} | {} | {} | {reference} |", g("direct_gbit_s"), g("l4_gbit_s"), f_pct(num(&b["l4_pct_of_direct"])));
-    }
-    let c = &sum["churn"];
-    if !c.is_null() {
         let _ = writeln!(
             o,
-            "| new connections/s (connect, 1 request, close; {} at a time) | {} | {} | {} | — |",
+            "| bulk TCP (iperf3, 1 stream), {} | {} | {} | {} | {reference} |",
+            s(&b["where"]),
+            s(&b["scenario"]),
+            num(&b["gbit_s"]).map(|x| format!("{x:.2} Gbit/s")).unwrap_or_else(|| "—".into()),
+            f_pct(num(&b["pct_of_direct"]).filter(|_| b["scenario"] != "direct"))
+        );
+    }
+    for c in sum["churn"].as_array().cloned().unwrap_or_default() {
+        let added = if c["scenario"] == "direct" {
+            String::new()
+        } else {
+            format!(", added {}", f_added(num(&c["added_total_p50_us"])))
+        };
+        let _ = writeln!(
+            o,
+            "| new connections/s (connect, 1 request, close; {} at a time) | {} | {} (p50 {} µs{added}) | {} | — |",
             cfg.churn_connections,
-            f_int(num(&c["direct_conns_per_s"])),
-            f_int(num(&c["l4_conns_per_s"])),
-            f_pct(num(&c["l4_pct_of_direct"]))
-        );
-        let _ = writeln!(
-            o,
-            "| churn: p50 of connect + request + close (µs) | {} | {} | added {} | — |",
-            f_us(num(&c["direct_p50_us"])),
-            f_us(num(&c["l4_p50_us"])),
-            f_added(num(&c["added_total_p50_us"]))
+            s(&c["scenario"]),
+            f_int(num(&c["conns_per_s"])),
+            f_us(num(&c["p50_us"])),
+            f_pct(num(&c["pct_of_direct"]).filter(|_| c["scenario"] != "direct"))
         );
     }
-    let sat = lat.iter().find(|r| r["rps"].is_null() && r["scenario"] != "direct");
-    if let Some(r) = sat {
-        let d = lat.iter().find(|x| x["rps"].is_null() && x["scenario"] == "direct");
+    for r in lat.iter().filter(|r| r["rps"].is_null()) {
         let _ = writeln!(
             o,
-            "| HTTP requests/s at saturation | {} | {} | {} | — |",
-            f_int(d.and_then(|d| num(&d["achieved_rps"]))),
+            "| HTTP requests/s at saturation ({} connections) | {} | {} | {} | — |",
+            cfg.max_connections,
+            s(&r["scenario"]),
             f_int(num(&r["achieved_rps"])),
             f_pct(num(&r["rps_pct_of_direct"]))
         );
     }
     o.push('\n');
 
-    let _ = writeln!(o, "#### Resource cost of sluice (l4)\n");
-    let _ = writeln!(o, "| measure | sluice | reference |");
-    let _ = writeln!(o, "|---|---:|---|");
-    for r in lat.iter().filter(|r| r["scenario"] == "l4") {
-        match num(&r["rps"]) {
-            Some(rps) => {
-                let reference = if rps == 1000.0 { reference::CPU_PER_1000_RPS } else { "—" };
-                let _ = writeln!(o, "| CPU per 1000 rps, at {rps:.0} rps | {} | {reference} |", f_vcpu(num(&r["sluice_cpu_per_1000_req"])));
-            }
-            None => {
-                let _ = writeln!(
-                    o,
-                    "| CPU at saturation ({} rps) | {:.2} cores ({}) per 1000 rps | — |",
-                    f_int(num(&r["achieved_rps"])),
-                    num(&r["sluice_cores"]).unwrap_or(f64::NAN),
-                    f_vcpu(num(&r["sluice_cpu_per_1000_req"]))
-                );
-            }
+    let _ = writeln!(
+        o,
+        "#### Resource cost of sluice\n\nCPU from /proc/<pid>/stat over each run (`mtls`: both nodes' sluices added up); RSS of node 1's sluice (the client side).\n"
+    );
+    let _ = writeln!(o, "| measure | {} | reference |", proxied.iter().map(|s| s.name()).collect::<Vec<_>>().join(" | "));
+    let _ = writeln!(o, "|---|{}---|", "---:|".repeat(proxied.len()));
+    let row = |o: &mut String, label: &str, cells: Vec<String>, reference: &str| {
+        let _ = writeln!(o, "| {label} | {} | {reference} |", cells.join(" | "));
+    };
+    let lat_of = |sc: Scenario, rps: Option<f64>| {
+        lat.iter().find(|r| r["scenario"] == sc.name() && num(&r["rps"]) == rps).cloned().unwrap_or(Value::Null)
+    };
+    for &rps in &cfg.rate_levels {
+        let reference = if rps == 1000 { reference::CPU_PER_1000_RPS } else { "—" };
+        let cells = proxied.iter().map(|sc| f_vcpu(num(&lat_of(*sc, Some(rps as f64))["sluice_cpu_per_1000_req"]))).collect();
+        row(&mut o, &format!("CPU per 1000 rps, at {rps} rps"), cells, reference);
+    }
+    let cells = proxied
+        .iter()
+        .map(|sc| {
+            let r = lat_of(*sc, None);
+            format!("{:.2} cores at {} rps", num(&r["sluice_cores"]).unwrap_or(f64::NAN), f_int(num(&r["achieved_rps"])))
+        })
+        .collect();
+    row(&mut o, "CPU at saturation", cells, "—");
+    let churn_of = |sc: Scenario| {
+        sum["churn"].as_array().and_then(|a| a.iter().find(|c| c["scenario"] == sc.name()).cloned()).unwrap_or(Value::Null)
+    };
+    let cells = proxied.iter().map(|sc| f_vcpu(num(&churn_of(*sc)["sluice_cpu_per_1000_conns"]))).collect();
+    row(&mut o, "CPU per 1000 new connections/s", cells, reference::CHURN_CPU);
+    for place in ["same node", "across nodes"] {
+        let cells: Vec<String> = proxied
+            .iter()
+            .map(|sc| {
+                sum["bulk"]
+                    .as_array()
+                    .and_then(|a| a.iter().find(|b| b["where"] == place && b["scenario"] == sc.name()))
+                    .and_then(|b| num(&b["sluice_cores"]))
+                    .map(|c| format!("{c:.2} cores"))
+                    .unwrap_or_else(|| "—".into())
+            })
+            .collect();
+        if cells.iter().any(|c| c != "—") {
+            row(&mut o, &format!("CPU during bulk transfer, {place}"), cells, "—");
         }
     }
-    if !c.is_null() {
-        let _ = writeln!(o, "| CPU per 1000 new connections/s | {} | {} |", f_vcpu(num(&c["l4_sluice_cpu_per_1000_conns"])), reference::CHURN_CPU);
-    }
-    for b in sum["bulk"].as_array().cloned().unwrap_or_default() {
-        let _ = writeln!(o, "| CPU during bulk transfer, {} | {:.2} cores | — |", s(&b["where"]), num(&b["l4_sluice_cores"]).unwrap_or(f64::NAN));
-    }
-    let _ = writeln!(o, "| RSS at rest (2 pods enrolled) | {} | — |", f_mib(num(&sum["rss_rest_kib"])));
-    for r in lat.iter().filter(|r| r["scenario"] == "l4") {
-        let reference = if num(&r["rps"]) == Some(1000.0) { reference::MEM_AT_1000_RPS } else { "—" };
-        let _ = writeln!(o, "| RSS under load, {} (peak) | {} | {reference} |", s(&r["level"]), f_mib(num(&r["sluice_rss_max_kib"])));
+    let cells = proxied.iter().map(|_| f_mib(num(&sum["rss_rest_kib"]))).collect();
+    row(&mut o, "RSS at rest (node 1)", cells, "—");
+    for (label, rps, _) in &res.levels {
+        let reference = if *rps == Some(1000) { reference::MEM_AT_1000_RPS } else { "—" };
+        let cells =
+            proxied.iter().map(|sc| f_mib(num(&lat_of(*sc, rps.map(|r| r as f64))["sluice_rss_max_kib"]))).collect();
+        row(&mut o, &format!("RSS under load, {label} (peak)"), cells, reference);
     }
     if let Some(i) = sum["idle"].as_object() {
-        let _ = writeln!(
-            o,
-            "| RSS with {} idle connections through sluice | {} ({:.1} KiB per connection) | — |",
-            f_int(i.get("connections").and_then(Value::as_f64)),
-            f_mib(i.get("rss_with_idle_kib").and_then(Value::as_f64)),
-            i.get("kib_per_connection").and_then(Value::as_f64).unwrap_or(f64::NAN)
+        let g = |k: &str| i.get(k).and_then(Value::as_f64);
+        let extrapolated = match (g("connections"), g("wanted")) {
+            (Some(n), Some(w)) if n < w => format!(
+                "; ≈ {} at {} (extrapolated: RLIMIT_NOFILE {} allows {} through one process)",
+                f_mib(g("rss_at_wanted_kib")),
+                f_int(Some(w)),
+                f_int(g("nofile_limit")),
+                f_int(Some(n))
+            ),
+            _ => String::new(),
+        };
+        let cells = proxied
+            .iter()
+            .map(|sc| {
+                if *sc == Scenario::L4 {
+                    format!(
+                        "{} ({:.1} KiB per connection{extrapolated})",
+                        f_mib(g("rss_with_idle_kib")),
+                        g("kib_per_connection").unwrap_or(f64::NAN)
+                    )
+                } else {
+                    "—".into()
+                }
+            })
+            .collect();
+        row(
+            &mut o,
+            &format!("RSS with {} idle connections (one request each, then idle)", f_int(g("connections"))),
+            cells,
+            "—",
         );
     }
-    match sum["instructions"].as_object() {
-        Some(i) => {
-            let _ = writeln!(
-                o,
-                "| instructions per request (callgrind, 1 keep-alive connection, {} rps) | {} ({} without sluice's idle background of {}/s) | {} |",
-                num(&i["rate_rps"]).unwrap_or(0.0),
-                f_int(i.get("per_request").and_then(Value::as_f64)),
-                f_int(i.get("per_request_minus_idle").and_then(Value::as_f64)),
-                f_int(i.get("idle_instructions_per_s").and_then(Value::as_f64)),
-                reference::INSTRUCTIONS
-            );
-        }
-        None => {
-            let _ = writeln!(o, "| instructions per request | not measured (`--instructions`) | {} |", reference::INSTRUCTIONS);
-        }
-    }
+    let ins = sum["instructions"].as_object().cloned().unwrap_or_default();
+    let cells = proxied
+        .iter()
+        .map(|sc| match ins.get(sc.name()) {
+            Some(i) => {
+                let nodes: Vec<String> = i["per_node"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default()
+                    .iter()
+                    .map(|n| format!("{} {}", s(&n["node"]), f_int(num(&n["per_request"]))))
+                    .collect();
+                format!(
+                    "{} ({}; {} less the idle background of {}/s)",
+                    f_int(num(&i["per_request"])),
+                    nodes.join(" + "),
+                    f_int(num(&i["per_request_minus_idle"])),
+                    f_int(num(&i["idle_instructions_per_s"]))
+                )
+            }
+            None => "not measured (`--instructions`)".into(),
+        })
+        .collect();
+    let rate = ins.values().next().and_then(|i| num(&i["rate_rps"])).unwrap_or(100.0);
+    row(
+        &mut o,
+        &format!("instructions per request (callgrind, 1 keep-alive connection, {rate:.0} rps)"),
+        cells,
+        reference::INSTRUCTIONS,
+    );
     o.push('\n');
 
-    if let Some(prof) = res.instructions.as_ref().map(|i| &i["profile"]).filter(|p| p.is_object()) {
+    if let Some(all) = res.instructions.as_ref().and_then(Value::as_object) {
         let short = |f: &str| {
             let f = f.replace('|', "\\|");
             if f.chars().count() > 100 {
@@ -415,28 +547,57 @@ pub fn markdown(cfg: &Config, res: &Results, sum: &Value) -> String {
                 f
             }
         };
+        let profiles: Vec<(String, Value)> = all
+            .iter()
+            .flat_map(|(sc, i)| {
+                i["profiles"].as_array().cloned().unwrap_or_default().into_iter().map(move |p| {
+                    (format!("{sc} {}", p["node"].as_str().unwrap_or("?")), p)
+                })
+            })
+            .collect();
         let _ = writeln!(
             o,
-            "#### Where the instructions go (l4, callgrind, the 2N window: {} instructions for {} requests, idle background included)\n",
-            f_int(num(&prof["total"])),
-            f_int(num(&prof["requests"]))
+            "#### Where the instructions go (callgrind, the 2N window of each scenario, per request, idle background included)\n"
         );
-        let _ = writeln!(o, "| component (self cost) | instructions/request | share |");
-        let _ = writeln!(o, "|---|---:|---:|");
-        for c in prof["components"].as_array().cloned().unwrap_or_default() {
-            let _ = writeln!(o, "| {} | {} | {:.1} % |", s(&c["component"]), f_int(num(&c["self_per_request"])), num(&c["pct"]).unwrap_or(0.0));
+        let mut comps: Vec<String> = Vec::new();
+        for (_, p) in &profiles {
+            for c in p["components"].as_array().cloned().unwrap_or_default() {
+                let name = s(&c["component"]);
+                if !comps.contains(&name) {
+                    comps.push(name);
+                }
+            }
         }
-        let _ = writeln!(o, "\n| self/request | function (top by self cost) |");
-        let _ = writeln!(o, "|---:|---|");
-        for r in prof["exclusive"].as_array().cloned().unwrap_or_default().iter().take(15) {
-            let _ = writeln!(o, "| {} | `{}` |", f_int(num(&r["self_per_request"])), short(r["function"].as_str().unwrap_or("?")));
+        let _ = writeln!(o, "| component (self cost) | {} |", profiles.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>().join(" | "));
+        let _ = writeln!(o, "|---|{}", "---:|".repeat(profiles.len()));
+        for comp in &comps {
+            let cells: Vec<String> = profiles
+                .iter()
+                .map(|(_, p)| {
+                    p["components"]
+                        .as_array()
+                        .and_then(|a| a.iter().find(|c| c["component"] == comp.as_str()))
+                        .map(|c| format!("{} ({:.0} %)", f_int(num(&c["self_per_request"])), num(&c["pct"]).unwrap_or(0.0)))
+                        .unwrap_or_else(|| "—".into())
+                })
+                .collect();
+            let _ = writeln!(o, "| {comp} | {} |", cells.join(" | "));
         }
-        let _ = writeln!(o, "\n| inclusive/request | function (top by inclusive cost, below the runtime's own loop) |");
-        let _ = writeln!(o, "|---:|---|");
-        for r in prof["inclusive"].as_array().cloned().unwrap_or_default().iter().take(20) {
-            let _ = writeln!(o, "| {} | `{}` |", f_int(num(&r["inclusive_per_request"])), short(r["function"].as_str().unwrap_or("?")));
+        for (key, p) in &profiles {
+            let _ = writeln!(o, "\nTop functions by self cost, {key} (instructions per request; full listing in `{}`):\n", s(&p["file"]));
+            let _ = writeln!(o, "| self | inclusive | function |");
+            let _ = writeln!(o, "|---:|---:|---|");
+            for r in p["exclusive"].as_array().cloned().unwrap_or_default().iter().take(12) {
+                let _ = writeln!(
+                    o,
+                    "| {} | {} | `{}` |",
+                    f_int(num(&r["self_per_request"])),
+                    f_int(num(&r["inclusive_per_request"])),
+                    short(r["function"].as_str().unwrap_or("?"))
+                );
+            }
         }
-        let _ = writeln!(o, "\nFull profile: `callgrind-profile.txt` beside results.json; raw dumps in `callgrind/` (open with kcachegrind or callgrind_annotate).\n");
+        o.push('\n');
     }
 
     if let Some(micro) = &res.micro {
@@ -444,7 +605,13 @@ pub fn markdown(cfg: &Config, res: &Results, sum: &Value) -> String {
         let _ = writeln!(o, "| benchmark | what | median |");
         let _ = writeln!(o, "|---|---|---:|");
         for b in micro["benches"].as_array().cloned().unwrap_or_default() {
-            let _ = writeln!(o, "| `{}` | {} | {:.1} ns |", s(&b["id"]), s(&b["what"]), num(&b["median_ns"]).unwrap_or(f64::NAN));
+            let _ = writeln!(
+                o,
+                "| `{}` | {} | {:.1} ns |",
+                s(&b["id"]),
+                s(&b["what"]),
+                num(&b["median_ns"]).unwrap_or(f64::NAN)
+            );
         }
         let _ = writeln!(o, "\nNot benchmarked yet (they arrive with L7): {}.\n", micro::NOT_YET.join("; "));
     }
@@ -487,16 +654,27 @@ pub fn svg(sum: &Value, rounds: usize) -> String {
             None => panels.push((level, vec![(r["scenario"].as_str().unwrap_or("?").into(), vals)])),
         }
     }
-    let all: Vec<f64> = panels.iter().flat_map(|(_, v)| v.iter().flat_map(|(_, a)| a.iter().flatten().copied())).filter(|x| *x > 0.0).collect();
+    let all: Vec<f64> = panels
+        .iter()
+        .flat_map(|(_, v)| v.iter().flat_map(|(_, a)| a.iter().flatten().copied()))
+        .filter(|x| *x > 0.0)
+        .collect();
     let lo = all.iter().copied().fold(f64::INFINITY, f64::min);
     let hi = all.iter().copied().fold(0.0, f64::max);
-    let (d0, d1) = if all.is_empty() { (1, 3) } else { (lo.log10().floor() as i32, (hi.log10().ceil() as i32).max(lo.log10().floor() as i32 + 1)) };
+    let (d0, d1) = if all.is_empty() {
+        (1, 3)
+    } else {
+        (lo.log10().floor() as i32, (hi.log10().ceil() as i32).max(lo.log10().floor() as i32 + 1))
+    };
     let (pw, ph, top, left, plot_h) = (470.0, 380.0, 70.0, 60.0, 250.0);
     let plot_w = pw - left - 20.0;
     let width = 20.0 + pw * panels.len().max(1) as f64;
     let y = |v: f64| top + plot_h - (v.log10() - d0 as f64) / (d1 - d0) as f64 * plot_h;
     let mut o = String::new();
-    let _ = writeln!(o, r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0}" height="{ph:.0}" font-family="sans-serif" font-size="11">"#);
+    let _ = writeln!(
+        o,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0}" height="{ph:.0}" font-family="sans-serif" font-size="11">"#
+    );
     let _ = writeln!(o, r#"<rect width="100%" height="100%" fill="white"/>"#);
     let _ = writeln!(
         o,
@@ -504,13 +682,29 @@ pub fn svg(sum: &Value, rounds: usize) -> String {
     );
     for (pi, (level, rows)) in panels.iter().enumerate() {
         let x0 = 20.0 + pi as f64 * pw;
-        let _ = writeln!(o, r#"<text x="{:.1}" y="{:.1}" font-size="13" font-weight="bold">{}</text>"#, x0 + left, top - 22.0, esc(level));
+        let _ = writeln!(
+            o,
+            r#"<text x="{:.1}" y="{:.1}" font-size="13" font-weight="bold">{}</text>"#,
+            x0 + left,
+            top - 22.0,
+            esc(level)
+        );
         for d in d0..=d1 {
             let v = 10f64.powi(d);
             let yy = y(v);
             let label = if v >= 1000.0 { format!("{} ms", v / 1000.0) } else { format!("{v} µs") };
-            let _ = writeln!(o, r##"<line x1="{:.1}" y1="{yy:.1}" x2="{:.1}" y2="{yy:.1}" stroke="#ddd"/>"##, x0 + left, x0 + left + plot_w);
-            let _ = writeln!(o, r#"<text x="{:.1}" y="{:.1}" text-anchor="end">{label}</text>"#, x0 + left - 5.0, yy + 4.0);
+            let _ = writeln!(
+                o,
+                r##"<line x1="{:.1}" y1="{yy:.1}" x2="{:.1}" y2="{yy:.1}" stroke="#ddd"/>"##,
+                x0 + left,
+                x0 + left + plot_w
+            );
+            let _ = writeln!(
+                o,
+                r#"<text x="{:.1}" y="{:.1}" text-anchor="end">{label}</text>"#,
+                x0 + left - 5.0,
+                yy + 4.0
+            );
         }
         let gw = plot_w / PCTS.len() as f64;
         let bw = gw * 0.8 / rows.len().max(1) as f64;
@@ -528,16 +722,44 @@ pub fn svg(sum: &Value, rounds: usize) -> String {
                     color(scen),
                     esc(scen)
                 );
-                let _ = writeln!(o, r#"<text x="{:.1}" y="{:.1}" text-anchor="middle" font-size="9">{}</text>"#, bx + (bw - 2.0) / 2.0, by - 3.0, f_us(Some(v)));
+                let _ = writeln!(
+                    o,
+                    r#"<text x="{:.1}" y="{:.1}" text-anchor="middle" font-size="9">{}</text>"#,
+                    bx + (bw - 2.0) / 2.0,
+                    by - 3.0,
+                    f_us(Some(v))
+                );
             }
-            let _ = writeln!(o, r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">{pname}</text>"#, gx + gw * 0.4, top + plot_h + 16.0);
+            let _ = writeln!(
+                o,
+                r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">{pname}</text>"#,
+                gx + gw * 0.4,
+                top + plot_h + 16.0
+            );
         }
-        let _ = writeln!(o, r##"<line x1="{0:.1}" y1="{1:.1}" x2="{0:.1}" y2="{2:.1}" stroke="#333"/>"##, x0 + left, top, top + plot_h);
-        let _ = writeln!(o, r##"<line x1="{:.1}" y1="{2:.1}" x2="{:.1}" y2="{2:.1}" stroke="#333"/>"##, x0 + left, x0 + left + plot_w, top + plot_h);
+        let _ = writeln!(
+            o,
+            r##"<line x1="{0:.1}" y1="{1:.1}" x2="{0:.1}" y2="{2:.1}" stroke="#333"/>"##,
+            x0 + left,
+            top,
+            top + plot_h
+        );
+        let _ = writeln!(
+            o,
+            r##"<line x1="{:.1}" y1="{2:.1}" x2="{:.1}" y2="{2:.1}" stroke="#333"/>"##,
+            x0 + left,
+            x0 + left + plot_w,
+            top + plot_h
+        );
         for (si, (scen, _)) in rows.iter().enumerate() {
             let lx = x0 + left + si as f64 * 90.0;
             let ly = top + plot_h + 40.0;
-            let _ = writeln!(o, r#"<rect x="{lx:.1}" y="{:.1}" width="12" height="12" fill="{}"/>"#, ly - 10.0, color(scen));
+            let _ = writeln!(
+                o,
+                r#"<rect x="{lx:.1}" y="{:.1}" width="12" height="12" fill="{}"/>"#,
+                ly - 10.0,
+                color(scen)
+            );
             let _ = writeln!(o, r#"<text x="{:.1}" y="{ly:.1}">{}</text>"#, lx + 16.0, esc(scen));
         }
     }
@@ -548,7 +770,10 @@ pub fn svg(sum: &Value, rounds: usize) -> String {
 // ---------------------------------------------------------------- files
 
 fn runs_json(runs: &BTreeMap<Scenario, Vec<Run>>) -> Value {
-    runs.iter().map(|(s, rs)| (s.name().to_string(), json!(rs.iter().map(Run::to_json).collect::<Vec<_>>()))).collect::<serde_json::Map<_, _>>().into()
+    runs.iter()
+        .map(|(s, rs)| (s.name().to_string(), json!(rs.iter().map(Run::to_json).collect::<Vec<_>>())))
+        .collect::<serde_json::Map<_, _>>()
+        .into()
 }
 
 /// Writes results.json, results.md and latency.svg into the output directory (and the docs

@@ -1,15 +1,21 @@
 //! The simulated cluster the benchmarks run in.
 //!
 //! ```text
-//! node n1                                              node n2 (only for cross-node bulk)
-//!   bench-direct (not enrolled): client ──► server        bench-direct/server-x
-//!   bench-mesh (enrolled):       client ──► sluice ──► server     bench-mesh/server-x
-//!                                (Service bench-mesh/server 10.96.0.20, …/server-x 10.96.0.21)
+//! node n1                                        node n2 (cross-node bulk, mtls)
+//!   bench-direct (not enrolled): client, server    bench-direct/server-x
+//!   bench-mesh (enrolled):       client            bench-mesh/server-x
+//!   Services: bench-direct/server 10.96.0.20, bench-direct/server-x 10.96.0.21,
+//!             bench-mesh/server-x 10.96.0.22
 //! ```
 //!
-//! `direct` dials the server pod's IP (no kube-proxy in the simulator, and no sluice: the
-//! namespace is not enrolled). `l4` dials the Service ClusterIP from an enrolled pod, so the
-//! connection is redirected into sluice, resolved to the endpoint and forwarded as opaque TCP.
+//! - `direct`: bench-direct/client dials the server pod's IP (no kube-proxy in the simulator,
+//!   and no sluice: the namespace is not enrolled).
+//! - `l4`: bench-mesh/client dials the Service of the *same* server (outside the mesh), so the
+//!   connection is redirected into sluice, resolved to the endpoint and forwarded as opaque
+//!   TCP; a destination outside the mesh gets plaintext, no tunnel.
+//! - `mtls`: bench-mesh/client dials the Service of the enrolled server on n2: sluice on n1
+//!   carries it in the HBONE tunnel (mutual TLS) to sluice on n2, which delivers it.
+//!
 //! Every server pod runs `slload serve` (HTTP, 1 KiB bodies) on 8080 and, for bulk runs,
 //! `iperf3 -s` on 5201. sluice runs on every node, as in a mesh.
 
@@ -29,8 +35,10 @@ use super::Scenario;
 pub const T: Duration = Duration::from_secs(30);
 const MESH_NS: &str = "bench-mesh";
 const DIRECT_NS: &str = "bench-direct";
-const VIP: &str = "10.96.0.20";
-const VIP_X: &str = "10.96.0.21";
+/// Services of the servers outside the mesh (on n1, on n2) and of the enrolled one on n2.
+const VIP_PLAIN: &str = "10.96.0.20";
+const VIP_PLAIN_X: &str = "10.96.0.21";
+const VIP_MESH_X: &str = "10.96.0.22";
 pub const HTTP_PORT: u16 = 8080;
 pub const IPERF_PORT: u16 = 5201;
 
@@ -46,10 +54,7 @@ impl Bins {
     /// `$SLUICE_BIN`, `$SIMPOD_BIN`, `$SLLOAD_BIN`, else `<target>/<profile>/…`. Exports the
     /// first two so that the simulator library uses the same ones.
     pub fn locate(profile: &str) -> Result<Bins> {
-        let dir = sluice_tests::bins::profile_dir()?
-            .parent()
-            .context("the target directory")?
-            .join(profile);
+        let dir = sluice_tests::bins::profile_dir()?.parent().context("the target directory")?.join(profile);
         let pick = |env: &str, name: &str| -> Result<PathBuf> {
             let p = std::env::var_os(env).map(PathBuf::from).unwrap_or_else(|| dir.join(name));
             if !p.is_file() {
@@ -107,7 +112,10 @@ impl Route {
                 bail!("direct: the client's connection went through sluice or elsewhere (local address {local:?})")
             }
             s if s != Scenario::Direct && !via_sluice => {
-                bail!("{}: the client's connection did not go through sluice (local address {local:?})", s.name())
+                bail!(
+                    "{}: the client's connection did not go through sluice (local address {local:?})",
+                    s.name()
+                )
             }
             _ => Ok(()),
         }
@@ -122,8 +130,12 @@ pub struct World {
     pub l4: Route,
     pub direct_x: Option<Route>,
     pub l4_x: Option<Route>,
+    pub mtls: Option<Route>,
     pub mesh_client: Pod,
+    /// The enrolled server on n2 (the `mtls` destination).
+    pub mesh_server_x: Option<Pod>,
     pub n1: Node,
+    pub n2: Option<Node>,
     pub bins: Bins,
     /// Last: dropping the sim tears everything down.
     pub sim: Sim,
@@ -153,8 +165,7 @@ fn start_servers(pod: &Pod, bins: &Bins, iperf: bool) -> Result<Vec<SimProcess>>
 }
 
 fn has_pod(v: &Value, ns: &str, name: &str) -> bool {
-    v.as_array()
-        .is_some_and(|pods| pods.iter().any(|p| p["namespace"] == ns && p["name"] == name))
+    v.as_array().is_some_and(|pods| pods.iter().any(|p| p["namespace"] == ns && p["name"] == name))
 }
 
 pub fn wait_enrolled(sluice: &Sluice, pods: &[&Pod], timeout: Duration) -> Result<()> {
@@ -175,13 +186,10 @@ impl World {
         let dclient = n1.add_pod(DIRECT_NS, "client", labels("client"))?;
         let dserver = n1.add_pod(DIRECT_NS, "server", labels("server"))?;
         let mclient = n1.add_pod(MESH_NS, "client", labels("client"))?;
-        let mserver = n1.add_pod(MESH_NS, "server", labels("server"))?;
-        let mut servers = Vec::new();
-        for p in [&dserver, &mserver] {
-            servers.extend(start_servers(p, bins, iperf)?);
-        }
+        let mut servers = start_servers(&dserver, bins, iperf)?;
         let ports = [("http", HTTP_PORT, HTTP_PORT), ("iperf", IPERF_PORT, IPERF_PORT)];
-        sim.write_service(MESH_NS, "server", VIP, &ports, &[&mserver])?;
+        // The server outside the mesh behind a Service: what `l4` dials.
+        sim.write_service(DIRECT_NS, "server", VIP_PLAIN, &ports, &[&dserver])?;
         let mut x = None;
         if let Some(n2) = &n2 {
             let dx = n2.add_pod(DIRECT_NS, "server-x", labels("server-x"))?;
@@ -189,13 +197,14 @@ impl World {
             for p in [&dx, &mx] {
                 servers.extend(start_servers(p, bins, iperf)?);
             }
-            sim.write_service(MESH_NS, "server-x", VIP_X, &ports, &[&mx])?;
+            sim.write_service(DIRECT_NS, "server-x", VIP_PLAIN_X, &ports, &[&dx])?;
+            sim.write_service(MESH_NS, "server-x", VIP_MESH_X, &ports, &[&mx])?;
             x = Some((dx, mx));
         }
         let opts = bins.sluice_opts();
         let sluice = n1.start_sluice(opts.clone())?;
         sluice.wait_ready(T)?;
-        wait_enrolled(&sluice, &[&mclient, &mserver], T)?;
+        wait_enrolled(&sluice, &[&mclient], T)?;
         let sluice2 = match (&n2, &x) {
             (Some(n2), Some((_, mx))) => {
                 let s = n2.start_sluice(opts)?;
@@ -206,19 +215,31 @@ impl World {
             _ => None,
         };
         let vip = |ip: &str, port: u16| -> SocketAddr { format!("{ip}:{port}").parse().expect("literal") };
+        let route = |scenario, client: &Pod, ip: &str| Route {
+            scenario,
+            client: client.clone(),
+            http: vip(ip, HTTP_PORT),
+            iperf: vip(ip, IPERF_PORT),
+        };
         let direct = Route {
             scenario: Scenario::Direct,
             client: dclient.clone(),
             http: dserver.addr(HTTP_PORT),
             iperf: dserver.addr(IPERF_PORT),
         };
-        let l4 = Route { scenario: Scenario::L4, client: mclient.clone(), http: vip(VIP, HTTP_PORT), iperf: vip(VIP, IPERF_PORT) };
-        let (direct_x, l4_x) = match &x {
+        let l4 = route(Scenario::L4, &mclient, VIP_PLAIN);
+        let (direct_x, l4_x, mtls) = match &x {
             Some((dx, _)) => (
-                Some(Route { scenario: Scenario::Direct, client: dclient.clone(), http: dx.addr(HTTP_PORT), iperf: dx.addr(IPERF_PORT) }),
-                Some(Route { scenario: Scenario::L4, client: mclient.clone(), http: vip(VIP_X, HTTP_PORT), iperf: vip(VIP_X, IPERF_PORT) }),
+                Some(Route {
+                    scenario: Scenario::Direct,
+                    client: dclient.clone(),
+                    http: dx.addr(HTTP_PORT),
+                    iperf: dx.addr(IPERF_PORT),
+                }),
+                Some(route(Scenario::L4, &mclient, VIP_PLAIN_X)),
+                Some(route(Scenario::Mtls, &mclient, VIP_MESH_X)),
             ),
-            None => (None, None),
+            None => (None, None, None),
         };
         Ok(World {
             servers,
@@ -228,17 +249,22 @@ impl World {
             l4,
             direct_x,
             l4_x,
+            mtls,
             mesh_client: mclient,
+            mesh_server_x: x.as_ref().map(|(_, mx)| mx.clone()),
             n1,
+            n2,
             bins: bins.clone(),
             sim,
         })
     }
 
-    pub fn route(&self, s: Scenario) -> &Route {
+    pub fn route(&self, s: Scenario) -> Result<&Route> {
         match s {
-            Scenario::Direct => &self.direct,
-            _ => &self.l4,
+            Scenario::Direct => Ok(&self.direct),
+            Scenario::L4 => Ok(&self.l4),
+            Scenario::Mtls => self.mtls.as_ref().context("the mtls route needs the second node"),
+            other => bail!("scenario {} has no route yet", other.name()),
         }
     }
 
