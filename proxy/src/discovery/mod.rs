@@ -30,6 +30,7 @@ mod kinds;
 pub mod kube;
 pub mod manifest;
 mod model;
+pub mod route;
 mod snapshot;
 mod store;
 mod view;
