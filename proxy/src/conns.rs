@@ -45,7 +45,13 @@ pub struct ConnEntry {
     pub source_addr: SocketAddr,
     pub original_dst: SocketAddr,
     pub service: Option<Arc<str>>,
+    /// The upstream endpoint (L4); for HTTP the address dialled, since each request picks its
+    /// own endpoint.
     pub endpoint: SocketAddr,
+    /// "tcp", "http/1.1" or "h2c".
+    pub protocol: &'static str,
+    /// HTTP requests carried so far (0 for opaque TCP).
+    pub requests: AtomicU64,
     pub started: Instant,
     /// Bytes from the client to the upstream.
     pub sent: AtomicU64,
@@ -66,6 +72,8 @@ pub struct ConnView {
     pub original_dst: SocketAddr,
     pub service: Option<String>,
     pub endpoint: SocketAddr,
+    pub protocol: String,
+    pub requests: u64,
     pub bytes_sent: u64,
     pub bytes_received: u64,
     pub age_ms: u64,
@@ -110,6 +118,7 @@ pub struct NewConn {
     pub original_dst: SocketAddr,
     pub service: Option<Arc<str>>,
     pub endpoint: SocketAddr,
+    pub protocol: &'static str,
 }
 
 impl ConnRegistry {
@@ -129,6 +138,8 @@ impl ConnRegistry {
             original_dst: c.original_dst,
             service: c.service,
             endpoint: c.endpoint,
+            protocol: c.protocol,
+            requests: AtomicU64::new(0),
             started: Instant::now(),
             sent: AtomicU64::new(0),
             received: AtomicU64::new(0),
@@ -164,6 +175,8 @@ impl ConnRegistry {
                 original_dst: e.original_dst,
                 service: e.service.as_deref().map(str::to_string),
                 endpoint: e.endpoint,
+                protocol: e.protocol.to_string(),
+                requests: e.requests.load(Ordering::Relaxed),
                 bytes_sent: e.sent.load(Ordering::Relaxed),
                 bytes_received: e.received.load(Ordering::Relaxed),
                 age_ms: e.started.elapsed().as_millis() as u64,
@@ -192,6 +205,7 @@ mod tests {
             original_dst: a,
             service: None,
             endpoint: a,
+            protocol: "tcp",
         };
         let g1 = reg.open(&pod, mk());
         let g2 = reg.open(&pod, mk());

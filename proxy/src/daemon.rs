@@ -48,6 +48,7 @@ pub struct RunArgs {
     pub cert_lifetime: Duration,
     /// On SIGTERM, how long open connections may take to finish before sluice exits.
     pub drain_timeout: Duration,
+    pub l7: crate::l7::L7Config,
 }
 
 enum Control {
@@ -136,7 +137,10 @@ pub fn run(args: RunArgs) -> Result<()> {
         trust_domain: args.trust_domain.clone(),
         pool: HbonePool::default(),
         tunnel_fallbacks: Default::default(),
+        l7: crate::l7::L7::new(args.l7.clone()),
+        draining: tokio::sync::watch::channel(false).0,
     });
+    data_rt.spawn(reap_upstreams(dp.clone()));
     certs.spawn_rotation(data_rt.handle());
     let inbound_stats = Arc::new(ServerStats::default());
     let inbound = Arc::new(Inbound {
@@ -202,6 +206,8 @@ pub fn run(args: RunArgs) -> Result<()> {
     // Tunnels from other nodes: GOAWAY, so their next streams open new tunnels (to the
     // successor, if there is one).
     inbound_stats.draining.send_replace(true);
+    // Client HTTP connections: HTTP/1.1 closes after the response in flight, HTTP/2 GOAWAY.
+    admin.data.draining.send_replace(true);
     let open = conns.open_count();
     info!(reason, successor, open_connections = open, drain_timeout_s = args.drain_timeout.as_secs(), "stopping: draining");
     let deadline = Instant::now() + args.drain_timeout;
@@ -274,6 +280,29 @@ fn start_admin_thread(
         })
         .context("starting the admin thread")?;
     Ok(())
+}
+
+/// Closes idle upstream connections past their time, and forgets the load state of endpoints
+/// that left every Service.
+async fn reap_upstreams(dp: Arc<crate::l4::DataPath>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(2));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut generation = u64::MAX;
+    loop {
+        tick.tick().await;
+        dp.l7.upstreams.reap();
+        let model = dp.model.load();
+        if model.generation() != generation {
+            generation = model.generation();
+            let live: std::collections::HashSet<std::net::SocketAddr> =
+                model.services().flat_map(|s| {
+                    (0..s.ports.len()).filter_map(|i| model.service_port(&s.namespace, &s.name, s.ports[i].port))
+                        .flat_map(|t| t.endpoints().iter().copied())
+                        .collect::<Vec<_>>()
+                }).collect();
+            dp.l7.balancer.retain(|a| live.contains(a));
+        }
+    }
 }
 
 async fn heartbeat(redirector: Arc<Redirector>) {

@@ -120,11 +120,12 @@ pub async fn handle_tunnel(mut req: TunnelRequest, pod: Arc<PodContext>, inbound
             original_dst: req.target,
             service: None,
             endpoint: req.target,
+            protocol: "tcp",
         },
     );
     // Bytes towards the application count as "received" from the peer's point of view of
     // this connection: sent = peer → app, received = app → peer, as for outbound.
-    pump::tcp_h2(app, send, req.body, &guard.entry.received, &guard.entry.sent).await;
+    pump::tcp_h2(app, bytes::Bytes::new(), send, req.body, &guard.entry.received, &guard.entry.sent).await;
 }
 
 /// Serves the pod's plaintext-capture listener (`IP:15006`) until the task is aborted.
@@ -182,6 +183,7 @@ async fn handle_plaintext(client: TcpStream, peer: SocketAddr, pod: Arc<PodConte
             original_dst: target,
             service: None,
             endpoint: target,
+            protocol: "tcp",
         },
     );
     l4::forward(client, app, &guard.entry.sent, &guard.entry.received).await;

@@ -1,6 +1,7 @@
-//! The L4 data path: accept on a pod's outbound listener, find where the connection was going,
-//! pick an endpoint, connect from inside the pod's network namespace, and forward bytes both
-//! ways with backpressure, half-close and reset propagation.
+//! The outbound data path: accept on a pod's outbound listener, find where the connection was
+//! going, detect its protocol, and hand HTTP to the L7 path ([`crate::l7`]); anything else is
+//! forwarded here at L4: pick an endpoint, connect from inside the pod's network namespace, and
+//! forward bytes both ways with backpressure, half-close and reset propagation.
 
 use std::{
     io,
@@ -10,6 +11,7 @@ use std::{
 };
 
 use arc_swap::ArcSwap;
+use bytes::Bytes;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{
@@ -23,6 +25,7 @@ use crate::{
     conns::{ConnRegistry, Direction, NewConn, PodStats},
     discovery::Model,
     identity::{CertManager, SpiffeId},
+    l7::{self, detect, server::ConnCtx, upstream::Wire, Protocol, L7},
     netns::PodNetns,
     redirect::Redirector,
     routing::{self, RoundRobin},
@@ -62,6 +65,11 @@ pub struct DataPath {
     pub pool: HbonePool,
     /// Connections sent plaintext because the destination had no tunnel endpoint.
     pub tunnel_fallbacks: AtomicU64,
+    /// HTTP: detection, balancing, upstream pools.
+    pub l7: L7,
+    /// Set when sluice starts draining: HTTP connections close gracefully (HTTP/1.1 after the
+    /// response in flight, HTTP/2 with GOAWAY).
+    pub draining: tokio::sync::watch::Sender<bool>,
 }
 
 /// Accepts connections on one of a pod's outbound listeners until the task is aborted
@@ -83,35 +91,79 @@ pub async fn serve_listener(listener: TcpListener, pod: Arc<PodContext>, dp: Arc
     }
 }
 
-async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, dp: Arc<DataPath>) {
+async fn handle(mut client: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, dp: Arc<DataPath>) {
     let Some(orig) = dp.redirector.take_original(pod.pod_id, peer) else {
         // Someone connected to 15001 directly, not through the redirect: nothing to forward to.
         debug!(pod = %pod.key, %peer, "connection without a recorded original destination; closing");
         reset(&client);
         return;
     };
+    let _ = client.set_nodelay(true);
+    let hint = {
+        let model = dp.model.load();
+        let port = model.service_for(orig.addr.ip(), orig.addr.port()).map(|t| t.port());
+        detect::hint(port, orig.addr.port(), &dp.l7.cfg.opaque_ports)
+    };
+    let (protocol, prefix) = detect::detect(&mut client, hint, dp.l7.cfg.detect_timeout).await;
+    let counters = &dp.l7.counters;
+    match protocol {
+        Protocol::Http1 => counters.detected_http1.fetch_add(1, Ordering::Relaxed),
+        Protocol::Http2 => counters.detected_http2.fetch_add(1, Ordering::Relaxed),
+        Protocol::Opaque => counters.detected_opaque.fetch_add(1, Ordering::Relaxed),
+    };
+    if protocol == Protocol::Opaque {
+        forward_opaque(client, prefix, peer, orig.addr, pod, dp).await;
+        return;
+    }
+    let service = routing::resolve(&dp.model.load(), orig.addr).service;
+    let guard = dp.conns.open(
+        &pod.stats,
+        NewConn {
+            direction: Direction::Outbound,
+            peer_identity: None,
+            mtls: false,
+            source_pod: pod.key.clone(),
+            source_addr: SocketAddr::new(pod.ip, peer.port()),
+            original_dst: orig.addr,
+            service,
+            endpoint: orig.addr,
+            protocol: protocol.as_str(),
+        },
+    );
+    let wire = if protocol == Protocol::Http2 { Wire::Http2 } else { Wire::Http1 };
+    debug!(pod = %pod.key, dst = %orig.addr, protocol = protocol.as_str(), id = guard.entry.id, "serving HTTP");
+    let ctx = Arc::new(ConnCtx { pod, dp, orig: orig.addr, wire, entry: guard.entry.clone(), closing: Default::default() });
+    l7::server::serve(client, prefix, protocol, ctx).await;
+}
+
+/// Opaque TCP: one endpoint for the whole connection (round robin over a Service's ready
+/// endpoints), bytes forwarded as they come, starting with what detection read.
+async fn forward_opaque(
+    client: TcpStream,
+    prefix: Bytes,
+    peer: SocketAddr,
+    orig: SocketAddr,
+    pod: Arc<PodContext>,
+    dp: Arc<DataPath>,
+) {
     let model = dp.model.load();
-    let target = routing::resolve(&model, orig.addr);
+    let target = routing::resolve(&model, orig);
     let Some(endpoint) = dp.balancer.pick(&target) else {
-        warn!(pod = %pod.key, dst = %orig.addr, service = ?target.service, "no ready endpoints; resetting connection");
+        warn!(pod = %pod.key, dst = %orig, service = ?target.service, "no ready endpoints; resetting connection");
         reset(&client);
         return;
     };
     // An endpoint that is an enrolled pod (on any node) is reached through its HBONE port,
     // with mutual TLS carrying both pods' identities.
-    let mesh_peer = model
-        .pod_by_ip(endpoint.ip())
-        .filter(|p| !p.host_network && model.is_enrolled(&p.namespace))
-        .map(|p| SpiffeId::for_pod(&dp.trust_domain, p));
+    let mesh_peer = mesh_identity(&model, endpoint, &dp.trust_domain);
     drop(model);
 
-    let _ = client.set_nodelay(true);
     if let Some(peer_id) = mesh_peer {
         match open_tunnel(&pod, &dp, &peer_id, endpoint).await {
             Ok((send, recv)) => {
-                let guard = dp.conns.open(&pod.stats, new_conn(&pod, peer, orig.addr, &target, endpoint, Some(&peer_id)));
-                debug!(pod = %pod.key, dst = %orig.addr, %endpoint, peer = %peer_id, id = guard.entry.id, "forwarding through tunnel");
-                pump::tcp_h2(client, send, recv, &guard.entry.sent, &guard.entry.received).await;
+                let guard = dp.conns.open(&pod.stats, new_conn(&pod, peer, orig, &target, endpoint, Some(&peer_id)));
+                debug!(pod = %pod.key, dst = %orig, %endpoint, peer = %peer_id, id = guard.entry.id, "forwarding through tunnel");
+                pump::tcp_h2(client, prefix, send, recv, &guard.entry.sent, &guard.entry.received).await;
                 return;
             }
             // Nobody serves the mesh at the destination (its node's sluice is down, or has not
@@ -120,27 +172,43 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, dp: A
             // never fall back.)
             Err(e) if e.is_unreachable() => {
                 dp.tunnel_fallbacks.fetch_add(1, Ordering::Relaxed);
-                info!(pod = %pod.key, dst = %orig.addr, %endpoint, peer = %peer_id, error = %e, "no tunnel endpoint at the destination; sending plaintext");
+                info!(pod = %pod.key, dst = %orig, %endpoint, peer = %peer_id, error = %e, "no tunnel endpoint at the destination; sending plaintext");
             }
             Err(e) => {
-                warn!(pod = %pod.key, dst = %orig.addr, %endpoint, peer = %peer_id, error = %e, "tunnel failed; resetting client");
+                warn!(pod = %pod.key, dst = %orig, %endpoint, peer = %peer_id, error = %e, "tunnel failed; resetting client");
                 reset(&client);
                 return;
             }
         }
     }
-    let upstream = match connect(&pod.netns, endpoint, dp.connect_timeout).await {
+    let mut upstream = match connect(&pod.netns, endpoint, dp.connect_timeout).await {
         Ok(s) => s,
         Err(e) => {
             // We already accepted the client, so the closest to "refused" we can say is a reset.
-            info!(pod = %pod.key, dst = %orig.addr, %endpoint, error = %e, "upstream connect failed; resetting client");
+            info!(pod = %pod.key, dst = %orig, %endpoint, error = %e, "upstream connect failed; resetting client");
             reset(&client);
             return;
         }
     };
-    let guard = dp.conns.open(&pod.stats, new_conn(&pod, peer, orig.addr, &target, endpoint, None));
-    debug!(pod = %pod.key, dst = %orig.addr, %endpoint, id = guard.entry.id, "forwarding");
+    let guard = dp.conns.open(&pod.stats, new_conn(&pod, peer, orig, &target, endpoint, None));
+    if !prefix.is_empty() {
+        if let Err(e) = upstream.write_all(&prefix).await {
+            debug!(pod = %pod.key, %endpoint, error = %e, "upstream closed before the first bytes");
+            reset(&client);
+            return;
+        }
+        guard.entry.sent.fetch_add(prefix.len() as u64, Ordering::Relaxed);
+    }
+    debug!(pod = %pod.key, dst = %orig, %endpoint, id = guard.entry.id, "forwarding");
     forward(client, upstream, &guard.entry.sent, &guard.entry.received).await;
+}
+
+/// The mesh identity of `endpoint` if it is an enrolled pod (reached through its HBONE port).
+pub fn mesh_identity(model: &Model, endpoint: SocketAddr, trust_domain: &str) -> Option<SpiffeId> {
+    model
+        .pod_by_ip(endpoint.ip())
+        .filter(|p| !p.host_network && model.is_enrolled(&p.namespace))
+        .map(|p| SpiffeId::for_pod(trust_domain, p))
 }
 
 fn new_conn(
@@ -160,10 +228,11 @@ fn new_conn(
         original_dst,
         service: target.service.clone(),
         endpoint,
+        protocol: "tcp",
     }
 }
 
-async fn open_tunnel(
+pub(crate) async fn open_tunnel(
     pod: &PodContext,
     dp: &DataPath,
     peer_id: &SpiffeId,
@@ -182,7 +251,7 @@ async fn open_tunnel(
     dp.pool.open(&key, &pod.netns, tls, endpoint, dp.connect_timeout).await
 }
 
-async fn connect(netns: &PodNetns, endpoint: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
+pub(crate) async fn connect(netns: &PodNetns, endpoint: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
     let socket = netns.tcp_socket(endpoint).await?;
     match tokio::time::timeout(timeout, socket.connect(endpoint)).await {
         Ok(r) => r,

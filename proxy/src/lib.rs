@@ -14,6 +14,7 @@ pub mod enroll;
 pub mod identity;
 pub mod inbound;
 pub mod l4;
+pub mod l7;
 pub mod netns;
 pub mod podres;
 pub mod policy;

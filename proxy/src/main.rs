@@ -128,6 +128,24 @@ struct RunFlags {
     /// Log format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+    // --- L7 ---
+    /// How long to wait for a client's first bytes to detect HTTP before treating the
+    /// connection as opaque TCP (server-first protocols wait this long for their banner on
+    /// ports that are neither pinned by appProtocol/port name nor in --opaque-ports).
+    #[arg(long, default_value_t = 250)]
+    detect_timeout_ms: u64,
+    /// Destination ports never sniffed for HTTP (comma-separated) [default: 25,587,3306,4444,5432,6379,9300,11211].
+    #[arg(long, value_delimiter = ',')]
+    opaque_ports: Option<Vec<u16>>,
+    /// Largest HTTP request head (request line and headers) in bytes; beyond it: 431.
+    #[arg(long, default_value_t = 64 * 1024)]
+    max_header_bytes: usize,
+    /// How requests are spread over a Service's endpoints.
+    #[arg(long, value_enum, default_value_t = sluice::l7::LbPolicy::P2cEwma)]
+    lb_policy: sluice::l7::LbPolicy,
+    /// Peak-EWMA decay time constant in milliseconds (how long a slow response is remembered).
+    #[arg(long, default_value_t = 1000)]
+    ewma_decay_ms: u64,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -216,6 +234,16 @@ fn run(f: RunFlags) -> Result<()> {
         trust_domain: f.trust_domain,
         cert_lifetime: Duration::from_secs(f.cert_lifetime_s),
         drain_timeout: Duration::from_secs(f.drain_timeout_s),
+        l7: sluice::l7::L7Config {
+            detect_timeout: Duration::from_millis(f.detect_timeout_ms),
+            opaque_ports: f.opaque_ports.unwrap_or_else(|| sluice::l7::detect::DEFAULT_OPAQUE_PORTS.to_vec()),
+            max_header_bytes: f.max_header_bytes,
+            lb: f.lb_policy,
+            ewma: sluice::l7::EwmaConfig {
+                tau: Duration::from_millis(f.ewma_decay_ms.max(1)),
+                ..Default::default()
+            },
+        },
     });
     if let Err(e) = &result {
         tracing::error!(error = format!("{e:#}"), "sluice failed to start");

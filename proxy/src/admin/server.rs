@@ -56,6 +56,25 @@ impl AdminState {
             all.insert(name.to_string(), value.load(Ordering::Relaxed));
         }
         all.insert("hbone_pooled_connections".to_string(), self.data.pool.len() as u64);
+        let l7 = &self.data.l7.counters;
+        let up = &self.data.l7.upstreams.counters;
+        for (name, value) in [
+            ("detected_http1", &l7.detected_http1),
+            ("detected_http2", &l7.detected_http2),
+            ("detected_opaque", &l7.detected_opaque),
+            ("http_requests", &l7.requests),
+            ("http_local_replies", &l7.local_replies),
+            ("http_upgrades", &l7.upgrades),
+            ("upstream_connects", &up.connects),
+            ("upstream_connect_errors", &up.connect_errors),
+            ("upstream_reused", &up.reused),
+            ("upstream_retried_on_fresh_connection", &up.retried_on_fresh_connection),
+        ] {
+            all.insert(name.to_string(), value.load(Ordering::Relaxed));
+        }
+        let (idle_h1, h2) = self.data.l7.upstreams.sizes();
+        all.insert("upstream_idle_http1".to_string(), idle_h1 as u64);
+        all.insert("upstream_http2".to_string(), h2 as u64);
         all.insert("hbone_fallback_plaintext".to_string(), self.data.tunnel_fallbacks.load(Ordering::Relaxed));
         all
     }

@@ -24,18 +24,48 @@ const READ_CHUNK: usize = 16 * 1024;
 
 /// Copies both ways until both directions are finished or one fails.
 /// `to_stream` counts TCP → tunnel bytes, `from_stream` tunnel → TCP bytes.
+/// `prefix` is sent first: bytes already read from `tcp` (by protocol detection).
 pub async fn tcp_h2(
     tcp: TcpStream,
+    prefix: Bytes,
     send: SendStream<Bytes>,
     recv: RecvStream,
     to_stream: &AtomicU64,
     from_stream: &AtomicU64,
 ) {
     let (r, w) = tcp.into_split();
-    let _ = tokio::try_join!(tcp_to_h2(r, send, to_stream), h2_to_tcp(recv, w, from_stream));
+    let _ = tokio::try_join!(tcp_to_h2(r, prefix, send, to_stream), h2_to_tcp(recv, w, from_stream));
 }
 
-async fn tcp_to_h2(mut r: OwnedReadHalf, mut send: SendStream<Bytes>, counter: &AtomicU64) -> io::Result<()> {
+/// Sends `data` as DATA frames as fast as flow control allows.
+async fn send_all(send: &mut SendStream<Bytes>, mut data: Bytes) -> io::Result<()> {
+    while !data.is_empty() {
+        send.reserve_capacity(data.len());
+        let granted = match poll_fn(|cx| send.poll_capacity(cx)).await {
+            Some(Ok(n)) => n,
+            Some(Err(e)) => return Err(h2_io(e)),
+            None => return Err(io::Error::new(io::ErrorKind::BrokenPipe, "tunnel stream closed")),
+        };
+        if granted == 0 {
+            continue;
+        }
+        let chunk = data.split_to(granted.min(data.len()));
+        send.send_data(chunk, false).map_err(h2_io)?;
+    }
+    Ok(())
+}
+
+async fn tcp_to_h2(
+    mut r: OwnedReadHalf,
+    prefix: Bytes,
+    mut send: SendStream<Bytes>,
+    counter: &AtomicU64,
+) -> io::Result<()> {
+    if !prefix.is_empty() {
+        let n = prefix.len();
+        send_all(&mut send, prefix).await?;
+        counter.fetch_add(n as u64, Ordering::Relaxed);
+    }
     // Wait for data before allocating (idle tunnels hold no buffers).
     if let Err(e) = r.readable().await {
         send.send_reset(Reason::CANCEL);
@@ -55,20 +85,7 @@ async fn tcp_to_h2(mut r: OwnedReadHalf, mut send: SendStream<Bytes>, counter: &
             // Half-close: END_STREAM, the other direction keeps going.
             return send.send_data(Bytes::new(), true).map_err(h2_io);
         }
-        let mut data = buf.split().freeze();
-        while !data.is_empty() {
-            send.reserve_capacity(data.len());
-            let granted = match poll_fn(|cx| send.poll_capacity(cx)).await {
-                Some(Ok(n)) => n,
-                Some(Err(e)) => return Err(h2_io(e)),
-                None => return Err(io::Error::new(io::ErrorKind::BrokenPipe, "tunnel stream closed")),
-            };
-            if granted == 0 {
-                continue;
-            }
-            let chunk = data.split_to(granted.min(data.len()));
-            send.send_data(chunk, false).map_err(h2_io)?;
-        }
+        send_all(&mut send, buf.split().freeze()).await?;
         counter.fetch_add(n as u64, Ordering::Relaxed);
     }
 }

@@ -1,0 +1,364 @@
+//! Choosing one endpoint per request: power of two choices over peak-EWMA latency (the
+//! default, as linkerd2-proxy and Finagle do), round robin, or random.
+//!
+//! Why not tower's `Balance`: it is a `&mut self` service, so sharing one balancer between the
+//! requests of every pod on the node would need `tower::buffer` (a channel and a worker task
+//! per balancer, i.e. a task hop and a serialization point on every request), and its endpoint
+//! set is fed by a `Discover` stream where sluice swaps whole snapshots. The algorithm itself is
+//! small; here the per-endpoint state is a few atomics and a tiny mutex, shared node-wide (the
+//! latency of an endpoint is a property of the endpoint, whoever calls it), and a pick is a
+//! couple of random numbers and two cost reads.
+//!
+//! Peak-EWMA, as in tower's `PeakEwma`: each endpoint has a latency estimate. A response
+//! slower than the estimate replaces it at once (peak); a faster one pulls it down with weight
+//! `1 - exp(-elapsed / tau)`; between updates the estimate decays towards zero, so an endpoint
+//! that was avoided is tried again after a while (and a recovered endpoint gets traffic back).
+//! The cost is `estimate × (pending + 1)`: latency and load together. A new endpoint starts at
+//! a default estimate, so it is neither flooded nor starved.
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering},
+        Arc, Mutex, RwLock,
+    },
+    time::{Duration, Instant},
+};
+
+use serde::Serialize;
+
+/// How requests are spread over a backend's endpoints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum LbPolicy {
+    /// Power of two choices, lower `peak-EWMA latency × (pending + 1)` wins.
+    #[default]
+    P2cEwma,
+    RoundRobin,
+    Random,
+}
+
+/// Tuning of peak-EWMA.
+#[derive(Debug, Clone, Copy)]
+pub struct EwmaConfig {
+    /// The decay time constant. Shorter forgets a latency spike sooner (an endpoint that had
+    /// one bad response is avoided for about `tau × ln(spike / normal)`), longer averages more.
+    pub tau: Duration,
+    /// The estimate an endpoint starts with before its first response.
+    pub default_rtt: Duration,
+}
+
+impl Default for EwmaConfig {
+    fn default() -> Self {
+        // linkerd2-proxy uses 10 s; with requests of a millisecond that lets one slow response
+        // (a GC pause, a page fault burst) push an endpoint out of rotation for half a minute.
+        // One second reacts as fast to a slow endpoint (its estimate is set by its first slow
+        // response either way) and forgets single spikes in a second or two.
+        Self { tau: Duration::from_secs(1), default_rtt: Duration::from_millis(30) }
+    }
+}
+
+/// The load state of one endpoint, shared by every request to it from this node.
+#[derive(Debug)]
+pub struct EndpointLoad {
+    pending: AtomicU32,
+    requests: AtomicU64,
+    ewma: Mutex<Ewma>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Ewma {
+    /// Estimate in nanoseconds as of `at`.
+    estimate_ns: f64,
+    at: Instant,
+    /// No response seen yet: the estimate is the configured default.
+    fresh: bool,
+}
+
+impl Ewma {
+    fn decayed(&self, now: Instant, tau_ns: f64) -> f64 {
+        let elapsed = now.saturating_duration_since(self.at).as_nanos() as f64;
+        self.estimate_ns * (-elapsed / tau_ns).exp()
+    }
+}
+
+impl EndpointLoad {
+    fn new(cfg: &EwmaConfig, now: Instant) -> Self {
+        Self {
+            pending: AtomicU32::new(0),
+            requests: AtomicU64::new(0),
+            ewma: Mutex::new(Ewma { estimate_ns: cfg.default_rtt.as_nanos() as f64, at: now, fresh: true }),
+        }
+    }
+
+    /// `estimate × (pending + 1)`, in nanoseconds.
+    fn cost(&self, now: Instant, tau_ns: f64) -> f64 {
+        let pending = self.pending.load(Ordering::Relaxed);
+        let e = *self.ewma.lock().unwrap_or_else(|p| p.into_inner());
+        if e.fresh {
+            // Never measured: one probe right away (so its real latency is known before the
+            // default decays), then the default keeps it from being flooded meanwhile.
+            return if pending == 0 { 0.0 } else { e.estimate_ns * (pending as f64 + 1.0) };
+        }
+        e.decayed(now, tau_ns) * (pending as f64 + 1.0)
+    }
+
+    /// Records one observed latency (request sent → response headers).
+    fn observe(&self, rtt: Duration, now: Instant, tau_ns: f64) {
+        let rtt_ns = rtt.as_nanos() as f64;
+        let mut e = self.ewma.lock().unwrap_or_else(|p| p.into_inner());
+        let current = e.decayed(now, tau_ns);
+        e.estimate_ns = if e.fresh || rtt_ns > current {
+            rtt_ns
+        } else {
+            let elapsed = now.saturating_duration_since(e.at).as_nanos() as f64;
+            let keep = (-elapsed / tau_ns).exp();
+            current * keep + rtt_ns * (1.0 - keep)
+        };
+        e.at = now;
+        e.fresh = false;
+    }
+
+    /// The current estimate, for the admin view.
+    pub fn estimate(&self, now: Instant, tau: Duration) -> Duration {
+        let ns = self.ewma.lock().unwrap_or_else(|p| p.into_inner()).decayed(now, tau.as_nanos() as f64);
+        Duration::from_nanos(ns as u64)
+    }
+
+    pub fn pending(&self) -> u32 {
+        self.pending.load(Ordering::Relaxed)
+    }
+
+    pub fn requests(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed)
+    }
+}
+
+/// One request in flight to an endpoint. Counts as pending until it completes; completing it
+/// with a latency feeds the estimate, dropping it (the request failed or was cancelled) does not.
+pub struct InFlight {
+    load: Arc<EndpointLoad>,
+    started: Instant,
+    tau_ns: f64,
+}
+
+impl InFlight {
+    /// The response headers arrived: record the latency.
+    pub fn complete(self) {
+        let now = Instant::now();
+        self.load.observe(now - self.started, now, self.tau_ns);
+        // Drop decrements pending.
+    }
+
+    /// The endpoint failed this request (connect error, reset, timeout): record the time it
+    /// cost as its latency, so that a failing endpoint looks slow rather than fast.
+    pub fn failed(self) {
+        self.complete()
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.load.pending.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Node-wide load state of every endpoint sluice sends requests to, and the picker.
+pub struct Balancer {
+    policy: LbPolicy,
+    cfg: EwmaConfig,
+    loads: RwLock<HashMap<SocketAddr, Arc<EndpointLoad>>>,
+    /// Round-robin positions per backend (by a caller-chosen key).
+    rr: RwLock<HashMap<u64, Arc<AtomicUsize>>>,
+}
+
+impl Balancer {
+    pub fn new(policy: LbPolicy, cfg: EwmaConfig) -> Self {
+        Self { policy, cfg, loads: RwLock::default(), rr: RwLock::default() }
+    }
+
+    pub fn policy(&self) -> LbPolicy {
+        self.policy
+    }
+
+    pub fn ewma_config(&self) -> EwmaConfig {
+        self.cfg
+    }
+
+    /// Picks one of `endpoints` (`backend_key` identifies the endpoint set for round robin)
+    /// and marks a request in flight to it. `None` when the list is empty.
+    pub fn pick(&self, backend_key: u64, endpoints: &[SocketAddr]) -> Option<(SocketAddr, InFlight)> {
+        self.pick_at(backend_key, endpoints, Instant::now())
+    }
+
+    fn pick_at(&self, backend_key: u64, endpoints: &[SocketAddr], now: Instant) -> Option<(SocketAddr, InFlight)> {
+        let i = match (endpoints.len(), self.policy) {
+            (0, _) => return None,
+            (1, _) => 0,
+            (n, LbPolicy::Random) => fastrand::usize(..n),
+            (n, LbPolicy::RoundRobin) => self.rr_counter(backend_key).fetch_add(1, Ordering::Relaxed) % n,
+            (n, LbPolicy::P2cEwma) => {
+                let a = fastrand::usize(..n);
+                let mut b = fastrand::usize(..n - 1);
+                if b >= a {
+                    b += 1;
+                }
+                let tau = self.cfg.tau.as_nanos() as f64;
+                let (ca, cb) = (self.load(endpoints[a], now).cost(now, tau), self.load(endpoints[b], now).cost(now, tau));
+                if cb < ca {
+                    b
+                } else {
+                    a
+                }
+            }
+        };
+        let addr = endpoints[i];
+        let load = self.load(addr, now);
+        load.pending.fetch_add(1, Ordering::Relaxed);
+        load.requests.fetch_add(1, Ordering::Relaxed);
+        Some((addr, InFlight { load, started: now, tau_ns: self.cfg.tau.as_nanos() as f64 }))
+    }
+
+    fn load(&self, addr: SocketAddr, now: Instant) -> Arc<EndpointLoad> {
+        if let Some(l) = self.loads.read().unwrap_or_else(|p| p.into_inner()).get(&addr) {
+            return l.clone();
+        }
+        self.loads
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(addr)
+            .or_insert_with(|| Arc::new(EndpointLoad::new(&self.cfg, now)))
+            .clone()
+    }
+
+    fn rr_counter(&self, key: u64) -> Arc<AtomicUsize> {
+        if let Some(c) = self.rr.read().unwrap_or_else(|p| p.into_inner()).get(&key) {
+            return c.clone();
+        }
+        self.rr.write().unwrap_or_else(|p| p.into_inner()).entry(key).or_default().clone()
+    }
+
+    /// The load state of an endpoint, if sluice has sent it anything.
+    pub fn endpoint(&self, addr: SocketAddr) -> Option<Arc<EndpointLoad>> {
+        self.loads.read().unwrap_or_else(|p| p.into_inner()).get(&addr).cloned()
+    }
+
+    /// Forgets endpoints that are in none of the current backends and have nothing in flight
+    /// (control path, after a model change).
+    pub fn retain(&self, keep: impl Fn(&SocketAddr) -> bool) {
+        self.loads
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|addr, load| keep(addr) || load.pending() > 0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addrs(n: usize) -> Vec<SocketAddr> {
+        (0..n).map(|i| SocketAddr::from(([10, 0, 0, i as u8 + 1], 80))).collect()
+    }
+
+    /// `concurrency` requests in flight at all times against endpoints whose latency is
+    /// `latency(endpoint)`, on a virtual clock (a discrete-event simulation). Returns how many
+    /// requests each endpoint got.
+    fn simulate(n: usize, requests: usize, concurrency: usize, mut latency: impl FnMut(usize) -> Duration) -> Vec<usize> {
+        let b = Balancer::new(LbPolicy::P2cEwma, EwmaConfig::default());
+        let eps = addrs(n);
+        let mut now = Instant::now();
+        let mut counts = vec![0; n];
+        let mut in_flight: Vec<(Instant, InFlight)> = Vec::new();
+        let mut sent = 0;
+        loop {
+            while in_flight.len() < concurrency && sent < requests {
+                let (addr, inflight) = b.pick_at(1, &eps, now).unwrap();
+                let i = eps.iter().position(|a| *a == addr).unwrap();
+                counts[i] += 1;
+                sent += 1;
+                in_flight.push((now + latency(i), inflight));
+            }
+            let Some(k) = (0..in_flight.len()).min_by_key(|&k| in_flight[k].0) else { break };
+            let (done, inflight) = in_flight.swap_remove(k);
+            now = done;
+            inflight.load.observe(now - inflight.started, now, inflight.tau_ns);
+        }
+        counts
+    }
+
+    /// A jittery but fair latency: 1 ms ± 30 %.
+    fn jitter(seed: u64) -> impl FnMut(usize) -> Duration {
+        let mut rng = fastrand::Rng::with_seed(seed);
+        move |_| Duration::from_micros(700 + rng.u64(..600))
+    }
+
+    #[test]
+    fn equal_endpoints_share_load_fairly() {
+        for seed in 0..20 {
+            let counts = simulate(3, 1000, 4, jitter(seed));
+            for c in &counts {
+                assert!((250..=420).contains(c), "seed {seed}: {counts:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_slow_endpoint_gets_little_traffic() {
+        for (seed, concurrency) in (0..20).zip([1, 4, 10].into_iter().cycle()) {
+            let mut fair = jitter(seed);
+            let counts = simulate(3, 3000, concurrency, |i| {
+                fair(i) + if i == 2 { Duration::from_millis(50) } else { Duration::ZERO }
+            });
+            assert!(counts[2] < 300, "seed {seed}: the slow endpoint got {counts:?}");
+        }
+    }
+
+    #[test]
+    fn a_recovered_endpoint_gets_traffic_back() {
+        // Endpoint 2 is 50 ms slower for the first 500 requests, then as fast as the others.
+        let mut fair = jitter(7);
+        let mut calls = 0;
+        // 24 000 requests, 4 at a time, take about 6 s: the slow estimate (51 ms) decays to
+        // the others' (1 ms) in tau × ln 51 ≈ 4 s, then the endpoint is tried and kept.
+        let counts = simulate(3, 24_000, 4, |i| {
+            calls += 1;
+            fair(i) + if i == 2 && calls <= 500 { Duration::from_millis(50) } else { Duration::ZERO }
+        });
+        // Had it stayed out of rotation it would have a handful; back in, about a third of
+        // the last 2 s.
+        assert!(counts[2] > 1500, "the endpoint should be back in rotation: {counts:?}");
+    }
+
+    #[test]
+    fn pending_requests_spread_concurrent_load() {
+        let b = Balancer::new(LbPolicy::P2cEwma, EwmaConfig::default());
+        let eps = addrs(3);
+        let held: Vec<_> = (0..30).map(|_| b.pick(1, &eps).unwrap()).collect();
+        let mut counts = HashMap::new();
+        for (a, _) in &held {
+            *counts.entry(*a).or_insert(0) += 1;
+        }
+        // With equal estimates, cost grows with pending: the picks stay close to even.
+        assert!(counts.values().all(|c| (6..=14).contains(c)), "{counts:?}");
+        drop(held);
+        assert!(eps.iter().all(|a| b.endpoint(*a).unwrap().pending() == 0));
+    }
+
+    #[test]
+    fn round_robin_and_random() {
+        let eps = addrs(3);
+        let rr = Balancer::new(LbPolicy::RoundRobin, EwmaConfig::default());
+        let picks: Vec<_> = (0..6).map(|_| rr.pick(9, &eps).unwrap().0).collect();
+        assert_eq!(picks, [eps[0], eps[1], eps[2], eps[0], eps[1], eps[2]]);
+        let random = Balancer::new(LbPolicy::Random, EwmaConfig::default());
+        let mut counts = HashMap::new();
+        for _ in 0..3000 {
+            *counts.entry(random.pick(9, &eps).unwrap().0).or_insert(0) += 1;
+        }
+        assert!(counts.values().all(|c| (800..=1200).contains(c)), "{counts:?}");
+        assert!(random.pick(9, &[]).is_none());
+    }
+}
+
