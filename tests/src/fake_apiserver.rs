@@ -1,7 +1,7 @@
 //! A fake Kubernetes API server for tests: a real HTTP/1.1 server that speaks the list/watch
 //! protocol the way kube-apiserver does, for the resources sluice watches (Namespaces, Pods,
-//! Services, discovery.k8s.io/v1 EndpointSlices, security.istio.io AuthorizationPolicies), and
-//! that a test scripts: add, modify and delete objects, emit bookmarks, expire history so that
+//! Services, discovery.k8s.io/v1 EndpointSlices, security.istio.io AuthorizationPolicies,
+//! gateway.networking.k8s.io HTTPRoutes and GRPCRoutes), and that a test scripts: add, modify and delete objects, emit bookmarks, expire history so that
 //! the next watch gets `410 Gone` and must relist, cut every watch connection.
 //!
 //! What it implements, as the real server does:
@@ -59,6 +59,8 @@ pub enum Resource {
     Services,
     EndpointSlices,
     AuthorizationPolicies,
+    HttpRoutes,
+    GrpcRoutes,
 }
 
 struct Info {
@@ -78,12 +80,21 @@ struct Info {
 }
 
 impl Resource {
-    pub const ALL: [Resource; 5] = [
+    pub const ALL: [Resource; 7] = [
         Resource::Namespaces,
         Resource::Pods,
         Resource::Services,
         Resource::EndpointSlices,
         Resource::AuthorizationPolicies,
+        Resource::HttpRoutes,
+        Resource::GrpcRoutes,
+    ];
+
+    /// The custom resources: a cluster may not have their CRDs installed.
+    pub const CRDS: [Resource; 3] = [
+        Resource::AuthorizationPolicies,
+        Resource::HttpRoutes,
+        Resource::GrpcRoutes,
     ];
 
     fn info(self) -> &'static Info {
@@ -151,6 +162,30 @@ impl Resource {
                 builtin: false,
                 field_labels: &[],
                 short_names: &["ap"],
+            },
+            // The Gateway API's standard channel (v1.1 and later): HTTPRoute is still served at
+            // the deprecated v1beta1 too; GRPCRoute only at v1.
+            Resource::HttpRoutes => &Info {
+                group: "gateway.networking.k8s.io",
+                versions: &["v1", "v1beta1"],
+                plural: "httproutes",
+                singular: "httproute",
+                kind: "HTTPRoute",
+                namespaced: true,
+                builtin: false,
+                field_labels: &[],
+                short_names: &[],
+            },
+            Resource::GrpcRoutes => &Info {
+                group: "gateway.networking.k8s.io",
+                versions: &["v1"],
+                plural: "grpcroutes",
+                singular: "grpcroute",
+                kind: "GRPCRoute",
+                namespaced: true,
+                builtin: false,
+                field_labels: &[],
+                short_names: &[],
             },
         }
     }
@@ -993,21 +1028,27 @@ fn handle(shared: &Shared, req: &http::Request) -> Reply {
             }),
         ),
         Route::Groups => {
-            let mut groups: BTreeMap<&str, &Info> = BTreeMap::new();
+            // A group's versions are those of its installed resources, preferred first.
+            let mut groups: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
             for r in Resource::ALL {
-                if !r.info().group.is_empty() && st.res[&r].installed {
-                    groups.insert(r.info().group, r.info());
+                let i = r.info();
+                if !i.group.is_empty() && st.res[&r].installed {
+                    let versions = groups.entry(i.group).or_default();
+                    for v in i.versions {
+                        if !versions.contains(v) {
+                            versions.push(v);
+                        }
+                    }
                 }
             }
             let groups: Vec<Value> = groups
-                .values()
-                .map(|i| {
-                    let versions: Vec<Value> = i
-                        .versions
+                .iter()
+                .map(|(group, versions)| {
+                    let versions: Vec<Value> = versions
                         .iter()
-                        .map(|v| json!({"groupVersion": format!("{}/{v}", i.group), "version": v}))
+                        .map(|v| json!({"groupVersion": format!("{group}/{v}"), "version": v}))
                         .collect();
-                    json!({"name": i.group, "versions": versions, "preferredVersion": versions[0]})
+                    json!({"name": group, "versions": versions, "preferredVersion": versions[0]})
                 })
                 .collect();
             Reply::Json(

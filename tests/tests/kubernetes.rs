@@ -63,6 +63,45 @@ fn find<'a>(list: &'a Value, ns: &str, name: &str) -> Option<&'a Value> {
     list.as_array()?.iter().find(|o| o["namespace"] == ns && o["name"] == name)
 }
 
+/// `GET /model`'s routes as `Kind namespace/name`.
+fn route_keys(list: &Value) -> BTreeSet<String> {
+    list.as_array()
+        .map(|a| {
+            a.iter()
+                .map(|r| {
+                    let s = |k: &str| r[k].as_str().unwrap_or("").to_string();
+                    format!("{} {}/{}", s("kind"), s("namespace"), s("name"))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn find_route<'a>(model: &'a Value, kind: &str, ns: &str, name: &str) -> Option<&'a Value> {
+    model["routes"]
+        .as_array()?
+        .iter()
+        .find(|r| r["kind"] == kind && r["namespace"] == ns && r["name"] == name)
+}
+
+/// The spec of the HTTPRoute `shop/web-http`: every request to web:80 split between `backends`
+/// (`(Service, weight)`, each on port 80).
+fn web_http_route(backends: &[(&str, u32)]) -> Value {
+    let backends: Vec<Value> = backends
+        .iter()
+        .map(|(name, weight)| json!({"group": "", "kind": "Service", "name": name, "port": HTTP_PORT, "weight": weight}))
+        .collect();
+    json!({
+        "parentRefs": [{"group": "", "kind": "Service", "name": "web", "port": HTTP_PORT}],
+        "hostnames": ["web.shop.svc.cluster.local"],
+        "rules": [{
+            "matches": [{"path": {"type": "PathPrefix", "value": "/"}}],
+            "backendRefs": backends,
+            "timeouts": {"request": "10s"},
+        }],
+    })
+}
+
 fn ready_addresses(model: &Value, ns: &str, slice: &str) -> Vec<String> {
     find(&model["endpoint_slices"], ns, slice)
         .and_then(|s| s["ready_addresses"].as_array())
@@ -88,8 +127,9 @@ fn traffic_through_sluice(client: &sluice_tests::Pod) -> Result<()> {
 
 /// Every scripted change of the acceptance list, in one cluster: start (synced before ready),
 /// a namespace annotated (its pods enrolled), a pod added and deleted, endpoints changing, a
-/// policy added and an invalid one fixed, a bookmark that saves a relist, a 410 Gone that forces
-/// one, a dropped connection; traffic flows through sluice before and after.
+/// policy added and an invalid one fixed, Gateway API routes (an HTTPRoute and a GRPCRoute)
+/// created, changed and deleted, a bookmark that saves a relist, a 410 Gone that forces one, a
+/// dropped connection; traffic flows through sluice before and after.
 #[test]
 fn model_follows_the_api_server() -> Result<()> {
     let sim = Sim::new()?;
@@ -144,6 +184,8 @@ fn model_follows_the_api_server() -> Result<()> {
         json!({"selector": {"matchLabels": {"app": "web"}}, "action": "ALLOW",
                "rules": [{"from": [{"source": {"namespaces": ["shop"]}}], "when": [{"key": "request.headers[x-team]", "values": ["a"]}]}]}),
     ))?;
+    // A mesh route on web's HTTP port (GAMMA: the Service is the parent).
+    api.apply(objects::http_route("shop", "web-http", web_http_route(&[("web", 1)])))?;
 
     // --- sluice starts: its first model is complete before it says ready ---
     let sluice = start_sluice(&node, &api)?;
@@ -167,6 +209,11 @@ fn model_follows_the_api_server() -> Result<()> {
     assert_eq!(svc["ports"].as_array().map(Vec::len), Some(2));
     assert_eq!(ready_addresses(&m, "shop", "web-abc12"), [web0.ip().to_string()]);
     assert_eq!(m["authorization_policies"], json!([]));
+    assert_eq!(
+        m["routes"],
+        json!([{"kind": "HTTPRoute", "namespace": "shop", "name": "web-http", "parents": ["shop/web:80"],
+                "hostnames": ["web.shop.svc.cluster.local"], "rules": 1, "backends": ["shop/web:80=1"]}]),
+    );
     let errors = m["errors"].as_array().context("errors")?;
     assert_eq!(errors.len(), 1, "{m}");
     assert_eq!(errors[0]["source"], "kubernetes:AuthorizationPolicy/shop/strict-web");
@@ -251,6 +298,44 @@ fn model_follows_the_api_server() -> Result<()> {
     assert_eq!(find(&m["authorization_policies"], "shop", "strict-web").unwrap()["action"], "DENY");
     traffic_through_sluice(&client).context("the client is allowed by allow-client")?;
 
+    // --- Routes: a GRPCRoute and an invalid HTTPRoute are created ---
+    api.apply(objects::grpc_route(
+        "shop",
+        "web-grpc",
+        json!({"parentRefs": [{"group": "", "kind": "Service", "name": "web"}],
+               "rules": [{"matches": [{"method": {"service": "echo.v1.Echo", "method": "Say"}}],
+                          "backendRefs": [{"name": "web", "port": ECHO_PORT}]}]}),
+    ))?;
+    api.apply(objects::http_route(
+        "shop",
+        "broken",
+        json!({"parentRefs": [{"group": "", "kind": "Service", "name": "web", "port": HTTP_PORT}],
+               "rules": [{"matches": [{"path": {"type": "RegularExpression", "value": "/v(1"}}],
+                          "backendRefs": [{"name": "web", "port": HTTP_PORT}]}]}),
+    ))?;
+    let m = wait_model(&sluice, "the GRPCRoute, and the invalid HTTPRoute reported", |m| {
+        route_keys(&m["routes"]) == set(&["GRPCRoute shop/web-grpc", "HTTPRoute shop/web-http"])
+            && m["errors"].as_array().is_some_and(|e| e.len() == 1)
+    })?;
+    let grpc = find_route(&m, "GRPCRoute", "shop", "web-grpc").context("web-grpc")?;
+    assert_eq!(grpc["parents"], json!(["shop/web"]), "every port of web: {grpc}");
+    assert_eq!(grpc["backends"], json!([format!("shop/web:{ECHO_PORT}=1")]));
+    assert_eq!(m["errors"][0]["source"], "kubernetes:HTTPRoute/shop/broken");
+    let reason = m["errors"][0]["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("spec.rules[0].matches[0].path.value: invalid regular expression"), "{reason}");
+
+    // --- The HTTPRoute changes (a canary takes 10 %), then the others go ---
+    api.apply(objects::http_route("shop", "web-http", web_http_route(&[("web", 90), ("web-canary", 10)])))?;
+    wait_model(&sluice, "the canary weights", |m| {
+        find_route(m, "HTTPRoute", "shop", "web-http")
+            .is_some_and(|r| r["backends"] == json!(["shop/web:80=90", "shop/web-canary:80=10"]))
+    })?;
+    api.delete("GRPCRoute", "shop", "web-grpc")?;
+    api.delete("HTTPRoute", "shop", "broken")?;
+    wait_model(&sluice, "only the HTTPRoute left, no errors", |m| {
+        route_keys(&m["routes"]) == set(&["HTTPRoute shop/web-http"]) && m["errors"] == json!([])
+    })?;
+
     // --- A bookmark saves a relist: history is compacted past everything the pod watches saw
     //     as events, the connections drop, and they resume from the bookmark ---
     wait_all_watching(&api)?;
@@ -258,7 +343,10 @@ fn model_follows_the_api_server() -> Result<()> {
     assert_eq!(api.bookmark(Resource::Pods), 2, "both pod watches asked for bookmarks");
     api.compact(Resource::Pods);
     let cut = api.drop_watches();
-    assert_eq!(cut, 6, "namespaces, pods ×2, services, endpointslices, authorizationpolicies");
+    assert_eq!(
+        cut, 8,
+        "namespaces, pods ×2, services, endpointslices, authorizationpolicies, httproutes, grpcroutes"
+    );
     // Made while disconnected: they must arrive from the history on resume.
     api.apply(objects::pod(&objects::PodSpec {
         namespace: "kube-system",
@@ -311,7 +399,7 @@ fn model_follows_the_api_server() -> Result<()> {
     // --- A dropped connection: the change made meanwhile arrives on resume, without a relist ---
     wait_all_watching(&api)?;
     let services_before = api.stats(Resource::Services);
-    assert_eq!(api.drop_watches(), 6);
+    assert_eq!(api.drop_watches(), 8);
     let with_metrics =
         [("echo", ECHO_PORT, ECHO_PORT), ("http", HTTP_PORT, HTTP_TARGET_PORT), ("metrics", 9090, 9090)];
     api.apply(objects::service("shop", "web", VIP, &with_metrics, &[("app", "web")]))?;
@@ -337,18 +425,22 @@ fn model_follows_the_api_server() -> Result<()> {
     let mut enrolled = enrolled_pods(&sluice)?;
     enrolled.sort();
     assert_eq!(enrolled, ["shop/client", "shop/web-0"]);
+    assert_eq!(route_keys(&m["routes"]), set(&["HTTPRoute shop/web-http"]));
     drop(servers);
     Ok(())
 }
 
-/// Without Istio's CRDs the API server does not serve AuthorizationPolicies: sluice says so
-/// once, runs without policies, and picks them up once the CRD is installed.
+/// Without Istio's CRDs the API server does not serve AuthorizationPolicies, and without the
+/// Gateway API's it serves no HTTPRoutes or GRPCRoutes: sluice says so once per resource, runs
+/// without policies and routes, and picks them up once the CRDs are installed.
 #[test]
-fn runs_without_the_authorization_policy_crd() -> Result<()> {
+fn runs_without_the_optional_crds() -> Result<()> {
     let sim = Sim::new()?;
     let node = sim.add_node("n1")?;
     let api = FakeApiServer::start_in_netns(node.netns())?;
-    api.set_installed(Resource::AuthorizationPolicies, false);
+    for crd in Resource::CRDS {
+        api.set_installed(crd, false);
+    }
     api.apply(objects::namespace("shop", &[("sluice.dev/mesh", "enabled")]))?;
     let client = node.add_pod("shop", "client", PodOpts::labels(&[("app", "client")]))?;
     api.apply(objects::sim_pod(&client))?;
@@ -358,20 +450,38 @@ fn runs_without_the_authorization_policy_crd() -> Result<()> {
     wait_enrolled(&sluice, &client)?;
     let m = sluice.get_json("/model")?;
     assert_eq!(m["authorization_policies"], json!([]));
+    assert_eq!(m["routes"], json!([]));
     assert_eq!(m["errors"], json!([]), "a missing CRD is not an object error");
-    // It keeps asking (with backoff), and says it only once.
-    api.wait_stats(Resource::AuthorizationPolicies, T, "a second list attempt", |s| s.lists >= 2)?;
-    let said = sluice.log_contents().matches("does not serve authorizationpolicies").count();
-    assert_eq!(said, 1, "logged once:\n{}", sluice.log_contents());
+    // It keeps asking (with backoff), and says it only once per resource.
+    for crd in Resource::CRDS {
+        api.wait_stats(crd, T, "a second list attempt", |s| s.lists >= 2)?;
+    }
+    for plural in ["authorizationpolicies", "httproutes", "grpcroutes"] {
+        let said = sluice.log_contents().matches(&format!("does not serve {plural}")).count();
+        assert_eq!(said, 1, "{plural} logged once:\n{}", sluice.log_contents());
+    }
 
-    api.set_installed(Resource::AuthorizationPolicies, true);
+    for crd in Resource::CRDS {
+        api.set_installed(crd, true);
+    }
     api.apply(objects::authorization_policy("shop", "deny-all", json!({"action": "DENY", "rules": [{}]})))?;
-    // The retry comes at the backoff's pace (doubling from 0.8 s, with jitter).
+    let api_parent = json!([{"group": "", "kind": "Service", "name": "api"}]);
+    api.apply(objects::grpc_route("shop", "api", json!({"parentRefs": api_parent, "rules": [{}]})))?;
+    api.apply(objects::http_route("shop", "api", json!({"parentRefs": api_parent})))?;
+    // The retries come at the backoff's pace (doubling from 0.8 s, with jitter).
     sluice.wait_for(
         "/model",
-        |m| keys(&m["authorization_policies"]) == set(&["shop/deny-all"]),
+        |m| {
+            keys(&m["authorization_policies"]) == set(&["shop/deny-all"])
+                && route_keys(&m["routes"]) == set(&["GRPCRoute shop/api", "HTTPRoute shop/api"])
+        },
         Duration::from_secs(40),
     )?;
-    assert!(sluice.log_contents().contains("serves this resource now"));
+    assert_eq!(
+        sluice.log_contents().matches("serves this resource now").count(),
+        3,
+        "{}",
+        sluice.log_contents()
+    );
     Ok(())
 }

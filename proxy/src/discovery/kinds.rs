@@ -3,7 +3,8 @@
 //! Each takes validated metadata and the whole document, reads the fields sluice uses and
 //! ignores the rest (status.conditions, managedFields, containers, ...), applying the API's
 //! defaults. AuthorizationPolicy is the exception: a security policy whose spec says more than
-//! sluice can enforce is rejected, never partly applied.
+//! sluice can enforce is rejected, never partly applied. The Gateway API's routes have a module
+//! of their own, `kinds_route`.
 
 use std::collections::HashSet;
 use std::net::IpAddr;

@@ -6,7 +6,7 @@
 //! model that matches neither the old nor the new intent.
 //!
 //! Kinds are dispatched through [`KINDS`], a registry of `(kind, apiVersion) → parser`, so a
-//! new kind (HTTPRoute, sluice's CRDs) is one entry plus its parser.
+//! new kind (sluice's CRDs, say) is one entry plus its parser.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -18,6 +18,7 @@ use thiserror::Error;
 
 use super::fields::{NameRule, Node};
 use super::kinds;
+use super::kinds_route;
 use super::model::{Kind, Labels, Object, ObjectKey};
 
 /// The on-disk format of a manifest file, chosen by its extension.
@@ -113,6 +114,9 @@ pub(crate) struct Meta {
     /// "" for cluster-scoped kinds; "default" when a namespaced object does not say.
     pub namespace: String,
     pub uid: Option<String>,
+    /// `metadata.creationTimestamp` as written (RFC 3339 from the API server); absent in most
+    /// hand-written manifests. Routes use it for precedence.
+    pub creation_timestamp: Option<String>,
     pub labels: Labels,
     pub annotations: Labels,
 }
@@ -165,6 +169,21 @@ pub(crate) const KINDS: &[KindSpec] = &[
         namespaced: true,
         name_rule: NameRule::Dns1123Subdomain,
         parse: kinds::authorization_policy,
+    },
+    KindSpec {
+        kind: Kind::HttpRoute,
+        // Gateway API v1.0+ serves both with the same schema (v1beta1 is deprecated).
+        api_versions: &["gateway.networking.k8s.io/v1", "gateway.networking.k8s.io/v1beta1"],
+        namespaced: true,
+        name_rule: NameRule::Dns1123Subdomain,
+        parse: kinds_route::http_route,
+    },
+    KindSpec {
+        kind: Kind::GrpcRoute,
+        api_versions: &["gateway.networking.k8s.io/v1"],
+        namespaced: true,
+        name_rule: NameRule::Dns1123Subdomain,
+        parse: kinds_route::grpc_route,
     },
 ];
 
@@ -372,6 +391,7 @@ fn parse_meta(node: &Node<'_>, spec: &KindSpec) -> Result<Meta, DocError> {
         name: name.to_owned(),
         namespace,
         uid: metadata.opt_str("uid")?.map(str::to_owned),
+        creation_timestamp: metadata.opt_str("creationTimestamp")?.map(str::to_owned),
         labels: metadata.string_map("labels")?,
         annotations: metadata.string_map("annotations")?,
     })

@@ -1,5 +1,5 @@
-//! Discovery: the in-memory model of namespaces, pods, services, endpoints and authorization
-//! policies, fed by sources.
+//! Discovery: the in-memory model of namespaces, pods, services, endpoints, authorization
+//! policies and Gateway API mesh routes (HTTPRoute, GRPCRoute), fed by sources.
 //!
 //! Data flows one way: a source (the manifest directory, or the Kubernetes API) parses objects, builds an immutable [`Model`] snapshot with every index precomputed, and
 //! publishes it as `Arc<Model>`. Consumers swap whole snapshots (`arc_swap::ArcSwap<Model>`
@@ -17,20 +17,23 @@
 //! })?;                                 // returns after the first model was published
 //! ```
 //!
-//! Layout: `model` (object types), `snapshot` (the `Model` and its indexes), `manifest` (file
-//! parsing and the kind registry), `kinds` (one parser per kind), `fields` (field access with
-//! error paths), `store` (per-file state and conflict rules), `dir_source` (the watcher),
-//! `kube` (the Kubernetes API source: list/watch into the same parsers), `view` (the model as
-//! `GET /model` shows it). [`SourceConfig`] picks the source; the manifest directory is the
-//! default.
+//! Layout: `model` (object types), `route` (the route types), `snapshot` (the `Model` and its
+//! indexes, including the routes attached to each Service port), `manifest` (file parsing and
+//! the kind registry), `kinds` (one parser per kind) and `kinds_route` (HTTPRoute, GRPCRoute),
+//! `fields` (field access with error paths), `store` (per-file state and conflict rules),
+//! `dir_source` (the watcher), `kube` (the Kubernetes API source: list/watch into the same
+//! parsers; routes are watched there too), `view` (the model as `GET /model` shows it).
+//! [`SourceConfig`] picks the source; the manifest directory is the default.
 
 mod dir_source;
 mod fields;
 mod kinds;
+mod kinds_route;
 pub mod kube;
 pub mod manifest;
 mod model;
 pub mod route;
+pub mod route_table;
 mod snapshot;
 mod store;
 mod view;
@@ -54,8 +57,8 @@ pub use model::{
 };
 pub use snapshot::{ManifestError, Model, ServiceTarget};
 pub use view::{
-    AuthorizationPolicyView, EndpointSliceView, ErrorView, ModelView, NamespaceView, PodView, ServicePortView,
-    ServiceView,
+    AuthorizationPolicyView, EndpointSliceView, ErrorView, ModelView, NamespaceView, PodView, RouteView,
+    ServicePortView, ServiceView,
 };
 
 /// Why a source could not start. (Problems inside manifest files are not errors of the

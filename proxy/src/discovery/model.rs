@@ -12,6 +12,8 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
+use super::route::{Route, RouteKind};
+
 /// Labels and annotations. A `BTreeMap` keeps them in a stable order for logs and the admin API.
 pub type Labels = BTreeMap<String, String>;
 
@@ -375,6 +377,8 @@ pub enum Kind {
     Service,
     EndpointSlice,
     AuthorizationPolicy,
+    HttpRoute,
+    GrpcRoute,
 }
 
 impl Kind {
@@ -385,6 +389,17 @@ impl Kind {
             Kind::Service => "Service",
             Kind::EndpointSlice => "EndpointSlice",
             Kind::AuthorizationPolicy => "AuthorizationPolicy",
+            Kind::HttpRoute => "HTTPRoute",
+            Kind::GrpcRoute => "GRPCRoute",
+        }
+    }
+}
+
+impl From<RouteKind> for Kind {
+    fn from(kind: RouteKind) -> Kind {
+        match kind {
+            RouteKind::Http => Kind::HttpRoute,
+            RouteKind::Grpc => Kind::GrpcRoute,
         }
     }
 }
@@ -422,6 +437,8 @@ pub enum Object {
     Service(Arc<Service>),
     EndpointSlice(Arc<EndpointSlice>),
     AuthorizationPolicy(Arc<AuthorizationPolicy>),
+    /// An HTTPRoute or a GRPCRoute: its kind (part of the key) is [`Route::kind`].
+    Route(Arc<Route>),
 }
 
 impl Object {
@@ -432,6 +449,7 @@ impl Object {
             Object::Service(_) => Kind::Service,
             Object::EndpointSlice(_) => Kind::EndpointSlice,
             Object::AuthorizationPolicy(_) => Kind::AuthorizationPolicy,
+            Object::Route(o) => o.kind.into(),
         }
     }
 
@@ -442,6 +460,7 @@ impl Object {
             Object::Service(o) => (o.namespace.as_str(), o.name.as_str()),
             Object::EndpointSlice(o) => (o.namespace.as_str(), o.name.as_str()),
             Object::AuthorizationPolicy(o) => (o.namespace.as_str(), o.name.as_str()),
+            Object::Route(o) => (o.namespace.as_str(), o.name.as_str()),
         };
         ObjectKey { kind: self.kind(), namespace: namespace.to_owned(), name: name.to_owned() }
     }

@@ -3,8 +3,10 @@
 //! A snapshot is built on the control path whenever a source changes and is then only read.
 //! Every index the data path needs is computed here, once per snapshot, so that lookups are a
 //! hash probe with no allocation: `service_for` (ClusterIP:port → Service port and its ready
-//! endpoints), `pod_by_ip`, and the authorization policies of a namespace in name order.
+//! endpoints), `pod_by_ip`, the authorization policies of a namespace in name order, and the
+//! routes attached to a Service port in precedence order.
 
+use std::cmp::Ordering;
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -12,11 +14,13 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
+use super::route_table::PortRoutes;
 use super::manifest::{self, Format, ParseError};
 use super::model::{
     AuthorizationPolicy, EndpointSlice, Namespace, Object, PeerAuthMode, Pod, PodPhase, Protocol, Service,
     ServicePort,
 };
+use super::route::{Route, RouteKind};
 
 /// A manifest file that is (partly) not in force, and why.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
@@ -61,6 +65,10 @@ impl ServiceTarget {
 type ByName<T> = HashMap<String, Arc<T>>;
 /// namespace → name → object: nested so a lookup by `(&str, &str)` needs no owned key.
 type ByNsName<T> = HashMap<String, ByName<T>>;
+/// A Service's ports that have routes, ascending, each with its routes in precedence order.
+type RoutesByPort = Box<[(u16, Box<[Arc<Route>]>)]>;
+/// Service namespace → Service name → its ports' routes.
+type AttachedRoutes = HashMap<String, HashMap<String, RoutesByPort>>;
 
 /// An immutable snapshot. Share it as `Arc<Model>`; swap whole snapshots, never mutate one.
 #[derive(Debug, Default)]
@@ -72,6 +80,8 @@ pub struct Model {
     services: ByNsName<Service>,
     endpoint_slices: ByNsName<EndpointSlice>,
     authorization_policies: ByNsName<AuthorizationPolicy>,
+    http_routes: ByNsName<Route>,
+    grpc_routes: ByNsName<Route>,
     // Indexes, derived from the maps above when the snapshot is built.
     targets: HashMap<String, HashMap<String, Box<[ServiceTarget]>>>,
     by_cluster_addr: HashMap<SocketAddr, ServiceTarget>,
@@ -79,6 +89,10 @@ pub struct Model {
     pods_by_ip: HashMap<IpAddr, Arc<Pod>>,
     /// namespace → its AuthorizationPolicies, sorted by name.
     policies_by_ns: HashMap<String, Box<[Arc<AuthorizationPolicy>]>>,
+    /// The routes of both kinds attached to each Service port, in precedence order.
+    attached_routes: AttachedRoutes,
+    /// The same, compiled into the tables the data path matches requests against.
+    route_tables: HashMap<String, HashMap<String, Box<[(u16, PortRoutes)]>>>,
 }
 
 impl Model {
@@ -106,12 +120,65 @@ impl Model {
                 Object::AuthorizationPolicy(o) => {
                     insert(&mut m.authorization_policies, o, |p| (&p.namespace, &p.name))
                 }
+                Object::Route(o) => {
+                    let map = match o.kind {
+                        RouteKind::Http => &mut m.http_routes,
+                        RouteKind::Grpc => &mut m.grpc_routes,
+                    };
+                    insert(map, o, |r| (&r.namespace, &r.name))
+                }
             }
         }
         m.index_services();
         m.index_pods();
         m.index_policies();
+        m.index_routes();
         m
+    }
+
+    /// Attaches every route to the ports of the Services its parentRefs name. Only Services in
+    /// this snapshot get routes: a route whose Service is not known yet waits in the model and
+    /// attaches in the first snapshot that has the Service.
+    fn index_routes(&mut self) {
+        // Each route once per Service, however many of its parentRefs name it.
+        let mut by_service: HashMap<(&str, &str), Vec<&Arc<Route>>> = HashMap::new();
+        for route in self.routes() {
+            for (i, p) in route.parents.iter().enumerate() {
+                let first =
+                    route.parents[..i].iter().all(|q| (&q.namespace, &q.name) != (&p.namespace, &p.name));
+                if first {
+                    by_service.entry((&p.namespace, &p.name)).or_default().push(route);
+                }
+            }
+        }
+        let mut attached = AttachedRoutes::new();
+        for ((ns, name), routes) in by_service {
+            let Some(svc) = self.service(ns, name) else {
+                continue;
+            };
+            let mut ports: Vec<u16> = svc.ports.iter().map(|p| p.port).collect();
+            ports.sort_unstable();
+            ports.dedup(); // the same number for TCP and UDP is one port to a route
+            let per_port: RoutesByPort = ports
+                .into_iter()
+                .filter_map(|port| {
+                    let mut list: Vec<Arc<Route>> = routes
+                        .iter()
+                        .filter(|r| {
+                            r.parents.iter().any(|p| {
+                                p.namespace == ns && p.name == name && p.port.is_none_or(|q| q == port)
+                            })
+                        })
+                        .map(|r| Arc::clone(r))
+                        .collect();
+                    list.sort_by(|a, b| route_precedence(a, b));
+                    (!list.is_empty()).then(|| (port, list.into()))
+                })
+                .collect();
+            attached.entry(ns.to_owned()).or_default().insert(name.to_owned(), per_port);
+        }
+        self.attached_routes = attached;
+        self.compile_route_tables();
     }
 
     fn index_policies(&mut self) {
@@ -269,6 +336,61 @@ impl Model {
     pub fn endpoint_slices(&self) -> impl Iterator<Item = &Arc<EndpointSlice>> {
         self.endpoint_slices.values().flat_map(|m| m.values())
     }
+
+    /// Every HTTPRoute and GRPCRoute, attached or not, in no particular order.
+    pub fn routes(&self) -> impl Iterator<Item = &Arc<Route>> {
+        self.http_routes.values().chain(self.grpc_routes.values()).flat_map(|m| m.values())
+    }
+
+    pub fn route(&self, kind: RouteKind, namespace: &str, name: &str) -> Option<&Arc<Route>> {
+        let map = match kind {
+            RouteKind::Http => &self.http_routes,
+            RouteKind::Grpc => &self.grpc_routes,
+        };
+        map.get(namespace)?.get(name)
+    }
+
+    /// The routes (both kinds; producer routes of the Service's namespace and consumer routes of
+    /// others alike) whose parentRefs name Service `svc_namespace/svc_name` for every port or
+    /// for `port`, which must be a port of the Service. Sorted by precedence: oldest first (a
+    /// route without a creation timestamp counts as the newest), then namespace, name and kind.
+    /// Which of them apply to a given client is the caller's to decide (GEP-1426).
+    /// The compiled route tables of a Service port (`None` when no route attaches to it).
+    pub fn port_routes(&self, svc_namespace: &str, svc_name: &str, port: u16) -> Option<&PortRoutes> {
+        let ports = self.route_tables.get(svc_namespace)?.get(svc_name)?;
+        ports.iter().find(|(p, _)| *p == port).map(|(_, t)| t)
+    }
+
+    fn compile_route_tables(&mut self) {
+        let mut tables: HashMap<String, HashMap<String, Box<[(u16, PortRoutes)]>>> = HashMap::new();
+        for (ns, by_name) in &self.attached_routes {
+            for (name, ports) in by_name {
+                let compiled: Box<[(u16, PortRoutes)]> =
+                    ports.iter().map(|(port, routes)| (*port, PortRoutes::build(ns, routes))).collect();
+                tables.entry(ns.clone()).or_default().insert(name.clone(), compiled);
+            }
+        }
+        self.route_tables = tables;
+    }
+
+    pub fn attached_routes(&self, svc_namespace: &str, svc_name: &str, port: u16) -> &[Arc<Route>] {
+        let Some(ports) = self.attached_routes.get(svc_namespace).and_then(|m| m.get(svc_name)) else {
+            return &[];
+        };
+        ports.iter().find(|(p, _)| *p == port).map_or(&[], |(_, routes)| routes)
+    }
+}
+
+/// The Gateway API's tie-break between routes: the oldest wins (no timestamp: newest), then
+/// `namespace/name` in alphabetical order; the kind last, so that the order is total.
+fn route_precedence(a: &Route, b: &Route) -> Ordering {
+    let created = match (&a.created, &b.created) {
+        (Some(x), Some(y)) => x.cmp(y),
+        (Some(_), None) => Ordering::Less,
+        (None, Some(_)) => Ordering::Greater,
+        (None, None) => Ordering::Equal,
+    };
+    created.then_with(|| (&a.namespace, &a.name, a.kind).cmp(&(&b.namespace, &b.name, b.kind)))
 }
 
 fn insert<T>(map: &mut ByNsName<T>, object: Arc<T>, key: impl Fn(&T) -> (&String, &String)) {

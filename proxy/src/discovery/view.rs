@@ -10,6 +10,7 @@ use std::net::IpAddr;
 use serde::Serialize;
 
 use super::model::{PeerAuthMode, Protocol, TargetPort};
+use super::route::{BackendRef, ParentRef, RouteKind};
 use super::snapshot::Model;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -24,6 +25,8 @@ pub struct ModelView {
     pub services: Vec<ServiceView>,
     pub endpoint_slices: Vec<EndpointSliceView>,
     pub authorization_policies: Vec<AuthorizationPolicyView>,
+    /// HTTPRoutes and GRPCRoutes, attached to a Service of the model or not.
+    pub routes: Vec<RouteView>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -81,6 +84,35 @@ pub struct AuthorizationPolicyView {
     pub namespace: String,
     pub name: String,
     pub action: super::model::AuthzAction,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RouteView {
+    /// `HTTPRoute` or `GRPCRoute`.
+    pub kind: RouteKind,
+    pub namespace: String,
+    pub name: String,
+    /// The Services it attaches to: `namespace/name`, or `namespace/name:port` for one port.
+    pub parents: Vec<String>,
+    pub hostnames: Vec<String>,
+    /// How many rules it has.
+    pub rules: usize,
+    /// Every rule's backends in order, as `namespace/name:port=weight`.
+    pub backends: Vec<String>,
+}
+
+fn parent_label(p: &ParentRef) -> String {
+    match p.port {
+        Some(port) => format!("{}/{}:{port}", p.namespace, p.name),
+        None => format!("{}/{}", p.namespace, p.name),
+    }
+}
+
+fn backend_label(b: &BackendRef) -> String {
+    match b.port {
+        Some(port) => format!("{}/{}:{port}={}", b.namespace, b.name, b.weight),
+        None => format!("{}/{}={}", b.namespace, b.name, b.weight),
+    }
 }
 
 impl Model {
@@ -157,6 +189,20 @@ impl Model {
             .collect();
         authorization_policies.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
 
+        let mut routes: Vec<RouteView> = self
+            .routes()
+            .map(|r| RouteView {
+                kind: r.kind,
+                namespace: r.namespace.clone(),
+                name: r.name.clone(),
+                parents: r.parents.iter().map(parent_label).collect(),
+                hostnames: r.hostnames.clone(),
+                rules: r.rules.len(),
+                backends: r.rules.iter().flat_map(|rule| rule.backends.iter().map(backend_label)).collect(),
+            })
+            .collect();
+        routes.sort_by(|a, b| (&a.namespace, &a.name, a.kind).cmp(&(&b.namespace, &b.name, b.kind)));
+
         ModelView {
             generation: self.generation(),
             errors: self
@@ -169,6 +215,7 @@ impl Model {
             services,
             endpoint_slices,
             authorization_policies,
+            routes,
         }
     }
 }

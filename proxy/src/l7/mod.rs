@@ -11,7 +11,9 @@ pub mod balance;
 pub mod body;
 pub mod detect;
 pub mod errors;
+pub mod filters;
 pub mod io;
+pub mod mirror;
 pub mod proxy;
 pub mod server;
 pub mod upstream;
@@ -77,6 +79,10 @@ pub struct L7Counters {
     /// Responses sluice generated itself (no route, no endpoint, upstream failure, timeout).
     pub local_replies: AtomicU64,
     pub upgrades: AtomicU64,
+    pub mirrored: AtomicU64,
+    /// Mirror copies not sent: the body was over the limit or failed.
+    pub mirror_skipped: AtomicU64,
+    pub mirror_failed: AtomicU64,
 }
 
 /// Shared state of the L7 path.

@@ -12,25 +12,37 @@ use std::{
     time::{Duration, Instant},
 };
 
-use http::{header, uri::PathAndQuery, HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
+use http::{
+    header, request, uri::PathAndQuery, HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, Version,
+};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tracing::{debug, info};
 
 use super::{
-    body::Deadline,
+    body::{Deadline, Tee},
     errors::ProxyError,
+    filters,
+    mirror::{self, MirrorTarget},
     server::ConnCtx,
     upstream::{Dial, Wire},
     Body,
 };
-use crate::{discovery::Model, l4};
+use crate::{
+    discovery::{
+        route::{BackendRef, Filter, HeaderModifier},
+        route_table::{RequestParts, Selected},
+        Model,
+    },
+    l4,
+};
 
 /// Handles one request; never fails (errors become responses).
 pub async fn handle(req: Request<Incoming>, ctx: Arc<ConnCtx>) -> Result<Response<Body>, Infallible> {
     let l7 = &ctx.dp.l7;
     l7.counters.requests.fetch_add(1, Ordering::Relaxed);
+    ctx.entry.requests.fetch_add(1, Ordering::Relaxed);
     let grpc = is_grpc(req.headers());
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
@@ -59,6 +71,13 @@ pub async fn handle(req: Request<Incoming>, ctx: Arc<ConnCtx>) -> Result<Respons
     Ok(resp)
 }
 
+/// The balancing key of a backend Service port (round-robin position).
+pub fn balance_key(namespace: &str, name: &str, port: u16) -> u64 {
+    let mut h = DefaultHasher::new();
+    (namespace, name, port).hash(&mut h);
+    h.finish()
+}
+
 /// Where one request goes, decided from one model snapshot.
 struct Plan {
     /// "namespace/name:port" of the backend Service, or the address dialled.
@@ -68,46 +87,166 @@ struct Plan {
     balance_key: u64,
     request_timeout: Option<Duration>,
     backend_timeout: Option<Duration>,
+    /// ResponseHeaderModifier filters of the rule and backend, in order.
+    response_filters: Vec<HeaderModifier>,
+    mirrors: Vec<MirrorTarget>,
 }
 
-fn plan(model: &Model, ctx: &ConnCtx) -> Result<Plan, ProxyError> {
-    let target = crate::routing::resolve(model, ctx.orig);
-    let backend = match (&target.service, model.service_for(ctx.orig.ip(), ctx.orig.port())) {
-        (Some(name), Some(t)) => format!("{name}:{}", t.port().port),
-        _ => ctx.orig.to_string(),
+impl Plan {
+    fn simple(backend: String, endpoints: Arc<[SocketAddr]>, balance_key: u64) -> Plan {
+        Plan {
+            backend,
+            endpoints,
+            balance_key,
+            request_timeout: None,
+            backend_timeout: None,
+            response_filters: Vec::new(),
+            mirrors: Vec::new(),
+        }
+    }
+}
+
+enum Decision {
+    Forward(Plan),
+    /// A RequestRedirect filter answered.
+    Respond(Response<Body>, Vec<HeaderModifier>),
+}
+
+/// Routes the request: the Service the client dialled, its route table for the client's
+/// namespace, the matching rule and its filters, a backend by weight. Filters that change the
+/// request (headers, rewrite) are applied to `parts` here.
+fn decide(model: &Model, ctx: &ConnCtx, parts: &mut request::Parts, grpc: bool) -> Result<Decision, ProxyError> {
+    let Some(svc) = model.service_for(ctx.orig.ip(), ctx.orig.port()) else {
+        // Not a Service (a pod IP, an outside address): forwarded as dialled.
+        return Ok(Decision::Forward(Plan::simple(ctx.orig.to_string(), Arc::from([ctx.orig].as_slice()), 0)));
     };
-    let mut h = DefaultHasher::new();
-    backend.hash(&mut h);
-    Ok(Plan {
-        balance_key: h.finish(),
-        backend,
-        endpoints: target.endpoints,
-        request_timeout: None,
-        backend_timeout: None,
-    })
+    let port = svc.port().port;
+    let table = model.port_routes(svc.namespace(), svc.name(), port).and_then(|r| r.for_client(&ctx.pod.namespace));
+    let Some(table) = table else {
+        // No route: the Service's own endpoints.
+        return Ok(Decision::Forward(Plan::simple(
+            format!("{}/{}:{port}", svc.namespace(), svc.name()),
+            svc.endpoints().clone(),
+            balance_key(svc.namespace(), svc.name(), port),
+        )));
+    };
+    let request = RequestParts { method: &parts.method, path: parts.uri.path(), query: parts.uri.query(), headers: &parts.headers };
+    let sel = table.select(&request, grpc).ok_or(ProxyError::NoRoute)?;
+    let mut response_filters = Vec::new();
+    let mut mirrors = Vec::new();
+    if let Some(resp) = apply_filters(&sel.rule.filters, sel, ctx, model, parts, port, &mut response_filters, &mut mirrors) {
+        return Ok(Decision::Respond(resp, response_filters));
+    }
+    let backend = pick_backend(&sel.rule.backends).ok_or_else(|| {
+        ProxyError::BadBackend(format!(
+            "rule {} of {} {} has no backend with a weight above 0",
+            sel.rule_index,
+            sel.route.kind,
+            sel.route.key()
+        ))
+    })?;
+    if let Some(why) = &backend.invalid {
+        return Err(ProxyError::BadBackend(format!("backend {}/{}: {why}", backend.namespace, backend.name)));
+    }
+    let target = backend.port.and_then(|p| model.service_port(&backend.namespace, &backend.name, p)).ok_or_else(|| {
+        ProxyError::BadBackend(format!(
+            "backend Service {}/{} port {} does not exist",
+            backend.namespace,
+            backend.name,
+            backend.port.map_or("?".into(), |p| p.to_string())
+        ))
+    })?;
+    if let Some(resp) = apply_filters(&backend.filters, sel, ctx, model, parts, port, &mut response_filters, &mut mirrors) {
+        return Ok(Decision::Respond(resp, response_filters));
+    }
+    let bport = target.port().port;
+    Ok(Decision::Forward(Plan {
+        backend: format!("{}/{}:{bport}", backend.namespace, backend.name),
+        endpoints: target.endpoints().clone(),
+        balance_key: balance_key(&backend.namespace, &backend.name, bport),
+        request_timeout: sel.rule.timeouts.request,
+        backend_timeout: sel.rule.timeouts.backend_request,
+        response_filters,
+        mirrors,
+    }))
 }
 
-async fn forward(mut req: Request<Incoming>, ctx: &ConnCtx, _grpc: bool) -> Result<Response<Body>, ProxyError> {
+/// Applies a filter list in order. Returns a response if a RequestRedirect answers.
+#[allow(clippy::too_many_arguments)]
+fn apply_filters(
+    list: &[Filter],
+    sel: Selected<'_>,
+    ctx: &ConnCtx,
+    model: &Model,
+    parts: &mut request::Parts,
+    service_port: u16,
+    response_filters: &mut Vec<HeaderModifier>,
+    mirrors: &mut Vec<MirrorTarget>,
+) -> Option<Response<Body>> {
+    for f in list {
+        match f {
+            Filter::RequestHeaderModifier(m) => filters::modify_headers(&mut parts.headers, m),
+            Filter::ResponseHeaderModifier(m) => response_filters.push(m.clone()),
+            Filter::UrlRewrite(rw) => filters::rewrite(parts, rw, sel.matched, ctx.wire),
+            Filter::RequestRedirect(rd) => return Some(filters::redirect(parts, rd, sel.matched, service_port)),
+            Filter::RequestMirror(m) => mirrors.extend(mirror::resolve(ctx, model, m)),
+        }
+    }
+    None
+}
+
+/// A backend by weight (weight 0 never); `None` if no backend has weight.
+fn pick_backend(backends: &[BackendRef]) -> Option<&BackendRef> {
+    let total: u64 = backends.iter().map(|b| u64::from(b.weight)).sum();
+    if total == 0 {
+        return None;
+    }
+    let mut x = fastrand::u64(..total);
+    for b in backends {
+        let w = u64::from(b.weight);
+        if x < w {
+            return Some(b);
+        }
+        x -= w;
+    }
+    None
+}
+
+async fn forward(req: Request<Incoming>, ctx: &Arc<ConnCtx>, grpc: bool) -> Result<Response<Body>, ProxyError> {
     let started = tokio::time::Instant::now();
-    let (plan, endpoint, inflight, mesh_peer) = {
-        let model = ctx.dp.model.load();
-        let plan = plan(&model, ctx)?;
-        let (endpoint, inflight) = ctx
-            .dp
-            .l7
-            .balancer
-            .pick(plan.balance_key, &plan.endpoints)
-            .ok_or_else(|| ProxyError::NoEndpoints(plan.backend.clone()))?;
-        let mesh_peer = l4::mesh_identity(&model, endpoint, &ctx.dp.trust_domain);
-        (plan, endpoint, inflight, mesh_peer)
+    let (mut parts, body) = req.into_parts();
+    let model = ctx.dp.model.load_full();
+    let plan = match decide(&model, ctx, &mut parts, grpc)? {
+        Decision::Forward(plan) => plan,
+        Decision::Respond(mut resp, response_filters) => {
+            for m in &response_filters {
+                filters::modify_headers(resp.headers_mut(), m);
+            }
+            return Ok(resp);
+        }
     };
+    let (endpoint, inflight) = ctx
+        .dp
+        .l7
+        .balancer
+        .pick(plan.balance_key, &plan.endpoints)
+        .ok_or_else(|| ProxyError::NoEndpoints(plan.backend.clone()))?;
+    let mesh_peer = l4::mesh_identity(&model, endpoint, &ctx.dp.trust_domain);
+    drop(model);
 
+    let mut req = Request::from_parts(parts, body);
     let upgrade = wants_upgrade(&req);
     if upgrade && ctx.wire == Wire::Http2 {
         return Err(ProxyError::Unsupported("CONNECT and protocol upgrades over HTTP/2 are not supported"));
     }
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-    let upstream_req = prepare(req, ctx.wire, upgrade);
+    let mut upstream_req = prepare(req, ctx.wire, upgrade);
+    if !plan.mirrors.is_empty() {
+        let (parts, body) = upstream_req.into_parts();
+        let (tee, copy) = Tee::new(body, mirror::BODY_LIMIT);
+        mirror::spawn(ctx, plan.mirrors, &parts, copy);
+        upstream_req = Request::from_parts(parts, tee.boxed());
+    }
 
     let dial = Dial { pod: &ctx.pod, dp: &ctx.dp, endpoint, mesh_peer, wire: ctx.wire };
     let upstreams = &ctx.dp.l7.upstreams;
@@ -154,6 +293,9 @@ async fn forward(mut req: Request<Incoming>, ctx: &ConnCtx, _grpc: bool) -> Resu
         }
     }
     strip_hop_by_hop(resp.headers_mut(), false);
+    for m in &plan.response_filters {
+        filters::modify_headers(resp.headers_mut(), m);
+    }
     let resp = resp.map(|b: Incoming| -> Body {
         match (deadline, plan.request_timeout) {
             (Some(at), Some(limit)) => Deadline::new(b, at, limit).boxed(),

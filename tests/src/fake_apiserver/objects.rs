@@ -1,6 +1,7 @@
 //! Kubernetes objects as a real API server returns them (`kubectl get -o json` of a v1.35
 //! cluster: a Deployment's pod, a ClusterIP Service, the EndpointSlice the controller made for
-//! it, kubectl-applied namespaces and Istio policies), with the fields sluice ignores left in:
+//! it, kubectl-applied namespaces, Istio policies and Gateway API routes with the status a mesh
+//! controller wrote), with the fields sluice ignores left in:
 //! managedFields, ownerReferences, container specs and statuses, conditions, projected token
 //! volumes. The fake API server adds what the server owns (resourceVersion, uid,
 //! creationTimestamp, generation) when an object is applied.
@@ -306,5 +307,74 @@ pub fn authorization_policy(namespace: &str, name: &str, spec: Value) -> Value {
             "namespace": namespace,
         },
         "spec": spec,
+    })
+}
+
+/// An HTTPRoute (gateway.networking.k8s.io/v1) with `spec`, as `kubectl apply` leaves it once a
+/// mesh controller has accepted it (see [`gateway_route`]).
+pub fn http_route(namespace: &str, name: &str, spec: Value) -> Value {
+    gateway_route("HTTPRoute", namespace, name, spec)
+}
+
+/// A GRPCRoute (gateway.networking.k8s.io/v1) with `spec`, as [`http_route`].
+pub fn grpc_route(namespace: &str, name: &str, spec: Value) -> Value {
+    gateway_route("GRPCRoute", namespace, name, spec)
+}
+
+/// A Gateway API route of `kind` with `spec`, kubectl-applied, and `status.parents` as a mesh
+/// controller (Istio's, in a cluster that runs both) writes it: one entry per parentRef,
+/// Accepted and ResolvedRefs. sluice writes no status and reads none.
+pub fn gateway_route(kind: &str, namespace: &str, name: &str, spec: Value) -> Value {
+    let parents: Vec<Value> = spec["parentRefs"]
+        .as_array()
+        .map(|refs| {
+            refs.iter()
+                .map(|parent| {
+                    let condition = |kind: &str, message: &str| {
+                        json!({"lastTransitionTime": T0, "message": message, "observedGeneration": 1,
+                               "reason": kind, "status": "True", "type": kind})
+                    };
+                    json!({
+                        "conditions": [
+                            condition("Accepted", "Route was valid"),
+                            condition("ResolvedRefs", "All references resolved"),
+                        ],
+                        "controllerName": "istio.io/mesh-controller",
+                        "parentRef": parent,
+                    })
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let last_applied = json!({
+        "apiVersion": "gateway.networking.k8s.io/v1",
+        "kind": kind,
+        "metadata": {"annotations": {}, "name": name, "namespace": namespace},
+        "spec": spec,
+    });
+    let mut status_update = managed(
+        "pilot-discovery",
+        "Update",
+        "gateway.networking.k8s.io/v1",
+        json!({"f:status": {".": {}, "f:parents": {}}}),
+    );
+    status_update["subresource"] = json!("status");
+    json!({
+        "apiVersion": "gateway.networking.k8s.io/v1",
+        "kind": kind,
+        "metadata": {
+            "annotations": {"kubectl.kubernetes.io/last-applied-configuration": format!("{last_applied}\n")},
+            "managedFields": [
+                managed("kubectl-client-side-apply", "Update", "gateway.networking.k8s.io/v1", json!({
+                    "f:metadata": {"f:annotations": {".": {}, "f:kubectl.kubernetes.io/last-applied-configuration": {}}},
+                    "f:spec": {".": {}, "f:parentRefs": {}, "f:rules": {}},
+                })),
+                status_update,
+            ],
+            "name": name,
+            "namespace": namespace,
+        },
+        "spec": spec,
+        "status": {"parents": parents},
     })
 }

@@ -145,7 +145,14 @@ fn discovery_and_lists_look_like_the_real_server() {
             .map(|g| g["name"].as_str().unwrap().to_string())
             .collect::<Vec<_>>()
     };
-    assert_eq!(names_of(&groups), ["discovery.k8s.io", "security.istio.io"]);
+    assert_eq!(
+        names_of(&groups),
+        [
+            "discovery.k8s.io",
+            "gateway.networking.k8s.io",
+            "security.istio.io"
+        ]
+    );
     assert!(c.get("/api/v1").1["resources"]
         .as_array()
         .unwrap()
@@ -315,7 +322,7 @@ fn dropped_watches_are_cut_and_crds_can_be_absent() {
     let mut c = Client::new(&s);
     let (code, body) = c.get("/apis/security.istio.io/v1/authorizationpolicies?limit=500");
     assert_eq!((code, body["reason"].as_str()), (404, Some("NotFound")));
-    assert_eq!(c.get("/apis").1["groups"].as_array().unwrap().len(), 1);
+    assert_eq!(c.get("/apis").1["groups"].as_array().unwrap().len(), 2);
     assert!(s
         .apply(objects::authorization_policy("shop", "p", json!({})))
         .is_err());
@@ -333,6 +340,93 @@ fn dropped_watches_are_cut_and_crds_can_be_absent() {
         "custom resources are listed with their version"
     );
     assert_eq!(list["items"][0]["metadata"]["generation"], 1);
+}
+
+#[test]
+fn gateway_routes_are_served_like_the_gateway_api_crds() {
+    let s = FakeApiServer::start_local().unwrap();
+    let mut c = Client::new(&s);
+    let gateway = |groups: &Value| {
+        groups["groups"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|g| g["name"] == "gateway.networking.k8s.io")
+            .cloned()
+    };
+    let g = gateway(&c.get("/apis").1).expect("the group is served");
+    assert_eq!(g["preferredVersion"]["version"], "v1");
+    assert_eq!(
+        g["versions"],
+        json!([
+            {"groupVersion": "gateway.networking.k8s.io/v1", "version": "v1"},
+            {"groupVersion": "gateway.networking.k8s.io/v1beta1", "version": "v1beta1"},
+        ])
+    );
+    let resources = |c: &mut Client, gv: &str| -> Vec<String> {
+        let (code, list) = c.get(&format!("/apis/{gv}"));
+        if code != 200 {
+            return Vec::new();
+        }
+        list["resources"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["name"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(
+        resources(&mut c, "gateway.networking.k8s.io/v1"),
+        ["httproutes", "grpcroutes"]
+    );
+    assert_eq!(
+        resources(&mut c, "gateway.networking.k8s.io/v1beta1"),
+        ["httproutes"]
+    );
+
+    let spec = json!({"parentRefs": [{"group": "", "kind": "Service", "name": "web", "port": 80}],
+                      "rules": [{"backendRefs": [{"name": "web", "port": 80}]}]});
+    let stored = s
+        .apply(objects::http_route("shop", "web", spec.clone()))
+        .unwrap();
+    assert_eq!(stored["metadata"]["generation"], 1);
+    assert!(stored["metadata"]["creationTimestamp"].is_string());
+    assert_eq!(
+        stored["status"]["parents"][0]["parentRef"]["name"], "web",
+        "a mesh controller's status"
+    );
+    s.apply(objects::grpc_route(
+        "shop",
+        "web",
+        json!({"parentRefs": spec["parentRefs"]}),
+    ))
+    .unwrap();
+    let (code, list) = c.get("/apis/gateway.networking.k8s.io/v1beta1/namespaces/shop/httproutes");
+    assert_eq!(code, 200);
+    assert_eq!(list["kind"], "HTTPRouteList");
+    assert_eq!(
+        list["items"][0]["apiVersion"],
+        "gateway.networking.k8s.io/v1beta1"
+    );
+    assert_eq!(
+        c.get("/apis/gateway.networking.k8s.io/v1beta1/grpcroutes")
+            .0,
+        404,
+        "GRPCRoute is v1 only"
+    );
+    let (_, list) = c.get("/apis/gateway.networking.k8s.io/v1/grpcroutes");
+    assert_eq!(names(&list), ["web"]);
+
+    // Without the Gateway API's CRDs: 404, and the group is gone from discovery.
+    s.set_installed(Resource::HttpRoutes, false);
+    s.set_installed(Resource::GrpcRoutes, false);
+    assert_eq!(
+        c.get("/apis/gateway.networking.k8s.io/v1/httproutes").0,
+        404
+    );
+    assert!(gateway(&c.get("/apis").1).is_none());
+    assert!(resources(&mut c, "gateway.networking.k8s.io/v1").is_empty());
+    assert!(s.apply(objects::http_route("shop", "x", spec)).is_err());
 }
 
 #[test]

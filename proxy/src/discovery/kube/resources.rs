@@ -16,8 +16,11 @@
 //!   pod update that changes none of its fields (most are status conditions) does not rebuild
 //!   the model. Unscheduled pods match this selector too; they have no IP yet and are skipped.
 //!
-//! Istio's AuthorizationPolicy is a CRD: a cluster without Istio's CRDs does not serve it, and
-//! sluice then carries on without policies (see [`WatchSpec::optional`]).
+//! Istio's AuthorizationPolicy and the Gateway API's HTTPRoute and GRPCRoute are CRDs: a cluster
+//! without Istio's (or the Gateway API's) CRDs does not serve them, and sluice then carries on
+//! without policies (or routes), see [`WatchSpec::optional`]. Routes are watched cluster-wide:
+//! a consumer route in any namespace may name a Service a local pod talks to. sluice.dev
+//! TrafficPolicies are not watched yet (the resilience work will add them).
 
 use ::kube::core::ApiResource;
 use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
@@ -68,6 +71,18 @@ pub(crate) fn authorization_policy_resource() -> ApiResource {
     }
 }
 
+/// The group/version sluice reads the Gateway API's routes at (Gateway API v1.1 and later serve
+/// both HTTPRoute and GRPCRoute at v1). `kind` is `HTTPRoute` or `GRPCRoute`.
+pub(crate) fn gateway_route_resource(kind: &str, plural: &str) -> ApiResource {
+    ApiResource {
+        group: "gateway.networking.k8s.io".into(),
+        version: "v1".into(),
+        api_version: "gateway.networking.k8s.io/v1".into(),
+        kind: kind.into(),
+        plural: plural.into(),
+    }
+}
+
 /// Every watch, in the order their objects are fed to the model.
 pub(crate) fn watches() -> Vec<WatchSpec> {
     let spec = |label, resource, kind, namespaced, nodes, optional| WatchSpec {
@@ -96,6 +111,22 @@ pub(crate) fn watches() -> Vec<WatchSpec> {
             "authorizationpolicies",
             authorization_policy_resource(),
             Kind::AuthorizationPolicy,
+            true,
+            All,
+            true,
+        ),
+        spec(
+            "httproutes",
+            gateway_route_resource("HTTPRoute", "httproutes"),
+            Kind::HttpRoute,
+            true,
+            All,
+            true,
+        ),
+        spec(
+            "grpcroutes",
+            gateway_route_resource("GRPCRoute", "grpcroutes"),
+            Kind::GrpcRoute,
             true,
             All,
             true,

@@ -5,5 +5,6 @@ mod fixtures;
 mod kube;
 mod parse;
 mod resolve;
+mod routes;
 mod store;
 mod watch;

@@ -1,0 +1,463 @@
+//! The effective route table of one Service port, compiled once per snapshot from the routes
+//! attached to it, and the per-request match against it.
+//!
+//! Precedence follows the Gateway API. HTTPRoute, across every rule of every applicable route:
+//! an Exact path match first, then (sluice's choice where the spec leaves it to the
+//! implementation) RegularExpression paths, longest pattern first, then PathPrefix matches with
+//! the most characters; then a method match; then the most header matches; then the most query
+//! parameter matches. GRPCRoute: the most characters in the service match, then in the method
+//! match, then the most header matches. Remaining ties: the oldest route, then
+//! `namespace/name` alphabetically, then rule order and match order within a route.
+//!
+//! A gRPC request (`content-type: application/grpc*`) is matched against GRPCRoutes first and
+//! then against HTTPRoutes (it is an HTTP/2 POST too); anything else only against HTTPRoutes.
+//!
+//! GAMMA's producer and consumer routes: a table is compiled for the producer routes (in the
+//! Service's namespace) and one per namespace that has consumer routes for the port; a client
+//! uses its own namespace's consumer table if there is one, else the producer table.
+
+use std::cmp::Ordering;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use http::{HeaderMap, Method};
+
+use super::route::{GrpcMethodMatch, PathMatch, Route, RouteKind, RouteMatch, RouteRule, ValueMatch};
+
+/// The route tables of one Service port.
+#[derive(Debug, Default)]
+pub struct PortRoutes {
+    producer: Option<Arc<RouteTable>>,
+    consumers: HashMap<String, Arc<RouteTable>>,
+}
+
+impl PortRoutes {
+    /// Compiles the tables for the routes attached to Service `svc_namespace`/… on one port.
+    pub fn build(svc_namespace: &str, attached: &[Arc<Route>]) -> PortRoutes {
+        let (producer, consumer): (Vec<_>, Vec<_>) =
+            attached.iter().cloned().partition(|r| r.namespace == svc_namespace);
+        let mut by_ns: HashMap<String, Vec<Arc<Route>>> = HashMap::new();
+        for r in consumer {
+            by_ns.entry(r.namespace.clone()).or_default().push(r);
+        }
+        PortRoutes {
+            producer: (!producer.is_empty()).then(|| Arc::new(RouteTable::build(&producer))),
+            consumers: by_ns.into_iter().map(|(ns, rs)| (ns, Arc::new(RouteTable::build(&rs)))).collect(),
+        }
+    }
+
+    /// The table that applies to a client in `client_namespace`, if any route does.
+    pub fn for_client(&self, client_namespace: &str) -> Option<&Arc<RouteTable>> {
+        self.consumers.get(client_namespace).or(self.producer.as_ref())
+    }
+
+    pub fn producer(&self) -> Option<&Arc<RouteTable>> {
+        self.producer.as_ref()
+    }
+
+    /// (client namespace, table) of every consumer table, sorted by namespace.
+    pub fn consumers(&self) -> Vec<(&str, &Arc<RouteTable>)> {
+        let mut v: Vec<_> = self.consumers.iter().map(|(k, t)| (k.as_str(), t)).collect();
+        v.sort_by_key(|(k, _)| *k);
+        v
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.producer.is_none() && self.consumers.is_empty()
+    }
+}
+
+/// One ordered list of (route, rule, match) entries.
+#[derive(Debug)]
+pub struct RouteTable {
+    http: Vec<Entry>,
+    grpc: Vec<Entry>,
+}
+
+#[derive(Debug)]
+struct Entry {
+    route: Arc<Route>,
+    rule: usize,
+    matcher: usize,
+}
+
+impl Entry {
+    fn rule(&self) -> &RouteRule {
+        &self.route.rules[self.rule]
+    }
+
+    fn matcher(&self) -> &RouteMatch {
+        &self.rule().matches[self.matcher]
+    }
+}
+
+/// What one request carries that routes can match on.
+pub struct RequestParts<'a> {
+    pub method: &'a Method,
+    /// The path without the query.
+    pub path: &'a str,
+    pub query: Option<&'a str>,
+    pub headers: &'a HeaderMap,
+}
+
+/// The rule a request matched.
+#[derive(Debug, Clone, Copy)]
+pub struct Selected<'a> {
+    pub route: &'a Arc<Route>,
+    pub rule: &'a RouteRule,
+    pub rule_index: usize,
+    pub matched: &'a RouteMatch,
+}
+
+impl RouteTable {
+    pub fn build(routes: &[Arc<Route>]) -> RouteTable {
+        let mut http = Vec::new();
+        let mut grpc = Vec::new();
+        for route in routes {
+            for (ri, rule) in route.rules.iter().enumerate() {
+                for mi in 0..rule.matches.len() {
+                    let e = Entry { route: route.clone(), rule: ri, matcher: mi };
+                    match route.kind {
+                        RouteKind::Http => http.push(e),
+                        RouteKind::Grpc => grpc.push(e),
+                    }
+                }
+            }
+        }
+        http.sort_by(|a, b| http_rank(a.matcher()).cmp(&http_rank(b.matcher())).then_with(|| tie(a, b)));
+        grpc.sort_by(|a, b| grpc_rank(a.matcher()).cmp(&grpc_rank(b.matcher())).then_with(|| tie(a, b)));
+        RouteTable { http, grpc }
+    }
+
+    /// The highest-precedence rule matching the request, if any.
+    pub fn select<'a>(&'a self, req: &RequestParts<'_>, grpc: bool) -> Option<Selected<'a>> {
+        let grpc_hit = if grpc { self.grpc.iter().find(|e| matches_grpc(e.matcher(), req)) } else { None };
+        let hit = grpc_hit.or_else(|| self.http.iter().find(|e| matches_http(e.matcher(), req)))?;
+        Some(Selected { route: &hit.route, rule: hit.rule(), rule_index: hit.rule, matched: hit.matcher() })
+    }
+
+    /// Every entry in precedence order, for the admin view: (route, rule index, match).
+    pub fn entries(&self) -> impl Iterator<Item = (&Arc<Route>, usize, &RouteMatch)> {
+        self.grpc.iter().chain(self.http.iter()).map(|e| (&e.route, e.rule, e.matcher()))
+    }
+
+    pub fn len(&self) -> usize {
+        self.http.len() + self.grpc.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Sort key of an HTTPRoute match: smaller sorts first (wins).
+fn http_rank(m: &RouteMatch) -> (u8, std::cmp::Reverse<usize>, bool, std::cmp::Reverse<usize>, std::cmp::Reverse<usize>) {
+    let (class, len) = match &m.path {
+        Some(PathMatch::Exact(v)) => (0, v.len()),
+        Some(PathMatch::RegularExpression(r)) => (1, r.as_str().len()),
+        Some(PathMatch::PathPrefix(v)) => (2, v.len()),
+        None => (3, 0),
+    };
+    (
+        class,
+        std::cmp::Reverse(len),
+        m.method.is_none(),
+        std::cmp::Reverse(m.headers.len()),
+        std::cmp::Reverse(m.query_params.len()),
+    )
+}
+
+fn grpc_rank(m: &RouteMatch) -> (std::cmp::Reverse<usize>, std::cmp::Reverse<usize>, std::cmp::Reverse<usize>) {
+    let chars = |v: &Option<ValueMatch>| match v {
+        Some(ValueMatch::Exact(s)) => s.len(),
+        Some(ValueMatch::RegularExpression(r)) => r.as_str().len(),
+        None => 0,
+    };
+    let (svc, method) = m.grpc.as_ref().map_or((0, 0), |g| (chars(&g.service), chars(&g.method)));
+    (std::cmp::Reverse(svc), std::cmp::Reverse(method), std::cmp::Reverse(m.headers.len()))
+}
+
+/// The oldest route first (one without a timestamp counts as the newest), then
+/// `namespace/name`, then rule and match order.
+fn tie(a: &Entry, b: &Entry) -> Ordering {
+    let age = match (&a.route.created, &b.route.created) {
+        (Some(x), Some(y)) => x.cmp(y),
+        (Some(_), None) => Ordering::Less,
+        (None, Some(_)) => Ordering::Greater,
+        (None, None) => Ordering::Equal,
+    };
+    age.then_with(|| (&a.route.namespace, &a.route.name).cmp(&(&b.route.namespace, &b.route.name)))
+        .then_with(|| a.route.kind.cmp(&b.route.kind))
+        .then_with(|| (a.rule, a.matcher).cmp(&(b.rule, b.matcher)))
+}
+
+fn matches_http(m: &RouteMatch, req: &RequestParts<'_>) -> bool {
+    if let Some(p) = &m.path {
+        if !path_matches(p, req.path) {
+            return false;
+        }
+    }
+    if let Some(method) = &m.method {
+        if req.method.as_str() != method {
+            return false;
+        }
+    }
+    headers_match(&m.headers, req.headers) && query_matches(&m.query_params, req.query)
+}
+
+fn matches_grpc(m: &RouteMatch, req: &RequestParts<'_>) -> bool {
+    if let Some(g) = &m.grpc {
+        if !grpc_method_matches(g, req.path) {
+            return false;
+        }
+    }
+    headers_match(&m.headers, req.headers)
+}
+
+/// Whether `path` matches; for PathPrefix, element-wise (`/foo` matches `/foo/bar`, not
+/// `/foobar`).
+pub fn path_matches(p: &PathMatch, path: &str) -> bool {
+    match p {
+        PathMatch::Exact(v) => path == v,
+        PathMatch::PathPrefix(v) => prefix_matches(v, path),
+        PathMatch::RegularExpression(r) => r.is_match(path),
+    }
+}
+
+fn prefix_matches(prefix: &str, path: &str) -> bool {
+    let prefix = trim_prefix(prefix);
+    if prefix == "/" {
+        return path.starts_with('/');
+    }
+    path.strip_prefix(prefix).is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+}
+
+/// A PathPrefix value without its trailing `/` (except `/` itself): `/foo/` matches like `/foo`.
+pub fn trim_prefix(prefix: &str) -> &str {
+    if prefix.len() > 1 {
+        prefix.trim_end_matches('/')
+    } else {
+        prefix
+    }
+}
+
+fn headers_match(matches: &[super::route::HeaderMatch], headers: &HeaderMap) -> bool {
+    matches.iter().all(|hm| {
+        let mut values = headers.get_all(hm.name.as_str()).iter().filter_map(|v| v.to_str().ok()).peekable();
+        if values.peek().is_none() {
+            return false;
+        }
+        let values: Vec<&str> = values.collect();
+        values.iter().any(|v| hm.value.matches(v))
+            // A repeated header also matches as one comma-joined value (RFC 9110 §5.3).
+            || (values.len() > 1 && hm.value.matches(&values.join(",")))
+    })
+}
+
+fn query_matches(matches: &[super::route::HeaderMatch], query: Option<&str>) -> bool {
+    if matches.is_empty() {
+        return true;
+    }
+    let Some(query) = query else { return false };
+    matches.iter().all(|qm| {
+        // The first occurrence of the parameter counts, percent-decoded.
+        form_urlencoded::parse(query.as_bytes())
+            .find(|(k, _)| k == qm.name.as_str())
+            .is_some_and(|(_, v)| qm.value.matches(&v))
+    })
+}
+
+/// gRPC paths are `/<package.Service>/<Method>`.
+fn grpc_method_matches(g: &GrpcMethodMatch, path: &str) -> bool {
+    let Some((service, method)) = path.strip_prefix('/').and_then(|p| p.split_once('/')) else {
+        return false;
+    };
+    g.service.as_ref().is_none_or(|s| s.matches(service)) && g.method.as_ref().is_none_or(|m| m.matches(method))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::discovery::route::{BackendRef, HeaderMatch, Regex, RouteTimeouts};
+
+    fn route(name: &str, ns: &str, created: Option<&str>, kind: RouteKind, rules: Vec<Vec<RouteMatch>>) -> Arc<Route> {
+        Arc::new(Route {
+            kind,
+            namespace: ns.into(),
+            name: name.into(),
+            created: created.map(str::to_owned),
+            parents: vec![],
+            hostnames: vec![],
+            rules: rules
+                .into_iter()
+                .map(|matches| RouteRule {
+                    name: None,
+                    matches,
+                    filters: vec![],
+                    backends: vec![BackendRef {
+                        namespace: ns.into(),
+                        name: "b".into(),
+                        port: Some(80),
+                        weight: 1,
+                        filters: vec![],
+                        invalid: None,
+                    }],
+                    timeouts: RouteTimeouts::default(),
+                    retry: None,
+                })
+                .collect(),
+        })
+    }
+
+    fn path(p: PathMatch) -> RouteMatch {
+        RouteMatch { path: Some(p), ..RouteMatch::default() }
+    }
+
+    fn prefix(v: &str) -> RouteMatch {
+        path(PathMatch::PathPrefix(v.into()))
+    }
+
+    fn header(name: &str, v: ValueMatch) -> HeaderMatch {
+        HeaderMatch { name: name.into(), value: v }
+    }
+
+    fn req<'a>(method: &'a Method, path: &'a str, query: Option<&'a str>, headers: &'a HeaderMap) -> RequestParts<'a> {
+        RequestParts { method, path, query, headers }
+    }
+
+    fn pick(t: &RouteTable, method: &Method, p: &str, q: Option<&str>, h: &HeaderMap, grpc: bool) -> Option<(String, usize)> {
+        t.select(&req(method, p, q, h), grpc).map(|s| (s.route.name.clone(), s.rule_index))
+    }
+
+    #[test]
+    fn prefix_matching_is_element_wise() {
+        assert!(prefix_matches("/foo", "/foo"));
+        assert!(prefix_matches("/foo", "/foo/bar"));
+        assert!(prefix_matches("/foo/", "/foo/bar"));
+        assert!(prefix_matches("/foo/", "/foo"));
+        assert!(!prefix_matches("/foo", "/foobar"));
+        assert!(prefix_matches("/", "/anything"));
+    }
+
+    #[test]
+    fn precedence_follows_the_gateway_api() {
+        let get = Method::GET;
+        let h = HeaderMap::new();
+        let t = RouteTable::build(&[
+            route("a-catch-all", "ns", Some("2024-01-01T00:00:00Z"), RouteKind::Http, vec![vec![prefix("/")]]),
+            route("b-prefix", "ns", Some("2025-01-01T00:00:00Z"), RouteKind::Http, vec![vec![prefix("/api")], vec![prefix("/api/v2")]]),
+            route("c-exact", "ns", None, RouteKind::Http, vec![vec![path(PathMatch::Exact("/api/v2/x".into()))]]),
+            route(
+                "d-method",
+                "ns",
+                None,
+                RouteKind::Http,
+                vec![vec![RouteMatch { method: Some("POST".into()), ..prefix("/api") }]],
+            ),
+        ]);
+        // Exact beats every prefix, however long.
+        assert_eq!(pick(&t, &get, "/api/v2/x", None, &h, false), Some(("c-exact".into(), 0)));
+        // The longest prefix wins across routes and rules.
+        assert_eq!(pick(&t, &get, "/api/v2/y", None, &h, false), Some(("b-prefix".into(), 1)));
+        // Same prefix: a method match wins over none.
+        assert_eq!(pick(&t, &Method::POST, "/api/z", None, &h, false), Some(("d-method".into(), 0)));
+        assert_eq!(pick(&t, &get, "/api/z", None, &h, false), Some(("b-prefix".into(), 0)));
+        assert_eq!(pick(&t, &get, "/other", None, &h, false), Some(("a-catch-all".into(), 0)));
+    }
+
+    #[test]
+    fn more_header_and_query_matches_win_then_the_oldest_route() {
+        let get = Method::GET;
+        let mut h = HeaderMap::new();
+        h.insert("x-user", "test".parse().unwrap());
+        h.insert("cookie", "session=1; user=test-user; theme=dark".parse().unwrap());
+        let hdr = |n: &str, v: &str| header(n, ValueMatch::Exact(v.into()));
+        let t = RouteTable::build(&[
+            route("new", "ns", Some("2025-06-01T00:00:00Z"), RouteKind::Http, vec![vec![prefix("/")]]),
+            route("old", "ns", Some("2020-06-01T00:00:00Z"), RouteKind::Http, vec![vec![prefix("/")]]),
+            route(
+                "one-header",
+                "ns",
+                None,
+                RouteKind::Http,
+                vec![vec![RouteMatch { headers: vec![hdr("x-user", "test")], ..prefix("/") }]],
+            ),
+            route(
+                "cookie-regex",
+                "ns",
+                None,
+                RouteKind::Http,
+                vec![vec![RouteMatch {
+                    headers: vec![
+                        header("cookie", ValueMatch::RegularExpression(Regex::anchored("^(.*?;)?( ?user=test-user)(;.*)?$").unwrap())),
+                        hdr("x-user", "test"),
+                    ],
+                    ..prefix("/")
+                }]],
+            ),
+            route(
+                "query",
+                "ns",
+                None,
+                RouteKind::Http,
+                vec![vec![RouteMatch {
+                    query_params: vec![HeaderMatch { name: "v".into(), value: ValueMatch::Exact("2 beta".into()) }],
+                    ..prefix("/")
+                }]],
+            ),
+        ]);
+        assert_eq!(pick(&t, &get, "/", None, &h, false).unwrap().0, "cookie-regex");
+        let mut only_user = HeaderMap::new();
+        only_user.insert("x-user", "test".parse().unwrap());
+        assert_eq!(pick(&t, &get, "/", None, &only_user, false).unwrap().0, "one-header");
+        let none = HeaderMap::new();
+        // Query params rank below headers; the value is percent-decoded; the first one counts.
+        assert_eq!(pick(&t, &get, "/", Some("v=2%20beta&v=3"), &none, false).unwrap().0, "query");
+        assert_eq!(pick(&t, &get, "/", Some("v=3&v=2+beta"), &none, false).unwrap().0, "old");
+        // Equal matches: the oldest route.
+        assert_eq!(pick(&t, &get, "/", None, &none, false).unwrap().0, "old");
+    }
+
+    #[test]
+    fn grpc_routes_match_service_and_method_then_http_routes() {
+        let post = Method::POST;
+        let h = HeaderMap::new();
+        let gm = |service: Option<&str>, method: Option<&str>| RouteMatch {
+            grpc: Some(GrpcMethodMatch {
+                service: service.map(|s| ValueMatch::Exact(s.into())),
+                method: method.map(|m| ValueMatch::Exact(m.into())),
+            }),
+            ..RouteMatch::default()
+        };
+        let t = RouteTable::build(&[
+            route("svc", "ns", None, RouteKind::Grpc, vec![vec![gm(Some("pkg.Echo"), None)]]),
+            route("method", "ns", None, RouteKind::Grpc, vec![vec![gm(Some("pkg.Echo"), Some("Count"))]]),
+            route("http", "ns", None, RouteKind::Http, vec![vec![prefix("/")]]),
+        ]);
+        assert_eq!(pick(&t, &post, "/pkg.Echo/Count", None, &h, true).unwrap().0, "method");
+        assert_eq!(pick(&t, &post, "/pkg.Echo/Echo", None, &h, true).unwrap().0, "svc");
+        assert_eq!(pick(&t, &post, "/pkg.Other/Echo", None, &h, true).unwrap().0, "http");
+        // Not gRPC: GRPCRoutes do not apply.
+        assert_eq!(pick(&t, &post, "/pkg.Echo/Count", None, &h, false).unwrap().0, "http");
+    }
+
+    #[test]
+    fn consumer_routes_replace_producer_routes_for_their_namespace() {
+        let producer = route("p", "svc-ns", None, RouteKind::Http, vec![vec![prefix("/")]]);
+        let consumer = route("c", "client-ns", None, RouteKind::Http, vec![vec![prefix("/")]]);
+        let pr = PortRoutes::build("svc-ns", &[producer, consumer]);
+        let h = HeaderMap::new();
+        let get = Method::GET;
+        let name = |ns: &str| pick(pr.for_client(ns).unwrap(), &get, "/", None, &h, false).unwrap().0;
+        assert_eq!(name("client-ns"), "c");
+        assert_eq!(name("svc-ns"), "p");
+        assert_eq!(name("elsewhere"), "p");
+        assert!(PortRoutes::build("x", &[]).for_client("x").is_none());
+    }
+
+    #[test]
+    fn no_match_is_none() {
+        let t = RouteTable::build(&[route("r", "ns", None, RouteKind::Http, vec![vec![path(PathMatch::Exact("/only".into()))]])]);
+        assert!(pick(&t, &Method::GET, "/else", None, &HeaderMap::new(), false).is_none());
+    }
+}
