@@ -334,3 +334,88 @@ mod tests {
         assert_eq!(human_age(61_000), "1m1s");
     }
 }
+
+/// `sluice routes [SERVICE]`: each Service port's effective route table, its backends with
+/// weights, and their endpoints with the current peak-EWMA latency.
+pub fn routes(ep: &AdminEndpoint, service: Option<&str>, out: Output) -> Result<String> {
+    use crate::admin::routes::{BackendView, ServiceRoutesView};
+    let path = match service {
+        Some(s) => format!("/routes?service={}", s.replace('/', "%2F")),
+        None => "/routes".to_owned(),
+    };
+    let views: Vec<ServiceRoutesView> = get(ep, &path)?;
+    if out == Output::Json {
+        return Ok(serde_json::to_string_pretty(&views)? + "\n");
+    }
+    if views.is_empty() {
+        return Ok(match service {
+            Some(s) => format!("no Service {s} in the model\n"),
+            None => "no Services in the model\n".into(),
+        });
+    }
+    let endpoints = |b: &BackendView| -> String {
+        if let Some(why) = &b.invalid {
+            return format!("INVALID: {why}");
+        }
+        if b.endpoints.is_empty() {
+            return "no ready endpoints".into();
+        }
+        b.endpoints
+            .iter()
+            .map(|e| match e.ewma_ms {
+                Some(ms) => format!("{} ewma={ms:.2}ms pending={} sent={}", e.address, e.pending, e.requests),
+                None => format!("{} (no requests yet)", e.address),
+            })
+            .collect::<Vec<_>>()
+            .join("; ")
+    };
+    let mut s = String::new();
+    for v in &views {
+        let port = match (&v.port_name, &v.app_protocol) {
+            (Some(n), Some(a)) => format!("{} ({n}, {a})", v.port),
+            (Some(n), None) => format!("{} ({n})", v.port),
+            (None, Some(a)) => format!("{} ({a})", v.port),
+            (None, None) => v.port.to_string(),
+        };
+        s.push_str(&format!("{} port {port}, ClusterIP {}\n", v.service, v.cluster_ip.as_deref().unwrap_or("None")));
+        if v.tables.is_empty() {
+            s.push_str(&format!("  no routes: every request → {} ({})\n", v.default_backend.backend, endpoints(&v.default_backend)));
+        }
+        for t in &v.tables {
+            s.push_str(&format!("  routes for {}, in precedence order:\n", t.clients));
+            let mut rows = Vec::new();
+            for e in &t.entries {
+                let mut extra = e.filters.clone();
+                if let Some(ms) = e.request_timeout_ms {
+                    extra.push(format!("timeout {ms}ms"));
+                }
+                if let Some(ms) = e.backend_request_timeout_ms {
+                    extra.push(format!("backend timeout {ms}ms"));
+                }
+                let rule = match &e.rule_name {
+                    Some(n) => format!("{} ({n})", e.rule),
+                    None => e.rule.to_string(),
+                };
+                let backends = if e.backends.is_empty() { vec![None] } else { e.backends.iter().map(Some).collect() };
+                for (i, b) in backends.into_iter().enumerate() {
+                    let first = i == 0;
+                    rows.push(vec![
+                        if first { e.order.to_string() } else { String::new() },
+                        if first { e.route.clone() } else { String::new() },
+                        if first { rule.clone() } else { String::new() },
+                        if first { e.matches.clone() } else { String::new() },
+                        if first { extra.join(", ") } else { String::new() },
+                        b.map_or("(none: 500)".into(), |b| format!("{} {:.0}%", b.backend, b.share_percent)),
+                        b.map_or(String::new(), &endpoints),
+                    ]);
+                }
+            }
+            for line in table(&["#", "ROUTE", "RULE", "MATCH", "FILTERS", "BACKEND", "ENDPOINTS"], rows).lines() {
+                s.push_str("    ");
+                s.push_str(line);
+                s.push('\n');
+            }
+        }
+    }
+    Ok(s)
+}

@@ -30,6 +30,14 @@ enum Command {
     Conns(AdminFlags),
     /// Workload certificates held on this node: identity, serial, validity, next renewal.
     Certs(AdminFlags),
+    /// Effective routes per Service port: rules in precedence order, weighted backends, and
+    /// each endpoint's current peak-EWMA latency.
+    Routes {
+        /// Only this Service (`namespace/name`, or a name).
+        service: Option<String>,
+        #[command(flatten)]
+        admin: AdminFlags,
+    },
     /// The mesh root CA: create one, or sign a certificate with it by hand.
     #[command(subcommand)]
     Ca(CaCommand),
@@ -187,6 +195,7 @@ fn main() -> ExitCode {
         Command::Pods(a) => print(cli::pods(&a.endpoint(), a.output)),
         Command::Conns(a) => print(cli::conns(&a.endpoint(), a.output)),
         Command::Certs(a) => print(cli::certs(&a.endpoint(), a.output)),
+        Command::Routes { service, admin } => print(cli::routes(&admin.endpoint(), service.as_deref(), admin.output)),
         Command::Ca(CaCommand::Init { dir, trust_domain, force }) => {
             sluice::identity::ca_init(&dir, &trust_domain, force).map_err(Into::into).map(|(c, k)| {
                 println!("mesh root for {trust_domain}: {} (key {})", c.display(), k.display());

@@ -65,6 +65,7 @@ mod process;
 mod sluice;
 pub mod sweep;
 mod util;
+pub mod workloads;
 
 pub use bins::{simpod_bin, sluice_bin};
 pub use node::{CgroupDriver, Node};

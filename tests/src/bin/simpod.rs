@@ -4,6 +4,10 @@
 //!
 //! Plain threads and blocking sockets: one thread per connection is plenty for tests, and keeps
 //! the byte-level behaviour (half-close, EOF, resets) obvious.
+//!
+//! The workloads of the L7 tests live in modules next to this file: `raw` (exact bytes out,
+//! everything back), `ws` (WebSocket echo), `tls` (TLS echo with a self-signed certificate),
+//! `banner` (a server-first protocol).
 
 use std::{
     collections::BTreeMap,
@@ -18,11 +22,18 @@ use clap::{Parser, Subcommand};
 use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
 
+// This file is the crate root, so its modules are found next to it unless told otherwise.
+#[path = "simpod/banner.rs"]
+mod banner;
+#[path = "simpod/raw.rs"]
+mod raw;
+#[path = "simpod/tls.rs"]
+mod tls;
+#[path = "simpod/ws.rs"]
+mod ws;
+
 #[derive(Parser)]
-#[command(
-    name = "simpod",
-    about = "Workload helper for the sluice node simulator (JSON lines on stdout)"
-)]
+#[command(name = "simpod", about = "Workload helper for the sluice node simulator (JSON lines on stdout)")]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -46,6 +57,9 @@ enum Cmd {
         name: String,
         #[arg(long, default_value = "0.0.0.0")]
         bind: String,
+        /// Delay every response by N ms (a consistently slow backend), before any `delay_ms`.
+        #[arg(long, default_value_t = 0)]
+        delay_ms: u64,
     },
     /// Connect, send N pattern bytes, half-close, read to EOF; print hashes of both directions.
     TcpClient {
@@ -93,6 +107,21 @@ enum Cmd {
         #[arg(long, default_value_t = 10)]
         count: u64,
     },
+    /// Send exact bytes (e.g. malformed HTTP/1.1 or HTTP/2), then read until EOF, reset or
+    /// timeout, and print what came back.
+    Raw(raw::Args),
+    /// WebSocket echo server (text and binary messages).
+    WsEchoServer(ws::ServerArgs),
+    /// WebSocket client: N binary messages of pattern bytes, each echo checked byte for byte.
+    WsClient(ws::ClientArgs),
+    /// TLS echo server with a fresh self-signed certificate (PEM written to --cert-out).
+    TlsEchoServer(tls::ServerArgs),
+    /// TLS client: trust only --ca, send N pattern bytes, close_notify, read the echo to EOF.
+    TlsClient(tls::ClientArgs),
+    /// Server-first protocol: writes `BANNER\r\n` on accept, then echoes lines until EOF.
+    BannerServer(banner::ServerArgs),
+    /// Reads the banner without sending first, then sends `QUIT\r\n` and reads its echo.
+    BannerClient(banner::ClientArgs),
 }
 
 /// Prints one JSON line. Write errors are ignored: if the reader went away (a kept demo whose
@@ -112,45 +141,32 @@ fn addr_str(r: io::Result<SocketAddr>) -> Value {
 }
 
 fn now_ms() -> u128 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis())
-        .unwrap_or(0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0)
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let ok = match cli.cmd {
         Cmd::EchoServer { port, bind } => serve(&bind, port, echo_conn),
-        Cmd::HttpServer { port, name, bind } => serve(&bind, port, move |s| http_conn(s, &name)),
-        Cmd::TcpClient {
-            to,
-            send_bytes,
-            timeout_ms,
-        } => tcp_client(to, send_bytes, Duration::from_millis(timeout_ms)),
-        Cmd::HttpGet {
-            to,
-            path,
-            count,
-            keepalive,
-            host,
-            headers,
-            timeout_ms,
-        } => http_get(
-            to,
-            &path,
-            count,
-            keepalive,
-            host,
-            &headers,
-            Duration::from_millis(timeout_ms),
-        ),
+        Cmd::HttpServer { port, name, bind, delay_ms } => {
+            let delay = Duration::from_millis(delay_ms);
+            serve(&bind, port, move |s| http_conn(s, &name, delay))
+        }
+        Cmd::TcpClient { to, send_bytes, timeout_ms } => {
+            tcp_client(to, send_bytes, Duration::from_millis(timeout_ms))
+        }
+        Cmd::HttpGet { to, path, count, keepalive, host, headers, timeout_ms } => {
+            http_get(to, &path, count, keepalive, host, &headers, Duration::from_millis(timeout_ms))
+        }
         Cmd::Hold { to, timeout_ms } => hold(to, Duration::from_millis(timeout_ms)),
-        Cmd::Loop {
-            to,
-            interval_ms,
-            count,
-        } => run_loop(to, Duration::from_millis(interval_ms), count),
+        Cmd::Loop { to, interval_ms, count } => run_loop(to, Duration::from_millis(interval_ms), count),
+        Cmd::Raw(a) => raw::run(a),
+        Cmd::WsEchoServer(a) => ws::server(a),
+        Cmd::WsClient(a) => ws::client(a),
+        Cmd::TlsEchoServer(a) => tls::server(a),
+        Cmd::TlsClient(a) => tls::client(a),
+        Cmd::BannerServer(a) => banner::server(a),
+        Cmd::BannerClient(a) => banner::client(a),
     };
     if ok {
         ExitCode::SUCCESS
@@ -218,17 +234,11 @@ struct Request {
 
 impl Request {
     fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
+        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
     }
 
     fn keep_alive(&self) -> bool {
-        let conn = self
-            .header("connection")
-            .map(|v| v.to_ascii_lowercase())
-            .unwrap_or_default();
+        let conn = self.header("connection").map(|v| v.to_ascii_lowercase()).unwrap_or_default();
         if self.version == "HTTP/1.0" {
             conn.contains("keep-alive")
         } else {
@@ -238,10 +248,7 @@ impl Request {
 
     fn query(&self, key: &str) -> Option<&str> {
         let q = self.target.split_once('?')?.1;
-        q.split('&')
-            .filter_map(|kv| kv.split_once('='))
-            .find(|(k, _)| *k == key)
-            .map(|(_, v)| v)
+        q.split('&').filter_map(|kv| kv.split_once('=')).find(|(k, _)| *k == key).map(|(_, v)| v)
     }
 }
 
@@ -253,16 +260,9 @@ fn read_line(r: &mut impl BufRead) -> io::Result<Option<String>> {
         return Ok(None);
     }
     if !line.ends_with(b"\n") {
-        return Err(io::Error::new(
-            io::ErrorKind::UnexpectedEof,
-            "line too long or truncated",
-        ));
+        return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "line too long or truncated"));
     }
-    Ok(Some(
-        String::from_utf8_lossy(&line)
-            .trim_end_matches(['\r', '\n'])
-            .to_string(),
-    ))
+    Ok(Some(String::from_utf8_lossy(&line).trim_end_matches(['\r', '\n']).to_string()))
 }
 
 type Headers = Vec<(String, String)>;
@@ -278,8 +278,8 @@ fn read_head(r: &mut impl BufRead) -> io::Result<Option<(String, Headers)>> {
     };
     let mut headers = Vec::new();
     loop {
-        let line = read_line(r)?
-            .ok_or_else(|| io::Error::new(io::ErrorKind::UnexpectedEof, "EOF in headers"))?;
+        let line =
+            read_line(r)?.ok_or_else(|| io::Error::new(io::ErrorKind::UnexpectedEof, "EOF in headers"))?;
         if line.is_empty() {
             return Ok(Some((start, headers)));
         }
@@ -292,23 +292,16 @@ fn read_head(r: &mut impl BufRead) -> io::Result<Option<(String, Headers)>> {
 /// Reads a message body framed by content-length or chunked encoding.
 fn read_body(r: &mut impl BufRead, headers: &Headers, until_eof: bool) -> io::Result<Vec<u8>> {
     let get = |n: &str| {
-        headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(n))
-            .map(|(_, v)| v.to_ascii_lowercase())
+        headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(n)).map(|(_, v)| v.to_ascii_lowercase())
     };
     let mut body = Vec::new();
     if get("transfer-encoding").is_some_and(|v| v.contains("chunked")) {
         loop {
-            let line = read_line(r)?.ok_or_else(|| {
-                io::Error::new(io::ErrorKind::UnexpectedEof, "EOF in chunked body")
-            })?;
-            let size = usize::from_str_radix(line.split(';').next().unwrap_or("").trim(), 16)
-                .map_err(|_| {
-                    io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        format!("bad chunk size {line:?}"),
-                    )
+            let line = read_line(r)?
+                .ok_or_else(|| io::Error::new(io::ErrorKind::UnexpectedEof, "EOF in chunked body"))?;
+            let size =
+                usize::from_str_radix(line.split(';').next().unwrap_or("").trim(), 16).map_err(|_| {
+                    io::Error::new(io::ErrorKind::InvalidData, format!("bad chunk size {line:?}"))
                 })?;
             if size == 0 {
                 // Trailers until the empty line.
@@ -321,12 +314,9 @@ fn read_body(r: &mut impl BufRead, headers: &Headers, until_eof: bool) -> io::Re
             read_line(r)?; // CRLF after the chunk
         }
     } else if let Some(len) = get("content-length") {
-        let len: usize = len.parse().map_err(|_| {
-            io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("bad content-length {len:?}"),
-            )
-        })?;
+        let len: usize = len
+            .parse()
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, format!("bad content-length {len:?}")))?;
         body.resize(len, 0);
         r.read_exact(&mut body)?;
     } else if until_eof {
@@ -351,7 +341,7 @@ fn reason(status: u16) -> &'static str {
     }
 }
 
-fn http_conn(s: TcpStream, name: &str) {
+fn http_conn(s: TcpStream, name: &str, delay: Duration) {
     let peer = addr_str(s.peer_addr());
     let Ok(mut w) = s.try_clone() else { return };
     let mut r = BufReader::new(s);
@@ -371,6 +361,12 @@ fn http_conn(s: TcpStream, name: &str) {
             version: parts.next().unwrap_or("HTTP/1.1").to_string(),
             headers,
         };
+        // curl and others wait (about a second) for this before sending a large body.
+        if req.header("expect").is_some_and(|v| v.eq_ignore_ascii_case("100-continue"))
+            && w.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").is_err()
+        {
+            return;
+        }
         let body = match read_body(&mut r, &req.headers, false) {
             Ok(b) => b,
             Err(e) => {
@@ -378,15 +374,8 @@ fn http_conn(s: TcpStream, name: &str) {
                 return;
             }
         };
-        emit(json!({"event": "request", "peer": peer, "method": req.method, "path": req.target}));
-        if let Some(ms) = req.query("delay_ms").and_then(|v| v.parse::<u64>().ok()) {
-            // A deliberately slow backend (for timeout tests), not a readiness wait.
-            thread::sleep(Duration::from_millis(ms));
-        }
-        let status = req
-            .query("status")
-            .and_then(|v| v.parse::<u16>().ok())
-            .unwrap_or(200);
+        let query = req.target.split_once('?').map(|(_, q)| q).unwrap_or("");
+        let body_sha256 = hex(&Sha256::digest(&body));
         let mut hdrs = Map::new();
         for (k, v) in &req.headers {
             let k = k.to_ascii_lowercase();
@@ -396,13 +385,35 @@ fn http_conn(s: TcpStream, name: &str) {
             };
             hdrs.insert(k, json!(merged));
         }
+        emit(json!({
+            "event": "request",
+            "peer": peer,
+            "method": req.method,
+            "path": req.target,
+            "version": req.version,
+            "query": query,
+            "headers": hdrs,
+            "raw_headers": req.headers,
+            "body_bytes": body.len(),
+            "body_sha256": body_sha256,
+        }));
+        if !delay.is_zero() {
+            thread::sleep(delay);
+        }
+        if let Some(ms) = req.query("delay_ms").and_then(|v| v.parse::<u64>().ok()) {
+            // A deliberately slow backend (for timeout tests), not a readiness wait.
+            thread::sleep(Duration::from_millis(ms));
+        }
+        let status = req.query("status").and_then(|v| v.parse::<u16>().ok()).unwrap_or(200);
         let resp_body = json!({
             "name": name,
             "peer": peer,
             "method": req.method,
             "path": req.target,
+            "query": query,
             "headers": hdrs,
             "body_bytes": body.len(),
+            "body_sha256": body_sha256,
         })
         .to_string();
         let keep = req.keep_alive();
@@ -412,10 +423,7 @@ fn http_conn(s: TcpStream, name: &str) {
             resp_body.len(),
             if keep { "" } else { "connection: close\r\n" }
         );
-        if w.write_all(head.as_bytes())
-            .and_then(|_| w.write_all(resp_body.as_bytes()))
-            .is_err()
-        {
+        if w.write_all(head.as_bytes()).and_then(|_| w.write_all(resp_body.as_bytes())).is_err() {
             return;
         }
         if !keep {
@@ -537,35 +545,18 @@ fn tcp_client(to: SocketAddr, send_bytes: u64, timeout: Duration) -> bool {
 }
 
 /// An HTTP response read from a connection.
-fn read_response(
-    r: &mut BufReader<TcpStream>,
-    request_closes: bool,
-) -> io::Result<(u16, Headers, Vec<u8>)> {
-    let (start, headers) = read_head(r)?.ok_or_else(|| {
-        io::Error::new(
-            io::ErrorKind::UnexpectedEof,
-            "connection closed before a response",
-        )
-    })?;
-    let status: u16 = start
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| {
-            io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("bad status line {start:?}"),
-            )
+fn read_response(r: &mut BufReader<TcpStream>, request_closes: bool) -> io::Result<(u16, Headers, Vec<u8>)> {
+    let (start, headers) = read_head(r)?
+        .ok_or_else(|| io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed before a response"))?;
+    let status: u16 =
+        start.split_whitespace().nth(1).and_then(|c| c.parse().ok()).ok_or_else(|| {
+            io::Error::new(io::ErrorKind::InvalidData, format!("bad status line {start:?}"))
         })?;
     let closes = request_closes
         || headers
             .iter()
             .any(|(k, v)| k.eq_ignore_ascii_case("connection") && v.eq_ignore_ascii_case("close"));
-    let body = if status == 204 || status == 304 {
-        Vec::new()
-    } else {
-        read_body(r, &headers, closes)?
-    };
+    let body = if status == 204 || status == 304 { Vec::new() } else { read_body(r, &headers, closes)? };
     Ok((status, headers, body))
 }
 
@@ -596,8 +587,7 @@ fn http_get(
                     conn = Some((BufReader::new(s), l, p));
                 }
                 Err(e) => {
-                    all_ok =
-                        fail(json!({"seq": seq, "to": to.to_string()}), "connect", &e) && all_ok;
+                    all_ok = fail(json!({"seq": seq, "to": to.to_string()}), "connect", &e) && all_ok;
                     continue;
                 }
             }
@@ -608,19 +598,14 @@ fn http_get(
             "GET {path} HTTP/1.1\r\nhost: {host}\r\nuser-agent: simpod\r\naccept: */*\r\n{extra_headers}{}\r\n",
             if keepalive { "" } else { "connection: close\r\n" }
         );
-        let res = r
-            .get_mut()
-            .write_all(req.as_bytes())
-            .and_then(|_| read_response(r, !keepalive));
+        let res = r.get_mut().write_all(req.as_bytes()).and_then(|_| read_response(r, !keepalive));
         match res {
             Ok((status, headers, body)) => {
-                let server_closes = headers.iter().any(|(k, v)| {
-                    k.eq_ignore_ascii_case("connection") && v.eq_ignore_ascii_case("close")
-                });
-                let hmap: BTreeMap<String, String> = headers
-                    .into_iter()
-                    .map(|(k, v)| (k.to_ascii_lowercase(), v))
-                    .collect();
+                let server_closes = headers
+                    .iter()
+                    .any(|(k, v)| k.eq_ignore_ascii_case("connection") && v.eq_ignore_ascii_case("close"));
+                let hmap: BTreeMap<String, String> =
+                    headers.into_iter().map(|(k, v)| (k.to_ascii_lowercase(), v)).collect();
                 let body_v = serde_json::from_slice::<Value>(&body)
                     .unwrap_or_else(|_| json!(String::from_utf8_lossy(&body).into_owned()));
                 emit(json!({
@@ -653,19 +638,11 @@ fn http_get(
 fn hold(to: SocketAddr, timeout: Duration) -> bool {
     let s = match TcpStream::connect_timeout(&to, timeout) {
         Ok(s) => s,
-        Err(e) => {
-            return fail(
-                json!({"event": "error", "to": to.to_string()}),
-                "connect",
-                &e,
-            )
-        }
+        Err(e) => return fail(json!({"event": "error", "to": to.to_string()}), "connect", &e),
     };
     // Idle time between stdin lines is unbounded; only the echo of a sent line is timed.
     let _ = s.set_read_timeout(Some(timeout));
-    emit(
-        json!({"event": "connected", "local": addr_str(s.local_addr()), "peer": addr_str(s.peer_addr())}),
-    );
+    emit(json!({"event": "connected", "local": addr_str(s.local_addr()), "peer": addr_str(s.peer_addr())}));
     let Ok(mut w) = s.try_clone() else {
         return false;
     };
@@ -703,10 +680,7 @@ fn ping_once(to: SocketAddr) -> Result<(Value, Value), (io::Error, Value, Value)
         let mut line = String::new();
         BufReader::new(&s).read_line(&mut line)?;
         if line != "ping\n" {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("unexpected reply {line:?}"),
-            ));
+            return Err(io::Error::new(io::ErrorKind::InvalidData, format!("unexpected reply {line:?}")));
         }
         Ok(())
     })();
