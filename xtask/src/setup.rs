@@ -21,6 +21,9 @@ const APT_PACKAGES: &[&str] = &[
     "tcpdump",
     "tshark",
     "openssl",
+    // L7 tests and benchmarks: HTTP/2 clients (nghttp, h2load) and an HTTP/1.1 load generator.
+    "nghttp2-client",
+    "wrk",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

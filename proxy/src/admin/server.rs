@@ -192,6 +192,12 @@ fn route(state: &AdminState, req: Request<Incoming>) -> Response<Full<Bytes>> {
         "/conns" => json(&state.conns.snapshot()),
         "/certs" => json(&state.certs.certs()),
         "/model" => json(&state.model.load().view()),
+        "/routes" => {
+            let only = req.uri().query().and_then(|q| {
+                form_urlencoded::parse(q.as_bytes()).find(|(k, _)| k == "service").map(|(_, v)| v.into_owned())
+            });
+            json(&super::routes::view(&state.model.load(), &state.data.l7.balancer, only.as_deref()))
+        }
         "/ready" => {
             if state.ready.load(Ordering::Acquire) {
                 text(StatusCode::OK, "ready\n")
@@ -199,7 +205,7 @@ fn route(state: &AdminState, req: Request<Incoming>) -> Response<Full<Bytes>> {
                 text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
             }
         }
-        other => text(StatusCode::NOT_FOUND, &format!("no such endpoint {other}; try /status, /pods, /conns, /certs, /model, /ready\n")),
+        other => text(StatusCode::NOT_FOUND, &format!("no such endpoint {other}; try /status, /pods, /conns, /certs, /model, /routes, /ready\n")),
     }
 }
 
