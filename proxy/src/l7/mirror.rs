@@ -79,8 +79,8 @@ pub fn spawn(ctx: &Arc<ConnCtx>, targets: Vec<MirrorTarget>, head: &request::Par
             let req = Request::from_parts(clone_head(&head), full_body(body.clone()));
             let dial = Dial { pod: &ctx.pod, dp: &ctx.dp, endpoint: t.endpoint, mesh_peer: t.mesh_peer, wire: ctx.wire };
             match ctx.dp.l7.upstreams.send(&dial, req).await {
-                Ok(resp) => {
-                    t.inflight.complete();
+                Ok((resp, dispatched)) => {
+                    t.inflight.complete(dispatched);
                     counters.mirrored.fetch_add(1, Ordering::Relaxed);
                     let _ = resp.into_body().collect().await;
                 }

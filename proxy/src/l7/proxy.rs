@@ -276,8 +276,8 @@ async fn forward(req: Request<Incoming>, ctx: &Arc<ConnCtx>, grpc: bool) -> Resu
         },
     };
     let mut resp = match result {
-        Ok(r) => {
-            inflight.complete();
+        Ok((r, dispatched)) => {
+            inflight.complete(dispatched);
             r
         }
         Err(e) => {

@@ -121,15 +121,18 @@ struct IdleH1 {
 }
 
 impl Upstreams {
-    /// Sends `req` to the endpoint, on a pooled connection when one is ready.
-    pub async fn send(self: &Arc<Self>, d: &Dial<'_>, req: Request<Body>) -> Result<Response<Incoming>, UpstreamError> {
+    /// Sends `req` to the endpoint, on a pooled connection when one is ready. Returns the
+    /// response head and when the request was handed to a ready connection (so the latency the
+    /// balancer learns excludes connection set-up: a TCP and TLS handshake is not the
+    /// endpoint being slow).
+    pub async fn send(self: &Arc<Self>, d: &Dial<'_>, req: Request<Body>) -> Result<(Response<Incoming>, Instant), UpstreamError> {
         match d.wire {
             Wire::Http1 => self.send_h1(d, req).await,
             Wire::Http2 => self.send_h2(d, req).await,
         }
     }
 
-    async fn send_h1(self: &Arc<Self>, d: &Dial<'_>, req: Request<Body>) -> Result<Response<Incoming>, UpstreamError> {
+    async fn send_h1(self: &Arc<Self>, d: &Dial<'_>, req: Request<Body>) -> Result<(Response<Incoming>, Instant), UpstreamError> {
         let key = Key { src_pod: d.pod.pod_id, endpoint: d.endpoint, wire: Wire::Http1 };
         let (mut sender, reused) = match self.checkout_h1(&key) {
             Some(s) => (s, true),
@@ -138,6 +141,7 @@ impl Upstreams {
         // A request with no body on a reused connection can be sent again if the connection
         // turns out to be closing (the server's FIN crossed our request): keep a copy.
         let replay = (reused && is_replayable(&req)).then(|| copy_head(&req));
+        let mut dispatched = Instant::now();
         let result = sender.try_send_request(req).await;
         let result = match result {
             Ok(resp) => Ok(resp),
@@ -152,6 +156,7 @@ impl Upstreams {
                         self.counters.retried_on_fresh_connection.fetch_add(1, Ordering::Relaxed);
                         debug!(endpoint = %d.endpoint, error = %err, "pooled connection was closing; sending on a new one");
                         sender = self.connect_h1(d, false).await?;
+                        dispatched = Instant::now();
                         sender.send_request(req).await
                     }
                     _ => Err(err),
@@ -167,7 +172,7 @@ impl Upstreams {
                 pool.checkin_h1(key, sender);
             }
         });
-        Ok(resp)
+        Ok((resp, dispatched))
     }
 
     fn checkout_h1(&self, key: &Key) -> Option<http1::SendRequest<Body>> {
@@ -214,7 +219,7 @@ impl Upstreams {
         Ok(sender)
     }
 
-    async fn send_h2(&self, d: &Dial<'_>, req: Request<Body>) -> Result<Response<Incoming>, UpstreamError> {
+    async fn send_h2(&self, d: &Dial<'_>, req: Request<Body>) -> Result<(Response<Incoming>, Instant), UpstreamError> {
         let key = Key { src_pod: d.pod.pod_id, endpoint: d.endpoint, wire: Wire::Http2 };
         let pooled = self.h2.lock().unwrap_or_else(|p| p.into_inner()).get(&key).filter(|s| !s.is_closed()).cloned();
         let (mut sender, reused) = match pooled {
@@ -224,15 +229,21 @@ impl Upstreams {
         if reused {
             self.counters.reused.fetch_add(1, Ordering::Relaxed);
         }
+        let dispatched = Instant::now();
         match sender.try_send_request(req).await {
-            Ok(resp) => Ok(resp),
+            Ok(resp) => Ok((resp, dispatched)),
             Err(mut e) => match e.take_message() {
                 // The connection went away before the request was written (GOAWAY, reset):
                 // one more try on a fresh connection.
                 Some(req) if reused => {
                     self.counters.retried_on_fresh_connection.fetch_add(1, Ordering::Relaxed);
                     let mut fresh = self.connect_h2(d, &key).await?;
-                    fresh.send_request(req).await.map_err(|source| UpstreamError::Request { endpoint: d.endpoint, source })
+                    let dispatched = Instant::now();
+                    let resp = fresh
+                        .send_request(req)
+                        .await
+                        .map_err(|source| UpstreamError::Request { endpoint: d.endpoint, source })?;
+                    Ok((resp, dispatched))
                 }
                 _ => Err(UpstreamError::Request { endpoint: d.endpoint, source: e.into_error() }),
             },
@@ -263,9 +274,11 @@ impl Upstreams {
 
     /// Sends a request that asks to leave HTTP (an Upgrade, e.g. WebSocket, or CONNECT) on a
     /// connection of its own, which then belongs to the upgraded stream.
-    pub async fn send_upgrade(&self, d: &Dial<'_>, req: Request<Body>) -> Result<Response<Incoming>, UpstreamError> {
+    pub async fn send_upgrade(&self, d: &Dial<'_>, req: Request<Body>) -> Result<(Response<Incoming>, Instant), UpstreamError> {
         let mut sender = self.connect_h1(d, true).await?;
-        sender.send_request(req).await.map_err(|source| UpstreamError::Request { endpoint: d.endpoint, source })
+        let dispatched = Instant::now();
+        let resp = sender.send_request(req).await.map_err(|source| UpstreamError::Request { endpoint: d.endpoint, source })?;
+        Ok((resp, dispatched))
     }
 
     /// Opens the byte stream to the endpoint: through the HBONE tunnel for an enrolled pod

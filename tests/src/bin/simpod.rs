@@ -189,6 +189,7 @@ fn serve(bind: &str, port: u16, handler: impl Fn(TcpStream) + Send + Clone + 'st
     for conn in listener.incoming() {
         match conn {
             Ok(stream) => {
+                let _ = stream.set_nodelay(true);
                 let h = handler.clone();
                 thread::spawn(move || h(stream));
             }
@@ -423,7 +424,11 @@ fn http_conn(s: TcpStream, name: &str, delay: Duration) {
             resp_body.len(),
             if keep { "" } else { "connection: close\r\n" }
         );
-        if w.write_all(head.as_bytes()).and_then(|_| w.write_all(resp_body.as_bytes())).is_err() {
+        // One write for head and body, as real servers do: two small writes on a Nagle socket
+        // stall on the peer's delayed ACK (40 ms) once a connection is long-lived.
+        let mut response = head.into_bytes();
+        response.extend_from_slice(resp_body.as_bytes());
+        if w.write_all(&response).is_err() {
             return;
         }
         if !keep {
