@@ -1,4 +1,5 @@
-//! The node-local admin CLI: `sluice status`, `sluice pods`, `sluice conns`.
+//! The node-local admin CLI: `sluice status`, `sluice pods`, `sluice conns`, `sluice certs`
+//! (and `sluice certs request`).
 //!
 //! It talks to the admin API of the sluice on this node, over TCP (127.0.0.1:15000 by default,
 //! reachable from the node's network namespace) or over the unix socket of a named node.
@@ -16,7 +17,7 @@ use serde::de::DeserializeOwned;
 
 use crate::{
     admin::api::{ConnView, PodView, StatusView},
-    identity::CertView,
+    identity::{CertRequestView, CertView},
 };
 
 /// Where the admin API is.
@@ -59,6 +60,13 @@ pub fn get<T: DeserializeOwned>(ep: &AdminEndpoint, path: &str) -> Result<T> {
 }
 
 fn get_raw(ep: &AdminEndpoint, path: &str) -> Result<Vec<u8>> {
+    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    let response = exchange(ep, &request)?;
+    parse_response(&response).with_context(|| format!("GET {path} from {}", ep.describe()))
+}
+
+/// Sends one whole HTTP/1.1 request (`Connection: close`) and returns the raw response.
+fn exchange(ep: &AdminEndpoint, request: &str) -> Result<Vec<u8>> {
     let not_running = |e: std::io::Error| {
         anyhow!(
             "cannot reach sluice's admin API at {} ({e}). Is sluice running on this node? \
@@ -66,7 +74,6 @@ fn get_raw(ep: &AdminEndpoint, path: &str) -> Result<Vec<u8>> {
             ep.describe()
         )
     };
-    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
     let mut response = Vec::new();
     match ep {
         AdminEndpoint::Tcp(addr) => {
@@ -82,11 +89,20 @@ fn get_raw(ep: &AdminEndpoint, path: &str) -> Result<Vec<u8>> {
             s.read_to_end(&mut response)?;
         }
     }
-    parse_response(&response).with_context(|| format!("GET {path} from {}", ep.describe()))
+    Ok(response)
 }
 
 /// Minimal HTTP/1.1 response parsing: status line, headers, content-length or chunked body.
 fn parse_response(raw: &[u8]) -> Result<Vec<u8>> {
+    let (code, status_line, body) = split_response(raw)?;
+    if code != 200 {
+        bail!("admin API answered {status_line}: {}", String::from_utf8_lossy(&body).trim());
+    }
+    Ok(body)
+}
+
+/// The status code, status line and (de-chunked) body of a response.
+fn split_response(raw: &[u8]) -> Result<(u16, String, Vec<u8>)> {
     let split = raw
         .windows(4)
         .position(|w| w == b"\r\n\r\n")
@@ -101,10 +117,7 @@ fn parse_response(raw: &[u8]) -> Result<Vec<u8>> {
         l.starts_with("transfer-encoding:") && l.contains("chunked")
     });
     let body = if chunked { dechunk(body)? } else { body.to_vec() };
-    if code != 200 {
-        bail!("admin API answered {status_line}: {}", String::from_utf8_lossy(&body).trim());
-    }
-    Ok(body)
+    Ok((code, status_line.to_string(), body))
 }
 
 fn dechunk(mut body: &[u8]) -> Result<Vec<u8>> {
@@ -201,7 +214,7 @@ pub fn conns(ep: &AdminEndpoint, out: Output) -> Result<String> {
         return Ok("no open connections\n".into());
     }
     Ok(table(
-        &["ID", "DIR", "SOURCE POD", "SOURCE", "DESTINATION", "SERVICE", "ENDPOINT", "SECURITY", "PEER IDENTITY", "SENT", "RECEIVED", "AGE"],
+        &["ID", "DIR", "PROTO", "SOURCE POD", "SOURCE", "DESTINATION", "SERVICE", "ENDPOINT", "SECURITY", "PEER IDENTITY", "SENT", "RECEIVED", "AGE"],
         conns
             .iter()
             .map(|c| {
@@ -211,11 +224,17 @@ pub fn conns(ep: &AdminEndpoint, out: Output) -> Result<String> {
                         crate::conns::Direction::Outbound => "out".into(),
                         crate::conns::Direction::Inbound => "in".into(),
                     },
+                    c.protocol.clone(),
                     c.source_pod.clone(),
                     c.source_addr.to_string(),
                     c.original_dst.to_string(),
                     c.service.clone().unwrap_or_else(|| "-".into()),
-                    c.endpoint.to_string(),
+                    if c.protocol == "tcp" {
+                        c.endpoint.to_string()
+                    } else {
+                        // HTTP: every request picks its own endpoint (see `sluice routes`).
+                        format!("per request ({} so far)", c.requests)
+                    },
                     c.security.clone(),
                     c.peer_identity.clone().unwrap_or_else(|| "-".into()),
                     human_bytes(c.bytes_sent),
@@ -253,6 +272,48 @@ pub fn certs(ep: &AdminEndpoint, out: Output) -> Result<String> {
                 ]
             })
             .collect(),
+    ))
+}
+
+/// `sluice certs request SPIFFE_ID`: asks the node's CA for a certificate for `identity` without
+/// installing it. Returns what to print, and the refusal (the command then exits non-zero).
+pub fn cert_request(ep: &AdminEndpoint, identity: &str, out: Output) -> Result<(String, Option<String>)> {
+    let body = serde_json::to_string(&serde_json::json!({ "identity": identity }))?;
+    let request = format!(
+        "POST /certs/request HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let raw = exchange(ep, &request)?;
+    let (code, status_line, body) =
+        split_response(&raw).with_context(|| format!("POST /certs/request to {}", ep.describe()))?;
+    let view: CertRequestView = match serde_json::from_slice(&body) {
+        Ok(v) => v,
+        // Not a decision of the CA (a malformed identity, an older sluice): say what came back.
+        Err(_) => bail!("admin API answered {status_line}: {}", String::from_utf8_lossy(&body).trim()),
+    };
+    let refusal = (code != 200 || !view.issued).then(|| {
+        match &view.reason {
+            Some(reason) => format!("the CA refused: {reason}"),
+            None => format!("the CA refused a certificate for {} on node {} ({status_line})", view.identity, view.node),
+        }
+    });
+    if out == Output::Json {
+        return Ok((serde_json::to_string_pretty(&view)? + "\n", refusal));
+    }
+    if refusal.is_some() {
+        return Ok((String::new(), refusal));
+    }
+    Ok((
+        format!(
+            "node {} would get a certificate for {}: serial {}, valid {} to {} (checked with the CA, not installed)\n",
+            view.node,
+            view.identity,
+            view.serial.as_deref().unwrap_or("-"),
+            view.not_before.as_deref().unwrap_or("-"),
+            view.not_after.as_deref().unwrap_or("-"),
+        ),
+        None,
     ))
 }
 

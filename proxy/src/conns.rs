@@ -72,7 +72,9 @@ pub struct ConnView {
     pub original_dst: SocketAddr,
     pub service: Option<String>,
     pub endpoint: SocketAddr,
+    #[serde(default)]
     pub protocol: String,
+    #[serde(default)]
     pub requests: u64,
     pub bytes_sent: u64,
     pub bytes_received: u64,
