@@ -2,7 +2,8 @@
 //! processes) with a client and three web backends behind a Service in an enrolled namespace,
 //! spread over both nodes, plus a pod in a namespace that is not enrolled. sluice runs on each
 //! node; real curl sends traffic (mutual TLS between the pods' identities, same node and
-//! across); then the CLI shows what each sluice saw.
+//! across), then an HTTPRoute splits one keep-alive connection's requests per request; then
+//! the CLI shows what each sluice saw.
 
 use std::time::Duration;
 
@@ -67,6 +68,29 @@ pub fn run(keep: bool) -> Result<()> {
         );
     }
 
+    step("L7: an HTTPRoute on shop/web (header x-canary: yes → web-2; everything else 80/20 stable/canary)");
+    sim.write_service("shop", "web-stable", "10.96.0.11", &[("http", 80, 8080)], &[&backends[0], &backends[1]])?;
+    sim.write_service("shop", "web-canary", "10.96.0.12", &[("http", 80, 8080)], &[&backends[2]])?;
+    let generation = s1.get_json("/model")?["generation"].as_u64().unwrap_or(0);
+    sim.write_file("route-web.yaml", CANARY_ROUTE)?;
+    s1.wait_for("/model", |m| m["generation"].as_u64().unwrap_or(0) > generation && m["routes"].as_array().is_some_and(|r| !r.is_empty()), T)?;
+    for (what, header) in [("100 requests on one keep-alive connection", None), ("20 requests with x-canary: yes", Some("x-canary: yes"))] {
+        let count = if header.is_some() { "20" } else { "100" };
+        let mut args = vec!["http-get", "--to", "10.96.0.10:80", "--count", count, "--keepalive"];
+        if let Some(h) = header {
+            args.extend(["--header", h]);
+        }
+        let out = client.run_simpod_timeout(&args, T)?;
+        let mut by: std::collections::BTreeMap<String, usize> = Default::default();
+        for line in out.json_lines()? {
+            *by.entry(line["body"]["name"].as_str().unwrap_or("error").to_string()).or_default() += 1;
+        }
+        println!("  {what}: {by:?}");
+    }
+    step("node-1: sluice routes shop/web");
+    let out = s1.cli(&["routes", "shop/web"])?;
+    print!("{}", indent(&out.stdout));
+
     step("legacy/outsider (not in the mesh): plaintext curl to web-0's pod IP, captured and allowed (PERMISSIVE)");
     let out = outsider.run_timeout(["curl", "-sS", "--max-time", "5", &format!("http://{}:8080/", backends[0].ip())], T)?;
     println!("  {}", out.stdout.trim());
@@ -114,6 +138,24 @@ pub fn run(keep: bool) -> Result<()> {
     }
     Ok(())
 }
+
+/// The demo's canary route (Gateway API for meshes: the parentRef is the Service).
+const CANARY_ROUTE: &str = r#"apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata:
+  name: web-canary
+  namespace: shop
+spec:
+  parentRefs:
+  - {group: "", kind: Service, name: web, port: 80}
+  rules:
+  - matches:
+    - headers: [{name: x-canary, value: "yes"}]
+    backendRefs: [{name: web-canary, port: 80}]
+  - backendRefs:
+    - {name: web-stable, port: 80, weight: 80}
+    - {name: web-canary, port: 80, weight: 20}
+"#;
 
 fn step(what: &str) {
     println!("\n== {what}");
