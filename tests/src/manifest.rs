@@ -139,6 +139,25 @@ pub fn service(
     vec![service, slice]
 }
 
+/// Sets `appProtocol` on the port named `port_name` of a Service and its EndpointSlice, as
+/// [`service`] renders them (the documents are returned for chaining). Ports of other names
+/// are left alone; a name no port has changes nothing.
+pub fn with_app_protocol(mut docs: Vec<Value>, port_name: &str, app_protocol: &str) -> Vec<Value> {
+    for doc in &mut docs {
+        let ports = match doc["kind"].as_str() {
+            Some("Service") => doc["spec"]["ports"].as_array_mut(),
+            Some("EndpointSlice") => doc["ports"].as_array_mut(),
+            _ => None,
+        };
+        for p in ports.into_iter().flatten() {
+            if p["name"] == port_name {
+                p["appProtocol"] = json!(app_protocol);
+            }
+        }
+    }
+    docs
+}
+
 /// Renders documents as (multi-document) YAML.
 pub fn to_yaml(docs: &[Value]) -> Result<String> {
     let mut out = String::new();
@@ -190,6 +209,16 @@ mod tests {
         assert_eq!(docs[1]["endpoints"][0]["addresses"][0], "10.244.1.10");
         assert_eq!(docs[1]["endpoints"][0]["conditions"]["ready"], true);
         assert_eq!(docs[1]["ports"][0]["port"], 8080);
+    }
+
+    #[test]
+    fn app_protocol_on_the_named_port_of_service_and_slice() {
+        let ports = [("a", 80, 8080), ("b", 81, 8081)];
+        let docs = with_app_protocol(service("shop", "web", "10.96.0.10", &ports, &[]), "b", "kubernetes.io/h2c");
+        assert_eq!(docs[0]["spec"]["ports"][1]["appProtocol"], "kubernetes.io/h2c");
+        assert_eq!(docs[1]["ports"][1]["appProtocol"], "kubernetes.io/h2c");
+        assert!(docs[0]["spec"]["ports"][0].get("appProtocol").is_none());
+        assert!(docs[1]["ports"][0].get("appProtocol").is_none());
     }
 
     #[test]

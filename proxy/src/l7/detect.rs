@@ -103,8 +103,12 @@ fn from_port_name(name: &str) -> Option<Hint> {
 /// Reads what the client sends first and decides. Returns the protocol and the bytes read,
 /// which the caller must send on before anything else.
 pub async fn detect(stream: &mut TcpStream, hint: Hint, timeout: Duration) -> (Protocol, Bytes) {
-    if hint == Hint::Opaque {
-        return (Protocol::Opaque, Bytes::new());
+    match hint {
+        Hint::Opaque => return (Protocol::Opaque, Bytes::new()),
+        // Pinned to HTTP/2: the h2 server itself checks the preface (and answers anything
+        // else with a connection error), so there is nothing to read here.
+        Hint::Http2 => return (Protocol::Http2, Bytes::new()),
+        Hint::Http | Hint::Sniff => {}
     }
     let mut buf = BytesMut::with_capacity(SNIFF_BUF);
     let deadline = tokio::time::Instant::now() + timeout;
@@ -142,9 +146,22 @@ enum Verdict {
     NeedMore,
 }
 
-/// Decides from the first bytes. HTTP/2 needs the exact preface; HTTP/1 needs a method token
-/// (upper-case letters, as every registered method is) followed by a space: the rest of the
-/// request line is the HTTP parser's business (a malformed one gets 400 from it, not a pipe).
+/// HTTP methods recognised when sniffing (the IANA registry's, sorted): a request line must
+/// start with one of them and a space. Restricting to registered methods keeps text protocols
+/// that happen to start with an upper-case word (`HELLO x`, an inline Redis `SET k v`) opaque;
+/// on a port pinned to HTTP, anything else still goes to the HTTP parser, which answers 400.
+const METHODS: &[&[u8]] = &[
+    b"ACL", b"BASELINE-CONTROL", b"BIND", b"CHECKIN", b"CHECKOUT", b"CONNECT", b"COPY", b"DELETE", b"GET",
+    b"HEAD", b"LABEL", b"LINK", b"LOCK", b"M-SEARCH", b"MERGE", b"MKACTIVITY", b"MKCALENDAR", b"MKCOL",
+    b"MKREDIRECTREF", b"MKWORKSPACE", b"MOVE", b"NOTIFY", b"OPTIONS", b"ORDERPATCH", b"PATCH", b"POST", b"PRI",
+    b"PROPFIND", b"PROPPATCH", b"PURGE", b"PUT", b"QUERY", b"REBIND", b"REPORT", b"SEARCH", b"SUBSCRIBE",
+    b"TRACE", b"UNBIND", b"UNCHECKOUT", b"UNLINK", b"UNLOCK", b"UNSUBSCRIBE", b"UPDATE", b"UPDATEREDIRECTREF",
+    b"VERSION-CONTROL",
+];
+
+/// Decides from the first bytes. HTTP/2 needs the exact preface; HTTP/1 needs a registered
+/// method followed by a space: the rest of the request line is the HTTP parser's business (a
+/// malformed one gets 400 from it, not a pipe).
 fn classify(b: &[u8]) -> Verdict {
     if b.is_empty() {
         return Verdict::NeedMore;
@@ -156,14 +173,18 @@ fn classify(b: &[u8]) -> Verdict {
     for (i, c) in b.iter().enumerate().take(MAX_METHOD + 1) {
         match c {
             b'A'..=b'Z' | b'-' | b'_' => {}
-            b' ' if i > 0 => return Verdict::Is(Protocol::Http1),
+            b' ' if i > 0 => {
+                return if METHODS.binary_search(&&b[..i]).is_ok() { Verdict::Is(Protocol::Http1) } else { Verdict::NotHttp }
+            }
             _ => return Verdict::NotHttp,
         }
     }
     if b.len() > MAX_METHOD {
         Verdict::NotHttp
-    } else {
+    } else if METHODS.iter().any(|m| m.starts_with(b)) {
         Verdict::NeedMore
+    } else {
+        Verdict::NotHttp
     }
 }
 
@@ -178,6 +199,11 @@ mod tests {
         assert_eq!(classify(b"POST /x"), Verdict::Is(Protocol::Http1));
         assert_eq!(classify(b"M-SEARCH * HTTP/1.1"), Verdict::Is(Protocol::Http1));
         assert_eq!(classify(b"GE"), Verdict::NeedMore);
+        // Unregistered upper-case words are not HTTP (an inline Redis command, a greeting).
+        assert_eq!(classify(b"SET key value\r\n"), Verdict::NotHttp);
+        assert_eq!(classify(b"HELLO world"), Verdict::NotHttp);
+        assert_eq!(classify(b"XY"), Verdict::NotHttp);
+        assert!(METHODS.windows(2).all(|w| w[0] < w[1]), "METHODS must stay sorted");
         assert_eq!(classify(H2_PREFACE), Verdict::Is(Protocol::Http2));
         assert_eq!(classify(&H2_PREFACE[..10]), Verdict::NeedMore);
         // "PRI" followed by anything but the preface is an HTTP/1 method token.

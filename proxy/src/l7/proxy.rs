@@ -286,13 +286,17 @@ async fn forward(req: Request<Incoming>, ctx: &Arc<ConnCtx>, grpc: bool) -> Resu
         }
     };
 
+    let mut upgraded = false;
     if let Some(client_upgrade) = client_upgrade {
         if is_upgraded(&resp) {
+            upgraded = true;
             ctx.dp.l7.counters.upgrades.fetch_add(1, Ordering::Relaxed);
             bridge_upgrade(client_upgrade, hyper::upgrade::on(&mut resp), ctx.pod.key.clone(), endpoint);
         }
     }
-    strip_hop_by_hop(resp.headers_mut(), false);
+    // A 101 must keep `Upgrade` and `Connection: upgrade` (RFC 9110 §7.8): the client checks
+    // them before it switches protocols.
+    strip_hop_by_hop(resp.headers_mut(), upgraded);
     for m in &plan.response_filters {
         filters::modify_headers(resp.headers_mut(), m);
     }
