@@ -292,11 +292,12 @@ pub fn cert_request(ep: &AdminEndpoint, identity: &str, out: Output) -> Result<(
         // Not a decision of the CA (a malformed identity, an older sluice): say what came back.
         Err(_) => bail!("admin API answered {status_line}: {}", String::from_utf8_lossy(&body).trim()),
     };
-    let refusal = (code != 200 || !view.issued).then(|| {
-        match &view.reason {
-            Some(reason) => format!("the CA refused: {reason}"),
-            None => format!("the CA refused a certificate for {} on node {} ({status_line})", view.identity, view.node),
-        }
+    let refusal = (code != 200 || !view.issued).then(|| match &view.reason {
+        Some(reason) => format!("the CA refused: {reason}"),
+        None => format!(
+            "the CA refused a certificate for {} on node {} ({status_line})",
+            view.identity, view.node
+        ),
     });
     if out == Output::Json {
         return Ok((serde_json::to_string_pretty(&view)? + "\n", refusal));

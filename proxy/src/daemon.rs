@@ -17,7 +17,10 @@ use tokio::io::unix::AsyncFd;
 use tracing::{error, info, warn};
 
 use crate::{
-    admin::server::{self, AdminState},
+    admin::{
+        health,
+        server::{self, AdminState},
+    },
     conns::ConnRegistry,
     discovery::{self, Model},
     enroll::Enroller,
@@ -38,6 +41,8 @@ pub struct RunArgs {
     pub cgroup_root: PathBuf,
     pub fail_mode: FailMode,
     pub admin_addr: std::net::SocketAddr,
+    /// The kubelet's readiness endpoint (`GET /healthz/ready`), default 0.0.0.0:15021.
+    pub readiness_addr: std::net::SocketAddr,
     pub admin_socket: PathBuf,
     pub bpffs: PathBuf,
     pub connect_timeout: Duration,
@@ -173,7 +178,7 @@ pub fn run(args: RunArgs) -> Result<()> {
         inbound,
         data: dp,
     });
-    start_admin_thread(&args, admin.clone(), redirector.clone(), logger, control_tx)?;
+    let readiness = start_admin_thread(&args, admin.clone(), redirector.clone(), logger, control_tx)?;
 
     enroller.reconcile(&model.load());
     admin.ready.store(true, Ordering::Release);
@@ -182,6 +187,7 @@ pub fn run(args: RunArgs) -> Result<()> {
         kubepods = %kubepods.display(),
         fail_mode = ?args.fail_mode,
         admin = %args.admin_addr,
+        readiness = %args.readiness_addr,
         admin_socket = %args.admin_socket.display(),
         startup_ms = started.elapsed().as_millis() as u64,
         "sluice ready"
@@ -200,6 +206,8 @@ pub fn run(args: RunArgs) -> Result<()> {
     // (its listeners share our ports and queued connections migrate to them), else pass
     // through (fail-open) or are refused (fail-closed); open connections finish first.
     admin.ready.store(false, Ordering::Release);
+    // Probes of the readiness port now reach a successor, if any (or are refused).
+    readiness.close("draining");
     let successor = !redirector.is_owner();
     redirector.mark_dead();
     enroller.stop_accepting();
@@ -233,14 +241,15 @@ pub fn run(args: RunArgs) -> Result<()> {
     Ok(())
 }
 
-/// The admin API, the heartbeat, the eBPF log reader and signal handling, on one small runtime.
+/// The admin API, the readiness endpoint, the heartbeat, the eBPF log reader and signal
+/// handling, on one small runtime. Returns the handle that closes the readiness listener.
 fn start_admin_thread(
     args: &RunArgs,
     admin: Arc<AdminState>,
     redirector: Arc<Redirector>,
     logger: aya_log::EbpfLogger<&'static dyn log::Log>,
     control: mpsc::Sender<Control>,
-) -> Result<()> {
+) -> Result<health::Readiness> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -267,6 +276,21 @@ fn start_admin_thread(
             .with_context(|| format!("binding the admin socket {}", path.display()))?;
         (l, path)
     };
+    // Readiness (15021): shared with a successor during an upgrade (SO_REUSEPORT); see health.rs.
+    let readiness_listener = health::bind(args.readiness_addr).with_context(|| {
+        format!("binding the readiness endpoint on {} (--readiness-addr)", args.readiness_addr)
+    })?;
+    let (readiness, readiness_closed) = health::channel();
+    let probe = health::Probe {
+        ready: {
+            let admin = admin.clone();
+            Arc::new(move || admin.ready.load(Ordering::Acquire))
+        },
+        superseded: {
+            let redirector = redirector.clone();
+            Arc::new(move || !redirector.is_owner())
+        },
+    };
     let admin_addr = args.admin_addr;
     std::thread::Builder::new()
         .name("sluice-admin".into())
@@ -275,11 +299,12 @@ fn start_admin_thread(
                 tokio::spawn(heartbeat(redirector));
                 tokio::spawn(forward_ebpf_logs(logger));
                 tokio::spawn(signals(control));
+                tokio::spawn(health::serve(readiness_listener, probe, readiness_closed));
                 server::serve(admin, tcp, admin_addr, Some(unix)).await;
             })
         })
         .context("starting the admin thread")?;
-    Ok(())
+    Ok(readiness)
 }
 
 /// Closes idle upstream connections past their time, and forgets the load state of endpoints

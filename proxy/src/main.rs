@@ -29,7 +29,7 @@ enum Command {
     /// Live connections: source pod, original destination, endpoint, mTLS peer identity, bytes, age.
     Conns(AdminFlags),
     /// Workload certificates held on this node: identity, serial, validity, next renewal.
-    Certs(AdminFlags),
+    Certs(CertsFlags),
     /// Effective routes per Service port: rules in precedence order, weighted backends, and
     /// each endpoint's current peak-EWMA latency.
     Routes {
@@ -48,6 +48,25 @@ enum Command {
         node: String,
         #[arg(long, default_value = "/sys/fs/bpf")]
         bpffs: PathBuf,
+    },
+}
+
+#[derive(Args)]
+struct CertsFlags {
+    #[command(subcommand)]
+    action: Option<CertsAction>,
+    #[command(flatten)]
+    admin: AdminFlags,
+}
+
+#[derive(Subcommand)]
+enum CertsAction {
+    /// Ask this node's CA for a certificate for SPIFFE_ID, as sluice would for a pod of that
+    /// identity, without installing it: would this node get one? Exits non-zero on refusal.
+    Request {
+        /// e.g. spiffe://cluster.local/ns/shop/sa/web
+        #[arg(value_name = "SPIFFE_ID")]
+        identity: String,
     },
 }
 
@@ -112,6 +131,10 @@ struct RunFlags {
     /// Admin API address (node-local).
     #[arg(long, default_value = "127.0.0.1:15000")]
     admin_addr: SocketAddr,
+    /// Readiness endpoint for the kubelet (GET /healthz/ready: 200 ready, 503 not); shared
+    /// with a successor process during an upgrade (SO_REUSEPORT).
+    #[arg(long, default_value = "0.0.0.0:15021")]
+    readiness_addr: SocketAddr,
     /// Admin API unix socket [default: /run/sluice/<node>/admin.sock].
     #[arg(long)]
     admin_socket: Option<PathBuf>,
@@ -171,13 +194,13 @@ enum LogFormat {
 #[derive(Args)]
 struct AdminFlags {
     /// Output format.
-    #[arg(short = 'o', long = "output", value_enum, default_value_t = Output::Table)]
+    #[arg(short = 'o', long = "output", value_enum, default_value_t = Output::Table, global = true)]
     output: Output,
     /// Admin API: http://HOST:PORT or a unix socket path [default: http://127.0.0.1:15000].
-    #[arg(long, env = "SLUICE_ADMIN")]
+    #[arg(long, env = "SLUICE_ADMIN", global = true)]
     admin: Option<String>,
     /// Reach the sluice of node NAME through its unix socket /run/sluice/NAME/admin.sock.
-    #[arg(long, conflicts_with = "admin")]
+    #[arg(long, conflicts_with = "admin", global = true)]
     node: Option<String>,
 }
 
@@ -194,7 +217,13 @@ fn main() -> ExitCode {
         Command::Status(a) => print(cli::status(&a.endpoint(), a.output)),
         Command::Pods(a) => print(cli::pods(&a.endpoint(), a.output)),
         Command::Conns(a) => print(cli::conns(&a.endpoint(), a.output)),
-        Command::Certs(a) => print(cli::certs(&a.endpoint(), a.output)),
+        Command::Certs(CertsFlags { action: None, admin: a }) => print(cli::certs(&a.endpoint(), a.output)),
+        Command::Certs(CertsFlags { action: Some(CertsAction::Request { identity }), admin: a }) => {
+            cli::cert_request(&a.endpoint(), &identity, a.output).and_then(|(out, refused)| {
+                print!("{out}");
+                refused.map_or(Ok(()), |r| Err(anyhow::anyhow!(r)))
+            })
+        }
         Command::Routes { service, admin } => print(cli::routes(&admin.endpoint(), service.as_deref(), admin.output)),
         Command::Ca(CaCommand::Init { dir, trust_domain, force }) => {
             sluice::identity::ca_init(&dir, &trust_domain, force).map_err(Into::into).map(|(c, k)| {
@@ -236,6 +265,7 @@ fn run(f: RunFlags) -> Result<()> {
         cgroup_root: f.cgroup_root,
         fail_mode: if f.fail_closed { FailMode::Closed } else { FailMode::Open },
         admin_addr: f.admin_addr,
+        readiness_addr: f.readiness_addr,
         admin_socket,
         bpffs: f.bpffs,
         connect_timeout: Duration::from_millis(f.connect_timeout_ms),

@@ -182,12 +182,27 @@ fn daemonset_is_least_privilege_and_runs_everywhere() -> Result<()> {
         }
     }
 
-    // Probes through the admin socket, which belongs to the newest sluice on the node.
-    let ready = strings(&c["readinessProbe"]["exec"]["command"]).join(" ");
+    // Readiness: HTTP on the node's port 15021, which sluice serves (--readiness-addr) and
+    // hands over to the newest process during an upgrade.
+    let ready = &c["readinessProbe"]["httpGet"];
     ensure!(
-        ready.contains("sluice status --node \"$NODE_NAME\"") && ready.contains("\"ready\""),
-        "readiness asks the node's newest sluice whether it is ready: {ready}"
+        ready["path"] == "/healthz/ready" && ready["port"] == 15021,
+        "readiness is GET /healthz/ready on port 15021: {:?}",
+        c["readinessProbe"]
     );
+    ensure!(
+        strings(&c["args"]).iter().any(|a| a == "--readiness-addr=0.0.0.0:15021"),
+        "sluice must serve readiness where the probe asks: {:?}",
+        c["args"]
+    );
+    // minReadySeconds must span at least one probe after the first success (see the DaemonSet).
+    let period = c["readinessProbe"]["periodSeconds"].as_u64().unwrap_or(10);
+    ensure!(
+        ds["spec"]["minReadySeconds"].as_u64().is_some_and(|m| m > period)
+            && c["readinessProbe"]["failureThreshold"] == 1,
+        "minReadySeconds > readiness periodSeconds, failureThreshold 1"
+    );
+    // Liveness through the admin socket: sluice answers at all (15021 closes while draining).
     let live = strings(&c["livenessProbe"]["exec"]["command"]).join(" ");
     ensure!(live.contains("sluice status --node \"$NODE_NAME\""), "liveness: {live}");
 

@@ -308,11 +308,22 @@ fn malformed_manifests_keep_last_good_state() -> Result<()> {
     let svc_file = "svc-shop-web.yaml";
 
     // Bad YAML in the Service's file: its previous content stays in force.
-    w.sim.write_file(svc_file, "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop\nspec: [\n")?;
+    let bad_yaml = "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop\nspec: [\n";
+    // What the YAML parser says about it ("did not find expected ',' or '}' at line 4 column
+    // 5, while parsing a flow mapping at line 3 column 11"): the log line must carry it.
+    let yaml_error = serde_yaml::from_str::<serde_yaml::Value>(bad_yaml)
+        .expect_err("the test YAML must be invalid")
+        .to_string();
+    w.sim.write_file(svc_file, bad_yaml)?;
     let line = wait_log(&w, &[svc_file, "WARN"])?;
     eprintln!("bad YAML reported as: {line}");
+    assert!(
+        line.contains("invalid YAML") && line.contains(&yaml_error),
+        "the log line lacks the YAML problem ({yaml_error}): {line}"
+    );
     let status = w.sluice.wait_for("/status", |s| s["manifest_errors"].as_array().is_some_and(|e| !e.is_empty()), T)?;
     assert!(status["manifest_errors"][0]["file"].as_str().unwrap().ends_with(svc_file), "{status}");
+    assert!(status["manifest_errors"][0]["reason"].as_str().unwrap_or("").contains(&yaml_error), "{status}");
     let r = w.client.run_simpod(["http-get", "--to", &http_vip().to_string(), "--count", "4"])?;
     for l in r.json_lines()? {
         expect_ok(&l).context("traffic must keep flowing on the previous state")?;

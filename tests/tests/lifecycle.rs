@@ -155,18 +155,136 @@ fn sigterm_drains_in_flight_requests() -> Result<()> {
     Ok(())
 }
 
+/// The cgroup programs sluice attaches to the node's kubepods cgroup.
+const CGROUP_ATTACH_TYPES: [&str; 5] = [
+    "cgroup_inet4_connect",
+    "cgroup_inet6_connect",
+    "cgroup_inet4_getpeername",
+    "cgroup_inet6_getpeername",
+    "cgroup_sock_ops",
+];
+
+fn bpftool_json(args: &[&str]) -> Result<Value> {
+    let out = Command::new("bpftool")
+        .arg("-j")
+        .args(args)
+        .output()
+        .context("running bpftool (a Debian package, installed by cargo xtask setup)")?;
+    ensure!(out.status.success(), "bpftool {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout)
+        .with_context(|| format!("bpftool {}: {}", args.join(" "), String::from_utf8_lossy(&out.stdout)))
+}
+
+/// The sluice programs attached to `node`'s kubepods cgroup or any cgroup below it (the pods'),
+/// as `bpftool -j cgroup tree <kubepods>` lists them: "attach_type name" per program.
+fn sluice_cgroup_programs(node: &Node) -> Result<Vec<String>> {
+    let kubepods = node.kubepods_cgroup();
+    let tree = bpftool_json(&["cgroup", "tree", kubepods.to_str().context("cgroup path")?])?;
+    let mut found = Vec::new();
+    for cgroup in tree.as_array().context("bpftool cgroup tree: not a list")? {
+        ensure!(cgroup.get("error").is_none(), "bpftool cgroup tree {}: {cgroup}", kubepods.display());
+        for p in cgroup["programs"].as_array().into_iter().flatten() {
+            let name = p["name"].as_str().unwrap_or("");
+            if name.starts_with("sluice") {
+                found.push(format!("{} {name}", p["attach_type"].as_str().unwrap_or("?")));
+            }
+        }
+    }
+    Ok(found)
+}
+
+/// The sk_lookup programs attached in `pod`'s network namespace. sk_lookup attaches only
+/// through a netns bpf_link, which `bpftool -j link show` lists with the namespace's inode
+/// (`bpftool net show`, run inside the namespace, does not list sk_lookup in bpftool 7.1).
+fn sk_lookup_links(pod: &Pod) -> Result<Vec<Value>> {
+    use std::os::unix::fs::MetadataExt;
+    let ino = std::fs::metadata(format!("/run/netns/{}", pod.netns()))
+        .with_context(|| format!("network namespace of {}", pod.name()))?
+        .ino();
+    let links = bpftool_json(&["link", "show"])?;
+    Ok(links
+        .as_array()
+        .context("bpftool link show: not a list")?
+        .iter()
+        .filter(|l| {
+            l["type"] == "netns" && l["attach_type"] == "sk_lookup" && l["netns_ino"].as_u64() == Some(ino)
+        })
+        .cloned()
+        .collect())
+}
+
+/// Before a stop: every cgroup program is attached to the node's kubepods cgroup, and the
+/// inbound sk_lookup program in the pod's network namespace, so that the checks after it can fail.
+fn expect_attached(node: &Node, pod: &Pod) -> Result<()> {
+    let programs = sluice_cgroup_programs(node)?;
+    for t in CGROUP_ATTACH_TYPES {
+        ensure!(
+            programs.iter().any(|p| p.starts_with(&format!("{t} "))),
+            "{t} is not attached to {}: {programs:?}",
+            node.kubepods_cgroup().display()
+        );
+    }
+    let links = sk_lookup_links(pod)?;
+    ensure!(
+        links.len() == 1,
+        "expected sluice's sk_lookup link in {}'s network namespace: {links:?}",
+        pod.name()
+    );
+    eprintln!("attached before the stop: {programs:?}; sk_lookup in {}: {links:?}", pod.name());
+    Ok(())
+}
+
+/// Waits (the kernel releases a link once its last reference, fd or pin, is gone) until no
+/// sluice program is attached to the node's pods' cgroups or in the pod's network namespace.
+fn expect_nothing_attached(node: &Node, pod: &Pod) -> Result<()> {
+    let mut last = (Vec::new(), Vec::new());
+    let clean = sluice_tests::poll_until(T, || {
+        last = (sluice_cgroup_programs(node).ok()?, sk_lookup_links(pod).ok()?);
+        (last.0.is_empty() && last.1.is_empty()).then_some(())
+    });
+    ensure!(
+        clean.is_some(),
+        "still attached: cgroup programs {:?} under {}; sk_lookup links in {}: {:?}",
+        last.0,
+        node.kubepods_cgroup().display(),
+        pod.name(),
+        last.1
+    );
+    Ok(())
+}
+
+/// After sluice is gone, an enrolled pod's connection goes straight to the backend: its local
+/// address is the pod's own (a redirected one is connected to sluice's listener on loopback).
+fn expect_direct(client: &Pod, backend: &Pod) -> Result<()> {
+    let r = tcp_exchange(client, backend.addr(8080), 10)?;
+    expect_ok(&r)?;
+    ensure!(
+        r["local"].as_str().is_some_and(|l| l.starts_with(&format!("{}:", client.ip()))),
+        "not direct: {r}"
+    );
+    Ok(())
+}
+
 /// 6: uninstall. A fail-closed sluice is stopped (its pinned programs keep refusing traffic);
-/// `sluice cleanup` removes every pin, the programs detach, and traffic flows directly.
+/// `sluice cleanup` removes every pin, the programs detach from the pods' cgroup (checked with
+/// bpftool), nothing stays in the pod's network namespace, and traffic flows directly.
 #[test]
 fn cleanup_after_uninstall_leaves_nothing() -> Result<()> {
     let w = two_nodes(SluiceOpts::fail_closed())?;
     let pins = Command::new("sh").arg("-c").arg(format!("ls -R /sys/fs/bpf/sluice/{}", w.n1.name())).output()?;
     let listing = String::from_utf8_lossy(&pins.stdout).to_string();
     ensure!(listing.contains("links") && listing.contains("maps-v"), "expected pinned links and maps:\n{listing}");
+    expect_attached(&w.n1, &w.client)?;
 
     w.s1.stop(Duration::from_secs(30))?;
     let refused = tcp_exchange(&w.client, w.backend.addr(8080), 10)?;
     ensure!(refused["ok"] == false, "fail-closed: with sluice stopped the connection must be refused: {refused}");
+    // The pinned links keep the cgroup programs attached until the clean-up.
+    let pinned = sluice_cgroup_programs(&w.n1)?;
+    ensure!(
+        pinned.len() == CGROUP_ATTACH_TYPES.len(),
+        "fail-closed: the pinned programs must stay attached: {pinned:?}"
+    );
 
     let bin = sluice_tests::sluice_bin()?;
     let out = Command::new(&bin).args(["cleanup", "--node", w.n1.name()]).output()?;
@@ -175,11 +293,40 @@ fn cleanup_after_uninstall_leaves_nothing() -> Result<()> {
     ensure!(!std::path::Path::new(&format!("/sys/fs/bpf/sluice/{}", w.n1.name())).exists(), "pins left behind");
 
     // Nothing is attached any more: an enrolled pod's connection goes straight to the backend.
-    let r = tcp_exchange(&w.client, w.backend.addr(8080), 10)?;
+    expect_nothing_attached(&w.n1, &w.client)?;
+    expect_direct(&w.client, &w.backend)?;
     let _ = (&w.sim, &w.n2, &w.s2);
-    ensure!(r["local"].as_str().is_some_and(|l| l.starts_with(&format!("{}:", w.client.ip()))), "{r}");
+    Ok(())
+}
+
+/// 6, fail-open: a sluice stopped with SIGTERM leaves no program attached to the pods' cgroup
+/// or in the pod's network namespace (only its maps stay pinned, for the next process, until
+/// `sluice cleanup`), and traffic flows directly.
+#[test]
+fn fail_open_stop_leaves_nothing_attached() -> Result<()> {
+    let w = two_nodes(SluiceOpts::default())?;
+    expect_attached(&w.n1, &w.client)?;
+    let via = tcp_exchange(&w.client, w.backend.addr(8080), 10)?;
+    ensure!(via_sluice(&via), "with sluice running the connection goes through it: {via}");
+
+    w.s1.kill(Signal::SIGTERM)?;
+    let status = w.s1.wait_exit(Duration::from_secs(30))?;
+    ensure!(status.success(), "sluice exited with {status}");
+    expect_nothing_attached(&w.n1, &w.client)?;
+    expect_direct(&w.client, &w.backend)?;
+
+    let bin = sluice_tests::sluice_bin()?;
+    let out = Command::new(&bin).args(["cleanup", "--node", w.n1.name()]).output()?;
+    ensure!(out.status.success(), "sluice cleanup failed: {}", String::from_utf8_lossy(&out.stderr));
+    ensure!(
+        !std::path::Path::new(&format!("/sys/fs/bpf/sluice/{}", w.n1.name())).exists(),
+        "pins left behind"
+    );
+    expect_direct(&w.client, &w.backend)?;
+    let _ = (&w.sim, &w.n2, &w.s2);
     Ok(())
 }
 
 #[allow(dead_code)]
 fn _unused(_: Value) {}
+

@@ -21,6 +21,8 @@ const APT_PACKAGES: &[&str] = &[
     "tcpdump",
     "tshark",
     "openssl",
+    // The uninstall tests: what is attached to the pods' cgroups and network namespaces.
+    "bpftool",
     // L7 tests and benchmarks: HTTP/2 clients (nghttp, h2load) and an HTTP/1.1 load generator.
     "nghttp2-client",
     "wrk",

@@ -1,4 +1,6 @@
-//! Admin API: the server (daemon side) and the documents it serves (shared with the CLI).
+//! Admin API: the server (daemon side) and the documents it serves (shared with the CLI), and
+//! the kubelet's readiness endpoint (`health`).
 pub mod api;
+pub mod health;
 pub mod routes;
 pub mod server;

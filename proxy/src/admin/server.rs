@@ -22,7 +22,15 @@ use tokio::net::{TcpListener, UnixListener};
 use tracing::{debug, warn};
 
 use super::api::{ManifestErrorView, ProgramView, StatusView};
-use crate::{conns::ConnRegistry, discovery::Model, enroll, identity::CertManager, inbound::Inbound, l4::DataPath, redirect::Redirector};
+use crate::{
+    conns::ConnRegistry,
+    discovery::Model,
+    enroll,
+    identity::{CertManager, CertRequestView, IdentityError, SpiffeId},
+    inbound::Inbound,
+    l4::DataPath,
+    redirect::Redirector,
+};
 
 pub struct AdminState {
     pub node: String,
@@ -172,9 +180,14 @@ where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
     tokio::spawn(async move {
-        let svc = service_fn(move |req| {
+        let svc = service_fn(move |req: Request<Incoming>| {
             let state = state.clone();
-            async move { Ok::<_, Infallible>(route(&state, req)) }
+            async move {
+                if req.method() == Method::POST && req.uri().path() == "/certs/request" {
+                    return Ok::<_, Infallible>(cert_request(&state, req).await);
+                }
+                Ok::<_, Infallible>(route(&state, req))
+            }
         });
         if let Err(e) = http1::Builder::new().serve_connection(io, svc).await {
             debug!(error = %e, "admin connection ended with an error");
@@ -184,7 +197,7 @@ where
 
 fn route(state: &AdminState, req: Request<Incoming>) -> Response<Full<Bytes>> {
     if req.method() != Method::GET {
-        return text(StatusCode::METHOD_NOT_ALLOWED, "only GET is supported\n");
+        return text(StatusCode::METHOD_NOT_ALLOWED, "only GET is supported (and POST /certs/request)\n");
     }
     match req.uri().path() {
         "/status" => json(&state.status()),
@@ -206,6 +219,63 @@ fn route(state: &AdminState, req: Request<Incoming>) -> Response<Full<Bytes>> {
             }
         }
         other => text(StatusCode::NOT_FOUND, &format!("no such endpoint {other}; try /status, /pods, /conns, /certs, /model, /routes, /ready\n")),
+    }
+}
+
+/// `POST /certs/request` with `{"identity":"spiffe://..."}`: asks this node's CA for a certificate
+/// for that identity as renewal would, without installing it (a check: "would this node get a
+/// certificate for X?"). 200 with the serial and validity, 403 with the CA's refusal.
+async fn cert_request(state: &AdminState, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    use http_body_util::BodyExt;
+    #[derive(serde::Deserialize)]
+    struct Body {
+        identity: String,
+    }
+    let body = match http_body_util::Limited::new(req.into_body(), 16 * 1024).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) => return text(StatusCode::BAD_REQUEST, &format!("reading the request body: {e}\n")),
+    };
+    let id: SpiffeId = match serde_json::from_slice::<Body>(&body) {
+        Ok(b) => match b.identity.parse() {
+            Ok(id) => id,
+            Err(e) => {
+                return text(StatusCode::BAD_REQUEST, &format!("invalid identity {:?}: {e}\n", b.identity))
+            }
+        },
+        Err(e) => {
+            return text(
+                StatusCode::BAD_REQUEST,
+                &format!("expected {{\"identity\":\"spiffe://...\"}}: {e}\n"),
+            )
+        }
+    };
+    match state.certs.check_issuance(&id).await {
+        Ok(view) => {
+            tracing::info!(identity = %id, serial = view.serial.as_deref().unwrap_or(""),
+                "certificate request granted by the CA (checked, not installed)");
+            json(&view)
+        }
+        Err(e) => {
+            let status = match e {
+                IdentityError::Ca(_) => StatusCode::FORBIDDEN,
+                _ => StatusCode::BAD_GATEWAY,
+            };
+            let reason = e.to_string();
+            warn!(identity = %id, node = %state.node, %reason, "certificate request refused");
+            let view = CertRequestView {
+                identity: id.to_string(),
+                node: state.node.clone(),
+                issued: false,
+                installed: false,
+                serial: None,
+                not_before: None,
+                not_after: None,
+                reason: Some(reason),
+            };
+            let mut resp = json(&view);
+            *resp.status_mut() = status;
+            resp
+        }
     }
 }
 

@@ -66,6 +66,29 @@ pub struct CertView {
     pub last_error: Option<String>,
 }
 
+/// The answer to "would this node get a certificate for this identity?" (`POST /certs/request`
+/// on the admin API, `sluice certs request`): what the CA issued for a fresh key, which was then
+/// thrown away, or why it refused.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CertRequestView {
+    pub identity: String,
+    /// The node that asked (this sluice's node).
+    pub node: String,
+    pub issued: bool,
+    /// Always false: a checked certificate is never installed or served.
+    #[serde(default)]
+    pub installed: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serial: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_before: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_after: Option<String>,
+    /// The CA's refusal (or the failure) when `issued` is false.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
 /// An issued certificate with its key, ready for rustls.
 pub(super) struct Issued {
     pub key: Arc<CertifiedKey>,
@@ -208,6 +231,24 @@ impl CertManager {
         self.store.write().insert(id.clone(), Arc::new(slot));
         self.wake.notify_one();
         Ok(())
+    }
+
+    /// Asks the CA for a certificate for `id` exactly as renewal would (fresh key, CSR, the
+    /// same checks of the answer) but keeps nothing: the key and certificate are dropped, the
+    /// identities held and served do not change. Answers "would this node get a certificate for
+    /// `id`?"; a refusal comes back as [`IdentityError::Ca`].
+    pub async fn check_issuance(&self, id: &SpiffeId) -> Result<CertRequestView, IdentityError> {
+        let issued = self.issue(id).await?;
+        Ok(CertRequestView {
+            identity: id.to_string(),
+            node: self.node.clone(),
+            issued: true,
+            installed: false,
+            serial: Some(issued.serial.clone()),
+            not_before: Some(x509::rfc3339(issued.not_before)),
+            not_after: Some(x509::rfc3339(issued.not_after)),
+            reason: None,
+        })
     }
 
     /// Drops every identity not in `ids` (no pod of it is left on this node), with its key and

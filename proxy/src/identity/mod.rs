@@ -45,7 +45,7 @@ use thiserror::Error;
 
 pub use ca::{CaError, CertificateAuthority, SignFuture, SignRequest};
 pub use embedded_ca::{model_authorizer, Authorizer, EmbeddedCa, EmbeddedCaConfig};
-pub use manager::{CertManager, CertManagerConfig, CertView};
+pub use manager::{CertManager, CertManagerConfig, CertRequestView, CertView};
 pub use root::{ca_init, CA_CERT_FILE, CA_KEY_FILE, ROOT_COMMON_NAME, ROOT_LIFETIME};
 pub use spiffe::{check_trust_domain, SpiffeError, SpiffeId, DEFAULT_TRUST_DOMAIN};
 pub use tls::{peer_identity, ALPN_H2};

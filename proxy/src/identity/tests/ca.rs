@@ -143,6 +143,20 @@ async fn the_manager_gets_certificates_only_for_its_pods() {
 }
 
 #[tokio::test]
+async fn checking_an_identity_installs_nothing() {
+    let root = root();
+    let m1 = manager(&root, "node-1", DAY);
+    let granted = m1.check_issuance(&id("web")).await.expect("web is on node-1");
+    assert!(granted.issued && !granted.installed, "{granted:?}");
+    assert_eq!(granted.node, "node-1");
+    assert!(granted.serial.as_deref().is_some_and(|s| !s.is_empty()), "{granted:?}");
+    let err = m1.check_issuance(&id("db")).await.unwrap_err();
+    assert!(matches!(err, IdentityError::Ca(CaError::NotAuthorized { .. })), "{err:?}");
+    assert!(err.to_string().contains("node-1") && err.to_string().contains("sa/db"), "{err}");
+    assert!(m1.certs().is_empty(), "a check must not install a certificate: {:?}", m1.certs());
+}
+
+#[tokio::test]
 async fn refuses_a_csr_asking_for_another_name() {
     let root = root();
     let ca = embedded_ca(&root, "node-1", DAY);
