@@ -160,7 +160,7 @@ async fn forward_opaque(
 
     if let Some(peer_id) = mesh_peer {
         match open_tunnel(&pod, &dp, &peer_id, endpoint).await {
-            Ok((send, recv)) => {
+            Ok((send, recv, _)) => {
                 let guard = dp.conns.open(&pod.stats, new_conn(&pod, peer, orig, &target, endpoint, Some(&peer_id)));
                 debug!(pod = %pod.key, dst = %orig, %endpoint, peer = %peer_id, id = guard.entry.id, "forwarding through tunnel");
                 pump::tcp_h2(client, prefix, send, recv, &guard.entry.sent, &guard.entry.received).await;
@@ -237,7 +237,7 @@ pub(crate) async fn open_tunnel(
     dp: &DataPath,
     peer_id: &SpiffeId,
     endpoint: SocketAddr,
-) -> Result<(h2::SendStream<bytes::Bytes>, h2::RecvStream), TunnelError> {
+) -> Result<(h2::SendStream<bytes::Bytes>, h2::RecvStream, crate::transport::TunnelWatch), TunnelError> {
     let tls = dp
         .identity
         .client_config(&pod.identity, peer_id.clone())

@@ -44,7 +44,7 @@ use crate::{
     l4::{self, DataPath, PodContext},
     transport::{
         client::{CONNECTION_WINDOW, STREAM_WINDOW},
-        TunnelError,
+        TunnelError, TunnelWatch,
     },
 };
 
@@ -111,13 +111,27 @@ pub struct UpstreamCounters {
 #[derive(Default)]
 pub struct Upstreams {
     h1: Mutex<HashMap<Key, Vec<IdleH1>>>,
-    h2: Mutex<HashMap<Key, http2::SendRequest<Body>>>,
+    h2: Mutex<HashMap<Key, PooledH2>>,
     pub counters: UpstreamCounters,
 }
 
 struct IdleH1 {
     sender: http1::SendRequest<Body>,
     since: Instant,
+    tunnel: Option<TunnelWatch>,
+}
+
+#[derive(Clone)]
+struct PooledH2 {
+    sender: http2::SendRequest<Body>,
+    tunnel: Option<TunnelWatch>,
+}
+
+/// Whether a connection may take more requests: open, and not inside a tunnel whose far end
+/// is draining (then it is retired, and the next request opens a new tunnel stream, to the
+/// destination's new sluice process during an upgrade).
+fn reusable(tunnel: &Option<TunnelWatch>) -> bool {
+    tunnel.as_ref().is_none_or(|t| !t.is_closing())
 }
 
 impl Upstreams {
@@ -134,9 +148,12 @@ impl Upstreams {
 
     async fn send_h1(self: &Arc<Self>, d: &Dial<'_>, req: Request<Body>) -> Result<(Response<Incoming>, Instant), UpstreamError> {
         let key = Key { src_pod: d.pod.pod_id, endpoint: d.endpoint, wire: Wire::Http1 };
-        let (mut sender, reused) = match self.checkout_h1(&key) {
-            Some(s) => (s, true),
-            None => (self.connect_h1(d, false).await?, false),
+        let (mut sender, mut tunnel, reused) = match self.checkout_h1(&key) {
+            Some((s, t)) => (s, t, true),
+            None => {
+                let (s, t) = self.connect_h1(d, false).await?;
+                (s, t, false)
+            }
         };
         // A request with no body on a reused connection can be sent again if the connection
         // turns out to be closing (the server's FIN crossed our request): keep a copy.
@@ -155,7 +172,7 @@ impl Upstreams {
                     Some(req) if reused => {
                         self.counters.retried_on_fresh_connection.fetch_add(1, Ordering::Relaxed);
                         debug!(endpoint = %d.endpoint, error = %err, "pooled connection was closing; sending on a new one");
-                        sender = self.connect_h1(d, false).await?;
+                        (sender, tunnel) = self.connect_h1(d, false).await?;
                         dispatched = Instant::now();
                         sender.send_request(req).await
                     }
@@ -169,35 +186,42 @@ impl Upstreams {
         let pool = self.clone();
         tokio::spawn(async move {
             if sender.ready().await.is_ok() {
-                pool.checkin_h1(key, sender);
+                pool.checkin_h1(key, sender, tunnel);
             }
         });
         Ok((resp, dispatched))
     }
 
-    fn checkout_h1(&self, key: &Key) -> Option<http1::SendRequest<Body>> {
+    fn checkout_h1(&self, key: &Key) -> Option<(http1::SendRequest<Body>, Option<TunnelWatch>)> {
         let mut pools = self.h1.lock().unwrap_or_else(|p| p.into_inner());
         let idle = pools.get_mut(key)?;
         while let Some(c) = idle.pop() {
-            if c.sender.is_ready() && c.since.elapsed() < IDLE_TIMEOUT {
+            if c.sender.is_ready() && c.since.elapsed() < IDLE_TIMEOUT && reusable(&c.tunnel) {
                 self.counters.reused.fetch_add(1, Ordering::Relaxed);
-                return Some(c.sender);
+                return Some((c.sender, c.tunnel));
             }
         }
         None
     }
 
-    fn checkin_h1(&self, key: Key, sender: http1::SendRequest<Body>) {
+    fn checkin_h1(&self, key: Key, sender: http1::SendRequest<Body>, tunnel: Option<TunnelWatch>) {
+        if !reusable(&tunnel) {
+            return; // dropped: the connection (a stream of a draining tunnel) closes now
+        }
         let mut pools = self.h1.lock().unwrap_or_else(|p| p.into_inner());
         let idle = pools.entry(key).or_default();
         if idle.len() < MAX_IDLE_PER_KEY {
-            idle.push(IdleH1 { sender, since: Instant::now() });
+            idle.push(IdleH1 { sender, since: Instant::now(), tunnel });
         }
     }
 
     /// A new HTTP/1.1 connection; `upgrades` keeps it usable after a 101 or a CONNECT.
-    async fn connect_h1(&self, d: &Dial<'_>, upgrades: bool) -> Result<http1::SendRequest<Body>, UpstreamError> {
-        let io = self.dial(d).await?;
+    async fn connect_h1(
+        &self,
+        d: &Dial<'_>,
+        upgrades: bool,
+    ) -> Result<(http1::SendRequest<Body>, Option<TunnelWatch>), UpstreamError> {
+        let (io, tunnel) = self.dial(d).await?;
         let (sender, conn) = http1::Builder::new()
             .handshake(TokioIo::new(io))
             .await
@@ -216,12 +240,18 @@ impl Upstreams {
                 }
             });
         }
-        Ok(sender)
+        Ok((sender, tunnel))
     }
 
     async fn send_h2(&self, d: &Dial<'_>, req: Request<Body>) -> Result<(Response<Incoming>, Instant), UpstreamError> {
         let key = Key { src_pod: d.pod.pod_id, endpoint: d.endpoint, wire: Wire::Http2 };
-        let pooled = self.h2.lock().unwrap_or_else(|p| p.into_inner()).get(&key).filter(|s| !s.is_closed()).cloned();
+        let pooled = self
+            .h2
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&key)
+            .filter(|c| !c.sender.is_closed() && reusable(&c.tunnel))
+            .map(|c| c.sender.clone());
         let (mut sender, reused) = match pooled {
             Some(s) => (s, true),
             None => (self.connect_h2(d, &key).await?, false),
@@ -251,7 +281,7 @@ impl Upstreams {
     }
 
     async fn connect_h2(&self, d: &Dial<'_>, key: &Key) -> Result<http2::SendRequest<Body>, UpstreamError> {
-        let io = self.dial(d).await?;
+        let (io, tunnel) = self.dial(d).await?;
         let (sender, conn) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .initial_stream_window_size(STREAM_WINDOW)
@@ -268,14 +298,14 @@ impl Upstreams {
                 debug!(%endpoint, error = %e, "upstream HTTP/2 connection ended");
             }
         });
-        self.h2.lock().unwrap_or_else(|p| p.into_inner()).insert(key.clone(), sender.clone());
+        self.h2.lock().unwrap_or_else(|p| p.into_inner()).insert(key.clone(), PooledH2 { sender: sender.clone(), tunnel });
         Ok(sender)
     }
 
     /// Sends a request that asks to leave HTTP (an Upgrade, e.g. WebSocket, or CONNECT) on a
     /// connection of its own, which then belongs to the upgraded stream.
     pub async fn send_upgrade(&self, d: &Dial<'_>, req: Request<Body>) -> Result<(Response<Incoming>, Instant), UpstreamError> {
-        let mut sender = self.connect_h1(d, true).await?;
+        let (mut sender, _) = self.connect_h1(d, true).await?;
         let dispatched = Instant::now();
         let resp = sender.send_request(req).await.map_err(|source| UpstreamError::Request { endpoint: d.endpoint, source })?;
         Ok((resp, dispatched))
@@ -284,7 +314,7 @@ impl Upstreams {
     /// Opens the byte stream to the endpoint: through the HBONE tunnel for an enrolled pod
     /// (plaintext if nothing serves its tunnel port, as the L4 path does), else plain TCP from
     /// the source pod's namespace.
-    async fn dial(&self, d: &Dial<'_>) -> Result<UpstreamIo, UpstreamError> {
+    async fn dial(&self, d: &Dial<'_>) -> Result<(UpstreamIo, Option<TunnelWatch>), UpstreamError> {
         self.counters.connects.fetch_add(1, Ordering::Relaxed);
         let result = self.dial_inner(d).await;
         if result.is_err() {
@@ -293,10 +323,10 @@ impl Upstreams {
         result
     }
 
-    async fn dial_inner(&self, d: &Dial<'_>) -> Result<UpstreamIo, UpstreamError> {
+    async fn dial_inner(&self, d: &Dial<'_>) -> Result<(UpstreamIo, Option<TunnelWatch>), UpstreamError> {
         if let Some(peer) = &d.mesh_peer {
             match l4::open_tunnel(d.pod, d.dp, peer, d.endpoint).await {
-                Ok((send, recv)) => return Ok(UpstreamIo::Tunnel(TunnelIo::new(send, recv))),
+                Ok((send, recv, watch)) => return Ok((UpstreamIo::Tunnel(TunnelIo::new(send, recv)), Some(watch))),
                 Err(e) if e.is_unreachable() => {
                     d.dp.tunnel_fallbacks.fetch_add(1, Ordering::Relaxed);
                     info!(pod = %d.pod.key, endpoint = %d.endpoint, peer = %peer, error = %e, "no tunnel endpoint at the destination; sending plaintext");
@@ -307,7 +337,7 @@ impl Upstreams {
         let tcp = l4::connect(&d.pod.netns, d.endpoint, d.dp.connect_timeout)
             .await
             .map_err(|source| UpstreamError::Connect { endpoint: d.endpoint, source })?;
-        Ok(UpstreamIo::Tcp(tcp))
+        Ok((UpstreamIo::Tcp(tcp), None))
     }
 
     /// Closes idle connections past their time and forgets closed HTTP/2 connections
@@ -315,11 +345,11 @@ impl Upstreams {
     pub fn reap(&self) {
         let mut h1 = self.h1.lock().unwrap_or_else(|p| p.into_inner());
         h1.retain(|_, idle| {
-            idle.retain(|c| c.sender.is_ready() && c.since.elapsed() < IDLE_TIMEOUT);
+            idle.retain(|c| c.sender.is_ready() && c.since.elapsed() < IDLE_TIMEOUT && reusable(&c.tunnel));
             !idle.is_empty()
         });
         drop(h1);
-        self.h2.lock().unwrap_or_else(|p| p.into_inner()).retain(|_, s| !s.is_closed());
+        self.h2.lock().unwrap_or_else(|p| p.into_inner()).retain(|_, c| !c.sender.is_closed() && reusable(&c.tunnel));
     }
 
     /// (idle HTTP/1.1 connections, HTTP/2 connections) held, for the admin view.

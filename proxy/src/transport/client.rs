@@ -58,6 +58,29 @@ impl TunnelError {
     }
 }
 
+/// Tells whether the tunnel connection a stream rides on still takes new streams. After the
+/// destination's sluice sent GOAWAY (it is draining: an upgrade, a shutdown) the streams in
+/// flight finish, but a long-lived connection inside one (a pooled upstream HTTP connection)
+/// must be retired after its current request, or the old process would carry it until its
+/// drain timeout and then cut it.
+#[derive(Clone)]
+pub struct TunnelWatch(SendRequest<Bytes>);
+
+impl TunnelWatch {
+    /// The tunnel got GOAWAY or is gone.
+    pub fn is_closing(&self) -> bool {
+        let mut sender = self.0.clone();
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        matches!(sender.poll_ready(&mut cx), std::task::Poll::Ready(Err(_)))
+    }
+}
+
+impl std::fmt::Debug for TunnelWatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TunnelWatch")
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct PoolKey {
     pub src_pod: u32,
@@ -81,7 +104,7 @@ impl HbonePool {
         tls: Arc<rustls::ClientConfig>,
         target: SocketAddr,
         timeout: Duration,
-    ) -> Result<(SendStream<Bytes>, RecvStream), TunnelError> {
+    ) -> Result<(SendStream<Bytes>, RecvStream, TunnelWatch), TunnelError> {
         let hbone = SocketAddr::new(key.dst, HBONE_PORT);
         let pooled = self.conns.lock().unwrap_or_else(|p| p.into_inner()).get(key).cloned();
         let mut sender = match pooled {
@@ -100,6 +123,7 @@ impl HbonePool {
             .uri(target.to_string())
             .body(())
             .expect("CONNECT request parts are valid");
+        let watch = TunnelWatch(sender.clone());
         let (response, send) =
             sender.send_request(request, false).map_err(|source| TunnelError::H2 { addr: hbone, source })?;
         let response = tokio::time::timeout(timeout, response)
@@ -112,7 +136,7 @@ impl HbonePool {
         if response.status() != StatusCode::OK {
             return Err(TunnelError::Refused { addr: hbone, target, status: response.status() });
         }
-        Ok((send, response.into_body()))
+        Ok((send, response.into_body(), watch))
     }
 
     async fn connect(

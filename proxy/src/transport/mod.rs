@@ -4,5 +4,5 @@ pub mod client;
 pub mod pump;
 pub mod server;
 
-pub use client::{HbonePool, PoolKey, TunnelError, HBONE_PORT};
+pub use client::{HbonePool, PoolKey, TunnelError, TunnelWatch, HBONE_PORT};
 pub use server::{ServerStats, TunnelRequest};
