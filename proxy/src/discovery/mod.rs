@@ -34,6 +34,7 @@ pub mod manifest;
 mod model;
 pub mod route;
 pub mod route_table;
+pub mod traffic;
 mod snapshot;
 mod store;
 mod view;
