@@ -41,6 +41,8 @@ use std::{
 
 use serde::Serialize;
 
+use crate::discovery::traffic::OutlierDetection;
+
 /// The least weight one response has in the estimate (when it is faster than the estimate).
 const MIN_WEIGHT: f64 = 0.25;
 
@@ -81,6 +83,7 @@ pub struct EndpointLoad {
     pending: AtomicU32,
     requests: AtomicU64,
     ewma: Mutex<Ewma>,
+    outlier: Mutex<OutlierState>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -105,6 +108,7 @@ impl EndpointLoad {
             pending: AtomicU32::new(0),
             requests: AtomicU64::new(0),
             ewma: Mutex::new(Ewma { estimate_ns: cfg.default_rtt.as_nanos() as f64, at: now, fresh: true }),
+            outlier: Mutex::default(),
         }
     }
 
@@ -149,9 +153,56 @@ impl EndpointLoad {
         self.pending.load(Ordering::Relaxed)
     }
 
+    /// Ejected by outlier detection at `now`.
+    pub fn is_ejected(&self, now: Instant) -> bool {
+        self.outlier.lock().unwrap_or_else(|p| p.into_inner()).until.is_some_and(|u| u > now)
+    }
+
+    /// When the current ejection ends, if ejected.
+    pub fn ejected_until(&self) -> Option<Instant> {
+        self.outlier.lock().unwrap_or_else(|p| p.into_inner()).until.filter(|u| *u > Instant::now())
+    }
+
     pub fn requests(&self) -> u64 {
         self.requests.load(Ordering::Relaxed)
     }
+}
+
+/// What outlier detection learns from one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Anything below 500 (a 4xx is the client's problem, not the endpoint's).
+    Success,
+    /// 500, 501, 505...
+    Error5xx,
+    /// 502, 503, 504, or a reset before the response.
+    Gateway,
+    /// The endpoint could not be connected to.
+    ConnectFailure,
+}
+
+impl Outcome {
+    pub fn of_status(status: u16) -> Outcome {
+        match status {
+            502..=504 => Outcome::Gateway,
+            500..=599 => Outcome::Error5xx,
+            _ => Outcome::Success,
+        }
+    }
+}
+
+/// Ejections grow linearly with repeated ejections, up to this many base times (Envoy caps
+/// them at 300 s by default; with a 30 s base this is the same).
+const MAX_EJECTION_MULTIPLIER: u32 = 10;
+
+#[derive(Debug, Default)]
+struct OutlierState {
+    c5xx: u32,
+    gateway: u32,
+    connect: u32,
+    until: Option<Instant>,
+    ejections: u32,
+    last_ejection: Option<Instant>,
 }
 
 /// One request in flight to an endpoint. Counts as pending until it completes; completing it
@@ -187,6 +238,8 @@ impl Drop for InFlight {
 
 /// Node-wide load state of every endpoint sluice sends requests to, and the picker.
 pub struct Balancer {
+    /// Endpoints currently ejected (a fast path for the common case of none).
+    ejected: std::sync::atomic::AtomicUsize,
     policy: LbPolicy,
     cfg: EwmaConfig,
     loads: RwLock<HashMap<SocketAddr, Arc<EndpointLoad>>>,
@@ -196,7 +249,7 @@ pub struct Balancer {
 
 impl Balancer {
     pub fn new(policy: LbPolicy, cfg: EwmaConfig) -> Self {
-        Self { policy, cfg, loads: RwLock::default(), rr: RwLock::default() }
+        Self { ejected: Default::default(), policy, cfg, loads: RwLock::default(), rr: RwLock::default() }
     }
 
     pub fn policy(&self) -> LbPolicy {
@@ -211,6 +264,102 @@ impl Balancer {
     /// and marks a request in flight to it. `None` when the list is empty.
     pub fn pick(&self, backend_key: u64, endpoints: &[SocketAddr]) -> Option<(SocketAddr, InFlight)> {
         self.pick_at(backend_key, endpoints, Instant::now())
+    }
+
+    /// As [`Balancer::pick`], avoiding `avoid` (endpoints a retry already tried) and endpoints
+    /// ejected by outlier detection, unless that leaves nothing to pick from (or less than
+    /// `min_health_percent` of the set: then ejections are ignored, as Envoy's panic mode).
+    pub fn pick_avoiding(
+        &self,
+        backend_key: u64,
+        endpoints: &[SocketAddr],
+        avoid: &[SocketAddr],
+        min_health_percent: u32,
+    ) -> Option<(SocketAddr, InFlight)> {
+        let now = Instant::now();
+        if avoid.is_empty() && self.ejected.load(Ordering::Relaxed) == 0 {
+            return self.pick_at(backend_key, endpoints, now);
+        }
+        let healthy: Vec<SocketAddr> =
+            endpoints.iter().copied().filter(|a| !self.load(*a, now).is_ejected(now)).collect();
+        let usable = if healthy.is_empty() || healthy.len() * 100 < endpoints.len() * min_health_percent as usize {
+            endpoints
+        } else {
+            &healthy[..]
+        };
+        let fresh: Vec<SocketAddr> = usable.iter().copied().filter(|a| !avoid.contains(a)).collect();
+        let set = if fresh.is_empty() { usable } else { &fresh[..] };
+        self.pick_at(backend_key, set, now)
+    }
+
+    /// Feeds outlier detection with one outcome of `endpoint` (a member of `set`, the
+    /// backend's endpoints); returns the ejection time if this ejected it.
+    pub fn record_outcome(
+        &self,
+        endpoint: SocketAddr,
+        outcome: Outcome,
+        cfg: &OutlierDetection,
+        set: &[SocketAddr],
+    ) -> Option<Duration> {
+        let now = Instant::now();
+        let load = self.load(endpoint, now);
+        let mut st = load.outlier.lock().unwrap_or_else(|p| p.into_inner());
+        if st.until.is_some_and(|u| u <= now) {
+            st.until = None;
+            self.ejected.fetch_sub(1, Ordering::Relaxed);
+        }
+        // An ejection is forgiven one step per interval without a new one (Envoy).
+        if let Some(last) = st.last_ejection {
+            let quiet = now.saturating_duration_since(last).as_nanos() / cfg.interval.max(Duration::from_millis(1)).as_nanos();
+            if quiet > 0 && st.until.is_none() {
+                st.ejections = st.ejections.saturating_sub(quiet as u32);
+                st.last_ejection = Some(now);
+            }
+        }
+        match outcome {
+            Outcome::Success => {
+                st.c5xx = 0;
+                st.gateway = 0;
+                st.connect = 0;
+                return None;
+            }
+            Outcome::Error5xx => {
+                st.c5xx += 1;
+                st.gateway = 0;
+                st.connect = 0;
+            }
+            Outcome::Gateway => {
+                st.c5xx += 1;
+                st.gateway += 1;
+                st.connect = 0;
+            }
+            Outcome::ConnectFailure => {
+                st.c5xx += 1;
+                st.gateway += 1;
+                st.connect += 1;
+            }
+        }
+        let tripped = (cfg.consecutive_5xx > 0 && st.c5xx >= cfg.consecutive_5xx)
+            || (cfg.consecutive_gateway_errors > 0 && st.gateway >= cfg.consecutive_gateway_errors)
+            || (cfg.consecutive_connect_failures > 0 && st.connect >= cfg.consecutive_connect_failures);
+        if !tripped || st.until.is_some() {
+            return None;
+        }
+        // Never eject more than maxEjectionPercent of the set (and always leave one).
+        let ejected_now = set.iter().filter(|a| **a != endpoint && self.endpoint(**a).is_some_and(|l| l.is_ejected(now))).count();
+        let max = (set.len() * cfg.max_ejection_percent as usize / 100).min(set.len().saturating_sub(1));
+        if ejected_now + 1 > max {
+            return None;
+        }
+        st.ejections += 1;
+        let time = cfg.base_ejection_time * st.ejections.min(MAX_EJECTION_MULTIPLIER);
+        st.until = Some(now + time);
+        st.last_ejection = Some(now);
+        st.c5xx = 0;
+        st.gateway = 0;
+        st.connect = 0;
+        self.ejected.fetch_add(1, Ordering::Relaxed);
+        Some(time)
     }
 
     fn pick_at(&self, backend_key: u64, endpoints: &[SocketAddr], now: Instant) -> Option<(SocketAddr, InFlight)> {
@@ -390,6 +539,65 @@ mod tests {
         assert!(counts.values().all(|c| (6..=14).contains(c)), "{counts:?}");
         drop(held);
         assert!(eps.iter().all(|a| b.endpoint(*a).unwrap().pending() == 0));
+    }
+
+    fn outlier_cfg() -> OutlierDetection {
+        OutlierDetection {
+            consecutive_5xx: 0,
+            consecutive_gateway_errors: 0,
+            consecutive_connect_failures: 0,
+            interval: Duration::from_secs(10),
+            base_ejection_time: Duration::from_millis(200),
+            max_ejection_percent: 50,
+            min_health_percent: 0,
+        }
+    }
+
+    #[test]
+    fn consecutive_errors_eject_within_the_max_percentage() {
+        let b = Balancer::new(LbPolicy::P2cEwma, EwmaConfig::default());
+        let eps = addrs(4);
+        let cfg = OutlierDetection { consecutive_5xx: 3, ..outlier_cfg() };
+        assert_eq!(b.record_outcome(eps[0], Outcome::Error5xx, &cfg, &eps), None);
+        assert_eq!(b.record_outcome(eps[0], Outcome::Success, &cfg, &eps), None, "a success resets the count");
+        for _ in 0..2 {
+            assert_eq!(b.record_outcome(eps[0], Outcome::Gateway, &cfg, &eps), None);
+        }
+        assert_eq!(b.record_outcome(eps[0], Outcome::Error5xx, &cfg, &eps), Some(Duration::from_millis(200)));
+        // Not picked while ejected.
+        for _ in 0..200 {
+            let (a, _) = b.pick_avoiding(1, &eps, &[], 0).unwrap();
+            assert_ne!(a, eps[0]);
+        }
+        // A second endpoint may go (2 of 4 = 50 %), a third may not.
+        for _ in 0..3 {
+            b.record_outcome(eps[1], Outcome::ConnectFailure, &cfg, &eps);
+        }
+        assert!(b.endpoint(eps[1]).unwrap().is_ejected(Instant::now()));
+        for _ in 0..3 {
+            assert_eq!(b.record_outcome(eps[2], Outcome::Error5xx, &cfg, &eps), None);
+        }
+        assert!(!b.endpoint(eps[2]).unwrap().is_ejected(Instant::now()));
+        // Ejection ends after its time; the next ejection lasts longer.
+        std::thread::sleep(Duration::from_millis(210));
+        let seen: std::collections::HashSet<_> = (0..300).map(|_| b.pick_avoiding(1, &eps, &[], 0).unwrap().0).collect();
+        assert!(seen.contains(&eps[0]), "back in rotation after its ejection time");
+        for _ in 0..3 {
+            b.record_outcome(eps[0], Outcome::Error5xx, &cfg, &eps);
+        }
+        assert!(b.endpoint(eps[0]).unwrap().ejected_until().unwrap() > Instant::now() + Duration::from_millis(300));
+    }
+
+    #[test]
+    fn retries_avoid_endpoints_already_tried() {
+        let b = Balancer::new(LbPolicy::P2cEwma, EwmaConfig::default());
+        let eps = addrs(3);
+        for _ in 0..100 {
+            let (a, _) = b.pick_avoiding(1, &eps, &[eps[0], eps[1]], 0).unwrap();
+            assert_eq!(a, eps[2]);
+        }
+        // Everything tried: any endpoint will do.
+        assert!(b.pick_avoiding(1, &eps, &eps, 0).is_some());
     }
 
     #[test]

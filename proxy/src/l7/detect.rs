@@ -139,6 +139,16 @@ fn fallback(hint: Hint) -> Protocol {
     }
 }
 
+/// The sniffing decision on the bytes read so far, without a socket (for the micro-benchmarks):
+/// `None` while more bytes are needed, `Some(Protocol::Opaque)` for bytes that are not HTTP.
+pub fn classify_prefix(b: &[u8]) -> Option<Protocol> {
+    match classify(b) {
+        Verdict::Is(p) => Some(p),
+        Verdict::NotHttp => Some(Protocol::Opaque),
+        Verdict::NeedMore => None,
+    }
+}
+
 #[derive(Debug, PartialEq, Eq)]
 enum Verdict {
     Is(Protocol),

@@ -13,6 +13,7 @@ pub mod detect;
 pub mod errors;
 pub mod filters;
 pub mod io;
+pub mod limits;
 pub mod mirror;
 pub mod proxy;
 pub mod server;
