@@ -287,6 +287,7 @@ impl Enroller {
             netns: netns.clone(),
             stats: Arc::new(PodStats::default()),
             transparent,
+            limiter: Arc::new(crate::l7::limits::PodLimiter::new(&self.dp.l7.cfg.pod_limits)),
         });
         let mut tasks = Vec::new();
         let mut bound = Vec::new();

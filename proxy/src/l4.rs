@@ -23,7 +23,7 @@ use tracing::{debug, info, warn};
 
 use crate::{
     conns::{ConnRegistry, Direction, NewConn, PodStats},
-    discovery::Model,
+    discovery::{traffic::OutboundPolicy, Model},
     identity::{CertManager, SpiffeId},
     l7::{self, detect, server::ConnCtx, upstream::Wire, Protocol, L7},
     netns::PodNetns,
@@ -51,6 +51,8 @@ pub struct PodContext {
     pub stats: Arc<PodStats>,
     /// Whether the pod's namespace is prepared for delivery with the client's source address.
     pub transparent: bool,
+    /// This pod's share of the node proxy (accept rate, connections, requests in flight).
+    pub limiter: Arc<l7::limits::PodLimiter>,
 }
 
 /// Shared state of the data path (read-mostly; the control path swaps `model`).
@@ -76,8 +78,24 @@ pub struct DataPath {
 /// (the pod is released). Connections already accepted live on independently.
 pub async fn serve_listener(listener: TcpListener, pod: Arc<PodContext>, dp: Arc<DataPath>) {
     loop {
+        // One pod must not take the node proxy from the others: past its connection rate,
+        // stop accepting from its listener for a moment. The excess waits in the kernel's
+        // accept queue of this pod's own listener (and beyond that, the pod's SYNs are
+        // dropped and retried): the pod slows itself down, nobody else does.
+        if let Err(wait) = pod.limiter.accept() {
+            dp.l7.limit_counters.pod_accept_paused.fetch_add(1, Ordering::Relaxed);
+            tokio::time::sleep(wait.max(Duration::from_millis(1))).await;
+            continue;
+        }
         match listener.accept().await {
             Ok((stream, peer)) => {
+                if pod.stats.open.load(Ordering::Relaxed) >= u64::from(pod.limiter.limits.max_connections) {
+                    dp.l7.limit_counters.pod_overflow.fetch_add(1, Ordering::Relaxed);
+                    debug!(pod = %pod.key, %peer, "per-pod connection limit reached; resetting");
+                    let _ = dp.redirector.take_original(pod.pod_id, peer);
+                    reset(&stream);
+                    continue;
+                }
                 let pod = pod.clone();
                 let dp = dp.clone();
                 tokio::spawn(async move { handle(stream, peer, pod, dp).await });
@@ -148,6 +166,12 @@ async fn forward_opaque(
 ) {
     let model = dp.model.load();
     let target = routing::resolve(&model, orig);
+    if target.service.is_none() && !registered(&model, orig) && model.outbound_policy(&pod.namespace) == OutboundPolicy::RegistryOnly {
+        dp.l7.counters.egress_refused.fetch_add(1, Ordering::Relaxed);
+        warn!(pod = %pod.key, dst = %orig, "connection refused: the namespace's outbound policy is REGISTRY_ONLY and no Service or ServiceEntry declares the destination");
+        reset(&client);
+        return;
+    }
     let Some(endpoint) = dp.balancer.pick(&target) else {
         warn!(pod = %pod.key, dst = %orig, service = ?target.service, "no ready endpoints; resetting connection");
         reset(&client);
@@ -201,6 +225,11 @@ async fn forward_opaque(
     }
     debug!(pod = %pod.key, dst = %orig, %endpoint, id = guard.entry.id, "forwarding");
     forward(client, upstream, &guard.entry.sent, &guard.entry.received).await;
+}
+
+/// A destination the registry knows besides Services: a pod, or a ServiceEntry address.
+fn registered(model: &Model, dst: SocketAddr) -> bool {
+    model.pod_by_ip(dst.ip()).is_some() || model.service_entry_for_addr(dst.ip(), dst.port()).is_some()
 }
 
 /// The mesh identity of `endpoint` if it is an enrolled pod (reached through its HBONE port).

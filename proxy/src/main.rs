@@ -177,6 +177,16 @@ struct RunFlags {
     /// Peak-EWMA decay time constant in milliseconds (how long a slow response is remembered).
     #[arg(long, default_value_t = 1000)]
     ewma_decay_ms: u64,
+    /// Per source pod: requests in flight through sluice (beyond: 503 overflow).
+    #[arg(long, default_value_t = 2000)]
+    pod_max_requests: u32,
+    /// Per source pod: new connections per second sluice accepts (beyond, they wait in the
+    /// pod's own accept queue).
+    #[arg(long, default_value_t = 2000)]
+    pod_connection_rate: u32,
+    /// Per source pod: connections open through sluice (beyond: reset).
+    #[arg(long, default_value_t = 20000)]
+    pod_max_connections: u32,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -281,6 +291,11 @@ fn run(f: RunFlags) -> Result<()> {
             ewma: sluice::l7::EwmaConfig {
                 tau: Duration::from_millis(f.ewma_decay_ms.max(1)),
                 ..Default::default()
+            },
+            pod_limits: sluice::l7::limits::PodLimits {
+                max_requests: f.pod_max_requests.max(1),
+                connection_rate: f.pod_connection_rate.max(1),
+                max_connections: f.pod_max_connections.max(1),
             },
         },
     });

@@ -1,8 +1,10 @@
 //! A fake Kubernetes API server for tests: a real HTTP/1.1 server that speaks the list/watch
 //! protocol the way kube-apiserver does, for the resources sluice watches (Namespaces, Pods,
 //! Services, discovery.k8s.io/v1 EndpointSlices, security.istio.io AuthorizationPolicies,
-//! gateway.networking.k8s.io HTTPRoutes and GRPCRoutes), and that a test scripts: add, modify and delete objects, emit bookmarks, expire history so that
-//! the next watch gets `410 Gone` and must relist, cut every watch connection.
+//! gateway.networking.k8s.io HTTPRoutes and GRPCRoutes, sluice.dev TrafficPolicies and
+//! networking.istio.io ServiceEntries), and that a test scripts: add, modify and delete objects,
+//! emit bookmarks, expire history so that the next watch gets `410 Gone` and must relist, cut
+//! every watch connection.
 //!
 //! What it implements, as the real server does:
 //!
@@ -61,6 +63,8 @@ pub enum Resource {
     AuthorizationPolicies,
     HttpRoutes,
     GrpcRoutes,
+    TrafficPolicies,
+    ServiceEntries,
 }
 
 struct Info {
@@ -80,7 +84,7 @@ struct Info {
 }
 
 impl Resource {
-    pub const ALL: [Resource; 7] = [
+    pub const ALL: [Resource; 9] = [
         Resource::Namespaces,
         Resource::Pods,
         Resource::Services,
@@ -88,13 +92,17 @@ impl Resource {
         Resource::AuthorizationPolicies,
         Resource::HttpRoutes,
         Resource::GrpcRoutes,
+        Resource::TrafficPolicies,
+        Resource::ServiceEntries,
     ];
 
     /// The custom resources: a cluster may not have their CRDs installed.
-    pub const CRDS: [Resource; 3] = [
+    pub const CRDS: [Resource; 5] = [
         Resource::AuthorizationPolicies,
         Resource::HttpRoutes,
         Resource::GrpcRoutes,
+        Resource::TrafficPolicies,
+        Resource::ServiceEntries,
     ];
 
     fn info(self) -> &'static Info {
@@ -186,6 +194,31 @@ impl Resource {
                 builtin: false,
                 field_labels: &[],
                 short_names: &[],
+            },
+            // sluice's own CRD (deploy/crds/).
+            Resource::TrafficPolicies => &Info {
+                group: "sluice.dev",
+                versions: &["v1alpha1"],
+                plural: "trafficpolicies",
+                singular: "trafficpolicy",
+                kind: "TrafficPolicy",
+                namespaced: true,
+                builtin: false,
+                field_labels: &[],
+                short_names: &["tp"],
+            },
+            // Istio 1.22 and later serve ServiceEntry at v1 and the older v1beta1 (and
+            // v1alpha3, which sluice does not read).
+            Resource::ServiceEntries => &Info {
+                group: "networking.istio.io",
+                versions: &["v1", "v1beta1"],
+                plural: "serviceentries",
+                singular: "serviceentry",
+                kind: "ServiceEntry",
+                namespaced: true,
+                builtin: false,
+                field_labels: &[],
+                short_names: &["se"],
             },
         }
     }

@@ -274,6 +274,7 @@ fn rbac_only_reads_what_sluice_watches() -> Result<()> {
         "security.istio.io/authorizationpolicies",
         "gateway.networking.k8s.io/httproutes",
         "gateway.networking.k8s.io/grpcroutes",
+        "networking.istio.io/serviceentries",
         "sluice.dev/trafficpolicies",
     ]
     .map(String::from)

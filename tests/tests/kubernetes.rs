@@ -77,6 +77,20 @@ fn route_keys(list: &Value) -> BTreeSet<String> {
         .unwrap_or_default()
 }
 
+/// The spec of the TrafficPolicy `shop/web`: timeouts and retries for web's HTTP port, and
+/// `extra` fields.
+fn web_traffic_policy(extra: Value) -> Value {
+    let mut spec = json!({
+        "targetRefs": [{"group": "", "kind": "Service", "name": "web", "sectionName": "http"}],
+        "timeouts": {"request": "10s"},
+        "retries": {"attempts": 3, "retryOn": ["connect-failure", "gateway-error"]},
+    });
+    for (k, v) in extra.as_object().into_iter().flatten() {
+        spec[k] = v.clone();
+    }
+    spec
+}
+
 fn find_route<'a>(model: &'a Value, kind: &str, ns: &str, name: &str) -> Option<&'a Value> {
     model["routes"]
         .as_array()?
@@ -128,8 +142,10 @@ fn traffic_through_sluice(client: &sluice_tests::Pod) -> Result<()> {
 /// Every scripted change of the acceptance list, in one cluster: start (synced before ready),
 /// a namespace annotated (its pods enrolled), a pod added and deleted, endpoints changing, a
 /// policy added and an invalid one fixed, Gateway API routes (an HTTPRoute and a GRPCRoute)
-/// created, changed and deleted, a bookmark that saves a relist, a 410 Gone that forces one, a
-/// dropped connection; traffic flows through sluice before and after.
+/// created, changed and deleted, TrafficPolicies and a ServiceEntry created, changed and
+/// deleted (and an invalid policy reported), a namespace's outbound policy set, a bookmark that
+/// saves a relist, a 410 Gone that forces one, a dropped connection; traffic flows through
+/// sluice before and after.
 #[test]
 fn model_follows_the_api_server() -> Result<()> {
     let sim = Sim::new()?;
@@ -186,6 +202,8 @@ fn model_follows_the_api_server() -> Result<()> {
     ))?;
     // A mesh route on web's HTTP port (GAMMA: the Service is the parent).
     api.apply(objects::http_route("shop", "web-http", web_http_route(&[("web", 1)])))?;
+    // A TrafficPolicy for web's HTTP port.
+    api.apply(objects::traffic_policy("shop", "web", web_traffic_policy(json!({}))))?;
 
     // --- sluice starts: its first model is complete before it says ready ---
     let sluice = start_sluice(&node, &api)?;
@@ -213,6 +231,15 @@ fn model_follows_the_api_server() -> Result<()> {
         m["routes"],
         json!([{"kind": "HTTPRoute", "namespace": "shop", "name": "web-http", "parents": ["shop/web:80"],
                 "hostnames": ["web.shop.svc.cluster.local"], "rules": 1, "backends": ["shop/web:80=1"]}]),
+    );
+    assert_eq!(
+        m["traffic_policies"],
+        json!([{"namespace": "shop", "name": "web", "targets": ["Service web:http"], "features": ["timeouts", "retries"]}]),
+    );
+    assert_eq!(m["service_entries"], json!([]));
+    assert!(
+        m["namespaces"].as_array().unwrap().iter().all(|n| n["outbound_policy"] == "ALLOW_ANY"),
+        "the default outbound policy: {m}"
     );
     let errors = m["errors"].as_array().context("errors")?;
     assert_eq!(errors.len(), 1, "{m}");
@@ -336,6 +363,74 @@ fn model_follows_the_api_server() -> Result<()> {
         route_keys(&m["routes"]) == set(&["HTTPRoute shop/web-http"]) && m["errors"] == json!([])
     })?;
 
+    // --- TrafficPolicies and a ServiceEntry: created (and an invalid policy reported) ---
+    let payments = |ports: Value| {
+        objects::service_entry(
+            "shop",
+            "payments",
+            json!({"hosts": ["pay.example.com", "*.pay.example.com"], "addresses": ["192.0.2.0/24"],
+                   "ports": ports, "location": "MESH_EXTERNAL", "resolution": "NONE", "exportTo": ["."]}),
+        )
+    };
+    api.apply(payments(json!([{"number": 443, "name": "https", "protocol": "HTTPS"}])))?;
+    api.apply(objects::traffic_policy(
+        "shop",
+        "egress",
+        json!({"targetRefs": [{"group": "networking.istio.io", "kind": "ServiceEntry", "name": "payments"}],
+               "tls": {"mode": "SIMPLE", "sni": "pay.example.com"}}),
+    ))?;
+    api.apply(objects::traffic_policy(
+        "shop",
+        "broken",
+        json!({"targetRefs": [{"group": "", "kind": "Service", "name": "web"}], "tls": {"mode": "MUTUAL"}}),
+    ))?;
+    api.apply(objects::traffic_policy(
+        "shop",
+        "web",
+        web_traffic_policy(json!({"outlierDetection": {"consecutiveGatewayErrors": 3}})),
+    ))?;
+    let m = wait_model(&sluice, "the ServiceEntry, the policies, the invalid one reported", |m| {
+        keys(&m["traffic_policies"]) == set(&["shop/egress", "shop/web"])
+            && keys(&m["service_entries"]) == set(&["shop/payments"])
+            && find(&m["traffic_policies"], "shop", "web")
+                .is_some_and(|p| p["features"] == json!(["timeouts", "retries", "outlierDetection"]))
+            && m["errors"].as_array().is_some_and(|e| e.len() == 1)
+    })?;
+    assert_eq!(
+        find(&m["traffic_policies"], "shop", "egress").unwrap(),
+        &json!({"namespace": "shop", "name": "egress", "targets": ["ServiceEntry payments"], "features": ["tls"]}),
+    );
+    assert_eq!(
+        m["service_entries"],
+        json!([{"namespace": "shop", "name": "payments", "hosts": ["pay.example.com", "*.pay.example.com"],
+                "addresses": ["192.0.2.0/24"], "ports": ["443/HTTPS"], "location": "MESH_EXTERNAL", "resolution": "NONE"}]),
+    );
+    assert_eq!(m["errors"][0]["source"], "kubernetes:TrafficPolicy/shop/broken");
+    let reason = m["errors"][0]["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("spec.tls.mode: mode MUTUAL is not supported"), "{reason}");
+
+    // --- ... changed (a port, a namespace's outbound policy), then deleted ---
+    api.apply(payments(json!([{"number": 443, "name": "https", "protocol": "HTTPS"},
+                              {"number": 80, "name": "http", "protocol": "HTTP", "targetPort": 443}])))?;
+    let mut default_ns = api.get("Namespace", "", "default").context("namespace default")?;
+    objects::annotate(&mut default_ns, "sluice.dev/outbound-traffic-policy", Some("REGISTRY_ONLY"));
+    api.apply(default_ns)?;
+    wait_model(&sluice, "the second ServiceEntry port and the outbound policy", |m| {
+        find(&m["service_entries"], "shop", "payments")
+            .is_some_and(|e| e["ports"] == json!(["443/HTTPS", "80/HTTP->443"]))
+            && m["namespaces"].as_array().is_some_and(|a| {
+                a.iter().any(|n| n["name"] == "default" && n["outbound_policy"] == "REGISTRY_ONLY")
+            })
+    })?;
+    api.delete("TrafficPolicy", "shop", "broken")?;
+    api.delete("TrafficPolicy", "shop", "egress")?;
+    api.delete("ServiceEntry", "shop", "payments")?;
+    wait_model(&sluice, "only the web TrafficPolicy left, no ServiceEntry, no errors", |m| {
+        keys(&m["traffic_policies"]) == set(&["shop/web"])
+            && m["service_entries"] == json!([])
+            && m["errors"] == json!([])
+    })?;
+
     // --- A bookmark saves a relist: history is compacted past everything the pod watches saw
     //     as events, the connections drop, and they resume from the bookmark ---
     wait_all_watching(&api)?;
@@ -344,8 +439,8 @@ fn model_follows_the_api_server() -> Result<()> {
     api.compact(Resource::Pods);
     let cut = api.drop_watches();
     assert_eq!(
-        cut, 8,
-        "namespaces, pods ×2, services, endpointslices, authorizationpolicies, httproutes, grpcroutes"
+        cut, 10,
+        "namespaces, pods ×2, services, endpointslices, authorizationpolicies, httproutes, grpcroutes, trafficpolicies, serviceentries"
     );
     // Made while disconnected: they must arrive from the history on resume.
     api.apply(objects::pod(&objects::PodSpec {
@@ -399,7 +494,7 @@ fn model_follows_the_api_server() -> Result<()> {
     // --- A dropped connection: the change made meanwhile arrives on resume, without a relist ---
     wait_all_watching(&api)?;
     let services_before = api.stats(Resource::Services);
-    assert_eq!(api.drop_watches(), 8);
+    assert_eq!(api.drop_watches(), 10);
     let with_metrics =
         [("echo", ECHO_PORT, ECHO_PORT), ("http", HTTP_PORT, HTTP_TARGET_PORT), ("metrics", 9090, 9090)];
     api.apply(objects::service("shop", "web", VIP, &with_metrics, &[("app", "web")]))?;
@@ -426,13 +521,15 @@ fn model_follows_the_api_server() -> Result<()> {
     enrolled.sort();
     assert_eq!(enrolled, ["shop/client", "shop/web-0"]);
     assert_eq!(route_keys(&m["routes"]), set(&["HTTPRoute shop/web-http"]));
+    assert_eq!(keys(&m["traffic_policies"]), set(&["shop/web"]));
     drop(servers);
     Ok(())
 }
 
-/// Without Istio's CRDs the API server does not serve AuthorizationPolicies, and without the
-/// Gateway API's it serves no HTTPRoutes or GRPCRoutes: sluice says so once per resource, runs
-/// without policies and routes, and picks them up once the CRDs are installed.
+/// Without Istio's CRDs the API server does not serve AuthorizationPolicies or ServiceEntries,
+/// without the Gateway API's it serves no HTTPRoutes or GRPCRoutes, and without sluice's no
+/// TrafficPolicies: sluice says so once per resource, runs without them, and picks them up once
+/// the CRDs are installed.
 #[test]
 fn runs_without_the_optional_crds() -> Result<()> {
     let sim = Sim::new()?;
@@ -451,12 +548,14 @@ fn runs_without_the_optional_crds() -> Result<()> {
     let m = sluice.get_json("/model")?;
     assert_eq!(m["authorization_policies"], json!([]));
     assert_eq!(m["routes"], json!([]));
+    assert_eq!(m["traffic_policies"], json!([]));
+    assert_eq!(m["service_entries"], json!([]));
     assert_eq!(m["errors"], json!([]), "a missing CRD is not an object error");
     // It keeps asking (with backoff), and says it only once per resource.
     for crd in Resource::CRDS {
         api.wait_stats(crd, T, "a second list attempt", |s| s.lists >= 2)?;
     }
-    for plural in ["authorizationpolicies", "httproutes", "grpcroutes"] {
+    for plural in ["authorizationpolicies", "httproutes", "grpcroutes", "trafficpolicies", "serviceentries"] {
         let said = sluice.log_contents().matches(&format!("does not serve {plural}")).count();
         assert_eq!(said, 1, "{plural} logged once:\n{}", sluice.log_contents());
     }
@@ -468,18 +567,31 @@ fn runs_without_the_optional_crds() -> Result<()> {
     let api_parent = json!([{"group": "", "kind": "Service", "name": "api"}]);
     api.apply(objects::grpc_route("shop", "api", json!({"parentRefs": api_parent, "rules": [{}]})))?;
     api.apply(objects::http_route("shop", "api", json!({"parentRefs": api_parent})))?;
+    api.apply(objects::traffic_policy(
+        "shop",
+        "api",
+        json!({"targetRefs": [{"group": "", "kind": "Service", "name": "api"}], "timeouts": {"request": "2s"}}),
+    ))?;
+    api.apply(objects::service_entry(
+        "shop",
+        "api",
+        json!({"hosts": ["api.example.com"], "ports": [{"number": 443, "name": "https", "protocol": "TLS"}],
+               "resolution": "DNS"}),
+    ))?;
     // The retries come at the backoff's pace (doubling from 0.8 s, with jitter).
     sluice.wait_for(
         "/model",
         |m| {
             keys(&m["authorization_policies"]) == set(&["shop/deny-all"])
                 && route_keys(&m["routes"]) == set(&["GRPCRoute shop/api", "HTTPRoute shop/api"])
+                && keys(&m["traffic_policies"]) == set(&["shop/api"])
+                && keys(&m["service_entries"]) == set(&["shop/api"])
         },
         Duration::from_secs(40),
     )?;
     assert_eq!(
         sluice.log_contents().matches("serves this resource now").count(),
-        3,
+        5,
         "{}",
         sluice.log_contents()
     );

@@ -77,9 +77,29 @@ impl AdminState {
             ("upstream_connect_errors", &up.connect_errors),
             ("upstream_reused", &up.reused),
             ("upstream_retried_on_fresh_connection", &up.retried_on_fresh_connection),
+            ("upstream_tls_originated", &up.tls_originated),
+            ("http_mirrored", &l7.mirrored),
+            ("http_mirror_skipped", &l7.mirror_skipped),
+            ("http_mirror_failed", &l7.mirror_failed),
+            ("egress_refused", &l7.egress_refused),
         ] {
             all.insert(name.to_string(), value.load(Ordering::Relaxed));
         }
+        let lc = &self.data.l7.limit_counters;
+        for (name, value) in [
+            ("http_retries", &lc.retries),
+            ("http_retry_budget_exhausted", &lc.retry_budget_exhausted),
+            ("http_rate_limited", &lc.rate_limited),
+            ("http_faults_delayed", &lc.faults_delayed),
+            ("http_faults_aborted", &lc.faults_aborted),
+            ("pod_overflow", &lc.pod_overflow),
+            ("pod_accept_paused", &lc.pod_accept_paused),
+        ] {
+            all.insert(name.to_string(), value.load(Ordering::Relaxed));
+        }
+        let overflow: u64 =
+            self.data.l7.breakers.snapshot().iter().map(|(_, _, b)| b.overflows.load(Ordering::Relaxed)).sum();
+        all.insert("http_overflow".to_string(), overflow);
         let (idle_h1, h2) = self.data.l7.upstreams.sizes();
         all.insert("upstream_idle_http1".to_string(), idle_h1 as u64);
         all.insert("upstream_http2".to_string(), h2 as u64);

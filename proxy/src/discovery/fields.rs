@@ -67,6 +67,11 @@ impl<'a> Node<'a> {
         self.value.as_i64().ok_or_else(|| self.expected("an integer"))
     }
 
+    /// A number, integer or not (`10`, `0.5`).
+    pub fn as_f64(&self) -> Result<f64, DocError> {
+        self.value.as_f64().ok_or_else(|| self.expected("a number"))
+    }
+
     /// A TCP/UDP port number, 1-65535.
     pub fn as_port(&self) -> Result<u16, DocError> {
         let n = self.as_i64()?;

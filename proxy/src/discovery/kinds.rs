@@ -1,10 +1,11 @@
 //! Parsers for the kinds in the registry (`manifest::KINDS`): core/v1 Namespace, Pod and
-//! Service, discovery.k8s.io/v1 EndpointSlice, and Istio's security.istio.io AuthorizationPolicy.
+//! Service (a Namespace's annotations: enrollment, peer authentication, outbound traffic policy),
+//! discovery.k8s.io/v1 EndpointSlice, and Istio's security.istio.io AuthorizationPolicy.
 //! Each takes validated metadata and the whole document, reads the fields sluice uses and
 //! ignores the rest (status.conditions, managedFields, containers, ...), applying the API's
 //! defaults. AuthorizationPolicy is the exception: a security policy whose spec says more than
 //! sluice can enforce is rejected, never partly applied. The Gateway API's routes have a module
-//! of their own, `kinds_route`.
+//! of their own, `kinds_route`, and TrafficPolicy and ServiceEntry theirs, `kinds_traffic`.
 
 use std::collections::HashSet;
 use std::net::IpAddr;
@@ -18,6 +19,7 @@ use super::model::{
     Service, ServicePort, StringMatch, TargetPort, MESH_ANNOTATION, MESH_ENABLED, PEER_AUTH_ANNOTATION,
     SERVICE_NAME_LABEL,
 };
+use super::traffic::{OutboundPolicy, OUTBOUND_POLICY_ANNOTATION};
 
 pub(crate) fn namespace(meta: Meta, _doc: &Node<'_>) -> Result<Object, DocError> {
     let enrolled = meta.annotations.get(MESH_ANNOTATION).is_some_and(|v| v == MESH_ENABLED);
@@ -33,12 +35,24 @@ pub(crate) fn namespace(meta: Meta, _doc: &Node<'_>) -> Result<Object, DocError>
             })
         }
     };
+    let outbound_policy = match meta.annotations.get(OUTBOUND_POLICY_ANNOTATION).map(String::as_str) {
+        None | Some("ALLOW_ANY") => OutboundPolicy::AllowAny,
+        Some("REGISTRY_ONLY") => OutboundPolicy::RegistryOnly,
+        // A typo must not leave open a namespace the operator meant to restrict.
+        Some(other) => {
+            return Err(DocError::Invalid {
+                field: format!("metadata.annotations[{OUTBOUND_POLICY_ANNOTATION:?}]"),
+                reason: format!("{other:?} is not an outbound traffic policy (ALLOW_ANY, REGISTRY_ONLY)"),
+            })
+        }
+    };
     Ok(Object::Namespace(Arc::new(Namespace {
         name: meta.name,
         labels: meta.labels,
         annotations: meta.annotations,
         enrolled,
         peer_auth,
+        outbound_policy,
     })))
 }
 

@@ -112,7 +112,7 @@ fn route(kind: RouteKind, meta: Meta, doc: &Node<'_>) -> Result<Object, DocError
 }
 
 /// The elements of the list `key`, at most `max` (the CRD's maxItems).
-fn bounded_list<'a>(node: &Node<'a>, key: &str, max: usize) -> Result<Vec<Node<'a>>, DocError> {
+pub(super) fn bounded_list<'a>(node: &Node<'a>, key: &str, max: usize) -> Result<Vec<Node<'a>>, DocError> {
     let items = node.list(key)?;
     if items.len() > max {
         return Err(DocError::Invalid {
@@ -124,7 +124,7 @@ fn bounded_list<'a>(node: &Node<'a>, key: &str, max: usize) -> Result<Vec<Node<'
 }
 
 /// A required, non-empty string field.
-fn required_str<'a>(node: &Node<'a>, key: &str) -> Result<&'a str, DocError> {
+pub(super) fn required_str<'a>(node: &Node<'a>, key: &str) -> Result<&'a str, DocError> {
     let n = node.require(key)?;
     let s = n.as_str()?;
     if s.is_empty() {
@@ -145,7 +145,7 @@ fn namespace_or(node: &Node<'_>, default: &str) -> Result<String, DocError> {
 }
 
 /// An integer field in `min..=max`.
-fn int_in(node: &Node<'_>, min: i64, max: i64) -> Result<i64, DocError> {
+pub(super) fn int_in(node: &Node<'_>, min: i64, max: i64) -> Result<i64, DocError> {
     let n = node.as_i64()?;
     if n < min || n > max {
         return Err(node.invalid(format!("{n} is out of range {min}-{max}")));
@@ -442,7 +442,7 @@ fn regex(node: &Node<'_>, source: &str) -> Result<Regex, DocError> {
 
 /// How names of a header or query parameter list compare.
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Names {
+pub(super) enum Names {
     /// Case-insensitive: stored lower-case.
     Header,
     /// Case-sensitive: stored as written.
@@ -487,7 +487,7 @@ fn value_matches(
 }
 
 /// An HTTP header name (RFC 7230 token, as the CRD's pattern), lower-cased for a header.
-fn header_name(node: &Node<'_>, names: Names) -> Result<String, DocError> {
+pub(super) fn header_name(node: &Node<'_>, names: Names) -> Result<String, DocError> {
     let name = node.as_str()?;
     let token = |c: u8| c.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&c);
     if name.is_empty() || name.len() > MAX_HEADER_NAME_LEN || !name.bytes().all(token) {
@@ -902,7 +902,7 @@ fn timeouts(rule: &Node<'_>) -> Result<RouteTimeouts, DocError> {
     Ok(RouteTimeouts { request: nonzero(request), backend_request: nonzero(backend_request) })
 }
 
-fn duration(node: &Node<'_>, key: &str) -> Result<Option<Duration>, DocError> {
+pub(super) fn duration(node: &Node<'_>, key: &str) -> Result<Option<Duration>, DocError> {
     let Some(n) = node.get(key) else {
         return Ok(None);
     };

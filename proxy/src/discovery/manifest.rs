@@ -19,6 +19,7 @@ use thiserror::Error;
 use super::fields::{NameRule, Node};
 use super::kinds;
 use super::kinds_route;
+use super::kinds_traffic;
 use super::model::{Kind, Labels, Object, ObjectKey};
 
 /// The on-disk format of a manifest file, chosen by its extension.
@@ -184,6 +185,21 @@ pub(crate) const KINDS: &[KindSpec] = &[
         namespaced: true,
         name_rule: NameRule::Dns1123Subdomain,
         parse: kinds_route::grpc_route,
+    },
+    KindSpec {
+        kind: Kind::TrafficPolicy,
+        api_versions: &["sluice.dev/v1alpha1"],
+        namespaced: true,
+        name_rule: NameRule::Dns1123Subdomain,
+        parse: kinds_traffic::traffic_policy,
+    },
+    KindSpec {
+        kind: Kind::ServiceEntry,
+        // Istio serves both with the same schema (v1 since Istio 1.22).
+        api_versions: &["networking.istio.io/v1", "networking.istio.io/v1beta1"],
+        namespaced: true,
+        name_rule: NameRule::Dns1123Subdomain,
+        parse: kinds_traffic::service_entry,
     },
 ];
 

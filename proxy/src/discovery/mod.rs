@@ -1,5 +1,6 @@
 //! Discovery: the in-memory model of namespaces, pods, services, endpoints, authorization
-//! policies and Gateway API mesh routes (HTTPRoute, GRPCRoute), fed by sources.
+//! policies, Gateway API mesh routes (HTTPRoute, GRPCRoute), sluice's TrafficPolicies and Istio's
+//! ServiceEntries, fed by sources.
 //!
 //! Data flows one way: a source (the manifest directory, or the Kubernetes API) parses objects, builds an immutable [`Model`] snapshot with every index precomputed, and
 //! publishes it as `Arc<Model>`. Consumers swap whole snapshots (`arc_swap::ArcSwap<Model>`
@@ -17,18 +18,22 @@
 //! })?;                                 // returns after the first model was published
 //! ```
 //!
-//! Layout: `model` (object types), `route` (the route types), `snapshot` (the `Model` and its
-//! indexes, including the routes attached to each Service port), `manifest` (file parsing and
-//! the kind registry), `kinds` (one parser per kind) and `kinds_route` (HTTPRoute, GRPCRoute),
-//! `fields` (field access with error paths), `store` (per-file state and conflict rules),
-//! `dir_source` (the watcher), `kube` (the Kubernetes API source: list/watch into the same
-//! parsers; routes are watched there too), `view` (the model as `GET /model` shows it).
+//! Layout: `model` (object types), `route` (the route types), `traffic` (TrafficPolicy,
+//! ServiceEntry, the namespace outbound policy), `snapshot` (the `Model` and its indexes,
+//! including the routes attached to each Service port, the TrafficPolicy in force for each
+//! target and the ServiceEntries by address and host), `manifest` (file parsing and the kind
+//! registry), `kinds` (one parser per kind), `kinds_route` (HTTPRoute, GRPCRoute) and
+//! `kinds_traffic` (TrafficPolicy, ServiceEntry), `fields` (field access with error paths),
+//! `store` (per-file state and conflict rules), `dir_source` (the watcher), `kube` (the
+//! Kubernetes API source: list/watch into the same parsers; routes, TrafficPolicies and
+//! ServiceEntries are watched there too), `view` (the model as `GET /model` shows it).
 //! [`SourceConfig`] picks the source; the manifest directory is the default.
 
 mod dir_source;
 mod fields;
 mod kinds;
 mod kinds_route;
+mod kinds_traffic;
 pub mod kube;
 pub mod manifest;
 mod model;
@@ -59,7 +64,7 @@ pub use model::{
 pub use snapshot::{ManifestError, Model, ServiceTarget};
 pub use view::{
     AuthorizationPolicyView, EndpointSliceView, ErrorView, ModelView, NamespaceView, PodView, RouteView,
-    ServicePortView, ServiceView,
+    ServiceEntryView, ServicePortView, ServiceView, TrafficPolicyView,
 };
 
 /// Why a source could not start. (Problems inside manifest files are not errors of the

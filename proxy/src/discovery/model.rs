@@ -13,6 +13,7 @@ use std::sync::Arc;
 use serde::Serialize;
 
 use super::route::{Route, RouteKind};
+use super::traffic::{OutboundPolicy, ServiceEntry, TrafficPolicy};
 
 /// Labels and annotations. A `BTreeMap` keeps them in a stable order for logs and the admin API.
 pub type Labels = BTreeMap<String, String>;
@@ -69,6 +70,8 @@ pub struct Namespace {
     pub enrolled: bool,
     /// `annotations["sluice.dev/peer-authentication"]`, PERMISSIVE when absent.
     pub peer_auth: PeerAuthMode,
+    /// `annotations["sluice.dev/outbound-traffic-policy"]`, ALLOW_ANY when absent.
+    pub outbound_policy: OutboundPolicy,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
@@ -379,6 +382,8 @@ pub enum Kind {
     AuthorizationPolicy,
     HttpRoute,
     GrpcRoute,
+    TrafficPolicy,
+    ServiceEntry,
 }
 
 impl Kind {
@@ -391,6 +396,8 @@ impl Kind {
             Kind::AuthorizationPolicy => "AuthorizationPolicy",
             Kind::HttpRoute => "HTTPRoute",
             Kind::GrpcRoute => "GRPCRoute",
+            Kind::TrafficPolicy => "TrafficPolicy",
+            Kind::ServiceEntry => "ServiceEntry",
         }
     }
 }
@@ -439,6 +446,8 @@ pub enum Object {
     AuthorizationPolicy(Arc<AuthorizationPolicy>),
     /// An HTTPRoute or a GRPCRoute: its kind (part of the key) is [`Route::kind`].
     Route(Arc<Route>),
+    TrafficPolicy(Arc<TrafficPolicy>),
+    ServiceEntry(Arc<ServiceEntry>),
 }
 
 impl Object {
@@ -450,6 +459,8 @@ impl Object {
             Object::EndpointSlice(_) => Kind::EndpointSlice,
             Object::AuthorizationPolicy(_) => Kind::AuthorizationPolicy,
             Object::Route(o) => o.kind.into(),
+            Object::TrafficPolicy(_) => Kind::TrafficPolicy,
+            Object::ServiceEntry(_) => Kind::ServiceEntry,
         }
     }
 
@@ -461,6 +472,8 @@ impl Object {
             Object::EndpointSlice(o) => (o.namespace.as_str(), o.name.as_str()),
             Object::AuthorizationPolicy(o) => (o.namespace.as_str(), o.name.as_str()),
             Object::Route(o) => (o.namespace.as_str(), o.name.as_str()),
+            Object::TrafficPolicy(o) => (o.namespace.as_str(), o.name.as_str()),
+            Object::ServiceEntry(o) => (o.namespace.as_str(), o.name.as_str()),
         };
         ObjectKey { kind: self.kind(), namespace: namespace.to_owned(), name: name.to_owned() }
     }

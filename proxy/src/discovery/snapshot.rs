@@ -3,8 +3,9 @@
 //! A snapshot is built on the control path whenever a source changes and is then only read.
 //! Every index the data path needs is computed here, once per snapshot, so that lookups are a
 //! hash probe with no allocation: `service_for` (ClusterIP:port → Service port and its ready
-//! endpoints), `pod_by_ip`, the authorization policies of a namespace in name order, and the
-//! routes attached to a Service port in precedence order.
+//! endpoints), `pod_by_ip`, the authorization policies of a namespace in name order, the
+//! routes attached to a Service port in precedence order, the TrafficPolicy in force for a
+//! Service port, a route or a ServiceEntry, and the ServiceEntry behind an address or a host.
 
 use std::cmp::Ordering;
 use std::collections::HashMap;
@@ -14,13 +15,16 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
-use super::route_table::PortRoutes;
 use super::manifest::{self, Format, ParseError};
 use super::model::{
     AuthorizationPolicy, EndpointSlice, Namespace, Object, PeerAuthMode, Pod, PodPhase, Protocol, Service,
     ServicePort,
 };
 use super::route::{Route, RouteKind};
+use super::route_table::PortRoutes;
+use super::traffic::{
+    IpNet, OutboundPolicy, PolicyTarget, Resolution, ServiceEntry, ServiceEntryPort, TrafficPolicy,
+};
 
 /// A manifest file that is (partly) not in force, and why.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
@@ -69,6 +73,17 @@ type ByNsName<T> = HashMap<String, ByName<T>>;
 type RoutesByPort = Box<[(u16, Box<[Arc<Route>]>)]>;
 /// Service namespace → Service name → its ports' routes.
 type AttachedRoutes = HashMap<String, HashMap<String, RoutesByPort>>;
+/// namespace → target name → the TrafficPolicy in force for it.
+type PolicyByTarget = HashMap<String, HashMap<String, Arc<TrafficPolicy>>>;
+/// ServiceEntries in precedence order, each with its rank (its place in namespace/name order).
+type RankedEntries = Box<[(u32, Arc<ServiceEntry>)]>;
+
+/// The TrafficPolicies in force for one Service: for the whole Service, and per port name.
+#[derive(Debug, Default)]
+struct ServicePolicies {
+    whole: Option<Arc<TrafficPolicy>>,
+    by_port: Vec<(String, Arc<TrafficPolicy>)>,
+}
 
 /// An immutable snapshot. Share it as `Arc<Model>`; swap whole snapshots, never mutate one.
 #[derive(Debug, Default)]
@@ -93,6 +108,22 @@ pub struct Model {
     attached_routes: AttachedRoutes,
     /// The same, compiled into the tables the data path matches requests against.
     route_tables: HashMap<String, HashMap<String, Box<[(u16, PortRoutes)]>>>,
+    traffic_policies: ByNsName<TrafficPolicy>,
+    service_entries: ByNsName<ServiceEntry>,
+    /// namespace → Service name → the TrafficPolicies in force for it.
+    service_policies: HashMap<String, HashMap<String, ServicePolicies>>,
+    http_route_policies: PolicyByTarget,
+    grpc_route_policies: PolicyByTarget,
+    entry_policies: PolicyByTarget,
+    /// Single addresses (`spec.addresses` /32 and /128, and the endpoint IPs of STATIC
+    /// entries) → the entries that claim them, by rank.
+    entries_by_ip: HashMap<IpAddr, RankedEntries>,
+    /// CIDR blocks of `spec.addresses`, by rank.
+    entries_by_cidr: Box<[(IpNet, u32, Arc<ServiceEntry>)]>,
+    /// Exact host → entries, by rank.
+    entries_by_host: HashMap<String, Box<[Arc<ServiceEntry>]>>,
+    /// `*.suffix` host → entries by `suffix`, by rank.
+    entries_by_wildcard: HashMap<String, Box<[Arc<ServiceEntry>]>>,
 }
 
 impl Model {
@@ -127,13 +158,99 @@ impl Model {
                     };
                     insert(map, o, |r| (&r.namespace, &r.name))
                 }
+                Object::TrafficPolicy(o) => insert(&mut m.traffic_policies, o, |p| (&p.namespace, &p.name)),
+                Object::ServiceEntry(o) => insert(&mut m.service_entries, o, |e| (&e.namespace, &e.name)),
             }
         }
         m.index_services();
         m.index_pods();
         m.index_policies();
         m.index_routes();
+        m.index_traffic_policies();
+        m.index_service_entries();
         m
+    }
+
+    /// For every target, the TrafficPolicy in force: the oldest of those naming it (see
+    /// [`policy_precedence`]). Targets need not exist in this snapshot.
+    fn index_traffic_policies(&mut self) {
+        let mut policies: Vec<Arc<TrafficPolicy>> = self.traffic_policies().cloned().collect();
+        policies.sort_by(|a, b| policy_precedence(a, b));
+        for p in &policies {
+            for t in &p.targets {
+                let ns = p.namespace.clone();
+                let first = |map: &mut PolicyByTarget, name: &str| {
+                    map.entry(ns.clone()).or_default().entry(name.to_owned()).or_insert_with(|| p.clone());
+                };
+                match t {
+                    PolicyTarget::Service { name, section_name } => {
+                        let svc = self
+                            .service_policies
+                            .entry(ns.clone())
+                            .or_default()
+                            .entry(name.clone())
+                            .or_default();
+                        match section_name {
+                            None => {
+                                svc.whole.get_or_insert_with(|| p.clone());
+                            }
+                            Some(port) => {
+                                if !svc.by_port.iter().any(|(n, _)| n == port) {
+                                    svc.by_port.push((port.clone(), p.clone()));
+                                }
+                            }
+                        }
+                    }
+                    PolicyTarget::Route { name, grpc: false } => first(&mut self.http_route_policies, name),
+                    PolicyTarget::Route { name, grpc: true } => first(&mut self.grpc_route_policies, name),
+                    PolicyTarget::ServiceEntry { name } => first(&mut self.entry_policies, name),
+                }
+            }
+        }
+    }
+
+    /// The ServiceEntry indexes by address and host. An entry's rank is its place in
+    /// namespace/name order; every list is in rank order, so the first match wins.
+    fn index_service_entries(&mut self) {
+        let mut entries: Vec<Arc<ServiceEntry>> = self.service_entries().cloned().collect();
+        entries.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+        let mut by_ip: HashMap<IpAddr, Vec<(u32, Arc<ServiceEntry>)>> = HashMap::new();
+        let mut cidrs = Vec::new();
+        let mut by_host: HashMap<String, Vec<Arc<ServiceEntry>>> = HashMap::new();
+        let mut by_wildcard: HashMap<String, Vec<Arc<ServiceEntry>>> = HashMap::new();
+        for (rank, e) in entries.into_iter().enumerate() {
+            let rank = rank as u32;
+            let mut claim = |ip: IpAddr| {
+                let list = by_ip.entry(ip.to_canonical()).or_default();
+                if list.last().is_none_or(|(r, _)| *r != rank) {
+                    list.push((rank, e.clone()));
+                }
+            };
+            for net in &e.addresses {
+                if net.is_host() {
+                    claim(net.addr);
+                } else {
+                    cidrs.push((*net, rank, e.clone()));
+                }
+            }
+            if matches!(e.resolution, Resolution::Static | Resolution::None) {
+                for ep in &e.endpoints {
+                    if let Ok(ip) = ep.address.parse::<IpAddr>() {
+                        claim(ip);
+                    }
+                }
+            }
+            for host in &e.hosts {
+                match host.strip_prefix("*.") {
+                    Some(suffix) => by_wildcard.entry(suffix.to_owned()).or_default().push(e.clone()),
+                    None => by_host.entry(host.clone()).or_default().push(e.clone()),
+                }
+            }
+        }
+        self.entries_by_ip = by_ip.into_iter().map(|(ip, v)| (ip, v.into())).collect();
+        self.entries_by_cidr = cidrs.into();
+        self.entries_by_host = by_host.into_iter().map(|(h, v)| (h, v.into())).collect();
+        self.entries_by_wildcard = by_wildcard.into_iter().map(|(h, v)| (h, v.into())).collect();
     }
 
     /// Attaches every route to the ports of the Services its parentRefs name. Only Services in
@@ -294,6 +411,136 @@ impl Model {
         self.namespaces.get(namespace).map_or(PeerAuthMode::Permissive, |n| n.peer_auth)
     }
 
+    /// The namespace's outbound traffic policy; ALLOW_ANY for a namespace with no manifest.
+    pub fn outbound_policy(&self, namespace: &str) -> OutboundPolicy {
+        self.namespaces.get(namespace).map_or(OutboundPolicy::AllowAny, |n| n.outbound_policy)
+    }
+
+    /// Every TrafficPolicy, in force or not, in no particular order.
+    pub fn traffic_policies(&self) -> impl Iterator<Item = &Arc<TrafficPolicy>> {
+        self.traffic_policies.values().flat_map(|m| m.values())
+    }
+
+    pub fn traffic_policy(&self, namespace: &str, name: &str) -> Option<&Arc<TrafficPolicy>> {
+        self.traffic_policies.get(namespace)?.get(name)
+    }
+
+    /// The TrafficPolicy in force for Service `namespace/name`, on the port named `port_name`
+    /// (`None`: a Service port without a name, or the Service as a whole). A policy whose
+    /// targetRef names that port (sectionName) beats one for the whole Service; among several of
+    /// the same sort, the oldest wins (creation time, then name; no timestamp counts as newest).
+    pub fn traffic_policy_for_service(
+        &self,
+        namespace: &str,
+        name: &str,
+        port_name: Option<&str>,
+    ) -> Option<&Arc<TrafficPolicy>> {
+        let svc = self.service_policies.get(namespace)?.get(name)?;
+        if let Some(port) = port_name {
+            if let Some((_, p)) = svc.by_port.iter().find(|(n, _)| n == port) {
+                return Some(p);
+            }
+        }
+        svc.whole.as_ref()
+    }
+
+    /// The TrafficPolicy in force for the HTTPRoute or GRPCRoute `namespace/name` (the oldest
+    /// that targets it).
+    pub fn traffic_policy_for_route(
+        &self,
+        kind: RouteKind,
+        namespace: &str,
+        name: &str,
+    ) -> Option<&Arc<TrafficPolicy>> {
+        let map = match kind {
+            RouteKind::Http => &self.http_route_policies,
+            RouteKind::Grpc => &self.grpc_route_policies,
+        };
+        map.get(namespace)?.get(name)
+    }
+
+    /// The TrafficPolicy in force for the ServiceEntry `namespace/name` (the oldest that targets
+    /// it).
+    pub fn traffic_policy_for_service_entry(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> Option<&Arc<TrafficPolicy>> {
+        self.entry_policies.get(namespace)?.get(name)
+    }
+
+    /// Every ServiceEntry, in no particular order.
+    pub fn service_entries(&self) -> impl Iterator<Item = &Arc<ServiceEntry>> {
+        self.service_entries.values().flat_map(|m| m.values())
+    }
+
+    pub fn service_entry(&self, namespace: &str, name: &str) -> Option<&Arc<ServiceEntry>> {
+        self.service_entries.get(namespace)?.get(name)
+    }
+
+    /// The ServiceEntry (and its port) for a connection to `ip:port`: among the entries that
+    /// declare `port` and whose `addresses` contain `ip` (an address or a CIDR block) or, with
+    /// resolution STATIC (or NONE), whose endpoints have the address `ip`, the first in
+    /// namespace/name order. An IPv4-mapped IPv6 address matches the IPv4 address.
+    pub fn service_entry_for_addr(
+        &self,
+        ip: IpAddr,
+        port: u16,
+    ) -> Option<(&Arc<ServiceEntry>, &ServiceEntryPort)> {
+        let ip = ip.to_canonical();
+        let mut best: Option<(u32, &Arc<ServiceEntry>, &ServiceEntryPort)> = None;
+        if let Some(list) = self.entries_by_ip.get(&ip) {
+            best = list.iter().find_map(|(rank, e)| entry_port(e, port).map(|p| (*rank, e, p)));
+        }
+        for (net, rank, e) in self.entries_by_cidr.iter() {
+            if best.is_some_and(|(b, ..)| b <= *rank) {
+                break; // the rest rank lower
+            }
+            if net.contains(ip) {
+                if let Some(p) = entry_port(e, port) {
+                    best = Some((*rank, e, p));
+                    break;
+                }
+            }
+        }
+        best.map(|(_, e, p)| (e, p))
+    }
+
+    /// The ServiceEntry (and its port) for a request or connection to `host` (an HTTP Host or
+    /// authority, or a TLS SNI; a `:port` suffix and a trailing '.' are ignored, case does not
+    /// matter) on `port`: an entry with that exact host, else one with the most specific wildcard
+    /// host (`*.example.com` matches `a.example.com` and `a.b.example.com`, not `example.com`),
+    /// that declares `port`; among several, the first in namespace/name order.
+    pub fn service_entry_for_host(
+        &self,
+        host: &str,
+        port: u16,
+    ) -> Option<(&Arc<ServiceEntry>, &ServiceEntryPort)> {
+        let host = strip_port(host);
+        let host = host.strip_suffix('.').unwrap_or(host);
+        // Lower-cased on the stack: host names are at most 253 bytes.
+        let mut buf = [0u8; 253];
+        let host = if host.bytes().any(|b| b.is_ascii_uppercase()) {
+            let lower = buf.get_mut(..host.len())?;
+            lower.copy_from_slice(host.as_bytes());
+            lower.make_ascii_lowercase();
+            std::str::from_utf8(lower).ok()?
+        } else {
+            host
+        };
+        if let Some(found) = self.entries_by_host.get(host).and_then(|l| first_with_port(l, port)) {
+            return Some(found);
+        }
+        let mut rest = host;
+        while let Some((_, suffix)) = rest.split_once('.') {
+            if let Some(found) = self.entries_by_wildcard.get(suffix).and_then(|l| first_with_port(l, port)) {
+                return Some(found);
+            }
+            rest = suffix;
+        }
+        None
+    }
+
     /// The AuthorizationPolicies of `namespace`, sorted by name (empty if it has none).
     pub fn authorization_policies(&self, namespace: &str) -> &[Arc<AuthorizationPolicy>] {
         self.policies_by_ns.get(namespace).map_or(&[], |v| v)
@@ -391,6 +638,40 @@ fn route_precedence(a: &Route, b: &Route) -> Ordering {
         (None, None) => Ordering::Equal,
     };
     created.then_with(|| (&a.namespace, &a.name, a.kind).cmp(&(&b.namespace, &b.name, b.kind)))
+}
+
+/// Which of two TrafficPolicies naming the same target is in force: the oldest (no timestamp:
+/// newest), then `namespace/name` in alphabetical order.
+fn policy_precedence(a: &TrafficPolicy, b: &TrafficPolicy) -> Ordering {
+    let created = match (&a.created, &b.created) {
+        (Some(x), Some(y)) => x.cmp(y),
+        (Some(_), None) => Ordering::Less,
+        (None, Some(_)) => Ordering::Greater,
+        (None, None) => Ordering::Equal,
+    };
+    created.then_with(|| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)))
+}
+
+fn entry_port(entry: &ServiceEntry, port: u16) -> Option<&ServiceEntryPort> {
+    entry.ports.iter().find(|p| p.number == port)
+}
+
+fn first_with_port(
+    entries: &[Arc<ServiceEntry>],
+    port: u16,
+) -> Option<(&Arc<ServiceEntry>, &ServiceEntryPort)> {
+    entries.iter().find_map(|e| entry_port(e, port).map(|p| (e, p)))
+}
+
+/// `host` without a `:port` suffix (`example.com:8080`, `[2001:db8::1]:443`).
+fn strip_port(host: &str) -> &str {
+    if let Some(rest) = host.strip_prefix('[') {
+        return rest.split_once(']').map_or(host, |(ip, _)| ip);
+    }
+    match host.rsplit_once(':') {
+        Some((h, p)) if !h.contains(':') && p.bytes().all(|b| b.is_ascii_digit()) => h,
+        _ => host,
+    }
 }
 
 fn insert<T>(map: &mut ByNsName<T>, object: Arc<T>, key: impl Fn(&T) -> (&String, &String)) {

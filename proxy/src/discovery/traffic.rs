@@ -9,6 +9,7 @@
 //! over one on the Service for the requests that route matches, field group by field group
 //! (e.g. the route's `localRateLimit` with the Service's `retries`).
 
+use std::fmt;
 use std::net::IpAddr;
 use std::time::Duration;
 
@@ -115,17 +116,26 @@ impl Default for RetryBudget {
     }
 }
 
+/// Passive health checking. The parser fills in Istio's defaults for what a policy leaves out
+/// (in parentheses below).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct OutlierDetection {
-    /// 0 disables each trigger.
+    /// 0 disables each trigger. 5xx responses in a row (5); connection failures count as 5xx
+    /// here, as in Istio (its `splitExternalLocalOriginErrors: false`).
     pub consecutive_5xx: u32,
+    /// 502, 503, 504 and connection failures in a row (0: off).
     pub consecutive_gateway_errors: u32,
+    /// Failed connection attempts in a row, also for opaque TCP (0: off).
     pub consecutive_connect_failures: u32,
+    /// How often ejections are evaluated (10 s).
     #[serde(with = "ms")]
     pub interval: Duration,
+    /// The first ejection's length (30 s).
     #[serde(with = "ms")]
     pub base_ejection_time: Duration,
+    /// At most this share of the endpoints is ejected at once (10, Istio's default).
     pub max_ejection_percent: u32,
+    /// Ejection pauses when fewer endpoints than this share are healthy (0).
     pub min_health_percent: u32,
 }
 
@@ -203,7 +213,8 @@ pub struct ServiceEntry {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ServiceEntryPort {
     pub number: u16,
-    /// Upper-case (HTTP, HTTPS, HTTP2, GRPC, TCP, TLS, ...).
+    /// Upper-case (HTTP, HTTPS, HTTP2, GRPC, TCP, TLS, ...); empty when the entry does not say
+    /// (Istio then detects the protocol, as sluice does for a Service port without appProtocol).
     pub protocol: String,
     pub name: String,
     /// The port endpoints listen on (default: `number`).
@@ -249,6 +260,11 @@ pub struct IpNet {
 }
 
 impl IpNet {
+    /// Whether this is one address (a /32 or /128) rather than a block.
+    pub fn is_host(&self) -> bool {
+        self.prefix == if self.addr.is_ipv4() { 32 } else { 128 }
+    }
+
     pub fn contains(&self, ip: IpAddr) -> bool {
         match (self.addr, ip.to_canonical()) {
             (IpAddr::V4(net), IpAddr::V4(ip)) => {
@@ -260,6 +276,57 @@ impl IpNet {
                 u128::from(net) & mask == u128::from(ip) & mask
             }
             _ => false,
+        }
+    }
+}
+
+impl fmt::Display for IpNet {
+    /// `192.0.2.7` for one address, `192.0.2.0/24` for a block.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.is_host() {
+            write!(f, "{}", self.addr)
+        } else {
+            write!(f, "{}/{}", self.addr, self.prefix)
+        }
+    }
+}
+
+impl fmt::Display for PolicyTarget {
+    /// `Service web`, `Service web:http` (one port), `HTTPRoute r`, `GRPCRoute r`,
+    /// `ServiceEntry e`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PolicyTarget::Service { name, section_name: None } => write!(f, "Service {name}"),
+            PolicyTarget::Service { name, section_name: Some(port) } => write!(f, "Service {name}:{port}"),
+            PolicyTarget::Route { name, grpc: false } => write!(f, "HTTPRoute {name}"),
+            PolicyTarget::Route { name, grpc: true } => write!(f, "GRPCRoute {name}"),
+            PolicyTarget::ServiceEntry { name } => write!(f, "ServiceEntry {name}"),
+        }
+    }
+}
+
+impl OutboundPolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OutboundPolicy::AllowAny => "ALLOW_ANY",
+            OutboundPolicy::RegistryOnly => "REGISTRY_ONLY",
+        }
+    }
+}
+
+impl fmt::Display for OutboundPolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl Resolution {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Resolution::None => "NONE",
+            Resolution::Static => "STATIC",
+            Resolution::Dns => "DNS",
+            Resolution::DnsRoundRobin => "DNS_ROUND_ROBIN",
         }
     }
 }

@@ -12,6 +12,7 @@ use serde::Serialize;
 use super::model::{PeerAuthMode, Protocol, TargetPort};
 use super::route::{BackendRef, ParentRef, RouteKind};
 use super::snapshot::Model;
+use super::traffic::{EntryLocation, OutboundPolicy, Resolution, ServiceEntryPort, TrafficPolicy};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ModelView {
@@ -27,6 +28,10 @@ pub struct ModelView {
     pub authorization_policies: Vec<AuthorizationPolicyView>,
     /// HTTPRoutes and GRPCRoutes, attached to a Service of the model or not.
     pub routes: Vec<RouteView>,
+    /// sluice.dev TrafficPolicies, in force or not (a newer policy for the same target is not).
+    pub traffic_policies: Vec<TrafficPolicyView>,
+    /// Istio ServiceEntries.
+    pub service_entries: Vec<ServiceEntryView>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -41,6 +46,7 @@ pub struct NamespaceView {
     pub name: String,
     pub enrolled: bool,
     pub peer_auth: PeerAuthMode,
+    pub outbound_policy: OutboundPolicy,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -101,6 +107,60 @@ pub struct RouteView {
     pub backends: Vec<String>,
 }
 
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct TrafficPolicyView {
+    pub namespace: String,
+    pub name: String,
+    /// `Service web`, `Service web:http` (one port), `HTTPRoute r`, `GRPCRoute r`,
+    /// `ServiceEntry e`, in the policy's order.
+    pub targets: Vec<String>,
+    /// The field groups the policy sets, named as in its spec: `timeouts`, `retries`,
+    /// `outlierDetection`, `circuitBreaker`, `faultInjection`, `localRateLimit`, `tls`.
+    pub features: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ServiceEntryView {
+    pub namespace: String,
+    pub name: String,
+    pub hosts: Vec<String>,
+    /// `192.0.2.10`, `192.0.2.0/24`.
+    pub addresses: Vec<String>,
+    /// `number/PROTOCOL` (`80/HTTP`), with `->targetPort` when the entry sets one
+    /// (`80/HTTP->8080`); just the number when the protocol is not said.
+    pub ports: Vec<String>,
+    pub location: EntryLocation,
+    pub resolution: Resolution,
+}
+
+fn features(p: &TrafficPolicy) -> Vec<String> {
+    let t = &p.timeouts;
+    [
+        ("timeouts", t.connect.is_some() || t.request.is_some() || t.idle.is_some()),
+        ("retries", p.retries.is_some()),
+        ("outlierDetection", p.outlier_detection.is_some()),
+        ("circuitBreaker", p.circuit_breaker.is_some()),
+        ("faultInjection", p.fault_injection.is_some()),
+        ("localRateLimit", p.local_rate_limit.is_some()),
+        ("tls", p.tls.is_some()),
+    ]
+    .into_iter()
+    .filter(|(_, set)| *set)
+    .map(|(name, _)| name.to_owned())
+    .collect()
+}
+
+fn entry_port_label(p: &ServiceEntryPort) -> String {
+    let mut s = p.number.to_string();
+    if !p.protocol.is_empty() {
+        s = format!("{s}/{}", p.protocol);
+    }
+    if let Some(target) = p.target_port {
+        s = format!("{s}->{target}");
+    }
+    s
+}
+
 fn parent_label(p: &ParentRef) -> String {
     match p.port {
         Some(port) => format!("{}/{}:{port}", p.namespace, p.name),
@@ -120,7 +180,12 @@ impl Model {
     pub fn view(&self) -> ModelView {
         let mut namespaces: Vec<NamespaceView> = self
             .namespaces()
-            .map(|n| NamespaceView { name: n.name.clone(), enrolled: n.enrolled, peer_auth: n.peer_auth })
+            .map(|n| NamespaceView {
+                name: n.name.clone(),
+                enrolled: n.enrolled,
+                peer_auth: n.peer_auth,
+                outbound_policy: n.outbound_policy,
+            })
             .collect();
         namespaces.sort_by(|a, b| a.name.cmp(&b.name));
 
@@ -203,6 +268,31 @@ impl Model {
             .collect();
         routes.sort_by(|a, b| (&a.namespace, &a.name, a.kind).cmp(&(&b.namespace, &b.name, b.kind)));
 
+        let mut traffic_policies: Vec<TrafficPolicyView> = self
+            .traffic_policies()
+            .map(|p| TrafficPolicyView {
+                namespace: p.namespace.clone(),
+                name: p.name.clone(),
+                targets: p.targets.iter().map(ToString::to_string).collect(),
+                features: features(p),
+            })
+            .collect();
+        traffic_policies.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+
+        let mut service_entries: Vec<ServiceEntryView> = self
+            .service_entries()
+            .map(|e| ServiceEntryView {
+                namespace: e.namespace.clone(),
+                name: e.name.clone(),
+                hosts: e.hosts.clone(),
+                addresses: e.addresses.iter().map(ToString::to_string).collect(),
+                ports: e.ports.iter().map(entry_port_label).collect(),
+                location: e.location,
+                resolution: e.resolution,
+            })
+            .collect();
+        service_entries.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+
         ModelView {
             generation: self.generation(),
             errors: self
@@ -216,6 +306,8 @@ impl Model {
             endpoint_slices,
             authorization_policies,
             routes,
+            traffic_policies,
+            service_entries,
         }
     }
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{header, HeaderValue, Response, StatusCode};
 
-use super::{full_body, upstream::UpstreamError, Body};
+use super::{full_body, limits::Overflow, upstream::UpstreamError, Body};
 
 /// The header that carries the reason of a response sluice generated.
 pub const ERROR_HEADER: &str = "x-sluice-error";
@@ -31,6 +31,18 @@ pub enum ProxyError {
     BackendTimeout(Duration),
     #[error("{0}")]
     Unsupported(&'static str),
+    /// A local rate limit (TrafficPolicy `localRateLimit`) said no.
+    #[error("local rate limit reached")]
+    RateLimited { status: u16, retry_after: Duration },
+    /// Fault injection (TrafficPolicy `faultInjection.abort`).
+    #[error("fault injected")]
+    FaultAbort { http: u16, grpc: Option<u16> },
+    /// A circuit breaker or a per-pod limit: sluice fails fast instead of queueing.
+    #[error("overflow: {} reached", .0.as_str())]
+    Overflow(Overflow),
+    /// The client's namespace is REGISTRY_ONLY and the destination is not registered.
+    #[error("egress to {0} is not allowed: the namespace's outbound policy is REGISTRY_ONLY and no Service or ServiceEntry declares it{note}", note = host_note(.1))]
+    EgressBlocked(std::net::SocketAddr, Option<String>),
 }
 
 impl ProxyError {
@@ -39,7 +51,12 @@ impl ProxyError {
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
             ProxyError::BadBackend(_) => StatusCode::INTERNAL_SERVER_ERROR,
             ProxyError::NoEndpoints(_) => StatusCode::SERVICE_UNAVAILABLE,
-            ProxyError::Upstream(_) => StatusCode::BAD_GATEWAY,
+            ProxyError::Upstream(UpstreamError::Overflow(_)) | ProxyError::Overflow(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::Upstream(_) | ProxyError::EgressBlocked(..) => StatusCode::BAD_GATEWAY,
+            ProxyError::RateLimited { status, .. } => {
+                StatusCode::from_u16(*status).unwrap_or(StatusCode::TOO_MANY_REQUESTS)
+            }
+            ProxyError::FaultAbort { http, .. } => StatusCode::from_u16(*http).unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
             ProxyError::RequestTimeout(_) | ProxyError::BackendTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::Unsupported(_) => StatusCode::NOT_IMPLEMENTED,
         }
@@ -51,11 +68,16 @@ impl ProxyError {
             ProxyError::NoRoute => "no-route",
             ProxyError::BadBackend(_) => "invalid-backend",
             ProxyError::NoEndpoints(_) => "no-healthy-upstream",
+            ProxyError::Upstream(UpstreamError::Overflow(_)) | ProxyError::Overflow(_) => "overflow",
+            ProxyError::Upstream(UpstreamError::Tls { .. }) => "upstream-tls-failure",
             ProxyError::Upstream(e) if e.is_connect() => "upstream-connect-failure",
             ProxyError::Upstream(_) => "upstream-reset",
             ProxyError::RequestTimeout(_) => "request-timeout",
             ProxyError::BackendTimeout(_) => "backend-timeout",
             ProxyError::Unsupported(_) => "unsupported",
+            ProxyError::RateLimited { .. } => "rate-limited",
+            ProxyError::FaultAbort { .. } => "fault-injected",
+            ProxyError::EgressBlocked(..) => "egress-blocked",
         }
     }
 
@@ -66,6 +88,11 @@ impl ProxyError {
             ProxyError::BadBackend(_) => 13,                       // INTERNAL
             ProxyError::NoEndpoints(_) | ProxyError::Upstream(_) => 14, // UNAVAILABLE
             ProxyError::RequestTimeout(_) | ProxyError::BackendTimeout(_) => 4, // DEADLINE_EXCEEDED
+            ProxyError::RateLimited { .. } => 8,                                 // RESOURCE_EXHAUSTED
+            ProxyError::Overflow(_) => 14,
+            ProxyError::EgressBlocked(..) => 7, // PERMISSION_DENIED
+            ProxyError::FaultAbort { grpc: Some(code), .. } => *code,
+            ProxyError::FaultAbort { http, .. } => grpc_status_of_http(*http),
         }
     }
 
@@ -90,7 +117,40 @@ impl ProxyError {
         if let Ok(v) = HeaderValue::from_str(self.flag()) {
             resp.headers_mut().insert(ERROR_HEADER, v);
         }
+        match &self {
+            ProxyError::RateLimited { retry_after, .. } => {
+                // Whole seconds, rounded up (RFC 9110 §10.2.3).
+                let secs = retry_after.as_millis().div_ceil(1000).max(1);
+                resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs as u64));
+            }
+            ProxyError::Overflow(o) | ProxyError::Upstream(UpstreamError::Overflow(o)) => {
+                // Says it was sluice's limit, not the backend, and which one.
+                if let Ok(v) = HeaderValue::from_str(o.as_str()) {
+                    resp.headers_mut().insert(OVERFLOW_HEADER, v);
+                }
+            }
+            _ => {}
+        }
         resp
+    }
+}
+
+fn host_note(host: &Option<String>) -> String {
+    host.as_ref().map(|h| format!(" (host {h})")).unwrap_or_default()
+}
+
+/// Set on overflow responses: the limit that was reached.
+pub const OVERFLOW_HEADER: &str = "x-sluice-overflow";
+
+/// The gRPC status gRPC's HTTP mapping gives an HTTP status (grpc/doc/http-grpc-status-mapping.md).
+fn grpc_status_of_http(status: u16) -> u16 {
+    match status {
+        400 => 13, // INTERNAL
+        401 => 16, // UNAUTHENTICATED
+        403 => 7,  // PERMISSION_DENIED
+        404 => 12, // UNIMPLEMENTED
+        429 | 502..=504 => 14, // UNAVAILABLE
+        _ => 2,    // UNKNOWN
     }
 }
 

@@ -267,6 +267,37 @@ impl Default for PodLimits {
     }
 }
 
+/// The per-pod limiter: the accept-rate bucket and the requests in flight.
+pub struct PodLimiter {
+    pub limits: PodLimits,
+    accept: TokenBucket,
+    pub requests: AtomicU32,
+}
+
+impl PodLimiter {
+    pub fn new(limits: &PodLimits) -> Self {
+        let rate = limits.connection_rate.max(1);
+        // Refilled every 10 ms, one second's worth of burst.
+        let accept = TokenBucket::new(&LocalRateLimit {
+            max_tokens: rate,
+            tokens_per_fill: (rate / 100).max(1),
+            fill_interval: Duration::from_millis(10),
+            status: 429,
+        });
+        Self { limits: *limits, accept, requests: AtomicU32::new(0) }
+    }
+
+    /// May one more connection be accepted now? `Err(wait)`: not for `wait`.
+    pub fn accept(&self) -> Result<(), Duration> {
+        self.accept.try_take()
+    }
+
+    /// One more request in flight from this pod, within its limit.
+    pub fn request(&self) -> Option<Slot<'_>> {
+        acquire(&self.requests, Some(self.limits.max_requests))
+    }
+}
+
 /// Counters of the limits, for the admin view.
 #[derive(Debug, Default, Serialize)]
 pub struct LimitCounters {

@@ -40,7 +40,7 @@ pub fn resolve(ctx: &ConnCtx, model: &Model, mirror: &crate::discovery::route::R
         .filter(|_| backend.invalid.is_none())
         .and_then(|port| model.service_port(&backend.namespace, &backend.name, port));
     let picked = target.and_then(|t| {
-        let key = super::proxy::balance_key(&backend.namespace, &backend.name, t.port().port);
+        let key = super::plan::balance_key(&backend.namespace, &backend.name, t.port().port);
         ctx.dp.l7.balancer.pick(key, t.endpoints())
     });
     let Some((endpoint, inflight)) = picked else {
@@ -77,7 +77,16 @@ pub fn spawn(ctx: &Arc<ConnCtx>, targets: Vec<MirrorTarget>, head: &request::Par
         }
         for t in targets {
             let req = Request::from_parts(clone_head(&head), full_body(body.clone()));
-            let dial = Dial { pod: &ctx.pod, dp: &ctx.dp, endpoint: t.endpoint, mesh_peer: t.mesh_peer, wire: ctx.wire };
+            let dial = Dial {
+                pod: &ctx.pod,
+                dp: &ctx.dp,
+                endpoint: t.endpoint,
+                mesh_peer: t.mesh_peer,
+                wire: ctx.wire,
+                breaker: None,
+                tls: None,
+                connect_timeout: ctx.dp.connect_timeout,
+            };
             match ctx.dp.l7.upstreams.send(&dial, req).await {
                 Ok((resp, dispatched)) => {
                     t.inflight.complete(dispatched);
@@ -87,7 +96,7 @@ pub fn spawn(ctx: &Arc<ConnCtx>, targets: Vec<MirrorTarget>, head: &request::Par
                 Err(e) => {
                     t.inflight.failed();
                     counters.mirror_failed.fetch_add(1, Ordering::Relaxed);
-                    debug!(endpoint = %t.endpoint, error = %e, "mirrored request failed");
+                    debug!(endpoint = %t.endpoint, error = %e.error, "mirrored request failed");
                 }
             }
         }

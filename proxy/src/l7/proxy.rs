@@ -1,42 +1,44 @@
-//! One request through the proxy: find where it goes (the Service the client dialled, its
-//! routes, a weighted backend), pick an endpoint (P2C over peak-EWMA by default), send it on a
-//! pooled upstream connection from the client pod's namespace (inside the HBONE tunnel when
-//! the endpoint is an enrolled pod), and stream the response back. When that fails, the
+//! One request through the proxy: where it goes ([`super::plan`]), the limits and faults that
+//! apply (per-pod limit, local rate limit, fault injection, circuit breaker), then attempts:
+//! pick an endpoint (P2C over peak-EWMA by default, avoiding endpoints already tried and those
+//! ejected by outlier detection), send it on a pooled upstream connection from the client
+//! pod's namespace (inside the HBONE tunnel when the endpoint is an enrolled pod), retry what
+//! the retry policy and its budget allow, and stream the response back. When it fails, the
 //! client gets a response sluice makes itself ([`super::errors`]), never a hang.
 
 use std::{
     convert::Infallible,
-    hash::{DefaultHasher, Hash, Hasher},
     net::SocketAddr,
     sync::{atomic::Ordering, Arc},
     time::{Duration, Instant},
 };
 
-use http::{
-    header, request, uri::PathAndQuery, HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, Version,
-};
+use bytes::Bytes;
+use http::{header, request, uri::PathAndQuery, HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tracing::{debug, info};
 
 use super::{
+    balance::Outcome,
     body::{Deadline, Tee},
     errors::ProxyError,
-    filters,
-    mirror::{self, MirrorTarget},
+    filters, full_body,
+    limits::{Breaker, Overflow},
+    mirror,
+    plan::{self, Decision, Endpoints, Plan},
     server::ConnCtx,
-    upstream::{Dial, Wire},
+    upstream::{Dial, SendError, UpstreamError, Wire},
     Body,
 };
-use crate::{
-    discovery::{
-        route::{BackendRef, Filter, HeaderModifier},
-        route_table::{RequestParts, Selected},
-        Model,
-    },
-    l4,
-};
+use crate::{discovery::traffic::RetryPolicy, l4};
+
+pub use super::plan::balance_key;
+
+/// A request body is kept for a retry only up to this size (a larger one streams, and is not
+/// retried once sent).
+const RETRY_BODY_LIMIT: usize = 64 * 1024;
 
 /// Handles one request; never fails (errors become responses).
 pub async fn handle(req: Request<Incoming>, ctx: Arc<ConnCtx>) -> Result<Response<Body>, Infallible> {
@@ -51,6 +53,9 @@ pub async fn handle(req: Request<Incoming>, ctx: Arc<ConnCtx>) -> Result<Respons
         Ok(resp) => resp,
         Err(e) => {
             l7.counters.local_replies.fetch_add(1, Ordering::Relaxed);
+            if matches!(e, ProxyError::EgressBlocked(..)) {
+                l7.counters.egress_refused.fetch_add(1, Ordering::Relaxed);
+            }
             info!(
                 pod = %ctx.pod.key,
                 dst = %ctx.orig,
@@ -71,168 +76,40 @@ pub async fn handle(req: Request<Incoming>, ctx: Arc<ConnCtx>) -> Result<Respons
     Ok(resp)
 }
 
-/// The balancing key of a backend Service port (round-robin position).
-pub fn balance_key(namespace: &str, name: &str, port: u16) -> u64 {
-    let mut h = DefaultHasher::new();
-    (namespace, name, port).hash(&mut h);
-    h.finish()
-}
-
-/// Where one request goes, decided from one model snapshot.
-struct Plan {
-    /// "namespace/name:port" of the backend Service, or the address dialled.
-    backend: String,
-    endpoints: Arc<[SocketAddr]>,
-    /// Identifies the endpoint set for round robin.
-    balance_key: u64,
-    request_timeout: Option<Duration>,
-    backend_timeout: Option<Duration>,
-    /// ResponseHeaderModifier filters of the rule and backend, in order.
-    response_filters: Vec<HeaderModifier>,
-    mirrors: Vec<MirrorTarget>,
-}
-
-impl Plan {
-    fn simple(backend: String, endpoints: Arc<[SocketAddr]>, balance_key: u64) -> Plan {
-        Plan {
-            backend,
-            endpoints,
-            balance_key,
-            request_timeout: None,
-            backend_timeout: None,
-            response_filters: Vec::new(),
-            mirrors: Vec::new(),
-        }
-    }
-}
-
-enum Decision {
-    Forward(Plan),
-    /// A RequestRedirect filter answered.
-    Respond(Response<Body>, Vec<HeaderModifier>),
-}
-
-/// Routes the request: the Service the client dialled, its route table for the client's
-/// namespace, the matching rule and its filters, a backend by weight. Filters that change the
-/// request (headers, rewrite) are applied to `parts` here.
-fn decide(model: &Model, ctx: &ConnCtx, parts: &mut request::Parts, grpc: bool) -> Result<Decision, ProxyError> {
-    let Some(svc) = model.service_for(ctx.orig.ip(), ctx.orig.port()) else {
-        // Not a Service (a pod IP, an outside address): forwarded as dialled.
-        return Ok(Decision::Forward(Plan::simple(ctx.orig.to_string(), Arc::from([ctx.orig].as_slice()), 0)));
-    };
-    let port = svc.port().port;
-    let table = model.port_routes(svc.namespace(), svc.name(), port).and_then(|r| r.for_client(&ctx.pod.namespace));
-    let Some(table) = table else {
-        // No route: the Service's own endpoints.
-        return Ok(Decision::Forward(Plan::simple(
-            format!("{}/{}:{port}", svc.namespace(), svc.name()),
-            svc.endpoints().clone(),
-            balance_key(svc.namespace(), svc.name(), port),
-        )));
-    };
-    let request = RequestParts { method: &parts.method, path: parts.uri.path(), query: parts.uri.query(), headers: &parts.headers };
-    let sel = table.select(&request, grpc).ok_or(ProxyError::NoRoute)?;
-    let mut response_filters = Vec::new();
-    let mut mirrors = Vec::new();
-    if let Some(resp) = apply_filters(&sel.rule.filters, sel, ctx, model, parts, port, &mut response_filters, &mut mirrors) {
-        return Ok(Decision::Respond(resp, response_filters));
-    }
-    let backend = pick_backend(&sel.rule.backends).ok_or_else(|| {
-        ProxyError::BadBackend(format!(
-            "rule {} of {} {} has no backend with a weight above 0",
-            sel.rule_index,
-            sel.route.kind,
-            sel.route.key()
-        ))
-    })?;
-    if let Some(why) = &backend.invalid {
-        return Err(ProxyError::BadBackend(format!("backend {}/{}: {why}", backend.namespace, backend.name)));
-    }
-    let target = backend.port.and_then(|p| model.service_port(&backend.namespace, &backend.name, p)).ok_or_else(|| {
-        ProxyError::BadBackend(format!(
-            "backend Service {}/{} port {} does not exist",
-            backend.namespace,
-            backend.name,
-            backend.port.map_or("?".into(), |p| p.to_string())
-        ))
-    })?;
-    if let Some(resp) = apply_filters(&backend.filters, sel, ctx, model, parts, port, &mut response_filters, &mut mirrors) {
-        return Ok(Decision::Respond(resp, response_filters));
-    }
-    let bport = target.port().port;
-    Ok(Decision::Forward(Plan {
-        backend: format!("{}/{}:{bport}", backend.namespace, backend.name),
-        endpoints: target.endpoints().clone(),
-        balance_key: balance_key(&backend.namespace, &backend.name, bport),
-        request_timeout: sel.rule.timeouts.request,
-        backend_timeout: sel.rule.timeouts.backend_request,
-        response_filters,
-        mirrors,
-    }))
-}
-
-/// Applies a filter list in order. Returns a response if a RequestRedirect answers.
-#[allow(clippy::too_many_arguments)]
-fn apply_filters(
-    list: &[Filter],
-    sel: Selected<'_>,
-    ctx: &ConnCtx,
-    model: &Model,
-    parts: &mut request::Parts,
-    service_port: u16,
-    response_filters: &mut Vec<HeaderModifier>,
-    mirrors: &mut Vec<MirrorTarget>,
-) -> Option<Response<Body>> {
-    for f in list {
-        match f {
-            Filter::RequestHeaderModifier(m) => filters::modify_headers(&mut parts.headers, m),
-            Filter::ResponseHeaderModifier(m) => response_filters.push(m.clone()),
-            Filter::UrlRewrite(rw) => filters::rewrite(parts, rw, sel.matched, ctx.wire),
-            Filter::RequestRedirect(rd) => return Some(filters::redirect(parts, rd, sel.matched, service_port)),
-            Filter::RequestMirror(m) => mirrors.extend(mirror::resolve(ctx, model, m)),
-        }
-    }
-    None
-}
-
-/// A backend by weight (weight 0 never); `None` if no backend has weight.
-fn pick_backend(backends: &[BackendRef]) -> Option<&BackendRef> {
-    let total: u64 = backends.iter().map(|b| u64::from(b.weight)).sum();
-    if total == 0 {
-        return None;
-    }
-    let mut x = fastrand::u64(..total);
-    for b in backends {
-        let w = u64::from(b.weight);
-        if x < w {
-            return Some(b);
-        }
-        x -= w;
-    }
-    None
-}
-
 async fn forward(req: Request<Incoming>, ctx: &Arc<ConnCtx>, grpc: bool) -> Result<Response<Body>, ProxyError> {
     let started = tokio::time::Instant::now();
+    let l7 = &ctx.dp.l7;
+    // One pod's requests in flight are bounded: it cannot take the node proxy from the others.
+    let _pod_slot = ctx.pod.limiter.request().ok_or_else(|| {
+        l7.limit_counters.pod_overflow.fetch_add(1, Ordering::Relaxed);
+        ProxyError::Overflow(Overflow::PodRequests)
+    })?;
     let (mut parts, body) = req.into_parts();
-    let model = ctx.dp.model.load_full();
-    let plan = match decide(&model, ctx, &mut parts, grpc)? {
-        Decision::Forward(plan) => plan,
-        Decision::Respond(mut resp, response_filters) => {
-            for m in &response_filters {
-                filters::modify_headers(resp.headers_mut(), m);
+    let mut plan = {
+        let model = ctx.dp.model.load_full();
+        match plan::decide(&model, ctx, &mut parts, grpc)? {
+            Decision::Forward(plan) => plan,
+            Decision::Respond(mut resp, response_filters) => {
+                for m in &response_filters {
+                    filters::modify_headers(resp.headers_mut(), m);
+                }
+                return Ok(resp);
             }
-            return Ok(resp);
         }
     };
-    let (endpoint, inflight) = ctx
-        .dp
-        .l7
-        .balancer
-        .pick(plan.balance_key, &plan.endpoints)
-        .ok_or_else(|| ProxyError::NoEndpoints(plan.backend.clone()))?;
-    let mesh_peer = l4::mesh_identity(&model, endpoint, &ctx.dp.trust_domain);
-    drop(model);
+    apply_request_policy(&plan, ctx, &parts, grpc).await?;
+    let endpoints = match &plan.endpoints {
+        Endpoints::Known(eps) => eps.clone(),
+        Endpoints::Dns { host, port } => l7.resolve(host, *port).await.map_err(|e| ProxyError::NoEndpoints(format!("{} ({e})", plan.backend)))?,
+    };
+    if endpoints.is_empty() {
+        return Err(ProxyError::NoEndpoints(plan.backend.clone()));
+    }
+    let breaker = plan.breaker.map(|cfg| (l7.breakers.get(&plan.backend, &(), |_| Breaker::default()), cfg));
+    let _request_slot = match &breaker {
+        Some((b, cfg)) => Some(b.request(cfg).map_err(ProxyError::Overflow)?),
+        None => None,
+    };
 
     let mut req = Request::from_parts(parts, body);
     let upgrade = wants_upgrade(&req);
@@ -244,70 +121,306 @@ async fn forward(req: Request<Incoming>, ctx: &Arc<ConnCtx>, grpc: bool) -> Resu
     if !plan.mirrors.is_empty() {
         let (parts, body) = upstream_req.into_parts();
         let (tee, copy) = Tee::new(body, mirror::BODY_LIMIT);
-        mirror::spawn(ctx, plan.mirrors, &parts, copy);
+        mirror::spawn(ctx, std::mem::take(&mut plan.mirrors), &parts, copy);
         upstream_req = Request::from_parts(parts, tee.boxed());
     }
-
-    let dial = Dial { pod: &ctx.pod, dp: &ctx.dp, endpoint, mesh_peer, wire: ctx.wire };
-    let upstreams = &ctx.dp.l7.upstreams;
-    let attempt = async {
-        if upgrade {
-            upstreams.send_upgrade(&dial, upstream_req).await
-        } else {
-            upstreams.send(&dial, upstream_req).await
-        }
+    let retry = plan.retry.as_ref().filter(|r| r.attempts > 0 && !upgrade);
+    let mut replay = match retry {
+        Some(_) => Some(Replay::new(&mut upstream_req)),
+        None => None,
     };
-    let deadline = plan.request_timeout.map(|t| started + t);
-    let attempt_deadline = match (deadline, plan.backend_timeout.map(|t| tokio::time::Instant::now() + t)) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
-    };
-    let result = match attempt_deadline {
-        None => attempt.await,
-        Some(at) => match tokio::time::timeout_at(at, attempt).await {
-            Ok(r) => r,
-            Err(_) => {
-                inflight.failed();
-                return Err(match (deadline, plan.request_timeout) {
-                    (Some(d), Some(t)) if d <= at => ProxyError::RequestTimeout(t),
-                    _ => ProxyError::BackendTimeout(plan.backend_timeout.unwrap_or_default()),
-                });
-            }
-        },
-    };
-    let mut resp = match result {
-        Ok((r, dispatched)) => {
-            inflight.complete(dispatched);
-            r
-        }
-        Err(e) => {
-            inflight.failed();
-            return Err(e.into());
-        }
-    };
-
-    let mut upgraded = false;
-    if let Some(client_upgrade) = client_upgrade {
-        if is_upgraded(&resp) {
-            upgraded = true;
-            ctx.dp.l7.counters.upgrades.fetch_add(1, Ordering::Relaxed);
-            bridge_upgrade(client_upgrade, hyper::upgrade::on(&mut resp), ctx.pod.key.clone(), endpoint);
-        }
-    }
-    // A 101 must keep `Upgrade` and `Connection: upgrade` (RFC 9110 §7.8): the client checks
-    // them before it switches protocols.
-    strip_hop_by_hop(resp.headers_mut(), upgraded);
-    for m in &plan.response_filters {
-        filters::modify_headers(resp.headers_mut(), m);
-    }
-    let resp = resp.map(|b: Incoming| -> Body {
-        match (deadline, plan.request_timeout) {
-            (Some(at), Some(limit)) => Deadline::new(b, at, limit).boxed(),
-            _ => b.map_err(Into::into).boxed(),
-        }
+    let budget = retry.map(|r| {
+        let b = l7.budgets.get(&plan.backend, &r.budget, super::limits::Budget::new);
+        b.deposit();
+        b
     });
-    debug!(pod = %ctx.pod.key, backend = %plan.backend, %endpoint, status = resp.status().as_u16(), "proxied");
-    Ok(resp)
+    let deadline = plan.request_timeout.map(|t| started + t);
+    let min_health = plan.outlier.map_or(0, |o| o.min_health_percent);
+
+    let mut tried: Vec<SocketAddr> = Vec::new();
+    let mut pending_req = Some(upstream_req);
+    let mut attempt: u32 = 0;
+    // Counts against the destination's `maxRetries` while a retry is in flight.
+    let mut retry_slot = None;
+    loop {
+        let (endpoint, inflight) = l7
+            .balancer
+            .pick_avoiding(plan.balance_key, &endpoints, &tried, min_health)
+            .ok_or_else(|| ProxyError::NoEndpoints(plan.backend.clone()))?;
+        tried.push(endpoint);
+        let Some(this_req) = pending_req.take().or_else(|| replay.as_mut().and_then(Replay::rebuild)) else {
+            unreachable!("a retry only starts with a request to send");
+        };
+        let mesh_peer = {
+            let model = ctx.dp.model.load();
+            l4::mesh_identity(&model, endpoint, &ctx.dp.trust_domain)
+        };
+        let dial = Dial {
+            pod: &ctx.pod,
+            dp: &ctx.dp,
+            endpoint,
+            mesh_peer,
+            wire: ctx.wire,
+            breaker: breaker.clone(),
+            tls: plan.tls.clone(),
+            connect_timeout: plan.connect_timeout.unwrap_or(ctx.dp.connect_timeout),
+        };
+        let attempt_deadline = match (deadline, plan.attempt_timeout.map(|t| tokio::time::Instant::now() + t)) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let send = async {
+            if upgrade {
+                l7.upstreams.send_upgrade(&dial, this_req).await
+            } else {
+                l7.upstreams.send(&dial, this_req).await
+            }
+        };
+        let result = match attempt_deadline {
+            None => send.await,
+            Some(at) => match tokio::time::timeout_at(at, send).await {
+                Ok(r) => r,
+                Err(_) => {
+                    inflight.failed();
+                    record(ctx, &plan, endpoint, Outcome::Gateway, &endpoints);
+                    let whole = deadline.is_some_and(|d| d <= at);
+                    let err = if whole {
+                        ProxyError::RequestTimeout(plan.request_timeout.unwrap_or_default())
+                    } else {
+                        ProxyError::BackendTimeout(plan.attempt_timeout.unwrap_or_default())
+                    };
+                    // A try that ran out of its own time may be retried within the request's.
+                    if !whole && retry_allowed(retry, attempt, &budget, &mut replay, true, ctx, &breaker) {
+                        attempt += 1;
+                        retry_slot = breaker.as_ref().and_then(|(b, cfg)| b.retry(cfg).ok());
+                        backoff(retry, attempt, deadline).await;
+                        continue;
+                    }
+                    return Err(err);
+                }
+            },
+        };
+        match result {
+            Ok((mut resp, dispatched)) => {
+                inflight.complete(dispatched);
+                record(ctx, &plan, endpoint, Outcome::of_status(resp.status().as_u16()), &endpoints);
+                if let Some(r) = retry {
+                    if retryable_response(&resp, r, parts_method_idempotent(&replay))
+                        && retry_allowed(retry, attempt, &budget, &mut replay, true, ctx, &breaker)
+                    {
+                        debug!(pod = %ctx.pod.key, %endpoint, status = resp.status().as_u16(), attempt, "retrying");
+                        drop(resp);
+                        attempt += 1;
+                        retry_slot = breaker.as_ref().and_then(|(b, cfg)| b.retry(cfg).ok());
+                        backoff(retry, attempt, deadline).await;
+                        continue;
+                    }
+                }
+                let mut upgraded = false;
+                if let Some(client_upgrade) = client_upgrade {
+                    if is_upgraded(&resp) {
+                        upgraded = true;
+                        l7.counters.upgrades.fetch_add(1, Ordering::Relaxed);
+                        bridge_upgrade(client_upgrade, hyper::upgrade::on(&mut resp), ctx.pod.key.clone(), endpoint);
+                    }
+                }
+                // A 101 must keep `Upgrade` and `Connection: upgrade` (RFC 9110 §7.8): the
+                // client checks them before it switches protocols.
+                strip_hop_by_hop(resp.headers_mut(), upgraded);
+                for m in &plan.response_filters {
+                    filters::modify_headers(resp.headers_mut(), m);
+                }
+                let resp = resp.map(|b: Incoming| -> Body {
+                    match (deadline, plan.request_timeout) {
+                        (Some(at), Some(limit)) => Deadline::new(b, at, limit).boxed(),
+                        _ => b.map_err(Into::into).boxed(),
+                    }
+                });
+                debug!(pod = %ctx.pod.key, backend = %plan.backend, %endpoint, status = resp.status().as_u16(), attempt, "proxied");
+                drop(retry_slot);
+                return Ok(resp);
+            }
+            Err(SendError { error, request }) => {
+                inflight.failed();
+                if let UpstreamError::Overflow(o) = error {
+                    return Err(ProxyError::Overflow(o));
+                }
+                let outcome = if error.is_connect() { Outcome::ConnectFailure } else { Outcome::Gateway };
+                record(ctx, &plan, endpoint, outcome, &endpoints);
+                if let Some(r) = retry {
+                    // A request that never left sluice goes again as it is.
+                    let unsent = request.is_some();
+                    if retryable_error(&error, r) && retry_allowed(retry, attempt, &budget, &mut replay, !unsent, ctx, &breaker) {
+                        debug!(pod = %ctx.pod.key, %endpoint, error = %error, attempt, "retrying");
+                        pending_req = request;
+                        attempt += 1;
+                        retry_slot = breaker.as_ref().and_then(|(b, cfg)| b.retry(cfg).ok());
+                        backoff(retry, attempt, deadline).await;
+                        continue;
+                    }
+                }
+                return Err(error.into());
+            }
+        }
+    }
+}
+
+/// Local rate limit and fault injection, before anything is sent.
+async fn apply_request_policy(plan: &Plan, ctx: &ConnCtx, parts: &request::Parts, _grpc: bool) -> Result<(), ProxyError> {
+    let Some(policy) = &plan.request_policy else { return Ok(()) };
+    let l7 = &ctx.dp.l7;
+    if let Some(rl) = &policy.local_rate_limit {
+        let key = format!("{}/{}", policy.namespace, policy.name);
+        let bucket = l7.rate_limits.get(&key, rl, super::limits::TokenBucket::new);
+        if let Err(wait) = bucket.try_take() {
+            l7.limit_counters.rate_limited.fetch_add(1, Ordering::Relaxed);
+            return Err(ProxyError::RateLimited { status: rl.status, retry_after: wait });
+        }
+    }
+    if let Some(fault) = &policy.fault_injection {
+        if plan::fault_applies(&fault.matches, &parts.headers) {
+            if let Some(abort) = &fault.abort {
+                if fastrand::f64() < abort.fraction.0 {
+                    l7.limit_counters.faults_aborted.fetch_add(1, Ordering::Relaxed);
+                    return Err(ProxyError::FaultAbort { http: abort.http_status, grpc: abort.grpc_status });
+                }
+            }
+            if let Some(delay) = &fault.delay {
+                if fastrand::f64() < delay.fraction.0 {
+                    l7.limit_counters.faults_delayed.fetch_add(1, Ordering::Relaxed);
+                    tokio::time::sleep(delay.fixed).await;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Feeds outlier detection (when the destination has it configured).
+fn record(ctx: &ConnCtx, plan: &Plan, endpoint: SocketAddr, outcome: Outcome, endpoints: &[SocketAddr]) {
+    if let Some(cfg) = &plan.outlier {
+        if let Some(t) = ctx.dp.l7.balancer.record_outcome(endpoint, outcome, cfg, endpoints) {
+            info!(backend = %plan.backend, %endpoint, ejected_for_ms = t.as_millis() as u64, "endpoint ejected by outlier detection");
+        }
+    }
+}
+
+/// Whether another try may start: attempts left, the request can be sent again, the retry
+/// budget and the circuit breaker's `maxRetries` allow it.
+fn retry_allowed(
+    retry: Option<&RetryPolicy>,
+    attempt: u32,
+    budget: &Option<Arc<super::limits::Budget>>,
+    replay: &mut Option<Replay>,
+    needs_replay: bool,
+    ctx: &ConnCtx,
+    breaker: &Option<(Arc<Breaker>, crate::discovery::traffic::CircuitBreaker)>,
+) -> bool {
+    let Some(r) = retry else { return false };
+    if attempt >= r.attempts {
+        return false;
+    }
+    if needs_replay && !replay.as_mut().is_some_and(|rp| rp.check()) {
+        return false;
+    }
+    if let Some((b, cfg)) = breaker {
+        // `maxRetries`: retries in flight towards this destination (the slot is taken by
+        // the caller once it commits to the retry).
+        if cfg.max_retries.is_some_and(|max| b.retries.load(Ordering::Relaxed) >= max) {
+            b.overflows.fetch_add(1, Ordering::Relaxed);
+            return false;
+        }
+    }
+    let l7 = &ctx.dp.l7;
+    if budget.as_ref().is_some_and(|b| !b.withdraw()) {
+        l7.limit_counters.retry_budget_exhausted.fetch_add(1, Ordering::Relaxed);
+        return false;
+    }
+    l7.limit_counters.retries.fetch_add(1, Ordering::Relaxed);
+    true
+}
+
+/// Exponential backoff with full jitter, never past the request's deadline.
+async fn backoff(retry: Option<&RetryPolicy>, attempt: u32, deadline: Option<tokio::time::Instant>) {
+    let Some(r) = retry else { return };
+    let cap = r.backoff_base.saturating_mul(1 << attempt.saturating_sub(1).min(16)).min(r.backoff_max);
+    let wait = Duration::from_nanos(fastrand::u64(..=cap.as_nanos().min(u64::MAX as u128) as u64));
+    let until = tokio::time::Instant::now() + wait;
+    tokio::time::sleep_until(deadline.map_or(until, |d| d.min(until))).await;
+}
+
+fn retryable_error(e: &UpstreamError, r: &RetryPolicy) -> bool {
+    (r.retry_on.connect_failure && e.is_connect())
+        || (r.retry_on.refused_stream && e.is_refused_stream())
+        || (r.retry_on.reset && matches!(e, UpstreamError::Request { .. }))
+}
+
+fn retryable_response(resp: &Response<Incoming>, r: &RetryPolicy, idempotent: bool) -> bool {
+    let s = resp.status().as_u16();
+    let by_status = (idempotent || r.retry_non_idempotent)
+        && ((r.retry_on.status_5xx && s >= 500)
+            || (r.retry_on.gateway_error && (502..=504).contains(&s))
+            || (r.retry_on.retriable_status_codes && r.retriable_status_codes.contains(&s)));
+    // gRPC statuses in a trailers-only response (in the headers): what Envoy retries on.
+    let grpc = resp.headers().get("grpc-status").and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u16>().ok());
+    let by_grpc = match grpc {
+        Some(1) => r.retry_on.grpc_cancelled,
+        Some(4) => r.retry_on.grpc_deadline_exceeded,
+        Some(8) => r.retry_on.grpc_resource_exhausted,
+        Some(14) => r.retry_on.grpc_unavailable,
+        _ => false,
+    };
+    by_status || by_grpc
+}
+
+fn parts_method_idempotent(replay: &Option<Replay>) -> bool {
+    replay.as_ref().is_some_and(|r| matches!(r.head.method, Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE))
+}
+
+/// What a retry needs to send the request again: its head, and its body once the first try
+/// has read it whole (kept while it streamed, up to [`RETRY_BODY_LIMIT`]).
+struct Replay {
+    head: request::Parts,
+    body: Option<tokio::sync::oneshot::Receiver<Bytes>>,
+    ready: Option<Bytes>,
+}
+
+impl Replay {
+    fn new(req: &mut Request<Body>) -> Replay {
+        let mut head = Request::new(());
+        *head.method_mut() = req.method().clone();
+        *head.uri_mut() = req.uri().clone();
+        *head.version_mut() = req.version();
+        *head.headers_mut() = req.headers().clone();
+        let body = std::mem::replace(req.body_mut(), super::empty_body());
+        let (tee, copy) = Tee::new(body, RETRY_BODY_LIMIT);
+        *req.body_mut() = tee.boxed();
+        Replay { head: head.into_parts().0, body: Some(copy), ready: None }
+    }
+
+    /// Whether the whole body is at hand (collecting it if the first try finished reading it).
+    fn check(&mut self) -> bool {
+        if self.ready.is_some() {
+            return true;
+        }
+        if let Some(rx) = &mut self.body {
+            if let Ok(b) = rx.try_recv() {
+                self.ready = Some(b);
+                self.body = None;
+            }
+        }
+        self.ready.is_some()
+    }
+
+    fn rebuild(&mut self) -> Option<Request<Body>> {
+        let body = self.ready.clone()?;
+        let mut req = Request::new(full_body(body));
+        *req.method_mut() = self.head.method.clone();
+        *req.uri_mut() = self.head.uri.clone();
+        *req.version_mut() = self.head.version;
+        *req.headers_mut() = self.head.headers.clone();
+        Some(req)
+    }
 }
 
 /// `content-type: application/grpc` (or `application/grpc+proto`, ...).

@@ -1,11 +1,12 @@
-//! Upstream HTTP connections, pooled per (source pod, endpoint, HTTP version).
+//! Upstream HTTP connections, pooled per (source pod, endpoint, HTTP version, TLS origination).
 //!
 //! The source pod is part of the key because every upstream socket is made in the source pod's
 //! network namespace (the backend sees the pod's own IP) and, towards an enrolled pod, runs
 //! inside an HBONE stream authenticated as the source pod's identity. An endpoint that is an
 //! enrolled pod (on any node) is reached through its tunnel port: the upstream connection is
 //! one CONNECT stream of the pooled mTLS tunnel connection, so many upstream connections share
-//! one TLS session and are multiplexed over it.
+//! one TLS session and are multiplexed over it. An external destination with TLS origination
+//! (a TrafficPolicy `tls` on its ServiceEntry) gets a TLS connection sluice opens itself.
 //!
 //! HTTP/1.1: a stack of idle connections per key, each used by one request at a time; a
 //! connection goes back to the stack once its response body has been read to the end.
@@ -30,6 +31,7 @@ use hyper::{
     client::conn::{http1, http2},
 };
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use rustls_pki_types::ServerName;
 use serde::Serialize;
 use thiserror::Error;
 use tokio::{
@@ -38,8 +40,13 @@ use tokio::{
 };
 use tracing::{debug, info};
 
-use super::{io::TunnelIo, Body};
+use super::{
+    io::TunnelIo,
+    limits::{acquire, Breaker, Overflow},
+    Body,
+};
 use crate::{
+    discovery::traffic::CircuitBreaker,
     identity::SpiffeId,
     l4::{self, DataPath, PodContext},
     transport::{
@@ -67,6 +74,8 @@ struct Key {
     src_pod: u32,
     endpoint: SocketAddr,
     wire: Wire,
+    /// The TLS server name when sluice originates TLS.
+    tls: Option<Arc<str>>,
 }
 
 /// Why an upstream request got no response.
@@ -76,17 +85,58 @@ pub enum UpstreamError {
     Connect { endpoint: SocketAddr, source: io::Error },
     #[error("tunnel to {endpoint}: {source}")]
     Tunnel { endpoint: SocketAddr, source: TunnelError },
+    #[error("TLS with {endpoint} ({server_name}): {source}")]
+    Tls { endpoint: SocketAddr, server_name: Arc<str>, source: io::Error },
     #[error("HTTP handshake with {endpoint}: {source}")]
     Handshake { endpoint: SocketAddr, source: hyper::Error },
     #[error("{endpoint}: {source}")]
     Request { endpoint: SocketAddr, source: hyper::Error },
+    #[error("circuit breaker: {} reached", .0.as_str())]
+    Overflow(Overflow),
 }
 
 impl UpstreamError {
     /// The endpoint never got the request (safe to try another one).
     pub fn is_connect(&self) -> bool {
-        matches!(self, UpstreamError::Connect { .. } | UpstreamError::Tunnel { .. } | UpstreamError::Handshake { .. })
+        matches!(
+            self,
+            UpstreamError::Connect { .. } | UpstreamError::Tunnel { .. } | UpstreamError::Handshake { .. }
+        )
     }
+
+    /// HTTP/2 REFUSED_STREAM: the endpoint did not process the request.
+    pub fn is_refused_stream(&self) -> bool {
+        let UpstreamError::Request { source, .. } = self else { return false };
+        let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(source);
+        while let Some(c) = cause {
+            if let Some(h2) = c.downcast_ref::<h2::Error>() {
+                return h2.reason() == Some(h2::Reason::REFUSED_STREAM);
+            }
+            cause = c.source();
+        }
+        false
+    }
+}
+
+/// A failed send, with the request back when it never left sluice (so that it can be sent to
+/// another endpoint as it is, body included).
+pub struct SendError {
+    pub error: UpstreamError,
+    pub request: Option<Request<Body>>,
+}
+
+impl From<UpstreamError> for SendError {
+    fn from(error: UpstreamError) -> Self {
+        SendError { error, request: None }
+    }
+}
+
+/// TLS that sluice originates towards an external destination.
+#[derive(Clone)]
+pub struct TlsTarget {
+    pub config: Arc<rustls::ClientConfig>,
+    pub server_name: ServerName<'static>,
+    pub sni: Arc<str>,
 }
 
 /// Where one request goes and on whose behalf.
@@ -97,6 +147,10 @@ pub struct Dial<'a> {
     /// The endpoint's mesh identity when it is an enrolled pod (reached through HBONE).
     pub mesh_peer: Option<SpiffeId>,
     pub wire: Wire,
+    /// The destination's circuit breaker and its limits (connections, pending requests).
+    pub breaker: Option<(Arc<Breaker>, CircuitBreaker)>,
+    pub tls: Option<TlsTarget>,
+    pub connect_timeout: Duration,
 }
 
 /// Counters for the admin API.
@@ -106,6 +160,7 @@ pub struct UpstreamCounters {
     pub connect_errors: AtomicU64,
     pub reused: AtomicU64,
     pub retried_on_fresh_connection: AtomicU64,
+    pub tls_originated: AtomicU64,
 }
 
 #[derive(Default)]
@@ -115,10 +170,17 @@ pub struct Upstreams {
     pub counters: UpstreamCounters,
 }
 
-struct IdleH1 {
+/// An HTTP/1.1 connection and what decides whether it may be reused.
+struct H1Conn {
     sender: http1::SendRequest<Body>,
-    since: Instant,
     tunnel: Option<TunnelWatch>,
+    /// Requests sent on it so far (for `maxRequestsPerConnection`).
+    requests: u32,
+}
+
+struct IdleH1 {
+    conn: H1Conn,
+    since: Instant,
 }
 
 #[derive(Clone)]
@@ -134,32 +196,48 @@ fn reusable(tunnel: &Option<TunnelWatch>) -> bool {
     tunnel.as_ref().is_none_or(|t| !t.is_closing())
 }
 
+/// A connection's share of its destination's `maxConnections`, released when it closes.
+struct ConnSlot(Option<Arc<Breaker>>);
+
+impl Drop for ConnSlot {
+    fn drop(&mut self) {
+        if let Some(b) = &self.0 {
+            b.connections.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
 impl Upstreams {
     /// Sends `req` to the endpoint, on a pooled connection when one is ready. Returns the
     /// response head and when the request was handed to a ready connection (so the latency the
     /// balancer learns excludes connection set-up: a TCP and TLS handshake is not the
     /// endpoint being slow).
-    pub async fn send(self: &Arc<Self>, d: &Dial<'_>, req: Request<Body>) -> Result<(Response<Incoming>, Instant), UpstreamError> {
+    pub async fn send(self: &Arc<Self>, d: &Dial<'_>, req: Request<Body>) -> Result<(Response<Incoming>, Instant), SendError> {
         match d.wire {
             Wire::Http1 => self.send_h1(d, req).await,
             Wire::Http2 => self.send_h2(d, req).await,
         }
     }
 
-    async fn send_h1(self: &Arc<Self>, d: &Dial<'_>, req: Request<Body>) -> Result<(Response<Incoming>, Instant), UpstreamError> {
-        let key = Key { src_pod: d.pod.pod_id, endpoint: d.endpoint, wire: Wire::Http1 };
-        let (mut sender, mut tunnel, reused) = match self.checkout_h1(&key) {
-            Some((s, t)) => (s, t, true),
-            None => {
-                let (s, t) = self.connect_h1(d, false).await?;
-                (s, t, false)
-            }
+    fn key(d: &Dial<'_>, wire: Wire) -> Key {
+        Key { src_pod: d.pod.pod_id, endpoint: d.endpoint, wire, tls: d.tls.as_ref().map(|t| t.sni.clone()) }
+    }
+
+    async fn send_h1(self: &Arc<Self>, d: &Dial<'_>, req: Request<Body>) -> Result<(Response<Incoming>, Instant), SendError> {
+        let key = Self::key(d, Wire::Http1);
+        let (mut conn, reused) = match self.checkout_h1(&key) {
+            Some(c) => (c, true),
+            None => match self.connect_h1(d, false).await {
+                Ok(c) => (c, false),
+                Err(error) => return Err(SendError { error, request: Some(req) }),
+            },
         };
         // A request with no body on a reused connection can be sent again if the connection
         // turns out to be closing (the server's FIN crossed our request): keep a copy.
         let replay = (reused && is_replayable(&req)).then(|| copy_head(&req));
         let mut dispatched = Instant::now();
-        let result = sender.try_send_request(req).await;
+        conn.requests += 1;
+        let result = conn.sender.try_send_request(req).await;
         let result = match result {
             Ok(resp) => Ok(resp),
             Err(mut e) => {
@@ -172,79 +250,81 @@ impl Upstreams {
                     Some(req) if reused => {
                         self.counters.retried_on_fresh_connection.fetch_add(1, Ordering::Relaxed);
                         debug!(endpoint = %d.endpoint, error = %err, "pooled connection was closing; sending on a new one");
-                        (sender, tunnel) = self.connect_h1(d, false).await?;
+                        conn = match self.connect_h1(d, false).await {
+                            Ok(c) => c,
+                            Err(error) => return Err(SendError { error, request: Some(req) }),
+                        };
+                        conn.requests += 1;
                         dispatched = Instant::now();
-                        sender.send_request(req).await
+                        conn.sender.send_request(req).await
                     }
-                    _ => Err(err),
+                    Some(req) => {
+                        // Never written to the connection: the caller may send it elsewhere.
+                        return Err(SendError {
+                            error: UpstreamError::Request { endpoint: d.endpoint, source: err },
+                            request: Some(req),
+                        });
+                    }
+                    None => Err(err),
                 }
             }
         };
         let resp = result.map_err(|source| UpstreamError::Request { endpoint: d.endpoint, source })?;
         // Back to the pool once the response body has been read and the connection can take
         // the next request.
+        let max_per_conn = d.breaker.as_ref().and_then(|(_, cfg)| cfg.max_requests_per_connection).filter(|n| *n > 0);
         let pool = self.clone();
         tokio::spawn(async move {
-            if sender.ready().await.is_ok() {
-                pool.checkin_h1(key, sender, tunnel);
+            if conn.sender.ready().await.is_ok() && max_per_conn.is_none_or(|max| conn.requests < max) {
+                pool.checkin_h1(key, conn);
             }
         });
         Ok((resp, dispatched))
     }
 
-    fn checkout_h1(&self, key: &Key) -> Option<(http1::SendRequest<Body>, Option<TunnelWatch>)> {
+    fn checkout_h1(&self, key: &Key) -> Option<H1Conn> {
         let mut pools = self.h1.lock().unwrap_or_else(|p| p.into_inner());
         let idle = pools.get_mut(key)?;
         while let Some(c) = idle.pop() {
-            if c.sender.is_ready() && c.since.elapsed() < IDLE_TIMEOUT && reusable(&c.tunnel) {
+            if c.conn.sender.is_ready() && c.since.elapsed() < IDLE_TIMEOUT && reusable(&c.conn.tunnel) {
                 self.counters.reused.fetch_add(1, Ordering::Relaxed);
-                return Some((c.sender, c.tunnel));
+                return Some(c.conn);
             }
         }
         None
     }
 
-    fn checkin_h1(&self, key: Key, sender: http1::SendRequest<Body>, tunnel: Option<TunnelWatch>) {
-        if !reusable(&tunnel) {
+    fn checkin_h1(&self, key: Key, conn: H1Conn) {
+        if !reusable(&conn.tunnel) {
             return; // dropped: the connection (a stream of a draining tunnel) closes now
         }
         let mut pools = self.h1.lock().unwrap_or_else(|p| p.into_inner());
         let idle = pools.entry(key).or_default();
         if idle.len() < MAX_IDLE_PER_KEY {
-            idle.push(IdleH1 { sender, since: Instant::now(), tunnel });
+            idle.push(IdleH1 { conn, since: Instant::now() });
         }
     }
 
     /// A new HTTP/1.1 connection; `upgrades` keeps it usable after a 101 or a CONNECT.
-    async fn connect_h1(
-        &self,
-        d: &Dial<'_>,
-        upgrades: bool,
-    ) -> Result<(http1::SendRequest<Body>, Option<TunnelWatch>), UpstreamError> {
-        let (io, tunnel) = self.dial(d).await?;
+    async fn connect_h1(&self, d: &Dial<'_>, upgrades: bool) -> Result<H1Conn, UpstreamError> {
+        let (io, tunnel, slot) = self.dial(d).await?;
         let (sender, conn) = http1::Builder::new()
             .handshake(TokioIo::new(io))
             .await
             .map_err(|source| UpstreamError::Handshake { endpoint: d.endpoint, source })?;
         let endpoint = d.endpoint;
-        if upgrades {
-            tokio::spawn(async move {
-                if let Err(e) = conn.with_upgrades().await {
-                    debug!(%endpoint, error = %e, "upstream connection ended");
-                }
-            });
-        } else {
-            tokio::spawn(async move {
-                if let Err(e) = conn.await {
-                    debug!(%endpoint, error = %e, "upstream connection ended");
-                }
-            });
-        }
-        Ok((sender, tunnel))
+        tokio::spawn(async move {
+            let result = if upgrades { conn.with_upgrades().await } else { conn.await };
+            if let Err(e) = result {
+                debug!(%endpoint, error = %e, "upstream connection ended");
+            }
+            drop(slot);
+        });
+        Ok(H1Conn { sender, tunnel, requests: 0 })
     }
 
-    async fn send_h2(&self, d: &Dial<'_>, req: Request<Body>) -> Result<(Response<Incoming>, Instant), UpstreamError> {
-        let key = Key { src_pod: d.pod.pod_id, endpoint: d.endpoint, wire: Wire::Http2 };
+    async fn send_h2(&self, d: &Dial<'_>, req: Request<Body>) -> Result<(Response<Incoming>, Instant), SendError> {
+        let key = Self::key(d, Wire::Http2);
         let pooled = self
             .h2
             .lock()
@@ -254,7 +334,10 @@ impl Upstreams {
             .map(|c| c.sender.clone());
         let (mut sender, reused) = match pooled {
             Some(s) => (s, true),
-            None => (self.connect_h2(d, &key).await?, false),
+            None => match self.connect_h2(d, &key).await {
+                Ok(s) => (s, false),
+                Err(error) => return Err(SendError { error, request: Some(req) }),
+            },
         };
         if reused {
             self.counters.reused.fetch_add(1, Ordering::Relaxed);
@@ -267,7 +350,10 @@ impl Upstreams {
                 // one more try on a fresh connection.
                 Some(req) if reused => {
                     self.counters.retried_on_fresh_connection.fetch_add(1, Ordering::Relaxed);
-                    let mut fresh = self.connect_h2(d, &key).await?;
+                    let mut fresh = match self.connect_h2(d, &key).await {
+                        Ok(s) => s,
+                        Err(error) => return Err(SendError { error, request: Some(req) }),
+                    };
                     let dispatched = Instant::now();
                     let resp = fresh
                         .send_request(req)
@@ -275,13 +361,16 @@ impl Upstreams {
                         .map_err(|source| UpstreamError::Request { endpoint: d.endpoint, source })?;
                     Ok((resp, dispatched))
                 }
-                _ => Err(UpstreamError::Request { endpoint: d.endpoint, source: e.into_error() }),
+                request => Err(SendError {
+                    error: UpstreamError::Request { endpoint: d.endpoint, source: e.into_error() },
+                    request,
+                }),
             },
         }
     }
 
     async fn connect_h2(&self, d: &Dial<'_>, key: &Key) -> Result<http2::SendRequest<Body>, UpstreamError> {
-        let (io, tunnel) = self.dial(d).await?;
+        let (io, tunnel, slot) = self.dial(d).await?;
         let (sender, conn) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .initial_stream_window_size(STREAM_WINDOW)
@@ -297,6 +386,7 @@ impl Upstreams {
             if let Err(e) = conn.await {
                 debug!(%endpoint, error = %e, "upstream HTTP/2 connection ended");
             }
+            drop(slot);
         });
         self.h2.lock().unwrap_or_else(|p| p.into_inner()).insert(key.clone(), PooledH2 { sender: sender.clone(), tunnel });
         Ok(sender)
@@ -304,23 +394,53 @@ impl Upstreams {
 
     /// Sends a request that asks to leave HTTP (an Upgrade, e.g. WebSocket, or CONNECT) on a
     /// connection of its own, which then belongs to the upgraded stream.
-    pub async fn send_upgrade(&self, d: &Dial<'_>, req: Request<Body>) -> Result<(Response<Incoming>, Instant), UpstreamError> {
-        let (mut sender, _) = self.connect_h1(d, true).await?;
+    pub async fn send_upgrade(&self, d: &Dial<'_>, req: Request<Body>) -> Result<(Response<Incoming>, Instant), SendError> {
+        let mut conn = match self.connect_h1(d, true).await {
+            Ok(c) => c,
+            Err(error) => return Err(SendError { error, request: Some(req) }),
+        };
         let dispatched = Instant::now();
-        let resp = sender.send_request(req).await.map_err(|source| UpstreamError::Request { endpoint: d.endpoint, source })?;
+        let resp =
+            conn.sender.send_request(req).await.map_err(|source| UpstreamError::Request { endpoint: d.endpoint, source })?;
         Ok((resp, dispatched))
     }
 
     /// Opens the byte stream to the endpoint: through the HBONE tunnel for an enrolled pod
-    /// (plaintext if nothing serves its tunnel port, as the L4 path does), else plain TCP from
-    /// the source pod's namespace.
-    async fn dial(&self, d: &Dial<'_>) -> Result<(UpstreamIo, Option<TunnelWatch>), UpstreamError> {
+    /// (plaintext if nothing serves its tunnel port, as the L4 path does), TLS that sluice
+    /// originates for an external destination that asks for it, else plain TCP from the source
+    /// pod's namespace. Counted against the destination's `maxPendingRequests` while it
+    /// connects and `maxConnections` while it is open.
+    async fn dial(&self, d: &Dial<'_>) -> Result<(UpstreamIo, Option<TunnelWatch>, ConnSlot), UpstreamError> {
+        let (pending, slot) = match &d.breaker {
+            None => (None, ConnSlot(None)),
+            Some((b, cfg)) => {
+                let pending = acquire(&b.pending, cfg.max_pending_requests).ok_or_else(|| {
+                    b.overflows.fetch_add(1, Ordering::Relaxed);
+                    UpstreamError::Overflow(Overflow::Pending)
+                })?;
+                let ok = b
+                    .connections
+                    .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| {
+                        cfg.max_connections.is_none_or(|max| n < max).then_some(n + 1)
+                    })
+                    .is_ok();
+                if !ok {
+                    b.overflows.fetch_add(1, Ordering::Relaxed);
+                    return Err(UpstreamError::Overflow(Overflow::Connections));
+                }
+                (Some(pending), ConnSlot(Some(b.clone())))
+            }
+        };
         self.counters.connects.fetch_add(1, Ordering::Relaxed);
         let result = self.dial_inner(d).await;
-        if result.is_err() {
-            self.counters.connect_errors.fetch_add(1, Ordering::Relaxed);
+        drop(pending);
+        match result {
+            Ok((io, watch)) => Ok((io, watch, slot)),
+            Err(e) => {
+                self.counters.connect_errors.fetch_add(1, Ordering::Relaxed);
+                Err(e)
+            }
         }
-        result
     }
 
     async fn dial_inner(&self, d: &Dial<'_>) -> Result<(UpstreamIo, Option<TunnelWatch>), UpstreamError> {
@@ -334,10 +454,19 @@ impl Upstreams {
                 Err(source) => return Err(UpstreamError::Tunnel { endpoint: d.endpoint, source }),
             }
         }
-        let tcp = l4::connect(&d.pod.netns, d.endpoint, d.dp.connect_timeout)
+        let tcp = l4::connect(&d.pod.netns, d.endpoint, d.connect_timeout)
             .await
             .map_err(|source| UpstreamError::Connect { endpoint: d.endpoint, source })?;
-        Ok((UpstreamIo::Tcp(tcp), None))
+        let Some(tls) = &d.tls else {
+            return Ok((UpstreamIo::Tcp(tcp), None));
+        };
+        let handshake = tokio_rustls::TlsConnector::from(tls.config.clone()).connect(tls.server_name.clone(), tcp);
+        let stream = tokio::time::timeout(d.connect_timeout, handshake)
+            .await
+            .unwrap_or_else(|_| Err(io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out")))
+            .map_err(|source| UpstreamError::Tls { endpoint: d.endpoint, server_name: tls.sni.clone(), source })?;
+        self.counters.tls_originated.fetch_add(1, Ordering::Relaxed);
+        Ok((UpstreamIo::Tls(Box::new(stream)), None))
     }
 
     /// Closes idle connections past their time and forgets closed HTTP/2 connections
@@ -345,7 +474,7 @@ impl Upstreams {
     pub fn reap(&self) {
         let mut h1 = self.h1.lock().unwrap_or_else(|p| p.into_inner());
         h1.retain(|_, idle| {
-            idle.retain(|c| c.sender.is_ready() && c.since.elapsed() < IDLE_TIMEOUT && reusable(&c.tunnel));
+            idle.retain(|c| c.conn.sender.is_ready() && c.since.elapsed() < IDLE_TIMEOUT && reusable(&c.conn.tunnel));
             !idle.is_empty()
         });
         drop(h1);
@@ -380,6 +509,7 @@ fn copy_head(req: &Request<Body>) -> Request<Body> {
 pub enum UpstreamIo {
     Tcp(TcpStream),
     Tunnel(TunnelIo),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
 }
 
 impl AsyncRead for UpstreamIo {
@@ -387,6 +517,7 @@ impl AsyncRead for UpstreamIo {
         match self.get_mut() {
             UpstreamIo::Tcp(s) => Pin::new(s).poll_read(cx, buf),
             UpstreamIo::Tunnel(s) => Pin::new(s).poll_read(cx, buf),
+            UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
         }
     }
 }
@@ -396,6 +527,7 @@ impl AsyncWrite for UpstreamIo {
         match self.get_mut() {
             UpstreamIo::Tcp(s) => Pin::new(s).poll_write(cx, buf),
             UpstreamIo::Tunnel(s) => Pin::new(s).poll_write(cx, buf),
+            UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
         }
     }
 
@@ -407,6 +539,7 @@ impl AsyncWrite for UpstreamIo {
         match self.get_mut() {
             UpstreamIo::Tcp(s) => Pin::new(s).poll_write_vectored(cx, bufs),
             UpstreamIo::Tunnel(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
         }
     }
 
@@ -414,6 +547,7 @@ impl AsyncWrite for UpstreamIo {
         match self {
             UpstreamIo::Tcp(s) => s.is_write_vectored(),
             UpstreamIo::Tunnel(s) => s.is_write_vectored(),
+            UpstreamIo::Tls(s) => s.is_write_vectored(),
         }
     }
 
@@ -421,6 +555,7 @@ impl AsyncWrite for UpstreamIo {
         match self.get_mut() {
             UpstreamIo::Tcp(s) => Pin::new(s).poll_flush(cx),
             UpstreamIo::Tunnel(s) => Pin::new(s).poll_flush(cx),
+            UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
         }
     }
 
@@ -428,6 +563,7 @@ impl AsyncWrite for UpstreamIo {
         match self.get_mut() {
             UpstreamIo::Tcp(s) => Pin::new(s).poll_shutdown(cx),
             UpstreamIo::Tunnel(s) => Pin::new(s).poll_shutdown(cx),
+            UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }
     }
 }

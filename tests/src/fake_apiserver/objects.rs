@@ -1,7 +1,8 @@
 //! Kubernetes objects as a real API server returns them (`kubectl get -o json` of a v1.35
 //! cluster: a Deployment's pod, a ClusterIP Service, the EndpointSlice the controller made for
-//! it, kubectl-applied namespaces, Istio policies and Gateway API routes with the status a mesh
-//! controller wrote), with the fields sluice ignores left in:
+//! it, kubectl-applied namespaces, Istio policies and ServiceEntries, Gateway API routes with the
+//! status a mesh controller wrote, sluice TrafficPolicies), with the fields sluice ignores left
+//! in:
 //! managedFields, ownerReferences, container specs and statuses, conditions, projected token
 //! volumes. The fake API server adds what the server owns (resourceVersion, uid,
 //! creationTimestamp, generation) when an object is applied.
@@ -376,5 +377,58 @@ pub fn gateway_route(kind: &str, namespace: &str, name: &str, spec: Value) -> Va
         },
         "spec": spec,
         "status": {"parents": parents},
+    })
+}
+
+/// A sluice TrafficPolicy (sluice.dev/v1alpha1) with `spec`, as `kubectl apply` leaves it.
+pub fn traffic_policy(namespace: &str, name: &str, spec: Value) -> Value {
+    kubectl_applied(
+        "sluice.dev/v1alpha1",
+        "TrafficPolicy",
+        namespace,
+        name,
+        spec,
+    )
+}
+
+/// An Istio ServiceEntry (networking.istio.io/v1) with `spec`, as `kubectl apply` leaves it.
+pub fn service_entry(namespace: &str, name: &str, spec: Value) -> Value {
+    kubectl_applied(
+        "networking.istio.io/v1",
+        "ServiceEntry",
+        namespace,
+        name,
+        spec,
+    )
+}
+
+/// A namespaced custom resource with `spec`, kubectl-applied (client side): the
+/// last-applied-configuration annotation and its managedFields entry.
+fn kubectl_applied(
+    api_version: &str,
+    kind: &str,
+    namespace: &str,
+    name: &str,
+    spec: Value,
+) -> Value {
+    let last_applied = json!({
+        "apiVersion": api_version,
+        "kind": kind,
+        "metadata": {"annotations": {}, "name": name, "namespace": namespace},
+        "spec": spec,
+    });
+    json!({
+        "apiVersion": api_version,
+        "kind": kind,
+        "metadata": {
+            "annotations": {"kubectl.kubernetes.io/last-applied-configuration": format!("{last_applied}\n")},
+            "managedFields": [managed("kubectl-client-side-apply", "Update", api_version, json!({
+                "f:metadata": {"f:annotations": {".": {}, "f:kubectl.kubernetes.io/last-applied-configuration": {}}},
+                "f:spec": {".": {}},
+            }))],
+            "name": name,
+            "namespace": namespace,
+        },
+        "spec": spec,
     })
 }

@@ -150,7 +150,9 @@ fn discovery_and_lists_look_like_the_real_server() {
         [
             "discovery.k8s.io",
             "gateway.networking.k8s.io",
-            "security.istio.io"
+            "networking.istio.io",
+            "security.istio.io",
+            "sluice.dev"
         ]
     );
     assert!(c.get("/api/v1").1["resources"]
@@ -322,7 +324,7 @@ fn dropped_watches_are_cut_and_crds_can_be_absent() {
     let mut c = Client::new(&s);
     let (code, body) = c.get("/apis/security.istio.io/v1/authorizationpolicies?limit=500");
     assert_eq!((code, body["reason"].as_str()), (404, Some("NotFound")));
-    assert_eq!(c.get("/apis").1["groups"].as_array().unwrap().len(), 2);
+    assert_eq!(c.get("/apis").1["groups"].as_array().unwrap().len(), 4);
     assert!(s
         .apply(objects::authorization_policy("shop", "p", json!({})))
         .is_err());
@@ -427,6 +429,79 @@ fn gateway_routes_are_served_like_the_gateway_api_crds() {
     assert!(gateway(&c.get("/apis").1).is_none());
     assert!(resources(&mut c, "gateway.networking.k8s.io/v1").is_empty());
     assert!(s.apply(objects::http_route("shop", "x", spec)).is_err());
+}
+
+#[test]
+fn traffic_policies_and_service_entries_are_served_like_their_crds() {
+    let s = FakeApiServer::start_local().unwrap();
+    let mut c = Client::new(&s);
+    let group = |groups: &Value, name: &str| {
+        groups["groups"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|g| g["name"] == name)
+            .cloned()
+    };
+    let apis = c.get("/apis").1;
+    let sluice = group(&apis, "sluice.dev").expect("sluice.dev is served");
+    assert_eq!(sluice["preferredVersion"]["version"], "v1alpha1");
+    let istio = group(&apis, "networking.istio.io").expect("networking.istio.io is served");
+    assert_eq!(
+        istio["versions"],
+        json!([
+            {"groupVersion": "networking.istio.io/v1", "version": "v1"},
+            {"groupVersion": "networking.istio.io/v1beta1", "version": "v1beta1"},
+        ])
+    );
+    let (code, list) = c.get("/apis/sluice.dev/v1alpha1");
+    assert_eq!(code, 200);
+    assert_eq!(list["resources"][0]["name"], "trafficpolicies");
+    assert_eq!(list["resources"][0]["shortNames"], json!(["tp"]));
+
+    let stored = s
+        .apply(objects::traffic_policy(
+            "shop",
+            "web",
+            json!({"targetRefs": [{"group": "", "kind": "Service", "name": "web"}],
+                   "timeouts": {"request": "5s"}}),
+        ))
+        .unwrap();
+    assert_eq!(stored["metadata"]["generation"], 1);
+    assert!(stored["metadata"]["creationTimestamp"].is_string());
+    s.apply(objects::service_entry(
+        "shop",
+        "api",
+        json!({"hosts": ["api.example.com"], "ports": [{"number": 443, "name": "https", "protocol": "HTTPS"}],
+               "resolution": "DNS"}),
+    ))
+    .unwrap();
+    let (code, list) = c.get("/apis/sluice.dev/v1alpha1/namespaces/shop/trafficpolicies");
+    assert_eq!(code, 200);
+    assert_eq!(list["kind"], "TrafficPolicyList");
+    assert_eq!(names(&list), ["web"]);
+    let (code, list) = c.get("/apis/networking.istio.io/v1beta1/serviceentries");
+    assert_eq!(code, 200);
+    assert_eq!(
+        list["items"][0]["apiVersion"],
+        "networking.istio.io/v1beta1"
+    );
+    assert_eq!(
+        list["items"][0]["spec"]["hosts"],
+        json!(["api.example.com"])
+    );
+
+    // Without the CRDs: 404, and the groups are gone from discovery.
+    s.set_installed(Resource::TrafficPolicies, false);
+    s.set_installed(Resource::ServiceEntries, false);
+    assert_eq!(c.get("/apis/sluice.dev/v1alpha1/trafficpolicies").0, 404);
+    assert_eq!(c.get("/apis/networking.istio.io/v1/serviceentries").0, 404);
+    let apis = c.get("/apis").1;
+    assert!(group(&apis, "sluice.dev").is_none());
+    assert!(group(&apis, "networking.istio.io").is_none());
+    assert!(s
+        .apply(objects::service_entry("shop", "x", json!({})))
+        .is_err());
 }
 
 #[test]

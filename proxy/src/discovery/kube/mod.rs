@@ -1,6 +1,7 @@
 //! The Kubernetes API source: list/watch of Namespaces, Pods, Services, EndpointSlices, Istio
-//! AuthorizationPolicies and the Gateway API's HTTPRoutes and GRPCRoutes, publishing complete
-//! [`Model`] snapshots with the same contract as the manifest directory
+//! AuthorizationPolicies and ServiceEntries, the Gateway API's HTTPRoutes and GRPCRoutes and
+//! sluice's TrafficPolicies, publishing complete [`Model`] snapshots with the same contract as
+//! the manifest directory
 //! ([`ManifestDir`](super::ManifestDir)).
 //!
 //! - **Same model as the manifest directory.** Every API object is turned back into JSON and
@@ -25,10 +26,11 @@
 //!   [`KubeConfig::sync_timeout`] naming what it was still waiting for: enrolling pods from a
 //!   partial view could release pods the API has not been asked about yet.
 //! - **Optional CRDs.** If the API server does not serve `security.istio.io/v1`
-//!   AuthorizationPolicies (Istio's CRDs are not installed), or `gateway.networking.k8s.io/v1`
-//!   HTTPRoutes or GRPCRoutes (the Gateway API's CRDs are not installed), that is logged once per
-//!   resource and the model goes on without them; the watch keeps retrying at the backoff's
-//!   slowest pace and picks them up once the CRD exists.
+//!   AuthorizationPolicies or `networking.istio.io/v1` ServiceEntries (Istio's CRDs are not
+//!   installed), `gateway.networking.k8s.io/v1` HTTPRoutes or GRPCRoutes (the Gateway API's CRDs
+//!   are not installed), or `sluice.dev/v1alpha1` TrafficPolicies (sluice's CRD is not
+//!   installed), that is logged once per resource and the model goes on without them; the watch
+//!   keeps retrying at the backoff's slowest pace and picks them up once the CRD exists.
 //!
 //! The source runs on a thread of its own with a single-threaded tokio runtime: it never
 //! competes with the data path, and [`KubeSource::spawn`] works from sync code like

@@ -16,11 +16,12 @@
 //!   pod update that changes none of its fields (most are status conditions) does not rebuild
 //!   the model. Unscheduled pods match this selector too; they have no IP yet and are skipped.
 //!
-//! Istio's AuthorizationPolicy and the Gateway API's HTTPRoute and GRPCRoute are CRDs: a cluster
-//! without Istio's (or the Gateway API's) CRDs does not serve them, and sluice then carries on
-//! without policies (or routes), see [`WatchSpec::optional`]. Routes are watched cluster-wide:
-//! a consumer route in any namespace may name a Service a local pod talks to. sluice.dev
-//! TrafficPolicies are not watched yet (the resilience work will add them).
+//! Istio's AuthorizationPolicy and ServiceEntry, the Gateway API's HTTPRoute and GRPCRoute and
+//! sluice's own TrafficPolicy are CRDs: a cluster without Istio's (or the Gateway API's, or
+//! sluice's) CRDs does not serve them, and sluice then carries on without policies (or routes,
+//! TrafficPolicies, ServiceEntries), see [`WatchSpec::optional`]. Routes, TrafficPolicies and
+//! ServiceEntries are watched cluster-wide: a consumer route in any namespace may name a Service
+//! a local pod talks to, and a local pod may call any Service or external host.
 
 use ::kube::core::ApiResource;
 use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
@@ -83,6 +84,29 @@ pub(crate) fn gateway_route_resource(kind: &str, plural: &str) -> ApiResource {
     }
 }
 
+/// The group/version sluice reads its own TrafficPolicies at (deploy/crds/).
+pub(crate) fn traffic_policy_resource() -> ApiResource {
+    ApiResource {
+        group: "sluice.dev".into(),
+        version: "v1alpha1".into(),
+        api_version: "sluice.dev/v1alpha1".into(),
+        kind: "TrafficPolicy".into(),
+        plural: "trafficpolicies".into(),
+    }
+}
+
+/// The group/version sluice reads Istio's ServiceEntries at. v1 is served by Istio 1.22 and
+/// later, with the same schema as v1beta1.
+pub(crate) fn service_entry_resource() -> ApiResource {
+    ApiResource {
+        group: "networking.istio.io".into(),
+        version: "v1".into(),
+        api_version: "networking.istio.io/v1".into(),
+        kind: "ServiceEntry".into(),
+        plural: "serviceentries".into(),
+    }
+}
+
 /// Every watch, in the order their objects are fed to the model.
 pub(crate) fn watches() -> Vec<WatchSpec> {
     let spec = |label, resource, kind, namespaced, nodes, optional| WatchSpec {
@@ -131,5 +155,7 @@ pub(crate) fn watches() -> Vec<WatchSpec> {
             All,
             true,
         ),
+        spec("trafficpolicies", traffic_policy_resource(), Kind::TrafficPolicy, true, All, true),
+        spec("serviceentries", service_entry_resource(), Kind::ServiceEntry, true, All, true),
     ]
 }

@@ -7,4 +7,5 @@ mod parse;
 mod resolve;
 mod routes;
 mod store;
+mod traffic;
 mod watch;
