@@ -54,6 +54,7 @@ pub struct RunArgs {
     /// On SIGTERM, how long open connections may take to finish before sluice exits.
     pub drain_timeout: Duration,
     pub l7: crate::l7::L7Config,
+    pub telemetry: crate::telemetry::TelemetryConfig,
 }
 
 enum Control {
@@ -132,6 +133,10 @@ pub fn run(args: RunArgs) -> Result<()> {
         .build()
         .context("starting the data-path runtime")?;
     let conns = Arc::new(ConnRegistry::default());
+    let telemetry = {
+        let _rt = data_rt.enter(); // exporters and writers start their tasks here
+        Arc::new(crate::telemetry::Telemetry::new(&args.telemetry))
+    };
     let dp = Arc::new(DataPath {
         redirector: redirector.clone(),
         model: model.clone(),
@@ -144,6 +149,7 @@ pub fn run(args: RunArgs) -> Result<()> {
         tunnel_fallbacks: Default::default(),
         l7: crate::l7::L7::new(args.l7.clone()),
         draining: tokio::sync::watch::channel(false).0,
+        telemetry: telemetry.clone(),
     });
     data_rt.spawn(reap_upstreams(dp.clone()));
     certs.spawn_rotation(data_rt.handle());
@@ -155,6 +161,7 @@ pub fn run(args: RunArgs) -> Result<()> {
         counters: Default::default(),
         tunnel_stats: inbound_stats.clone(),
         connect_timeout: args.connect_timeout,
+        telemetry: telemetry.clone(),
     });
     let mut enroller = Enroller::new(
         args.node.clone(),

@@ -288,6 +288,7 @@ impl Enroller {
             stats: Arc::new(PodStats::default()),
             transparent,
             limiter: Arc::new(crate::l7::limits::PodLimiter::new(&self.dp.l7.cfg.pod_limits)),
+            workload: Arc::new(crate::discovery::WorkloadInfo::of(pod)),
         });
         let mut tasks = Vec::new();
         let mut bound = Vec::new();

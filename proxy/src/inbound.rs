@@ -46,6 +46,7 @@ pub struct Inbound {
     pub counters: InboundCounters,
     pub tunnel_stats: Arc<server::ServerStats>,
     pub connect_timeout: Duration,
+    pub telemetry: Arc<crate::telemetry::Telemetry>,
 }
 
 enum Verdict {
@@ -123,9 +124,26 @@ pub async fn handle_tunnel(mut req: TunnelRequest, pod: Arc<PodContext>, inbound
             protocol: "tcp",
         },
     );
+    if let Some(protocol) = req.l7 {
+        // HTTP from a sluice's L7 path: served per request on this side too.
+        let ctx = Arc::new(crate::l7::inbound::InboundStream {
+            pod: pod.clone(),
+            telemetry: inbound.telemetry.clone(),
+            model: inbound.model.clone(),
+            peer: req.peer,
+            peer_identity: req.peer_identity.clone(),
+            target: req.target,
+        });
+        crate::l7::inbound::serve(crate::l7::io::TunnelIo::new(send, req.body), app, protocol, ctx).await;
+        drop(guard);
+        return;
+    }
     // Bytes towards the application count as "received" from the peer's point of view of
     // this connection: sent = peer → app, received = app → peer, as for outbound.
+    let tcp = InboundConn::new(&inbound, &pod, req.peer, req.target, Some(req.peer_identity.clone()));
+    tcp.report(&inbound, &pod, &guard.entry, true);
     pump::tcp_h2(app, bytes::Bytes::new(), send, req.body, &guard.entry.received, &guard.entry.sent).await;
+    tcp.report(&inbound, &pod, &guard.entry, false);
 }
 
 /// Serves the pod's plaintext-capture listener (`IP:15006`) until the task is aborted.
@@ -186,7 +204,66 @@ async fn handle_plaintext(client: TcpStream, peer: SocketAddr, pod: Arc<PodConte
             protocol: "tcp",
         },
     );
+    let tcp = InboundConn::new(&inbound, &pod, peer, target, None);
+    tcp.report(&inbound, &pod, &guard.entry, true);
     l4::forward(client, app, &guard.entry.sent, &guard.entry.received).await;
+    tcp.report(&inbound, &pod, &guard.entry, false);
+}
+
+/// What TCP telemetry says about one inbound connection (reporter=destination).
+struct InboundConn {
+    src_workload: Option<Arc<crate::discovery::WorkloadInfo>>,
+    principal: Option<Arc<str>>,
+    service: Option<Arc<crate::discovery::Service>>,
+    access_log: bool,
+    peer: SocketAddr,
+    target: SocketAddr,
+    start: std::time::SystemTime,
+    started: std::time::Instant,
+}
+
+impl InboundConn {
+    fn new(inbound: &Inbound, pod: &PodContext, peer: SocketAddr, target: SocketAddr, principal: Option<Arc<str>>) -> Self {
+        let model = inbound.model.load();
+        let src_workload = model.workload_by_ip(peer.ip()).cloned();
+        let mut namespaces = vec![pod.namespace.as_ref()];
+        if let Some(w) = &src_workload {
+            namespaces.push(&w.namespace);
+        }
+        InboundConn {
+            access_log: crate::telemetry::access_log_wanted(&model, &namespaces),
+            service: model.service_of_endpoint(target).and_then(|(ns, name)| model.service(ns, name).cloned()),
+            src_workload,
+            principal,
+            peer,
+            target,
+            start: std::time::SystemTime::now(),
+            started: std::time::Instant::now(),
+        }
+    }
+
+    fn report(&self, inbound: &Inbound, pod: &PodContext, entry: &crate::conns::ConnEntry, opened: bool) {
+        use crate::telemetry::{ConnRecord, Peer, Reporter, ServiceRef};
+        let rec = ConnRecord {
+            reporter: Reporter::Destination,
+            start: self.start,
+            duration: self.started.elapsed(),
+            source: Peer { workload: self.src_workload.as_deref(), principal: self.principal.as_deref(), addr: Some(self.peer) },
+            destination: Peer { workload: Some(&pod.workload), principal: Some(&pod.identity_str), addr: Some(self.target) },
+            service: self.service.as_ref().map(|s| ServiceRef { namespace: &s.namespace, name: &s.name }),
+            // Istio's direction: sent = server → client, received = client → server.
+            sent: entry.received.load(Ordering::Relaxed),
+            received: entry.sent.load(Ordering::Relaxed),
+            mtls: self.principal.is_some(),
+            response_flags: "-",
+            access_log: self.access_log,
+        };
+        if opened {
+            inbound.telemetry.connection_opened(&rec);
+        } else {
+            inbound.telemetry.connection_closed(&rec);
+        }
+    }
 }
 
 /// "ns/name" of the pod with the peer's IP if the model knows it, else the IP.

@@ -53,6 +53,8 @@ pub struct PodContext {
     pub transparent: bool,
     /// This pod's share of the node proxy (accept rate, connections, requests in flight).
     pub limiter: Arc<l7::limits::PodLimiter>,
+    /// What telemetry labels say about this pod.
+    pub workload: Arc<crate::discovery::WorkloadInfo>,
 }
 
 /// Shared state of the data path (read-mostly; the control path swaps `model`).
@@ -72,6 +74,7 @@ pub struct DataPath {
     /// Set when sluice starts draining: HTTP connections close gracefully (HTTP/1.1 after the
     /// response in flight, HTTP/2 with GOAWAY).
     pub draining: tokio::sync::watch::Sender<bool>,
+    pub telemetry: Arc<crate::telemetry::Telemetry>,
 }
 
 /// Accepts connections on one of a pod's outbound listeners until the task is aborted
@@ -180,14 +183,25 @@ async fn forward_opaque(
     // An endpoint that is an enrolled pod (on any node) is reached through its HBONE port,
     // with mutual TLS carrying both pods' identities.
     let mesh_peer = mesh_identity(&model, endpoint, &dp.trust_domain);
+    let observed = OpaqueConn {
+        dest_workload: model.workload_by_ip(endpoint.ip()).cloned(),
+        dest_principal: mesh_peer.as_ref().map(|p| Arc::from(p.to_string())),
+        service: model.service_for(orig.ip(), orig.port()).map(|t| t.service().clone()),
+        access_log: crate::telemetry::access_log_wanted(&model, &[&pod.namespace]),
+        endpoint,
+        start: std::time::SystemTime::now(),
+        started: std::time::Instant::now(),
+    };
     drop(model);
 
     if let Some(peer_id) = mesh_peer {
-        match open_tunnel(&pod, &dp, &peer_id, endpoint).await {
+        match open_tunnel(&pod, &dp, &peer_id, endpoint, None).await {
             Ok((send, recv, _)) => {
                 let guard = dp.conns.open(&pod.stats, new_conn(&pod, peer, orig, &target, endpoint, Some(&peer_id)));
                 debug!(pod = %pod.key, dst = %orig, %endpoint, peer = %peer_id, id = guard.entry.id, "forwarding through tunnel");
+                observed.report(&dp, &pod, &guard.entry, true, true);
                 pump::tcp_h2(client, prefix, send, recv, &guard.entry.sent, &guard.entry.received).await;
+                observed.report(&dp, &pod, &guard.entry, true, false);
                 return;
             }
             // Nobody serves the mesh at the destination (its node's sluice is down, or has not
@@ -224,7 +238,50 @@ async fn forward_opaque(
         guard.entry.sent.fetch_add(prefix.len() as u64, Ordering::Relaxed);
     }
     debug!(pod = %pod.key, dst = %orig, %endpoint, id = guard.entry.id, "forwarding");
+    observed.report(&dp, &pod, &guard.entry, false, true);
     forward(client, upstream, &guard.entry.sent, &guard.entry.received).await;
+    observed.report(&dp, &pod, &guard.entry, false, false);
+}
+
+/// What TCP telemetry says about one opaque outbound connection.
+struct OpaqueConn {
+    dest_workload: Option<Arc<crate::discovery::WorkloadInfo>>,
+    dest_principal: Option<Arc<str>>,
+    service: Option<Arc<crate::discovery::Service>>,
+    access_log: bool,
+    endpoint: SocketAddr,
+    start: std::time::SystemTime,
+    started: std::time::Instant,
+}
+
+impl OpaqueConn {
+    /// `opened`: the connection just opened; else it just closed (bytes final).
+    fn report(&self, dp: &DataPath, pod: &PodContext, entry: &crate::conns::ConnEntry, mtls: bool, opened: bool) {
+        use crate::telemetry::{ConnRecord, Peer, Reporter, ServiceRef};
+        let rec = ConnRecord {
+            reporter: Reporter::Source,
+            start: self.start,
+            duration: self.started.elapsed(),
+            source: Peer { workload: Some(&pod.workload), principal: Some(&pod.identity_str), addr: Some(entry.source_addr) },
+            destination: Peer {
+                workload: self.dest_workload.as_deref(),
+                principal: self.dest_principal.as_deref(),
+                addr: Some(self.endpoint),
+            },
+            service: self.service.as_ref().map(|s| ServiceRef { namespace: &s.namespace, name: &s.name }),
+            // Istio's direction: sent = server → client, received = client → server.
+            sent: entry.received.load(Ordering::Relaxed),
+            received: entry.sent.load(Ordering::Relaxed),
+            mtls,
+            response_flags: "-",
+            access_log: self.access_log,
+        };
+        if opened {
+            dp.telemetry.connection_opened(&rec);
+        } else {
+            dp.telemetry.connection_closed(&rec);
+        }
+    }
 }
 
 /// A destination the registry knows besides Services: a pod, or a ServiceEntry address.
@@ -266,6 +323,7 @@ pub(crate) async fn open_tunnel(
     dp: &DataPath,
     peer_id: &SpiffeId,
     endpoint: SocketAddr,
+    l7: Option<&'static str>,
 ) -> Result<(h2::SendStream<bytes::Bytes>, h2::RecvStream, crate::transport::TunnelWatch), TunnelError> {
     let tls = dp
         .identity
@@ -277,7 +335,7 @@ pub(crate) async fn open_tunnel(
         dst_identity: peer_id.to_string().into(),
         dst: endpoint.ip(),
     };
-    dp.pool.open(&key, &pod.netns, tls, endpoint, dp.connect_timeout).await
+    dp.pool.open(&key, &pod.netns, tls, endpoint, dp.connect_timeout, l7).await
 }
 
 pub(crate) async fn connect(netns: &PodNetns, endpoint: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {

@@ -21,4 +21,5 @@ pub mod policy;
 pub mod redirect;
 pub mod routing;
 pub mod sysctl;
+pub mod telemetry;
 pub mod transport;

@@ -187,6 +187,20 @@ struct RunFlags {
     /// Per source pod: connections open through sluice (beyond: reset).
     #[arg(long, default_value_t = 20000)]
     pod_max_connections: u32,
+    // --- Telemetry ---
+    /// Access log destination for namespaces annotated `sluice.dev/access-log: enabled`: a
+    /// file, or `-` for stdout.
+    #[arg(long, env = "SLUICE_ACCESS_LOG")]
+    access_log: Option<PathBuf>,
+    /// Access log records queued before new ones are dropped (and counted).
+    #[arg(long, default_value_t = 16384)]
+    access_log_queue: usize,
+    /// OTLP/gRPC collector for spans, e.g. http://otel-collector:4317 (none: no export).
+    #[arg(long, env = "SLUICE_OTLP_ENDPOINT")]
+    otlp_endpoint: Option<String>,
+    /// Share of new traces sampled (0 to 1); a sampled flag in the request is honoured.
+    #[arg(long, default_value_t = 0.01)]
+    trace_sampling: f64,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -269,6 +283,14 @@ fn run(f: RunFlags) -> Result<()> {
     init_logging(f.log_format);
     let admin_socket = f.admin_socket.unwrap_or_else(|| cli::default_admin_socket(&f.node));
     let source = source_config(f.source, f.manifests, f.kube_api, f.kubeconfig)?;
+    let telemetry = sluice::telemetry::TelemetryConfig {
+        node: f.node.clone(),
+        trust_domain: f.trust_domain.clone(),
+        access_log_path: f.access_log.clone(),
+        access_log_queue: f.access_log_queue.max(1),
+        otlp_endpoint: f.otlp_endpoint.clone(),
+        trace_sampling: f.trace_sampling.clamp(0.0, 1.0),
+    };
     let result = daemon::run(RunArgs {
         node: f.node,
         source,
@@ -283,6 +305,7 @@ fn run(f: RunFlags) -> Result<()> {
         trust_domain: f.trust_domain,
         cert_lifetime: Duration::from_secs(f.cert_lifetime_s),
         drain_timeout: Duration::from_secs(f.drain_timeout_s),
+        telemetry,
         l7: sluice::l7::L7Config {
             detect_timeout: Duration::from_millis(f.detect_timeout_ms),
             opaque_ports: f.opaque_ports.unwrap_or_else(|| sluice::l7::detect::DEFAULT_OPAQUE_PORTS.to_vec()),

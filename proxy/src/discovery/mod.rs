@@ -40,6 +40,7 @@ mod model;
 pub mod route;
 pub mod route_table;
 pub mod traffic;
+mod workload;
 mod snapshot;
 mod store;
 mod view;
@@ -61,6 +62,7 @@ pub use model::{
     PodRef, Protocol, Service, ServicePort, StringMatch, TargetPort, MESH_ANNOTATION, MESH_ENABLED,
     PEER_AUTH_ANNOTATION, SERVICE_NAME_LABEL,
 };
+pub use workload::WorkloadInfo;
 pub use snapshot::{ManifestError, Model, ServiceTarget};
 pub use view::{
     AuthorizationPolicyView, EndpointSliceView, ErrorView, ModelView, NamespaceView, PodView, RouteView,

@@ -22,6 +22,7 @@ use super::model::{
 };
 use super::route::{Route, RouteKind};
 use super::route_table::PortRoutes;
+use super::workload::WorkloadInfo;
 use super::traffic::{
     IpNet, OutboundPolicy, PolicyTarget, Resolution, ServiceEntry, ServiceEntryPort, TrafficPolicy,
 };
@@ -102,6 +103,11 @@ pub struct Model {
     by_cluster_addr: HashMap<SocketAddr, ServiceTarget>,
     pods_by_node: HashMap<String, Vec<Arc<Pod>>>,
     pods_by_ip: HashMap<IpAddr, Arc<Pod>>,
+    /// Telemetry's view of each pod by IP (workload, app, version, ...).
+    workloads_by_ip: HashMap<IpAddr, Arc<WorkloadInfo>>,
+    /// Ready endpoint address → the Services whose ports resolve to it (for the destination
+    /// side's `destination_service` when the request does not name one).
+    services_by_endpoint: HashMap<SocketAddr, Vec<(Arc<str>, Arc<str>)>>,
     /// namespace → its AuthorizationPolicies, sorted by name.
     policies_by_ns: HashMap<String, Box<[Arc<AuthorizationPolicy>]>>,
     /// The routes of both kinds attached to each Service port, in precedence order.
@@ -361,6 +367,35 @@ impl Model {
                     self.pods_by_ip.insert(pod.ip, pod.clone());
                 }
             }
+        }
+        self.workloads_by_ip =
+            self.pods_by_ip.iter().map(|(ip, pod)| (*ip, Arc::new(WorkloadInfo::of(pod)))).collect();
+        let mut by_endpoint: HashMap<SocketAddr, Vec<(Arc<str>, Arc<str>)>> = HashMap::new();
+        for (ns, by_name) in &self.targets {
+            for (name, ports) in by_name {
+                for t in ports.iter() {
+                    for ep in t.endpoints().iter() {
+                        let list = by_endpoint.entry(*ep).or_default();
+                        if !list.iter().any(|(n, s)| **n == **ns && **s == **name) {
+                            list.push((ns.as_str().into(), name.as_str().into()));
+                        }
+                    }
+                }
+            }
+        }
+        self.services_by_endpoint = by_endpoint;
+    }
+
+    /// Telemetry's view of the pod that owns `ip`.
+    pub fn workload_by_ip(&self, ip: IpAddr) -> Option<&Arc<WorkloadInfo>> {
+        self.workloads_by_ip.get(&ip.to_canonical())
+    }
+
+    /// The Service (namespace, name) an endpoint belongs to, when exactly one Service has it.
+    pub fn service_of_endpoint(&self, endpoint: SocketAddr) -> Option<(&Arc<str>, &Arc<str>)> {
+        match self.services_by_endpoint.get(&SocketAddr::new(endpoint.ip().to_canonical(), endpoint.port()))?.as_slice() {
+            [(ns, name)] => Some((ns, name)),
+            _ => None,
         }
     }
 

@@ -27,12 +27,13 @@ use super::{
     filters, full_body,
     limits::{Breaker, Overflow},
     mirror,
+    observe::{self, CountBody, Observation, Observed, PeerInfo},
     plan::{self, Decision, Endpoints, Plan},
     server::ConnCtx,
     upstream::{Dial, SendError, UpstreamError, Wire},
     Body,
 };
-use crate::{discovery::traffic::RetryPolicy, l4};
+use crate::{discovery::traffic::RetryPolicy, l4, telemetry::Reporter};
 
 pub use super::plan::balance_key;
 
@@ -46,12 +47,40 @@ pub async fn handle(req: Request<Incoming>, ctx: Arc<ConnCtx>) -> Result<Respons
     l7.counters.requests.fetch_add(1, Ordering::Relaxed);
     ctx.entry.requests.fetch_add(1, Ordering::Relaxed);
     let grpc = is_grpc(req.headers());
-    let method = req.method().clone();
-    let path = req.uri().path().to_owned();
-    let result = forward(req, &ctx, grpc).await;
+    let (mut parts, body) = req.into_parts();
+    let span = ctx.dp.telemetry.start_span(Reporter::Source, &mut parts.headers);
+    let request_bytes = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let mut obs = Observation {
+        telemetry: ctx.dp.telemetry.clone(),
+        reporter: Reporter::Source,
+        start: std::time::Instant::now(),
+        start_system: std::time::SystemTime::now(),
+        method: parts.method.clone(),
+        uri: parts.uri.clone(),
+        authority: filters::request_host(&parts).unwrap_or_default(),
+        grpc,
+        source: PeerInfo {
+            workload: Some(ctx.pod.workload.clone()),
+            principal: Some(ctx.pod.identity_str.clone()),
+            addr: Some(ctx.entry.source_addr),
+        },
+        destination: PeerInfo::default(),
+        service: ctx.dp.model.load().service_for(ctx.orig.ip(), ctx.orig.port()).map(|t| t.service().clone()),
+        upstream: None,
+        mtls: false,
+        access_log: false,
+        span,
+        request_bytes: request_bytes.clone(),
+        flags: "-",
+        status: 0,
+        grpc_status: None,
+    };
+    let req = Request::from_parts(parts, CountBody::new(body, request_bytes).map_err(Into::into).boxed());
+    let result = forward(req, &ctx, grpc, &mut obs).await;
     let mut resp = match result {
         Ok(resp) => resp,
         Err(e) => {
+            obs.flags = e.flag();
             l7.counters.local_replies.fetch_add(1, Ordering::Relaxed);
             if matches!(e, ProxyError::EgressBlocked(..)) {
                 l7.counters.egress_refused.fetch_add(1, Ordering::Relaxed);
@@ -59,8 +88,8 @@ pub async fn handle(req: Request<Incoming>, ctx: Arc<ConnCtx>) -> Result<Respons
             info!(
                 pod = %ctx.pod.key,
                 dst = %ctx.orig,
-                %method,
-                path = %path,
+                method = %obs.method,
+                path = %obs.uri.path(),
                 status = e.status().as_u16(),
                 flag = e.flag(),
                 error = %e,
@@ -73,10 +102,17 @@ pub async fn handle(req: Request<Incoming>, ctx: Arc<ConnCtx>) -> Result<Respons
         // Draining: this connection's last response (see server.rs).
         resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
-    Ok(resp)
+    obs.status = resp.status().as_u16();
+    obs.grpc_status = observe::grpc_status(resp.headers());
+    {
+        let model = ctx.dp.model.load();
+        let dst_ns = obs.destination.workload.as_ref().map(|w| w.namespace.clone());
+        obs.access_log = crate::telemetry::access_log_wanted(&model, &[&ctx.pod.namespace, dst_ns.as_deref().unwrap_or("")]);
+    }
+    Ok(resp.map(|b| Observed::new(b, obs).boxed()))
 }
 
-async fn forward(req: Request<Incoming>, ctx: &Arc<ConnCtx>, grpc: bool) -> Result<Response<Body>, ProxyError> {
+async fn forward(req: Request<Body>, ctx: &Arc<ConnCtx>, grpc: bool, obs: &mut Observation) -> Result<Response<Body>, ProxyError> {
     let started = tokio::time::Instant::now();
     let l7 = &ctx.dp.l7;
     // One pod's requests in flight are bounded: it cannot take the node proxy from the others.
@@ -153,8 +189,12 @@ async fn forward(req: Request<Incoming>, ctx: &Arc<ConnCtx>, grpc: bool) -> Resu
         };
         let mesh_peer = {
             let model = ctx.dp.model.load();
+            obs.destination = PeerInfo { workload: model.workload_by_ip(endpoint.ip()).cloned(), principal: None, addr: Some(endpoint) };
             l4::mesh_identity(&model, endpoint, &ctx.dp.trust_domain)
         };
+        obs.upstream = Some(endpoint);
+        obs.mtls = mesh_peer.is_some();
+        obs.destination.principal = mesh_peer.as_ref().map(|p| Arc::from(p.to_string()));
         let dial = Dial {
             pod: &ctx.pod,
             dp: &ctx.dp,
@@ -432,7 +472,7 @@ fn is_grpc(headers: &HeaderMap) -> bool {
 }
 
 /// CONNECT, or an HTTP/1.1 `Connection: upgrade` with an `Upgrade` header (WebSocket).
-fn wants_upgrade(req: &Request<Incoming>) -> bool {
+pub fn wants_upgrade<B>(req: &Request<B>) -> bool {
     if req.method() == Method::CONNECT {
         return true;
     }
@@ -457,7 +497,7 @@ fn connection_has(headers: &HeaderMap, token: &str) -> bool {
 /// Makes the client's request fit for the upstream connection: hop-by-hop headers removed
 /// (except what an upgrade needs), HTTP/1.1 in origin form with a Host, HTTP/2 with scheme and
 /// authority.
-fn prepare(req: Request<Incoming>, wire: Wire, upgrade: bool) -> Request<Body> {
+fn prepare(req: Request<Body>, wire: Wire, upgrade: bool) -> Request<Body> {
     let (mut parts, body) = req.into_parts();
     strip_hop_by_hop(&mut parts.headers, upgrade);
     match wire {
@@ -491,7 +531,7 @@ fn prepare(req: Request<Incoming>, wire: Wire, upgrade: bool) -> Request<Body> {
             parts.version = Version::HTTP_2;
         }
     }
-    Request::from_parts(parts, body.map_err(Into::into).boxed())
+    Request::from_parts(parts, body)
 }
 
 /// Removes connection-specific headers (RFC 9110 §7.6.1): they describe the client's

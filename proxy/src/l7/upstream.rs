@@ -445,7 +445,11 @@ impl Upstreams {
 
     async fn dial_inner(&self, d: &Dial<'_>) -> Result<(UpstreamIo, Option<TunnelWatch>), UpstreamError> {
         if let Some(peer) = &d.mesh_peer {
-            match l4::open_tunnel(d.pod, d.dp, peer, d.endpoint).await {
+            let hint = match d.wire {
+                Wire::Http1 => "http/1.1",
+                Wire::Http2 => "h2c",
+            };
+            match l4::open_tunnel(d.pod, d.dp, peer, d.endpoint, Some(hint)).await {
                 Ok((send, recv, watch)) => return Ok((UpstreamIo::Tunnel(TunnelIo::new(send, recv)), Some(watch))),
                 Err(e) if e.is_unreachable() => {
                     d.dp.tunnel_fallbacks.fetch_add(1, Ordering::Relaxed);

@@ -25,6 +25,8 @@ use tracing::{debug, info};
 use crate::netns::PodNetns;
 
 pub const HBONE_PORT: u16 = sluice_common::HBONE_PORT;
+/// CONNECT header of a stream that carries HTTP (`http/1.1` or `h2c`) between two sluices.
+pub const L7_HEADER: &str = "x-sluice-l7";
 
 /// HTTP/2 windows sized for bulk transfers through the tunnel (the defaults, 64 KiB, would cap
 /// a stream at 64 KiB per round trip).
@@ -104,6 +106,7 @@ impl HbonePool {
         tls: Arc<rustls::ClientConfig>,
         target: SocketAddr,
         timeout: Duration,
+        l7: Option<&'static str>,
     ) -> Result<(SendStream<Bytes>, RecvStream, TunnelWatch), TunnelError> {
         let hbone = SocketAddr::new(key.dst, HBONE_PORT);
         let pooled = self.conns.lock().unwrap_or_else(|p| p.into_inner()).get(key).cloned();
@@ -118,11 +121,16 @@ impl HbonePool {
             },
             None => self.connect(key, netns, tls, timeout).await?,
         };
-        let request = Request::builder()
+        let mut request = Request::builder()
             .method(Method::CONNECT)
             .uri(target.to_string())
             .body(())
             .expect("CONNECT request parts are valid");
+        if let Some(proto) = l7 {
+            // The stream carries one HTTP connection of the source sluice: the destination's
+            // sluice serves it as HTTP too (per-request telemetry on that side).
+            request.headers_mut().insert(L7_HEADER, http::HeaderValue::from_static(proto));
+        }
         let watch = TunnelWatch(sender.clone());
         let (response, send) =
             sender.send_request(request, false).map_err(|source| TunnelError::H2 { addr: hbone, source })?;

@@ -32,6 +32,8 @@ pub struct TunnelRequest {
     pub peer_identity: Arc<str>,
     /// The CONNECT target (`:authority`).
     pub target: SocketAddr,
+    /// The stream carries HTTP (`x-sluice-l7`: `http/1.1` or `h2c`) from a sluice's L7 path.
+    pub l7: Option<crate::l7::Protocol>,
     pub body: RecvStream,
     pub respond: SendResponse<Bytes>,
 }
@@ -155,10 +157,16 @@ pub async fn serve<H, F>(
                     reply(&mut respond, StatusCode::BAD_REQUEST);
                     continue;
                 };
+                let l7 = match request.headers().get(super::client::L7_HEADER).map(|v| v.as_bytes()) {
+                    Some(b"http/1.1") => Some(crate::l7::Protocol::Http1),
+                    Some(b"h2c") => Some(crate::l7::Protocol::Http2),
+                    _ => None,
+                };
                 let req = TunnelRequest {
                     peer,
                     peer_identity: peer_identity.clone(),
                     target,
+                    l7,
                     body: request.into_body(),
                     respond,
                 };
