@@ -3,6 +3,9 @@
 //!
 //! - `serve`: an HTTP/1.1 keep-alive server answering every request with a fixed-size body
 //!   (1 KiB by default), no logging per request, so that it is never the bottleneck.
+//! - `grpc-serve`: the same for gRPC: a plaintext HTTP/2 (h2c) server of the unary
+//!   `sluice.test.Echo/Echo` method (tests/src/grpc_proto.rs, wire-compatible with slgrpc's)
+//!   answering every call with a fixed-size payload, no logging per call.
 //! - `rate`: fixed-rate load without coordinated omission: each of `--connections` keep-alive
 //!   connections has its own schedule (requests evenly spaced, connections offset from each
 //!   other), and every request's latency is measured from the time it was *scheduled* to be
@@ -18,6 +21,13 @@
 //! - `seq`: one keep-alive connection; for each number N read from stdin, sends N requests at
 //!   a low, fixed rate and says when done (for instruction counts under callgrind).
 //!
+//! `rate`, `max` and `seq` speak HTTP/1.1 by default; with `--proto grpc` every request is a
+//! unary gRPC call (`--payload-bytes` of payload, 1 KiB by default) over HTTP/2, one tonic
+//! channel (one HTTP/2 connection) per connection and one call at a time on each, so the
+//! scheduling, the latency measurement and the output are the same as for HTTP/1.1. Each
+//! connection's channel runs on a current-thread tokio runtime owned by that connection's
+//! thread: the thread sleeps with `clock_nanosleep` and then drives the call to completion.
+//!
 //! Timing: scheduling uses `clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME)` with the thread's
 //! timer slack set to 1 ns (the default 50 µs slack would add up to 50 µs to every send);
 //! latencies go into HdrHistograms (3 significant digits, 1 ns .. 1 h).
@@ -31,9 +41,14 @@ use std::{
     time::Duration,
 };
 
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
 use hdrhistogram::Histogram;
 use serde_json::{json, Value};
+
+#[path = "../grpc_proto.rs"]
+mod grpc_proto;
+
+use grpc_proto::{EchoReply, EchoRequest, ECHO_PATH};
 
 #[derive(Parser)]
 #[command(name = "slload", about = "Benchmark load generator and backend for sluice (JSON on stdout)")]
@@ -42,11 +57,26 @@ struct Cli {
     cmd: Cmd,
 }
 
+/// What the load speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Proto {
+    /// HTTP/1.1 keep-alive GET requests.
+    Http,
+    /// Unary gRPC calls (`sluice.test.Echo/Echo`) over HTTP/2 with prior knowledge.
+    Grpc,
+}
+
 #[derive(clap::Args, Clone)]
 struct Target {
     /// Where to send requests (ip:port).
     #[arg(long)]
     to: SocketAddr,
+    /// HTTP/1.1 requests or unary gRPC calls (`rate`, `max` and `seq` only).
+    #[arg(long, value_enum, default_value_t = Proto::Http)]
+    proto: Proto,
+    /// gRPC: bytes of payload in every request message.
+    #[arg(long, default_value_t = 1024)]
+    payload_bytes: usize,
     /// Request path.
     #[arg(long, default_value = "/")]
     path: String,
@@ -67,6 +97,19 @@ enum Cmd {
         #[arg(long, default_value = "0.0.0.0")]
         bind: String,
         /// Response body size in bytes.
+        #[arg(long, default_value_t = 1024)]
+        body_bytes: usize,
+        /// Worker threads.
+        #[arg(long, default_value_t = 2)]
+        threads: usize,
+    },
+    /// Plaintext HTTP/2 gRPC server of `sluice.test.Echo/Echo` with a fixed-size reply payload.
+    GrpcServe {
+        #[arg(long)]
+        port: u16,
+        #[arg(long, default_value = "0.0.0.0")]
+        bind: String,
+        /// Reply payload size in bytes.
         #[arg(long, default_value_t = 1024)]
         body_bytes: usize,
         /// Worker threads.
@@ -133,17 +176,23 @@ fn main() -> ExitCode {
     raise_nofile();
     let res = match cli.cmd {
         Cmd::Serve { port, bind, body_bytes, threads } => serve(&bind, port, body_bytes, threads),
-        Cmd::Rate { target, rps, connections, duration_ms, warmup_ms } => {
-            rate(&target, rps, connections, duration_ms, warmup_ms)
-        }
-        Cmd::Max { target, connections, duration_ms, warmup_ms } => {
-            max(&target, connections, duration_ms, warmup_ms)
-        }
+        Cmd::GrpcServe { port, bind, body_bytes, threads } => grpc_serve(&bind, port, body_bytes, threads),
+        Cmd::Rate { target, rps, connections, duration_ms, warmup_ms } => match target.proto {
+            Proto::Http => rate::<H1>(&target, rps, connections, duration_ms, warmup_ms),
+            Proto::Grpc => rate::<GrpcConn>(&target, rps, connections, duration_ms, warmup_ms),
+        },
+        Cmd::Max { target, connections, duration_ms, warmup_ms } => match target.proto {
+            Proto::Http => max::<H1>(&target, connections, duration_ms, warmup_ms),
+            Proto::Grpc => max::<GrpcConn>(&target, connections, duration_ms, warmup_ms),
+        },
         Cmd::Churn { target, connections, duration_ms, warmup_ms } => {
-            churn(&target, connections, duration_ms, warmup_ms)
+            http_only(&target).and_then(|_| churn(&target, connections, duration_ms, warmup_ms))
         }
-        Cmd::Hold { target, count } => hold(&target, count),
-        Cmd::Seq { target, interval_us } => seq(&target, interval_us),
+        Cmd::Hold { target, count } => http_only(&target).and_then(|_| hold(&target, count)),
+        Cmd::Seq { target, interval_us } => match target.proto {
+            Proto::Http => seq::<H1>(&target, interval_us),
+            Proto::Grpc => seq::<GrpcConn>(&target, interval_us),
+        },
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,
@@ -151,6 +200,13 @@ fn main() -> ExitCode {
             emit(json!({"ok": false, "error": format!("{:?}: {e}", e.kind())}));
             ExitCode::FAILURE
         }
+    }
+}
+
+fn http_only(t: &Target) -> io::Result<()> {
+    match t.proto {
+        Proto::Http => Ok(()),
+        Proto::Grpc => Err(io::Error::new(io::ErrorKind::Unsupported, "this mode speaks HTTP/1.1 only")),
     }
 }
 
@@ -423,6 +479,123 @@ fn check_status(status: u16) -> io::Result<()> {
     }
 }
 
+// ---------------------------------------------------------------- one request at a time
+
+/// A client connection of the load modes: one request (HTTP/1.1) or call (gRPC) at a time.
+trait LoadConn: Sized + Send + 'static {
+    fn open(t: &Target) -> io::Result<Self>;
+    /// One request and its whole response; `Ok(true)` when the server closes the connection
+    /// after it.
+    fn request(&mut self) -> io::Result<bool>;
+    fn local(&self) -> String;
+}
+
+/// HTTP/1.1: a keep-alive connection and the request it sends.
+struct H1 {
+    conn: HttpConn,
+    req: Vec<u8>,
+}
+
+impl LoadConn for H1 {
+    fn open(t: &Target) -> io::Result<H1> {
+        Ok(H1 {
+            conn: HttpConn::connect(t.to, Duration::from_millis(t.timeout_ms))?,
+            req: request_bytes(t, false),
+        })
+    }
+
+    fn request(&mut self) -> io::Result<bool> {
+        let (status, close) = self.conn.exchange(&self.req)?;
+        check_status(status)?;
+        Ok(close)
+    }
+
+    fn local(&self) -> String {
+        self.conn.local.to_string()
+    }
+}
+
+// ---------------------------------------------------------------- gRPC client side
+
+/// One tonic channel (one HTTP/2 connection, made by our connector so that its local address
+/// is known) on a current-thread runtime that only runs while a call is being made.
+struct GrpcConn {
+    rt: tokio::runtime::Runtime,
+    grpc: tonic::client::Grpc<tonic::transport::Channel>,
+    req: EchoRequest,
+    timeout: Duration,
+    local: String,
+}
+
+impl LoadConn for GrpcConn {
+    fn open(t: &Target) -> io::Result<GrpcConn> {
+        use hyper_util::rt::TokioIo;
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let timeout = Duration::from_millis(t.timeout_ms);
+        let local = Arc::new(std::sync::Mutex::new(None::<SocketAddr>));
+        let to = t.to;
+        let connector = {
+            let local = local.clone();
+            tower::service_fn(move |_: http::Uri| {
+                let local = local.clone();
+                async move {
+                    let s = tokio::net::TcpStream::connect(to).await?;
+                    s.set_nodelay(true)?;
+                    *local.lock().unwrap_or_else(|p| p.into_inner()) = Some(s.local_addr()?);
+                    Ok::<_, io::Error>(TokioIo::new(s))
+                }
+            })
+        };
+        let ep = tonic::transport::Endpoint::from_shared(format!("http://{to}"))
+            .map_err(|e| invalid(e.to_string()))?
+            .connect_timeout(timeout);
+        let channel = rt
+            .block_on(async { tokio::time::timeout(timeout, ep.connect_with_connector(connector)).await })
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, format!("gRPC connect to {to}")))?
+            .map_err(|e| {
+                io::Error::new(io::ErrorKind::ConnectionRefused, format!("gRPC connect to {to}: {e:?}"))
+            })?;
+        let local =
+            local.lock().unwrap_or_else(|p| p.into_inner()).map(|a| a.to_string()).unwrap_or_default();
+        let req = EchoRequest {
+            message: "slload".into(),
+            payload: vec![b'x'; t.payload_bytes],
+            ..Default::default()
+        };
+        Ok(GrpcConn { rt, grpc: tonic::client::Grpc::new(channel), req, timeout, local })
+    }
+
+    fn request(&mut self) -> io::Result<bool> {
+        use tonic_prost::ProstCodec;
+        let GrpcConn { rt, grpc, req, timeout, .. } = self;
+        let call = tonic::Request::new(req.clone());
+        let res = rt.block_on(async {
+            tokio::time::timeout(*timeout, async {
+                grpc.ready()
+                    .await
+                    .map_err(|e| tonic::Status::unavailable(format!("channel not ready: {e}")))?;
+                grpc.unary(
+                    call,
+                    http::uri::PathAndQuery::from_static(ECHO_PATH),
+                    ProstCodec::<EchoRequest, EchoReply>::default(),
+                )
+                .await
+            })
+            .await
+        });
+        match res {
+            Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "gRPC call timed out")),
+            Ok(Err(st)) => Err(io::Error::other(format!("gRPC status {:?}: {}", st.code(), st.message()))),
+            Ok(Ok(reply)) if reply.get_ref().payload.is_empty() => Err(invalid("gRPC reply without payload")),
+            Ok(Ok(_)) => Ok(false),
+        }
+    }
+
+    fn local(&self) -> String {
+        self.local.clone()
+    }
+}
+
 // ---------------------------------------------------------------- rate (open loop)
 
 struct RateWorker {
@@ -441,8 +614,8 @@ struct RateWorker {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn rate_worker(
-    conn: HttpConn,
+fn rate_worker<C: LoadConn>(
+    conn: C,
     target: Target,
     interval_ns: f64,
     offset_ns: f64,
@@ -451,8 +624,6 @@ fn rate_worker(
     end: u64,
 ) -> RateWorker {
     precise_timers();
-    let req = request_bytes(&target, false);
-    let timeout = Duration::from_millis(target.timeout_ms);
     let give_up = end + (end - start).max(5_000_000_000);
     let mut w = RateWorker {
         latency: new_hist(),
@@ -482,14 +653,11 @@ fn rate_worker(
         }
         let sent = mono_ns();
         let res = match conn.as_mut() {
-            Some(c) => c.exchange(&req),
-            None => HttpConn::connect(target.to, timeout).and_then(|c| {
-                conn = Some(c);
-                conn.as_mut().expect("just set").exchange(&req)
-            }),
+            Some(c) => c.request(),
+            None => C::open(&target).and_then(|c| conn.insert(c).request()),
         };
         let done = mono_ns();
-        match res.and_then(|(status, close)| check_status(status).map(|_| close)) {
+        match res {
             Ok(close) => {
                 w.completed += 1;
                 w.last_done = done;
@@ -512,20 +680,25 @@ fn rate_worker(
     w
 }
 
-fn connect_all(target: &Target, n: usize) -> io::Result<Vec<HttpConn>> {
-    let timeout = Duration::from_millis(target.timeout_ms);
-    (0..n).map(|_| HttpConn::connect(target.to, timeout)).collect()
+fn connect_all<C: LoadConn>(target: &Target, n: usize) -> io::Result<Vec<C>> {
+    (0..n).map(|_| C::open(target)).collect()
 }
 
-fn locals(conns: &[HttpConn]) -> Vec<String> {
-    conns.iter().map(|c| c.local.to_string()).collect()
+fn locals<C: LoadConn>(conns: &[C]) -> Vec<String> {
+    conns.iter().map(C::local).collect()
 }
 
-fn rate(target: &Target, rps: f64, connections: usize, duration_ms: u64, warmup_ms: u64) -> io::Result<()> {
+fn rate<C: LoadConn>(
+    target: &Target,
+    rps: f64,
+    connections: usize,
+    duration_ms: u64,
+    warmup_ms: u64,
+) -> io::Result<()> {
     if !(rps > 0.0) || connections == 0 {
         return Err(io::Error::new(io::ErrorKind::InvalidInput, "--rps and --connections must be positive"));
     }
-    let conns = connect_all(target, connections)?;
+    let conns = connect_all::<C>(target, connections)?;
     let local = locals(&conns);
     let interval_ns = connections as f64 * 1e9 / rps;
     let start = mono_ns() + 20_000_000;
@@ -560,6 +733,7 @@ fn rate(target: &Target, rps: f64, connections: usize, duration_ms: u64, warmup_
     emit(json!({
         "ok": errors == 0 && unsent == 0,
         "mode": "rate",
+        "proto": format!("{:?}", target.proto).to_lowercase(),
         "to": target.to.to_string(),
         "target_rps": rps,
         "connections": connections,
@@ -581,8 +755,8 @@ fn rate(target: &Target, rps: f64, connections: usize, duration_ms: u64, warmup_
 
 // ---------------------------------------------------------------- max (closed loop)
 
-fn max(target: &Target, connections: usize, duration_ms: u64, warmup_ms: u64) -> io::Result<()> {
-    let conns = connect_all(target, connections)?;
+fn max<C: LoadConn>(target: &Target, connections: usize, duration_ms: u64, warmup_ms: u64) -> io::Result<()> {
+    let conns = connect_all::<C>(target, connections)?;
     let local = locals(&conns);
     let start = mono_ns() + 20_000_000;
     let record_from = start + warmup_ms * 1_000_000;
@@ -592,7 +766,6 @@ fn max(target: &Target, connections: usize, duration_ms: u64, warmup_ms: u64) ->
         .map(|mut c| {
             let t = target.clone();
             thread::spawn(move || {
-                let req = request_bytes(&t, false);
                 let mut h = new_hist();
                 let (mut errors, mut first_error, mut total) = (0u64, None, 0u64);
                 sleep_until_ns(start);
@@ -601,7 +774,7 @@ fn max(target: &Target, connections: usize, duration_ms: u64, warmup_ms: u64) ->
                     if sent >= end {
                         break;
                     }
-                    match c.exchange(&req).and_then(|(s, close)| check_status(s).map(|_| close)) {
+                    match c.request() {
                         Ok(close) => {
                             let done = mono_ns();
                             total += 1;
@@ -609,7 +782,7 @@ fn max(target: &Target, connections: usize, duration_ms: u64, warmup_ms: u64) ->
                                 h.saturating_record(done - sent);
                             }
                             if close {
-                                match HttpConn::connect(t.to, Duration::from_millis(t.timeout_ms)) {
+                                match C::open(&t) {
                                     Ok(n) => c = n,
                                     Err(_) => break,
                                 }
@@ -618,7 +791,7 @@ fn max(target: &Target, connections: usize, duration_ms: u64, warmup_ms: u64) ->
                         Err(e) => {
                             errors += 1;
                             first_error.get_or_insert_with(|| format!("{:?}: {e}", e.kind()));
-                            match HttpConn::connect(t.to, Duration::from_millis(t.timeout_ms)) {
+                            match C::open(&t) {
                                 Ok(n) => c = n,
                                 Err(_) => break,
                             }
@@ -641,6 +814,7 @@ fn max(target: &Target, connections: usize, duration_ms: u64, warmup_ms: u64) ->
     emit(json!({
         "ok": errors == 0 && !latency.is_empty(),
         "mode": "max",
+        "proto": format!("{:?}", target.proto).to_lowercase(),
         "to": target.to.to_string(),
         "connections": connections,
         "duration_ms": duration_ms,
@@ -788,12 +962,10 @@ fn hold(target: &Target, count: usize) -> io::Result<()> {
 
 // ---------------------------------------------------------------- seq
 
-fn seq(target: &Target, interval_us: u64) -> io::Result<()> {
+fn seq<C: LoadConn>(target: &Target, interval_us: u64) -> io::Result<()> {
     precise_timers();
-    let timeout = Duration::from_millis(target.timeout_ms);
-    let mut c = HttpConn::connect(target.to, timeout)?;
-    emit(json!({"event": "connected", "local": c.local.to_string()}));
-    let req = request_bytes(target, false);
+    let mut c = C::open(target)?;
+    emit(json!({"event": "connected", "local": c.local()}));
     let stdin = io::stdin();
     for line in stdin.lock().lines() {
         let line = line?;
@@ -802,11 +974,12 @@ fn seq(target: &Target, interval_us: u64) -> io::Result<()> {
         let mut errors = 0u64;
         for k in 0..n {
             sleep_until_ns(start + k * interval_us * 1000);
-            match c.exchange(&req).and_then(|(s, _)| check_status(s)) {
-                Ok(()) => {}
+            match c.request() {
+                Ok(false) => {}
+                Ok(true) => c = C::open(target)?,
                 Err(_) => {
                     errors += 1;
-                    c = HttpConn::connect(target.to, timeout)?;
+                    c = C::open(target)?;
                 }
             }
         }
@@ -917,4 +1090,60 @@ fn request_meta(head: &[u8]) -> (usize, bool) {
         close = true;
     }
     (len, close)
+}
+
+// ---------------------------------------------------------------- grpc-serve
+
+/// `sluice.test.Echo/Echo` answering every call with the same reply (a `body_bytes` payload),
+/// as a plain `Service<http::Request>`: tonic's server-side `Grpc` does the framing and the
+/// codec. Any other method gets UNIMPLEMENTED.
+#[derive(Clone)]
+struct GrpcBench {
+    reply: Arc<EchoReply>,
+}
+
+type BoxFuture<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send>>;
+
+impl tower::Service<http::Request<tonic::body::Body>> for GrpcBench {
+    type Response = http::Response<tonic::body::Body>;
+    type Error = std::convert::Infallible;
+    type Future = BoxFuture<Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(&mut self, _: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
+        let reply = self.reply.clone();
+        Box::pin(async move {
+            if req.uri().path() != ECHO_PATH {
+                let st = tonic::Status::unimplemented(format!("no method {}", req.uri().path()));
+                return Ok(st.into_http());
+            }
+            let svc = tower::service_fn(move |_: tonic::Request<EchoRequest>| {
+                let reply = reply.clone();
+                async move { Ok::<_, tonic::Status>(tonic::Response::new(EchoReply::clone(&reply))) }
+            });
+            Ok(tonic::server::Grpc::new(tonic_prost::ProstCodec::<EchoReply, EchoRequest>::default())
+                .unary(svc, req)
+                .await)
+        })
+    }
+}
+
+fn grpc_serve(bind: &str, port: u16, body_bytes: usize, threads: usize) -> io::Result<()> {
+    let rt =
+        tokio::runtime::Builder::new_multi_thread().worker_threads(threads.max(1)).enable_all().build()?;
+    let bind = bind.to_string();
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind((bind.as_str(), port)).await?;
+        emit(json!({"event": "listening", "addr": listener.local_addr()?.to_string(), "proto": "grpc", "body_bytes": body_bytes}));
+        let reply = EchoReply { message: "slload".into(), payload: vec![b'x'; body_bytes], ..Default::default() };
+        let svc = GrpcBench { reply: Arc::new(reply) };
+        let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+        tonic::transport::Server::builder()
+            .serve_with_incoming(svc, incoming)
+            .await
+            .map_err(|e| io::Error::other(format!("gRPC server: {e}")))
+    })
 }

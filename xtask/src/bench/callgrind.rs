@@ -6,8 +6,8 @@
 //! but passes the syscall through, so the programs load and attach as usual. The counters
 //! are driven with `callgrind_control` (vgdb) around the measured requests:
 //!
-//! 1. one keep-alive connection from the enrolled client through sluice (`slload seq`), a
-//!    warm-up batch;
+//! 1. one keep-alive connection from the enrolled client through sluice (`slload seq`: HTTP/1.1,
+//!    or one HTTP/2 connection with unary gRPC calls for `grpc`), a warm-up batch;
 //! 2. `callgrind_control --zero`, N requests at a low fixed rate, `--dump` → total(N);
 //! 3. `--zero`, 2N requests at the same rate, `--dump` → total(2N);
 //! 4. per request = (total(2N) − total(N)) / N. Connection set-up is in neither window; what
@@ -32,6 +32,7 @@ use serde_json::{json, Value};
 use sluice_tests::{Sluice, SluiceOpts};
 
 use super::{
+    measure::PathProbe,
     world::{wait_enrolled, World},
     Scenario,
 };
@@ -118,7 +119,7 @@ fn start_under_callgrind(
         ),
     )?;
     fs::set_permissions(&wrapper, fs::Permissions::from_mode(0o755))?;
-    let mut opts = SluiceOpts { bin: Some(wrapper), ..SluiceOpts::default() };
+    let mut opts = SluiceOpts { bin: Some(wrapper), args: world.bins.sluice_args(), ..SluiceOpts::default() };
     if world.bins.sluice_takes_ca_dir() {
         // The simulator passes its mesh CA only to its default binary: pass the same one.
         let ca = world.sim.temp_dir().join("ca");
@@ -128,7 +129,7 @@ fn start_under_callgrind(
                 bail!("sluice ca init: {}", String::from_utf8_lossy(&out.stderr));
             }
         }
-        opts.args = vec!["--ca-dir".into(), ca.into_os_string()];
+        opts.args.extend(["--ca-dir".into(), ca.into_os_string()]);
     }
     native.stop(Duration::from_secs(10)).context("stopping the native sluice")?;
     let sluice = node.start_sluice(opts)?;
@@ -138,69 +139,80 @@ fn start_under_callgrind(
     Ok(sluice)
 }
 
-/// Replaces the sluices with ones under callgrind and measures every proxied scenario.
-pub fn measure(world: &mut World, scenarios: &[Scenario], p: &Params) -> Result<Value> {
+/// Replaces the sluices with ones under callgrind and measures every proxied scenario. Returns
+/// the figures per scenario and the scenarios that failed (with why).
+pub fn measure(
+    world: &mut World,
+    scenarios: &[Scenario],
+    p: &Params,
+) -> Result<(Value, Vec<(String, String)>)> {
     let dir = p.out_dir.join("callgrind");
     let _ = fs::remove_dir_all(&dir);
     fs::create_dir_all(&dir)?;
-    let proxied: Vec<Scenario> = scenarios.iter().copied().filter(|s| *s != Scenario::Direct).collect();
+    let proxied: Vec<Scenario> = scenarios.iter().copied().filter(|s| !s.is_baseline()).collect();
+    let tunnel = proxied.iter().any(|s| s.via_tunnel());
     let cg1 = start_under_callgrind(world, &world.n1, &world.sluice, &dir, &[&world.mesh_client])?;
-    let cg2 = match (proxied.contains(&Scenario::Mtls), &world.n2, &world.sluice2, &world.mesh_server_x) {
-        (true, Some(n2), Some(native), Some(mx)) => Some(start_under_callgrind(world, n2, native, &dir, &[mx])?),
+    let cg2 = match (tunnel, &world.n2, &world.sluice2, &world.mesh_server_x) {
+        (true, Some(n2), Some(native), Some(mx)) => {
+            Some(start_under_callgrind(world, n2, native, &dir, &[mx])?)
+        }
         (true, ..) => bail!("mtls needs the second node"),
         _ => None,
     };
     let mut results = json!({});
+    let mut failed = Vec::new();
     for s in proxied {
         let route = world.route(s)?.clone();
         // (node, pid) of every sluice the scenario's requests pass through.
         let mut nodes = vec![("n1", cg1.pid())];
-        if s == Scenario::Mtls {
-            nodes.push(("n2", cg2.as_ref().expect("started for mtls").pid()));
+        if s.via_tunnel() {
+            nodes.push(("n2", cg2.as_ref().expect("started for the tunnel").pid()));
         }
         let pids: Vec<u32> = nodes.iter().map(|(_, p)| *p).collect();
         eprintln!("bench: callgrind, {}: N = {}", s.name(), p.n);
-        let v = measure_route(world, &route, &nodes, &pids, &dir, p)
-            .with_context(|| format!("instructions for {}", s.name()))?;
-        results[s.name()] = v;
+        match measure_route(world, &route, (&cg1, cg2.as_ref()), &nodes, &pids, &dir, p) {
+            Ok(v) => results[s.name()] = v,
+            // The other scenarios are still worth measuring.
+            Err(e) => {
+                eprintln!("bench: callgrind, {}: {e:#}", s.name());
+                failed.push((format!("instructions {}", s.name()), format!("{e:#}")));
+            }
+        }
     }
     // Graceful stops: callgrind writes its final dumps.
     let _ = cg1.stop(Duration::from_secs(60));
     if let Some(c) = cg2 {
         let _ = c.stop(Duration::from_secs(60));
     }
-    Ok(results)
+    Ok((results, failed))
 }
 
 fn measure_route(
     world: &World,
     route: &super::world::Route,
+    (sl1, sl2): (&Sluice, Option<&Sluice>),
     nodes: &[(&str, u32)],
     pids: &[u32],
     dir: &Path,
     p: &Params,
 ) -> Result<Value> {
     let slow = Duration::from_secs(180);
-    let mut client = route.client.spawn([
-        world.slload().to_string_lossy().as_ref(),
-        "seq",
-        "--to",
-        &route.http.to_string(),
-        "--interval-us",
-        &p.interval_us.to_string(),
-        "--timeout-ms",
-        "60000",
-    ])?;
+    let probe = PathProbe::before(sl1, sl2, route)?;
+    let mut args = vec![world.slload().to_string_lossy().into_owned(), "seq".into()];
+    args.extend(route.slload_target());
+    args.extend(["--interval-us".into(), p.interval_us.to_string(), "--timeout-ms".into(), "60000".into()]);
+    let mut client = route.client.spawn(&args)?;
     let connected = client.wait_for_json(slow, |v| v["event"] == "connected")?;
     route.check_path(connected["local"].as_str())?;
-    let batch_timeout =
-        |n: u64| Duration::from_micros(n * p.interval_us) * 3 + Duration::from_secs(120);
+    let mut answered = 0u64;
+    let batch_timeout = |n: u64| Duration::from_micros(n * p.interval_us) * 3 + Duration::from_secs(120);
     let mut send = |n: u64| -> Result<()> {
         client.send_line(&n.to_string())?;
         let done = client.wait_for_json(batch_timeout(n), |v| v["event"] == "done")?;
         if done["errors"].as_u64() != Some(0) {
             bail!("slload seq: {done}");
         }
+        answered += n;
         Ok(())
     };
     // Warm-up: lazily initialised state, first-use allocations, buffer growth, the tunnel.
@@ -233,6 +245,7 @@ fn measure_route(
     }
     client.close_stdin();
     let _ = client.wait(Duration::from_secs(30));
+    probe.check(sl1, sl2, route, false, Some(answered))?;
     let mut profiles = Vec::new();
     for ((node, _), dump) in nodes.iter().zip(&profile_dumps) {
         let name = format!("callgrind-profile-{}-{node}.txt", route.scenario.name());
@@ -348,8 +361,10 @@ fn component(name: &str, object: &str) -> &'static str {
         || has("webpki")
     {
         "TLS (rustls, ring: records, AES-GCM)"
-    } else if has("h2::") || has("hpack") || has("http::") || has("hyper") || has("bytes::") {
-        "HTTP/2 (h2: HBONE framing), http, bytes"
+    } else if has("h2::") {
+        "h2 (HTTP/2 framing: HBONE tunnel, h2c and gRPC)"
+    } else if has("hyper") || has("http::") || has("httparse") || has("bytes::") || has("http_body") {
+        "hyper, http, httparse, bytes (HTTP/1.1 and HTTP/2 proxying)"
     } else if has("tokio::") || has("mio::") {
         "tokio + mio (runtime, I/O driver)"
     } else if has("tracing") || has("arc_swap") || has("aya") || has("socket2") {

@@ -1,6 +1,7 @@
 //! Running the load in a pod and reading sluice's resource use from /proc.
 
 use std::{
+    collections::HashMap,
     fs,
     sync::{
         atomic::{AtomicBool, Ordering},
@@ -12,11 +13,9 @@ use std::{
 
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::{json, Value};
+use sluice_tests::Sluice;
 
-use super::{
-    world::{Route, World},
-    Scenario,
-};
+use super::world::{Route, World};
 
 /// utime + stime of a process (all its threads), in seconds.
 pub fn cpu_seconds(pid: u32) -> Result<f64> {
@@ -80,7 +79,8 @@ pub struct Run {
     pub round: usize,
     /// What the load tool printed (slload's JSON, or a summary of iperf3's).
     pub out: Value,
-    /// sluice's CPU seconds during the run (node n1's sluice; n2's too for cross-node runs).
+    /// sluice's CPU seconds during the run (node n1's sluice; n2's too for runs through the
+    /// tunnel and bulk across nodes).
     pub sluice_cpu_s: f64,
     pub wall_s: f64,
     /// Largest sluice RSS seen during the run.
@@ -151,7 +151,8 @@ fn last_json(stdout: &str) -> Result<Value> {
     Ok(serde_json::from_str(line)?)
 }
 
-/// `slload <mode> --to <route> <args…>`; checks the path the connections took.
+/// `slload <mode> --to <route> --proto <http|grpc> <args…>`; checks the path the connections
+/// took.
 pub fn slload(
     world: &World,
     route: &Route,
@@ -160,18 +161,16 @@ pub fn slload(
     extra: &[String],
     expected_s: f64,
 ) -> Result<Run> {
-    let mut args = vec![
-        world.slload().to_string_lossy().into_owned(),
-        mode.to_string(),
-        "--to".into(),
-        route.http.to_string(),
-    ];
+    let mut args = vec![world.slload().to_string_lossy().into_owned(), mode.to_string()];
+    args.extend(route.slload_target());
     args.extend(extra.iter().cloned());
     let timeout = Duration::from_secs_f64(expected_s * 2.0 + 60.0);
-    let streams = tunnel_streams(world, route)?;
-    let run = measured(world, route, round, args, timeout, route.scenario == Scenario::Mtls, last_json)?;
+    let probe = PathProbe::before(&world.sluice, world.sluice2.as_ref(), route)?;
+    let run = measured(world, route, round, args, timeout, route.scenario.via_tunnel(), last_json)?;
     route.check_path(run.out["locals"][0].as_str())?;
-    check_tunnel(world, route, streams)?;
+    // Requests answered: every one of them went through sluice (warm-up included).
+    let answered = run.f("total").or_else(|| run.f("completed")).map(|n| n as u64);
+    probe.check(&world.sluice, world.sluice2.as_ref(), route, false, answered)?;
     if run.f("completed").or_else(|| run.f("latency.count")) == Some(0.0) {
         bail!(
             "{} {mode}: no request succeeded ({} errors; first: {})",
@@ -195,12 +194,14 @@ pub fn slload(
 /// `iperf3 -c` from the route's client to its iperf server; the summary in Gbit/s.
 pub fn iperf(world: &World, route: &Route, round: usize, seconds: u64, cross: bool) -> Result<Run> {
     let omit = if seconds >= 5 { 1 } else { 0 };
+    let to =
+        route.iperf.with_context(|| format!("the {} route has no iperf3 server", route.scenario.name()))?;
     let args: Vec<String> = [
         "iperf3",
         "-c",
-        &route.iperf.ip().to_string(),
+        &to.ip().to_string(),
         "-p",
-        &route.iperf.port().to_string(),
+        &to.port().to_string(),
         "-t",
         &seconds.to_string(),
         "-O",
@@ -213,8 +214,8 @@ pub fn iperf(world: &World, route: &Route, round: usize, seconds: u64, cross: bo
     .map(|s| s.to_string())
     .collect();
     let timeout = Duration::from_secs(seconds + 60);
-    let streams = tunnel_streams(world, route)?;
-    let cross = cross || route.scenario == Scenario::Mtls;
+    let probe = PathProbe::before(&world.sluice, world.sluice2.as_ref(), route)?;
+    let cross = cross || route.scenario.via_tunnel();
     measured(world, route, round, args, timeout, cross, |stdout| {
         let v: Value = serde_json::from_str(stdout)?;
         if let Some(e) = v.get("error") {
@@ -234,29 +235,123 @@ pub fn iperf(world: &World, route: &Route, round: usize, seconds: u64, cross: bo
     })
     .and_then(|run| {
         route.check_path(run.out["locals"][0].as_str())?;
-        check_tunnel(world, route, streams)?;
+        // The iperf3 port is `appProtocol: tcp` on every route: opaque, whatever the scenario.
+        probe.check(&world.sluice, world.sluice2.as_ref(), route, true, None)?;
         Ok(run)
     })
 }
 
-/// HBONE streams node 2's sluice has accepted so far (for `mtls` routes).
-fn tunnel_streams(world: &World, route: &Route) -> Result<Option<u64>> {
-    if route.scenario != Scenario::Mtls {
-        return Ok(None);
+fn counters(s: &Sluice) -> Result<Value> {
+    let status = s.get_json("/status")?;
+    if !status["counters"].is_object() {
+        bail!("sluice's /status has no counters: {status}");
     }
-    let s = world.sluice2.as_ref().context("mtls needs sluice on node 2")?;
-    Ok(s.get_json("/status")?["counters"]["hbone_streams_in"].as_u64())
+    Ok(status["counters"].clone())
 }
 
-/// An `mtls` run must have gone through the tunnel: node 2's sluice counted new streams.
-fn check_tunnel(world: &World, route: &Route, before: Option<u64>) -> Result<()> {
-    if let Some(before) = before {
-        let after = tunnel_streams(world, route)?.unwrap_or(0);
-        if after <= before {
-            bail!("mtls: node 2's sluice accepted no HBONE stream (hbone_streams_in stayed at {before}): the connections did not take the tunnel");
+/// Bytes node 2's sluice delivered so far to the application (peer → app) per open inbound
+/// mTLS connection (HBONE stream), by connection id.
+fn delivered(s: &Sluice) -> Result<HashMap<u64, u64>> {
+    let conns = s.get_json("/conns")?;
+    Ok(conns
+        .as_array()
+        .context("/conns is not a list")?
+        .iter()
+        .filter(|c| c["direction"] == "inbound" && c["security"] == "mtls")
+        .filter_map(|c| Some((c["id"].as_u64()?, c["bytes_sent"].as_u64()?)))
+        .collect())
+}
+
+/// sluice's counters before a run, to check after it that the run took its scenario's path:
+/// - node 1's detection counters: a new connection classified as the scenario's protocol
+///   (`detected_opaque` for `l4`, `mtls-l4` and every iperf3 run, `detected_http1` for `http`
+///   and `mtls`, `detected_http2` for `grpc`) and none as another one; `http_requests` must
+///   not move on an opaque path and must grow by at least the requests answered on an L7 one;
+/// - through the tunnel (`mtls`, `mtls-l4`): node 2's sluice accepted new HBONE streams, or
+///   (L7 upstream connections are pooled, and a run may reuse the previous run's streams)
+///   delivered more bytes on its open inbound mTLS streams; and node 1 sent nothing in
+///   plaintext for want of a tunnel endpoint.
+///
+/// Baselines are checked by the client's local address only ([`Route::check_path`]). With a
+/// sluice without the L7 counters, only the tunnel is checked.
+pub struct PathProbe {
+    n1: Option<Value>,
+    n2_streams: Option<u64>,
+    n2_delivered: HashMap<u64, u64>,
+}
+
+impl PathProbe {
+    pub fn before(n1: &Sluice, n2: Option<&Sluice>, route: &Route) -> Result<PathProbe> {
+        let s = route.scenario;
+        let n1 = if !s.is_baseline() && super::l7_available() { Some(counters(n1)?) } else { None };
+        let (mut n2_streams, mut n2_delivered) = (None, HashMap::new());
+        if s.via_tunnel() {
+            let n2 = n2.with_context(|| format!("{} needs sluice on node 2", s.name()))?;
+            n2_streams = Some(counters(n2)?["hbone_streams_in"].as_u64().unwrap_or(0));
+            n2_delivered = delivered(n2)?;
         }
+        Ok(PathProbe { n1, n2_streams, n2_delivered })
     }
-    Ok(())
+
+    /// `opaque`: the run used an opaque port (iperf3); `answered`: requests the client got an
+    /// answer to, when known.
+    pub fn check(
+        self,
+        n1: &Sluice,
+        n2: Option<&Sluice>,
+        route: &Route,
+        opaque: bool,
+        answered: Option<u64>,
+    ) -> Result<()> {
+        let s = route.scenario;
+        let name = s.name();
+        if let Some(before) = &self.n1 {
+            let after = counters(n1)?;
+            let d = |k: &str| after[k].as_u64().unwrap_or(0).saturating_sub(before[k].as_u64().unwrap_or(0));
+            let expect =
+                if opaque { "detected_opaque" } else { s.detected_counter().expect("not a baseline") };
+            if d(expect) == 0 {
+                bail!(
+                    "{name}: sluice on n1 classified no new connection as {expect} (counters now: {after})"
+                );
+            }
+            for other in ["detected_opaque", "detected_http1", "detected_http2"] {
+                if other != expect && d(other) > 0 {
+                    bail!(
+                        "{name}: sluice on n1 classified {} connection(s) as {other}, expected {expect} only: the Service port's appProtocol did not take effect",
+                        d(other)
+                    );
+                }
+            }
+            let requests = d("http_requests");
+            if expect == "detected_opaque" && requests > 0 {
+                bail!("{name}: sluice on n1 handled {requests} HTTP request(s) on what should be an opaque path");
+            }
+            if expect != "detected_opaque" && requests < answered.unwrap_or(1).max(1) {
+                bail!(
+                    "{name}: sluice on n1 counted {requests} HTTP request(s), the client got {} answers: not every request went through the L7 path",
+                    answered.unwrap_or(1)
+                );
+            }
+            if s.via_tunnel() && d("hbone_fallback_plaintext") > 0 {
+                bail!(
+                    "{name}: sluice on n1 sent {} connection(s) in plaintext (no tunnel endpoint)",
+                    d("hbone_fallback_plaintext")
+                );
+            }
+        }
+        if let Some(streams_before) = self.n2_streams {
+            let n2 = n2.with_context(|| format!("{name} needs sluice on node 2"))?;
+            let streams = counters(n2)?["hbone_streams_in"].as_u64().unwrap_or(0);
+            let grew = delivered(n2)?
+                .iter()
+                .any(|(id, bytes)| *bytes > self.n2_delivered.get(id).copied().unwrap_or(0));
+            if streams <= streams_before && !grew {
+                bail!("{name}: node 2's sluice accepted no HBONE stream (hbone_streams_in stayed at {streams_before}) and delivered nothing more on its open ones: the requests did not take the tunnel");
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Median of the values (NaN-free); `None` when empty.

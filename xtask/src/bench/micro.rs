@@ -8,17 +8,19 @@ use serde_json::{json, Value};
 
 /// (criterion id, what it measures).
 pub const BENCHES: &[(&str, &str)] = &[
-    ("balancer/pick_100_endpoints", "round-robin pick, 100 endpoints"),
-    ("balancer/resolve_and_pick_100_endpoints", "Service resolve + pick, 100 endpoints"),
+    ("balancer/pick_100_endpoints", "L4: round-robin pick, 100 endpoints"),
+    ("balancer/resolve_and_pick_100_endpoints", "L4: Service resolve + pick, 100 endpoints"),
     ("service_lookup/hit_1000_services", "ClusterIP:port lookup, 1000 Services (hit)"),
     ("service_lookup/miss_1000_services", "ClusterIP:port lookup, 1000 Services (miss: pod IP)"),
     ("orig_dst/conn_key_v4", "original-destination map key, IPv4"),
     ("orig_dst/conn_key_v4_mapped_v6", "original-destination map key, v4-mapped IPv6"),
+    ("detect/http1_request_line", "protocol detection: HTTP/1.1 request line"),
+    ("detect/h2_preface", "protocol detection: HTTP/2 preface (h2c, gRPC)"),
+    ("detect/tls_client_hello", "protocol detection: TLS ClientHello (opaque)"),
+    ("route_match/near_end_1000_routes", "HTTPRoute match, 1000 routes, hit on the 991st"),
+    ("route_match/no_match_1000_routes", "HTTPRoute match, 1000 routes, no match"),
+    ("l7_balancer/p2c_ewma_pick_complete_100_endpoints", "L7: P2C peak-EWMA pick + complete, 100 endpoints"),
 ];
-
-/// Not benchmarked yet: these hot paths arrive with L7.
-pub const NOT_YET: &[&str] =
-    &["protocol detection (HTTP/1.1, HTTP/2, opaque TCP)", "route matching with 1000 HTTPRoutes"];
 
 pub fn run(out_dir: &Path, quick: bool) -> Result<Value> {
     let home = out_dir.join("criterion");
@@ -55,5 +57,5 @@ pub fn run(out_dir: &Path, quick: bool) -> Result<Value> {
             "median_ns": v["median"]["point_estimate"].as_f64().map(|x| (x * 100.0).round() / 100.0),
         }));
     }
-    Ok(json!({"benches": rows, "not_yet": NOT_YET}))
+    Ok(json!({"benches": rows}))
 }

@@ -2,18 +2,20 @@
 //! run, in the node simulator (see docs/benchmarks.md for the method and the latest figures).
 //!
 //! Sections (all but `instructions` by default; `--only` picks):
-//! - `latency`: fixed-rate HTTP/1.1 load (`--rps`, then `--high-rps`) over `--connections`
-//!   keep-alive connections, latency from each request's scheduled send time (no coordinated
-//!   omission), then saturation (closed loop). sluice's CPU and RSS are read meanwhile.
-//! - `bulk`: iperf3 on the same node and across two nodes.
-//! - `churn`: new connections per second (connect, one request, close).
+//! - `latency`: fixed-rate load (`--rps`, then `--high-rps`) over `--connections` keep-alive
+//!   connections (HTTP/1.1, or unary gRPC calls over HTTP/2 for `grpc`), latency from each
+//!   request's scheduled send time (no coordinated omission), then saturation (closed loop).
+//!   sluice's CPU and RSS are read meanwhile.
+//! - `bulk`: iperf3 on the same node and across two nodes (opaque TCP).
+//! - `churn`: new connections per second (connect, one HTTP/1.1 request, close).
 //! - `idle`: sluice's RSS with `--idle-connections` idle connections open through it.
 //! - `micro`: the criterion benches of proxy/benches.
 //! - `instructions` (`--instructions`): instructions per proxied request under callgrind.
 //!
-//! Scenarios alternate round by round (direct, l4, direct, l4, …) and figures are medians
-//! over rounds, because these machines are noisy. Results: `target/bench/results.{json,md}`
-//! and `latency.svg`.
+//! Scenarios alternate within each round (direct, l4, …, grpc-direct, grpc, then again) and
+//! figures are medians over rounds, because these machines are noisy. Every run checks that it
+//! took its scenario's path (the client's local address, sluice's detection and request
+//! counters, node 2's tunnel). Results: `target/bench/results.{json,md}` and `latency.svg`.
 
 mod callgrind;
 mod measure;
@@ -34,43 +36,110 @@ use serde_json::{json, Value};
 use measure::Run;
 use world::{Bins, World};
 
+/// The paths compared. The order is the order of the tables and of the alternated runs within a
+/// round (a baseline runs just before the scenarios compared with it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
 pub enum Scenario {
     /// Client pod → server pod, namespace not enrolled: no sluice in the path (the baseline).
     Direct,
-    /// Same node, enrolled client, server outside the mesh: opaque TCP through sluice.
+    /// Same node, enrolled client, server outside the mesh, Service port `appProtocol: tcp`:
+    /// opaque TCP through sluice (HTTP/1.1 inside, not parsed).
     L4,
-    /// Same node, HTTP/1.1 through sluice's L7 proxy.
+    /// Two nodes, enrolled client and server, Service port `appProtocol: tcp`: opaque bytes
+    /// through both sluices and the mTLS (HBONE) tunnel.
+    #[value(name = "mtls-l4")]
+    MtlsL4,
+    /// Same node, HTTP/1.1 through sluice's L7 path (`appProtocol: http`).
     Http,
-    /// Two nodes, enrolled client and server: through both sluices and the mTLS (HBONE) tunnel.
+    /// Two nodes, enrolled client and server: HTTP/1.1 through sluice's L7 path on node 1 and
+    /// the mTLS (HBONE) tunnel to sluice on node 2 (`appProtocol: http`): full L7 with mTLS.
     Mtls,
-    /// Unary gRPC calls over HTTP/2 through sluice.
+    /// The gRPC baseline: the gRPC backend without sluice (implied by `grpc`).
+    #[value(skip)]
+    GrpcDirect,
+    /// Unary gRPC calls over HTTP/2 through sluice's L7 path (`appProtocol: grpc`), same node.
     Grpc,
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 5] =
-        [Scenario::Direct, Scenario::L4, Scenario::Http, Scenario::Mtls, Scenario::Grpc];
+    pub const ALL: [Scenario; 7] = [
+        Scenario::Direct,
+        Scenario::L4,
+        Scenario::MtlsL4,
+        Scenario::Http,
+        Scenario::Mtls,
+        Scenario::GrpcDirect,
+        Scenario::Grpc,
+    ];
+
+    /// What `--scenarios` takes (and its default): every scenario but the implied gRPC baseline.
+    pub const REQUESTABLE: [Scenario; 6] =
+        [Scenario::Direct, Scenario::L4, Scenario::MtlsL4, Scenario::Http, Scenario::Mtls, Scenario::Grpc];
 
     pub fn name(self) -> &'static str {
         match self {
             Scenario::Direct => "direct",
             Scenario::L4 => "l4",
+            Scenario::MtlsL4 => "mtls-l4",
             Scenario::Http => "http",
             Scenario::Mtls => "mtls",
+            Scenario::GrpcDirect => "grpc-direct",
             Scenario::Grpc => "grpc",
         }
     }
 
-    /// Why a scenario cannot run yet; `None` when it can. `mtls` depends on the sluice binary
-    /// (see [`set_tunnel_available`]).
+    /// A path without sluice, that others are compared with.
+    pub fn is_baseline(self) -> bool {
+        matches!(self, Scenario::Direct | Scenario::GrpcDirect)
+    }
+
+    /// The run this scenario is compared with (same load, no sluice).
+    pub fn baseline(self) -> Scenario {
+        match self {
+            Scenario::Grpc | Scenario::GrpcDirect => Scenario::GrpcDirect,
+            _ => Scenario::Direct,
+        }
+    }
+
+    /// What slload speaks on this path (`--proto`).
+    pub fn proto(self) -> &'static str {
+        match self {
+            Scenario::Grpc | Scenario::GrpcDirect => "grpc",
+            _ => "http",
+        }
+    }
+
+    /// Through the HBONE tunnel to node 2.
+    pub fn via_tunnel(self) -> bool {
+        matches!(self, Scenario::Mtls | Scenario::MtlsL4)
+    }
+
+    /// The detection counter of sluice on node 1 that a connection of this scenario raises
+    /// (`None` for the baselines).
+    pub fn detected_counter(self) -> Option<&'static str> {
+        match self {
+            Scenario::Direct | Scenario::GrpcDirect => None,
+            Scenario::L4 | Scenario::MtlsL4 => Some("detected_opaque"),
+            Scenario::Http | Scenario::Mtls => Some("detected_http1"),
+            Scenario::Grpc => Some("detected_http2"),
+        }
+    }
+
+    /// Why a scenario cannot run; `None` when it can. Depends on the sluice binary (see
+    /// [`set_capabilities`]).
     pub fn not_available(self) -> Option<&'static str> {
+        let tunnel = TUNNEL.load(std::sync::atomic::Ordering::Relaxed);
+        let l7 = L7.load(std::sync::atomic::Ordering::Relaxed);
         match self {
             Scenario::Direct | Scenario::L4 => None,
-            Scenario::Http => Some("needs sluice's L7 HTTP/1.1 proxy"),
-            Scenario::Mtls if TUNNEL.load(std::sync::atomic::Ordering::Relaxed) => None,
-            Scenario::Mtls => Some("needs the node-to-node mTLS (HBONE) tunnel (this sluice has no --ca-dir)"),
-            Scenario::Grpc => Some("needs sluice's HTTP/2 (gRPC) proxy and a gRPC load mode in slload"),
+            Scenario::MtlsL4 | Scenario::Mtls if !tunnel => {
+                Some("needs the node-to-node mTLS (HBONE) tunnel (this sluice has no --ca-dir)")
+            }
+            Scenario::MtlsL4 => None,
+            Scenario::Http | Scenario::Mtls | Scenario::GrpcDirect | Scenario::Grpc if !l7 => {
+                Some("needs sluice's L7 (HTTP per request) path (this sluice has no --detect-timeout-ms)")
+            }
+            Scenario::Http | Scenario::Mtls | Scenario::GrpcDirect | Scenario::Grpc => None,
         }
     }
 
@@ -78,22 +147,38 @@ impl Scenario {
         match self {
             Scenario::Direct => "client pod → server pod IP, namespace not enrolled (no sluice)",
             Scenario::L4 => {
-                "enrolled client → Service ClusterIP → sluice (opaque TCP) → server outside the mesh, same node"
+                "enrolled client → Service ClusterIP (appProtocol tcp) → sluice, opaque TCP → server outside the mesh, same node"
             }
-            Scenario::Http => "enrolled client → sluice L7 (HTTP/1.1) → server, same node",
+            Scenario::MtlsL4 => {
+                "enrolled client on node 1 → Service (appProtocol tcp) → sluice, opaque → mTLS (HBONE) tunnel → sluice on node 2 → enrolled server"
+            }
+            Scenario::Http => {
+                "enrolled client → Service (appProtocol http) → sluice L7, HTTP/1.1 per request → server outside the mesh, same node"
+            }
             Scenario::Mtls => {
-                "enrolled client on node 1 → sluice → mTLS (HBONE) tunnel → sluice on node 2 → enrolled server"
+                "enrolled client on node 1 → Service (appProtocol http) → sluice L7 → pooled upstream in the mTLS (HBONE) tunnel → sluice on node 2 → enrolled server"
             }
-            Scenario::Grpc => "unary gRPC over HTTP/2 through sluice",
+            Scenario::GrpcDirect => "gRPC client pod → gRPC server pod IP, no sluice (the gRPC baseline)",
+            Scenario::Grpc => {
+                "enrolled client → Service (appProtocol grpc) → sluice L7, unary gRPC over HTTP/2 per call → server outside the mesh, same node"
+            }
         }
     }
 }
 
-/// Whether the sluice under test has the mTLS tunnel (decided from the binary at run time).
+/// Whether the sluice under test has the mTLS tunnel and the L7 path (decided from the binary
+/// at run time).
 static TUNNEL: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+static L7: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
-pub fn set_tunnel_available(yes: bool) {
-    TUNNEL.store(yes, std::sync::atomic::Ordering::Relaxed);
+pub fn set_capabilities(tunnel: bool, l7: bool) {
+    TUNNEL.store(tunnel, std::sync::atomic::Ordering::Relaxed);
+    L7.store(l7, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Whether sluice's `/status` has the L7 counters the path checks read.
+pub fn l7_available() -> bool {
+    L7.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
@@ -142,8 +227,9 @@ pub struct BenchArgs {
     /// Requests per callgrind window (N, then 2N) [default: 1000; --quick: 200].
     #[arg(long)]
     pub instructions_requests: Option<u64>,
-    /// Scenarios to compare with `direct` (which always runs: it is the baseline).
-    #[arg(long, value_enum, value_delimiter = ',', default_values_t = Scenario::ALL.to_vec())]
+    /// Scenarios to compare with `direct` (which always runs: it is the baseline; `grpc` also
+    /// runs its own baseline, `grpc-direct`).
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = Scenario::REQUESTABLE.to_vec())]
     pub scenarios: Vec<Scenario>,
     /// Run only these sections.
     #[arg(long, value_enum, value_delimiter = ',')]
@@ -158,8 +244,9 @@ pub struct BenchArgs {
     /// Rewrite the results section of docs/benchmarks.md (and docs/benchmarks-latency.svg).
     #[arg(long)]
     pub update_docs: bool,
-    /// The harness self-check (what `smoke()` runs): direct and l4 for about 2 s each with the
-    /// binaries already built for this profile; fails only if the harness breaks.
+    /// The harness self-check (what `smoke()` runs): direct, l4, http, grpc-direct and grpc for
+    /// about 2 s each with the binaries already built for this profile; fails only if the
+    /// harness breaks.
     #[arg(long, hide = true)]
     pub smoke: bool,
 }
@@ -254,8 +341,10 @@ impl Config {
         })
     }
 
-    /// The harness self-check: direct and l4 for about 2 s each, with the binaries of the
-    /// current profile (debug under `cargo xtask test`), no build, no timing assertions.
+    /// The harness self-check: direct, l4, http, grpc-direct and grpc for about 2 s each, with
+    /// the binaries of the current profile (`cargo xtask` itself is a debug build, so
+    /// `target/debug`, or `$SLUICE_BIN`, `$SIMPOD_BIN`, `$SLLOAD_BIN`), no build, no timing
+    /// assertions. Single node, so it runs without the tunnel too.
     pub fn smoke() -> Result<Config> {
         let mut c = Config::from_args(&BenchArgs {
             quick: true,
@@ -269,7 +358,7 @@ impl Config {
             rounds: Some(1),
             idle_connections: Some(100),
             instructions_requests: None,
-            scenarios: vec![Scenario::L4],
+            scenarios: vec![Scenario::L4, Scenario::Http, Scenario::Grpc],
             only: vec![Section::Latency, Section::Churn, Section::Idle],
             no_build: true,
             out: None,
@@ -285,19 +374,24 @@ impl Config {
         Ok(c)
     }
 
-    /// Splits the requested scenarios into those this sluice can run and the others.
+    /// Splits the requested scenarios into those this sluice can run and the others, and adds
+    /// the baselines they are compared with.
     fn resolve_scenarios(&mut self) -> Result<()> {
         self.scenarios = vec![Scenario::Direct];
         self.unavailable.clear();
         for s in &self.requested {
             match s.not_available() {
-                None if !self.scenarios.contains(s) => self.scenarios.push(*s),
-                None => {}
-                Some(_) => self.unavailable.push(*s),
+                None => self.scenarios.extend([s.baseline(), *s]),
+                Some(_) if !self.unavailable.contains(s) => self.unavailable.push(*s),
+                Some(_) => {}
             }
         }
         self.scenarios.sort();
-        if self.scenarios.len() < 2 && self.sections.iter().any(|s| *s != Section::Micro) {
+        self.scenarios.dedup();
+        self.unavailable.sort();
+        if !self.scenarios.iter().any(|s| !s.is_baseline())
+            && self.sections.iter().any(|s| *s != Section::Micro)
+        {
             bail!("no scenario to compare with direct is available (asked for {:?})", self.requested);
         }
         Ok(())
@@ -307,8 +401,14 @@ impl Config {
         self.sections.contains(&s)
     }
 
+    /// Every scenario of a round, baselines included, in table order.
     fn compared(&self) -> impl Iterator<Item = Scenario> + '_ {
         self.scenarios.iter().copied()
+    }
+
+    /// The scenarios that go through sluice.
+    fn proxied(&self) -> Vec<Scenario> {
+        self.scenarios.iter().copied().filter(|s| !s.is_baseline()).collect()
     }
 }
 
@@ -361,7 +461,7 @@ pub fn smoke() -> Result<()> {
 
 fn run_config(cfg: &Config) -> Result<()> {
     let bins = Bins::locate(cfg.profile)?;
-    set_tunnel_available(bins.sluice_takes_ca_dir());
+    set_capabilities(bins.sluice_takes_ca_dir(), bins.sluice_has_l7());
     let mut cfg = cfg.clone();
     cfg.resolve_scenarios()?;
     let cfg = &cfg;
@@ -389,9 +489,16 @@ fn run_config(cfg: &Config) -> Result<()> {
 
     let needs_world = cfg.sections.iter().any(|s| *s != Section::Micro);
     if needs_world {
-        let cross = cfg.has(Section::Bulk) || cfg.scenarios.contains(&Scenario::Mtls);
-        eprintln!("bench: building the simulated cluster ({})", if cross { "2 nodes" } else { "1 node" });
-        let mut world = World::build(&bins, cross, cfg.has(Section::Bulk))?;
+        let opts = world::WorldOpts {
+            cross_node: cfg.has(Section::Bulk) || cfg.scenarios.iter().any(|s| s.via_tunnel()),
+            iperf: cfg.has(Section::Bulk),
+            grpc: cfg.scenarios.contains(&Scenario::Grpc),
+        };
+        eprintln!(
+            "bench: building the simulated cluster ({})",
+            if opts.cross_node { "2 nodes" } else { "1 node" }
+        );
+        let mut world = World::build(&bins, opts)?;
         // Let the enrollment settle before the at-rest figure.
         std::thread::sleep(Duration::from_secs(1));
         res.rss_rest_kib = measure::rss_kib(world.sluice.pid()).ok();
@@ -423,7 +530,9 @@ fn run_config(cfg: &Config) -> Result<()> {
                     repeats: if cfg.quick { 1 } else { 2 },
                     out_dir: cfg.out_dir.clone(),
                 };
-                res.instructions = Some(callgrind::measure(&mut world, &cfg.scenarios, &p)?);
+                let (figures, failed) = callgrind::measure(&mut world, &cfg.scenarios, &p)?;
+                res.instructions = Some(figures);
+                res.errors.extend(failed);
                 Ok(())
             });
         }
@@ -458,12 +567,15 @@ fn check_world(world: &World) -> Result<()> {
             world.sim.id()
         );
     }
-    if !world.sluice.is_running() {
-        bail!(
-            "sluice on n1 exited ({:?}); its log:\n{}",
-            world.sluice.exit_status(),
-            sluice_tests::tail_file(&world.sluice.log_path(), 30)
-        );
+    for (node, s) in [("n1", Some(&world.sluice)), ("n2", world.sluice2.as_ref())] {
+        let Some(s) = s else { continue };
+        if !s.is_running() {
+            bail!(
+                "sluice on {node} exited ({:?}); its log:\n{}",
+                s.exit_status(),
+                sluice_tests::tail_file(&s.log_path(), 30)
+            );
+        }
     }
     Ok(())
 }
@@ -481,6 +593,19 @@ fn section(res: &mut Results, name: &str, f: impl FnOnce(&mut Results) -> Result
 
 fn ms(d: Duration) -> String {
     d.as_millis().to_string()
+}
+
+/// Runs one measurement of one scenario; a failure is recorded under `what` and the section
+/// goes on with the other scenarios (the report shows what was measured).
+fn attempt(res: &mut Results, what: String, f: impl FnOnce() -> Result<Run>) -> Option<Run> {
+    match f() {
+        Ok(run) => Some(run),
+        Err(e) => {
+            eprintln!("bench: {what} failed: {e:#}");
+            res.errors.push((what, format!("{e:#}")));
+            None
+        }
+    }
 }
 
 fn latency(cfg: &Config, world: &World, res: &mut Results) -> Result<()> {
@@ -506,8 +631,12 @@ fn latency(cfg: &Config, world: &World, res: &mut Results) -> Result<()> {
                     "--warmup-ms".into(),
                     ms(cfg.warmup),
                 ];
-                let run = measure::slload(world, world.route(s)?, round, "rate", &extra, secs)?;
-                runs.entry(s).or_default().push(run);
+                let what = format!("latency {rps} rps {} round {}", s.name(), round + 1);
+                if let Some(run) = attempt(res, what, || {
+                    measure::slload(world, world.route(s)?, round, "rate", &extra, secs)
+                }) {
+                    runs.entry(s).or_default().push(run);
+                }
             }
         }
         res.levels.push((format!("{rps} rps"), Some(rps), runs));
@@ -531,27 +660,30 @@ fn latency(cfg: &Config, world: &World, res: &mut Results) -> Result<()> {
                 ms(cfg.warmup),
             ];
             let secs = (cfg.warmup + cfg.max_duration).as_secs_f64();
-            runs.entry(s).or_default().push(measure::slload(
-                world,
-                world.route(s)?,
-                round,
-                "max",
-                &extra,
-                secs,
-            )?);
+            let what = format!("saturation {} round {}", s.name(), round + 1);
+            if let Some(run) =
+                attempt(res, what, || measure::slload(world, world.route(s)?, round, "max", &extra, secs))
+            {
+                runs.entry(s).or_default().push(run);
+            }
         }
     }
     res.levels.push((format!("saturation ({} conns)", cfg.max_connections), None, runs));
     Ok(())
 }
 
+/// iperf3 (opaque TCP: every iperf port is `appProtocol: tcp`): direct and `l4` on the same
+/// node; direct, `l4` and the tunnel across nodes. The tunnel's row is `mtls-l4` (or `mtls`
+/// when only that one runs: the same opaque path for iperf3).
 fn bulk(cfg: &Config, world: &World, res: &mut Results) -> Result<()> {
     let places: Vec<(&str, Vec<&world::Route>, bool)> = {
-        let mut v = vec![("same node", vec![&world.direct, &world.l4], false)];
+        let mut v =
+            vec![("same node", vec![world.route(Scenario::Direct)?, world.route(Scenario::L4)?], false)];
         if let (Some(d), Some(l)) = (&world.direct_x, &world.l4_x) {
             let mut routes = vec![d, l];
-            if cfg.scenarios.contains(&Scenario::Mtls) {
-                routes.extend(world.mtls.as_ref());
+            let tunnel = [Scenario::MtlsL4, Scenario::Mtls].into_iter().find(|s| cfg.scenarios.contains(s));
+            if let Some(t) = tunnel {
+                routes.push(world.route(t)?);
             }
             v.push(("across nodes", routes, true));
         }
@@ -567,13 +699,12 @@ fn bulk(cfg: &Config, world: &World, res: &mut Results) -> Result<()> {
                     round + 1,
                     cfg.rounds
                 );
-                runs.entry(route.scenario).or_default().push(measure::iperf(
-                    world,
-                    route,
-                    round,
-                    cfg.bulk_seconds,
-                    cross,
-                )?);
+                let what = format!("bulk {label} {} round {}", route.scenario.name(), round + 1);
+                if let Some(run) =
+                    attempt(res, what, || measure::iperf(world, route, round, cfg.bulk_seconds, cross))
+                {
+                    runs.entry(route.scenario).or_default().push(run);
+                }
             }
         }
         res.bulk.push((label.to_string(), runs));
@@ -581,9 +712,11 @@ fn bulk(cfg: &Config, world: &World, res: &mut Results) -> Result<()> {
     Ok(())
 }
 
+/// New connections per second, HTTP/1.1 scenarios only (slload has no gRPC churn mode: a
+/// gRPC client keeps its connection).
 fn churn(cfg: &Config, world: &World, res: &mut Results) -> Result<()> {
     for round in 0..cfg.rounds {
-        for s in cfg.compared() {
+        for s in cfg.compared().filter(|s| s.proto() == "http") {
             eprintln!(
                 "bench: churn, {} at a time, {} round {}/{}",
                 cfg.churn_connections,
@@ -600,21 +733,21 @@ fn churn(cfg: &Config, world: &World, res: &mut Results) -> Result<()> {
                 ms(cfg.warmup),
             ];
             let secs = (cfg.warmup + cfg.churn_duration).as_secs_f64();
-            res.churn.entry(s).or_default().push(measure::slload(
-                world,
-                world.route(s)?,
-                round,
-                "churn",
-                &extra,
-                secs,
-            )?);
+            let what = format!("churn {} round {}", s.name(), round + 1);
+            if let Some(run) =
+                attempt(res, what, || measure::slload(world, world.route(s)?, round, "churn", &extra, secs))
+            {
+                res.churn.entry(s).or_default().push(run);
+            }
         }
     }
     Ok(())
 }
 
-/// sluice's RSS with N idle connections open through it.
+/// sluice's RSS with N idle connections open through it (the `l4` path: opaque, one upstream
+/// connection per client connection).
 fn idle(cfg: &Config, world: &World) -> Result<Value> {
+    let l4 = world.route(Scenario::L4)?;
     let pid = world.sluice.pid();
     // sluice holds two descriptors per proxied connection. Without CAP_SYS_RESOURCE (as in
     // some sandboxes) the hard RLIMIT_NOFILE cannot be raised, so hold as many as fit.
@@ -634,18 +767,18 @@ fn idle(cfg: &Config, world: &World) -> Result<Value> {
     eprintln!("bench: {n} idle connections through sluice");
     let before = measure::rss_kib(pid)?;
     let open_before = world.sluice.get_json("/status")?["connections_open"].as_u64().unwrap_or(0);
-    let mut hold = world.l4.client.spawn([
+    let mut hold = l4.client.spawn([
         world.slload().to_string_lossy().as_ref(),
         "hold",
         "--to",
-        &world.l4.http.to_string(),
+        &l4.addr.to_string(),
         "--count",
         &n.to_string(),
         "--timeout-ms",
         "5000",
     ])?;
     let held = hold.wait_for_json(Duration::from_secs(300), |v| v["event"] == "held")?;
-    world.l4.check_path(held["locals"][0].as_str())?;
+    l4.check_path(held["locals"][0].as_str())?;
     if held["count"].as_u64() != Some(n as u64) {
         bail!("only {} of {n} connections could be opened through sluice: {held}", held["count"]);
     }

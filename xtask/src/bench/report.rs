@@ -9,7 +9,6 @@ use serde_json::{json, Value};
 
 use super::{
     measure::{median, Run},
-    micro,
     world::Bins,
     Config, Results, Scenario,
 };
@@ -99,7 +98,7 @@ fn med(runs: &[Run], key: &str) -> Option<f64> {
     median(runs.iter().filter_map(|r| r.f(key)).collect())
 }
 
-/// Median over rounds of (scenario − direct) in the same round.
+/// Median over rounds of (scenario − its baseline) in the same round.
 fn added(runs: &[Run], direct: &[Run], key: &str) -> Option<f64> {
     median(
         runs.iter()
@@ -146,10 +145,12 @@ const PCTS: [(&str, &str); 4] = [
 pub fn summary(res: &Results) -> Value {
     let mut latency = Vec::new();
     for (label, rps, runs) in &res.levels {
-        let direct = runs.get(&Scenario::Direct).map(Vec::as_slice).unwrap_or(&[]);
         for (s, rs) in runs {
+            // `grpc` is compared with `grpc-direct`, everything else with `direct`.
+            let direct = runs.get(&s.baseline()).map(Vec::as_slice).unwrap_or(&[]);
             let mut row = json!({
                 "level": label, "rps": rps, "scenario": s.name(), "rounds": rs.len(),
+                "baseline": s.baseline().name(),
                 "achieved_rps": med(rs, "achieved_rps"),
                 "errors": sum(rs, "errors") + sum(rs, "unsent"),
                 "sluice_cpu_per_1000_req": cpu_per_1000(rs, "completed"),
@@ -158,12 +159,12 @@ pub fn summary(res: &Results) -> Value {
             });
             for (name, key) in PCTS {
                 row[format!("{name}_us")] = json!(med(rs, key));
-                if *s != Scenario::Direct {
+                if !s.is_baseline() {
                     row[format!("added_{name}_us")] = json!(added(rs, direct, key));
                     row[format!("ratio_{name}")] = json!(ratio(med(rs, key), med(direct, key)));
                 }
             }
-            if rps.is_none() && *s != Scenario::Direct {
+            if rps.is_none() && !s.is_baseline() {
                 row["rps_pct_of_direct"] =
                     json!(ratio(med(rs, "achieved_rps"), med(direct, "achieved_rps")).map(|r| r * 100.0));
                 row["sluice_cpu_per_1000_req"] = json!(cpu_per_1000(rs, "total"));
@@ -334,17 +335,20 @@ pub fn markdown(cfg: &Config, res: &Results, sum: &Value) -> String {
         .filter(|s| s.not_available().is_some())
         .map(|s| format!("`{}` ({})", s.name(), s.not_available().unwrap_or_default()))
         .collect();
-    let _ = writeln!(o, "Not available yet: {}.\n", na.join("; "));
+    if !na.is_empty() {
+        let _ = writeln!(o, "Not available with this sluice: {}.", na.join("; "));
+    }
+    o.push('\n');
 
     let lat = sum["latency"].as_array().cloned().unwrap_or_default();
     if !lat.is_empty() {
         let _ = writeln!(
             o,
-            "#### Latency\n\nHTTP/1.1 keep-alive, 1 KiB responses; fixed rate over {} connections, latency in µs from each request's *scheduled* send time (no coordinated omission); saturation is closed-loop over {} connections. \"added\" is the median over rounds of (scenario − direct) in the same round.\n",
+            "#### Latency\n\nHTTP/1.1 keep-alive, 1 KiB responses (gRPC: unary calls, 1 KiB request and reply messages, one call at a time per HTTP/2 connection); fixed rate over {} connections, latency in µs from each request's *scheduled* send time (no coordinated omission); saturation is closed-loop over {} connections. \"added\" is the median over rounds of (scenario − its direct) in the same round, and \"vs direct\" the ratio of the medians; a scenario's direct is `direct`, `grpc`'s is `grpc-direct` (the same gRPC backend without sluice).\n",
             cfg.connections, cfg.max_connections
         );
-        let _ = writeln!(o, "| load | scenario | p50 | p90 | p99 | p99.9 | achieved rps | added p50 | added p99 | p99 vs direct | errors |");
-        let _ = writeln!(o, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+        let _ = writeln!(o, "| load | scenario | p50 | p90 | p99 | p99.9 | achieved rps | added p50 | added p99 | p50 vs direct | p99 vs direct | errors |");
+        let _ = writeln!(o, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
         for r in &lat {
             let rps = match num(&r["rps_pct_of_direct"]) {
                 Some(p) => format!("{} ({p:.0} % of direct)", f_int(num(&r["achieved_rps"]))),
@@ -352,7 +356,7 @@ pub fn markdown(cfg: &Config, res: &Results, sum: &Value) -> String {
             };
             let _ = writeln!(
                 o,
-                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                 s(&r["level"]),
                 s(&r["scenario"]),
                 f_us(num(&r["p50_us"])),
@@ -362,6 +366,7 @@ pub fn markdown(cfg: &Config, res: &Results, sum: &Value) -> String {
                 rps,
                 f_added(num(&r["added_p50_us"])),
                 f_added(num(&r["added_p99_us"])),
+                f_x(num(&r["ratio_p50"])),
                 f_x(num(&r["ratio_p99"])),
                 r["errors"].as_f64().unwrap_or(0.0)
             );
@@ -369,7 +374,7 @@ pub fn markdown(cfg: &Config, res: &Results, sum: &Value) -> String {
         o.push('\n');
     }
 
-    let proxied: Vec<Scenario> = cfg.scenarios.iter().copied().filter(|s| *s != Scenario::Direct).collect();
+    let proxied = cfg.proxied();
     let _ = writeln!(o, "#### Throughput and connections\n");
     let _ = writeln!(o, "| measure | scenario | value | % of direct | reference |");
     let _ = writeln!(o, "|---|---|---:|---:|---|");
@@ -410,7 +415,7 @@ pub fn markdown(cfg: &Config, res: &Results, sum: &Value) -> String {
     for r in lat.iter().filter(|r| r["rps"].is_null()) {
         let _ = writeln!(
             o,
-            "| HTTP requests/s at saturation ({} connections) | {} | {} | {} | — |",
+            "| requests/s at saturation ({} connections; gRPC: calls/s, % of grpc-direct) | {} | {} | {} | — |",
             cfg.max_connections,
             s(&r["scenario"]),
             f_int(num(&r["achieved_rps"])),
@@ -421,31 +426,48 @@ pub fn markdown(cfg: &Config, res: &Results, sum: &Value) -> String {
 
     let _ = writeln!(
         o,
-        "#### Resource cost of sluice\n\nCPU from /proc/<pid>/stat over each run (`mtls`: both nodes' sluices added up); RSS of node 1's sluice (the client side).\n"
+        "#### Resource cost of sluice\n\nCPU from /proc/<pid>/stat over each run (`mtls`, `mtls-l4`: both nodes' sluices added up); RSS of node 1's sluice (the client side). The idle connections are held on the `l4` path; new connections are HTTP/1.1 only (no figure for `grpc`).\n"
     );
-    let _ = writeln!(o, "| measure | {} | reference |", proxied.iter().map(|s| s.name()).collect::<Vec<_>>().join(" | "));
+    let _ = writeln!(
+        o,
+        "| measure | {} | reference |",
+        proxied.iter().map(|s| s.name()).collect::<Vec<_>>().join(" | ")
+    );
     let _ = writeln!(o, "|---|{}---|", "---:|".repeat(proxied.len()));
     let row = |o: &mut String, label: &str, cells: Vec<String>, reference: &str| {
         let _ = writeln!(o, "| {label} | {} | {reference} |", cells.join(" | "));
     };
     let lat_of = |sc: Scenario, rps: Option<f64>| {
-        lat.iter().find(|r| r["scenario"] == sc.name() && num(&r["rps"]) == rps).cloned().unwrap_or(Value::Null)
+        lat.iter()
+            .find(|r| r["scenario"] == sc.name() && num(&r["rps"]) == rps)
+            .cloned()
+            .unwrap_or(Value::Null)
     };
     for &rps in &cfg.rate_levels {
         let reference = if rps == 1000 { reference::CPU_PER_1000_RPS } else { "—" };
-        let cells = proxied.iter().map(|sc| f_vcpu(num(&lat_of(*sc, Some(rps as f64))["sluice_cpu_per_1000_req"]))).collect();
+        let cells = proxied
+            .iter()
+            .map(|sc| f_vcpu(num(&lat_of(*sc, Some(rps as f64))["sluice_cpu_per_1000_req"])))
+            .collect();
         row(&mut o, &format!("CPU per 1000 rps, at {rps} rps"), cells, reference);
     }
     let cells = proxied
         .iter()
         .map(|sc| {
             let r = lat_of(*sc, None);
-            format!("{:.2} cores at {} rps", num(&r["sluice_cores"]).unwrap_or(f64::NAN), f_int(num(&r["achieved_rps"])))
+            format!(
+                "{:.2} cores at {} rps",
+                num(&r["sluice_cores"]).unwrap_or(f64::NAN),
+                f_int(num(&r["achieved_rps"]))
+            )
         })
         .collect();
     row(&mut o, "CPU at saturation", cells, "—");
     let churn_of = |sc: Scenario| {
-        sum["churn"].as_array().and_then(|a| a.iter().find(|c| c["scenario"] == sc.name()).cloned()).unwrap_or(Value::Null)
+        sum["churn"]
+            .as_array()
+            .and_then(|a| a.iter().find(|c| c["scenario"] == sc.name()).cloned())
+            .unwrap_or(Value::Null)
     };
     let cells = proxied.iter().map(|sc| f_vcpu(num(&churn_of(*sc)["sluice_cpu_per_1000_conns"]))).collect();
     row(&mut o, "CPU per 1000 new connections/s", cells, reference::CHURN_CPU);
@@ -469,8 +491,10 @@ pub fn markdown(cfg: &Config, res: &Results, sum: &Value) -> String {
     row(&mut o, "RSS at rest (node 1)", cells, "—");
     for (label, rps, _) in &res.levels {
         let reference = if *rps == Some(1000) { reference::MEM_AT_1000_RPS } else { "—" };
-        let cells =
-            proxied.iter().map(|sc| f_mib(num(&lat_of(*sc, rps.map(|r| r as f64))["sluice_rss_max_kib"]))).collect();
+        let cells = proxied
+            .iter()
+            .map(|sc| f_mib(num(&lat_of(*sc, rps.map(|r| r as f64))["sluice_rss_max_kib"])))
+            .collect();
         row(&mut o, &format!("RSS under load, {label} (peak)"), cells, reference);
     }
     if let Some(i) = sum["idle"].as_object() {
@@ -550,9 +574,12 @@ pub fn markdown(cfg: &Config, res: &Results, sum: &Value) -> String {
         let profiles: Vec<(String, Value)> = all
             .iter()
             .flat_map(|(sc, i)| {
-                i["profiles"].as_array().cloned().unwrap_or_default().into_iter().map(move |p| {
-                    (format!("{sc} {}", p["node"].as_str().unwrap_or("?")), p)
-                })
+                i["profiles"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(move |p| (format!("{sc} {}", p["node"].as_str().unwrap_or("?")), p))
             })
             .collect();
         let _ = writeln!(
@@ -568,7 +595,11 @@ pub fn markdown(cfg: &Config, res: &Results, sum: &Value) -> String {
                 }
             }
         }
-        let _ = writeln!(o, "| component (self cost) | {} |", profiles.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>().join(" | "));
+        let _ = writeln!(
+            o,
+            "| component (self cost) | {} |",
+            profiles.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>().join(" | ")
+        );
         let _ = writeln!(o, "|---|{}", "---:|".repeat(profiles.len()));
         for comp in &comps {
             let cells: Vec<String> = profiles
@@ -577,14 +608,24 @@ pub fn markdown(cfg: &Config, res: &Results, sum: &Value) -> String {
                     p["components"]
                         .as_array()
                         .and_then(|a| a.iter().find(|c| c["component"] == comp.as_str()))
-                        .map(|c| format!("{} ({:.0} %)", f_int(num(&c["self_per_request"])), num(&c["pct"]).unwrap_or(0.0)))
+                        .map(|c| {
+                            format!(
+                                "{} ({:.0} %)",
+                                f_int(num(&c["self_per_request"])),
+                                num(&c["pct"]).unwrap_or(0.0)
+                            )
+                        })
                         .unwrap_or_else(|| "—".into())
                 })
                 .collect();
             let _ = writeln!(o, "| {comp} | {} |", cells.join(" | "));
         }
         for (key, p) in &profiles {
-            let _ = writeln!(o, "\nTop functions by self cost, {key} (instructions per request; full listing in `{}`):\n", s(&p["file"]));
+            let _ = writeln!(
+                o,
+                "\nTop functions by self cost, {key} (instructions per request; full listing in `{}`):\n",
+                s(&p["file"])
+            );
             let _ = writeln!(o, "| self | inclusive | function |");
             let _ = writeln!(o, "|---:|---:|---|");
             for r in p["exclusive"].as_array().cloned().unwrap_or_default().iter().take(12) {
@@ -613,7 +654,7 @@ pub fn markdown(cfg: &Config, res: &Results, sum: &Value) -> String {
                 num(&b["median_ns"]).unwrap_or(f64::NAN)
             );
         }
-        let _ = writeln!(o, "\nNot benchmarked yet (they arrive with L7): {}.\n", micro::NOT_YET.join("; "));
+        o.push('\n');
     }
 
     if !res.errors.is_empty() {
@@ -633,7 +674,10 @@ fn color(s: &str) -> &'static str {
         "direct" => "#8c8c8c",
         "l4" => "#1f77b4",
         "http" => "#ff7f0e",
+        "mtls-l4" => "#98df8a",
         "mtls" => "#2ca02c",
+        "grpc-direct" => "#c7c7c7",
+        "grpc" => "#9467bd",
         _ => "#d62728",
     }
 }
