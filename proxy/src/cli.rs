@@ -1,5 +1,6 @@
 //! The node-local admin CLI: `sluice status`, `sluice pods`, `sluice conns`, `sluice certs`
-//! (and `sluice certs request`).
+//! (and `sluice certs request`), `sluice routes`, and the telemetry commands `sluice tap`,
+//! `sluice top` and `sluice stat`.
 //!
 //! It talks to the admin API of the sluice on this node, over TCP (127.0.0.1:15000 by default,
 //! reachable from the node's network namespace) or over the unix socket of a named node.
@@ -16,7 +17,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use serde::de::DeserializeOwned;
 
 use crate::{
-    admin::api::{ConnView, PodView, StatusView},
+    admin::api::{ConnView, PodView, StatKind, StatView, StatusView, TapEvent, TapFilter, TapMessage},
     identity::{CertRequestView, CertView},
 };
 
@@ -480,4 +481,716 @@ pub fn routes(ep: &AdminEndpoint, service: Option<&str>, out: Output) -> Result<
         }
     }
     Ok(s)
+}
+
+// --- Streaming commands: `sluice tap` and `sluice top`; and `sluice stat` -------------------
+
+/// What the streaming commands wait for: lines of the admin API's stream, its end, and (`top`
+/// in a terminal) key presses.
+enum Input {
+    Line(String),
+    /// The stream ended: cleanly (`None`) or with an error.
+    Closed(Option<String>),
+    Key(u8),
+}
+
+/// The longest the tap stream may stay silent (the server sends a heartbeat every 5 s).
+const STREAM_IDLE: Duration = Duration::from_secs(30);
+
+/// GETs `path` and reads the response body line by line on a thread of its own, sending each
+/// line to `tx` and then [`Input::Closed`]. Fails when the admin API cannot be reached or
+/// answers anything but 200.
+fn stream_lines(ep: &AdminEndpoint, path: &str, tx: std::sync::mpsc::Sender<Input>) -> Result<()> {
+    use std::io::BufRead;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    let not_running = |e: std::io::Error| {
+        anyhow!(
+            "cannot reach sluice's admin API at {} ({e}). Is sluice running on this node? \
+             (inside the node's network namespace the default 127.0.0.1:15000 works; elsewhere use --node NAME or --admin PATH)",
+            ep.describe()
+        )
+    };
+    let stream: Box<dyn Read + Send> = match ep {
+        AdminEndpoint::Tcp(addr) => {
+            let mut s = TcpStream::connect(addr).map_err(not_running)?;
+            s.set_read_timeout(Some(STREAM_IDLE))?;
+            s.write_all(request.as_bytes())?;
+            Box::new(s)
+        }
+        AdminEndpoint::Unix(p) => {
+            let mut s = UnixStream::connect(p).map_err(not_running)?;
+            s.set_read_timeout(Some(STREAM_IDLE))?;
+            s.write_all(request.as_bytes())?;
+            Box::new(s)
+        }
+    };
+    let mut r = std::io::BufReader::new(stream);
+    let what = || format!("GET {path} from {}", ep.describe());
+    let mut status_line = String::new();
+    r.read_line(&mut status_line).with_context(what)?;
+    let status_line = status_line.trim_end().to_string();
+    let code: u16 = status_line.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let mut chunked = false;
+    loop {
+        let mut l = String::new();
+        if r.read_line(&mut l).with_context(what)? == 0 {
+            bail!("{}: incomplete HTTP response", what());
+        }
+        let l = l.trim_end().to_ascii_lowercase();
+        if l.is_empty() {
+            break;
+        }
+        if l.starts_with("transfer-encoding:") && l.contains("chunked") {
+            chunked = true;
+        }
+    }
+    if code != 200 {
+        let mut rest = Vec::new();
+        let _ = r.read_to_end(&mut rest);
+        let body = if chunked { dechunk(&rest).unwrap_or(rest) } else { rest };
+        bail!("admin API answered {status_line}: {}", String::from_utf8_lossy(&body).trim());
+    }
+    std::thread::Builder::new()
+        .name("admin-stream".into())
+        .spawn(move || {
+            let end = read_body_lines(&mut r, chunked, |line| tx.send(Input::Line(line)).is_ok());
+            let _ = tx.send(Input::Closed(end.err().map(|e| match e.kind() {
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
+                    format!("the admin API sent nothing for {}s", STREAM_IDLE.as_secs())
+                }
+                _ => e.to_string(),
+            })));
+        })
+        .context("starting the stream reader thread")?;
+    Ok(())
+}
+
+/// Reads a response body (chunked or not) and hands each complete line to `line` until the
+/// body ends or `line` returns false.
+fn read_body_lines<R: std::io::BufRead>(r: &mut R, chunked: bool, mut line: impl FnMut(String) -> bool) -> std::io::Result<()> {
+    let bad = |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_string());
+    if !chunked {
+        loop {
+            let mut l = String::new();
+            if r.read_line(&mut l)? == 0 {
+                return Ok(());
+            }
+            if !line(l.trim_end_matches(['\r', '\n']).to_string()) {
+                return Ok(());
+            }
+        }
+    }
+    let mut pending: Vec<u8> = Vec::new();
+    loop {
+        let mut size_line = String::new();
+        if r.read_line(&mut size_line)? == 0 {
+            return Err(bad("the chunked body ended early"));
+        }
+        let size = usize::from_str_radix(size_line.split(';').next().unwrap_or("").trim(), 16)
+            .map_err(|_| bad("bad chunk size"))?;
+        if size == 0 {
+            if !pending.is_empty() {
+                line(String::from_utf8_lossy(&pending).trim_end_matches('\r').to_string());
+            }
+            return Ok(());
+        }
+        let start = pending.len();
+        pending.resize(start + size, 0);
+        r.read_exact(&mut pending[start..])?;
+        let mut crlf = [0u8; 2];
+        r.read_exact(&mut crlf)?;
+        while let Some(pos) = pending.iter().position(|&b| b == b'\n') {
+            let rest = pending.split_off(pos + 1);
+            let l = String::from_utf8_lossy(&pending[..pos]).trim_end_matches('\r').to_string();
+            pending = rest;
+            if !line(l) {
+                return Ok(());
+            }
+        }
+    }
+}
+
+fn tap_path(filter: &TapFilter) -> String {
+    let q = filter.to_query();
+    if q.is_empty() {
+        "/tap".into()
+    } else {
+        format!("/tap?{q}")
+    }
+}
+
+fn describe_filter(f: &TapFilter) -> String {
+    let parts: Vec<String> = [
+        ("namespace", &f.namespace),
+        ("pod", &f.pod),
+        ("to", &f.to),
+        ("path", &f.path),
+        ("method", &f.method),
+        ("reporter", &f.reporter),
+    ]
+    .iter()
+    .filter_map(|(k, v)| v.as_ref().map(|v| format!("{k}={v}")))
+    .collect();
+    if parts.is_empty() {
+        "every request".into()
+    } else {
+        parts.join(" ")
+    }
+}
+
+/// `12.3ms`, `0.45ms`, `1.20s`.
+fn fmt_ms(ms: f64) -> String {
+    if ms >= 1000.0 {
+        format!("{:.2}s", ms / 1000.0)
+    } else if ms >= 100.0 {
+        format!("{ms:.0}ms")
+    } else if ms >= 10.0 {
+        format!("{ms:.1}ms")
+    } else {
+        format!("{ms:.2}ms")
+    }
+}
+
+fn fmt_opt_ms(ms: Option<f64>) -> String {
+    ms.map_or_else(|| "-".into(), fmt_ms)
+}
+
+fn fmt_rate(r: f64) -> String {
+    format!("{:.2}%", r * 100.0)
+}
+
+/// One tap line for people: time, side, source → destination, request, answer.
+fn format_tap_event(ev: &TapEvent) -> String {
+    let time = ev.time.split_once('T').map_or(ev.time.as_str(), |(_, t)| t.trim_end_matches('Z'));
+    let dir = if ev.reporter == "source" { "out" } else { "in " };
+    let svc = ev.service.as_ref().map(|s| format!(" svc={s}")).unwrap_or_default();
+    let grpc = ev.grpc_status.map(|g| format!(" grpc-status={g}")).unwrap_or_default();
+    let flags = if ev.response_flags == "-" { String::new() } else { format!(" flags={}", ev.response_flags) };
+    format!(
+        "{time} {dir} {} -> {}{svc} {} {}{} {}{grpc} {} {} {}{flags}",
+        ev.source.name,
+        ev.destination.name,
+        ev.method,
+        ev.authority,
+        ev.path,
+        if ev.status == 0 { "reset".to_string() } else { ev.status.to_string() },
+        fmt_ms(ev.latency_ms),
+        ev.protocol,
+        if ev.mtls { "mtls" } else { "plaintext" },
+    )
+}
+
+/// Writes to stdout; `false` once stdout is gone (a closed pipe ends the command quietly).
+fn emit(s: &str) -> bool {
+    let mut out = std::io::stdout().lock();
+    out.write_all(s.as_bytes()).and_then(|_| out.flush()).is_ok()
+}
+
+/// How `sluice tap` runs.
+#[derive(Debug, Clone, Default)]
+pub struct TapOptions {
+    pub filter: TapFilter,
+    /// Stop after this many requests.
+    pub max: Option<u64>,
+    /// Stop after this long.
+    pub duration: Option<Duration>,
+}
+
+/// `sluice tap`: prints requests as they complete until Ctrl-C, `--max` or `--duration`.
+/// JSON output passes the admin API's lines through (`subscribed`, `request`, `dropped`).
+pub fn tap(ep: &AdminEndpoint, opts: &TapOptions, out: Output) -> Result<()> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    stream_lines(ep, &tap_path(&opts.filter), tx)?;
+    let deadline = opts.duration.map(|d| std::time::Instant::now() + d);
+    let mut seen = 0u64;
+    while opts.max.is_none_or(|m| seen < m) {
+        let msg = match deadline {
+            Some(d) => match rx.recv_timeout(d.saturating_duration_since(std::time::Instant::now())) {
+                Ok(m) => m,
+                Err(_) => break,
+            },
+            None => match rx.recv() {
+                Ok(m) => m,
+                Err(_) => break,
+            },
+        };
+        let line = match msg {
+            Input::Line(l) => l,
+            Input::Closed(None) => bail!("sluice ended the tap stream"),
+            Input::Closed(Some(e)) => bail!("tap stream from {}: {e}", ep.describe()),
+            Input::Key(_) => continue,
+        };
+        let Ok(msg) = serde_json::from_str::<TapMessage>(&line) else { continue };
+        let printed = match (&msg, out) {
+            (TapMessage::Heartbeat, _) => true,
+            (TapMessage::Request(_), Output::Json) => {
+                seen += 1;
+                emit(&format!("{line}\n"))
+            }
+            (_, Output::Json) => emit(&format!("{line}\n")),
+            (TapMessage::Request(ev), Output::Table) => {
+                seen += 1;
+                emit(&(format_tap_event(ev) + "\n"))
+            }
+            (TapMessage::Subscribed { filter }, Output::Table) => {
+                eprintln!("tapping {} on {} (Ctrl-C to stop)", describe_filter(filter), ep.describe());
+                true
+            }
+            (TapMessage::Dropped { dropped }, Output::Table) => {
+                eprintln!("({dropped} requests not shown so far: this tap could not keep up)");
+                true
+            }
+        };
+        if !printed {
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// Requests per second in `sluice top` are over this many recent seconds.
+const TOP_RPS_WINDOW: u64 = 10;
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+struct TopKey {
+    source: String,
+    destination: String,
+    method: String,
+    path: String,
+}
+
+#[derive(Default)]
+struct TopSide {
+    count: u64,
+    successes: u64,
+    hist: crate::telemetry::stats::LatencyHistogram,
+    /// (second since start, requests) for the recent seconds.
+    recent: std::collections::VecDeque<(u64, u64)>,
+}
+
+/// `sluice top`'s aggregation of the tap stream: rows keyed by (source, destination, method,
+/// path without the query). Each request may be reported twice (by the client's side and by
+/// the server's, when both are on this node): a row counts each side apart and shows the side
+/// that saw more (the client's on a tie), so a request is counted once whichever sides this
+/// node sees.
+struct TopTable {
+    started: std::time::Instant,
+    rows: std::collections::HashMap<TopKey, [TopSide; 2]>,
+    events: u64,
+}
+
+/// One row of `sluice top`.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct TopRowView {
+    pub source: String,
+    pub destination: String,
+    pub method: String,
+    pub path: String,
+    pub count: u64,
+    pub rps: f64,
+    pub success_rate: f64,
+    pub p50_ms: Option<f64>,
+    pub p99_ms: Option<f64>,
+    /// The side the numbers are from: "source" or "destination".
+    pub reporter: String,
+}
+
+/// What `sluice top -o json` prints every refresh.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct TopSnapshot {
+    pub time: String,
+    /// Tap events seen since start (both sides).
+    pub events: u64,
+    pub rows: Vec<TopRowView>,
+}
+
+impl TopTable {
+    fn new() -> TopTable {
+        TopTable { started: std::time::Instant::now(), rows: Default::default(), events: 0 }
+    }
+
+    fn add(&mut self, ev: &TapEvent) {
+        self.events += 1;
+        let sec = self.started.elapsed().as_secs();
+        let key = TopKey {
+            source: ev.source.name.clone(),
+            destination: ev.destination.name.clone(),
+            method: ev.method.clone(),
+            path: ev.path.split_once('?').map_or(ev.path.as_str(), |(p, _)| p).to_string(),
+        };
+        let side = &mut self.rows.entry(key).or_default()[usize::from(ev.reporter != "source")];
+        side.count += 1;
+        side.successes += u64::from(ev.success());
+        side.hist.record_us((ev.latency_ms * 1000.0).round() as u64);
+        match side.recent.back_mut() {
+            Some((s, n)) if *s == sec => *n += 1,
+            _ => side.recent.push_back((sec, 1)),
+        }
+        while side.recent.front().is_some_and(|(s, _)| s + TOP_RPS_WINDOW <= sec) {
+            side.recent.pop_front();
+        }
+    }
+
+    fn snapshot(&self) -> TopSnapshot {
+        let elapsed = self.started.elapsed();
+        let sec = elapsed.as_secs();
+        let covered =
+            ((TOP_RPS_WINDOW - 1) as f64 + elapsed.subsec_nanos() as f64 / 1e9).min(elapsed.as_secs_f64()).max(0.001);
+        let mut rows: Vec<TopRowView> = self
+            .rows
+            .iter()
+            .map(|(k, sides)| {
+                let i = if sides[1].count > sides[0].count { 1 } else { 0 };
+                let s = &sides[i];
+                let recent: u64 =
+                    s.recent.iter().filter(|(at, _)| at + TOP_RPS_WINDOW > sec).map(|(_, n)| n).sum();
+                TopRowView {
+                    source: k.source.clone(),
+                    destination: k.destination.clone(),
+                    method: k.method.clone(),
+                    path: k.path.clone(),
+                    count: s.count,
+                    rps: recent as f64 / covered,
+                    success_rate: if s.count == 0 { 0.0 } else { s.successes as f64 / s.count as f64 },
+                    p50_ms: s.hist.quantile_ms(0.5),
+                    p99_ms: s.hist.quantile_ms(0.99),
+                    reporter: if i == 0 { "source" } else { "destination" }.into(),
+                }
+            })
+            .collect();
+        rows.sort_by(|a, b| {
+            b.count.cmp(&a.count).then_with(|| (&a.source, &a.destination, &a.path).cmp(&(&b.source, &b.destination, &b.path)))
+        });
+        TopSnapshot {
+            time: crate::telemetry::tap::rfc3339_millis(std::time::SystemTime::now()),
+            events: self.events,
+            rows,
+        }
+    }
+}
+
+fn top_table(snap: &TopSnapshot, max_rows: usize) -> String {
+    table(
+        &["SOURCE", "DESTINATION", "METHOD", "PATH", "COUNT", "RPS", "SUCCESS", "P50", "P99"],
+        snap.rows
+            .iter()
+            .take(max_rows)
+            .map(|r| {
+                vec![
+                    r.source.clone(),
+                    r.destination.clone(),
+                    r.method.clone(),
+                    r.path.clone(),
+                    r.count.to_string(),
+                    format!("{:.1}", r.rps),
+                    fmt_rate(r.success_rate),
+                    fmt_opt_ms(r.p50_ms),
+                    fmt_opt_ms(r.p99_ms),
+                ]
+            })
+            .collect(),
+    )
+}
+
+/// How `sluice top` runs.
+#[derive(Debug, Clone)]
+pub struct TopOptions {
+    pub filter: TapFilter,
+    /// Time between refreshes.
+    pub interval: Duration,
+    /// Print the table once after this long and exit.
+    pub once: Option<Duration>,
+}
+
+static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+extern "C" fn on_interrupt(_: libc::c_int) {
+    INTERRUPTED.store(true, std::sync::atomic::Ordering::SeqCst);
+}
+
+/// The terminal while `sluice top` draws in it: the alternate screen, no cursor, and (when
+/// stdin is a terminal) keys read one by one without echo. Restored on drop.
+struct Screen {
+    saved: Option<libc::termios>,
+}
+
+impl Screen {
+    fn enter() -> Screen {
+        use std::os::fd::AsRawFd;
+        let fd = std::io::stdin().as_raw_fd();
+        let mut saved = None;
+        if std::io::IsTerminal::is_terminal(&std::io::stdin()) {
+            // SAFETY: tcgetattr/tcsetattr on stdin's fd with a termios we own.
+            unsafe {
+                let mut t: libc::termios = std::mem::zeroed();
+                if libc::tcgetattr(fd, &mut t) == 0 {
+                    saved = Some(t);
+                    t.c_lflag &= !(libc::ICANON | libc::ECHO);
+                    t.c_cc[libc::VMIN] = 1;
+                    t.c_cc[libc::VTIME] = 0;
+                    libc::tcsetattr(fd, libc::TCSANOW, &t);
+                }
+            }
+        }
+        emit("\x1b[?1049h\x1b[?25l\x1b[H\x1b[2J");
+        Screen { saved }
+    }
+
+    /// (rows, columns) of the terminal.
+    fn size() -> (usize, usize) {
+        use std::os::fd::AsRawFd;
+        // SAFETY: TIOCGWINSZ fills a winsize we own.
+        unsafe {
+            let mut ws: libc::winsize = std::mem::zeroed();
+            if libc::ioctl(std::io::stdout().as_raw_fd(), libc::TIOCGWINSZ, &mut ws) == 0 && ws.ws_row > 0 {
+                return (usize::from(ws.ws_row), usize::from(ws.ws_col.max(20)));
+            }
+        }
+        (24, 80)
+    }
+
+    fn draw(&self, lines: &[String]) {
+        let (rows, cols) = Screen::size();
+        // Home, each row cut to the width and cleared to its end, then the rest cleared; no
+        // newline after the last row (it would scroll a full screen).
+        let cut: Vec<String> = lines.iter().take(rows).map(|l| l.chars().take(cols).collect()).collect();
+        emit(&format!("\x1b[H{}\x1b[K\x1b[J", cut.join("\x1b[K\n")));
+    }
+}
+
+impl Drop for Screen {
+    fn drop(&mut self) {
+        emit("\x1b[?25h\x1b[?1049l");
+        if let Some(t) = &self.saved {
+            use std::os::fd::AsRawFd;
+            // SAFETY: restores the settings read in `enter`.
+            unsafe {
+                libc::tcsetattr(std::io::stdin().as_raw_fd(), libc::TCSANOW, t);
+            }
+        }
+    }
+}
+
+/// `sluice top`: subscribes to the tap stream and shows the busiest (source, destination,
+/// method, path) rows, refreshed every `interval`: redrawn in place on a terminal (until q or
+/// Ctrl-C), printed as plain tables (or JSON lines) otherwise; with `once`, printed once after
+/// that long.
+pub fn top(ep: &AdminEndpoint, opts: &TopOptions, out: Output) -> Result<()> {
+    use std::time::Instant;
+    let interactive = opts.once.is_none() && out == Output::Table && std::io::IsTerminal::is_terminal(&std::io::stdout());
+    let (tx, rx) = std::sync::mpsc::channel();
+    stream_lines(ep, &tap_path(&opts.filter), tx.clone())?;
+    let mut table_state = TopTable::new();
+    let started = Instant::now();
+    let deadline = opts.once.map(|d| started + d);
+    let interval = opts.interval.max(Duration::from_millis(100));
+    let mut next = started + if interactive { Duration::ZERO } else { interval };
+    let screen = if interactive {
+        for sig in [nix::sys::signal::Signal::SIGINT, nix::sys::signal::Signal::SIGTERM] {
+            let action = nix::sys::signal::SigAction::new(
+                nix::sys::signal::SigHandler::Handler(on_interrupt),
+                nix::sys::signal::SaFlags::empty(),
+                nix::sys::signal::SigSet::empty(),
+            );
+            // SAFETY: the handler only stores to an atomic.
+            unsafe { nix::sys::signal::sigaction(sig, &action) }.context("installing the Ctrl-C handler")?;
+        }
+        let screen = Screen::enter();
+        if screen.saved.is_some() {
+            std::thread::Builder::new()
+                .name("keys".into())
+                .spawn(move || {
+                    let mut b = [0u8; 1];
+                    while let Ok(1) = std::io::stdin().read(&mut b) {
+                        if tx.send(Input::Key(b[0])).is_err() {
+                            break;
+                        }
+                    }
+                })
+                .context("starting the key reader thread")?;
+        }
+        Some(screen)
+    } else {
+        drop(tx);
+        None
+    };
+    let filter_text = describe_filter(&opts.filter);
+    loop {
+        let now = Instant::now();
+        if let Some(screen) = &screen {
+            if now >= next {
+                let snap = table_state.snapshot();
+                let (rows, _) = Screen::size();
+                let mut lines = vec![
+                    format!(
+                        "sluice top  {}  {}  {} requests seen  (q or Ctrl-C to quit)",
+                        ep.describe(),
+                        filter_text,
+                        snap.events
+                    ),
+                    String::new(),
+                ];
+                if snap.rows.is_empty() {
+                    lines.extend(top_table(&snap, 0).lines().map(str::to_string));
+                    lines.push("(waiting for requests)".into());
+                } else {
+                    lines.extend(top_table(&snap, rows.saturating_sub(3)).lines().map(str::to_string));
+                }
+                screen.draw(&lines);
+                next = now + interval;
+            }
+        } else if deadline.is_none() && now >= next {
+            if !print_top(&table_state.snapshot(), out) {
+                return Ok(());
+            }
+            next = now + interval;
+        }
+        if let Some(d) = deadline {
+            if now >= d {
+                print_top(&table_state.snapshot(), out);
+                return Ok(());
+            }
+        }
+        if INTERRUPTED.load(std::sync::atomic::Ordering::SeqCst) {
+            return Ok(());
+        }
+        let until = deadline.map_or(next, |d| d.min(next));
+        let wait = until.saturating_duration_since(Instant::now()).min(Duration::from_millis(100));
+        match rx.recv_timeout(wait) {
+            Ok(Input::Line(l)) => {
+                if let Ok(TapMessage::Request(ev)) = serde_json::from_str::<TapMessage>(&l) {
+                    table_state.add(&ev);
+                }
+            }
+            Ok(Input::Key(b'q' | b'Q')) => return Ok(()),
+            Ok(Input::Key(_)) => {}
+            Ok(Input::Closed(e)) => {
+                drop(screen);
+                match e {
+                    None => bail!("sluice ended the tap stream"),
+                    Some(e) => bail!("tap stream from {}: {e}", ep.describe()),
+                }
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => bail!("the tap stream reader stopped"),
+        }
+    }
+}
+
+/// One refresh of `sluice top` when not drawing in a terminal; `false` once stdout is gone.
+fn print_top(snap: &TopSnapshot, out: Output) -> bool {
+    match out {
+        Output::Json => emit(&(serde_json::to_string(snap).unwrap_or_default() + "\n")),
+        Output::Table => {
+            let body = if snap.rows.is_empty() { "no requests seen\n".to_string() } else { top_table(snap, usize::MAX) };
+            emit(&format!("# {} ({} requests seen)\n{body}\n", snap.time, snap.events))
+        }
+    }
+}
+
+/// `sluice stat pods|services [NAME] --window W`: requests, success rate, rate and latency
+/// percentiles per pod or Service, outbound and inbound, over the window.
+pub fn stat(ep: &AdminEndpoint, kind: StatKind, window: &str, name: Option<&str>, out: Output) -> Result<String> {
+    let w = crate::telemetry::stats::parse_window(window).map_err(|e| anyhow!(e))?;
+    let mut q = form_urlencoded::Serializer::new(String::new());
+    q.append_pair("kind", kind.as_str());
+    q.append_pair("window", &format!("{}s", w.as_secs()));
+    if let Some(n) = name {
+        q.append_pair("name", n);
+    }
+    let view: StatView = get(ep, &format!("/stat?{}", q.finish()))?;
+    if out == Output::Json {
+        return Ok(serde_json::to_string_pretty(&view)? + "\n");
+    }
+    if view.rows.is_empty() {
+        return Ok(format!("no requests in the last {}s{}\n", view.window_s, name.map(|n| format!(" for {n}")).unwrap_or_default()));
+    }
+    let mut rows = Vec::new();
+    for r in &view.rows {
+        for (dir, s) in [("outbound", &r.outbound), ("inbound", &r.inbound)] {
+            if let Some(s) = s {
+                rows.push(vec![
+                    r.name.clone(),
+                    dir.to_string(),
+                    s.requests.to_string(),
+                    fmt_rate(s.success_rate),
+                    format!("{:.2}", s.rps),
+                    fmt_opt_ms(s.latency_ms.p50),
+                    fmt_opt_ms(s.latency_ms.p95),
+                    fmt_opt_ms(s.latency_ms.p99),
+                ]);
+            }
+        }
+    }
+    let first = match view.kind {
+        StatKind::Pods => "POD",
+        StatKind::Services => "SERVICE",
+    };
+    Ok(format!(
+        "last {}s:\n{}",
+        view.window_s,
+        table(&[first, "DIRECTION", "REQUESTS", "SUCCESS", "RPS", "P50", "P95", "P99"], rows)
+    ))
+}
+
+#[cfg(test)]
+mod stream_tests {
+    use super::*;
+
+    #[test]
+    fn chunked_lines_are_reassembled() {
+        let body = b"5\r\n{\"a\":\r\n4\r\n1}\n{\r\n6\r\n}\n\n{}\n\r\n0\r\n\r\n";
+        let mut lines = Vec::new();
+        read_body_lines(&mut &body[..], true, |l| {
+            lines.push(l);
+            true
+        })
+        .unwrap();
+        assert_eq!(lines, vec!["{\"a\":1}", "{}", "", "{}"]);
+        let mut r = &b"3\r\nab"[..];
+        assert!(read_body_lines(&mut r, true, |_| true).is_err());
+    }
+
+    #[test]
+    fn top_counts_each_request_once() {
+        let ev = |reporter: &str, path: &str, status: u16, ms: f64| TapEvent {
+            time: "2024-01-01T00:00:00.000Z".into(),
+            reporter: reporter.into(),
+            source: crate::admin::api::TapPeer { name: "shop/client".into(), ..Default::default() },
+            destination: crate::admin::api::TapPeer { name: "shop/web-0".into(), ..Default::default() },
+            service: Some("shop/web".into()),
+            method: "GET".into(),
+            authority: "web".into(),
+            path: path.into(),
+            status,
+            grpc_status: None,
+            latency_ms: ms,
+            protocol: "http".into(),
+            mtls: true,
+            response_flags: "-".into(),
+            upstream: None,
+            request_bytes: 0,
+            response_bytes: 0,
+            trace_id: None,
+        };
+        let mut t = TopTable::new();
+        for i in 0..10 {
+            let status = if i < 2 { 503 } else { 200 };
+            t.add(&ev("source", &format!("/a?i={i}"), status, 10.0));
+            t.add(&ev("destination", &format!("/a?i={i}"), status, 8.0));
+        }
+        t.add(&ev("destination", "/b", 200, 1.0));
+        let snap = t.snapshot();
+        assert_eq!(snap.events, 21);
+        assert_eq!(snap.rows.len(), 2);
+        let a = &snap.rows[0];
+        assert_eq!((a.path.as_str(), a.count, a.reporter.as_str()), ("/a", 10, "source"));
+        assert!((a.success_rate - 0.8).abs() < 1e-9);
+        assert!((a.p50_ms.unwrap() - 10.0).abs() < 0.5);
+        assert!(a.rps > 0.0);
+        assert_eq!((snap.rows[1].path.as_str(), snap.rows[1].count), ("/b", 1));
+        let text = top_table(&snap, 10);
+        assert!(text.starts_with("SOURCE"), "{text}");
+        assert!(text.contains("shop/client  shop/web-0   GET     /a"), "{text}");
+    }
 }

@@ -18,7 +18,7 @@ use tracing::{error, info, warn};
 
 use crate::{
     admin::{
-        health,
+        health, metrics_server,
         server::{self, AdminState},
     },
     conns::ConnRegistry,
@@ -43,6 +43,8 @@ pub struct RunArgs {
     pub admin_addr: std::net::SocketAddr,
     /// The kubelet's readiness endpoint (`GET /healthz/ready`), default 0.0.0.0:15021.
     pub readiness_addr: std::net::SocketAddr,
+    /// Prometheus metrics (`GET /metrics`, OpenMetrics), default 0.0.0.0:15020.
+    pub metrics_addr: std::net::SocketAddr,
     pub admin_socket: PathBuf,
     pub bpffs: PathBuf,
     pub connect_timeout: Duration,
@@ -195,6 +197,7 @@ pub fn run(args: RunArgs) -> Result<()> {
         fail_mode = ?args.fail_mode,
         admin = %args.admin_addr,
         readiness = %args.readiness_addr,
+        metrics = %args.metrics_addr,
         admin_socket = %args.admin_socket.display(),
         startup_ms = started.elapsed().as_millis() as u64,
         "sluice ready"
@@ -288,6 +291,11 @@ fn start_admin_thread(
         format!("binding the readiness endpoint on {} (--readiness-addr)", args.readiness_addr)
     })?;
     let (readiness, readiness_closed) = health::channel();
+    // Metrics (15020): shared with a successor the same way, closed with readiness.
+    let metrics_listener = metrics_server::bind(args.metrics_addr)
+        .with_context(|| format!("binding the metrics endpoint on {} (--metrics-addr)", args.metrics_addr))?;
+    let scrape = Arc::new(metrics_server::Scrape::new(admin.clone(), &args.bpffs, &args.node));
+    let metrics_closed = readiness_closed.clone();
     let probe = health::Probe {
         ready: {
             let admin = admin.clone();
@@ -306,7 +314,9 @@ fn start_admin_thread(
                 tokio::spawn(heartbeat(redirector));
                 tokio::spawn(forward_ebpf_logs(logger));
                 tokio::spawn(signals(control));
+                let superseded = probe.superseded.clone();
                 tokio::spawn(health::serve(readiness_listener, probe, readiness_closed));
+                tokio::spawn(metrics_server::serve(metrics_listener, scrape, superseded, metrics_closed));
                 server::serve(admin, tcp, admin_addr, Some(unix)).await;
             })
         })

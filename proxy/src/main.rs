@@ -38,6 +38,18 @@ enum Command {
         #[command(flatten)]
         admin: AdminFlags,
     },
+    /// A live stream of requests through this node's sluice as they complete: time, source →
+    /// destination, method, authority, path, status, latency, protocol, mTLS. A request between
+    /// two pods of this node shows twice: once per side (`out`: reporter=source, at the
+    /// client's node; `in`: reporter=destination, at the server's).
+    Tap(TapFlags),
+    /// The busiest (source, destination, method, path) rows from the tap stream, live: count,
+    /// requests per second (last 10 s), success rate, p50/p99 latency. Redraws in place on a
+    /// terminal (q or Ctrl-C to quit); prints a table every refresh when piped.
+    Top(TopFlags),
+    /// Success rate, request rate and latency percentiles per pod or Service of this node over
+    /// a window (up to 1m), outbound (reporter=source) and inbound (reporter=destination).
+    Stat(StatFlags),
     /// The mesh root CA: create one, or sign a certificate with it by hand.
     #[command(subcommand)]
     Ca(CaCommand),
@@ -49,6 +61,91 @@ enum Command {
         #[arg(long, default_value = "/sys/fs/bpf")]
         bpffs: PathBuf,
     },
+}
+
+#[derive(Args)]
+struct TapFilterFlags {
+    /// Only requests from or to pods of this namespace.
+    #[arg(long, short = 'n')]
+    namespace: Option<String>,
+    /// Only requests from or to this pod (`namespace/name` or `name`).
+    #[arg(long)]
+    pod: Option<String>,
+    /// Only requests to this Service (`namespace/name` or `name`).
+    #[arg(long)]
+    to: Option<String>,
+    /// Only requests whose path starts with this prefix.
+    #[arg(long)]
+    path: Option<String>,
+    /// Only requests with this method.
+    #[arg(long)]
+    method: Option<String>,
+    /// Only one side's records: `source` (at the client's node) or `destination` (at the server's).
+    #[arg(long, value_parser = ["source", "destination"])]
+    reporter: Option<String>,
+}
+
+impl TapFilterFlags {
+    fn filter(&self) -> sluice::admin::api::TapFilter {
+        sluice::admin::api::TapFilter {
+            namespace: self.namespace.clone(),
+            pod: self.pod.clone(),
+            to: self.to.clone(),
+            path: self.path.clone(),
+            method: self.method.clone(),
+            reporter: self.reporter.clone(),
+        }
+    }
+}
+
+#[derive(Args)]
+struct TapFlags {
+    #[command(flatten)]
+    filter: TapFilterFlags,
+    /// Exit after this many requests.
+    #[arg(long)]
+    max: Option<u64>,
+    /// Exit after this many seconds.
+    #[arg(long, value_parser = positive_seconds)]
+    duration: Option<Duration>,
+    #[command(flatten)]
+    admin: AdminFlags,
+}
+
+#[derive(Args)]
+struct TopFlags {
+    #[command(flatten)]
+    filter: TapFilterFlags,
+    /// Seconds between refreshes.
+    #[arg(long, default_value = "1", value_parser = positive_seconds)]
+    interval: Duration,
+    /// Print the table once after this many seconds and exit (scripts, tests).
+    #[arg(long, value_parser = positive_seconds)]
+    once: Option<Duration>,
+    #[command(flatten)]
+    admin: AdminFlags,
+}
+
+#[derive(Args)]
+struct StatFlags {
+    /// pods (this node's pods) or services (the Services their requests were for).
+    #[arg(default_value = "pods", value_parser = |s: &str| s.parse::<sluice::admin::api::StatKind>())]
+    kind: sluice::admin::api::StatKind,
+    /// Only this pod or Service (`namespace/name` or `name`).
+    name: Option<String>,
+    /// The window: 10s, 30s, 1m (at most 1m).
+    #[arg(long, default_value = "1m")]
+    window: String,
+    #[command(flatten)]
+    admin: AdminFlags,
+}
+
+/// Seconds (fractions allowed), more than zero.
+fn positive_seconds(s: &str) -> Result<Duration, String> {
+    match s.trim_end_matches('s').parse::<f64>() {
+        Ok(v) if v > 0.0 && v.is_finite() => Ok(Duration::from_secs_f64(v)),
+        _ => Err(format!("{s:?}: a number of seconds above 0")),
+    }
 }
 
 #[derive(Args)]
@@ -135,6 +232,10 @@ struct RunFlags {
     /// with a successor process during an upgrade (SO_REUSEPORT).
     #[arg(long, default_value = "0.0.0.0:15021")]
     readiness_addr: SocketAddr,
+    /// Prometheus metrics (GET /metrics, OpenMetrics text: Istio's standard metrics and
+    /// sluice's own); shared with a successor process during an upgrade (SO_REUSEPORT).
+    #[arg(long, default_value = "0.0.0.0:15020")]
+    metrics_addr: SocketAddr,
     /// Admin API unix socket [default: /run/sluice/<node>/admin.sock].
     #[arg(long)]
     admin_socket: Option<PathBuf>,
@@ -249,6 +350,19 @@ fn main() -> ExitCode {
             })
         }
         Command::Routes { service, admin } => print(cli::routes(&admin.endpoint(), service.as_deref(), admin.output)),
+        Command::Tap(f) => cli::tap(
+            &f.admin.endpoint(),
+            &cli::TapOptions { filter: f.filter.filter(), max: f.max, duration: f.duration },
+            f.admin.output,
+        ),
+        Command::Top(f) => cli::top(
+            &f.admin.endpoint(),
+            &cli::TopOptions { filter: f.filter.filter(), interval: f.interval, once: f.once },
+            f.admin.output,
+        ),
+        Command::Stat(f) => {
+            print(cli::stat(&f.admin.endpoint(), f.kind, &f.window, f.name.as_deref(), f.admin.output))
+        }
         Command::Ca(CaCommand::Init { dir, trust_domain, force }) => {
             sluice::identity::ca_init(&dir, &trust_domain, force).map_err(Into::into).map(|(c, k)| {
                 println!("mesh root for {trust_domain}: {} (key {})", c.display(), k.display());
@@ -298,6 +412,7 @@ fn run(f: RunFlags) -> Result<()> {
         fail_mode: if f.fail_closed { FailMode::Closed } else { FailMode::Open },
         admin_addr: f.admin_addr,
         readiness_addr: f.readiness_addr,
+        metrics_addr: f.metrics_addr,
         admin_socket,
         bpffs: f.bpffs,
         connect_timeout: Duration::from_millis(f.connect_timeout_ms),

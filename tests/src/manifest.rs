@@ -10,6 +10,10 @@ use serde_json::{json, Value};
 /// The namespace annotation that enrolls a namespace in the mesh.
 pub const MESH_ANNOTATION: &str = "sluice.dev/mesh";
 
+/// The namespace annotation that turns on access logs for requests from and to its pods
+/// (value `enabled`).
+pub const ACCESS_LOG_ANNOTATION: &str = "sluice.dev/access-log";
+
 /// What a pod manifest needs to say about a pod.
 pub struct PodManifest<'a> {
     pub namespace: &'a str,
@@ -64,6 +68,16 @@ pub fn namespace(name: &str, enrolled: bool) -> Value {
         metadata["annotations"] = json!({ MESH_ANNOTATION: "enabled" });
     }
     json!({"apiVersion": "v1", "kind": "Namespace", "metadata": metadata})
+}
+
+/// Adds (or replaces) `metadata.annotations[key] = value` on a manifest document, e.g.
+/// `with_annotation(namespace("shop", true), ACCESS_LOG_ANNOTATION, "enabled")`.
+pub fn with_annotation(mut doc: Value, key: &str, value: &str) -> Value {
+    if !doc["metadata"]["annotations"].is_object() {
+        doc["metadata"]["annotations"] = json!({});
+    }
+    doc["metadata"]["annotations"][key] = json!(value);
+    doc
 }
 
 /// A backend of a Service, as an EndpointSlice lists it.
@@ -219,6 +233,15 @@ mod tests {
         assert_eq!(docs[1]["ports"][1]["appProtocol"], "kubernetes.io/h2c");
         assert!(docs[0]["spec"]["ports"][0].get("appProtocol").is_none());
         assert!(docs[1]["ports"][0].get("appProtocol").is_none());
+    }
+
+    #[test]
+    fn annotations_are_added_next_to_the_mesh_one() {
+        let ns = with_annotation(namespace("a", true), ACCESS_LOG_ANNOTATION, "enabled");
+        assert_eq!(ns["metadata"]["annotations"][MESH_ANNOTATION], "enabled");
+        assert_eq!(ns["metadata"]["annotations"][ACCESS_LOG_ANNOTATION], "enabled");
+        let ns = with_annotation(namespace("b", false), ACCESS_LOG_ANNOTATION, "enabled");
+        assert_eq!(ns["metadata"]["annotations"].as_object().unwrap().len(), 1);
     }
 
     #[test]

@@ -82,6 +82,28 @@ pub fn start_tls_echo_server(pod: &Pod, port: u16, cert_out: &Path, extra: &[&st
     started(pod.simpod(with_extra(args, extra))?)
 }
 
+/// `simpod https-server --port P --cert-out PATH --name NAME [extra...]` (e.g. `["--san",
+/// "api.example.test", "--bind", "192.0.2.20"]`): simpod's HTTP server behind TLS with a fresh
+/// self-signed certificate, in `cert_out` once this returns; its answers carry the SNI it saw.
+pub fn start_https_server(
+    pod: &Pod,
+    port: u16,
+    cert_out: &Path,
+    name: &str,
+    extra: &[&str],
+) -> Result<SimProcess> {
+    let args = vec![
+        "https-server".into(),
+        "--port".into(),
+        port.to_string(),
+        "--cert-out".into(),
+        cert_out.display().to_string(),
+        "--name".into(),
+        name.into(),
+    ];
+    started(pod.simpod(with_extra(args, extra))?)
+}
+
 /// `simpod banner-server --port P --banner TEXT`.
 pub fn start_banner_server(pod: &Pod, port: u16, banner: &str) -> Result<SimProcess> {
     started(pod.simpod(["banner-server", "--port", &port.to_string(), "--banner", banner])?)
@@ -161,6 +183,99 @@ pub fn grpc_client(
     );
     let out = run_slgrpc(pod, &args)?;
     parse_last(&out, "slgrpc client")
+}
+
+/// One request of `simpod http-load --each`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct LoadRequest {
+    pub seq: u64,
+    pub conn: usize,
+    /// When it was sent, since all connections were open (ms).
+    pub start_ms: f64,
+    pub elapsed_ms: f64,
+    /// `None` when the request failed at the transport (see `error`).
+    pub status: Option<u16>,
+    pub error: Option<String>,
+    /// `x-sluice-error` of the answer.
+    pub flag: Option<String>,
+    /// `x-sluice-overflow` of the answer.
+    pub overflow: Option<String>,
+    pub retry_after: Option<String>,
+    /// `x-simpod-name`: the backend that answered.
+    pub name: Option<String>,
+}
+
+/// Latency percentiles (ms) of the requests that got one status.
+#[derive(Debug, Clone, Deserialize)]
+pub struct LoadLatency {
+    pub count: u64,
+    pub min: Option<f64>,
+    pub p50: Option<f64>,
+    pub p90: Option<f64>,
+    pub p99: Option<f64>,
+    pub max: Option<f64>,
+}
+
+/// The summary of `simpod http-load`, and its per-request lines when run with `--each`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct LoadSummary {
+    /// No transport error (statuses are data).
+    pub ok: bool,
+    pub requests: u64,
+    /// 2xx answers.
+    pub succeeded: u64,
+    pub errors: u64,
+    pub first_error: Option<String>,
+    /// Requests per status ("200", "503", ..., "error").
+    pub by_status: BTreeMap<String, u64>,
+    /// Requests per `x-sluice-error` value.
+    pub by_flag: BTreeMap<String, u64>,
+    /// Requests per `x-sluice-overflow` value.
+    pub by_overflow: BTreeMap<String, u64>,
+    /// Requests per answering backend (`x-simpod-name`).
+    pub by_name: BTreeMap<String, u64>,
+    pub with_retry_after: u64,
+    /// Per status (as in `by_status`).
+    pub latency_ms: BTreeMap<String, LoadLatency>,
+    pub elapsed_ms: f64,
+    pub succeeded_per_s: f64,
+    #[serde(skip)]
+    pub each: Vec<LoadRequest>,
+}
+
+impl LoadSummary {
+    pub fn status(&self, status: u16) -> u64 {
+        self.by_status.get(&status.to_string()).copied().unwrap_or(0)
+    }
+
+    pub fn flag(&self, flag: &str) -> u64 {
+        self.by_flag.get(flag).copied().unwrap_or(0)
+    }
+}
+
+/// Runs `simpod http-load --to ADDR [args...]` in `pod` (e.g. `["--count", "1000",
+/// "--connections", "4"]` or `["--rps", "300", "--duration-ms", "4000", "--each"]`) and parses
+/// its summary (and per-request lines). Non-2xx answers are data, not errors.
+pub fn http_load(pod: &Pod, to: SocketAddr, args: &[&str]) -> Result<LoadSummary> {
+    let all = with_extra(vec!["http-load".into(), "--to".into(), to.to_string()], args);
+    let out = pod.run_simpod_timeout(&all, Duration::from_secs(180))?;
+    let lines = out.json_lines().with_context(|| format!("simpod http-load: {}", out.stderr.trim()))?;
+    let Some((last, each)) = lines.split_last() else {
+        bail!("simpod http-load printed nothing: exit {}, stderr: {}", out.status, out.stderr.trim());
+    };
+    if last.get("requests").is_none() {
+        bail!("simpod http-load failed: {last}");
+    }
+    let mut summary: LoadSummary = serde_json::from_value(last.clone())
+        .with_context(|| format!("simpod http-load: unexpected summary {last}"))?;
+    summary.each = each
+        .iter()
+        .map(|v| {
+            serde_json::from_value(v.clone())
+                .with_context(|| format!("simpod http-load: unexpected line {v}"))
+        })
+        .collect::<Result<_>>()?;
+    Ok(summary)
 }
 
 /// The result line of `simpod raw`.

@@ -26,6 +26,8 @@ const APT_PACKAGES: &[&str] = &[
     // L7 tests and benchmarks: HTTP/2 clients (nghttp, h2load) and an HTTP/1.1 load generator.
     "nghttp2-client",
     "wrk",
+    // The telemetry CLI tests: `sluice top` driven in a real terminal.
+    "tmux",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -43,7 +45,7 @@ pub fn run() -> Result<()> {
 /// Python tools the deploy/ validation test runs (Kubernetes schemas, CRD schemas).
 fn ensure_python_packages() -> Result<()> {
     let present = Command::new("python3")
-        .args(["-c", "import kubernetes_validate, jsonschema"])
+        .args(["-c", "import kubernetes_validate, jsonschema, prometheus_client.openmetrics.parser"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status()
@@ -52,10 +54,19 @@ fn ensure_python_packages() -> Result<()> {
     if present {
         return Ok(());
     }
-    eprintln!("setup: installing kubernetes-validate and jsonschema (PyPI)");
+    // prometheus-client: its OpenMetrics parser checks what sluice serves on :15020.
+    eprintln!("setup: installing kubernetes-validate, jsonschema and prometheus-client (PyPI)");
     run_cmd(
-        Command::new("python3").args(["-m", "pip", "install", "--quiet", "kubernetes-validate==1.37.0", "jsonschema>=4.18"]),
-        "pip install kubernetes-validate jsonschema",
+        Command::new("python3").args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "kubernetes-validate==1.37.0",
+            "jsonschema>=4.18",
+            "prometheus-client==0.26.0",
+        ]),
+        "pip install kubernetes-validate jsonschema prometheus-client",
     )
 }
 

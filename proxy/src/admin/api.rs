@@ -4,7 +4,14 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-pub use crate::{conns::ConnView, enroll::PodView};
+pub use crate::{
+    conns::ConnView,
+    enroll::PodView,
+    telemetry::{
+        stats::{DirectionStats, LatencyView, StatKind, StatRow, StatView},
+        tap::{TapEvent, TapFilter, TapMessage, TapPeer},
+    },
+};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StatusView {

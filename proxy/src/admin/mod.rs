@@ -2,5 +2,6 @@
 //! the kubelet's readiness endpoint (`health`).
 pub mod api;
 pub mod health;
+pub mod metrics_server;
 pub mod routes;
 pub mod server;

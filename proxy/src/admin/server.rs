@@ -15,7 +15,7 @@ use std::{
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
-use http_body_util::Full;
+use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Full, StreamBody};
 use hyper::{body::Incoming, server::conn::http1, service::service_fn, Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, UnixListener};
@@ -97,6 +97,11 @@ impl AdminState {
         ] {
             all.insert(name.to_string(), value.load(Ordering::Relaxed));
         }
+        let tel = &self.data.telemetry;
+        all.insert("access_log_written".to_string(), tel.access_log.written());
+        all.insert("access_log_dropped".to_string(), tel.access_log.dropped());
+        all.insert("spans_exported".to_string(), tel.trace.exported.load(Ordering::Relaxed));
+        all.insert("spans_dropped".to_string(), tel.trace.dropped.load(Ordering::Relaxed));
         let overflow: u64 =
             self.data.l7.breakers.snapshot().iter().map(|(_, _, b)| b.overflows.load(Ordering::Relaxed)).sum();
         all.insert("http_overflow".to_string(), overflow);
@@ -104,6 +109,10 @@ impl AdminState {
         all.insert("upstream_idle_http1".to_string(), idle_h1 as u64);
         all.insert("upstream_http2".to_string(), h2 as u64);
         all.insert("hbone_fallback_plaintext".to_string(), self.data.tunnel_fallbacks.load(Ordering::Relaxed));
+        let tap = &self.data.telemetry.tap;
+        all.insert("tap_subscribers".to_string(), tap.subscribers() as u64);
+        all.insert("tap_events".to_string(), tap.events());
+        all.insert("tap_dropped".to_string(), tap.dropped());
         all
     }
 
@@ -204,9 +213,12 @@ where
             let state = state.clone();
             async move {
                 if req.method() == Method::POST && req.uri().path() == "/certs/request" {
-                    return Ok::<_, Infallible>(cert_request(&state, req).await);
+                    return Ok::<_, Infallible>(cert_request(&state, req).await.map(BodyExt::boxed_unsync));
                 }
-                Ok::<_, Infallible>(route(&state, req))
+                if req.method() == Method::GET && req.uri().path() == "/tap" {
+                    return Ok::<_, Infallible>(tap(&state, &req));
+                }
+                Ok::<_, Infallible>(route(&state, req).map(BodyExt::boxed_unsync))
             }
         });
         if let Err(e) = http1::Builder::new().serve_connection(io, svc).await {
@@ -231,6 +243,7 @@ fn route(state: &AdminState, req: Request<Incoming>) -> Response<Full<Bytes>> {
             });
             json(&super::routes::view(&state.model.load(), &state.data.l7.balancer, only.as_deref()))
         }
+        "/stat" => stat(state, req.uri().query().unwrap_or("")),
         "/ready" => {
             if state.ready.load(Ordering::Acquire) {
                 text(StatusCode::OK, "ready\n")
@@ -238,8 +251,96 @@ fn route(state: &AdminState, req: Request<Incoming>) -> Response<Full<Bytes>> {
                 text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
             }
         }
-        other => text(StatusCode::NOT_FOUND, &format!("no such endpoint {other}; try /status, /pods, /conns, /certs, /model, /routes, /ready\n")),
+        other => text(StatusCode::NOT_FOUND, &format!("no such endpoint {other}; try /status, /pods, /conns, /certs, /model, /routes, /stat, /tap, /ready\n")),
     }
+}
+
+/// `GET /stat?kind=pods|services&window=1m[&name=ns/name]`: the rolling windows of `sluice stat`
+/// ([`crate::telemetry::stats::StatView`]).
+fn stat(state: &AdminState, query: &str) -> Response<Full<Bytes>> {
+    use crate::telemetry::stats::{parse_window, StatKind};
+    let mut kind = StatKind::Pods;
+    let mut window = std::time::Duration::from_secs(60);
+    let mut name = None;
+    for (k, v) in form_urlencoded::parse(query.as_bytes()) {
+        let parsed = match &*k {
+            "kind" => v.parse().map(|k| kind = k),
+            "window" => parse_window(&v).map(|w| window = w),
+            "name" => {
+                name = Some(v.into_owned()).filter(|n| !n.is_empty());
+                Ok(())
+            }
+            other => Err(format!("unknown parameter {other:?}: kind, window, name")),
+        };
+        if let Err(e) = parsed {
+            return text(StatusCode::BAD_REQUEST, &format!("{e}\n"));
+        }
+    }
+    json(&state.data.telemetry.stats.view(kind, window, name.as_deref()))
+}
+
+/// Idle time after which the tap stream sends a heartbeat line.
+const TAP_HEARTBEAT: std::time::Duration = std::time::Duration::from_secs(5);
+/// Events written in one chunk at most.
+const TAP_BATCH: usize = 256;
+
+/// `GET /tap?namespace=..&pod=..&to=..&path=..&method=..&reporter=..`: a chunked stream of JSON
+/// lines ([`crate::telemetry::tap::TapMessage`]) until the client goes away: `subscribed` first,
+/// then one `request` line per matching request, `dropped` when this subscriber lost events,
+/// and a `heartbeat` after 5 idle seconds.
+fn tap(state: &AdminState, req: &Request<Incoming>) -> Response<UnsyncBoxBody<Bytes, Infallible>> {
+    use crate::telemetry::tap::{TapEvent, TapFilter, TapMessage};
+    use hyper::body::Frame;
+
+    #[derive(serde::Serialize)]
+    struct RequestLine<'a> {
+        #[serde(rename = "type")]
+        kind: &'static str,
+        #[serde(flatten)]
+        event: &'a TapEvent,
+    }
+    fn push_line<T: serde::Serialize>(buf: &mut Vec<u8>, value: &T) {
+        if serde_json::to_writer(&mut *buf, value).is_ok() {
+            buf.push(b'\n');
+        }
+    }
+
+    let filter = match TapFilter::from_query(req.uri().query().unwrap_or("")) {
+        Ok(f) => f,
+        Err(e) => return text(StatusCode::BAD_REQUEST, &format!("{e}\n")).map(BodyExt::boxed_unsync),
+    };
+    let sub = state.data.telemetry.tap.subscribe(filter);
+    debug!(filter = ?sub.filter(), "tap subscriber");
+    let mut first = Vec::new();
+    push_line(&mut first, &TapMessage::Subscribed { filter: sub.filter().clone() });
+    // (subscription, first line still to send, drops already reported)
+    let stream = futures_util::stream::unfold((sub, Some(first), 0u64), |(mut sub, first, reported)| async move {
+        if let Some(first) = first {
+            return Some((Ok::<_, Infallible>(Frame::data(Bytes::from(first))), (sub, None, reported)));
+        }
+        let mut buf = Vec::new();
+        match tokio::time::timeout(TAP_HEARTBEAT, sub.recv()).await {
+            Ok(Some(ev)) => {
+                push_line(&mut buf, &RequestLine { kind: "request", event: &ev });
+                for _ in 1..TAP_BATCH {
+                    let Some(ev) = sub.try_recv() else { break };
+                    push_line(&mut buf, &RequestLine { kind: "request", event: &ev });
+                }
+            }
+            Ok(None) => return None,
+            Err(_) => push_line(&mut buf, &TapMessage::Heartbeat),
+        }
+        let dropped = sub.dropped();
+        if dropped > reported {
+            push_line(&mut buf, &TapMessage::Dropped { dropped });
+        }
+        Some((Ok(Frame::data(Bytes::from(buf))), (sub, None, dropped)))
+    });
+    Response::builder()
+        .header("content-type", "application/x-ndjson")
+        .header("cache-control", "no-cache")
+        .body(StreamBody::new(stream).boxed_unsync())
+        .expect("static response parts are valid")
 }
 
 /// `POST /certs/request` with `{"identity":"spiffe://..."}`: asks this node's CA for a certificate

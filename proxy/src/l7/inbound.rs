@@ -63,7 +63,7 @@ pub async fn serve(stream: TunnelIo, app: TcpStream, protocol: Protocol, ctx: Ar
     let service = service_fn(move |req| {
         let ctx = svc_ctx.clone();
         let sender = sender.clone();
-        async move { Ok::<_, std::convert::Infallible>(handle(req, &ctx, &sender).await) }
+        Box::pin(async move { Ok::<_, std::convert::Infallible>(handle(req, &ctx, &sender).await) })
     });
     let io = TokioIo::new(stream);
     let result = match protocol {

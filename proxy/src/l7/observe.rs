@@ -103,25 +103,27 @@ pub fn grpc_status(headers: &HeaderMap) -> Option<u16> {
 
 pin_project! {
     /// The response body, emitting the request's record when it ends.
-    pub struct Observed<B> {
+    pub struct Observed<B: HttpBody> {
         #[pin]
         inner: B,
         obs: Option<Observation>,
         bytes: u64,
     }
 
-    impl<B> PinnedDrop for Observed<B> {
+    impl<B: HttpBody> PinnedDrop for Observed<B> {
         fn drop(this: Pin<&mut Self>) {
             let this = this.project();
-            // Dropped before its end: the client went away or the stream was cut.
+            // hyper drops a body whose size hint says it is complete without polling it to
+            // its end: that is a success. Otherwise the client went away or the stream was cut.
+            let complete = this.inner.is_end_stream();
             if let Some(obs) = this.obs.take() {
-                obs.emit(*this.bytes, true);
+                obs.emit(*this.bytes, !complete);
             }
         }
     }
 }
 
-impl<B> Observed<B> {
+impl<B: HttpBody> Observed<B> {
     pub fn new(inner: B, obs: Observation) -> Self {
         Self { inner, obs: Some(obs), bytes: 0 }
     }
@@ -135,8 +137,8 @@ where
     type Error = BoxError;
 
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let this = self.project();
-        let r = this.inner.poll_frame(cx);
+        let mut this = self.project();
+        let r = this.inner.as_mut().poll_frame(cx);
         match &r {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
@@ -144,6 +146,12 @@ where
                 } else if let Some(trailers) = frame.trailers_ref() {
                     if let (Some(obs), Some(code)) = (this.obs.as_mut(), grpc_status(trailers)) {
                         obs.grpc_status = Some(code);
+                    }
+                }
+                // The last frame of a body of known length: hyper will not poll again.
+                if this.inner.is_end_stream() {
+                    if let Some(obs) = this.obs.take() {
+                        obs.emit(*this.bytes, false);
                     }
                 }
             }

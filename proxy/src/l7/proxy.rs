@@ -14,7 +14,10 @@ use std::{
 };
 
 use bytes::Bytes;
-use http::{header, request, uri::PathAndQuery, HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
+use http::{
+    header, request, uri::PathAndQuery, HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri,
+    Version,
+};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
@@ -537,22 +540,31 @@ fn prepare(req: Request<Body>, wire: Wire, upgrade: bool) -> Request<Body> {
 /// Removes connection-specific headers (RFC 9110 §7.6.1): they describe the client's
 /// connection to sluice, not sluice's connection to the upstream.
 fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
-    let named: Vec<String> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(|t| t.trim().to_ascii_lowercase())
-        .filter(|t| !t.is_empty() && !(keep_upgrade && t == "upgrade"))
-        .collect();
-    for name in named {
-        headers.remove(name.as_str());
+    static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+    static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+    if headers.contains_key(header::CONNECTION) {
+        let named: Vec<String> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(|t| t.trim().to_ascii_lowercase())
+            .filter(|t| !t.is_empty() && !(keep_upgrade && t == "upgrade") && t != "close" && t != "keep-alive")
+            .collect();
+        for name in named {
+            headers.remove(name.as_str());
+        }
+        if !keep_upgrade {
+            headers.remove(header::CONNECTION);
+        }
     }
-    for h in ["keep-alive", "proxy-connection", "transfer-encoding"] {
-        headers.remove(h);
+    // Static names: a lookup without parsing a name (this runs twice per request).
+    for h in [&KEEP_ALIVE, &PROXY_CONNECTION, &header::TRANSFER_ENCODING] {
+        if headers.contains_key(h) {
+            headers.remove(h);
+        }
     }
-    if !keep_upgrade {
-        headers.remove(header::CONNECTION);
+    if !keep_upgrade && headers.contains_key(header::UPGRADE) {
         headers.remove(header::UPGRADE);
     }
     // TE may only say "trailers" past a hop (gRPC needs exactly that).

@@ -69,7 +69,9 @@ pub async fn serve(client: TcpStream, prefix: Bytes, protocol: Protocol, ctx: Ar
     let mut draining = ctx.dp.draining.subscribe();
     let cfg = &ctx.dp.l7.cfg;
     let svc_ctx = ctx.clone();
-    let service = service_fn(move |req| proxy::handle(req, svc_ctx.clone()));
+    // Boxed: hyper's HTTP/2 server spawns a task per stream holding this future, and the
+    // proxy's request future is large (moving it cost more than the rest of a gRPC call).
+    let service = service_fn(move |req| Box::pin(proxy::handle(req, svc_ctx.clone())));
     let result = match protocol {
         Protocol::Http2 => {
             let conn = http2::Builder::new(TokioExecutor::new())

@@ -1,18 +1,964 @@
-//! Istio's standard metrics and sluice's own (to be implemented).
+//! Istio's standard metrics, as Istio's docs define them (names, labels, "unknown" where a
+//! value is not known, Envoy's default histogram buckets), kept per label set and encoded at
+//! scrape time by `admin::metrics_server` (`GET /metrics` on :15020), next to sluice's own.
+//!
+//! | metric | type | from |
+//! |---|---|---|
+//! | `istio_requests_total` | counter | every [`RequestRecord`] |
+//! | `istio_request_duration_milliseconds` | histogram | its duration |
+//! | `istio_request_bytes`, `istio_response_bytes` | histograms | its body sizes |
+//! | `istio_tcp_connections_opened_total`, `..._closed_total` | counters | [`ConnRecord`]s |
+//! | `istio_tcp_sent_bytes_total`, `istio_tcp_received_bytes_total` | counters | a closed connection's bytes |
+//!
+//! Labels, in Istio's order: `reporter`, `source_workload`, `source_canonical_service`,
+//! `source_canonical_revision`, `source_workload_namespace`, `source_principal`, `source_app`,
+//! `source_version`, `source_cluster`, `destination_workload`, `destination_workload_namespace`,
+//! `destination_principal`, `destination_app`, `destination_version`, `destination_service`,
+//! `destination_canonical_service`, `destination_canonical_revision`,
+//! `destination_service_name`, `destination_service_namespace`, `destination_cluster`,
+//! `request_protocol`, `response_code`, `grpc_response_status`, `response_flags`,
+//! `connection_security_policy`. TCP metrics carry `request_protocol="tcp"` and no
+//! `response_code` / `grpc_response_status`, as Istio's do. As in Istio's stats filter:
+//!
+//! - principals are set only when the hop was mutual TLS (the certificates' SPIFFE IDs),
+//!   otherwise "unknown";
+//! - `connection_security_policy` is "unknown" on the source reporter, "mutual_tls" or "none"
+//!   on the destination reporter;
+//! - an unknown peer (not a pod of the model) is `workload="unknown"`, `app="unknown"`,
+//!   `canonical_revision="latest"`, `cluster="unknown"`, with its namespace taken from its
+//!   principal when there is one; a known pod's cluster is [`CLUSTER_ID`];
+//! - `destination_service` is the Service host `name.namespace.svc.cluster.local`; without a
+//!   Service it is "unknown" on the source reporter (an external address) and the destination
+//!   workload's canonical service on the destination reporter;
+//! - `grpc_response_status` is the gRPC status number for gRPC, empty for plain HTTP;
+//!   `response_code` is "0" when no response was sent;
+//! - `response_flags` is "-" or sluice's reason (the `x-sluice-error` vocabulary, a small
+//!   fixed set).
+//!
+//! Cardinality is bounded by construction: no paths, addresses or pod names in any label.
+//!
+//! The data path builds no label set per request: a record is turned into a borrowed view of
+//! its labels (`&str`s into the record and the model's [`WorkloadInfo`]s), hashed once and
+//! looked up under a read lock; only the first request of a new label set allocates its owned
+//! key (`Arc<str>` values). Recording is then a few relaxed atomic additions (histograms are
+//! arrays of atomic bucket counters, not mutexes). Scrapes copy the series list under the read
+//! lock and encode outside it.
 
-use super::{ConnRecord, RequestRecord, TelemetryConfig};
+use std::{
+    cmp::Ordering as CmpOrdering,
+    fmt,
+    hash::{Hash, Hasher},
+    sync::{
+        atomic::{AtomicU64, Ordering::Relaxed},
+        Arc, PoisonError, RwLock,
+    },
+};
 
-#[derive(Default)]
-pub struct Metrics {}
+use hashbrown::{Equivalent, HashMap};
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeLabel, EncodeLabelSet, LabelSetEncoder, NoLabelSet},
+    metrics::MetricType,
+};
+
+use super::{ConnRecord, Peer, Reporter, RequestRecord, TelemetryConfig, WorkloadInfo};
+
+/// The cluster label of workloads sluice knows (Istio's default cluster id).
+pub const CLUSTER_ID: &str = "Kubernetes";
+/// The Kubernetes cluster domain of Service hosts (`name.namespace.svc.<domain>`).
+pub const CLUSTER_DOMAIN: &str = "cluster.local";
+const UNKNOWN: &str = "unknown";
+const LATEST: &str = "latest";
+
+/// Envoy's default histogram buckets, which Istio's standard histograms use: milliseconds for
+/// `istio_request_duration_milliseconds`, bytes for `istio_request_bytes` and
+/// `istio_response_bytes`.
+pub const BUCKETS: [f64; 19] = [
+    0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0, 60000.0,
+    300000.0, 600000.0, 1800000.0, 3600000.0,
+];
+const SLOTS: usize = BUCKETS.len() + 1;
+
+/// `connection_security_policy`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+enum Security {
+    Unknown,
+    MutualTls,
+    None,
+}
+
+impl Security {
+    fn as_str(self) -> &'static str {
+        match self {
+            Security::Unknown => "unknown",
+            Security::MutualTls => "mutual_tls",
+            Security::None => "none",
+        }
+    }
+}
+
+/// One side's labels, borrowed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+struct SideView<'a> {
+    workload: &'a str,
+    canonical_service: &'a str,
+    canonical_revision: &'a str,
+    namespace: &'a str,
+    principal: &'a str,
+    app: &'a str,
+    version: &'a str,
+    cluster: &'a str,
+}
+
+impl<'a> SideView<'a> {
+    fn of(peer: &Peer<'a>, mtls: bool) -> SideView<'a> {
+        let principal = match peer.principal {
+            Some(p) if mtls && !p.is_empty() => p,
+            _ => UNKNOWN,
+        };
+        match peer.workload {
+            Some(w) => SideView::known(w, principal),
+            None => SideView {
+                workload: UNKNOWN,
+                canonical_service: UNKNOWN,
+                canonical_revision: LATEST,
+                namespace: principal_namespace(principal).unwrap_or(UNKNOWN),
+                principal,
+                app: UNKNOWN,
+                version: UNKNOWN,
+                cluster: UNKNOWN,
+            },
+        }
+    }
+
+    fn known(w: &'a WorkloadInfo, principal: &'a str) -> SideView<'a> {
+        SideView {
+            workload: &w.workload,
+            canonical_service: &w.canonical_service,
+            canonical_revision: &w.canonical_revision,
+            namespace: &w.namespace,
+            principal,
+            app: &w.app,
+            version: &w.version,
+            cluster: CLUSTER_ID,
+        }
+    }
+}
+
+/// `<trust domain>/ns/<namespace>/sa/<account>` → the namespace (what Istio does for a peer
+/// it has no metadata about).
+fn principal_namespace(principal: &str) -> Option<&str> {
+    let rest = &principal[principal.find("/ns/")? + 4..];
+    let ns = rest.split('/').next()?;
+    (!ns.is_empty()).then_some(ns)
+}
+
+/// A label set, borrowed from a record: what the data path hashes and looks up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct LabelsView<'a> {
+    reporter: Reporter,
+    source: SideView<'a>,
+    destination: SideView<'a>,
+    service_name: &'a str,
+    service_namespace: &'a str,
+    /// `destination_service` is `name.namespace.svc.cluster.local` (else the name label).
+    service_fqdn: bool,
+    /// "http", "grpc" or "tcp".
+    protocol: &'a str,
+    /// HTTP status (0: none); unused for TCP.
+    response_code: u16,
+    /// gRPC status; `None`: empty label (plain HTTP, or a gRPC response without status).
+    grpc_status: Option<u16>,
+    response_flags: &'a str,
+    security: Security,
+}
+
+impl<'a> LabelsView<'a> {
+    fn common(
+        reporter: Reporter,
+        source: &Peer<'a>,
+        destination: &Peer<'a>,
+        service: Option<super::ServiceRef<'a>>,
+        mtls: bool,
+        protocol: &'a str,
+        response_flags: &'a str,
+    ) -> LabelsView<'a> {
+        let source = SideView::of(source, mtls);
+        let destination = SideView::of(destination, mtls);
+        let (service_name, service_namespace, service_fqdn) = match service {
+            Some(s) => (s.name, s.namespace, true),
+            // Istio's fallbacks: the server side names its own canonical service, the client
+            // side knows nothing (an external address), both give the destination's namespace.
+            None if reporter == Reporter::Destination => {
+                (destination.canonical_service, destination.namespace, false)
+            }
+            None => (UNKNOWN, destination.namespace, false),
+        };
+        let security = match (reporter, mtls) {
+            (Reporter::Source, _) => Security::Unknown,
+            (Reporter::Destination, true) => Security::MutualTls,
+            (Reporter::Destination, false) => Security::None,
+        };
+        LabelsView {
+            reporter,
+            source,
+            destination,
+            service_name,
+            service_namespace,
+            service_fqdn,
+            protocol,
+            response_code: 0,
+            grpc_status: None,
+            response_flags: if response_flags.is_empty() { "-" } else { response_flags },
+            security,
+        }
+    }
+
+    fn request(rec: &'a RequestRecord<'_>) -> LabelsView<'a> {
+        let mut v = LabelsView::common(
+            rec.reporter,
+            &rec.source,
+            &rec.destination,
+            rec.service,
+            rec.mtls,
+            rec.protocol,
+            rec.response_flags,
+        );
+        v.response_code = rec.status;
+        v.grpc_status = if rec.protocol == "grpc" { rec.grpc_status } else { None };
+        v
+    }
+
+    fn connection(rec: &'a ConnRecord<'_>) -> LabelsView<'a> {
+        LabelsView::common(
+            rec.reporter,
+            &rec.source,
+            &rec.destination,
+            rec.service,
+            rec.mtls,
+            "tcp",
+            rec.response_flags,
+        )
+    }
+
+    /// Orders series for a readable scrape (grouped by destination service, then source).
+    fn sort_key(self) -> impl Ord + 'a {
+        (
+            self.service_namespace,
+            self.service_name,
+            self.reporter == Reporter::Destination,
+            self.source,
+            self.destination,
+            self.protocol,
+            self.response_code,
+            self.grpc_status,
+            self.response_flags,
+            self.security,
+        )
+    }
+}
+
+/// One side's labels, owned.
+#[derive(Debug)]
+struct Side {
+    workload: Arc<str>,
+    canonical_service: Arc<str>,
+    canonical_revision: Arc<str>,
+    namespace: Arc<str>,
+    principal: Arc<str>,
+    app: Arc<str>,
+    version: Arc<str>,
+    cluster: Arc<str>,
+}
+
+impl Side {
+    fn own(v: &SideView<'_>) -> Side {
+        Side {
+            workload: v.workload.into(),
+            canonical_service: v.canonical_service.into(),
+            canonical_revision: v.canonical_revision.into(),
+            namespace: v.namespace.into(),
+            principal: v.principal.into(),
+            app: v.app.into(),
+            version: v.version.into(),
+            cluster: v.cluster.into(),
+        }
+    }
+
+    fn view(&self) -> SideView<'_> {
+        SideView {
+            workload: &self.workload,
+            canonical_service: &self.canonical_service,
+            canonical_revision: &self.canonical_revision,
+            namespace: &self.namespace,
+            principal: &self.principal,
+            app: &self.app,
+            version: &self.version,
+            cluster: &self.cluster,
+        }
+    }
+}
+
+/// A label set, owned: the key of one series. Hashes and compares as its view, so that a
+/// [`LabelsView`] finds it without being converted.
+#[derive(Debug)]
+struct Key {
+    reporter: Reporter,
+    source: Side,
+    destination: Side,
+    service_name: Arc<str>,
+    service_namespace: Arc<str>,
+    service_fqdn: bool,
+    /// `destination_service`, spelled out once.
+    service_host: Arc<str>,
+    protocol: Arc<str>,
+    response_code: u16,
+    grpc_status: Option<u16>,
+    response_flags: Arc<str>,
+    security: Security,
+}
+
+impl Key {
+    fn own(v: &LabelsView<'_>) -> Key {
+        let service_host: Arc<str> = if v.service_fqdn {
+            format!("{}.{}.svc.{CLUSTER_DOMAIN}", v.service_name, v.service_namespace).into()
+        } else {
+            v.service_name.into()
+        };
+        Key {
+            reporter: v.reporter,
+            source: Side::own(&v.source),
+            destination: Side::own(&v.destination),
+            service_name: v.service_name.into(),
+            service_namespace: v.service_namespace.into(),
+            service_fqdn: v.service_fqdn,
+            service_host,
+            protocol: v.protocol.into(),
+            response_code: v.response_code,
+            grpc_status: v.grpc_status,
+            response_flags: v.response_flags.into(),
+            security: v.security,
+        }
+    }
+
+    fn view(&self) -> LabelsView<'_> {
+        LabelsView {
+            reporter: self.reporter,
+            source: self.source.view(),
+            destination: self.destination.view(),
+            service_name: &self.service_name,
+            service_namespace: &self.service_namespace,
+            service_fqdn: self.service_fqdn,
+            protocol: &self.protocol,
+            response_code: self.response_code,
+            grpc_status: self.grpc_status,
+            response_flags: &self.response_flags,
+            security: self.security,
+        }
+    }
+}
+
+impl Hash for Key {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.view().hash(state)
+    }
+}
+
+impl PartialEq for Key {
+    fn eq(&self, other: &Key) -> bool {
+        self.view() == other.view()
+    }
+}
+
+impl Eq for Key {}
+
+impl Equivalent<Arc<Key>> for LabelsView<'_> {
+    fn equivalent(&self, key: &Arc<Key>) -> bool {
+        *self == key.view()
+    }
+}
+
+/// Small integers as label values, written at encode time.
+struct Code(u16);
+
+impl prometheus_client::encoding::EncodeLabelValue for Code {
+    fn encode(&self, encoder: &mut prometheus_client::encoding::LabelValueEncoder) -> fmt::Result {
+        fmt::Write::write_str(encoder, itoa(self.0, &mut [0u8; 5]))
+    }
+}
+
+fn itoa(mut n: u16, buf: &mut [u8; 5]) -> &str {
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    std::str::from_utf8(&buf[i..]).unwrap_or("0")
+}
+
+impl EncodeLabelSet for Key {
+    fn encode(&self, encoder: &mut LabelSetEncoder) -> fmt::Result {
+        let s = &self.source;
+        let d = &self.destination;
+        let strs: [(&str, &str); 20] = [
+            ("reporter", self.reporter.as_str()),
+            ("source_workload", &s.workload),
+            ("source_canonical_service", &s.canonical_service),
+            ("source_canonical_revision", &s.canonical_revision),
+            ("source_workload_namespace", &s.namespace),
+            ("source_principal", &s.principal),
+            ("source_app", &s.app),
+            ("source_version", &s.version),
+            ("source_cluster", &s.cluster),
+            ("destination_workload", &d.workload),
+            ("destination_workload_namespace", &d.namespace),
+            ("destination_principal", &d.principal),
+            ("destination_app", &d.app),
+            ("destination_version", &d.version),
+            ("destination_service", &self.service_host),
+            ("destination_canonical_service", &d.canonical_service),
+            ("destination_canonical_revision", &d.canonical_revision),
+            ("destination_service_name", &self.service_name),
+            ("destination_service_namespace", &self.service_namespace),
+            ("destination_cluster", &d.cluster),
+        ];
+        for label in strs {
+            label.encode(encoder.encode_label())?;
+        }
+        ("request_protocol", &*self.protocol).encode(encoder.encode_label())?;
+        if &*self.protocol != "tcp" {
+            ("response_code", Code(self.response_code)).encode(encoder.encode_label())?;
+            match self.grpc_status {
+                Some(c) => ("grpc_response_status", Code(c)).encode(encoder.encode_label())?,
+                None => ("grpc_response_status", "").encode(encoder.encode_label())?,
+            }
+        }
+        ("response_flags", &*self.response_flags).encode(encoder.encode_label())?;
+        ("connection_security_policy", self.security.as_str()).encode(encoder.encode_label())
+    }
+}
+
+/// A histogram over [`BUCKETS`]: one atomic counter per bucket and the sum, in `unit`s of the
+/// observed quantity (so that the sum stays an integer).
+#[derive(Debug)]
+struct Histogram {
+    counts: [AtomicU64; SLOTS],
+    sum: AtomicU64,
+}
+
+impl Default for Histogram {
+    fn default() -> Self {
+        Histogram { counts: [const { AtomicU64::new(0) }; SLOTS], sum: AtomicU64::new(0) }
+    }
+}
+
+/// What a scrape reads of a histogram: non-cumulative bucket counts (the last is +Inf), their
+/// total, and the sum.
+struct HistogramSnapshot {
+    buckets: [(f64, u64); SLOTS],
+    count: u64,
+    sum: u64,
+}
+
+impl Histogram {
+    /// Records `value` (compared with the bucket bounds) adding `sum_units` to the sum.
+    fn observe(&self, value: f64, sum_units: u64) {
+        let slot = BUCKETS.partition_point(|b| *b < value);
+        self.counts[slot].fetch_add(1, Relaxed);
+        self.sum.fetch_add(sum_units, Relaxed);
+    }
+
+    fn snapshot(&self) -> HistogramSnapshot {
+        let mut buckets = [(f64::INFINITY, 0u64); SLOTS];
+        let mut count = 0;
+        for (i, c) in self.counts.iter().enumerate() {
+            let n = c.load(Relaxed);
+            buckets[i] = (BUCKETS.get(i).copied().unwrap_or(f64::INFINITY), n);
+            count += n;
+        }
+        // `_count` is the buckets' total, so it always equals the +Inf bucket.
+        HistogramSnapshot { buckets, count, sum: self.sum.load(Relaxed) }
+    }
+}
+
+/// The series of one request label set. `istio_requests_total` is the duration histogram's
+/// count: the counter and the histogram can never disagree.
+#[derive(Debug, Default)]
+struct RequestSeries {
+    /// Sum in microseconds.
+    duration: Histogram,
+    request_bytes: Histogram,
+    response_bytes: Histogram,
+}
+
+#[derive(Debug, Default)]
+struct TcpSeries {
+    opened: AtomicU64,
+    closed: AtomicU64,
+    sent: AtomicU64,
+    received: AtomicU64,
+}
+
+/// Series by label set.
+#[derive(Debug)]
+struct Store<V> {
+    map: RwLock<HashMap<Arc<Key>, Arc<V>>>,
+}
+
+impl<V> Default for Store<V> {
+    fn default() -> Self {
+        Store { map: RwLock::new(HashMap::new()) }
+    }
+}
+
+impl<V: Default> Store<V> {
+    /// Runs `f` on the series of `labels`, creating it on first use.
+    fn with(&self, labels: &LabelsView<'_>, f: impl FnOnce(&V)) {
+        {
+            let map = self.map.read().unwrap_or_else(PoisonError::into_inner);
+            if let Some(series) = map.get(labels) {
+                f(series);
+                return;
+            }
+        }
+        let series = {
+            let mut map = self.map.write().unwrap_or_else(PoisonError::into_inner);
+            match map.get(labels) {
+                Some(s) => s.clone(),
+                None => {
+                    let s = Arc::new(V::default());
+                    map.insert(Arc::new(Key::own(labels)), s.clone());
+                    s
+                }
+            }
+        };
+        f(&series);
+    }
+
+    /// The series, copied out of the lock, in a stable order.
+    fn snapshot(&self) -> Vec<(Arc<Key>, Arc<V>)> {
+        let mut all: Vec<(Arc<Key>, Arc<V>)> = {
+            let map = self.map.read().unwrap_or_else(PoisonError::into_inner);
+            map.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+        };
+        all.sort_by(|a, b| cmp_keys(&a.0, &b.0));
+        all
+    }
+
+    fn len(&self) -> usize {
+        self.map.read().unwrap_or_else(PoisonError::into_inner).len()
+    }
+}
+
+fn cmp_keys(a: &Key, b: &Key) -> CmpOrdering {
+    a.view().sort_key().cmp(&b.view().sort_key())
+}
+
+/// Istio's standard metrics.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    requests: Store<RequestSeries>,
+    tcp: Store<TcpSeries>,
+}
 
 impl Metrics {
     pub fn new(_cfg: &TelemetryConfig) -> Metrics {
-        Metrics {}
+        Metrics::default()
     }
 
-    pub fn on_request(&self, _rec: &RequestRecord<'_>) {}
+    /// A request completed: counted, its duration and body sizes observed.
+    pub fn on_request(&self, rec: &RequestRecord<'_>) {
+        let labels = LabelsView::request(rec);
+        let ms = rec.duration.as_secs_f64() * 1e3;
+        let us = u64::try_from(rec.duration.as_micros()).unwrap_or(u64::MAX);
+        self.requests.with(&labels, |s| {
+            s.duration.observe(ms, us);
+            s.request_bytes.observe(rec.request_bytes as f64, rec.request_bytes);
+            s.response_bytes.observe(rec.response_bytes as f64, rec.response_bytes);
+        });
+    }
 
-    pub fn on_connection_opened(&self, _rec: &ConnRecord<'_>) {}
+    pub fn on_connection_opened(&self, rec: &ConnRecord<'_>) {
+        let labels = LabelsView::connection(rec);
+        self.tcp.with(&labels, |s| {
+            s.opened.fetch_add(1, Relaxed);
+        });
+    }
 
-    pub fn on_connection_closed(&self, _rec: &ConnRecord<'_>) {}
+    /// A connection closed: counted, with its bytes (reported once, at close).
+    pub fn on_connection_closed(&self, rec: &ConnRecord<'_>) {
+        let labels = LabelsView::connection(rec);
+        self.tcp.with(&labels, |s| {
+            s.closed.fetch_add(1, Relaxed);
+            s.sent.fetch_add(rec.sent, Relaxed);
+            s.received.fetch_add(rec.received, Relaxed);
+        });
+    }
+
+    /// Number of series kept (request label sets, TCP label sets).
+    pub fn series(&self) -> (usize, usize) {
+        (self.requests.len(), self.tcp.len())
+    }
+
+    /// Writes every Istio metric family (OpenMetrics, through prometheus-client's encoder).
+    pub fn encode_families(&self, encoder: &mut DescriptorEncoder) -> fmt::Result {
+        let requests: Vec<_> = self
+            .requests
+            .snapshot()
+            .into_iter()
+            .map(|(k, s)| (k, s.duration.snapshot(), s.request_bytes.snapshot(), s.response_bytes.snapshot()))
+            .collect();
+        {
+            let mut family = encoder.encode_descriptor(
+                "istio_requests",
+                "Requests handled by the proxy (reporter=source at the client's node, destination at the server's).",
+                None,
+                MetricType::Counter,
+            )?;
+            for (key, duration, _, _) in &requests {
+                family
+                    .encode_family(key.as_ref())?
+                    .encode_counter::<NoLabelSet, u64, u64>(&duration.count, None)?;
+            }
+        }
+        let histograms: [(&str, &str, fn(&HistogramSnapshot) -> f64, usize); 3] = [
+            (
+                "istio_request_duration_milliseconds",
+                "Duration of requests, in milliseconds.",
+                |h| h.sum as f64 / 1e3,
+                1,
+            ),
+            ("istio_request_bytes", "HTTP request body sizes, in bytes.", |h| h.sum as f64, 2),
+            ("istio_response_bytes", "HTTP response body sizes, in bytes.", |h| h.sum as f64, 3),
+        ];
+        for (name, help, sum, which) in histograms {
+            let mut family = encoder.encode_descriptor(name, help, None, MetricType::Histogram)?;
+            for (key, d, req, resp) in &requests {
+                let h = match which {
+                    1 => d,
+                    2 => req,
+                    _ => resp,
+                };
+                family.encode_family(key.as_ref())?.encode_histogram::<NoLabelSet>(
+                    sum(h),
+                    h.count,
+                    &h.buckets,
+                    None,
+                )?;
+            }
+        }
+
+        let tcp = self.tcp.snapshot();
+        let counters: [(&str, &str, fn(&TcpSeries) -> &AtomicU64); 4] = [
+            ("istio_tcp_connections_opened", "TCP connections opened.", |s| &s.opened),
+            ("istio_tcp_connections_closed", "TCP connections closed.", |s| &s.closed),
+            (
+                "istio_tcp_sent_bytes",
+                "Bytes sent to the client (server to client) on TCP connections, counted when they close.",
+                |s| &s.sent,
+            ),
+            (
+                "istio_tcp_received_bytes",
+                "Bytes received from the client (client to server) on TCP connections, counted when they close.",
+                |s| &s.received,
+            ),
+        ];
+        for (name, help, value) in counters {
+            let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for (key, series) in &tcp {
+                let v = value(series).load(Relaxed);
+                family.encode_family(key.as_ref())?.encode_counter::<NoLabelSet, u64, u64>(&v, None)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Collector for Metrics {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> fmt::Result {
+        self.encode_families(&mut encoder)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        net::SocketAddr,
+        time::{Duration, SystemTime},
+    };
+
+    use http::Method;
+    use prometheus_client::{encoding::text::encode, registry::Registry};
+
+    use super::*;
+    use crate::telemetry::ServiceRef;
+
+    fn workload(ns: &str, name: &str, app: &str) -> WorkloadInfo {
+        WorkloadInfo {
+            namespace: ns.into(),
+            workload: name.into(),
+            pod: format!("{name}-abc").into(),
+            app: app.into(),
+            version: "v1".into(),
+            canonical_service: app.into(),
+            canonical_revision: "v1".into(),
+            service_account: "default".into(),
+        }
+    }
+
+    struct Req<'a> {
+        reporter: Reporter,
+        status: u16,
+        grpc: Option<u16>,
+        mtls: bool,
+        service: Option<ServiceRef<'a>>,
+        dst: Option<&'a WorkloadInfo>,
+        ms: u64,
+    }
+
+    fn record(m: &Metrics, src: &WorkloadInfo, r: Req<'_>) {
+        let method = Method::GET;
+        let addr: SocketAddr = "10.0.0.1:1234".parse().unwrap();
+        let rec = RequestRecord {
+            reporter: r.reporter,
+            start: SystemTime::now(),
+            duration: Duration::from_millis(r.ms),
+            source: Peer {
+                workload: Some(src),
+                principal: Some("spiffe://cluster.local/ns/shop/sa/client"),
+                addr: Some(addr),
+            },
+            destination: Peer {
+                workload: r.dst,
+                principal: r.dst.map(|_| "spiffe://cluster.local/ns/shop/sa/web"),
+                addr: Some(addr),
+            },
+            service: r.service,
+            protocol: if r.grpc.is_some() { "grpc" } else { "http" },
+            method: &method,
+            authority: "web",
+            path: "/x?y=z",
+            status: r.status,
+            grpc_status: r.grpc,
+            response_flags: "-",
+            request_bytes: 10,
+            response_bytes: 700,
+            upstream: Some(addr),
+            mtls: r.mtls,
+            trace_id: None,
+            request_id: None,
+            access_log: false,
+        };
+        m.on_request(&rec);
+    }
+
+    fn scrape(m: Metrics) -> String {
+        let mut registry = Registry::default();
+        registry.register_collector(Box::new(m));
+        let mut out = String::new();
+        encode(&mut out, &registry).unwrap();
+        out
+    }
+
+    #[test]
+    fn requests_are_counted_per_label_set_with_istio_labels() {
+        let m = Metrics::default();
+        let client = workload("shop", "client", "client");
+        let web = workload("shop", "web", "web");
+        let svc = Some(ServiceRef { namespace: "shop", name: "web" });
+        for i in 0..5 {
+            record(
+                &m,
+                &client,
+                Req {
+                    reporter: Reporter::Source,
+                    status: 200,
+                    grpc: None,
+                    mtls: true,
+                    service: svc,
+                    dst: Some(&web),
+                    ms: i,
+                },
+            );
+        }
+        record(
+            &m,
+            &client,
+            Req {
+                reporter: Reporter::Source,
+                status: 503,
+                grpc: None,
+                mtls: true,
+                service: svc,
+                dst: Some(&web),
+                ms: 3,
+            },
+        );
+        record(
+            &m,
+            &client,
+            Req {
+                reporter: Reporter::Destination,
+                status: 200,
+                grpc: Some(14),
+                mtls: true,
+                service: svc,
+                dst: Some(&web),
+                ms: 3,
+            },
+        );
+        // An external destination: no service, no workload, plaintext.
+        record(
+            &m,
+            &client,
+            Req {
+                reporter: Reporter::Source,
+                status: 200,
+                grpc: None,
+                mtls: false,
+                service: None,
+                dst: None,
+                ms: 3000,
+            },
+        );
+        assert_eq!(m.series(), (4, 0));
+        let text = scrape(m);
+        let line = |needle: &[&str]| -> Vec<String> {
+            text.lines().filter(|l| needle.iter().all(|n| l.contains(n))).map(str::to_string).collect()
+        };
+        let ok = line(&[
+            "istio_requests_total{",
+            "response_code=\"200\"",
+            "reporter=\"source\"",
+            "destination_service=\"web.shop.svc.cluster.local\"",
+        ]);
+        assert_eq!(ok.len(), 1, "{text}");
+        assert!(ok[0].ends_with(" 5"), "{}", ok[0]);
+        for l in [
+            "source_workload=\"client\"",
+            "source_principal=\"spiffe://cluster.local/ns/shop/sa/client\"",
+            "destination_principal=\"spiffe://cluster.local/ns/shop/sa/web\"",
+            "source_cluster=\"Kubernetes\"",
+            "destination_service_name=\"web\"",
+            "destination_service_namespace=\"shop\"",
+            "request_protocol=\"http\"",
+            "grpc_response_status=\"\"",
+            "connection_security_policy=\"unknown\"",
+            "response_flags=\"-\"",
+        ] {
+            assert!(ok[0].contains(l), "{l} missing in {}", ok[0]);
+        }
+        let grpc = line(&["istio_requests_total{", "reporter=\"destination\""]);
+        assert!(
+            grpc[0].contains("grpc_response_status=\"14\"") && grpc[0].contains("request_protocol=\"grpc\"")
+        );
+        assert!(grpc[0].contains("connection_security_policy=\"mutual_tls\""), "{}", grpc[0]);
+        let ext = line(&["istio_requests_total{", "destination_service=\"unknown\""]);
+        assert_eq!(ext.len(), 1, "{text}");
+        for l in [
+            "destination_workload=\"unknown\"",
+            "source_principal=\"unknown\"",
+            "destination_canonical_revision=\"latest\"",
+            "destination_cluster=\"unknown\"",
+        ] {
+            assert!(ext[0].contains(l), "{l} missing in {}", ext[0]);
+        }
+        // Histograms: the count equals the counter, buckets are cumulative, sums are right.
+        let count = line(&[
+            "istio_request_duration_milliseconds_count{",
+            "response_code=\"200\"",
+            "reporter=\"source\"",
+            "web.shop",
+        ]);
+        assert!(count[0].ends_with(" 5"), "{count:?}");
+        let sum = line(&[
+            "istio_request_duration_milliseconds_sum{",
+            "response_code=\"200\"",
+            "reporter=\"source\"",
+            "web.shop",
+        ]);
+        assert!(sum[0].ends_with(" 10.0"), "{sum:?}"); // 0+1+2+3+4 ms
+        let le1 = line(&[
+            "istio_request_duration_milliseconds_bucket{",
+            "response_code=\"200\"",
+            "reporter=\"source\"",
+            "web.shop",
+            "le=\"1.0\"",
+        ]);
+        assert!(le1[0].ends_with(" 2"), "{le1:?}"); // 0 and 1 ms
+        let inf = line(&["istio_response_bytes_bucket{", "le=\"+Inf\"", "response_code=\"503\""]);
+        assert!(inf[0].ends_with(" 1"), "{inf:?}");
+        assert!(text.ends_with("# EOF\n"));
+        assert!(!text.contains("/x?y=z") && !text.contains("10.0.0.1"), "no paths or addresses in labels");
+    }
+
+    #[test]
+    fn tcp_connections_carry_bytes_and_no_http_labels() {
+        let m = Metrics::default();
+        let client = workload("shop", "client", "client");
+        let echo = workload("shop", "echo", "echo");
+        let rec = |reporter, sent, received| ConnRecord {
+            reporter,
+            start: SystemTime::now(),
+            duration: Duration::from_millis(5),
+            source: Peer {
+                workload: Some(&client),
+                principal: Some("spiffe://cluster.local/ns/shop/sa/client"),
+                addr: None,
+            },
+            destination: Peer {
+                workload: Some(&echo),
+                principal: Some("spiffe://cluster.local/ns/shop/sa/echo"),
+                addr: None,
+            },
+            service: Some(ServiceRef { namespace: "shop", name: "echo" }),
+            sent,
+            received,
+            mtls: true,
+            response_flags: "-",
+            access_log: false,
+        };
+        m.on_connection_opened(&rec(Reporter::Destination, 0, 0));
+        m.on_connection_closed(&rec(Reporter::Destination, 300, 100));
+        m.on_connection_opened(&rec(Reporter::Destination, 0, 0));
+        m.on_connection_closed(&rec(Reporter::Destination, 30, 10));
+        let text = scrape(m);
+        let sent: Vec<&str> = text.lines().filter(|l| l.starts_with("istio_tcp_sent_bytes_total{")).collect();
+        assert_eq!(sent.len(), 1, "{text}");
+        assert!(sent[0].ends_with(" 330") && sent[0].contains("request_protocol=\"tcp\""), "{}", sent[0]);
+        assert!(
+            !sent[0].contains("response_code") && !sent[0].contains("grpc_response_status"),
+            "{}",
+            sent[0]
+        );
+        assert!(sent[0].contains("connection_security_policy=\"mutual_tls\""));
+        assert!(text
+            .lines()
+            .any(|l| l.starts_with("istio_tcp_received_bytes_total{") && l.ends_with(" 110")));
+        assert!(text
+            .lines()
+            .any(|l| l.starts_with("istio_tcp_connections_opened_total{") && l.ends_with(" 2")));
+        assert!(text
+            .lines()
+            .any(|l| l.starts_with("istio_tcp_connections_closed_total{") && l.ends_with(" 2")));
+    }
+
+    #[test]
+    fn helpers() {
+        assert_eq!(principal_namespace("spiffe://cluster.local/ns/shop/sa/web"), Some("shop"));
+        assert_eq!(principal_namespace("unknown"), None);
+        assert_eq!(itoa(0, &mut [0; 5]), "0");
+        assert_eq!(itoa(503, &mut [0; 5]), "503");
+        assert_eq!(itoa(u16::MAX, &mut [0; 5]), "65535");
+        let h = Histogram::default();
+        for v in [0.0, 0.5, 0.6, 1e9] {
+            h.observe(v, 1);
+        }
+        let s = h.snapshot();
+        assert_eq!((s.buckets[0].1, s.buckets[1].1, s.buckets[SLOTS - 1].1, s.count, s.sum), (2, 1, 1, 4, 4));
+    }
 }

@@ -55,7 +55,8 @@ impl Reporter {
 pub struct Peer<'a> {
     /// The pod's workload; `None` outside the mesh's knowledge (an external address).
     pub workload: Option<&'a WorkloadInfo>,
-    /// SPIFFE ID without `spiffe://` when known (Istio's principal form).
+    /// The SPIFFE ID (`spiffe://<trust domain>/ns/<ns>/sa/<sa>`, as Istio's principal labels
+    /// write it) when known.
     pub principal: Option<&'a str>,
     pub addr: Option<SocketAddr>,
 }

@@ -7,13 +7,18 @@
 //!
 //! The workloads of the L7 tests live in modules next to this file: `raw` (exact bytes out,
 //! everything back), `ws` (WebSocket echo), `tls` (TLS echo with a self-signed certificate),
-//! `banner` (a server-first protocol).
+//! `banner` (a server-first protocol), `load` (concurrent or fixed-rate HTTP/1.1 requests with
+//! a tally by status and by sluice's error headers). The HTTP server can fail on purpose
+//! (`--fail-percent`, `--fail-file`) for the resilience tests, and `tls` also has an HTTPS
+//! variant of it (`https-server`).
 
 use std::{
     collections::BTreeMap,
     io::{self, BufRead, BufReader, Read, Write},
     net::{Shutdown, SocketAddr, TcpListener, TcpStream},
+    path::PathBuf,
     process::ExitCode,
+    sync::{Arc, Mutex},
     thread,
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
@@ -25,6 +30,8 @@ use sha2::{Digest, Sha256};
 // This file is the crate root, so its modules are found next to it unless told otherwise.
 #[path = "simpod/banner.rs"]
 mod banner;
+#[path = "simpod/load.rs"]
+mod load;
 #[path = "simpod/raw.rs"]
 mod raw;
 #[path = "simpod/tls.rs"]
@@ -50,16 +57,14 @@ enum Cmd {
     },
     /// HTTP/1.1 keep-alive server answering every request with JSON describing it.
     /// Query parameters: `status=NNN` sets the response status, `delay_ms=N` delays the answer.
+    /// Prints one `{"event":"request"}` line per request, with the status it answered.
     HttpServer {
         #[arg(long)]
         port: u16,
-        #[arg(long)]
-        name: String,
         #[arg(long, default_value = "0.0.0.0")]
         bind: String,
-        /// Delay every response by N ms (a consistently slow backend), before any `delay_ms`.
-        #[arg(long, default_value_t = 0)]
-        delay_ms: u64,
+        #[command(flatten)]
+        behaviour: HttpBehaviourArgs,
     },
     /// Connect, send N pattern bytes, half-close, read to EOF; print hashes of both directions.
     TcpClient {
@@ -118,6 +123,12 @@ enum Cmd {
     TlsEchoServer(tls::ServerArgs),
     /// TLS client: trust only --ca, send N pattern bytes, close_notify, read the echo to EOF.
     TlsClient(tls::ClientArgs),
+    /// HTTPS (HTTP/1.1 over TLS) version of http-server, with a fresh self-signed certificate
+    /// (PEM written to --cert-out); its answers also say the SNI it saw.
+    HttpsServer(tls::HttpsServerArgs),
+    /// HTTP/1.1 load: N requests over C keep-alive connections (closed loop), or a fixed rate
+    /// for a duration (open loop); a summary tallied by status and by sluice's error headers.
+    HttpLoad(load::Args),
     /// Server-first protocol: writes `BANNER\r\n` on accept, then echoes lines until EOF.
     BannerServer(banner::ServerArgs),
     /// Reads the banner without sending first, then sends `QUIT\r\n` and reads its echo.
@@ -148,9 +159,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let ok = match cli.cmd {
         Cmd::EchoServer { port, bind } => serve(&bind, port, echo_conn),
-        Cmd::HttpServer { port, name, bind, delay_ms } => {
-            let delay = Duration::from_millis(delay_ms);
-            serve(&bind, port, move |s| http_conn(s, &name, delay))
+        Cmd::HttpServer { port, bind, behaviour } => {
+            let behaviour = Arc::new(HttpBehaviour::new(behaviour));
+            serve(&bind, port, move |s| http_conn(s, &behaviour))
         }
         Cmd::TcpClient { to, send_bytes, timeout_ms } => {
             tcp_client(to, send_bytes, Duration::from_millis(timeout_ms))
@@ -165,6 +176,8 @@ fn main() -> ExitCode {
         Cmd::WsClient(a) => ws::client(a),
         Cmd::TlsEchoServer(a) => tls::server(a),
         Cmd::TlsClient(a) => tls::client(a),
+        Cmd::HttpsServer(a) => tls::https_server(a),
+        Cmd::HttpLoad(a) => load::run(a),
         Cmd::BannerServer(a) => banner::server(a),
         Cmd::BannerClient(a) => banner::client(a),
     };
@@ -342,17 +355,101 @@ fn reason(status: u16) -> &'static str {
     }
 }
 
-fn http_conn(s: TcpStream, name: &str, delay: Duration) {
+/// How the HTTP servers (http-server, https-server) answer.
+#[derive(clap::Args)]
+struct HttpBehaviourArgs {
+    #[arg(long)]
+    name: String,
+    /// Delay every response by N ms (a consistently slow backend), before any `delay_ms`.
+    #[arg(long, default_value_t = 0)]
+    delay_ms: u64,
+    /// Answer this share of the requests (percent, 0-100) with --fail-status instead, chosen
+    /// at random from a sequence seeded by --fail-seed (the same decisions in every run).
+    #[arg(long, default_value_t = 0.0)]
+    fail_percent: f64,
+    #[arg(long, default_value_t = 503)]
+    fail_status: u16,
+    #[arg(long, default_value_t = 1)]
+    fail_seed: u64,
+    /// While this file exists, answer every request with the status written in it (e.g. 500):
+    /// a test flips the backend to failing and back by writing and removing the file.
+    #[arg(long)]
+    fail_file: Option<PathBuf>,
+}
+
+struct HttpBehaviour {
+    name: String,
+    delay: Duration,
+    fail_percent: f64,
+    fail_status: u16,
+    fail_file: Option<PathBuf>,
+    /// xorshift64* state of the --fail-percent decisions.
+    rng: Mutex<u64>,
+}
+
+impl HttpBehaviour {
+    fn new(a: HttpBehaviourArgs) -> HttpBehaviour {
+        HttpBehaviour {
+            name: a.name,
+            delay: Duration::from_millis(a.delay_ms),
+            fail_percent: a.fail_percent.clamp(0.0, 100.0),
+            fail_status: a.fail_status,
+            fail_file: a.fail_file,
+            // A zero state would stay zero.
+            rng: Mutex::new(a.fail_seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1),
+        }
+    }
+
+    /// Uniform in [0, 100).
+    fn roll(&self) -> f64 {
+        let mut x = self.rng.lock().unwrap_or_else(|p| p.into_inner());
+        *x ^= *x >> 12;
+        *x ^= *x << 25;
+        *x ^= *x >> 27;
+        let v = x.wrapping_mul(0x2545_F491_4F6C_DD1D);
+        (v >> 11) as f64 / (1u64 << 53) as f64 * 100.0
+    }
+
+    /// The status to answer and why it is not 200 (`None`: the request's own choice).
+    fn status(&self, req: &Request) -> (u16, Option<&'static str>) {
+        if let Some(path) = &self.fail_file {
+            if let Ok(text) = std::fs::read_to_string(path) {
+                return (text.trim().parse().unwrap_or(500), Some("fail-file"));
+            }
+        }
+        if self.fail_percent > 0.0 && self.roll() < self.fail_percent {
+            return (self.fail_status, Some("fail-percent"));
+        }
+        (req.query("status").and_then(|v| v.parse::<u16>().ok()).unwrap_or(200), None)
+    }
+}
+
+fn http_conn(s: TcpStream, behaviour: &HttpBehaviour) {
     let peer = addr_str(s.peer_addr());
-    let Ok(mut w) = s.try_clone() else { return };
     let mut r = BufReader::new(s);
+    if http_exchanges(&mut r, &peer, behaviour, &Map::new()) {
+        let _ = r.get_ref().shutdown(Shutdown::Write);
+    }
+}
+
+/// Serves HTTP/1.1 requests on one connection (plain or TLS) until the client's EOF, an error,
+/// or a request that asked to close; `extra` goes into every request event and answer (e.g. the
+/// SNI of a TLS connection). Returns true when the server should finish its direction (the
+/// request asked to close).
+fn http_exchanges<S: Read + Write>(
+    r: &mut BufReader<S>,
+    peer: &Value,
+    srv: &HttpBehaviour,
+    extra: &Map<String, Value>,
+) -> bool {
+    let name = srv.name.as_str();
     loop {
-        let (start, headers) = match read_head(&mut r) {
+        let (start, headers) = match read_head(r) {
             Ok(Some(h)) => h,
-            Ok(None) => return,
+            Ok(None) => return false,
             Err(e) => {
                 emit(json!({"event": "request_error", "peer": peer, "error": err_str(&e)}));
-                return;
+                return false;
             }
         };
         let mut parts = start.split_whitespace();
@@ -364,15 +461,18 @@ fn http_conn(s: TcpStream, name: &str, delay: Duration) {
         };
         // curl and others wait (about a second) for this before sending a large body.
         if req.header("expect").is_some_and(|v| v.eq_ignore_ascii_case("100-continue"))
-            && w.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").is_err()
+            && r.get_mut()
+                .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
+                .and_then(|_| r.get_mut().flush())
+                .is_err()
         {
-            return;
+            return false;
         }
-        let body = match read_body(&mut r, &req.headers, false) {
+        let body = match read_body(r, &req.headers, false) {
             Ok(b) => b,
             Err(e) => {
                 emit(json!({"event": "request_error", "peer": peer, "error": err_str(&e)}));
-                return;
+                return false;
             }
         };
         let query = req.target.split_once('?').map(|(_, q)| q).unwrap_or("");
@@ -386,8 +486,10 @@ fn http_conn(s: TcpStream, name: &str, delay: Duration) {
             };
             hdrs.insert(k, json!(merged));
         }
-        emit(json!({
+        let (status, failed) = srv.status(&req);
+        let mut event = json!({
             "event": "request",
+            "ts_ms": now_ms() as u64,
             "peer": peer,
             "method": req.method,
             "path": req.target,
@@ -397,16 +499,21 @@ fn http_conn(s: TcpStream, name: &str, delay: Duration) {
             "raw_headers": req.headers,
             "body_bytes": body.len(),
             "body_sha256": body_sha256,
-        }));
-        if !delay.is_zero() {
-            thread::sleep(delay);
+            "status": status,
+            "failed": failed,
+        });
+        for (k, v) in extra {
+            event[k] = v.clone();
+        }
+        emit(event);
+        if !srv.delay.is_zero() {
+            thread::sleep(srv.delay);
         }
         if let Some(ms) = req.query("delay_ms").and_then(|v| v.parse::<u64>().ok()) {
             // A deliberately slow backend (for timeout tests), not a readiness wait.
             thread::sleep(Duration::from_millis(ms));
         }
-        let status = req.query("status").and_then(|v| v.parse::<u16>().ok()).unwrap_or(200);
-        let resp_body = json!({
+        let mut resp_body = json!({
             "name": name,
             "peer": peer,
             "method": req.method,
@@ -415,8 +522,11 @@ fn http_conn(s: TcpStream, name: &str, delay: Duration) {
             "headers": hdrs,
             "body_bytes": body.len(),
             "body_sha256": body_sha256,
-        })
-        .to_string();
+        });
+        for (k, v) in extra {
+            resp_body[k] = v.clone();
+        }
+        let resp_body = resp_body.to_string();
         let keep = req.keep_alive();
         let head = format!(
             "HTTP/1.1 {status} {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nx-simpod-name: {name}\r\n{}\r\n",
@@ -428,12 +538,11 @@ fn http_conn(s: TcpStream, name: &str, delay: Duration) {
         // stall on the peer's delayed ACK (40 ms) once a connection is long-lived.
         let mut response = head.into_bytes();
         response.extend_from_slice(resp_body.as_bytes());
-        if w.write_all(&response).is_err() {
-            return;
+        if r.get_mut().write_all(&response).and_then(|_| r.get_mut().flush()).is_err() {
+            return false;
         }
         if !keep {
-            let _ = w.shutdown(Shutdown::Write);
-            return;
+            return true;
         }
     }
 }

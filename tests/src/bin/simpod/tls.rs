@@ -1,8 +1,9 @@
-//! TLS echo server (self-signed certificate made at start) and client (rustls, ring provider).
+//! TLS echo server (self-signed certificate made at start) and client (rustls, ring provider),
+//! and an HTTPS server (simpod's HTTP server behind TLS, for TLS origination tests).
 
 use std::{
     fs,
-    io::{self, Read, Write},
+    io::{self, BufReader, Read, Write},
     net::{IpAddr, Shutdown, SocketAddr, TcpStream},
     os::fd::AsRawFd,
     path::{Path, PathBuf},
@@ -18,7 +19,7 @@ use rustls::{
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
-use crate::{addr_str, emit, err_str, hex, serve, Pattern};
+use crate::{addr_str, emit, err_str, hex, http_exchanges, serve, HttpBehaviour, HttpBehaviourArgs, Pattern};
 
 /// The certificate's DNS name; clients use it as --server-name.
 const DEFAULT_NAME: &str = "tls-backend.test";
@@ -39,6 +40,22 @@ pub struct ServerArgs {
     /// ALPN protocols to offer, comma-separated (e.g. h2,http/1.1); none by default.
     #[arg(long, value_delimiter = ',')]
     alpn: Vec<String>,
+}
+
+#[derive(clap::Args)]
+pub struct HttpsServerArgs {
+    #[arg(long)]
+    port: u16,
+    #[arg(long, default_value = "0.0.0.0")]
+    bind: String,
+    /// Where to write the certificate (PEM) for clients to trust; written before listening.
+    #[arg(long)]
+    cert_out: PathBuf,
+    /// Extra subject alternative names (DNS names or IPs; repeatable), as for tls-echo-server.
+    #[arg(long = "san")]
+    sans: Vec<String>,
+    #[command(flatten)]
+    behaviour: HttpBehaviourArgs,
 }
 
 #[derive(clap::Args)]
@@ -94,23 +111,31 @@ fn alpn_list(v: &[String]) -> Vec<Vec<u8>> {
 }
 
 fn server_config(a: &ServerArgs) -> Result<(Arc<ServerConfig>, Vec<String>), String> {
+    make_server_config(&a.cert_out, &a.sans, &a.alpn)
+}
+
+fn make_server_config(
+    cert_out: &Path,
+    extra_sans: &[String],
+    alpn: &[String],
+) -> Result<(Arc<ServerConfig>, Vec<String>), String> {
     let mut sans = vec![DEFAULT_NAME.to_string()];
     sans.extend(local_ips().iter().map(|ip| ip.to_string()));
-    sans.extend(a.sans.iter().cloned());
+    sans.extend(extra_sans.iter().cloned());
     sans.dedup();
     let mut params = rcgen::CertificateParams::new(sans.clone()).map_err(|e| e.to_string())?;
     params.distinguished_name = rcgen::DistinguishedName::new();
     params.distinguished_name.push(rcgen::DnType::CommonName, DEFAULT_NAME);
     let key = rcgen::KeyPair::generate().map_err(|e| e.to_string())?;
     let cert = params.self_signed(&key).map_err(|e| e.to_string())?;
-    write_atomic(&a.cert_out, &cert.pem())
-        .map_err(|e| format!("writing {}: {}", a.cert_out.display(), err_str(&e)))?;
+    write_atomic(cert_out, &cert.pem())
+        .map_err(|e| format!("writing {}: {}", cert_out.display(), err_str(&e)))?;
     let key = PrivateKeyDer::Pkcs8(key.serialize_der().into());
     let mut config = ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .and_then(|b| b.with_no_client_auth().with_single_cert(vec![cert.der().clone()], key))
         .map_err(|e| e.to_string())?;
-    config.alpn_protocols = alpn_list(&a.alpn);
+    config.alpn_protocols = alpn_list(alpn);
     Ok((Arc::new(config), sans))
 }
 
@@ -124,6 +149,54 @@ pub fn server(a: ServerArgs) -> bool {
     };
     emit(json!({"event": "certificate", "path": a.cert_out.display().to_string(), "sans": sans}));
     serve(&a.bind, a.port, move |s| tls_conn(s, config.clone()))
+}
+
+pub fn https_server(a: HttpsServerArgs) -> bool {
+    let (config, sans) = match make_server_config(&a.cert_out, &a.sans, &[]) {
+        Ok(c) => c,
+        Err(e) => {
+            emit(json!({"event": "error", "stage": "certificate", "error": e}));
+            return false;
+        }
+    };
+    emit(json!({"event": "certificate", "path": a.cert_out.display().to_string(), "sans": sans}));
+    let behaviour = Arc::new(HttpBehaviour::new(a.behaviour));
+    serve(&a.bind, a.port, move |s| https_conn(s, config.clone(), &behaviour))
+}
+
+/// One HTTPS connection: the handshake (a failure is printed as `tls_error`, e.g. a client that
+/// does not trust the certificate), then HTTP/1.1 requests answered as http-server does, each
+/// answer and request event also carrying the SNI the client sent.
+fn https_conn(s: TcpStream, config: Arc<ServerConfig>, behaviour: &HttpBehaviour) {
+    let peer = addr_str(s.peer_addr());
+    let _ = s.set_read_timeout(Some(Duration::from_secs(30)));
+    let conn = match ServerConnection::new(config) {
+        Ok(c) => c,
+        Err(e) => {
+            emit(json!({"event": "tls_error", "peer": peer, "stage": "setup", "error": e.to_string()}));
+            return;
+        }
+    };
+    let mut tls = StreamOwned::new(conn, s);
+    while tls.conn.is_handshaking() {
+        if let Err(e) = tls.conn.complete_io(&mut tls.sock) {
+            emit(json!({"event": "tls_error", "peer": peer, "stage": "handshake", "error": err_str(&e)}));
+            return;
+        }
+    }
+    let (version, _, alpn) = version_and_cipher(&tls.conn);
+    let sni = tls.conn.server_name().map(str::to_owned);
+    emit(json!({"event": "tls_accepted", "peer": peer, "sni": sni, "version": version, "alpn": alpn}));
+    let mut extra = serde_json::Map::new();
+    extra.insert("tls".into(), json!(true));
+    extra.insert("sni".into(), json!(sni));
+    extra.insert("tls_version".into(), version);
+    let mut r = BufReader::new(tls);
+    http_exchanges(&mut r, &peer, behaviour, &extra);
+    let tls = r.get_mut();
+    tls.conn.send_close_notify();
+    let _ = tls.flush();
+    let _ = tls.sock.shutdown(Shutdown::Write);
 }
 
 fn version_and_cipher(c: &rustls::CommonState) -> (Value, Value, Value) {

@@ -1,0 +1,669 @@
+//! Metrics for Prometheus: `GET /metrics` on `--metrics-addr` (`0.0.0.0:15020`, Istio's
+//! metrics port) in the node's network namespace, OpenMetrics text. It serves Istio's standard
+//! metrics ([`crate::telemetry::metrics`], recorded by the data path) and sluice's own
+//! (`sluice_*`), which are read at scrape time from what the node already keeps: kernel
+//! counters, enrolled pods, eBPF map occupancy, certificates, upstream pools, the admin
+//! counters. It runs on the admin runtime thread, next to the admin API, away from the data
+//! path; a scrape takes the series lists' read locks only long enough to copy them.
+//!
+//! Upgrades: as the readiness endpoint (see `health.rs`), both processes bind the port with
+//! `SO_REUSEPORT` while they overlap, and the old one closes its listener as soon as a newer
+//! process has taken over the node, and in any case when it starts draining: from then on
+//! Prometheus scrapes the newest process (its counters restart from zero, which `rate()`
+//! treats as a counter reset).
+
+use std::{
+    convert::Infallible,
+    fmt,
+    net::SocketAddr,
+    os::fd::{AsFd, AsRawFd},
+    path::{Path, PathBuf},
+    sync::{atomic::Ordering, Arc, Mutex, PoisonError},
+    time::Duration,
+};
+
+use anyhow::{Context, Result};
+use bytes::Bytes;
+use futures_util::FutureExt;
+use http_body_util::Full;
+use hyper::{
+    body::Incoming, server::conn::http1, service::service_fn, Method, Request, Response, StatusCode,
+};
+use hyper_util::rt::TokioIo;
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, NoLabelSet},
+    metrics::MetricType,
+    registry::Registry,
+};
+use tokio::{net::TcpListener, sync::watch};
+use tracing::{debug, info, warn};
+
+use super::server::AdminState;
+
+/// The scrape path.
+pub const METRICS_PATH: &str = "/metrics";
+/// OpenMetrics 1.0 text, what Prometheus asks for first.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// How often the listener checks whether a newer sluice process took over the node.
+const SUCCESSOR_CHECK_EVERY: Duration = Duration::from_millis(250);
+
+/// The eBPF maps whose occupancy is reported (all hashes; the arrays are always full).
+const MAPS: [&str; 5] = [
+    sluice_common::names::MAP_ENROLLED,
+    sluice_common::names::MAP_ORIG_BY_COOKIE,
+    sluice_common::names::MAP_ORIG_BY_TUPLE,
+    sluice_common::names::MAP_INBOUND,
+    sluice_common::names::MAP_DELIVERING,
+];
+
+/// Binds `addr` with `SO_REUSEPORT` (an upgraded sluice binds it while this one still runs).
+pub fn bind(addr: SocketAddr) -> Result<std::net::TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))
+        .context("creating the metrics socket")?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into()).with_context(|| format!("binding {addr}"))?;
+    socket.listen(128).with_context(|| format!("listening on {addr}"))?;
+    Ok(socket.into())
+}
+
+/// Everything a scrape encodes: Istio's metrics and sluice's own.
+pub struct Scrape {
+    registry: Registry,
+}
+
+impl Scrape {
+    /// `bpffs` and `node` locate the node's pinned maps.
+    pub fn new(admin: Arc<AdminState>, bpffs: &Path, node: &str) -> Scrape {
+        let mut registry = Registry::default();
+        registry.register_collector(Box::new(IstioMetrics(admin.clone())));
+        let maps_dir = crate::redirect::pin_dir(bpffs, node)
+            .join(format!("maps-v{}", sluice_common::MAP_LAYOUT_VERSION));
+        registry.register_collector(Box::new(SluiceMetrics { admin, maps: BpfMaps::new(maps_dir) }));
+        Scrape { registry }
+    }
+
+    /// The OpenMetrics text of one scrape.
+    pub fn render(&self) -> String {
+        let mut out = String::with_capacity(64 * 1024);
+        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
+            // Only a collector's own error can get here; the text so far is still useful.
+            warn!(error = %e, "encoding metrics failed");
+        }
+        out
+    }
+}
+
+/// Serves `GET /metrics` on `listener` until `closed` says so (the daemon closes readiness when
+/// it starts draining; metrics follow), the sender is dropped, or `superseded()` turns true (a
+/// newer sluice process took over the node); then closes the listener.
+pub async fn serve(
+    listener: std::net::TcpListener,
+    scrape: Arc<Scrape>,
+    superseded: Arc<dyn Fn() -> bool + Send + Sync>,
+    mut closed: watch::Receiver<Option<&'static str>>,
+) {
+    let addr = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
+    let listener = match TcpListener::from_std(listener) {
+        Ok(l) => l,
+        Err(e) => {
+            warn!(%addr, error = %e, "metrics endpoint not served");
+            return;
+        }
+    };
+    let mut check = tokio::time::interval(SUCCESSOR_CHECK_EVERY);
+    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let why = loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => spawn_conn(stream, scrape.clone()),
+                Err(e) => {
+                    warn!(error = %e, "metrics accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            changed = closed.changed() => match changed {
+                Ok(()) => match *closed.borrow() {
+                    Some(why) => break why,
+                    None => continue,
+                },
+                Err(_) => break "stopping",
+            },
+            _ = check.tick() => {
+                if superseded() {
+                    break "a newer sluice process took over the node";
+                }
+            }
+        }
+    };
+    // Answer the scrapes already queued on this listener rather than resetting them.
+    while let Some(Ok((stream, _))) = listener.accept().now_or_never() {
+        spawn_conn(stream, scrape.clone());
+    }
+    drop(listener);
+    info!(%addr, reason = why, "metrics listener closed; scrapes now reach the newest sluice of the node, if any");
+}
+
+fn spawn_conn(stream: tokio::net::TcpStream, scrape: Arc<Scrape>) {
+    let _ = stream.set_nodelay(true);
+    tokio::spawn(async move {
+        let svc = service_fn(move |req: Request<Incoming>| {
+            let scrape = scrape.clone();
+            async move { Ok::<_, Infallible>(answer(req.method(), req.uri().path(), &scrape)) }
+        });
+        if let Err(e) = http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await {
+            debug!(error = %e, "metrics connection ended with an error");
+        }
+    });
+}
+
+fn answer(method: &Method, path: &str, scrape: &Scrape) -> Response<Full<Bytes>> {
+    let (status, content_type, body) = match (method, path) {
+        (&Method::GET, METRICS_PATH) => (StatusCode::OK, CONTENT_TYPE, scrape.render()),
+        (&Method::HEAD, METRICS_PATH) => (StatusCode::OK, CONTENT_TYPE, String::new()),
+        (_, METRICS_PATH) => (StatusCode::METHOD_NOT_ALLOWED, "text/plain", "only GET\n".to_string()),
+        (_, other) => {
+            (StatusCode::NOT_FOUND, "text/plain", format!("no such endpoint {other}; try {METRICS_PATH}\n"))
+        }
+    };
+    Response::builder()
+        .status(status)
+        .header("content-type", content_type)
+        .header("x-sluice-pid", std::process::id().to_string())
+        .body(Full::new(Bytes::from(body)))
+        .expect("static response parts are valid")
+}
+
+/// Istio's standard metrics, as the data path recorded them.
+struct IstioMetrics(Arc<AdminState>);
+
+impl fmt::Debug for IstioMetrics {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("IstioMetrics")
+    }
+}
+
+impl Collector for IstioMetrics {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> fmt::Result {
+        self.0.data.telemetry.metrics.encode_families(&mut encoder)
+    }
+}
+
+/// sluice's own metrics, read at scrape time.
+struct SluiceMetrics {
+    admin: Arc<AdminState>,
+    maps: BpfMaps,
+}
+
+impl fmt::Debug for SluiceMetrics {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("SluiceMetrics")
+    }
+}
+
+fn counter(encoder: &mut DescriptorEncoder, name: &str, help: &str, value: u64) -> fmt::Result {
+    encoder
+        .encode_descriptor(name, help, None, MetricType::Counter)?
+        .encode_counter::<NoLabelSet, u64, u64>(&value, None)
+}
+
+fn gauge<V: prometheus_client::encoding::EncodeGaugeValue>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    value: V,
+) -> fmt::Result {
+    encoder.encode_descriptor(name, help, None, MetricType::Gauge)?.encode_gauge(&value)
+}
+
+/// A family with one label: `(label value, value)` rows.
+fn labelled<
+    V: prometheus_client::encoding::EncodeGaugeValue + prometheus_client::encoding::EncodeCounterValue,
+>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    metric_type: MetricType,
+    label: &str,
+    rows: &[(&str, V)],
+) -> fmt::Result {
+    let mut family = encoder.encode_descriptor(name, help, None, metric_type)?;
+    for (value_label, value) in rows {
+        let labels = [(label, *value_label)];
+        let mut m = family.encode_family(&labels)?;
+        match metric_type {
+            MetricType::Counter => m.encode_counter::<NoLabelSet, V, u64>(value, None)?,
+            _ => m.encode_gauge(value)?,
+        }
+    }
+    Ok(())
+}
+
+impl Collector for SluiceMetrics {
+    fn encode(&self, mut e: DescriptorEncoder) -> fmt::Result {
+        let admin = &self.admin;
+        let dp = &admin.data;
+        let relaxed = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+
+        {
+            let mut family =
+                e.encode_descriptor("sluice_build", "The running sluice.", None, MetricType::Info)?;
+            family.encode_info(&[("version", env!("CARGO_PKG_VERSION"))])?;
+        }
+        gauge(
+            &mut e,
+            "sluice_ready",
+            "1 while sluice is ready (its model enforced, the node's pods enrolled).",
+            u64::from(admin.ready.load(Ordering::Acquire)),
+        )?;
+        gauge(
+            &mut e,
+            "sluice_uptime_seconds",
+            "Seconds since this sluice process started.",
+            admin.started.elapsed().as_secs_f64(),
+        )?;
+
+        // Kernel: redirect counters (per-CPU, summed) and map occupancy.
+        let kernel = admin.redirector.counters();
+        let rows: Vec<(&str, u64)> = kernel.iter().map(|(k, v)| (*k, *v)).collect();
+        labelled(
+            &mut e,
+            "sluice_kernel_events",
+            "Events counted by the eBPF programs (summed over CPUs).",
+            MetricType::Counter,
+            "event",
+            &rows,
+        )?;
+        let maps = self.maps.occupancy();
+        let entries: Vec<(&str, u64)> = maps.iter().map(|m| (m.name, m.entries)).collect();
+        let capacity: Vec<(&str, u64)> = maps.iter().map(|m| (m.name, m.capacity)).collect();
+        labelled(
+            &mut e,
+            "sluice_bpf_map_entries",
+            "Entries in the node's pinned eBPF hash maps (counted at scrape time).",
+            MetricType::Gauge,
+            "map",
+            &entries,
+        )?;
+        labelled(
+            &mut e,
+            "sluice_bpf_map_capacity",
+            "Maximum entries of the node's pinned eBPF hash maps.",
+            MetricType::Gauge,
+            "map",
+            &capacity,
+        )?;
+
+        // Pods and connections.
+        let enrolled = admin.pods.read().unwrap_or_else(PoisonError::into_inner).len();
+        gauge(
+            &mut e,
+            "sluice_enrolled_pods",
+            "Pods of this node whose connections sluice captures.",
+            enrolled as u64,
+        )?;
+        gauge(
+            &mut e,
+            "sluice_connections_open",
+            "Connections open through sluice (both directions).",
+            admin.conns.open_count() as u64,
+        )?;
+
+        // Certificates.
+        let certs = admin.certs.certs();
+        {
+            let mut family = e.encode_descriptor(
+                "sluice_certificate_expiry_timestamp_seconds",
+                "When each workload certificate held by this node expires (Unix time).",
+                None,
+                MetricType::Gauge,
+            )?;
+            for c in &certs {
+                let identity = c.identity.to_string();
+                let labels = [("identity", identity.as_str())];
+                family.encode_family(&labels)?.encode_gauge(&rfc3339_unix(&c.not_after).unwrap_or(0))?;
+            }
+        }
+        {
+            let mut family = e.encode_descriptor(
+                "sluice_certificate_renewal_failures",
+                "Consecutive failed renewals of each workload certificate (0 after a success).",
+                None,
+                MetricType::Gauge,
+            )?;
+            for c in &certs {
+                let identity = c.identity.to_string();
+                let labels = [("identity", identity.as_str())];
+                family.encode_family(&labels)?.encode_gauge(&u64::from(c.renewal_failures))?;
+            }
+        }
+
+        // Upstream pools.
+        let (idle_h1, h2) = dp.l7.upstreams.sizes();
+        labelled(
+            &mut e,
+            "sluice_upstream_connections",
+            "Upstream connections held: idle pooled HTTP/1.1, HTTP/2, pooled HBONE tunnels.",
+            MetricType::Gauge,
+            "kind",
+            &[("http1_idle", idle_h1 as u64), ("http2", h2 as u64), ("hbone", dp.pool.len() as u64)],
+        )?;
+
+        // Telemetry itself.
+        counter(
+            &mut e,
+            "sluice_access_log_dropped",
+            "Access log records dropped because the writer's queue was full.",
+            dp.telemetry.access_log.dropped(),
+        )?;
+        let (req_series, tcp_series) = dp.telemetry.metrics.series();
+        labelled(
+            &mut e,
+            "sluice_metric_series",
+            "Label sets kept for Istio's metrics (request metrics, TCP metrics).",
+            MetricType::Gauge,
+            "kind",
+            &[("requests", req_series as u64), ("tcp", tcp_series as u64)],
+        )?;
+
+        // The admin API's counters (`sluice status`), as counters.
+        let l7 = &dp.l7.counters;
+        labelled(
+            &mut e,
+            "sluice_connections_detected",
+            "Outbound connections by the protocol detection found.",
+            MetricType::Counter,
+            "protocol",
+            &[
+                ("http1", relaxed(&l7.detected_http1)),
+                ("http2", relaxed(&l7.detected_http2)),
+                ("opaque", relaxed(&l7.detected_opaque)),
+            ],
+        )?;
+        let inbound = &admin.inbound.counters;
+        let tunnel = &admin.inbound.tunnel_stats;
+        let up = &dp.l7.upstreams.counters;
+        let lc = &dp.l7.limit_counters;
+        let overflow: u64 =
+            dp.l7.breakers.snapshot().iter().map(|(_, _, b)| b.overflows.load(Ordering::Relaxed)).sum();
+        let counters: [(&str, &str, u64); 28] = [
+            (
+                "sluice_http_requests",
+                "HTTP requests received from enrolled pods (outbound).",
+                relaxed(&l7.requests),
+            ),
+            (
+                "sluice_http_local_replies",
+                "Responses sluice made itself (no route, no endpoint, upstream failure, timeout, ...).",
+                relaxed(&l7.local_replies),
+            ),
+            (
+                "sluice_http_upgrades",
+                "HTTP upgrades (WebSocket) and CONNECT passed through.",
+                relaxed(&l7.upgrades),
+            ),
+            ("sluice_http_retries", "Requests sent again (retries).", relaxed(&lc.retries)),
+            (
+                "sluice_http_retry_budget_exhausted",
+                "Retries not made because the retry budget was spent.",
+                relaxed(&lc.retry_budget_exhausted),
+            ),
+            ("sluice_http_overflow", "Requests refused by a circuit breaker (503 overflow).", overflow),
+            (
+                "sluice_http_rate_limited",
+                "Requests refused by a local rate limit (429).",
+                relaxed(&lc.rate_limited),
+            ),
+            (
+                "sluice_http_faults_delayed",
+                "Requests delayed by fault injection.",
+                relaxed(&lc.faults_delayed),
+            ),
+            (
+                "sluice_http_faults_aborted",
+                "Requests aborted by fault injection.",
+                relaxed(&lc.faults_aborted),
+            ),
+            ("sluice_http_mirrored", "Requests mirrored.", relaxed(&l7.mirrored)),
+            (
+                "sluice_http_mirror_skipped",
+                "Mirror copies not sent (body over the limit).",
+                relaxed(&l7.mirror_skipped),
+            ),
+            ("sluice_http_mirror_failed", "Mirror copies that failed.", relaxed(&l7.mirror_failed)),
+            (
+                "sluice_egress_refused",
+                "Connections and requests refused by a REGISTRY_ONLY outbound policy.",
+                relaxed(&l7.egress_refused),
+            ),
+            (
+                "sluice_pod_overflow",
+                "Connections or requests refused by a per-pod limit.",
+                relaxed(&lc.pod_overflow),
+            ),
+            (
+                "sluice_pod_accept_paused",
+                "Times a pod's listener was paused by its connection rate limit.",
+                relaxed(&lc.pod_accept_paused),
+            ),
+            ("sluice_upstream_connects", "Upstream connections opened.", relaxed(&up.connects)),
+            (
+                "sluice_upstream_connect_errors",
+                "Upstream connections that failed to open.",
+                relaxed(&up.connect_errors),
+            ),
+            ("sluice_upstream_reused", "Requests sent on a pooled upstream connection.", relaxed(&up.reused)),
+            (
+                "sluice_upstream_retried_on_fresh_connection",
+                "Requests sent again on a fresh connection after a pooled one closed under them.",
+                relaxed(&up.retried_on_fresh_connection),
+            ),
+            (
+                "sluice_upstream_tls_originated",
+                "Upstream TLS connections originated to external services.",
+                relaxed(&up.tls_originated),
+            ),
+            (
+                "sluice_hbone_fallback_plaintext",
+                "Connections sent plaintext because the destination had no tunnel endpoint.",
+                relaxed(&dp.tunnel_fallbacks),
+            ),
+            (
+                "sluice_hbone_streams_in",
+                "HBONE streams received for this node's pods.",
+                relaxed(&inbound.tunnel_streams),
+            ),
+            (
+                "sluice_hbone_handshakes_failed",
+                "Inbound mTLS handshakes that failed.",
+                relaxed(&tunnel.handshakes_failed),
+            ),
+            (
+                "sluice_hbone_streams_rejected",
+                "Inbound HBONE streams rejected before delivery.",
+                relaxed(&tunnel.streams_rejected),
+            ),
+            (
+                "sluice_plaintext_accepted",
+                "Plaintext connections accepted for this node's pods (PERMISSIVE).",
+                relaxed(&inbound.plaintext_accepted),
+            ),
+            (
+                "sluice_plaintext_refused_strict",
+                "Plaintext connections refused because the namespace is STRICT.",
+                relaxed(&inbound.plaintext_refused_strict),
+            ),
+            (
+                "sluice_policy_denied",
+                "Connections denied by an authorization policy.",
+                relaxed(&inbound.policy_denied),
+            ),
+            (
+                "sluice_delivery_failed",
+                "Connections that could not be delivered to the application.",
+                relaxed(&inbound.delivery_failed),
+            ),
+        ];
+        for (name, help, value) in counters {
+            counter(&mut e, name, help, value)?;
+        }
+        Ok(())
+    }
+}
+
+/// The node's pinned eBPF maps, opened on first use (they are created by whichever sluice
+/// process of the node came first and outlive it).
+struct BpfMaps {
+    dir: PathBuf,
+    open: Mutex<Vec<(&'static str, aya::maps::MapData, u32, u32)>>,
+}
+
+struct MapOccupancy {
+    name: &'static str,
+    entries: u64,
+    capacity: u64,
+}
+
+impl BpfMaps {
+    fn new(dir: PathBuf) -> BpfMaps {
+        BpfMaps { dir, open: Mutex::new(Vec::new()) }
+    }
+
+    fn occupancy(&self) -> Vec<MapOccupancy> {
+        let mut open = self.open.lock().unwrap_or_else(PoisonError::into_inner);
+        for name in MAPS {
+            if open.iter().any(|(n, ..)| *n == name) {
+                continue;
+            }
+            let path = self.dir.join(name);
+            match aya::maps::MapData::from_pin(&path).and_then(|m| m.info().map(|i| (m, i))) {
+                Ok((map, info)) => open.push((name, map, info.key_size(), info.max_entries())),
+                Err(e) => debug!(path = %path.display(), error = %e, "eBPF map not counted"),
+            }
+        }
+        open.iter()
+            .map(|(name, map, key_size, max)| MapOccupancy {
+                name,
+                entries: count_keys(map.fd().as_fd().as_raw_fd(), *key_size as usize, *max),
+                capacity: u64::from(*max),
+            })
+            .collect()
+    }
+}
+
+/// Counts a hash map's keys with `BPF_MAP_GET_NEXT_KEY`, at most `max` (a key deleted under
+/// the walk makes the kernel start over, so a busy map could otherwise be walked for ever).
+fn count_keys(fd: std::os::fd::RawFd, key_size: usize, max: u32) -> u64 {
+    const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
+    #[repr(C)]
+    struct Attr {
+        map_fd: u32,
+        _pad: u32,
+        key: u64,
+        next_key: u64,
+        flags: u64,
+    }
+    let mut cur = vec![0u8; key_size.max(1)];
+    let mut next = vec![0u8; key_size.max(1)];
+    let mut n: u64 = 0;
+    while n < u64::from(max) {
+        let attr = Attr {
+            map_fd: fd as u32,
+            _pad: 0,
+            key: if n == 0 { 0 } else { cur.as_ptr() as u64 },
+            next_key: next.as_mut_ptr() as u64,
+            flags: 0,
+        };
+        // SAFETY: key and next_key point at buffers of the map's key size that outlive the call.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_GET_NEXT_KEY,
+                &attr as *const Attr,
+                std::mem::size_of::<Attr>() as u32,
+            )
+        };
+        if rc != 0 {
+            break; // ENOENT: past the last key
+        }
+        n += 1;
+        std::mem::swap(&mut cur, &mut next);
+    }
+    n
+}
+
+/// `YYYY-MM-DDTHH:MM:SS[.frac]Z` (how certificate times are shown) → Unix seconds.
+fn rfc3339_unix(s: &str) -> Option<i64> {
+    let b = s.as_bytes();
+    let num = |r: std::ops::Range<usize>| -> Option<i64> { s.get(r)?.parse().ok() };
+    if b.len() < 20
+        || b[4] != b'-'
+        || b[7] != b'-'
+        || b[10] != b'T'
+        || b[13] != b':'
+        || b[16] != b':'
+        || !s.ends_with('Z')
+    {
+        return None;
+    }
+    let month = time::Month::try_from(u8::try_from(num(5..7)?).ok()?).ok()?;
+    let date = time::Date::from_calendar_date(
+        i32::try_from(num(0..4)?).ok()?,
+        month,
+        u8::try_from(num(8..10)?).ok()?,
+    )
+    .ok()?;
+    let time = time::Time::from_hms(
+        u8::try_from(num(11..13)?).ok()?,
+        u8::try_from(num(14..16)?).ok()?,
+        u8::try_from(num(17..19)?).ok()?,
+    )
+    .ok()?;
+    Some(time::PrimitiveDateTime::new(date, time).assume_utc().unix_timestamp())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn certificate_times_parse() {
+        assert_eq!(rfc3339_unix("1970-01-01T00:00:00Z"), Some(0));
+        assert_eq!(rfc3339_unix("2026-11-30T16:03:13Z"), Some(1_796_054_593));
+        assert_eq!(rfc3339_unix("2026-11-30T16:03:13.5Z"), Some(1_796_054_593));
+        assert_eq!(rfc3339_unix("garbage"), None);
+        assert_eq!(rfc3339_unix("2026-13-30T16:03:13Z"), None);
+    }
+
+    #[tokio::test]
+    async fn serves_shares_the_port_and_closes() {
+        // No AdminState here: the HTTP side is checked with an empty registry.
+        let scrape = Arc::new(Scrape { registry: Registry::default() });
+        let first = bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = first.local_addr().unwrap();
+        drop(bind(addr).expect("SO_REUSEPORT lets a successor bind the port"));
+        let (close, closed) = watch::channel(None);
+        let server = tokio::spawn(serve(first, scrape, Arc::new(|| false), closed));
+        let out = get(addr, METRICS_PATH).await.unwrap();
+        assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+        assert!(out.contains(CONTENT_TYPE) && out.ends_with("# EOF\n"), "{out}");
+        assert!(get(addr, "/other").await.unwrap().starts_with("HTTP/1.1 404"));
+        close.send_replace(Some("draining"));
+        tokio::time::timeout(Duration::from_secs(5), server).await.expect("closes").unwrap();
+        assert!(get(addr, METRICS_PATH).await.is_err(), "the listener must be closed");
+    }
+
+    async fn get(addr: SocketAddr, path: &str) -> std::io::Result<String> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(addr).await?;
+        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+            .await?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).await?;
+        Ok(out)
+    }
+}
