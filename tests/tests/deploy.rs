@@ -195,6 +195,20 @@ fn daemonset_is_least_privilege_and_runs_everywhere() -> Result<()> {
         "sluice must serve readiness where the probe asks: {:?}",
         c["args"]
     );
+    // Metrics: Prometheus scrapes port 15020 of the node, named by annotations (a declared
+    // port would be a hostPort, see above); sluice serves there (--metrics-addr).
+    let annotations = &ds["spec"]["template"]["metadata"]["annotations"];
+    ensure!(
+        annotations["prometheus.io/scrape"] == "true"
+            && annotations["prometheus.io/port"] == "15020"
+            && annotations["prometheus.io/path"] == "/metrics",
+        "prometheus.io annotations for :15020/metrics: {annotations:?}"
+    );
+    ensure!(
+        strings(&c["args"]).iter().any(|a| a == "--metrics-addr=0.0.0.0:15020"),
+        "sluice must serve metrics where the annotations say: {:?}",
+        c["args"]
+    );
     // minReadySeconds must span at least one probe after the first success (see the DaemonSet).
     let period = c["readinessProbe"]["periodSeconds"].as_u64().unwrap_or(10);
     ensure!(
@@ -244,6 +258,85 @@ fn daemonset_is_least_privilege_and_runs_everywhere() -> Result<()> {
         "admin socket dir on the host"
     );
     ensure!(host_path("/etc/sluice/ca").is_some_and(|(s, _)| s == "sluice-ca"), "mesh root from the Secret");
+    Ok(())
+}
+
+/// The Grafana dashboard (a ConfigMap for Grafana's dashboard sidecar) is valid dashboard JSON
+/// whose data source is a variable, and its queries use only metrics sluice serves.
+#[test]
+fn dashboard_queries_metrics_sluice_serves() -> Result<()> {
+    let cm = one_of_kind(&deploy_dir().join("dashboards/sluice.yaml"), "ConfigMap")?;
+    ensure!(cm["metadata"]["labels"]["grafana_dashboard"] == "1", "label for Grafana's sidecar");
+    let text = cm["data"]["sluice.json"].as_str().context("data.sluice.json")?;
+    let dash: serde_json::Value = serde_json::from_str(text).context("the dashboard is not JSON")?;
+    let vars = dash["templating"]["list"].as_array().context("templating.list")?;
+    ensure!(
+        vars.iter().any(|v| v["name"] == "datasource" && v["type"] == "datasource" && v["query"] == "prometheus"),
+        "a Prometheus data source variable: {vars:?}"
+    );
+    // What sluice serves on :15020 (telemetry/metrics.rs, admin/metrics_server.rs).
+    let mut served: BTreeSet<String> = BTreeSet::new();
+    for c in ["istio_requests_total", "istio_tcp_sent_bytes_total", "istio_tcp_received_bytes_total"] {
+        served.insert(c.into());
+    }
+    for c in ["istio_tcp_connections_opened_total", "istio_tcp_connections_closed_total"] {
+        served.insert(c.into());
+    }
+    for h in ["istio_request_duration_milliseconds", "istio_request_bytes", "istio_response_bytes"] {
+        for suffix in ["_bucket", "_count", "_sum"] {
+            served.insert(format!("{h}{suffix}"));
+        }
+    }
+    for m in [
+        "sluice_kernel_events_total",
+        "sluice_enrolled_pods",
+        "sluice_bpf_map_entries",
+        "sluice_bpf_map_capacity",
+        "sluice_certificate_expiry_timestamp_seconds",
+        "sluice_upstream_connections",
+        "sluice_access_log_dropped_total",
+        "sluice_http_local_replies_total",
+        "sluice_http_retries_total",
+        "sluice_http_overflow_total",
+        "sluice_http_rate_limited_total",
+        "sluice_egress_refused_total",
+        "sluice_policy_denied_total",
+        "sluice_connections_open",
+        "sluice_ready",
+    ] {
+        served.insert(m.into());
+    }
+    let mut exprs: Vec<String> = Vec::new();
+    for p in dash["panels"].as_array().context("panels")? {
+        for t in p["targets"].as_array().into_iter().flatten() {
+            ensure!(t["datasource"]["uid"] == "${datasource}", "panel {:?} must use the data source variable", p["title"]);
+            exprs.push(t["expr"].as_str().context("expr")?.to_string());
+        }
+    }
+    for v in vars.iter().filter(|v| v["type"] == "query") {
+        exprs.push(v["definition"].as_str().unwrap_or_default().to_string());
+    }
+    ensure!(exprs.len() >= 20, "expected the dashboard's queries, found {}", exprs.len());
+    let mut used = BTreeSet::new();
+    for e in &exprs {
+        let b = e.as_bytes();
+        for (i, _) in e.match_indices(['i', 's']) {
+            let rest = &e[i..];
+            if !(rest.starts_with("istio_") || rest.starts_with("sluice_")) {
+                continue;
+            }
+            if i > 0 && (b[i - 1].is_ascii_alphanumeric() || b[i - 1] == b'_') {
+                continue;
+            }
+            let name: String = rest.chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect();
+            used.insert(name);
+        }
+    }
+    let unknown: Vec<&String> = used.iter().filter(|m| !served.contains(*m)).collect();
+    ensure!(unknown.is_empty(), "the dashboard queries metrics sluice does not serve: {unknown:?}");
+    for want in ["istio_requests_total", "istio_request_duration_milliseconds_bucket", "istio_tcp_sent_bytes_total", "sluice_kernel_events_total", "sluice_certificate_expiry_timestamp_seconds"] {
+        ensure!(used.contains(want), "the dashboard should chart {want}");
+    }
     Ok(())
 }
 

@@ -4,7 +4,9 @@
 //! (`sluice_*`), which are read at scrape time from what the node already keeps: kernel
 //! counters, enrolled pods, eBPF map occupancy, certificates, upstream pools, the admin
 //! counters. It runs on the admin runtime thread, next to the admin API, away from the data
-//! path; a scrape takes the series lists' read locks only long enough to copy them.
+//! path; the text is encoded on that runtime's blocking pool (one scrape at a time), so that
+//! the heartbeat never waits for a large scrape, and a scrape takes the series lists' read
+//! locks only long enough to copy them.
 //!
 //! Upgrades: as the readiness endpoint (see `health.rs`), both processes bind the port with
 //! `SO_REUSEPORT` while they overlap, and the old one closes its listener as soon as a newer
@@ -74,9 +76,15 @@ pub fn bind(addr: SocketAddr) -> Result<std::net::TcpListener> {
 /// Everything a scrape encodes: Istio's metrics and sluice's own.
 pub struct Scrape {
     registry: Registry,
+    /// One scrape at a time: a large scrape's text is built in memory.
+    gate: tokio::sync::Semaphore,
 }
 
 impl Scrape {
+    fn with(registry: Registry) -> Scrape {
+        Scrape { registry, gate: tokio::sync::Semaphore::new(1) }
+    }
+
     /// `bpffs` and `node` locate the node's pinned maps.
     pub fn new(admin: Arc<AdminState>, bpffs: &Path, node: &str) -> Scrape {
         let mut registry = Registry::default();
@@ -84,7 +92,7 @@ impl Scrape {
         let maps_dir = crate::redirect::pin_dir(bpffs, node)
             .join(format!("maps-v{}", sluice_common::MAP_LAYOUT_VERSION));
         registry.register_collector(Box::new(SluiceMetrics { admin, maps: BpfMaps::new(maps_dir) }));
-        Scrape { registry }
+        Scrape::with(registry)
     }
 
     /// The OpenMetrics text of one scrape.
@@ -153,7 +161,20 @@ fn spawn_conn(stream: tokio::net::TcpStream, scrape: Arc<Scrape>) {
     tokio::spawn(async move {
         let svc = service_fn(move |req: Request<Incoming>| {
             let scrape = scrape.clone();
-            async move { Ok::<_, Infallible>(answer(req.method(), req.uri().path(), &scrape)) }
+            async move {
+                if req.method() != Method::GET || req.uri().path() != METRICS_PATH {
+                    return Ok::<_, Infallible>(answer(req.method(), req.uri().path(), None));
+                }
+                // Encoding is synchronous and grows with the number of series: it runs on the
+                // blocking pool, so that the heartbeat and the admin API on this runtime never
+                // wait for it.
+                let _turn = scrape.gate.acquire().await;
+                let text = {
+                    let scrape = scrape.clone();
+                    tokio::task::spawn_blocking(move || scrape.render()).await.ok()
+                };
+                Ok(answer(req.method(), req.uri().path(), text))
+            }
         });
         if let Err(e) = http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await {
             debug!(error = %e, "metrics connection ended with an error");
@@ -161,9 +182,15 @@ fn spawn_conn(stream: tokio::net::TcpStream, scrape: Arc<Scrape>) {
     });
 }
 
-fn answer(method: &Method, path: &str, scrape: &Scrape) -> Response<Full<Bytes>> {
+/// The response to one request; `text` is the scrape for `GET /metrics`.
+fn answer(method: &Method, path: &str, text: Option<String>) -> Response<Full<Bytes>> {
     let (status, content_type, body) = match (method, path) {
-        (&Method::GET, METRICS_PATH) => (StatusCode::OK, CONTENT_TYPE, scrape.render()),
+        (&Method::GET, METRICS_PATH) => match text {
+            Some(text) => (StatusCode::OK, CONTENT_TYPE, text),
+            None => {
+                (StatusCode::INTERNAL_SERVER_ERROR, "text/plain", "encoding the metrics failed\n".to_string())
+            }
+        },
         (&Method::HEAD, METRICS_PATH) => (StatusCode::OK, CONTENT_TYPE, String::new()),
         (_, METRICS_PATH) => (StatusCode::METHOD_NOT_ALLOWED, "text/plain", "only GET\n".to_string()),
         (_, other) => {
@@ -642,7 +669,7 @@ mod tests {
     #[tokio::test]
     async fn serves_shares_the_port_and_closes() {
         // No AdminState here: the HTTP side is checked with an empty registry.
-        let scrape = Arc::new(Scrape { registry: Registry::default() });
+        let scrape = Arc::new(Scrape::with(Registry::default()));
         let first = bind("127.0.0.1:0".parse().unwrap()).unwrap();
         let addr = first.local_addr().unwrap();
         drop(bind(addr).expect("SO_REUSEPORT lets a successor bind the port"));

@@ -495,6 +495,9 @@ struct RequestSeries {
     response_bytes: Histogram,
 }
 
+/// One counter of a [`TcpSeries`].
+type TcpField = fn(&TcpSeries) -> &AtomicU64;
+
 #[derive(Debug, Default)]
 struct TcpSeries {
     opened: AtomicU64,
@@ -625,26 +628,18 @@ impl Metrics {
                     .encode_counter::<NoLabelSet, u64, u64>(&duration.count, None)?;
             }
         }
-        let histograms: [(&str, &str, fn(&HistogramSnapshot) -> f64, usize); 3] = [
-            (
-                "istio_request_duration_milliseconds",
-                "Duration of requests, in milliseconds.",
-                |h| h.sum as f64 / 1e3,
-                1,
-            ),
-            ("istio_request_bytes", "HTTP request body sizes, in bytes.", |h| h.sum as f64, 2),
-            ("istio_response_bytes", "HTTP response body sizes, in bytes.", |h| h.sum as f64, 3),
+        // (name, help, which histogram of a series, unit of its sum: microseconds for durations)
+        let histograms = [
+            ("istio_request_duration_milliseconds", "Duration of requests, in milliseconds.", 0, 1e3),
+            ("istio_request_bytes", "HTTP request body sizes, in bytes.", 1, 1.0),
+            ("istio_response_bytes", "HTTP response body sizes, in bytes.", 2, 1.0),
         ];
-        for (name, help, sum, which) in histograms {
+        for (name, help, which, per_unit) in histograms {
             let mut family = encoder.encode_descriptor(name, help, None, MetricType::Histogram)?;
             for (key, d, req, resp) in &requests {
-                let h = match which {
-                    1 => d,
-                    2 => req,
-                    _ => resp,
-                };
+                let h = [d, req, resp][which];
                 family.encode_family(key.as_ref())?.encode_histogram::<NoLabelSet>(
-                    sum(h),
+                    h.sum as f64 / per_unit,
                     h.count,
                     &h.buckets,
                     None,
@@ -653,7 +648,7 @@ impl Metrics {
         }
 
         let tcp = self.tcp.snapshot();
-        let counters: [(&str, &str, fn(&TcpSeries) -> &AtomicU64); 4] = [
+        let counters: [(&str, &str, TcpField); 4] = [
             ("istio_tcp_connections_opened", "TCP connections opened.", |s| &s.opened),
             ("istio_tcp_connections_closed", "TCP connections closed.", |s| &s.closed),
             (
