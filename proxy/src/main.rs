@@ -282,8 +282,8 @@ struct RunFlags {
     #[arg(long, default_value_t = 2000)]
     pod_max_requests: u32,
     /// Per source pod: new connections per second sluice accepts (beyond, they wait in the
-    /// pod's own accept queue).
-    #[arg(long, default_value_t = 2000)]
+    /// pod's own accept queue). Size it well below what the node's sluice accepts in all.
+    #[arg(long, default_value_t = 500)]
     pod_connection_rate: u32,
     /// Per source pod: connections open through sluice (beyond: reset).
     #[arg(long, default_value_t = 20000)]

@@ -188,7 +188,12 @@ pub fn grpc_client(
 /// One request of `simpod http-load --each`.
 #[derive(Debug, Clone, Deserialize)]
 pub struct LoadRequest {
+    /// Position in order of start.
     pub seq: u64,
+    /// The request's number, sent in the `--seq-header` header if any.
+    pub id: u64,
+    /// Wall-clock send time (ms since the Unix epoch).
+    pub sent_unix_ms: f64,
     pub conn: usize,
     /// When it was sent, since all connections were open (ms).
     pub start_ms: f64,

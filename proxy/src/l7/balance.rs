@@ -345,9 +345,14 @@ impl Balancer {
         if !tripped || st.until.is_some() {
             return None;
         }
-        // Never eject more than maxEjectionPercent of the set (and always leave one).
+        // Never eject more than maxEjectionPercent of the set, but at least one endpoint when
+        // the share allows any (10 % of 3 endpoints rounds down to none, which would make
+        // outlier detection useless on small Services; Envoy's `always_eject_one_host`), and
+        // always leave one.
         let ejected_now = set.iter().filter(|a| **a != endpoint && self.endpoint(**a).is_some_and(|l| l.is_ejected(now))).count();
-        let max = (set.len() * cfg.max_ejection_percent as usize / 100).min(set.len().saturating_sub(1));
+        let share = set.len() * cfg.max_ejection_percent as usize / 100;
+        let floor = usize::from(cfg.max_ejection_percent > 0);
+        let max = share.max(floor).min(set.len().saturating_sub(1));
         if ejected_now + 1 > max {
             return None;
         }
@@ -586,6 +591,21 @@ mod tests {
             b.record_outcome(eps[0], Outcome::Error5xx, &cfg, &eps);
         }
         assert!(b.endpoint(eps[0]).unwrap().ejected_until().unwrap() > Instant::now() + Duration::from_millis(300));
+    }
+
+    #[test]
+    fn a_small_service_can_still_eject_one_endpoint() {
+        let b = Balancer::new(LbPolicy::P2cEwma, EwmaConfig::default());
+        let eps = addrs(3);
+        // 10 % of 3 endpoints rounds down to none; one may still go, never two.
+        let cfg = OutlierDetection { consecutive_5xx: 2, max_ejection_percent: 10, ..outlier_cfg() };
+        for _ in 0..2 {
+            b.record_outcome(eps[0], Outcome::Error5xx, &cfg, &eps);
+            b.record_outcome(eps[1], Outcome::Error5xx, &cfg, &eps);
+        }
+        let now = Instant::now();
+        let ejected = eps.iter().filter(|a| b.endpoint(**a).is_some_and(|l| l.is_ejected(now))).count();
+        assert_eq!(ejected, 1);
     }
 
     #[test]

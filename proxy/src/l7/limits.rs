@@ -263,7 +263,7 @@ pub struct PodLimits {
 
 impl Default for PodLimits {
     fn default() -> Self {
-        Self { max_requests: 2000, connection_rate: 2000, max_connections: 20_000 }
+        Self { max_requests: 2000, connection_rate: 500, max_connections: 20_000 }
     }
 }
 

@@ -273,7 +273,7 @@ async fn forward(req: Request<Body>, ctx: &Arc<ConnCtx>, grpc: bool, obs: &mut O
                 for m in &plan.response_filters {
                     filters::modify_headers(resp.headers_mut(), m);
                 }
-                let resp = resp.map(|b: Incoming| -> Body {
+                let resp = resp.map(|b: super::upstream::UpstreamBody| -> Body {
                     match (deadline, plan.request_timeout) {
                         (Some(at), Some(limit)) => Deadline::new(b, at, limit).boxed(),
                         _ => b.map_err(Into::into).boxed(),
@@ -398,7 +398,7 @@ fn retryable_error(e: &UpstreamError, r: &RetryPolicy) -> bool {
         || (r.retry_on.reset && matches!(e, UpstreamError::Request { .. }))
 }
 
-fn retryable_response(resp: &Response<Incoming>, r: &RetryPolicy, idempotent: bool) -> bool {
+fn retryable_response<B>(resp: &Response<B>, r: &RetryPolicy, idempotent: bool) -> bool {
     let s = resp.status().as_u16();
     let by_status = (idempotent || r.retry_non_idempotent)
         && ((r.retry_on.status_5xx && s >= 500)
@@ -484,7 +484,7 @@ pub fn wants_upgrade<B>(req: &Request<B>) -> bool {
         && connection_has(req.headers(), "upgrade")
 }
 
-fn is_upgraded(resp: &Response<Incoming>) -> bool {
+fn is_upgraded<B>(resp: &Response<B>) -> bool {
     resp.status() == StatusCode::SWITCHING_PROTOCOLS || resp.status().is_success()
 }
 

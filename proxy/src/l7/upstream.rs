@@ -212,7 +212,7 @@ impl Upstreams {
     /// response head and when the request was handed to a ready connection (so the latency the
     /// balancer learns excludes connection set-up: a TCP and TLS handshake is not the
     /// endpoint being slow).
-    pub async fn send(self: &Arc<Self>, d: &Dial<'_>, req: Request<Body>) -> Result<(Response<Incoming>, Instant), SendError> {
+    pub async fn send(self: &Arc<Self>, d: &Dial<'_>, req: Request<Body>) -> Result<(Response<UpstreamBody>, Instant), SendError> {
         match d.wire {
             Wire::Http1 => self.send_h1(d, req).await,
             Wire::Http2 => self.send_h2(d, req).await,
@@ -223,9 +223,9 @@ impl Upstreams {
         Key { src_pod: d.pod.pod_id, endpoint: d.endpoint, wire, tls: d.tls.as_ref().map(|t| t.sni.clone()) }
     }
 
-    async fn send_h1(self: &Arc<Self>, d: &Dial<'_>, req: Request<Body>) -> Result<(Response<Incoming>, Instant), SendError> {
+    async fn send_h1(self: &Arc<Self>, d: &Dial<'_>, req: Request<Body>) -> Result<(Response<UpstreamBody>, Instant), SendError> {
         let key = Self::key(d, Wire::Http1);
-        let (mut conn, reused) = match self.checkout_h1(&key) {
+        let (mut conn, reused) = match self.checkout_ready_h1(&key).await {
             Some(c) => (c, true),
             None => match self.connect_h1(d, false).await {
                 Ok(c) => (c, false),
@@ -270,24 +270,32 @@ impl Upstreams {
             }
         };
         let resp = result.map_err(|source| UpstreamError::Request { endpoint: d.endpoint, source })?;
-        // Back to the pool once the response body has been read and the connection can take
-        // the next request.
+        // Back to the pool once the response body has been read to its end (the body does it:
+        // no task per request). A body dropped before its end leaves the connection unusable:
+        // it is not returned, and closes.
         let max_per_conn = d.breaker.as_ref().and_then(|(_, cfg)| cfg.max_requests_per_connection).filter(|n| *n > 0);
-        let pool = self.clone();
-        tokio::spawn(async move {
-            if conn.sender.ready().await.is_ok() && max_per_conn.is_none_or(|max| conn.requests < max) {
-                pool.checkin_h1(key, conn);
+        let checkin = max_per_conn.is_none_or(|max| conn.requests < max).then(|| Checkin { pool: self.clone(), key, conn });
+        Ok((resp.map(|b| UpstreamBody { inner: b, checkin }), dispatched))
+    }
+
+    /// An idle connection for `key`. A connection is checked in as soon as its response body
+    /// ended; hyper may take a moment more to be ready for the next request, so wait for that
+    /// here (briefly), outside the pool's lock.
+    async fn checkout_ready_h1(&self, key: &Key) -> Option<H1Conn> {
+        loop {
+            let mut conn = self.checkout_h1(key)?;
+            if conn.sender.ready().await.is_ok() {
+                self.counters.reused.fetch_add(1, Ordering::Relaxed);
+                return Some(conn);
             }
-        });
-        Ok((resp, dispatched))
+        }
     }
 
     fn checkout_h1(&self, key: &Key) -> Option<H1Conn> {
         let mut pools = self.h1.lock().unwrap_or_else(|p| p.into_inner());
         let idle = pools.get_mut(key)?;
         while let Some(c) = idle.pop() {
-            if c.conn.sender.is_ready() && c.since.elapsed() < IDLE_TIMEOUT && reusable(&c.conn.tunnel) {
-                self.counters.reused.fetch_add(1, Ordering::Relaxed);
+            if !c.conn.sender.is_closed() && c.since.elapsed() < IDLE_TIMEOUT && reusable(&c.conn.tunnel) {
                 return Some(c.conn);
             }
         }
@@ -323,7 +331,7 @@ impl Upstreams {
         Ok(H1Conn { sender, tunnel, requests: 0 })
     }
 
-    async fn send_h2(&self, d: &Dial<'_>, req: Request<Body>) -> Result<(Response<Incoming>, Instant), SendError> {
+    async fn send_h2(&self, d: &Dial<'_>, req: Request<Body>) -> Result<(Response<UpstreamBody>, Instant), SendError> {
         let key = Self::key(d, Wire::Http2);
         let pooled = self
             .h2
@@ -344,7 +352,7 @@ impl Upstreams {
         }
         let dispatched = Instant::now();
         match sender.try_send_request(req).await {
-            Ok(resp) => Ok((resp, dispatched)),
+            Ok(resp) => Ok((resp.map(UpstreamBody::plain), dispatched)),
             Err(mut e) => match e.take_message() {
                 // The connection went away before the request was written (GOAWAY, reset):
                 // one more try on a fresh connection.
@@ -359,7 +367,7 @@ impl Upstreams {
                         .send_request(req)
                         .await
                         .map_err(|source| UpstreamError::Request { endpoint: d.endpoint, source })?;
-                    Ok((resp, dispatched))
+                    Ok((resp.map(UpstreamBody::plain), dispatched))
                 }
                 request => Err(SendError {
                     error: UpstreamError::Request { endpoint: d.endpoint, source: e.into_error() },
@@ -394,7 +402,7 @@ impl Upstreams {
 
     /// Sends a request that asks to leave HTTP (an Upgrade, e.g. WebSocket, or CONNECT) on a
     /// connection of its own, which then belongs to the upgraded stream.
-    pub async fn send_upgrade(&self, d: &Dial<'_>, req: Request<Body>) -> Result<(Response<Incoming>, Instant), SendError> {
+    pub async fn send_upgrade(&self, d: &Dial<'_>, req: Request<Body>) -> Result<(Response<UpstreamBody>, Instant), SendError> {
         let mut conn = match self.connect_h1(d, true).await {
             Ok(c) => c,
             Err(error) => return Err(SendError { error, request: Some(req) }),
@@ -402,7 +410,7 @@ impl Upstreams {
         let dispatched = Instant::now();
         let resp =
             conn.sender.send_request(req).await.map_err(|source| UpstreamError::Request { endpoint: d.endpoint, source })?;
-        Ok((resp, dispatched))
+        Ok((resp.map(UpstreamBody::plain), dispatched))
     }
 
     /// Opens the byte stream to the endpoint: through the HBONE tunnel for an enrolled pod
@@ -490,6 +498,63 @@ impl Upstreams {
         let h1 = self.h1.lock().unwrap_or_else(|p| p.into_inner()).values().map(Vec::len).sum();
         let h2 = self.h2.lock().unwrap_or_else(|p| p.into_inner()).len();
         (h1, h2)
+    }
+}
+
+/// A pooled HTTP/1.1 connection to return when its response body ends.
+struct Checkin {
+    pool: Arc<Upstreams>,
+    key: Key,
+    conn: H1Conn,
+}
+
+pin_project_lite::pin_project! {
+    /// An upstream response body; for a pooled HTTP/1.1 connection it returns the connection
+    /// to the pool when it reaches its end.
+    pub struct UpstreamBody {
+        #[pin]
+        inner: Incoming,
+        checkin: Option<Checkin>,
+    }
+}
+
+impl UpstreamBody {
+    fn plain(inner: Incoming) -> Self {
+        UpstreamBody { inner, checkin: None }
+    }
+}
+
+impl hyper::body::Body for UpstreamBody {
+    type Data = bytes::Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, hyper::Error>>> {
+        let mut this = self.project();
+        let r = this.inner.as_mut().poll_frame(cx);
+        let ended = match &r {
+            Poll::Ready(None) => true,
+            Poll::Ready(Some(Ok(_))) => this.inner.is_end_stream(),
+            _ => false,
+        };
+        if ended {
+            if let Some(c) = this.checkin.take() {
+                c.pool.checkin_h1(c.key, c.conn);
+            }
+        } else if let Poll::Ready(Some(Err(_))) = &r {
+            this.checkin.take();
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
     }
 }
 

@@ -490,6 +490,7 @@ fn http_exchanges<S: Read + Write>(
         let mut event = json!({
             "event": "request",
             "ts_ms": now_ms() as u64,
+            "ts_us": SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(0),
             "peer": peer,
             "method": req.method,
             "path": req.target,

@@ -2,7 +2,9 @@
 //! as fast as the answers come (closed loop) or a fixed rate for a duration (open loop), with a
 //! tally of what came back: statuses, sluice's `x-sluice-error` / `x-sluice-overflow` reasons,
 //! `retry-after`, the answering backend (`x-simpod-name`) and latency per status. With `--each`,
-//! one line per request too (its start and latency), so a test can look at rates and delays.
+//! one line per request too (its start and latency), so a test can look at rates and delays;
+//! with `--seq-header NAME` every request carries its number in that header, so a test can find
+//! it again at the backend (and tell, say, how long it took to get there).
 //!
 //! Every connection is opened before the first request is sent, and all start together: with
 //! `--connections 50 --count 50` the 50 requests are in flight at the same moment.
@@ -16,7 +18,7 @@ use std::{
         Arc, Barrier,
     },
     thread,
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use serde_json::{json, Value};
@@ -52,6 +54,9 @@ pub struct Args {
     /// Also print one line per request (after the run, in order of start).
     #[arg(long)]
     each: bool,
+    /// Send each request's number (its `id` in the --each lines) in this header.
+    #[arg(long)]
+    seq_header: Option<String>,
     /// Connect timeout, and the longest one request may take.
     #[arg(long, default_value_t = 10_000)]
     timeout_ms: u64,
@@ -59,7 +64,11 @@ pub struct Args {
 
 /// What one request got.
 struct Record {
+    /// The request's number (sent in --seq-header).
+    id: u64,
     conn: usize,
+    /// Wall-clock send time, in ms since the Unix epoch.
+    sent_unix_ms: f64,
     /// Since the run started (all connections open), in ms.
     start_ms: f64,
     elapsed_ms: f64,
@@ -74,6 +83,8 @@ struct Record {
 impl Record {
     fn json(&self) -> Value {
         json!({
+            "id": self.id,
+            "sent_unix_ms": round3(self.sent_unix_ms),
             "conn": self.conn,
             "start_ms": round3(self.start_ms),
             "elapsed_ms": round3(self.elapsed_ms),
@@ -118,12 +129,15 @@ fn open(a: &Args) -> Result<Conn, String> {
         .map_err(|e| err_str(&e))
 }
 
-fn request_bytes(a: &Args) -> Vec<u8> {
+fn request_bytes(a: &Args, id: u64) -> Vec<u8> {
     let host = a.host.clone().unwrap_or_else(|| a.to.to_string());
     let mut extra = String::new();
     for h in &a.headers {
         extra.push_str(h.trim());
         extra.push_str("\r\n");
+    }
+    if let Some(name) = &a.seq_header {
+        extra.push_str(&format!("{name}: {id}\r\n"));
     }
     format!(
         "GET {} HTTP/1.1\r\nhost: {host}\r\nuser-agent: simpod-load\r\naccept: */*\r\n{extra}\r\n",
@@ -132,11 +146,14 @@ fn request_bytes(a: &Args) -> Vec<u8> {
     .into_bytes()
 }
 
-/// One request on `conn` (opened first if needed); the connection is dropped after an error or
-/// when the server closes it.
-fn one(a: &Args, req: &[u8], conn: &mut Option<Conn>, index: usize, base: Instant) -> Record {
+/// Request number `id` on `conn` (opened first if needed); the connection is dropped after an
+/// error or when the server closes it.
+fn one(a: &Args, id: u64, conn: &mut Option<Conn>, index: usize, base: Instant) -> Record {
+    let req = request_bytes(a, id);
     let started = Instant::now();
     let mut rec = Record {
+        id,
+        sent_unix_ms: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64() * 1e3),
         conn: index,
         start_ms: started.duration_since(base).as_secs_f64() * 1e3,
         elapsed_ms: 0.0,
@@ -158,7 +175,7 @@ fn one(a: &Args, req: &[u8], conn: &mut Option<Conn>, index: usize, base: Instan
         }
     }
     let c = conn.as_mut().expect("opened above");
-    let res = c.r.get_mut().write_all(req).and_then(|_| read_response(&mut c.r, false));
+    let res = c.r.get_mut().write_all(&req).and_then(|_| read_response(&mut c.r, false));
     rec.elapsed_ms = started.elapsed().as_secs_f64() * 1e3;
     match res {
         Ok((status, headers, _body)) => {
@@ -188,13 +205,12 @@ pub fn run(a: Args) -> bool {
         );
         return false;
     }
-    let req: Arc<[u8]> = request_bytes(&a).into();
     let next = Arc::new(AtomicU64::new(0));
     let barrier = Arc::new(Barrier::new(a.connections + 1));
     let base = Instant::now();
     let workers: Vec<_> = (0..a.connections)
         .map(|i| {
-            let (a, req, next, barrier) = (a.clone(), req.clone(), next.clone(), barrier.clone());
+            let (a, next, barrier) = (a.clone(), next.clone(), barrier.clone());
             thread::spawn(move || {
                 // Open first; a failure here is retried by the first request.
                 let mut conn = open(&a).ok();
@@ -203,10 +219,11 @@ pub fn run(a: Args) -> bool {
                 let mut out = Vec::new();
                 match (a.count, a.rps) {
                     (Some(count), _) => loop {
-                        if next.fetch_add(1, Ordering::Relaxed) >= count {
+                        let id = next.fetch_add(1, Ordering::Relaxed);
+                        if id >= count {
                             break;
                         }
-                        out.push(one(&a, &req, &mut conn, i, base));
+                        out.push(one(&a, id, &mut conn, i, base));
                     },
                     (None, Some(rps)) => {
                         let interval = a.connections as f64 / rps;
@@ -223,7 +240,9 @@ pub fn run(a: Args) -> bool {
                             if !wait.is_zero() {
                                 thread::sleep(wait);
                             }
-                            out.push(one(&a, &req, &mut conn, i, base));
+                            // Numbered across connections in order of schedule.
+                            let id = i as u64 + (k - 1) * a.connections as u64;
+                            out.push(one(&a, id, &mut conn, i, base));
                         }
                     }
                     (None, None) => {}
