@@ -105,19 +105,26 @@ pub fn run(keep: bool) -> Result<()> {
     s1.wait_for("/conns", |v| v.as_array().is_some_and(|c| c.len() >= 4), T)?;
 
     for (title, sluice, cmd) in [
-        ("node-1: sluice status", &s1, "status"),
-        ("node-1: sluice pods", &s1, "pods"),
-        ("node-1: sluice certs", &s1, "certs"),
-        ("node-2: sluice certs", &s2, "certs"),
-        ("node-1: sluice conns", &s1, "conns"),
-        ("node-2: sluice conns", &s2, "conns"),
+        ("node-1: sluice status", &s1, &["status"][..]),
+        ("node-1: sluice pods", &s1, &["pods"]),
+        ("node-1: sluice certs", &s1, &["certs"]),
+        ("node-2: sluice certs", &s2, &["certs"]),
+        ("node-1: sluice conns", &s1, &["conns"]),
+        ("node-2: sluice conns", &s2, &["conns"]),
+        ("node-1: sluice stat services (what the client pod sent, last minute)", &s1, &["stat", "services"]),
+        ("node-2: sluice stat pods (what its pods received)", &s2, &["stat", "pods"]),
     ] {
         step(title);
-        let out = sluice.cli(&[cmd])?;
+        let out = sluice.cli(cmd)?;
         print!("{}", indent(&out.stdout));
         if !out.success() {
-            bail!("sluice {cmd} failed: {}", out.stderr);
+            bail!("sluice {} failed: {}", cmd.join(" "), out.stderr);
         }
+    }
+    step("node-1: istio_requests_total from :15020/metrics (reporter=source)");
+    let metrics = n1.run(["curl", "-s", "http://127.0.0.1:15020/metrics"])?;
+    for line in metrics.stdout.lines().filter(|l| l.starts_with("istio_requests_total{")).take(4) {
+        println!("  {line}");
     }
     for mut h in held {
         let _ = h.kill(sluice_tests::Signal::SIGKILL);
