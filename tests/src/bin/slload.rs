@@ -20,6 +20,11 @@
 //!   them idle until stdin closes.
 //! - `seq`: one keep-alive connection; for each number N read from stdin, sends N requests at
 //!   a low, fixed rate and says when done (for instruction counts under callgrind).
+//! - `scrape`: a Prometheus-like scraper: `GET <url>` every `--interval-ms` on a fixed schedule
+//!   (a tick missed while a scrape was in flight is sent at once, further missed ticks are
+//!   dropped, as Prometheus's ticker does) over one keep-alive HTTP/1.1 connection, reading
+//!   every body to its end and checking that it ends with OpenMetrics' `# EOF`; reports scrapes
+//!   made, errors, non-200 answers, body bytes and scrape times.
 //!
 //! `rate`, `max` and `seq` speak HTTP/1.1 by default; with `--proto grpc` every request is a
 //! unary gRPC call (`--payload-bytes` of payload, 1 KiB by default) over HTTP/2, one tonic
@@ -169,6 +174,24 @@ enum Cmd {
         #[arg(long, default_value_t = 10_000)]
         interval_us: u64,
     },
+    /// Scrape an OpenMetrics endpoint on a fixed schedule over one keep-alive connection.
+    Scrape {
+        /// What to scrape, `http://host:port/path` (e.g. `http://127.0.0.1:15020/metrics`).
+        #[arg(long)]
+        url: String,
+        /// Time between scheduled scrapes.
+        #[arg(long, default_value_t = 100)]
+        interval_ms: u64,
+        /// How long to scrape (with `--until-stdin-eof`: at most this long).
+        #[arg(long, default_value_t = 30_000)]
+        duration_ms: u64,
+        /// Also stop (after the scrape in flight) as soon as stdin is closed.
+        #[arg(long)]
+        until_stdin_eof: bool,
+        /// Connect timeout, and the longest one read or write may block.
+        #[arg(long, default_value_t = 10_000)]
+        timeout_ms: u64,
+    },
 }
 
 fn main() -> ExitCode {
@@ -193,6 +216,9 @@ fn main() -> ExitCode {
             Proto::Http => seq::<H1>(&target, interval_us),
             Proto::Grpc => seq::<GrpcConn>(&target, interval_us),
         },
+        Cmd::Scrape { url, interval_ms, duration_ms, until_stdin_eof, timeout_ms } => {
+            scrape(&url, interval_ms, duration_ms, until_stdin_eof, timeout_ms)
+        }
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,
@@ -987,6 +1013,273 @@ fn seq<C: LoadConn>(target: &Target, interval_us: u64) -> io::Result<()> {
             json!({"event": "done", "count": n, "errors": errors, "elapsed_ms": (mono_ns() - start) / 1_000_000}),
         );
     }
+    Ok(())
+}
+
+// ---------------------------------------------------------------- scrape
+
+/// `http://host:port/path` → (address, Host header, path).
+fn parse_http_url(url: &str) -> io::Result<(SocketAddr, String, String)> {
+    use std::net::ToSocketAddrs;
+    let bad =
+        || io::Error::new(io::ErrorKind::InvalidInput, format!("not an http://host:port/path URL: {url}"));
+    let rest = url.strip_prefix("http://").ok_or_else(bad)?;
+    let (authority, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
+    };
+    if authority.is_empty() {
+        return Err(bad());
+    }
+    let with_port = if authority.rsplit_once(':').is_some_and(|(_, p)| p.parse::<u16>().is_ok()) {
+        authority.to_string()
+    } else {
+        format!("{authority}:80")
+    };
+    let addr = with_port.to_socket_addrs()?.next().ok_or_else(bad)?;
+    Ok((addr, authority.to_string(), path.to_string()))
+}
+
+impl HttpConn {
+    /// Moves `n` bytes of the response into `out`, reading as needed.
+    fn take_into(&mut self, mut n: usize, out: &mut Vec<u8>) -> io::Result<()> {
+        loop {
+            let take = n.min(self.hi - self.lo);
+            out.extend_from_slice(&self.buf[self.lo..self.lo + take]);
+            self.lo += take;
+            n -= take;
+            if n == 0 {
+                return Ok(());
+            }
+            if self.fill()? == 0 {
+                return Err(Self::eof());
+            }
+        }
+    }
+
+    /// Reads one response with its body (de-chunked) into `body`; returns (status, whether the
+    /// server closes the connection).
+    fn read_response_body(&mut self, body: &mut Vec<u8>) -> io::Result<(u16, bool)> {
+        body.clear();
+        let end = self.line_end()?;
+        let line = &self.buf[self.lo..end - 2];
+        let status: u16 = std::str::from_utf8(line)
+            .ok()
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|c| c.parse().ok())
+            .ok_or_else(|| invalid(format!("bad status line {:?}", String::from_utf8_lossy(line))))?;
+        self.lo = end;
+        let (mut length, mut chunked, mut close) = (None, false, false);
+        loop {
+            let end = self.line_end()?;
+            let line = &self.buf[self.lo..end - 2];
+            if line.is_empty() {
+                self.lo = end;
+                break;
+            }
+            if let Some(colon) = line.iter().position(|&b| b == b':') {
+                let name = &line[..colon];
+                let value = String::from_utf8_lossy(&line[colon + 1..]).trim().to_ascii_lowercase();
+                if name.eq_ignore_ascii_case(b"content-length") {
+                    length = Some(value.parse::<usize>().map_err(|_| invalid("bad content-length"))?);
+                } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+                    chunked = value.contains("chunked");
+                } else if name.eq_ignore_ascii_case(b"connection") {
+                    close = value.contains("close");
+                }
+            }
+            self.lo = end;
+        }
+        if chunked {
+            loop {
+                let end = self.line_end()?;
+                let line = String::from_utf8_lossy(&self.buf[self.lo..end - 2]).into_owned();
+                self.lo = end;
+                let size = usize::from_str_radix(line.split(';').next().unwrap_or("").trim(), 16)
+                    .map_err(|_| invalid(format!("bad chunk size {line:?}")))?;
+                if size == 0 {
+                    loop {
+                        let end = self.line_end()?;
+                        let empty = end - self.lo == 2;
+                        self.lo = end;
+                        if empty {
+                            break;
+                        }
+                    }
+                    break;
+                }
+                self.take_into(size, body)?;
+                self.skip(2)?;
+            }
+        } else if let Some(n) = length {
+            self.take_into(n, body)?;
+        } else if status != 204 && status != 304 && !(100..200).contains(&status) {
+            // Delimited by EOF.
+            loop {
+                body.extend_from_slice(&self.buf[self.lo..self.hi]);
+                self.lo = self.hi;
+                if self.fill()? == 0 {
+                    break;
+                }
+            }
+            close = true;
+        }
+        Ok((status, close))
+    }
+}
+
+/// Whether an OpenMetrics text ends with its `# EOF` line.
+fn ends_with_eof(body: &[u8]) -> bool {
+    let mut end = body.len();
+    while end > 0 && body[end - 1].is_ascii_whitespace() {
+        end -= 1;
+    }
+    let body = &body[..end];
+    body.ends_with(b"# EOF") && (body.len() == 5 || body[body.len() - 6] == b'\n')
+}
+
+fn scrape(
+    url: &str,
+    interval_ms: u64,
+    duration_ms: u64,
+    until_stdin_eof: bool,
+    timeout_ms: u64,
+) -> io::Result<()> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    if interval_ms == 0 {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "--interval-ms must be positive"));
+    }
+    precise_timers();
+    let (to, host, path) = parse_http_url(url)?;
+    let timeout = Duration::from_millis(timeout_ms);
+    let req = format!(
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: slload-scrape\r\nAccept: application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5\r\n\r\n"
+    )
+    .into_bytes();
+    let stop = Arc::new(AtomicBool::new(false));
+    if until_stdin_eof {
+        let stop = stop.clone();
+        thread::spawn(move || {
+            let mut sink = [0u8; 256];
+            let mut stdin = io::stdin();
+            while matches!(stdin.read(&mut sink), Ok(n) if n > 0) {}
+            stop.store(true, Ordering::SeqCst);
+        });
+    }
+    // Fail fast (before saying "started") when nothing listens.
+    let mut conn = Some(HttpConn::connect(to, timeout)?);
+    let local = conn.as_ref().map(|c| c.local.to_string()).unwrap_or_default();
+    let mut connects = 1u64;
+    emit(json!({"event": "started", "url": url, "local": local}));
+
+    let interval = interval_ms * 1_000_000;
+    let start = mono_ns();
+    let end = start + duration_ms * 1_000_000;
+    let (mut time_h, mut lag_h) = (new_hist(), new_hist());
+    let (mut made, mut ok200, mut errors, mut non_200, mut missing_eof, mut dropped) =
+        (0u64, 0u64, 0u64, 0u64, 0u64, 0u64);
+    let (mut bytes_sum, mut bytes_min, mut bytes_max, mut bytes_last) = (0u64, u64::MAX, 0u64, 0u64);
+    let mut first_error: Option<String> = None;
+    let mut first_bad_status: Option<u16> = None;
+    let mut body = Vec::with_capacity(64 * 1024);
+    let mut k: u64 = 0;
+    loop {
+        let sched = start + k * interval;
+        if stop.load(Ordering::SeqCst) {
+            break;
+        }
+        if sched >= end {
+            // Ran for the whole --duration-ms.
+            sleep_until_ns(end);
+            break;
+        }
+        if mono_ns() < sched {
+            sleep_until_ns(sched);
+            if stop.load(Ordering::SeqCst) {
+                break;
+            }
+        }
+        let sent = mono_ns();
+        made += 1;
+        lag_h.saturating_record(sent.saturating_sub(sched).max(1));
+        let res = match conn.as_mut() {
+            Some(c) => Ok(c),
+            None => HttpConn::connect(to, timeout).map(|c| {
+                connects += 1;
+                conn.insert(c)
+            }),
+        }
+        .and_then(|c| {
+            c.s.write_all(&req)?;
+            c.read_response_body(&mut body)
+        });
+        let done = mono_ns();
+        match res {
+            Ok((status, close)) => {
+                time_h.saturating_record((done - sent).max(1));
+                if status != 200 {
+                    non_200 += 1;
+                    first_bad_status.get_or_insert(status);
+                } else {
+                    ok200 += 1;
+                    let n = body.len() as u64;
+                    bytes_sum += n;
+                    bytes_min = bytes_min.min(n);
+                    bytes_max = bytes_max.max(n);
+                    bytes_last = n;
+                    if !ends_with_eof(&body) {
+                        missing_eof += 1;
+                    }
+                }
+                if close {
+                    conn = None;
+                }
+            }
+            Err(e) => {
+                errors += 1;
+                first_error.get_or_insert_with(|| format!("{:?}: {e}", e.kind()));
+                conn = None;
+            }
+        }
+        // The next tick; ticks missed by more than one interval are dropped, not sent in a burst.
+        k += 1;
+        let now = mono_ns();
+        let behind = now.saturating_sub(start) / interval;
+        if behind > k {
+            dropped += behind - k;
+            k = behind;
+        }
+    }
+    let elapsed_ms = (mono_ns() - start) / 1_000_000;
+    let mean_bytes = if ok200 > 0 { Some(bytes_sum as f64 / ok200 as f64) } else { None };
+    emit(json!({
+        "ok": made > 0 && errors == 0 && non_200 == 0 && missing_eof == 0,
+        "mode": "scrape",
+        "url": url,
+        "to": to.to_string(),
+        "interval_ms": interval_ms,
+        "duration_ms": duration_ms,
+        "elapsed_ms": elapsed_ms,
+        "stopped_by_stdin": stop.load(Ordering::SeqCst),
+        "scrapes": made,
+        "ok_200": ok200,
+        "errors": errors,
+        "non_200": non_200,
+        "first_bad_status": first_bad_status,
+        "missing_eof": missing_eof,
+        "dropped_ticks": dropped,
+        "connects": connects,
+        "first_error": first_error,
+        "bytes": {
+            "mean": mean_bytes.map(|m| m.round()),
+            "min": (ok200 > 0).then_some(bytes_min),
+            "max": (ok200 > 0).then_some(bytes_max),
+            "last": bytes_last,
+        },
+        "scrape_time": summary(&time_h),
+        "send_lag": summary(&lag_h),
+        "locals": [local],
+    }));
     Ok(())
 }
 

@@ -6,6 +6,8 @@
 //!   connections (HTTP/1.1, or unary gRPC calls over HTTP/2 for `grpc`), latency from each
 //!   request's scheduled send time (no coordinated omission), then saturation (closed loop).
 //!   sluice's CPU and RSS are read meanwhile.
+//! - `scrape`: the same fixed-rate load (`http`, `mtls`, `grpc`) without and with a scrape of
+//!   sluice's `/metrics` every 100 ms, in pairs; the change of the p99 (see `scrape.rs`).
 //! - `bulk`: iperf3 on the same node and across two nodes (opaque TCP).
 //! - `churn`: new connections per second (connect, one HTTP/1.1 request, close).
 //! - `idle`: sluice's RSS with `--idle-connections` idle connections open through it.
@@ -21,6 +23,7 @@ mod callgrind;
 mod measure;
 mod micro;
 mod report;
+mod scrape;
 mod world;
 
 use std::{
@@ -184,6 +187,7 @@ pub fn l7_available() -> bool {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
 pub enum Section {
     Latency,
+    Scrape,
     Bulk,
     Churn,
     Idle,
@@ -285,7 +289,7 @@ impl Config {
         let q = a.quick;
         let pick = |full: f64, quick: f64| if q { quick } else { full };
         let mut sections: Vec<Section> = if a.only.is_empty() {
-            let mut s = vec![Section::Latency, Section::Bulk, Section::Churn, Section::Idle];
+            let mut s = vec![Section::Latency, Section::Scrape, Section::Bulk, Section::Churn, Section::Idle];
             if !q {
                 s.push(Section::Micro);
             }
@@ -435,6 +439,10 @@ pub struct Results {
     pub idle: Option<Value>,
     pub instructions: Option<Value>,
     pub micro: Option<Value>,
+    /// The `scrape` section: per request rate, the off/on pairs per scenario.
+    pub scrape: Vec<scrape::Level>,
+    /// What the report should say was left out, and why.
+    pub notes: Vec<String>,
     pub errors: Vec<(String, String)>,
 }
 
@@ -487,7 +495,16 @@ fn run_config(cfg: &Config) -> Result<()> {
     let started = Instant::now();
     let mut res = Results { meta: report::meta(cfg, &bins), ..Results::default() };
 
-    let needs_world = cfg.sections.iter().any(|s| *s != Section::Micro);
+    // The scrape section needs sluice's metrics endpoint; without it, it is skipped with a note.
+    let scrape = cfg.has(Section::Scrape) && bins.sluice_has_metrics();
+    if cfg.has(Section::Scrape) && !scrape {
+        let note =
+            "scrape: skipped, this sluice has no metrics endpoint (`sluice run` takes no --metrics-addr)";
+        eprintln!("bench: {note}");
+        res.notes.push(note.to_string());
+    }
+    let needs_world =
+        cfg.sections.iter().any(|s| !matches!(s, Section::Micro) && (*s != Section::Scrape || scrape));
     if needs_world {
         let opts = world::WorldOpts {
             cross_node: cfg.has(Section::Bulk) || cfg.scenarios.iter().any(|s| s.via_tunnel()),
@@ -504,6 +521,10 @@ fn run_config(cfg: &Config) -> Result<()> {
         res.rss_rest_kib = measure::rss_kib(world.sluice.pid()).ok();
         if cfg.has(Section::Latency) {
             section(&mut res, "latency", |res| latency(cfg, &world, res));
+            check_world(&world)?;
+        }
+        if scrape {
+            section(&mut res, "scrape", |res| scrape::run(cfg, &world, res));
             check_world(&world)?;
         }
         if cfg.has(Section::Bulk) {

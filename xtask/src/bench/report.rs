@@ -9,6 +9,7 @@ use serde_json::{json, Value};
 
 use super::{
     measure::{median, Run},
+    scrape,
     world::Bins,
     Config, Results, Scenario,
 };
@@ -87,6 +88,8 @@ pub fn meta(cfg: &Config, bins: &Bins) -> Value {
             "churn_connections": cfg.churn_connections,
             "churn_duration_s": cfg.churn_duration.as_secs_f64(),
             "idle_connections": cfg.idle_connections,
+            "scrape_url": scrape::URL,
+            "scrape_interval_ms": scrape::INTERVAL_MS,
             "sections": cfg.sections.iter().map(|s| format!("{s:?}").to_lowercase()).collect::<Vec<_>>(),
         },
     })
@@ -244,12 +247,109 @@ pub fn summary(res: &Results) -> Value {
         .unwrap_or_default();
     json!({
         "latency": latency,
+        "scrape": scrape_summary(res),
         "bulk": bulk,
         "churn": churn,
         "rss_rest_kib": res.rss_rest_kib,
         "idle": res.idle,
         "instructions": instructions,
     })
+}
+
+/// The `scrape` section's figures, one row per request rate and scenario: medians over the
+/// valid pairs of the off and on runs, and the median over pairs of each pair's change.
+fn scrape_summary(res: &Results) -> Vec<Value> {
+    let mut rows = Vec::new();
+    for level in &res.scrape {
+        for (s, pairs) in &level.pairs {
+            let offs: Vec<Run> = pairs.iter().map(|p| p.off.clone()).collect();
+            let ons: Vec<Run> = pairs.iter().map(|p| p.on.clone()).collect();
+            // Median over pairs of (on − off) / off, in %.
+            let delta = |key: &str| {
+                median(
+                    pairs
+                        .iter()
+                        .filter_map(|p| {
+                            let (off, on) = (p.off.f(key)?, p.on.f(key)?);
+                            (off > 0.0).then(|| (on - off) / off * 100.0)
+                        })
+                        .collect(),
+                )
+            };
+            let cpu_delta = median(
+                pairs
+                    .iter()
+                    .filter(|p| p.off.sluice_cpu_s > 0.0)
+                    .map(|p| {
+                        let (off, on) = (p.off.sluice_cpu_s / p.off.wall_s, p.on.sluice_cpu_s / p.on.wall_s);
+                        (on - off) / off * 100.0
+                    })
+                    .collect(),
+            );
+            let mut nodes: Vec<String> = Vec::new();
+            for p in pairs {
+                for (n, _) in &p.scrapers {
+                    if !nodes.contains(n) {
+                        nodes.push(n.clone());
+                    }
+                }
+            }
+            let scrapers: Vec<Value> = nodes
+                .iter()
+                .map(|node| {
+                    let of = |key: &str| {
+                        median(
+                            pairs
+                                .iter()
+                                .filter_map(|p| p.scrapers.iter().find(|(n, _)| n == node))
+                                .filter_map(|(_, v)| {
+                                    key.split('.').try_fold(v, |v, k| v.get(k)).and_then(Value::as_f64)
+                                })
+                                .collect(),
+                        )
+                    };
+                    json!({
+                        "node": node,
+                        "scrapes": of("scrapes"),
+                        "dropped_ticks": of("dropped_ticks"),
+                        "scrape_mean_us": of("scrape_time.mean_us"),
+                        "scrape_p99_us": of("scrape_time.p99_us"),
+                        "scrape_max_us": of("scrape_time.max_us"),
+                        "body_bytes": of("bytes.mean"),
+                    })
+                })
+                .collect();
+            let delta_p99 = delta("latency.p99_us");
+            let mut row = json!({
+                "rps": level.rps,
+                "scenario": s.name(),
+                "pairs": pairs.len(),
+                "first": pairs.iter().map(|p| if p.on_first { "on" } else { "off" }).collect::<Vec<_>>(),
+                "expected_scrapes": pairs.first().map(|p| p.expected_scrapes),
+                "delta_p50_pct": delta("latency.p50_us"),
+                "delta_p99_pct": delta_p99,
+                "delta_p999_pct": delta("latency.p999_us"),
+                "sluice_cores_off": cores(&offs),
+                "sluice_cores_on": cores(&ons),
+                "delta_sluice_cpu_pct": cpu_delta,
+                "sluice_cpu_per_1000_req_off": cpu_per_1000(&offs, "completed"),
+                "sluice_cpu_per_1000_req_on": cpu_per_1000(&ons, "completed"),
+                "achieved_rps_off": med(&offs, "achieved_rps"),
+                "achieved_rps_on": med(&ons, "achieved_rps"),
+                "errors_off": sum(&offs, "errors") + sum(&offs, "unsent"),
+                "errors_on": sum(&ons, "errors") + sum(&ons, "unsent"),
+                "scrapers": scrapers,
+                "max_delta_p99_pct": scrape::MAX_DELTA_P99_PCT,
+                "pass": delta_p99.map(|d| d <= scrape::MAX_DELTA_P99_PCT),
+            });
+            for (name, key) in PCTS {
+                row[format!("{name}_off_us")] = json!(med(&offs, key));
+                row[format!("{name}_on_us")] = json!(med(&ons, key));
+            }
+            rows.push(row);
+        }
+    }
+    rows
 }
 
 // ---------------------------------------------------------------- formatting
@@ -338,6 +438,9 @@ pub fn markdown(cfg: &Config, res: &Results, sum: &Value) -> String {
     if !na.is_empty() {
         let _ = writeln!(o, "Not available with this sluice: {}.", na.join("; "));
     }
+    for note in &res.notes {
+        let _ = writeln!(o, "Note: {note}.");
+    }
     o.push('\n');
 
     let lat = sum["latency"].as_array().cloned().unwrap_or_default();
@@ -374,6 +477,16 @@ pub fn markdown(cfg: &Config, res: &Results, sum: &Value) -> String {
         o.push('\n');
     }
 
+    scrape_markdown(&mut o, cfg, sum);
+
+    // The throughput and resource tables are left out of a run that measured none of their
+    // sections (e.g. `--only scrape`): every cell would be empty.
+    let tables_from = o.len();
+    let measured = !res.levels.is_empty()
+        || !res.bulk.is_empty()
+        || !res.churn.is_empty()
+        || res.idle.is_some()
+        || res.instructions.is_some();
     let proxied = cfg.proxied();
     let _ = writeln!(o, "#### Throughput and connections\n");
     let _ = writeln!(o, "| measure | scenario | value | % of direct | reference |");
@@ -561,6 +674,9 @@ pub fn markdown(cfg: &Config, res: &Results, sum: &Value) -> String {
         reference::INSTRUCTIONS,
     );
     o.push('\n');
+    if !measured {
+        o.truncate(tables_from);
+    }
 
     if let Some(all) = res.instructions.as_ref().and_then(Value::as_object) {
         let short = |f: &str| {
@@ -665,6 +781,83 @@ pub fn markdown(cfg: &Config, res: &Results, sum: &Value) -> String {
         o.push('\n');
     }
     o
+}
+
+/// `a → b`.
+fn f_arrow(a: String, b: String) -> String {
+    format!("{a} → {b}")
+}
+
+fn f_signed_pct(v: Option<f64>) -> String {
+    match v {
+        None => "—".into(),
+        Some(x) => format!("{}{x:.1} %", if x >= 0.0 { "+" } else { "" }),
+    }
+}
+
+/// The `scrape` section's table (nothing when the section did not run).
+fn scrape_markdown(o: &mut String, cfg: &Config, sum: &Value) {
+    let rows = sum["scrape"].as_array().cloned().unwrap_or_default();
+    if rows.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        o,
+        "#### Metric scrapes during load\n\n`GET {}` every {} ms on a fixed schedule, one keep-alive HTTP/1.1 connection, every body read to its `# EOF`, from node 1's network namespace (and node 2's for `mtls`: both sluices are on its path), during a fixed-rate run over {} connections; each round runs every scenario twice back to back, scrapes off and on, the order alternating between rounds. Latency in µs from the scheduled send time, medians over the valid pairs; Δ is the median over pairs of (on − off) / off; sluice's CPU in cores (both nodes for `mtls`); scrapes, scrape time and body bytes per scraped node. Pass: Δp99 ≤ +{:.0} %.\n",
+        scrape::URL,
+        scrape::INTERVAL_MS,
+        cfg.connections,
+        scrape::MAX_DELTA_P99_PCT
+    );
+    let _ = writeln!(
+        o,
+        "| load | scenario | pairs | p50 off → on | p99 off → on | p99.9 off → on | Δp99 | sluice CPU off → on | scrapes | scrape time mean / p99 (µs) | body bytes | p99 goal |"
+    );
+    let _ = writeln!(o, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|");
+    for r in &rows {
+        // One figure per scraped node, named when there are several.
+        let per_node = |f: &dyn Fn(&Value) -> String| {
+            let nodes = r["scrapers"].as_array().cloned().unwrap_or_default();
+            if nodes.len() == 1 {
+                return f(&nodes[0]);
+            }
+            nodes
+                .iter()
+                .map(|n| format!("{} {}", n["node"].as_str().unwrap_or("?"), f(n)))
+                .collect::<Vec<_>>()
+                .join("; ")
+        };
+        let scrapes = per_node(&|n| f_int(num(&n["scrapes"])));
+        let times = per_node(&|n| {
+            format!("{} / {}", f_us(num(&n["scrape_mean_us"])), f_us(num(&n["scrape_p99_us"])))
+        });
+        let bytes = per_node(&|n| f_int(num(&n["body_bytes"])));
+        let cores = |k: &str| num(&r[k]).map(|c| format!("{c:.3}")).unwrap_or_else(|| "—".into());
+        let verdict = match r["pass"].as_bool() {
+            Some(true) => "pass".to_string(),
+            Some(false) => format!("**fail** (> +{:.0} %)", scrape::MAX_DELTA_P99_PCT),
+            None => "—".to_string(),
+        };
+        let _ = writeln!(
+            o,
+            "| {} rps | {} | {} | {} | {} | {} | {} | {} ({}) | {} ({} expected) | {} | {} | {} |",
+            r["rps"],
+            r["scenario"].as_str().unwrap_or("?"),
+            r["pairs"],
+            f_arrow(f_us(num(&r["p50_off_us"])), f_us(num(&r["p50_on_us"]))),
+            f_arrow(f_us(num(&r["p99_off_us"])), f_us(num(&r["p99_on_us"]))),
+            f_arrow(f_us(num(&r["p99.9_off_us"])), f_us(num(&r["p99.9_on_us"]))),
+            f_signed_pct(num(&r["delta_p99_pct"])),
+            f_arrow(cores("sluice_cores_off"), cores("sluice_cores_on")),
+            f_signed_pct(num(&r["delta_sluice_cpu_pct"])),
+            scrapes,
+            f_int(num(&r["expected_scrapes"])),
+            times,
+            bytes,
+            verdict
+        );
+    }
+    o.push('\n');
 }
 
 // ---------------------------------------------------------------- chart
@@ -838,6 +1031,10 @@ pub fn write(cfg: &Config, res: &Results) -> Result<String> {
             "latency": res.levels.iter().map(|(l, rps, runs)| json!({"level": l, "rps": rps, "runs": runs_json(runs)})).collect::<Vec<_>>(),
             "bulk": res.bulk.iter().map(|(l, runs)| json!({"where": l, "runs": runs_json(runs)})).collect::<Vec<_>>(),
             "churn": runs_json(&res.churn),
+            "scrape": res.scrape.iter().map(|l| json!({
+                "rps": l.rps,
+                "pairs": l.pairs.iter().map(|(s, ps)| (s.name().to_string(), json!(ps.iter().map(scrape::Pair::to_json).collect::<Vec<_>>()))).collect::<serde_json::Map<_, _>>(),
+            })).collect::<Vec<_>>(),
         },
         "idle": res.idle,
         "instructions": res.instructions,

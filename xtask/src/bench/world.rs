@@ -105,6 +105,11 @@ impl Bins {
         self.run_help().contains("--detect-timeout-ms")
     }
 
+    /// Whether this sluice serves OpenMetrics on `--metrics-addr` (the `scrape` section).
+    pub fn sluice_has_metrics(&self) -> bool {
+        self.run_help().contains("--metrics-addr")
+    }
+
     /// Flags of `sluice run` for every sluice of the benchmark: the per-pod accept-rate limit
     /// (`--pod-connection-rate`, 2000 new connections/s by default) is raised out of reach,
     /// so that the churn figures measure the data path rather than that policy (with the
