@@ -112,6 +112,8 @@ pub struct SimProcess {
     stdin: Option<ChildStdin>,
     lines: Receiver<String>,
     all_lines: Arc<Mutex<Vec<String>>>,
+    /// Set by the stdout reader thread at EOF (every line is in `all_lines` then).
+    stdout_done: Arc<(Mutex<bool>, std::sync::Condvar)>,
     stdout_eof: bool,
     stdout_path: PathBuf,
     stderr_path: PathBuf,
@@ -190,6 +192,8 @@ impl SimProcess {
         let mut copy = fs::File::create(&stdout_path)
             .with_context(|| format!("creating {}", stdout_path.display()))?;
         let all = all_lines.clone();
+        let stdout_done = Arc::new((Mutex::new(false), std::sync::Condvar::new()));
+        let done = stdout_done.clone();
         // A thread per process drains stdout: the process never blocks on a full pipe, and the
         // test reads lines with timeouts from the channel. It ends at EOF.
         std::thread::Builder::new()
@@ -213,6 +217,8 @@ impl SimProcess {
                         }
                     }
                 }
+                *done.0.lock().unwrap_or_else(|e| e.into_inner()) = true;
+                done.1.notify_all();
             })
             .context("starting stdout reader thread")?;
         Ok(SimProcess {
@@ -221,6 +227,7 @@ impl SimProcess {
             stdin,
             lines: rx,
             all_lines,
+            stdout_done,
             stdout_eof: false,
             stdout_path,
             stderr_path,
@@ -359,8 +366,20 @@ impl SimProcess {
                 .child
                 .try_wait()
                 .with_context(|| format!("waiting for {}", self.description))?;
+            if self.status.is_some() {
+                self.await_stdout(Duration::from_secs(5));
+            }
         }
         Ok(self.status)
+    }
+
+    /// After the process exited: waits (up to `limit`: a child it left behind may hold the
+    /// pipe open) until the reader thread has taken every line, so that `json_lines` and
+    /// `stdout_lines` see the whole output, not what the thread had copied so far.
+    fn await_stdout(&self, limit: Duration) {
+        let (lock, cv) = &*self.stdout_done;
+        let guard = lock.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = cv.wait_timeout_while(guard, limit, |done| !*done);
     }
 
     /// Waits up to `timeout` for the process to exit.
