@@ -3,8 +3,10 @@
 
 mod bench;
 mod demo;
+mod failures;
 mod setup;
 
+use std::path::Path;
 use std::process::Command;
 
 use anyhow::{bail, Result};
@@ -80,19 +82,39 @@ fn test(extra: &[String]) -> Result<()> {
     build(false)?;
     // Leftovers from an earlier, killed run would make names collide or confuse the leak check.
     report_sweep("before the suite");
-    let status = cargo()
-        .args(["nextest", "run", "--workspace", "--no-fail-fast"])
-        .args(extra)
-        .status()?;
+    let junit = target_dir().join("nextest/default/junit.xml");
+    let _ = std::fs::remove_file(&junit);
+    let mut cmd = cargo();
+    cmd.args(["nextest", "run", "--workspace", "--no-fail-fast"]).args(extra);
+    // A failure should show its message, not pages of frames (CI logs keep the head and the
+    // tail); SLUICE_TEST_BACKTRACE=1 brings backtraces back.
+    if std::env::var_os("SLUICE_TEST_BACKTRACE").is_none() {
+        cmd.env("RUST_BACKTRACE", "0").env("RUST_LIB_BACKTRACE", "0");
+    }
+    let status = cmd.status()?;
     // Every test tears its simulator down; this check proves it (and cleans up if not).
     let leaked = report_sweep("after the suite");
     if !status.success() {
-        bail!("tests failed ({status})");
+        let failed = failures::read(&junit);
+        for f in &failed {
+            eprintln!("xtask: FAILED {}", f.test);
+            for line in &f.message {
+                eprintln!("xtask:     {line}");
+            }
+        }
+        bail!("{} test(s) failed ({status}); each one's whole output is above", failed.len());
     }
     if leaked > 0 {
         bail!("the suite left {leaked} simulator object(s) behind (listed above); a test does not clean up");
     }
     Ok(())
+}
+
+/// Where cargo puts its output (nextest writes its reports under it).
+fn target_dir() -> std::path::PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(Into::into)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"))
 }
 
 /// Removes simulator leftovers and says what they were. Returns how many there were.

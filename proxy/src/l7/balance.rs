@@ -444,8 +444,16 @@ mod tests {
 
     /// `concurrency` requests in flight at all times against endpoints whose latency is
     /// `latency(endpoint)`, on a virtual clock (a discrete-event simulation). Returns how many
-    /// requests each endpoint got.
-    fn simulate(n: usize, requests: usize, concurrency: usize, mut latency: impl FnMut(usize) -> Duration) -> Vec<usize> {
+    /// requests each endpoint got. `seed` fixes the balancer's own random choices, so a
+    /// failure can be replayed.
+    fn simulate(
+        seed: u64,
+        n: usize,
+        requests: usize,
+        concurrency: usize,
+        mut latency: impl FnMut(usize) -> Duration,
+    ) -> Vec<usize> {
+        fastrand::seed(seed);
         let b = Balancer::new(LbPolicy::P2cEwma, EwmaConfig::default());
         let eps = addrs(n);
         let mut now = Instant::now();
@@ -482,7 +490,7 @@ mod tests {
         for seed in 0..100 {
             let mut rng = fastrand::Rng::with_seed(seed);
             let mut n = 0;
-            let counts = simulate(3, 300, 1, |_| {
+            let counts = simulate(seed, 3, 300, 1, |_| {
                 n += 1;
                 let mut us = 250 + rng.u64(..500);
                 if rng.u32(..50) == 0 || (n < 10 && rng.bool()) {
@@ -497,7 +505,7 @@ mod tests {
     #[test]
     fn equal_endpoints_share_load_fairly() {
         for seed in 0..20 {
-            let counts = simulate(3, 1000, 4, jitter(seed));
+            let counts = simulate(seed, 3, 1000, 4, jitter(seed));
             for c in &counts {
                 assert!((250..=420).contains(c), "seed {seed}: {counts:?}");
             }
@@ -508,7 +516,7 @@ mod tests {
     fn a_slow_endpoint_gets_little_traffic() {
         for (seed, concurrency) in (0..20).zip([1, 4, 10].into_iter().cycle()) {
             let mut fair = jitter(seed);
-            let counts = simulate(3, 3000, concurrency, |i| {
+            let counts = simulate(seed, 3, 3000, concurrency, |i| {
                 fair(i) + if i == 2 { Duration::from_millis(50) } else { Duration::ZERO }
             });
             assert!(counts[2] < 300, "seed {seed}: the slow endpoint got {counts:?}");
@@ -522,7 +530,7 @@ mod tests {
         let mut calls = 0;
         // 24 000 requests, 4 at a time, take about 6 s: the slow estimate (51 ms) decays to
         // the others' (1 ms) in tau × ln 51 ≈ 4 s, then the endpoint is tried and kept.
-        let counts = simulate(3, 24_000, 4, |i| {
+        let counts = simulate(7, 3, 24_000, 4, |i| {
             calls += 1;
             fair(i) + if i == 2 && calls <= 500 { Duration::from_millis(50) } else { Duration::ZERO }
         });
