@@ -306,6 +306,8 @@ fn start_admin_thread(
             Arc::new(move || !redirector.is_owner())
         },
     };
+    metrics_server::start_thread(metrics_listener, scrape, probe.superseded.clone(), metrics_closed)
+        .context("starting the metrics thread")?;
     let admin_addr = args.admin_addr;
     std::thread::Builder::new()
         .name("sluice-admin".into())
@@ -314,9 +316,7 @@ fn start_admin_thread(
                 tokio::spawn(heartbeat(redirector));
                 tokio::spawn(forward_ebpf_logs(logger));
                 tokio::spawn(signals(control));
-                let superseded = probe.superseded.clone();
                 tokio::spawn(health::serve(readiness_listener, probe, readiness_closed));
-                tokio::spawn(metrics_server::serve(metrics_listener, scrape, superseded, metrics_closed));
                 server::serve(admin, tcp, admin_addr, Some(unix)).await;
             })
         })

@@ -3,10 +3,12 @@
 //! metrics ([`crate::telemetry::metrics`], recorded by the data path) and sluice's own
 //! (`sluice_*`), which are read at scrape time from what the node already keeps: kernel
 //! counters, enrolled pods, eBPF map occupancy, certificates, upstream pools, the admin
-//! counters. It runs on the admin runtime thread, next to the admin API, away from the data
-//! path; the text is encoded on that runtime's blocking pool (one scrape at a time), so that
-//! the heartbeat never waits for a large scrape, and a scrape takes the series lists' read
-//! locks only long enough to copy them.
+//! counters. It runs on a thread of its own (and that thread's blocking pool, where the text
+//! is encoded, one scrape at a time) at the `SCHED_IDLE` CPU priority: a scrape uses only CPU
+//! time that nothing else on the node wants, so it never delays a request in the data path nor
+//! the heartbeat on the admin thread (the benchmark's `scrape` section measures this), and it
+//! takes the series lists' read locks only long enough to copy them. On a saturated node a
+//! scrape is therefore slower, never the requests.
 //!
 //! Upgrades: as the readiness endpoint (see `health.rs`), both processes bind the port with
 //! `SO_REUSEPORT` while they overlap, and the old one closes its listener as soon as a newer
@@ -106,6 +108,35 @@ impl Scrape {
     }
 }
 
+/// Starts the metrics thread (see the module's comment) serving `listener`.
+pub fn start_thread(
+    listener: std::net::TcpListener,
+    scrape: Arc<Scrape>,
+    superseded: Arc<dyn Fn() -> bool + Send + Sync>,
+    closed: watch::Receiver<Option<&'static str>>,
+) -> std::io::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    std::thread::Builder::new().name("sluice-metrics".into()).spawn(move || {
+        // Before the runtime starts any blocking-pool thread: those inherit the policy.
+        if let Err(e) = idle_cpu_priority() {
+            warn!(error = %e, "cannot lower the metrics thread to SCHED_IDLE; scrapes compete with the data path for CPU");
+        }
+        rt.block_on(serve(listener, scrape, superseded, closed));
+    })?;
+    Ok(())
+}
+
+/// Puts the calling thread in the `SCHED_IDLE` class (no privilege needed to lower a thread's
+/// own priority).
+fn idle_cpu_priority() -> std::io::Result<()> {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: pid 0 is the calling thread; `param` is a valid sched_param we own.
+    if unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Serves `GET /metrics` on `listener` until `closed` says so (the daemon closes readiness when
 /// it starts draining; metrics follow), the sender is dropped, or `superseded()` turns true (a
 /// newer sluice process took over the node); then closes the listener.
@@ -166,8 +197,7 @@ fn spawn_conn(stream: tokio::net::TcpStream, scrape: Arc<Scrape>) {
                     return Ok::<_, Infallible>(answer(req.method(), req.uri().path(), None));
                 }
                 // Encoding is synchronous and grows with the number of series: it runs on the
-                // blocking pool, so that the heartbeat and the admin API on this runtime never
-                // wait for it.
+                // blocking pool, so that this thread keeps accepting and answering other paths.
                 let _turn = scrape.gate.acquire().await;
                 let text = {
                     let scrape = scrape.clone();

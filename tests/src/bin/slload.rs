@@ -136,6 +136,11 @@ enum Cmd {
         /// Requests scheduled in this first part of the run are sent but not recorded.
         #[arg(long, default_value_t = 1_000)]
         warmup_ms: u64,
+        /// Also report latency separately for requests scheduled in even and in odd windows of
+        /// this length on the monotonic clock (`slload scrape --even-windows-ms` scrapes only
+        /// in even ones: an A/B comparison inside one run).
+        #[arg(long)]
+        split_window_ms: Option<u64>,
     },
     /// Closed-loop saturation: as many requests as the path answers.
     Max {
@@ -191,6 +196,10 @@ enum Cmd {
         /// Connect timeout, and the longest one read or write may block.
         #[arg(long, default_value_t = 10_000)]
         timeout_ms: u64,
+        /// Scrape only in even windows of this length on the monotonic clock (ticks in odd
+        /// windows, or too close to a window's end for a scrape to finish in it, are skipped).
+        #[arg(long)]
+        even_windows_ms: Option<u64>,
     },
 }
 
@@ -200,10 +209,13 @@ fn main() -> ExitCode {
     let res = match cli.cmd {
         Cmd::Serve { port, bind, body_bytes, threads } => serve(&bind, port, body_bytes, threads),
         Cmd::GrpcServe { port, bind, body_bytes, threads } => grpc_serve(&bind, port, body_bytes, threads),
-        Cmd::Rate { target, rps, connections, duration_ms, warmup_ms } => match target.proto {
-            Proto::Http => rate::<H1>(&target, rps, connections, duration_ms, warmup_ms),
-            Proto::Grpc => rate::<GrpcConn>(&target, rps, connections, duration_ms, warmup_ms),
-        },
+        Cmd::Rate { target, rps, connections, duration_ms, warmup_ms, split_window_ms } => {
+            let window_ns = split_window_ms.map(|w| w.max(1) * 1_000_000);
+            match target.proto {
+                Proto::Http => rate::<H1>(&target, rps, connections, duration_ms, warmup_ms, window_ns),
+                Proto::Grpc => rate::<GrpcConn>(&target, rps, connections, duration_ms, warmup_ms, window_ns),
+            }
+        }
         Cmd::Max { target, connections, duration_ms, warmup_ms } => match target.proto {
             Proto::Http => max::<H1>(&target, connections, duration_ms, warmup_ms),
             Proto::Grpc => max::<GrpcConn>(&target, connections, duration_ms, warmup_ms),
@@ -216,8 +228,8 @@ fn main() -> ExitCode {
             Proto::Http => seq::<H1>(&target, interval_us),
             Proto::Grpc => seq::<GrpcConn>(&target, interval_us),
         },
-        Cmd::Scrape { url, interval_ms, duration_ms, until_stdin_eof, timeout_ms } => {
-            scrape(&url, interval_ms, duration_ms, until_stdin_eof, timeout_ms)
+        Cmd::Scrape { url, interval_ms, duration_ms, until_stdin_eof, timeout_ms, even_windows_ms } => {
+            scrape(&url, interval_ms, duration_ms, until_stdin_eof, timeout_ms, even_windows_ms)
         }
     };
     match res {
@@ -631,6 +643,8 @@ struct RateWorker {
     service: Histogram<u64>,
     /// How late the generator sent relative to the schedule.
     lag: Histogram<u64>,
+    /// `latency` of the requests scheduled in even and in odd windows (with `--split-window-ms`).
+    split: Option<[Histogram<u64>; 2]>,
     completed: u64,
     errors: u64,
     first_error: Option<String>,
@@ -648,6 +662,7 @@ fn rate_worker<C: LoadConn>(
     start: u64,
     record_from: u64,
     end: u64,
+    window_ns: Option<u64>,
 ) -> RateWorker {
     precise_timers();
     let give_up = end + (end - start).max(5_000_000_000);
@@ -655,6 +670,7 @@ fn rate_worker<C: LoadConn>(
         latency: new_hist(),
         service: new_hist(),
         lag: new_hist(),
+        split: window_ns.map(|_| [new_hist(), new_hist()]),
         completed: 0,
         errors: 0,
         first_error: None,
@@ -691,6 +707,9 @@ fn rate_worker<C: LoadConn>(
                     w.latency.saturating_record(done - sched);
                     w.service.saturating_record(done - sent);
                     w.lag.saturating_record(sent.saturating_sub(sched).max(1));
+                    if let (Some(split), Some(win)) = (w.split.as_mut(), window_ns) {
+                        split[((sched / win) % 2) as usize].saturating_record(done - sched);
+                    }
                 }
                 if close {
                     conn = None;
@@ -720,6 +739,7 @@ fn rate<C: LoadConn>(
     connections: usize,
     duration_ms: u64,
     warmup_ms: u64,
+    window_ns: Option<u64>,
 ) -> io::Result<()> {
     if !(rps > 0.0) || connections == 0 {
         return Err(io::Error::new(io::ErrorKind::InvalidInput, "--rps and --connections must be positive"));
@@ -736,16 +756,21 @@ fn rate<C: LoadConn>(
         .map(|(i, c)| {
             let t = target.clone();
             let offset = i as f64 * interval_ns / connections as f64;
-            thread::spawn(move || rate_worker(c, t, interval_ns, offset, start, record_from, end))
+            thread::spawn(move || rate_worker(c, t, interval_ns, offset, start, record_from, end, window_ns))
         })
         .collect();
     let mut latency = new_hist();
     let mut service = new_hist();
     let mut lag = new_hist();
+    let mut split = [new_hist(), new_hist()];
     let (mut completed, mut errors, mut unsent, mut last_done) = (0, 0, 0, end);
     let mut first_error = None;
     for h in handles {
         let w = h.join().map_err(|_| io::Error::other("worker panicked"))?;
+        if let Some([even, odd]) = &w.split {
+            split[0].add(even).expect("same bounds");
+            split[1].add(odd).expect("same bounds");
+        }
         latency.add(&w.latency).expect("same bounds");
         service.add(&w.service).expect("same bounds");
         lag.add(&w.lag).expect("same bounds");
@@ -774,6 +799,11 @@ fn rate<C: LoadConn>(
         "latency": summary(&latency),
         "service_time": summary(&service),
         "send_lag": summary(&lag),
+        "split": window_ns.map(|w| json!({
+            "window_ms": w / 1_000_000,
+            "even": summary(&split[0]),
+            "odd": summary(&split[1]),
+        })),
         "locals": local,
     }));
     Ok(())
@@ -1144,6 +1174,7 @@ fn scrape(
     duration_ms: u64,
     until_stdin_eof: bool,
     timeout_ms: u64,
+    even_windows_ms: Option<u64>,
 ) -> io::Result<()> {
     use std::sync::atomic::{AtomicBool, Ordering};
     if interval_ms == 0 {
@@ -1182,6 +1213,10 @@ fn scrape(
     let mut first_error: Option<String> = None;
     let mut first_bad_status: Option<u16> = None;
     let mut body = Vec::with_capacity(64 * 1024);
+    let window = even_windows_ms.map(|w| w.max(1) * 1_000_000);
+    // A scrape must end inside its even window: none starts in the window's last tenth.
+    let in_even_window = |t: u64| window.is_none_or(|w| (t / w) % 2 == 0 && t % w < w - w / 10);
+    let mut skipped = 0u64;
     let mut k: u64 = 0;
     loop {
         let sched = start + k * interval;
@@ -1192,6 +1227,14 @@ fn scrape(
             // Ran for the whole --duration-ms.
             sleep_until_ns(end);
             break;
+        }
+        if !in_even_window(sched) {
+            skipped += 1;
+            k += 1;
+            if mono_ns() < sched {
+                sleep_until_ns(sched);
+            }
+            continue;
         }
         if mono_ns() < sched {
             sleep_until_ns(sched);
@@ -1268,6 +1311,8 @@ fn scrape(
         "first_bad_status": first_bad_status,
         "missing_eof": missing_eof,
         "dropped_ticks": dropped,
+        "even_windows_ms": even_windows_ms,
+        "skipped_ticks": skipped,
         "connects": connects,
         "first_error": first_error,
         "bytes": {

@@ -2,15 +2,19 @@
 //! change the request latency? (The telemetry goal: the p99 moves by at most 5 %.)
 //!
 //! For `http`, `mtls` and `grpc` (those this run has), at `--rps` (and `--high-rps` in the full
-//! run), each round runs the same fixed-rate load twice back to back, once without and once
-//! with scrapes, alternating which goes first from round to round so that the machine's noise
-//! hits both halves alike. During the "on" run, `slload scrape` fetches
-//! `http://127.0.0.1:15020/metrics` every 100 ms on a fixed schedule over one keep-alive
-//! connection, reading every body to its `# EOF`, from node 1's network namespace and `system`
-//! cgroup (where the harness starts every node-side process; never a pod), and from node 2's
-//! too for `mtls` (both sluices are on that path). A pair is valid only if every scraper made at
-//! least 90 % of the scrapes the load's duration allows and every answer was a 200 ending with
-//! `# EOF`; an invalid pair is recorded as an error of its scenario and the others go on.
+//! run), each round is one fixed-rate run cut into 1 s windows on the monotonic clock: in even
+//! windows `slload scrape` fetches `http://127.0.0.1:15020/metrics` every 100 ms on a fixed
+//! schedule (none in the last tenth of a window, so each ends inside it), in odd windows
+//! nothing scrapes, and the load generator keeps one latency histogram per parity. "On" and
+//! "off" are thus measured in the same run, on the same connections, interleaved second by
+//! second: the machine's drift and noise (which moved the p99 of two back-to-back 30 s runs by
+//! ±25 % on the 2-core machine, more than the effect measured) hit both alike. Scrapes come
+//! from node 1's network namespace and `system` cgroup (where the harness starts every
+//! node-side process; never a pod), over one keep-alive connection, every body read to its
+//! `# EOF`, and from node 2's too for `mtls` (both sluices are on that path). A round is valid
+//! only if every scraper made at least 90 % of the scrapes its windows allow and every answer
+//! was a 200 ending with `# EOF`; an invalid round is recorded as an error of its scenario and
+//! the others go on.
 
 use std::{
     collections::BTreeMap,
@@ -36,6 +40,10 @@ pub const URL: &str = "http://127.0.0.1:15020/metrics";
 pub const SCENARIOS: [Scenario; 3] = [Scenario::Http, Scenario::Mtls, Scenario::Grpc];
 /// A scraper must make at least this share of the scrapes the run's duration allows.
 pub const MIN_SHARE: f64 = 0.9;
+/// Scrapes happen in even windows of this length, and not in odd ones.
+pub const WINDOW_MS: u64 = 1000;
+/// The share of a run's ticks that fall in an even window, outside its last tenth.
+const SCRAPED_SHARE: f64 = 0.5 * 0.9;
 /// How long node 1's sluice keeps an idle pooled L7 upstream connection (4 s), and a margin.
 /// Runs through the tunnel wait this long after the previous one, so that each opens new
 /// tunnel streams: node 2's part of the path check counts new streams, and its byte counts do
@@ -44,13 +52,14 @@ const POOL_IDLE: Duration = Duration::from_millis(4500);
 /// The goal: the p99 with scrapes at most this many percent above the p99 without.
 pub const MAX_DELTA_P99_PCT: f64 = 5.0;
 
-/// One round of one scenario: the same load without and with scrapes, back to back.
+/// One round of one scenario: one run, its requests split by whether their window had scrapes.
 #[derive(Debug, Clone)]
 pub struct Pair {
     pub round: usize,
-    /// Whether the run with scrapes went first.
-    pub on_first: bool,
+    /// The run with the latency of the requests scheduled in windows without scrapes in place
+    /// of its overall latency (the rest of its output, and its CPU, are the whole run's).
     pub off: Run,
+    /// The same for windows with scrapes.
     pub on: Run,
     /// What each scraper reported: (node, `slload scrape`'s summary line).
     pub scrapers: Vec<(String, Value)>,
@@ -62,7 +71,7 @@ impl Pair {
     pub fn to_json(&self) -> Value {
         json!({
             "round": self.round,
-            "first": if self.on_first { "on" } else { "off" },
+            "window_ms": WINDOW_MS,
             "expected_scrapes": self.expected_scrapes,
             "off": self.off.to_json(),
             "on": self.on.to_json(),
@@ -116,17 +125,14 @@ pub fn run(cfg: &Config, world: &World, res: &mut Results) -> Result<()> {
     for rps in levels(cfg) {
         let mut pairs: BTreeMap<Scenario, Vec<Pair>> = BTreeMap::new();
         for round in 0..cfg.rounds {
-            // Off first in the first round, on first in the second, and so on.
-            let on_first = round % 2 == 1;
             for &s in &measured {
                 eprintln!(
-                    "bench: scrape, {rps} rps, {} round {}/{} (scrapes {})",
+                    "bench: scrape, {rps} rps, {} round {}/{} (scrapes in every other {WINDOW_MS} ms window)",
                     s.name(),
                     round + 1,
                     cfg.rounds,
-                    if on_first { "on, then off" } else { "off, then on" }
                 );
-                match pair(cfg, world, s, rps, round, on_first, &mut tunnel_used) {
+                match pair(cfg, world, s, rps, round, &mut tunnel_used) {
                     Ok(p) => pairs.entry(s).or_default().push(p),
                     Err(e) => {
                         let what = format!("scrape {rps} rps {} round {}", s.name(), round + 1);
@@ -156,7 +162,6 @@ fn pair(
     s: Scenario,
     rps: u32,
     round: usize,
-    on_first: bool,
     tunnel_used: &mut Option<Instant>,
 ) -> Result<Pair> {
     let route = world.route(s)?;
@@ -170,35 +175,35 @@ fn pair(
         ms(cfg.rate_duration),
         "--warmup-ms".into(),
         ms(cfg.warmup),
+        "--split-window-ms".into(),
+        WINDOW_MS.to_string(),
     ];
     let secs = (cfg.warmup + cfg.rate_duration).as_secs_f64();
-    let expected_scrapes = (secs * 1000.0 / INTERVAL_MS as f64).floor();
-    let (mut off, mut on, mut scrapers) = (None, None, Vec::new());
-    let order = if on_first { [true, false] } else { [false, true] };
-    for scraping in order {
-        if s.via_tunnel() {
-            // Both halves start on new tunnel streams (see POOL_IDLE).
-            if let Some(t) = *tunnel_used {
-                std::thread::sleep(POOL_IDLE.saturating_sub(t.elapsed()));
-            }
-        }
-        let _mark = TunnelMark(s.via_tunnel().then_some(&mut *tunnel_used));
-        if scraping {
-            let mut procs = start_scrapers(world, &nodes, secs)?;
-            let run = measure::slload(world, route, round, "rate", &extra, secs);
-            // Collected whatever the load did: the scrapers stop either way.
-            let outs = stop_scrapers(&mut procs);
-            on = Some(run.context("the load run with scrapes")?);
-            scrapers = outs?;
-        } else {
-            off = Some(
-                measure::slload(world, route, round, "rate", &extra, secs)
-                    .context("the load run without scrapes")?,
-            );
+    let expected_scrapes = (secs * 1000.0 / INTERVAL_MS as f64 * SCRAPED_SHARE).floor();
+    if s.via_tunnel() {
+        // Each run starts on new tunnel streams (see POOL_IDLE).
+        if let Some(t) = *tunnel_used {
+            std::thread::sleep(POOL_IDLE.saturating_sub(t.elapsed()));
         }
     }
+    let _mark = TunnelMark(s.via_tunnel().then_some(&mut *tunnel_used));
+    let mut procs = start_scrapers(world, &nodes, secs)?;
+    let run = measure::slload(world, route, round, "rate", &extra, secs);
+    // Collected whatever the load did: the scrapers stop either way.
+    let outs = stop_scrapers(&mut procs);
+    let run = run.context("the load run")?;
+    let scrapers = outs?;
     check_scrapers(&scrapers, expected_scrapes)?;
-    Ok(Pair { round, on_first, off: off.expect("ran"), on: on.expect("ran"), scrapers, expected_scrapes })
+    let part = |parity: &str| -> Result<Run> {
+        let latency = run.out["split"][parity].clone();
+        if latency["count"].as_f64().unwrap_or(0.0) == 0.0 {
+            bail!("slload recorded no request in the {parity} windows: {}", run.out["split"]);
+        }
+        let mut r = run.clone();
+        r.out["latency"] = latency;
+        Ok(r)
+    };
+    Ok(Pair { round, off: part("odd")?, on: part("even")?, scrapers, expected_scrapes })
 }
 
 /// Records, when dropped, that a run through the tunnel just ended (whether it succeeded or not).
@@ -226,6 +231,8 @@ fn start_scrapers(world: &World, nodes: &[&Node], load_secs: f64) -> Result<Vec<
             URL,
             "--interval-ms",
             &INTERVAL_MS.to_string(),
+            "--even-windows-ms",
+            &WINDOW_MS.to_string(),
             "--duration-ms",
             &cap_ms.to_string(),
             "--until-stdin-eof",
