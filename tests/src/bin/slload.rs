@@ -141,6 +141,11 @@ enum Cmd {
         /// in even ones: an A/B comparison inside one run).
         #[arg(long)]
         split_window_ms: Option<u64>,
+        /// With `--split-window-ms`: which windows are "even" is drawn from this seed (the same
+        /// for the scraper), not taken in turn, so that nothing periodic in the system can
+        /// fall always on one side.
+        #[arg(long, default_value_t = 0)]
+        window_seed: u64,
     },
     /// Closed-loop saturation: as many requests as the path answers.
     Max {
@@ -200,6 +205,9 @@ enum Cmd {
         /// windows, or too close to a window's end for a scrape to finish in it, are skipped).
         #[arg(long)]
         even_windows_ms: Option<u64>,
+        /// See `rate --window-seed`.
+        #[arg(long, default_value_t = 0)]
+        window_seed: u64,
     },
 }
 
@@ -209,8 +217,8 @@ fn main() -> ExitCode {
     let res = match cli.cmd {
         Cmd::Serve { port, bind, body_bytes, threads } => serve(&bind, port, body_bytes, threads),
         Cmd::GrpcServe { port, bind, body_bytes, threads } => grpc_serve(&bind, port, body_bytes, threads),
-        Cmd::Rate { target, rps, connections, duration_ms, warmup_ms, split_window_ms } => {
-            let window_ns = split_window_ms.map(|w| w.max(1) * 1_000_000);
+        Cmd::Rate { target, rps, connections, duration_ms, warmup_ms, split_window_ms, window_seed } => {
+            let window_ns = split_window_ms.map(|w| Windows { ns: w.max(1) * 1_000_000, seed: window_seed });
             match target.proto {
                 Proto::Http => rate::<H1>(&target, rps, connections, duration_ms, warmup_ms, window_ns),
                 Proto::Grpc => rate::<GrpcConn>(&target, rps, connections, duration_ms, warmup_ms, window_ns),
@@ -228,8 +236,9 @@ fn main() -> ExitCode {
             Proto::Http => seq::<H1>(&target, interval_us),
             Proto::Grpc => seq::<GrpcConn>(&target, interval_us),
         },
-        Cmd::Scrape { url, interval_ms, duration_ms, until_stdin_eof, timeout_ms, even_windows_ms } => {
-            scrape(&url, interval_ms, duration_ms, until_stdin_eof, timeout_ms, even_windows_ms)
+        Cmd::Scrape { url, interval_ms, duration_ms, until_stdin_eof, timeout_ms, even_windows_ms, window_seed } => {
+            let windows = even_windows_ms.map(|w| Windows { ns: w.max(1) * 1_000_000, seed: window_seed });
+            scrape(&url, interval_ms, duration_ms, until_stdin_eof, timeout_ms, windows)
         }
     };
     match res {
@@ -238,6 +247,24 @@ fn main() -> ExitCode {
             emit(json!({"ok": false, "error": format!("{:?}: {e}", e.kind())}));
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Windows of `ns` on the monotonic clock, each "even" (0) or "odd" (1) by a hash of its index
+/// and `seed`: about half of each, in an order no periodic activity can follow.
+#[derive(Clone, Copy)]
+struct Windows {
+    ns: u64,
+    seed: u64,
+}
+
+impl Windows {
+    fn parity(&self, t: u64) -> usize {
+        // splitmix64's finaliser.
+        let mut z = (t / self.ns) ^ self.seed.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        ((z ^ (z >> 31)) & 1) as usize
     }
 }
 
@@ -662,7 +689,7 @@ fn rate_worker<C: LoadConn>(
     start: u64,
     record_from: u64,
     end: u64,
-    window_ns: Option<u64>,
+    window_ns: Option<Windows>,
 ) -> RateWorker {
     precise_timers();
     let give_up = end + (end - start).max(5_000_000_000);
@@ -708,7 +735,7 @@ fn rate_worker<C: LoadConn>(
                     w.service.saturating_record(done - sent);
                     w.lag.saturating_record(sent.saturating_sub(sched).max(1));
                     if let (Some(split), Some(win)) = (w.split.as_mut(), window_ns) {
-                        split[((sched / win) % 2) as usize].saturating_record(done - sched);
+                        split[win.parity(sched)].saturating_record(done - sched);
                     }
                 }
                 if close {
@@ -739,7 +766,7 @@ fn rate<C: LoadConn>(
     connections: usize,
     duration_ms: u64,
     warmup_ms: u64,
-    window_ns: Option<u64>,
+    window_ns: Option<Windows>,
 ) -> io::Result<()> {
     if !(rps > 0.0) || connections == 0 {
         return Err(io::Error::new(io::ErrorKind::InvalidInput, "--rps and --connections must be positive"));
@@ -800,7 +827,8 @@ fn rate<C: LoadConn>(
         "service_time": summary(&service),
         "send_lag": summary(&lag),
         "split": window_ns.map(|w| json!({
-            "window_ms": w / 1_000_000,
+            "window_ms": w.ns / 1_000_000,
+            "window_seed": w.seed,
             "even": summary(&split[0]),
             "odd": summary(&split[1]),
         })),
@@ -1174,7 +1202,7 @@ fn scrape(
     duration_ms: u64,
     until_stdin_eof: bool,
     timeout_ms: u64,
-    even_windows_ms: Option<u64>,
+    windows: Option<Windows>,
 ) -> io::Result<()> {
     use std::sync::atomic::{AtomicBool, Ordering};
     if interval_ms == 0 {
@@ -1213,9 +1241,8 @@ fn scrape(
     let mut first_error: Option<String> = None;
     let mut first_bad_status: Option<u16> = None;
     let mut body = Vec::with_capacity(64 * 1024);
-    let window = even_windows_ms.map(|w| w.max(1) * 1_000_000);
     // A scrape must end inside its even window: none starts in the window's last tenth.
-    let in_even_window = |t: u64| window.is_none_or(|w| (t / w) % 2 == 0 && t % w < w - w / 10);
+    let in_even_window = |t: u64| windows.is_none_or(|w| w.parity(t) == 0 && t % w.ns < w.ns - w.ns / 10);
     let mut skipped = 0u64;
     let mut k: u64 = 0;
     loop {
@@ -1311,7 +1338,8 @@ fn scrape(
         "first_bad_status": first_bad_status,
         "missing_eof": missing_eof,
         "dropped_ticks": dropped,
-        "even_windows_ms": even_windows_ms,
+        "even_windows_ms": windows.map(|w| w.ns / 1_000_000),
+        "window_seed": windows.map(|w| w.seed),
         "skipped_ticks": skipped,
         "connects": connects,
         "first_error": first_error,

@@ -790,7 +790,7 @@ fn scrape_markdown(o: &mut String, cfg: &Config, sum: &Value) {
     }
     let _ = writeln!(
         o,
-        "#### Metric scrapes during load\n\n`GET {}` every {} ms on a fixed schedule, one keep-alive HTTP/1.1 connection, every body read to its `# EOF`, from node 1's network namespace (and node 2's for `mtls`: both sluices are on its path), during a fixed-rate run over {} connections cut into {} ms windows: scrapes in every other window (\"on\"), none in the rest (\"off\"), each request counted in the window it was scheduled in, so that both are measured in the same run. Latency in µs from the scheduled send time, medians over the valid rounds; Δ is the median over rounds of (on − off) / off; sluice's CPU in cores over the whole run (both nodes for `mtls`); scrapes, scrape time and body bytes per scraped node. Pass: Δp99 ≤ +{:.0} %.\n",
+        "#### Metric scrapes during load\n\n`GET {}` every {} ms on a fixed schedule, one keep-alive HTTP/1.1 connection, every body read to its `# EOF`, from node 1's network namespace (and node 2's for `mtls`: both sluices are on its path), during a fixed-rate run over {} connections cut into {} ms windows, each drawn at random (a new seed per run) to have scrapes (\"on\") or none (\"off\"), each request counted in the window it was scheduled in, so that both are measured in the same run. Latency in µs from the scheduled send time, medians over the valid rounds; Δ is the median over rounds of (on − off) / off; sluice's CPU in cores over the whole run (both nodes for `mtls`); scrapes, scrape time and body bytes per scraped node. Pass: Δp99 ≤ +{:.0} %.\n",
         scrape::URL,
         scrape::INTERVAL_MS,
         cfg.connections,
