@@ -6,7 +6,6 @@ mod demo;
 mod failures;
 mod setup;
 
-use std::path::Path;
 use std::process::Command;
 
 use anyhow::{bail, Result};
@@ -82,7 +81,8 @@ fn test(extra: &[String]) -> Result<()> {
     build(false)?;
     // Leftovers from an earlier, killed run would make names collide or confuse the leak check.
     report_sweep("before the suite");
-    let junit = target_dir().join("nextest/default/junit.xml");
+    // nextest writes its reports under cargo's target directory, the one xtask was built in.
+    let junit = bench::target_dir()?.join("nextest/default/junit.xml");
     let _ = std::fs::remove_file(&junit);
     let mut cmd = cargo();
     cmd.args(["nextest", "run", "--workspace", "--no-fail-fast"]).args(extra);
@@ -108,13 +108,6 @@ fn test(extra: &[String]) -> Result<()> {
         bail!("the suite left {leaked} simulator object(s) behind (listed above); a test does not clean up");
     }
     Ok(())
-}
-
-/// Where cargo puts its output (nextest writes its reports under it).
-fn target_dir() -> std::path::PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR")
-        .map(Into::into)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"))
 }
 
 /// Removes simulator leftovers and says what they were. Returns how many there were.

@@ -417,7 +417,7 @@ impl Config {
 }
 
 /// `<workspace>/target` (or `$CARGO_TARGET_DIR`): where this xtask binary was built.
-fn target_dir() -> Result<PathBuf> {
+pub(crate) fn target_dir() -> Result<PathBuf> {
     Ok(sluice_tests::bins::profile_dir()?.parent().context("target directory")?.to_path_buf())
 }
 
