@@ -586,6 +586,12 @@ fn impostor_servers_are_refused() -> Result<()> {
     let n3 = m.sim.add_node("n3")?;
     let rogue = n3.add_pod("shop", "rogue", PodOpts::labels(&[("app", "rogue")]).service_account("rogue-sa"))?;
     m.sim.write_service("shop", "rogue", "10.96.0.30", &[("echo", ECHO_PORT, ECHO_PORT)], &[&rogue])?;
+    // Until node 1's sluice has read both manifests, 10.96.0.30 is no Service to it.
+    let has = |list: &serde_json::Value| {
+        list.as_array().is_some_and(|a| a.iter().any(|o| o["namespace"] == "shop" && o["name"] == "rogue"))
+    };
+    m.s1.wait_for("/model", |v| has(&v["pods"]) && has(&v["services"]), T)
+        .context("node 1's sluice never saw the rogue pod and Service")?;
     let mesh_ca = m.sim.temp_dir().join("ca");
     let other_ca = m.sim.temp_dir().join("other-ca");
     let bin = sluice_tests::sluice_bin()?;
