@@ -220,7 +220,7 @@ pub fn run(args: RunArgs) -> Result<()> {
     readiness.close("draining");
     let successor = !redirector.is_owner();
     redirector.mark_dead();
-    enroller.stop_accepting();
+    let listeners_close_at = enroller.stop_accepting();
     // Tunnels from other nodes: GOAWAY, so their next streams open new tunnels (to the
     // successor, if there is one).
     inbound_stats.draining.send_replace(true);
@@ -230,7 +230,8 @@ pub fn run(args: RunArgs) -> Result<()> {
     info!(reason, successor, open_connections = open, drain_timeout_s = args.drain_timeout.as_secs(), "stopping: draining");
     let deadline = Instant::now() + args.drain_timeout;
     let mut last_report = Instant::now();
-    while conns.open_count() > 0 && Instant::now() < deadline {
+    // Until the listeners close, a connection already on its way may still arrive.
+    while (conns.open_count() > 0 || Instant::now() < listeners_close_at) && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
         if last_report.elapsed() >= Duration::from_secs(1) {
             info!(open_connections = conns.open_count(), "draining");

@@ -89,6 +89,13 @@ pub struct Enroller {
 /// How long to wait before retrying a pod whose enrollment failed (not merely "not yet").
 const FAILED_RETRY: Duration = Duration::from_secs(5);
 
+/// How long a pod's listeners keep accepting after the kernel stopped sending connections to
+/// them (pod released, or sluice stopping). A connect() that passed the redirect hook just
+/// before is still completing its handshake with our listener, or sits in its accept queue:
+/// closing the listener at once would reset it. On loopback and veth the handshake takes
+/// microseconds, so half a second is ample even on a loaded node.
+pub const LISTENER_LINGER: Duration = Duration::from_millis(500);
+
 /// The enrolled pods as the admin API reads them: static facts plus the live counters.
 pub type PodsView = Arc<RwLock<Vec<(PodView, Arc<PodStats>)>>>;
 
@@ -355,18 +362,33 @@ impl Enroller {
         if let IpAddr::V4(v4) = pod.ctx.ip {
             self.redirector.unregister_inbound(v4);
         }
-        // Closing the listeners; accepted connections keep running in their own tasks.
-        pod.tasks.iter().for_each(JoinHandle::abort);
+        // Closing the listeners (after the linger); accepted connections keep running in their
+        // own tasks.
+        self.retire_listeners(pod.tasks);
         info!(pod = %pod.ctx.key, open_connections = pod.ctx.stats.open.load(Ordering::Relaxed), "pod released");
     }
 
-    /// Stops accepting on every pod's listeners (graceful stop), leaving the kernel state
-    /// (enrollment, inbound capture) for a successor process or for fail-open/closed.
-    /// Connections already accepted carry on.
-    pub fn stop_accepting(&mut self) {
-        for pod in self.enrolled.values() {
-            pod.tasks.iter().for_each(JoinHandle::abort);
+    /// Stops accepting on every pod's listeners (graceful stop) once [`LISTENER_LINGER`] has
+    /// passed, leaving the kernel state (enrollment, inbound capture) for a successor process or
+    /// for fail-open/closed. Connections already accepted carry on. The caller has already told
+    /// the kernel to stop redirecting here, and must keep the data runtime up until the
+    /// returned instant.
+    pub fn stop_accepting(&mut self) -> Instant {
+        let tasks: Vec<JoinHandle<()>> = self.enrolled.values_mut().flat_map(|p| p.tasks.drain(..)).collect();
+        self.retire_listeners(tasks);
+        Instant::now() + LISTENER_LINGER
+    }
+
+    /// Closes listeners the kernel no longer sends connections to, after [`LISTENER_LINGER`],
+    /// so that connections already on their way are accepted and served instead of reset.
+    fn retire_listeners(&self, tasks: Vec<JoinHandle<()>>) {
+        if tasks.is_empty() {
+            return;
         }
+        self.data_rt.spawn(async move {
+            tokio::time::sleep(LISTENER_LINGER).await;
+            tasks.iter().for_each(JoinHandle::abort);
+        });
     }
 
     /// Releases everything.

@@ -14,7 +14,10 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     os::fd::{AsFd, AsRawFd, RawFd},
     path::{Path, PathBuf},
-    sync::Mutex,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Mutex,
+    },
     time::Duration,
 };
 
@@ -105,6 +108,9 @@ pub struct Redirector {
     inbound: Mutex<SockHash<MapData, u32>>,
     _pinned: Vec<PinnedLink>,
     config: Mutex<Array<MapData, u64>>,
+    /// Set by [`Redirector::mark_dead`]: the heartbeat stays silent from then on. Read and
+    /// written under the `config` lock, so a beat cannot land after the stop.
+    stopped: AtomicBool,
     enrolled: Mutex<HashMap<MapData, u64, PodEntry>>,
     counters: PerCpuArray<MapData, u64>,
     // Owns the fd the data path uses directly (`orig_by_tuple_fd`); never read otherwise.
@@ -281,6 +287,7 @@ impl Redirector {
                 inbound: Mutex::new(inbound),
                 _pinned: pinned,
                 config: Mutex::new(config),
+                stopped: AtomicBool::new(false),
                 enrolled: Mutex::new(enrolled),
                 counters,
                 orig_by_tuple,
@@ -294,24 +301,34 @@ impl Redirector {
         ))
     }
 
-    /// Refreshes the liveness entry the programs check before redirecting. (During a handover
-    /// both processes beat; that is fine, either one alive means sluice is alive.)
+    /// Refreshes the liveness entry the programs check before redirecting (unless this
+    /// process is stopping). (During a handover both processes beat; that is fine, either one
+    /// alive means sluice is alive.)
     pub fn heartbeat(&self) {
-        self.set_config(config::HEARTBEAT_NS, boottime_ns());
+        let mut config = self.config.lock().unwrap_or_else(|p| p.into_inner());
+        if self.stopped.load(Ordering::Relaxed) {
+            return;
+        }
+        if let Err(e) = config.set(config::HEARTBEAT_NS, boottime_ns(), 0) {
+            warn!(error = %e, "cannot refresh the heartbeat in the eBPF config map");
+        }
     }
 
-    /// Marks sluice as gone right away (graceful stop), instead of waiting for staleness,
-    /// unless a newer sluice process of this node has taken over the (shared) maps.
-    /// Returns whether it did.
+    /// Stops this process's heartbeat for good (graceful stop) and marks sluice as gone right
+    /// away, instead of waiting for staleness, unless a newer sluice process of this node has
+    /// taken over the (shared) maps. Returns whether it marked sluice gone.
     pub fn mark_dead(&self) -> bool {
-        let config = self.config.lock().unwrap_or_else(|p| p.into_inner());
+        let mut config = self.config.lock().unwrap_or_else(|p| p.into_inner());
+        self.stopped.store(true, Ordering::Relaxed);
         let owner = config.get(&config::OWNER_PID, 0).unwrap_or(0);
-        drop(config);
         if owner != u64::from(std::process::id()) {
+            drop(config);
             info!(successor_pid = owner, "a newer sluice process owns this node; leaving it in charge");
             return false;
         }
-        self.set_config(config::HEARTBEAT_NS, 0);
+        if let Err(e) = config.set(config::HEARTBEAT_NS, 0, 0) {
+            warn!(error = %e, "cannot clear the heartbeat in the eBPF config map; the kernel will notice sluice is gone when it goes stale");
+        }
         true
     }
 
@@ -319,13 +336,6 @@ impl Redirector {
     pub fn is_owner(&self) -> bool {
         let config = self.config.lock().unwrap_or_else(|p| p.into_inner());
         config.get(&config::OWNER_PID, 0).unwrap_or(0) == u64::from(std::process::id())
-    }
-
-    fn set_config(&self, slot: u32, value: u64) {
-        let mut config = self.config.lock().unwrap_or_else(|p| p.into_inner());
-        if let Err(e) = config.set(slot, value, 0) {
-            warn!(slot, error = %e, "cannot update eBPF config map");
-        }
     }
 
     /// Starts redirecting connections made from `cgroup_id` (and its descendants).
