@@ -218,9 +218,9 @@ pub fn run(args: RunArgs) -> Result<()> {
     admin.ready.store(false, Ordering::Release);
     // Probes of the readiness port now reach a successor, if any (or are refused).
     readiness.close("draining");
-    let successor = !redirector.is_owner();
-    redirector.mark_dead();
-    let listeners_close_at = enroller.stop_accepting();
+    // (mark_dead declines when a newer process of the node owns the maps: that is a successor.)
+    let successor = !redirector.mark_dead();
+    let listeners_close_at = enroller.stop_accepting(successor);
     // Tunnels from other nodes: GOAWAY, so their next streams open new tunnels (to the
     // successor, if there is one).
     inbound_stats.draining.send_replace(true);

@@ -368,13 +368,22 @@ impl Enroller {
         info!(pod = %pod.ctx.key, open_connections = pod.ctx.stats.open.load(Ordering::Relaxed), "pod released");
     }
 
-    /// Stops accepting on every pod's listeners (graceful stop) once [`LISTENER_LINGER`] has
-    /// passed, leaving the kernel state (enrollment, inbound capture) for a successor process or
-    /// for fail-open/closed. Connections already accepted carry on. The caller has already told
-    /// the kernel to stop redirecting here, and must keep the data runtime up until the
-    /// returned instant.
-    pub fn stop_accepting(&mut self) -> Instant {
+    /// Stops accepting on every pod's listeners (graceful stop), leaving the kernel state
+    /// (enrollment, inbound capture) for a successor process or for fail-open/closed.
+    /// Connections already accepted carry on. Returns when the listeners close; the caller
+    /// must keep the data runtime up until then.
+    ///
+    /// With a successor, they close at once: its listeners share our ports (SO_REUSEPORT),
+    /// so ours would keep taking new connections for a process that is leaving, and
+    /// `tcp_migrate_req` moves whatever is queued on ours to its. Without one, the caller has
+    /// already told the kernel to stop redirecting here, and they linger for
+    /// [`LISTENER_LINGER`] to take in connections already on their way.
+    pub fn stop_accepting(&mut self, successor: bool) -> Instant {
         let tasks: Vec<JoinHandle<()>> = self.enrolled.values_mut().flat_map(|p| p.tasks.drain(..)).collect();
+        if successor {
+            tasks.iter().for_each(JoinHandle::abort);
+            return Instant::now();
+        }
         self.retire_listeners(tasks);
         Instant::now() + LISTENER_LINGER
     }

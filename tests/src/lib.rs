@@ -37,8 +37,10 @@
 //! ```
 //!
 //! Processes started through the simulator log to `<tmp>/sluice-sim-<id>/logs/`; set
-//! `SLUICE_SIM_KEEP=1` to keep that directory after teardown. When a test panics, the tails of
-//! the logs are printed before teardown.
+//! `SLUICE_SIM_KEEP=1` to keep that directory after teardown. The tails of the logs are printed
+//! before every teardown: a test that returns `Err` has already dropped its simulator when the
+//! harness learns it failed, so "only on failure" cannot be decided here. nextest shows a test's
+//! output only when it fails (or when its profile asks), so passing tests stay quiet.
 
 use std::{
     collections::BTreeSet,
@@ -391,10 +393,10 @@ impl Sim {
             );
         }
         if out.is_empty() {
-            out = "(no sluice log, no stderr output)\n".into();
+            return; // no sluice ran and no process wrote to stderr
         }
         eprint!(
-            "sluice-sim {}: test failed; log tails (all logs in {}):\n{out}",
+            "sluice-sim {}: teardown; log tails (all logs in {}, removed now unless {KEEP_ENV}=1):\n{out}",
             self.id(),
             self.log_dir().display()
         );
@@ -403,7 +405,7 @@ impl Sim {
 
 impl Drop for Sim {
     fn drop(&mut self) {
-        if std::thread::panicking() && !self.shared.is_kept() {
+        if !self.shared.is_kept() {
             let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.dump_logs()));
         }
         // Never panic in drop (a panic while a failed test unwinds would abort the process).
