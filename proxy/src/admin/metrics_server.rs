@@ -22,14 +22,16 @@ use std::{
     net::SocketAddr,
     os::fd::{AsFd, AsRawFd},
     path::{Path, PathBuf},
+    pin::Pin,
     sync::{atomic::Ordering, Arc, Mutex, PoisonError},
+    task::{Context as TaskContext, Poll},
     time::Duration,
 };
 
 use anyhow::{Context, Result};
 use bytes::Bytes;
 use futures_util::FutureExt;
-use http_body_util::Full;
+use http_body::{Body, Frame, SizeHint};
 use hyper::{
     body::Incoming, server::conn::http1, service::service_fn, Method, Request, Response, StatusCode,
 };
@@ -212,8 +214,61 @@ fn spawn_conn(stream: tokio::net::TcpStream, scrape: Arc<Scrape>) {
     });
 }
 
+/// The largest piece of a response written in one system call.
+///
+/// The node's kernel may not preempt a task inside a system call (`PREEMPT_NONE`, common on
+/// servers and VMs), and the scheduler prefers to wake data-path threads on a CPU that runs
+/// only `SCHED_IDLE` work. A 180 KB body written in one `write()` (whose loopback or veth
+/// delivery runs in the same call) would hold that CPU for tens of microseconds while a
+/// woken data-path thread waits; in pieces, each call is short.
+const WRITE_PIECE: usize = 16 * 1024;
+
+/// A response body handed to hyper [`WRITE_PIECE`] bytes at a time, yielding to the runtime
+/// between pieces so that hyper writes each one before asking for the next. Its exact size is
+/// known, so the response still carries a `Content-Length`.
+struct PiecewiseBody {
+    rest: Bytes,
+    /// Whether the next poll must yield first (set after each piece).
+    yield_next: bool,
+}
+
+impl PiecewiseBody {
+    fn new(body: Bytes) -> Self {
+        PiecewiseBody { rest: body, yield_next: false }
+    }
+}
+
+impl Body for PiecewiseBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        if self.rest.is_empty() {
+            return Poll::Ready(None);
+        }
+        if self.yield_next {
+            // Pending with ourselves woken: hyper flushes what it holds, then polls again.
+            self.yield_next = false;
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
+        }
+        let n = self.rest.len().min(WRITE_PIECE);
+        let piece = self.rest.split_to(n);
+        self.yield_next = true;
+        Poll::Ready(Some(Ok(Frame::data(piece))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.rest.is_empty()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::with_exact(self.rest.len() as u64)
+    }
+}
+
 /// The response to one request; `text` is the scrape for `GET /metrics`.
-fn answer(method: &Method, path: &str, text: Option<String>) -> Response<Full<Bytes>> {
+fn answer(method: &Method, path: &str, text: Option<String>) -> Response<PiecewiseBody> {
     let (status, content_type, body) = match (method, path) {
         (&Method::GET, METRICS_PATH) => match text {
             Some(text) => (StatusCode::OK, CONTENT_TYPE, text),
@@ -231,7 +286,7 @@ fn answer(method: &Method, path: &str, text: Option<String>) -> Response<Full<By
         .status(status)
         .header("content-type", content_type)
         .header("x-sluice-pid", std::process::id().to_string())
-        .body(Full::new(Bytes::from(body)))
+        .body(PiecewiseBody::new(Bytes::from(body)))
         .expect("static response parts are valid")
 }
 
@@ -712,6 +767,52 @@ mod tests {
         close.send_replace(Some("draining"));
         tokio::time::timeout(Duration::from_secs(5), server).await.expect("closes").unwrap();
         assert!(get(addr, METRICS_PATH).await.is_err(), "the listener must be closed");
+    }
+
+    #[tokio::test]
+    async fn large_bodies_go_out_in_pieces_with_their_length() {
+        // 5.5 pieces of text, each line numbered, so a lost or repeated piece shows.
+        let text: String = (0..).map(|i| format!("line {i:08}\n")).take_while({
+            let mut len = 0;
+            move |l: &String| {
+                len += l.len();
+                len <= WRITE_PIECE * 11 / 2
+            }
+        }).collect();
+        // The body hands out at most one piece per poll and yields between pieces.
+        let mut body = std::pin::pin!(PiecewiseBody::new(Bytes::from(text.clone())));
+        assert_eq!(body.size_hint().exact(), Some(text.len() as u64));
+        let (mut pieces, mut pendings) = (Vec::new(), 0);
+        std::future::poll_fn(|cx| loop {
+            match body.as_mut().poll_frame(cx) {
+                Poll::Ready(Some(Ok(f))) => pieces.push(f.into_data().expect("data frame")),
+                Poll::Ready(None) => return Poll::Ready(()),
+                Poll::Ready(Some(Err(e))) => match e {},
+                Poll::Pending => pendings += 1,
+            }
+        })
+        .await;
+        assert_eq!(pieces.len(), 6);
+        assert_eq!(pendings, 5, "one yield between each two pieces");
+        assert!(pieces.iter().all(|p| p.len() <= WRITE_PIECE));
+        assert_eq!(pieces.concat(), text.as_bytes());
+
+        // Through hyper and a real connection: a Content-Length response, byte-exact.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let served = text.clone();
+        tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.unwrap();
+            let svc = service_fn(move |req: Request<Incoming>| {
+                let text = served.clone();
+                async move { Ok::<_, Infallible>(answer(req.method(), req.uri().path(), Some(text))) }
+            });
+            http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await.unwrap();
+        });
+        let out = get(addr, METRICS_PATH).await.unwrap();
+        let (head, got) = out.split_once("\r\n\r\n").expect("a head and a body");
+        assert!(head.to_ascii_lowercase().contains(&format!("content-length: {}", text.len())), "{head}");
+        assert!(got == text, "body differs: {} bytes received, {} sent", got.len(), text.len());
     }
 
     async fn get(addr: SocketAddr, path: &str) -> std::io::Result<String> {

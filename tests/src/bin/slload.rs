@@ -208,6 +208,10 @@ enum Cmd {
         /// See `rate --window-seed`.
         #[arg(long, default_value_t = 0)]
         window_seed: u64,
+        /// Run in the `SCHED_IDLE` CPU class: the scraper stands for a Prometheus on another
+        /// machine, so its own CPU time must not take turns from the load it observes.
+        #[arg(long)]
+        sched_idle: bool,
     },
 }
 
@@ -236,7 +240,15 @@ fn main() -> ExitCode {
             Proto::Http => seq::<H1>(&target, interval_us),
             Proto::Grpc => seq::<GrpcConn>(&target, interval_us),
         },
-        Cmd::Scrape { url, interval_ms, duration_ms, until_stdin_eof, timeout_ms, even_windows_ms, window_seed } => {
+        Cmd::Scrape { url, interval_ms, duration_ms, until_stdin_eof, timeout_ms, even_windows_ms, window_seed, sched_idle } => {
+            if sched_idle {
+                let param = libc::sched_param { sched_priority: 0 };
+                // SAFETY: pid 0 is this process; `param` is a valid sched_param we own.
+                if unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) } != 0 {
+                    eprintln!("slload: cannot enter SCHED_IDLE: {}", io::Error::last_os_error());
+                    return ExitCode::FAILURE;
+                }
+            }
             let windows = even_windows_ms.map(|w| Windows { ns: w.max(1) * 1_000_000, seed: window_seed });
             scrape(&url, interval_ms, duration_ms, until_stdin_eof, timeout_ms, windows)
         }

@@ -311,6 +311,14 @@ fn scrape_summary(res: &Results) -> Vec<Value> {
                 })
                 .collect();
             let delta_p99 = delta("latency.p99_us");
+            // Every round's own change, to show how far rounds scatter around the median.
+            let delta_p99_rounds: Vec<Option<f64>> = pairs
+                .iter()
+                .map(|p| {
+                    let (off, on) = (p.off.f("latency.p99_us")?, p.on.f("latency.p99_us")?);
+                    (off > 0.0).then(|| (on - off) / off * 100.0)
+                })
+                .collect();
             let mut row = json!({
                 "rps": level.rps,
                 "scenario": s.name(),
@@ -319,6 +327,7 @@ fn scrape_summary(res: &Results) -> Vec<Value> {
                 "expected_scrapes": pairs.first().map(|p| p.expected_scrapes),
                 "delta_p50_pct": delta("latency.p50_us"),
                 "delta_p99_pct": delta_p99,
+                "delta_p99_rounds_pct": delta_p99_rounds,
                 "delta_p999_pct": delta("latency.p999_us"),
                 // One run per round: its CPU and counts cover both kinds of window.
                 "sluice_cores": cores(&ons),
@@ -790,7 +799,7 @@ fn scrape_markdown(o: &mut String, cfg: &Config, sum: &Value) {
     }
     let _ = writeln!(
         o,
-        "#### Metric scrapes during load\n\n`GET {}` every {} ms on a fixed schedule, one keep-alive HTTP/1.1 connection, every body read to its `# EOF`, from node 1's network namespace (and node 2's for `mtls`: both sluices are on its path), during a fixed-rate run over {} connections cut into {} ms windows, each drawn at random (a new seed per run) to have scrapes (\"on\") or none (\"off\"), each request counted in the window it was scheduled in, so that both are measured in the same run. Latency in µs from the scheduled send time, medians over the valid rounds; Δ is the median over rounds of (on − off) / off; sluice's CPU in cores over the whole run (both nodes for `mtls`); scrapes, scrape time and body bytes per scraped node. Pass: Δp99 ≤ +{:.0} %.\n",
+        "#### Metric scrapes during load\n\n`GET {}` every {} ms on a fixed schedule, one keep-alive HTTP/1.1 connection, every body read to its `# EOF`, from node 1's network namespace (and node 2's for `mtls`: both sluices are on its path), during a fixed-rate run over {} connections cut into {} ms windows, each drawn at random (a new seed per run) to have scrapes (\"on\") or none (\"off\"), each request counted in the window it was scheduled in, so that both are measured in the same run. Latency in µs from the scheduled send time, medians over the valid rounds; Δ is the median over rounds of (on − off) / off, next to each round's own; sluice's CPU in cores over the whole run (both nodes for `mtls`); scrapes, scrape time and body bytes per scraped node. Pass: Δp99 ≤ +{:.0} %.\n",
         scrape::URL,
         scrape::INTERVAL_MS,
         cfg.connections,
@@ -799,9 +808,9 @@ fn scrape_markdown(o: &mut String, cfg: &Config, sum: &Value) {
     );
     let _ = writeln!(
         o,
-        "| load | scenario | rounds | p50 off → on | p99 off → on | p99.9 off → on | Δp99 | sluice CPU | scrapes | scrape time mean / p99 (µs) | body bytes | p99 goal |"
+        "| load | scenario | rounds | p50 off → on | p99 off → on | p99.9 off → on | Δp99 | Δp99 per round | sluice CPU | scrapes | scrape time mean / p99 (µs) | body bytes | p99 goal |"
     );
-    let _ = writeln!(o, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|");
+    let _ = writeln!(o, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|");
     for r in &rows {
         // One figure per scraped node, named when there are several.
         let per_node = |f: &dyn Fn(&Value) -> String| {
@@ -826,9 +835,13 @@ fn scrape_markdown(o: &mut String, cfg: &Config, sum: &Value) {
             Some(false) => format!("**fail** (> +{:.0} %)", scrape::MAX_DELTA_P99_PCT),
             None => "—".to_string(),
         };
+        let per_round = r["delta_p99_rounds_pct"]
+            .as_array()
+            .map(|a| a.iter().map(|d| f_signed_pct(num(d))).collect::<Vec<_>>().join(", "))
+            .unwrap_or_default();
         let _ = writeln!(
             o,
-            "| {} rps | {} | {} | {} | {} | {} | {} | {} | {} ({} expected) | {} | {} | {} |",
+            "| {} rps | {} | {} | {} | {} | {} | {} | {} | {} | {} ({} expected) | {} | {} | {} |",
             r["rps"],
             r["scenario"].as_str().unwrap_or("?"),
             r["pairs"],
@@ -836,6 +849,7 @@ fn scrape_markdown(o: &mut String, cfg: &Config, sum: &Value) {
             f_arrow(f_us(num(&r["p99_off_us"])), f_us(num(&r["p99_on_us"]))),
             f_arrow(f_us(num(&r["p99.9_off_us"])), f_us(num(&r["p99.9_on_us"]))),
             f_signed_pct(num(&r["delta_p99_pct"])),
+            per_round,
             cores("sluice_cores"),
             scrapes,
             f_int(num(&r["expected_scrapes"])),
@@ -845,6 +859,29 @@ fn scrape_markdown(o: &mut String, cfg: &Config, sum: &Value) {
         );
     }
     o.push('\n');
+    // All scenarios of a load together: more rounds, so a steadier view of the same question.
+    let mut levels: Vec<u64> = rows.iter().filter_map(|r| r["rps"].as_u64()).collect();
+    levels.dedup();
+    for rps in levels {
+        let all: Vec<f64> = rows
+            .iter()
+            .filter(|r| r["rps"].as_u64() == Some(rps))
+            .flat_map(|r| r["delta_p99_rounds_pct"].as_array().cloned().unwrap_or_default())
+            .filter_map(|d| d.as_f64())
+            .collect();
+        if all.is_empty() {
+            continue;
+        }
+        let (lo, hi) = all.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), d| (lo.min(*d), hi.max(*d)));
+        let n = all.len();
+        let _ = writeln!(
+            o,
+            "All scenarios at {rps} rps: median Δp99 over their {n} rounds {} (rounds from {} to {}).\n",
+            f_signed_pct(median(all)),
+            f_signed_pct(Some(lo)),
+            f_signed_pct(Some(hi)),
+        );
+    }
 }
 
 // ---------------------------------------------------------------- chart

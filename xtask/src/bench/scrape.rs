@@ -243,6 +243,8 @@ fn start_scrapers(world: &World, nodes: &[&Node], load_secs: f64, seed: u64) -> 
             "--duration-ms",
             &cap_ms.to_string(),
             "--until-stdin-eof",
+            // It stands for a Prometheus elsewhere: its own CPU must not count against sluice.
+            "--sched-idle",
         ])?;
         p.wait_for_json(Duration::from_secs(15), |v| v["event"] == "started")
             .with_context(|| format!("starting the scraper of {URL} on {}", node.short_name()))?;
