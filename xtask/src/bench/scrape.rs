@@ -50,6 +50,10 @@ pub const WINDOW_MS: u64 = 1000;
 /// tunnel streams: node 2's part of the path check counts new streams, and its byte counts do
 /// not cover requests served at L7 on a reused stream.
 const POOL_IDLE: Duration = Duration::from_millis(4500);
+/// Rounds this section takes at least (not in `--quick`): a single round's Δp99 scatters by
+/// tens of percent either way on the 2-core machine (a handful of VM stalls make its p99), so
+/// the median needs more rounds than the other sections' figures.
+pub const MIN_ROUNDS: usize = 5;
 /// The goal: the p99 with scrapes at most this many percent above the p99 without.
 pub const MAX_DELTA_P99_PCT: f64 = 5.0;
 
@@ -123,15 +127,16 @@ pub fn run(cfg: &Config, world: &World, res: &mut Results) -> Result<()> {
     }
     // When the last run through the tunnel ended.
     let mut tunnel_used: Option<Instant> = None;
+    let rounds = if cfg.quick { cfg.rounds } else { cfg.rounds.max(MIN_ROUNDS) };
     for rps in levels(cfg) {
         let mut pairs: BTreeMap<Scenario, Vec<Pair>> = BTreeMap::new();
-        for round in 0..cfg.rounds {
+        for round in 0..rounds {
             for &s in &measured {
                 eprintln!(
                     "bench: scrape, {rps} rps, {} round {}/{} (scrapes in random {WINDOW_MS} ms windows)",
                     s.name(),
                     round + 1,
-                    cfg.rounds,
+                    rounds,
                 );
                 match pair(cfg, world, s, rps, round, &mut tunnel_used) {
                     Ok(p) => pairs.entry(s).or_default().push(p),
