@@ -323,7 +323,7 @@ fn scrape_summary(res: &Results) -> Vec<Value> {
                 "rps": level.rps,
                 "scenario": s.name(),
                 "pairs": pairs.len(),
-                "window_ms": scrape::WINDOW_MS,
+                "window_ms": pairs.first().map(|p| p.window_ms),
                 "expected_scrapes": pairs.first().map(|p| p.expected_scrapes),
                 "delta_p50_pct": delta("latency.p50_us"),
                 "delta_p99_pct": delta_p99,
@@ -803,7 +803,7 @@ fn scrape_markdown(o: &mut String, cfg: &Config, sum: &Value) {
         scrape::URL,
         scrape::INTERVAL_MS,
         cfg.connections,
-        scrape::WINDOW_MS,
+        scrape::window_ms(cfg),
         scrape::MAX_DELTA_P99_PCT
     );
     let _ = writeln!(
