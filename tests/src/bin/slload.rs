@@ -222,7 +222,7 @@ fn main() -> ExitCode {
         Cmd::Serve { port, bind, body_bytes, threads } => serve(&bind, port, body_bytes, threads),
         Cmd::GrpcServe { port, bind, body_bytes, threads } => grpc_serve(&bind, port, body_bytes, threads),
         Cmd::Rate { target, rps, connections, duration_ms, warmup_ms, split_window_ms, window_seed } => {
-            let window_ns = split_window_ms.map(|w| Windows { ns: w.max(1) * 1_000_000, seed: window_seed });
+            let window_ns = split_window_ms.map(|ms| Windows::new(ms, window_seed));
             match target.proto {
                 Proto::Http => rate::<H1>(&target, rps, connections, duration_ms, warmup_ms, window_ns),
                 Proto::Grpc => rate::<GrpcConn>(&target, rps, connections, duration_ms, warmup_ms, window_ns),
@@ -249,7 +249,7 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             }
-            let windows = even_windows_ms.map(|w| Windows { ns: w.max(1) * 1_000_000, seed: window_seed });
+            let windows = even_windows_ms.map(|ms| Windows::new(ms, window_seed));
             scrape(&url, interval_ms, duration_ms, until_stdin_eof, timeout_ms, windows)
         }
     };
@@ -271,6 +271,11 @@ struct Windows {
 }
 
 impl Windows {
+    /// Windows of `ms` milliseconds (at least one).
+    fn new(ms: u64, seed: u64) -> Windows {
+        Windows { ns: ms.max(1) * 1_000_000, seed }
+    }
+
     fn parity(&self, t: u64) -> usize {
         // splitmix64's finaliser.
         let mut z = (t / self.ns) ^ self.seed.wrapping_mul(0x9e37_79b9_7f4a_7c15);

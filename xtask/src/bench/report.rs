@@ -265,18 +265,17 @@ fn scrape_summary(res: &Results) -> Vec<Value> {
         for (s, pairs) in &level.pairs {
             let offs: Vec<Run> = pairs.iter().map(|p| p.off.clone()).collect();
             let ons: Vec<Run> = pairs.iter().map(|p| p.on.clone()).collect();
-            // Median over pairs of (on − off) / off, in %.
-            let delta = |key: &str| {
-                median(
-                    pairs
-                        .iter()
-                        .filter_map(|p| {
-                            let (off, on) = (p.off.f(key)?, p.on.f(key)?);
-                            (off > 0.0).then(|| (on - off) / off * 100.0)
-                        })
-                        .collect(),
-                )
+            // Each pair's (on − off) / off, in %, and the median over pairs.
+            let per_round = |key: &str| -> Vec<Option<f64>> {
+                pairs
+                    .iter()
+                    .map(|p| {
+                        let (off, on) = (p.off.f(key)?, p.on.f(key)?);
+                        (off > 0.0).then(|| (on - off) / off * 100.0)
+                    })
+                    .collect()
             };
+            let delta = |key: &str| median(per_round(key).into_iter().flatten().collect());
             let mut nodes: Vec<String> = Vec::new();
             for p in pairs {
                 for (n, _) in &p.scrapers {
@@ -310,15 +309,9 @@ fn scrape_summary(res: &Results) -> Vec<Value> {
                     })
                 })
                 .collect();
-            let delta_p99 = delta("latency.p99_us");
-            // Every round's own change, to show how far rounds scatter around the median.
-            let delta_p99_rounds: Vec<Option<f64>> = pairs
-                .iter()
-                .map(|p| {
-                    let (off, on) = (p.off.f("latency.p99_us")?, p.on.f("latency.p99_us")?);
-                    (off > 0.0).then(|| (on - off) / off * 100.0)
-                })
-                .collect();
+            // Every round's own change too, to show how far rounds scatter around the median.
+            let delta_p99_rounds = per_round("latency.p99_us");
+            let delta_p99 = median(delta_p99_rounds.iter().flatten().copied().collect());
             let mut row = json!({
                 "rps": level.rps,
                 "scenario": s.name(),

@@ -188,6 +188,7 @@ fn pair(
 ) -> Result<Pair> {
     let route = world.route(s)?;
     let nodes = scraped_nodes(world, s)?;
+    let window_ms = window_ms(cfg);
     // Which windows scrape is drawn anew for every run (see `slload rate --window-seed`).
     let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
     let extra = vec![
@@ -200,7 +201,7 @@ fn pair(
         "--warmup-ms".into(),
         ms(cfg.warmup),
         "--split-window-ms".into(),
-        window_ms(cfg).to_string(),
+        window_ms.to_string(),
         "--window-seed".into(),
         seed.to_string(),
     ];
@@ -213,7 +214,7 @@ fn pair(
         }
     }
     let _mark = TunnelMark(s.via_tunnel().then_some(&mut *tunnel_used));
-    let mut procs = start_scrapers(world, &nodes, secs, seed, window_ms(cfg))?;
+    let mut procs = start_scrapers(world, &nodes, secs, seed, window_ms)?;
     let run = measure::slload(world, route, round, "rate", &extra, secs);
     // Collected whatever the load did: the scrapers stop either way.
     let outs = stop_scrapers(&mut procs);
@@ -229,7 +230,7 @@ fn pair(
         r.out["latency"] = latency;
         Ok(r)
     };
-    Ok(Pair { round, off: part("odd")?, on: part("even")?, scrapers, expected_scrapes, window_ms: window_ms(cfg) })
+    Ok(Pair { round, off: part("odd")?, on: part("even")?, scrapers, expected_scrapes, window_ms })
 }
 
 /// Records, when dropped, that a run through the tunnel just ended (whether it succeeded or not).
