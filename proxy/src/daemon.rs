@@ -69,6 +69,16 @@ enum Control {
 const HEARTBEAT_EVERY: Duration = Duration::from_millis(250);
 /// Re-check pods on the node this often (sandboxes appearing, pods dying).
 const RECONCILE_EVERY: Duration = Duration::from_millis(250);
+/// Re-read the node's addresses this often (for the loop guard: sluice's node ports on them).
+const NODE_ADDRS_EVERY: Duration = Duration::from_secs(5);
+
+/// The node's addresses as the loop guard sees them (sluice runs in the node's namespace).
+fn refresh_node_addrs(guard: &crate::loopguard::LoopGuard) {
+    match crate::loopguard::node_addresses() {
+        Ok(addrs) => guard.set_node_addrs(addrs),
+        Err(e) => warn!(error = %e, "cannot list the node's addresses; the loop guard keeps the previous list"),
+    }
+}
 
 pub fn run(args: RunArgs) -> Result<()> {
     raise_fd_limit();
@@ -135,6 +145,12 @@ pub fn run(args: RunArgs) -> Result<()> {
         .build()
         .context("starting the data-path runtime")?;
     let conns = Arc::new(ConnRegistry::default());
+    let loop_guard = Arc::new(crate::loopguard::LoopGuard::new(&[
+        args.admin_addr.port(),
+        args.metrics_addr.port(),
+        args.readiness_addr.port(),
+    ]));
+    refresh_node_addrs(&loop_guard);
     let telemetry = {
         let _rt = data_rt.enter(); // exporters and writers start their tasks here
         Arc::new(crate::telemetry::Telemetry::new(&args.telemetry))
@@ -152,6 +168,7 @@ pub fn run(args: RunArgs) -> Result<()> {
         l7: crate::l7::L7::new(args.l7.clone()),
         draining: tokio::sync::watch::channel(false).0,
         telemetry: telemetry.clone(),
+        loop_guard: loop_guard.clone(),
     });
     data_rt.spawn(reap_upstreams(dp.clone()));
     certs.spawn_rotation(data_rt.handle());
@@ -164,6 +181,7 @@ pub fn run(args: RunArgs) -> Result<()> {
         tunnel_stats: inbound_stats.clone(),
         connect_timeout: args.connect_timeout,
         telemetry: telemetry.clone(),
+        loop_guard: loop_guard.clone(),
     });
     let mut enroller = Enroller::new(
         args.node.clone(),
@@ -203,12 +221,17 @@ pub fn run(args: RunArgs) -> Result<()> {
         "sluice ready"
     );
 
+    let mut addrs_refreshed = Instant::now();
     let reason = loop {
         match control_rx.recv_timeout(RECONCILE_EVERY) {
             Ok(Control::Model(m)) => enroller.reconcile(&m),
             Ok(Control::Shutdown(why)) => break why,
             Err(mpsc::RecvTimeoutError::Timeout) => enroller.reconcile(&model.load()),
             Err(mpsc::RecvTimeoutError::Disconnected) => break "control channel closed",
+        }
+        if addrs_refreshed.elapsed() >= NODE_ADDRS_EVERY {
+            refresh_node_addrs(&loop_guard);
+            addrs_refreshed = Instant::now();
         }
     };
 

@@ -47,6 +47,7 @@ pub struct Inbound {
     pub tunnel_stats: Arc<server::ServerStats>,
     pub connect_timeout: Duration,
     pub telemetry: Arc<crate::telemetry::Telemetry>,
+    pub loop_guard: Arc<crate::loopguard::LoopGuard>,
 }
 
 enum Verdict {
@@ -83,6 +84,11 @@ pub async fn handle_tunnel(mut req: TunnelRequest, pod: Arc<PodContext>, inbound
     inbound.counters.tunnel_streams.fetch_add(1, Ordering::Relaxed);
     if req.target.ip() != pod.ip {
         warn!(pod = %pod.key, target = %req.target, peer = %req.peer_identity, "HBONE: CONNECT target is not this pod");
+        server::reply(&mut req.respond, StatusCode::BAD_REQUEST);
+        return;
+    }
+    if let Err(refused) = inbound.loop_guard.check_delivery(req.target) {
+        inbound.loop_guard.refused(&req.peer_identity, refused, crate::loopguard::Via::Delivery);
         server::reply(&mut req.respond, StatusCode::BAD_REQUEST);
         return;
     }
@@ -167,6 +173,13 @@ async fn handle_plaintext(client: TcpStream, peer: SocketAddr, pod: Arc<PodConte
     // sk_lookup hands us the connection without rewriting it: our local address is the one
     // the client dialled.
     let Ok(target) = client.local_addr() else { return };
+    // Dialled directly (15006 is sluice's own listener): delivering it would connect to the
+    // same listener again.
+    if let Err(refused) = inbound.loop_guard.check_delivery(target) {
+        inbound.loop_guard.refused(&peer.ip().to_string(), refused, crate::loopguard::Via::Delivery);
+        pump::reset(&client);
+        return;
+    }
     let mode = inbound.model.load().peer_auth_mode(&pod.namespace);
     if mode == PeerAuthMode::Strict {
         inbound.counters.plaintext_refused_strict.fetch_add(1, Ordering::Relaxed);

@@ -75,6 +75,8 @@ pub struct DataPath {
     /// response in flight, HTTP/2 with GOAWAY).
     pub draining: tokio::sync::watch::Sender<bool>,
     pub telemetry: Arc<crate::telemetry::Telemetry>,
+    /// Refuses connections to sluice's own listeners.
+    pub loop_guard: Arc<crate::loopguard::LoopGuard>,
 }
 
 /// Accepts connections on one of a pod's outbound listeners until the task is aborted
@@ -180,6 +182,11 @@ async fn forward_opaque(
         reset(&client);
         return;
     };
+    if let Err(refused) = dp.loop_guard.check_upstream(&model, endpoint) {
+        dp.loop_guard.refused(&pod.key, refused, crate::loopguard::Via::Outbound);
+        reset(&client);
+        return;
+    }
     // An endpoint that is an enrolled pod (on any node) is reached through its HBONE port,
     // with mutual TLS carrying both pods' identities.
     let mesh_peer = mesh_identity(&model, endpoint, &dp.trust_domain);

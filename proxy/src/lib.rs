@@ -15,6 +15,7 @@ pub mod identity;
 pub mod inbound;
 pub mod l4;
 pub mod l7;
+pub mod loopguard;
 pub mod netns;
 pub mod podres;
 pub mod policy;

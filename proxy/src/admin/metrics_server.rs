@@ -502,7 +502,7 @@ impl Collector for SluiceMetrics {
         let lc = &dp.l7.limit_counters;
         let overflow: u64 =
             dp.l7.breakers.snapshot().iter().map(|(_, _, b)| b.overflows.load(Ordering::Relaxed)).sum();
-        let counters: [(&str, &str, u64); 28] = [
+        let counters: [(&str, &str, u64); 29] = [
             (
                 "sluice_http_requests",
                 "HTTP requests received from enrolled pods (outbound).",
@@ -583,6 +583,11 @@ impl Collector for SluiceMetrics {
                 "sluice_hbone_fallback_plaintext",
                 "Connections sent plaintext because the destination had no tunnel endpoint.",
                 relaxed(&dp.tunnel_fallbacks),
+            ),
+            (
+                "sluice_self_connection_refused",
+                "Connections refused because they would have reached one of sluice's own listeners (a loop).",
+                relaxed(&dp.loop_guard.refused),
             ),
             (
                 "sluice_hbone_streams_in",

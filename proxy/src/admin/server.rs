@@ -109,6 +109,7 @@ impl AdminState {
         all.insert("upstream_idle_http1".to_string(), idle_h1 as u64);
         all.insert("upstream_http2".to_string(), h2 as u64);
         all.insert("hbone_fallback_plaintext".to_string(), self.data.tunnel_fallbacks.load(Ordering::Relaxed));
+        all.insert("self_connection_refused".to_string(), self.data.loop_guard.refused.load(Ordering::Relaxed));
         let tap = &self.data.telemetry.tap;
         all.insert("tap_subscribers".to_string(), tap.subscribers() as u64);
         all.insert("tap_events".to_string(), tap.events());

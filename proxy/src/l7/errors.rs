@@ -43,6 +43,9 @@ pub enum ProxyError {
     /// The client's namespace is REGISTRY_ONLY and the destination is not registered.
     #[error("egress to {0} is not allowed: the namespace's outbound policy is REGISTRY_ONLY and no Service or ServiceEntry declares it{note}", note = host_note(.1))]
     EgressBlocked(std::net::SocketAddr, Option<String>),
+    /// The chosen endpoint is one of sluice's own listeners: connecting would loop.
+    #[error("refused: {0}")]
+    SelfConnection(crate::loopguard::SelfTarget),
 }
 
 impl ProxyError {
@@ -52,7 +55,9 @@ impl ProxyError {
             ProxyError::BadBackend(_) => StatusCode::INTERNAL_SERVER_ERROR,
             ProxyError::NoEndpoints(_) => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Upstream(UpstreamError::Overflow(_)) | ProxyError::Overflow(_) => StatusCode::SERVICE_UNAVAILABLE,
-            ProxyError::Upstream(_) | ProxyError::EgressBlocked(..) => StatusCode::BAD_GATEWAY,
+            ProxyError::Upstream(_) | ProxyError::EgressBlocked(..) | ProxyError::SelfConnection(_) => {
+                StatusCode::BAD_GATEWAY
+            }
             ProxyError::RateLimited { status, .. } => {
                 StatusCode::from_u16(*status).unwrap_or(StatusCode::TOO_MANY_REQUESTS)
             }
@@ -78,6 +83,7 @@ impl ProxyError {
             ProxyError::RateLimited { .. } => "rate-limited",
             ProxyError::FaultAbort { .. } => "fault-injected",
             ProxyError::EgressBlocked(..) => "egress-blocked",
+            ProxyError::SelfConnection(_) => "self-connection",
         }
     }
 
@@ -90,7 +96,7 @@ impl ProxyError {
             ProxyError::RequestTimeout(_) | ProxyError::BackendTimeout(_) => 4, // DEADLINE_EXCEEDED
             ProxyError::RateLimited { .. } => 8,                                 // RESOURCE_EXHAUSTED
             ProxyError::Overflow(_) => 14,
-            ProxyError::EgressBlocked(..) => 7, // PERMISSION_DENIED
+            ProxyError::EgressBlocked(..) | ProxyError::SelfConnection(_) => 7, // PERMISSION_DENIED
             ProxyError::FaultAbort { grpc: Some(code), .. } => *code,
             ProxyError::FaultAbort { http, .. } => grpc_status_of_http(*http),
         }

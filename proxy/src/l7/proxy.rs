@@ -187,6 +187,10 @@ async fn forward(req: Request<Body>, ctx: &Arc<ConnCtx>, grpc: bool, obs: &mut O
             .pick_avoiding(plan.balance_key, &endpoints, &tried, min_health)
             .ok_or_else(|| ProxyError::NoEndpoints(plan.backend.clone()))?;
         tried.push(endpoint);
+        if let Err(target) = ctx.dp.loop_guard.check_upstream(&ctx.dp.model.load(), endpoint) {
+            ctx.dp.loop_guard.refused(&ctx.pod.key, target, crate::loopguard::Via::Request);
+            return Err(ProxyError::SelfConnection(target));
+        }
         let Some(this_req) = pending_req.take().or_else(|| replay.as_mut().and_then(Replay::rebuild)) else {
             unreachable!("a retry only starts with a request to send");
         };

@@ -30,6 +30,8 @@ use sha2::{Digest, Sha256};
 // This file is the crate root, so its modules are found next to it unless told otherwise.
 #[path = "simpod/banner.rs"]
 mod banner;
+#[path = "simpod/hbone.rs"]
+mod hbone;
 #[path = "simpod/load.rs"]
 mod load;
 #[path = "simpod/raw.rs"]
@@ -133,6 +135,8 @@ enum Cmd {
     BannerServer(banner::ServerArgs),
     /// Reads the banner without sending first, then sends `QUIT\r\n` and reads its echo.
     BannerClient(banner::ClientArgs),
+    /// One HBONE stream (HTTP/2 CONNECT in mutual TLS) to a pod's port 15008.
+    HboneClient(hbone::Args),
 }
 
 /// Prints one JSON line. Write errors are ignored: if the reader went away (a kept demo whose
@@ -180,6 +184,7 @@ fn main() -> ExitCode {
         Cmd::HttpLoad(a) => load::run(a),
         Cmd::BannerServer(a) => banner::server(a),
         Cmd::BannerClient(a) => banner::client(a),
+        Cmd::HboneClient(a) => hbone::client(a),
     };
     if ok {
         ExitCode::SUCCESS
