@@ -57,6 +57,10 @@ pub struct RunArgs {
     pub drain_timeout: Duration,
     pub l7: crate::l7::L7Config,
     pub telemetry: crate::telemetry::TelemetryConfig,
+    /// Connection bounds given on the command line (the rest derive from RLIMIT_NOFILE).
+    pub admission: crate::admission::AdmissionFlags,
+    /// Opaque TCP with no bytes either way for this long is closed (`None`: never).
+    pub tcp_idle_timeout: Option<Duration>,
 }
 
 enum Control {
@@ -81,8 +85,22 @@ fn refresh_node_addrs(guard: &crate::loopguard::LoopGuard) {
 }
 
 pub fn run(args: RunArgs) -> Result<()> {
-    raise_fd_limit();
+    let nofile = crate::admission::raise_fd_limit();
     let started = Instant::now();
+    let (limits, warnings) = crate::admission::AdmissionConfig::derive(nofile, args.admission);
+    for w in warnings {
+        warn!("{w}");
+    }
+    info!(
+        nofile,
+        max_connections = limits.max_connections,
+        pod_max_connections = limits.pod_max_connections,
+        pod_max_inbound_connections = limits.pod_max_inbound,
+        peer_max_inbound_connections = limits.peer_max_inbound,
+        "connection limits"
+    );
+    let admission = Arc::new(crate::admission::Admission::new(limits));
+    let idle = Arc::new(crate::idle::IdleTimeout::new(args.tcp_idle_timeout));
 
     // Preflight: everything that can be wrong with the host is reported before touching it.
     let (kubepods, driver) = podres::kubepods(&args.cgroup_root).context("locating the pods' cgroup")?;
@@ -169,6 +187,8 @@ pub fn run(args: RunArgs) -> Result<()> {
         draining: tokio::sync::watch::channel(false).0,
         telemetry: telemetry.clone(),
         loop_guard: loop_guard.clone(),
+        admission: admission.clone(),
+        idle: idle.clone(),
     });
     data_rt.spawn(reap_upstreams(dp.clone()));
     certs.spawn_rotation(data_rt.handle());
@@ -182,6 +202,8 @@ pub fn run(args: RunArgs) -> Result<()> {
         connect_timeout: args.connect_timeout,
         telemetry: telemetry.clone(),
         loop_guard: loop_guard.clone(),
+        admission: admission.clone(),
+        idle: idle.clone(),
     });
     let mut enroller = Enroller::new(
         args.node.clone(),
@@ -419,14 +441,3 @@ async fn signals(control: mpsc::Sender<Control>) {
     let _ = control.send(Control::Shutdown(why));
 }
 
-/// One proxy for a whole node holds two sockets per connection plus listeners per pod.
-fn raise_fd_limit() {
-    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    // SAFETY: getrlimit/setrlimit with a valid pointer to our own struct.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
-            lim.rlim_cur = lim.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
-        }
-    }
-}

@@ -296,6 +296,7 @@ impl Enroller {
             transparent,
             limiter: Arc::new(crate::l7::limits::PodLimiter::new(&self.dp.l7.cfg.pod_limits)),
             workload: Arc::new(crate::discovery::WorkloadInfo::of(pod)),
+            slots: Arc::default(),
         });
         let mut tasks = Vec::new();
         let mut bound = Vec::new();
@@ -322,6 +323,7 @@ impl Enroller {
                     server_tls.clone(),
                     |c| identity::peer_identity(c).map(|id| id.to_string()),
                     self.inbound.tunnel_stats.clone(),
+                    self.inbound.admission.clone(),
                     move |req| inbound::handle_tunnel(req, ctx.clone(), inbound.clone()),
                 ))
             } else if addr == inbound_addr {

@@ -20,6 +20,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, info, warn};
 
 use crate::{
+    admission::PeerKey,
     conns::{ConnRegistry, Direction, NewConn},
     deliver,
     discovery::{Model, PeerAuthMode},
@@ -48,6 +49,9 @@ pub struct Inbound {
     pub connect_timeout: Duration,
     pub telemetry: Arc<crate::telemetry::Telemetry>,
     pub loop_guard: Arc<crate::loopguard::LoopGuard>,
+    pub admission: Arc<crate::admission::Admission>,
+    /// Opaque TCP with no bytes either way for this long is closed.
+    pub idle: Arc<crate::idle::IdleTimeout>,
 }
 
 enum Verdict {
@@ -92,6 +96,14 @@ pub async fn handle_tunnel(mut req: TunnelRequest, pod: Arc<PodContext>, inbound
         server::reply(&mut req.respond, StatusCode::BAD_REQUEST);
         return;
     }
+    let _permit = match inbound.admission.inbound(&pod.slots, PeerKey::Identity(req.peer_identity.clone())) {
+        Ok(p) => p,
+        Err(refusal) => {
+            debug!(pod = %pod.key, peer = %req.peer_identity, limit = refusal.as_str(), "HBONE stream refused: connection limit reached");
+            server::reply(&mut req.respond, StatusCode::SERVICE_UNAVAILABLE);
+            return;
+        }
+    };
     let principal: Option<SpiffeId> = req.peer_identity.parse().ok();
     if let Verdict::Denied(why) = inbound.authorize(&pod, req.target.port(), principal.as_ref()) {
         inbound.counters.policy_denied.fetch_add(1, Ordering::Relaxed);
@@ -148,7 +160,8 @@ pub async fn handle_tunnel(mut req: TunnelRequest, pod: Arc<PodContext>, inbound
     // this connection: sent = peer → app, received = app → peer, as for outbound.
     let tcp = InboundConn::new(&inbound, &pod, req.peer, req.target, Some(req.peer_identity.clone()));
     tcp.report(&inbound, &pod, &guard.entry, true);
-    pump::tcp_h2(app, bytes::Bytes::new(), send, req.body, &guard.entry.received, &guard.entry.sent).await;
+    let (sent, received) = (&guard.entry.sent, &guard.entry.received);
+    inbound.idle.run(pump::tcp_h2(app, bytes::Bytes::new(), send, req.body, received, sent), sent, received).await;
     tcp.report(&inbound, &pod, &guard.entry, false);
 }
 
@@ -157,9 +170,20 @@ pub async fn serve_plaintext(listener: TcpListener, pod: Arc<PodContext>, inboun
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
+                let permit = match inbound.admission.inbound(&pod.slots, PeerKey::Addr(peer.ip())) {
+                    Ok(p) => p,
+                    Err(refusal) => {
+                        debug!(pod = %pod.key, %peer, limit = refusal.as_str(), "inbound connection refused: connection limit reached");
+                        pump::reset(&stream);
+                        continue;
+                    }
+                };
                 let pod = pod.clone();
                 let inbound = inbound.clone();
-                tokio::spawn(async move { handle_plaintext(stream, peer, pod, inbound).await });
+                tokio::spawn(async move {
+                    handle_plaintext(stream, peer, pod, inbound).await;
+                    drop(permit);
+                });
             }
             Err(e) => {
                 warn!(pod = %pod.key, error = %e, "inbound accept failed");
@@ -219,7 +243,8 @@ async fn handle_plaintext(client: TcpStream, peer: SocketAddr, pod: Arc<PodConte
     );
     let tcp = InboundConn::new(&inbound, &pod, peer, target, None);
     tcp.report(&inbound, &pod, &guard.entry, true);
-    l4::forward(client, app, &guard.entry.sent, &guard.entry.received).await;
+    let (sent, received) = (&guard.entry.sent, &guard.entry.received);
+    inbound.idle.run(l4::forward(client, app, sent, received), sent, received).await;
     tcp.report(&inbound, &pod, &guard.entry, false);
 }
 

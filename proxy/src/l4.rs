@@ -55,6 +55,8 @@ pub struct PodContext {
     pub limiter: Arc<l7::limits::PodLimiter>,
     /// What telemetry labels say about this pod.
     pub workload: Arc<crate::discovery::WorkloadInfo>,
+    /// The pod's connection counts for admission (outbound from it, inbound to it).
+    pub slots: Arc<crate::admission::PodSlots>,
 }
 
 /// Shared state of the data path (read-mostly; the control path swaps `model`).
@@ -77,6 +79,10 @@ pub struct DataPath {
     pub telemetry: Arc<crate::telemetry::Telemetry>,
     /// Refuses connections to sluice's own listeners.
     pub loop_guard: Arc<crate::loopguard::LoopGuard>,
+    /// Connection bounds (node-wide, per pod, per peer).
+    pub admission: Arc<crate::admission::Admission>,
+    /// Opaque TCP with no bytes either way for this long is closed.
+    pub idle: Arc<crate::idle::IdleTimeout>,
 }
 
 /// Accepts connections on one of a pod's outbound listeners until the task is aborted
@@ -94,16 +100,24 @@ pub async fn serve_listener(listener: TcpListener, pod: Arc<PodContext>, dp: Arc
         }
         match listener.accept().await {
             Ok((stream, peer)) => {
-                if pod.stats.open.load(Ordering::Relaxed) >= u64::from(pod.limiter.limits.max_connections) {
-                    dp.l7.limit_counters.pod_overflow.fetch_add(1, Ordering::Relaxed);
-                    debug!(pod = %pod.key, %peer, "per-pod connection limit reached; resetting");
-                    let _ = dp.redirector.take_original(pod.pod_id, peer);
-                    reset(&stream);
-                    continue;
-                }
+                let permit = match dp.admission.outbound(&pod.slots) {
+                    Ok(p) => p,
+                    Err(refusal) => {
+                        if refusal == crate::admission::Refusal::SourcePod {
+                            dp.l7.limit_counters.pod_overflow.fetch_add(1, Ordering::Relaxed);
+                        }
+                        debug!(pod = %pod.key, %peer, limit = refusal.as_str(), "connection limit reached; resetting");
+                        let _ = dp.redirector.take_original(pod.pod_id, peer);
+                        reset(&stream);
+                        continue;
+                    }
+                };
                 let pod = pod.clone();
                 let dp = dp.clone();
-                tokio::spawn(async move { handle(stream, peer, pod, dp).await });
+                tokio::spawn(async move {
+                    handle(stream, peer, pod, dp).await;
+                    drop(permit);
+                });
             }
             Err(e) => {
                 // Out of fds or memory: back off instead of spinning; the listener stays.
@@ -207,7 +221,8 @@ async fn forward_opaque(
                 let guard = dp.conns.open(&pod.stats, new_conn(&pod, peer, orig, &target, endpoint, Some(&peer_id)));
                 debug!(pod = %pod.key, dst = %orig, %endpoint, peer = %peer_id, id = guard.entry.id, "forwarding through tunnel");
                 observed.report(&dp, &pod, &guard.entry, true, true);
-                pump::tcp_h2(client, prefix, send, recv, &guard.entry.sent, &guard.entry.received).await;
+                let (sent, received) = (&guard.entry.sent, &guard.entry.received);
+                dp.idle.run(pump::tcp_h2(client, prefix, send, recv, sent, received), sent, received).await;
                 observed.report(&dp, &pod, &guard.entry, true, false);
                 return;
             }
@@ -246,7 +261,8 @@ async fn forward_opaque(
     }
     debug!(pod = %pod.key, dst = %orig, %endpoint, id = guard.entry.id, "forwarding");
     observed.report(&dp, &pod, &guard.entry, false, true);
-    forward(client, upstream, &guard.entry.sent, &guard.entry.received).await;
+    let (sent, received) = (&guard.entry.sent, &guard.entry.received);
+    dp.idle.run(forward(client, upstream, sent, received), sent, received).await;
     observed.report(&dp, &pod, &guard.entry, false, false);
 }
 

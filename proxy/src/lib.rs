@@ -4,6 +4,7 @@
 //! ([`enroll`]) and the data path ([`l4`]). See DESIGN.md for the request path.
 
 pub mod admin;
+pub mod admission;
 pub mod ca_tool;
 pub mod cli;
 pub mod conns;
@@ -12,6 +13,7 @@ pub mod deliver;
 pub mod discovery;
 pub mod enroll;
 pub mod identity;
+pub mod idle;
 pub mod inbound;
 pub mod l4;
 pub mod l7;

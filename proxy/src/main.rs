@@ -285,9 +285,25 @@ struct RunFlags {
     /// pod's own accept queue). Size it well below what the node's sluice accepts in all.
     #[arg(long, default_value_t = 500)]
     pod_connection_rate: u32,
-    /// Per source pod: connections open through sluice (beyond: reset).
-    #[arg(long, default_value_t = 20000)]
-    pod_max_connections: u32,
+    /// Node-wide: connections proxied at once, outbound and inbound (beyond: reset)
+    /// [default: (RLIMIT_NOFILE - headroom) / 2, headroom = max(1024, RLIMIT_NOFILE / 8)].
+    #[arg(long)]
+    max_connections: Option<u32>,
+    /// Per source pod: connections open through sluice (beyond: reset) [default: max-connections / 4].
+    #[arg(long)]
+    pod_max_connections: Option<u32>,
+    /// Per destination pod: inbound connections (captured plaintext and HBONE streams) open at
+    /// once (beyond: reset, or 503 to the tunnel) [default: max-connections / 4].
+    #[arg(long)]
+    pod_max_inbound_connections: Option<u32>,
+    /// Per peer (its SPIFFE identity; its address for plaintext): inbound connections open at
+    /// once, node-wide [default: max-connections / 2].
+    #[arg(long)]
+    peer_max_inbound_connections: Option<u32>,
+    /// Opaque TCP connections (and tunnel streams) with no byte either way for this long are
+    /// closed (0: never).
+    #[arg(long, default_value_t = 3600)]
+    tcp_idle_timeout_s: u64,
     // --- Telemetry ---
     /// Access log destination for namespaces annotated `sluice.dev/access-log: enabled`: a
     /// file, or `-` for stdout.
@@ -420,6 +436,13 @@ fn run(f: RunFlags) -> Result<()> {
         trust_domain: f.trust_domain,
         cert_lifetime: Duration::from_secs(f.cert_lifetime_s),
         drain_timeout: Duration::from_secs(f.drain_timeout_s),
+        admission: sluice::admission::AdmissionFlags {
+            max_connections: f.max_connections,
+            pod_max_connections: f.pod_max_connections,
+            pod_max_inbound: f.pod_max_inbound_connections,
+            peer_max_inbound: f.peer_max_inbound_connections,
+        },
+        tcp_idle_timeout: (f.tcp_idle_timeout_s > 0).then(|| Duration::from_secs(f.tcp_idle_timeout_s)),
         telemetry,
         l7: sluice::l7::L7Config {
             detect_timeout: Duration::from_millis(f.detect_timeout_ms),
@@ -433,7 +456,6 @@ fn run(f: RunFlags) -> Result<()> {
             pod_limits: sluice::l7::limits::PodLimits {
                 max_requests: f.pod_max_requests.max(1),
                 connection_rate: f.pod_connection_rate.max(1),
-                max_connections: f.pod_max_connections.max(1),
             },
         },
     });

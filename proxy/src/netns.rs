@@ -162,6 +162,9 @@ impl PodNetns {
 fn new_socket(domain: Domain) -> io::Result<Socket> {
     let s = Socket::new(domain, Type::STREAM.nonblocking().cloexec(), Some(Protocol::TCP))?;
     s.set_nodelay(true)?;
+    // Every socket sluice makes carries traffic (upstream, delivery, tunnel): a vanished peer
+    // must not hold it forever.
+    crate::idle::set_keepalive(socket2::SockRef::from(&s))?;
     Ok(s)
 }
 
@@ -190,6 +193,8 @@ fn listen(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     s.set_reuse_address(true)?;
     // The next sluice process binds the same addresses during an upgrade.
     s.set_reuse_port(true)?;
+    // Accepted sockets inherit keepalive from their listener (no system call per connection).
+    crate::idle::set_keepalive(socket2::SockRef::from(&s))?;
     s.bind(&addr.into())?;
     s.listen(1024)?;
     s.set_nonblocking(true)?;

@@ -34,6 +34,9 @@ pub struct StatusView {
     pub model_generation: u64,
     #[serde(default)]
     pub model_pods: usize,
+    /// The connection bounds in force (derived from RLIMIT_NOFILE unless set by flags).
+    #[serde(default)]
+    pub limits: Option<crate::admission::AdmissionConfig>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

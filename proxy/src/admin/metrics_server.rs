@@ -502,7 +502,7 @@ impl Collector for SluiceMetrics {
         let lc = &dp.l7.limit_counters;
         let overflow: u64 =
             dp.l7.breakers.snapshot().iter().map(|(_, _, b)| b.overflows.load(Ordering::Relaxed)).sum();
-        let counters: [(&str, &str, u64); 29] = [
+        let counters: [(&str, &str, u64); 33] = [
             (
                 "sluice_http_requests",
                 "HTTP requests received from enrolled pods (outbound).",
@@ -583,6 +583,26 @@ impl Collector for SluiceMetrics {
                 "sluice_hbone_fallback_plaintext",
                 "Connections sent plaintext because the destination had no tunnel endpoint.",
                 relaxed(&dp.tunnel_fallbacks),
+            ),
+            (
+                "sluice_refused_node_limit",
+                "Connections refused by the node-wide connection limit (--max-connections).",
+                relaxed(&dp.admission.counters.refused_node_limit),
+            ),
+            (
+                "sluice_refused_destination_pod_limit",
+                "Inbound connections refused by the per-destination-pod limit.",
+                relaxed(&dp.admission.counters.refused_destination_pod_limit),
+            ),
+            (
+                "sluice_refused_peer_limit",
+                "Inbound connections refused by the per-peer limit.",
+                relaxed(&dp.admission.counters.refused_peer_limit),
+            ),
+            (
+                "sluice_tcp_idle_closed",
+                "Opaque TCP connections and tunnel streams closed by the idle timeout.",
+                relaxed(&dp.idle.closed),
             ),
             (
                 "sluice_self_connection_refused",

@@ -110,6 +110,16 @@ impl AdminState {
         all.insert("upstream_http2".to_string(), h2 as u64);
         all.insert("hbone_fallback_plaintext".to_string(), self.data.tunnel_fallbacks.load(Ordering::Relaxed));
         all.insert("self_connection_refused".to_string(), self.data.loop_guard.refused.load(Ordering::Relaxed));
+        let adm = &self.data.admission;
+        all.insert("connections_admitted".to_string(), u64::from(adm.open()));
+        for (name, value) in [
+            ("refused_node_limit", &adm.counters.refused_node_limit),
+            ("refused_destination_pod_limit", &adm.counters.refused_destination_pod_limit),
+            ("refused_peer_limit", &adm.counters.refused_peer_limit),
+            ("tcp_idle_closed", &self.data.idle.closed),
+        ] {
+            all.insert(name.to_string(), value.load(Ordering::Relaxed));
+        }
         let tap = &self.data.telemetry.tap;
         all.insert("tap_subscribers".to_string(), tap.subscribers() as u64);
         all.insert("tap_events".to_string(), tap.events());
@@ -149,6 +159,7 @@ impl AdminState {
                 .collect(),
             model_generation: model.generation(),
             model_pods: model.pods().count(),
+            limits: Some(self.data.admission.config),
         }
     }
 }

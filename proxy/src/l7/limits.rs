@@ -257,13 +257,11 @@ pub struct PodLimits {
     /// New connections per second accepted from one pod (beyond it sluice stops accepting from
     /// that pod's listener for a moment: the excess waits in the kernel's accept queue).
     pub connection_rate: u32,
-    /// Connections one pod may have open through sluice; beyond, new ones are reset.
-    pub max_connections: u32,
 }
 
 impl Default for PodLimits {
     fn default() -> Self {
-        Self { max_requests: 2000, connection_rate: 500, max_connections: 20_000 }
+        Self { max_requests: 2000, connection_rate: 500 }
     }
 }
 

@@ -22,7 +22,17 @@ use tracing::{debug, warn};
 
 use super::client::{CONNECTION_WINDOW, STREAM_WINDOW};
 
+/// TLS and the HTTP/2 preface must be done within this (a peer that connects and stalls holds
+/// a descriptor only this long).
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Streams one tunnel connection may have open at once (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS;
+/// a client opens another connection beyond it). Every stream is a delivery socket, so this
+/// bounds what one connection can make sluice hold; admission bounds the sum per peer and pod.
+pub const MAX_CONCURRENT_STREAMS: u32 = 100;
+/// Largest header list of a CONNECT request (SETTINGS_MAX_HEADER_LIST_SIZE). A CONNECT carries
+/// an authority and a header or two: h2's default (16 MiB) would let a peer make sluice buffer
+/// megabytes per stream.
+pub const MAX_HEADER_LIST_SIZE: u32 = 16 * 1024;
 
 /// One CONNECT stream, authenticated.
 pub struct TunnelRequest {
@@ -66,6 +76,7 @@ pub async fn serve<H, F>(
     tls: Arc<rustls::ServerConfig>,
     identity_of: fn(&rustls::CommonState) -> Option<String>,
     stats: Arc<ServerStats>,
+    admission: Arc<crate::admission::Admission>,
     handler: H,
 ) where
     H: Fn(TunnelRequest) -> F + Clone + Send + Sync + 'static,
@@ -81,13 +92,26 @@ pub async fn serve<H, F>(
                 continue;
             }
         };
+        // A tunnel connection holds a descriptor of its own: it counts node-wide (its streams
+        // are admitted one by one, per peer and per pod, by the handler).
+        let permit = match admission.node_only() {
+            Ok(p) => p,
+            Err(refusal) => {
+                stats.handshakes_failed.fetch_add(1, Ordering::Relaxed);
+                debug!(%pod, %peer, limit = refusal.as_str(), "HBONE connection refused: connection limit reached");
+                let _ = socket2::SockRef::from(&tcp).set_linger(Some(Duration::ZERO));
+                continue;
+            }
+        };
         let acceptor = acceptor.clone();
         let handler = handler.clone();
         let pod = pod.clone();
         let stats = stats.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             let _ = tcp.set_nodelay(true);
-            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+            let deadline = tokio::time::Instant::now() + HANDSHAKE_TIMEOUT;
+            let tls = match tokio::time::timeout_at(deadline, acceptor.accept(tcp)).await {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => {
                     stats.handshakes_failed.fetch_add(1, Ordering::Relaxed);
@@ -106,16 +130,22 @@ pub async fn serve<H, F>(
                 return;
             };
             let peer_identity: Arc<str> = peer_identity.into();
-            let mut conn = match h2::server::Builder::new()
+            let handshake = h2::server::Builder::new()
                 .initial_window_size(STREAM_WINDOW)
                 .initial_connection_window_size(CONNECTION_WINDOW)
-                .handshake::<_, Bytes>(tls)
-                .await
-            {
-                Ok(c) => c,
-                Err(e) => {
+                .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+                .max_header_list_size(MAX_HEADER_LIST_SIZE)
+                .handshake::<_, Bytes>(tls);
+            let mut conn = match tokio::time::timeout_at(deadline, handshake).await {
+                Ok(Ok(c)) => c,
+                Ok(Err(e)) => {
                     stats.handshakes_failed.fetch_add(1, Ordering::Relaxed);
                     warn!(%pod, %peer, peer_identity = %peer_identity, error = %e, "HBONE: not an HTTP/2 client");
+                    return;
+                }
+                Err(_) => {
+                    stats.handshakes_failed.fetch_add(1, Ordering::Relaxed);
+                    warn!(%pod, %peer, peer_identity = %peer_identity, "HBONE: no HTTP/2 preface within the handshake timeout");
                     return;
                 }
             };

@@ -52,6 +52,8 @@ use serde_json::{json, Value};
 
 #[path = "../grpc_proto.rs"]
 mod grpc_proto;
+#[path = "slload/flood.rs"]
+mod flood;
 
 use grpc_proto::{EchoReply, EchoRequest, ECHO_PATH};
 
@@ -177,6 +179,27 @@ enum Cmd {
         #[arg(long)]
         count: usize,
     },
+    /// TCP echo server for any number of idle connections (one task each).
+    EchoServe {
+        #[arg(long)]
+        port: u16,
+        #[arg(long, default_value = "0.0.0.0")]
+        bind: String,
+    },
+    /// Attempt N TCP connections (each proven by a one-byte echo), hold the ones that work
+    /// until stdin closes; never stops early.
+    Flood {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long)]
+        count: usize,
+        /// Connections being set up at once.
+        #[arg(long, default_value_t = 256)]
+        concurrency: usize,
+        /// Longest one attempt may take.
+        #[arg(long, default_value_t = 3_000)]
+        timeout_ms: u64,
+    },
     /// One keep-alive connection; per stdin line N, send N requests spaced --interval-us apart.
     Seq {
         #[command(flatten)]
@@ -236,6 +259,10 @@ fn main() -> ExitCode {
             http_only(&target).and_then(|_| churn(&target, connections, duration_ms, warmup_ms))
         }
         Cmd::Hold { target, count } => http_only(&target).and_then(|_| hold(&target, count)),
+        Cmd::EchoServe { port, bind } => flood::echo_serve(&bind, port),
+        Cmd::Flood { to, count, concurrency, timeout_ms } => {
+            flood::flood(to, count, concurrency, Duration::from_millis(timeout_ms))
+        }
         Cmd::Seq { target, interval_us } => match target.proto {
             Proto::Http => seq::<H1>(&target, interval_us),
             Proto::Grpc => seq::<GrpcConn>(&target, interval_us),
