@@ -81,7 +81,7 @@ const UNKNOWN: &str = "unknown";
 const LATEST: &str = "latest";
 
 /// Default of `--max-metric-series`.
-pub const DEFAULT_MAX_SERIES: usize = 10_000;
+pub const DEFAULT_MAX_SERIES: usize = 5_000;
 /// Default of `--metric-series-grace-s`.
 pub const DEFAULT_SERIES_GRACE: Duration = Duration::from_secs(300);
 
