@@ -104,7 +104,8 @@ impl Default for SeriesLimits {
 
 impl SeriesLimits {
     /// How often [`expire_series`] looks: a quarter of the grace period, between 250 ms and
-    /// 15 s, so that a series goes at most that long after its grace period ends.
+    /// 15 s. A series is marked at the first sweep after its workloads left and removed at the
+    /// first sweep after the mark is `grace` old: at most two intervals late.
     pub fn sweep_interval(&self) -> Duration {
         (self.grace / 4).clamp(Duration::from_millis(250), Duration::from_secs(15))
     }
@@ -386,6 +387,13 @@ impl Key {
         }
     }
 
+    /// Whether the source or the destination is a workload with a pod in the model.
+    fn is_live(&self, live: &LiveWorkloads) -> bool {
+        [&self.source, &self.destination]
+            .into_iter()
+            .any(|s| s.is_pod() && live.contains(&s.namespace, &s.workload))
+    }
+
     fn view(&self) -> LabelsView<'_> {
         LabelsView {
             reporter: self.reporter,
@@ -400,15 +408,6 @@ impl Key {
             response_flags: &self.response_flags,
             security: self.security,
         }
-    }
-}
-
-impl Key {
-    /// Whether the source or the destination is a workload with a pod in the model.
-    fn is_live(&self, live: &LiveWorkloads) -> bool {
-        [&self.source, &self.destination]
-            .into_iter()
-            .any(|s| s.is_pod() && live.contains(&s.namespace, &s.workload))
     }
 }
 
