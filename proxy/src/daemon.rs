@@ -360,6 +360,10 @@ fn start_admin_thread(
         .spawn(move || {
             rt.block_on(async move {
                 tokio::spawn(heartbeat(redirector));
+                tokio::spawn(crate::telemetry::metrics::expire_series(
+                    admin.data.telemetry.clone(),
+                    admin.model.clone(),
+                ));
                 tokio::spawn(forward_ebpf_logs(logger));
                 tokio::spawn(signals(control));
                 tokio::spawn(health::serve(readiness_listener, probe, readiness_closed));

@@ -318,6 +318,18 @@ struct RunFlags {
     /// Share of new traces sampled (0 to 1); a sampled flag in the request is honoured.
     #[arg(long, default_value_t = 0.01)]
     trace_sampling: f64,
+    /// Most label sets Istio's metrics keep (request and TCP series together); records that
+    /// would add one more are not counted (sluice_metric_series_dropped_total).
+    #[arg(long, default_value_t = sluice::telemetry::metrics::DEFAULT_MAX_SERIES)]
+    max_metric_series: usize,
+    /// Seconds a metric series stays after the last pod of its source and destination
+    /// workloads left, so that scrapes still see its final counts.
+    #[arg(
+        long,
+        env = "SLUICE_METRIC_SERIES_GRACE_S",
+        default_value_t = sluice::telemetry::metrics::DEFAULT_SERIES_GRACE.as_secs()
+    )]
+    metric_series_grace_s: u64,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -420,6 +432,10 @@ fn run(f: RunFlags) -> Result<()> {
         access_log_queue: f.access_log_queue.max(1),
         otlp_endpoint: f.otlp_endpoint.clone(),
         trace_sampling: f.trace_sampling.clamp(0.0, 1.0),
+        metric_series: sluice::telemetry::metrics::SeriesLimits {
+            max_series: f.max_metric_series,
+            grace: Duration::from_secs(f.metric_series_grace_s),
+        },
     };
     let result = daemon::run(RunArgs {
         node: f.node,

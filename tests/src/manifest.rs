@@ -23,6 +23,46 @@ pub struct PodManifest<'a> {
     pub node_name: &'a str,
     pub service_account: &'a str,
     pub ip: Ipv4Addr,
+    /// The controller written into `metadata.ownerReferences`.
+    pub owner: Option<&'a Owner>,
+    /// `metadata.generateName`.
+    pub generate_name: Option<&'a str>,
+}
+
+/// A pod's controller (a StatefulSet, a Job, an operator's resource...), as the controller
+/// writes itself into the pods it creates: the one owner reference with `controller: true`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Owner {
+    pub kind: String,
+    pub name: String,
+}
+
+impl Owner {
+    /// The owner reference, with the apiVersion of the built-in kinds and a UID that is the
+    /// same for every pod of one owner (as a real controller's is).
+    pub fn reference(&self, namespace: &str) -> Value {
+        let api_version = match self.kind.as_str() {
+            "ReplicaSet" | "StatefulSet" | "DaemonSet" | "Deployment" => "apps/v1",
+            "Job" | "CronJob" => "batch/v1",
+            "ReplicationController" => "v1",
+            _ => "example.com/v1",
+        };
+        json!({
+            "apiVersion": api_version,
+            "kind": self.kind,
+            "name": self.name,
+            "uid": stable_uid(&format!("{namespace}/{}/{}", self.kind, self.name)),
+            "controller": true,
+            "blockOwnerDeletion": true,
+        })
+    }
+}
+
+/// A UUID-shaped identifier derived from `key`.
+fn stable_uid(key: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let h: String = Sha256::digest(key.as_bytes())[..16].iter().map(|b| format!("{b:02x}")).collect();
+    format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
 }
 
 pub fn pod_file_name(namespace: &str, name: &str) -> String {
@@ -38,15 +78,22 @@ pub fn service_file_name(namespace: &str, name: &str) -> String {
 }
 
 pub fn pod(p: &PodManifest) -> Value {
+    let mut metadata = json!({
+        "name": p.name,
+        "namespace": p.namespace,
+        "uid": p.uid,
+        "labels": p.labels,
+    });
+    if let Some(owner) = p.owner {
+        metadata["ownerReferences"] = json!([owner.reference(p.namespace)]);
+    }
+    if let Some(prefix) = p.generate_name {
+        metadata["generateName"] = json!(prefix);
+    }
     json!({
         "apiVersion": "v1",
         "kind": "Pod",
-        "metadata": {
-            "name": p.name,
-            "namespace": p.namespace,
-            "uid": p.uid,
-            "labels": p.labels,
-        },
+        "metadata": metadata,
         "spec": {
             "nodeName": p.node_name,
             "serviceAccountName": p.service_account,
@@ -242,6 +289,39 @@ mod tests {
         assert_eq!(ns["metadata"]["annotations"][ACCESS_LOG_ANNOTATION], "enabled");
         let ns = with_annotation(namespace("b", false), ACCESS_LOG_ANNOTATION, "enabled");
         assert_eq!(ns["metadata"]["annotations"].as_object().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn pods_name_their_controller() {
+        let labels = BTreeMap::new();
+        let owner = Owner { kind: "StatefulSet".into(), name: "db".into() };
+        let manifest = |name, owner, generate_name| PodManifest {
+            namespace: "shop",
+            name,
+            uid: "u",
+            labels: &labels,
+            node_name: "n1",
+            service_account: "default",
+            ip: "10.244.1.10".parse().unwrap(),
+            owner,
+            generate_name,
+        };
+        let a = pod(&manifest("db-0", Some(&owner), None));
+        let b = pod(&manifest("db-1", Some(&owner), None));
+        let r = &a["metadata"]["ownerReferences"][0];
+        assert_eq!(r["kind"], "StatefulSet");
+        assert_eq!(r["name"], "db");
+        assert_eq!(r["apiVersion"], "apps/v1");
+        assert_eq!(r["controller"], true);
+        assert_eq!(r["uid"], b["metadata"]["ownerReferences"][0]["uid"], "one owner, one UID");
+        assert!(a["metadata"].get("generateName").is_none());
+        let job = Owner { kind: "Job".into(), name: "report-28901234".into() };
+        let p = pod(&manifest("report-28901234-x7k2p", Some(&job), Some("report-28901234-")));
+        assert_eq!(p["metadata"]["ownerReferences"][0]["apiVersion"], "batch/v1");
+        assert_ne!(p["metadata"]["ownerReferences"][0]["uid"], r["uid"]);
+        assert_eq!(p["metadata"]["generateName"], "report-28901234-");
+        let bare = pod(&manifest("tmp", None, None));
+        assert!(bare["metadata"].get("ownerReferences").is_none());
     }
 
     #[test]

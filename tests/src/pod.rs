@@ -36,6 +36,10 @@ pub struct PodOpts {
     pub labels: BTreeMap<String, String>,
     /// `spec.serviceAccountName`; "default" when unset.
     pub service_account: Option<String>,
+    /// The controller in `metadata.ownerReferences`; none: a bare pod.
+    pub owner: Option<manifest::Owner>,
+    /// `metadata.generateName` (what a controller that names its pods randomly sets).
+    pub generate_name: Option<String>,
 }
 
 impl PodOpts {
@@ -46,12 +50,28 @@ impl PodOpts {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
-            service_account: None,
+            ..PodOpts::default()
         }
     }
 
     pub fn service_account(mut self, sa: &str) -> PodOpts {
         self.service_account = Some(sa.to_string());
+        self
+    }
+
+    /// A pod created by a controller: `owner("StatefulSet", "db")` for `db-0`,
+    /// `owner("Job", "report-28901234")` for a CronJob's pod.
+    pub fn owner(mut self, kind: &str, name: &str) -> PodOpts {
+        self.owner = Some(manifest::Owner {
+            kind: kind.to_string(),
+            name: name.to_string(),
+        });
+        self
+    }
+
+    /// `metadata.generateName`, e.g. `"report-28901234-"`.
+    pub fn generate_name(mut self, prefix: &str) -> PodOpts {
+        self.generate_name = Some(prefix.to_string());
         self
     }
 }
@@ -83,6 +103,8 @@ struct PodInner {
     sandbox_pid: u32,
     labels: BTreeMap<String, String>,
     service_account: String,
+    owner: Option<manifest::Owner>,
+    generate_name: Option<String>,
     deleted: AtomicBool,
 }
 
@@ -213,6 +235,8 @@ pub(crate) fn create(node: &Node, namespace: &str, name: &str, opts: PodOpts) ->
             service_account: opts
                 .service_account
                 .unwrap_or_else(|| "default".to_string()),
+            owner: opts.owner,
+            generate_name: opts.generate_name,
             deleted: AtomicBool::new(false),
         }),
     };
@@ -270,6 +294,11 @@ impl Pod {
         &self.inner.service_account
     }
 
+    /// The controller its manifest names, if any.
+    pub fn owner(&self) -> Option<&manifest::Owner> {
+        self.inner.owner.as_ref()
+    }
+
     pub fn node(&self) -> &Node {
         &self.inner.node
     }
@@ -290,6 +319,8 @@ impl Pod {
             node_name: i.node.name(),
             service_account: &i.service_account,
             ip: i.ip,
+            owner: i.owner.as_ref(),
+            generate_name: i.generate_name.as_deref(),
         });
         let yaml = manifest::to_yaml(&[doc])?;
         i.node

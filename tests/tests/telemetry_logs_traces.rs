@@ -486,7 +486,8 @@ fn http_line_problems(
         l["source"]["address"].as_str().is_some_and(|a| a.starts_with(&format!("{client_ip}:"))),
         "source.address (the client pod's IP)",
     );
-    check(l["destination"]["workload"] == "web-0", "destination.workload");
+    // A bare pod's workload is its app label; the pod keeps its own name.
+    check(l["destination"]["workload"] == "web", "destination.workload");
     check(l["destination"]["namespace"] == "shop", "destination.namespace");
     check(l["destination"]["pod"] == "web-0", "destination.pod");
     check(is_principal(&l["destination"]["principal"], "shop", "web-sa"), "destination.principal");
@@ -674,7 +675,7 @@ fn access_log_tcp_connection_and_silent_namespace() -> Result<()> {
                 "source.address",
             ),
             (
-                tcp["destination"]["workload"] == "web-0" && tcp["destination"]["namespace"] == "shop",
+                tcp["destination"]["workload"] == "web" && tcp["destination"]["namespace"] == "shop",
                 "destination workload",
             ),
             (is_principal(&tcp["destination"]["principal"], "shop", "web-sa"), "destination.principal"),
@@ -841,7 +842,7 @@ fn check_two_hops(
             (at["http.request.method"] == method, "http.request.method"),
             (at["url.path"] == path, "url.path"),
             (
-                at["source.workload"] == "client" && at["destination.workload"] == "web-0",
+                at["source.workload"] == "client" && at["destination.workload"] == "web",
                 "source/destination.workload",
             ),
             (is_principal(&at["source.principal"], "shop", "client-sa"), "source.principal"),

@@ -4,6 +4,8 @@
 //! reporter (the client's node) and the destination reporter (the server's node); every
 //! histogram's count equals its counter; the text is OpenMetrics that the Prometheus client
 //! library's parser accepts (Python `prometheus_client`, installed by `cargo xtask setup`).
+//! Workload labels name the pods' controllers (ownerReferences), never pods, and the series of
+//! workloads whose pods are all gone leave `/metrics` after the grace period.
 
 mod common;
 
@@ -28,6 +30,7 @@ use sluice_tests::{
 const HTTP_VIP: &str = "10.96.3.10";
 const GRPC_VIP: &str = "10.96.3.11";
 const ECHO_VIP: &str = "10.96.3.12";
+const DB_VIP: &str = "10.96.3.13";
 const HTTP_PORT: u16 = 80;
 const HTTP_TARGET: u16 = 8080;
 const GRPC_PORT: u16 = 50051;
@@ -98,7 +101,7 @@ fn world() -> Result<World> {
         ("grpc", GRPC_VIP, GRPC_PORT, GRPC_PORT, "grpc", &grpc),
         ("echo", ECHO_VIP, ECHO_PORT, ECHO_PORT, "tcp", &echo),
     ] {
-        write_service(&sim, name, vip, port, target, app_protocol, pod)?;
+        write_service(&sim, name, vip, port, target, app_protocol, &[pod])?;
     }
     let s1 = n1.start_sluice(SluiceOpts::default())?;
     let s2 = n2.start_sluice(SluiceOpts::default())?;
@@ -114,7 +117,7 @@ fn world() -> Result<World> {
     Ok(World { _sim: sim, n1, n2, client, _servers: servers, _s1: s1, _s2: s2 })
 }
 
-/// A Service `shop/<name>` with one port of `app_protocol` and `pod` as its endpoint.
+/// A Service `shop/<name>` with one port of `app_protocol` and `pods` as its endpoints.
 fn write_service(
     sim: &Sim,
     name: &str,
@@ -122,17 +125,19 @@ fn write_service(
     port: u16,
     target: u16,
     app_protocol: &str,
-    pod: &Pod,
+    pods: &[&Pod],
 ) -> Result<()> {
-    let node_name = pod.node().name().to_string();
-    let eps = [manifest::Endpoint {
-        ip: pod.ip(),
-        pod_name: pod.name(),
-        pod_namespace: pod.namespace(),
-        pod_uid: pod.uid(),
-        node_name: &node_name,
-        labels: pod.labels(),
-    }];
+    let eps: Vec<manifest::Endpoint> = pods
+        .iter()
+        .map(|pod| manifest::Endpoint {
+            ip: pod.ip(),
+            pod_name: pod.name(),
+            pod_namespace: pod.namespace(),
+            pod_uid: pod.uid(),
+            node_name: pod.node().name(),
+            labels: pod.labels(),
+        })
+        .collect();
     let docs = manifest::with_app_protocol(
         manifest::service("shop", name, vip, &[("main", port, target)], &eps),
         "main",
@@ -376,8 +381,9 @@ fn request_metrics_on_both_reporters() -> Result<()> {
     ensure!(ct1 == OPENMETRICS && ct2 == OPENMETRICS, "content types {ct1:?} {ct2:?}");
     ensure!(text1.ends_with("# EOF\n"), "no # EOF");
 
-    let web = ("web-0", "web", "v2", "web");
-    let grpc = ("grpc-0", "grpc", "v3", "grpc");
+    // Bare pods: their workload is their app label (never the pod name).
+    let web = ("web", "web", "v2", "web");
+    let grpc = ("grpc", "grpc", "v3", "grpc");
     let expected = [
         (web, "web", "http", "200", "", 37.0),
         (web, "web", "http", "503", "", 5.0),
@@ -470,7 +476,7 @@ fn tcp_metrics_on_both_reporters() -> Result<()> {
             ("source_principal", &spiffe("client")),
             ("source_app", "client"),
             ("source_cluster", "Kubernetes"),
-            ("destination_workload", "echo-0"),
+            ("destination_workload", "echo"),
             ("destination_workload_namespace", "shop"),
             ("destination_principal", &spiffe("echo")),
             ("destination_app", "echo"),
@@ -512,5 +518,171 @@ fn tcp_metrics_on_both_reporters() -> Result<()> {
         "opaque connections on n1"
     );
     ensure!(one(&m2, "sluice_hbone_streams_in_total", &[])? >= 2.0, "HBONE streams on n2");
+    Ok(())
+}
+
+/// Pods made by controllers, across two nodes: a CronJob's pod on n1 (Job
+/// `report-28901234`, pod `report-28901234-x7k2p`, app label `reporting`) and a bare client
+/// call Service `db`, whose endpoints are a StatefulSet's pods `db-0` and `db-1` on n2 (app label
+/// `postgres`). On both reporters the workloads are `report` (the CronJob), `client` (a bare
+/// pod's app label) and `db` (the StatefulSet): one series per workload pair, never a pod
+/// name in any label. Then the CronJob's and the StatefulSet's pods go: the series from
+/// `report` to `db` leaves `/metrics` on both nodes, not before the grace period (3 s here,
+/// `--metric-series-grace-s`), while `client` → `db` stays (one of its workloads is alive).
+#[test]
+fn workloads_are_their_controllers_and_departed_series_expire() -> Result<()> {
+    const GRACE_S: u64 = 3;
+    let sim = Sim::new()?;
+    let n1 = sim.add_node("n1")?;
+    let n2 = sim.add_node("n2")?;
+    sim.write_namespace("shop", true)?;
+    let client = n1.add_pod("shop", "client", PodOpts::labels(&[("app", "client")]))?;
+    let job = n1.add_pod(
+        "shop",
+        "report-28901234-x7k2p",
+        PodOpts::labels(&[("app", "reporting")])
+            .owner("Job", "report-28901234")
+            .generate_name("report-28901234-"),
+    )?;
+    let db0 =
+        n2.add_pod("shop", "db-0", PodOpts::labels(&[("app", "postgres")]).owner("StatefulSet", "db"))?;
+    let db1 =
+        n2.add_pod("shop", "db-1", PodOpts::labels(&[("app", "postgres")]).owner("StatefulSet", "db"))?;
+    let _servers = [
+        start_http_server(&db0, HTTP_TARGET, "db-0", &[])?,
+        start_http_server(&db1, HTTP_TARGET, "db-1", &[])?,
+    ];
+    write_service(&sim, "db", DB_VIP, HTTP_PORT, HTTP_TARGET, "http", &[&db0, &db1])?;
+    let opts = || SluiceOpts {
+        args: vec!["--metric-series-grace-s".into(), GRACE_S.to_string().into()],
+        ..Default::default()
+    };
+    let s1 = n1.start_sluice(opts())?;
+    let s2 = n2.start_sluice(opts())?;
+    s1.wait_ready(T)?;
+    s2.wait_ready(T)?;
+    for p in [&client, &job] {
+        wait_enrolled(&s1, p)?;
+    }
+    for p in [&db0, &db1] {
+        wait_enrolled(&s2, p)?;
+    }
+    for s in [&s1, &s2] {
+        s.wait_for("/model", |m| m["services"].as_array().is_some_and(|a| !a.is_empty()), T)?;
+    }
+    let w = World { _sim: sim, n1, n2, client, _servers: Vec::new(), _s1: s1, _s2: s2 };
+
+    let db = addr(DB_VIP, HTTP_PORT);
+    let get = |from: &Pod, count: u32| -> Result<Vec<serde_json::Value>> {
+        let out = from.run_simpod_timeout(
+            [
+                "http-get",
+                "--to",
+                &db.to_string(),
+                "--path",
+                "/rows",
+                "--count",
+                &count.to_string(),
+                "--keepalive",
+            ],
+            Duration::from_secs(120),
+        )?;
+        let lines = out.json_lines()?;
+        ensure!(lines.len() == count as usize, "expected {count} results: {}", out.stderr);
+        ensure!(lines.iter().all(|l| l["ok"] == true && l["status"] == 200), "{lines:?}");
+        Ok(lines)
+    };
+    let answers = get(&job, 20)?;
+    get(&w.client, 10)?;
+    // Both StatefulSet pods answered: two pods, one workload.
+    let served_by: BTreeSet<&str> = answers.iter().filter_map(|l| l["body"]["name"].as_str()).collect();
+    ensure!(served_by.len() == 2, "the job's requests were balanced over db-0 and db-1: {served_by:?}");
+    let requests = |s: &[Sample], reporter: &str| sum(s, "istio_requests_total", &[("reporter", reporter)]);
+    let ((_, _, m1), (_, _, m2)) =
+        scrape_until(&w, |a, b| requests(a, "source") >= 30.0 && requests(b, "destination") >= 30.0)?;
+    let pod_names = ["report-28901234-x7k2p", "report-28901234", "db-0", "db-1"];
+    for (node, samples, reporter) in [("n1", &m1, "source"), ("n2", &m2, "destination")] {
+        let pair = |src: &'static str, dst: &'static str| {
+            [("reporter", reporter), ("source_workload", src), ("destination_workload", dst)]
+        };
+        ensure!(one(samples, "istio_requests_total", &pair("report", "db"))? == 20.0, "{node}: report → db");
+        ensure!(one(samples, "istio_requests_total", &pair("client", "db"))? == 10.0, "{node}: client → db");
+        let series = matching(samples, "istio_requests_total", &[]);
+        ensure!(series.len() == 2, "{node}: one series per workload pair: {series:#?}");
+        let report = matching(samples, "istio_requests_total", &pair("report", "db"));
+        for (k, v) in [
+            ("source_app", "reporting"),
+            ("source_canonical_service", "reporting"),
+            ("destination_app", "postgres"),
+            ("destination_canonical_service", "postgres"),
+            ("destination_service_name", "db"),
+        ] {
+            ensure!(
+                report[0].labels.get(k).map(String::as_str) == Some(v),
+                "{node}: {k} in {:?}",
+                report[0].labels
+            );
+        }
+        for s in samples.iter().filter(|s| s.name.starts_with("istio_")) {
+            if let Some((k, v)) = s.labels.iter().find(|(_, v)| pod_names.contains(&v.as_str())) {
+                bail!("{node}: {} carries the pod name {k}={v:?}: {:?}", s.name, s.labels);
+            }
+        }
+        ensure!(
+            one(samples, "sluice_metric_series_expired_total", &[])? == 0.0,
+            "{node}: nothing expired yet"
+        );
+        ensure!(one(samples, "sluice_metric_series_dropped_total", &[])? == 0.0, "{node}: nothing dropped");
+        ensure!(one(samples, "sluice_metric_series_limit", &[])? == 5000.0, "{node}: the default cap");
+    }
+
+    // The CronJob's and the StatefulSet's pods go; the client stays.
+    let deleted = Instant::now();
+    for p in [&job, &db0, &db1] {
+        p.delete()?;
+    }
+    let report_series = |s: &[Sample]| {
+        s.iter()
+            .filter(|s| {
+                s.name.starts_with("istio_") && s.labels.get("source_workload").is_some_and(|w| w == "report")
+            })
+            .count()
+    };
+    let deadline = deleted + T + Duration::from_secs(GRACE_S);
+    let (m1, m2) = loop {
+        let (_, _, a) = scrape(&w.n1)?;
+        let (_, _, b) = scrape(&w.n2)?;
+        if report_series(&a) == 0 && report_series(&b) == 0 {
+            break (a, b);
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "the series of departed workloads are still there {:?} after their pods were deleted (grace {GRACE_S} s): n1 {} and n2 {} samples",
+            deleted.elapsed(),
+            report_series(&a),
+            report_series(&b)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let gone_after = deleted.elapsed();
+    ensure!(
+        gone_after >= Duration::from_secs(GRACE_S),
+        "the series left {gone_after:?} after the pods were deleted, before the {GRACE_S} s grace period"
+    );
+    for (node, samples, reporter) in [("n1", &m1, "source"), ("n2", &m2, "destination")] {
+        let client_db =
+            [("reporter", reporter), ("source_workload", "client"), ("destination_workload", "db")];
+        ensure!(one(samples, "istio_requests_total", &client_db)? == 10.0, "{node}: client → db stays");
+        ensure!(
+            matching(samples, "istio_requests_total", &[]).len() == 1,
+            "{node}: only client → db is left"
+        );
+        ensure!(
+            one(samples, "sluice_metric_series", &[("kind", "requests")])? == 1.0,
+            "{node}: series gauge"
+        );
+        ensure!(one(samples, "sluice_metric_series_expired_total", &[])? >= 1.0, "{node}: expiry counted");
+    }
+    eprintln!("report → db left /metrics {gone_after:?} after its pods were deleted (grace {GRACE_S} s)");
     Ok(())
 }

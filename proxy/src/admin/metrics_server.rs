@@ -472,7 +472,8 @@ impl Collector for SluiceMetrics {
             "Access log records dropped because the writer's queue was full.",
             dp.telemetry.access_log.dropped(),
         )?;
-        let (req_series, tcp_series) = dp.telemetry.metrics.series();
+        let istio = &dp.telemetry.metrics;
+        let (req_series, tcp_series) = istio.series();
         labelled(
             &mut e,
             "sluice_metric_series",
@@ -480,6 +481,24 @@ impl Collector for SluiceMetrics {
             MetricType::Gauge,
             "kind",
             &[("requests", req_series as u64), ("tcp", tcp_series as u64)],
+        )?;
+        gauge(
+            &mut e,
+            "sluice_metric_series_limit",
+            "Most label sets Istio's metrics keep, request and TCP together (--max-metric-series).",
+            istio.limits().max_series as u64,
+        )?;
+        counter(
+            &mut e,
+            "sluice_metric_series_dropped",
+            "Records not counted in Istio's metrics because their new label set would have exceeded --max-metric-series.",
+            istio.dropped(),
+        )?;
+        counter(
+            &mut e,
+            "sluice_metric_series_expired",
+            "Istio metric series removed after their workloads left (--metric-series-grace-s).",
+            istio.expired(),
         )?;
 
         // The admin API's counters (`sluice status`), as counters.

@@ -15,9 +15,9 @@ use super::fields::{check_port_name, NameRule, Node};
 use super::manifest::{DocError, Meta};
 use super::model::{
     AddressType, AuthorizationPolicy, AuthzAction, AuthzOperation, AuthzRule, AuthzSource, Endpoint,
-    EndpointPort, EndpointSlice, Labels, Namespace, Object, PeerAuthMode, Pod, PodPhase, PodRef, Protocol,
-    Service, ServicePort, StringMatch, TargetPort, MESH_ANNOTATION, MESH_ENABLED, PEER_AUTH_ANNOTATION,
-    SERVICE_NAME_LABEL,
+    EndpointPort, EndpointSlice, Labels, Namespace, Object, OwnerRef, PeerAuthMode, Pod, PodPhase, PodRef,
+    Protocol, Service, ServicePort, StringMatch, TargetPort, MESH_ANNOTATION, MESH_ENABLED,
+    PEER_AUTH_ANNOTATION, SERVICE_NAME_LABEL,
 };
 use super::traffic::{OutboundPolicy, OUTBOUND_POLICY_ANNOTATION};
 
@@ -91,6 +91,10 @@ pub(crate) fn pod(meta: Meta, doc: &Node<'_>) -> Result<Object, DocError> {
             }
         },
     };
+    let (controller, generate_name) = match doc.get("metadata") {
+        None => (None, None),
+        Some(metadata) => (controller_ref(&metadata)?, metadata.opt_str("generateName")?.map(str::to_owned)),
+    };
     Ok(Object::Pod(Arc::new(Pod {
         namespace: meta.namespace,
         name: meta.name,
@@ -102,7 +106,34 @@ pub(crate) fn pod(meta: Meta, doc: &Node<'_>) -> Result<Object, DocError> {
         ip,
         host_network,
         phase,
+        controller,
+        generate_name,
     })))
+}
+
+/// The controller among `metadata.ownerReferences`: the reference with `controller: true`
+/// (the API server allows at most one). Other references (plain owners, for garbage
+/// collection) do not name the workload. `kind` and `name` are required, as the API requires
+/// them; `apiVersion` and `uid` are not needed and not read.
+fn controller_ref(metadata: &Node<'_>) -> Result<Option<OwnerRef>, DocError> {
+    let mut found = None;
+    for r in metadata.list("ownerReferences")? {
+        r.expect_mapping()?;
+        let (kind, name) = (required_str(&r, "kind")?, required_str(&r, "name")?);
+        if r.opt_bool("controller")? == Some(true) && found.is_none() {
+            found = Some(OwnerRef { kind: kind.to_owned(), name: name.to_owned() });
+        }
+    }
+    Ok(found)
+}
+
+/// A string field that must be present and not empty.
+fn required_str<'a>(node: &Node<'a>, key: &str) -> Result<&'a str, DocError> {
+    let field = node.require(key)?;
+    match field.as_str()? {
+        "" => Err(field.invalid("must not be empty")),
+        s => Ok(s),
+    }
 }
 
 pub(crate) fn service(meta: Meta, doc: &Node<'_>) -> Result<Object, DocError> {

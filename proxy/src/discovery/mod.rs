@@ -58,11 +58,11 @@ pub use dir_source::{ManifestDir, ManifestDirHandle};
 pub use manifest::{DocError, DocRef, Format, ParseError};
 pub use model::{
     AddressType, AuthorizationPolicy, AuthzAction, AuthzOperation, AuthzRule, AuthzSource, Endpoint,
-    EndpointPort, EndpointSlice, Kind, Labels, Namespace, Object, ObjectKey, PeerAuthMode, Pod, PodPhase,
-    PodRef, Protocol, Service, ServicePort, StringMatch, TargetPort, MESH_ANNOTATION, MESH_ENABLED,
+    EndpointPort, EndpointSlice, Kind, Labels, Namespace, Object, ObjectKey, OwnerRef, PeerAuthMode, Pod,
+    PodPhase, PodRef, Protocol, Service, ServicePort, StringMatch, TargetPort, MESH_ANNOTATION, MESH_ENABLED,
     PEER_AUTH_ANNOTATION, SERVICE_NAME_LABEL,
 };
-pub use workload::WorkloadInfo;
+pub use workload::{workload_name, WorkloadInfo, UNKNOWN_WORKLOAD};
 pub use snapshot::{ManifestError, Model, ServiceTarget};
 pub use view::{
     AuthorizationPolicyView, EndpointSliceView, ErrorView, ModelView, NamespaceView, PodView, RouteView,

@@ -123,6 +123,21 @@ pub struct Pod {
     /// spec.hostNetwork: such a pod shares its node's IP, so it is left out of `pod_by_ip`.
     pub host_network: bool,
     pub phase: PodPhase,
+    /// The controller among metadata.ownerReferences (the one with `controller: true`; the API
+    /// allows at most one): what telemetry names the pod's workload after.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub controller: Option<OwnerRef>,
+    /// metadata.generateName: the prefix the API server completed into the pod's name, when
+    /// the name was generated.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub generate_name: Option<String>,
+}
+
+/// An owner reference: the kind and name of the object that controls a pod.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct OwnerRef {
+    pub kind: String,
+    pub name: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]

@@ -35,7 +35,12 @@
 //! - `response_flags` is "-" or sluice's reason (the `x-sluice-error` vocabulary, a small
 //!   fixed set).
 //!
-//! Cardinality is bounded by construction: no paths, addresses or pod names in any label.
+//! Cardinality: no label carries a path, an address or a pod name (workloads are named after
+//! their controller, `discovery::workload`), so the series are bounded by workload pairs ×
+//! Services × codes. Two bounds keep that true over time and against surprises
+//! ([`SeriesLimits`]): a series whose workloads have all left the model expires after a grace
+//! period ([`Metrics::expire`], run by [`expire_series`] on the control path), and a hard cap
+//! on the number of series refuses new ones beyond it (counted, never blocking).
 //!
 //! The data path builds no label set per request: a record is turned into a borrowed view of
 //! its labels (`&str`s into the record and the model's [`WorkloadInfo`]s), hashed once and
@@ -46,22 +51,27 @@
 
 use std::{
     cmp::Ordering as CmpOrdering,
+    collections::HashSet,
     fmt,
     hash::{Hash, Hasher},
     sync::{
-        atomic::{AtomicU64, Ordering::Relaxed},
-        Arc, PoisonError, RwLock,
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed},
+        Arc, Mutex, PoisonError, RwLock,
     },
+    time::{Duration, Instant},
 };
 
+use arc_swap::ArcSwap;
 use hashbrown::{Equivalent, HashMap};
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeLabel, EncodeLabelSet, LabelSetEncoder, NoLabelSet},
     metrics::MetricType,
 };
+use tracing::{debug, warn};
 
-use super::{ConnRecord, Peer, Reporter, RequestRecord, TelemetryConfig, WorkloadInfo};
+use super::{ConnRecord, Peer, Reporter, RequestRecord, SharedTelemetry, TelemetryConfig, WorkloadInfo};
+use crate::discovery::{workload_name, Model};
 
 /// The cluster label of workloads sluice knows (Istio's default cluster id).
 pub const CLUSTER_ID: &str = "Kubernetes";
@@ -69,6 +79,37 @@ pub const CLUSTER_ID: &str = "Kubernetes";
 pub const CLUSTER_DOMAIN: &str = "cluster.local";
 const UNKNOWN: &str = "unknown";
 const LATEST: &str = "latest";
+
+/// Default of `--max-metric-series`.
+pub const DEFAULT_MAX_SERIES: usize = 5_000;
+/// Default of `--metric-series-grace-s`.
+pub const DEFAULT_SERIES_GRACE: Duration = Duration::from_secs(300);
+
+/// The bounds on the series of Istio's metrics (`sluice run` flags).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SeriesLimits {
+    /// Most label sets kept, request and TCP series together. A record that would add one more
+    /// is not counted in Istio's metrics (it is in `sluice_metric_series_dropped_total`).
+    pub max_series: usize,
+    /// How long a series stays once no pod of its source or destination workload is left in
+    /// the model, so that the scrapes in between still see its final counts.
+    pub grace: Duration,
+}
+
+impl Default for SeriesLimits {
+    fn default() -> Self {
+        SeriesLimits { max_series: DEFAULT_MAX_SERIES, grace: DEFAULT_SERIES_GRACE }
+    }
+}
+
+impl SeriesLimits {
+    /// How often [`expire_series`] looks: a quarter of the grace period, between 250 ms and
+    /// 15 s. A series is marked at the first sweep after its workloads left and removed at the
+    /// first sweep after the mark is `grace` old: at most two intervals late.
+    pub fn sweep_interval(&self) -> Duration {
+        (self.grace / 4).clamp(Duration::from_millis(250), Duration::from_secs(15))
+    }
+}
 
 /// Envoy's default histogram buckets, which Istio's standard histograms use: milliseconds for
 /// `istio_request_duration_milliseconds`, bytes for `istio_request_bytes` and
@@ -285,6 +326,11 @@ impl Side {
         }
     }
 
+    /// A pod of the model (a peer sluice knew nothing about has the cluster "unknown").
+    fn is_pod(&self) -> bool {
+        &*self.cluster == CLUSTER_ID
+    }
+
     fn view(&self) -> SideView<'_> {
         SideView {
             workload: &self.workload,
@@ -339,6 +385,13 @@ impl Key {
             response_flags: v.response_flags.into(),
             security: v.security,
         }
+    }
+
+    /// Whether the source or the destination is a workload with a pod in the model.
+    fn is_live(&self, live: &LiveWorkloads) -> bool {
+        [&self.source, &self.destination]
+            .into_iter()
+            .any(|s| s.is_pod() && live.contains(&s.namespace, &s.workload))
     }
 
     fn view(&self) -> LabelsView<'_> {
@@ -519,19 +572,21 @@ impl<V> Default for Store<V> {
 }
 
 impl<V: Default> Store<V> {
-    /// Runs `f` on the series of `labels`, creating it on first use.
-    fn with(&self, labels: &LabelsView<'_>, f: impl FnOnce(&V)) {
+    /// Runs `f` on the series of `labels`, creating it on first use if `admit()` allows one
+    /// more series (else `f` does not run and `false` is returned).
+    fn with(&self, labels: &LabelsView<'_>, admit: impl FnOnce() -> bool, f: impl FnOnce(&V)) -> bool {
         {
             let map = self.map.read().unwrap_or_else(PoisonError::into_inner);
             if let Some(series) = map.get(labels) {
                 f(series);
-                return;
+                return true;
             }
         }
         let series = {
             let mut map = self.map.write().unwrap_or_else(PoisonError::into_inner);
             match map.get(labels) {
                 Some(s) => s.clone(),
+                None if !admit() => return false,
                 None => {
                     let s = Arc::new(V::default());
                     map.insert(Arc::new(Key::own(labels)), s.clone());
@@ -540,6 +595,7 @@ impl<V: Default> Store<V> {
             }
         };
         f(&series);
+        true
     }
 
     /// The series, copied out of the lock, in a stable order.
@@ -552,9 +608,91 @@ impl<V: Default> Store<V> {
         all
     }
 
+    /// The label sets, copied out of the lock (unordered).
+    fn keys(&self) -> Vec<Arc<Key>> {
+        self.map.read().unwrap_or_else(PoisonError::into_inner).keys().cloned().collect()
+    }
+
+    /// Removes these series; returns how many there were.
+    fn remove(&self, keys: &[Arc<Key>]) -> usize {
+        if keys.is_empty() {
+            return 0;
+        }
+        let mut map = self.map.write().unwrap_or_else(PoisonError::into_inner);
+        keys.iter().filter(|k| map.remove(*k).is_some()).count()
+    }
+
     fn len(&self) -> usize {
         self.map.read().unwrap_or_else(PoisonError::into_inner).len()
     }
+}
+
+/// The workloads that have at least one pod in the model, by namespace: what keeps a series.
+#[derive(Debug, Default)]
+pub struct LiveWorkloads {
+    by_namespace: std::collections::HashMap<String, HashSet<String>>,
+}
+
+impl LiveWorkloads {
+    /// Every pod of the model counts, on any node and in any phase (a completed Job's pod
+    /// still names its workload until it is deleted).
+    pub fn of(model: &Model) -> LiveWorkloads {
+        let mut live = LiveWorkloads::default();
+        for pod in model.pods() {
+            live.insert(&pod.namespace, workload_name(pod));
+        }
+        live
+    }
+
+    pub fn insert(&mut self, namespace: &str, workload: String) {
+        match self.by_namespace.get_mut(namespace) {
+            Some(names) => {
+                names.insert(workload);
+            }
+            None => {
+                self.by_namespace.insert(namespace.to_owned(), HashSet::from([workload]));
+            }
+        }
+    }
+
+    pub fn contains(&self, namespace: &str, workload: &str) -> bool {
+        self.by_namespace.get(namespace).is_some_and(|names| names.contains(workload))
+    }
+}
+
+/// The expiry's memory: the series found without a live workload, and since when. Only
+/// [`Metrics::expire`] touches it (one control-path task), never the data path.
+#[derive(Debug, Default)]
+struct Orphans {
+    requests: std::collections::HashMap<Arc<Key>, Instant>,
+    tcp: std::collections::HashMap<Arc<Key>, Instant>,
+}
+
+/// One store's part of [`Metrics::expire`]: marks the series without a live workload, clears
+/// the marks of those whose workload came back, removes those marked for `grace` or longer.
+fn expire_store<V: Default>(
+    store: &Store<V>,
+    orphans: &mut std::collections::HashMap<Arc<Key>, Instant>,
+    live: &LiveWorkloads,
+    grace: Duration,
+    now: Instant,
+) -> usize {
+    let mut due = Vec::new();
+    // Decided outside the store's lock: the data path only waits for the removal itself.
+    for key in store.keys() {
+        if key.is_live(live) {
+            orphans.remove(&key);
+            continue;
+        }
+        let since = *orphans.entry(key.clone()).or_insert(now);
+        if now.saturating_duration_since(since) >= grace {
+            due.push(key);
+        }
+    }
+    for key in &due {
+        orphans.remove(key);
+    }
+    store.remove(&due)
 }
 
 fn cmp_keys(a: &Key, b: &Key) -> CmpOrdering {
@@ -562,15 +700,63 @@ fn cmp_keys(a: &Key, b: &Key) -> CmpOrdering {
 }
 
 /// Istio's standard metrics.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Metrics {
     requests: Store<RequestSeries>,
     tcp: Store<TcpSeries>,
+    limits: SeriesLimits,
+    /// Series in both stores: what the cap is checked against when one is added.
+    count: AtomicUsize,
+    /// Records not counted because their new series would have exceeded the cap.
+    dropped: AtomicU64,
+    /// Series removed because their workloads left.
+    expired: AtomicU64,
+    /// The cap's warning was logged and the store has not gone below the cap since.
+    warned: AtomicBool,
+    orphans: Mutex<Orphans>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::with_limits(SeriesLimits::default())
+    }
 }
 
 impl Metrics {
-    pub fn new(_cfg: &TelemetryConfig) -> Metrics {
-        Metrics::default()
+    pub fn new(cfg: &TelemetryConfig) -> Metrics {
+        Metrics::with_limits(cfg.metric_series)
+    }
+
+    pub fn with_limits(limits: SeriesLimits) -> Metrics {
+        Metrics {
+            requests: Store::default(),
+            tcp: Store::default(),
+            limits,
+            count: AtomicUsize::new(0),
+            dropped: AtomicU64::new(0),
+            expired: AtomicU64::new(0),
+            warned: AtomicBool::new(false),
+            orphans: Mutex::default(),
+        }
+    }
+
+    /// Takes one of the `max_series` places for a new series. Runs only when a record brings
+    /// a label set not seen yet, under the store's write lock (so: nothing but an atomic).
+    fn admit(&self) -> bool {
+        let max = self.limits.max_series;
+        self.count.fetch_update(Relaxed, Relaxed, |n| (n < max).then_some(n + 1)).is_ok()
+    }
+
+    /// A record was not counted: its new series would have exceeded the cap. Warns once per
+    /// episode (until expiry brings the count below the cap again).
+    fn refused(&self) {
+        self.dropped.fetch_add(1, Relaxed);
+        if !self.warned.swap(true, Relaxed) {
+            warn!(
+                max_series = self.limits.max_series,
+                "Istio metrics reached --max-metric-series: records of new label sets are not counted (sluice_metric_series_dropped_total) until series of departed workloads expire"
+            );
+        }
     }
 
     /// A request completed: counted, its duration and body sizes observed.
@@ -578,33 +764,90 @@ impl Metrics {
         let labels = LabelsView::request(rec);
         let ms = rec.duration.as_secs_f64() * 1e3;
         let us = u64::try_from(rec.duration.as_micros()).unwrap_or(u64::MAX);
-        self.requests.with(&labels, |s| {
-            s.duration.observe(ms, us);
-            s.request_bytes.observe(rec.request_bytes as f64, rec.request_bytes);
-            s.response_bytes.observe(rec.response_bytes as f64, rec.response_bytes);
-        });
+        let kept = self.requests.with(
+            &labels,
+            || self.admit(),
+            |s| {
+                s.duration.observe(ms, us);
+                s.request_bytes.observe(rec.request_bytes as f64, rec.request_bytes);
+                s.response_bytes.observe(rec.response_bytes as f64, rec.response_bytes);
+            },
+        );
+        if !kept {
+            self.refused();
+        }
     }
 
     pub fn on_connection_opened(&self, rec: &ConnRecord<'_>) {
         let labels = LabelsView::connection(rec);
-        self.tcp.with(&labels, |s| {
-            s.opened.fetch_add(1, Relaxed);
-        });
+        let kept = self.tcp.with(
+            &labels,
+            || self.admit(),
+            |s| {
+                s.opened.fetch_add(1, Relaxed);
+            },
+        );
+        if !kept {
+            self.refused();
+        }
     }
 
     /// A connection closed: counted, with its bytes (reported once, at close).
     pub fn on_connection_closed(&self, rec: &ConnRecord<'_>) {
         let labels = LabelsView::connection(rec);
-        self.tcp.with(&labels, |s| {
-            s.closed.fetch_add(1, Relaxed);
-            s.sent.fetch_add(rec.sent, Relaxed);
-            s.received.fetch_add(rec.received, Relaxed);
-        });
+        let kept = self.tcp.with(
+            &labels,
+            || self.admit(),
+            |s| {
+                s.closed.fetch_add(1, Relaxed);
+                s.sent.fetch_add(rec.sent, Relaxed);
+                s.received.fetch_add(rec.received, Relaxed);
+            },
+        );
+        if !kept {
+            self.refused();
+        }
+    }
+
+    /// Removes the series none of whose workloads (source, destination) has been in `live`
+    /// for the grace period, as of `now`; returns how many. A series is marked the first time
+    /// it is found without a live workload and removed once that mark is `grace` old; a
+    /// workload that comes back clears the marks of its series. Called on the control path
+    /// (by [`expire_series`]), never by the data path; the data path waits at most for the
+    /// removal under the store's write lock.
+    pub fn expire(&self, live: &LiveWorkloads, now: Instant) -> usize {
+        let mut orphans = self.orphans.lock().unwrap_or_else(PoisonError::into_inner);
+        let grace = self.limits.grace;
+        let removed = expire_store(&self.requests, &mut orphans.requests, live, grace, now)
+            + expire_store(&self.tcp, &mut orphans.tcp, live, grace, now);
+        if removed > 0 {
+            self.count.fetch_sub(removed, Relaxed);
+            self.expired.fetch_add(removed as u64, Relaxed);
+        }
+        if self.count.load(Relaxed) < self.limits.max_series {
+            self.warned.store(false, Relaxed);
+        }
+        removed
     }
 
     /// Number of series kept (request label sets, TCP label sets).
     pub fn series(&self) -> (usize, usize) {
         (self.requests.len(), self.tcp.len())
+    }
+
+    /// The bounds in force.
+    pub fn limits(&self) -> SeriesLimits {
+        self.limits
+    }
+
+    /// Records not counted because the series cap was reached.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Relaxed)
+    }
+
+    /// Series removed because their workloads left the model.
+    pub fn expired(&self) -> u64 {
+        self.expired.load(Relaxed)
     }
 
     /// Writes every Istio metric family (OpenMetrics, through prometheus-client's encoder).
@@ -679,6 +922,30 @@ impl Collector for Metrics {
     }
 }
 
+/// Expires the series of departed workloads for as long as sluice runs: every
+/// [`SeriesLimits::sweep_interval`], against the workloads of the current model (recomputed
+/// when the model changes). A control-path task: it takes no lock the data path holds for
+/// longer than the removal of the expired series.
+pub async fn expire_series(telemetry: SharedTelemetry, model: Arc<ArcSwap<Model>>) {
+    let metrics = &telemetry.metrics;
+    let mut tick = tokio::time::interval(metrics.limits.sweep_interval());
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut seen: Option<(u64, LiveWorkloads)> = None;
+    loop {
+        tick.tick().await;
+        let current = model.load();
+        let generation = current.generation();
+        if seen.as_ref().is_none_or(|(g, _)| *g != generation) {
+            seen = Some((generation, LiveWorkloads::of(&current)));
+        }
+        let Some((_, live)) = &seen else { continue };
+        let removed = metrics.expire(live, Instant::now());
+        if removed > 0 {
+            debug!(removed, "metric series of departed workloads expired");
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::{
@@ -749,6 +1016,24 @@ mod tests {
             access_log: false,
         };
         m.on_request(&rec);
+    }
+
+    /// Scrapes metrics the test keeps using.
+    #[derive(Debug)]
+    struct Shared(Arc<Metrics>);
+
+    impl Collector for Shared {
+        fn encode(&self, mut encoder: DescriptorEncoder) -> fmt::Result {
+            self.0.encode_families(&mut encoder)
+        }
+    }
+
+    fn scrape_ref(m: &Arc<Metrics>) -> String {
+        let mut out = String::new();
+        let mut registry = Registry::default();
+        registry.register_collector(Box::new(Shared(m.clone())));
+        encode(&mut out, &registry).unwrap();
+        out
     }
 
     fn scrape(m: Metrics) -> String {
@@ -940,6 +1225,197 @@ mod tests {
         assert!(text
             .lines()
             .any(|l| l.starts_with("istio_tcp_connections_closed_total{") && l.ends_with(" 2")));
+    }
+
+    fn ok_to(m: &Metrics, src: &WorkloadInfo, dst: Option<&WorkloadInfo>, status: u16) {
+        record(
+            m,
+            src,
+            Req {
+                reporter: Reporter::Source,
+                status,
+                grpc: None,
+                mtls: true,
+                service: Some(ServiceRef { namespace: "shop", name: "web" }),
+                dst,
+                ms: 1,
+            },
+        );
+    }
+
+    fn live(workloads: &[&str]) -> LiveWorkloads {
+        let mut live = LiveWorkloads::default();
+        for w in workloads {
+            live.insert("shop", w.to_string());
+        }
+        live
+    }
+
+    /// `istio_requests_total` of the series from `src` to `dst` (0 when there is none).
+    fn requests_between(text: &str, src: &str, dst: &str) -> u64 {
+        let (s, d) = (format!("source_workload=\"{src}\""), format!("destination_workload=\"{dst}\""));
+        text.lines()
+            .filter(|l| l.starts_with("istio_requests_total{") && l.contains(&s) && l.contains(&d))
+            .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+            .sum()
+    }
+
+    #[test]
+    fn series_of_departed_workloads_expire_after_the_grace_period() {
+        let grace = Duration::from_secs(60);
+        let m = Arc::new(Metrics::with_limits(SeriesLimits { max_series: 100, grace }));
+        let [client, web, db, batch] = ["client", "web", "db", "batch"].map(|w| workload("shop", w, w));
+        ok_to(&m, &client, Some(&web), 200);
+        ok_to(&m, &client, Some(&db), 200);
+        ok_to(&m, &batch, Some(&db), 200);
+        ok_to(&m, &batch, Some(&web), 200);
+        // From db to an address outside the mesh: only one side is a workload.
+        ok_to(&m, &db, None, 200);
+        assert_eq!(m.series(), (5, 0));
+        let t0 = Instant::now();
+        assert_eq!(m.expire(&live(&["client", "web", "db", "batch"]), t0), 0);
+
+        // db and batch leave; client and web stay.
+        let after = live(&["client", "web"]);
+        assert_eq!(m.expire(&after, t0 + Duration::from_secs(1)), 0, "marked, not removed");
+        assert_eq!(m.expire(&after, t0 + Duration::from_secs(60)), 0, "grace counts from the mark");
+        // A late record of a marked series still counts until the series goes.
+        ok_to(&m, &batch, Some(&db), 200);
+        assert_eq!(m.expire(&after, t0 + Duration::from_secs(61)), 2, "batch → db and db → outside");
+        assert_eq!((m.series(), m.expired()), ((3, 0), 2));
+        let text = scrape_ref(&m);
+        assert_eq!(requests_between(&text, "batch", "db"), 0, "{text}");
+        assert_eq!(requests_between(&text, "db", "unknown"), 0, "{text}");
+        // Series with one live side stay, however long the other side is gone.
+        assert_eq!(requests_between(&text, "client", "db"), 1, "{text}");
+        assert_eq!(requests_between(&text, "batch", "web"), 1, "{text}");
+        assert_eq!(m.expire(&after, t0 + Duration::from_secs(3600)), 0);
+
+        // A workload that comes back within the grace period keeps its series.
+        let t1 = t0 + Duration::from_secs(4000);
+        let without_web = live(&["client"]);
+        let only_db = live(&["db"]);
+        assert_eq!(m.expire(&only_db, t1), 0, "client → db stays; client → web and batch → web marked");
+        assert_eq!(m.expire(&live(&["client", "web"]), t1 + Duration::from_secs(30)), 0, "marks cleared");
+        assert_eq!(m.expire(&without_web, t1 + Duration::from_secs(61)), 0, "marked again, from now");
+        assert_eq!(m.expire(&without_web, t1 + Duration::from_secs(120)), 0);
+        assert_eq!(m.expire(&without_web, t1 + Duration::from_secs(121)), 1, "batch → web");
+        assert_eq!(m.series(), (2, 0));
+
+        // A series that went and comes back starts from zero (a counter reset to Prometheus).
+        ok_to(&m, &batch, Some(&db), 200);
+        assert_eq!(requests_between(&scrape_ref(&m), "batch", "db"), 1);
+        assert_eq!(m.expired(), 3);
+    }
+
+    #[test]
+    fn tcp_series_expire_like_request_series() {
+        let m = Metrics::with_limits(SeriesLimits { max_series: 100, grace: Duration::ZERO });
+        let [job, db] = ["job", "db"].map(|w| workload("shop", w, w));
+        let rec = ConnRecord {
+            reporter: Reporter::Destination,
+            start: SystemTime::now(),
+            duration: Duration::from_millis(5),
+            source: Peer { workload: Some(&job), principal: None, addr: None },
+            destination: Peer { workload: Some(&db), principal: None, addr: None },
+            service: None,
+            sent: 1,
+            received: 2,
+            mtls: false,
+            response_flags: "-",
+            access_log: false,
+        };
+        m.on_connection_opened(&rec);
+        m.on_connection_closed(&rec);
+        assert_eq!(m.series(), (0, 1));
+        let t0 = Instant::now();
+        assert_eq!(m.expire(&live(&["db"]), t0), 0);
+        assert_eq!(
+            m.expire(&live(&[]), t0),
+            1,
+            "a zero grace removes at the first sweep that finds it orphaned"
+        );
+        assert_eq!(m.series(), (0, 0));
+    }
+
+    #[test]
+    fn the_series_cap_refuses_new_label_sets_and_counts_them() {
+        let m = Arc::new(Metrics::with_limits(SeriesLimits { max_series: 3, grace: Duration::ZERO }));
+        let [client, web, gone] = ["client", "web", "gone"].map(|w| workload("shop", w, w));
+        for status in [200, 201, 202] {
+            ok_to(&m, &client, Some(&web), status);
+        }
+        assert_eq!((m.series(), m.dropped()), ((3, 0), 0));
+        // A fourth label set is refused and counted, every time it comes.
+        ok_to(&m, &client, Some(&web), 203);
+        ok_to(&m, &client, Some(&web), 203);
+        assert_eq!((m.series(), m.dropped()), ((3, 0), 2));
+        // Label sets already kept are still counted.
+        ok_to(&m, &client, Some(&web), 200);
+        assert_eq!(m.dropped(), 2);
+        let text = scrape_ref(&m);
+        assert!(!text.contains("response_code=\"203\""), "{text}");
+        assert_eq!(requests_between(&text, "client", "web"), 4);
+        // TCP series share the cap.
+        let rec = ConnRecord {
+            reporter: Reporter::Source,
+            start: SystemTime::now(),
+            duration: Duration::from_millis(5),
+            source: Peer { workload: Some(&client), principal: None, addr: None },
+            destination: Peer { workload: Some(&gone), principal: None, addr: None },
+            service: None,
+            sent: 1,
+            received: 2,
+            mtls: false,
+            response_flags: "-",
+            access_log: false,
+        };
+        m.on_connection_opened(&rec);
+        assert_eq!((m.series(), m.dropped()), ((3, 0), 3));
+
+        // Expiry frees places: then new label sets are kept again.
+        ok_to(&m, &gone, None, 200); // refused: the cap is still full
+        assert_eq!(m.dropped(), 4);
+        assert_eq!(m.expire(&live(&["client"]), Instant::now()), 0, "every series has client");
+        assert_eq!(m.expire(&live(&["gone"]), Instant::now()), 3, "client and web left");
+        m.on_connection_opened(&rec);
+        ok_to(&m, &gone, None, 200);
+        assert_eq!((m.series(), m.dropped()), ((1, 1), 4));
+    }
+
+    #[test]
+    fn live_workloads_come_from_every_pod_of_the_model_by_owner() {
+        let pod = |name: &str, ns: &str, node: &str, ip: &str, meta: &str| {
+            format!(
+                "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {ns}\n  uid: u-{name}\n{meta}spec:\n  nodeName: {node}\nstatus:\n  podIP: {ip}\n"
+            )
+        };
+        let sts = "  ownerReferences:\n  - kind: StatefulSet\n    name: db\n    controller: true\n";
+        let job = "  ownerReferences:\n  - kind: Job\n    name: report-28901234\n    controller: true\n";
+        let text = [
+            pod("db-0", "shop", "n1", "10.0.0.1", sts),
+            pod("db-1", "shop", "n2", "10.0.0.2", sts),
+            pod("report-28901234-x7k2p", "shop", "n2", "10.0.0.3", job),
+            pod("toolbox", "ops", "n1", "10.0.0.4", "  labels:\n    app: toolbox\n"),
+        ]
+        .join("---\n");
+        let model = Model::from_manifest(&text, crate::discovery::Format::Yaml).unwrap();
+        let live = LiveWorkloads::of(&model);
+        assert!(
+            live.contains("shop", "db") && live.contains("shop", "report") && live.contains("ops", "toolbox")
+        );
+        for (ns, name) in [("shop", "db-0"), ("shop", "report-28901234"), ("ops", "db"), ("shop", "toolbox")]
+        {
+            assert!(!live.contains(ns, name), "{ns}/{name}");
+        }
+    }
+
+    #[test]
+    fn the_sweep_interval_follows_the_grace_period() {
+        let every = |s| SeriesLimits { max_series: 1, grace: Duration::from_secs(s) }.sweep_interval();
+        assert_eq!(every(300), Duration::from_secs(15));
+        assert_eq!(every(20), Duration::from_secs(5));
+        assert_eq!(every(0), Duration::from_millis(250));
     }
 
     #[test]

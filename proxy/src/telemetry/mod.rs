@@ -136,6 +136,8 @@ pub struct TelemetryConfig {
     pub otlp_endpoint: Option<String>,
     /// Share of new traces sampled (0.0..=1.0); an incoming sampled flag is honoured.
     pub trace_sampling: f64,
+    /// The cap on Istio metric series and the expiry of departed workloads' series.
+    pub metric_series: metrics::SeriesLimits,
 }
 
 /// The consumers of telemetry records.
