@@ -12,6 +12,14 @@
 //!      cgroup <cg2>/sluice-sim/<id>/n1/kubepods/besteffort/pod<uid> (+ a sandbox process)
 //! ```
 //!
+//! A dual-stack sim ([`Sim::new_dual_stack`]) gives every node, uplink and pod an IPv6 address
+//! next to its IPv4 one, written so that it reads like the IPv4 address (see [`Node`], [`Pod`]):
+//!
+//! ```text
+//!   node K: bridge sbr0 fd00:10:244:K::1/64, uplink up0 fd00:10:243::K/64
+//!   pod i on node K: eth0 fd00:10:244:K::(10+i)/64, default route via fd00:10:244:K::1
+//! ```
+//!
 //! Everything is named after the sim id (`sl` + 6 hex digits) and torn down when the [`Sim`] is
 //! dropped, also on panic; [`sweep()`] removes what a killed run left behind.
 //!
@@ -88,6 +96,8 @@ pub(crate) struct SimShared {
     pub log_dir: PathBuf,
     /// `<cg2>/sluice-sim/<id>`.
     pub cgroup_root: PathBuf,
+    /// Nodes and pods get IPv6 addresses too.
+    pub dual_stack: bool,
     kept: AtomicBool,
     torn_down: AtomicBool,
     log_seq: AtomicU64,
@@ -140,15 +150,34 @@ impl SimShared {
     }
 }
 
+/// How a [`Sim`] is built.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SimOpts {
+    /// Every node and pod gets an IPv6 address besides its IPv4 one (IPv4 stays the primary:
+    /// `status.podIP`), the nodes route IPv6 between their pods, and duplicate address
+    /// detection is off so that the addresses are usable at once. Off by default: a sim is
+    /// IPv4-only unless a test asks.
+    pub dual_stack: bool,
+}
+
 /// One simulated cluster: nodes joined by a fabric, pods on them, a manifest directory.
 pub struct Sim {
     shared: Arc<SimShared>,
 }
 
 impl Sim {
-    /// Creates an empty sim with a fresh id, its cgroup directory and its temp dir
+    /// Creates an empty IPv4-only sim with a fresh id, its cgroup directory and its temp dir
     /// (`<tmp>/sluice-sim-<id>/{manifests,logs}`). Needs root.
     pub fn new() -> Result<Sim> {
+        Sim::with_opts(SimOpts::default())
+    }
+
+    /// A sim whose nodes and pods have an IPv4 and an IPv6 address (see [`SimOpts::dual_stack`]).
+    pub fn new_dual_stack() -> Result<Sim> {
+        Sim::with_opts(SimOpts { dual_stack: true })
+    }
+
+    pub fn with_opts(opts: SimOpts) -> Result<Sim> {
         if !nix::unistd::geteuid().is_root() {
             bail!("the node simulator needs root (network namespaces, cgroups, veths)");
         }
@@ -185,6 +214,7 @@ impl Sim {
                 log_dir: temp_dir.join("logs"),
                 temp_dir,
                 cgroup_root: parent.join(&id),
+                dual_stack: opts.dual_stack,
                 id,
                 kept: AtomicBool::new(false),
                 torn_down: AtomicBool::new(false),
@@ -202,6 +232,11 @@ impl Sim {
     /// `sl` + 6 hex digits; prefix of every kernel object of this sim.
     pub fn id(&self) -> &str {
         &self.shared.id
+    }
+
+    /// Whether nodes and pods have IPv6 addresses too ([`Sim::new_dual_stack`]).
+    pub fn is_dual_stack(&self) -> bool {
+        self.shared.dual_stack
     }
 
     /// The directory of manifests that sluice's `--manifests` points at.
@@ -280,6 +315,53 @@ impl Sim {
         self.shared.write_manifest(
             &manifest::service_file_name(namespace, name),
             yaml.as_bytes(),
+        )
+    }
+
+    /// Writes `svc-<ns>-<name>.yaml` for a Service with one ClusterIP per family in
+    /// `cluster_ips`, primary first: `&["10.96.0.10", "fd00:10:96::10"]` is a dual-stack
+    /// Service (`clusterIPs` both, `ipFamilyPolicy: RequireDualStack`), `&["fd00:10:96::10"]` an
+    /// IPv6-only one. Each family gets its EndpointSlice (`<name>-sim` IPv4, `<name>-sim-v6`
+    /// IPv6) listing the `endpoints`' addresses of that family, so every endpoint needs an
+    /// address of each family the Service has (pods of a [`Sim::new_dual_stack`] sim do).
+    pub fn write_service_ips(
+        &self,
+        namespace: &str,
+        name: &str,
+        cluster_ips: &[&str],
+        ports: &[(&str, u16, u16)],
+        endpoints: &[&Pod],
+    ) -> Result<PathBuf> {
+        let ips = cluster_ips
+            .iter()
+            .map(|ip| {
+                ip.parse::<std::net::IpAddr>()
+                    .with_context(|| format!("service {namespace}/{name}: bad cluster IP {ip:?}"))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let node_names: Vec<String> = endpoints
+            .iter()
+            .map(|p| p.node().name().to_string())
+            .collect();
+        let eps: Vec<manifest::DualStackEndpoint> = endpoints
+            .iter()
+            .zip(&node_names)
+            .map(|(p, node_name)| manifest::DualStackEndpoint {
+                endpoint: manifest::Endpoint {
+                    ip: p.ip(),
+                    pod_name: p.name(),
+                    pod_namespace: p.namespace(),
+                    pod_uid: p.uid(),
+                    node_name,
+                    labels: p.labels(),
+                },
+                ip6: p.ip6().ok(),
+            })
+            .collect();
+        let docs = manifest::service_families(namespace, name, &ips, ports, &eps)?;
+        self.shared.write_manifest(
+            &manifest::service_file_name(namespace, name),
+            manifest::to_yaml(&docs)?.as_bytes(),
         )
     }
 

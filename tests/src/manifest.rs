@@ -2,9 +2,12 @@
 //! watches (its embedded discovery source). Shapes follow the real API objects so the same
 //! discovery code parses what the Kubernetes API source yields.
 
-use std::{collections::BTreeMap, net::Ipv4Addr};
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+};
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 
 /// The namespace annotation that enrolls a namespace in the mesh.
@@ -27,6 +30,8 @@ pub struct PodManifest<'a> {
     pub owner: Option<&'a Owner>,
     /// `metadata.generateName`.
     pub generate_name: Option<&'a str>,
+    /// The pod's IPv6 address in a dual-stack sim (listed after `ip` in `status.podIPs`).
+    pub ip6: Option<Ipv6Addr>,
 }
 
 /// A pod's controller (a StatefulSet, a Job, an operator's resource...), as the controller
@@ -90,6 +95,8 @@ pub fn pod(p: &PodManifest) -> Value {
     if let Some(prefix) = p.generate_name {
         metadata["generateName"] = json!(prefix);
     }
+    let mut pod_ips = vec![json!({"ip": p.ip.to_string()})];
+    pod_ips.extend(p.ip6.map(|ip| json!({"ip": ip.to_string()})));
     json!({
         "apiVersion": "v1",
         "kind": "Pod",
@@ -100,7 +107,7 @@ pub fn pod(p: &PodManifest) -> Value {
         },
         "status": {
             "podIP": p.ip.to_string(),
-            "podIPs": [{"ip": p.ip.to_string()}],
+            "podIPs": pod_ips,
             "phase": "Running",
         },
     })
@@ -137,6 +144,13 @@ pub struct Endpoint<'a> {
     pub labels: &'a BTreeMap<String, String>,
 }
 
+/// A backend of a Service with an IPv6 address too, for [`service_families`]: the IPv4
+/// EndpointSlice lists `endpoint.ip`, the IPv6 one `ip6`.
+pub struct DualStackEndpoint<'a> {
+    pub endpoint: Endpoint<'a>,
+    pub ip6: Option<Ipv6Addr>,
+}
+
 /// A ClusterIP Service and the EndpointSlice the endpoint-slice controller would derive from it.
 /// Ports are `(name, port, targetPort)`. The slice lists target ports (what endpoints listen
 /// on), as the real controller does. The selector is the set of labels all endpoints share
@@ -148,16 +162,105 @@ pub fn service(
     ports: &[(&str, u16, u16)],
     endpoints: &[Endpoint],
 ) -> Vec<Value> {
-    let svc_ports: Vec<Value> = ports
-        .iter()
-        .map(|(n, port, target)| json!({"name": n, "port": port, "targetPort": target, "protocol": "TCP"}))
-        .collect();
-    let mut spec = json!({
+    let spec = json!({
         "type": "ClusterIP",
         "clusterIP": cluster_ip,
         "clusterIPs": [cluster_ip],
-        "ports": svc_ports,
+        "ports": service_ports(ports),
     });
+    let rows: Vec<(String, &Endpoint)> = endpoints.iter().map(|e| (e.ip.to_string(), e)).collect();
+    vec![
+        service_doc(namespace, name, spec, endpoints.iter()),
+        slice_doc(
+            namespace,
+            name,
+            &format!("{name}-sim"),
+            "IPv4",
+            ports,
+            &rows,
+        ),
+    ]
+}
+
+/// A Service with one ClusterIP per family in `cluster_ips` (the first is the primary,
+/// `spec.clusterIP`; two make a dual-stack Service, `ipFamilyPolicy: RequireDualStack`) and one
+/// EndpointSlice per family, as the endpoint-slice controller makes them: `<name>-sim` (IPv4)
+/// and `<name>-sim-v6` (IPv6), each listing the endpoints' addresses of its family.
+pub fn service_families(
+    namespace: &str,
+    name: &str,
+    cluster_ips: &[IpAddr],
+    ports: &[(&str, u16, u16)],
+    endpoints: &[DualStackEndpoint],
+) -> Result<Vec<Value>> {
+    let family = |ip: &IpAddr| if ip.is_ipv4() { "IPv4" } else { "IPv6" };
+    let families: Vec<&str> = cluster_ips.iter().map(family).collect();
+    match families.as_slice() {
+        [_] => {}
+        [a, b] if a != b => {}
+        _ => bail!(
+            "service {namespace}/{name}: give one ClusterIP, or two of different families (got {cluster_ips:?})"
+        ),
+    }
+    let spec = json!({
+        "type": "ClusterIP",
+        "clusterIP": cluster_ips[0].to_string(),
+        "clusterIPs": cluster_ips.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        "ipFamilies": families,
+        "ipFamilyPolicy": if families.len() == 2 { "RequireDualStack" } else { "SingleStack" },
+        "ports": service_ports(ports),
+    });
+    let mut docs = vec![service_doc(
+        namespace,
+        name,
+        spec,
+        endpoints.iter().map(|e| &e.endpoint),
+    )];
+    for family in families {
+        let mut rows = Vec::with_capacity(endpoints.len());
+        for e in endpoints {
+            let ip = match (family, e.ip6) {
+                ("IPv4", _) => e.endpoint.ip.to_string(),
+                (_, Some(ip6)) => ip6.to_string(),
+                (_, None) => bail!(
+                    "service {namespace}/{name}: endpoint {}/{} has no IPv6 address (is its sim dual-stack?)",
+                    e.endpoint.pod_namespace,
+                    e.endpoint.pod_name
+                ),
+            };
+            rows.push((ip, &e.endpoint));
+        }
+        let slice_name = if family == "IPv4" {
+            format!("{name}-sim")
+        } else {
+            format!("{name}-sim-v6")
+        };
+        docs.push(slice_doc(
+            namespace,
+            name,
+            &slice_name,
+            family,
+            ports,
+            &rows,
+        ));
+    }
+    Ok(docs)
+}
+
+fn service_ports(ports: &[(&str, u16, u16)]) -> Vec<Value> {
+    ports
+        .iter()
+        .map(|(n, port, target)| json!({"name": n, "port": port, "targetPort": target, "protocol": "TCP"}))
+        .collect()
+}
+
+/// The Service document around `spec`, with the labels every endpoint shares as its selector.
+fn service_doc<'a>(
+    namespace: &str,
+    name: &str,
+    mut spec: Value,
+    endpoints: impl Iterator<Item = &'a Endpoint<'a>>,
+) -> Value {
     let mut common: Option<BTreeMap<String, String>> = None;
     for e in endpoints {
         common = Some(match common {
@@ -171,33 +274,43 @@ pub fn service(
     if let Some(sel) = common.filter(|c| !c.is_empty()) {
         spec["selector"] = json!(sel);
     }
-    let service = json!({
+    json!({
         "apiVersion": "v1",
         "kind": "Service",
         "metadata": {"name": name, "namespace": namespace},
         "spec": spec,
-    });
-    let slice = json!({
+    })
+}
+
+/// One EndpointSlice of Service `service`: `rows` are (address, endpoint), all ready.
+fn slice_doc(
+    namespace: &str,
+    service: &str,
+    slice_name: &str,
+    address_type: &str,
+    ports: &[(&str, u16, u16)],
+    rows: &[(String, &Endpoint)],
+) -> Value {
+    json!({
         "apiVersion": "discovery.k8s.io/v1",
         "kind": "EndpointSlice",
         "metadata": {
-            "name": format!("{name}-sim"),
+            "name": slice_name,
             "namespace": namespace,
             "labels": {
-                "kubernetes.io/service-name": name,
+                "kubernetes.io/service-name": service,
                 "endpointslice.kubernetes.io/managed-by": "sluice-sim",
             },
         },
-        "addressType": "IPv4",
-        "endpoints": endpoints.iter().map(|e| json!({
-            "addresses": [e.ip.to_string()],
+        "addressType": address_type,
+        "endpoints": rows.iter().map(|(ip, e)| json!({
+            "addresses": [ip],
             "conditions": {"ready": true, "serving": true, "terminating": false},
             "targetRef": {"kind": "Pod", "name": e.pod_name, "namespace": e.pod_namespace, "uid": e.pod_uid},
             "nodeName": e.node_name,
         })).collect::<Vec<_>>(),
         "ports": ports.iter().map(|(n, _, target)| json!({"name": n, "port": target, "protocol": "TCP"})).collect::<Vec<_>>(),
-    });
-    vec![service, slice]
+    })
 }
 
 /// Sets `appProtocol` on the port named `port_name` of a Service and its EndpointSlice, as
@@ -272,11 +385,129 @@ mod tests {
         assert_eq!(docs[1]["ports"][0]["port"], 8080);
     }
 
+    fn endpoint<'a>(
+        labels: &'a BTreeMap<String, String>,
+        ip6: Option<&str>,
+    ) -> DualStackEndpoint<'a> {
+        DualStackEndpoint {
+            endpoint: Endpoint {
+                ip: "10.244.1.10".parse().unwrap(),
+                pod_name: "web-1",
+                pod_namespace: "shop",
+                pod_uid: "u1",
+                node_name: "sl000000-n1",
+                labels,
+            },
+            ip6: ip6.map(|s| s.parse().unwrap()),
+        }
+    }
+
+    #[test]
+    fn dual_stack_service_has_both_cluster_ips_and_a_slice_per_family() {
+        let labels: BTreeMap<String, String> = [("app".to_string(), "web".to_string())].into();
+        let ips: Vec<IpAddr> = vec![
+            "10.96.0.10".parse().unwrap(),
+            "fd00:10:96::10".parse().unwrap(),
+        ];
+        let docs = service_families(
+            "shop",
+            "web",
+            &ips,
+            &[("http", 80, 8080)],
+            &[endpoint(&labels, Some("fd00:10:244:1::10"))],
+        )
+        .unwrap();
+        assert_eq!(docs.len(), 3);
+        let spec = &docs[0]["spec"];
+        assert_eq!(spec["clusterIP"], "10.96.0.10");
+        assert_eq!(spec["clusterIPs"], json!(["10.96.0.10", "fd00:10:96::10"]));
+        assert_eq!(spec["ipFamilies"], json!(["IPv4", "IPv6"]));
+        assert_eq!(spec["ipFamilyPolicy"], "RequireDualStack");
+        assert_eq!(spec["selector"]["app"], "web");
+        assert_eq!(
+            (&docs[1]["metadata"]["name"], &docs[1]["addressType"]),
+            (&json!("web-sim"), &json!("IPv4"))
+        );
+        assert_eq!(docs[1]["endpoints"][0]["addresses"], json!(["10.244.1.10"]));
+        assert_eq!(
+            (&docs[2]["metadata"]["name"], &docs[2]["addressType"]),
+            (&json!("web-sim-v6"), &json!("IPv6"))
+        );
+        assert_eq!(
+            docs[2]["endpoints"][0]["addresses"],
+            json!(["fd00:10:244:1::10"])
+        );
+        assert_eq!(docs[2]["endpoints"][0]["targetRef"]["name"], "web-1");
+        assert_eq!(docs[2]["ports"][0]["port"], 8080);
+
+        // IPv6 only: one slice, of that family.
+        let six = service_families(
+            "shop",
+            "six",
+            &ips[1..],
+            &[],
+            &[endpoint(&labels, Some("fd00::1"))],
+        )
+        .unwrap();
+        assert_eq!(six[0]["spec"]["ipFamilyPolicy"], "SingleStack");
+        assert_eq!(six.len(), 2);
+        assert_eq!(six[1]["addressType"], "IPv6");
+    }
+
+    #[test]
+    fn dual_stack_service_refuses_what_the_api_server_would() {
+        let labels = BTreeMap::new();
+        let v4: IpAddr = "10.96.0.10".parse().unwrap();
+        let v6: IpAddr = "fd00:10:96::10".parse().unwrap();
+        let e = service_families("shop", "web", &[v4, v4], &[], &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("two of different families"), "{e}");
+        assert!(service_families("shop", "web", &[], &[], &[]).is_err());
+        assert!(service_families("shop", "web", &[v4, v6, v6], &[], &[]).is_err());
+        let e = service_families("shop", "web", &[v4, v6], &[], &[endpoint(&labels, None)])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("endpoint shop/web-1 has no IPv6 address"), "{e}");
+    }
+
+    #[test]
+    fn pod_ips_list_the_ipv6_address_after_the_primary() {
+        let labels = BTreeMap::new();
+        let mut p = PodManifest {
+            namespace: "shop",
+            name: "web-1",
+            uid: "u1",
+            labels: &labels,
+            node_name: "n1",
+            service_account: "default",
+            ip: "10.244.1.10".parse().unwrap(),
+            owner: None,
+            generate_name: None,
+            ip6: None,
+        };
+        assert_eq!(pod(&p)["status"]["podIPs"], json!([{"ip": "10.244.1.10"}]));
+        p.ip6 = Some("fd00:10:244:1::10".parse().unwrap());
+        let doc = pod(&p);
+        assert_eq!(doc["status"]["podIP"], "10.244.1.10");
+        assert_eq!(
+            doc["status"]["podIPs"],
+            json!([{"ip": "10.244.1.10"}, {"ip": "fd00:10:244:1::10"}])
+        );
+    }
+
     #[test]
     fn app_protocol_on_the_named_port_of_service_and_slice() {
         let ports = [("a", 80, 8080), ("b", 81, 8081)];
-        let docs = with_app_protocol(service("shop", "web", "10.96.0.10", &ports, &[]), "b", "kubernetes.io/h2c");
-        assert_eq!(docs[0]["spec"]["ports"][1]["appProtocol"], "kubernetes.io/h2c");
+        let docs = with_app_protocol(
+            service("shop", "web", "10.96.0.10", &ports, &[]),
+            "b",
+            "kubernetes.io/h2c",
+        );
+        assert_eq!(
+            docs[0]["spec"]["ports"][1]["appProtocol"],
+            "kubernetes.io/h2c"
+        );
         assert_eq!(docs[1]["ports"][1]["appProtocol"], "kubernetes.io/h2c");
         assert!(docs[0]["spec"]["ports"][0].get("appProtocol").is_none());
         assert!(docs[1]["ports"][0].get("appProtocol").is_none());
@@ -286,7 +517,10 @@ mod tests {
     fn annotations_are_added_next_to_the_mesh_one() {
         let ns = with_annotation(namespace("a", true), ACCESS_LOG_ANNOTATION, "enabled");
         assert_eq!(ns["metadata"]["annotations"][MESH_ANNOTATION], "enabled");
-        assert_eq!(ns["metadata"]["annotations"][ACCESS_LOG_ANNOTATION], "enabled");
+        assert_eq!(
+            ns["metadata"]["annotations"][ACCESS_LOG_ANNOTATION],
+            "enabled"
+        );
         let ns = with_annotation(namespace("b", false), ACCESS_LOG_ANNOTATION, "enabled");
         assert_eq!(ns["metadata"]["annotations"].as_object().unwrap().len(), 1);
     }
@@ -305,6 +539,7 @@ mod tests {
             ip: "10.244.1.10".parse().unwrap(),
             owner,
             generate_name,
+            ip6: None,
         };
         let a = pod(&manifest("db-0", Some(&owner), None));
         let b = pod(&manifest("db-1", Some(&owner), None));

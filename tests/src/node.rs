@@ -4,7 +4,7 @@
 use std::{
     ffi::OsStr,
     fs,
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
     process::Command,
     sync::{atomic::AtomicU32, Arc},
@@ -31,6 +31,12 @@ const MAX_NODES: usize = 200;
 /// 10.244.K.1/24 (the pods' gateway), uplink `up0` 10.243.0.K/24 in the fabric, a route to
 /// every other node's 10.244.J.0/24 via 10.243.0.J; cgroup root
 /// `<cg2>/sluice-sim/<id>/<name>` holding `kubepods/besteffort/` (pods) and `system/` (sluice).
+///
+/// In a dual-stack sim also: bridge `fd00:10:244:K::1/64`, uplink `fd00:10:243::K/64`, a route
+/// to every other node's `fd00:10:244:J::/64` via `fd00:10:243::J`, IPv6 forwarding on, and
+/// duplicate address detection off (an address is usable the moment it is added). K is written
+/// in decimal digits inside the hextet (node 12 is `fd00:10:244:12::`), so the IPv6 address
+/// reads like the IPv4 one.
 #[derive(Clone)]
 pub struct Node {
     pub(crate) inner: Arc<NodeInner>,
@@ -69,6 +75,35 @@ fn pod_cidr(k: u8) -> String {
 
 fn uplink_ip(k: u8) -> Ipv4Addr {
     Ipv4Addr::new(10, 243, 0, k)
+}
+
+/// `n` written in decimal digits and read as hex: 12 → 0x12, so that `fd00:10:244:12::` is
+/// node 12's prefix as `10.244.12.` is its IPv4 one. Unique for the numbers used here (< 10000).
+pub(crate) fn decimal_hextet(n: u32) -> u16 {
+    u16::from_str_radix(&n.to_string(), 16).expect("below 10000, so 4 decimal digits fit a hextet")
+}
+
+/// `fd00:10:244:K::/64`.
+fn pod_cidr6(k: u8) -> String {
+    format!("{}/64", pod_prefix6(k, 0))
+}
+
+/// `fd00:10:244:K::host`.
+pub(crate) fn pod_prefix6(k: u8, host: u16) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd00, 0x10, 0x244, decimal_hextet(k.into()), 0, 0, 0, host)
+}
+
+fn uplink_ip6(k: u8) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd00, 0x10, 0x243, 0, 0, 0, 0, decimal_hextet(k.into()))
+}
+
+/// Turns duplicate address detection off in netns `ns`, for the addresses and interfaces
+/// created after this: a dual-stack sim's addresses must be usable as soon as they are added,
+/// not after a second of DAD (a tentative address cannot be bound or connected from). Both
+/// `all` and `default` are needed: the kernel runs DAD if either asks for it.
+pub(crate) fn disable_dad(ns: &str) -> Result<()> {
+    netns::sysctl(ns, "net.ipv6.conf.all.accept_dad", "0")?;
+    netns::sysctl(ns, "net.ipv6.conf.default.accept_dad", "0")
 }
 
 pub(crate) fn create(sim: &Arc<SimShared>, name: &str, driver: CgroupDriver) -> Result<Node> {
@@ -110,18 +145,25 @@ pub(crate) fn create(sim: &Arc<SimShared>, name: &str, driver: CgroupDriver) -> 
     }
 
     netns::add(&full)?;
-    ip_batch(
-        Some(&full),
-        &[
-            "link set lo up".into(),
-            "link add sbr0 type bridge".into(),
-            format!("addr add 10.244.{k}.1/24 dev sbr0"),
-            "link set sbr0 up".into(),
-        ],
-    )
-    .context("setting up the node bridge")?;
+    let dual = sim.dual_stack;
+    if dual {
+        disable_dad(&full)?;
+    }
+    let mut cmds: Vec<String> = vec![
+        "link set lo up".into(),
+        "link add sbr0 type bridge".into(),
+        format!("addr add 10.244.{k}.1/24 dev sbr0"),
+    ];
+    if dual {
+        cmds.push(format!("addr add {}/64 dev sbr0 nodad", pod_prefix6(k, 1)));
+    }
+    cmds.push("link set sbr0 up".into());
+    ip_batch(Some(&full), &cmds).context("setting up the node bridge")?;
     // The node routes between its pods' bridge and the fabric, like a real node.
     netns::sysctl(&full, "net.ipv4.ip_forward", "1")?;
+    if dual {
+        netns::sysctl(&full, "net.ipv6.conf.all.forwarding", "1")?;
+    }
 
     // Uplink: created in the fabric netns with its peer moved straight into the node netns, so
     // names never collide in between.
@@ -134,21 +176,25 @@ pub(crate) fn create(sim: &Arc<SimShared>, name: &str, driver: CgroupDriver) -> 
         ],
     )
     .context("creating the node uplink")?;
-    let mut cmds = vec![
-        format!("addr add {}/24 dev up0", uplink_ip(k)),
-        "link set up0 up".into(),
-    ];
+    let mut cmds = vec![format!("addr add {}/24 dev up0", uplink_ip(k))];
+    if dual {
+        cmds.push(format!("addr add {}/64 dev up0 nodad", uplink_ip6(k)));
+    }
+    cmds.push("link set up0 up".into());
     for other in &state.nodes {
         let j = other.index();
         cmds.push(format!("route add {} via {}", pod_cidr(j), uplink_ip(j)));
+        if dual {
+            cmds.push(format!("route add {} via {}", pod_cidr6(j), uplink_ip6(j)));
+        }
     }
     ip_batch(Some(&full), &cmds).context("configuring the node uplink")?;
     for other in &state.nodes {
-        ip_batch(
-            Some(other.netns()),
-            &[format!("route add {} via {}", pod_cidr(k), uplink_ip(k))],
-        )
-        .with_context(|| {
+        let mut cmds = vec![format!("route add {} via {}", pod_cidr(k), uplink_ip(k))];
+        if dual {
+            cmds.push(format!("route add {} via {}", pod_cidr6(k), uplink_ip6(k)));
+        }
+        ip_batch(Some(other.netns()), &cmds).with_context(|| {
             format!(
                 "adding a route to node {name} on node {}",
                 other.short_name()
@@ -240,6 +286,39 @@ impl Node {
         pod_cidr(self.inner.index)
     }
 
+    /// Whether the node (its sim) is dual-stack.
+    pub fn is_dual_stack(&self) -> bool {
+        self.inner.sim.dual_stack
+    }
+
+    /// The pods' IPv6 gateway, `fd00:10:244:K::1` (dual-stack sims only).
+    pub fn bridge_ip6(&self) -> Result<Ipv6Addr> {
+        self.ensure_dual_stack()?;
+        Ok(pod_prefix6(self.inner.index, 1))
+    }
+
+    /// The node's IPv6 address in the fabric, `fd00:10:243::K` (dual-stack sims only).
+    pub fn uplink_ip6(&self) -> Result<Ipv6Addr> {
+        self.ensure_dual_stack()?;
+        Ok(uplink_ip6(self.inner.index))
+    }
+
+    /// `fd00:10:244:K::/64` (dual-stack sims only).
+    pub fn pod_cidr6(&self) -> Result<String> {
+        self.ensure_dual_stack()?;
+        Ok(pod_cidr6(self.inner.index))
+    }
+
+    fn ensure_dual_stack(&self) -> Result<()> {
+        if !self.is_dual_stack() {
+            bail!(
+                "node {} has no IPv6 addresses: its sim is IPv4-only (create it with Sim::new_dual_stack())",
+                self.inner.short
+            );
+        }
+        Ok(())
+    }
+
     /// Where this node's sluice listens for admin requests: `<sim tmp>/<name>-admin.sock`.
     pub fn admin_socket_path(&self) -> PathBuf {
         self.inner
@@ -327,5 +406,28 @@ impl std::fmt::Debug for Node {
             .field("name", &self.inner.full)
             .field("index", &self.inner.index)
             .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ipv6_addresses_read_like_the_ipv4_ones() {
+        assert_eq!(pod_prefix6(1, 1).to_string(), "fd00:10:244:1::1");
+        assert_eq!(
+            pod_prefix6(12, decimal_hextet(10 + 2)).to_string(),
+            "fd00:10:244:12::12"
+        );
+        assert_eq!(
+            pod_prefix6(200, decimal_hextet(254)).to_string(),
+            "fd00:10:244:200::254"
+        );
+        assert_eq!(pod_cidr6(3), "fd00:10:244:3::/64");
+        assert_eq!(uplink_ip6(7).to_string(), "fd00:10:243::7");
+        // Distinct numbers stay distinct.
+        let all: std::collections::BTreeSet<u16> = (0..10_000).map(decimal_hextet).collect();
+        assert_eq!(all.len(), 10_000);
     }
 }

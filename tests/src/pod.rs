@@ -5,7 +5,7 @@ use std::{
     collections::BTreeMap,
     ffi::OsStr,
     fs,
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6},
     path::{Path, PathBuf},
     process::{Command, Stdio},
     sync::{
@@ -17,12 +17,12 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 
-use crate::node::CgroupDriver;
+use crate::node::{disable_dad, pod_prefix6, CgroupDriver};
 use crate::{
     cgroup, manifest, netns,
     node::Node,
     process::{self, Output, Placement, SimProcess},
-    util::{ip_batch, short_hash, uuid_v4},
+    util::{ip_batch, poll_until, run_cmd, short_hash, uuid_v4},
 };
 
 /// Most pods per node (10.244.K.10 ..= 10.244.K.254).
@@ -83,6 +83,11 @@ impl PodOpts {
 /// `<node root>/kubepods/besteffort/pod<uid>` holding a sandbox process (`sleep infinity`, the
 /// pause container's stand-in: sluice finds the pod's netns through it); manifest
 /// `pod-<ns>-<name>.yaml`.
+///
+/// In a dual-stack sim `eth0` also has `fd00:10:244:K::(10+i)/64` (10+i in decimal digits, so
+/// pod 10.244.1.12 is fd00:10:244:1::12) with a default route via `fd00:10:244:K::1`, and the
+/// manifest lists both addresses in `status.podIPs` (IPv4 first, the primary). Every pod's
+/// `eth0` has an IPv6 link-local address as well, dual-stack sim or not ([`Pod::link_local`]).
 #[derive(Clone)]
 pub struct Pod {
     inner: Arc<PodInner>,
@@ -94,6 +99,8 @@ struct PodInner {
     name: String,
     uid: String,
     ip: Ipv4Addr,
+    /// The IPv6 address in a dual-stack sim.
+    ip6: Option<Ipv6Addr>,
     index: u32,
     netns: String,
     cgroup: PathBuf,
@@ -157,11 +164,18 @@ pub(crate) fn create(node: &Node, namespace: &str, name: &str, opts: PodOpts) ->
     }
     let k = node.index();
     let ip = Ipv4Addr::new(10, 244, k, (10 + index) as u8);
+    let ip6 = sim
+        .dual_stack
+        .then(|| pod_prefix6(k, crate::node::decimal_hextet(10 + index)));
     let uid = uuid_v4()?;
     let netns = netns_name(node, name, index, |n| netns::netns_path(n).exists());
     let veth = format!("vp{index}");
 
     netns::add(&netns)?;
+    if ip6.is_some() {
+        // Before eth0 exists: its link-local address must not go through DAD either.
+        disable_dad(&netns)?;
+    }
     // Created from the node side with the peer placed straight into the pod netns as eth0, so
     // the many eth0s never meet in one namespace.
     ip_batch(
@@ -173,33 +187,46 @@ pub(crate) fn create(node: &Node, namespace: &str, name: &str, opts: PodOpts) ->
         ],
     )
     .context("creating the pod veth")?;
-    ip_batch(
-        Some(&netns),
-        &[
-            "link set lo up".into(),
-            format!("addr add {ip}/24 dev eth0"),
-            "link set eth0 up".into(),
-            format!("route add default via {}", node.bridge_ip()),
-        ],
-    )
-    .context("configuring the pod network")?;
+    let mut cmds = vec![
+        "link set lo up".into(),
+        format!("addr add {ip}/24 dev eth0"),
+    ];
+    if let Some(ip6) = ip6 {
+        cmds.push(format!("addr add {ip6}/64 dev eth0 nodad"));
+    }
+    cmds.push("link set eth0 up".into());
+    cmds.push(format!("route add default via {}", node.bridge_ip()));
+    if ip6.is_some() {
+        cmds.push(format!("route add default via {}", node.bridge_ip6()?));
+    }
+    ip_batch(Some(&netns), &cmds).context("configuring the pod network")?;
 
     let (cgroup, proc_cgroup) = match node.cgroup_driver() {
         CgroupDriver::Cgroupfs => {
-            let c = node.kubepods_cgroup().join("besteffort").join(format!("pod{uid}"));
+            let c = node
+                .kubepods_cgroup()
+                .join("besteffort")
+                .join(format!("pod{uid}"));
             (c.clone(), c)
         }
         CgroupDriver::Systemd => {
             let c = node
                 .kubepods_cgroup()
                 .join("kubepods-besteffort.slice")
-                .join(format!("kubepods-besteffort-pod{}.slice", uid.replace('-', "_")));
+                .join(format!(
+                    "kubepods-besteffort-pod{}.slice",
+                    uid.replace('-', "_")
+                ));
             // Processes live one level down, in a container scope, as on a real node.
-            let scope = c.join(format!("cri-containerd-{}.scope", &uid.replace('-', "")[..12]));
+            let scope = c.join(format!(
+                "cri-containerd-{}.scope",
+                &uid.replace('-', "")[..12]
+            ));
             (c, scope)
         }
     };
-    fs::create_dir_all(&proc_cgroup).with_context(|| format!("creating cgroup {}", proc_cgroup.display()))?;
+    fs::create_dir_all(&proc_cgroup)
+        .with_context(|| format!("creating cgroup {}", proc_cgroup.display()))?;
 
     // The sandbox holds the pod's netns and cgroup for the pod's lifetime, like the pause
     // container: sluice discovers the pod's netns only via processes in the pod's cgroup.
@@ -226,6 +253,7 @@ pub(crate) fn create(node: &Node, namespace: &str, name: &str, opts: PodOpts) ->
             name: name.to_string(),
             uid,
             ip,
+            ip6,
             index,
             netns,
             cgroup,
@@ -266,6 +294,54 @@ impl Pod {
     /// `ip:port` of this pod.
     pub fn addr(&self, port: u16) -> SocketAddr {
         SocketAddr::V4(SocketAddrV4::new(self.inner.ip, port))
+    }
+
+    /// The pod's IPv6 address, `fd00:10:244:K::(10+i)`; an error in an IPv4-only sim.
+    pub fn ip6(&self) -> Result<Ipv6Addr> {
+        self.inner.ip6.with_context(|| {
+            format!(
+                "pod {}/{} has no IPv6 address: its sim is IPv4-only (create it with Sim::new_dual_stack())",
+                self.inner.namespace, self.inner.name
+            )
+        })
+    }
+
+    /// `[ip6]:port` of this pod; an error in an IPv4-only sim.
+    pub fn addr6(&self, port: u16) -> Result<SocketAddr> {
+        Ok(SocketAddr::V6(SocketAddrV6::new(self.ip6()?, port, 0, 0)))
+    }
+
+    /// Every address of the pod as its manifest lists them (`status.podIPs`): the IPv4 address,
+    /// then the IPv6 one in a dual-stack sim.
+    pub fn ips(&self) -> Vec<IpAddr> {
+        let mut ips = vec![IpAddr::V4(self.inner.ip)];
+        ips.extend(self.inner.ip6.map(IpAddr::V6));
+        ips
+    }
+
+    /// The IPv6 link-local address (`fe80::…`) of the pod's `eth0`, which the kernel gives every
+    /// veth, also in IPv4-only sims. Waits (up to 10 s) until the address is usable: outside a
+    /// dual-stack sim it is tentative for about a second, while the kernel checks that no other
+    /// host on the link has it. To reach it from another pod of the node, scope it to that
+    /// pod's interface: `[fe80::…%eth0]:port`.
+    pub fn link_local(&self) -> Result<Ipv6Addr> {
+        self.ensure_live()?;
+        let netns = &self.inner.netns;
+        let mut last = String::from("no answer yet");
+        let found = poll_until(Duration::from_secs(10), || {
+            match usable_link_local(netns) {
+                Ok(Some(ip)) => return Some(ip),
+                Ok(None) => last = "no usable (non-tentative) fe80:: address on eth0 yet".into(),
+                Err(e) => last = format!("{e:#}"),
+            }
+            None
+        });
+        found.with_context(|| {
+            format!(
+                "pod {}/{}: no link-local address on eth0 within 10 s ({last})",
+                self.inner.namespace, self.inner.name
+            )
+        })
     }
 
     /// Position on its node (0-based): the IP's last octet is 10 + index.
@@ -321,6 +397,7 @@ impl Pod {
             ip: i.ip,
             owner: i.owner.as_ref(),
             generate_name: i.generate_name.as_deref(),
+            ip6: i.ip6,
         });
         let yaml = manifest::to_yaml(&[doc])?;
         i.node
@@ -459,7 +536,37 @@ impl std::fmt::Debug for Pod {
             .field("namespace", &self.inner.namespace)
             .field("name", &self.inner.name)
             .field("ip", &self.inner.ip)
+            .field("ip6", &self.inner.ip6)
             .field("netns", &self.inner.netns)
             .finish()
     }
+}
+
+/// The link-local address of `eth0` in `netns` once it is usable: not tentative (DAD still
+/// running) and not failed (DAD found a duplicate).
+fn usable_link_local(netns: &str) -> Result<Option<Ipv6Addr>> {
+    let out = run_cmd(
+        "ip",
+        &[
+            "-n", netns, "-j", "-6", "addr", "show", "dev", "eth0", "scope", "link",
+        ],
+        None,
+    )?;
+    let links: serde_json::Value = serde_json::from_str(&out)
+        .with_context(|| format!("parsing `ip -j addr` output {out:?}"))?;
+    let addrs = links
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|l| l["addr_info"].as_array().into_iter().flatten());
+    for a in addrs {
+        let flag = |f: &str| a[f].as_bool().unwrap_or(false);
+        if flag("tentative") || flag("dadfailed") {
+            continue;
+        }
+        if let Some(ip) = a["local"].as_str().and_then(|s| s.parse::<Ipv6Addr>().ok()) {
+            return Ok(Some(ip));
+        }
+    }
+    Ok(None)
 }

@@ -24,7 +24,7 @@ const METRICS_ENTRY_IP: &str = "192.0.2.50";
 
 struct World {
     sim: Sim,
-    node: Node,
+    _node: Node,
     web: Pod,
     client: Pod,
     outsider: Pod,
@@ -63,7 +63,7 @@ fn world() -> Result<World> {
         "manifests rejected: {}",
         model["errors"]
     );
-    Ok(World { sim, node, web, client, outsider, _servers: servers, sluice })
+    Ok(World { sim, _node: node, web, client, outsider, _servers: servers, sluice })
 }
 
 /// (open file descriptors, resident memory in KiB) of a process.

@@ -316,6 +316,252 @@ fn hold_and_loop_clients() -> Result<()> {
     Ok(())
 }
 
+/// The address part of `ip:port` / `[ip]:port` as simpod prints it (an IPv6 one without its
+/// brackets, with its `%scope` if it has one).
+fn host_of(addr: &Value) -> String {
+    let s = addr.as_str().unwrap_or_default();
+    let host = s.rsplit_once(':').map_or(s, |(h, _)| h);
+    host.trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string()
+}
+
+#[test]
+fn dual_stack_pods_speak_ipv6_across_nodes_and_over_link_local() -> Result<()> {
+    let sim = Sim::new_dual_stack()?;
+    assert!(sim.is_dual_stack());
+    let n1 = sim.add_node("n1")?;
+    let n2 = sim.add_node("n2")?;
+    let client = n1.add_pod("demo", "client", PodOpts::default())?;
+    let neighbour = n1.add_pod("demo", "neighbour", PodOpts::default())?;
+    let server = n2.add_pod("demo", "server", PodOpts::default())?;
+    assert_eq!(n1.bridge_ip6()?.to_string(), "fd00:10:244:1::1");
+    assert_eq!(n2.uplink_ip6()?.to_string(), "fd00:10:243::2");
+    assert_eq!(n2.pod_cidr6()?, "fd00:10:244:2::/64");
+    assert_eq!(client.ip6()?.to_string(), "fd00:10:244:1::10");
+    assert_eq!(neighbour.ip6()?.to_string(), "fd00:10:244:1::11");
+    assert_eq!(server.ip6()?.to_string(), "fd00:10:244:2::10");
+    assert_eq!(server.addr6(8080)?.to_string(), "[fd00:10:244:2::10]:8080");
+
+    // The pod manifest lists both addresses, IPv4 first.
+    let manifest = fs::read_to_string(sim.manifest_dir().join(server.manifest_file()))?;
+    let doc: Value = serde_yaml::from_str(&manifest)?;
+    assert_eq!(doc["status"]["podIP"], "10.244.2.10", "{manifest}");
+    assert_eq!(
+        doc["status"]["podIPs"],
+        serde_json::json!([{"ip": "10.244.2.10"}, {"ip": "fd00:10:244:2::10"}]),
+        "{manifest}"
+    );
+    assert_eq!(
+        server.ips(),
+        [server.ip().into(), std::net::IpAddr::from(server.ip6()?)]
+    );
+
+    // One server on both families (`::` is a dual-stack socket).
+    let mut srv = server.simpod([
+        "http-server",
+        "--port",
+        "8080",
+        "--bind",
+        "::",
+        "--name",
+        "srv",
+    ])?;
+    srv.wait_listening(T)?;
+    // Across nodes over IPv6, no NAT: the server sees the client's own IPv6 address. The
+    // addresses are usable at once (no DAD), so the first attempt must work.
+    let out = client.run_simpod([
+        "http-get",
+        "--to",
+        &server.addr6(8080)?.to_string(),
+        "--count",
+        "2",
+        "--keepalive",
+    ])?;
+    let lines = out.check()?.json_lines()?;
+    assert_eq!(lines.len(), 2);
+    for l in &lines {
+        assert_eq!(l["status"], 200, "{l}");
+        assert_eq!(l["body"]["name"], "srv");
+        assert_eq!(host_of(&l["local"]), client.ip6()?.to_string(), "{l}");
+        assert_eq!(
+            host_of(&l["body"]["peer"]),
+            client.ip6()?.to_string(),
+            "{l}"
+        );
+    }
+    // IPv4 still works in a dual-stack sim, to the same socket.
+    let out = client.run_simpod(["http-get", "--to", &server.addr(8080).to_string()])?;
+    let r = out.check()?.json()?;
+    assert_eq!(r["status"], 200, "{r}");
+    assert_eq!(
+        host_of(&r["body"]["peer"]),
+        format!("::ffff:{}", client.ip()),
+        "{r}"
+    );
+
+    // Within one node over link-local, scoped to the client's eth0.
+    let ll = neighbour.link_local()?;
+    assert!(ll.is_unicast_link_local(), "{ll}");
+    let client_ll = client.link_local()?;
+    assert_ne!(ll, client_ll);
+    let mut near = neighbour.simpod([
+        "http-server",
+        "--port",
+        "8081",
+        "--bind",
+        "::",
+        "--name",
+        "near",
+    ])?;
+    near.wait_listening(T)?;
+    let out = client.run_simpod(["http-get", "--to", &format!("[{ll}%eth0]:8081")])?;
+    let r = out.check()?.json()?;
+    assert_eq!(r["status"], 200, "{r}");
+    assert_eq!(r["body"]["name"], "near");
+    let peer = host_of(&r["body"]["peer"]);
+    assert!(
+        peer.starts_with(&format!("{client_ll}%")),
+        "the server sees the client's link-local address: {r}"
+    );
+    // Link-local never leaves the link: the server on the other node is not reachable so.
+    let far_ll = server.link_local()?;
+    let out = client.run_simpod([
+        "tcp-client",
+        "--to",
+        &format!("[{far_ll}%eth0]:8080"),
+        "--timeout-ms",
+        "1500",
+    ])?;
+    assert!(!out.success(), "{}", out.stdout);
+    // A name simpod cannot resolve is a clear error, not a panic.
+    let out = client.run_simpod(["tcp-client", "--to", &format!("[{ll}%nosuch0]:8081")])?;
+    assert!(!out.success());
+    assert!(
+        out.stderr.contains("no interface \"nosuch0\""),
+        "{}",
+        out.stderr
+    );
+
+    // The IPv6 set-up lives in the sim's namespaces: teardown takes all of it.
+    let (id, temp) = (sim.id().to_string(), sim.temp_dir().to_path_buf());
+    drop((srv, near, client, neighbour, server, n1, n2));
+    sim.teardown()?;
+    let left = leftovers_of(&id);
+    assert!(left.is_empty(), "left behind: {left:#?}");
+    assert!(!temp.exists(), "{} still exists", temp.display());
+    Ok(())
+}
+
+#[test]
+fn ipv4_only_sims_have_link_local_but_no_global_ipv6() -> Result<()> {
+    let sim = Sim::new()?;
+    assert!(!sim.is_dual_stack());
+    let n1 = sim.add_node("n1")?;
+    let pod = n1.add_pod("demo", "p", PodOpts::default())?;
+    let e = pod.ip6().unwrap_err().to_string();
+    assert!(
+        e.contains("its sim is IPv4-only (create it with Sim::new_dual_stack())"),
+        "{e}"
+    );
+    assert!(pod.addr6(80).is_err());
+    assert!(n1.bridge_ip6().is_err());
+    assert_eq!(pod.ips(), [std::net::IpAddr::from(pod.ip())]);
+    let manifest = fs::read_to_string(sim.manifest_dir().join(pod.manifest_file()))?;
+    let doc: Value = serde_yaml::from_str(&manifest)?;
+    assert_eq!(
+        doc["status"]["podIPs"],
+        serde_json::json!([{"ip": pod.ip().to_string()}])
+    );
+    // The kernel's link-local address, once DAD is done with it (about a second here).
+    assert!(pod.link_local()?.is_unicast_link_local());
+    // A dual-stack Service needs IPv6 endpoints.
+    let e = sim
+        .write_service_ips(
+            "demo",
+            "web",
+            &["10.96.0.10", "fd00:10:96::10"],
+            &[("http", 80, 8080)],
+            &[&pod],
+        )
+        .unwrap_err();
+    assert!(
+        format!("{e:#}").contains("endpoint demo/p has no IPv6 address"),
+        "{e:#}"
+    );
+    Ok(())
+}
+
+#[test]
+fn sluice_on_a_dual_stack_node_shows_both_families_in_its_model() -> Result<()> {
+    let sim = Sim::new_dual_stack()?;
+    let n1 = sim.add_node("n1")?;
+    let web = n1.add_pod("shop", "web", PodOpts::labels(&[("app", "web")]))?;
+    let client = n1.add_pod("shop", "client", PodOpts::default())?;
+    sim.write_namespace("shop", true)?;
+    sim.write_service_ips(
+        "shop",
+        "web",
+        &["10.96.0.10", "fd00:10:96::10"],
+        &[("http", 80, 8080)],
+        &[&web],
+    )?;
+    let sluice = n1.start_sluice(SluiceOpts::default())?;
+    sluice.wait_ready(T)?;
+    let m = sluice.wait_for(
+        "/model",
+        |m| {
+            m["pods"].as_array().is_some_and(|p| p.len() == 2)
+                && m["services"].as_array().is_some_and(|s| s.len() == 1)
+                && m["endpoint_slices"]
+                    .as_array()
+                    .is_some_and(|s| s.len() == 2)
+        },
+        T,
+    )?;
+    assert_eq!(m["errors"], serde_json::json!([]), "{m}");
+    for pod in [&web, &client] {
+        let v = m["pods"]
+            .as_array()
+            .and_then(|ps| ps.iter().find(|p| p["name"] == pod.name()))
+            .with_context(|| format!("pod {} in {m}", pod.name()))?;
+        assert_eq!(v["ip"], pod.ip().to_string(), "{v}");
+        assert_eq!(
+            v["ips"],
+            serde_json::json!([pod.ip().to_string(), pod.ip6()?.to_string()]),
+            "{v}"
+        );
+    }
+    let svc = &m["services"][0];
+    assert_eq!(svc["cluster_ip"], "10.96.0.10", "{svc}");
+    assert_eq!(
+        svc["cluster_ips"],
+        serde_json::json!(["10.96.0.10", "fd00:10:96::10"]),
+        "{svc}"
+    );
+    let slices = m["endpoint_slices"].as_array().context("slices")?;
+    let slice = |family: &str| {
+        slices
+            .iter()
+            .find(|s| s["address_type"] == family)
+            .cloned()
+            .unwrap_or_default()
+    };
+    assert_eq!(
+        slice("IPv4")["ready_addresses"],
+        serde_json::json!([web.ip().to_string()]),
+        "{m}"
+    );
+    assert_eq!(
+        slice("IPv6")["ready_addresses"],
+        serde_json::json!([web.ip6()?.to_string()]),
+        "{m}"
+    );
+    // Both pods are enrolled as on an IPv4-only node.
+    sluice.wait_for("/pods", |v| v.as_array().is_some_and(|p| p.len() == 2), T)?;
+    Ok(())
+}
+
 /// A stand-in for sluice (perl is always on Debian): serves the admin API on the unix socket and
 /// reports where it runs, so the `Sluice` handle is checked without the real daemon.
 const FAKE_SLUICE: &str = r#"#!/usr/bin/perl
@@ -400,17 +646,23 @@ fn teardown_after_a_panic_leaves_nothing() {
             .unwrap();
         let mut echo = b.simpod(["echo-server", "--port", "7000"]).unwrap();
         echo.wait_listening(T).unwrap();
-        let pids = sluice_tests::cgroup::pids_in_tree(sim.cgroup_root())
-            .into_iter()
-            .map(|p| p as u32)
-            .collect();
+        // sh forks its sleeps on its own time: wait for all six processes (two sandboxes, sh,
+        // two sleeps, echo-server), or take what is there after T and let the check below fail.
+        let tree = || {
+            sluice_tests::cgroup::pids_in_tree(sim.cgroup_root())
+                .into_iter()
+                .map(|p| p as u32)
+                .collect::<Vec<_>>()
+        };
+        let pids = sluice_tests::poll_until(T, || Some(tree()).filter(|p| p.len() >= 6))
+            .unwrap_or_else(tree);
         seen = Some((sim.id().to_string(), sim.temp_dir().to_path_buf(), pids));
         panic!("deliberate panic inside a test body");
     }));
     assert!(res.is_err());
     let (id, temp, pids) = seen.expect("the body ran up to the panic");
     assert!(
-        pids.len() >= 5,
+        pids.len() >= 6,
         "sandboxes, sh, two sleeps, echo-server: {pids:?}"
     );
     let left = leftovers_of(&id);

@@ -74,6 +74,7 @@ pub(crate) fn pod(meta: Meta, doc: &Node<'_>) -> Result<Object, DocError> {
     };
     let status = doc.require("status")?;
     let ip = status.require("podIP")?.as_ip()?;
+    let ips = pod_ips(&status, ip)?;
     let phase = match status.get("phase") {
         // A manifest that states a pod's IP describes a pod that exists; a hand-written one
         // often leaves the phase out.
@@ -104,6 +105,7 @@ pub(crate) fn pod(meta: Meta, doc: &Node<'_>) -> Result<Object, DocError> {
         service_account: service_account.unwrap_or("default").to_owned(),
         node_name: node_name.map(str::to_owned),
         ip,
+        ips,
         host_network,
         phase,
         controller,
@@ -136,33 +138,120 @@ fn required_str<'a>(node: &Node<'a>, key: &str) -> Result<&'a str, DocError> {
     }
 }
 
+/// `status.podIPs[].ip`, checked the way the API server guarantees them: the first is podIP,
+/// and there is at most one address per family. Absent (a single-stack pod written by hand, or
+/// an API server older than dual stack), the pod's addresses are just podIP.
+fn pod_ips(status: &Node<'_>, primary: IpAddr) -> Result<Vec<IpAddr>, DocError> {
+    let nodes = status.list("podIPs")?;
+    if nodes.is_empty() {
+        return Ok(vec![primary]);
+    }
+    let mut ips: Vec<IpAddr> = Vec::with_capacity(nodes.len());
+    for node in &nodes {
+        let ip = node.require("ip")?.as_ip()?;
+        if let Some(first) = ips.iter().find(|p| AddressType::of(**p) == AddressType::of(ip)) {
+            return Err(node.invalid(format!(
+                "{ip} is a second {} address ({first} is the first); a pod has at most one address per family",
+                AddressType::of(ip)
+            )));
+        }
+        ips.push(ip);
+    }
+    if ips[0] != primary {
+        return Err(nodes[0].invalid(format!(
+            "{} differs from status.podIP {primary}; the first of podIPs must be podIP",
+            ips[0]
+        )));
+    }
+    Ok(ips)
+}
+
 pub(crate) fn service(meta: Meta, doc: &Node<'_>) -> Result<Object, DocError> {
-    let (cluster_ip, ports, selector) = match doc.get("spec") {
-        None => (None, Vec::new(), Default::default()),
+    let (cluster_ips, ports, selector) = match doc.get("spec") {
+        None => (Vec::new(), Vec::new(), Default::default()),
         Some(spec) => {
             spec.expect_mapping()?;
-            (cluster_ip(&spec)?, service_ports(&spec)?, spec.string_map("selector")?)
+            (cluster_ips(&spec)?, service_ports(&spec)?, spec.string_map("selector")?)
         }
     };
     Ok(Object::Service(Arc::new(Service {
         namespace: meta.namespace,
         name: meta.name,
         labels: meta.labels,
-        cluster_ip,
+        cluster_ip: cluster_ips.first().copied(),
+        cluster_ips,
         ports,
         selector,
     })))
 }
 
-fn cluster_ip(spec: &Node<'_>) -> Result<Option<IpAddr>, DocError> {
+/// What `spec.clusterIP` says.
+enum ClusterIp {
+    /// Absent or "": no address (yet).
+    Unset,
+    /// "None": a headless Service.
+    Headless,
+    Ip(IpAddr),
+}
+
+fn cluster_ip(spec: &Node<'_>) -> Result<ClusterIp, DocError> {
     let Some(node) = spec.get("clusterIP") else {
-        return Ok(None);
+        return Ok(ClusterIp::Unset);
     };
     match node.as_str()? {
-        "" | "None" => Ok(None),
-        s => s.parse().map(Some).map_err(|_| {
+        "" => Ok(ClusterIp::Unset),
+        "None" => Ok(ClusterIp::Headless),
+        s => s.parse().map(ClusterIp::Ip).map_err(|_| {
             node.invalid(format!("{s:?} is not an IP address (use \"None\" for a headless Service)"))
         }),
+    }
+}
+
+/// `spec.clusterIPs`, with the API server's rules: at most one address per family, the first
+/// equal to clusterIP when both are given, `["None"]` alone for a headless Service. Without
+/// clusterIPs, clusterIP alone says it (a single-stack Service, or a manifest written by hand).
+/// `spec.ipFamilies` and `spec.ipFamilyPolicy` are not read: they are how a Service asks for
+/// its addresses, and clusterIPs is what it got.
+fn cluster_ips(spec: &Node<'_>) -> Result<Vec<IpAddr>, DocError> {
+    let primary = cluster_ip(spec)?;
+    let nodes = spec.str_list("clusterIPs")?;
+    if nodes.is_empty() {
+        return Ok(match primary {
+            ClusterIp::Ip(ip) => vec![ip],
+            ClusterIp::Unset | ClusterIp::Headless => Vec::new(),
+        });
+    }
+    if let Some((node, _)) = nodes.iter().find(|(_, s)| *s == "None") {
+        if nodes.len() > 1 {
+            return Err(node.invalid("\"None\" (headless) must be the only entry of clusterIPs"));
+        }
+        if let ClusterIp::Ip(ip) = primary {
+            return Err(node.invalid(format!("the Service is headless here but spec.clusterIP is {ip}")));
+        }
+        return Ok(Vec::new());
+    }
+    let mut ips: Vec<IpAddr> = Vec::with_capacity(nodes.len());
+    for (node, s) in &nodes {
+        let ip: IpAddr = s.parse().map_err(|_| {
+            node.invalid(format!("{s:?} is not an IP address (use [\"None\"] for a headless Service)"))
+        })?;
+        if let Some(first) = ips.iter().find(|p| AddressType::of(**p) == AddressType::of(ip)) {
+            return Err(node.invalid(format!(
+                "{ip} is a second {} ClusterIP ({first} is the first); a Service has at most one per family",
+                AddressType::of(ip)
+            )));
+        }
+        ips.push(ip);
+    }
+    match primary {
+        ClusterIp::Ip(ip) if ip != ips[0] => Err(nodes[0].0.invalid(format!(
+            "{} differs from spec.clusterIP {ip}; the first of clusterIPs must be clusterIP",
+            ips[0]
+        ))),
+        ClusterIp::Headless => {
+            Err(nodes[0].0.invalid("spec.clusterIP is \"None\" (headless) but clusterIPs lists addresses"))
+        }
+        _ => Ok(ips),
     }
 }
 

@@ -118,8 +118,12 @@ pub struct Pod {
     pub service_account: String,
     /// spec.nodeName; `None` for a pod not scheduled yet.
     pub node_name: Option<String>,
-    /// status.podIP.
+    /// status.podIP: the pod's primary address, the first of `ips`.
     pub ip: IpAddr,
+    /// status.podIPs: every address of the pod, at most one per family, the primary first
+    /// (`[ip]` when the manifest does not list them). A dual-stack pod has an IPv4 and an IPv6
+    /// address; link-local addresses are never listed (they are not unique across links).
+    pub ips: Vec<IpAddr>,
     /// spec.hostNetwork: such a pod shares its node's IP, so it is left out of `pod_by_ip`.
     pub host_network: bool,
     pub phase: PodPhase,
@@ -191,16 +195,56 @@ pub struct Service {
     pub namespace: String,
     pub name: String,
     pub labels: Labels,
-    /// spec.clusterIP; `None` for a headless Service ("None") or one without an address.
+    /// spec.clusterIP: the primary ClusterIP, the first of `cluster_ips`; `None` for a headless
+    /// Service ("None") or one without an address.
     pub cluster_ip: Option<IpAddr>,
+    /// spec.clusterIPs: one ClusterIP per family the Service has, the primary first (taken from
+    /// clusterIP when the manifest does not list them); empty for a headless Service. A
+    /// connection to one of them goes to the ready endpoints of the same family.
+    pub cluster_ips: Vec<IpAddr>,
     pub ports: Vec<ServicePort>,
     pub selector: Labels,
 }
 
+/// An address family: an EndpointSlice's `addressType`, and the family of a pod IP or a
+/// ClusterIP.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 pub enum AddressType {
     IPv4,
     IPv6,
+}
+
+impl AddressType {
+    /// The family of `ip`. An IPv4-mapped IPv6 address (`::ffff:a.b.c.d`, what a dual-stack
+    /// socket reports for an IPv4 peer) is IPv4, as it is everywhere in the model's lookups.
+    pub fn of(ip: IpAddr) -> AddressType {
+        match ip.to_canonical() {
+            IpAddr::V4(_) => AddressType::IPv4,
+            IpAddr::V6(_) => AddressType::IPv6,
+        }
+    }
+
+    /// `IPv4` or `IPv6`, as the Kubernetes API writes it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AddressType::IPv4 => "IPv4",
+            AddressType::IPv6 => "IPv6",
+        }
+    }
+
+    /// The other family.
+    pub fn other(self) -> AddressType {
+        match self {
+            AddressType::IPv4 => AddressType::IPv6,
+            AddressType::IPv6 => AddressType::IPv4,
+        }
+    }
+}
+
+impl fmt::Display for AddressType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]

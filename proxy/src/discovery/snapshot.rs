@@ -17,15 +17,15 @@ use serde::Serialize;
 
 use super::manifest::{self, Format, ParseError};
 use super::model::{
-    AuthorizationPolicy, EndpointSlice, Namespace, Object, PeerAuthMode, Pod, PodPhase, Protocol, Service,
-    ServicePort,
+    AddressType, AuthorizationPolicy, EndpointSlice, Namespace, Object, PeerAuthMode, Pod, PodPhase,
+    Protocol, Service, ServicePort,
 };
 use super::route::{Route, RouteKind};
 use super::route_table::PortRoutes;
-use super::workload::WorkloadInfo;
 use super::traffic::{
     IpNet, OutboundPolicy, PolicyTarget, Resolution, ServiceEntry, ServiceEntryPort, TrafficPolicy,
 };
+use super::workload::WorkloadInfo;
 
 /// A manifest file that is (partly) not in force, and why.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
@@ -40,10 +40,35 @@ pub struct ManifestError {
 pub struct ServiceTarget {
     service: Arc<Service>,
     port_index: usize,
+    /// What [`ServiceTarget::endpoints`] hands out: one family's endpoints for a target found
+    /// by a ClusterIP, both families' for one found by name.
     endpoints: Arc<[SocketAddr]>,
+    /// The ready endpoints of each family (shared with `endpoints` where they are the same).
+    ipv4: Arc<[SocketAddr]>,
+    ipv6: Arc<[SocketAddr]>,
 }
 
 impl ServiceTarget {
+    /// The target of Service port `port_index` with the ready endpoints `all` (sorted, so the
+    /// IPv4 endpoints come first).
+    fn new(service: Arc<Service>, port_index: usize, all: Vec<SocketAddr>) -> ServiceTarget {
+        let split = all.partition_point(|a| a.is_ipv4());
+        let all: Arc<[SocketAddr]> = all.into();
+        // A single-stack Service's endpoints are all of one family: share the list.
+        let (ipv4, ipv6) = match split {
+            0 => (Arc::from([]), all.clone()),
+            n if n == all.len() => (all.clone(), Arc::from([])),
+            n => (Arc::from(&all[..n]), Arc::from(&all[n..])),
+        };
+        ServiceTarget { service, port_index, endpoints: all, ipv4, ipv6 }
+    }
+
+    /// The same Service port as reached through a ClusterIP of `family`: its endpoints are
+    /// that family's only, as kube-proxy programs each family of a dual-stack Service apart.
+    fn for_family(&self, family: AddressType) -> ServiceTarget {
+        ServiceTarget { endpoints: self.endpoints_of(family).clone(), ..self.clone() }
+    }
+
     pub fn service(&self) -> &Arc<Service> {
         &self.service
     }
@@ -61,9 +86,31 @@ impl ServiceTarget {
     }
 
     /// Ready endpoints, as `pod IP : port the EndpointSlice names`, sorted and de-duplicated
-    /// (an endpoint can sit in two slices while the controller moves it).
+    /// (an endpoint can sit in two slices while the controller moves it). For a target found by
+    /// a ClusterIP ([`Model::service_for`]) only those of the ClusterIP's family; for one found
+    /// by name ([`Model::service_port`]) those of both families (IPv4 first).
     pub fn endpoints(&self) -> &Arc<[SocketAddr]> {
         &self.endpoints
+    }
+
+    /// The ready endpoints of one family, whichever way the target was found.
+    pub fn endpoints_of(&self, family: AddressType) -> &Arc<[SocketAddr]> {
+        match family {
+            AddressType::IPv4 => &self.ipv4,
+            AddressType::IPv6 => &self.ipv6,
+        }
+    }
+
+    /// The ready endpoints of `family` if there are any, else those of the other family: for a
+    /// route's backend Service, which the route (not the client) chose and which may have only
+    /// one family.
+    pub fn endpoints_preferring(&self, family: AddressType) -> &Arc<[SocketAddr]> {
+        let preferred = self.endpoints_of(family);
+        if preferred.is_empty() {
+            self.endpoints_of(family.other())
+        } else {
+            preferred
+        }
     }
 }
 
@@ -330,19 +377,21 @@ impl Model {
         for svc in services {
             let svc_slices = slices.get(&(svc.namespace.as_str(), svc.name.as_str()));
             let targets: Box<[ServiceTarget]> = (0..svc.ports.len())
-                .map(|i| ServiceTarget {
-                    service: svc.clone(),
-                    port_index: i,
-                    endpoints: ready_endpoints(&svc.ports[i], svc_slices.map_or(&[][..], |v| v)),
+                .map(|i| {
+                    let slices = svc_slices.map_or(&[][..], |v| v);
+                    ServiceTarget::new(svc.clone(), i, ready_endpoints(&svc.ports[i], slices))
                 })
                 .collect();
-            if let Some(ip) = svc.cluster_ip {
+            // Each ClusterIP leads to the endpoints of its own family.
+            for ip in &svc.cluster_ips {
+                let ip = ip.to_canonical();
+                let family = AddressType::of(ip);
                 // Only TCP reaches the proxy; indexing UDP too would let a UDP port shadow
                 // the TCP port with the same number.
                 for t in targets.iter().filter(|t| t.port().protocol == Protocol::Tcp) {
                     self.by_cluster_addr
                         .entry(SocketAddr::new(ip, t.port().port))
-                        .or_insert_with(|| t.clone());
+                        .or_insert_with(|| t.for_family(family));
                 }
             }
             self.targets.entry(svc.namespace.clone()).or_default().insert(svc.name.clone(), targets);
@@ -360,16 +409,27 @@ impl Model {
                 continue; // shares the node's IP with every other host-network pod
             }
             // Kubernetes reuses the IP of a finished pod, so two pods may share one; the live
-            // one is the one traffic is for.
-            match self.pods_by_ip.get(&pod.ip) {
-                Some(have) if ip_rank(have.phase) <= ip_rank(pod.phase) => {}
-                _ => {
-                    self.pods_by_ip.insert(pod.ip, pod.clone());
+            // one is the one traffic is for. Every address of a dual-stack pod is its own.
+            for ip in &pod.ips {
+                let ip = ip.to_canonical();
+                match self.pods_by_ip.get(&ip) {
+                    Some(have) if ip_rank(have.phase) <= ip_rank(pod.phase) => {}
+                    _ => {
+                        self.pods_by_ip.insert(ip, pod.clone());
+                    }
                 }
             }
         }
-        self.workloads_by_ip =
-            self.pods_by_ip.iter().map(|(ip, pod)| (*ip, Arc::new(WorkloadInfo::of(pod)))).collect();
+        // One WorkloadInfo per pod, shared by its addresses.
+        let mut infos: HashMap<*const Pod, Arc<WorkloadInfo>> = HashMap::new();
+        self.workloads_by_ip = self
+            .pods_by_ip
+            .iter()
+            .map(|(ip, pod)| {
+                let info = infos.entry(Arc::as_ptr(pod)).or_insert_with(|| Arc::new(WorkloadInfo::of(pod)));
+                (*ip, info.clone())
+            })
+            .collect();
         let mut by_endpoint: HashMap<SocketAddr, Vec<(Arc<str>, Arc<str>)>> = HashMap::new();
         for (ns, by_name) in &self.targets {
             for (name, ports) in by_name {
@@ -393,7 +453,11 @@ impl Model {
 
     /// The Service (namespace, name) an endpoint belongs to, when exactly one Service has it.
     pub fn service_of_endpoint(&self, endpoint: SocketAddr) -> Option<(&Arc<str>, &Arc<str>)> {
-        match self.services_by_endpoint.get(&SocketAddr::new(endpoint.ip().to_canonical(), endpoint.port()))?.as_slice() {
+        match self
+            .services_by_endpoint
+            .get(&SocketAddr::new(endpoint.ip().to_canonical(), endpoint.port()))?
+            .as_slice()
+        {
             [(ns, name)] => Some((ns, name)),
             _ => None,
         }
@@ -409,20 +473,22 @@ impl Model {
         &self.errors
     }
 
-    /// The Service port behind a ClusterIP:port, with its ready endpoints. An IPv4-mapped IPv6
-    /// address (what a dual-stack socket reports) matches the IPv4 ClusterIP.
+    /// The Service port behind a ClusterIP:port, with its ready endpoints of the ClusterIP's
+    /// family (a dual-stack Service's IPv6 ClusterIP leads to its IPv6 endpoints). An
+    /// IPv4-mapped IPv6 address (what a dual-stack socket reports) matches the IPv4 ClusterIP.
     pub fn service_for(&self, ip: IpAddr, port: u16) -> Option<&ServiceTarget> {
         self.by_cluster_addr.get(&SocketAddr::new(ip.to_canonical(), port))
     }
 
     /// The Service port `port` of Service `namespace/name` (for routes that name a backend
-    /// Service); also works for headless Services.
+    /// Service), with the endpoints of both families (pick one with
+    /// [`ServiceTarget::endpoints_preferring`]); also works for headless Services.
     pub fn service_port(&self, namespace: &str, name: &str, port: u16) -> Option<&ServiceTarget> {
         self.targets.get(namespace)?.get(name)?.iter().find(|t| t.port().port == port)
     }
 
-    /// The pod that owns `ip` on any node (host-network pods excluded). Prefers a running pod
-    /// over a finished one that once had the same IP.
+    /// The pod that owns `ip` (any of its `status.podIPs`) on any node (host-network pods
+    /// excluded). Prefers a running pod over a finished one that once had the same IP.
     pub fn pod_by_ip(&self, ip: IpAddr) -> Option<&Arc<Pod>> {
         self.pods_by_ip.get(&ip.to_canonical())
     }
@@ -731,7 +797,7 @@ fn ip_rank(phase: PodPhase) -> u8 {
 /// with the same name (both unnamed for a single unnamed port) and protocol gives the port
 /// number; the Service's targetPort is not consulted, because the slice already resolved it
 /// (a named targetPort can map to a different number on each pod).
-fn ready_endpoints(port: &ServicePort, slices: &[&EndpointSlice]) -> Arc<[SocketAddr]> {
+fn ready_endpoints(port: &ServicePort, slices: &[&EndpointSlice]) -> Vec<SocketAddr> {
     let mut out = Vec::new();
     for slice in slices {
         let Some(sp) = slice.ports.iter().find(|p| p.name == port.name && p.protocol == port.protocol) else {
@@ -743,5 +809,5 @@ fn ready_endpoints(port: &ServicePort, slices: &[&EndpointSlice]) -> Arc<[Socket
     }
     out.sort_unstable();
     out.dedup();
-    out.into()
+    out
 }

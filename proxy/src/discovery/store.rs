@@ -159,16 +159,21 @@ impl Store {
                     continue;
                 }
                 if let Object::Service(svc) = object {
-                    if let Some(ip) = svc.cluster_ip {
-                        if let Some((other, owner)) = cluster_ips.get(&ip) {
-                            let reason = format!(
-                                "{key}: clusterIP {ip} is already taken by {other} (in {}); this Service is ignored",
-                                owner.to_string_lossy()
-                            );
-                            problems.push((name, state.hash, reason, false));
-                            continue;
-                        }
-                        cluster_ips.insert(ip, (key.clone(), name));
+                    // Every ClusterIP (one per family) must be free, or the Service is ignored.
+                    let taken = svc
+                        .cluster_ips
+                        .iter()
+                        .find_map(|ip| Some((ip, cluster_ips.get(&ip.to_canonical())?)));
+                    if let Some((ip, (other, owner))) = taken {
+                        let reason = format!(
+                            "{key}: clusterIP {ip} is already taken by {other} (in {}); this Service is ignored",
+                            owner.to_string_lossy()
+                        );
+                        problems.push((name, state.hash, reason, false));
+                        continue;
+                    }
+                    for ip in &svc.cluster_ips {
+                        cluster_ips.insert(ip.to_canonical(), (key.clone(), name));
                     }
                 }
                 owners.insert(key, name);

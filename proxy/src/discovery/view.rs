@@ -9,7 +9,7 @@ use std::net::IpAddr;
 
 use serde::Serialize;
 
-use super::model::{PeerAuthMode, Protocol, TargetPort};
+use super::model::{AddressType, PeerAuthMode, Protocol, TargetPort};
 use super::route::{BackendRef, ParentRef, RouteKind};
 use super::snapshot::Model;
 use super::traffic::{EntryLocation, OutboundPolicy, Resolution, ServiceEntryPort, TrafficPolicy};
@@ -54,7 +54,10 @@ pub struct PodView {
     pub namespace: String,
     pub name: String,
     pub uid: String,
+    /// The primary address (status.podIP).
     pub ip: IpAddr,
+    /// Every address (status.podIPs), the primary first.
+    pub ips: Vec<IpAddr>,
     pub node: Option<String>,
     pub service_account: String,
     pub phase: String,
@@ -64,7 +67,10 @@ pub struct PodView {
 pub struct ServiceView {
     pub namespace: String,
     pub name: String,
+    /// The primary ClusterIP (spec.clusterIP).
     pub cluster_ip: Option<IpAddr>,
+    /// Every ClusterIP (spec.clusterIPs), the primary first.
+    pub cluster_ips: Vec<IpAddr>,
     pub ports: Vec<ServicePortView>,
 }
 
@@ -81,6 +87,7 @@ pub struct EndpointSliceView {
     pub namespace: String,
     pub name: String,
     pub service: String,
+    pub address_type: AddressType,
     /// Addresses of the ready endpoints, sorted.
     pub ready_addresses: Vec<IpAddr>,
 }
@@ -196,6 +203,7 @@ impl Model {
                 name: p.name.clone(),
                 uid: p.uid.clone(),
                 ip: p.ip,
+                ips: p.ips.clone(),
                 node: p.node_name.clone(),
                 service_account: p.service_account.clone(),
                 phase: p.phase.as_str().to_owned(),
@@ -209,6 +217,7 @@ impl Model {
                 namespace: s.namespace.clone(),
                 name: s.name.clone(),
                 cluster_ip: s.cluster_ip,
+                cluster_ips: s.cluster_ips.clone(),
                 ports: s
                     .ports
                     .iter()
@@ -238,6 +247,7 @@ impl Model {
                     namespace: s.namespace.clone(),
                     name: s.name.clone(),
                     service: s.service_name.clone(),
+                    address_type: s.address_type,
                     ready_addresses: ready,
                 }
             })

@@ -132,6 +132,7 @@ mod tests {
             service_account: "default".into(),
             node_name: Some("n1".into()),
             ip: "10.244.1.10".parse().unwrap(),
+            ips: vec!["10.244.1.10".parse().unwrap()],
             host_network: false,
             phase: PodPhase::Running,
             controller: owner.map(|(kind, name)| OwnerRef { kind: kind.into(), name: name.into() }),

@@ -41,7 +41,7 @@ pub fn resolve(ctx: &ConnCtx, model: &Model, mirror: &crate::discovery::route::R
         .and_then(|port| model.service_port(&backend.namespace, &backend.name, port));
     let picked = target.and_then(|t| {
         let key = super::plan::balance_key(&backend.namespace, &backend.name, t.port().port);
-        ctx.dp.l7.balancer.pick(key, t.endpoints())
+        ctx.dp.l7.balancer.pick(key, t.endpoints_preferring(crate::discovery::AddressType::of(ctx.orig.ip())))
     });
     let Some((endpoint, inflight)) = picked else {
         ctx.dp.l7.counters.mirror_failed.fetch_add(1, Ordering::Relaxed);

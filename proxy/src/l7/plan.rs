@@ -32,7 +32,7 @@ use crate::discovery::{
         CircuitBreaker, OutboundPolicy, OutlierDetection, Resolution, RetryBudget, RetryOn, RetryPolicy, ServiceEntry,
         ServiceEntryPort, TrafficPolicy,
     },
-    Model,
+    AddressType, Model,
 };
 
 /// The balancing key of a backend Service port (round-robin position): FNV-1a, cheap for a
@@ -179,7 +179,9 @@ pub fn decide(model: &Model, ctx: &ConnCtx, parts: &mut request::Parts, grpc: bo
     let backend_policy = model.traffic_policy_for_service(&backend.namespace, &backend.name, target.port().name.as_deref());
     let mut plan = Plan::simple(
         format!("{}/{}:{bport}", backend.namespace, backend.name),
-        target.endpoints().clone(),
+        // The family the client dialled, if the backend has it (see "Dual stack" in the
+        // design notes).
+        target.endpoints_preferring(AddressType::of(ctx.orig.ip())).clone(),
         balance_key(&backend.namespace, &backend.name, bport),
     );
     plan.request_timeout = sel.rule.timeouts.request;

@@ -70,7 +70,7 @@ enum Cmd {
     },
     /// Connect, send N pattern bytes, half-close, read to EOF; print hashes of both directions.
     TcpClient {
-        #[arg(long)]
+        #[arg(long, value_parser = parse_sock_addr)]
         to: SocketAddr,
         #[arg(long, default_value_t = 0)]
         send_bytes: u64,
@@ -80,7 +80,7 @@ enum Cmd {
     },
     /// N HTTP GETs (one keep-alive connection with --keepalive, else one connection each).
     HttpGet {
-        #[arg(long)]
+        #[arg(long, value_parser = parse_sock_addr)]
         to: SocketAddr,
         #[arg(long, default_value = "/")]
         path: String,
@@ -99,7 +99,7 @@ enum Cmd {
     },
     /// Hold one connection open: send each stdin line, print each echoed line.
     Hold {
-        #[arg(long)]
+        #[arg(long, value_parser = parse_sock_addr)]
         to: SocketAddr,
         #[arg(long, default_value_t = 5_000)]
         timeout_ms: u64,
@@ -107,7 +107,7 @@ enum Cmd {
     /// N short connections, each sending "ping\n" and reading the echo (exit 0 even when some
     /// attempts fail: each line says how it went).
     Loop {
-        #[arg(long)]
+        #[arg(long, value_parser = parse_sock_addr)]
         to: SocketAddr,
         #[arg(long, default_value_t = 100)]
         interval_ms: u64,
@@ -195,8 +195,42 @@ fn main() -> ExitCode {
 
 // ---------------------------------------------------------------- servers
 
+/// A socket address as `--to` takes it: `10.0.0.1:80`, `[fd00::1]:80`, or a link-local IPv6
+/// address with its interface, by name or index: `[fe80::1%eth0]:80`, `[fe80::1%2]:80` (the
+/// standard library only parses the index).
+pub(crate) fn parse_sock_addr(s: &str) -> Result<SocketAddr, String> {
+    if let Ok(addr) = s.parse() {
+        return Ok(addr);
+    }
+    let bad = || format!("{s:?} is not a socket address (10.0.0.1:80, [fd00::1]:80, [fe80::1%eth0]:80)");
+    let (host, port) = s.strip_prefix('[').and_then(|r| r.split_once("]:")).ok_or_else(bad)?;
+    let (ip, zone) = host.split_once('%').ok_or_else(bad)?;
+    let ip: std::net::Ipv6Addr = ip.parse().map_err(|_| bad())?;
+    let port: u16 = port.parse().map_err(|_| bad())?;
+    let scope = nix::net::if_::if_nametoindex(zone)
+        .map_err(|e| format!("{s:?}: no interface {zone:?} here ({e})"))?;
+    Ok(SocketAddr::V6(std::net::SocketAddrV6::new(ip, port, 0, scope)))
+}
+
+/// Where `--bind HOST --port PORT` listens: HOST is an IPv4 or IPv6 address (`::` takes both
+/// families), optionally with an interface for a link-local one (`fe80::1%eth0`).
+fn bind_addr(host: &str, port: u16) -> Result<SocketAddr, String> {
+    if host.contains(':') {
+        parse_sock_addr(&format!("[{host}]:{port}"))
+    } else {
+        parse_sock_addr(&format!("{host}:{port}"))
+    }
+}
+
 fn serve(bind: &str, port: u16, handler: impl Fn(TcpStream) + Send + Clone + 'static) -> bool {
-    let listener = match TcpListener::bind((bind, port)) {
+    let addr = match bind_addr(bind, port) {
+        Ok(a) => a,
+        Err(e) => {
+            emit(json!({"event": "error", "error": e}));
+            return false;
+        }
+    };
+    let listener = match TcpListener::bind(addr) {
         Ok(l) => l,
         Err(e) => {
             emit(json!({"event": "error", "error": err_str(&e)}));

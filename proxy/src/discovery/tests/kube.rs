@@ -164,6 +164,8 @@ fn an_invalid_version_keeps_the_last_good_one_and_is_reported() {
     // Fixed: the error goes, the new version is in force.
     let mut fixed = api_item(fixtures::SERVICE);
     fixed["spec"]["clusterIP"] = json!("10.96.0.11");
+    // The API server keeps clusterIPs[0] equal to clusterIP.
+    fixed["spec"]["clusterIPs"] = json!(["10.96.0.11"]);
     s.apply(svc, fixed);
     s.delete(svc, &json!({"metadata": {"name": "other", "namespace": "shop"}}));
     let m = s.build();

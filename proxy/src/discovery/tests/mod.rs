@@ -1,6 +1,7 @@
 //! Unit tests of the discovery module (`cargo test -p sluice --lib discovery`).
 
 mod authz;
+mod dual_stack;
 mod fixtures;
 mod kube;
 mod parse;

@@ -25,7 +25,7 @@ pub struct ServerArgs {
 
 #[derive(clap::Args)]
 pub struct ClientArgs {
-    #[arg(long)]
+    #[arg(long, value_parser = crate::parse_sock_addr)]
     to: SocketAddr,
     /// Connect timeout, and the longest to wait for the banner and for the echo.
     #[arg(long, default_value_t = 5000)]

@@ -27,7 +27,7 @@ use crate::{connect, emit, err_str, read_response};
 
 #[derive(clap::Args, Clone)]
 pub struct Args {
-    #[arg(long)]
+    #[arg(long, value_parser = crate::parse_sock_addr)]
     to: SocketAddr,
     #[arg(long, default_value = "/")]
     path: String,

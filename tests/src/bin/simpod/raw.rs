@@ -16,7 +16,7 @@ const HEX_LIMIT: usize = 64 * 1024;
 
 #[derive(clap::Args)]
 pub struct Args {
-    #[arg(long)]
+    #[arg(long, value_parser = crate::parse_sock_addr)]
     to: SocketAddr,
     /// Text to send; `\r`, `\n`, `\t`, `\0`, `\\` and `\xNN` are interpreted.
     #[arg(long, conflicts_with = "send_hex")]

@@ -60,7 +60,7 @@ pub struct HttpsServerArgs {
 
 #[derive(clap::Args)]
 pub struct ClientArgs {
-    #[arg(long)]
+    #[arg(long, value_parser = crate::parse_sock_addr)]
     to: SocketAddr,
     /// SNI and the name the certificate must carry (a DNS name or an IP).
     #[arg(long, default_value = DEFAULT_NAME)]
