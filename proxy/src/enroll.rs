@@ -61,6 +61,8 @@ struct EnrolledPod {
     cgroup_id: u64,
     cgroup_path: PathBuf,
     listeners: Vec<SocketAddr>,
+    /// Addresses whose plaintext the kernel steers to our inbound listeners.
+    captured: Vec<IpAddr>,
     tasks: Vec<JoinHandle<()>>,
     /// The inbound-capture program's attachment to the pod's namespace (dropping detaches).
     _inbound_link: Option<aya::programs::links::FdLink>,
@@ -246,21 +248,50 @@ impl Enroller {
             debug!(pod = %key, error = %e, "cannot enable tcp_migrate_req (kernel < 5.14?); an upgrade may reset queued connections");
         }
         let transparent = match deliver::prepare_pod(&netns) {
-            Ok(()) => true,
+            Ok((t, why_not_v6)) => {
+                if let Some(why) = why_not_v6.filter(|_| pod.ips.iter().any(IpAddr::is_ipv6)) {
+                    warn!(pod = %key, reason = %why, "IPv6 delivery cannot preserve the client's address; applications will see the pod's own address for IPv6 mesh clients");
+                }
+                t
+            }
             Err(e) => {
                 warn!(pod = %key, error = %e, "cannot prepare source-address-preserving delivery; applications will see the pod's own address for mesh clients");
-                false
+                deliver::Transparent::default()
             }
         };
+
+        // The pod's addresses: its cluster addresses (both families in a dual-stack cluster)
+        // and the IPv6 link-local ones of its interfaces, which any pod on the same link can
+        // reach and which must be under the same policy.
+        let link_local = netns
+            .run(crate::podres::link_local_addrs)
+            .map_err(|e| EnrollError::Failed(format!("netns worker: {e}")))?
+            .unwrap_or_else(|e| {
+                debug!(pod = %key, error = %e, "cannot list the pod's link-local addresses");
+                Vec::new()
+            });
+        let mut pod_ips: Vec<IpAddr> = pod.ips.clone();
+        if !pod_ips.contains(&pod.ip) {
+            pod_ips.insert(0, pod.ip);
+        }
+        pod_ips.extend(link_local.iter().copied().map(IpAddr::V6));
+        let has_v6 = pod_ips.iter().any(IpAddr::is_ipv6);
 
         let outbound = [
             SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), OUTBOUND_PORT),
             SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), OUTBOUND_PORT),
         ];
-        let hbone_addr = SocketAddr::new(pod.ip, HBONE_PORT);
-        let inbound_addr = SocketAddr::new(pod.ip, INBOUND_PORT);
+        // The tunnel port on each cluster address (mesh peers dial those, never link-local).
+        let hbone_addrs: Vec<SocketAddr> =
+            pod_ips.iter().filter(|ip| !deliver::is_link_local(**ip)).map(|ip| SocketAddr::new(*ip, HBONE_PORT)).collect();
+        // Captured plaintext: the IPv4 listener on the pod's address, as before; one IPv6
+        // listener on [::] takes every IPv6 address of the pod (sk_lookup hands it connections
+        // whatever the address it is bound to).
+        let inbound_v4 = pod_ips.iter().find(|ip| ip.is_ipv4()).map(|ip| SocketAddr::new(*ip, INBOUND_PORT));
+        let inbound_v6 = has_v6.then(|| SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), INBOUND_PORT));
         let mut addrs = outbound.to_vec();
-        addrs.extend([hbone_addr, inbound_addr]);
+        addrs.extend(hbone_addrs.iter().copied());
+        addrs.extend(inbound_v4.into_iter().chain(inbound_v6));
         let results = netns
             .listen(&addrs)
             .map_err(|e| EnrollError::Failed(format!("netns worker: {e}")))?;
@@ -269,7 +300,7 @@ impl Enroller {
             match result {
                 Ok(l) => listeners.push((*addr, l)),
                 // IPv6 may be disabled in the pod; everything else is required.
-                Err(e) if addr.is_ipv6() && addr.port() == OUTBOUND_PORT => {
+                Err(e) if addr.is_ipv6() && addr.port() == OUTBOUND_PORT && !has_v6 => {
                     debug!(pod = %key, error = %e, "no IPv6 outbound listener")
                 }
                 Err(e) => {
@@ -289,6 +320,7 @@ impl Enroller {
             namespace: pod.namespace.as_str().into(),
             name: pod.name.as_str().into(),
             ip: pod.ip,
+            ips: pod_ips.clone(),
             identity_str: identity.to_string().into(),
             identity: identity.clone(),
             netns: netns.clone(),
@@ -300,21 +332,32 @@ impl Enroller {
         });
         let mut tasks = Vec::new();
         let mut bound = Vec::new();
-        let mut inbound_link = None;
+        let mut captured = Vec::new();
+        let cleanup = |redirector: &Redirector, tasks: &[JoinHandle<()>], captured: &[IpAddr]| {
+            tasks.iter().for_each(JoinHandle::abort);
+            captured.iter().for_each(|ip| redirector.unregister_inbound(*ip));
+        };
         for (addr, std_listener) in listeners {
-            if addr == inbound_addr {
-                // The kernel hands captured plaintext to this socket: register it before
-                // capture starts.
-                if let IpAddr::V4(v4) = pod.ip {
-                    if let Err(e) = self.redirector.register_inbound(v4, &std_listener) {
-                        warn!(pod = %key, error = %e, "cannot register the inbound listener; plaintext to this pod is not captured");
+            let is_inbound = addr.port() == INBOUND_PORT;
+            if is_inbound {
+                // The kernel hands captured plaintext for each of the pod's addresses of this
+                // family to this socket: register it before capture starts. A pod whose
+                // plaintext cannot be captured is not enrolled at all: its policy would
+                // silently not hold.
+                for ip in pod_ips.iter().filter(|ip| ip.is_ipv4() == addr.is_ipv4()) {
+                    if let Err(e) = self.redirector.register_inbound(*ip, &std_listener) {
+                        cleanup(&self.redirector, &tasks, &captured);
+                        return Err(EnrollError::Failed(format!(
+                            "cannot register the inbound listener for {ip}: {e} (plaintext to it would bypass policy)"
+                        )));
                     }
+                    captured.push(*ip);
                 }
             }
             let _guard = self.data_rt.enter();
             let listener = tokio::net::TcpListener::from_std(std_listener)
                 .map_err(|e| EnrollError::Failed(format!("listener {addr}: {e}")))?;
-            let task = if addr == hbone_addr {
+            let task = if addr.port() == HBONE_PORT {
                 let ctx = ctx.clone();
                 let inbound = self.inbound.clone();
                 self.data_rt.spawn(hbone_server::serve(
@@ -326,7 +369,7 @@ impl Enroller {
                     self.inbound.admission.clone(),
                     move |req| inbound::handle_tunnel(req, ctx.clone(), inbound.clone()),
                 ))
-            } else if addr == inbound_addr {
+            } else if is_inbound {
                 self.data_rt.spawn(inbound::serve_plaintext(listener, ctx.clone(), self.inbound.clone()))
             } else {
                 self.data_rt.spawn(l4::serve_listener(listener, ctx.clone(), self.dp.clone()))
@@ -334,14 +377,17 @@ impl Enroller {
             tasks.push(task);
             bound.push(addr);
         }
-        if pod.ip.is_ipv4() {
-            match self.redirector.attach_inbound(std::os::fd::AsFd::as_fd(&netns_fd)) {
-                Ok(link) => inbound_link = Some(link),
-                Err(e) => warn!(pod = %key, error = %e, "cannot attach inbound capture; plaintext to this pod bypasses sluice"),
+        let inbound_link = match self.redirector.attach_inbound(std::os::fd::AsFd::as_fd(&netns_fd)) {
+            Ok(link) => link,
+            Err(e) => {
+                cleanup(&self.redirector, &tasks, &captured);
+                return Err(EnrollError::Failed(format!(
+                    "cannot attach inbound capture: {e} (plaintext to this pod would bypass policy)"
+                )));
             }
-        }
+        };
         if let Err(e) = self.redirector.enroll(cgroup_id, pod_id) {
-            tasks.iter().for_each(JoinHandle::abort);
+            cleanup(&self.redirector, &tasks, &captured);
             return Err(EnrollError::Failed(e.to_string()));
         }
         Ok(EnrolledPod {
@@ -352,8 +398,9 @@ impl Enroller {
             cgroup_id,
             cgroup_path,
             listeners: bound,
+            captured,
             tasks,
-            _inbound_link: inbound_link,
+            _inbound_link: Some(inbound_link),
         })
     }
 
@@ -361,8 +408,8 @@ impl Enroller {
         if let Err(e) = self.redirector.release(pod.cgroup_id) {
             warn!(pod = %pod.ctx.key, error = %e, "cannot remove pod from the eBPF enrollment map");
         }
-        if let IpAddr::V4(v4) = pod.ctx.ip {
-            self.redirector.unregister_inbound(v4);
+        for ip in &pod.captured {
+            self.redirector.unregister_inbound(*ip);
         }
         // Closing the listeners (after the linger); accepted connections keep running in their
         // own tasks.
@@ -425,7 +472,7 @@ impl Enroller {
                 netns: e.ctx.netns.inode(),
                 listeners: e.listeners.clone(),
                 identity: e.ctx.identity_str.to_string(),
-                source_ip_preserved: e.ctx.transparent,
+                source_ip_preserved: e.ctx.transparent.v4,
                 connections_open: 0,
                 connections_total: 0,
             }, e.ctx.stats.clone()))

@@ -86,7 +86,7 @@ impl Inbound {
 /// Handles one HBONE stream addressed to `pod`.
 pub async fn handle_tunnel(mut req: TunnelRequest, pod: Arc<PodContext>, inbound: Arc<Inbound>) {
     inbound.counters.tunnel_streams.fetch_add(1, Ordering::Relaxed);
-    if req.target.ip() != pod.ip {
+    if !pod.ips.contains(&req.target.ip()) || crate::deliver::is_link_local(req.target.ip()) {
         warn!(pod = %pod.key, target = %req.target, peer = %req.peer_identity, "HBONE: CONNECT target is not this pod");
         server::reply(&mut req.respond, StatusCode::BAD_REQUEST);
         return;

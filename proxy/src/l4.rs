@@ -44,13 +44,16 @@ pub struct PodContext {
     pub namespace: Arc<str>,
     pub name: Arc<str>,
     pub ip: IpAddr,
+    /// Every address of the pod: its cluster addresses (IPv4 and IPv6 in a dual-stack cluster)
+    /// and its IPv6 link-local ones.
+    pub ips: Vec<IpAddr>,
     /// The pod's SPIFFE identity.
     pub identity: SpiffeId,
     pub identity_str: Arc<str>,
     pub netns: Arc<PodNetns>,
     pub stats: Arc<PodStats>,
-    /// Whether the pod's namespace is prepared for delivery with the client's source address.
-    pub transparent: bool,
+    /// Which families the pod's namespace delivers with the client's source address.
+    pub transparent: crate::deliver::Transparent,
     /// This pod's share of the node proxy (accept rate, connections, requests in flight).
     pub limiter: Arc<l7::limits::PodLimiter>,
     /// What telemetry labels say about this pod.

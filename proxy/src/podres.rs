@@ -211,3 +211,18 @@ mod tests {
         assert!(err.contains("no kubepods cgroup"), "{err}");
     }
 }
+
+/// The IPv6 link-local addresses of the calling thread's network namespace (run it on a pod's
+/// netns worker), loopback excluded; tentative ones (duplicate address detection running)
+/// included, since capture must cover an address from the moment it is usable.
+pub fn link_local_addrs() -> std::io::Result<Vec<std::net::Ipv6Addr>> {
+    let addrs = nix::ifaddrs::getifaddrs().map_err(std::io::Error::from)?;
+    let mut out: Vec<std::net::Ipv6Addr> = addrs
+        .filter(|a| !a.flags.contains(nix::net::if_::InterfaceFlags::IFF_LOOPBACK))
+        .filter_map(|a| a.address.and_then(|s| s.as_sockaddr_in6().map(|v6| v6.ip())))
+        .filter(|ip| ip.segments()[0] & 0xffc0 == 0xfe80)
+        .collect();
+    out.sort_unstable();
+    out.dedup();
+    Ok(out)
+}

@@ -38,7 +38,7 @@ pub const AF_INET6: u16 = 10;
 /// Version of the layout of the pinned maps (their names, key/value types and sizes). Bump it
 /// whenever any of them changes: a process with another layout then makes maps of its own
 /// instead of reusing incompatible ones.
-pub const MAP_LAYOUT_VERSION: u32 = 1;
+pub const MAP_LAYOUT_VERSION: u32 = 2;
 
 /// How many cgroup levels above a socket's own cgroup the programs look for an enrolled pod
 /// cgroup (containers live in sub-cgroups of their pod's cgroup on a real node).
@@ -89,6 +89,27 @@ pub struct ConnKey {
     pub addr: [u32; 4],
 }
 
+/// Key of `INBOUND`: one address of an enrolled pod (IPv4 in `addr[0]`, network byte order
+/// words like everywhere here).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct AddrKey {
+    pub addr: [u32; 4],
+    /// `AF_INET` or `AF_INET6`.
+    pub family: u32,
+}
+
+/// Key of `DELIVERING`: the source address and port of one of sluice's delivery connections.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockKey {
+    pub addr: [u32; 4],
+    /// Host byte order.
+    pub port: u16,
+    /// `AF_INET` or `AF_INET6`.
+    pub family: u16,
+}
+
 /// Slots of the `CONFIG` array (each a `u64`, written by user space one at a time so that a
 /// program never sees a torn value).
 pub mod config {
@@ -123,7 +144,10 @@ pub mod counter {
     pub const MAP_ERRORS: u32 = 5;
     /// Inbound connections (from outside a pod) handed to sluice's inbound listener.
     pub const INBOUND_CAPTURED: u32 = 6;
-    pub const LEN: u32 = 7;
+    /// connect() to an IPv6 link-local destination left alone (the scope id a link-local
+    /// address needs is not visible to the program, so sluice could not dial it).
+    pub const LINK_LOCAL_PASSED: u32 = 7;
+    pub const LEN: u32 = 8;
 }
 
 /// Names of the maps and programs in the object file, used by the loader.
@@ -150,9 +174,13 @@ mod user {
     unsafe impl aya::Pod for super::PodEntry {}
     unsafe impl aya::Pod for super::OrigDst {}
     unsafe impl aya::Pod for super::ConnKey {}
+    unsafe impl aya::Pod for super::AddrKey {}
+    unsafe impl aya::Pod for super::SockKey {}
 }
 
 // No padding anywhere: the kernel and user space see identical bytes.
 const _: () = assert!(core::mem::size_of::<PodEntry>() == 8);
 const _: () = assert!(core::mem::size_of::<OrigDst>() == 32);
 const _: () = assert!(core::mem::size_of::<ConnKey>() == 24);
+const _: () = assert!(core::mem::size_of::<AddrKey>() == 20);
+const _: () = assert!(core::mem::size_of::<SockKey>() == 20);

@@ -33,8 +33,8 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::{debug, warn};
 use sluice_common::{
-    config, counter, ConnKey, OrigDst, PodEntry, AF_INET, AF_INET6, MAX_CGROUP_DEPTH,
-    OUTBOUND_PORT, RESERVED_PORTS,
+    config, counter, AddrKey, ConnKey, OrigDst, PodEntry, SockKey, AF_INET, AF_INET6,
+    MAX_CGROUP_DEPTH, OUTBOUND_PORT, RESERVED_PORTS,
 };
 
 /// Allow the socket operation (the only return value we use: a rewrite or a pass-through).
@@ -69,16 +69,16 @@ static ORIG_BY_COOKIE: LruHashMap<u64, OrigDst> = LruHashMap::pinned(65536, 0);
 #[map]
 static ORIG_BY_TUPLE: LruHashMap<ConnKey, OrigDst> = LruHashMap::pinned(65536, 0);
 
-/// sluice's inbound (plaintext capture) listener of each enrolled pod, keyed by the pod's IPv4
-/// address (network byte order). A socket leaves the map by itself when it is closed, so a
-/// dead sluice captures nothing: plaintext then reaches the application directly.
+/// sluice's inbound (plaintext capture) listener of each enrolled pod, keyed by each of the
+/// pod's addresses (IPv4, IPv6, IPv6 link-local). A socket leaves the map by itself when it is
+/// closed, so a dead sluice captures nothing: plaintext then reaches the application directly.
 #[map]
-static INBOUND: SockHash<u32> = SockHash::pinned(16384, 0);
+static INBOUND: SockHash<AddrKey> = SockHash::pinned(65536, 0);
 
 /// Source (address, port) of sluice's own connections delivering to applications, which must
-/// not be captured again. Key: `(ipv4 network-order) << 32 | port (host order)`.
+/// not be captured again.
 #[map]
-static DELIVERING: LruHashMap<u64, u8> = LruHashMap::pinned(65536, 0);
+static DELIVERING: LruHashMap<SockKey, u8> = LruHashMap::pinned(65536, 0);
 
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(counter::LEN, 0);
@@ -262,6 +262,16 @@ pub fn sluice_connect6(ctx: SockAddrContext) -> i32 {
     if ip[0] == 0 && ip[1] == 0 && ip[2] == 0 && ip[3] == 0 {
         return ALLOW;
     }
+    // Link-local (fe80::/10): only meaningful with the scope id (interface) the application
+    // gave, which this hook cannot see; sluice could not dial it. Leave it alone (the
+    // destination pod's own capture still applies its policy).
+    let first = ip[0].to_ne_bytes();
+    if first[0] == 0xfe && first[1] & 0xc0 == 0x80 {
+        if enrolled_pod().is_some() {
+            count(counter::LINK_LOCAL_PASSED);
+        }
+        return ALLOW;
+    }
     let Some((pod, cgroup_id)) = enrolled_pod() else {
         return ALLOW;
     };
@@ -407,6 +417,22 @@ fn on_established(ctx: &SockOpsContext) {
 }
 
 const SK_PASS: u32 = 1;
+
+/// An IPv6 address from a program context, one 32-bit load per word: the verifier accepts
+/// only loads of the field's own size from context structures, so the compiler must not merge
+/// them into wider ones.
+#[inline(always)]
+fn ctx_words(words: &[u32; 4]) -> [u32; 4] {
+    // SAFETY: reads of four valid, aligned u32 fields of the context.
+    unsafe {
+        [
+            core::ptr::read_volatile(&words[0]),
+            core::ptr::read_volatile(&words[1]),
+            core::ptr::read_volatile(&words[2]),
+            core::ptr::read_volatile(&words[3]),
+        ]
+    }
+}
 /// Loopback is always ifindex 1 in a network namespace.
 const LOOPBACK_IFINDEX: u32 = 1;
 
@@ -418,15 +444,22 @@ const LOOPBACK_IFINDEX: u32 = 1;
 #[sk_lookup]
 pub fn sluice_inbound(ctx: SkLookupContext) -> u32 {
     let l = unsafe { &*ctx.lookup };
-    if l.protocol != IPPROTO_TCP || l.family != u32::from(AF_INET) || l.ingress_ifindex == LOOPBACK_IFINDEX {
+    let v4 = l.family == u32::from(AF_INET);
+    if l.protocol != IPPROTO_TCP || !(v4 || l.family == u32::from(AF_INET6)) || l.ingress_ifindex == LOOPBACK_IFINDEX {
         return SK_PASS;
     }
     if is_reserved_port(l.local_port as u16) {
         return SK_PASS;
     }
+    let (remote, local) = if v4 {
+        ([l.remote_ip4, 0, 0, 0], [l.local_ip4, 0, 0, 0])
+    } else {
+        (ctx_words(&l.remote_ip6), ctx_words(&l.local_ip6))
+    };
+    let family = if v4 { AF_INET } else { AF_INET6 };
     // sluice delivering a connection it accepted for this pod: its SYN looks like one from the
     // client (same source address), so it is recognised by its exact source address and port.
-    let delivering = (u64::from(l.remote_ip4) << 32) | u64::from(u16::from_be(l.remote_port));
+    let delivering = SockKey { addr: remote, port: u16::from_be(l.remote_port), family };
     if unsafe { DELIVERING.get(&delivering) }.is_some() {
         return SK_PASS;
     }
@@ -435,8 +468,8 @@ pub fn sluice_inbound(ctx: SkLookupContext) -> u32 {
     if !heartbeat_fresh() && config_value(config::FAIL_CLOSED) == 0 {
         return SK_PASS;
     }
-    let local_ip = l.local_ip4;
-    if INBOUND.redirect_sk_lookup(&ctx, local_ip, 0).is_ok() {
+    let key = AddrKey { addr: local, family: u32::from(family) };
+    if INBOUND.redirect_sk_lookup(&ctx, key, 0).is_ok() {
         count(counter::INBOUND_CAPTURED);
     }
     SK_PASS

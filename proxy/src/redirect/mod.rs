@@ -30,7 +30,7 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use serde::Serialize;
-use sluice_common::{config, counter, names, ConnKey, OrigDst, PodEntry, AF_INET, AF_INET6};
+use sluice_common::{config, counter, names, AddrKey, ConnKey, OrigDst, PodEntry, SockKey, AF_INET, AF_INET6};
 use thiserror::Error;
 use tracing::{info, warn};
 
@@ -105,7 +105,7 @@ pub struct Redirector {
     // Owns the programs (and, in fail-open mode, their links: dropping it detaches them).
     // Locked only on the control path (attaching the inbound program to a pod's netns).
     ebpf: Mutex<Ebpf>,
-    inbound: Mutex<SockHash<MapData, u32>>,
+    inbound: Mutex<SockHash<MapData, AddrKey>>,
     _pinned: Vec<PinnedLink>,
     config: Mutex<Array<MapData, u64>>,
     /// Set by [`Redirector::mark_dead`]: the heartbeat stays silent from then on. Read and
@@ -181,7 +181,7 @@ impl Redirector {
         }
         let enrolled: HashMap<MapData, u64, PodEntry> = take_map(&mut ebpf, names::MAP_ENROLLED)?;
         let counters: PerCpuArray<MapData, u64> = take_map(&mut ebpf, names::MAP_COUNTERS)?;
-        let inbound: SockHash<MapData, u32> = take_map(&mut ebpf, names::MAP_INBOUND)?;
+        let inbound: SockHash<MapData, AddrKey> = take_map(&mut ebpf, names::MAP_INBOUND)?;
         let (orig_by_tuple, orig_by_tuple_fd) = take_raw_lru(&mut ebpf, names::MAP_ORIG_BY_TUPLE)?;
         let (delivering, delivering_fd) = take_raw_lru(&mut ebpf, names::MAP_DELIVERING)?;
 
@@ -371,17 +371,18 @@ impl Redirector {
         Ok(link)
     }
 
-    /// Makes `listener` the socket that receives a pod's captured plaintext connections. The
-    /// kernel drops the entry by itself when the socket closes.
-    pub fn register_inbound(&self, pod_ip: Ipv4Addr, listener: &impl AsRawFd) -> Result<(), RedirectError> {
-        let key = u32::from_ne_bytes(pod_ip.octets());
+    /// Makes `listener` the socket that receives captured plaintext connections to `pod_ip`
+    /// (one of a pod's addresses; the listener must be of the same family). The kernel drops
+    /// the entry by itself when the socket closes.
+    pub fn register_inbound(&self, pod_ip: IpAddr, listener: &impl AsRawFd) -> Result<(), RedirectError> {
+        let key = addr_key(pod_ip);
         let mut map = self.inbound.lock().unwrap_or_else(|p| p.into_inner());
         map.insert(key, listener.as_raw_fd(), 0).map_err(|e| map_err(names::MAP_INBOUND, e))
     }
 
-    /// Stops capturing a pod's inbound plaintext (its listener may stay open a moment longer).
-    pub fn unregister_inbound(&self, pod_ip: Ipv4Addr) {
-        let key = u32::from_ne_bytes(pod_ip.octets());
+    /// Stops capturing plaintext to `pod_ip` (its listener may stay open a moment longer).
+    pub fn unregister_inbound(&self, pod_ip: IpAddr) {
+        let key = addr_key(pod_ip);
         let mut map = self.inbound.lock().unwrap_or_else(|p| p.into_inner());
         let _ = map.remove(&key);
     }
@@ -390,17 +391,14 @@ impl Redirector {
     /// [`Self::delivery_done`]. (Its SYN carries the client's address, so only the exact
     /// source address and port tell it apart from the client's own connections.)
     pub fn delivery_started(&self, source: SocketAddr) {
-        if let Some(key) = delivery_key(source) {
-            if let Err(e) = rawmap::update(self.delivering_fd, &key, &1u8) {
-                warn!(%source, error = %e, "cannot exempt a delivery from capture");
-            }
+        let key = delivery_key(source);
+        if let Err(e) = rawmap::update(self.delivering_fd, &key, &1u8) {
+            warn!(%source, error = %e, "cannot exempt a delivery from capture");
         }
     }
 
     pub fn delivery_done(&self, source: SocketAddr) {
-        if let Some(key) = delivery_key(source) {
-            let _ = rawmap::delete(self.delivering_fd, &key);
-        }
+        let _ = rawmap::delete(self.delivering_fd, &delivery_key(source));
     }
 
     /// The original destination of a connection accepted on pod `pod_id`'s outbound listener
@@ -429,6 +427,7 @@ impl Redirector {
             (counter::TUPLE_RECORDED, "connections_recorded"),
             (counter::MAP_ERRORS, "map_errors"),
             (counter::INBOUND_CAPTURED, "inbound_captured"),
+            (counter::LINK_LOCAL_PASSED, "link_local_passed_through"),
         ];
         NAMES
             .iter()
@@ -475,11 +474,30 @@ impl From<OrigDst> for OrigDstAddr {
     }
 }
 
-fn delivery_key(source: SocketAddr) -> Option<u64> {
-    match source.ip() {
-        IpAddr::V4(v4) => Some((u64::from(u32::from_ne_bytes(v4.octets())) << 32) | u64::from(source.port())),
-        IpAddr::V6(_) => None,
+/// An address as the programs hold it: network byte order words (IPv4 in the first), and its
+/// family. An IPv4-mapped IPv6 address is IPv4, as the kernel sees such traffic.
+fn words(ip: IpAddr) -> ([u32; 4], u16) {
+    match ip.to_canonical() {
+        IpAddr::V4(v4) => ([u32::from_ne_bytes(v4.octets()), 0, 0, 0], AF_INET),
+        IpAddr::V6(v6) => {
+            let o = v6.octets();
+            let mut w = [0u32; 4];
+            for (i, word) in w.iter_mut().enumerate() {
+                *word = u32::from_ne_bytes([o[i * 4], o[i * 4 + 1], o[i * 4 + 2], o[i * 4 + 3]]);
+            }
+            (w, AF_INET6)
+        }
     }
+}
+
+fn addr_key(ip: IpAddr) -> AddrKey {
+    let (addr, family) = words(ip);
+    AddrKey { addr, family: u32::from(family) }
+}
+
+fn delivery_key(source: SocketAddr) -> SockKey {
+    let (addr, family) = words(source.ip());
+    SockKey { addr, port: source.port(), family }
 }
 
 /// The `ORIG_BY_TUPLE` key for a client as the listener sees it. An IPv4-mapped IPv6 peer is
