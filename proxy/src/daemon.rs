@@ -61,6 +61,8 @@ pub struct RunArgs {
 
 enum Control {
     Model(Arc<Model>),
+    /// Something enrollment waits for is there (a pod's certificate): reconcile now.
+    Reconcile,
     Shutdown(&'static str),
 }
 
@@ -155,6 +157,12 @@ pub fn run(args: RunArgs) -> Result<()> {
     });
     data_rt.spawn(reap_upstreams(dp.clone()));
     certs.spawn_rotation(data_rt.handle());
+    {
+        let tx = control_tx.clone();
+        certs.on_issued(move || {
+            let _ = tx.send(Control::Reconcile);
+        });
+    }
     let inbound_stats = Arc::new(ServerStats::default());
     let inbound = Arc::new(Inbound {
         redirector: redirector.clone(),
@@ -206,6 +214,7 @@ pub fn run(args: RunArgs) -> Result<()> {
     let reason = loop {
         match control_rx.recv_timeout(RECONCILE_EVERY) {
             Ok(Control::Model(m)) => enroller.reconcile(&m),
+            Ok(Control::Reconcile) => enroller.reconcile(&model.load()),
             Ok(Control::Shutdown(why)) => break why,
             Err(mpsc::RecvTimeoutError::Timeout) => enroller.reconcile(&model.load()),
             Err(mpsc::RecvTimeoutError::Disconnected) => break "control channel closed",
@@ -278,13 +287,8 @@ fn start_admin_thread(
     };
     let unix = {
         let path = args.admin_socket.clone();
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        }
-        let _ = std::fs::remove_file(&path);
         let _g = rt.enter();
-        let l = tokio::net::UnixListener::bind(&path)
-            .with_context(|| format!("binding the admin socket {}", path.display()))?;
+        let l = server::bind_unix(&path).with_context(|| format!("binding the admin socket {}", path.display()))?;
         (l, path)
     };
     // Readiness (15021): shared with a successor during an upgrade (SO_REUSEPORT); see health.rs.

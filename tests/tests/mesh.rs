@@ -211,25 +211,23 @@ fn certificates_are_node_scoped() -> Result<()> {
     Ok(())
 }
 
-/// `POST /certs/request` on the node's admin API (127.0.0.1:15000 in the node's network
-/// namespace), with curl: (HTTP status, body).
-fn post_cert_request(node: &Node, identity: &str) -> Result<(u16, Value)> {
-    let out = node.run([
-        "curl",
-        "-sS",
-        "-X",
-        "POST",
-        "-H",
-        "content-type: application/json",
-        "-d",
-        &format!("{{\"identity\":\"{identity}\"}}"),
-        "-w",
-        "\n%{http_code}",
-        "http://127.0.0.1:15000/certs/request",
-    ])?;
+/// `POST /certs/request` on a node's admin unix socket (where sluice serves it), with curl:
+/// (HTTP status, body).
+fn post_cert_request(sluice: &Sluice, identity: &str) -> Result<(u16, Value)> {
+    let socket = sluice.admin_socket().display().to_string();
+    let (code, body) = curl_cert_request(sluice.node(), identity, &["--unix-socket", &socket, "http://localhost/certs/request"])?;
+    Ok((code, serde_json::from_str(&body).with_context(|| format!("body: {body}"))?))
+}
+
+/// curl `POST /certs/request` with `target` (the URL, after any curl options): (status, body).
+fn curl_cert_request(node: &Node, identity: &str, target: &[&str]) -> Result<(u16, String)> {
+    let body = format!("{{\"identity\":\"{identity}\"}}");
+    let mut args = vec!["curl", "-sS", "-X", "POST", "-H", "content-type: application/json", "-d", &body, "-w", "\n%{http_code}"];
+    args.extend_from_slice(target);
+    let out = node.run(args)?;
     ensure!(out.success(), "curl failed: {}", out.stderr);
     let (body, code) = out.stdout.trim_end().rsplit_once('\n').context("no status line from curl")?;
-    Ok((code.parse()?, serde_json::from_str(body).with_context(|| format!("body: {body}"))?))
+    Ok((code.parse()?, body.to_string()))
 }
 
 /// 7 (end to end, operator-facing): `sluice certs request` asks a node's CA for a certificate
@@ -256,7 +254,7 @@ fn certificate_request_for_another_nodes_pod_is_refused() -> Result<()> {
     assert_eq!(view["issued"], false, "{view}");
     assert_eq!(view["node"], m.n1.name(), "{view}");
     // The admin API itself: 403 with the reason.
-    let (code, body) = post_cert_request(&m.n1, &theirs)?;
+    let (code, body) = post_cert_request(&m.s1, &theirs)?;
     assert_eq!(code, 403, "{body}");
     assert!(body["reason"].as_str().is_some_and(|r| r.contains(m.n1.name())), "{body}");
     let log = m.s1.log_contents();
@@ -272,15 +270,34 @@ fn certificate_request_for_another_nodes_pod_is_refused() -> Result<()> {
     eprintln!("sluice certs request {ours} on n1: {}", out.stdout.trim());
     ensure!(out.success(), "node 1 must get a certificate for its own pod: {out:?}");
     ensure!(out.stdout.contains(&ours) && out.stdout.contains("serial"), "{}", out.stdout);
-    let (code, granted) = post_cert_request(&m.n1, &ours)?;
+    let (code, granted) = post_cert_request(&m.s1, &ours)?;
     assert_eq!(code, 200, "{granted}");
     assert_eq!(granted["issued"], true, "{granted}");
     assert_eq!(granted["installed"], false, "{granted}");
     let serial = granted["serial"].as_str().context("serial")?;
     assert_ne!(serial, held1[0]["serial"].as_str().unwrap_or(""), "a check issues a fresh certificate");
     // And the mirror image on node 2.
-    assert_eq!(post_cert_request(&m.n2, &ours)?.0, 403);
-    assert_eq!(post_cert_request(&m.n2, &theirs)?.0, 200);
+    assert_eq!(post_cert_request(&m.s2, &ours)?.0, 403);
+    assert_eq!(post_cert_request(&m.s2, &theirs)?.0, 200);
+
+    // Minting is never served on the TCP admin port (hostNetwork pods reach 127.0.0.1:15000 of
+    // the node): 403 there, saying where it is served, for an identity the CA would grant.
+    let (code, body) = curl_cert_request(&m.n1, &ours, &["http://127.0.0.1:15000/certs/request"])?;
+    assert_eq!(code, 403, "{body}");
+    assert!(body.contains("unix socket only"), "{body}");
+    // The CLI refuses a TCP URL before asking anything, and says what to use.
+    let out = m.s1.node().run([
+        sluice_tests::sluice_bin()?.display().to_string().as_str(),
+        "certs",
+        "request",
+        &ours,
+        "--admin",
+        "http://127.0.0.1:15000",
+    ])?;
+    ensure!(!out.success() && out.stderr.contains("--node NAME"), "{out:?}");
+    // The socket itself is root's only.
+    let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(m.s1.admin_socket())?.permissions());
+    assert_eq!(mode & 0o777, 0o600, "admin socket mode {mode:o}");
 
     // Nothing held changed, and traffic keeps flowing across the nodes.
     assert_eq!(m.s1.get_json("/certs")?, held1, "a check must not install or replace a certificate");
