@@ -63,6 +63,8 @@ enum Control {
     Model(Arc<Model>),
     /// Something enrollment waits for is there (a pod's certificate): reconcile now.
     Reconcile,
+    /// SIGHUP: read the system's trust roots again.
+    ReloadTrustRoots,
     Shutdown(&'static str),
 }
 
@@ -88,14 +90,21 @@ pub fn run(args: RunArgs) -> Result<()> {
     }
     let self_cgroup_id = podres::cgroup_id(&own_cgroup)?;
 
+    // TLS origination's trust anchors are built on the control path, never by a request: the
+    // system's roots now (and periodically), a policy's own with the model that brings it.
+    let tls_origin = Arc::new(crate::l7::tls_origin::TlsOrigin::default());
+    tls_origin.load_system_roots();
+
     // Discovery: the first model is complete before anything is enrolled.
     let model = Arc::new(ArcSwap::from_pointee(Model::default()));
     let (control_tx, control_rx) = mpsc::channel::<Control>();
     let _source = {
         let model = model.clone();
         let tx = control_tx.clone();
+        let tls_origin = tls_origin.clone();
         args.source
             .spawn(&args.node, move |m: Arc<Model>| {
+                tls_origin.sync(&m);
                 model.store(m.clone());
                 let _ = tx.send(Control::Model(m));
             })
@@ -151,7 +160,7 @@ pub fn run(args: RunArgs) -> Result<()> {
         trust_domain: args.trust_domain.clone(),
         pool: HbonePool::default(),
         tunnel_fallbacks: Default::default(),
-        l7: crate::l7::L7::new(args.l7.clone()),
+        l7: crate::l7::L7::new(args.l7.clone()).with_tls_origin(tls_origin.clone()),
         draining: tokio::sync::watch::channel(false).0,
         telemetry: telemetry.clone(),
     });
@@ -211,10 +220,19 @@ pub fn run(args: RunArgs) -> Result<()> {
         "sluice ready"
     );
 
+    let mut roots_loaded = Instant::now();
     let reason = loop {
+        if roots_loaded.elapsed() >= crate::l7::tls_origin::SYSTEM_ROOTS_RELOAD {
+            tls_origin.load_system_roots();
+            roots_loaded = Instant::now();
+        }
         match control_rx.recv_timeout(RECONCILE_EVERY) {
             Ok(Control::Model(m)) => enroller.reconcile(&m),
             Ok(Control::Reconcile) => enroller.reconcile(&model.load()),
+            Ok(Control::ReloadTrustRoots) => {
+                tls_origin.load_system_roots();
+                roots_loaded = Instant::now();
+            }
             Ok(Control::Shutdown(why)) => break why,
             Err(mpsc::RecvTimeoutError::Timeout) => enroller.reconcile(&model.load()),
             Err(mpsc::RecvTimeoutError::Disconnected) => break "control channel closed",
@@ -389,13 +407,21 @@ async fn forward_ebpf_logs(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
 
 async fn signals(control: mpsc::Sender<Control>) {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) =
+        (signal(SignalKind::terminate()), signal(SignalKind::interrupt()), signal(SignalKind::hangup()))
+    else {
         warn!("cannot install signal handlers; stop sluice with SIGKILL");
         return;
     };
-    let why = tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
+    let why = loop {
+        tokio::select! {
+            _ = term.recv() => break "SIGTERM",
+            _ = int.recv() => break "SIGINT",
+            _ = hup.recv() => {
+                info!("SIGHUP: reloading the system's trust roots");
+                let _ = control.send(Control::ReloadTrustRoots);
+            }
+        }
     };
     let _ = control.send(Control::Shutdown(why));
 }

@@ -439,6 +439,7 @@ fn run(f: RunFlags) -> Result<()> {
                 connection_rate: f.pod_connection_rate.max(1),
                 max_connections: f.pod_max_connections.max(1),
             },
+            dns: Default::default(),
         },
     });
     if let Err(e) = &result {

@@ -115,6 +115,20 @@ impl AdminState {
         all.insert("upstream_idle_http1".to_string(), idle_h1 as u64);
         all.insert("upstream_http2".to_string(), h2 as u64);
         all.insert("hbone_fallback_plaintext".to_string(), self.data.tunnel_fallbacks.load(Ordering::Relaxed));
+        let dns = self.data.l7.dns.counters();
+        for (name, value) in [
+            ("dns_lookups", &dns.lookups),
+            ("dns_cache_hits", &dns.cache_hits),
+            ("dns_coalesced", &dns.coalesced),
+            ("dns_failures", &dns.failures),
+            ("dns_timeouts", &dns.timeouts),
+            ("dns_lookups_refused", &dns.lookups_refused),
+            ("dns_cache_evictions", &dns.cache_evictions),
+            ("dns_stale_served", &dns.stale_served),
+        ] {
+            all.insert(name.to_string(), value.load(Ordering::Relaxed));
+        }
+        all.insert("dns_cache_entries".to_string(), self.data.l7.dns.len() as u64);
         let tap = &self.data.telemetry.tap;
         all.insert("tap_subscribers".to_string(), tap.subscribers() as u64);
         all.insert("tap_events".to_string(), tap.events());
