@@ -653,3 +653,68 @@ fn impostor_servers_are_refused() -> Result<()> {
     let _ = (&m.n2, &m.backend);
     Ok(())
 }
+
+/// The demo's stray 502s: requests still in flight when their clients were killed, whose
+/// upstream then failed (the other node's sluice stopped). Nobody saw those answers, so they
+/// are neither logged as answered nor counted as 502s; they are response code 0 with the
+/// `downstream-closed` flag (Envoy's DC). A client that is still there and waits gets its 502,
+/// counted as one.
+#[test]
+fn an_upstream_failure_after_the_client_left_is_not_a_502() -> Result<()> {
+    let m = mesh(SluiceOpts::default())?;
+    let url = format!("http://{}/?delay_ms=30000", vip(HTTP_PORT));
+    let curl = |out: &str| -> Result<SimProcess> {
+        m.client.spawn(["curl", "-sS", "--max-time", "60", "-o", "/dev/null", "-w", out, &url])
+    };
+    let mut gone = vec![curl("")?, curl("")?];
+    let mut waiting = curl("%{http_code}")?;
+    // All three are at the backend (one tunnel stream each on node 2).
+    let deadline = Instant::now() + T;
+    while conns_matching(&m.s2, |_| true)?.len() < 3 {
+        ensure!(Instant::now() < deadline, "the held requests never reached node 2: {}", m.s2.get_json("/conns")?);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for c in &mut gone {
+        c.kill(Signal::SIGKILL)?;
+        c.wait(T)?;
+    }
+    // sluice's ends of the killed clients' connections have their FIN (CLOSE-WAIT in the
+    // client pod's namespace); sluice keeps their requests going (a half-closed client may
+    // still read), until the upstream fails: the other node's sluice dies.
+    let deadline = Instant::now() + T;
+    loop {
+        let ss = m.client.run(["ss", "-Htn", "state", "close-wait", "sport", "= :15001"])?;
+        if ss.stdout.lines().filter(|l| !l.trim().is_empty()).count() >= 2 {
+            break;
+        }
+        ensure!(Instant::now() < deadline, "the killed clients' connections never reached CLOSE-WAIT: {ss:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    m.s2.kill(Signal::SIGKILL)?;
+    let out = waiting.wait_output(T)?;
+    assert_eq!(out.stdout.trim(), "502", "the waiting client sees the failure: {out:?}");
+
+    let deadline = Instant::now() + T;
+    let log = loop {
+        let log = m.s1.log_contents();
+        if log.matches("request ended after the client had closed its connection").count() >= 2 {
+            break log;
+        }
+        ensure!(Instant::now() < deadline, "no log line for the two abandoned requests:\n{log}");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let answered: Vec<&str> = log.lines().filter(|l| l.contains("request answered by sluice")).collect();
+    assert_eq!(answered.len(), 1, "only the waiting client's 502 is an answer: {answered:#?}");
+    let metrics = m.n1.run(["curl", "-s", "http://127.0.0.1:15020/metrics"])?;
+    let count = |needle: &str| -> u64 {
+        metrics
+            .stdout
+            .lines()
+            .filter(|l| l.starts_with("istio_requests_total{") && l.contains(needle))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
+    };
+    assert_eq!(count("response_code=\"502\""), 1, "{}", metrics.stdout);
+    assert_eq!(count("response_code=\"0\",grpc_response_status=\"\",response_flags=\"downstream-closed\""), 2, "{}", metrics.stdout);
+    Ok(())
+}

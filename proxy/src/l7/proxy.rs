@@ -40,6 +40,10 @@ use crate::{discovery::traffic::RetryPolicy, l4, telemetry::Reporter};
 
 pub use super::plan::balance_key;
 
+/// The response flag of a request whose client closed its connection before sluice had an
+/// answer for it (Envoy's `DC`).
+pub const DOWNSTREAM_CLOSED: &str = "downstream-closed";
+
 /// A request body is kept for a retry only up to this size (a larger one streams, and is not
 /// retried once sent).
 const RETRY_BODY_LIMIT: usize = 64 * 1024;
@@ -50,6 +54,7 @@ pub async fn handle(req: Request<Incoming>, ctx: Arc<ConnCtx>) -> Result<Respons
     l7.counters.requests.fetch_add(1, Ordering::Relaxed);
     ctx.entry.requests.fetch_add(1, Ordering::Relaxed);
     let grpc = is_grpc(req.headers());
+    let client_eof = req.extensions().get::<super::server::ClientEof>().cloned();
     let (mut parts, body) = req.into_parts();
     let span = ctx.dp.telemetry.start_span(Reporter::Source, &mut parts.headers);
     let request_bytes = Arc::new(std::sync::atomic::AtomicU64::new(0));
@@ -80,8 +85,28 @@ pub async fn handle(req: Request<Incoming>, ctx: Arc<ConnCtx>) -> Result<Respons
     };
     let req = Request::from_parts(parts, CountBody::new(body, request_bytes).map_err(Into::into).boxed());
     let result = forward(req, &ctx, grpc, &mut obs).await;
+    // The client closed its side before there was an answer: it may be reading still (a
+    // half-close), or be gone (killed, gave up), which look the same until sluice writes.
+    let mut unseen = false;
     let mut resp = match result {
         Ok(resp) => resp,
+        Err(e) if client_eof.as_ref().is_some_and(|eof| eof.seen()) => {
+            // sluice's own error reply is still written (a half-closed client gets it), but it
+            // is not recorded as a failure the client saw: response code 0, as Envoy and Istio
+            // report a downstream disconnect.
+            unseen = true;
+            obs.flags = DOWNSTREAM_CLOSED;
+            info!(
+                pod = %ctx.pod.key,
+                dst = %ctx.orig,
+                method = %obs.method,
+                path = %obs.uri.path(),
+                reply = e.status().as_u16(),
+                error = %e,
+                "request ended after the client had closed its connection; not counted as answered"
+            );
+            e.into_response(grpc)
+        }
         Err(e) => {
             obs.flags = e.flag();
             l7.counters.local_replies.fetch_add(1, Ordering::Relaxed);
@@ -105,8 +130,8 @@ pub async fn handle(req: Request<Incoming>, ctx: Arc<ConnCtx>) -> Result<Respons
         // Draining: this connection's last response (see server.rs).
         resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
-    obs.status = resp.status().as_u16();
-    obs.grpc_status = observe::grpc_status(resp.headers());
+    obs.status = if unseen { 0 } else { resp.status().as_u16() };
+    obs.grpc_status = if unseen { None } else { observe::grpc_status(resp.headers()) };
     {
         let model = ctx.dp.model.load();
         let dst_ns = obs.destination.workload.as_ref().map(|w| w.namespace.clone());
