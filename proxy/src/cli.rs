@@ -68,7 +68,11 @@ pub fn privileged_endpoint(admin: Option<&str>, node: Option<&str>) -> Result<Ad
     privileged_endpoint_in(std::path::Path::new(RUN_DIR), admin, node)
 }
 
-fn privileged_endpoint_in(run_dir: &std::path::Path, admin: Option<&str>, node: Option<&str>) -> Result<AdminEndpoint> {
+fn privileged_endpoint_in(
+    run_dir: &std::path::Path,
+    admin: Option<&str>,
+    node: Option<&str>,
+) -> Result<AdminEndpoint> {
     if let Some(node) = node {
         return Ok(AdminEndpoint::Unix(run_dir.join(node).join(ADMIN_SOCKET_NAME)));
     }
@@ -88,7 +92,10 @@ fn privileged_endpoint_in(run_dir: &std::path::Path, admin: Option<&str>, node: 
         .map(|dir| {
             dir.filter_map(|e| e.ok())
                 .map(|e| e.path().join(ADMIN_SOCKET_NAME))
-                .filter(|p| std::fs::symlink_metadata(p).is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type())))
+                .filter(|p| {
+                    std::fs::symlink_metadata(p)
+                        .is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()))
+                })
                 .collect()
         })
         .unwrap_or_default();
@@ -456,8 +463,12 @@ mod tests {
         let ep = privileged_endpoint_in(run.path(), Some("/tmp/x.sock"), None).unwrap();
         assert!(matches!(&ep, AdminEndpoint::Unix(p) if p.as_os_str() == "/tmp/x.sock"), "{ep:?}");
         // A URL is refused, saying why and what to use.
-        let err = privileged_endpoint_in(run.path(), Some("http://127.0.0.1:15000"), None).unwrap_err().to_string();
-        assert!(err.contains("unix socket only, not on http://127.0.0.1:15000") && err.contains("--node NAME"), "{err}");
+        let err =
+            privileged_endpoint_in(run.path(), Some("http://127.0.0.1:15000"), None).unwrap_err().to_string();
+        assert!(
+            err.contains("unix socket only, not on http://127.0.0.1:15000") && err.contains("--node NAME"),
+            "{err}"
+        );
         // Neither: no socket yet, then the only one, then several.
         let err = privileged_endpoint_in(run.path(), None, None).unwrap_err().to_string();
         assert!(err.contains("no sluice socket under") && err.contains("--node NAME"), "{err}");
@@ -471,7 +482,10 @@ mod tests {
         assert!(matches!(&ep, AdminEndpoint::Unix(p) if *p == sock("n1")), "{ep:?}");
         let _n2 = bind("n2");
         let err = privileged_endpoint_in(run.path(), None, None).unwrap_err().to_string();
-        assert!(err.contains("holds several") && err.contains("n1/admin.sock") && err.contains("n2/admin.sock"), "{err}");
+        assert!(
+            err.contains("holds several") && err.contains("n1/admin.sock") && err.contains("n2/admin.sock"),
+            "{err}"
+        );
     }
 
     #[test]

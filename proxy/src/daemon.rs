@@ -306,7 +306,8 @@ fn start_admin_thread(
     let unix = {
         let path = args.admin_socket.clone();
         let _g = rt.enter();
-        let l = server::bind_unix(&path).with_context(|| format!("binding the admin socket {}", path.display()))?;
+        let l = server::bind_unix(&path)
+            .with_context(|| format!("binding the admin socket {}", path.display()))?;
         (l, path)
     };
     // Readiness (15021): shared with a successor during an upgrade (SO_REUSEPORT); see health.rs.

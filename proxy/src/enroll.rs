@@ -236,7 +236,8 @@ impl Enroller {
         // in the background (one fetch per identity, never waited for here: a slow CA must not
         // hold up the enrollment of other pods); a later reconcile enrolls the pod once it is in.
         let identity = SpiffeId::for_pod(&self.trust_domain, pod);
-        if let CertStatus::Pending { failures, last_error } = self.identity.request(&identity, &self.data_rt) {
+        if let CertStatus::Pending { failures, last_error } = self.identity.request(&identity, &self.data_rt)
+        {
             return Err(EnrollError::AwaitingCertificate(match last_error {
                 Some(e) => format!("{identity}: {failures} attempt(s) failed, the last with: {e}"),
                 None => format!("{identity}: asked the CA"),

@@ -215,14 +215,29 @@ fn certificates_are_node_scoped() -> Result<()> {
 /// (HTTP status, body).
 fn post_cert_request(sluice: &Sluice, identity: &str) -> Result<(u16, Value)> {
     let socket = sluice.admin_socket().display().to_string();
-    let (code, body) = curl_cert_request(sluice.node(), identity, &["--unix-socket", &socket, "http://localhost/certs/request"])?;
+    let (code, body) = curl_cert_request(
+        sluice.node(),
+        identity,
+        &["--unix-socket", &socket, "http://localhost/certs/request"],
+    )?;
     Ok((code, serde_json::from_str(&body).with_context(|| format!("body: {body}"))?))
 }
 
 /// curl `POST /certs/request` with `target` (the URL, after any curl options): (status, body).
 fn curl_cert_request(node: &Node, identity: &str, target: &[&str]) -> Result<(u16, String)> {
     let body = format!("{{\"identity\":\"{identity}\"}}");
-    let mut args = vec!["curl", "-sS", "-X", "POST", "-H", "content-type: application/json", "-d", &body, "-w", "\n%{http_code}"];
+    let mut args = vec![
+        "curl",
+        "-sS",
+        "-X",
+        "POST",
+        "-H",
+        "content-type: application/json",
+        "-d",
+        &body,
+        "-w",
+        "\n%{http_code}",
+    ];
     args.extend_from_slice(target);
     let out = node.run(args)?;
     ensure!(out.success(), "curl failed: {}", out.stderr);
@@ -296,7 +311,8 @@ fn certificate_request_for_another_nodes_pod_is_refused() -> Result<()> {
     ])?;
     ensure!(!out.success() && out.stderr.contains("--node NAME"), "{out:?}");
     // The socket itself is root's only.
-    let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(m.s1.admin_socket())?.permissions());
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(m.s1.admin_socket())?.permissions());
     assert_eq!(mode & 0o777, 0o600, "admin socket mode {mode:o}");
 
     // Nothing held changed, and traffic keeps flowing across the nodes.
@@ -671,7 +687,11 @@ fn an_upstream_failure_after_the_client_left_is_not_a_502() -> Result<()> {
     // All three are at the backend (one tunnel stream each on node 2).
     let deadline = Instant::now() + T;
     while conns_matching(&m.s2, |_| true)?.len() < 3 {
-        ensure!(Instant::now() < deadline, "the held requests never reached node 2: {}", m.s2.get_json("/conns")?);
+        ensure!(
+            Instant::now() < deadline,
+            "the held requests never reached node 2: {}",
+            m.s2.get_json("/conns")?
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     for c in &mut gone {
@@ -687,7 +707,10 @@ fn an_upstream_failure_after_the_client_left_is_not_a_502() -> Result<()> {
         if ss.stdout.lines().filter(|l| !l.trim().is_empty()).count() >= 2 {
             break;
         }
-        ensure!(Instant::now() < deadline, "the killed clients' connections never reached CLOSE-WAIT: {ss:?}");
+        ensure!(
+            Instant::now() < deadline,
+            "the killed clients' connections never reached CLOSE-WAIT: {ss:?}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     m.s2.kill(Signal::SIGKILL)?;
@@ -715,6 +738,11 @@ fn an_upstream_failure_after_the_client_left_is_not_a_502() -> Result<()> {
             .sum()
     };
     assert_eq!(count("response_code=\"502\""), 1, "{}", metrics.stdout);
-    assert_eq!(count("response_code=\"0\",grpc_response_status=\"\",response_flags=\"downstream-closed\""), 2, "{}", metrics.stdout);
+    assert_eq!(
+        count("response_code=\"0\",grpc_response_status=\"\",response_flags=\"downstream-closed\""),
+        2,
+        "{}",
+        metrics.stdout
+    );
     Ok(())
 }

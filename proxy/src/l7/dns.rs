@@ -95,10 +95,16 @@ pub enum DnsError {
 type Answer = Result<Arc<[IpAddr]>, DnsError>;
 
 enum Entry {
-    Done { answer: Answer, expires: Instant },
+    Done {
+        answer: Answer,
+        expires: Instant,
+    },
     /// A lookup is running; its answer is published on the channel. `stale` is the previous
     /// answer, served again if the lookup fails.
-    Pending { rx: watch::Receiver<Option<Answer>>, stale: Option<Arc<[IpAddr]>> },
+    Pending {
+        rx: watch::Receiver<Option<Answer>>,
+        stale: Option<Arc<[IpAddr]>>,
+    },
 }
 
 pub struct Dns {
@@ -140,7 +146,14 @@ impl Dns {
     }
 
     fn with_resolver(resolver: Result<TokioResolver, String>, cfg: DnsConfig) -> Dns {
-        Dns { inner: Arc::new(Inner { resolver, cfg, cache: Mutex::default(), counters: DnsCounters::default() }) }
+        Dns {
+            inner: Arc::new(Inner {
+                resolver,
+                cfg,
+                cache: Mutex::default(),
+                counters: DnsCounters::default(),
+            }),
+        }
     }
 
     pub fn counters(&self) -> &DnsCounters {
@@ -179,7 +192,10 @@ impl Dns {
             };
             if cache.in_flight >= inner.cfg.max_in_flight {
                 inner.counters.lookups_refused.fetch_add(1, Ordering::Relaxed);
-                return Err(DnsError::TooManyLookups { host: key.to_string(), limit: inner.cfg.max_in_flight });
+                return Err(DnsError::TooManyLookups {
+                    host: key.to_string(),
+                    limit: inner.cfg.max_in_flight,
+                });
             }
             if !cache.entries.contains_key(&key) {
                 inner.make_room(&mut cache, now);
@@ -223,7 +239,8 @@ impl Inner {
         };
         let (answer, expires) = match outcome {
             Ok((ips, valid_until)) => {
-                let ttl = valid_until.saturating_duration_since(now).clamp(self.cfg.min_ttl, self.cfg.max_ttl);
+                let ttl =
+                    valid_until.saturating_duration_since(now).clamp(self.cfg.min_ttl, self.cfg.max_ttl);
                 (Ok(ips), now + ttl)
             }
             Err(e) => {
@@ -310,7 +327,9 @@ async fn wait(mut rx: watch::Receiver<Option<Answer>>) -> Answer {
     match rx.wait_for(Option::is_some).await {
         Ok(answer) => answer.clone().expect("waited for Some"),
         // The lookup task ended without an answer (it panicked, or the runtime is stopping).
-        Err(_) => Err(DnsError::Failed { host: String::new(), reason: "the lookup ended without an answer".into() }),
+        Err(_) => {
+            Err(DnsError::Failed { host: String::new(), reason: "the lookup ended without an answer".into() })
+        }
     }
 }
 

@@ -2,11 +2,7 @@
 //! A queries with the addresses and TTLs the test chose (and can hold an answer back, or never
 //! answer).
 
-use std::{
-    collections::HashMap,
-    net::Ipv4Addr,
-    sync::Mutex as StdMutex,
-};
+use std::{collections::HashMap, net::Ipv4Addr, sync::Mutex as StdMutex};
 
 use hickory_resolver::config::{ConnectionConfig, NameServerConfig};
 use tokio::net::UdpSocket;
@@ -182,7 +178,10 @@ async fn ttls_are_clamped_to_the_floor_and_the_ceiling() {
 #[tokio::test]
 async fn concurrent_requests_for_a_host_share_one_lookup() {
     let server = TestDns::start().await;
-    server.set("slow.test", Reply::A { ips: vec![Ipv4Addr::new(192, 0, 2, 9)], ttl: 60, delay: Duration::from_millis(150) });
+    server.set(
+        "slow.test",
+        Reply::A { ips: vec![Ipv4Addr::new(192, 0, 2, 9)], ttl: 60, delay: Duration::from_millis(150) },
+    );
     let dns = Arc::new(server.resolver(cfg()));
     let waiters: Vec<_> = (0..10)
         .map(|_| {
@@ -220,7 +219,11 @@ async fn a_silent_server_times_out_and_failures_are_cached_briefly() {
 #[tokio::test]
 async fn lookups_in_flight_are_bounded() {
     let server = TestDns::start().await;
-    let dns = Arc::new(server.resolver(DnsConfig { max_in_flight: 2, lookup_timeout: Duration::from_secs(3), ..cfg() }));
+    let dns = Arc::new(server.resolver(DnsConfig {
+        max_in_flight: 2,
+        lookup_timeout: Duration::from_secs(3),
+        ..cfg()
+    }));
     let mut hanging = Vec::new();
     for host in ["a.hang.test", "b.hang.test"] {
         server.set(host, Reply::Silence);

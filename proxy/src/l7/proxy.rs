@@ -289,7 +289,12 @@ async fn forward(req: Request<Body>, ctx: &Arc<ConnCtx>, grpc: bool, obs: &mut O
                 let upgraded = is_upgraded(upgrade_ask.as_ref(), &resp)?;
                 if let (true, Some(client_upgrade)) = (upgraded, client_upgrade) {
                     l7.counters.upgrades.fetch_add(1, Ordering::Relaxed);
-                    bridge_upgrade(client_upgrade, hyper::upgrade::on(&mut resp), ctx.pod.key.clone(), endpoint);
+                    bridge_upgrade(
+                        client_upgrade,
+                        hyper::upgrade::on(&mut resp),
+                        ctx.pod.key.clone(),
+                        endpoint,
+                    );
                 }
                 // A 101 must keep `Upgrade` and `Connection: upgrade` (RFC 9110 §7.8): the
                 // client checks them before it switches protocols.
@@ -587,7 +592,6 @@ fn same_protocol(offered: &str, chosen: &str) -> bool {
     let ((on, ov), (cn, cv)) = (split(offered), split(chosen));
     on == cn && (cv.is_none() || cv == ov)
 }
-
 
 fn connection_has(headers: &HeaderMap, token: &str) -> bool {
     headers

@@ -86,11 +86,15 @@ impl ClientEof {
         let Some(fd) = self.fd else { return false };
         let mut byte = 0u8;
         // SAFETY: `fd` is the open client socket (see the field); a one-byte peek does not
-        // consume anything. 0 means the FIN is the next thing to read.
-        let n = unsafe {
-            libc::recv(fd, (&mut byte as *mut u8).cast(), 1, libc::MSG_PEEK | libc::MSG_DONTWAIT)
-        };
+        // consume anything. 0 means the FIN is the next thing to read; a reset client is gone.
+        let n =
+            unsafe { libc::recv(fd, (&mut byte as *mut u8).cast(), 1, libc::MSG_PEEK | libc::MSG_DONTWAIT) };
         n == 0
+            || (n < 0
+                && matches!(
+                    std::io::Error::last_os_error().raw_os_error(),
+                    Some(libc::ECONNRESET | libc::EPIPE | libc::ENOTCONN)
+                ))
     }
 }
 
@@ -100,7 +104,11 @@ pub async fn serve(client: TcpStream, prefix: Bytes, protocol: Protocol, ctx: Ar
         read: Arc::default(),
         fd: (protocol != Protocol::Http2).then(|| std::os::fd::AsRawFd::as_raw_fd(&client)),
     };
-    let io = TokioIo::new(Counted { inner: Prefixed::new(prefix, client), entry: ctx.entry.clone(), eof: eof.clone() });
+    let io = TokioIo::new(Counted {
+        inner: Prefixed::new(prefix, client),
+        entry: ctx.entry.clone(),
+        eof: eof.clone(),
+    });
     let mut draining = ctx.dp.draining.subscribe();
     let cfg = &ctx.dp.l7.cfg;
     let svc_ctx = ctx.clone();

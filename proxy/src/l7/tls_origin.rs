@@ -43,7 +43,8 @@ impl TlsOrigin {
         let mut roots = rustls::RootCertStore::empty();
         let (added, ignored) = roots.add_parsable_certificates(found.certs);
         let built = if roots.is_empty() {
-            Err("no trust anchors: the system has no CA certificates (set caCertificates in the policy)".to_string())
+            Err("no trust anchors: the system has no CA certificates (set caCertificates in the policy)"
+                .to_string())
         } else {
             client_config(roots)
         };
@@ -83,7 +84,9 @@ impl TlsOrigin {
         match ca_pem {
             Some(pem) => match self.policies.load().get(key) {
                 Some(p) if p.pem == pem => p.config.clone(),
-                _ => Err(format!("the trust anchors of {key} are not built (the policy changed a moment ago?)")),
+                _ => Err(format!(
+                    "the trust anchors of {key} are not built (the policy changed a moment ago?)"
+                )),
             },
             None => match self.system.load().as_ref() {
                 Some(built) => built.clone(),

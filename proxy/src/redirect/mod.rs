@@ -521,7 +521,10 @@ where
 
 /// An LRU hash map the data path uses through raw `bpf(2)` calls, its key and value sizes
 /// checked against `K` and `V`.
-fn take_raw_lru<K: aya::Pod, V: aya::Pod>(ebpf: &mut Ebpf, name: &'static str) -> Result<RawMap<K, V>, RedirectError> {
+fn take_raw_lru<K: aya::Pod, V: aya::Pod>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+) -> Result<RawMap<K, V>, RedirectError> {
     match ebpf.take_map(name) {
         Some(aya::maps::Map::LruHashMap(data)) => {
             RawMap::new(data).map_err(|e| RedirectError::Map { name, reason: e.to_string() })

@@ -78,7 +78,13 @@ impl<K: Pod, V: Pod> RawMap<K, V> {
 
     /// Deletes `key`; a missing key is not an error.
     pub fn delete(&self, key: &K) -> io::Result<()> {
-        let attr = MapElemAttr { map_fd: self.fd() as u32, _pad: 0, key: key as *const K as u64, value: 0, flags: 0 };
+        let attr = MapElemAttr {
+            map_fd: self.fd() as u32,
+            _pad: 0,
+            key: key as *const K as u64,
+            value: 0,
+            flags: 0,
+        };
         // SAFETY: the key size was checked in `new`; delete reads only the key.
         match unsafe { map_cmd(BPF_MAP_DELETE_ELEM, &attr) } {
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(()),
@@ -121,7 +127,12 @@ fn check_layout<K, V>(kernel_key: u32, kernel_value: u32) -> Result<(), LayoutEr
 unsafe fn map_cmd(cmd: libc::c_long, attr: &MapElemAttr) -> io::Result<()> {
     // SAFETY: the caller guarantees the buffers; attr itself is a valid bpf_attr prefix.
     let rc = unsafe {
-        libc::syscall(libc::SYS_bpf, cmd, attr as *const MapElemAttr, std::mem::size_of::<MapElemAttr>() as u32)
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr as *const MapElemAttr,
+            std::mem::size_of::<MapElemAttr>() as u32,
+        )
     };
     if rc == 0 {
         Ok(())
@@ -152,10 +163,21 @@ mod tests {
     /// A fresh LRU hash map with the given sizes, or None where this process may not create
     /// BPF maps (the unit tests normally run as root, as the end-to-end suite does).
     fn lru_map(key_size: u32, value_size: u32) -> Option<MapData> {
-        let attr = CreateAttr { map_type: BPF_MAP_TYPE_LRU_HASH, key_size, value_size, max_entries: 16, map_flags: 0 };
+        let attr = CreateAttr {
+            map_type: BPF_MAP_TYPE_LRU_HASH,
+            key_size,
+            value_size,
+            max_entries: 16,
+            map_flags: 0,
+        };
         // SAFETY: attr is a valid, zero-padded bpf_attr prefix for BPF_MAP_CREATE.
         let fd = unsafe {
-            libc::syscall(libc::SYS_bpf, BPF_MAP_CREATE, &attr as *const CreateAttr, std::mem::size_of::<CreateAttr>() as u32)
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_CREATE,
+                &attr as *const CreateAttr,
+                std::mem::size_of::<CreateAttr>() as u32,
+            )
         };
         if fd < 0 {
             let e = io::Error::last_os_error();
@@ -182,7 +204,10 @@ mod tests {
         // would read 8 bytes past each key and write 7 past each value.
         let Some(map) = lru_map(16, 8) else { return };
         let err = RawMap::<u64, u8>::new(map).err().expect("a 16/8 map is not a u64 → u8 map");
-        assert!(matches!(err, LayoutError::Sizes { kernel_key: 16, kernel_value: 8, key: 8, value: 1 }), "{err}");
+        assert!(
+            matches!(err, LayoutError::Sizes { kernel_key: 16, kernel_value: 8, key: 8, value: 1 }),
+            "{err}"
+        );
     }
 
     #[test]

@@ -104,7 +104,8 @@ async fn a_hanging_ca_for_one_identity_delays_no_other_and_is_asked_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_identity_retries_with_backoff_until_dropped() {
     let root = root();
-    let config = CertManagerConfig { retry_initial: Duration::from_millis(20), ..CertManagerConfig::default() };
+    let config =
+        CertManagerConfig { retry_initial: Duration::from_millis(20), ..CertManagerConfig::default() };
     let (m, ca) = gated_manager(&root, config);
     let rt = tokio::runtime::Handle::current();
     // db runs on node-2: node-1's CA refuses it, and the fetch says why.
@@ -125,7 +126,12 @@ async fn a_refused_identity_retries_with_backoff_until_dropped() {
     let after_retain = ca.calls(&id("db"));
     // (The backoff is at most 20 ms × 2^n here; half a second covers several retries.)
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert!(ca.calls(&id("db")) <= after_retain + 1, "the fetch went on after retain: {} → {}", after_retain, ca.calls(&id("db")));
+    assert!(
+        ca.calls(&id("db")) <= after_retain + 1,
+        "the fetch went on after retain: {} → {}",
+        after_retain,
+        ca.calls(&id("db"))
+    );
     // Asking again starts afresh.
     assert_eq!(m.request(&id("db"), &rt), CertStatus::Pending { failures: 0, last_error: None });
 }
