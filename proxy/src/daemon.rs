@@ -74,6 +74,10 @@ const HEARTBEAT_EVERY: Duration = Duration::from_millis(250);
 /// Re-check pods on the node this often (sandboxes appearing, pods dying).
 const RECONCILE_EVERY: Duration = Duration::from_millis(250);
 
+/// How long start-up waits for the first certificates of the node's pods before reporting
+/// ready anyway.
+const FIRST_CERTIFICATES_WAIT: Duration = Duration::from_secs(10);
+
 pub fn run(args: RunArgs) -> Result<()> {
     raise_fd_limit();
     let started = Instant::now();
@@ -204,9 +208,29 @@ pub fn run(args: RunArgs) -> Result<()> {
         inbound,
         data: dp,
     });
+    let requeue = control_tx.clone();
     let readiness = start_admin_thread(&args, admin.clone(), redirector.clone(), logger, control_tx)?;
 
     enroller.reconcile(&model.load());
+    // Ready means the node's pods are enrolled (during an upgrade, the previous process leaves
+    // once this one is ready). Certificates come in the background: wait for the first ones,
+    // within a bound (a CA that does not answer must not keep the node from ever being ready).
+    let first_certs_by = Instant::now() + FIRST_CERTIFICATES_WAIT;
+    while enroller.awaiting_certificates() && Instant::now() < first_certs_by {
+        match control_rx.recv_timeout(RECONCILE_EVERY) {
+            Ok(Control::Model(m)) => enroller.reconcile(&m),
+            Ok(Control::Shutdown(why)) => {
+                // Handled by the main loop below, like any stop.
+                let _ = requeue.send(Control::Shutdown(why));
+                break;
+            }
+            Ok(_) | Err(mpsc::RecvTimeoutError::Timeout) => enroller.reconcile(&model.load()),
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+        }
+    }
+    if enroller.awaiting_certificates() {
+        warn!(waited_s = FIRST_CERTIFICATES_WAIT.as_secs(), "ready while some pods still wait for their certificates (the CA is slow or refuses); they are enrolled once it answers");
+    }
     admin.ready.store(true, Ordering::Release);
     info!(
         node = %args.node,

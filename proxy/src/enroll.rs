@@ -209,11 +209,13 @@ impl Enroller {
                     }
                 }
                 Err(EnrollError::NotYet(reason)) => {
+                    self.awaiting_certificate.remove(uid);
                     if self.waiting.insert(uid.to_string()) {
                         info!(pod = %format!("{}/{}", pod.namespace, pod.name), %reason, "waiting for pod sandbox");
                     }
                 }
                 Err(EnrollError::Failed(reason)) => {
+                    self.awaiting_certificate.remove(uid);
                     self.retry_after.insert(uid.to_string(), now + FAILED_RETRY);
                     if self.waiting.insert(uid.to_string()) {
                         warn!(pod = %format!("{}/{}", pod.namespace, pod.name), %reason, retry_in_s = FAILED_RETRY.as_secs(), "cannot enroll pod");
@@ -224,6 +226,11 @@ impl Enroller {
         if changed {
             self.publish_view();
         }
+    }
+
+    /// Whether a pod that should be enrolled waits for its identity's certificate.
+    pub fn awaiting_certificates(&self) -> bool {
+        !self.awaiting_certificate.is_empty()
     }
 
     /// Whether any desired pod is still waiting (the caller re-runs reconcile on a timer).
