@@ -277,7 +277,7 @@ where
         let svc = service_fn(move |req: Request<Incoming>| {
             let state = state.clone();
             async move {
-                if let Err(refused) = admit(access, req.method(), req.uri().path()) {
+                if let Some(refused) = refusal(access, req.method(), req.uri().path()) {
                     return Ok::<_, Infallible>(refused.map(BodyExt::boxed_unsync));
                 }
                 if req.method() == Method::POST && req.uri().path() == "/certs/request" {
@@ -300,14 +300,14 @@ fn privileged(method: &Method, path: &str) -> bool {
     *method == Method::POST && path == "/certs/request"
 }
 
-/// Refuses a privileged endpoint to a connection without [`Access::Privileged`], saying where
-/// it is served.
-fn admit(access: Access, method: &Method, path: &str) -> Result<(), Response<Full<Bytes>>> {
+/// The answer to a privileged request on a connection without [`Access::Privileged`] (403,
+/// saying where it is served); `None` when the request may go on.
+fn refusal(access: Access, method: &Method, path: &str) -> Option<Response<Full<Bytes>>> {
     if access == Access::Privileged || !privileged(method, path) {
-        return Ok(());
+        return None;
     }
     warn!(%method, path, "privileged admin request refused: it is served on the admin unix socket to root only");
-    Err(text(
+    Some(text(
         StatusCode::FORBIDDEN,
         &format!(
             "{method} {path} is served on sluice's admin unix socket only (/run/sluice/<node>/admin.sock, \
@@ -518,12 +518,12 @@ mod tests {
     fn privileged_endpoints_need_privileged_access() {
         let post = Method::POST;
         // The TCP port (and an unprivileged socket peer): read-only.
-        let refused = admit(Access::ReadOnly, &post, "/certs/request").unwrap_err();
+        let refused = refusal(Access::ReadOnly, &post, "/certs/request").expect("refused");
         assert_eq!(refused.status(), StatusCode::FORBIDDEN);
-        assert!(admit(Access::ReadOnly, &Method::GET, "/certs").is_ok());
-        assert!(admit(Access::ReadOnly, &Method::GET, "/status").is_ok());
+        assert!(refusal(Access::ReadOnly, &Method::GET, "/certs").is_none());
+        assert!(refusal(Access::ReadOnly, &Method::GET, "/status").is_none());
         // The socket, to root or sluice's own user.
-        assert!(admit(Access::Privileged, &post, "/certs/request").is_ok());
+        assert!(refusal(Access::Privileged, &post, "/certs/request").is_none());
         assert_eq!(Access::of_peer_uid(0), Access::Privileged);
         // SAFETY: no preconditions.
         let own = unsafe { libc::geteuid() };
