@@ -50,8 +50,71 @@ impl AdminEndpoint {
     }
 }
 
+/// Where each node's sluice puts its admin socket: `<RUN_DIR>/<node>/admin.sock`.
+pub const RUN_DIR: &str = "/run/sluice";
+
 pub fn default_admin_socket(node: &str) -> PathBuf {
-    PathBuf::from("/run/sluice").join(node).join("admin.sock")
+    PathBuf::from(RUN_DIR).join(node).join(ADMIN_SOCKET_NAME)
+}
+
+const ADMIN_SOCKET_NAME: &str = "admin.sock";
+
+/// The endpoint for a command that changes state or mints something (`sluice certs request`):
+/// sluice serves those on its admin unix socket only (root-only), never on the TCP port, which
+/// hostNetwork pods can reach. `--node NAME` and `--admin PATH` name the socket; a URL is
+/// refused with what to use instead; with neither, the only sluice socket under `/run/sluice`
+/// is used (several, or none, is an error that lists them and asks for `--node`).
+pub fn privileged_endpoint(admin: Option<&str>, node: Option<&str>) -> Result<AdminEndpoint> {
+    privileged_endpoint_in(std::path::Path::new(RUN_DIR), admin, node)
+}
+
+fn privileged_endpoint_in(
+    run_dir: &std::path::Path,
+    admin: Option<&str>,
+    node: Option<&str>,
+) -> Result<AdminEndpoint> {
+    if let Some(node) = node {
+        return Ok(AdminEndpoint::Unix(run_dir.join(node).join(ADMIN_SOCKET_NAME)));
+    }
+    if let Some(admin) = admin {
+        return match AdminEndpoint::from_flags(Some(admin), None) {
+            unix @ AdminEndpoint::Unix(_) => Ok(unix),
+            tcp @ AdminEndpoint::Tcp(_) => bail!(
+                "this command is served on sluice's admin unix socket only, not on {} (the TCP admin \
+                 port is read-only, as pods with hostNetwork can reach it): use --node NAME \
+                 ({}/NAME/{ADMIN_SOCKET_NAME}) or --admin /path/to/{ADMIN_SOCKET_NAME}",
+                tcp.describe(),
+                run_dir.display()
+            ),
+        };
+    }
+    let mut found: Vec<PathBuf> = std::fs::read_dir(run_dir)
+        .map(|dir| {
+            dir.filter_map(|e| e.ok())
+                .map(|e| e.path().join(ADMIN_SOCKET_NAME))
+                .filter(|p| {
+                    std::fs::symlink_metadata(p)
+                        .is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    found.sort();
+    match found.len() {
+        1 => Ok(AdminEndpoint::Unix(found.remove(0))),
+        0 => bail!(
+            "this command is served on sluice's admin unix socket only (the TCP admin port is \
+             read-only), and there is no sluice socket under {}: is sluice running on this node? \
+             Use --node NAME or --admin /path/to/{ADMIN_SOCKET_NAME}",
+            run_dir.display()
+        ),
+        _ => bail!(
+            "this command is served on sluice's admin unix socket only, and {} holds several: {}; \
+             choose one with --node NAME",
+            run_dir.display(),
+            found.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+        ),
+    }
 }
 
 /// GET `path` from the admin API and decode the JSON body.
@@ -388,6 +451,41 @@ mod tests {
         assert_eq!(parse_response(chunked).unwrap(), b"{}");
         let err = parse_response(b"HTTP/1.1 404 Not Found\r\n\r\nnope").unwrap_err().to_string();
         assert!(err.contains("404"), "{err}");
+    }
+
+    #[test]
+    fn privileged_commands_use_the_unix_socket() {
+        let run = tempfile::tempdir().unwrap();
+        let sock = |node: &str| run.path().join(node).join("admin.sock");
+        // --node and a socket path are taken as they are.
+        let ep = privileged_endpoint_in(run.path(), None, Some("n1")).unwrap();
+        assert!(matches!(&ep, AdminEndpoint::Unix(p) if *p == sock("n1")), "{ep:?}");
+        let ep = privileged_endpoint_in(run.path(), Some("/tmp/x.sock"), None).unwrap();
+        assert!(matches!(&ep, AdminEndpoint::Unix(p) if p.as_os_str() == "/tmp/x.sock"), "{ep:?}");
+        // A URL is refused, saying why and what to use.
+        let err =
+            privileged_endpoint_in(run.path(), Some("http://127.0.0.1:15000"), None).unwrap_err().to_string();
+        assert!(
+            err.contains("unix socket only, not on http://127.0.0.1:15000") && err.contains("--node NAME"),
+            "{err}"
+        );
+        // Neither: no socket yet, then the only one, then several.
+        let err = privileged_endpoint_in(run.path(), None, None).unwrap_err().to_string();
+        assert!(err.contains("no sluice socket under") && err.contains("--node NAME"), "{err}");
+        let bind = |node: &str| {
+            std::fs::create_dir_all(run.path().join(node)).unwrap();
+            std::os::unix::net::UnixListener::bind(sock(node)).unwrap()
+        };
+        let _n1 = bind("n1");
+        std::fs::create_dir_all(run.path().join("stale")).unwrap(); // no socket in it
+        let ep = privileged_endpoint_in(run.path(), None, None).unwrap();
+        assert!(matches!(&ep, AdminEndpoint::Unix(p) if *p == sock("n1")), "{ep:?}");
+        let _n2 = bind("n2");
+        let err = privileged_endpoint_in(run.path(), None, None).unwrap_err().to_string();
+        assert!(
+            err.contains("holds several") && err.contains("n1/admin.sock") && err.contains("n2/admin.sock"),
+            "{err}"
+        );
     }
 
     #[test]

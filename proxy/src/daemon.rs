@@ -65,6 +65,10 @@ pub struct RunArgs {
 
 enum Control {
     Model(Arc<Model>),
+    /// Something enrollment waits for is there (a pod's certificate): reconcile now.
+    Reconcile,
+    /// SIGHUP: read the system's trust roots again.
+    ReloadTrustRoots,
     Shutdown(&'static str),
 }
 
@@ -83,6 +87,10 @@ fn refresh_node_addrs(guard: &crate::loopguard::LoopGuard) {
         Err(e) => warn!(error = %e, "cannot list the node's addresses; the loop guard keeps the previous list"),
     }
 }
+
+/// How long start-up waits for the first certificates of the node's pods before reporting
+/// ready anyway.
+const FIRST_CERTIFICATES_WAIT: Duration = Duration::from_secs(10);
 
 pub fn run(args: RunArgs) -> Result<()> {
     let nofile = crate::admission::raise_fd_limit();
@@ -114,14 +122,21 @@ pub fn run(args: RunArgs) -> Result<()> {
     }
     let self_cgroup_id = podres::cgroup_id(&own_cgroup)?;
 
+    // TLS origination's trust anchors are built on the control path, never by a request: the
+    // system's roots now (and periodically), a policy's own with the model that brings it.
+    let tls_origin = Arc::new(crate::l7::tls_origin::TlsOrigin::default());
+    tls_origin.load_system_roots();
+
     // Discovery: the first model is complete before anything is enrolled.
     let model = Arc::new(ArcSwap::from_pointee(Model::default()));
     let (control_tx, control_rx) = mpsc::channel::<Control>();
     let _source = {
         let model = model.clone();
         let tx = control_tx.clone();
+        let tls_origin = tls_origin.clone();
         args.source
             .spawn(&args.node, move |m: Arc<Model>| {
+                tls_origin.sync(&m);
                 model.store(m.clone());
                 let _ = tx.send(Control::Model(m));
             })
@@ -183,7 +198,7 @@ pub fn run(args: RunArgs) -> Result<()> {
         trust_domain: args.trust_domain.clone(),
         pool: HbonePool::default(),
         tunnel_fallbacks: Default::default(),
-        l7: crate::l7::L7::new(args.l7.clone()),
+        l7: crate::l7::L7::new(args.l7.clone()).with_tls_origin(tls_origin.clone()),
         draining: tokio::sync::watch::channel(false).0,
         telemetry: telemetry.clone(),
         loop_guard: loop_guard.clone(),
@@ -192,6 +207,12 @@ pub fn run(args: RunArgs) -> Result<()> {
     });
     data_rt.spawn(reap_upstreams(dp.clone()));
     certs.spawn_rotation(data_rt.handle());
+    {
+        let tx = control_tx.clone();
+        certs.on_issued(move || {
+            let _ = tx.send(Control::Reconcile);
+        });
+    }
     let inbound_stats = Arc::new(ServerStats::default());
     let inbound = Arc::new(Inbound {
         redirector: redirector.clone(),
@@ -227,9 +248,29 @@ pub fn run(args: RunArgs) -> Result<()> {
         inbound,
         data: dp,
     });
+    let requeue = control_tx.clone();
     let readiness = start_admin_thread(&args, admin.clone(), redirector.clone(), logger, control_tx)?;
 
     enroller.reconcile(&model.load());
+    // Ready means the node's pods are enrolled (during an upgrade, the previous process leaves
+    // once this one is ready). Certificates come in the background: wait for the first ones,
+    // within a bound (a CA that does not answer must not keep the node from ever being ready).
+    let first_certs_by = Instant::now() + FIRST_CERTIFICATES_WAIT;
+    while enroller.awaiting_certificates() && Instant::now() < first_certs_by {
+        match control_rx.recv_timeout(RECONCILE_EVERY) {
+            Ok(Control::Model(m)) => enroller.reconcile(&m),
+            Ok(Control::Shutdown(why)) => {
+                // Handled by the main loop below, like any stop.
+                let _ = requeue.send(Control::Shutdown(why));
+                break;
+            }
+            Ok(_) | Err(mpsc::RecvTimeoutError::Timeout) => enroller.reconcile(&model.load()),
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+        }
+    }
+    if enroller.awaiting_certificates() {
+        warn!(waited_s = FIRST_CERTIFICATES_WAIT.as_secs(), "ready while some pods still wait for their certificates (the CA is slow or refuses); they are enrolled once it answers");
+    }
     admin.ready.store(true, Ordering::Release);
     info!(
         node = %args.node,
@@ -244,9 +285,19 @@ pub fn run(args: RunArgs) -> Result<()> {
     );
 
     let mut addrs_refreshed = Instant::now();
+    let mut roots_loaded = Instant::now();
     let reason = loop {
+        if roots_loaded.elapsed() >= crate::l7::tls_origin::SYSTEM_ROOTS_RELOAD {
+            tls_origin.load_system_roots();
+            roots_loaded = Instant::now();
+        }
         match control_rx.recv_timeout(RECONCILE_EVERY) {
             Ok(Control::Model(m)) => enroller.reconcile(&m),
+            Ok(Control::Reconcile) => enroller.reconcile(&model.load()),
+            Ok(Control::ReloadTrustRoots) => {
+                tls_origin.load_system_roots();
+                roots_loaded = Instant::now();
+            }
             Ok(Control::Shutdown(why)) => break why,
             Err(mpsc::RecvTimeoutError::Timeout) => enroller.reconcile(&model.load()),
             Err(mpsc::RecvTimeoutError::Disconnected) => break "control channel closed",
@@ -323,12 +374,8 @@ fn start_admin_thread(
     };
     let unix = {
         let path = args.admin_socket.clone();
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        }
-        let _ = std::fs::remove_file(&path);
         let _g = rt.enter();
-        let l = tokio::net::UnixListener::bind(&path)
+        let l = server::bind_unix(&path)
             .with_context(|| format!("binding the admin socket {}", path.display()))?;
         (l, path)
     };
@@ -434,13 +481,21 @@ async fn forward_ebpf_logs(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
 
 async fn signals(control: mpsc::Sender<Control>) {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) =
+        (signal(SignalKind::terminate()), signal(SignalKind::interrupt()), signal(SignalKind::hangup()))
+    else {
         warn!("cannot install signal handlers; stop sluice with SIGKILL");
         return;
     };
-    let why = tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
+    let why = loop {
+        tokio::select! {
+            _ = term.recv() => break "SIGTERM",
+            _ = int.recv() => break "SIGINT",
+            _ = hup.recv() => {
+                info!("SIGHUP: reloading the system's trust roots");
+                let _ = control.send(Control::ReloadTrustRoots);
+            }
+        }
     };
     let _ = control.send(Control::Shutdown(why));
 }

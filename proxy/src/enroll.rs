@@ -25,7 +25,7 @@ use crate::{
     conns::PodStats,
     deliver,
     discovery::{Model, Pod},
-    identity::{self, CertManager, SpiffeId},
+    identity::{self, CertManager, CertStatus, SpiffeId},
     inbound::{self, Inbound},
     l4::{self, DataPath, PodContext},
     netns::PodNetns,
@@ -82,6 +82,8 @@ pub struct Enroller {
     enrolled: HashMap<String, EnrolledPod>,
     /// Pods we are waiting for (sandbox not there yet), so we say so once, not every tick.
     waiting: HashSet<String>,
+    /// Pods waiting for their identity's certificate (fetched in the background), likewise.
+    awaiting_certificate: HashSet<String>,
     /// Pods whose enrollment failed for a reason that will not fix itself within a tick
     /// (e.g. the pod holds port 15001), with when we may try again.
     retry_after: HashMap<String, Instant>,
@@ -138,6 +140,7 @@ impl Enroller {
             trust_domain,
             enrolled: HashMap::new(),
             waiting: HashSet::new(),
+            awaiting_certificate: HashSet::new(),
             retry_after: HashMap::new(),
             view: Arc::new(RwLock::new(Vec::new())),
         }
@@ -180,6 +183,13 @@ impl Enroller {
         }
         self.waiting.retain(|uid| desired.contains_key(uid.as_str()) || model.pods_on_node(&node).any(|p| p.host_network && &p.uid == uid));
         self.retry_after.retain(|uid, _| desired.contains_key(uid.as_str()));
+        self.awaiting_certificate.retain(|uid| desired.contains_key(uid.as_str()));
+        // Certificates are kept for the identities of every pod that should be enrolled (also
+        // those still waiting, whose fetch must go on); the others are dropped, their fetches
+        // cancelled.
+        let wanted: HashSet<SpiffeId> =
+            desired.values().map(|p| SpiffeId::for_pod(&self.trust_domain, p)).collect();
+        self.identity.retain(&wanted);
 
         let now = Instant::now();
         for (uid, pod) in desired {
@@ -190,16 +200,24 @@ impl Enroller {
                 Ok(e) => {
                     changed = true;
                     self.waiting.remove(uid);
+                    self.awaiting_certificate.remove(uid);
                     self.retry_after.remove(uid);
                     info!(pod = %format!("{}/{}", pod.namespace, pod.name), ip = %pod.ip, cgroup_id = e.cgroup_id, "pod enrolled");
                     self.enrolled.insert(uid.to_string(), e);
                 }
+                Err(EnrollError::AwaitingCertificate(reason)) => {
+                    if self.awaiting_certificate.insert(uid.to_string()) {
+                        info!(pod = %format!("{}/{}", pod.namespace, pod.name), %reason, "waiting for the pod's certificate");
+                    }
+                }
                 Err(EnrollError::NotYet(reason)) => {
+                    self.awaiting_certificate.remove(uid);
                     if self.waiting.insert(uid.to_string()) {
                         info!(pod = %format!("{}/{}", pod.namespace, pod.name), %reason, "waiting for pod sandbox");
                     }
                 }
                 Err(EnrollError::Failed(reason)) => {
+                    self.awaiting_certificate.remove(uid);
                     self.retry_after.insert(uid.to_string(), now + FAILED_RETRY);
                     if self.waiting.insert(uid.to_string()) {
                         warn!(pod = %format!("{}/{}", pod.namespace, pod.name), %reason, retry_in_s = FAILED_RETRY.as_secs(), "cannot enroll pod");
@@ -209,17 +227,31 @@ impl Enroller {
         }
         if changed {
             self.publish_view();
-            let ids: HashSet<SpiffeId> = self.enrolled.values().map(|e| e.ctx.identity.clone()).collect();
-            self.identity.retain(&ids);
         }
+    }
+
+    /// Whether a pod that should be enrolled waits for its identity's certificate.
+    pub fn awaiting_certificates(&self) -> bool {
+        !self.awaiting_certificate.is_empty()
     }
 
     /// Whether any desired pod is still waiting (the caller re-runs reconcile on a timer).
     pub fn has_waiting(&self) -> bool {
-        !self.waiting.is_empty()
+        !self.waiting.is_empty() || !self.awaiting_certificate.is_empty()
     }
 
     fn enroll(&mut self, pod: &Pod) -> Result<EnrolledPod, EnrollError> {
+        // The pod's certificate comes first: its HBONE listener must present it. It is fetched
+        // in the background (one fetch per identity, never waited for here: a slow CA must not
+        // hold up the enrollment of other pods); a later reconcile enrolls the pod once it is in.
+        let identity = SpiffeId::for_pod(&self.trust_domain, pod);
+        if let CertStatus::Pending { failures, last_error } = self.identity.request(&identity, &self.data_rt)
+        {
+            return Err(EnrollError::AwaitingCertificate(match last_error {
+                Some(e) => format!("{identity}: {failures} attempt(s) failed, the last with: {e}"),
+                None => format!("{identity}: asked the CA"),
+            }));
+        }
         let cgroup_path = podres::pod_cgroup(&self.kubepods, self.driver, &pod.uid).map_err(EnrollError::from)?;
         let cgroup_id = podres::cgroup_id(&cgroup_path).map_err(EnrollError::from)?;
         let netns_handle = podres::pod_netns(&cgroup_path).map_err(EnrollError::from)?;
@@ -231,11 +263,6 @@ impl Enroller {
         let netns = PodNetns::spawn(netns_handle, &pod.name)
             .map_err(|e| EnrollError::Failed(format!("cannot enter network namespace: {e}")))?;
 
-        // The pod's certificate comes first: its HBONE listener must present it.
-        let identity = SpiffeId::for_pod(&self.trust_domain, pod);
-        self.data_rt
-            .block_on(self.identity.ensure(&identity))
-            .map_err(|e| EnrollError::Failed(format!("no certificate for {identity}: {e}")))?;
         let server_tls = self
             .identity
             .server_config(&identity)
@@ -485,6 +512,8 @@ impl Enroller {
 enum EnrollError {
     /// The pod is not there yet (no cgroup, no process): try again on the next tick.
     NotYet(String),
+    /// Its identity's certificate is being fetched: try again when it is in.
+    AwaitingCertificate(String),
     Failed(String),
 }
 

@@ -160,6 +160,8 @@ struct CertsFlags {
 enum CertsAction {
     /// Ask this node's CA for a certificate for SPIFFE_ID, as sluice would for a pod of that
     /// identity, without installing it: would this node get one? Exits non-zero on refusal.
+    /// Served on the admin unix socket only: --node NAME or --admin PATH (without either, the
+    /// only sluice socket under /run/sluice).
     Request {
         /// e.g. spiffe://cluster.local/ns/shop/sa/web
         #[arg(value_name = "SPIFFE_ID")]
@@ -372,10 +374,12 @@ fn main() -> ExitCode {
         Command::Conns(a) => print(cli::conns(&a.endpoint(), a.output)),
         Command::Certs(CertsFlags { action: None, admin: a }) => print(cli::certs(&a.endpoint(), a.output)),
         Command::Certs(CertsFlags { action: Some(CertsAction::Request { identity }), admin: a }) => {
-            cli::cert_request(&a.endpoint(), &identity, a.output).and_then(|(out, refused)| {
-                print!("{out}");
-                refused.map_or(Ok(()), |r| Err(anyhow::anyhow!(r)))
-            })
+            cli::privileged_endpoint(a.admin.as_deref(), a.node.as_deref())
+                .and_then(|ep| cli::cert_request(&ep, &identity, a.output))
+                .and_then(|(out, refused)| {
+                    print!("{out}");
+                    refused.map_or(Ok(()), |r| Err(anyhow::anyhow!(r)))
+                })
         }
         Command::Routes { service, admin } => print(cli::routes(&admin.endpoint(), service.as_deref(), admin.output)),
         Command::Tap(f) => cli::tap(
@@ -473,6 +477,7 @@ fn run(f: RunFlags) -> Result<()> {
                 max_requests: f.pod_max_requests.max(1),
                 connection_rate: f.pod_connection_rate.max(1),
             },
+            dns: Default::default(),
         },
     });
     if let Err(e) = &result {

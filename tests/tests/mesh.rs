@@ -211,10 +211,22 @@ fn certificates_are_node_scoped() -> Result<()> {
     Ok(())
 }
 
-/// `POST /certs/request` on the node's admin API (127.0.0.1:15000 in the node's network
-/// namespace), with curl: (HTTP status, body).
-fn post_cert_request(node: &Node, identity: &str) -> Result<(u16, Value)> {
-    let out = node.run([
+/// `POST /certs/request` on a node's admin unix socket (where sluice serves it), with curl:
+/// (HTTP status, body).
+fn post_cert_request(sluice: &Sluice, identity: &str) -> Result<(u16, Value)> {
+    let socket = sluice.admin_socket().display().to_string();
+    let (code, body) = curl_cert_request(
+        sluice.node(),
+        identity,
+        &["--unix-socket", &socket, "http://localhost/certs/request"],
+    )?;
+    Ok((code, serde_json::from_str(&body).with_context(|| format!("body: {body}"))?))
+}
+
+/// curl `POST /certs/request` with `target` (the URL, after any curl options): (status, body).
+fn curl_cert_request(node: &Node, identity: &str, target: &[&str]) -> Result<(u16, String)> {
+    let body = format!("{{\"identity\":\"{identity}\"}}");
+    let mut args = vec![
         "curl",
         "-sS",
         "-X",
@@ -222,14 +234,15 @@ fn post_cert_request(node: &Node, identity: &str) -> Result<(u16, Value)> {
         "-H",
         "content-type: application/json",
         "-d",
-        &format!("{{\"identity\":\"{identity}\"}}"),
+        &body,
         "-w",
         "\n%{http_code}",
-        "http://127.0.0.1:15000/certs/request",
-    ])?;
+    ];
+    args.extend_from_slice(target);
+    let out = node.run(args)?;
     ensure!(out.success(), "curl failed: {}", out.stderr);
     let (body, code) = out.stdout.trim_end().rsplit_once('\n').context("no status line from curl")?;
-    Ok((code.parse()?, serde_json::from_str(body).with_context(|| format!("body: {body}"))?))
+    Ok((code.parse()?, body.to_string()))
 }
 
 /// 7 (end to end, operator-facing): `sluice certs request` asks a node's CA for a certificate
@@ -256,7 +269,7 @@ fn certificate_request_for_another_nodes_pod_is_refused() -> Result<()> {
     assert_eq!(view["issued"], false, "{view}");
     assert_eq!(view["node"], m.n1.name(), "{view}");
     // The admin API itself: 403 with the reason.
-    let (code, body) = post_cert_request(&m.n1, &theirs)?;
+    let (code, body) = post_cert_request(&m.s1, &theirs)?;
     assert_eq!(code, 403, "{body}");
     assert!(body["reason"].as_str().is_some_and(|r| r.contains(m.n1.name())), "{body}");
     let log = m.s1.log_contents();
@@ -272,15 +285,35 @@ fn certificate_request_for_another_nodes_pod_is_refused() -> Result<()> {
     eprintln!("sluice certs request {ours} on n1: {}", out.stdout.trim());
     ensure!(out.success(), "node 1 must get a certificate for its own pod: {out:?}");
     ensure!(out.stdout.contains(&ours) && out.stdout.contains("serial"), "{}", out.stdout);
-    let (code, granted) = post_cert_request(&m.n1, &ours)?;
+    let (code, granted) = post_cert_request(&m.s1, &ours)?;
     assert_eq!(code, 200, "{granted}");
     assert_eq!(granted["issued"], true, "{granted}");
     assert_eq!(granted["installed"], false, "{granted}");
     let serial = granted["serial"].as_str().context("serial")?;
     assert_ne!(serial, held1[0]["serial"].as_str().unwrap_or(""), "a check issues a fresh certificate");
     // And the mirror image on node 2.
-    assert_eq!(post_cert_request(&m.n2, &ours)?.0, 403);
-    assert_eq!(post_cert_request(&m.n2, &theirs)?.0, 200);
+    assert_eq!(post_cert_request(&m.s2, &ours)?.0, 403);
+    assert_eq!(post_cert_request(&m.s2, &theirs)?.0, 200);
+
+    // Minting is never served on the TCP admin port (hostNetwork pods reach 127.0.0.1:15000 of
+    // the node): 403 there, saying where it is served, for an identity the CA would grant.
+    let (code, body) = curl_cert_request(&m.n1, &ours, &["http://127.0.0.1:15000/certs/request"])?;
+    assert_eq!(code, 403, "{body}");
+    assert!(body.contains("unix socket only"), "{body}");
+    // The CLI refuses a TCP URL before asking anything, and says what to use.
+    let out = m.s1.node().run([
+        sluice_tests::sluice_bin()?.display().to_string().as_str(),
+        "certs",
+        "request",
+        &ours,
+        "--admin",
+        "http://127.0.0.1:15000",
+    ])?;
+    ensure!(!out.success() && out.stderr.contains("--node NAME"), "{out:?}");
+    // The socket itself is root's only.
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(m.s1.admin_socket())?.permissions());
+    assert_eq!(mode & 0o777, 0o600, "admin socket mode {mode:o}");
 
     // Nothing held changed, and traffic keeps flowing across the nodes.
     assert_eq!(m.s1.get_json("/certs")?, held1, "a check must not install or replace a certificate");
@@ -634,5 +667,82 @@ fn impostor_servers_are_refused() -> Result<()> {
         expect_ok(&tcp_exchange(&m.client, vip(ECHO_PORT), 16)?)?;
     }
     let _ = (&m.n2, &m.backend);
+    Ok(())
+}
+
+/// The demo's stray 502s: requests still in flight when their clients were killed, whose
+/// upstream then failed (the other node's sluice stopped). Nobody saw those answers, so they
+/// are neither logged as answered nor counted as 502s; they are response code 0 with the
+/// `downstream-closed` flag (Envoy's DC). A client that is still there and waits gets its 502,
+/// counted as one.
+#[test]
+fn an_upstream_failure_after_the_client_left_is_not_a_502() -> Result<()> {
+    let m = mesh(SluiceOpts::default())?;
+    let url = format!("http://{}/?delay_ms=30000", vip(HTTP_PORT));
+    let curl = |out: &str| -> Result<SimProcess> {
+        m.client.spawn(["curl", "-sS", "--max-time", "60", "-o", "/dev/null", "-w", out, &url])
+    };
+    let mut gone = vec![curl("")?, curl("")?];
+    let mut waiting = curl("%{http_code}")?;
+    // All three are at the backend (one tunnel stream each on node 2).
+    let deadline = Instant::now() + T;
+    while conns_matching(&m.s2, |_| true)?.len() < 3 {
+        ensure!(
+            Instant::now() < deadline,
+            "the held requests never reached node 2: {}",
+            m.s2.get_json("/conns")?
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for c in &mut gone {
+        c.kill(Signal::SIGKILL)?;
+        c.wait(T)?;
+    }
+    // sluice's ends of the killed clients' connections have their FIN (CLOSE-WAIT in the
+    // client pod's namespace); sluice keeps their requests going (a half-closed client may
+    // still read), until the upstream fails: the other node's sluice dies.
+    let deadline = Instant::now() + T;
+    loop {
+        let ss = m.client.run(["ss", "-Htn", "state", "close-wait", "sport", "= :15001"])?;
+        if ss.stdout.lines().filter(|l| !l.trim().is_empty()).count() >= 2 {
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "the killed clients' connections never reached CLOSE-WAIT: {ss:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    m.s2.kill(Signal::SIGKILL)?;
+    let out = waiting.wait_output(T)?;
+    assert_eq!(out.stdout.trim(), "502", "the waiting client sees the failure: {out:?}");
+
+    let deadline = Instant::now() + T;
+    let log = loop {
+        let log = m.s1.log_contents();
+        if log.matches("request ended after the client had closed its connection").count() >= 2 {
+            break log;
+        }
+        ensure!(Instant::now() < deadline, "no log line for the two abandoned requests:\n{log}");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let answered: Vec<&str> = log.lines().filter(|l| l.contains("request answered by sluice")).collect();
+    assert_eq!(answered.len(), 1, "only the waiting client's 502 is an answer: {answered:#?}");
+    let metrics = m.n1.run(["curl", "-s", "http://127.0.0.1:15020/metrics"])?;
+    let count = |needle: &str| -> u64 {
+        metrics
+            .stdout
+            .lines()
+            .filter(|l| l.starts_with("istio_requests_total{") && l.contains(needle))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
+    };
+    assert_eq!(count("response_code=\"502\""), 1, "{}", metrics.stdout);
+    assert_eq!(
+        count("response_code=\"0\",grpc_response_status=\"\",response_flags=\"downstream-closed\""),
+        2,
+        "{}",
+        metrics.stdout
+    );
     Ok(())
 }

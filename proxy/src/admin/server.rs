@@ -2,6 +2,12 @@
 //! (`/run/sluice/<node>/admin.sock`) so that it can be reached from outside the node's
 //! network namespace. It runs on its own single-threaded runtime, away from the data path,
 //! and only reads shared state.
+//!
+//! Two levels of access. The TCP port is reachable by every process in the node's network
+//! namespace, hostNetwork pods included: it serves the read-only GETs only. Whatever changes
+//! state or mints something (today `POST /certs/request`, which has the CA sign a certificate)
+//! is served on the unix socket only, which is created 0600 and whose peers are checked
+//! (`SO_PEERCRED`: root or sluice's own user).
 
 use std::{
     convert::Infallible,
@@ -120,6 +126,20 @@ impl AdminState {
         ] {
             all.insert(name.to_string(), value.load(Ordering::Relaxed));
         }
+        let dns = self.data.l7.dns.counters();
+        for (name, value) in [
+            ("dns_lookups", &dns.lookups),
+            ("dns_cache_hits", &dns.cache_hits),
+            ("dns_coalesced", &dns.coalesced),
+            ("dns_failures", &dns.failures),
+            ("dns_timeouts", &dns.timeouts),
+            ("dns_lookups_refused", &dns.lookups_refused),
+            ("dns_cache_evictions", &dns.cache_evictions),
+            ("dns_stale_served", &dns.stale_served),
+        ] {
+            all.insert(name.to_string(), value.load(Ordering::Relaxed));
+        }
+        all.insert("dns_cache_entries".to_string(), self.data.l7.dns.len() as u64);
         let tap = &self.data.telemetry.tap;
         all.insert("tap_subscribers".to_string(), tap.subscribers() as u64);
         all.insert("tap_events".to_string(), tap.events());
@@ -164,6 +184,42 @@ impl AdminState {
     }
 }
 
+/// What a connection to the admin API may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// The read-only GETs (the TCP port; a unix-socket peer that is not root or sluice's user).
+    ReadOnly,
+    /// Everything, including the endpoints that change state or mint something.
+    Privileged,
+}
+
+impl Access {
+    /// The access of a unix-socket peer with user id `uid`.
+    pub fn of_peer_uid(uid: u32) -> Access {
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        let own = unsafe { libc::geteuid() };
+        if uid == 0 || uid == own {
+            Access::Privileged
+        } else {
+            Access::ReadOnly
+        }
+    }
+}
+
+/// Binds the admin unix socket at `path` (replacing a stale one), readable and writable by
+/// its owner only. Between the bind and the chmod another user could connect; such a peer is
+/// still only [`Access::ReadOnly`] (its credentials are checked per connection).
+pub fn bind_unix(path: &std::path::Path) -> std::io::Result<UnixListener> {
+    use std::os::unix::fs::PermissionsExt;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let _ = std::fs::remove_file(path);
+    let listener = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
 /// Serves the admin API on TCP (`tcp`, or `addr` once it can be bound) and on `unix` until the
 /// process exits.
 pub async fn serve(
@@ -177,7 +233,16 @@ pub async fn serve(
         tokio::spawn(async move {
             loop {
                 match unix.accept().await {
-                    Ok((stream, _)) => spawn_conn(TokioIo::new(stream), state.clone()),
+                    Ok((stream, _)) => {
+                        let access = match stream.peer_cred() {
+                            Ok(cred) => Access::of_peer_uid(cred.uid()),
+                            Err(e) => {
+                                debug!(error = %e, "admin socket peer without credentials; read-only");
+                                Access::ReadOnly
+                            }
+                        };
+                        spawn_conn(TokioIo::new(stream), state.clone(), access)
+                    }
                     Err(e) => {
                         warn!(socket = %path.display(), error = %e, "admin accept failed");
                         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
@@ -207,7 +272,7 @@ pub async fn serve(
     };
     loop {
         match tcp.accept().await {
-            Ok((stream, _)) => spawn_conn(TokioIo::new(stream), state.clone()),
+            Ok((stream, _)) => spawn_conn(TokioIo::new(stream), state.clone(), Access::ReadOnly),
             Err(e) => {
                 warn!(error = %e, "admin accept failed");
                 tokio::time::sleep(std::time::Duration::from_millis(50)).await;
@@ -216,7 +281,7 @@ pub async fn serve(
     }
 }
 
-fn spawn_conn<I>(io: I, state: Arc<AdminState>)
+fn spawn_conn<I>(io: I, state: Arc<AdminState>, access: Access)
 where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
@@ -224,6 +289,9 @@ where
         let svc = service_fn(move |req: Request<Incoming>| {
             let state = state.clone();
             async move {
+                if let Some(refused) = refusal(access, req.method(), req.uri().path()) {
+                    return Ok::<_, Infallible>(refused.map(BodyExt::boxed_unsync));
+                }
                 if req.method() == Method::POST && req.uri().path() == "/certs/request" {
                     return Ok::<_, Infallible>(cert_request(&state, req).await.map(BodyExt::boxed_unsync));
                 }
@@ -239,9 +307,33 @@ where
     });
 }
 
+/// The endpoints that change state or mint something: unix socket, privileged peers only.
+fn privileged(method: &Method, path: &str) -> bool {
+    *method == Method::POST && path == "/certs/request"
+}
+
+/// The answer to a privileged request on a connection without [`Access::Privileged`] (403,
+/// saying where it is served); `None` when the request may go on.
+fn refusal(access: Access, method: &Method, path: &str) -> Option<Response<Full<Bytes>>> {
+    if access == Access::Privileged || !privileged(method, path) {
+        return None;
+    }
+    warn!(%method, path, "privileged admin request refused: it is served on the admin unix socket to root only");
+    Some(text(
+        StatusCode::FORBIDDEN,
+        &format!(
+            "{method} {path} is served on sluice's admin unix socket only (/run/sluice/<node>/admin.sock, \
+             to root): this port is read-only. Use `sluice certs request --node NAME SPIFFE_ID`.\n"
+        ),
+    ))
+}
+
 fn route(state: &AdminState, req: Request<Incoming>) -> Response<Full<Bytes>> {
     if req.method() != Method::GET {
-        return text(StatusCode::METHOD_NOT_ALLOWED, "only GET is supported (and POST /certs/request)\n");
+        return text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "only GET is supported (and POST /certs/request on the unix socket)\n",
+        );
     }
     match req.uri().path() {
         "/status" => json(&state.status()),
@@ -428,4 +520,42 @@ fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
         .header("content-type", "text/plain")
         .body(Full::new(Bytes::from(body.to_string())))
         .expect("static response parts are valid")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn privileged_endpoints_need_privileged_access() {
+        let post = Method::POST;
+        // The TCP port (and an unprivileged socket peer): read-only.
+        let refused = refusal(Access::ReadOnly, &post, "/certs/request").expect("refused");
+        assert_eq!(refused.status(), StatusCode::FORBIDDEN);
+        assert!(refusal(Access::ReadOnly, &Method::GET, "/certs").is_none());
+        assert!(refusal(Access::ReadOnly, &Method::GET, "/status").is_none());
+        // The socket, to root or sluice's own user.
+        assert!(refusal(Access::Privileged, &post, "/certs/request").is_none());
+        assert_eq!(Access::of_peer_uid(0), Access::Privileged);
+        // SAFETY: no preconditions.
+        let own = unsafe { libc::geteuid() };
+        assert_eq!(Access::of_peer_uid(own), Access::Privileged);
+        let other = if own == 0 { 65534 } else { own + 1 };
+        assert_eq!(Access::of_peer_uid(other), Access::ReadOnly);
+    }
+
+    #[tokio::test]
+    async fn the_socket_is_owner_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node-1").join("admin.sock");
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, b"stale").unwrap();
+        let _listener = bind_unix(&path).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "{mode:o}");
+        let stream = tokio::net::UnixStream::connect(&path).await.unwrap();
+        // SAFETY: no preconditions.
+        assert_eq!(stream.peer_cred().unwrap().uid(), unsafe { libc::geteuid() });
+    }
 }

@@ -5,6 +5,13 @@
 //! current one per handshake), so nothing is rebuilt and established connections, which keep
 //! the keys they negotiated, are untouched. The old certificate stays in use until its
 //! replacement is in; a failed renewal is retried with exponential backoff.
+//!
+//! First issuance never blocks its caller: [`CertManager::request`] starts one background
+//! fetch per identity (single-flight: every pod of that identity waits for the same one),
+//! retried with backoff until it succeeds or [`CertManager::retain`] drops the identity, and
+//! returns at once. A slow or refusing CA for one identity delays no other identity, and no
+//! enrollment: the enroller asks again on a later reconcile (it is woken through
+//! [`CertManager::on_issued`] when a certificate comes in).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, PoisonError, RwLock, Weak};
@@ -89,6 +96,27 @@ pub struct CertRequestView {
     pub reason: Option<String>,
 }
 
+/// Where this node stands with an identity's certificate ([`CertManager::request`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CertStatus {
+    /// Held: TLS configurations for it can be built now.
+    Ready,
+    /// Being fetched in the background; `failures` attempts failed so far, the last one with
+    /// `last_error`.
+    Pending { failures: u32, last_error: Option<String> },
+}
+
+/// A first issuance in progress (one per identity).
+struct Fetch {
+    failures: u32,
+    last_error: Option<String>,
+    /// Cancels the fetch when the identity is dropped before its certificate came.
+    task: Option<tokio::task::AbortHandle>,
+}
+
+/// Called (from a data-runtime task) whenever a first certificate was installed.
+type IssuedHook = Arc<dyn Fn() + Send + Sync>;
+
 /// An issued certificate with its key, ready for rustls.
 pub(super) struct Issued {
     pub key: Arc<CertifiedKey>,
@@ -154,8 +182,10 @@ pub struct CertManager {
     pub(super) store: Arc<Store>,
     pub(super) bundle: SharedBundle,
     pub(super) tls: TlsCache,
-    /// Serializes first issuance, so two enrollments of pods with one identity issue once.
-    issuing: tokio::sync::Mutex<()>,
+    /// First issuances in progress, by identity (single-flight). Lock order: `fetches`, then
+    /// `store`.
+    fetches: Mutex<HashMap<SpiffeId, Fetch>>,
+    on_issued: Mutex<Option<IssuedHook>>,
     /// Wakes the rotation task when the schedule changed.
     wake: Arc<Notify>,
 }
@@ -191,7 +221,8 @@ impl CertManager {
             store: Arc::default(),
             bundle: Arc::new(ArcSwap::from_pointee(bundle)),
             tls: TlsCache::default(),
-            issuing: tokio::sync::Mutex::new(()),
+            fetches: Mutex::default(),
+            on_issued: Mutex::default(),
             wake: Arc::new(Notify::new()),
         })
     }
@@ -204,20 +235,87 @@ impl CertManager {
         &self.trust_domain
     }
 
-    /// Makes sure this node holds a certificate for `id`, asking the CA if it does not.
-    /// Returns at once when it does (so it is cheap to call on every enrollment).
+    /// Where this node stands with `id`'s certificate, starting a background fetch on `rt` if
+    /// there is none: never waits for the CA (enrollment calls it on the control thread). One
+    /// fetch per identity however many callers ask, retried with backoff until the certificate
+    /// is in or [`Self::retain`] drops the identity.
+    pub fn request(self: &Arc<Self>, id: &SpiffeId, rt: &tokio::runtime::Handle) -> CertStatus {
+        if self.store.contains(id) {
+            return CertStatus::Ready;
+        }
+        let mut fetches = self.fetches.lock().unwrap_or_else(PoisonError::into_inner);
+        // Checked again under the lock: a fetch installs its certificate holding it.
+        if self.store.contains(id) {
+            return CertStatus::Ready;
+        }
+        if let Some(f) = fetches.get(id) {
+            return CertStatus::Pending { failures: f.failures, last_error: f.last_error.clone() };
+        }
+        debug!(identity = %id, "fetching a certificate");
+        let task = rt.spawn(self.clone().fetch(id.clone()));
+        fetches.insert(id.clone(), Fetch { failures: 0, last_error: None, task: Some(task.abort_handle()) });
+        CertStatus::Pending { failures: 0, last_error: None }
+    }
+
+    /// Calls `hook` each time a first certificate is installed (the daemon re-runs enrollment
+    /// then, so that a pod waiting for it is enrolled at once rather than at the next tick).
+    pub fn on_issued(&self, hook: impl Fn() + Send + Sync + 'static) {
+        *self.on_issued.lock().unwrap_or_else(PoisonError::into_inner) = Some(Arc::new(hook));
+    }
+
+    /// The background first issuance of `id` ([`Self::request`]).
+    async fn fetch(self: Arc<Self>, id: SpiffeId) {
+        loop {
+            match self.issue(&id).await {
+                Ok(issued) => {
+                    {
+                        let mut fetches = self.fetches.lock().unwrap_or_else(PoisonError::into_inner);
+                        if fetches.remove(&id).is_none() {
+                            debug!(identity = %id, "identity dropped while its certificate was fetched; discarding it");
+                            return;
+                        }
+                        self.install(&id, issued);
+                    }
+                    let hook = self.on_issued.lock().unwrap_or_else(PoisonError::into_inner).clone();
+                    if let Some(hook) = hook {
+                        hook();
+                    }
+                    return;
+                }
+                Err(e) => {
+                    let failures = {
+                        let mut fetches = self.fetches.lock().unwrap_or_else(PoisonError::into_inner);
+                        let Some(f) = fetches.get_mut(&id) else { return };
+                        f.failures += 1;
+                        f.last_error = Some(e.to_string());
+                        f.failures
+                    };
+                    let retry = self.backoff(failures);
+                    warn!(identity = %id, error = %e, attempt = failures, retry_in_ms = retry.as_millis() as u64,
+                        "no certificate yet; pods of this identity wait to be enrolled");
+                    tokio::time::sleep(retry).await;
+                }
+            }
+        }
+    }
+
+    /// Makes sure this node holds a certificate for `id`, asking the CA now if it does not,
+    /// and waits for the answer (one attempt; the CA's refusal is the error). For callers that
+    /// can wait (tools, tests); enrollment uses [`Self::request`], which never blocks.
     pub async fn ensure(&self, id: &SpiffeId) -> Result<(), IdentityError> {
         if self.store.contains(id) {
             return Ok(());
         }
-        let _issuing = self.issuing.lock().await;
-        if self.store.contains(id) {
-            return Ok(());
-        }
         let issued = self.issue(id).await?;
+        self.install(id, issued);
+        Ok(())
+    }
+
+    /// Holds `issued` as `id`'s certificate and schedules its renewal, unless `id` already has
+    /// one (a concurrent [`Self::ensure`]): the first stays.
+    fn install(&self, id: &SpiffeId, issued: Issued) {
         let delay = self.renewal_delay(issued.not_after);
-        info!(identity = %id, serial = %issued.serial, not_after = %x509::rfc3339(issued.not_after),
-            renew_in_s = delay.as_secs_f64(), "certificate issued");
+        let (serial, not_after) = (issued.serial.clone(), issued.not_after);
         let slot = Slot {
             cert: ArcSwap::from_pointee(issued),
             sched: Mutex::new(Schedule {
@@ -228,9 +326,16 @@ impl CertManager {
                 last_error: None,
             }),
         };
-        self.store.write().insert(id.clone(), Arc::new(slot));
+        {
+            let mut slots = self.store.write();
+            if slots.contains_key(id) {
+                return;
+            }
+            slots.insert(id.clone(), Arc::new(slot));
+        }
+        info!(identity = %id, serial = %serial, not_after = %x509::rfc3339(not_after),
+            renew_in_s = delay.as_secs_f64(), "certificate issued");
         self.wake.notify_one();
-        Ok(())
     }
 
     /// Asks the CA for a certificate for `id` exactly as renewal would (fresh key, CSR, the
@@ -252,8 +357,25 @@ impl CertManager {
     }
 
     /// Drops every identity not in `ids` (no pod of it is left on this node), with its key and
-    /// the TLS configurations built for it.
+    /// the TLS configurations built for it, and cancels the fetches of such identities. Cheap
+    /// when nothing is to go (read locks only), so it may be called on every reconcile.
     pub fn retain(&self, ids: &HashSet<SpiffeId>) {
+        {
+            let mut fetches = self.fetches.lock().unwrap_or_else(PoisonError::into_inner);
+            fetches.retain(|id, f| {
+                let keep = ids.contains(id);
+                if !keep {
+                    debug!(identity = %id, "no pod of this identity is left; its certificate fetch is cancelled");
+                    if let Some(task) = f.task.take() {
+                        task.abort();
+                    }
+                }
+                keep
+            });
+        }
+        if self.store.read().keys().all(|id| ids.contains(id)) {
+            return;
+        }
         let removed: Vec<SpiffeId> = {
             let mut slots = self.store.write();
             let gone: Vec<SpiffeId> = slots.keys().filter(|id| !ids.contains(*id)).cloned().collect();

@@ -18,8 +18,10 @@
 //! let certs = Arc::new(CertManager::new(&args.node, &args.trust_domain, Arc::new(ca),
 //!                                       CertManagerConfig::default())?);
 //! let _rotation = certs.spawn_rotation(data_rt.handle());
-//! // enrollment: certs.ensure(&id).await? before opening a pod's listeners, then
-//! //             certs.retain(&ids_of_enrolled_pods) whenever the enrolled set changed;
+//! certs.on_issued(move || wake_the_enroller());
+//! // enrollment: certs.request(&id, data_rt.handle()) == CertStatus::Ready before opening a
+//! //             pod's listeners (else the pod waits: the fetch runs in the background),
+//! //             certs.retain(&ids_of_the_node's_mesh_pods) on every reconcile;
 //! // admin API:  certs.certs() for `sluice certs`.
 //! ```
 //!
@@ -45,7 +47,7 @@ use thiserror::Error;
 
 pub use ca::{CaError, CertificateAuthority, SignFuture, SignRequest};
 pub use embedded_ca::{model_authorizer, Authorizer, EmbeddedCa, EmbeddedCaConfig};
-pub use manager::{CertManager, CertManagerConfig, CertRequestView, CertView};
+pub use manager::{CertManager, CertManagerConfig, CertRequestView, CertStatus, CertView};
 pub use root::{ca_init, CA_CERT_FILE, CA_KEY_FILE, ROOT_COMMON_NAME, ROOT_LIFETIME};
 pub use spiffe::{check_trust_domain, SpiffeError, SpiffeId, DEFAULT_TRUST_DOMAIN};
 pub use tls::{peer_identity, ALPN_H2};

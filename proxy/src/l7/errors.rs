@@ -31,6 +31,10 @@ pub enum ProxyError {
     BackendTimeout(Duration),
     #[error("{0}")]
     Unsupported(&'static str),
+    /// The upstream answered outside HTTP's rules in a way sluice must not pass on (e.g. a
+    /// `101 Switching Protocols` the client did not ask for).
+    #[error("the upstream broke the protocol: {0}")]
+    UpstreamProtocol(String),
     /// A local rate limit (TrafficPolicy `localRateLimit`) said no.
     #[error("local rate limit reached")]
     RateLimited { status: u16, retry_after: Duration },
@@ -55,7 +59,10 @@ impl ProxyError {
             ProxyError::BadBackend(_) => StatusCode::INTERNAL_SERVER_ERROR,
             ProxyError::NoEndpoints(_) => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Upstream(UpstreamError::Overflow(_)) | ProxyError::Overflow(_) => StatusCode::SERVICE_UNAVAILABLE,
-            ProxyError::Upstream(_) | ProxyError::EgressBlocked(..) | ProxyError::SelfConnection(_) => {
+            ProxyError::Upstream(_)
+            | ProxyError::EgressBlocked(..)
+            | ProxyError::SelfConnection(_)
+            | ProxyError::UpstreamProtocol(_) => {
                 StatusCode::BAD_GATEWAY
             }
             ProxyError::RateLimited { status, .. } => {
@@ -77,6 +84,7 @@ impl ProxyError {
             ProxyError::Upstream(UpstreamError::Tls { .. }) => "upstream-tls-failure",
             ProxyError::Upstream(e) if e.is_connect() => "upstream-connect-failure",
             ProxyError::Upstream(_) => "upstream-reset",
+            ProxyError::UpstreamProtocol(_) => "upstream-protocol-error",
             ProxyError::RequestTimeout(_) => "request-timeout",
             ProxyError::BackendTimeout(_) => "backend-timeout",
             ProxyError::Unsupported(_) => "unsupported",
@@ -92,7 +100,7 @@ impl ProxyError {
         match self {
             ProxyError::NoRoute | ProxyError::Unsupported(_) => 12, // UNIMPLEMENTED
             ProxyError::BadBackend(_) => 13,                       // INTERNAL
-            ProxyError::NoEndpoints(_) | ProxyError::Upstream(_) => 14, // UNAVAILABLE
+            ProxyError::NoEndpoints(_) | ProxyError::Upstream(_) | ProxyError::UpstreamProtocol(_) => 14, // UNAVAILABLE
             ProxyError::RequestTimeout(_) | ProxyError::BackendTimeout(_) => 4, // DEADLINE_EXCEEDED
             ProxyError::RateLimited { .. } => 8,                                 // RESOURCE_EXHAUSTED
             ProxyError::Overflow(_) => 14,

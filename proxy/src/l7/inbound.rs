@@ -140,6 +140,7 @@ async fn handle(req: Request<Incoming>, ctx: &InboundStream, sender: &AppSender)
     let upgrade = super::proxy::wants_upgrade(&req);
     let mut req = req;
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    let upgrade_ask = upgrade.then(|| super::proxy::UpgradeAsk::of(&req));
     let result = match sender {
         AppSender::Http1(s) => {
             let mut s = s.lock().await;
@@ -161,18 +162,28 @@ async fn handle(req: Request<Incoming>, ctx: &InboundStream, sender: &AppSender)
             return resp.map(|b| Observed::new(b, obs).boxed());
         }
     };
-    if let Some(client_upgrade) = client_upgrade {
-        if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS || resp.status().is_success() {
-            let upstream = hyper::upgrade::on(&mut resp);
-            let (pod, target) = (ctx.pod.key.clone(), ctx.target);
-            tokio::spawn(async move {
-                if let Ok((c, u)) = tokio::try_join!(client_upgrade, upstream) {
-                    let _ = tokio::io::copy_bidirectional(&mut TokioIo::new(c), &mut TokioIo::new(u)).await;
-                } else {
-                    debug!(%pod, %target, "inbound upgrade did not complete");
-                }
-            });
+    // Only a real switch (see `proxy::is_upgraded`) becomes a pipe; a 101 nobody asked for is
+    // the application's protocol error, answered 502.
+    let upgraded = match super::proxy::is_upgraded(upgrade_ask.as_ref(), &resp) {
+        Ok(u) => u,
+        Err(err) => {
+            obs.flags = err.flag();
+            let resp = err.into_response(grpc);
+            obs.status = resp.status().as_u16();
+            obs.grpc_status = grpc_status(resp.headers());
+            return resp.map(|b| Observed::new(b, obs).boxed());
         }
+    };
+    if let (true, Some(client_upgrade)) = (upgraded, client_upgrade) {
+        let upstream = hyper::upgrade::on(&mut resp);
+        let (pod, target) = (ctx.pod.key.clone(), ctx.target);
+        tokio::spawn(async move {
+            if let Ok((c, u)) = tokio::try_join!(client_upgrade, upstream) {
+                let _ = tokio::io::copy_bidirectional(&mut TokioIo::new(c), &mut TokioIo::new(u)).await;
+            } else {
+                debug!(%pod, %target, "inbound upgrade did not complete");
+            }
+        });
     }
     obs.status = resp.status().as_u16();
     obs.grpc_status = grpc_status(resp.headers());

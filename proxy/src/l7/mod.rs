@@ -10,6 +10,7 @@
 pub mod balance;
 pub mod body;
 pub mod detect;
+pub mod dns;
 pub mod errors;
 pub mod filters;
 pub mod inbound;
@@ -20,6 +21,7 @@ pub mod observe;
 pub mod plan;
 pub mod proxy;
 pub mod server;
+pub mod tls_origin;
 pub mod upstream;
 
 use std::{
@@ -60,6 +62,8 @@ pub struct L7Config {
     pub lb: LbPolicy,
     pub ewma: EwmaConfig,
     pub pod_limits: limits::PodLimits,
+    /// Limits of the resolver for ServiceEntries with DNS resolution.
+    pub dns: dns::DnsConfig,
 }
 
 impl Default for L7Config {
@@ -71,6 +75,7 @@ impl Default for L7Config {
             lb: LbPolicy::default(),
             ewma: EwmaConfig::default(),
             pod_limits: limits::PodLimits::default(),
+            dns: dns::DnsConfig::default(),
         }
     }
 }
@@ -106,73 +111,38 @@ pub struct L7 {
     pub budgets: limits::Registry<String, crate::discovery::traffic::RetryBudget, limits::Budget>,
     /// Circuit-breaker counters per destination (their limits come with each request).
     pub breakers: limits::Registry<String, (), limits::Breaker>,
-    /// TLS client configurations for origination, per policy and trust anchors.
-    tls_configs: limits::Registry<String, Option<String>, Result<Arc<rustls::ClientConfig>, String>>,
-    /// DNS answers for ServiceEntries with DNS resolution (host, port) → (when, addresses).
-    dns: std::sync::Mutex<std::collections::HashMap<(String, u16), (std::time::Instant, Arc<[std::net::SocketAddr]>)>>,
+    /// TLS client configurations for origination, built on the control path.
+    pub tls_origin: Arc<tls_origin::TlsOrigin>,
+    /// The resolver for ServiceEntries with DNS resolution (bounded, TTL-aware).
+    pub dns: dns::Dns,
 }
-
-/// How long a DNS answer for a ServiceEntry is reused.
-const DNS_TTL: Duration = Duration::from_secs(30);
 
 impl L7 {
     /// The TLS settings to originate TLS to `sni` with the trust anchors of the policy `key`
-    /// (PEM), or the system's roots.
+    /// (PEM), or the system's roots. Only reads configurations the control path built.
     pub fn tls_target(&self, key: &str, sni: &str, ca_pem: Option<&str>) -> Result<upstream::TlsTarget, errors::ProxyError> {
-        let cfg = self
-            .tls_configs
-            .get(&key.to_owned(), &ca_pem.map(str::to_owned), |pem| tls_client_config(pem.as_deref()));
-        let config = cfg.as_ref().clone().map_err(|e| errors::ProxyError::BadBackend(format!("TLS origination ({key}): {e}")))?;
+        let config = self
+            .tls_origin
+            .config(key, ca_pem)
+            .map_err(|e| errors::ProxyError::BadBackend(format!("TLS origination ({key}): {e}")))?;
         let server_name = rustls_pki_types::ServerName::try_from(sni.to_owned())
             .map_err(|e| errors::ProxyError::BadBackend(format!("TLS origination: {sni:?} is not a server name: {e}")))?;
         Ok(upstream::TlsTarget { config, server_name, sni: sni.into() })
     }
 
-    /// Resolves a ServiceEntry host (cached for [`DNS_TTL`]).
-    pub async fn resolve(&self, host: &str, port: u16) -> std::io::Result<Arc<[std::net::SocketAddr]>> {
-        let key = (host.to_owned(), port);
-        if let Some((at, addrs)) = self.dns.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
-            if at.elapsed() < DNS_TTL {
-                return Ok(addrs.clone());
-            }
-        }
-        let addrs: Arc<[std::net::SocketAddr]> = tokio::net::lookup_host((host, port)).await?.collect::<Vec<_>>().into();
-        self.dns.lock().unwrap_or_else(|p| p.into_inner()).insert(key, (std::time::Instant::now(), addrs.clone()));
-        Ok(addrs)
+    /// Resolves a ServiceEntry host (see [`dns`]).
+    pub async fn resolve(&self, host: &str, port: u16) -> Result<Arc<[std::net::SocketAddr]>, dns::DnsError> {
+        self.dns.resolve(host, port).await
     }
-}
-
-/// A rustls client configuration trusting `ca_pem`, or the system's roots.
-fn tls_client_config(ca_pem: Option<&str>) -> Result<Arc<rustls::ClientConfig>, String> {
-    use rustls_pki_types::{pem::PemObject, CertificateDer};
-    let mut roots = rustls::RootCertStore::empty();
-    match ca_pem {
-        Some(pem) => {
-            for cert in CertificateDer::pem_slice_iter(pem.as_bytes()) {
-                let cert = cert.map_err(|e| format!("caCertificates: {e}"))?;
-                roots.add(cert).map_err(|e| format!("caCertificates: {e}"))?;
-            }
-        }
-        None => {
-            let found = rustls_native_certs::load_native_certs();
-            for cert in found.certs {
-                let _ = roots.add(cert);
-            }
-        }
-    }
-    if roots.is_empty() {
-        return Err("no trust anchors (caCertificates is empty, or the system has no CA certificates)".into());
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(rustls::ALL_VERSIONS)
-        .map_err(|e| e.to_string())?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    Ok(Arc::new(config))
 }
 
 impl L7 {
+    /// Shares the control path's TLS origination configurations (the daemon builds them).
+    pub fn with_tls_origin(mut self, tls_origin: Arc<tls_origin::TlsOrigin>) -> Self {
+        self.tls_origin = tls_origin;
+        self
+    }
+
     pub fn new(cfg: L7Config) -> Self {
         Self {
             balancer: Balancer::new(cfg.lb, cfg.ewma),
@@ -182,8 +152,8 @@ impl L7 {
             rate_limits: Default::default(),
             budgets: Default::default(),
             breakers: Default::default(),
-            tls_configs: Default::default(),
-            dns: Default::default(),
+            tls_origin: Default::default(),
+            dns: dns::Dns::from_system(cfg.dns.clone()),
             cfg,
         }
     }

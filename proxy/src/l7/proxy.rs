@@ -40,6 +40,10 @@ use crate::{discovery::traffic::RetryPolicy, l4, telemetry::Reporter};
 
 pub use super::plan::balance_key;
 
+/// The response flag of a request whose client closed its connection before sluice had an
+/// answer for it (Envoy's `DC`).
+pub const DOWNSTREAM_CLOSED: &str = "downstream-closed";
+
 /// A request body is kept for a retry only up to this size (a larger one streams, and is not
 /// retried once sent).
 const RETRY_BODY_LIMIT: usize = 64 * 1024;
@@ -50,6 +54,7 @@ pub async fn handle(req: Request<Incoming>, ctx: Arc<ConnCtx>) -> Result<Respons
     l7.counters.requests.fetch_add(1, Ordering::Relaxed);
     ctx.entry.requests.fetch_add(1, Ordering::Relaxed);
     let grpc = is_grpc(req.headers());
+    let client_eof = req.extensions().get::<super::server::ClientEof>().cloned();
     let (mut parts, body) = req.into_parts();
     let span = ctx.dp.telemetry.start_span(Reporter::Source, &mut parts.headers);
     let request_bytes = Arc::new(std::sync::atomic::AtomicU64::new(0));
@@ -80,8 +85,28 @@ pub async fn handle(req: Request<Incoming>, ctx: Arc<ConnCtx>) -> Result<Respons
     };
     let req = Request::from_parts(parts, CountBody::new(body, request_bytes).map_err(Into::into).boxed());
     let result = forward(req, &ctx, grpc, &mut obs).await;
+    // The client closed its side before there was an answer: it may be reading still (a
+    // half-close), or be gone (killed, gave up), which look the same until sluice writes.
+    let mut unseen = false;
     let mut resp = match result {
         Ok(resp) => resp,
+        Err(e) if client_eof.as_ref().is_some_and(|eof| eof.seen()) => {
+            // sluice's own error reply is still written (a half-closed client gets it), but it
+            // is not recorded as a failure the client saw: response code 0, as Envoy and Istio
+            // report a downstream disconnect.
+            unseen = true;
+            obs.flags = DOWNSTREAM_CLOSED;
+            info!(
+                pod = %ctx.pod.key,
+                dst = %ctx.orig,
+                method = %obs.method,
+                path = %obs.uri.path(),
+                reply = e.status().as_u16(),
+                error = %e,
+                "request ended after the client had closed its connection; not counted as answered"
+            );
+            e.into_response(grpc)
+        }
         Err(e) => {
             obs.flags = e.flag();
             l7.counters.local_replies.fetch_add(1, Ordering::Relaxed);
@@ -105,8 +130,8 @@ pub async fn handle(req: Request<Incoming>, ctx: Arc<ConnCtx>) -> Result<Respons
         // Draining: this connection's last response (see server.rs).
         resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
-    obs.status = resp.status().as_u16();
-    obs.grpc_status = observe::grpc_status(resp.headers());
+    obs.status = if unseen { 0 } else { resp.status().as_u16() };
+    obs.grpc_status = if unseen { None } else { observe::grpc_status(resp.headers()) };
     {
         let model = ctx.dp.model.load();
         let dst_ns = obs.destination.workload.as_ref().map(|w| w.namespace.clone());
@@ -152,6 +177,8 @@ async fn forward(req: Request<Body>, ctx: &Arc<ConnCtx>, grpc: bool, obs: &mut O
 
     let mut req = Request::from_parts(parts, body);
     let upgrade = wants_upgrade(&req);
+    // What the client asked to switch to, to check the answer against once it comes.
+    let upgrade_ask = upgrade.then(|| UpgradeAsk::of(&req));
     if upgrade && ctx.wire == Wire::Http2 {
         return Err(ProxyError::Unsupported("CONNECT and protocol upgrades over HTTP/2 are not supported"));
     }
@@ -263,13 +290,15 @@ async fn forward(req: Request<Body>, ctx: &Arc<ConnCtx>, grpc: bool, obs: &mut O
                         continue;
                     }
                 }
-                let mut upgraded = false;
-                if let Some(client_upgrade) = client_upgrade {
-                    if is_upgraded(&resp) {
-                        upgraded = true;
-                        l7.counters.upgrades.fetch_add(1, Ordering::Relaxed);
-                        bridge_upgrade(client_upgrade, hyper::upgrade::on(&mut resp), ctx.pod.key.clone(), endpoint);
-                    }
+                let upgraded = is_upgraded(upgrade_ask.as_ref(), &resp)?;
+                if let (true, Some(client_upgrade)) = (upgraded, client_upgrade) {
+                    l7.counters.upgrades.fetch_add(1, Ordering::Relaxed);
+                    bridge_upgrade(
+                        client_upgrade,
+                        hyper::upgrade::on(&mut resp),
+                        ctx.pod.key.clone(),
+                        endpoint,
+                    );
                 }
                 // A 101 must keep `Upgrade` and `Connection: upgrade` (RFC 9110 §7.8): the
                 // client checks them before it switches protocols.
@@ -488,8 +517,84 @@ pub fn wants_upgrade<B>(req: &Request<B>) -> bool {
         && connection_has(req.headers(), "upgrade")
 }
 
-fn is_upgraded<B>(resp: &Response<B>) -> bool {
-    resp.status() == StatusCode::SWITCHING_PROTOCOLS || resp.status().is_success()
+/// What a request asked to leave HTTP for: CONNECT, or the protocols of its `Upgrade` header.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UpgradeAsk {
+    Connect,
+    /// The offered protocols (`name` or `name/version`), as sent.
+    Protocols(Vec<String>),
+}
+
+impl UpgradeAsk {
+    /// For a request [`wants_upgrade`] said yes to.
+    pub fn of<B>(req: &Request<B>) -> UpgradeAsk {
+        if req.method() == Method::CONNECT {
+            return UpgradeAsk::Connect;
+        }
+        UpgradeAsk::Protocols(upgrade_tokens(req.headers()))
+    }
+}
+
+fn upgrade_tokens(headers: &HeaderMap) -> Vec<String> {
+    headers
+        .get_all(header::UPGRADE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|t| t.trim().to_owned())
+        .filter(|t| !t.is_empty())
+        .collect()
+}
+
+/// Whether the upstream's answer turns the exchange into a byte pipe. Only two answers do
+/// (RFC 9110 §7.8, §9.3.6, §15.2.2): a `101 Switching Protocols` to an Upgrade request, naming
+/// in its own `Upgrade` header only protocols the client offered, and a 2xx to CONNECT.
+/// Anything else is an ordinary response, whose hop-by-hop `Upgrade`/`Connection` headers are
+/// stripped like any other's.
+///
+/// A 101 that breaks these rules (to a request that asked for nothing, to CONNECT, or
+/// switching to a protocol the client did not offer) is refused: passed on, it would make the
+/// client's connection (which hyper ends after any 101) or the client's idea of the protocol
+/// whatever the upstream chose, so sluice answers 502 `upstream-protocol-error` instead.
+pub fn is_upgraded<B>(ask: Option<&UpgradeAsk>, resp: &Response<B>) -> Result<bool, ProxyError> {
+    let status = resp.status();
+    match ask {
+        Some(UpgradeAsk::Connect) if status.is_success() => Ok(true),
+        Some(UpgradeAsk::Protocols(offered)) if status == StatusCode::SWITCHING_PROTOCOLS => {
+            let chosen = upgrade_tokens(resp.headers());
+            if chosen.is_empty() {
+                return Err(ProxyError::UpstreamProtocol(
+                    "a 101 Switching Protocols without an Upgrade header".into(),
+                ));
+            }
+            match chosen.iter().find(|c| !offered.iter().any(|o| same_protocol(o, c))) {
+                Some(other) => Err(ProxyError::UpstreamProtocol(format!(
+                    "a 101 Switching Protocols to {other:?}, which the client did not offer ({offered:?})"
+                ))),
+                None => Ok(true),
+            }
+        }
+        _ if status == StatusCode::SWITCHING_PROTOCOLS => Err(ProxyError::UpstreamProtocol(match ask {
+            Some(UpgradeAsk::Connect) => {
+                "a 101 Switching Protocols to CONNECT (a tunnel is opened by a 2xx)".into()
+            }
+            _ => "a 101 Switching Protocols to a request that asked for no protocol change".into(),
+        })),
+        _ => Ok(false),
+    }
+}
+
+/// Protocol tokens (`name["/" version]`) compare case-insensitively; an answer may leave out
+/// the version the client offered (`websocket` for `websocket/13`), not change it.
+fn same_protocol(offered: &str, chosen: &str) -> bool {
+    let split = |t: &str| -> (String, Option<String>) {
+        match t.split_once('/') {
+            Some((n, v)) => (n.trim().to_ascii_lowercase(), Some(v.trim().to_ascii_lowercase())),
+            None => (t.trim().to_ascii_lowercase(), None),
+        }
+    };
+    let ((on, ov), (cn, cv)) = (split(offered), split(chosen));
+    on == cn && (cv.is_none() || cv == ov)
 }
 
 fn connection_has(headers: &HeaderMap, token: &str) -> bool {
@@ -604,4 +709,69 @@ fn bridge_upgrade(
             Err(e) => debug!(%pod, %endpoint, error = %e, "upgraded connection failed"),
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(method: Method, upgrade: Option<&str>) -> Request<()> {
+        let mut b = Request::builder().method(method).uri("/chat").version(Version::HTTP_11);
+        if let Some(u) = upgrade {
+            b = b.header(header::UPGRADE, u).header(header::CONNECTION, "Upgrade");
+        }
+        b.body(()).unwrap()
+    }
+
+    fn response(status: u16, upgrade: Option<&str>) -> Response<()> {
+        let mut b = Response::builder().status(status);
+        if let Some(u) = upgrade {
+            b = b.header(header::UPGRADE, u).header(header::CONNECTION, "upgrade");
+        }
+        b.body(()).unwrap()
+    }
+
+    fn ask(req: &Request<()>) -> Option<UpgradeAsk> {
+        wants_upgrade(req).then(|| UpgradeAsk::of(req))
+    }
+
+    #[test]
+    fn only_101_to_an_upgrade_or_2xx_to_connect_switches() {
+        let ws = ask(&request(Method::GET, Some("websocket")));
+        let connect = ask(&request(Method::CONNECT, None));
+        // The two legitimate switches.
+        assert!(is_upgraded(ws.as_ref(), &response(101, Some("websocket"))).unwrap());
+        assert!(is_upgraded(ws.as_ref(), &response(101, Some("WebSocket"))).unwrap());
+        assert!(is_upgraded(connect.as_ref(), &response(200, None)).unwrap());
+        // A 2xx to an Upgrade request is an ordinary response (the connection stays HTTP), even
+        // when the upstream adds Upgrade headers to it.
+        assert!(!is_upgraded(ws.as_ref(), &response(200, Some("websocket"))).unwrap());
+        assert!(!is_upgraded(ws.as_ref(), &response(204, None)).unwrap());
+        // Refusals of a switch are ordinary responses too.
+        assert!(!is_upgraded(ws.as_ref(), &response(400, None)).unwrap());
+        assert!(!is_upgraded(connect.as_ref(), &response(403, None)).unwrap());
+        // Plain requests never switch on a 2xx.
+        assert!(!is_upgraded(None, &response(200, None)).unwrap());
+    }
+
+    #[test]
+    fn a_101_the_client_did_not_ask_for_is_a_protocol_error() {
+        let plain = ask(&request(Method::GET, None));
+        assert_eq!(plain, None);
+        let err = is_upgraded(plain.as_ref(), &response(101, Some("websocket"))).unwrap_err();
+        assert_eq!(err.flag(), "upstream-protocol-error");
+        assert_eq!(err.status(), StatusCode::BAD_GATEWAY);
+        let connect = ask(&request(Method::CONNECT, None));
+        assert!(is_upgraded(connect.as_ref(), &response(101, Some("websocket"))).is_err());
+        // Switching to something the client did not offer, or not saying to what.
+        let ws = ask(&request(Method::GET, Some("websocket")));
+        let err = is_upgraded(ws.as_ref(), &response(101, Some("h2c"))).unwrap_err();
+        assert!(err.to_string().contains("\"h2c\""), "{err}");
+        assert!(is_upgraded(ws.as_ref(), &response(101, None)).is_err());
+        // Versions: an answer may leave the version out, not change it.
+        let versioned = ask(&request(Method::GET, Some("foo/2, websocket")));
+        assert!(is_upgraded(versioned.as_ref(), &response(101, Some("foo"))).unwrap());
+        assert!(is_upgraded(versioned.as_ref(), &response(101, Some("FOO/2"))).unwrap());
+        assert!(is_upgraded(versioned.as_ref(), &response(101, Some("foo/3"))).is_err());
+    }
 }

@@ -63,15 +63,61 @@ pub struct ConnCtx {
     pub closing: AtomicBool,
 }
 
+/// Whether the client has closed its side of an HTTP/1.1 connection. Such a client may have
+/// half-closed after its request and still read the answer, so sluice keeps serving it; but a
+/// client that was killed or gave up looks exactly the same until sluice writes, so an answer
+/// sluice makes itself after this is not counted as a failure the client saw (see
+/// `proxy::handle`). Each request carries it in its extensions.
+#[derive(Debug, Clone, Default)]
+pub struct ClientEof {
+    /// hyper read the EOF.
+    read: Arc<AtomicBool>,
+    /// The client socket, to ask the kernel whether the FIN is queued (hyper may not have read
+    /// it yet). HTTP/1.1 only: there the connection owns both the socket and every request's
+    /// future, so the fd is open whenever a request asks.
+    fd: Option<std::os::fd::RawFd>,
+}
+
+impl ClientEof {
+    pub fn seen(&self) -> bool {
+        if self.read.load(Ordering::Relaxed) {
+            return true;
+        }
+        let Some(fd) = self.fd else { return false };
+        let mut byte = 0u8;
+        // SAFETY: `fd` is the open client socket (see the field); a one-byte peek does not
+        // consume anything. 0 means the FIN is the next thing to read; a reset client is gone.
+        let n =
+            unsafe { libc::recv(fd, (&mut byte as *mut u8).cast(), 1, libc::MSG_PEEK | libc::MSG_DONTWAIT) };
+        n == 0
+            || (n < 0
+                && matches!(
+                    std::io::Error::last_os_error().raw_os_error(),
+                    Some(libc::ECONNRESET | libc::EPIPE | libc::ENOTCONN)
+                ))
+    }
+}
+
 /// Serves the connection until it ends. `prefix` are the bytes detection already read.
 pub async fn serve(client: TcpStream, prefix: Bytes, protocol: Protocol, ctx: Arc<ConnCtx>) {
-    let io = TokioIo::new(Counted { inner: Prefixed::new(prefix, client), entry: ctx.entry.clone() });
+    let eof = ClientEof {
+        read: Arc::default(),
+        fd: (protocol != Protocol::Http2).then(|| std::os::fd::AsRawFd::as_raw_fd(&client)),
+    };
+    let io = TokioIo::new(Counted {
+        inner: Prefixed::new(prefix, client),
+        entry: ctx.entry.clone(),
+        eof: eof.clone(),
+    });
     let mut draining = ctx.dp.draining.subscribe();
     let cfg = &ctx.dp.l7.cfg;
     let svc_ctx = ctx.clone();
     // Boxed: hyper's HTTP/2 server spawns a task per stream holding this future, and the
     // proxy's request future is large (moving it cost more than the rest of a gRPC call).
-    let service = service_fn(move |req| Box::pin(proxy::handle(req, svc_ctx.clone())));
+    let service = service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+        req.extensions_mut().insert(eof.clone());
+        Box::pin(proxy::handle(req, svc_ctx.clone()))
+    });
     let result = match protocol {
         Protocol::Http2 => {
             let conn = http2::Builder::new(TokioExecutor::new())
@@ -135,18 +181,23 @@ async fn until_draining(rx: &mut tokio::sync::watch::Receiver<bool>) {
 
 /// Counts the bytes of the client connection into its registry entry (`sluice conns`):
 /// read = client → upstream ("sent"), written = upstream → client ("received").
+/// It also notes the client's EOF ([`ClientEof`]).
 struct Counted<T> {
     inner: T,
     entry: Arc<ConnEntry>,
+    eof: ClientEof,
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for Counted<T> {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
+        let room = buf.remaining() > 0;
         let r = Pin::new(&mut self.inner).poll_read(cx, buf);
         let n = buf.filled().len() - before;
         if n > 0 {
             self.entry.sent.fetch_add(n as u64, Ordering::Relaxed);
+        } else if room && matches!(r, Poll::Ready(Ok(()))) {
+            self.eof.read.store(true, Ordering::Relaxed);
         }
         r
     }

@@ -8,11 +8,13 @@
 mod pins;
 mod rawmap;
 
+use rawmap::RawMap;
+
 use std::{
     collections::BTreeMap,
     fs::File,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
-    os::fd::{AsFd, AsRawFd, RawFd},
+    os::fd::AsRawFd,
     path::{Path, PathBuf},
     sync::{
         atomic::{AtomicBool, Ordering},
@@ -113,14 +115,10 @@ pub struct Redirector {
     stopped: AtomicBool,
     enrolled: Mutex<HashMap<MapData, u64, PodEntry>>,
     counters: PerCpuArray<MapData, u64>,
-    // Owns the fd the data path uses directly (`orig_by_tuple_fd`); never read otherwise.
-    #[allow(dead_code)]
-    orig_by_tuple: MapData,
-    orig_by_tuple_fd: RawFd,
-    // Same arrangement for DELIVERING, updated around each delivery connect.
-    #[allow(dead_code)]
-    delivering: MapData,
-    delivering_fd: RawFd,
+    /// The data path's lookup-and-delete of original destinations (layout checked at load).
+    orig_by_tuple: RawMap<ConnKey, OrigDst>,
+    /// DELIVERING, updated around each delivery connect.
+    delivering: RawMap<SockKey, u8>,
     programs: Vec<AttachedProgram>,
     fail_mode: FailMode,
 }
@@ -182,8 +180,8 @@ impl Redirector {
         let enrolled: HashMap<MapData, u64, PodEntry> = take_map(&mut ebpf, names::MAP_ENROLLED)?;
         let counters: PerCpuArray<MapData, u64> = take_map(&mut ebpf, names::MAP_COUNTERS)?;
         let inbound: SockHash<MapData, AddrKey> = take_map(&mut ebpf, names::MAP_INBOUND)?;
-        let (orig_by_tuple, orig_by_tuple_fd) = take_raw_lru(&mut ebpf, names::MAP_ORIG_BY_TUPLE)?;
-        let (delivering, delivering_fd) = take_raw_lru(&mut ebpf, names::MAP_DELIVERING)?;
+        let orig_by_tuple = take_raw_lru(&mut ebpf, names::MAP_ORIG_BY_TUPLE)?;
+        let delivering = take_raw_lru(&mut ebpf, names::MAP_DELIVERING)?;
 
         let mut fd_links: Vec<(&'static str, &'static str, FdLink)> = Vec::new();
         for (name, attach_type) in SOCK_ADDR_PROGRAMS {
@@ -291,9 +289,7 @@ impl Redirector {
                 enrolled: Mutex::new(enrolled),
                 counters,
                 orig_by_tuple,
-                orig_by_tuple_fd,
                 delivering,
-                delivering_fd,
                 programs,
                 fail_mode: cfg.fail_mode,
             },
@@ -392,13 +388,13 @@ impl Redirector {
     /// source address and port tell it apart from the client's own connections.)
     pub fn delivery_started(&self, source: SocketAddr) {
         let key = delivery_key(source);
-        if let Err(e) = rawmap::update(self.delivering_fd, &key, &1u8) {
+        if let Err(e) = self.delivering.update(&key, &1u8) {
             warn!(%source, error = %e, "cannot exempt a delivery from capture");
         }
     }
 
     pub fn delivery_done(&self, source: SocketAddr) {
-        let _ = rawmap::delete(self.delivering_fd, &delivery_key(source));
+        let _ = self.delivering.delete(&delivery_key(source));
     }
 
     /// The original destination of a connection accepted on pod `pod_id`'s outbound listener
@@ -406,10 +402,9 @@ impl Redirector {
     /// redirect this connection.
     pub fn take_original(&self, pod_id: u32, client: SocketAddr) -> Option<OrigDstAddr> {
         let key = conn_key(pod_id, client);
-        let mut value = OrigDst::default();
-        match rawmap::lookup_and_delete(self.orig_by_tuple_fd, &key, &mut value) {
-            Ok(true) => Some(OrigDstAddr::from(value)),
-            Ok(false) => None,
+        match self.orig_by_tuple.lookup_and_delete(&key) {
+            Ok(Some(value)) => Some(OrigDstAddr::from(value)),
+            Ok(None) => None,
             Err(e) => {
                 warn!(error = %e, "original destination lookup failed");
                 None
@@ -542,13 +537,15 @@ where
     T::try_from(map).map_err(|e| map_err(name, e))
 }
 
-/// An LRU hash map the data path uses through raw `bpf(2)` calls: the map object (to keep the
-/// fd open) and its fd.
-fn take_raw_lru(ebpf: &mut Ebpf, name: &'static str) -> Result<(MapData, RawFd), RedirectError> {
+/// An LRU hash map the data path uses through raw `bpf(2)` calls, its key and value sizes
+/// checked against `K` and `V`.
+fn take_raw_lru<K: aya::Pod, V: aya::Pod>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+) -> Result<RawMap<K, V>, RedirectError> {
     match ebpf.take_map(name) {
         Some(aya::maps::Map::LruHashMap(data)) => {
-            let fd = data.fd().as_fd().as_raw_fd();
-            Ok((data, fd))
+            RawMap::new(data).map_err(|e| RedirectError::Map { name, reason: e.to_string() })
         }
         _ => Err(RedirectError::Map { name, reason: "missing from the object or not an LRU hash".into() }),
     }

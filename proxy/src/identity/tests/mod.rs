@@ -2,6 +2,7 @@
 //! configurations the data path uses, and rotation.
 
 mod ca;
+mod fetch;
 mod rotation;
 mod spiffe;
 mod tls;
