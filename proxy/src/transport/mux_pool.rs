@@ -616,13 +616,13 @@ mod tests {
         }
     }
 
-    /// Polls `cond` (yielding to the runtime) until it holds; a paused clock makes the
-    /// deadline virtual, so this never sleeps for real.
+    /// Polls `cond` every millisecond until it holds, for at most 5 s (on the paused clock both
+    /// are virtual: nothing sleeps for real).
     async fn until(what: &str, mut cond: impl FnMut() -> bool) {
         let deadline = Instant::now() + Duration::from_secs(5);
         while !cond() {
             assert!(Instant::now() < deadline, "timed out waiting for {what}");
-            tokio::task::yield_now().await;
+            tokio::time::sleep(Duration::from_millis(1)).await;
         }
     }
 
