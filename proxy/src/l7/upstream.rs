@@ -950,3 +950,6 @@ impl AsyncWrite for UpstreamIo {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;
