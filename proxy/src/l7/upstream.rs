@@ -22,7 +22,7 @@ use std::{
     net::SocketAddr,
     pin::Pin,
     sync::{
-        atomic::{AtomicU64, AtomicUsize, Ordering},
+        atomic::{AtomicU64, Ordering},
         Arc, Mutex,
     },
     task::{Context, Poll},
@@ -246,14 +246,17 @@ struct IdleH1 {
 struct H2Conn {
     sender: http2::SendRequest<StreamBody>,
     tunnel: Option<TunnelWatch>,
-    /// The peer's `SETTINGS_MAX_CONCURRENT_STREAMS` as the connection's task last saw it
-    /// (hyper answers it on the connection, which that task owns).
-    max_streams: AtomicUsize,
+    /// hyper's connection (its request dispatcher), polled by the connection's task; `None`
+    /// once that task is done with it. The pool reads the peer's current stream limit from it,
+    /// the only place hyper has it: a copy kept by the task would be stale, as nothing wakes
+    /// the dispatcher when the peer's SETTINGS arrive after the first request went out.
+    connection: Mutex<Option<Pin<Box<H2Connection>>>>,
 }
 
 impl Multiplexed for H2Conn {
     fn max_streams(&self) -> usize {
-        self.max_streams.load(Ordering::Relaxed)
+        let connection = self.connection.lock().unwrap_or_else(|p| p.into_inner());
+        connection.as_ref().map_or(0, |c| c.current_max_send_streams())
     }
 
     fn takes_streams(&self) -> bool {
@@ -651,16 +654,15 @@ where
         .handshake(TokioIo::new(io))
         .await
         .map_err(|source| UpstreamError::Handshake { endpoint, source })?;
-    let max_streams = AtomicUsize::new(conn.current_max_send_streams());
-    Ok((H2Conn { sender, tunnel, max_streams }, H2Task { conn: Box::pin(conn), endpoint, heard, breaker }))
+    let connection = Mutex::new(Some(Box::pin(conn)));
+    Ok((H2Conn { sender, tunnel, connection }, H2Task { endpoint, heard, breaker }))
 }
 
 type H2Connection = http2::Connection<TokioIo<Heard<UpstreamIo>>, StreamBody, TokioExecutor>;
 
-/// The task of one upstream HTTP/2 connection: drives it, keeps the peer's stream limit
-/// where the pool reads it, and ends it when the pool retires it.
+/// The task of one upstream HTTP/2 connection: drives it, and ends it when the pool retires
+/// it.
 struct H2Task {
-    conn: Pin<Box<H2Connection>>,
     endpoint: SocketAddr,
     heard: Arc<HeardAt>,
     /// Its share of the destination's `maxConnections`.
@@ -669,14 +671,13 @@ struct H2Task {
 
 impl H2Task {
     async fn run(self, pooled: Arc<Pooled<Key, H2Conn>>, pool: Arc<H2Pool>) {
-        let H2Task { mut conn, endpoint, heard, breaker } = self;
-        let max_streams = &pooled.conn().max_streams;
-        let driven = std::future::poll_fn(|cx| {
-            let r = conn.as_mut().poll(cx);
-            // The peer may change its limit at any time (SETTINGS).
-            max_streams.store(conn.current_max_send_streams(), Ordering::Relaxed);
-            r
-        });
+        let H2Task { endpoint, heard, breaker } = self;
+        let connection = &pooled.conn().connection;
+        let driven =
+            std::future::poll_fn(|cx| match connection.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
+                Some(c) => c.as_mut().poll(cx),
+                None => Poll::Ready(Ok(())),
+            });
         tokio::select! {
             result = driven => {
                 // hyper ends a connection whose keepalive PING went unanswered as if it had
@@ -693,6 +694,9 @@ impl H2Task {
                 debug!(%endpoint, reason = ?why, "closing upstream HTTP/2 connection");
             }
         }
+        // Dropping hyper's dispatcher (with the last sender) closes the connection.
+        let closed = connection.lock().unwrap_or_else(|p| p.into_inner()).take();
+        drop(closed);
         drop(breaker);
     }
 }

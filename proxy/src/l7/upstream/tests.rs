@@ -24,12 +24,14 @@ fn key() -> Key {
 }
 
 /// How one test server connection behaves.
-#[derive(Clone, Copy, Default)]
+#[derive(Clone, Default)]
 struct ServerCfg {
     /// Its `SETTINGS_MAX_CONCURRENT_STREAMS`.
     max_streams: Option<u32>,
     /// Sends the response head and keeps the response body open (else a complete response).
     hold_body: bool,
+    /// Starts (sends its SETTINGS) only once this opens.
+    start: Option<watch::Receiver<bool>>,
 }
 
 /// HTTP/2 servers: each dial makes an in-memory connection served by an h2 server task.
@@ -75,6 +77,9 @@ impl Servers {
 }
 
 async fn serve(io: DuplexStream, cfg: ServerCfg, mut frozen: watch::Receiver<bool>) {
+    if let Some(mut start) = cfg.start.clone() {
+        let _ = start.wait_for(|open| *open).await;
+    }
     let mut builder = h2::server::Builder::new();
     if let Some(max) = cfg.max_streams {
         builder.max_concurrent_streams(max);
@@ -207,8 +212,8 @@ async fn a_failed_connect_fails_every_waiting_request_with_the_request_back() {
 async fn a_connection_at_the_server_stream_limit_gets_another() {
     let pool = Upstreams::default();
     let servers = Servers::new();
-    servers.then(ServerCfg { max_streams: Some(1), hold_body: true });
-    servers.then(ServerCfg { max_streams: Some(1), hold_body: true });
+    servers.then(ServerCfg { max_streams: Some(1), hold_body: true, start: None });
+    servers.then(ServerCfg { max_streams: Some(1), hold_body: true, start: None });
     let a = send(&pool, &servers, get()).await.ok().unwrap();
     let b = send(&pool, &servers, get()).await.ok().unwrap();
     assert_eq!(servers.dials(), 2, "the first connection was at the server's limit of 1 stream");
@@ -224,6 +229,37 @@ async fn a_connection_at_the_server_stream_limit_gets_another() {
     assert!(Arc::ptr_eq(c.body().slot.as_ref().unwrap().pooled(), &conn_a));
     assert_eq!(servers.dials(), 2);
     drop((b, c));
+}
+
+/// Lets every task that can run, run: the paused clock only moves once the runtime is idle.
+async fn settle() {
+    tokio::time::sleep(Duration::from_millis(1)).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_server_limit_that_arrives_after_the_first_request_is_seen_by_the_next() {
+    // The server's SETTINGS come after the first request went out (a real network's round
+    // trip): the second request must still see the limit of 1 and get its own connection.
+    let pool = Arc::new(Upstreams::default());
+    let servers = Servers::new();
+    let (start, started) = watch::channel(false);
+    servers.then(ServerCfg { max_streams: Some(1), hold_body: true, start: Some(started) });
+    let first = tokio::spawn({
+        let (pool, servers) = (pool.clone(), servers.clone());
+        async move { send(&pool, &servers, get()).await.ok().unwrap() }
+    });
+    until("the first request on its connection", || pool.sizes().1 == 1).await;
+    settle().await;
+    start.send_replace(true);
+    let a = first.await.unwrap();
+    // Queued behind the first request, it would wait as long as that one's body stays open.
+    let b = tokio::time::timeout(Duration::from_secs(5), send(&pool, &servers, get()))
+        .await
+        .expect("the second request queued behind the server's limit")
+        .ok()
+        .unwrap();
+    assert_eq!(servers.dials(), 2);
+    assert!(!Arc::ptr_eq(a.body().slot.as_ref().unwrap().pooled(), b.body().slot.as_ref().unwrap().pooled()));
 }
 
 /// A request body that stays open until told to end.
