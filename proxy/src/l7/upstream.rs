@@ -430,23 +430,36 @@ impl Upstreams {
         req: Request<Body>,
     ) -> Result<(Response<UpstreamBody>, Instant), SendError> {
         let key = Self::key(d, Wire::Http2);
-        self.send_h2_via(&key, d.endpoint, req, || self.dial(d)).await
+        // A request waiting for another's connection attempt is pending, as one making its
+        // own is (`dial` counts that one): the destination's `maxPendingRequests` applies.
+        let admit = || match &d.breaker {
+            None => Some(None),
+            Some((b, cfg)) => match acquire(&b.pending, cfg.max_pending_requests) {
+                Some(pending) => Some(Some(pending)),
+                None => {
+                    b.overflows.fetch_add(1, Ordering::Relaxed);
+                    None
+                }
+            },
+        };
+        self.send_h2_via(&key, d.endpoint, req, || self.dial(d), admit).await
     }
 
     /// The HTTP/2 send, with `dial` opening the byte stream of a new connection (the source
     /// pod's socket, a tunnel stream or TLS in production; memory in tests).
-    async fn send_h2_via<F, Fut>(
+    async fn send_h2_via<F, Fut, P>(
         &self,
         key: &Key,
         endpoint: SocketAddr,
         req: Request<Body>,
         dial: F,
+        mut admit: impl FnMut() -> Option<P>,
     ) -> Result<(Response<UpstreamBody>, Instant), SendError>
     where
         F: Fn() -> Fut,
         Fut: Future<Output = Result<(UpstreamIo, Option<TunnelWatch>, ConnSlot), UpstreamError>>,
     {
-        let (slot, reused) = match self.h2_slot(key, endpoint, &dial).await {
+        let (slot, reused) = match self.h2_slot(key, endpoint, &dial, &mut admit).await {
             Ok(s) => s,
             Err(error) => return Err(SendError { error, request: Some(req) }),
         };
@@ -464,7 +477,7 @@ impl Upstreams {
                     self.h2.evict(slot.pooled(), Eviction::Closed);
                     drop(slot);
                     self.counters.retried_on_fresh_connection.fetch_add(1, Ordering::Relaxed);
-                    let (slot, _) = match self.h2_slot(key, endpoint, &dial).await {
+                    let (slot, _) = match self.h2_slot(key, endpoint, &dial, &mut admit).await {
                         Ok(s) => s,
                         Err(error) => return Err(SendError { error, request: Some(req) }),
                     };
@@ -487,17 +500,18 @@ impl Upstreams {
     /// A place for one request on a pooled HTTP/2 connection of `key`, connecting (once for
     /// all the requests that arrive meanwhile) when none has room. `true` if the connection
     /// was already there.
-    async fn h2_slot<F, Fut>(
+    async fn h2_slot<F, Fut, P>(
         &self,
         key: &Key,
         endpoint: SocketAddr,
         dial: &F,
+        admit: &mut impl FnMut() -> Option<P>,
     ) -> Result<(H2Slot, bool), UpstreamError>
     where
         F: Fn() -> Fut,
         Fut: Future<Output = Result<(UpstreamIo, Option<TunnelWatch>, ConnSlot), UpstreamError>>,
     {
-        match self.h2.checkout(key).await {
+        match self.h2.checkout_admitted(key, admit).await {
             Ok(Checkout::Ready(slot)) => Ok((Arc::new(slot), true)),
             Ok(Checkout::Connect(leader)) => match connect_h2(endpoint, dial).await {
                 Ok((conn, task)) => {
@@ -509,6 +523,7 @@ impl Upstreams {
             },
             Err(CheckoutError::Failed(e)) => Err(UpstreamError::shared(e)),
             Err(CheckoutError::TooManyWaiters) => Err(UpstreamError::Busy { endpoint }),
+            Err(CheckoutError::NotAdmitted) => Err(UpstreamError::Overflow(Overflow::Pending)),
         }
     }
 

@@ -244,7 +244,9 @@ impl HbonePool {
                 Err(e) => return Err(TunnelError::Shared(leader.fail(e))),
             },
             Err(CheckoutError::Failed(e)) => return Err(TunnelError::Shared(e)),
-            Err(CheckoutError::TooManyWaiters) => return Err(TunnelError::Busy { addr: hbone }),
+            Err(CheckoutError::TooManyWaiters | CheckoutError::NotAdmitted) => {
+                return Err(TunnelError::Busy { addr: hbone })
+            }
         };
         let mut request = Request::builder()
             .method(Method::CONNECT)

@@ -249,6 +249,9 @@ pub enum CheckoutError<E> {
     Failed(Arc<E>),
     /// Too many streams already wait for the key's handshake.
     TooManyWaiters,
+    /// The caller's admission refused to let this stream wait (a circuit breaker's
+    /// `maxPendingRequests`).
+    NotAdmitted,
 }
 
 /// The stream that makes the key's connection.
@@ -382,8 +385,18 @@ impl<K: Hash + Eq + Clone, C: Multiplexed, E> MuxPool<K, C, E> {
     /// A slot for one new stream of `key`: on a pooled connection with room, or after
     /// another stream's handshake for the key, or the order to connect.
     pub async fn checkout(&self, key: &K) -> Result<Checkout<'_, K, C, E>, CheckoutError<E>> {
+        self.checkout_admitted(key, || Some(())).await
+    }
+
+    /// As [`MuxPool::checkout`]; a stream that would wait for another's handshake first asks
+    /// `admit` for a permit, held while it waits (`None`: it does not wait, and fails).
+    pub async fn checkout_admitted<P>(
+        &self,
+        key: &K,
+        mut admit: impl FnMut() -> Option<P>,
+    ) -> Result<Checkout<'_, K, C, E>, CheckoutError<E>> {
         loop {
-            let (flight, mut state) = {
+            let (flight, mut state, permit) = {
                 let mut map = self.lock();
                 let at_bound = map.len() >= self.limits.max_keys;
                 let entry = match map.get_mut(key) {
@@ -422,9 +435,10 @@ impl<K: Hash + Eq + Clone, C: Multiplexed, E> MuxPool<K, C, E> {
                             self.stats.waiters_rejected.fetch_add(1, Ordering::Relaxed);
                             return Err(CheckoutError::TooManyWaiters);
                         }
+                        let Some(permit) = admit() else { return Err(CheckoutError::NotAdmitted) };
                         flight.waiters.fetch_add(1, Ordering::AcqRel);
                         self.stats.single_flight_waits.fetch_add(1, Ordering::Relaxed);
-                        (flight.clone(), flight.state.subscribe())
+                        (flight.clone(), flight.state.subscribe(), permit)
                     }
                     None if entry.conns.len() < self.limits.max_conns_per_key => {
                         let flight = Arc::new(Flight {
@@ -453,7 +467,7 @@ impl<K: Hash + Eq + Clone, C: Multiplexed, E> MuxPool<K, C, E> {
                     }
                 }
             };
-            let _waiting = Waiting(flight);
+            let _waiting = (Waiting(flight), permit);
             let failed = match state.wait_for(|s| !matches!(s, FlightState::Connecting)).await {
                 Ok(s) => match &*s {
                     FlightState::Failed(e) => Some(e.clone()),
@@ -678,7 +692,9 @@ mod tests {
                         }
                         Ok(Checkout::Ready(_)) => Ok(()),
                         Err(CheckoutError::Failed(e)) => Err(e.to_string()),
-                        Err(CheckoutError::TooManyWaiters) => Err("too many".into()),
+                        Err(e @ (CheckoutError::TooManyWaiters | CheckoutError::NotAdmitted)) => {
+                            Err(format!("{e:?}"))
+                        }
                     }
                 })
             })
@@ -732,6 +748,36 @@ mod tests {
         for w in waiters {
             w.await.unwrap().unwrap();
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn waiting_can_be_refused_by_the_caller() {
+        let pool = Arc::new(Pool::new(limits()));
+        let Ok(Checkout::Connect(leader)) = pool.checkout(&1).await else { panic!("first stream connects") };
+        // One permit to wait (a circuit breaker's maxPendingRequests of 1).
+        let permits = Arc::new(AtomicUsize::new(1));
+        let take = {
+            let permits = permits.clone();
+            move || {
+                permits
+                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                    .ok()
+                    .map(|_| ())
+            }
+        };
+        let waiter = tokio::spawn({
+            let (pool, take) = (pool.clone(), take.clone());
+            async move { pool.checkout_admitted(&1, take).await.map(|_| ()).map_err(|_| ()) }
+        });
+        until("a waiter", || pool.stats.single_flight_waits.load(Ordering::Relaxed) == 1).await;
+        assert!(matches!(pool.checkout_admitted(&1, take).await, Err(CheckoutError::NotAdmitted)));
+        assert_eq!(
+            pool.stats.single_flight_waits.load(Ordering::Relaxed),
+            1,
+            "the refused stream did not wait"
+        );
+        let _first = leader.finish(Fake::new(10));
+        waiter.await.unwrap().unwrap();
     }
 
     #[tokio::test(start_paused = true)]

@@ -118,7 +118,7 @@ async fn send(
     req: Request<Body>,
 ) -> Result<Response<UpstreamBody>, SendError> {
     let dial = || std::future::ready(servers.dial());
-    pool.send_h2_via(&key(), ENDPOINT, req, dial).await.map(|(resp, _)| resp)
+    pool.send_h2_via(&key(), ENDPOINT, req, dial, || Some(())).await.map(|(resp, _)| resp)
 }
 
 fn stat(pool: &Upstreams, name: &str) -> u64 {
@@ -151,7 +151,7 @@ async fn concurrent_first_requests_share_one_handshake() {
                         servers.dial()
                     }
                 };
-                let result = pool.send_h2_via(&key(), ENDPOINT, get(), dial).await;
+                let result = pool.send_h2_via(&key(), ENDPOINT, get(), dial, || Some(())).await;
                 result.map(|(resp, _)| resp.status()).map_err(|e| e.error.to_string())
             })
         })
@@ -183,7 +183,7 @@ async fn a_failed_connect_fails_every_waiting_request_with_the_request_back() {
                         servers.dial()
                     }
                 };
-                pool.send_h2_via(&key(), ENDPOINT, get(), dial).await.err().expect("refused")
+                pool.send_h2_via(&key(), ENDPOINT, get(), dial, || Some(())).await.err().expect("refused")
             })
         })
         .collect();
