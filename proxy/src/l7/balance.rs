@@ -590,15 +590,29 @@ impl Balancer {
 
     /// Removes the states `drop` selects among those with nothing in flight, then recomputes
     /// the ejection horizon from what is left (a removed endpoint's ejection no longer counts).
+    /// The scans run under the read lock, so picks go on meanwhile; the write lock is taken
+    /// only to remove what was found.
     fn remove_where(&self, drop: impl Fn(&SocketAddr, &EndpointLoad) -> bool) {
         let _decide = self.ejections.lock().unwrap_or_else(|p| p.into_inner());
-        let mut loads = self.loads.write().unwrap_or_else(|p| p.into_inner());
-        let before = loads.len();
-        loads.retain(|addr, load| load.pending() > 0 || !drop(addr, load));
-        if loads.len() == before {
+        let doomed = |addr: &SocketAddr, load: &EndpointLoad| load.pending() == 0 && drop(addr, load);
+        let found: Vec<SocketAddr> = {
+            let loads = self.loads.read().unwrap_or_else(|p| p.into_inner());
+            loads.iter().filter(|(addr, load)| doomed(addr, load)).map(|(addr, _)| *addr).collect()
+        };
+        if found.is_empty() {
             return;
         }
+        {
+            let mut loads = self.loads.write().unwrap_or_else(|p| p.into_inner());
+            for addr in found {
+                // Picked again since the scan: it stays.
+                if loads.get(&addr).is_some_and(|load| doomed(&addr, load)) {
+                    loads.remove(&addr);
+                }
+            }
+        }
         let now = Instant::now();
+        let loads = self.loads.read().unwrap_or_else(|p| p.into_inner());
         let horizon =
             loads.values().filter_map(|l| l.ejected_until_at(now)).max().map_or(0, |u| self.nanos(u));
         self.ejection_horizon.store(horizon, Ordering::Release);
