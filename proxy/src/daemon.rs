@@ -357,7 +357,9 @@ async fn reap_upstreams(dp: Arc<crate::l4::DataPath>) {
                 .collect();
             let backends: HashSet<u64> = model
                 .services()
-                .flat_map(|s| s.ports.iter().map(|p| balance_key(&s.namespace, &s.name, p.port)).collect::<Vec<_>>())
+                .flat_map(|s| {
+                    s.ports.iter().map(|p| balance_key(&s.namespace, &s.name, p.port)).collect::<Vec<_>>()
+                })
                 .chain(model.service_entries().flat_map(|e| {
                     e.ports.iter().map(|p| balance_key(&e.namespace, &e.name, p.number)).collect::<Vec<_>>()
                 }))

@@ -202,7 +202,15 @@ async fn forward_opaque(
                 observed.report(&dp, &pod, &guard.entry, true, true);
                 // `stream.slot`, the stream's place in its tunnel's count, drops at the end of
                 // this arm: after the pump is done with both halves.
-                pump::tcp_h2(client, prefix, stream.send, stream.recv, &guard.entry.sent, &guard.entry.received).await;
+                pump::tcp_h2(
+                    client,
+                    prefix,
+                    stream.send,
+                    stream.recv,
+                    &guard.entry.sent,
+                    &guard.entry.received,
+                )
+                .await;
                 observed.report(&dp, &pod, &guard.entry, true, false);
                 return;
             }

@@ -479,7 +479,12 @@ impl Collector for SluiceMetrics {
             labelled(&mut e, name, help, MetricType::Counter, "event", &stats.snapshot())?;
         }
         let (states, state_overflow) = dp.l7.balancer.state_stats();
-        gauge(&mut e, "sluice_balancer_endpoint_states", "Endpoints the balancer keeps load state for.", states as u64)?;
+        gauge(
+            &mut e,
+            "sluice_balancer_endpoint_states",
+            "Endpoints the balancer keeps load state for.",
+            states as u64,
+        )?;
         counter(
             &mut e,
             "sluice_balancer_state_overflow",
