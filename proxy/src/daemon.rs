@@ -421,26 +421,50 @@ fn start_admin_thread(
     Ok(readiness)
 }
 
-/// Closes idle upstream connections past their time, and forgets the load state of endpoints
-/// that left every Service.
+/// Closes idle HTTP/1.1 upstream connections past their time and evicts pooled connections
+/// that stopped taking streams (GOAWAY); forgets the balancer state of endpoints that left
+/// every Service (at a model change) and of other addresses once idle; forgets round-robin
+/// positions of backends that are gone.
 async fn reap_upstreams(dp: Arc<crate::l4::DataPath>) {
+    use crate::l7::plan::balance_key;
+    use std::{collections::HashSet, net::SocketAddr};
     let mut tick = tokio::time::interval(Duration::from_secs(2));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut generation = u64::MAX;
+    // Every Service endpoint of the current model: their balancer state is kept while they
+    // are there; any other address's state expires once idle.
+    let mut live: HashSet<SocketAddr> = HashSet::new();
     loop {
         tick.tick().await;
         dp.l7.upstreams.reap();
+        dp.pool.sweep();
         let model = dp.model.load();
         if model.generation() != generation {
             generation = model.generation();
-            let live: std::collections::HashSet<std::net::SocketAddr> =
-                model.services().flat_map(|s| {
-                    (0..s.ports.len()).filter_map(|i| model.service_port(&s.namespace, &s.name, s.ports[i].port))
+            live = model
+                .services()
+                .flat_map(|s| {
+                    s.ports
+                        .iter()
+                        .filter_map(|p| model.service_port(&s.namespace, &s.name, p.port))
                         .flat_map(|t| t.endpoints().iter().copied())
                         .collect::<Vec<_>>()
-                }).collect();
+                })
+                .collect();
+            let backends: HashSet<u64> = model
+                .services()
+                .flat_map(|s| {
+                    s.ports.iter().map(|p| balance_key(&s.namespace, &s.name, p.port)).collect::<Vec<_>>()
+                })
+                .chain(model.service_entries().flat_map(|e| {
+                    e.ports.iter().map(|p| balance_key(&e.namespace, &e.name, p.number)).collect::<Vec<_>>()
+                }))
+                .collect();
+            // Endpoints that left the model are forgotten now (with their ejections).
             dp.l7.balancer.retain(|a| live.contains(a));
+            dp.l7.balancer.retain_backends(|k| backends.contains(&k));
         }
+        dp.l7.balancer.expire_idle(|a| live.contains(a), std::time::Instant::now());
     }
 }
 

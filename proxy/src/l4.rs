@@ -220,12 +220,15 @@ async fn forward_opaque(
 
     if let Some(peer_id) = mesh_peer {
         match open_tunnel(&pod, &dp, &peer_id, endpoint, None).await {
-            Ok((send, recv, _)) => {
+            Ok(stream) => {
                 let guard = dp.conns.open(&pod.stats, new_conn(&pod, peer, orig, &target, endpoint, Some(&peer_id)));
                 debug!(pod = %pod.key, dst = %orig, %endpoint, peer = %peer_id, id = guard.entry.id, "forwarding through tunnel");
                 observed.report(&dp, &pod, &guard.entry, true, true);
+                // `stream.slot`, the stream's place in its tunnel's count, drops at the end of
+                // this arm: after the pump is done with both halves.
                 let (sent, received) = (&guard.entry.sent, &guard.entry.received);
-                dp.idle.run(pump::tcp_h2(client, prefix, send, recv, sent, received), sent, received).await;
+                let pumped = pump::tcp_h2(client, prefix, stream.send, stream.recv, sent, received);
+                dp.idle.run(pumped, sent, received).await;
                 observed.report(&dp, &pod, &guard.entry, true, false);
                 return;
             }
@@ -350,7 +353,7 @@ pub(crate) async fn open_tunnel(
     peer_id: &SpiffeId,
     endpoint: SocketAddr,
     l7: Option<&'static str>,
-) -> Result<(h2::SendStream<bytes::Bytes>, h2::RecvStream, crate::transport::TunnelWatch), TunnelError> {
+) -> Result<crate::transport::TunnelStream, TunnelError> {
     let tls = dp
         .identity
         .client_config(&pod.identity, peer_id.clone())

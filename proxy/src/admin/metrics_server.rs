@@ -464,6 +464,33 @@ impl Collector for SluiceMetrics {
             "kind",
             &[("http1_idle", idle_h1 as u64), ("http2", h2 as u64), ("hbone", dp.pool.len() as u64)],
         )?;
+        for (name, help, stats) in [
+            (
+                "sluice_hbone_pool_events",
+                "HBONE tunnel pool: connections made, single-flight waits, bounds hit, evictions by reason.",
+                dp.pool.stats(),
+            ),
+            (
+                "sluice_upstream_h2_pool_events",
+                "Upstream HTTP/2 pool: connections made, single-flight waits, bounds hit, evictions by reason.",
+                dp.l7.upstreams.h2_stats(),
+            ),
+        ] {
+            labelled(&mut e, name, help, MetricType::Counter, "event", &stats.snapshot())?;
+        }
+        let (states, state_overflow) = dp.l7.balancer.state_stats();
+        gauge(
+            &mut e,
+            "sluice_balancer_endpoint_states",
+            "Endpoints the balancer keeps load state for.",
+            states as u64,
+        )?;
+        counter(
+            &mut e,
+            "sluice_balancer_state_overflow",
+            "New addresses balanced without kept state because the state map was full.",
+            state_overflow,
+        )?;
 
         // Telemetry itself.
         counter(

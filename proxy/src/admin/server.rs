@@ -114,6 +114,19 @@ impl AdminState {
         let (idle_h1, h2) = self.data.l7.upstreams.sizes();
         all.insert("upstream_idle_http1".to_string(), idle_h1 as u64);
         all.insert("upstream_http2".to_string(), h2 as u64);
+        // The multiplexed pools: single flight, bounds hit, evictions by reason.
+        for (name, value) in self.data.pool.stats().snapshot() {
+            all.insert(format!("hbone_pool_{name}"), value);
+        }
+        for (name, value) in self.data.l7.upstreams.h2_stats().snapshot() {
+            all.insert(format!("upstream_h2_pool_{name}"), value);
+        }
+        let balancer = &self.data.l7.balancer;
+        let (states, overflow) = balancer.state_stats();
+        all.insert("balancer_endpoint_states".to_string(), states as u64);
+        all.insert("balancer_state_overflow".to_string(), overflow);
+        let ejected = balancer.ejected(std::time::Instant::now());
+        all.insert("balancer_ejected_endpoints".to_string(), ejected as u64);
         all.insert("hbone_fallback_plaintext".to_string(), self.data.tunnel_fallbacks.load(Ordering::Relaxed));
         all.insert("self_connection_refused".to_string(), self.data.loop_guard.refused.load(Ordering::Relaxed));
         let adm = &self.data.admission;

@@ -21,6 +21,14 @@
 //! dispatch on a ready connection to its response headers: connection set-up (TCP, the mTLS
 //! tunnel) is not the endpoint being slow.
 //!
+//! State is kept only where there is something to balance: a pick among one address (a pod
+//! dialled directly, a single-endpoint target) creates none. The map is bounded
+//! ([`MAX_ENDPOINT_STATES`]); addresses that are no Service endpoint (DNS or static
+//! ServiceEntry endpoints) are forgotten after [`OUTSIDE_IDLE`] without a request, and
+//! endpoints that left the model at the next model change. Whether any endpoint is ejected is
+//! derived from the ejections' end times, so a forgotten or expired ejection cannot keep every
+//! request on the slow path.
+//!
 //! The choice between the two candidates is weighted, not absolute: the cheaper one wins with
 //! probability `cost_other / (cost_a + cost_b)`. With equal endpoints and sub-millisecond
 //! latencies, measurement noise is as large as the latencies themselves; comparing strictly
@@ -45,6 +53,12 @@ use crate::discovery::traffic::OutlierDetection;
 
 /// The least weight one response has in the estimate (when it is faster than the estimate).
 const MIN_WEIGHT: f64 = 0.25;
+
+/// Endpoint states kept at most. Far above the endpoints one node sends requests to; past it,
+/// a new address is balanced with a throwaway state (counted in `state_overflow`).
+pub const MAX_ENDPOINT_STATES: usize = 65_536;
+/// An address that is no Service endpoint loses its state after this long without a pick.
+pub const OUTSIDE_IDLE: Duration = Duration::from_secs(60);
 
 /// How requests are spread over a backend's endpoints.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, clap::ValueEnum)]
@@ -82,6 +96,8 @@ impl Default for EwmaConfig {
 pub struct EndpointLoad {
     pending: AtomicU32,
     requests: AtomicU64,
+    /// When it was last picked, in nanoseconds since the balancer's epoch.
+    last_pick: AtomicU64,
     ewma: Mutex<Ewma>,
     outlier: Mutex<OutlierState>,
 }
@@ -107,9 +123,18 @@ impl EndpointLoad {
         Self {
             pending: AtomicU32::new(0),
             requests: AtomicU64::new(0),
+            last_pick: AtomicU64::new(0),
             ewma: Mutex::new(Ewma { estimate_ns: cfg.default_rtt.as_nanos() as f64, at: now, fresh: true }),
             outlier: Mutex::default(),
         }
+    }
+
+    /// A state that is not kept (the map is full): it counts at the default estimate, not as a
+    /// new endpoint to probe, or it would win every pick.
+    fn throwaway(cfg: &EwmaConfig, now: Instant) -> Self {
+        let load = Self::new(cfg, now);
+        load.ewma.lock().unwrap_or_else(|p| p.into_inner()).fresh = false;
+        load
     }
 
     /// `estimate × (pending + 1)`, in nanoseconds.
@@ -160,7 +185,11 @@ impl EndpointLoad {
 
     /// When the current ejection ends, if ejected.
     pub fn ejected_until(&self) -> Option<Instant> {
-        self.outlier.lock().unwrap_or_else(|p| p.into_inner()).until.filter(|u| *u > Instant::now())
+        self.ejected_until_at(Instant::now())
+    }
+
+    fn ejected_until_at(&self, now: Instant) -> Option<Instant> {
+        self.outlier.lock().unwrap_or_else(|p| p.into_inner()).until.filter(|u| *u > now)
     }
 
     pub fn requests(&self) -> u64 {
@@ -205,10 +234,20 @@ struct OutlierState {
     last_ejection: Option<Instant>,
 }
 
+impl OutlierState {
+    /// A streak of errors reached one of the configured thresholds.
+    fn tripped(&self, cfg: &OutlierDetection) -> bool {
+        (cfg.consecutive_5xx > 0 && self.c5xx >= cfg.consecutive_5xx)
+            || (cfg.consecutive_gateway_errors > 0 && self.gateway >= cfg.consecutive_gateway_errors)
+            || (cfg.consecutive_connect_failures > 0 && self.connect >= cfg.consecutive_connect_failures)
+    }
+}
+
 /// One request in flight to an endpoint. Counts as pending until it completes; completing it
 /// with a latency feeds the estimate, dropping it (the request failed or was cancelled) does not.
+/// A pick among a single address has no state to feed.
 pub struct InFlight {
-    load: Arc<EndpointLoad>,
+    load: Option<Arc<EndpointLoad>>,
     started: Instant,
     tau_ns: f64,
 }
@@ -217,8 +256,10 @@ impl InFlight {
     /// The response headers arrived: record the latency since the request was dispatched on
     /// a ready connection (`dispatched`; connection set-up is not the endpoint's latency).
     pub fn complete(self, dispatched: Instant) {
-        let now = Instant::now();
-        self.load.observe(now.saturating_duration_since(dispatched.max(self.started)), now, self.tau_ns);
+        if let Some(load) = &self.load {
+            let now = Instant::now();
+            load.observe(now.saturating_duration_since(dispatched.max(self.started)), now, self.tau_ns);
+        }
         // Drop decrements pending.
     }
 
@@ -232,24 +273,62 @@ impl InFlight {
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.load.pending.fetch_sub(1, Ordering::Relaxed);
+        if let Some(load) = &self.load {
+            load.pending.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 }
 
 /// Node-wide load state of every endpoint sluice sends requests to, and the picker.
 pub struct Balancer {
-    /// Endpoints currently ejected (a fast path for the common case of none).
-    ejected: std::sync::atomic::AtomicUsize,
+    /// When the last current ejection ends, in nanoseconds since `epoch`: before then some
+    /// endpoint may be ejected, after it none is (the fast path of a pick). Derived from the
+    /// ejections themselves, so nothing has to be counted down: raised by each ejection,
+    /// recomputed when states are removed.
+    ejection_horizon: AtomicU64,
+    /// Serializes ejection decisions (the share already ejected is read across endpoints) and
+    /// the horizon's recomputation. Taken with no endpoint's lock held.
+    ejections: Mutex<()>,
+    epoch: Instant,
     policy: LbPolicy,
     cfg: EwmaConfig,
     loads: RwLock<HashMap<SocketAddr, Arc<EndpointLoad>>>,
+    /// New addresses balanced without a kept state because the map was full.
+    state_overflow: AtomicU64,
     /// Round-robin positions per backend (by a caller-chosen key).
     rr: RwLock<HashMap<u64, Arc<AtomicUsize>>>,
 }
 
 impl Balancer {
     pub fn new(policy: LbPolicy, cfg: EwmaConfig) -> Self {
-        Self { ejected: Default::default(), policy, cfg, loads: RwLock::default(), rr: RwLock::default() }
+        Self {
+            ejection_horizon: AtomicU64::new(0),
+            ejections: Mutex::new(()),
+            epoch: Instant::now(),
+            policy,
+            cfg,
+            loads: RwLock::default(),
+            state_overflow: AtomicU64::new(0),
+            rr: RwLock::default(),
+        }
+    }
+
+    fn nanos(&self, at: Instant) -> u64 {
+        at.saturating_duration_since(self.epoch).as_nanos() as u64
+    }
+
+    /// Whether some endpoint may be ejected at `now`.
+    fn any_ejected(&self, now: Instant) -> bool {
+        self.nanos(now) < self.ejection_horizon.load(Ordering::Acquire)
+    }
+
+    /// (endpoint states kept, new addresses balanced without one because the map was full),
+    /// for the admin view.
+    pub fn state_stats(&self) -> (usize, u64) {
+        (
+            self.loads.read().unwrap_or_else(|p| p.into_inner()).len(),
+            self.state_overflow.load(Ordering::Relaxed),
+        )
     }
 
     pub fn policy(&self) -> LbPolicy {
@@ -276,17 +355,32 @@ impl Balancer {
         avoid: &[SocketAddr],
         min_health_percent: u32,
     ) -> Option<(SocketAddr, InFlight)> {
-        let now = Instant::now();
-        if avoid.is_empty() && self.ejected.load(Ordering::Relaxed) == 0 {
+        self.pick_avoiding_at(backend_key, endpoints, avoid, min_health_percent, Instant::now())
+    }
+
+    fn pick_avoiding_at(
+        &self,
+        backend_key: u64,
+        endpoints: &[SocketAddr],
+        avoid: &[SocketAddr],
+        min_health_percent: u32,
+        now: Instant,
+    ) -> Option<(SocketAddr, InFlight)> {
+        if avoid.is_empty() && !self.any_ejected(now) {
             return self.pick_at(backend_key, endpoints, now);
         }
-        let healthy: Vec<SocketAddr> =
-            endpoints.iter().copied().filter(|a| !self.load(*a, now).is_ejected(now)).collect();
-        let usable = if healthy.is_empty() || healthy.len() * 100 < endpoints.len() * min_health_percent as usize {
-            endpoints
-        } else {
-            &healthy[..]
-        };
+        // An address without state was never ejected.
+        let healthy: Vec<SocketAddr> = endpoints
+            .iter()
+            .copied()
+            .filter(|a| !self.endpoint(*a).is_some_and(|l| l.is_ejected(now)))
+            .collect();
+        let usable =
+            if healthy.is_empty() || healthy.len() * 100 < endpoints.len() * min_health_percent as usize {
+                endpoints
+            } else {
+                &healthy[..]
+            };
         let fresh: Vec<SocketAddr> = usable.iter().copied().filter(|a| !avoid.contains(a)).collect();
         let set = if fresh.is_empty() { usable } else { &fresh[..] };
         self.pick_at(backend_key, set, now)
@@ -301,73 +395,102 @@ impl Balancer {
         cfg: &OutlierDetection,
         set: &[SocketAddr],
     ) -> Option<Duration> {
-        let now = Instant::now();
-        let load = self.load(endpoint, now);
-        let mut st = load.outlier.lock().unwrap_or_else(|p| p.into_inner());
-        if st.until.is_some_and(|u| u <= now) {
-            st.until = None;
-            self.ejected.fetch_sub(1, Ordering::Relaxed);
-        }
-        // An ejection is forgiven one step per interval without a new one (Envoy).
-        if let Some(last) = st.last_ejection {
-            let quiet = now.saturating_duration_since(last).as_nanos() / cfg.interval.max(Duration::from_millis(1)).as_nanos();
-            if quiet > 0 && st.until.is_none() {
-                st.ejections = st.ejections.saturating_sub(quiet as u32);
-                st.last_ejection = Some(now);
+        self.record_outcome_at(endpoint, outcome, cfg, set, Instant::now())
+    }
+
+    fn record_outcome_at(
+        &self,
+        endpoint: SocketAddr,
+        outcome: Outcome,
+        cfg: &OutlierDetection,
+        set: &[SocketAddr],
+        now: Instant,
+    ) -> Option<Duration> {
+        // The last endpoint of a set is never ejected: a single address keeps no state for it.
+        let load = if set.len() > 1 { self.load(endpoint, now) } else { self.endpoint(endpoint)? };
+        {
+            let mut st = load.outlier.lock().unwrap_or_else(|p| p.into_inner());
+            if st.until.is_some_and(|u| u <= now) {
+                st.until = None;
             }
-        }
-        match outcome {
-            Outcome::Success => {
-                st.c5xx = 0;
-                st.gateway = 0;
-                st.connect = 0;
+            // An ejection is forgiven one step per interval without a new one (Envoy).
+            if let Some(last) = st.last_ejection {
+                let quiet = now.saturating_duration_since(last).as_nanos()
+                    / cfg.interval.max(Duration::from_millis(1)).as_nanos();
+                if quiet > 0 && st.until.is_none() {
+                    st.ejections = st.ejections.saturating_sub(quiet as u32);
+                    st.last_ejection = Some(now);
+                }
+            }
+            match outcome {
+                Outcome::Success => {
+                    st.c5xx = 0;
+                    st.gateway = 0;
+                    st.connect = 0;
+                    return None;
+                }
+                Outcome::Error5xx => {
+                    st.c5xx += 1;
+                    st.gateway = 0;
+                    st.connect = 0;
+                }
+                Outcome::Gateway => {
+                    st.c5xx += 1;
+                    st.gateway += 1;
+                    st.connect = 0;
+                }
+                Outcome::ConnectFailure => {
+                    st.c5xx += 1;
+                    st.gateway += 1;
+                    st.connect += 1;
+                }
+            }
+            if !st.tripped(cfg) || st.until.is_some() {
                 return None;
             }
-            Outcome::Error5xx => {
-                st.c5xx += 1;
-                st.gateway = 0;
-                st.connect = 0;
-            }
-            Outcome::Gateway => {
-                st.c5xx += 1;
-                st.gateway += 1;
-                st.connect = 0;
-            }
-            Outcome::ConnectFailure => {
-                st.c5xx += 1;
-                st.gateway += 1;
-                st.connect += 1;
-            }
         }
-        let tripped = (cfg.consecutive_5xx > 0 && st.c5xx >= cfg.consecutive_5xx)
-            || (cfg.consecutive_gateway_errors > 0 && st.gateway >= cfg.consecutive_gateway_errors)
-            || (cfg.consecutive_connect_failures > 0 && st.connect >= cfg.consecutive_connect_failures);
-        if !tripped || st.until.is_some() {
-            return None;
-        }
+        // The decision reads other endpoints' states: without this endpoint's lock (two
+        // endpoints tripping at once would otherwise wait for each other's), one decision at
+        // a time.
+        let _decide = self.ejections.lock().unwrap_or_else(|p| p.into_inner());
         // Never eject more than maxEjectionPercent of the set, but at least one endpoint when
         // the share allows any (10 % of 3 endpoints rounds down to none, which would make
         // outlier detection useless on small Services; Envoy's `always_eject_one_host`), and
         // always leave one.
-        let ejected_now = set.iter().filter(|a| **a != endpoint && self.endpoint(**a).is_some_and(|l| l.is_ejected(now))).count();
+        let ejected_now = set
+            .iter()
+            .filter(|a| **a != endpoint && self.endpoint(**a).is_some_and(|l| l.is_ejected(now)))
+            .count();
         let share = set.len() * cfg.max_ejection_percent as usize / 100;
         let floor = usize::from(cfg.max_ejection_percent > 0);
         let max = share.max(floor).min(set.len().saturating_sub(1));
         if ejected_now + 1 > max {
             return None;
         }
+        let mut st = load.outlier.lock().unwrap_or_else(|p| p.into_inner());
+        // Outcomes that came in meanwhile count (a success resets the streak).
+        if !st.tripped(cfg) || st.until.is_some_and(|u| u > now) {
+            return None;
+        }
         st.ejections += 1;
         let time = cfg.base_ejection_time * st.ejections.min(MAX_EJECTION_MULTIPLIER);
-        st.until = Some(now + time);
+        let until = now + time;
+        st.until = Some(until);
         st.last_ejection = Some(now);
         st.c5xx = 0;
         st.gateway = 0;
         st.connect = 0;
-        self.ejected.fetch_add(1, Ordering::Relaxed);
+        drop(st);
+        self.ejection_horizon.fetch_max(self.nanos(until), Ordering::AcqRel);
         Some(time)
     }
 
-    fn pick_at(&self, backend_key: u64, endpoints: &[SocketAddr], now: Instant) -> Option<(SocketAddr, InFlight)> {
+    fn pick_at(
+        &self,
+        backend_key: u64,
+        endpoints: &[SocketAddr],
+        now: Instant,
+    ) -> Option<(SocketAddr, InFlight)> {
         let i = match (endpoints.len(), self.policy) {
             (0, _) => return None,
             (1, _) => 0,
@@ -380,12 +503,19 @@ impl Balancer {
                     b += 1;
                 }
                 let tau = self.cfg.tau.as_nanos() as f64;
-                let (ca, cb) = (self.load(endpoints[a], now).cost(now, tau), self.load(endpoints[b], now).cost(now, tau));
+                let (ca, cb) = (
+                    self.load(endpoints[a], now).cost(now, tau),
+                    self.load(endpoints[b], now).cost(now, tau),
+                );
                 // The cheaper candidate wins with probability cost_other / (cost_a + cost_b),
                 // not always: see the module docs.
                 let total = ca + cb;
                 if total <= 0.0 || !total.is_finite() {
-                    if cb < ca { b } else { a }
+                    if cb < ca {
+                        b
+                    } else {
+                        a
+                    }
                 } else if fastrand::f64() * total < ca {
                     b
                 } else {
@@ -394,9 +524,15 @@ impl Balancer {
             }
         };
         let addr = endpoints[i];
-        let load = self.load(addr, now);
-        load.pending.fetch_add(1, Ordering::Relaxed);
-        load.requests.fetch_add(1, Ordering::Relaxed);
+        // One candidate: nothing to balance, so no state is made for it (a pod dialling
+        // addresses outside any Service must not grow the map); an endpoint that has one
+        // (it is also in a larger set) still counts the request.
+        let load = if endpoints.len() > 1 { Some(self.load(addr, now)) } else { self.endpoint(addr) };
+        if let Some(load) = &load {
+            load.pending.fetch_add(1, Ordering::Relaxed);
+            load.requests.fetch_add(1, Ordering::Relaxed);
+            load.last_pick.store(self.nanos(now), Ordering::Relaxed);
+        }
         Some((addr, InFlight { load, started: now, tau_ns: self.cfg.tau.as_nanos() as f64 }))
     }
 
@@ -404,11 +540,21 @@ impl Balancer {
         if let Some(l) = self.loads.read().unwrap_or_else(|p| p.into_inner()).get(&addr) {
             return l.clone();
         }
-        self.loads
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
+        let mut loads = self.loads.write().unwrap_or_else(|p| p.into_inner());
+        if loads.len() >= MAX_ENDPOINT_STATES && !loads.contains_key(&addr) {
+            drop(loads);
+            self.state_overflow.fetch_add(1, Ordering::Relaxed);
+            return Arc::new(EndpointLoad::throwaway(&self.cfg, now));
+        }
+        let created = self.nanos(now);
+        loads
             .entry(addr)
-            .or_insert_with(|| Arc::new(EndpointLoad::new(&self.cfg, now)))
+            .or_insert_with(|| {
+                let load = EndpointLoad::new(&self.cfg, now);
+                // Its idle time runs from now, not from the balancer's start.
+                load.last_pick.store(created, Ordering::Relaxed);
+                Arc::new(load)
+            })
             .clone()
     }
 
@@ -427,10 +573,54 @@ impl Balancer {
     /// Forgets endpoints that are in none of the current backends and have nothing in flight
     /// (control path, after a model change).
     pub fn retain(&self, keep: impl Fn(&SocketAddr) -> bool) {
-        self.loads
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .retain(|addr, load| keep(addr) || load.pending() > 0);
+        self.remove_where(|addr, _| !keep(addr));
+    }
+
+    /// Forgets addresses that are in none of the current backends (DNS or static ServiceEntry
+    /// endpoints) and were not picked for [`OUTSIDE_IDLE`] (control path, periodically).
+    pub fn expire_idle(&self, keep: impl Fn(&SocketAddr) -> bool, now: Instant) {
+        let idle_before = self.nanos(now).saturating_sub(OUTSIDE_IDLE.as_nanos() as u64);
+        self.remove_where(|addr, load| !keep(addr) && load.last_pick.load(Ordering::Relaxed) <= idle_before);
+    }
+
+    /// Forgets round-robin positions of backends that are no longer there (control path).
+    pub fn retain_backends(&self, keep: impl Fn(u64) -> bool) {
+        self.rr.write().unwrap_or_else(|p| p.into_inner()).retain(|k, _| keep(*k));
+    }
+
+    /// Removes the states `drop` selects among those with nothing in flight, then recomputes
+    /// the ejection horizon from what is left (a removed endpoint's ejection no longer counts).
+    /// The scans run under the read lock, so picks go on meanwhile; the write lock is taken
+    /// only to remove what was found.
+    fn remove_where(&self, drop: impl Fn(&SocketAddr, &EndpointLoad) -> bool) {
+        let _decide = self.ejections.lock().unwrap_or_else(|p| p.into_inner());
+        let doomed = |addr: &SocketAddr, load: &EndpointLoad| load.pending() == 0 && drop(addr, load);
+        let found: Vec<SocketAddr> = {
+            let loads = self.loads.read().unwrap_or_else(|p| p.into_inner());
+            loads.iter().filter(|(addr, load)| doomed(addr, load)).map(|(addr, _)| *addr).collect()
+        };
+        if found.is_empty() {
+            return;
+        }
+        {
+            let mut loads = self.loads.write().unwrap_or_else(|p| p.into_inner());
+            for addr in found {
+                // Picked again since the scan: it stays.
+                if loads.get(&addr).is_some_and(|load| doomed(&addr, load)) {
+                    loads.remove(&addr);
+                }
+            }
+        }
+        let now = Instant::now();
+        let loads = self.loads.read().unwrap_or_else(|p| p.into_inner());
+        let horizon =
+            loads.values().filter_map(|l| l.ejected_until_at(now)).max().map_or(0, |u| self.nanos(u));
+        self.ejection_horizon.store(horizon, Ordering::Release);
+    }
+
+    /// The number of endpoints ejected at `now` (for the admin view and tests; a scan).
+    pub fn ejected(&self, now: Instant) -> usize {
+        self.loads.read().unwrap_or_else(|p| p.into_inner()).values().filter(|l| l.is_ejected(now)).count()
     }
 }
 
@@ -471,7 +661,7 @@ mod tests {
             let Some(k) = (0..in_flight.len()).min_by_key(|&k| in_flight[k].0) else { break };
             let (done, inflight) = in_flight.swap_remove(k);
             now = done;
-            inflight.load.observe(now - inflight.started, now, inflight.tau_ns);
+            inflight.load.as_ref().unwrap().observe(now - inflight.started, now, inflight.tau_ns);
         }
         counts
     }
@@ -572,7 +762,11 @@ mod tests {
         let eps = addrs(4);
         let cfg = OutlierDetection { consecutive_5xx: 3, ..outlier_cfg() };
         assert_eq!(b.record_outcome(eps[0], Outcome::Error5xx, &cfg, &eps), None);
-        assert_eq!(b.record_outcome(eps[0], Outcome::Success, &cfg, &eps), None, "a success resets the count");
+        assert_eq!(
+            b.record_outcome(eps[0], Outcome::Success, &cfg, &eps),
+            None,
+            "a success resets the count"
+        );
         for _ in 0..2 {
             assert_eq!(b.record_outcome(eps[0], Outcome::Gateway, &cfg, &eps), None);
         }
@@ -593,12 +787,16 @@ mod tests {
         assert!(!b.endpoint(eps[2]).unwrap().is_ejected(Instant::now()));
         // Ejection ends after its time; the next ejection lasts longer.
         std::thread::sleep(Duration::from_millis(210));
-        let seen: std::collections::HashSet<_> = (0..300).map(|_| b.pick_avoiding(1, &eps, &[], 0).unwrap().0).collect();
+        let seen: std::collections::HashSet<_> =
+            (0..300).map(|_| b.pick_avoiding(1, &eps, &[], 0).unwrap().0).collect();
         assert!(seen.contains(&eps[0]), "back in rotation after its ejection time");
         for _ in 0..3 {
             b.record_outcome(eps[0], Outcome::Error5xx, &cfg, &eps);
         }
-        assert!(b.endpoint(eps[0]).unwrap().ejected_until().unwrap() > Instant::now() + Duration::from_millis(300));
+        assert!(
+            b.endpoint(eps[0]).unwrap().ejected_until().unwrap()
+                > Instant::now() + Duration::from_millis(300)
+        );
     }
 
     #[test]
@@ -642,5 +840,131 @@ mod tests {
         assert!(counts.values().all(|c| (800..=1200).contains(c)), "{counts:?}");
         assert!(random.pick(9, &[]).is_none());
     }
-}
 
+    #[test]
+    fn a_single_address_keeps_no_state() {
+        let b = Balancer::new(LbPolicy::P2cEwma, EwmaConfig::default());
+        let dialled = SocketAddr::from(([192, 0, 2, 1], 8080));
+        let cfg = OutlierDetection { consecutive_5xx: 1, ..outlier_cfg() };
+        for i in 0..1000u16 {
+            // A pod dialling ever new addresses outside any Service.
+            let addr = SocketAddr::new(dialled.ip(), 1000 + i);
+            let (picked, inflight) = b.pick_avoiding(0, &[addr], &[], 0).unwrap();
+            assert_eq!(picked, addr);
+            inflight.complete(Instant::now());
+            assert_eq!(
+                b.record_outcome(addr, Outcome::Error5xx, &cfg, &[addr]),
+                None,
+                "the last endpoint stays"
+            );
+        }
+        assert_eq!(b.state_stats(), (0, 0));
+        // An endpoint that has state (it is in a larger set too) still counts its requests.
+        let eps = addrs(2);
+        drop(b.pick(1, &eps));
+        let before = b.endpoint(eps[0]).unwrap().requests();
+        let (_, inflight) = b.pick(2, &eps[..1]).unwrap();
+        assert_eq!(b.endpoint(eps[0]).unwrap().pending(), 1);
+        drop(inflight);
+        assert_eq!(b.endpoint(eps[0]).unwrap().requests(), before + 1);
+    }
+
+    #[test]
+    fn addresses_outside_the_model_expire_once_idle() {
+        let b = Balancer::new(LbPolicy::P2cEwma, EwmaConfig::default());
+        let t0 = Instant::now();
+        // Two DNS answers of a ServiceEntry, and two Service endpoints.
+        let outside =
+            [SocketAddr::from(([198, 51, 100, 1], 443)), SocketAddr::from(([198, 51, 100, 2], 443))];
+        let service = addrs(2);
+        drop(b.pick_at(1, &outside, t0));
+        drop(b.pick_at(2, &service, t0));
+        let held = b.pick_at(1, &outside, t0 + Duration::from_secs(30)).unwrap();
+        assert_eq!(b.state_stats().0, 4);
+        let live = |a: &SocketAddr| service.contains(a);
+        b.expire_idle(live, t0 + Duration::from_secs(59));
+        assert_eq!(b.state_stats().0, 4, "picked less than a minute ago");
+        b.expire_idle(live, t0 + Duration::from_secs(61));
+        // The one picked at 30 s (and still in flight) stays; the other outside one goes; the
+        // Service endpoints stay, however idle.
+        assert_eq!(b.state_stats().0, 3);
+        assert!(b.endpoint(held.0).is_some() && service.iter().all(|a| b.endpoint(*a).is_some()));
+        drop(held);
+        b.expire_idle(live, t0 + Duration::from_secs(91));
+        assert_eq!(b.state_stats().0, 2);
+        // Endpoints that left the model go at the next model change.
+        b.retain(|a| *a == service[0]);
+        assert_eq!(b.state_stats().0, 1);
+    }
+
+    #[test]
+    fn the_state_map_is_bounded() {
+        let b = Balancer::new(LbPolicy::P2cEwma, EwmaConfig::default());
+        let now = Instant::now();
+        let addr = |i: usize| SocketAddr::from(([10, (i >> 16) as u8, (i >> 8) as u8, i as u8], 80));
+        for i in (0..MAX_ENDPOINT_STATES).step_by(2) {
+            drop(b.pick_at(1, &[addr(i), addr(i + 1)], now));
+        }
+        assert_eq!(b.state_stats(), (MAX_ENDPOINT_STATES, 0));
+        let extra = [addr(MAX_ENDPOINT_STATES), addr(MAX_ENDPOINT_STATES + 1)];
+        // Still balanced (with throwaway state), not kept, and counted.
+        let (picked, _inflight) = b.pick_at(1, &extra, now).unwrap();
+        assert!(extra.contains(&picked));
+        let (kept, overflow) = b.state_stats();
+        assert_eq!(kept, MAX_ENDPOINT_STATES);
+        assert!(overflow >= 2, "{overflow}");
+        // Known endpoints are unaffected.
+        assert!(b.endpoint(addr(0)).is_some());
+    }
+
+    #[test]
+    fn the_ejection_fast_path_comes_back_when_the_ejection_ends() {
+        let b = Balancer::new(LbPolicy::P2cEwma, EwmaConfig::default());
+        let eps = addrs(4);
+        let cfg = OutlierDetection { consecutive_5xx: 1, ..outlier_cfg() };
+        let t0 = Instant::now();
+        assert_eq!(
+            b.record_outcome_at(eps[0], Outcome::Error5xx, &cfg, &eps, t0),
+            Some(Duration::from_millis(200))
+        );
+        assert!(b.any_ejected(t0 + Duration::from_millis(199)));
+        assert!(!b.any_ejected(t0 + Duration::from_millis(200)), "nothing to count down: the time passed");
+        // Whether or not outlier detection ever sees that endpoint again.
+        let seen: std::collections::HashSet<_> = (0..300)
+            .map(|_| b.pick_avoiding_at(1, &eps, &[], 0, t0 + Duration::from_millis(201)).unwrap().0)
+            .collect();
+        assert!(seen.contains(&eps[0]));
+    }
+
+    #[test]
+    fn a_forgotten_ejected_endpoint_does_not_keep_the_slow_path() {
+        let b = Balancer::new(LbPolicy::P2cEwma, EwmaConfig::default());
+        let eps = addrs(4);
+        let cfg = OutlierDetection {
+            consecutive_5xx: 1,
+            base_ejection_time: Duration::from_secs(30),
+            ..outlier_cfg()
+        };
+        let t0 = Instant::now();
+        b.record_outcome_at(eps[0], Outcome::Error5xx, &cfg, &eps, t0).unwrap();
+        b.record_outcome_at(eps[1], Outcome::Error5xx, &cfg, &eps, t0).unwrap();
+        assert_eq!(b.ejected(t0), 2);
+        // eps[0] leaves the model: its ejection no longer counts; eps[1]'s still does.
+        b.retain(|a| *a != eps[0]);
+        assert!(b.any_ejected(t0 + Duration::from_secs(1)));
+        b.retain(|a| *a != eps[1]);
+        assert!(!b.any_ejected(t0 + Duration::from_secs(1)), "no ejected endpoint is left");
+        assert_eq!(b.ejected(t0), 0);
+    }
+
+    #[test]
+    fn round_robin_positions_of_removed_backends_are_forgotten() {
+        let b = Balancer::new(LbPolicy::RoundRobin, EwmaConfig::default());
+        let eps = addrs(3);
+        for key in 1..=3 {
+            drop(b.pick(key, &eps));
+        }
+        b.retain_backends(|k| k == 2);
+        assert_eq!(b.rr.read().unwrap().keys().copied().collect::<Vec<_>>(), [2]);
+    }
+}

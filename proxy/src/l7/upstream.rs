@@ -10,10 +10,14 @@
 //!
 //! HTTP/1.1: a stack of idle connections per key, each used by one request at a time; a
 //! connection goes back to the stack once its response body has been read to the end.
-//! HTTP/2: one connection per key, shared by every concurrent request.
+//! HTTP/2: connections shared by every concurrent request of the key, in the multiplexed pool
+//! ([`crate::transport::mux_pool`]): one handshake per key at a time, another connection when
+//! the open ones are at the peer's stream limit, closed after a minute without requests, and
+//! evicted as soon as hyper's keepalive PING goes unanswered.
 
 use std::{
     collections::HashMap,
+    future::Future,
     io,
     net::SocketAddr,
     pin::Pin,
@@ -50,7 +54,10 @@ use crate::{
     identity::SpiffeId,
     l4::{self, DataPath, PodContext},
     transport::{
-        client::{CONNECTION_WINDOW, STREAM_WINDOW},
+        client::{TunnelSlot, CONNECTION_WINDOW, STREAM_WINDOW},
+        mux_pool::{
+            Checkout, CheckoutError, Eviction, Multiplexed, MuxPool, PoolLimits, PoolStats, Pooled, Slot,
+        },
         TunnelError, TunnelWatch,
     },
 };
@@ -61,6 +68,20 @@ const MAX_IDLE_PER_KEY: usize = 64;
 /// servers, so sluice closes first and never sends a request on a connection the server is
 /// closing (the classic keep-alive race behind sporadic 502s in meshes).
 const IDLE_TIMEOUT: Duration = Duration::from_secs(4);
+
+/// Bounds of the HTTP/2 pool. Idle connections close after a minute: below the 75 s after
+/// which nginx closes idle HTTP/2 connections, the most common shorter server-side timeout, so
+/// that sluice rarely sends on a connection its server is closing.
+const H2_LIMITS: PoolLimits = PoolLimits {
+    idle_timeout: Duration::from_secs(60),
+    max_conns_per_key: 8,
+    max_keys: 8192,
+    max_waiters: 4096,
+};
+/// hyper's HTTP/2 keepalive: a PING after this long without a frame from the peer, idle or
+/// not, and the connection ends if it goes unanswered for [`H2_KEEPALIVE_TIMEOUT`].
+const H2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+const H2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Which HTTP version an upstream connection speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -93,15 +114,44 @@ pub enum UpstreamError {
     Request { endpoint: SocketAddr, source: hyper::Error },
     #[error("circuit breaker: {} reached", .0.as_str())]
     Overflow(Overflow),
+    /// The failure of a connection attempt this request waited for (or made for others too).
+    #[error(transparent)]
+    Shared(Arc<UpstreamError>),
+    #[error("too many requests already wait for a connection to {endpoint}")]
+    Busy { endpoint: SocketAddr },
 }
 
 impl UpstreamError {
     /// The endpoint never got the request (safe to try another one).
     pub fn is_connect(&self) -> bool {
-        matches!(
-            self,
-            UpstreamError::Connect { .. } | UpstreamError::Tunnel { .. } | UpstreamError::Handshake { .. }
-        )
+        match self {
+            UpstreamError::Connect { .. }
+            | UpstreamError::Tunnel { .. }
+            | UpstreamError::Handshake { .. }
+            | UpstreamError::Busy { .. } => true,
+            UpstreamError::Shared(e) => e.is_connect(),
+            UpstreamError::Tls { .. } | UpstreamError::Request { .. } | UpstreamError::Overflow(_) => false,
+        }
+    }
+
+    /// The error a request gets from a connection attempt it shared. Kinds that the error
+    /// replies tell apart (a circuit breaker's overflow, TLS, connect) are copied as they are;
+    /// the rest are wrapped.
+    fn shared(e: Arc<UpstreamError>) -> UpstreamError {
+        let copy = |s: &io::Error| io::Error::new(s.kind(), s.to_string());
+        match &*e {
+            UpstreamError::Overflow(o) => UpstreamError::Overflow(*o),
+            UpstreamError::Connect { endpoint, source } => {
+                UpstreamError::Connect { endpoint: *endpoint, source: copy(source) }
+            }
+            UpstreamError::Tls { endpoint, server_name, source } => UpstreamError::Tls {
+                endpoint: *endpoint,
+                server_name: server_name.clone(),
+                source: copy(source),
+            },
+            UpstreamError::Busy { endpoint } => UpstreamError::Busy { endpoint: *endpoint },
+            _ => UpstreamError::Shared(e),
+        }
     }
 
     /// HTTP/2 REFUSED_STREAM: the endpoint did not process the request.
@@ -163,11 +213,20 @@ pub struct UpstreamCounters {
     pub tls_originated: AtomicU64,
 }
 
-#[derive(Default)]
 pub struct Upstreams {
     h1: Mutex<HashMap<Key, Vec<IdleH1>>>,
-    h2: Mutex<HashMap<Key, PooledH2>>,
+    h2: Arc<H2Pool>,
     pub counters: UpstreamCounters,
+}
+
+impl Default for Upstreams {
+    fn default() -> Self {
+        Self {
+            h1: Mutex::default(),
+            h2: Arc::new(MuxPool::new(H2_LIMITS)),
+            counters: UpstreamCounters::default(),
+        }
+    }
 }
 
 /// An HTTP/1.1 connection and what decides whether it may be reused.
@@ -183,11 +242,32 @@ struct IdleH1 {
     since: Instant,
 }
 
-#[derive(Clone)]
-struct PooledH2 {
-    sender: http2::SendRequest<Body>,
+/// A pooled HTTP/2 connection, as the pool sees it.
+struct H2Conn {
+    sender: http2::SendRequest<StreamBody>,
     tunnel: Option<TunnelWatch>,
+    /// hyper's connection (its request dispatcher), polled by the connection's task; `None`
+    /// once that task is done with it. The pool reads the peer's current stream limit from it,
+    /// the only place hyper has it: a copy kept by the task would be stale, as nothing wakes
+    /// the dispatcher when the peer's SETTINGS arrive after the first request went out.
+    connection: Mutex<Option<Pin<Box<H2Connection>>>>,
 }
+
+impl Multiplexed for H2Conn {
+    fn max_streams(&self) -> usize {
+        let connection = self.connection.lock().unwrap_or_else(|p| p.into_inner());
+        connection.as_ref().map_or(0, |c| c.current_max_send_streams())
+    }
+
+    fn takes_streams(&self) -> bool {
+        !self.sender.is_closed() && reusable(&self.tunnel)
+    }
+}
+
+type H2Pool = MuxPool<Key, H2Conn, UpstreamError>;
+/// A request's place on its HTTP/2 connection, shared by the request body (while hyper sends
+/// it) and the response body: the stream counts as open until both are gone.
+type H2Slot = Arc<Slot<Key, H2Conn>>;
 
 /// Whether a connection may take more requests: open, and not inside a tunnel whose far end
 /// is draining (then it is retired, and the next request opens a new tunnel stream, to the
@@ -212,7 +292,11 @@ impl Upstreams {
     /// response head and when the request was handed to a ready connection (so the latency the
     /// balancer learns excludes connection set-up: a TCP and TLS handshake is not the
     /// endpoint being slow).
-    pub async fn send(self: &Arc<Self>, d: &Dial<'_>, req: Request<Body>) -> Result<(Response<UpstreamBody>, Instant), SendError> {
+    pub async fn send(
+        self: &Arc<Self>,
+        d: &Dial<'_>,
+        req: Request<Body>,
+    ) -> Result<(Response<UpstreamBody>, Instant), SendError> {
         match d.wire {
             Wire::Http1 => self.send_h1(d, req).await,
             Wire::Http2 => self.send_h2(d, req).await,
@@ -223,7 +307,11 @@ impl Upstreams {
         Key { src_pod: d.pod.pod_id, endpoint: d.endpoint, wire, tls: d.tls.as_ref().map(|t| t.sni.clone()) }
     }
 
-    async fn send_h1(self: &Arc<Self>, d: &Dial<'_>, req: Request<Body>) -> Result<(Response<UpstreamBody>, Instant), SendError> {
+    async fn send_h1(
+        self: &Arc<Self>,
+        d: &Dial<'_>,
+        req: Request<Body>,
+    ) -> Result<(Response<UpstreamBody>, Instant), SendError> {
         let key = Self::key(d, Wire::Http1);
         let (mut conn, reused) = match self.checkout_ready_h1(&key).await {
             Some(c) => (c, true),
@@ -273,9 +361,14 @@ impl Upstreams {
         // Back to the pool once the response body has been read to its end (the body does it:
         // no task per request). A body dropped before its end leaves the connection unusable:
         // it is not returned, and closes.
-        let max_per_conn = d.breaker.as_ref().and_then(|(_, cfg)| cfg.max_requests_per_connection).filter(|n| *n > 0);
-        let checkin = max_per_conn.is_none_or(|max| conn.requests < max).then(|| Checkin { pool: self.clone(), key, conn });
-        Ok((resp.map(|b| UpstreamBody { inner: b, checkin }), dispatched))
+        let max_per_conn =
+            d.breaker.as_ref().and_then(|(_, cfg)| cfg.max_requests_per_connection).filter(|n| *n > 0);
+        let checkin = max_per_conn.is_none_or(|max| conn.requests < max).then(|| Checkin {
+            pool: self.clone(),
+            key,
+            conn,
+        });
+        Ok((resp.map(|b| UpstreamBody { inner: b, checkin, slot: None }), dispatched))
     }
 
     /// An idle connection for `key`. A connection is checked in as soon as its response body
@@ -331,85 +424,126 @@ impl Upstreams {
         Ok(H1Conn { sender, tunnel, requests: 0 })
     }
 
-    async fn send_h2(&self, d: &Dial<'_>, req: Request<Body>) -> Result<(Response<UpstreamBody>, Instant), SendError> {
+    async fn send_h2(
+        &self,
+        d: &Dial<'_>,
+        req: Request<Body>,
+    ) -> Result<(Response<UpstreamBody>, Instant), SendError> {
         let key = Self::key(d, Wire::Http2);
-        let pooled = self
-            .h2
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&key)
-            .filter(|c| !c.sender.is_closed() && reusable(&c.tunnel))
-            .map(|c| c.sender.clone());
-        let (mut sender, reused) = match pooled {
-            Some(s) => (s, true),
-            None => match self.connect_h2(d, &key).await {
-                Ok(s) => (s, false),
-                Err(error) => return Err(SendError { error, request: Some(req) }),
+        // A request waiting for another's connection attempt is pending, as one making its
+        // own is (`dial` counts that one): the destination's `maxPendingRequests` applies.
+        let admit = || match &d.breaker {
+            None => Some(None),
+            Some((b, cfg)) => match acquire(&b.pending, cfg.max_pending_requests) {
+                Some(pending) => Some(Some(pending)),
+                None => {
+                    b.overflows.fetch_add(1, Ordering::Relaxed);
+                    None
+                }
             },
+        };
+        self.send_h2_via(&key, d.endpoint, req, || self.dial(d), admit).await
+    }
+
+    /// The HTTP/2 send, with `dial` opening the byte stream of a new connection (the source
+    /// pod's socket, a tunnel stream or TLS in production; memory in tests).
+    async fn send_h2_via<F, Fut, P>(
+        &self,
+        key: &Key,
+        endpoint: SocketAddr,
+        req: Request<Body>,
+        dial: F,
+        mut admit: impl FnMut() -> Option<P>,
+    ) -> Result<(Response<UpstreamBody>, Instant), SendError>
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = Result<(UpstreamIo, Option<TunnelWatch>, ConnSlot), UpstreamError>>,
+    {
+        let (slot, reused) = match self.h2_slot(key, endpoint, &dial, &mut admit).await {
+            Ok(s) => s,
+            Err(error) => return Err(SendError { error, request: Some(req) }),
         };
         if reused {
             self.counters.reused.fetch_add(1, Ordering::Relaxed);
         }
         let dispatched = Instant::now();
-        match sender.try_send_request(req).await {
-            Ok(resp) => Ok((resp.map(UpstreamBody::plain), dispatched)),
-            Err(mut e) => match e.take_message() {
-                // The connection went away before the request was written (GOAWAY, reset):
-                // one more try on a fresh connection.
+        let mut sender = slot.conn().sender.clone();
+        match sender.try_send_request(req.map(|b| StreamBody { inner: b, _slot: slot.clone() })).await {
+            Ok(resp) => Ok((resp.map(|b| UpstreamBody::h2(b, slot)), dispatched)),
+            Err(mut e) => match e.take_message().map(|r| r.map(|b| b.inner)) {
+                // The connection went away before the request was written (GOAWAY, reset): it
+                // leaves the pool, and the request gets one more try on another connection.
                 Some(req) if reused => {
+                    self.h2.evict(slot.pooled(), Eviction::Closed);
+                    drop(slot);
                     self.counters.retried_on_fresh_connection.fetch_add(1, Ordering::Relaxed);
-                    let mut fresh = match self.connect_h2(d, &key).await {
+                    let (slot, _) = match self.h2_slot(key, endpoint, &dial, &mut admit).await {
                         Ok(s) => s,
                         Err(error) => return Err(SendError { error, request: Some(req) }),
                     };
                     let dispatched = Instant::now();
-                    let resp = fresh
-                        .send_request(req)
+                    let mut sender = slot.conn().sender.clone();
+                    let resp = sender
+                        .send_request(req.map(|b| StreamBody { inner: b, _slot: slot.clone() }))
                         .await
-                        .map_err(|source| UpstreamError::Request { endpoint: d.endpoint, source })?;
-                    Ok((resp.map(UpstreamBody::plain), dispatched))
+                        .map_err(|source| UpstreamError::Request { endpoint, source })?;
+                    Ok((resp.map(|b| UpstreamBody::h2(b, slot)), dispatched))
                 }
                 request => Err(SendError {
-                    error: UpstreamError::Request { endpoint: d.endpoint, source: e.into_error() },
+                    error: UpstreamError::Request { endpoint, source: e.into_error() },
                     request,
                 }),
             },
         }
     }
 
-    async fn connect_h2(&self, d: &Dial<'_>, key: &Key) -> Result<http2::SendRequest<Body>, UpstreamError> {
-        let (io, tunnel, slot) = self.dial(d).await?;
-        let (sender, conn) = http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .initial_stream_window_size(STREAM_WINDOW)
-            .initial_connection_window_size(CONNECTION_WINDOW)
-            // Notice a dead peer on an idle connection instead of failing the next request.
-            .keep_alive_interval(Duration::from_secs(30))
-            .keep_alive_timeout(Duration::from_secs(10))
-            .handshake(TokioIo::new(io))
-            .await
-            .map_err(|source| UpstreamError::Handshake { endpoint: d.endpoint, source })?;
-        let endpoint = d.endpoint;
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                debug!(%endpoint, error = %e, "upstream HTTP/2 connection ended");
-            }
-            drop(slot);
-        });
-        self.h2.lock().unwrap_or_else(|p| p.into_inner()).insert(key.clone(), PooledH2 { sender: sender.clone(), tunnel });
-        Ok(sender)
+    /// A place for one request on a pooled HTTP/2 connection of `key`, connecting (once for
+    /// all the requests that arrive meanwhile) when none has room. `true` if the connection
+    /// was already there.
+    async fn h2_slot<F, Fut, P>(
+        &self,
+        key: &Key,
+        endpoint: SocketAddr,
+        dial: &F,
+        admit: &mut impl FnMut() -> Option<P>,
+    ) -> Result<(H2Slot, bool), UpstreamError>
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = Result<(UpstreamIo, Option<TunnelWatch>, ConnSlot), UpstreamError>>,
+    {
+        match self.h2.checkout_admitted(key, admit).await {
+            Ok(Checkout::Ready(slot)) => Ok((Arc::new(slot), true)),
+            Ok(Checkout::Connect(leader)) => match connect_h2(endpoint, dial).await {
+                Ok((conn, task)) => {
+                    let slot = leader.finish(conn);
+                    tokio::spawn(task.run(slot.pooled().clone(), self.h2.clone()));
+                    Ok((Arc::new(slot), false))
+                }
+                Err(e) => Err(UpstreamError::shared(leader.fail(e))),
+            },
+            Err(CheckoutError::Failed(e)) => Err(UpstreamError::shared(e)),
+            Err(CheckoutError::TooManyWaiters) => Err(UpstreamError::Busy { endpoint }),
+            Err(CheckoutError::NotAdmitted) => Err(UpstreamError::Overflow(Overflow::Pending)),
+        }
     }
 
     /// Sends a request that asks to leave HTTP (an Upgrade, e.g. WebSocket, or CONNECT) on a
     /// connection of its own, which then belongs to the upgraded stream.
-    pub async fn send_upgrade(&self, d: &Dial<'_>, req: Request<Body>) -> Result<(Response<UpstreamBody>, Instant), SendError> {
+    pub async fn send_upgrade(
+        &self,
+        d: &Dial<'_>,
+        req: Request<Body>,
+    ) -> Result<(Response<UpstreamBody>, Instant), SendError> {
         let mut conn = match self.connect_h1(d, true).await {
             Ok(c) => c,
             Err(error) => return Err(SendError { error, request: Some(req) }),
         };
         let dispatched = Instant::now();
-        let resp =
-            conn.sender.send_request(req).await.map_err(|source| UpstreamError::Request { endpoint: d.endpoint, source })?;
+        let resp = conn
+            .sender
+            .send_request(req)
+            .await
+            .map_err(|source| UpstreamError::Request { endpoint: d.endpoint, source })?;
         Ok((resp.map(UpstreamBody::plain), dispatched))
     }
 
@@ -458,7 +592,9 @@ impl Upstreams {
                 Wire::Http2 => "h2c",
             };
             match l4::open_tunnel(d.pod, d.dp, peer, d.endpoint, Some(hint)).await {
-                Ok((send, recv, watch)) => return Ok((UpstreamIo::Tunnel(TunnelIo::new(send, recv)), Some(watch))),
+                Ok(t) => {
+                    return Ok((UpstreamIo::Tunnel(TunnelIo::new(t.send, t.recv), t.slot), Some(t.watch)))
+                }
                 Err(e) if e.is_unreachable() => {
                     d.dp.tunnel_fallbacks.fetch_add(1, Ordering::Relaxed);
                     info!(pod = %d.pod.key, endpoint = %d.endpoint, peer = %peer, error = %e, "no tunnel endpoint at the destination; sending plaintext");
@@ -472,32 +608,206 @@ impl Upstreams {
         let Some(tls) = &d.tls else {
             return Ok((UpstreamIo::Tcp(tcp), None));
         };
-        let handshake = tokio_rustls::TlsConnector::from(tls.config.clone()).connect(tls.server_name.clone(), tcp);
+        let handshake =
+            tokio_rustls::TlsConnector::from(tls.config.clone()).connect(tls.server_name.clone(), tcp);
         let stream = tokio::time::timeout(d.connect_timeout, handshake)
             .await
             .unwrap_or_else(|_| Err(io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out")))
-            .map_err(|source| UpstreamError::Tls { endpoint: d.endpoint, server_name: tls.sni.clone(), source })?;
+            .map_err(|source| UpstreamError::Tls {
+                endpoint: d.endpoint,
+                server_name: tls.sni.clone(),
+                source,
+            })?;
         self.counters.tls_originated.fetch_add(1, Ordering::Relaxed);
         Ok((UpstreamIo::Tls(Box::new(stream)), None))
     }
 
-    /// Closes idle connections past their time and forgets closed HTTP/2 connections
-    /// (periodically, off the request path).
+    /// Closes idle HTTP/1.1 connections past their time and evicts HTTP/2 connections that
+    /// no longer take requests (periodically, off the request path; idle HTTP/2 connections
+    /// close on their own).
     pub fn reap(&self) {
         let mut h1 = self.h1.lock().unwrap_or_else(|p| p.into_inner());
         h1.retain(|_, idle| {
-            idle.retain(|c| c.conn.sender.is_ready() && c.since.elapsed() < IDLE_TIMEOUT && reusable(&c.conn.tunnel));
+            idle.retain(|c| {
+                c.conn.sender.is_ready() && c.since.elapsed() < IDLE_TIMEOUT && reusable(&c.conn.tunnel)
+            });
             !idle.is_empty()
         });
         drop(h1);
-        self.h2.lock().unwrap_or_else(|p| p.into_inner()).retain(|_, c| !c.sender.is_closed() && reusable(&c.tunnel));
+        self.h2.sweep();
     }
 
     /// (idle HTTP/1.1 connections, HTTP/2 connections) held, for the admin view.
     pub fn sizes(&self) -> (usize, usize) {
         let h1 = self.h1.lock().unwrap_or_else(|p| p.into_inner()).values().map(Vec::len).sum();
-        let h2 = self.h2.lock().unwrap_or_else(|p| p.into_inner()).len();
-        (h1, h2)
+        (h1, self.h2.len())
+    }
+
+    /// What the HTTP/2 pool did (single flight, evictions, bounds hit).
+    pub fn h2_stats(&self) -> &PoolStats {
+        &self.h2.stats
+    }
+}
+
+/// A new HTTP/2 connection over what `dial` opens, and the task that is to drive it.
+async fn connect_h2<F, Fut>(endpoint: SocketAddr, dial: &F) -> Result<(H2Conn, H2Task), UpstreamError>
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = Result<(UpstreamIo, Option<TunnelWatch>, ConnSlot), UpstreamError>>,
+{
+    let (io, tunnel, breaker) = dial().await?;
+    let heard = Arc::new(HeardAt::new());
+    let io = Heard { io, at: heard.clone() };
+    let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        // Notice a dead peer on an idle pooled connection too, not at the next request.
+        .keep_alive_interval(H2_KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(H2_KEEPALIVE_TIMEOUT)
+        .keep_alive_while_idle(true)
+        .handshake(TokioIo::new(io))
+        .await
+        .map_err(|source| UpstreamError::Handshake { endpoint, source })?;
+    let connection = Mutex::new(Some(Box::pin(conn)));
+    Ok((H2Conn { sender, tunnel, connection }, H2Task { endpoint, heard, breaker }))
+}
+
+type H2Connection = http2::Connection<TokioIo<Heard<UpstreamIo>>, StreamBody, TokioExecutor>;
+
+/// The task of one upstream HTTP/2 connection: drives it, and ends it when the pool retires
+/// it.
+struct H2Task {
+    endpoint: SocketAddr,
+    heard: Arc<HeardAt>,
+    /// Its share of the destination's `maxConnections`.
+    breaker: ConnSlot,
+}
+
+impl H2Task {
+    async fn run(self, pooled: Arc<Pooled<Key, H2Conn>>, pool: Arc<H2Pool>) {
+        let H2Task { endpoint, heard, breaker } = self;
+        let connection = &pooled.conn().connection;
+        let driven =
+            std::future::poll_fn(|cx| match connection.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
+                Some(c) => c.as_mut().poll(cx),
+                None => Poll::Ready(Ok(())),
+            });
+        tokio::select! {
+            result = driven => {
+                // hyper ends a connection whose keepalive PING went unanswered as if it had
+                // closed normally; a peer silent for the keepalive timeout tells it apart from
+                // one that closed (a FIN, a GOAWAY, a reset are all heard).
+                let why = if heard.silent_for() >= H2_KEEPALIVE_TIMEOUT { Eviction::Keepalive } else { Eviction::Closed };
+                pool.evict(&pooled, why);
+                match result {
+                    Ok(()) => debug!(%endpoint, reason = ?why, "upstream HTTP/2 connection ended"),
+                    Err(e) => debug!(%endpoint, reason = ?why, error = %e, "upstream HTTP/2 connection ended"),
+                }
+            }
+            why = pool.until_retired(&pooled) => {
+                debug!(%endpoint, reason = ?why, "closing upstream HTTP/2 connection");
+            }
+        }
+        // Dropping hyper's dispatcher (with the last sender) closes the connection.
+        let closed = connection.lock().unwrap_or_else(|p| p.into_inner()).take();
+        drop(closed);
+        drop(breaker);
+    }
+}
+
+/// When a connection's peer was last heard from (any read: data, end of stream, error).
+struct HeardAt {
+    epoch: tokio::time::Instant,
+    nanos: AtomicU64,
+}
+
+impl HeardAt {
+    fn new() -> Self {
+        Self { epoch: tokio::time::Instant::now(), nanos: AtomicU64::new(0) }
+    }
+
+    fn mark(&self) {
+        let ns = tokio::time::Instant::now().saturating_duration_since(self.epoch).as_nanos() as u64;
+        self.nanos.store(ns, Ordering::Relaxed);
+    }
+
+    fn silent_for(&self) -> Duration {
+        let at = self.epoch + Duration::from_nanos(self.nanos.load(Ordering::Relaxed));
+        tokio::time::Instant::now().saturating_duration_since(at)
+    }
+}
+
+/// A byte stream that notes when it was last read from.
+struct Heard<T> {
+    io: T,
+    at: Arc<HeardAt>,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Heard<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let r = Pin::new(&mut self.io).poll_read(cx, buf);
+        if r.is_ready() {
+            self.at.mark();
+        }
+        r
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Heard<T> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+/// A request body on its way to an HTTP/2 connection; it holds the request's slot until
+/// hyper has sent it to its end (or dropped it).
+struct StreamBody {
+    inner: Body,
+    _slot: H2Slot,
+}
+
+impl hyper::body::Body for StreamBody {
+    type Data = bytes::Bytes;
+    type Error = super::BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, super::BoxError>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
     }
 }
 
@@ -510,17 +820,22 @@ struct Checkin {
 
 pin_project_lite::pin_project! {
     /// An upstream response body; for a pooled HTTP/1.1 connection it returns the connection
-    /// to the pool when it reaches its end.
+    /// to the pool when it reaches its end; on HTTP/2 it holds the request's stream slot.
     pub struct UpstreamBody {
         #[pin]
         inner: Incoming,
         checkin: Option<Checkin>,
+        slot: Option<H2Slot>,
     }
 }
 
 impl UpstreamBody {
     fn plain(inner: Incoming) -> Self {
-        UpstreamBody { inner, checkin: None }
+        UpstreamBody { inner, checkin: None, slot: None }
+    }
+
+    fn h2(inner: Incoming, slot: H2Slot) -> Self {
+        UpstreamBody { inner, checkin: None, slot: Some(slot) }
     }
 }
 
@@ -561,8 +876,10 @@ impl hyper::body::Body for UpstreamBody {
 /// Safe to send twice: an idempotent method and no body.
 fn is_replayable(req: &Request<Body>) -> bool {
     use http_body::Body as _;
-    matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE)
-        && req.body().is_end_stream()
+    matches!(
+        *req.method(),
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    ) && req.body().is_end_stream()
 }
 
 fn copy_head(req: &Request<Body>) -> Request<Body> {
@@ -577,16 +894,22 @@ fn copy_head(req: &Request<Body>) -> Request<Body> {
 /// The byte stream under an upstream HTTP connection.
 pub enum UpstreamIo {
     Tcp(TcpStream),
-    Tunnel(TunnelIo),
+    /// A stream of an HBONE tunnel, with its place in the tunnel's stream count.
+    Tunnel(TunnelIo, TunnelSlot),
     Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+    /// In-memory, for tests of the pools.
+    #[cfg(test)]
+    Mem(tokio::io::DuplexStream),
 }
 
 impl AsyncRead for UpstreamIo {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             UpstreamIo::Tcp(s) => Pin::new(s).poll_read(cx, buf),
-            UpstreamIo::Tunnel(s) => Pin::new(s).poll_read(cx, buf),
+            UpstreamIo::Tunnel(s, _) => Pin::new(s).poll_read(cx, buf),
             UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            #[cfg(test)]
+            UpstreamIo::Mem(s) => Pin::new(s).poll_read(cx, buf),
         }
     }
 }
@@ -595,8 +918,10 @@ impl AsyncWrite for UpstreamIo {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             UpstreamIo::Tcp(s) => Pin::new(s).poll_write(cx, buf),
-            UpstreamIo::Tunnel(s) => Pin::new(s).poll_write(cx, buf),
+            UpstreamIo::Tunnel(s, _) => Pin::new(s).poll_write(cx, buf),
             UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+            #[cfg(test)]
+            UpstreamIo::Mem(s) => Pin::new(s).poll_write(cx, buf),
         }
     }
 
@@ -607,32 +932,43 @@ impl AsyncWrite for UpstreamIo {
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             UpstreamIo::Tcp(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-            UpstreamIo::Tunnel(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            UpstreamIo::Tunnel(s, _) => Pin::new(s).poll_write_vectored(cx, bufs),
             UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+            #[cfg(test)]
+            UpstreamIo::Mem(s) => Pin::new(s).poll_write_vectored(cx, bufs),
         }
     }
 
     fn is_write_vectored(&self) -> bool {
         match self {
             UpstreamIo::Tcp(s) => s.is_write_vectored(),
-            UpstreamIo::Tunnel(s) => s.is_write_vectored(),
+            UpstreamIo::Tunnel(s, _) => s.is_write_vectored(),
             UpstreamIo::Tls(s) => s.is_write_vectored(),
+            #[cfg(test)]
+            UpstreamIo::Mem(s) => s.is_write_vectored(),
         }
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             UpstreamIo::Tcp(s) => Pin::new(s).poll_flush(cx),
-            UpstreamIo::Tunnel(s) => Pin::new(s).poll_flush(cx),
+            UpstreamIo::Tunnel(s, _) => Pin::new(s).poll_flush(cx),
             UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+            #[cfg(test)]
+            UpstreamIo::Mem(s) => Pin::new(s).poll_flush(cx),
         }
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             UpstreamIo::Tcp(s) => Pin::new(s).poll_shutdown(cx),
-            UpstreamIo::Tunnel(s) => Pin::new(s).poll_shutdown(cx),
+            UpstreamIo::Tunnel(s, _) => Pin::new(s).poll_shutdown(cx),
             UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+            #[cfg(test)]
+            UpstreamIo::Mem(s) => Pin::new(s).poll_shutdown(cx),
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

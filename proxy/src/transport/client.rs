@@ -1,27 +1,46 @@
 //! HBONE client: HTTP/2 CONNECT streams inside mutual TLS 1.3 to a destination pod's
-//! `IP:15008`, one tunnel connection per (source pod, source identity, destination identity,
-//! destination address), each carrying many streams.
+//! `IP:15008`, pooled per (source pod, source identity, destination identity, destination
+//! address), each tunnel connection carrying many streams.
 //!
 //! The tunnel's TCP socket is made in the *source pod's* network namespace, so the tunnel
 //! itself comes from the pod's IP (NetworkPolicy on the pod IP keeps working); that is why the
 //! source pod is part of the pool key, on top of the identities and the address.
+//!
+//! Pooling ([`super::mux_pool`]): one handshake per key at a time, a further tunnel when the
+//! open ones are at the peer's `SETTINGS_MAX_CONCURRENT_STREAMS`, idle tunnels closed. Each
+//! tunnel's task drives its h2 connection and keeps it honest: a PING every
+//! `keepalive_interval` that must be answered within `keepalive_timeout`, or the tunnel is
+//! evicted and closed (a black-holed peer would otherwise hold every new stream for the whole
+//! connect timeout until TCP gives up, about 15 minutes). A CONNECT that gets no answer in time
+//! evicts its tunnel at once, so the next stream makes a fresh one.
 
 use std::{
-    collections::HashMap,
+    future::Future,
     io,
     net::{IpAddr, SocketAddr},
-    sync::{Arc, Mutex},
+    pin::Pin,
+    sync::Arc,
     time::Duration,
 };
 
 use bytes::Bytes;
-use h2::{client::SendRequest, RecvStream, SendStream};
+use h2::{
+    client::{Connection, SendRequest},
+    Ping, PingPong, RecvStream, SendStream,
+};
 use http::{Method, Request, StatusCode};
 use rustls_pki_types::ServerName;
 use thiserror::Error;
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    sync::Notify,
+};
 use tokio_rustls::TlsConnector;
 use tracing::{debug, info};
 
+use super::mux_pool::{
+    Checkout, CheckoutError, Eviction, Multiplexed, MuxPool, PoolLimits, PoolStats, Pooled, Slot,
+};
 use crate::netns::PodNetns;
 
 pub const HBONE_PORT: u16 = sluice_common::HBONE_PORT;
@@ -45,18 +64,31 @@ pub enum TunnelError {
     Refused { addr: SocketAddr, target: SocketAddr, status: StatusCode },
     #[error("no TLS configuration for this identity pair: {0}")]
     Config(String),
+    /// The failure of a tunnel handshake this stream waited for (or made for others too).
+    #[error(transparent)]
+    Shared(Arc<TunnelError>),
+    #[error("too many streams already wait for the tunnel to {addr} to come up")]
+    Busy { addr: SocketAddr },
 }
 
 impl TunnelError {
     /// Whether the destination actively said no (authorization), rather than failing.
     pub fn is_refusal(&self) -> bool {
-        matches!(self, TunnelError::Refused { .. })
+        match self {
+            TunnelError::Refused { .. } => true,
+            TunnelError::Shared(e) => e.is_refusal(),
+            _ => false,
+        }
     }
 
     /// Whether nothing listens on the destination's tunnel port (its node's sluice is not
     /// serving that pod): the TCP connection itself was refused.
     pub fn is_unreachable(&self) -> bool {
-        matches!(self, TunnelError::Connect { source, .. } if source.kind() == io::ErrorKind::ConnectionRefused)
+        match self {
+            TunnelError::Connect { source, .. } => source.kind() == io::ErrorKind::ConnectionRefused,
+            TunnelError::Shared(e) => e.is_unreachable(),
+            _ => false,
+        }
     }
 }
 
@@ -71,10 +103,14 @@ pub struct TunnelWatch(SendRequest<Bytes>);
 impl TunnelWatch {
     /// The tunnel got GOAWAY or is gone.
     pub fn is_closing(&self) -> bool {
-        let mut sender = self.0.clone();
-        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-        matches!(sender.poll_ready(&mut cx), std::task::Poll::Ready(Err(_)))
+        closing(&self.0)
     }
+}
+
+fn closing(sender: &SendRequest<Bytes>) -> bool {
+    let mut sender = sender.clone();
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    matches!(sender.poll_ready(&mut cx), std::task::Poll::Ready(Err(_)))
 }
 
 impl std::fmt::Debug for TunnelWatch {
@@ -91,14 +127,84 @@ pub struct PoolKey {
     pub dst: IpAddr,
 }
 
-#[derive(Default)]
+/// One pooled tunnel connection, as the pool sees it.
+pub struct TunnelConn {
+    sender: SendRequest<Bytes>,
+    /// Asks the tunnel's task for a PING now (a CONNECT went unanswered).
+    probe: Notify,
+}
+
+impl Multiplexed for TunnelConn {
+    fn max_streams(&self) -> usize {
+        self.sender.current_max_send_streams()
+    }
+
+    fn takes_streams(&self) -> bool {
+        !closing(&self.sender)
+    }
+}
+
+/// A stream's place in its tunnel's count of open streams.
+pub type TunnelSlot = Slot<PoolKey, TunnelConn>;
+
+/// One CONNECT stream through a tunnel.
+pub struct TunnelStream {
+    pub send: SendStream<Bytes>,
+    pub recv: RecvStream,
+    pub watch: TunnelWatch,
+    /// Counts the stream against its tunnel's (and the peer's) stream limit: keep it as long
+    /// as either half is in use.
+    pub slot: TunnelSlot,
+}
+
+/// Timing and bounds of the tunnel pool.
+#[derive(Debug, Clone, Copy)]
+pub struct TunnelPoolConfig {
+    pub limits: PoolLimits,
+    /// A PING this often on every tunnel, idle or not.
+    pub keepalive_interval: Duration,
+    /// A PING unanswered for this long evicts and closes the tunnel.
+    pub keepalive_timeout: Duration,
+}
+
+impl Default for TunnelPoolConfig {
+    fn default() -> Self {
+        Self {
+            limits: PoolLimits {
+                // A tunnel costs a TCP and an mTLS handshake with certificate checks: kept
+                // longer than an upstream HTTP/2 connection. Keepalive PINGs make sure an idle
+                // one is alive when the next stream comes.
+                idle_timeout: Duration::from_secs(90),
+                max_conns_per_key: 8,
+                max_keys: 8192,
+                max_waiters: 4096,
+            },
+            keepalive_interval: Duration::from_secs(30),
+            keepalive_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+type Pool = MuxPool<PoolKey, TunnelConn, TunnelError>;
+
 pub struct HbonePool {
-    conns: Mutex<HashMap<PoolKey, SendRequest<Bytes>>>,
+    pool: Arc<Pool>,
+    cfg: TunnelPoolConfig,
+}
+
+impl Default for HbonePool {
+    fn default() -> Self {
+        Self::new(TunnelPoolConfig::default())
+    }
 }
 
 impl HbonePool {
+    pub fn new(cfg: TunnelPoolConfig) -> Self {
+        Self { pool: Arc::new(MuxPool::new(cfg.limits)), cfg }
+    }
+
     /// Opens a tunnel stream to `target` through the destination's HBONE port, reusing a pooled
-    /// connection when there is a live one.
+    /// connection when one has room.
     pub async fn open(
         &self,
         key: &PoolKey,
@@ -107,19 +213,40 @@ impl HbonePool {
         target: SocketAddr,
         timeout: Duration,
         l7: Option<&'static str>,
-    ) -> Result<(SendStream<Bytes>, RecvStream, TunnelWatch), TunnelError> {
+    ) -> Result<TunnelStream, TunnelError> {
+        self.open_with(key, target, timeout, l7, || dial_tls(netns, tls, key.dst, timeout)).await
+    }
+
+    /// As [`HbonePool::open`], with `dial` making the byte stream under a new tunnel (TCP from
+    /// the pod's namespace and TLS, in production; tests dial in memory).
+    pub async fn open_with<F, Fut, Io>(
+        &self,
+        key: &PoolKey,
+        target: SocketAddr,
+        timeout: Duration,
+        l7: Option<&'static str>,
+        dial: F,
+    ) -> Result<TunnelStream, TunnelError>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<Io, TunnelError>>,
+        Io: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
         let hbone = SocketAddr::new(key.dst, HBONE_PORT);
-        let pooled = self.conns.lock().unwrap_or_else(|p| p.into_inner()).get(key).cloned();
-        let mut sender = match pooled {
-            Some(s) => match s.ready().await {
-                Ok(s) => s,
-                Err(e) => {
-                    debug!(%hbone, error = %e, "pooled tunnel is gone; reconnecting");
-                    self.conns.lock().unwrap_or_else(|p| p.into_inner()).remove(key);
-                    self.connect(key, netns, tls, timeout).await?
+        let slot = match self.pool.checkout(key).await {
+            Ok(Checkout::Ready(slot)) => slot,
+            Ok(Checkout::Connect(leader)) => match self.connect(key, timeout, dial).await {
+                Ok((conn, driver)) => {
+                    let slot = leader.finish(conn);
+                    tokio::spawn(driver.run(slot.pooled().clone(), self.pool.clone(), self.cfg));
+                    slot
                 }
+                Err(e) => return Err(TunnelError::Shared(leader.fail(e))),
             },
-            None => self.connect(key, netns, tls, timeout).await?,
+            Err(CheckoutError::Failed(e)) => return Err(TunnelError::Shared(e)),
+            Err(CheckoutError::TooManyWaiters | CheckoutError::NotAdmitted) => {
+                return Err(TunnelError::Busy { addr: hbone })
+            }
         };
         let mut request = Request::builder()
             .method(Method::CONNECT)
@@ -131,69 +258,180 @@ impl HbonePool {
             // sluice serves it as HTTP too (per-request telemetry on that side).
             request.headers_mut().insert(L7_HEADER, http::HeaderValue::from_static(proto));
         }
+        let mut sender = slot.conn().sender.clone();
         let watch = TunnelWatch(sender.clone());
         let (response, send) =
             sender.send_request(request, false).map_err(|source| TunnelError::H2 { addr: hbone, source })?;
-        let response = tokio::time::timeout(timeout, response)
-            .await
-            .map_err(|_| TunnelError::Connect {
-                addr: hbone,
-                source: io::Error::new(io::ErrorKind::TimedOut, "no answer to CONNECT"),
-            })?
-            .map_err(|source| TunnelError::H2 { addr: hbone, source })?;
+        let response = match tokio::time::timeout(timeout, response).await {
+            Ok(r) => r.map_err(|source| TunnelError::H2 { addr: hbone, source })?,
+            Err(_) => {
+                // No answer: the next stream must not queue on this tunnel too. It stays up
+                // for its other streams, and an immediate PING closes it if the peer is gone.
+                // (A stream that queued behind the peer's stream limit says nothing about the
+                // peer.)
+                if !slot.queued() {
+                    if self.pool.evict(slot.pooled(), Eviction::ConnectTimeout) {
+                        info!(%hbone, %target, "no answer to CONNECT; tunnel evicted");
+                    }
+                    slot.conn().probe.notify_one();
+                }
+                return Err(TunnelError::Connect {
+                    addr: hbone,
+                    source: io::Error::new(io::ErrorKind::TimedOut, "no answer to CONNECT"),
+                });
+            }
+        };
         if response.status() != StatusCode::OK {
             return Err(TunnelError::Refused { addr: hbone, target, status: response.status() });
         }
-        Ok((send, response.into_body(), watch))
+        Ok(TunnelStream { send, recv: response.into_body(), watch, slot })
     }
 
-    async fn connect(
+    /// A new tunnel over what `dial` returns. It is ready once the peer answered a first PING:
+    /// its SETTINGS come before that answer, so its stream limit is known before any stream is
+    /// counted against it (h2 assumes no limit until then, and a burst would queue inside h2
+    /// instead of opening a second tunnel).
+    async fn connect<F, Fut, Io>(
         &self,
         key: &PoolKey,
-        netns: &PodNetns,
-        tls: Arc<rustls::ClientConfig>,
         timeout: Duration,
-    ) -> Result<SendRequest<Bytes>, TunnelError> {
+        dial: F,
+    ) -> Result<(TunnelConn, Driver<Io>), TunnelError>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<Io, TunnelError>>,
+        Io: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
         let addr = SocketAddr::new(key.dst, HBONE_PORT);
-        let connect = async {
-            let socket = netns.tcp_socket(addr).await?;
-            socket.connect(addr).await
-        };
-        let tcp = tokio::time::timeout(timeout, connect)
-            .await
-            .unwrap_or_else(|_| Err(io::Error::new(io::ErrorKind::TimedOut, format!("no answer within {timeout:?}"))))
-            .map_err(|source| TunnelError::Connect { addr, source })?;
-        let _ = tcp.set_nodelay(true);
-        // Identity is checked by the verifier against the expected SPIFFE ID; the name only
-        // has to be well-formed, and HBONE dials an IP.
-        let name = ServerName::IpAddress(key.dst.into());
-        let tls = tokio::time::timeout(timeout, TlsConnector::from(tls).connect(name, tcp))
-            .await
-            .unwrap_or_else(|_| Err(io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out")))
-            .map_err(|source| TunnelError::Tls { addr, source })?;
-        let (sender, connection) = h2::client::Builder::new()
+        let io = dial().await?;
+        let (sender, mut connection) = h2::client::Builder::new()
             .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
-            .handshake::<_, Bytes>(tls)
+            .handshake::<_, Bytes>(io)
             .await
             .map_err(|source| TunnelError::H2 { addr, source })?;
-        let dst_identity = key.dst_identity.clone();
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                debug!(%addr, peer = %dst_identity, error = %e, "tunnel connection ended");
+        let mut ping = connection.ping_pong().expect("a new connection has its PingPong");
+        let mut connection = Box::pin(connection);
+        let settled = async {
+            tokio::select! {
+                r = ping.ping(Ping::opaque()) => r.map(|_| ()),
+                r = connection.as_mut() => Err(r.err().unwrap_or_else(|| h2::Error::from(h2::Reason::NO_ERROR))),
             }
-        });
+        };
+        match tokio::time::timeout(timeout, settled).await {
+            Ok(Ok(())) => {}
+            Ok(Err(source)) => return Err(TunnelError::H2 { addr, source }),
+            Err(_) => {
+                return Err(TunnelError::Connect {
+                    addr,
+                    source: io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "the tunnel's HTTP/2 handshake got no answer",
+                    ),
+                })
+            }
+        }
         info!(%addr, src = %key.src_identity, dst = %key.dst_identity, "tunnel established");
-        self.conns.lock().unwrap_or_else(|p| p.into_inner()).insert(key.clone(), sender.clone());
-        sender.ready().await.map_err(|source| TunnelError::H2 { addr, source })
+        let driver = Driver { connection, ping, addr, peer: key.dst_identity.clone() };
+        Ok((TunnelConn { sender, probe: Notify::new() }, driver))
+    }
+
+    /// The pool's counters.
+    pub fn stats(&self) -> &PoolStats {
+        &self.pool.stats
+    }
+
+    /// Evicts tunnels that no longer take streams (GOAWAY); periodic, off the data path.
+    pub fn sweep(&self) {
+        self.pool.sweep();
     }
 
     /// Number of pooled tunnel connections (for the admin view).
     pub fn len(&self) -> usize {
-        self.conns.lock().unwrap_or_else(|p| p.into_inner()).len()
+        self.pool.len()
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 }
+
+/// The task of one tunnel connection: drives it, PINGs it, and closes it when it is idle, its
+/// peer stops answering, or it was evicted and its last stream ended.
+struct Driver<Io> {
+    connection: Pin<Box<Connection<Io, Bytes>>>,
+    ping: PingPong,
+    addr: SocketAddr,
+    peer: Arc<str>,
+}
+
+impl<Io: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<Io> {
+    async fn run(self, pooled: Arc<Pooled<PoolKey, TunnelConn>>, pool: Arc<Pool>, cfg: TunnelPoolConfig) {
+        let Driver { mut connection, mut ping, addr, peer } = self;
+        tokio::select! {
+            result = connection.as_mut() => {
+                pool.evict(&pooled, Eviction::Closed);
+                match result {
+                    Ok(()) => debug!(%addr, %peer, "tunnel connection ended"),
+                    Err(e) => debug!(%addr, %peer, error = %e, "tunnel connection ended"),
+                }
+            }
+            why = pool.until_retired(&pooled) => {
+                debug!(%addr, %peer, reason = ?why, "closing tunnel");
+            }
+            () = keepalive(&mut ping, &pooled.conn().probe, &cfg) => {
+                pool.evict(&pooled, Eviction::Keepalive);
+                info!(%addr, %peer, timeout_ms = cfg.keepalive_timeout.as_millis() as u64, "tunnel peer did not answer a PING; tunnel closed");
+            }
+        }
+        // Dropping the connection closes the socket; streams still on it fail.
+    }
+}
+
+/// Returns when a PING went unanswered for `keepalive_timeout`. PINGs go every
+/// `keepalive_interval`, and at once when `probe` is notified.
+async fn keepalive(ping: &mut PingPong, probe: &Notify, cfg: &TunnelPoolConfig) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(cfg.keepalive_interval) => {}
+            _ = probe.notified() => {}
+        }
+        match tokio::time::timeout(cfg.keepalive_timeout, ping.ping(Ping::opaque())).await {
+            Ok(Ok(_)) => {}
+            // The connection failed: its own branch ends the task.
+            Ok(Err(_)) => std::future::pending::<()>().await,
+            Err(_) => return,
+        }
+    }
+}
+
+/// TCP from the source pod's network namespace to the destination's tunnel port, then TLS.
+async fn dial_tls(
+    netns: &PodNetns,
+    tls: Arc<rustls::ClientConfig>,
+    dst: IpAddr,
+    timeout: Duration,
+) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, TunnelError> {
+    let addr = SocketAddr::new(dst, HBONE_PORT);
+    let connect = async {
+        let socket = netns.tcp_socket(addr).await?;
+        socket.connect(addr).await
+    };
+    let tcp = tokio::time::timeout(timeout, connect)
+        .await
+        .unwrap_or_else(|_| {
+            Err(io::Error::new(io::ErrorKind::TimedOut, format!("no answer within {timeout:?}")))
+        })
+        .map_err(|source| TunnelError::Connect { addr, source })?;
+    let _ = tcp.set_nodelay(true);
+    // Identity is checked by the verifier against the expected SPIFFE ID; the name only has to
+    // be well-formed, and HBONE dials an IP.
+    let name = ServerName::IpAddress(dst.into());
+    tokio::time::timeout(timeout, TlsConnector::from(tls).connect(name, tcp))
+        .await
+        .unwrap_or_else(|_| Err(io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out")))
+        .map_err(|source| TunnelError::Tls { addr, source })
+}
+
+#[cfg(test)]
+mod tests;
