@@ -3,13 +3,15 @@
 //!
 //! The work runs on a dedicated OS thread rather than a tokio task: it does blocking file I/O,
 //! it must never compete with the data path's runtime, and it lets [`ManifestDir::spawn`] be
-//! called from sync or async code alike.
+//! called from sync or async code alike. That thread never parses: the store hands each file to
+//! a parse worker and waits at most the parse budget (see `parse_worker`), so one bad file can
+//! delay the others by seconds at worst, never stop them.
 
 use std::collections::BTreeSet;
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -19,7 +21,7 @@ use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use super::snapshot::Model;
-use super::store::{is_manifest_name, Store};
+use super::store::{is_manifest_name, Store, StoreOptions};
 use super::DiscoveryError;
 
 /// Quiet time after the last event before a rebuild: a burst of writes (an editor saving,
@@ -31,6 +33,8 @@ const MAX_DELAY: Duration = Duration::from_millis(250);
 
 enum Msg {
     Fs(notify::Result<notify::Event>),
+    /// An abandoned parse ended: files that waited for a parser thread can be parsed now.
+    ParseThreadEnded,
     Stop,
 }
 
@@ -65,7 +69,14 @@ impl ManifestDir {
             .watch(&dir, RecursiveMode::NonRecursive)
             .map_err(|source| DiscoveryError::Watch { dir: dir.clone(), source })?;
 
-        let mut store = Store::new(dir.clone());
+        let parse_tx = Mutex::new(tx.clone());
+        let mut store = Store::with_options(
+            dir.clone(),
+            StoreOptions::default(),
+            Arc::new(move || {
+                let _ = parse_tx.lock().unwrap_or_else(|e| e.into_inner()).send(Msg::ParseThreadEnded);
+            }),
+        );
         store.scan().map_err(|source| DiscoveryError::Read { dir: dir.clone(), source })?;
         let model = Arc::new(store.build());
         info!(
@@ -161,6 +172,8 @@ impl Drop for ManifestDirHandle {
 struct Batch {
     files: BTreeSet<OsString>,
     rescan: bool,
+    /// Parse the files that waited for a parser thread.
+    retry: bool,
 }
 
 impl Batch {
@@ -204,6 +217,7 @@ fn run<F: Fn(Arc<Model>)>(mut store: Store, rx: Receiver<Msg>, publish: F) {
         let mut batch = Batch::default();
         match rx.recv() {
             Ok(Msg::Fs(res)) => batch.add(&dir, res),
+            Ok(Msg::ParseThreadEnded) => batch.retry = true,
             Ok(Msg::Stop) | Err(_) => return,
         }
         let deadline = Instant::now() + MAX_DELAY;
@@ -211,6 +225,7 @@ fn run<F: Fn(Arc<Model>)>(mut store: Store, rx: Receiver<Msg>, publish: F) {
             let wait = DEBOUNCE.min(deadline.saturating_duration_since(Instant::now()));
             match rx.recv_timeout(wait) {
                 Ok(Msg::Fs(res)) => batch.add(&dir, res),
+                Ok(Msg::ParseThreadEnded) => batch.retry = true,
                 Err(RecvTimeoutError::Timeout) => break,
                 Ok(Msg::Stop) | Err(RecvTimeoutError::Disconnected) => return,
             }
@@ -225,7 +240,7 @@ fn run<F: Fn(Arc<Model>)>(mut store: Store, rx: Receiver<Msg>, publish: F) {
             }
             continue;
         }
-        let changed = if batch.rescan || dir_missing {
+        let mut changed = if batch.rescan || dir_missing {
             dir_missing = false;
             store.scan().unwrap_or_else(|e| {
                 warn!(dir = %dir.display(), error = %e, "cannot rescan the manifest directory");
@@ -234,6 +249,9 @@ fn run<F: Fn(Arc<Model>)>(mut store: Store, rx: Receiver<Msg>, publish: F) {
         } else {
             batch.files.iter().fold(false, |changed, name| store.refresh(name) | changed)
         };
+        if batch.retry {
+            changed |= store.retry_deferred();
+        }
         if changed {
             let model = Arc::new(store.build());
             debug!(generation = model.generation(), errors = model.errors().len(), "publishing model");
