@@ -3,6 +3,7 @@
 mod authz;
 mod fixtures;
 mod kube;
+mod limits;
 mod parse;
 mod resolve;
 mod routes;
