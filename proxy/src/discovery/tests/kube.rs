@@ -286,3 +286,115 @@ fn spawn_fails_clearly_without_an_api_server() {
     let bad = KubeConfig { api_url: Some("not a url".into()), ..KubeConfig::default() };
     assert!(matches!(KubeSource::spawn(bad, "node-1", |_| {}), Err(KubeError::BadUrl { .. })));
 }
+
+/// An AuthorizationPolicy as the API server sends it (custom resources: keys sorted, so
+/// `annotations` comes before `name`), with `spec` as given (raw JSON text).
+fn policy_text(name: &str, annotation: &str, spec: &str) -> String {
+    format!(
+        r#"{{"apiVersion":"security.istio.io/v1","kind":"AuthorizationPolicy","metadata":{{"annotations":{{"note":"{annotation}"}},"name":"{name}","namespace":"shop","resourceVersion":"7","uid":"u-{name}"}},"spec":{spec}}}"#
+    )
+}
+
+fn nested(depth: usize) -> String {
+    format!(r#"{{"x":{}1{}}}"#, "[".repeat(depth), "]".repeat(depth))
+}
+
+/// What kube-client does with a list body: decode it whole. With `DynamicObject`, one object
+/// nested past serde_json's 128 levels failed the whole list, forever (the watch never synced);
+/// with `ApiObject` the list decodes, and the deep or oversized objects are refused by name.
+#[test]
+fn deep_and_oversized_objects_are_refused_by_name_and_the_list_goes_on() {
+    use ::kube::api::DynamicObject;
+    use ::kube::core::ObjectList;
+    let good = policy_text("good", "n", r#"{"action":"DENY","rules":[{}]}"#);
+    let deep = policy_text("deep", "n", &nested(1000));
+    let big = policy_text("big", &"x".repeat(4 << 20), "{}");
+    let many = policy_text("many", "n", &format!("[{}0]", "0,".repeat(300_000)));
+    let list = format!(
+        r#"{{"kind":"AuthorizationPolicyList","apiVersion":"security.istio.io/v1","metadata":{{"resourceVersion":"9"}},"items":[{good},{deep},{big},{many}]}}"#
+    );
+    assert!(serde_json::from_str::<ObjectList<DynamicObject>>(&list).is_err(), "the old way fails the list");
+
+    let decoded: ObjectList<ApiObject> = serde_json::from_str(&list).expect("the list decodes");
+    let outcome: Vec<(Option<String>, Option<String>, Option<String>)> = decoded
+        .items
+        .iter()
+        .map(|o| {
+            use ::kube::core::Resource;
+            (o.meta().name.clone(), o.meta().resource_version.clone(), o.refused().map(|e| e.to_string()))
+        })
+        .collect();
+    let seven = Some("7".to_owned());
+    assert_eq!(
+        outcome,
+        [
+            (Some("good".into()), seven.clone(), None),
+            (Some("deep".into()), seven.clone(), Some("the object exceeds sluice's nesting limit: more than 100 levels deep".into())),
+            (Some("big".into()), seven.clone(), Some("the object exceeds sluice's size limit: more than 3 MiB".into())),
+            (
+                Some("many".into()),
+                seven.clone(),
+                Some("the object exceeds sluice's node limit: more than 200000 keys, values and list items (YAML aliases count as what they expand to)".into())
+            ),
+        ]
+    );
+    // Nothing of a refused object is kept but what names it.
+    assert_eq!(
+        decoded.items[2].json()["metadata"],
+        json!({"name": "big", "namespace": "shop", "resourceVersion": "7", "uid": "u-big"})
+    );
+    assert_eq!(decoded.items[2].json().get("spec"), None);
+}
+
+/// A watch event streams its object when `type` comes first, as kube-apiserver writes it, so a
+/// deep object is refused by name there too; an ordinary object decodes in either order.
+#[test]
+fn watch_events_refuse_deep_objects_by_name() {
+    use ::kube::core::{Resource, WatchEvent};
+    let deep = policy_text("deep", "n", &nested(5000));
+    let event: WatchEvent<ApiObject> =
+        serde_json::from_str(&format!(r#"{{"type":"MODIFIED","object":{deep}}}"#))
+            .expect("the event decodes");
+    let WatchEvent::Modified(o) = event else { panic!("a MODIFIED event") };
+    assert_eq!(o.meta().name.as_deref(), Some("deep"));
+    assert!(o.refused().is_some_and(|e| e.to_string().contains("nesting limit")));
+
+    let good = policy_text("good", "n", "{}");
+    let event: WatchEvent<ApiObject> =
+        serde_json::from_str(&format!(r#"{{"object":{good},"type":"ADDED"}}"#)).unwrap();
+    let WatchEvent::Added(o) = event else { panic!("an ADDED event") };
+    assert!(o.refused().is_none() && o.meta().name.as_deref() == Some("good"));
+}
+
+/// In the store, a refused object is an invalid version like any other: reported as
+/// `kubernetes:<Kind>/<ns>/<name>` with the limit, its last good version kept; a pod too (it is
+/// not mistaken for a pod without an IP).
+#[test]
+fn refused_objects_are_reported_and_their_last_good_version_kept() {
+    let mut s = store();
+    sync_all(&mut s);
+    let ap = watch("authorizationpolicies");
+    let decode = |text: &str| serde_json::from_str::<ApiObject>(text).unwrap();
+    assert!(s.apply(ap, decode(&policy_text("p", "n", r#"{"action":"DENY","rules":[{}]}"#))).changed());
+    assert!(s.apply(ap, decode(&policy_text("p", "n", &nested(300)))).changed());
+    let pod = format!(
+        r#"{{"metadata":{{"name":"web","namespace":"shop","uid":"u1"}},"spec":{{"nodeName":"node-1","x":{}}},"status":{{"podIP":"10.244.1.9"}}}}"#,
+        nested(300)
+    );
+    assert!(s.apply(watch("pods (this node)"), decode(&pod)).changed());
+    let m = s.build();
+    let errors: Vec<(String, String)> =
+        m.errors().iter().map(|e| (e.file.display().to_string(), e.reason.clone())).collect();
+    let reason = "the object exceeds sluice's nesting limit: more than 100 levels deep".to_owned();
+    assert_eq!(
+        errors,
+        [
+            ("kubernetes:AuthorizationPolicy/shop/p".to_owned(), reason.clone()),
+            ("kubernetes:Pod/shop/web".to_owned(), reason.clone()),
+        ]
+    );
+    assert_eq!(m.authorization_policies("shop").len(), 1, "the last good version stays in force");
+    // Fixed: the error goes.
+    assert!(s.apply(ap, decode(&policy_text("p", "n", r#"{"action":"ALLOW"}"#))).changed());
+    assert_eq!(s.build().errors().len(), 1);
+}
