@@ -11,7 +11,7 @@ use std::collections::BTreeSet;
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -69,12 +69,12 @@ impl ManifestDir {
             .watch(&dir, RecursiveMode::NonRecursive)
             .map_err(|source| DiscoveryError::Watch { dir: dir.clone(), source })?;
 
-        let parse_tx = Mutex::new(tx.clone());
+        let parse_tx = tx.clone();
         let mut store = Store::with_options(
             dir.clone(),
             StoreOptions::default(),
             Arc::new(move || {
-                let _ = parse_tx.lock().unwrap_or_else(|e| e.into_inner()).send(Msg::ParseThreadEnded);
+                let _ = parse_tx.send(Msg::ParseThreadEnded);
             }),
         );
         store.scan().map_err(|source| DiscoveryError::Read { dir: dir.clone(), source })?;

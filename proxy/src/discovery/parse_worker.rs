@@ -29,7 +29,9 @@ pub(crate) enum Outcome<T> {
     TimedOut(Duration),
     /// Not started: this many abandoned parses are still running.
     Busy(usize),
-    /// The parse panicked, or no thread could be started.
+    /// Not started: no thread could be started (worth another try later).
+    Unavailable(String),
+    /// The parse panicked.
     Failed(String),
 }
 
@@ -84,13 +86,13 @@ impl<T: Send + 'static> ParseWorker<T> {
             }
             match self.spawn() {
                 Ok(t) => self.thread = Some(t),
-                Err(e) => return Outcome::Failed(format!("cannot start a parser thread: {e}")),
+                Err(e) => return Outcome::Unavailable(format!("cannot start a parser thread: {e}")),
             }
         }
         let thread = self.thread.as_ref().expect("started above");
         if thread.jobs.send(Box::new(job)).is_err() {
             self.thread = None;
-            return Outcome::Failed("the parser thread ended unexpectedly".into());
+            return Outcome::Unavailable("the parser thread ended unexpectedly".into());
         }
         match thread.results.recv_timeout(self.budget) {
             Ok(Ok(value)) => Outcome::Done(value),
@@ -101,7 +103,7 @@ impl<T: Send + 'static> ParseWorker<T> {
             }
             Err(RecvTimeoutError::Disconnected) => {
                 self.thread = None;
-                Outcome::Failed("the parser thread ended unexpectedly".into())
+                Outcome::Unavailable("the parser thread ended unexpectedly".into())
             }
         }
     }

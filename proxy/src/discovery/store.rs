@@ -193,6 +193,8 @@ impl Store {
                 true
             }
             Outcome::Done(Err(reason)) | Outcome::Failed(reason) => self.set_error(name, hash, reason),
+            // Not this content's fault: the next event for the file parses it again.
+            Outcome::Unavailable(reason) => self.set_error(name, 0, reason),
             Outcome::TimedOut(budget) => self.set_error(
                 name,
                 hash,

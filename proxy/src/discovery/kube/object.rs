@@ -249,14 +249,14 @@ impl<'de> Visitor<'de> for Bounded<'_> {
                 (Part::Metadata, "name" | "namespace" | "resourceVersion" | "uid") => Part::Name,
                 _ => Part::Other,
             };
-            if self.budget.exceeded.is_some() && part == Part::Other {
+            // A key is a node too (as the manifest pre-check counts it).
+            if !self.budget.count(key.len() + 4) && part == Part::Other {
                 map.next_value::<IgnoredAny>()?;
                 continue;
             }
             let value =
                 map.next_value_seed(Bounded { budget: &mut *self.budget, depth: self.depth + 1, part })?;
             if self.budget.exceeded.is_none() || part != Part::Other {
-                self.budget.bytes += key.len() + 4;
                 fields.insert(key, value);
             }
         }
