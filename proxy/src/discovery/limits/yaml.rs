@@ -154,16 +154,12 @@ struct Scan<'l> {
     doc: Option<Doc>,
     block: Vec<Level>,
     flow: usize,
-    /// Inside a flow collection: whether the next token starts a node (carried across lines).
-    flow_at_node: bool,
-    /// The last token was a quoted scalar or closed a flow collection: inside a flow collection
-    /// a `:` right after it is a value indicator even without a space (`{"a":1}`).
-    after_json: bool,
     /// Inside a quoted scalar that goes on past the end of the line.
     quote: Option<u8>,
     block_scalar: Option<BlockScalar>,
-    /// The last line ended inside a plain scalar in block context: a line indented right of
-    /// the scalar's parent collection continues it (it is text, not structure).
+    /// The last line ended inside a plain scalar: the next line continues it (it is text, not
+    /// structure), in a flow collection always, in block context if it is indented right of
+    /// the scalar's parent collection.
     plain_open: bool,
 }
 
@@ -176,8 +172,6 @@ impl<'l> Scan<'l> {
             doc: None,
             block: Vec::new(),
             flow: 0,
-            flow_at_node: false,
-            after_json: false,
             quote: None,
             block_scalar: None,
             plain_open: false,
@@ -189,15 +183,16 @@ impl<'l> Scan<'l> {
         if let Some(rest) = marker(text, b"---") {
             self.start_document(start)?;
             // The rest of the line is the document's first node: `--- |`, `--- !tag`, `--- [a]`.
-            self.inline(text, start, text.len() - rest.len(), true)?;
+            self.inline(text, start, text.len() - rest.len(), false)?;
             return self.end_line(end);
         }
         if marker(text, b"...").is_some() {
             self.end_document();
             return Ok(());
         }
-        // A directive (`%YAML 1.2`): libyaml reads `%` at column 0 as one wherever it is.
-        if text.first() == Some(&b'%') && self.quote.is_none() {
+        // A directive (`%YAML 1.2`), between documents. Inside one, a `%` line is read as
+        // content (libyaml takes it for text within a multi-line plain scalar).
+        if text.first() == Some(&b'%') && self.doc.is_none() {
             return Ok(());
         }
         if let Some(scalar) = &mut self.block_scalar {
@@ -207,17 +202,16 @@ impl<'l> Scan<'l> {
             }
             self.block_scalar = None;
         }
-        let (from, at_node) = if let Some(quote) = self.quote {
+        let (from, in_plain) = if let Some(quote) = self.quote {
             match skip_quoted(text, 0, quote) {
                 None => return self.end_line(end),
                 Some(after) => {
                     self.quote = None;
-                    self.after_json = true;
                     (after, false)
                 }
             }
         } else if self.flow > 0 {
-            (0, self.flow_at_node)
+            self.continue_plain(text, 0, true)
         } else {
             let indent = leading_spaces(text);
             match text[indent..].iter().find(|c| !is_blank(**c)) {
@@ -230,13 +224,28 @@ impl<'l> Scan<'l> {
             }
             self.content(start)?;
             if self.plain_open && indent as isize > self.parent_column() {
-                (indent, false) // more text of a multi-line plain scalar
+                self.continue_plain(text, indent, false)
             } else {
-                (self.block_line(text, indent, start)?, true)
+                self.plain_open = false;
+                (self.block_line(text, indent, start)?, false)
             }
         };
-        self.inline(text, start, from, at_node)?;
+        self.inline(text, start, from, in_plain)?;
         self.end_line(end)
+    }
+
+    /// Where the tokens of a line start, from `i`, and whether that follows plain text: past
+    /// the rest of a plain scalar the last line left open. A blank line leaves it open (it is
+    /// folded into the scalar); a comment ends it.
+    fn continue_plain(&self, text: &[u8], i: usize, flow: bool) -> (usize, bool) {
+        let j = skip_blanks(text, i);
+        if !self.plain_open || (j < text.len() && text[j] == b'#') {
+            return (i, false);
+        }
+        if j == text.len() {
+            return (j, true);
+        }
+        (plain_end(text, j, flow), true)
     }
 
     /// A line in block context: adjusts the stack of block collections to it and returns where
@@ -248,32 +257,25 @@ impl<'l> Scan<'l> {
         let mut col = indent;
         let mut entries = 0;
         loop {
-            if text.get(col) == Some(&b'-') && blank_or_end(text, col + 1) {
-                if !self.block.last().is_some_and(|l| l.column == col && l.kind == Kind::Sequence) {
-                    self.block.push(Level { column: col, kind: Kind::Sequence });
-                    self.check_depth()?; // before `- - - …` can pile up
-                }
+            // `- ` (a sequence item), `? ` and `: ` (an explicit key and value): an entry of a
+            // collection at this column, whose content may be another entry (`- - x`, `? - x`)
+            // or a mapping (`- a: 1`, `? a: 1`).
+            let indicator = text.get(col).copied().filter(|c| matches!(c, b'-' | b'?' | b':'));
+            if let Some(c) = indicator.filter(|_| blank_or_end(text, col + 1)) {
+                let kind = if c == b'-' { Kind::Sequence } else { Kind::Mapping };
+                self.enter_block(col, kind, col == indent)?;
                 entries += 1;
                 col = skip_blanks(text, col + 1);
                 if col == text.len() || text[col] == b'#' {
                     break;
                 }
-                continue; // the item may be another `- `, or a mapping
+                continue;
             }
             if starts_key(text, col) {
-                // A key at the column of an indentless sequence ends the sequence.
-                if col == indent
-                    && self.block.last().is_some_and(|l| l.column == col && l.kind == Kind::Sequence)
-                {
-                    self.block.pop();
-                }
-                if !self.block.last().is_some_and(|l| l.column == col && l.kind == Kind::Mapping) {
-                    self.block.push(Level { column: col, kind: Kind::Mapping });
-                }
+                self.enter_block(col, Kind::Mapping, col == indent)?;
             }
             break;
         }
-        self.check_depth()?;
         let levels = self.block.len();
         self.close_anchors(start, |end| {
             matches!(end, AnchorEnd::Block { levels: l, column } if indent as isize <= column && levels <= l)
@@ -282,124 +284,104 @@ impl<'l> Scan<'l> {
         Ok(col)
     }
 
+    /// An entry of a block collection of `kind` at `column`: the collection is open already,
+    /// or starts here. A mapping entry at the column of an indentless sequence (a sequence that
+    /// shares its mapping's column) ends the sequence, when it begins the line.
+    fn enter_block(&mut self, column: usize, kind: Kind, line_start: bool) -> Result<(), LimitError> {
+        let top = self.block.last().copied();
+        if kind == Kind::Mapping
+            && line_start
+            && top.is_some_and(|l| l.column == column && l.kind == Kind::Sequence)
+        {
+            self.block.pop();
+        }
+        if !self.block.last().is_some_and(|l| l.column == column && l.kind == kind) {
+            self.block.push(Level { column, kind });
+        }
+        self.check_depth() // checked at once: `- - - …` cannot pile up
+    }
+
     /// The tokens of one line from byte `i` (`base` is the line's offset in the file), up to a
-    /// comment or the end of the line.
-    fn inline(
-        &mut self,
-        text: &[u8],
-        base: usize,
-        mut i: usize,
-        mut at_node: bool,
-    ) -> Result<(), LimitError> {
-        self.plain_open = false;
+    /// comment or the end of the line, as libyaml's scanner reads them: its tokens do not
+    /// depend on where the parser is (it is the scanner whose work grows with the flow depth),
+    /// only on the flow depth and the column. At a token boundary `#` is a comment even without
+    /// a blank before it; `[`, `{`, `]`, `}`, `,`, quotes, anchors, aliases and tags are tokens
+    /// wherever they come; `-` before a blank, and `?`, `:` before a blank or inside a flow
+    /// collection, are indicators; `|` and `>` start block scalars outside flow collections;
+    /// anything else starts a plain scalar, consumed whole by `plain_end`. `in_plain` says that
+    /// `i` follows plain scalar text (a continued line).
+    fn inline(&mut self, text: &[u8], base: usize, mut i: usize, in_plain: bool) -> Result<(), LimitError> {
+        let mut plain_open = in_plain && i == text.len();
         while i < text.len() {
             let c = text[i];
             if is_blank(c) {
                 i += 1;
                 continue;
             }
-            if c == b'#' && (i == 0 || is_blank(text[i - 1])) {
+            if c == b'#' {
                 break;
             }
+            plain_open = false;
             let flow = self.flow > 0;
+            let indicator = blank_or_end(text, i + 1);
             match c {
-                b']' | b'}' if flow => {
-                    self.close_flow(base + i);
-                    self.after_json = true;
-                    at_node = false;
+                b'[' | b'{' => {
+                    self.count(1)?;
+                    self.open_flow()?;
                     i += 1;
-                    continue;
                 }
-                b',' if flow => {
+                b']' | b'}' => {
+                    self.close_flow(base + i);
+                    i += 1;
+                }
+                b',' => {
                     self.flow_entry(base + i);
                     self.count(1)?;
-                    self.after_json = false;
-                    at_node = true;
                     i += 1;
-                    continue;
                 }
-                b':' if blank_or_end(text, i + 1)
-                    || (flow
-                        && (self.after_json || text.get(i + 1).is_some_and(|c| is_flow_indicator(*c)))) =>
-                {
-                    self.count(1)?;
-                    self.after_json = false;
-                    at_node = true;
-                    i += 1;
-                    continue;
-                }
-                b'?' if at_node && blank_or_end(text, i + 1) => {
-                    self.count(1)?;
-                    i += 1;
-                    continue;
-                }
-                _ => {}
-            }
-            self.after_json = false;
-            if at_node {
-                match c {
-                    b'[' | b'{' => {
-                        self.count(1)?;
-                        self.open_flow()?;
-                        i += 1;
-                        continue;
+                b'-' | b'?' | b':' if indicator || (flow && c != b'-') => {
+                    // Mid-line `- ` and `? ` in block context open a level (libyaml rejects most
+                    // of these; counting them errs on the safe side).
+                    if !flow && c != b':' {
+                        self.enter_block(i, if c == b'-' { Kind::Sequence } else { Kind::Mapping }, false)?;
                     }
-                    b'"' | b'\'' => {
-                        self.count(1)?;
-                        match skip_quoted(text, i + 1, c) {
-                            Some(after) => {
-                                self.after_json = true;
-                                at_node = false;
-                                i = after;
-                                continue;
-                            }
-                            None => {
-                                self.quote = Some(c);
-                                return Ok(());
-                            }
+                    self.count(1)?;
+                    i += 1;
+                }
+                b'&' => {
+                    let end = name_end(text, i + 1);
+                    self.anchor(&text[i + 1..end], base + i);
+                    i = end;
+                }
+                b'*' => {
+                    let end = name_end(text, i + 1);
+                    self.alias(&text[i + 1..end], base + i)?;
+                    i = end;
+                }
+                b'!' => i = token_end(text, i + 1, flow),
+                b'|' | b'>' if !flow => {
+                    self.count(1)?;
+                    self.block_scalar = Some(BlockScalar::new(&text[i + 1..], self.parent_column()));
+                    break;
+                }
+                b'"' | b'\'' => {
+                    self.count(1)?;
+                    match skip_quoted(text, i + 1, c) {
+                        Some(after) => i = after,
+                        None => {
+                            self.quote = Some(c);
+                            break;
                         }
                     }
-                    b'&' => {
-                        let end = token_end(text, i + 1, flow);
-                        self.anchor(&text[i + 1..end], base + i);
-                        i = end;
-                        continue;
-                    }
-                    b'!' => {
-                        i = token_end(text, i + 1, flow);
-                        continue;
-                    }
-                    b'*' => {
-                        let end = token_end(text, i + 1, flow);
-                        self.alias(&text[i + 1..end], base + i)?;
-                        at_node = false;
-                        i = end;
-                        continue;
-                    }
-                    b'|' | b'>' if !flow => {
-                        self.count(1)?;
-                        self.block_scalar = Some(BlockScalar::new(&text[i + 1..], self.parent_column()));
-                        return Ok(());
-                    }
-                    _ => self.count(1)?, // a plain scalar starts
                 }
-            } else if flow && matches!(c, b'[' | b'{') {
-                // Inside a flow collection these always open one (a plain scalar cannot hold them).
-                self.count(1)?;
-                self.open_flow()?;
-                at_node = true;
-                i += 1;
-                continue;
-            }
-            at_node = false;
-            i = plain_end(text, i, flow);
-            if i == text.len() && !flow {
-                self.plain_open = true;
+                _ => {
+                    self.count(1)?;
+                    i = plain_end(text, i, flow);
+                    plain_open = i == text.len();
+                }
             }
         }
-        if self.flow > 0 {
-            self.flow_at_node = at_node;
-        }
+        self.plain_open = plain_open;
         Ok(())
     }
 
@@ -449,8 +431,6 @@ impl<'l> Scan<'l> {
         self.doc = None; // anchors do not cross documents
         self.block.clear();
         self.flow = 0;
-        self.flow_at_node = false;
-        self.after_json = false;
         self.quote = None;
         self.block_scalar = None;
         self.plain_open = false;
@@ -586,8 +566,17 @@ fn skip_blanks(text: &[u8], mut i: usize) -> usize {
     i
 }
 
-/// The end of an anchor, alias or tag name: up to a blank, or a flow indicator inside a flow
-/// collection.
+/// The end of an anchor or alias name: libyaml takes `[0-9A-Za-z_-]` only (so `*a: [` is an
+/// alias, a value indicator and a flow sequence).
+fn name_end(text: &[u8], mut i: usize) -> usize {
+    while i < text.len() && (text[i].is_ascii_alphanumeric() || text[i] == b'_' || text[i] == b'-') {
+        i += 1;
+    }
+    i
+}
+
+/// The end of a tag: up to a blank, or a flow indicator inside a flow collection (libyaml wants
+/// a blank after a tag, so taking more than it does only ever skips what it rejects).
 fn token_end(text: &[u8], mut i: usize, flow: bool) -> usize {
     while i < text.len() && !is_blank(text[i]) && !(flow && is_flow_indicator(text[i])) {
         i += 1;
@@ -633,12 +622,17 @@ fn starts_key(text: &[u8], mut i: usize) -> bool {
     loop {
         i = skip_blanks(text, i);
         match text.get(i) {
-            Some(b'&' | b'!') => i = token_end(text, i + 1, false),
+            Some(b'&') => i = name_end(text, i + 1),
+            Some(b'!') => i = token_end(text, i + 1, false),
             _ => break,
         }
     }
     match text.get(i) {
-        None | Some(b'#' | b'[' | b'{' | b'*' | b'|' | b'>') => false,
+        None | Some(b'#' | b'[' | b'{' | b'|' | b'>') => false,
+        Some(b'*') => {
+            let j = skip_blanks(text, name_end(text, i + 1));
+            text.get(j) == Some(&b':') && blank_or_end(text, j + 1)
+        }
         Some(b'?' | b':') if blank_or_end(text, i + 1) => true,
         Some(&quote @ (b'"' | b'\'')) => skip_quoted(text, i + 1, quote).is_some_and(|after| {
             let j = skip_blanks(text, after);

@@ -188,6 +188,16 @@ fn structure_cannot_hide_from_the_count() {
         format!("a: !tag {deep}"),
         format!("a:\n  # comment\n  {deep}"),
         format!("- - - - {deep}"),
+        // Found by fuzzing against libyaml:
+        format!("*b: {deep}"),                         // an alias name stops at `:`
+        format!("? - {deep}"),                         // an entry inside an explicit key
+        format!("? x: >\n   \n  k: {deep}"),           // a block scalar's indentation
+        format!("[*a---:#--- |\\\",':x: >\n  {deep}"), // `#` right after a token is a comment
+        format!("[#{{ \"#['\nk: {deep}"),
+        format!("[a, :\"]]]]]]]]\", {deep}"), // `:` in a flow collection, then a quote
+        format!("[don't\n\n'x, {deep}"),      // a blank line inside a flow plain scalar
+        format!("a: 1\n%YAML 1.1\n{deep}"),   // `%` inside a document is text
+        format!("[? ]: ,{deep}"),             // `,` is a token in block context too
     ];
     for text in &attacks {
         assert!(

@@ -4,6 +4,7 @@ mod authz;
 mod fixtures;
 mod kube;
 mod limits;
+mod limits_libyaml;
 mod parse;
 mod parse_worker;
 mod resolve;
