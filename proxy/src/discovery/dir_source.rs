@@ -10,7 +10,8 @@
 use std::collections::BTreeSet;
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -20,6 +21,7 @@ use notify::{EventKind, RecommendedWatcher, RecursiveMode, Watcher};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
+use super::limits::COUNTERS;
 use super::snapshot::Model;
 use super::store::{is_manifest_name, Store, StoreOptions};
 use super::DiscoveryError;
@@ -31,11 +33,27 @@ const DEBOUNCE: Duration = Duration::from_millis(50);
 /// well within a second.
 const MAX_DELAY: Duration = Duration::from_millis(250);
 
+/// File events waiting for the watch loop, at most. While the loop waits on a parse (up to the
+/// parse budget) a writer can produce events much faster than that; beyond this many they are
+/// dropped and the loop rescans the whole directory instead, which loses nothing.
+const EVENT_QUEUE: usize = 4096;
+
 enum Msg {
     Fs(notify::Result<notify::Event>),
+    /// Look at the [`Signals`].
+    Wake,
+}
+
+/// What the watch loop is told besides file events. Flags rather than messages, so that
+/// neither a full queue nor a stop from the loop's own thread (dropped inside `publish`) can
+/// block or lose them: the sender sets the flag and tries a [`Msg::Wake`].
+#[derive(Default)]
+struct Signals {
+    stop: AtomicBool,
+    /// Events were dropped (the queue was full): rescan.
+    overflowed: AtomicBool,
     /// An abandoned parse ended: files that waited for a parser thread can be parsed now.
-    ParseThreadEnded,
-    Stop,
+    parse_thread_ended: AtomicBool,
 }
 
 /// Constructors for the manifest-directory source.
@@ -55,26 +73,42 @@ impl ManifestDir {
     where
         F: Fn(Arc<Model>) + Send + 'static,
     {
-        let dir = dir.into();
+        ManifestDir::spawn_with(dir.into(), StoreOptions::default(), EVENT_QUEUE, publish)
+    }
+
+    /// [`ManifestDir::spawn`] with other store options and event queue length (tests).
+    pub(crate) fn spawn_with<F>(
+        dir: PathBuf,
+        options: StoreOptions,
+        queue: usize,
+        publish: F,
+    ) -> Result<ManifestDirHandle, DiscoveryError>
+    where
+        F: Fn(Arc<Model>) + Send + 'static,
+    {
         check_dir(&dir)?;
-        let (tx, rx) = mpsc::channel();
+        let (tx, rx) = mpsc::sync_channel(queue);
+        let signals = Arc::new(Signals::default());
         // Watch before the first scan, so a change made during the scan is not lost: its event
         // waits in the channel and the thread re-reads the file (unchanged files are skipped).
-        let fs_tx = tx.clone();
+        let (fs_tx, fs_signals) = (tx.clone(), signals.clone());
         let mut watcher = notify::recommended_watcher(move |res| {
-            let _ = fs_tx.send(Msg::Fs(res));
+            if let Err(TrySendError::Full(_)) = fs_tx.try_send(Msg::Fs(res)) {
+                fs_signals.overflowed.store(true, Ordering::SeqCst);
+            }
         })
         .map_err(|source| DiscoveryError::Watch { dir: dir.clone(), source })?;
         watcher
             .watch(&dir, RecursiveMode::NonRecursive)
             .map_err(|source| DiscoveryError::Watch { dir: dir.clone(), source })?;
 
-        let parse_tx = tx.clone();
+        let (parse_tx, parse_signals) = (tx.clone(), signals.clone());
         let mut store = Store::with_options(
             dir.clone(),
-            StoreOptions::default(),
+            options,
             Arc::new(move || {
-                let _ = parse_tx.send(Msg::ParseThreadEnded);
+                parse_signals.parse_thread_ended.store(true, Ordering::SeqCst);
+                let _ = parse_tx.try_send(Msg::Wake);
             }),
         );
         store.scan().map_err(|source| DiscoveryError::Read { dir: dir.clone(), source })?;
@@ -89,11 +123,12 @@ impl ManifestDir {
         );
         publish(model);
 
+        let loop_signals = signals.clone();
         let thread = std::thread::Builder::new()
             .name("sluice-discovery".into())
-            .spawn(move || run(store, rx, publish))
+            .spawn(move || run(store, rx, &loop_signals, publish))
             .map_err(|source| DiscoveryError::Read { dir: dir.clone(), source })?;
-        Ok(ManifestDirHandle { dir, stop: tx, watcher: Some(watcher), thread: Some(thread) })
+        Ok(ManifestDirHandle { dir, wake: tx, signals, watcher: Some(watcher), thread: Some(thread) })
     }
 
     /// [`ManifestDir::spawn`] publishing into a tokio `watch` channel, for async consumers:
@@ -132,7 +167,8 @@ fn check_dir(dir: &Path) -> Result<(), DiscoveryError> {
 /// Keeps the source running; dropping it stops the watch and joins the thread.
 pub struct ManifestDirHandle {
     dir: PathBuf,
-    stop: Sender<Msg>,
+    wake: SyncSender<Msg>,
+    signals: Arc<Signals>,
     watcher: Option<RecommendedWatcher>,
     thread: Option<JoinHandle<()>>,
 }
@@ -156,7 +192,8 @@ impl ManifestDirHandle {
 
 impl Drop for ManifestDirHandle {
     fn drop(&mut self) {
-        let _ = self.stop.send(Msg::Stop);
+        self.signals.stop.store(true, Ordering::SeqCst);
+        let _ = self.wake.try_send(Msg::Wake); // a full queue wakes the loop anyway
         drop(self.watcher.take());
         if let Some(thread) = self.thread.take() {
             // Dropped from inside `publish`? Joining ourselves would deadlock.
@@ -210,26 +247,35 @@ impl Batch {
     }
 }
 
-fn run<F: Fn(Arc<Model>)>(mut store: Store, rx: Receiver<Msg>, publish: F) {
+fn run<F: Fn(Arc<Model>)>(mut store: Store, rx: Receiver<Msg>, signals: &Signals, publish: F) {
     let dir = store.dir().to_owned();
     let mut dir_missing = false;
     loop {
         let mut batch = Batch::default();
         match rx.recv() {
             Ok(Msg::Fs(res)) => batch.add(&dir, res),
-            Ok(Msg::ParseThreadEnded) => batch.retry = true,
-            Ok(Msg::Stop) | Err(_) => return,
+            Ok(Msg::Wake) => {}
+            Err(_) => return,
         }
         let deadline = Instant::now() + MAX_DELAY;
         loop {
+            if signals.stop.load(Ordering::SeqCst) {
+                return;
+            }
             let wait = DEBOUNCE.min(deadline.saturating_duration_since(Instant::now()));
             match rx.recv_timeout(wait) {
                 Ok(Msg::Fs(res)) => batch.add(&dir, res),
-                Ok(Msg::ParseThreadEnded) => batch.retry = true,
+                Ok(Msg::Wake) => {}
                 Err(RecvTimeoutError::Timeout) => break,
-                Ok(Msg::Stop) | Err(RecvTimeoutError::Disconnected) => return,
+                Err(RecvTimeoutError::Disconnected) => return,
             }
         }
+        if signals.overflowed.swap(false, Ordering::SeqCst) {
+            COUNTERS.count_watch_overflow();
+            warn!(dir = %dir.display(), queue = EVENT_QUEUE, "more file events than the queue holds; rescanning the manifest directory");
+            batch.rescan = true;
+        }
+        batch.retry |= signals.parse_thread_ended.swap(false, Ordering::SeqCst);
 
         // If the directory itself went away, every file would look deleted; keep the last
         // model instead of withdrawing the whole mesh.

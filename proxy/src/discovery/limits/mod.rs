@@ -203,6 +203,8 @@ pub struct DiscoveryCounters {
     parses_deferred: AtomicU64,
     /// Abandoned parses still running now.
     abandoned_running: AtomicU64,
+    /// Times the manifest directory's event queue was full (the directory was rescanned).
+    watch_overflows: AtomicU64,
 }
 
 impl DiscoveryCounters {
@@ -212,7 +214,14 @@ impl DiscoveryCounters {
             parse_timeouts: AtomicU64::new(0),
             parses_deferred: AtomicU64::new(0),
             abandoned_running: AtomicU64::new(0),
+            watch_overflows: AtomicU64::new(0),
         }
+    }
+
+    /// How many times the manifest directory's event queue was full.
+    #[cfg(test)]
+    pub(crate) fn watch_overflows(&self) -> u64 {
+        self.watch_overflows.load(Ordering::Relaxed)
     }
 
     pub(crate) fn count_refused(&self) {
@@ -228,17 +237,22 @@ impl DiscoveryCounters {
         self.abandoned_running.fetch_sub(1, Ordering::Relaxed);
     }
 
+    pub(crate) fn count_watch_overflow(&self) {
+        self.watch_overflows.fetch_add(1, Ordering::Relaxed);
+    }
+
     pub(crate) fn count_deferred(&self) {
         self.parses_deferred.fetch_add(1, Ordering::Relaxed);
     }
 
     /// `(name, value)` pairs for the admin API's counters.
-    pub fn snapshot(&self) -> [(&'static str, u64); 4] {
+    pub fn snapshot(&self) -> [(&'static str, u64); 5] {
         [
             ("discovery_limit_refused", self.refused.load(Ordering::Relaxed)),
             ("discovery_parse_timeouts", self.parse_timeouts.load(Ordering::Relaxed)),
             ("discovery_parses_deferred", self.parses_deferred.load(Ordering::Relaxed)),
             ("discovery_abandoned_parses_running", self.abandoned_running.load(Ordering::Relaxed)),
+            ("discovery_watch_overflows", self.watch_overflows.load(Ordering::Relaxed)),
         ]
     }
 }

@@ -9,13 +9,13 @@ use std::fs;
 use std::path::Path;
 use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::fixtures;
-use crate::discovery::limits::Limits;
+use crate::discovery::limits::{Limits, COUNTERS};
 use crate::discovery::manifest::Format;
 use crate::discovery::store::{parse_file, Store, StoreOptions};
-use crate::discovery::Model;
+use crate::discovery::{ManifestDir, Model};
 
 fn reason<'m>(model: &'m Model, file: &str) -> Option<&'m str> {
     model.errors().iter().find(|e| e.file.file_name() == Some(OsStr::new(file))).map(|e| e.reason.as_str())
@@ -80,17 +80,26 @@ fn a_refused_edit_keeps_the_last_good_objects() {
     assert!(m.is_enrolled("shop"), "the last good version stays in force");
 }
 
-/// A parse function whose parses of files starting with `#hang` wait for the test.
+/// A parse function whose parses of files starting with `#hang` wait for the test (and say
+/// that they started).
 struct Gate {
     open: Mutex<bool>,
     opened: Condvar,
+    entered: Mutex<mpsc::Sender<()>>,
 }
 
 impl Gate {
+    /// A closed gate, and where it says that a parse is waiting at it.
+    fn new() -> (Arc<Gate>, mpsc::Receiver<()>) {
+        let (tx, rx) = mpsc::channel();
+        (Arc::new(Gate { open: Mutex::new(false), opened: Condvar::new(), entered: Mutex::new(tx) }), rx)
+    }
+
     fn parse(self: &Arc<Self>) -> crate::discovery::store::ParseFn {
         let gate = self.clone();
         Arc::new(move |bytes: &[u8], format: Format, limits: &Limits| {
             if bytes.starts_with(b"#hang") {
+                let _ = gate.entered.lock().unwrap().send(());
                 let mut open = gate.open.lock().unwrap();
                 while !*open {
                     open = gate.opened.wait(open).unwrap();
@@ -110,7 +119,7 @@ impl Gate {
 fn slow_parses_are_abandoned_and_waiting_files_parsed_when_one_ends() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let gate = Arc::new(Gate { open: Mutex::new(false), opened: Condvar::new() });
+    let (gate, _entered) = Gate::new();
     let (ended_tx, ended) = mpsc::channel();
     let ended_tx = Mutex::new(ended_tx);
     let options = StoreOptions {
@@ -162,7 +171,7 @@ fn slow_parses_are_abandoned_and_waiting_files_parsed_when_one_ends() {
 fn a_waiting_file_that_is_removed_is_forgotten() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let gate = Arc::new(Gate { open: Mutex::new(false), opened: Condvar::new() });
+    let (gate, _entered) = Gate::new();
     let options = StoreOptions {
         budget: Duration::from_millis(100),
         max_abandoned: 1,
@@ -179,4 +188,37 @@ fn a_waiting_file_that_is_removed_is_forgotten() {
     gate.release();
     assert!(!store.retry_deferred(), "nothing waits any more");
     assert!(reason(&store.build(), "b.yaml").is_none());
+}
+
+/// While the watch loop waits on a parse, file events queue up; past the queue's bound they are
+/// dropped and the loop rescans the directory instead: nothing is lost, nothing grows.
+#[test]
+fn a_flood_of_events_becomes_one_rescan() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (gate, entered) = Gate::new();
+    let options =
+        StoreOptions { budget: Duration::from_secs(60), parse: gate.parse(), ..StoreOptions::default() };
+    let (tx, models) = mpsc::channel();
+    let _handle = ManifestDir::spawn_with(d.to_owned(), options, 8, move |m| {
+        let _ = tx.send(m);
+    })
+    .unwrap();
+    let overflows = COUNTERS.watch_overflows();
+    write(d, "hang.yaml", format!("#hang\n{}", fixtures::namespace("hang", true)));
+    entered.recv_timeout(Duration::from_secs(10)).expect("the watch loop is parsing hang.yaml");
+    // The loop waits on that parse: 50 files are far more events than the queue holds.
+    for i in 0..50 {
+        write(d, &format!("ns-{i:02}.yaml"), fixtures::namespace(&format!("ns-{i}"), true));
+    }
+    gate.release();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let m = models.recv_timeout(left).expect("a model with every namespace within 10 s");
+        if m.namespaces().count() == 51 {
+            break;
+        }
+    }
+    assert!(COUNTERS.watch_overflows() > overflows, "the queue overflowed and the directory was rescanned");
 }
