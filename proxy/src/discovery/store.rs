@@ -18,6 +18,7 @@ use std::fs::File;
 use std::hash::{Hash, Hasher};
 use std::io::{self, Read};
 use std::net::IpAddr;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -337,6 +338,15 @@ fn read_bounded(path: &Path, limits: &Limits) -> io::Result<FileRead> {
     if let Err(e) = limits::check_file_size(meta.len(), limits) {
         COUNTERS.count_refused();
         return Ok(refuse(&meta, e.to_string()));
+    }
+    // A regular file: reads may block now (a few filesystems would answer EAGAIN otherwise).
+    // SAFETY: fcntl on a descriptor this function owns.
+    unsafe {
+        let fd = file.as_raw_fd();
+        let flags = libc::fcntl(fd, libc::F_GETFL);
+        if flags >= 0 {
+            libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK);
+        }
     }
     let mut bytes = Vec::with_capacity(meta.len() as usize);
     // One more byte than the limit: a file that grew since its size was read is caught too.

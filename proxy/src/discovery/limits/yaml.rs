@@ -1,11 +1,11 @@
-//! The YAML pre-check: one pass over the text, line by line, that follows libyaml's scanner
-//! closely enough to know for every byte whether it is structure, or inside a quoted scalar, a
-//! block scalar, a plain scalar or a comment, and measures each document:
+//! The YAML pre-check: one pass over the text, line by line, that reads tokens as libyaml's
+//! scanner does (the scanner is where the cost grows with the flow depth), so that it knows for
+//! every byte whether it is structure, or inside a quoted scalar, a block scalar, a plain scalar
+//! or a comment, and measures each document:
 //!
-//! - **depth**: open flow collections (`[`/`{` where a node may start, and anywhere inside a
-//!   flow collection) plus open block collections, kept as libyaml keeps its indentation stack:
-//!   the column of each mapping (`key:` lines) and sequence (`- ` items; a sequence may share the
-//!   column of the mapping it is a value of);
+//! - **depth**: open flow collections (the scanner's flow level) plus open block collections,
+//!   kept as libyaml keeps its indentation stack: the column of each mapping (`key:` lines, `? `)
+//!   and sequence (`- ` items; a sequence may share the column of the mapping it is a value of);
 //! - **nodes**: scalars, collections, aliases and the indicators of entries (`- `, `: `, `,`),
 //!   so that empty values count too;
 //! - **size**: bytes as written, plus what each alias expands to. An anchored node is measured
