@@ -7,8 +7,12 @@
 //! object do that to every node. [`ApiObject`] builds the JSON itself within [`Limits`] (the
 //! manifest directory's): past the depth limit, or beyond the node or size limit, it skips the
 //! rest without building it (serde_json skips iteratively, at any depth) and keeps only the
-//! object's name, namespace and resourceVersion. The object is then reported by name like any
-//! other invalid object, and the list or watch goes on.
+//! object's name, namespace, resourceVersion and uid. The object is then reported by name like
+//! any other invalid object, and the list or watch goes on.
+//!
+//! A watch event's object streams through this decoder because kube-apiserver writes `type`
+//! before `object`; in the other order serde would buffer the object first, within serde_json's
+//! 128 levels (an ordinary object still decodes; a too-deep one would fail the event as before).
 
 use std::borrow::Cow;
 use std::fmt;
