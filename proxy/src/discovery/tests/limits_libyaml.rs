@@ -6,7 +6,7 @@
 //! deep. This is a bounded, seeded version (40 000 inputs, under a second) of the differential
 //! fuzzing that found the cases listed in `limits::structure_cannot_hide_from_the_count`: it
 //! catches gross regressions; the rarer shapes (about one in a million generated inputs) are
-//! guarded by those listed cases, and a long run of the generator (100 million inputs, both
+//! guarded by those listed cases, and a long run of the generator (138 million inputs, both
 //! oracles) found nothing more.
 
 use std::mem::MaybeUninit;
