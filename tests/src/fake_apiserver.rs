@@ -1414,9 +1414,7 @@ async fn serve_watch(
         let line = match frame {
             Frame::Event(v) => v,
             Frame::Gone(status) => {
-                let mut line =
-                    serde_json::to_vec(&json!({"type": "ERROR", "object": status})).expect("JSON");
-                line.push(b'\n');
+                let line = watch_line(&json!({"type": "ERROR", "object": status}));
                 if http::write_chunk(write, &line).await.is_err() {
                     return WatchEnd::Closed;
                 }
@@ -1424,12 +1422,22 @@ async fn serve_watch(
             }
             Frame::Cut => return WatchEnd::Closed,
         };
-        let mut bytes = serde_json::to_vec(&line).expect("JSON values serialize");
-        bytes.push(b'\n');
-        if http::write_chunk(write, &bytes).await.is_err() {
+        if http::write_chunk(write, &watch_line(&line)).await.is_err() {
             return WatchEnd::Closed;
         }
     }
+}
+
+/// A watch event line as kube-apiserver writes it: `type` before `object` (the field order of
+/// Go's `metav1.WatchEvent`; a `serde_json::Map` would sort `object` first). Clients rely on it
+/// to decode the object as it streams instead of buffering it first.
+fn watch_line(event: &Value) -> Vec<u8> {
+    let mut line = br#"{"type":"#.to_vec();
+    serde_json::to_writer(&mut line, &event["type"]).expect("JSON values serialize");
+    line.extend_from_slice(br#","object":"#);
+    serde_json::to_writer(&mut line, &event["object"]).expect("JSON values serialize");
+    line.extend_from_slice(b"}\n");
+    line
 }
 
 async fn finish(write: &mut tokio::net::tcp::OwnedWriteHalf) -> WatchEnd {

@@ -597,3 +597,94 @@ fn runs_without_the_optional_crds() -> Result<()> {
     );
     Ok(())
 }
+
+/// `spec` with a list nested `depth` levels deep.
+fn deep_spec(depth: usize) -> Value {
+    let mut v = json!(1);
+    for _ in 0..depth {
+        v = json!([v]);
+    }
+    json!({"x": v})
+}
+
+/// The reason `GET /model` gives for `source`, if it lists it.
+fn model_error(m: &Value, source: &str) -> Option<String> {
+    m["errors"].as_array()?.iter().find(|e| e["source"] == source).map(|e| e["reason"].as_str().unwrap_or("").to_string())
+}
+
+/// Objects that once wedged the Kubernetes source (issue 12, point 3). Istio's CRDs keep `spec`
+/// open, so whoever may create a policy may nest it arbitrarily deep: past serde_json's 128
+/// levels such an object failed every list of its resource (sluice never synced, so it never
+/// became ready), and in a watch event it vanished behind an anonymous error. Now deep and
+/// oversized objects are refused by kind, namespace and name, like invalid ones, and the watch
+/// goes on: later objects apply, and a fix or a deletion clears the error.
+#[test]
+fn deep_and_oversized_objects_are_refused_by_name() -> Result<()> {
+    let sim = Sim::new()?;
+    let node = sim.add_node("n1")?;
+    let api = FakeApiServer::start_in_netns(node.netns())?;
+    api.apply(objects::namespace("shop", &[("sluice.dev/mesh", "enabled")]))?;
+    let client = node.add_pod("shop", "client", PodOpts::labels(&[("app", "client")]))?;
+    api.apply(objects::sim_pod(&client))?;
+    api.apply(objects::authorization_policy("shop", "deep", deep_spec(1000)))?;
+
+    // In the first list: sluice still syncs, and names the object.
+    let sluice = start_sluice(&node, &api)?;
+    sluice.wait_ready(T)?;
+    wait_enrolled(&sluice, &client)?;
+    let nesting = "the object exceeds sluice's nesting limit: more than 100 levels deep";
+    let m = sluice.get_json("/model")?;
+    assert_eq!(model_error(&m, "kubernetes:AuthorizationPolicy/shop/deep").as_deref(), Some(nesting), "{m}");
+
+    // In watch events: a deep ServiceEntry, and a TrafficPolicy with a 4 MiB annotation.
+    api.apply(objects::service_entry("shop", "deep-entry", deep_spec(500)))?;
+    let mut big = objects::traffic_policy(
+        "shop",
+        "big",
+        json!({"targetRefs": [{"group": "", "kind": "Service", "name": "web"}], "timeouts": {"request": "2s"}}),
+    );
+    objects::annotate(&mut big, "example.com/blob", Some(&"x".repeat(4 << 20)));
+    api.apply(big)?;
+    let m = wait_model(&sluice, "the deep and the oversized object reported", |m| {
+        model_error(m, "kubernetes:ServiceEntry/shop/deep-entry").is_some()
+            && model_error(m, "kubernetes:TrafficPolicy/shop/big").is_some()
+    })?;
+    assert_eq!(model_error(&m, "kubernetes:ServiceEntry/shop/deep-entry").as_deref(), Some(nesting));
+    assert_eq!(
+        model_error(&m, "kubernetes:TrafficPolicy/shop/big").as_deref(),
+        Some("the object exceeds sluice's size limit: more than 3 MiB")
+    );
+    let status = sluice.get_json("/status")?;
+    assert_eq!(status["manifest_errors"].as_array().map(Vec::len), Some(3), "{status}");
+    assert!(status["counters"]["discovery_limit_refused"].as_u64().is_some_and(|n| n >= 3), "{status}");
+
+    // Later objects still apply: a namespace and its pod.
+    api.apply(objects::namespace("later", &[("sluice.dev/mesh", "enabled")]))?;
+    let late = node.add_pod("later", "late", PodOpts::default())?;
+    api.apply(objects::sim_pod(&late))?;
+    wait_enrolled(&sluice, &late)?;
+    traffic_through_sluice_to(&client, &late)?;
+
+    // A fix and deletions clear the errors.
+    api.apply(objects::authorization_policy(
+        "shop",
+        "deep",
+        json!({"action": "DENY", "rules": [{"from": [{"source": {"namespaces": ["elsewhere"]}}]}]}),
+    ))?;
+    api.delete("ServiceEntry", "shop", "deep-entry")?;
+    api.delete("TrafficPolicy", "shop", "big")?;
+    wait_model(&sluice, "the errors cleared, the fixed policy in force", |m| {
+        m["errors"] == json!([]) && keys(&m["authorization_policies"]) == set(&["shop/deep"])
+    })?;
+    Ok(())
+}
+
+/// A connection from `client` to an echo server in `server`, through sluice.
+fn traffic_through_sluice_to(client: &sluice_tests::Pod, server: &sluice_tests::Pod) -> Result<()> {
+    let mut echo = server.simpod(["echo-server", "--port", &ECHO_PORT.to_string()])?;
+    echo.wait_listening(T)?;
+    let r = tcp_exchange(client, server.addr(ECHO_PORT), 256)?;
+    expect_ok(&r)?;
+    ensure!(via_sluice(&r), "the connection should have gone through sluice: {r}");
+    Ok(())
+}

@@ -30,7 +30,7 @@ use tracing::{debug, warn};
 use super::api::{ManifestErrorView, ProgramView, StatusView};
 use crate::{
     conns::ConnRegistry,
-    discovery::Model,
+    discovery::{self, Model},
     enroll,
     identity::{CertManager, CertRequestView, IdentityError, SpiffeId},
     inbound::Inbound,
@@ -157,6 +157,9 @@ impl AdminState {
         all.insert("tap_subscribers".to_string(), tap.subscribers() as u64);
         all.insert("tap_events".to_string(), tap.events());
         all.insert("tap_dropped".to_string(), tap.dropped());
+        for (name, value) in discovery::limits::COUNTERS.snapshot() {
+            all.insert(name.to_string(), value);
+        }
         all
     }
 

@@ -3,12 +3,15 @@
 //!
 //! The work runs on a dedicated OS thread rather than a tokio task: it does blocking file I/O,
 //! it must never compete with the data path's runtime, and it lets [`ManifestDir::spawn`] be
-//! called from sync or async code alike.
+//! called from sync or async code alike. That thread never parses: the store hands each file to
+//! a parse worker and waits at most the parse budget (see `parse_worker`), so one bad file can
+//! delay the others by seconds at worst, never stop them.
 
 use std::collections::BTreeSet;
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -18,8 +21,9 @@ use notify::{EventKind, RecommendedWatcher, RecursiveMode, Watcher};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
+use super::limits::COUNTERS;
 use super::snapshot::Model;
-use super::store::{is_manifest_name, Store};
+use super::store::{is_manifest_name, Store, StoreOptions};
 use super::DiscoveryError;
 
 /// Quiet time after the last event before a rebuild: a burst of writes (an editor saving,
@@ -29,9 +33,27 @@ const DEBOUNCE: Duration = Duration::from_millis(50);
 /// well within a second.
 const MAX_DELAY: Duration = Duration::from_millis(250);
 
+/// File events waiting for the watch loop, at most. While the loop waits on a parse (up to the
+/// parse budget) a writer can produce events much faster than that; beyond this many they are
+/// dropped and the loop rescans the whole directory instead, which loses nothing.
+const EVENT_QUEUE: usize = 4096;
+
 enum Msg {
     Fs(notify::Result<notify::Event>),
-    Stop,
+    /// Look at the [`Signals`].
+    Wake,
+}
+
+/// What the watch loop is told besides file events. Flags rather than messages, so that
+/// neither a full queue nor a stop from the loop's own thread (dropped inside `publish`) can
+/// block or lose them: the sender sets the flag and tries a [`Msg::Wake`].
+#[derive(Default)]
+struct Signals {
+    stop: AtomicBool,
+    /// Events were dropped (the queue was full): rescan.
+    overflowed: AtomicBool,
+    /// An abandoned parse ended: files that waited for a parser thread can be parsed now.
+    parse_thread_ended: AtomicBool,
 }
 
 /// Constructors for the manifest-directory source.
@@ -51,21 +73,44 @@ impl ManifestDir {
     where
         F: Fn(Arc<Model>) + Send + 'static,
     {
-        let dir = dir.into();
+        ManifestDir::spawn_with(dir.into(), StoreOptions::default(), EVENT_QUEUE, publish)
+    }
+
+    /// [`ManifestDir::spawn`] with other store options and event queue length (tests).
+    pub(crate) fn spawn_with<F>(
+        dir: PathBuf,
+        options: StoreOptions,
+        queue: usize,
+        publish: F,
+    ) -> Result<ManifestDirHandle, DiscoveryError>
+    where
+        F: Fn(Arc<Model>) + Send + 'static,
+    {
         check_dir(&dir)?;
-        let (tx, rx) = mpsc::channel();
+        let (tx, rx) = mpsc::sync_channel(queue);
+        let signals = Arc::new(Signals::default());
         // Watch before the first scan, so a change made during the scan is not lost: its event
         // waits in the channel and the thread re-reads the file (unchanged files are skipped).
-        let fs_tx = tx.clone();
+        let (fs_tx, fs_signals) = (tx.clone(), signals.clone());
         let mut watcher = notify::recommended_watcher(move |res| {
-            let _ = fs_tx.send(Msg::Fs(res));
+            if let Err(TrySendError::Full(_)) = fs_tx.try_send(Msg::Fs(res)) {
+                fs_signals.overflowed.store(true, Ordering::SeqCst);
+            }
         })
         .map_err(|source| DiscoveryError::Watch { dir: dir.clone(), source })?;
         watcher
             .watch(&dir, RecursiveMode::NonRecursive)
             .map_err(|source| DiscoveryError::Watch { dir: dir.clone(), source })?;
 
-        let mut store = Store::new(dir.clone());
+        let (parse_tx, parse_signals) = (tx.clone(), signals.clone());
+        let mut store = Store::with_options(
+            dir.clone(),
+            options,
+            Arc::new(move || {
+                parse_signals.parse_thread_ended.store(true, Ordering::SeqCst);
+                let _ = parse_tx.try_send(Msg::Wake);
+            }),
+        );
         store.scan().map_err(|source| DiscoveryError::Read { dir: dir.clone(), source })?;
         let model = Arc::new(store.build());
         info!(
@@ -78,11 +123,12 @@ impl ManifestDir {
         );
         publish(model);
 
+        let loop_signals = signals.clone();
         let thread = std::thread::Builder::new()
             .name("sluice-discovery".into())
-            .spawn(move || run(store, rx, publish))
+            .spawn(move || run(store, rx, &loop_signals, publish))
             .map_err(|source| DiscoveryError::Read { dir: dir.clone(), source })?;
-        Ok(ManifestDirHandle { dir, stop: tx, watcher: Some(watcher), thread: Some(thread) })
+        Ok(ManifestDirHandle { dir, wake: tx, signals, watcher: Some(watcher), thread: Some(thread) })
     }
 
     /// [`ManifestDir::spawn`] publishing into a tokio `watch` channel, for async consumers:
@@ -121,7 +167,8 @@ fn check_dir(dir: &Path) -> Result<(), DiscoveryError> {
 /// Keeps the source running; dropping it stops the watch and joins the thread.
 pub struct ManifestDirHandle {
     dir: PathBuf,
-    stop: Sender<Msg>,
+    wake: SyncSender<Msg>,
+    signals: Arc<Signals>,
     watcher: Option<RecommendedWatcher>,
     thread: Option<JoinHandle<()>>,
 }
@@ -145,7 +192,8 @@ impl ManifestDirHandle {
 
 impl Drop for ManifestDirHandle {
     fn drop(&mut self) {
-        let _ = self.stop.send(Msg::Stop);
+        self.signals.stop.store(true, Ordering::SeqCst);
+        let _ = self.wake.try_send(Msg::Wake); // a full queue wakes the loop anyway
         drop(self.watcher.take());
         if let Some(thread) = self.thread.take() {
             // Dropped from inside `publish`? Joining ourselves would deadlock.
@@ -161,6 +209,8 @@ impl Drop for ManifestDirHandle {
 struct Batch {
     files: BTreeSet<OsString>,
     rescan: bool,
+    /// Parse the files that waited for a parser thread.
+    retry: bool,
 }
 
 impl Batch {
@@ -197,24 +247,35 @@ impl Batch {
     }
 }
 
-fn run<F: Fn(Arc<Model>)>(mut store: Store, rx: Receiver<Msg>, publish: F) {
+fn run<F: Fn(Arc<Model>)>(mut store: Store, rx: Receiver<Msg>, signals: &Signals, publish: F) {
     let dir = store.dir().to_owned();
     let mut dir_missing = false;
     loop {
         let mut batch = Batch::default();
         match rx.recv() {
             Ok(Msg::Fs(res)) => batch.add(&dir, res),
-            Ok(Msg::Stop) | Err(_) => return,
+            Ok(Msg::Wake) => {}
+            Err(_) => return,
         }
         let deadline = Instant::now() + MAX_DELAY;
         loop {
+            if signals.stop.load(Ordering::SeqCst) {
+                return;
+            }
             let wait = DEBOUNCE.min(deadline.saturating_duration_since(Instant::now()));
             match rx.recv_timeout(wait) {
                 Ok(Msg::Fs(res)) => batch.add(&dir, res),
+                Ok(Msg::Wake) => {}
                 Err(RecvTimeoutError::Timeout) => break,
-                Ok(Msg::Stop) | Err(RecvTimeoutError::Disconnected) => return,
+                Err(RecvTimeoutError::Disconnected) => return,
             }
         }
+        if signals.overflowed.swap(false, Ordering::SeqCst) {
+            COUNTERS.count_watch_overflow();
+            warn!(dir = %dir.display(), queue = EVENT_QUEUE, "more file events than the queue holds; rescanning the manifest directory");
+            batch.rescan = true;
+        }
+        batch.retry |= signals.parse_thread_ended.swap(false, Ordering::SeqCst);
 
         // If the directory itself went away, every file would look deleted; keep the last
         // model instead of withdrawing the whole mesh.
@@ -225,7 +286,7 @@ fn run<F: Fn(Arc<Model>)>(mut store: Store, rx: Receiver<Msg>, publish: F) {
             }
             continue;
         }
-        let changed = if batch.rescan || dir_missing {
+        let mut changed = if batch.rescan || dir_missing {
             dir_missing = false;
             store.scan().unwrap_or_else(|e| {
                 warn!(dir = %dir.display(), error = %e, "cannot rescan the manifest directory");
@@ -234,6 +295,9 @@ fn run<F: Fn(Arc<Model>)>(mut store: Store, rx: Receiver<Msg>, publish: F) {
         } else {
             batch.files.iter().fold(false, |changed, name| store.refresh(name) | changed)
         };
+        if batch.retry {
+            changed |= store.retry_deferred();
+        }
         if changed {
             let model = Arc::new(store.build());
             debug!(generation = model.generation(), errors = model.errors().len(), "publishing model");

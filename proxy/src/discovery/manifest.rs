@@ -7,6 +7,9 @@
 //!
 //! Kinds are dispatched through [`KINDS`], a registry of `(kind, apiVersion) → parser`, so a
 //! new kind (sluice's CRDs, say) is one entry plus its parser.
+//!
+//! Before any parser sees the text, [`limits::check`] measures it (size, depth, nodes,
+//! documents, alias expansion): a file over a limit is refused without being parsed.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -20,6 +23,7 @@ use super::fields::{NameRule, Node};
 use super::kinds;
 use super::kinds_route;
 use super::kinds_traffic;
+use super::limits::{self, LimitError, Limits};
 use super::model::{Kind, Labels, Object, ObjectKey};
 
 /// The on-disk format of a manifest file, chosen by its extension.
@@ -97,6 +101,9 @@ fn one_of(versions: &[&str]) -> String {
 /// Why a whole file was rejected.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum ParseError {
+    /// Over a limit: refused before parsing.
+    #[error(transparent)]
+    Limit(#[from] LimitError),
     /// serde_yaml's message ends with "at line L column C" (1-based, counted in the file).
     #[error("invalid YAML in document {document}: {message}")]
     Yaml { document: usize, message: String, line: Option<usize>, column: Option<usize> },
@@ -203,8 +210,15 @@ pub(crate) const KINDS: &[KindSpec] = &[
     },
 ];
 
-/// Parses a whole file. Returns every object in document order, or the first problem found.
+/// Parses a whole file within [`Limits::DEFAULT`]. Returns every object in document order, or
+/// the first problem found.
 pub fn parse(text: &str, format: Format) -> Result<Vec<Object>, ParseError> {
+    parse_within(text, format, &Limits::DEFAULT)
+}
+
+/// Parses a whole file, refusing it unparsed if it exceeds `limits`.
+pub fn parse_within(text: &str, format: Format, limits: &Limits) -> Result<Vec<Object>, ParseError> {
+    limits::check(text, format, limits)?;
     let mut out = Parsed::default();
     match format {
         Format::Yaml => parse_yaml(text, &mut out)?,

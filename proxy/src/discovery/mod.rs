@@ -24,7 +24,8 @@
 //! target and the ServiceEntries by address and host), `manifest` (file parsing and the kind
 //! registry), `kinds` (one parser per kind), `kinds_route` (HTTPRoute, GRPCRoute) and
 //! `kinds_traffic` (TrafficPolicy, ServiceEntry), `fields` (field access with error paths),
-//! `store` (per-file state and conflict rules), `dir_source` (the watcher), `kube` (the
+//! `limits` (what a file or object may cost, checked before parsing), `parse_worker` (parses
+//! bounded in time), `store` (per-file state and conflict rules), `dir_source` (the watcher), `kube` (the
 //! Kubernetes API source: list/watch into the same parsers; routes, TrafficPolicies and
 //! ServiceEntries are watched there too), `view` (the model as `GET /model` shows it).
 //! [`SourceConfig`] picks the source; the manifest directory is the default.
@@ -35,8 +36,10 @@ mod kinds;
 mod kinds_route;
 mod kinds_traffic;
 pub mod kube;
+pub mod limits;
 pub mod manifest;
 mod model;
+mod parse_worker;
 pub mod route;
 pub mod route_table;
 pub mod traffic;

@@ -91,6 +91,8 @@ impl Client {
             return None;
         }
         assert!(data[..n].ends_with(b"\n"), "one event per line");
+        // kube-apiserver's field order: clients decode the object as it streams.
+        assert!(data.starts_with(br#"{"type":""#), "`type` comes first: {}", String::from_utf8_lossy(&data));
         Some(serde_json::from_slice(&data[..n]).unwrap())
     }
 

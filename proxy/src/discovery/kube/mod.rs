@@ -4,11 +4,14 @@
 //! the manifest directory
 //! ([`ManifestDir`](super::ManifestDir)).
 //!
-//! - **Same model as the manifest directory.** Every API object is turned back into JSON and
-//!   parsed by the manifest parsers (`manifest::parse_json_object`): one validation, one set
-//!   of defaults. An object that fails validation is reported like a bad manifest file, as
+//! - **Same model as the manifest directory.** Every API object arrives as JSON and is parsed
+//!   by the manifest parsers (`manifest::parse_json_object`): one validation, one set of
+//!   defaults. An object that fails validation is reported like a bad manifest file, as
 //!   `kubernetes:<Kind>/<namespace>/<name>` in `Model::errors`, and its last good version
 //!   stays in force (see `store`).
+//! - **Same limits as the manifest directory.** Objects are decoded as [`ApiObject`]s, which
+//!   refuse an object nested too deep or too large without building it, keeping its name: it
+//!   is reported like an invalid object and the list or watch goes on (see `object`).
 //! - **Reflector semantics from kube-runtime's `watcher`**, not re-implemented: a paginated
 //!   initial LIST, then a WATCH from the list's resourceVersion with `allowWatchBookmarks`
 //!   (a BOOKMARK moves the resume point forward, so a reconnect after a quiet period does not
@@ -37,6 +40,7 @@
 //! `ManifestDir::spawn`. See `resources` for what is watched, including why pods are watched
 //! twice (this node, and every other node for IP → identity).
 
+pub(crate) mod object;
 pub(crate) mod resources;
 pub(crate) mod store;
 
@@ -45,7 +49,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use ::kube::api::{Api, DynamicObject};
+use ::kube::api::Api;
 use ::kube::runtime::watcher::{self, watcher, Event};
 use ::kube::runtime::WatchStreamExt;
 use futures_util::stream::{self, StreamExt};
@@ -55,6 +59,7 @@ use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use super::snapshot::Model;
+pub(crate) use object::ApiObject;
 use resources::WatchSpec;
 use store::KubeStore;
 
@@ -279,7 +284,7 @@ impl<F: Fn(Arc<Model>)> Source<F> {
 
     async fn run(mut self, client: ::kube::Client, mut stop: oneshot::Receiver<()>) {
         let mut events = stream::select_all(self.specs.iter().enumerate().map(|(i, spec)| {
-            let api = Api::<DynamicObject>::all_with(client.clone(), &spec.resource);
+            let api = Api::<ApiObject>::all_with(client.clone(), &spec.resource);
             // Defaults: ListWatch with pages of 500, bookmarks on, 290 s watch timeout.
             let mut cfg = watcher::Config::default();
             if let Some(fields) = spec.field_selector(&self.node) {
@@ -328,7 +333,7 @@ impl<F: Fn(Arc<Model>)> Source<F> {
         (self.publish)(model);
     }
 
-    fn handle(&mut self, i: usize, event: Result<Event<DynamicObject>, watcher::Error>) {
+    fn handle(&mut self, i: usize, event: Result<Event<ApiObject>, watcher::Error>) {
         let changed = match event {
             Ok(event) => {
                 // `Init` comes before every list attempt, failed ones included: only a
@@ -342,16 +347,12 @@ impl<F: Fn(Arc<Model>)> Source<F> {
                         false
                     }
                     Event::InitApply(obj) => {
-                        if let Some(json) = to_json(obj) {
-                            self.store.init_apply(i, json);
-                        }
+                        self.store.init_apply(i, obj);
                         false
                     }
                     Event::InitDone => self.store.init_done(i).changed(),
-                    Event::Apply(obj) => to_json(obj).is_some_and(|json| self.store.apply(i, json).changed()),
-                    Event::Delete(obj) => {
-                        to_json(obj).is_some_and(|json| self.store.delete(i, &json).changed())
-                    }
+                    Event::Apply(obj) => self.store.apply(i, obj).changed(),
+                    Event::Delete(obj) => self.store.delete(i, &obj).changed(),
                 }
             }
             Err(e) => self.failed(i, e),
@@ -393,17 +394,6 @@ impl<F: Fn(Arc<Model>)> Source<F> {
     fn recovered(&mut self, i: usize) {
         if self.last_error[i].take().is_some() {
             info!(watch = self.specs[i].label, "Kubernetes watch recovered");
-        }
-    }
-}
-
-fn to_json(obj: DynamicObject) -> Option<serde_json::Value> {
-    match serde_json::to_value(obj) {
-        Ok(v) => Some(v),
-        Err(e) => {
-            // Cannot happen for what was just deserialized from JSON; never worth a panic.
-            warn!(error = %e, "cannot re-encode a Kubernetes object; ignored");
-            None
         }
     }
 }

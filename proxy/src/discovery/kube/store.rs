@@ -2,7 +2,8 @@
 //! problem, and the rules that turn them into a [`Model`].
 //!
 //! - Every object goes through the manifest parsers ([`manifest::parse_json_object`]), so an
-//!   API object and the same object in a manifest file become the same model object.
+//!   API object and the same object in a manifest file become the same model object. One that
+//!   [`ApiObject`] refused (over a limit) is an invalid version like any other.
 //! - An object whose latest version fails validation keeps its last good version in force and
 //!   is listed in `Model::errors` as `kubernetes:<Kind>/<namespace>/<name>`; each distinct
 //!   problem is logged once.
@@ -19,7 +20,9 @@ use std::path::PathBuf;
 use serde_json::Value;
 use tracing::{debug, info, warn};
 
+use super::object::ApiObject;
 use super::resources::WatchSpec;
+use crate::discovery::limits::COUNTERS;
 use crate::discovery::manifest;
 use crate::discovery::model::{Kind, Object};
 use crate::discovery::snapshot::{ManifestError, Model};
@@ -109,9 +112,9 @@ impl KubeStore {
     }
 
     /// An added or modified object (outside a relist).
-    pub fn apply(&mut self, watch: usize, object: Value) -> Applied {
+    pub fn apply(&mut self, watch: usize, object: ApiObject) -> Applied {
         let stream = &mut self.streams[watch];
-        let Some(key) = object_key(&object, &stream.spec) else {
+        let Some(key) = object_key(object.json(), &stream.spec) else {
             warn!(watch = stream.spec.label, "object without metadata.name ignored");
             return Applied::Unchanged;
         };
@@ -127,9 +130,9 @@ impl KubeStore {
     }
 
     /// A deleted object. The object in a DELETED event is its last state; only its key matters.
-    pub fn delete(&mut self, watch: usize, object: &Value) -> Applied {
+    pub fn delete(&mut self, watch: usize, object: &ApiObject) -> Applied {
         let stream = &mut self.streams[watch];
-        let Some(key) = object_key(object, &stream.spec) else {
+        let Some(key) = object_key(object.json(), &stream.spec) else {
             return Applied::Unchanged;
         };
         Applied::from(stream.objects.remove(&key).is_some())
@@ -141,9 +144,9 @@ impl KubeStore {
     }
 
     /// One object of the list in progress.
-    pub fn init_apply(&mut self, watch: usize, object: Value) {
+    pub fn init_apply(&mut self, watch: usize, object: ApiObject) {
         let stream = &mut self.streams[watch];
-        let Some(key) = object_key(&object, &stream.spec) else {
+        let Some(key) = object_key(object.json(), &stream.spec) else {
             warn!(watch = stream.spec.label, "listed object without metadata.name ignored");
             return;
         };
@@ -260,7 +263,12 @@ fn same(a: &Entry, b: &Entry) -> bool {
 
 /// The entry for a new version of an object, given the previous one. `None` when the object is
 /// not (or no longer) part of the model at all.
-fn update(old: Option<&Entry>, mut object: Value, spec: &WatchSpec) -> Option<Entry> {
+fn update(old: Option<&Entry>, object: ApiObject, spec: &WatchSpec) -> Option<Entry> {
+    if let Some(refused) = object.refused() {
+        COUNTERS.count_refused();
+        return Some(Entry { good: old.and_then(|o| o.good.clone()), error: Some(refused.to_string()) });
+    }
+    let mut object = object.into_json();
     // A pod gets its IP only once its sandbox runs: until then it cannot be addressed, enrolled
     // or matched to an endpoint, so it is simply not in the model yet. That is the normal life
     // of a pod, not an invalid object, so it is not reported.

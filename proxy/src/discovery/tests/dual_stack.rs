@@ -446,14 +446,13 @@ fn the_kubernetes_source_passes_pod_ips_and_cluster_ips_through() {
         s.init(i);
         s.init_done(i);
     }
-    // As list items come: JSON, without apiVersion and kind, through kube's DynamicObject.
+    // As list items come: JSON, without apiVersion and kind, decoded within the limits.
     let item = |yaml: &str| {
         let mut v: serde_json::Value = serde_yaml::from_str(yaml).unwrap();
         let map = v.as_object_mut().unwrap();
         map.remove("apiVersion");
         map.remove("kind");
-        let obj: ::kube::api::DynamicObject = serde_json::from_value(v).unwrap();
-        serde_json::to_value(obj).unwrap()
+        crate::discovery::kube::ApiObject::from_json(v).expect("the object decodes")
     };
     assert!(s.apply(at("pods (other nodes)"), item(POD)).changed());
     let service = SERVICE.split("---").next().unwrap();

@@ -1,15 +1,15 @@
 //! The Kubernetes source's store without a server: API objects (as kube's watcher hands them
-//! over, via `DynamicObject`) become the same model objects as the same manifests in a file;
+//! over, as `ApiObject`s) become the same model objects as the same manifests in a file;
 //! validation failures keep the last good version; relists replace; optional CRDs may be absent.
 //! The list/watch protocol itself is tested end to end against the fake API server
 //! (`tests/tests/kubernetes.rs`).
 
-use ::kube::api::DynamicObject;
 use serde_json::{json, Value};
 
 use super::fixtures;
 use crate::discovery::kube::resources::watches;
 use crate::discovery::kube::store::KubeStore;
+use crate::discovery::kube::ApiObject;
 use crate::discovery::*;
 
 /// The index of the watch labelled `label`.
@@ -22,7 +22,7 @@ fn store() -> KubeStore {
 }
 
 /// A manifest fixture as the API sends it in a list: JSON, without apiVersion and kind, and
-/// through kube's `DynamicObject` (typed metadata) and back, as the source does.
+/// through the source's `ApiObject` decoding (within the limits) and back.
 fn api_item(yaml: &str) -> Value {
     let mut v: Value = serde_yaml::from_str(yaml).unwrap();
     let map = v.as_object_mut().unwrap();
@@ -32,8 +32,14 @@ fn api_item(yaml: &str) -> Value {
 }
 
 fn through_kube(v: Value) -> Value {
-    let obj: DynamicObject = serde_json::from_value(v).expect("kube decodes the object");
-    serde_json::to_value(obj).unwrap()
+    obj(v).into_json()
+}
+
+/// A JSON object as the watcher hands it over.
+fn obj(v: Value) -> ApiObject {
+    let o = ApiObject::from_json(v).expect("the object decodes");
+    assert!(o.refused().is_none(), "fixtures are within the limits: {:?}", o.refused());
+    o
 }
 
 /// Completes the first list of every watch with nothing in it.
@@ -49,11 +55,11 @@ fn sync_all(s: &mut KubeStore) {
 fn api_objects_make_the_same_model_as_manifests() {
     let mut s = store();
     sync_all(&mut s);
-    assert!(s.apply(watch("namespaces"), api_item(fixtures::NAMESPACE)).changed());
+    assert!(s.apply(watch("namespaces"), obj(api_item(fixtures::NAMESPACE))).changed());
     // node-1 is "another node" for this store: the same pod arrives through the other watch.
-    assert!(s.apply(watch("pods (other nodes)"), api_item(fixtures::POD)).changed());
-    assert!(s.apply(watch("services"), api_item(fixtures::SERVICE)).changed());
-    assert!(s.apply(watch("endpointslices"), api_item(fixtures::ENDPOINT_SLICE)).changed());
+    assert!(s.apply(watch("pods (other nodes)"), obj(api_item(fixtures::POD))).changed());
+    assert!(s.apply(watch("services"), obj(api_item(fixtures::SERVICE))).changed());
+    assert!(s.apply(watch("endpointslices"), obj(api_item(fixtures::ENDPOINT_SLICE))).changed());
     let from_api = s.build();
     let from_file = Model::from_manifest(&fixtures::all(), Format::Yaml).unwrap();
 
@@ -106,7 +112,7 @@ fn a_pod_without_an_ip_is_not_in_the_model_yet() {
     let mut pending = api_item(&fixtures::pod("shop", "new", "node-1", "10.244.1.50"));
     pending["status"] =
         json!({"phase": "Pending", "conditions": [{"type": "PodScheduled", "status": "True"}]});
-    assert!(!s.apply(local, pending.clone()).changed());
+    assert!(!s.apply(local, obj(pending.clone())).changed());
     let m = s.build();
     assert!(m.pod("shop", "new").is_none());
     assert!(m.errors().is_empty(), "an unstarted pod is not an error: {:?}", m.errors());
@@ -114,7 +120,7 @@ fn a_pod_without_an_ip_is_not_in_the_model_yet() {
     let mut running = pending;
     running["status"] =
         json!({"phase": "Running", "podIP": "10.244.1.50", "podIPs": [{"ip": "10.244.1.50"}]});
-    assert!(s.apply(local, running).changed());
+    assert!(s.apply(local, obj(running)).changed());
     assert_eq!(s.build().pod("shop", "new").unwrap().ip.to_string(), "10.244.1.50");
 }
 
@@ -124,11 +130,11 @@ fn status_churn_that_sluice_ignores_changes_nothing() {
     sync_all(&mut s);
     let local = watch("pods (this node)");
     let pod = api_item(fixtures::POD);
-    assert!(s.apply(local, pod.clone()).changed());
+    assert!(s.apply(local, obj(pod.clone())).changed());
     let mut churned = pod;
     churned["metadata"]["resourceVersion"] = json!("99999");
     churned["status"]["conditions"][0]["lastTransitionTime"] = json!("2024-05-02T11:00:00Z");
-    assert!(!s.apply(local, churned).changed(), "same distilled pod: no rebuild");
+    assert!(!s.apply(local, obj(churned)).changed(), "same distilled pod: no rebuild");
 }
 
 #[test]
@@ -136,10 +142,10 @@ fn an_invalid_version_keeps_the_last_good_one_and_is_reported() {
     let mut s = store();
     sync_all(&mut s);
     let svc = watch("services");
-    assert!(s.apply(svc, api_item(fixtures::SERVICE)).changed());
+    assert!(s.apply(svc, obj(api_item(fixtures::SERVICE))).changed());
     let mut bad = api_item(fixtures::SERVICE);
     bad["spec"]["clusterIP"] = json!("10.96.0.999");
-    assert!(s.apply(svc, bad.clone()).changed());
+    assert!(s.apply(svc, obj(bad.clone())).changed());
     let m = s.build();
     assert_eq!(
         m.service("shop", "web").unwrap().cluster_ip.unwrap().to_string(),
@@ -149,13 +155,13 @@ fn an_invalid_version_keeps_the_last_good_one_and_is_reported() {
     assert_eq!(m.errors().len(), 1);
     assert_eq!(m.errors()[0].file.to_str(), Some("kubernetes:Service/shop/web"));
     assert!(m.errors()[0].reason.contains("spec.clusterIP"), "{}", m.errors()[0].reason);
-    assert!(!s.apply(svc, bad).changed(), "the same problem again is no change");
+    assert!(!s.apply(svc, obj(bad)).changed(), "the same problem again is no change");
 
     // A brand-new object that is invalid: reported, not in the model.
     let mut new_bad = api_item(fixtures::SERVICE);
     new_bad["metadata"]["name"] = json!("other");
     new_bad["spec"]["ports"][0]["port"] = json!(0);
-    s.apply(svc, new_bad);
+    s.apply(svc, obj(new_bad));
     let m = s.build();
     assert!(m.service("shop", "other").is_none());
     let sources: Vec<_> = m.errors().iter().map(|e| e.file.display().to_string()).collect();
@@ -166,8 +172,8 @@ fn an_invalid_version_keeps_the_last_good_one_and_is_reported() {
     fixed["spec"]["clusterIP"] = json!("10.96.0.11");
     // The API server keeps clusterIPs[0] equal to clusterIP.
     fixed["spec"]["clusterIPs"] = json!(["10.96.0.11"]);
-    s.apply(svc, fixed);
-    s.delete(svc, &json!({"metadata": {"name": "other", "namespace": "shop"}}));
+    s.apply(svc, obj(fixed));
+    s.delete(svc, &obj(json!({"metadata": {"name": "other", "namespace": "shop"}})));
     let m = s.build();
     assert!(m.errors().is_empty(), "{:?}", m.errors());
     assert_eq!(m.service("shop", "web").unwrap().cluster_ip.unwrap().to_string(), "10.96.0.11");
@@ -179,7 +185,7 @@ fn cluster_scoped_objects_are_named_without_a_namespace() {
     sync_all(&mut s);
     let mut ns = api_item(fixtures::NAMESPACE);
     ns["metadata"]["annotations"]["sluice.dev/peer-authentication"] = json!("STRICTER");
-    s.apply(watch("namespaces"), ns);
+    s.apply(watch("namespaces"), obj(ns));
     let m = s.build();
     assert_eq!(m.errors()[0].file.to_str(), Some("kubernetes:Namespace/shop"));
 }
@@ -191,18 +197,18 @@ fn a_relist_replaces_the_watch_state_when_complete() {
     let local = watch("pods (this node)");
     let remote = watch("pods (other nodes)");
     for name in ["a", "b", "c"] {
-        s.apply(local, through_kube(pod_json("shop", name, "node-1", "10.244.1.1")));
+        s.apply(local, obj(through_kube(pod_json("shop", name, "node-1", "10.244.1.1"))));
     }
-    s.apply(remote, through_kube(pod_json("shop", "far", "node-2", "10.244.2.1")));
+    s.apply(remote, obj(through_kube(pod_json("shop", "far", "node-2", "10.244.2.1"))));
     assert_eq!(s.build().pods().count(), 4);
 
     // 410 Gone → relist of the local pods: b was deleted and d created while we were away.
     s.init(local);
-    s.init_apply(local, through_kube(pod_json("shop", "a", "node-1", "10.244.1.1")));
-    s.init_apply(local, through_kube(pod_json("shop", "c", "node-1", "10.244.1.3")));
+    s.init_apply(local, obj(through_kube(pod_json("shop", "a", "node-1", "10.244.1.1"))));
+    s.init_apply(local, obj(through_kube(pod_json("shop", "c", "node-1", "10.244.1.3"))));
     // Mid-relist, the model is still the old one: never half a list.
     assert_eq!(names(&s.build()), ["a", "b", "c", "far"]);
-    s.init_apply(local, through_kube(pod_json("shop", "d", "node-1", "10.244.1.4")));
+    s.init_apply(local, obj(through_kube(pod_json("shop", "d", "node-1", "10.244.1.4"))));
     assert!(s.init_done(local).changed());
     let m = s.build();
     assert_eq!(names(&m), ["a", "c", "d", "far"], "the other watch's pods are untouched");
@@ -211,7 +217,7 @@ fn a_relist_replaces_the_watch_state_when_complete() {
     // The same list again changes nothing.
     s.init(local);
     for (n, ip) in [("a", "10.244.1.1"), ("c", "10.244.1.3"), ("d", "10.244.1.4")] {
-        s.init_apply(local, through_kube(pod_json("shop", n, "node-1", ip)));
+        s.init_apply(local, obj(through_kube(pod_json("shop", n, "node-1", ip))));
     }
     assert!(!s.init_done(local).changed());
 }
@@ -221,11 +227,11 @@ fn a_relist_keeps_the_last_good_version_of_an_object_that_became_invalid() {
     let mut s = store();
     sync_all(&mut s);
     let svc = watch("services");
-    s.apply(svc, api_item(fixtures::SERVICE));
+    s.apply(svc, obj(api_item(fixtures::SERVICE)));
     let mut bad = api_item(fixtures::SERVICE);
     bad["spec"]["ports"] = json!([{"port": 80}, {"port": 81}]);
     s.init(svc);
-    s.init_apply(svc, bad);
+    s.init_apply(svc, obj(bad));
     s.init_done(svc);
     let m = s.build();
     assert_eq!(m.service("shop", "web").unwrap().ports.len(), 2, "last good version");
@@ -240,7 +246,7 @@ fn a_crd_that_goes_away_takes_its_objects_with_it() {
     let policy: Value =
         serde_yaml::from_str(&fixtures::policy("shop", "deny-all", "  action: DENY\n  rules:\n  - {}\n"))
             .unwrap();
-    assert!(s.apply(p, through_kube(policy)).changed());
+    assert!(s.apply(p, obj(through_kube(policy))).changed());
     assert_eq!(s.build().authorization_policies("shop").len(), 1);
     assert!(s.absent(p).changed());
     assert!(s.build().authorization_policies("shop").is_empty());
@@ -281,4 +287,116 @@ fn spawn_fails_clearly_without_an_api_server() {
     }
     let bad = KubeConfig { api_url: Some("not a url".into()), ..KubeConfig::default() };
     assert!(matches!(KubeSource::spawn(bad, "node-1", |_| {}), Err(KubeError::BadUrl { .. })));
+}
+
+/// An AuthorizationPolicy as the API server sends it (custom resources: keys sorted, so
+/// `annotations` comes before `name`), with `spec` as given (raw JSON text).
+fn policy_text(name: &str, annotation: &str, spec: &str) -> String {
+    format!(
+        r#"{{"apiVersion":"security.istio.io/v1","kind":"AuthorizationPolicy","metadata":{{"annotations":{{"note":"{annotation}"}},"name":"{name}","namespace":"shop","resourceVersion":"7","uid":"u-{name}"}},"spec":{spec}}}"#
+    )
+}
+
+fn nested(depth: usize) -> String {
+    format!(r#"{{"x":{}1{}}}"#, "[".repeat(depth), "]".repeat(depth))
+}
+
+/// What kube-client does with a list body: decode it whole. With `DynamicObject`, one object
+/// nested past serde_json's 128 levels failed the whole list, forever (the watch never synced);
+/// with `ApiObject` the list decodes, and the deep or oversized objects are refused by name.
+#[test]
+fn deep_and_oversized_objects_are_refused_by_name_and_the_list_goes_on() {
+    use ::kube::api::DynamicObject;
+    use ::kube::core::ObjectList;
+    let good = policy_text("good", "n", r#"{"action":"DENY","rules":[{}]}"#);
+    let deep = policy_text("deep", "n", &nested(1000));
+    let big = policy_text("big", &"x".repeat(4 << 20), "{}");
+    let many = policy_text("many", "n", &format!("[{}0]", "0,".repeat(300_000)));
+    let list = format!(
+        r#"{{"kind":"AuthorizationPolicyList","apiVersion":"security.istio.io/v1","metadata":{{"resourceVersion":"9"}},"items":[{good},{deep},{big},{many}]}}"#
+    );
+    assert!(serde_json::from_str::<ObjectList<DynamicObject>>(&list).is_err(), "the old way fails the list");
+
+    let decoded: ObjectList<ApiObject> = serde_json::from_str(&list).expect("the list decodes");
+    let outcome: Vec<(Option<String>, Option<String>, Option<String>)> = decoded
+        .items
+        .iter()
+        .map(|o| {
+            use ::kube::core::Resource;
+            (o.meta().name.clone(), o.meta().resource_version.clone(), o.refused().map(|e| e.to_string()))
+        })
+        .collect();
+    let seven = Some("7".to_owned());
+    assert_eq!(
+        outcome,
+        [
+            (Some("good".into()), seven.clone(), None),
+            (Some("deep".into()), seven.clone(), Some("the object exceeds sluice's nesting limit: more than 100 levels deep".into())),
+            (Some("big".into()), seven.clone(), Some("the object exceeds sluice's size limit: more than 3 MiB".into())),
+            (
+                Some("many".into()),
+                seven.clone(),
+                Some("the object exceeds sluice's node limit: more than 200000 keys, values and list items (YAML aliases count as what they expand to)".into())
+            ),
+        ]
+    );
+    // Nothing of a refused object is kept but what names it.
+    assert_eq!(
+        decoded.items[2].json()["metadata"],
+        json!({"name": "big", "namespace": "shop", "resourceVersion": "7", "uid": "u-big"})
+    );
+    assert_eq!(decoded.items[2].json().get("spec"), None);
+}
+
+/// A watch event streams its object when `type` comes first, as kube-apiserver writes it, so a
+/// deep object is refused by name there too; an ordinary object decodes in either order.
+#[test]
+fn watch_events_refuse_deep_objects_by_name() {
+    use ::kube::core::{Resource, WatchEvent};
+    let deep = policy_text("deep", "n", &nested(5000));
+    let event: WatchEvent<ApiObject> =
+        serde_json::from_str(&format!(r#"{{"type":"MODIFIED","object":{deep}}}"#))
+            .expect("the event decodes");
+    let WatchEvent::Modified(o) = event else { panic!("a MODIFIED event") };
+    assert_eq!(o.meta().name.as_deref(), Some("deep"));
+    assert!(o.refused().is_some_and(|e| e.to_string().contains("nesting limit")));
+
+    let good = policy_text("good", "n", "{}");
+    let event: WatchEvent<ApiObject> =
+        serde_json::from_str(&format!(r#"{{"object":{good},"type":"ADDED"}}"#)).unwrap();
+    let WatchEvent::Added(o) = event else { panic!("an ADDED event") };
+    assert!(o.refused().is_none() && o.meta().name.as_deref() == Some("good"));
+}
+
+/// In the store, a refused object is an invalid version like any other: reported as
+/// `kubernetes:<Kind>/<ns>/<name>` with the limit, its last good version kept; a pod too (it is
+/// not mistaken for a pod without an IP).
+#[test]
+fn refused_objects_are_reported_and_their_last_good_version_kept() {
+    let mut s = store();
+    sync_all(&mut s);
+    let ap = watch("authorizationpolicies");
+    let decode = |text: &str| serde_json::from_str::<ApiObject>(text).unwrap();
+    assert!(s.apply(ap, decode(&policy_text("p", "n", r#"{"action":"DENY","rules":[{}]}"#))).changed());
+    assert!(s.apply(ap, decode(&policy_text("p", "n", &nested(300)))).changed());
+    let pod = format!(
+        r#"{{"metadata":{{"name":"web","namespace":"shop","uid":"u1"}},"spec":{{"nodeName":"node-1","x":{}}},"status":{{"podIP":"10.244.1.9"}}}}"#,
+        nested(300)
+    );
+    assert!(s.apply(watch("pods (this node)"), decode(&pod)).changed());
+    let m = s.build();
+    let errors: Vec<(String, String)> =
+        m.errors().iter().map(|e| (e.file.display().to_string(), e.reason.clone())).collect();
+    let reason = "the object exceeds sluice's nesting limit: more than 100 levels deep".to_owned();
+    assert_eq!(
+        errors,
+        [
+            ("kubernetes:AuthorizationPolicy/shop/p".to_owned(), reason.clone()),
+            ("kubernetes:Pod/shop/web".to_owned(), reason.clone()),
+        ]
+    );
+    assert_eq!(m.authorization_policies("shop").len(), 1, "the last good version stays in force");
+    // Fixed: the error goes.
+    assert!(s.apply(ap, decode(&policy_text("p", "n", r#"{"action":"ALLOW"}"#))).changed());
+    assert_eq!(s.build().errors().len(), 1);
 }

@@ -7,12 +7,12 @@ use std::fs;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use ::kube::api::DynamicObject;
 use serde_json::Value;
 
 use super::fixtures;
 use crate::discovery::kube::resources::watches;
 use crate::discovery::kube::store::KubeStore;
+use crate::discovery::kube::ApiObject;
 use crate::discovery::manifest::{parse, Format};
 use crate::discovery::route::*;
 use crate::discovery::*;
@@ -1169,7 +1169,7 @@ fn a_malformed_route_file_keeps_the_last_good_route() {
 }
 
 /// A route as the API server sends it in a list (custom resources keep apiVersion and kind),
-/// through kube's `DynamicObject` as the Kubernetes source does, makes the same model object as
+/// through `ApiObject` as the Kubernetes source does, makes the same model object as
 /// the manifest.
 #[test]
 fn api_routes_make_the_same_model_as_manifests() {
@@ -1185,16 +1185,16 @@ fn api_routes_make_the_same_model_as_manifests() {
         v["metadata"]["uid"] = "0f0e0d0c-0000-4000-8000-000000000001".into();
         v["metadata"]["resourceVersion"] = "42".into();
         v["status"] = serde_json::json!({"parents": []});
-        let obj: DynamicObject = serde_json::from_value(v).expect("kube decodes the route");
-        serde_json::to_value(obj).unwrap()
+        v
     };
-    assert!(s.apply(watch("httproutes"), api(BOOKINFO_CANARY)).changed());
+    let obj = |v: Value| ApiObject::from_json(v).expect("the source decodes the route");
+    assert!(s.apply(watch("httproutes"), obj(api(BOOKINFO_CANARY))).changed());
     let grpc_yaml = attached("GRPCRoute", "bookinfo", "ratings", None, "bookinfo/ratings");
-    assert!(s.apply(watch("grpcroutes"), api(&grpc_yaml)).changed());
+    assert!(s.apply(watch("grpcroutes"), obj(api(&grpc_yaml))).changed());
     let mut bad = api(&grpc_yaml);
     bad["metadata"]["name"] = "broken".into();
     bad["spec"]["rules"] = serde_json::json!([{"timeouts": {"request": "1s"}}]);
-    s.apply(watch("grpcroutes"), bad);
+    s.apply(watch("grpcroutes"), obj(bad));
     let m = s.build();
 
     let from_api = m.route(RouteKind::Http, "bookinfo", "reviews-canary").unwrap();

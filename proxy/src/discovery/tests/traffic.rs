@@ -7,12 +7,12 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ::kube::api::DynamicObject;
 use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair, PKCS_ECDSA_P256_SHA256};
 use serde_json::{json, Value};
 
 use crate::discovery::kube::resources::watches;
 use crate::discovery::kube::store::KubeStore;
+use crate::discovery::kube::ApiObject;
 use crate::discovery::manifest::{parse, Format};
 use crate::discovery::route::{Fraction, RouteKind};
 use crate::discovery::traffic::*;
@@ -1333,7 +1333,7 @@ fn manifest_files_conflict_and_keep_the_last_good_version() {
 }
 
 /// API objects (custom resources keep apiVersion and kind in a list), through kube's
-/// `DynamicObject` as the Kubernetes source does, make the same model as the manifests.
+/// `ApiObject` as the Kubernetes source does, make the same model as the manifests.
 #[test]
 fn api_objects_make_the_same_model_as_manifests() {
     let watch = |label: &str| watches().iter().position(|w| w.label == label).unwrap();
@@ -1348,9 +1348,9 @@ fn api_objects_make_the_same_model_as_manifests() {
         v["metadata"]["uid"] = "0f0e0d0c-0000-4000-8000-000000000001".into();
         v["metadata"]["resourceVersion"] = "42".into();
         v["metadata"]["generation"] = 1.into();
-        let obj: DynamicObject = serde_json::from_value(v).expect("kube decodes the object");
-        serde_json::to_value(obj).unwrap()
+        v
     };
+    let obj = |v: Value| ApiObject::from_json(v).expect("the source decodes the object");
     let entry_yaml = entry_doc(
         "bookinfo",
         "payments",
@@ -1359,16 +1359,16 @@ fn api_objects_make_the_same_model_as_manifests() {
     let namespace = "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: bookinfo\n  annotations:\n    sluice.dev/mesh: enabled\n    sluice.dev/outbound-traffic-policy: REGISTRY_ONLY\n";
     let docs: Vec<&str> = BOOKINFO_POLICIES.split("\n---\n").collect();
     for doc in &docs {
-        assert!(s.apply(watch("trafficpolicies"), api(doc)).changed());
+        assert!(s.apply(watch("trafficpolicies"), obj(api(doc))).changed());
     }
-    assert!(s.apply(watch("serviceentries"), api(&entry_yaml)).changed());
+    assert!(s.apply(watch("serviceentries"), obj(api(&entry_yaml))).changed());
     let mut ns: Value = serde_yaml::from_str(namespace).unwrap();
     ns.as_object_mut().unwrap().remove("apiVersion");
-    assert!(s.apply(watch("namespaces"), ns).changed());
+    assert!(s.apply(watch("namespaces"), obj(ns)).changed());
     let mut bad = api(docs[0]);
     bad["metadata"]["name"] = "broken".into();
     bad["spec"]["tls"] = json!({"mode": "MUTUAL"});
-    s.apply(watch("trafficpolicies"), bad);
+    s.apply(watch("trafficpolicies"), obj(bad));
     let from_api = s.build();
 
     let from_file =

@@ -175,3 +175,34 @@ fn editing_a_policy_publishes_within_a_second() {
     fs::remove_file(&file).unwrap();
     w.until("policy withdrawn", |m| m.authorization_policies("shop").is_empty());
 }
+
+/// The file that wedged discovery (a Pod of 400 KB of nested brackets) is refused by name
+/// within the usual second, and every later change still applies: another file, a FIFO that
+/// would block a reader, the bad file's removal.
+#[test]
+fn a_wedging_file_is_refused_and_later_changes_apply() {
+    let dir = tempfile::tempdir().unwrap();
+    fs::write(dir.path().join("a.yaml"), fixtures::namespace("a", true)).unwrap();
+    let mut w = watch(dir.path());
+    let bad = dir.path().join("evil.yaml");
+    let start = Instant::now();
+    fs::write(&bad, format!("apiVersion: v1\nkind: Pod\nmetadata: {}", "[".repeat(400 << 10))).unwrap();
+    let m = w.until("evil.yaml refused", |m| m.errors().iter().any(|e| e.file == bad));
+    eprintln!("refused {:?} after the write", start.elapsed());
+    assert!(m.errors()[0].reason.contains("nesting limit"), "{:?}", m.errors());
+
+    fs::write(dir.path().join("b.yaml"), fixtures::namespace("b", true)).unwrap();
+    w.until("b applied after the bad file", |m| m.is_enrolled("b") && m.is_enrolled("a"));
+    let fifo = dir.path().join("pipe.yaml");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    w.until("the FIFO refused", |m| {
+        m.errors().iter().any(|e| e.file == fifo && e.reason.contains("not a regular file"))
+    });
+    fs::write(dir.path().join("c.yaml"), fixtures::namespace("c", true)).unwrap();
+    w.until("c applied after the FIFO", |m| m.is_enrolled("c"));
+
+    fs::remove_file(&bad).unwrap();
+    fs::remove_file(&fifo).unwrap();
+    let m = w.until("errors cleared", |m| m.errors().is_empty());
+    assert!(m.is_enrolled("a") && m.is_enrolled("b") && m.is_enrolled("c"));
+}
