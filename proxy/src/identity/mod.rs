@@ -31,6 +31,7 @@
 
 mod ca;
 mod embedded_ca;
+pub mod istio_ca;
 mod manager;
 mod root;
 mod spiffe;
