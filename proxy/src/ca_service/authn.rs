@@ -104,12 +104,19 @@ pub struct KubeTokenReviewer {
 
 impl KubeTokenReviewer {
     pub fn new(client: ::kube::Client) -> KubeTokenReviewer {
-        KubeTokenReviewer { api: Api::all(client), slots: Semaphore::new(MAX_CONCURRENT_REVIEWS), timeout: REVIEW_TIMEOUT }
+        KubeTokenReviewer {
+            api: Api::all(client),
+            slots: Semaphore::new(MAX_CONCURRENT_REVIEWS),
+            timeout: REVIEW_TIMEOUT,
+        }
     }
 
     async fn call(&self, token: &str, audience: &str) -> Result<Reviewed, ReviewError> {
         let review = TokenReview {
-            spec: TokenReviewSpec { token: Some(token.to_string()), audiences: Some(vec![audience.to_string()]) },
+            spec: TokenReviewSpec {
+                token: Some(token.to_string()),
+                audiences: Some(vec![audience.to_string()]),
+            },
             ..TokenReview::default()
         };
         let made = tokio::time::timeout(self.timeout, async {
@@ -137,7 +144,8 @@ impl KubeTokenReviewer {
         };
         let status = answer.status.unwrap_or_default();
         if status.authenticated != Some(true) {
-            let why = status.error.filter(|e| !e.is_empty()).unwrap_or_else(|| "the token is not valid".into());
+            let why =
+                status.error.filter(|e| !e.is_empty()).unwrap_or_else(|| "the token is not valid".into());
             return Err(ReviewError::Rejected(why));
         }
         let user = status.user.unwrap_or_default();
@@ -193,7 +201,13 @@ pub struct CachedReviewer {
 
 impl CachedReviewer {
     pub fn new(inner: Arc<dyn TokenReviewer>, ttl: Duration, max_entries: usize) -> CachedReviewer {
-        CachedReviewer { inner, ttl, max_entries, slots: Mutex::new(HashMap::new()), stats: CacheStats::default() }
+        CachedReviewer {
+            inner,
+            ttl,
+            max_entries,
+            slots: Mutex::new(HashMap::new()),
+            stats: CacheStats::default(),
+        }
     }
 
     pub fn entries(&self) -> usize {
@@ -291,7 +305,8 @@ fn cache_until(token: &str, now: Instant, ttl: Duration) -> Instant {
 /// The `exp` claim (Unix seconds) of a JWT, if it is one.
 pub fn token_expiry(token: &str) -> Option<i64> {
     let payload = token.split('.').nth(1)?;
-    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload.trim_end_matches('=')).ok()?;
+    let bytes =
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload.trim_end_matches('=')).ok()?;
     serde_json::from_slice::<serde_json::Value>(&bytes).ok()?.get("exp")?.as_i64()
 }
 
@@ -311,7 +326,9 @@ pub(crate) mod tests {
     }
 
     impl FakeReviewer {
-        pub fn with(tokens: impl IntoIterator<Item = (String, Result<Reviewed, ReviewError>)>) -> FakeReviewer {
+        pub fn with(
+            tokens: impl IntoIterator<Item = (String, Result<Reviewed, ReviewError>)>,
+        ) -> FakeReviewer {
             FakeReviewer { tokens: Mutex::new(tokens.into_iter().collect()), ..FakeReviewer::default() }
         }
     }
@@ -324,7 +341,8 @@ pub(crate) mod tests {
                     tokio::time::sleep(self.delay).await;
                 }
                 let answer = self.tokens.lock().unwrap().get(token).cloned();
-                let mut reviewed = answer.unwrap_or_else(|| Err(ReviewError::Rejected("unknown token".into())))?;
+                let mut reviewed =
+                    answer.unwrap_or_else(|| Err(ReviewError::Rejected("unknown token".into())))?;
                 // As the API server does: the audiences in the answer are the intersection.
                 if !reviewed.audiences.iter().any(|a| a == audience) {
                     return Err(ReviewError::Rejected(format!(
@@ -355,8 +373,13 @@ pub(crate) mod tests {
     }
 
     fn jwt(exp: i64) -> String {
-        let enc = |v: serde_json::Value| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string());
-        format!("{}.{}.sig", enc(serde_json::json!({"alg": "RS256"})), enc(serde_json::json!({"exp": exp, "sub": "x"})))
+        let enc =
+            |v: serde_json::Value| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string());
+        format!(
+            "{}.{}.sig",
+            enc(serde_json::json!({"alg": "RS256"})),
+            enc(serde_json::json!({"exp": exp, "sub": "x"}))
+        )
     }
 
     fn unix_now() -> i64 {
@@ -449,9 +472,8 @@ pub(crate) mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn the_cache_is_bounded() {
-        let fake = Arc::new(FakeReviewer::with(
-            (0..4).map(|i| (format!("t{i}"), Ok(node_agent(Some("n1"), None)))),
-        ));
+        let fake =
+            Arc::new(FakeReviewer::with((0..4).map(|i| (format!("t{i}"), Ok(node_agent(Some("n1"), None))))));
         let cache = CachedReviewer::new(fake.clone(), Duration::from_secs(10), 2);
         for i in 0..4 {
             cache.review(&format!("t{i}"), "sluice-ca").await.unwrap();

@@ -84,7 +84,10 @@ impl CsrDer {
             ));
         }
         let der = CertificateSigningRequestDer::from_pem_slice(pem.as_bytes()).map_err(|e| {
-            problem(CsrProblemKind::Unparseable, format!("the csr field is not a PEM CERTIFICATE REQUEST: {e}"))
+            problem(
+                CsrProblemKind::Unparseable,
+                format!("the csr field is not a PEM CERTIFICATE REQUEST: {e}"),
+            )
         })?;
         Ok(CsrDer(der.as_ref().to_vec()))
     }
@@ -134,7 +137,10 @@ impl CsrDer {
         check_key(spki)?;
         // After the key check: a signature is only verified with a key worth verifying.
         csr.verify_signature().map_err(|e| {
-            problem(CsrProblemKind::BadSignature, format!("its signature does not verify with its own public key: {e}"))
+            problem(
+                CsrProblemKind::BadSignature,
+                format!("its signature does not verify with its own public key: {e}"),
+            )
         })?;
 
         let mut uris = 0;
@@ -195,7 +201,9 @@ impl CsrDer {
 }
 
 /// Every subject alternative name the CSR asks for.
-fn requested_names<'a>(csr: &'a X509CertificationRequest<'_>) -> Result<Vec<&'a GeneralName<'a>>, CsrProblem> {
+fn requested_names<'a>(
+    csr: &'a X509CertificationRequest<'_>,
+) -> Result<Vec<&'a GeneralName<'a>>, CsrProblem> {
     let mut names = Vec::new();
     let Some(extensions) = csr.requested_extensions() else { return Ok(names) };
     for ext in extensions {
@@ -223,7 +231,10 @@ fn check_key(spki: &x509_parser::x509::SubjectPublicKeyInfo<'_>) -> Result<(), C
                 CsrProblemKind::WeakKey,
                 format!("the key is on the elliptic curve {c}; only P-256 and P-384 are accepted"),
             )),
-            None => Err(problem(CsrProblemKind::WeakKey, "the EC key names no curve; only P-256 and P-384 are accepted")),
+            None => Err(problem(
+                CsrProblemKind::WeakKey,
+                "the EC key names no curve; only P-256 and P-384 are accepted",
+            )),
         };
     }
     if *alg == OID_PKCS1_RSAENCRYPTION {
@@ -234,7 +245,9 @@ fn check_key(spki: &x509_parser::x509::SubjectPublicKeyInfo<'_>) -> Result<(), C
         if bits < MIN_RSA_BITS {
             return Err(problem(
                 CsrProblemKind::WeakKey,
-                format!("the key is RSA-{bits}; RSA keys need at least {MIN_RSA_BITS} bits (or use ECDSA P-256)"),
+                format!(
+                    "the key is RSA-{bits}; RSA keys need at least {MIN_RSA_BITS} bits (or use ECDSA P-256)"
+                ),
             ));
         }
         if bits > MAX_RSA_BITS {
@@ -247,7 +260,9 @@ fn check_key(spki: &x509_parser::x509::SubjectPublicKeyInfo<'_>) -> Result<(), C
     }
     Err(problem(
         CsrProblemKind::WeakKey,
-        format!("the key's algorithm is {alg}; only ECDSA P-256/P-384 and RSA (2048 bits or more) are accepted"),
+        format!(
+            "the key's algorithm is {alg}; only ECDSA P-256/P-384 and RSA (2048 bits or more) are accepted"
+        ),
     ))
 }
 
@@ -263,8 +278,8 @@ fn modulus_bits(modulus: &[u8]) -> usize {
 #[cfg(test)]
 mod tests {
     use rcgen::{
-        BasicConstraints, CertificateParams, IsCa, KeyPair, SanType, PKCS_ECDSA_P256_SHA256, PKCS_ECDSA_P384_SHA384,
-        PKCS_ED25519,
+        BasicConstraints, CertificateParams, IsCa, KeyPair, SanType, PKCS_ECDSA_P256_SHA256,
+        PKCS_ECDSA_P384_SHA384, PKCS_ED25519,
     };
 
     use super::*;
@@ -313,7 +328,8 @@ mod tests {
 
     #[test]
     fn an_extra_dns_san_is_refused() {
-        let csr = csr_with(vec![uri(WEB), SanType::DnsName("web.shop.svc".try_into().unwrap())], &p256(), |_| {});
+        let csr =
+            csr_with(vec![uri(WEB), SanType::DnsName("web.shop.svc".try_into().unwrap())], &p256(), |_| {});
         let err = csr.check(WEB).unwrap_err();
         assert_eq!(err.kind, CsrProblemKind::ExtraNames);
         assert!(err.detail.contains("web.shop.svc"), "{err}");
@@ -323,7 +339,8 @@ mod tests {
     fn ip_and_email_sans_are_refused() {
         let ip = csr_with(vec![uri(WEB), SanType::IpAddress([10, 0, 0, 1].into())], &p256(), |_| {});
         assert_eq!(kind(ip.check(WEB)), CsrProblemKind::ExtraNames);
-        let mail = csr_with(vec![uri(WEB), SanType::Rfc822Name("a@b.c".try_into().unwrap())], &p256(), |_| {});
+        let mail =
+            csr_with(vec![uri(WEB), SanType::Rfc822Name("a@b.c".try_into().unwrap())], &p256(), |_| {});
         assert_eq!(kind(mail.check(WEB)), CsrProblemKind::ExtraNames);
     }
 
@@ -341,7 +358,8 @@ mod tests {
     fn a_ca_csr_is_refused() {
         let csr = csr_with(vec![uri(WEB)], &p256(), |p| p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained));
         assert_eq!(kind(csr.check(WEB)), CsrProblemKind::IsCa);
-        let signer = csr_with(vec![uri(WEB)], &p256(), |p| p.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign]);
+        let signer =
+            csr_with(vec![uri(WEB)], &p256(), |p| p.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign]);
         assert_eq!(kind(signer.check(WEB)), CsrProblemKind::IsCa);
     }
 

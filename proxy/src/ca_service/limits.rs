@@ -61,7 +61,12 @@ pub struct NodeRateLimiter {
 
 impl NodeRateLimiter {
     pub fn new(config: RateConfig, max_nodes: usize) -> NodeRateLimiter {
-        NodeRateLimiter { config, max_nodes: max_nodes.max(1), buckets: Mutex::new(HashMap::new()), evictions: AtomicU64::new(0) }
+        NodeRateLimiter {
+            config,
+            max_nodes: max_nodes.max(1),
+            buckets: Mutex::new(HashMap::new()),
+            evictions: AtomicU64::new(0),
+        }
     }
 
     /// Takes a token for `node`; `Err(wait)` when its bucket is empty, with the time until the

@@ -162,9 +162,19 @@ fn counter(encoder: &mut DescriptorEncoder, name: &str, help: &str, value: u64) 
 impl Collector for State {
     fn encode(&self, mut e: DescriptorEncoder) -> fmt::Result {
         let g = (self.0)();
-        gauge(&mut e, "sluice_ca_ready", "1 once the pod watch has its first complete list.", g.ready as i64)?;
+        gauge(
+            &mut e,
+            "sluice_ca_ready",
+            "1 once the pod watch has its first complete list.",
+            g.ready as i64,
+        )?;
         gauge(&mut e, "sluice_ca_pods", "Pods in the CA's index (every pod of the cluster).", g.pods as i64)?;
-        gauge(&mut e, "sluice_ca_rate_limited_nodes", "Nodes with a rate bucket now.", g.rate_tracked_nodes as i64)?;
+        gauge(
+            &mut e,
+            "sluice_ca_rate_limited_nodes",
+            "Nodes with a rate bucket now.",
+            g.rate_tracked_nodes as i64,
+        )?;
         counter(
             &mut e,
             "sluice_ca_rate_table_evictions",
@@ -225,7 +235,11 @@ pub struct Scrape {
 }
 
 impl Scrape {
-    pub fn new(metrics: Arc<CaMetrics>, gauges: GaugeSource, ready: Arc<dyn Fn() -> bool + Send + Sync>) -> Scrape {
+    pub fn new(
+        metrics: Arc<CaMetrics>,
+        gauges: GaugeSource,
+        ready: Arc<dyn Fn() -> bool + Send + Sync>,
+    ) -> Scrape {
         let mut registry = Registry::default();
         registry.register_collector(Box::new(Counts { metrics }));
         registry.register_collector(Box::new(State(gauges)));
@@ -318,7 +332,10 @@ mod tests {
         );
         let text = scrape.render();
         for reason in ALL_LABELS {
-            assert!(text.contains(&format!("sluice_ca_requests_refused_total{{reason=\"{reason}\"}} 0")), "{reason}");
+            assert!(
+                text.contains(&format!("sluice_ca_requests_refused_total{{reason=\"{reason}\"}} 0")),
+                "{reason}"
+            );
         }
         assert!(text.contains("sluice_ca_pods 3"), "{text}");
         metrics.refused(&Refusal::NotReady, Duration::from_millis(1));

@@ -74,9 +74,11 @@ impl CaServeConfig {
     /// The handler's rules, after checking the flags.
     pub fn service_config(&self) -> Result<server::ServiceConfig> {
         check_trust_domain(&self.trust_domain).context("--trust-domain")?;
-        let Some((ns, name)) = self.node_service_account.split_once('/').filter(|(ns, name)| {
-            !ns.is_empty() && !name.is_empty() && !name.contains('/')
-        }) else {
+        let Some((ns, name)) = self
+            .node_service_account
+            .split_once('/')
+            .filter(|(ns, name)| !ns.is_empty() && !name.is_empty() && !name.contains('/'))
+        else {
             bail!("--node-service-account must be NAMESPACE/NAME (got {:?})", self.node_service_account);
         };
         if self.audience.is_empty() {
@@ -115,8 +117,12 @@ pub fn run(config: CaServeConfig) -> Result<()> {
 
 async fn serve(config: CaServeConfig, service_config: server::ServiceConfig) -> Result<()> {
     let signing = Arc::new(
-        reload::SigningState::load(config.files.clone(), config.server_names.clone(), signer::SERVING_LIFETIME)
-            .context("loading the signing files")?,
+        reload::SigningState::load(
+            config.files.clone(),
+            config.server_names.clone(),
+            signer::SERVING_LIFETIME,
+        )
+        .context("loading the signing files")?,
     );
     let client = crate::discovery::kube::client(&config.kube)
         .await
@@ -138,7 +144,8 @@ async fn serve(config: CaServeConfig, service_config: server::ServiceConfig) -> 
     ));
 
     let gauges: metrics::GaugeSource = {
-        let (signing, pods, service, reviewer) = (signing.clone(), pods.clone(), service.clone(), reviewer.clone());
+        let (signing, pods, service, reviewer) =
+            (signing.clone(), pods.clone(), service.clone(), reviewer.clone());
         Arc::new(move || {
             let signer = signing.signer();
             metrics::Gauges {
@@ -192,7 +199,8 @@ async fn serve(config: CaServeConfig, service_config: server::ServiceConfig) -> 
 
 async fn stop_signal() -> &'static str {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
+    else {
         warn!("cannot listen for SIGTERM/SIGINT; stop the CA with SIGKILL");
         return std::future::pending().await;
     };

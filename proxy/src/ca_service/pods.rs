@@ -166,7 +166,11 @@ pub struct PodStore {
 
 impl Default for PodStore {
     fn default() -> Self {
-        PodStore { index: RwLock::default(), synced: AtomicBool::new(false), synced_tx: watch::channel(false).0 }
+        PodStore {
+            index: RwLock::default(),
+            synced: AtomicBool::new(false),
+            synced_tx: watch::channel(false).0,
+        }
     }
 }
 
@@ -341,8 +345,10 @@ mod tests {
 
     #[test]
     fn the_service_account_defaults_and_changes_are_followed() {
-        let p = PodRecord::from_json(&json!({"metadata": {"namespace": "a", "name": "p"}, "spec": {"nodeName": "n"}}))
-            .unwrap();
+        let p = PodRecord::from_json(
+            &json!({"metadata": {"namespace": "a", "name": "p"}, "spec": {"nodeName": "n"}}),
+        )
+        .unwrap();
         assert_eq!(p.service_account, "default");
         assert!(p.active());
         let mut index = PodIndex::from_pods([p]);

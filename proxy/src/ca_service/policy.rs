@@ -37,9 +37,16 @@ pub struct Caller {
 }
 
 /// Step 1 (see the module documentation).
-pub fn identify_caller(reviewed: &Reviewed, config: &PolicyConfig, pods: &PodIndex) -> Result<Caller, Refusal> {
+pub fn identify_caller(
+    reviewed: &Reviewed,
+    config: &PolicyConfig,
+    pods: &PodIndex,
+) -> Result<Caller, Refusal> {
     if !reviewed.audiences.iter().any(|a| *a == config.audience) {
-        return Err(Refusal::WrongAudience { audience: config.audience.clone(), got: reviewed.audiences.clone() });
+        return Err(Refusal::WrongAudience {
+            audience: config.audience.clone(),
+            got: reviewed.audiences.clone(),
+        });
     }
     let (want_ns, want_name) = &config.node_service_account;
     let expected = format!("{want_ns}/{want_name}");
@@ -89,7 +96,12 @@ pub fn identify_caller(reviewed: &Reviewed, config: &PolicyConfig, pods: &PodInd
 }
 
 /// Step 2 (see the module documentation).
-pub fn authorize(caller: &Caller, identity: &SpiffeId, config: &PolicyConfig, pods: &PodIndex) -> Result<(), Refusal> {
+pub fn authorize(
+    caller: &Caller,
+    identity: &SpiffeId,
+    config: &PolicyConfig,
+    pods: &PodIndex,
+) -> Result<(), Refusal> {
     if identity.trust_domain != config.trust_domain {
         return Err(Refusal::WrongTrustDomain {
             identity: identity.to_string(),
@@ -208,7 +220,10 @@ mod tests {
         let n1 = node_agent(Some("n1"), None);
         let nowhere = decide(&n1, &id("ghost")).unwrap_err();
         assert!(matches!(nowhere, Refusal::NoPodAnywhere { .. }), "{nowhere:?}");
-        assert!(matches!(decide(&n1, &id("migrate")), Err(Refusal::NoPodAnywhere { .. })), "finished pods hold nothing");
+        assert!(
+            matches!(decide(&n1, &id("migrate")), Err(Refusal::NoPodAnywhere { .. })),
+            "finished pods hold nothing"
+        );
         let elsewhere = SpiffeId::new("other.domain", "shop", "web");
         assert!(matches!(decide(&n1, &elsewhere), Err(Refusal::WrongTrustDomain { .. })));
     }

@@ -14,7 +14,9 @@ pub const RETRY_AFTER_MS: &str = "retry-after-ms";
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum Refusal {
     // --- UNAVAILABLE: try again later, nothing is wrong with the request ---
-    #[error("the CA is starting: its list of the cluster's pods is not complete yet; retry in a few seconds")]
+    #[error(
+        "the CA is starting: its list of the cluster's pods is not complete yet; retry in a few seconds"
+    )]
     NotReady,
     #[error("the CA could not check the caller's token with the Kubernetes API server: {0}")]
     ReviewUnavailable(String),
@@ -40,9 +42,7 @@ pub enum Refusal {
     NotNodeAccount { user: String, expected: String },
     #[error("cannot tell which node the caller runs on: {0}")]
     CallerNodeUnknown(String),
-    #[error(
-        "{identity} is outside this CA's trust domain {trust_domain:?} (node {node})"
-    )]
+    #[error("{identity} is outside this CA's trust domain {trust_domain:?} (node {node})")]
     WrongTrustDomain { identity: String, trust_domain: String, node: String },
     #[error(
         "no running pod with service account {namespace}/{service_account} is scheduled on node {node} \
@@ -117,7 +117,9 @@ impl Refusal {
     /// The wait a caller should respect before asking again, if any.
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
-            Refusal::RateLimited { retry_after, .. } | Refusal::Busy { retry_after, .. } => Some(*retry_after),
+            Refusal::RateLimited { retry_after, .. } | Refusal::Busy { retry_after, .. } => {
+                Some(*retry_after)
+            }
             _ => None,
         }
     }
@@ -166,7 +168,12 @@ mod tests {
 
     #[test]
     fn rate_limits_carry_the_wait() {
-        let r = Refusal::RateLimited { node: "n1".into(), rate: 50.0, burst: 50, retry_after: Duration::from_millis(20) };
+        let r = Refusal::RateLimited {
+            node: "n1".into(),
+            rate: 50.0,
+            burst: 50,
+            retry_after: Duration::from_millis(20),
+        };
         let status = r.to_status();
         assert_eq!(status.code(), Code::ResourceExhausted);
         assert_eq!(status.metadata().get(RETRY_AFTER_MS).unwrap(), "20");
@@ -178,8 +185,14 @@ mod tests {
 
     #[test]
     fn the_message_names_the_identity_and_node() {
-        let r = Refusal::NoPodOnNode { namespace: "shop".into(), service_account: "web".into(), node: "n1".into() };
+        let r = Refusal::NoPodOnNode {
+            namespace: "shop".into(),
+            service_account: "web".into(),
+            node: "n1".into(),
+        };
         assert_eq!(r.code(), Code::PermissionDenied);
-        assert!(r.to_string().starts_with("no running pod with service account shop/web is scheduled on node n1"));
+        assert!(r
+            .to_string()
+            .starts_with("no running pod with service account shop/web is scheduled on node n1"));
     }
 }

@@ -46,7 +46,11 @@ pub struct SigningState {
 
 impl SigningState {
     /// Loads the files and issues the serving certificate; any problem is fatal at start.
-    pub fn load(files: SignerFiles, server_names: Vec<String>, serving_lifetime: Duration) -> Result<SigningState, SignerError> {
+    pub fn load(
+        files: SignerFiles,
+        server_names: Vec<String>,
+        serving_lifetime: Duration,
+    ) -> Result<SigningState, SignerError> {
         let inputs = SignerInputs::read(&files)?;
         let signer = Signer::load(&inputs, &files)?;
         let serving = ServingCert::issue(&signer, server_names, serving_lifetime)
@@ -119,7 +123,9 @@ impl SigningState {
             return;
         }
         match self.serving.renew(&self.signer()) {
-            Ok(not_after) => info!(names = ?self.serving.names(), not_after = %rfc3339(not_after), "renewed the CA's serving certificate"),
+            Ok(not_after) => {
+                info!(names = ?self.serving.names(), not_after = %rfc3339(not_after), "renewed the CA's serving certificate")
+            }
             Err(e) => warn!(error = %e, "renewing the CA's serving certificate failed; retrying"),
         }
     }
@@ -179,7 +185,7 @@ mod tests {
         let pki = TestPki::new(false);
         let state = SigningState::load(pki.files(), vec!["sluice-ca".into()], SERVING_LIFETIME).unwrap();
         assert_eq!(state.check(), Reload::Unchanged);
-        let first_serving = state.serving().current.load_full();
+        let first_serving = state.serving().current();
 
         // A new root, signing directly, with a bundle of [new, old]: the rotation's step 2.
         let (new_root_der, _, new_key) = new_root("second root");
@@ -195,7 +201,7 @@ mod tests {
         assert_eq!(state.check(), Reload::Reloaded);
         assert_eq!(state.signer().root(), &new_root_der);
         assert_eq!(state.signer().info().root_index, 0);
-        assert!(!Arc::ptr_eq(&first_serving, &state.serving().current.load_full()), "serving cert reissued");
+        assert!(!Arc::ptr_eq(&first_serving, &state.serving().current()), "serving cert reissued");
         assert_eq!(state.check(), Reload::Unchanged);
         assert_eq!(state.reloads.load(Ordering::Relaxed), 1);
         assert_eq!(state.reload_failures.load(Ordering::Relaxed), 2);
@@ -213,7 +219,8 @@ mod tests {
     #[test]
     fn the_serving_certificate_is_renewed_at_half_life() {
         let pki = TestPki::new(true);
-        let state = SigningState::load(pki.files(), vec!["sluice-ca".into()], Duration::from_secs(3600)).unwrap();
+        let state =
+            SigningState::load(pki.files(), vec!["sluice-ca".into()], Duration::from_secs(3600)).unwrap();
         let serving = state.serving();
         let now = OffsetDateTime::now_utc();
         assert!(!serving.due(now));

@@ -37,8 +37,8 @@ use super::authn::{bearer_token, ReviewError, TokenReviewer, MAX_TOKEN_BYTES};
 use super::csr::CsrDer;
 use super::limits::{NodeRateLimiter, RateConfig};
 use super::metrics::CaMetrics;
-use super::policy::{authorize, identify_caller, PolicyConfig};
 use super::pods::PodStore;
+use super::policy::{authorize, identify_caller, PolicyConfig};
 use super::refusal::Refusal;
 use super::reload::SigningState;
 use super::signer::{rfc3339, Issued};
@@ -101,7 +101,15 @@ impl CaService {
         metrics: Arc<CaMetrics>,
     ) -> CaService {
         let limiter = NodeRateLimiter::new(config.rate, super::limits::DEFAULT_MAX_NODES);
-        CaService { config, signing, reviewer, pods, limiter, metrics, in_flight: Semaphore::new(MAX_IN_FLIGHT) }
+        CaService {
+            config,
+            signing,
+            reviewer,
+            pods,
+            limiter,
+            metrics,
+            in_flight: Semaphore::new(MAX_IN_FLIGHT),
+        }
     }
 
     pub fn limiter(&self) -> &NodeRateLimiter {
@@ -168,7 +176,8 @@ impl CaService {
         }
         let policy = &self.config.policy;
 
-        let token = bearer_token(metadata).ok_or_else(|| Refusal::MissingToken { audience: policy.audience.clone() })?;
+        let token = bearer_token(metadata)
+            .ok_or_else(|| Refusal::MissingToken { audience: policy.audience.clone() })?;
         if token.len() > MAX_TOKEN_BYTES {
             return Err(Refusal::TokenRejected(format!("the token is longer than {MAX_TOKEN_BYTES} bytes")));
         }
@@ -190,7 +199,11 @@ impl CaService {
         let csr = CsrDer::from_pem(&request.csr);
         let requested = match request.impersonated_identity() {
             Some(id) => id.to_string(),
-            None if request.metadata.as_ref().is_some_and(|m| m.fields.contains_key(IMPERSONATED_IDENTITY)) => {
+            None if request
+                .metadata
+                .as_ref()
+                .is_some_and(|m| m.fields.contains_key(IMPERSONATED_IDENTITY)) =>
+            {
                 return Err(Refusal::BadIdentity {
                     identity: String::new(),
                     reason: format!("the {IMPERSONATED_IDENTITY} metadata field must be a string"),
@@ -204,9 +217,9 @@ impl CaService {
                 .map_err(|problem| Refusal::BadCsr { identity: "(none named)".into(), problem })?,
         };
         asked.identity = Some(requested.clone());
-        let identity: SpiffeId = requested
-            .parse()
-            .map_err(|e: crate::identity::SpiffeError| Refusal::BadIdentity { identity: requested.clone(), reason: e.to_string() })?;
+        let identity: SpiffeId = requested.parse().map_err(|e: crate::identity::SpiffeError| {
+            Refusal::BadIdentity { identity: requested.clone(), reason: e.to_string() }
+        })?;
         let identity_uri = identity.to_string();
 
         self.pods.read(|pods| authorize(&caller, &identity, policy, pods))?;
@@ -236,7 +249,8 @@ struct CreateCertificate {
     peer: SocketAddr,
 }
 
-type ResponseFuture = Pin<Box<dyn Future<Output = Result<tonic::Response<IstioCertificateResponse>, Status>> + Send>>;
+type ResponseFuture =
+    Pin<Box<dyn Future<Output = Result<tonic::Response<IstioCertificateResponse>, Status>> + Send>>;
 
 impl UnaryService<IstioCertificateRequest> for CreateCertificate {
     type Response = IstioCertificateResponse;
@@ -302,8 +316,11 @@ pub async fn serve(
                         ));
                         return Ok::<_, std::convert::Infallible>(status.into_http());
                     }
-                    let mut grpc = Grpc::new(tonic_prost::ProstCodec::<IstioCertificateResponse, IstioCertificateRequest>::default())
-                        .max_decoding_message_size(MAX_MESSAGE_BYTES);
+                    let mut grpc = Grpc::new(tonic_prost::ProstCodec::<
+                        IstioCertificateResponse,
+                        IstioCertificateRequest,
+                    >::default())
+                    .max_decoding_message_size(MAX_MESSAGE_BYTES);
                     Ok(grpc.unary(method, req).await)
                 }
             });

@@ -34,10 +34,19 @@ impl std::fmt::Debug for ServingCert {
 
 impl ServingCert {
     /// Issues the first serving certificate with `signer`.
-    pub fn issue(signer: &Signer, names: Vec<String>, lifetime: std::time::Duration) -> Result<ServingCert, String> {
+    pub fn issue(
+        signer: &Signer,
+        names: Vec<String>,
+        lifetime: std::time::Duration,
+    ) -> Result<ServingCert, String> {
         let now = OffsetDateTime::now_utc();
         let (key, not_after) = signer.issue_serving(&names, lifetime)?;
-        Ok(ServingCert { names, lifetime, current: ArcSwap::new(key), validity: Mutex::new((now, not_after)) })
+        Ok(ServingCert {
+            names,
+            lifetime,
+            current: ArcSwap::new(key),
+            validity: Mutex::new((now, not_after)),
+        })
     }
 
     /// Replaces the certificate with a new one from `signer`.
@@ -57,6 +66,11 @@ impl ServingCert {
 
     pub fn not_after(&self) -> OffsetDateTime {
         self.validity.lock().unwrap_or_else(|e| e.into_inner()).1
+    }
+
+    /// The certificate handshakes get now.
+    pub fn current(&self) -> Arc<CertifiedKey> {
+        self.current.load_full()
     }
 
     pub fn names(&self) -> &[String] {

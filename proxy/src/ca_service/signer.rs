@@ -134,22 +134,26 @@ impl Signer {
         let invalid = |path: &Path, reason: String| SignerError::Invalid { path: path.to_path_buf(), reason };
         let now = OffsetDateTime::now_utc();
 
-        let signing_cert = match certs(&inputs.signing_cert).map_err(|r| invalid(&files.signing_cert, r))?.as_slice() {
+        let signing_cert = match certs(&inputs.signing_cert)
+            .map_err(|r| invalid(&files.signing_cert, r))?
+            .as_slice()
+        {
             [one] => one.clone(),
-            other => {
-                return Err(invalid(
-                    &files.signing_cert,
-                    format!(
-                        "holds {} certificates; it must hold exactly the signing certificate (put the others in \
+            other => return Err(invalid(
+                &files.signing_cert,
+                format!(
+                    "holds {} certificates; it must hold exactly the signing certificate (put the others in \
                          --chain)",
-                        other.len()
-                    ),
-                ))
-            }
+                    other.len()
+                ),
+            )),
         };
         let parsed = parse(&signing_cert).map_err(|r| invalid(&files.signing_cert, r))?;
         if !parsed.is_ca() {
-            return Err(invalid(&files.signing_cert, "is not a CA certificate (basicConstraints CA:true is missing)".into()));
+            return Err(invalid(
+                &files.signing_cert,
+                "is not a CA certificate (basicConstraints CA:true is missing)".into(),
+            ));
         }
         let signing_not_after = parsed.validity().not_after.to_datetime();
         if signing_not_after <= now {
@@ -181,10 +185,8 @@ impl Signer {
         let mut intermediates = vec![signing_cert.clone()];
         intermediates.extend(chain.iter().filter(|c| !bundle.contains(c)).cloned());
         let probe = probe_leaf(&issuer)?;
-        let root_index = bundle
-            .iter()
-            .position(|root| verifies(&probe, &intermediates, root))
-            .ok_or_else(|| {
+        let root_index =
+            bundle.iter().position(|root| verifies(&probe, &intermediates, root)).ok_or_else(|| {
                 SignerError::Chain(format!(
                     "a certificate signed by {} does not lead to any root of the trust bundle {} through {}: \
                      the bundle must hold the root this signing certificate was issued under",
@@ -211,7 +213,13 @@ impl Signer {
             intermediates,
             root,
             tail_pem,
-            info: SignerInfo { signing_subject, root_subject, not_after, root_index, bundle_len: bundle.len() },
+            info: SignerInfo {
+                signing_subject,
+                root_subject,
+                not_after,
+                root_index,
+                bundle_len: bundle.len(),
+            },
         })
     }
 
@@ -237,7 +245,8 @@ impl Signer {
         // critical, as the X.509-SVID specification requires).
         params.distinguished_name = DistinguishedName::new();
         let uri = identity.to_string();
-        params.subject_alt_names = vec![SanType::URI(uri.as_str().try_into().map_err(|e| format!("URI SAN {uri}: {e}"))?)];
+        params.subject_alt_names =
+            vec![SanType::URI(uri.as_str().try_into().map_err(|e| format!("URI SAN {uri}: {e}"))?)];
         params.not_before = now - NOT_BEFORE_BACKDATE;
         params.not_after = ceil_to_second(now + lifetime).min(self.info.not_after);
         params.serial_number = Some(random_serial()?);
@@ -247,7 +256,8 @@ impl Signer {
         } else {
             vec![KeyUsagePurpose::DigitalSignature]
         };
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+        params.extended_key_usages =
+            vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
         params.use_authority_key_identifier_extension = true;
         let serial_hex = params.serial_number.as_ref().map(|s| hex(s.as_ref())).unwrap_or_default();
         let not_after = params.not_after;
@@ -260,8 +270,13 @@ impl Signer {
 
     /// Issues the CA's own serving certificate for `names` (DNS names or IP addresses), with a
     /// fresh P-256 key. Returns it with its end of validity.
-    pub fn issue_serving(&self, names: &[String], lifetime: Duration) -> Result<(Arc<CertifiedKey>, OffsetDateTime), String> {
-        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(|e| format!("generating a key: {e}"))?;
+    pub fn issue_serving(
+        &self,
+        names: &[String],
+        lifetime: Duration,
+    ) -> Result<(Arc<CertifiedKey>, OffsetDateTime), String> {
+        let key =
+            KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(|e| format!("generating a key: {e}"))?;
         let now = OffsetDateTime::now_utc();
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
@@ -282,7 +297,8 @@ impl Signer {
         let mut chain = vec![cert.der().clone()];
         chain.extend(self.intermediates.iter().cloned());
         let der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
-        let signing = rustls::crypto::ring::sign::any_ecdsa_type(&der).map_err(|e| format!("serving key: {e}"))?;
+        let signing =
+            rustls::crypto::ring::sign::any_ecdsa_type(&der).map_err(|e| format!("serving key: {e}"))?;
         Ok((Arc::new(CertifiedKey::new(chain, signing)), not_after))
     }
 }
@@ -292,6 +308,9 @@ fn server_name_san(name: &str) -> Result<SanType, String> {
     if let Ok(ip) = name.parse::<IpAddr>() {
         return Ok(SanType::IpAddress(ip));
     }
+    // The same syntax check a client makes of the name it verifies.
+    rustls_pki_types::ServerName::try_from(name)
+        .map_err(|_| format!("--server-name {name:?} is neither a DNS name nor an IP address"))?;
     Ok(SanType::DnsName(name.try_into().map_err(|e| format!("--server-name {name:?}: {e}"))?))
 }
 
@@ -307,7 +326,8 @@ fn probe_leaf(issuer: &Issuer<'static, KeyPair>) -> Result<CertificateDer<'stati
     let now = OffsetDateTime::now_utc();
     let mut params = CertificateParams::default();
     params.distinguished_name = DistinguishedName::new();
-    params.subject_alt_names = vec![SanType::URI("spiffe://probe.invalid/ns/probe/sa/probe".try_into().expect("valid URI"))];
+    params.subject_alt_names =
+        vec![SanType::URI("spiffe://probe.invalid/ns/probe/sa/probe".try_into().expect("valid URI"))];
     params.not_before = now - Duration::from_secs(60);
     params.not_after = now + Duration::from_secs(60);
     params.is_ca = IsCa::ExplicitNoCa;
@@ -320,7 +340,11 @@ fn probe_leaf(issuer: &Issuer<'static, KeyPair>) -> Result<CertificateDer<'stati
 }
 
 /// Whether `leaf` verifies against `root` alone, through `intermediates` (client usage).
-fn verifies(leaf: &CertificateDer<'_>, intermediates: &[CertificateDer<'static>], root: &CertificateDer<'_>) -> bool {
+fn verifies(
+    leaf: &CertificateDer<'_>,
+    intermediates: &[CertificateDer<'static>],
+    root: &CertificateDer<'_>,
+) -> bool {
     let Ok(anchor) = webpki::anchor_from_trusted_cert(root) else { return false };
     let Ok(ee) = webpki::EndEntityCert::try_from(leaf) else { return false };
     ee.verify_for_usage(
@@ -434,7 +458,8 @@ pub(crate) mod tests {
     pub(crate) fn new_root(cn: &str) -> (CertificateDer<'static>, Issuer<'static, KeyPair>, KeyPair) {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
         let der = ca_params(cn).self_signed(&key).unwrap().der().clone();
-        let issuer = Issuer::from_ca_cert_der(&der, KeyPair::from_pem(&key.serialize_pem()).unwrap()).unwrap();
+        let issuer =
+            Issuer::from_ca_cert_der(&der, KeyPair::from_pem(&key.serialize_pem()).unwrap()).unwrap();
         (der, issuer, key)
     }
 
@@ -540,7 +565,10 @@ pub(crate) mod tests {
         std::fs::write(&files.signing_key, good_key).unwrap();
         // A leaf as signing certificate.
         let leaf_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
-        let leaf = CertificateParams::new(vec!["x.example".into()]).unwrap().signed_by(&leaf_key, &pki.root_issuer).unwrap();
+        let leaf = CertificateParams::new(vec!["x.example".into()])
+            .unwrap()
+            .signed_by(&leaf_key, &pki.root_issuer)
+            .unwrap();
         std::fs::write(&files.signing_cert, leaf.pem()).unwrap();
         std::fs::write(&files.signing_key, leaf_key.serialize_pem()).unwrap();
         let err = pki.signer().unwrap_err();
@@ -569,7 +597,11 @@ pub(crate) mod tests {
         let signer = pki.signer().expect("with the chain it loads");
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
         let issued = signer
-            .issue_workload(&SpiffeId::new("cluster.local", "a", "b"), &spki_of(&key), Duration::from_secs(60))
+            .issue_workload(
+                &SpiffeId::new("cluster.local", "a", "b"),
+                &spki_of(&key),
+                Duration::from_secs(60),
+            )
             .unwrap();
         let ders = chain_ders(&issued);
         assert_eq!(ders.len(), 4, "leaf, signing, mid, root");
@@ -589,7 +621,11 @@ pub(crate) mod tests {
         let signer = pki.signer().unwrap();
         let leaf_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
         let issued = signer
-            .issue_workload(&SpiffeId::new("cluster.local", "a", "b"), &spki_of(&leaf_key), Duration::from_secs(86400))
+            .issue_workload(
+                &SpiffeId::new("cluster.local", "a", "b"),
+                &spki_of(&leaf_key),
+                Duration::from_secs(86400),
+            )
             .unwrap();
         assert!(issued.not_after <= signer.info().not_after);
     }
@@ -610,8 +646,9 @@ pub(crate) mod tests {
 
     #[test]
     fn pkcs1_keys_get_a_conversion_hint() {
-        let err = signing_key(b"-----BEGIN EC PRIVATE KEY-----\nMHcCAQEEIA==\n-----END EC PRIVATE KEY-----\n")
-            .unwrap_err();
+        let err =
+            signing_key(b"-----BEGIN EC PRIVATE KEY-----\nMHcCAQEEIA==\n-----END EC PRIVATE KEY-----\n")
+                .unwrap_err();
         assert!(err.contains("openssl pkcs8"), "{err}");
     }
 }
