@@ -134,20 +134,20 @@ impl Signer {
         let invalid = |path: &Path, reason: String| SignerError::Invalid { path: path.to_path_buf(), reason };
         let now = OffsetDateTime::now_utc();
 
-        let signing_cert = match certs(&inputs.signing_cert)
-            .map_err(|r| invalid(&files.signing_cert, r))?
-            .as_slice()
-        {
-            [one] => one.clone(),
-            other => return Err(invalid(
-                &files.signing_cert,
-                format!(
+        let signing_cert =
+            match certs(&inputs.signing_cert).map_err(|r| invalid(&files.signing_cert, r))?.as_slice() {
+                [one] => one.clone(),
+                other => {
+                    return Err(invalid(
+                        &files.signing_cert,
+                        format!(
                     "holds {} certificates; it must hold exactly the signing certificate (put the others in \
                          --chain)",
                     other.len()
                 ),
-            )),
-        };
+                    ))
+                }
+            };
         let parsed = parse(&signing_cert).map_err(|r| invalid(&files.signing_cert, r))?;
         if !parsed.is_ca() {
             return Err(invalid(

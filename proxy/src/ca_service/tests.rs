@@ -332,3 +332,141 @@ async fn a_new_root_is_picked_up_without_a_restart() {
     assert_eq!(resp.cert_chain.len(), 2, "leaf and the root that signs directly");
     assert_eq!(verify(&resp.cert_chain, &new_root_der), vec![format!("URI:{WEB}")]);
 }
+
+/// A few lines of kube-apiserver: the pod list and watch and TokenReviews, enough to run the
+/// CA's real Kubernetes paths (kube-client, the watcher, the TokenReview request) in-process.
+mod apiserver {
+    use std::convert::Infallible;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex};
+
+    use bytes::Bytes;
+    use http_body_util::{combinators::BoxBody, BodyExt, Full, StreamBody};
+    use hyper::body::{Frame, Incoming};
+    use hyper::{Request, Response};
+    use hyper_util::rt::TokioIo;
+    use serde_json::{json, Value};
+
+    #[derive(Default)]
+    pub struct Api {
+        pub watches: AtomicUsize,
+        pub reviews: Mutex<Vec<Value>>,
+    }
+
+    pub fn pod(name: &str, sa: &str, node: &str, phase: &str, rv: &str) -> Value {
+        json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": "shop", "uid": format!("uid-{name}"), "resourceVersion": rv},
+            "spec": {"nodeName": node, "serviceAccountName": sa, "containers": [{"name": "app", "image": "app"}]},
+            "status": {"phase": phase}
+        })
+    }
+
+    fn body(text: String) -> BoxBody<Bytes, Infallible> {
+        Full::new(Bytes::from(text)).boxed()
+    }
+
+    async fn answer(
+        api: Arc<Api>,
+        req: Request<Incoming>,
+    ) -> Result<Response<BoxBody<Bytes, Infallible>>, Infallible> {
+        let path = req.uri().path().to_string();
+        let query = req.uri().query().unwrap_or("").to_string();
+        let reply = |text: String| {
+            Ok(Response::builder().header("content-type", "application/json").body(body(text)).unwrap())
+        };
+        if path == "/apis/authentication.k8s.io/v1/tokenreviews" {
+            let sent: Value =
+                serde_json::from_slice(&req.into_body().collect().await.unwrap().to_bytes()).unwrap();
+            api.reviews.lock().unwrap().push(sent.clone());
+            let status = if sent["spec"]["token"] == "good" {
+                json!({"authenticated": true, "audiences": sent["spec"]["audiences"], "user": {
+                    "username": "system:serviceaccount:sluice-system:sluice",
+                    "extra": {"authentication.kubernetes.io/node-name": ["n1"]}}})
+            } else {
+                json!({"authenticated": false, "error": "[invalid bearer token, token has expired]"})
+            };
+            return reply(
+                json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview", "status": status})
+                    .to_string(),
+            );
+        }
+        assert_eq!(path, "/api/v1/pods", "unexpected request {path}?{query}");
+        if !query.contains("watch=true") {
+            let items =
+                vec![pod("web-1", "web", "n1", "Running", "5"), pod("db-1", "db", "n2", "Running", "6")];
+            return reply(json!({"apiVersion": "v1", "kind": "PodList", "metadata": {"resourceVersion": "10"}, "items": items}).to_string());
+        }
+        if api.watches.fetch_add(1, Ordering::SeqCst) == 0 {
+            let events = [
+                json!({"type": "ADDED", "object": pod("api-1", "api", "n1", "Pending", "11")}),
+                json!({"type": "DELETED", "object": pod("web-1", "web", "n1", "Running", "12")}),
+            ];
+            return reply(events.iter().map(|e| format!("{e}\n")).collect());
+        }
+        // Later watches stay open with nothing to say.
+        let quiet = futures_util::stream::pending::<Result<Frame<Bytes>, Infallible>>();
+        Ok(Response::new(StreamBody::new(quiet).boxed()))
+    }
+
+    /// Serves on loopback until the runtime ends; returns the URL.
+    pub async fn start(api: Arc<Api>) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else { return };
+                let api = api.clone();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req| answer(api.clone(), req));
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        url
+    }
+}
+
+/// Polls `cond` until it holds, for at most 10 s.
+async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !cond() {
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pod_watch_and_token_reviews_speak_to_the_api_server() {
+    let api = Arc::new(apiserver::Api::default());
+    let url = apiserver::start(api.clone()).await;
+    let config = crate::discovery::KubeConfig { api_url: Some(url), ..Default::default() };
+    let client = crate::discovery::kube::client(&config).await.unwrap();
+
+    let store = Arc::new(PodStore::default());
+    let watch = tokio::spawn(super::pods::watch_pods(client.clone(), store.clone()));
+    tokio::time::timeout(Duration::from_secs(10), store.wait_synced())
+        .await
+        .expect("the first list syncs the store");
+    eventually("the watch's events", || {
+        store.read(|p| {
+            p.on_node("n1", "shop", "api") && !p.anywhere("shop", "web") && p.on_node("n2", "shop", "db")
+        })
+    })
+    .await;
+    watch.abort();
+
+    let reviewer = super::authn::KubeTokenReviewer::new(client);
+    use super::authn::TokenReviewer;
+    let ok = reviewer.review("good", "sluice-ca").await.expect("a valid token");
+    assert_eq!(ok.service_account(), Some(("sluice-system", "sluice")));
+    assert_eq!(ok.claim(super::authn::NODE_NAME_EXTRA), Some("n1"));
+    assert_eq!(ok.audiences, vec!["sluice-ca".to_string()]);
+    let expired = reviewer.review("old", "sluice-ca").await.unwrap_err();
+    assert_eq!(expired, ReviewError::Rejected("[invalid bearer token, token has expired]".into()));
+    let sent = api.reviews.lock().unwrap()[0].clone();
+    assert_eq!(sent["spec"], serde_json::json!({"token": "good", "audiences": ["sluice-ca"]}));
+    assert_eq!(sent["kind"], "TokenReview");
+}
