@@ -173,7 +173,7 @@ enum CertsAction {
 enum CaCommand {
     /// Run the CA service (a Deployment): sign workload certificates over Istio's certificate
     /// protocol (gRPC over TLS), only for identities with a pod on the calling node.
-    Serve(CaServeFlags),
+    Serve(Box<CaServeFlags>),
     /// Create a mesh root (ca.pem, ca-key.pem): for the CA service's --signing-cert/--signing-key
     /// (or to sign its intermediate), or for every node's embedded CA (--ca-dir; demo and small
     /// setups only: every node then holds the root key).
@@ -456,7 +456,7 @@ fn main() -> ExitCode {
         Command::Stat(f) => {
             print(cli::stat(&f.admin.endpoint(), f.kind, &f.window, f.name.as_deref(), f.admin.output))
         }
-        Command::Ca(CaCommand::Serve(flags)) => ca_serve(flags),
+        Command::Ca(CaCommand::Serve(flags)) => ca_serve(*flags),
         Command::Ca(CaCommand::Init { dir, trust_domain, force }) => {
             sluice::identity::ca_init(&dir, &trust_domain, force).map_err(Into::into).map(|(c, k)| {
                 println!("mesh root for {trust_domain}: {} (key {})", c.display(), k.display());

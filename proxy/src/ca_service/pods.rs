@@ -221,6 +221,10 @@ impl PodStore {
     pub fn len(&self) -> usize {
         self.read(PodIndex::len)
     }
+
+    pub fn is_empty(&self) -> bool {
+        self.read(PodIndex::is_empty)
+    }
 }
 
 /// Lists and watches every pod of the cluster into `store`, forever (errors are retried with
@@ -292,6 +296,9 @@ fn record(obj: &ApiObject) -> Option<PodRecord> {
     }
     PodRecord::from_json(obj.json())
 }
+
+#[cfg(test)]
+pub(crate) use tests::pod as test_pod;
 
 #[cfg(test)]
 mod tests {
@@ -372,6 +379,3 @@ mod tests {
         assert!(store.read(|i| i.on_node("n", "a", "sa")));
     }
 }
-
-#[cfg(test)]
-pub(crate) use tests::pod as test_pod;

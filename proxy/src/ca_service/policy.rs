@@ -42,7 +42,7 @@ pub fn identify_caller(
     config: &PolicyConfig,
     pods: &PodIndex,
 ) -> Result<Caller, Refusal> {
-    if !reviewed.audiences.iter().any(|a| *a == config.audience) {
+    if !reviewed.audiences.contains(&config.audience) {
         return Err(Refusal::WrongAudience {
             audience: config.audience.clone(),
             got: reviewed.audiences.clone(),

@@ -166,7 +166,7 @@ fn verify(chain: &[String], root: &CertificateDer<'_>) -> Vec<String> {
     for usage in [webpki::KeyUsage::client_auth(), webpki::KeyUsage::server_auth()] {
         ee.verify_for_usage(
             webpki::ALL_VERIFICATION_ALGS,
-            &[anchor.clone()],
+            std::slice::from_ref(&anchor),
             intermediates,
             UnixTime::now(),
             usage,
