@@ -17,7 +17,7 @@ use x509_parser::extensions::GeneralName;
 use x509_parser::prelude::{FromDer, X509Certificate};
 
 use super::authn::tests::{node_agent, FakeReviewer};
-use super::authn::{ReviewError, Reviewed};
+use super::authn::{CachedReviewer, ReviewError, Reviewed};
 use super::limits::RateConfig;
 use super::metrics::CaMetrics;
 use super::pods::{test_pod as pod, PodIndex, PodStore};
@@ -65,6 +65,7 @@ struct Harness {
     signing: Arc<SigningState>,
     service: Arc<CaService>,
     metrics: Arc<CaMetrics>,
+    fake: Arc<FakeReviewer>,
     stop: watch::Sender<bool>,
     server: tokio::task::JoinHandle<()>,
 }
@@ -85,7 +86,8 @@ async fn start(pods: PodStore, rate: RateConfig) -> Harness {
         rate,
     };
     let metrics = Arc::new(CaMetrics::default());
-    let reviewer = Arc::new(FakeReviewer::with(tokens()));
+    let fake = Arc::new(FakeReviewer::with(tokens()));
+    let reviewer = Arc::new(CachedReviewer::new(fake.clone(), Duration::from_secs(10), 64));
     let service =
         Arc::new(CaService::new(config, signing.clone(), reviewer, Arc::new(pods), metrics.clone()));
     let tls = Arc::new(super::serving::server_config(signing.serving()).unwrap());
@@ -93,7 +95,7 @@ async fn start(pods: PodStore, rate: RateConfig) -> Harness {
     let addr = listener.local_addr().unwrap();
     let (stop, stop_rx) = watch::channel(false);
     let server = tokio::spawn(server::serve(listener, tls, service.clone(), stop_rx, Duration::from_secs(5)));
-    Harness { addr, pki, signing, service, metrics, stop, server }
+    Harness { addr, pki, signing, service, metrics, fake, stop, server }
 }
 
 fn generous() -> RateConfig {
@@ -312,6 +314,41 @@ async fn each_node_has_its_own_rate() {
     assert_refused(call(&ch, Some("n1"), ask(DB)).await, Code::ResourceExhausted, "node n1");
     call(&ch, Some("n2"), ask(DB)).await.expect("n2 has a bucket of its own");
     assert_eq!(h.metrics.refused_total("rate_limited"), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_restarting_with_250_pods_gets_its_burst_and_one_token_review() {
+    let mut pods = cluster();
+    pods.extend((0..250).map(|i| pod("shop", &format!("p-{i}"), &format!("sa-{i}"), Some("n1"), "Pending")));
+    // One token per 100 s after the burst: nothing refills while the test runs.
+    let h = start(PodStore::with_pods(pods), RateConfig { rate: 0.01, burst: 50 }).await;
+    let ch = channel(h.addr, &h.pki.root).await;
+    let calls: Vec<_> = (0..250)
+        .map(|i| {
+            let ch = ch.clone();
+            let request = ask(&format!("spiffe://cluster.local/ns/shop/sa/sa-{i}"));
+            tokio::spawn(async move { call(&ch, Some("n1"), request).await })
+        })
+        .collect();
+    let (mut issued, mut limited) = (0, 0);
+    for call in calls {
+        match call.await.unwrap() {
+            Ok(_) => issued += 1,
+            Err(status) => {
+                assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+                assert!(status.metadata().get(RETRY_AFTER_MS).is_some());
+                limited += 1;
+            }
+        }
+    }
+    assert_eq!((issued, limited), (50, 200), "the burst, then the rate");
+    assert_eq!(
+        h.fake.calls.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "one TokenReview for the whole burst"
+    );
+    // Another node is not held up by n1's burst.
+    call(&ch, Some("n2"), ask(DB)).await.expect("n2 has its own bucket");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
