@@ -209,3 +209,46 @@ async fn stop_signal() -> &'static str {
         _ = int.recv() => "SIGINT",
     }
 }
+
+#[cfg(test)]
+mod config_tests {
+    use super::*;
+
+    fn config() -> CaServeConfig {
+        CaServeConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            files: signer::SignerFiles {
+                signing_cert: "ca.pem".into(),
+                signing_key: "ca-key.pem".into(),
+                chain: None,
+                trust_bundle: "root.pem".into(),
+            },
+            server_names: DEFAULT_SERVER_NAMES.iter().map(|n| n.to_string()).collect(),
+            trust_domain: "cluster.local".into(),
+            node_service_account: "sluice-system/sluice".into(),
+            audience: "sluice-ca".into(),
+            max_lifetime: Duration::from_secs(86400),
+            rate: limits::RateConfig { rate: 50.0, burst: 50 },
+            metrics_addr: "127.0.0.1:0".parse().unwrap(),
+            kube: KubeConfig::default(),
+        }
+    }
+
+    #[test]
+    fn flags_are_checked_before_anything_starts() {
+        let ok = config().service_config().expect("the defaults are valid");
+        assert_eq!(ok.policy.node_service_account, ("sluice-system".to_string(), "sluice".to_string()));
+        let bad = |f: fn(&mut CaServeConfig)| {
+            let mut c = config();
+            f(&mut c);
+            c.service_config().expect_err("must be refused").to_string()
+        };
+        assert!(bad(|c| c.node_service_account = "sluice".into()).contains("NAMESPACE/NAME"));
+        assert!(bad(|c| c.node_service_account = "a/b/c".into()).contains("NAMESPACE/NAME"));
+        assert!(bad(|c| c.trust_domain = "Bad Domain".into()).contains("--trust-domain"));
+        assert!(bad(|c| c.max_lifetime = Duration::from_secs(30)).contains("at least 60"));
+        assert!(bad(|c| c.server_names.clear()).contains("--server-name"));
+        assert!(bad(|c| c.audience.clear()).contains("--audience"));
+        assert!(bad(|c| c.rate.burst = 0).contains("--node-burst"));
+    }
+}
