@@ -5,6 +5,7 @@
 
 pub mod admin;
 pub mod admission;
+pub mod ca_service;
 pub mod ca_tool;
 pub mod cli;
 pub mod conns;

@@ -50,7 +50,7 @@ enum Command {
     /// Success rate, request rate and latency percentiles per pod or Service of this node over
     /// a window (up to 1m), outbound (reporter=source) and inbound (reporter=destination).
     Stat(StatFlags),
-    /// The mesh root CA: create one, or sign a certificate with it by hand.
+    /// The mesh CA: run the CA service, create a root, or sign a certificate with it by hand.
     #[command(subcommand)]
     Ca(CaCommand),
     /// Remove what a stopped sluice left in the kernel for a node (fail-closed pins) and its admin socket.
@@ -171,7 +171,12 @@ enum CertsAction {
 
 #[derive(Subcommand)]
 enum CaCommand {
-    /// Create the mesh root (ca.pem, ca-key.pem) that every node's sluice loads.
+    /// Run the CA service (a Deployment): sign workload certificates over Istio's certificate
+    /// protocol (gRPC over TLS), only for identities with a pod on the calling node.
+    Serve(Box<CaServeFlags>),
+    /// Create a mesh root (ca.pem, ca-key.pem): for the CA service's --signing-cert/--signing-key
+    /// (or to sign its intermediate), or for every node's embedded CA (--ca-dir; demo and small
+    /// setups only: every node then holds the root key).
     Init {
         #[arg(long)]
         dir: PathBuf,
@@ -197,6 +202,62 @@ enum CaCommand {
         #[arg(long)]
         expired: bool,
     },
+}
+
+#[derive(Args)]
+struct CaServeFlags {
+    /// gRPC over TLS (istio.v1.auth.IstioCertificateService).
+    #[arg(long, default_value = "0.0.0.0:15012")]
+    listen: SocketAddr,
+    /// PEM certificate the CA signs with: an intermediate under an offline root, or the root
+    /// itself for small setups.
+    #[arg(long, env = "SLUICE_CA_SIGNING_CERT")]
+    signing_cert: PathBuf,
+    /// PEM (PKCS#8) private key of --signing-cert.
+    #[arg(long, env = "SLUICE_CA_SIGNING_KEY")]
+    signing_key: PathBuf,
+    /// PEM certificates between the signing certificate and the root, if any.
+    #[arg(long)]
+    chain: Option<PathBuf>,
+    /// PEM roots the mesh trusts (the nodes' --ca-trust-bundle); the root the signing chain
+    /// leads to must be among them, first except during a rotation.
+    #[arg(long)]
+    trust_bundle: PathBuf,
+    /// DNS name or IP of the CA's serving certificate, which it issues itself (repeatable)
+    /// [default: sluice-ca.sluice-system.svc, sluice-ca.sluice-system.svc.cluster.local].
+    #[arg(long = "server-name")]
+    server_names: Vec<String>,
+    /// SPIFFE trust domain of the identities it signs.
+    #[arg(long, default_value = "cluster.local")]
+    trust_domain: String,
+    /// The node agents' ServiceAccount (NAMESPACE/NAME): the only caller allowed.
+    #[arg(long, default_value = "sluice-system/sluice")]
+    node_service_account: String,
+    /// The audience callers' tokens must have.
+    #[arg(long, default_value = "sluice-ca")]
+    audience: String,
+    /// Longest validity issued, in seconds (a request asks for less or gets this).
+    #[arg(long, default_value_t = 86400)]
+    max_lifetime_s: u64,
+    /// Certificates per second per calling node (a token bucket).
+    #[arg(long, default_value_t = 50.0)]
+    node_rate: f64,
+    /// Bucket size of --node-rate: what a node may ask for at once.
+    #[arg(long, default_value_t = 50)]
+    node_burst: u32,
+    /// GET /metrics (OpenMetrics) and GET /healthz/ready.
+    #[arg(long, default_value = "0.0.0.0:15014")]
+    metrics_addr: SocketAddr,
+    /// The API server URL, used as is without credentials (kubectl proxy, tests). Without it:
+    /// --kubeconfig, else KUBECONFIG / ~/.kube/config, else the in-cluster service account.
+    #[arg(long, env = "SLUICE_KUBE_API")]
+    kube_api: Option<String>,
+    /// A kubeconfig file (its current context).
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
+    /// Log format.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
 }
 
 #[derive(Args)]
@@ -395,6 +456,7 @@ fn main() -> ExitCode {
         Command::Stat(f) => {
             print(cli::stat(&f.admin.endpoint(), f.kind, &f.window, f.name.as_deref(), f.admin.output))
         }
+        Command::Ca(CaCommand::Serve(flags)) => ca_serve(*flags),
         Command::Ca(CaCommand::Init { dir, trust_domain, force }) => {
             sluice::identity::ca_init(&dir, &trust_domain, force).map_err(Into::into).map(|(c, k)| {
                 println!("mesh root for {trust_domain}: {} (key {})", c.display(), k.display());
@@ -482,6 +544,36 @@ fn run(f: RunFlags) -> Result<()> {
     });
     if let Err(e) = &result {
         tracing::error!(error = format!("{e:#}"), "sluice failed to start");
+    }
+    result
+}
+
+fn ca_serve(f: CaServeFlags) -> Result<()> {
+    init_logging(f.log_format);
+    let server_names = if f.server_names.is_empty() {
+        sluice::ca_service::DEFAULT_SERVER_NAMES.iter().map(|n| n.to_string()).collect()
+    } else {
+        f.server_names
+    };
+    let result = sluice::ca_service::run(sluice::ca_service::CaServeConfig {
+        listen: f.listen,
+        files: sluice::ca_service::signer::SignerFiles {
+            signing_cert: f.signing_cert,
+            signing_key: f.signing_key,
+            chain: f.chain,
+            trust_bundle: f.trust_bundle,
+        },
+        server_names,
+        trust_domain: f.trust_domain,
+        node_service_account: f.node_service_account,
+        audience: f.audience,
+        max_lifetime: Duration::from_secs(f.max_lifetime_s),
+        rate: sluice::ca_service::limits::RateConfig { rate: f.node_rate, burst: f.node_burst },
+        metrics_addr: f.metrics_addr,
+        kube: KubeConfig { api_url: f.kube_api, kubeconfig: f.kubeconfig, ..KubeConfig::default() },
+    });
+    if let Err(e) = &result {
+        tracing::error!(error = format!("{e:#}"), "the CA service stopped");
     }
     result
 }

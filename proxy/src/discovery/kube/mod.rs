@@ -221,7 +221,7 @@ impl Drop for KubeSourceHandle {
     }
 }
 
-async fn client(config: &KubeConfig) -> Result<::kube::Client, KubeError> {
+pub(crate) async fn client(config: &KubeConfig) -> Result<::kube::Client, KubeError> {
     let cfg = if let Some(url) = &config.api_url {
         let uri: http::Uri = url.parse().map_err(|e: http::uri::InvalidUri| KubeError::BadUrl {
             url: url.clone(),

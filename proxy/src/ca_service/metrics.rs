@@ -1,0 +1,355 @@
+//! The CA service's metrics and readiness, on `--metrics-addr` (`0.0.0.0:15014`, istiod's
+//! monitoring port): `GET /metrics` (OpenMetrics text) and `GET /healthz/ready` (200 once the
+//! pod watch has its first complete list, 503 before: the Deployment's readinessProbe, so that
+//! the Service sends nodes only to replicas that can decide).
+//!
+//! Counted as requests happen: certificates issued, refusals by reason (every reason of
+//! [`Refusal::label`], shown from zero), request latency by outcome. Read at scrape time: the
+//! pods indexed, nodes rate-tracked, the token-review cache, the signing chain's and the
+//! serving certificate's expiry, the position of the signer's root in the bundle, reloads.
+
+use std::convert::Infallible;
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric, NoLabelSet};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tracing::{debug, warn};
+
+use super::refusal::{Refusal, ALL_LABELS};
+use crate::admin::metrics_server::{CONTENT_TYPE, METRICS_PATH};
+
+pub const READY_PATH: &str = "/healthz/ready";
+
+type Label = [(&'static str, &'static str); 1];
+
+fn new_histogram() -> Histogram {
+    // 1 ms to ~16 s: a signature is ~1 ms, a TokenReview tens of ms, its timeout 5 s.
+    Histogram::new(exponential_buckets(0.001, 2.0, 15))
+}
+
+/// What the request path records.
+pub struct CaMetrics {
+    issued: Counter,
+    refused: Family<Label, Counter>,
+    duration: Family<Label, Histogram, fn() -> Histogram>,
+}
+
+impl Default for CaMetrics {
+    fn default() -> Self {
+        let metrics = CaMetrics {
+            issued: Counter::default(),
+            refused: Family::default(),
+            duration: Family::new_with_constructor(new_histogram),
+        };
+        for reason in ALL_LABELS {
+            let _ = metrics.refused.get_or_create(&[("reason", reason)]);
+        }
+        metrics
+    }
+}
+
+impl CaMetrics {
+    pub fn issued(&self, took: Duration) {
+        self.issued.inc();
+        self.duration.get_or_create(&[("outcome", "issued")]).observe(took.as_secs_f64());
+    }
+
+    pub fn refused(&self, refusal: &Refusal, took: Duration) {
+        self.refused.get_or_create(&[("reason", refusal.label())]).inc();
+        self.duration.get_or_create(&[("outcome", "refused")]).observe(took.as_secs_f64());
+    }
+
+    pub fn issued_total(&self) -> u64 {
+        self.issued.get()
+    }
+
+    pub fn refused_total(&self, reason: &'static str) -> u64 {
+        self.refused.get_or_create(&[("reason", reason)]).get()
+    }
+}
+
+/// Values read at scrape time.
+#[derive(Debug, Clone, Default)]
+pub struct Gauges {
+    pub ready: bool,
+    pub pods: usize,
+    pub rate_tracked_nodes: usize,
+    pub rate_table_evictions: u64,
+    pub token_reviews: u64,
+    pub token_review_cache_hits: u64,
+    pub token_review_cache_entries: usize,
+    pub token_reviews_uncached: u64,
+    pub signing_chain_not_after: i64,
+    pub serving_cert_not_after: i64,
+    pub signing_root_index: usize,
+    pub reloads: u64,
+    pub reload_failures: u64,
+}
+
+pub type GaugeSource = Arc<dyn Fn() -> Gauges + Send + Sync>;
+
+struct Counts {
+    metrics: Arc<CaMetrics>,
+}
+
+impl fmt::Debug for Counts {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("CaCounts")
+    }
+}
+
+impl Collector for Counts {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> fmt::Result {
+        let m = &self.metrics;
+        let e = encoder.encode_descriptor(
+            "sluice_ca_certificates_issued",
+            "Workload certificates issued.",
+            None,
+            MetricType::Counter,
+        )?;
+        m.issued.encode(e)?;
+        let e = encoder.encode_descriptor(
+            "sluice_ca_requests_refused",
+            "Certificate requests refused, by reason (rate_limited: over the caller node's rate).",
+            None,
+            MetricType::Counter,
+        )?;
+        m.refused.encode(e)?;
+        let e = encoder.encode_descriptor(
+            "sluice_ca_request_duration_seconds",
+            "Time to answer a certificate request, by outcome (issued or refused).",
+            None,
+            MetricType::Histogram,
+        )?;
+        m.duration.encode(e)
+    }
+}
+
+struct State(GaugeSource);
+
+impl fmt::Debug for State {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("CaState")
+    }
+}
+
+fn gauge(encoder: &mut DescriptorEncoder, name: &str, help: &str, value: i64) -> fmt::Result {
+    encoder.encode_descriptor(name, help, None, MetricType::Gauge)?.encode_gauge(&value)
+}
+
+fn counter(encoder: &mut DescriptorEncoder, name: &str, help: &str, value: u64) -> fmt::Result {
+    encoder
+        .encode_descriptor(name, help, None, MetricType::Counter)?
+        .encode_counter::<NoLabelSet, u64, u64>(&value, None)
+}
+
+impl Collector for State {
+    fn encode(&self, mut e: DescriptorEncoder) -> fmt::Result {
+        let g = (self.0)();
+        gauge(
+            &mut e,
+            "sluice_ca_ready",
+            "1 once the pod watch has its first complete list.",
+            g.ready as i64,
+        )?;
+        gauge(&mut e, "sluice_ca_pods", "Pods in the CA's index (every pod of the cluster).", g.pods as i64)?;
+        gauge(
+            &mut e,
+            "sluice_ca_rate_limited_nodes",
+            "Nodes with a rate bucket now.",
+            g.rate_tracked_nodes as i64,
+        )?;
+        counter(
+            &mut e,
+            "sluice_ca_rate_table_evictions",
+            "Rate buckets dropped before they refilled because the node table was full.",
+            g.rate_table_evictions,
+        )?;
+        counter(&mut e, "sluice_ca_token_reviews", "TokenReviews sent to the API server.", g.token_reviews)?;
+        counter(
+            &mut e,
+            "sluice_ca_token_review_cache_hits",
+            "Requests answered from a cached TokenReview.",
+            g.token_review_cache_hits,
+        )?;
+        counter(
+            &mut e,
+            "sluice_ca_token_reviews_uncached",
+            "TokenReviews not cached because the cache was full.",
+            g.token_reviews_uncached,
+        )?;
+        gauge(
+            &mut e,
+            "sluice_ca_token_review_cache_entries",
+            "TokenReviews cached now.",
+            g.token_review_cache_entries as i64,
+        )?;
+        gauge(
+            &mut e,
+            "sluice_ca_signing_chain_expiry_timestamp_seconds",
+            "When the first certificate of the signing chain (signing certificate, --chain, root) expires.",
+            g.signing_chain_not_after,
+        )?;
+        gauge(
+            &mut e,
+            "sluice_ca_serving_cert_expiry_timestamp_seconds",
+            "When the CA's own serving certificate expires (renewed at half-life).",
+            g.serving_cert_not_after,
+        )?;
+        gauge(
+            &mut e,
+            "sluice_ca_signing_root_index",
+            "Position in the trust bundle of the root the CA signs under (0 = first, as it should be).",
+            g.signing_root_index as i64,
+        )?;
+        counter(&mut e, "sluice_ca_signing_reloads", "Signing files reloaded after a change.", g.reloads)?;
+        counter(
+            &mut e,
+            "sluice_ca_signing_reload_failures",
+            "Checks that found changed signing files that were refused (the previous ones stay).",
+            g.reload_failures,
+        )
+    }
+}
+
+/// Everything a scrape encodes.
+pub struct Scrape {
+    registry: Registry,
+    ready: Arc<dyn Fn() -> bool + Send + Sync>,
+}
+
+impl Scrape {
+    pub fn new(
+        metrics: Arc<CaMetrics>,
+        gauges: GaugeSource,
+        ready: Arc<dyn Fn() -> bool + Send + Sync>,
+    ) -> Scrape {
+        let mut registry = Registry::default();
+        registry.register_collector(Box::new(Counts { metrics }));
+        registry.register_collector(Box::new(State(gauges)));
+        Scrape { registry, ready }
+    }
+
+    pub fn render(&self) -> String {
+        let mut out = String::with_capacity(16 * 1024);
+        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
+            warn!(error = %e, "encoding the CA's metrics failed");
+        }
+        out
+    }
+}
+
+/// Serves `/metrics` and `/healthz/ready` on `listener`, forever.
+pub async fn serve(listener: TcpListener, scrape: Arc<Scrape>) {
+    loop {
+        let (stream, _) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(error = %e, "metrics accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let scrape = scrape.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req: Request<Incoming>| {
+                let scrape = scrape.clone();
+                async move { Ok::<_, Infallible>(answer(&scrape, req.method(), req.uri().path())) }
+            });
+            let conn = http1::Builder::new().serve_connection(TokioIo::new(stream), svc);
+            // A scraper that connects and stalls holds its socket no longer than this.
+            match tokio::time::timeout(Duration::from_secs(30), conn).await {
+                Ok(Err(e)) => debug!(error = %e, "metrics connection ended with an error"),
+                Err(_) => debug!("metrics connection timed out"),
+                Ok(Ok(())) => {}
+            }
+        });
+    }
+}
+
+pub fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let listener = std::net::TcpListener::bind(addr)?;
+    listener.set_nonblocking(true)?;
+    Ok(listener)
+}
+
+fn answer(scrape: &Scrape, method: &Method, path: &str) -> Response<Full<Bytes>> {
+    let (status, content_type, body) = match (method, path) {
+        (&Method::GET, METRICS_PATH) => (StatusCode::OK, CONTENT_TYPE, scrape.render()),
+        (&Method::GET, READY_PATH) if (scrape.ready)() => (StatusCode::OK, "text/plain", "ready\n".into()),
+        (&Method::GET, READY_PATH) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain",
+            "not ready: the pod watch has not completed its first list\n".into(),
+        ),
+        (_, METRICS_PATH | READY_PATH) => (StatusCode::METHOD_NOT_ALLOWED, "text/plain", "only GET\n".into()),
+        (_, other) => (
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            format!("no such endpoint {other}; try {METRICS_PATH} or {READY_PATH}\n"),
+        ),
+    };
+    Response::builder()
+        .status(status)
+        .header("content-type", content_type)
+        .body(Full::new(Bytes::from(body)))
+        .expect("static response parts are valid")
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use super::*;
+
+    #[test]
+    fn every_reason_shows_from_zero_and_counts() {
+        let metrics = Arc::new(CaMetrics::default());
+        let ready = Arc::new(AtomicBool::new(false));
+        let scrape = Scrape::new(
+            metrics.clone(),
+            Arc::new(|| Gauges { pods: 3, ..Gauges::default() }),
+            Arc::new({
+                let ready = ready.clone();
+                move || ready.load(Ordering::SeqCst)
+            }),
+        );
+        let text = scrape.render();
+        for reason in ALL_LABELS {
+            assert!(
+                text.contains(&format!("sluice_ca_requests_refused_total{{reason=\"{reason}\"}} 0")),
+                "{reason}"
+            );
+        }
+        assert!(text.contains("sluice_ca_pods 3"), "{text}");
+        metrics.refused(&Refusal::NotReady, Duration::from_millis(1));
+        metrics.issued(Duration::from_millis(2));
+        let text = scrape.render();
+        assert!(text.contains("sluice_ca_requests_refused_total{reason=\"not_ready\"} 1"));
+        assert!(text.contains("sluice_ca_certificates_issued_total 1"));
+        assert!(text.contains("sluice_ca_request_duration_seconds_count{outcome=\"issued\"} 1"), "{text}");
+        assert!(text.ends_with("# EOF\n"));
+
+        assert_eq!(answer(&scrape, &Method::GET, READY_PATH).status(), StatusCode::SERVICE_UNAVAILABLE);
+        ready.store(true, Ordering::SeqCst);
+        assert_eq!(answer(&scrape, &Method::GET, READY_PATH).status(), StatusCode::OK);
+        assert_eq!(answer(&scrape, &Method::GET, "/x").status(), StatusCode::NOT_FOUND);
+        assert_eq!(answer(&scrape, &Method::POST, METRICS_PATH).status(), StatusCode::METHOD_NOT_ALLOWED);
+    }
+}
