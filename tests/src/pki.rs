@@ -129,6 +129,19 @@ pub fn sluice_root(sluice_bin: &Path, dir: &Path, trust_domain: &str) -> Result<
 /// [`INTERMEDIATE_LIFETIME`] or until `parent` expires, whichever is first. What an offline
 /// root signs for the CA service.
 pub fn intermediate(parent: &CaFiles, dir: &Path, common_name: &str, trust_domain: &str) -> Result<CaFiles> {
+    intermediate_ca(parent, dir, common_name, trust_domain, 0)
+}
+
+/// [`intermediate`] allowing `path_len` more CAs below it: a level of a deeper hierarchy
+/// (root → `path_len` 1 → the CA service's intermediate), whose signing chain is then not
+/// empty.
+pub fn intermediate_ca(
+    parent: &CaFiles,
+    dir: &Path,
+    common_name: &str,
+    trust_domain: &str,
+    path_len: u8,
+) -> Result<CaFiles> {
     let files = CaFiles::in_dir(dir);
     if files.cert.exists() && files.key.exists() {
         return Ok(files);
@@ -150,7 +163,7 @@ pub fn intermediate(parent: &CaFiles, dir: &Path, common_name: &str, trust_domai
     params.not_before = now - time::Duration::minutes(5);
     params.not_after = (now + INTERMEDIATE_LIFETIME).min(parent_not_after);
     params.serial_number = Some(rcgen::SerialNumber::from_slice(&crate::util::random_bytes(16)?));
-    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(path_len));
     params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
     let uri = format!("spiffe://{trust_domain}");
     params.subject_alt_names =

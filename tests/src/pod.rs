@@ -270,6 +270,14 @@ pub(crate) fn create(node: &Node, namespace: &str, name: &str, opts: PodOpts) ->
     };
     // Last: once the manifest exists the pod is complete (sandbox running in its cgroup).
     pod.write_manifest()?;
+    let control_plane = {
+        let mut state = sim.state();
+        state.pods.push(pod.clone());
+        state.control_plane.clone()
+    };
+    if let Some(cp) = control_plane {
+        cp.mirror_pod(&pod)?;
+    }
     Ok(pod)
 }
 
@@ -497,8 +505,9 @@ impl Pod {
         self.run_timeout(all, timeout)
     }
 
-    /// Deletes the pod as the kubelet would: manifest first (the API object goes), then every
-    /// process in its cgroup, the cgroup, and the netns (which takes the veth pair with it).
+    /// Deletes the pod as the kubelet would: manifest first (the API object goes, from the
+    /// control plane's API server too), then every process in its cgroup, the cgroup, and the
+    /// netns (which takes the veth pair with it).
     pub fn delete(&self) -> Result<()> {
         if self.inner.deleted.swap(true, Ordering::SeqCst) {
             return Ok(());
@@ -509,6 +518,10 @@ impl Pod {
             if e.kind() != std::io::ErrorKind::NotFound {
                 return Err(e).with_context(|| format!("removing {}", file.display()));
             }
+        }
+        let control_plane = sim.state().control_plane.clone();
+        if let Some(cp) = control_plane {
+            cp.unmirror_pod(&self.inner.namespace, &self.inner.name);
         }
         cgroup::kill_tree(&self.inner.cgroup, Duration::from_secs(10))?;
         {
@@ -524,6 +537,7 @@ impl Pod {
             state
                 .pod_names
                 .remove(&(self.inner.namespace.clone(), self.inner.name.clone()));
+            state.pods.retain(|p| !Arc::ptr_eq(&p.inner, &self.inner));
         }
         cgroup::remove_tree(&self.inner.cgroup)?;
         netns::delete(&self.inner.netns)
