@@ -47,6 +47,7 @@ use std::{
 use anyhow::{anyhow, bail, Context, Result};
 
 use crate::{
+    ca_client::CaClient,
     ca_service::{CaOpts, CaService},
     fake_apiserver::{objects, FakeApiServer, TokenSpec},
     http_probe::{self, HttpReply},
@@ -431,6 +432,20 @@ impl ControlPlane {
             "sluice-ca",
             "cluster.local",
         )
+    }
+
+    /// A client of the CA service calling from `node`'s network namespace (as that node's
+    /// sluice would), verifying the CA's certificate for `10.243.0.254` against the sim's trust
+    /// bundle as it is now. Send it any token and CSR (see [`crate::ca_client`]).
+    pub fn ca_client(&self, node: &Node) -> Result<CaClient> {
+        let bundle = sim_pki::ensure_trust_bundle(&self.inner.sim)?;
+        Ok(CaClient {
+            netns: Some(node.netns().to_string()),
+            addr: self.ca_addr(),
+            server_name: CONTROL_PLANE_IP.to_string(),
+            roots_pem: fs::read_to_string(&bundle)
+                .with_context(|| format!("reading {}", bundle.display()))?,
+        })
     }
 
     /// Starts `sluice ca serve` on the control plane (see [`CaService`]). Does not wait for

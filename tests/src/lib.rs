@@ -20,6 +20,12 @@
 //!   pod i on node K: eth0 fd00:10:244:K::(10+i)/64, default route via fd00:10:244:K::1
 //! ```
 //!
+//! A sim may also have a control-plane node ([`Sim::add_control_plane`]): a namespace on the
+//! fabric at 10.243.0.254 running the fake API server (which then holds every pod of the sim and
+//! reviews the nodes' ServiceAccount tokens) and, on demand, the CA service `sluice ca serve`
+//! ([`ControlPlane::start_ca`]); nodes use it with [`SluiceOpts::remote_ca`]. See
+//! [`control_plane`].
+//!
 //! Everything is named after the sim id (`sl` + 6 hex digits) and torn down when the [`Sim`] is
 //! dropped, also on panic; [`sweep()`] removes what a killed run left behind.
 //!
@@ -65,6 +71,7 @@ use anyhow::{anyhow, bail, Context, Result};
 
 pub mod admin_client;
 pub mod bins;
+pub mod ca_client;
 mod ca_service;
 pub mod cgroup;
 pub mod control_plane;

@@ -943,7 +943,7 @@ fn node_tokens_are_projected_bound_and_reviewed() -> Result<()> {
 #[test]
 fn ca_service_runs_on_the_control_plane_with_its_signing_files() -> Result<()> {
     let sim = Sim::new()?;
-    let _n1 = sim.add_node("n1")?;
+    let n1 = sim.add_node("n1")?;
     let cp = sim.add_control_plane()?;
     let fake = write_script(&sim, "fake-ca", FAKE_CA)?;
     let ca = cp.start_ca(CaOpts {
@@ -982,6 +982,15 @@ fn ca_service_runs_on_the_control_plane_with_its_signing_files() -> Result<()> {
     ca.reload()?;
     sluice_tests::poll_until(T, || ca.log_contents().contains("fake ca: SIGHUP").then_some(()))
         .context("the CA got SIGHUP")?;
+
+    // A node reaches the CA's address (the stand-in serves no gRPC: the port is closed, which
+    // is a refusal, not a timeout), and the client trusts the sim's bundle.
+    let client = cp.ca_client(&n1)?;
+    assert_eq!(client.netns.as_deref(), Some(n1.netns()));
+    assert_eq!(client.roots_pem, pki::bundle_pem(&[&sim.mesh_root()?])?);
+    let call = sluice_tests::ca_client::CaCall::for_identity("spiffe://cluster.local/ns/a/sa/b", None)?;
+    let err = format!("{:#}", client.create_certificate(&call, T).unwrap_err());
+    assert!(err.contains("Connection refused"), "{err}");
 
     ca.kill(Signal::SIGKILL)?;
     ca.wait_exit(T)?;
