@@ -23,6 +23,11 @@
 //!   response, which is what kube-apiserver sends.
 //! - Discovery: `/version`, `/api`, `/api/v1`, `/apis`, `/apis/<group>/<version>`; a resource
 //!   that is "not installed" (a CRD) is a 404 and is missing from discovery.
+//! - `POST /apis/authentication.k8s.io/v1/tokenreviews`: reviews of ServiceAccount tokens the
+//!   test minted ([`FakeApiServer::mint_token`]), bound to a node and/or a pod, answered as the
+//!   real ServiceAccount token authenticator answers them (see [`tokens`]). The caller itself is
+//!   not authenticated or authorized (no RBAC here): `deploy/ca.yaml` is checked for the
+//!   permission by `tests/tests/deploy.rs` instead.
 //!
 //! Objects are stored as given (JSON shaped like real objects, see [`objects`]) with the fields
 //! the server owns filled in: `resourceVersion`, `uid`, `creationTimestamp`.
@@ -35,6 +40,9 @@
 
 mod http;
 pub mod objects;
+pub mod tokens;
+
+pub use tokens::{TokenReviewRecord, TokenSpec};
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -309,6 +317,8 @@ struct State {
     next_watch: u64,
     /// Every request's method and target, in order.
     requests: Vec<String>,
+    /// Minted ServiceAccount tokens and the reviews of them.
+    tokens: tokens::Tokens,
 }
 
 struct Shared {
@@ -326,7 +336,8 @@ impl Shared {
 pub struct FakeApiServer {
     shared: Arc<Shared>,
     addr: SocketAddr,
-    rt: Option<tokio::runtime::Runtime>,
+    /// Taken by [`FakeApiServer::shutdown`] (or on drop).
+    rt: Mutex<Option<tokio::runtime::Runtime>>,
 }
 
 impl FakeApiServer {
@@ -357,6 +368,7 @@ impl FakeApiServer {
                 watches: Vec::new(),
                 next_watch: 1,
                 requests: Vec::new(),
+                tokens: tokens::Tokens::default(),
             }),
         });
         let listener = {
@@ -380,8 +392,27 @@ impl FakeApiServer {
         Ok(FakeApiServer {
             shared,
             addr,
-            rt: Some(rt),
+            rt: Mutex::new(Some(rt)),
         })
+    }
+
+    /// Binds `addr` inside network namespace `netns` and serves there (a control-plane node's
+    /// API server, reachable from the other nodes at that address).
+    pub fn start_in_netns_at(netns: &str, addr: SocketAddr) -> Result<FakeApiServer> {
+        let listener = netns::run_in(netns, || {
+            std::net::TcpListener::bind(addr)
+                .with_context(|| format!("binding the fake API server to {addr} in netns {netns}"))
+        })?;
+        FakeApiServer::start(listener)
+    }
+
+    /// Stops serving now: closes the listener and every connection (also done on drop). Every
+    /// later request is refused.
+    pub fn shutdown(&self) {
+        let rt = self.rt.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(rt) = rt {
+            rt.shutdown_background();
+        }
     }
 
     /// Binds 127.0.0.1 (a free port) inside network namespace `netns` and serves there.
@@ -547,9 +578,37 @@ impl FakeApiServer {
         stats
     }
 
-    /// Every request so far, as `GET /api/v1/pods?watch=true&...`.
+    /// Every request so far, as `GET /api/v1/pods?watch=true&...` or
+    /// `POST /apis/authentication.k8s.io/v1/tokenreviews`.
     pub fn requests(&self) -> Vec<String> {
         self.shared.lock().requests.clone()
+    }
+
+    /// Mints a ServiceAccount token as the kubelet projects one: an opaque random string that a
+    /// TokenReview authenticates as `spec` says (see [`tokens`]).
+    pub fn mint_token(&self, spec: TokenSpec) -> Result<String> {
+        self.shared.lock().tokens.mint(spec)
+    }
+
+    /// Makes `token` expired (past the review's leeway), as if its lifetime had passed. False if
+    /// the server does not know it.
+    pub fn expire_token(&self, token: &str) -> bool {
+        self.shared.lock().tokens.expire(token)
+    }
+
+    /// Forgets `token`: reviews no longer recognize it. False if it was unknown.
+    pub fn revoke_token(&self, token: &str) -> bool {
+        self.shared.lock().tokens.revoke(token)
+    }
+
+    /// The latest reviews (at most [`tokens::MAX_REVIEWS_KEPT`]), oldest first.
+    pub fn token_reviews(&self) -> Vec<TokenReviewRecord> {
+        self.shared.lock().tokens.reviews()
+    }
+
+    /// How many TokenReviews were answered (also those no longer kept).
+    pub fn token_review_count(&self) -> u64 {
+        self.shared.lock().tokens.review_count()
     }
 
     /// Waits until `pred` holds for the stats of `resource` (polling, up to `timeout`).
@@ -570,10 +629,8 @@ impl FakeApiServer {
 
 impl Drop for FakeApiServer {
     fn drop(&mut self) {
-        if let Some(rt) = self.rt.take() {
-            // Closes the listener and every connection with it.
-            rt.shutdown_background();
-        }
+        // Closes the listener and every connection with it.
+        self.shutdown();
     }
 }
 
@@ -930,6 +987,8 @@ fn field_value(v: &Value) -> String {
 
 /// What a request path names.
 enum Route {
+    /// `/apis/authentication.k8s.io/v1/tokenreviews` (create only).
+    TokenReviews,
     Version,
     CoreVersions,
     Groups,
@@ -966,6 +1025,9 @@ fn route(path: &str) -> Option<Route> {
             i.group == group && i.plural == plural && i.versions.contains(&version)
         })
     };
+    if group == AUTHENTICATION_GROUP && version == "v1" && rest == ["tokenreviews"] {
+        return Some(Route::TokenReviews);
+    }
     let v = version.to_string();
     match rest {
         [] => Some(Route::ResourceList {
@@ -1016,16 +1078,26 @@ enum Reply {
     },
 }
 
+/// The API group of TokenReview.
+const AUTHENTICATION_GROUP: &str = "authentication.k8s.io";
+
 fn handle(shared: &Shared, req: &http::Request) -> Reply {
     let mut st = shared.lock();
     st.requests.push(format!("{} {}", req.method, req.target));
+    let route = route(&req.path);
+    if matches!(route, Some(Route::TokenReviews)) {
+        return token_review(&mut st, req);
+    }
     if req.method != "GET" {
         return Reply::Json(
             405,
             status(
                 405,
                 "MethodNotAllowed",
-                format!("the fake API server only serves GET, not {}", req.method),
+                format!(
+                    "the fake API server only serves GET here (and POST on tokenreviews), not {}",
+                    req.method
+                ),
             ),
         );
     }
@@ -1039,10 +1111,11 @@ fn handle(shared: &Shared, req: &http::Request) -> Reply {
             ),
         )
     };
-    let Some(route) = route(&req.path) else {
+    let Some(route) = route else {
         return not_found();
     };
     match route {
+        Route::TokenReviews => unreachable!("answered above"),
         Route::Version => Reply::Json(
             200,
             json!({
@@ -1063,6 +1136,7 @@ fn handle(shared: &Shared, req: &http::Request) -> Reply {
         Route::Groups => {
             // A group's versions are those of its installed resources, preferred first.
             let mut groups: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+            groups.insert(AUTHENTICATION_GROUP, vec!["v1"]);
             for r in Resource::ALL {
                 let i = r.info();
                 if !i.group.is_empty() && st.res[&r].installed {
@@ -1087,6 +1161,18 @@ fn handle(shared: &Shared, req: &http::Request) -> Reply {
             Reply::Json(
                 200,
                 json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": groups}),
+            )
+        }
+        Route::ResourceList { group, version }
+            if group == AUTHENTICATION_GROUP && version == "v1" =>
+        {
+            Reply::Json(
+                200,
+                json!({
+                    "kind": "APIResourceList", "apiVersion": "v1", "groupVersion": "authentication.k8s.io/v1",
+                    "resources": [{"name": "tokenreviews", "singularName": "tokenreview", "namespaced": false,
+                                   "kind": "TokenReview", "verbs": ["create"]}],
+                }),
             )
         }
         Route::ResourceList { group, version } => {
@@ -1174,6 +1260,80 @@ fn handle(shared: &Shared, req: &http::Request) -> Reply {
                 list(&mut st, resource, &version, &filter, &req.query)
             }
         }
+    }
+}
+
+/// `POST /apis/authentication.k8s.io/v1/tokenreviews`: 201 with the review's status, as
+/// kube-apiserver answers (the request's spec echoed back, token included).
+fn token_review(st: &mut State, req: &http::Request) -> Reply {
+    if req.method != "POST" {
+        return Reply::Json(
+            405,
+            status(
+                405,
+                "MethodNotAllowed",
+                "the server does not allow this method on the requested resource",
+            ),
+        );
+    }
+    let body: Value = match serde_json::from_slice(&req.body) {
+        Ok(v) => v,
+        Err(e) => {
+            return Reply::Json(
+                400,
+                status(
+                    400,
+                    "BadRequest",
+                    format!("the body of the request is not a JSON TokenReview: {e}"),
+                ),
+            )
+        }
+    };
+    if body["apiVersion"] != "authentication.k8s.io/v1" || body["kind"] != "TokenReview" {
+        return Reply::Json(
+            400,
+            status(
+                400,
+                "BadRequest",
+                format!(
+                    "expected apiVersion authentication.k8s.io/v1 and kind TokenReview, got {} {}",
+                    body["apiVersion"], body["kind"]
+                ),
+            ),
+        );
+    }
+    let spec = body.get("spec").cloned().unwrap_or_else(|| json!({}));
+    if spec["token"].as_str().is_none_or(str::is_empty) {
+        return Reply::Json(
+            400,
+            status(
+                400,
+                "BadRequest",
+                "token is required for TokenReview in authentication",
+            ),
+        );
+    }
+    let State { tokens, res, .. } = st;
+    let pods = &res[&Resource::Pods].objects;
+    let pod_uid = |ns: &str, name: &str| {
+        pods.get(&(ns.to_string(), name.to_string()))
+            .and_then(|p| p["metadata"]["uid"].as_str().map(str::to_string))
+    };
+    match tokens.review(&spec, pod_uid) {
+        Ok(review_status) => Reply::Json(
+            201,
+            json!({
+                "kind": "TokenReview",
+                "apiVersion": "authentication.k8s.io/v1",
+                "metadata": {"creationTimestamp": null},
+                "spec": spec,
+                "status": review_status,
+            }),
+        ),
+        Err(e) => Reply::Json(
+            500,
+            status(500, "InternalError", format!("reviewing the token: {e:#}")),
+        ),
     }
 }
 

@@ -20,6 +20,12 @@
 //!   pod i on node K: eth0 fd00:10:244:K::(10+i)/64, default route via fd00:10:244:K::1
 //! ```
 //!
+//! A sim may also have a control-plane node ([`Sim::add_control_plane`]): a namespace on the
+//! fabric at 10.243.0.254 running the fake API server (which then holds every pod of the sim and
+//! reviews the nodes' ServiceAccount tokens) and, on demand, the CA service `sluice ca serve`
+//! ([`ControlPlane::start_ca`]); nodes use it with [`SluiceOpts::remote_ca`]. See
+//! [`control_plane`].
+//!
 //! Everything is named after the sim id (`sl` + 6 hex digits) and torn down when the [`Sim`] is
 //! dropped, also on panic; [`sweep()`] removes what a killed run left behind.
 //!
@@ -65,19 +71,30 @@ use anyhow::{anyhow, bail, Context, Result};
 
 pub mod admin_client;
 pub mod bins;
+pub mod ca_client;
+mod ca_service;
 pub mod cgroup;
+pub mod control_plane;
 pub mod fake_apiserver;
+pub mod http_probe;
 pub mod manifest;
 pub mod netns;
 mod node;
+pub mod pki;
 mod pod;
 mod process;
+pub mod projected;
+mod sim_pki;
 mod sluice;
 pub mod sweep;
 mod util;
 pub mod workloads;
 
 pub use bins::{simpod_bin, sluice_bin};
+pub use ca_service::{CaOpts, CaService};
+pub use control_plane::{AgentPod, ControlPlane};
+pub use fake_apiserver::TokenSpec;
+pub use pki::{CaFiles, CertInfo};
 pub use node::{CgroupDriver, Node};
 pub use pod::{Pod, PodOpts};
 pub use process::{Output, PodProcess, Signal, SimProcess};
@@ -110,6 +127,10 @@ pub(crate) struct SimState {
     pub fabric: bool,
     /// (namespace, name) of every pod, which must be unique across the sim as in a cluster.
     pub pod_names: BTreeSet<(String, String)>,
+    /// Every pod created and not deleted (mirrored into the control plane's API server).
+    pub pods: Vec<Pod>,
+    /// The control-plane node, once added.
+    pub control_plane: Option<ControlPlane>,
     /// Sandbox processes, reaped at teardown.
     pub sandboxes: Vec<Child>,
 }
@@ -275,6 +296,62 @@ impl Sim {
         self.shared.state().nodes.clone()
     }
 
+    /// Every pod created and not deleted, in order of creation.
+    pub fn pods(&self) -> Vec<Pod> {
+        self.shared.state().pods.clone()
+    }
+
+    /// Adds the control-plane node (see [`ControlPlane`]): a namespace on the fabric at
+    /// 10.243.0.254 with the fake API server on port 6443, where [`ControlPlane::start_ca`]
+    /// runs the CA service. From now on every pod of the sim is also an object of that API
+    /// server (pods already made are applied now). At most one per sim.
+    pub fn add_control_plane(&self) -> Result<ControlPlane> {
+        self.shared.ensure_live()?;
+        control_plane::create(&self.shared)
+            .with_context(|| format!("sim {}: adding the control plane", self.shared.id))
+    }
+
+    /// The control plane, if one was added.
+    pub fn control_plane(&self) -> Option<ControlPlane> {
+        self.shared.state().control_plane.clone()
+    }
+
+    /// The sim's mesh root (`<sim tmp>/ca`, made with `sluice ca init` on first use): what
+    /// nodes with the embedded CA sign with (`--ca-dir`), the first root of the trust bundle
+    /// unless the test writes another, and the parent of the CA service's default intermediate.
+    pub fn mesh_root(&self) -> Result<CaFiles> {
+        sim_pki::mesh_root(&self.shared)
+    }
+
+    /// Another root, made with `sluice ca init --dir <sim tmp>/pki/<name>` (as an operator
+    /// makes the next root for a rotation); made once per name.
+    pub fn make_root(&self, name: &str) -> Result<CaFiles> {
+        let dir = sim_pki::pki_dir(&self.shared, name)?;
+        pki::sluice_root(&sluice_bin()?, &dir, "cluster.local")
+    }
+
+    /// An intermediate CA under `parent` in `<sim tmp>/pki/<name>` (see [`pki::intermediate`]):
+    /// what an offline root signs for the CA service. Made once per name.
+    pub fn make_intermediate(&self, parent: &CaFiles, name: &str) -> Result<CaFiles> {
+        let dir = sim_pki::pki_dir(&self.shared, name)?;
+        pki::intermediate(parent, &dir, name, "cluster.local")
+    }
+
+    /// `<sim tmp>/trust-bundle/bundle.pem`: the mesh trust bundle nodes with a remote CA get
+    /// as `--ca-trust-bundle` and the CA service as `--trust-bundle` (one ConfigMap, mounted by
+    /// both). Written with the mesh root alone when a CA or such a node first starts, unless
+    /// the test wrote it before.
+    pub fn trust_bundle_path(&self) -> PathBuf {
+        sim_pki::trust_bundle_path(&self.shared)
+    }
+
+    /// Rewrites the trust bundle with `roots` in order (the first is the root the CA signs
+    /// under now): `[A]`, `[A, B]`, `[B, A]`, `[B]` through a root rotation. Atomic for
+    /// readers, as the kubelet updates a ConfigMap volume.
+    pub fn write_trust_bundle(&self, roots: &[&CaFiles]) -> Result<PathBuf> {
+        sim_pki::write_trust_bundle(&self.shared, roots)
+    }
+
     /// Writes `ns-<name>.yaml`: a Namespace, annotated `sluice.dev/mesh: enabled` if `enrolled`.
     pub fn write_namespace(&self, name: &str, enrolled: bool) -> Result<PathBuf> {
         let yaml = manifest::to_yaml(&[manifest::namespace(name, enrolled)])?;
@@ -400,6 +477,15 @@ impl Sim {
                 n.cgroup_root().display()
             );
         }
+        if let Some(cp) = self.control_plane() {
+            msg += &format!(
+                "  control plane: netns {} (ip netns exec {} bash), API server {}, CA service {}\n",
+                cp.netns(),
+                cp.netns(),
+                cp.api_url(),
+                cp.ca_url()
+            );
+        }
         msg += &format!(
             "  manifests: {}\n  logs: {}\n",
             self.manifest_dir().display(),
@@ -418,6 +504,13 @@ impl Sim {
             return Ok(());
         }
         let id = self.shared.id.clone();
+        // The API server runs in this process with its socket in the control plane's
+        // namespace: close it first (it also breaks the control plane's reference cycle).
+        let control_plane = self.shared.state().control_plane.take();
+        if let Some(cp) = control_plane {
+            cp.shutdown();
+        }
+        self.shared.state().pods.clear();
         let report = sweep::sweep_report(&|sim| sim == id);
         // The sandboxes are children of this process: reap them (they were killed above).
         let sandboxes = std::mem::take(&mut self.shared.state().sandboxes);

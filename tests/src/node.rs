@@ -19,7 +19,7 @@ use crate::{
     process::{self, Output, Placement, SimProcess},
     sluice::{Sluice, SluiceOpts},
     util::ip_batch,
-    SimShared,
+    SimShared, SimState,
 };
 
 /// Most nodes a sim may have (10.244.K.0/24 and 10.243.0.K per node).
@@ -65,15 +65,34 @@ pub(crate) struct NodeInner {
     pub sluice_runs: AtomicU32,
 }
 
-fn fabric_netns(sim: &SimShared) -> String {
+pub(crate) fn fabric_netns(sim: &SimShared) -> String {
     format!("{}-fab", sim.id)
 }
 
-fn pod_cidr(k: u8) -> String {
+/// Creates the fabric (its netns and bridge `fbr0`) if the sim has none yet.
+pub(crate) fn ensure_fabric(sim: &SimShared, state: &mut SimState) -> Result<String> {
+    let fab = fabric_netns(sim);
+    if !state.fabric {
+        netns::add(&fab)?;
+        state.fabric = true;
+        ip_batch(
+            Some(&fab),
+            &[
+                "link set lo up".into(),
+                "link add fbr0 type bridge".into(),
+                "link set fbr0 up".into(),
+            ],
+        )
+        .context("setting up the fabric bridge")?;
+    }
+    Ok(fab)
+}
+
+pub(crate) fn pod_cidr(k: u8) -> String {
     format!("10.244.{k}.0/24")
 }
 
-fn uplink_ip(k: u8) -> Ipv4Addr {
+pub(crate) fn uplink_ip(k: u8) -> Ipv4Addr {
     Ipv4Addr::new(10, 243, 0, k)
 }
 
@@ -84,7 +103,7 @@ pub(crate) fn decimal_hextet(n: u32) -> u16 {
 }
 
 /// `fd00:10:244:K::/64`.
-fn pod_cidr6(k: u8) -> String {
+pub(crate) fn pod_cidr6(k: u8) -> String {
     format!("{}/64", pod_prefix6(k, 0))
 }
 
@@ -93,7 +112,7 @@ pub(crate) fn pod_prefix6(k: u8, host: u16) -> Ipv6Addr {
     Ipv6Addr::new(0xfd00, 0x10, 0x244, decimal_hextet(k.into()), 0, 0, 0, host)
 }
 
-fn uplink_ip6(k: u8) -> Ipv6Addr {
+pub(crate) fn uplink_ip6(k: u8) -> Ipv6Addr {
     Ipv6Addr::new(0xfd00, 0x10, 0x243, 0, 0, 0, 0, decimal_hextet(k.into()))
 }
 
@@ -114,8 +133,9 @@ pub(crate) fn create(sim: &Arc<SimShared>, name: &str, driver: CgroupDriver) -> 
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         || name.starts_with('-')
         || name == "fab"
+        || name == crate::control_plane::NAME
     {
-        bail!("bad node name {name:?}: use 1-20 of [a-z0-9-], not starting with '-' (and not \"fab\")");
+        bail!("bad node name {name:?}: use 1-20 of [a-z0-9-], not starting with '-' (and not \"fab\" or \"cp\": the fabric's and the control plane's)");
     }
     // One node at a time: the index, the fabric and the routes on the other nodes depend on
     // the set of nodes.
@@ -128,21 +148,7 @@ pub(crate) fn create(sim: &Arc<SimShared>, name: &str, driver: CgroupDriver) -> 
     }
     let k = (state.nodes.len() + 1) as u8;
     let full = format!("{}-{name}", sim.id);
-    let fab = fabric_netns(sim);
-
-    if !state.fabric {
-        netns::add(&fab)?;
-        state.fabric = true;
-        ip_batch(
-            Some(&fab),
-            &[
-                "link set lo up".into(),
-                "link add fbr0 type bridge".into(),
-                "link set fbr0 up".into(),
-            ],
-        )
-        .context("setting up the fabric bridge")?;
-    }
+    let fab = ensure_fabric(sim, &mut state)?;
 
     netns::add(&full)?;
     let dual = sim.dual_stack;
@@ -200,6 +206,11 @@ pub(crate) fn create(sim: &Arc<SimShared>, name: &str, driver: CgroupDriver) -> 
                 other.short_name()
             )
         })?;
+    }
+    // The control plane reaches the new node's pods too, as in a cluster.
+    if let Some(cp) = &state.control_plane {
+        cp.add_routes_to_node(k)
+            .with_context(|| format!("adding a route to node {name} on the control plane"))?;
     }
 
     let cgroup_root = sim.cgroup_root.join(name);

@@ -25,8 +25,20 @@ use crate::{
     util::{ip_batch, poll_until, run_cmd, short_hash, uuid_v4},
 };
 
-/// Most pods per node (10.244.K.10 ..= 10.244.K.254).
-const MAX_PODS: u32 = 245;
+/// Most pods per node: 10.244.K.10 ..= 10.244.K.254 for the first 245, then 10.244.K.2 ..=
+/// 10.244.K.9 (.1 is the node's bridge), so that a node can hold the 250 pods of a burst test.
+const MAX_PODS: u32 = 253;
+/// Pods numbered from 0 get host number 10 + index up to this many, then the low numbers.
+const HIGH_HOSTS: u32 = 245;
+
+/// The host part of pod `index`'s address on its node (see [`MAX_PODS`]).
+fn host_number(index: u32) -> u32 {
+    if index < HIGH_HOSTS {
+        10 + index
+    } else {
+        2 + (index - HIGH_HOSTS)
+    }
+}
 /// Longest netns name we create (the kernel allows 255; keep `ip netns list` readable).
 const MAX_NETNS_NAME: usize = 64;
 
@@ -78,7 +90,8 @@ impl PodOpts {
 
 /// A simulated pod. Cheap to clone.
 ///
-/// Pod i (0-based) on node K: netns `<id>-<node>-<pod>`, `eth0` 10.244.K.(10+i)/24 with a
+/// Pod i (0-based) on node K: netns `<id>-<node>-<pod>`, `eth0` 10.244.K.(10+i)/24 (the 246th
+/// to 253rd pods of a node: 10.244.K.2 to .9) with a
 /// default route via 10.244.K.1, `lo` up; node-side veth `vp<i>` on the node bridge; cgroup
 /// `<node root>/kubepods/besteffort/pod<uid>` holding a sandbox process (`sleep infinity`, the
 /// pause container's stand-in: sluice finds the pod's netns through it); manifest
@@ -163,10 +176,11 @@ pub(crate) fn create(node: &Node, namespace: &str, name: &str, opts: PodOpts) ->
         bail!("at most {MAX_PODS} pods per node");
     }
     let k = node.index();
-    let ip = Ipv4Addr::new(10, 244, k, (10 + index) as u8);
+    let host = host_number(index);
+    let ip = Ipv4Addr::new(10, 244, k, host as u8);
     let ip6 = sim
         .dual_stack
-        .then(|| pod_prefix6(k, crate::node::decimal_hextet(10 + index)));
+        .then(|| pod_prefix6(k, crate::node::decimal_hextet(host)));
     let uid = uuid_v4()?;
     let netns = netns_name(node, name, index, |n| netns::netns_path(n).exists());
     let veth = format!("vp{index}");
@@ -270,6 +284,14 @@ pub(crate) fn create(node: &Node, namespace: &str, name: &str, opts: PodOpts) ->
     };
     // Last: once the manifest exists the pod is complete (sandbox running in its cgroup).
     pod.write_manifest()?;
+    let control_plane = {
+        let mut state = sim.state();
+        state.pods.push(pod.clone());
+        state.control_plane.clone()
+    };
+    if let Some(cp) = control_plane {
+        cp.mirror_pod(&pod)?;
+    }
     Ok(pod)
 }
 
@@ -344,7 +366,7 @@ impl Pod {
         })
     }
 
-    /// Position on its node (0-based): the IP's last octet is 10 + index.
+    /// Position on its node (0-based): the IP's last octet is 10 + index (for the first 245).
     pub fn index(&self) -> u32 {
         self.inner.index
     }
@@ -497,8 +519,9 @@ impl Pod {
         self.run_timeout(all, timeout)
     }
 
-    /// Deletes the pod as the kubelet would: manifest first (the API object goes), then every
-    /// process in its cgroup, the cgroup, and the netns (which takes the veth pair with it).
+    /// Deletes the pod as the kubelet would: manifest first (the API object goes, from the
+    /// control plane's API server too), then every process in its cgroup, the cgroup, and the
+    /// netns (which takes the veth pair with it).
     pub fn delete(&self) -> Result<()> {
         if self.inner.deleted.swap(true, Ordering::SeqCst) {
             return Ok(());
@@ -509,6 +532,10 @@ impl Pod {
             if e.kind() != std::io::ErrorKind::NotFound {
                 return Err(e).with_context(|| format!("removing {}", file.display()));
             }
+        }
+        let control_plane = sim.state().control_plane.clone();
+        if let Some(cp) = control_plane {
+            cp.unmirror_pod(&self.inner.namespace, &self.inner.name);
         }
         cgroup::kill_tree(&self.inner.cgroup, Duration::from_secs(10))?;
         {
@@ -524,6 +551,7 @@ impl Pod {
             state
                 .pod_names
                 .remove(&(self.inner.namespace.clone(), self.inner.name.clone()));
+            state.pods.retain(|p| !Arc::ptr_eq(&p.inner, &self.inner));
         }
         cgroup::remove_tree(&self.inner.cgroup)?;
         netns::delete(&self.inner.netns)
@@ -569,4 +597,20 @@ fn usable_link_local(netns: &str) -> Result<Option<Ipv6Addr>> {
         }
     }
     Ok(None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pod_addresses_never_collide_and_skip_the_gateway() {
+        let hosts: std::collections::BTreeSet<u32> = (0..MAX_PODS).map(host_number).collect();
+        assert_eq!(hosts.len(), MAX_PODS as usize);
+        assert_eq!(host_number(0), 10);
+        assert_eq!(host_number(244), 254);
+        assert_eq!(host_number(245), 2);
+        assert_eq!(host_number(MAX_PODS - 1), 9);
+        assert!(!hosts.contains(&1) && !hosts.contains(&0) && !hosts.contains(&255));
+    }
 }

@@ -30,12 +30,27 @@ pub struct SluiceOpts {
     pub env: Vec<(OsString, OsString)>,
     /// The binary to run instead of [`crate::sluice_bin()`] (`$SLUICE_BIN` or the target dir).
     pub bin: Option<PathBuf>,
+    /// Certificates from the control plane's CA service instead of the embedded CA: `--ca-addr
+    /// https://10.243.0.254:15012 --ca-trust-bundle <sim trust bundle> --ca-token-file <the
+    /// node's token file>` and no `--ca-dir`. Needs [`crate::Sim::add_control_plane`]; the
+    /// node's token file gets the node agent's token if it holds none yet
+    /// ([`crate::ControlPlane::ensure_node_token`]), and the trust bundle the mesh root if it
+    /// was not written.
+    pub remote_ca: bool,
 }
 
 impl SluiceOpts {
     pub fn fail_closed() -> SluiceOpts {
         SluiceOpts {
             fail_closed: true,
+            ..Default::default()
+        }
+    }
+
+    /// Against the control plane's CA service (see [`SluiceOpts::remote_ca`]).
+    pub fn remote_ca() -> SluiceOpts {
+        SluiceOpts {
+            remote_ca: true,
             ..Default::default()
         }
     }
@@ -283,7 +298,24 @@ fn spawn(node: &Node, opts: &SluiceOpts, bin: &Path, admin_socket: &Path) -> Res
     if opts.fail_closed {
         args.push("--fail-closed".into());
     }
-    if opts.bin.is_none() {
+    if opts.remote_ca {
+        let cp = sim.state().control_plane.clone().with_context(|| {
+            format!(
+                "sluice on {} with remote_ca needs the sim's control plane (Sim::add_control_plane)",
+                node.short_name()
+            )
+        })?;
+        let token = cp.ensure_node_token(node)?;
+        let bundle = crate::sim_pki::ensure_trust_bundle(sim)?;
+        args.extend([
+            "--ca-addr".into(),
+            cp.ca_url().into(),
+            "--ca-trust-bundle".into(),
+            bundle.into_os_string(),
+            "--ca-token-file".into(),
+            token.into_os_string(),
+        ]);
+    } else if opts.bin.is_none() {
         // Every node of a sim trusts one mesh root, like the nodes of a cluster.
         let ca_dir = ensure_mesh_ca(&sim.temp_dir, bin)?;
         args.push("--ca-dir".into());

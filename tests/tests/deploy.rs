@@ -3,7 +3,8 @@
 //! resources validate against the CRDs' schemas. The validation itself is
 //! `tests/deploy/validate.py` (kubernetes-validate and jsonschema from PyPI, which `cargo xtask
 //! setup` installs); this suite runs it and fails with its output. The other tests pin down the
-//! security-relevant choices of the DaemonSet and the RBAC rules, so that a later edit that
+//! security-relevant choices of the DaemonSet, the CA service and the RBAC rules (issue 13: no
+//! node holds a signing key; only the CA Deployment mounts one), so that a later edit that
 //! widens them fails here rather than in a review.
 //!
 //! No root, no cluster, no network: a few seconds.
@@ -107,6 +108,8 @@ fn every_manifest_validates_against_kubernetes_and_crd_schemas() -> Result<()> {
     // the oldest supported release, 1.30, and the newest one kubernetes-validate ships).
     for needle in [
         "DaemonSet/sluice): Kubernetes 1.30, 1.",
+        "Deployment/sluice-ca): Kubernetes 1.30, 1.",
+        "PodDisruptionBudget/sluice-ca): Kubernetes 1.30, 1.",
         "CustomResourceDefinition/trafficpolicies.sluice.dev): Kubernetes 1.30, 1.",
         "TrafficPolicy/reviews): CRD schema trafficpolicies.sluice.dev.yaml",
         "AuthorizationPolicy/ratings-from-reviews): CRD schema authorizationpolicies.security.istio.io.yaml",
@@ -227,7 +230,9 @@ fn daemonset_is_least_privilege_and_runs_everywhere() -> Result<()> {
         "--node=$(NODE_NAME)",
         "--source=kubernetes",
         "--cgroup-root=/host/sys/fs/cgroup",
-        "--ca-dir=/etc/sluice/ca",
+        "--ca-addr=https://sluice-ca.sluice-system.svc:15012",
+        "--ca-trust-bundle=/etc/sluice/ca/bundle.pem",
+        "--ca-token-file=/var/run/secrets/sluice-ca/token",
         "--bpffs=/sys/fs/bpf",
     ] {
         ensure!(args.iter().any(|a| a == want), "sluice run needs {want}: {args:?}");
@@ -257,7 +262,6 @@ fn daemonset_is_least_privilege_and_runs_everywhere() -> Result<()> {
         host_path("/run/sluice").is_some_and(|(p, _)| p == "/run/sluice"),
         "admin socket dir on the host"
     );
-    ensure!(host_path("/etc/sluice/ca").is_some_and(|(s, _)| s == "sluice-ca"), "mesh root from the Secret");
     Ok(())
 }
 
@@ -387,5 +391,406 @@ fn rbac_only_reads_what_sluice_watches() -> Result<()> {
             );
         }
     }
+    Ok(())
+}
+
+/// A file mode as kubectl reads it: YAML 1.1, where `0400` is octal (serde_yaml follows YAML 1.2
+/// and leaves it a string); a plain integer is decimal, `0o400` octal.
+fn file_mode(v: &Value) -> Option<u64> {
+    match v {
+        Value::Number(n) => n.as_u64(),
+        Value::String(s) => match s.strip_prefix("0o").or_else(|| s.strip_prefix('0')) {
+            Some(oct) if !oct.is_empty() => u64::from_str_radix(oct, 8).ok(),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+/// `--flag=value` of a container's args.
+fn flag(args: &[String], name: &str) -> Option<String> {
+    args.iter().find_map(|a| a.strip_prefix(&format!("{name}=")).map(str::to_owned))
+}
+
+/// The volume a container mounts at the directory holding `file` (and whether read-only).
+fn volume_for<'a>(pod: &'a Value, container: &Value, file: &str) -> Result<(&'a Value, bool)> {
+    let dir = Path::new(file).parent().context("a file in a directory")?;
+    let mount = container["volumeMounts"]
+        .as_sequence()
+        .into_iter()
+        .flatten()
+        .find(|m| m["mountPath"].as_str().map(Path::new) == Some(dir))
+        .with_context(|| format!("no volume mounted at {}", dir.display()))?;
+    let volume = pod["volumes"]
+        .as_sequence()
+        .into_iter()
+        .flatten()
+        .find(|v| v["name"] == mount["name"])
+        .with_context(|| format!("no volume {:?}", mount["name"]))?;
+    Ok((volume, mount["readOnly"] == Value::Bool(true)))
+}
+
+/// Names of the Secrets a pod spec's volumes mount, directly or through a projected volume.
+fn secrets_mounted(pod: &Value) -> Vec<String> {
+    let mut out = Vec::new();
+    for v in pod["volumes"].as_sequence().into_iter().flatten() {
+        if let Some(name) = v["secret"]["secretName"].as_str() {
+            out.push(name.to_owned());
+        }
+        for src in v["projected"]["sources"].as_sequence().into_iter().flatten() {
+            if let Some(name) = src["secret"]["name"].as_str() {
+                out.push(name.to_owned());
+            }
+        }
+    }
+    out
+}
+
+/// Every workload (kind, name, pod spec) in every manifest under deploy/, examples included.
+fn workloads() -> Result<Vec<(String, String, PathBuf, Value)>> {
+    let mut out = Vec::new();
+    for f in manifest_files(&deploy_dir())? {
+        for d in documents(&f)? {
+            let kind = d["kind"].as_str().unwrap_or_default().to_owned();
+            let spec = match kind.as_str() {
+                "Deployment" | "DaemonSet" | "StatefulSet" | "ReplicaSet" | "Job" => {
+                    d["spec"]["template"]["spec"].clone()
+                }
+                "Pod" => d["spec"].clone(),
+                _ => continue,
+            };
+            let name = d["metadata"]["name"].as_str().unwrap_or_default().to_owned();
+            out.push((kind, name, f.clone(), spec));
+        }
+    }
+    Ok(out)
+}
+
+/// Issue 13: the DaemonSet holds no key. It mounts no Secret at all; it presents a projected
+/// ServiceAccount token for the CA's audience only, short-lived, where `--ca-token-file` reads
+/// it; it reads the trust bundle from the ConfigMap the CA service reads too; and it asks the CA
+/// Service by its name and gRPC port.
+#[test]
+fn daemonset_holds_no_key_and_presents_a_short_lived_token_for_the_ca() -> Result<()> {
+    let ds = one_of_kind(&deploy_dir().join("daemonset.yaml"), "DaemonSet")?;
+    let pod = &ds["spec"]["template"]["spec"];
+    let c = &pod["containers"][0];
+    let args = strings(&c["args"]);
+    ensure!(secrets_mounted(pod).is_empty(), "the DaemonSet mounts Secrets: {:?}", secrets_mounted(pod));
+    ensure!(flag(&args, "--ca-dir").is_none(), "no embedded CA in the default DaemonSet: {args:?}");
+    let text = std::fs::read_to_string(deploy_dir().join("daemonset.yaml"))?;
+    ensure!(!text.contains("ca-key.pem"), "no key file named anywhere in daemonset.yaml");
+
+    // The token: projected, audience sluice-ca (what the CA checks), an hour at most.
+    let token_file = flag(&args, "--ca-token-file").context("--ca-token-file")?;
+    let (vol, ro) = volume_for(pod, c, &token_file)?;
+    ensure!(ro, "the token volume is mounted read-only");
+    let sources = vol["projected"]["sources"].as_sequence().context("a projected volume")?;
+    ensure!(sources.len() == 1, "the token alone in its volume: {sources:?}");
+    let sat = &sources[0]["serviceAccountToken"];
+    let ca = one_of_kind(&deploy_dir().join("ca.yaml"), "Deployment")?;
+    let ca_args = strings(&ca["spec"]["template"]["spec"]["containers"][0]["args"]);
+    let audience = flag(&ca_args, "--audience").context("the CA's --audience")?;
+    ensure!(sat["audience"].as_str() == Some(audience.as_str()), "token audience {:?} must be the CA's {audience}", sat["audience"]);
+    ensure!(audience == "sluice-ca", "a dedicated audience, not the API server's: {audience}");
+    let ttl = sat["expirationSeconds"].as_u64().context("expirationSeconds")?;
+    ensure!((600..=3600).contains(&ttl), "short-lived token (kube's minimum is 600 s): {ttl}");
+    ensure!(
+        Path::new(&token_file).file_name().and_then(|n| n.to_str()) == sat["path"].as_str(),
+        "--ca-token-file {token_file} names the token's path {:?}",
+        sat["path"]
+    );
+    // The caller the CA accepts is this DaemonSet's ServiceAccount.
+    ensure!(
+        flag(&ca_args, "--node-service-account").as_deref()
+            == Some(&format!("sluice-system/{}", pod["serviceAccountName"].as_str().unwrap_or_default())),
+        "the CA's --node-service-account must be the DaemonSet's ServiceAccount"
+    );
+
+    // The trust bundle: a ConfigMap (public certificates), the same one the CA mounts.
+    let bundle = flag(&args, "--ca-trust-bundle").context("--ca-trust-bundle")?;
+    let (vol, ro) = volume_for(pod, c, &bundle)?;
+    ensure!(ro, "the trust bundle is mounted read-only");
+    let cm = vol["configMap"]["name"].as_str().context("the trust bundle comes from a ConfigMap")?;
+    let ca_pod = &ca["spec"]["template"]["spec"];
+    let ca_bundle = flag(&ca_args, "--trust-bundle").context("the CA's --trust-bundle")?;
+    let (ca_vol, _) = volume_for(ca_pod, &ca_pod["containers"][0], &ca_bundle)?;
+    ensure!(ca_vol["configMap"]["name"].as_str() == Some(cm), "the CA and the nodes read one trust bundle");
+
+    // The CA's address: its Service, on the gRPC port.
+    let addr = flag(&args, "--ca-addr").context("--ca-addr")?;
+    let svc = one_of_kind(&deploy_dir().join("ca.yaml"), "Service")?;
+    let port = svc["spec"]["ports"]
+        .as_sequence()
+        .into_iter()
+        .flatten()
+        .find(|p| p["appProtocol"] == "grpc")
+        .context("the CA Service's gRPC port")?;
+    let want = format!(
+        "https://{}.{}.svc:{}",
+        svc["metadata"]["name"].as_str().unwrap_or_default(),
+        svc["metadata"]["namespace"].as_str().unwrap_or_default(),
+        port["port"].as_u64().unwrap_or_default()
+    );
+    ensure!(addr == want, "--ca-addr {addr}, expected the CA Service {want}");
+    Ok(())
+}
+
+/// Issue 13: the signing Secret is mounted by the CA Deployment and by nothing else in deploy/
+/// (examples included), read-only and readable only by the CA's group; the CA's flags point
+/// into that mount.
+#[test]
+fn only_the_ca_deployment_mounts_the_signing_secret() -> Result<()> {
+    let ca = one_of_kind(&deploy_dir().join("ca.yaml"), "Deployment")?;
+    let pod = &ca["spec"]["template"]["spec"];
+    let c = &pod["containers"][0];
+    let args = strings(&c["args"]);
+    let cert = flag(&args, "--signing-cert").context("--signing-cert")?;
+    let key = flag(&args, "--signing-key").context("--signing-key")?;
+    let (vol, ro) = volume_for(pod, c, &key)?;
+    ensure!(ro, "the signing key is mounted read-only");
+    let secret = vol["secret"]["secretName"].as_str().context("the signing key comes from a Secret")?;
+    ensure!(volume_for(pod, c, &cert)?.0 == vol, "certificate and key from the same Secret");
+    ensure!(file_mode(&vol["secret"]["defaultMode"]) == Some(0o440), "mode 0440: {:?}", vol["secret"]);
+    ensure!(pod["securityContext"]["fsGroup"].is_u64(), "fsGroup gives the CA's group read access");
+
+    let mounting: Vec<String> = workloads()?
+        .into_iter()
+        .filter(|(_, _, _, spec)| secrets_mounted(spec).iter().any(|s| s == secret))
+        .map(|(kind, name, f, _)| format!("{kind}/{name} in {}", f.display()))
+        .collect();
+    ensure!(
+        mounting.len() == 1 && mounting[0].starts_with("Deployment/sluice-ca in ") && mounting[0].ends_with("deploy/ca.yaml"),
+        "only the CA Deployment may mount {secret}: {mounting:?}"
+    );
+    // No other workload of the default install mounts any Secret (the embedded-CA example is
+    // the one labelled exception, checked below).
+    for (kind, name, f, spec) in workloads()? {
+        if f.starts_with(deploy_dir().join("examples")) || (kind == "Deployment" && name == "sluice-ca") {
+            continue;
+        }
+        ensure!(secrets_mounted(&spec).is_empty(), "{kind}/{name} ({}) mounts Secrets", f.display());
+    }
+    Ok(())
+}
+
+/// The CA service: two replicas spread over nodes, kept through voluntary disruptions, behind a
+/// Service with its gRPC and monitoring ports, probed on /healthz/ready, and running with no
+/// privilege at all.
+#[test]
+fn ca_deployment_is_redundant_and_unprivileged() -> Result<()> {
+    let path = deploy_dir().join("ca.yaml");
+    let ca = one_of_kind(&path, "Deployment")?;
+    ensure!(ca["spec"]["replicas"] == 2, "two replicas");
+    let labels = &ca["spec"]["template"]["metadata"]["labels"];
+    let pod = &ca["spec"]["template"]["spec"];
+    let terms = pod["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+        .as_sequence()
+        .context("pod anti-affinity")?;
+    ensure!(
+        terms.iter().any(|t| t["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
+            && t["podAffinityTerm"]["labelSelector"]["matchLabels"]["app.kubernetes.io/name"]
+                == labels["app.kubernetes.io/name"]),
+        "replicas spread across nodes: {terms:?}"
+    );
+    let strategy = &ca["spec"]["strategy"]["rollingUpdate"];
+    ensure!(strategy["maxUnavailable"] == 0, "an upgrade never drops below two ready replicas");
+
+    let pdb = one_of_kind(&path, "PodDisruptionBudget")?;
+    ensure!(pdb["spec"]["minAvailable"] == 1, "PDB minAvailable 1");
+    ensure!(
+        pdb["spec"]["selector"]["matchLabels"]["app.kubernetes.io/name"] == labels["app.kubernetes.io/name"],
+        "the PDB covers the CA's pods"
+    );
+
+    let c = &pod["containers"][0];
+    let args = strings(&c["args"]);
+    ensure!(args[..2] == ["ca", "serve"], "sluice ca serve: {args:?}");
+    for want in [
+        "--listen=0.0.0.0:15012",
+        "--metrics-addr=0.0.0.0:15014",
+        "--node-service-account=sluice-system/sluice",
+        "--audience=sluice-ca",
+        "--trust-domain=$(SLUICE_TRUST_DOMAIN)",
+    ] {
+        ensure!(args.iter().any(|a| a == want), "sluice ca serve needs {want}: {args:?}");
+    }
+    for f in ["--max-lifetime-s", "--node-rate", "--node-burst"] {
+        ensure!(
+            flag(&args, f).and_then(|v| v.parse::<u64>().ok()).is_some_and(|v| v > 0),
+            "{f} set to a positive number: {args:?}"
+        );
+    }
+    let ports: Vec<(String, u64)> = c["ports"]
+        .as_sequence()
+        .into_iter()
+        .flatten()
+        .map(|p| (p["name"].as_str().unwrap_or_default().to_owned(), p["containerPort"].as_u64().unwrap_or(0)))
+        .collect();
+    ensure!(
+        ports == [("grpc-ca".to_owned(), 15012), ("http-monitoring".to_owned(), 15014)],
+        "ports {ports:?}"
+    );
+    let ready = &c["readinessProbe"]["httpGet"];
+    ensure!(
+        ready["path"] == "/healthz/ready" && (ready["port"] == 15014 || ready["port"] == "http-monitoring"),
+        "readiness is GET /healthz/ready on 15014: {ready:?}"
+    );
+    ensure!(c["livenessProbe"].is_mapping(), "a liveness probe");
+    for k in ["requests", "limits"] {
+        for r in ["cpu", "memory"] {
+            ensure!(!c["resources"][k][r].is_null(), "resources.{k}.{r}");
+        }
+    }
+    let sc = &c["securityContext"];
+    ensure!(sc["allowPrivilegeEscalation"] == Value::Bool(false), "no privilege escalation");
+    ensure!(sc["readOnlyRootFilesystem"] == Value::Bool(true), "read-only root filesystem");
+    ensure!(strings(&sc["capabilities"]["drop"]) == ["ALL"], "drop ALL capabilities");
+    ensure!(sc["capabilities"].get("add").is_none(), "no capability added");
+    ensure!(sc["privileged"] != Value::Bool(true), "not privileged");
+    ensure!(
+        pod["securityContext"]["runAsNonRoot"] == Value::Bool(true)
+            && pod["securityContext"]["runAsUser"].as_u64().is_some_and(|u| u != 0),
+        "runs as a non-root user"
+    );
+    for host in ["hostNetwork", "hostPID", "hostIPC"] {
+        ensure!(pod[host] != Value::Bool(true), "no {host}");
+    }
+
+    let svc = one_of_kind(&path, "Service")?;
+    ensure!(
+        svc["metadata"]["name"] == "sluice-ca" && svc["metadata"]["namespace"] == "sluice-system",
+        "Service sluice-system/sluice-ca"
+    );
+    ensure!(svc["spec"]["selector"] == ca["spec"]["selector"]["matchLabels"], "the Service selects the CA's pods");
+    let svc_ports: Vec<(String, u64, String)> = svc["spec"]["ports"]
+        .as_sequence()
+        .into_iter()
+        .flatten()
+        .map(|p| {
+            (
+                p["name"].as_str().unwrap_or_default().to_owned(),
+                p["port"].as_u64().unwrap_or(0),
+                p["appProtocol"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect();
+    ensure!(
+        svc_ports
+            == [
+                ("grpc-ca".to_owned(), 15012, "grpc".to_owned()),
+                ("http-monitoring".to_owned(), 15014, "http".to_owned())
+            ],
+        "Service ports {svc_ports:?}"
+    );
+    ensure!(pod["serviceAccountName"] == "sluice-ca", "its own ServiceAccount");
+    let sa = one_of_kind(&path, "ServiceAccount")?;
+    ensure!(sa["metadata"]["name"] == "sluice-ca", "ServiceAccount sluice-ca defined beside it");
+    Ok(())
+}
+
+/// The CA's RBAC: create TokenReviews and read pods, nothing else, bound to its own
+/// ServiceAccount only; and the node agent's role cannot review tokens.
+#[test]
+fn ca_rbac_grants_exactly_what_the_ca_needs() -> Result<()> {
+    let path = deploy_dir().join("ca.yaml");
+    let role = one_of_kind(&path, "ClusterRole")?;
+    let mut granted = BTreeSet::new();
+    for rule in role["rules"].as_sequence().context("rules")? {
+        ensure!(rule.get("resourceNames").is_none() && rule.get("nonResourceURLs").is_none(), "{rule:?}");
+        for g in strings(&rule["apiGroups"]) {
+            for r in strings(&rule["resources"]) {
+                for v in strings(&rule["verbs"]) {
+                    ensure!(!g.contains('*') && !r.contains('*') && !v.contains('*'), "no wildcards: {g}/{r} {v}");
+                    granted.insert(format!("{g}/{r} {v}"));
+                }
+            }
+        }
+    }
+    let expected: BTreeSet<String> = [
+        "authentication.k8s.io/tokenreviews create",
+        "/pods get",
+        "/pods list",
+        "/pods watch",
+    ]
+    .map(String::from)
+    .into_iter()
+    .collect();
+    ensure!(granted == expected, "granted {granted:?}, expected exactly {expected:?}");
+
+    let binding = one_of_kind(&path, "ClusterRoleBinding")?;
+    ensure!(binding["roleRef"]["name"] == role["metadata"]["name"], "binds the CA's role");
+    let subjects = binding["subjects"].as_sequence().context("subjects")?;
+    ensure!(
+        subjects.len() == 1
+            && subjects[0]["kind"] == "ServiceAccount"
+            && subjects[0]["name"] == "sluice-ca"
+            && subjects[0]["namespace"] == "sluice-system",
+        "bound to the CA's ServiceAccount only: {subjects:?}"
+    );
+    // Nothing else in deploy/ is bound to the CA's role.
+    for f in manifest_files(&deploy_dir())? {
+        for d in documents(&f)? {
+            if d["kind"] == "ClusterRoleBinding" || d["kind"] == "RoleBinding" {
+                ensure!(
+                    d["roleRef"]["name"] != role["metadata"]["name"] || d == binding,
+                    "{} binds the CA's role",
+                    f.display()
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The embedded CA stays as a clearly labelled example for small setups, and is
+/// deploy/daemonset.yaml with only the certificate source swapped: a change to the DaemonSet
+/// that is not carried over fails here.
+#[test]
+fn embedded_ca_example_is_the_daemonset_with_only_the_ca_swapped() -> Result<()> {
+    let dir = deploy_dir().join("examples/embedded-ca");
+    let text = std::fs::read_to_string(dir.join("daemonset.yaml"))?;
+    ensure!(
+        text.starts_with("# EMBEDDED CA, FOR SMALL SETUPS ONLY: every node holds the mesh root key."),
+        "the example says what it is in its first line"
+    );
+    let mut example = one_of_kind(&dir.join("daemonset.yaml"), "DaemonSet")?;
+    let mut ds = one_of_kind(&deploy_dir().join("daemonset.yaml"), "DaemonSet")?;
+    ensure!(example["metadata"]["labels"]["sluice.dev/ca"] == "embedded", "labelled sluice.dev/ca: embedded");
+
+    // The example's CA: --ca-dir and the root Secret, mode 0400, read-only.
+    let pod = &example["spec"]["template"]["spec"];
+    let c = &pod["containers"][0];
+    let args = strings(&c["args"]);
+    let ca_dir = flag(&args, "--ca-dir").context("--ca-dir")?;
+    let (vol, ro) = volume_for(pod, c, &format!("{ca_dir}/ca-key.pem"))?;
+    ensure!(ro && vol["secret"]["secretName"] == "sluice-ca" && file_mode(&vol["secret"]["defaultMode"]) == Some(0o400), "{vol:?}");
+    ensure!(args.iter().all(|a| !a.starts_with("--ca-addr")), "no remote CA in the embedded example");
+
+    // Everything else is the same.
+    fn strip(ds: &mut Value, volumes: &[&str]) {
+        if let Some(labels) = ds["metadata"]["labels"].as_mapping_mut() {
+            labels.remove("sluice.dev/ca");
+        }
+        let pod = &mut ds["spec"]["template"]["spec"];
+        let c = &mut pod["containers"][0];
+        if let Some(args) = c["args"].as_sequence_mut() {
+            args.retain(|a| !a.as_str().is_some_and(|a| a.starts_with("--ca-")));
+        }
+        if let Some(mounts) = c["volumeMounts"].as_sequence_mut() {
+            mounts.retain(|m| !volumes.iter().any(|v| m["name"] == *v));
+        }
+        if let Some(vols) = pod["volumes"].as_sequence_mut() {
+            vols.retain(|m| !volumes.iter().any(|v| m["name"] == *v));
+        }
+    }
+    strip(&mut example, &["ca"]);
+    strip(&mut ds, &["trust-bundle", "ca-token"]);
+    ensure!(
+        example == ds,
+        "examples/embedded-ca/daemonset.yaml differs from daemonset.yaml beyond the CA: regenerate it \
+         (take daemonset.yaml, replace its --ca-addr/--ca-trust-bundle/--ca-token-file with \
+         --ca-dir=/etc/sluice/ca and its trust-bundle and ca-token volumes with the sluice-ca Secret)"
+    );
     Ok(())
 }

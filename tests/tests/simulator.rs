@@ -1,6 +1,7 @@
 //! Tests of the node simulator itself (no sluice): the network it builds carries real traffic,
-//! processes land in the right netns and cgroup, and nothing survives teardown or a sweep.
-//! Needs root (network namespaces, cgroups).
+//! processes land in the right netns and cgroup, the control plane serves the API to the nodes
+//! and runs the CA service, and nothing survives teardown or a sweep. Needs root (network
+//! namespaces, cgroups), and the sluice binary for `sluice ca init` (the sim's roots).
 //!
 //! Tests in this file run in parallel threads of one process, so none of them calls the global
 //! `sweep()`: it would tear down the other tests' live sims. They use `sweep_where` /
@@ -14,8 +15,11 @@ use std::{
 };
 
 use anyhow::{ensure, Context, Result};
-use serde_json::Value;
-use sluice_tests::{leftovers_of, sweep_where, LeftoverKind, PodOpts, Signal, Sim, SluiceOpts};
+use serde_json::{json, Value};
+use sluice_tests::{
+    http_probe, leftovers_of, pki, sweep_where, CaOpts, LeftoverKind, PodOpts, Signal, Sim,
+    SluiceOpts,
+};
 
 const T: Duration = Duration::from_secs(10);
 const MIB: u64 = 1024 * 1024;
@@ -721,5 +725,410 @@ fn sweep_removes_a_leaked_sim() -> Result<()> {
     }
     // Sweep leaves temp dirs alone (they may hold logs someone kept on purpose).
     fs::remove_dir_all(temp)?;
+    Ok(())
+}
+
+/// A stand-in for `sluice ca serve` (perl): serves HTTP on its `--metrics-addr`, answering every
+/// GET with where it runs and its arguments, and logs SIGHUP, so the `CaService` handle and the
+/// control plane's plumbing are checked without the real CA service.
+const FAKE_CA: &str = r#"#!/usr/bin/perl
+use strict; use warnings; use IO::Socket::INET;
+my %a; for (my $i = 0; $i < @ARGV; $i++) { $a{$ARGV[$i]} = $ARGV[$i + 1] if $ARGV[$i] =~ /^--/ }
+my ($host, $port) = $a{'--metrics-addr'} =~ /^(.*):(\d+)$/ or die "no --metrics-addr";
+$SIG{HUP} = sub { print STDERR "fake ca: SIGHUP\n" };
+my $srv = IO::Socket::INET->new(LocalAddr => $host, LocalPort => $port, Listen => 16, ReuseAddr => 1)
+  or die "listen $host:$port: $!";
+print STDERR "fake ca listening on $host:$port\n";
+my $ns = readlink("/proc/self/ns/net");
+open(my $f, "<", "/proc/self/cgroup") or die; my $cg = ""; while (<$f>) { $cg = $1 if /^0::(.*)$/ }
+my $args = join(" ", @ARGV);
+while (1) {
+  my $c = $srv->accept or next;
+  my $req = ""; while (my $l = <$c>) { $req .= $l; last if $l eq "\r\n" }
+  my ($path) = $req =~ /^GET (\S+)/;
+  my $body = qq({"path":"$path","netns":"$ns","cgroup":"$cg","args":"$args"});
+  print $c "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: ", length($body), "\r\n\r\n", $body;
+  close $c;
+}
+"#;
+
+fn write_script(sim: &Sim, name: &str, text: &str) -> Result<PathBuf> {
+    let path = sim.temp_dir().join(name);
+    fs::write(&path, text)?;
+    fs::set_permissions(&path, fs::Permissions::from_mode(0o755))?;
+    Ok(path)
+}
+
+fn netns_inode(name: &str) -> Result<u64> {
+    Ok(fs::metadata(format!("/run/netns/{name}"))?.ino())
+}
+
+/// The control plane is a namespace on the fabric: every node reaches its API server (nodes
+/// added before and after it), it reaches every node's pods, and every pod of the sim is an
+/// object of its API server, with node, ServiceAccount, phase and IP, until deleted.
+#[test]
+fn control_plane_serves_the_api_to_the_nodes_and_mirrors_the_pods() -> Result<()> {
+    let sim = Sim::new()?;
+    let n1 = sim.add_node("n1")?;
+    let web = n1.add_pod(
+        "shop",
+        "web",
+        PodOpts::labels(&[("app", "web")]).service_account("web"),
+    )?;
+    let cp = sim.add_control_plane()?;
+    assert!(sim.add_control_plane().is_err(), "one control plane per sim");
+    assert!(sim.add_node("cp").is_err(), "a node may not take the control plane's name");
+    let n2 = sim.add_node("n2")?;
+    let db = n2.add_pod("shop", "db", PodOpts::default().service_account("db"))?;
+    assert_eq!(cp.netns(), format!("{}-cp", sim.id()));
+    assert_eq!(cp.api_url(), "http://10.243.0.254:6443");
+    assert_eq!(cp.ca_url(), "https://10.243.0.254:15012");
+
+    // From both nodes' namespaces, over the fabric.
+    for n in [&n1, &n2] {
+        let r = http_probe::get_in(n.netns(), cp.api_addr(), "/version", T)?;
+        ensure!(r.status == 200, "GET /version from {}: {r:?}", n.short_name());
+        assert_eq!(r.json()?["gitVersion"], "v1.35.1");
+    }
+    // The control plane reaches pods on both nodes, without NAT.
+    let mut servers = Vec::new();
+    for p in [&web, &db] {
+        let mut s = p.simpod(["http-server", "--port", "8080", "--name", p.name()])?;
+        s.wait_listening(T)?;
+        servers.push(s);
+        let r = cp.http_get(p.addr(8080), "/", T)?;
+        assert_eq!(r.status, 200);
+        let body = r.json()?;
+        assert_eq!(body["name"], p.name());
+        assert!(
+            body["peer"].as_str().unwrap().starts_with("10.243.0.254:"),
+            "{body}"
+        );
+    }
+
+    // Both pods are API objects: the one made before the control plane too.
+    for (p, node) in [(&web, &n1), (&db, &n2)] {
+        let o = cp.api().get("Pod", "shop", p.name()).context("mirrored")?;
+        assert_eq!(o["metadata"]["uid"], p.uid());
+        assert_eq!(o["spec"]["nodeName"], node.name());
+        assert_eq!(o["spec"]["serviceAccountName"], p.service_account());
+        assert_eq!(o["status"]["phase"], "Running");
+        assert_eq!(o["status"]["podIP"], p.ip().to_string());
+    }
+    // A cluster-wide watch's view, per node, as the CA lists it.
+    let target = format!(
+        "/api/v1/pods?fieldSelector=spec.nodeName%3D{}",
+        n2.name()
+    );
+    let list = http_probe::get_in(n1.netns(), cp.api_addr(), &target, T)?.json()?;
+    let names: Vec<&str> = list["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["metadata"]["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["db"]);
+    assert_eq!(sim.pods().len(), 2);
+
+    db.delete()?;
+    assert!(cp.api().get("Pod", "shop", "db").is_none(), "deleted with the pod");
+    assert_eq!(sim.pods().len(), 1);
+
+    // Teardown takes the control plane with the rest, even while a handle on it is held.
+    let id = sim.id().to_string();
+    drop(servers);
+    drop(sim);
+    assert!(leftovers_of(&id).is_empty(), "{:#?}", leftovers_of(&id));
+    drop(cp);
+    Ok(())
+}
+
+/// Each node's token file is a projected-token volume: a token of the DaemonSet's
+/// ServiceAccount for `sluice-ca`, bound to the node agent's pod (an API object on that node)
+/// and carrying the node, which a TokenReview from the node authenticates; rotation writes a new
+/// one in the same place, and the test can expire or replace it.
+#[test]
+fn node_tokens_are_projected_bound_and_reviewed() -> Result<()> {
+    let sim = Sim::new()?;
+    let n1 = sim.add_node("n1")?;
+    let n2 = sim.add_node("n2")?;
+    let cp = sim.add_control_plane()?;
+    let review = |token: &str| -> Result<Value> {
+        let body = json!({
+            "apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview",
+            "spec": {"token": token, "audiences": ["sluice-ca"]},
+        });
+        let r = http_probe::post_json_in(
+            cp.netns(),
+            cp.api_addr(),
+            "/apis/authentication.k8s.io/v1/tokenreviews",
+            &body,
+            T,
+        )?;
+        ensure!(r.status == 201, "{r:?}");
+        Ok(r.json()?["status"].clone())
+    };
+
+    let path = cp.ensure_node_token(&n1)?;
+    assert_eq!(
+        path,
+        sim.temp_dir().join("nodes/n1/sluice-ca/token"),
+        "the node's token volume"
+    );
+    assert_eq!(fs::read_link(&path)?, PathBuf::from("..data/token"));
+    let token = fs::read_to_string(&path)?;
+    assert_eq!(Some(token.clone()), cp.node_token(&n1));
+    assert_eq!(cp.ensure_node_token(&n1)?, path);
+    assert_eq!(fs::read_to_string(&path)?, token, "ensure does not rotate");
+
+    let agent = cp.node_agent_pod(&n1)?;
+    let pod = cp
+        .api()
+        .get("Pod", "sluice-system", &agent.name)
+        .context("the agent's pod object")?;
+    assert_eq!(pod["spec"]["nodeName"], n1.name());
+    assert_eq!(pod["spec"]["hostNetwork"], true);
+    assert_eq!(pod["spec"]["serviceAccountName"], "sluice");
+    assert_eq!(pod["status"]["podIP"], n1.uplink_ip().to_string());
+    assert_eq!(pod["metadata"]["ownerReferences"][0]["kind"], "DaemonSet");
+
+    let st = review(&token)?;
+    assert_eq!(st["authenticated"], true, "{st}");
+    assert_eq!(
+        st["user"]["username"],
+        "system:serviceaccount:sluice-system:sluice"
+    );
+    let extra = &st["user"]["extra"];
+    assert_eq!(extra["authentication.kubernetes.io/node-name"], json!([n1.name()]));
+    assert_eq!(extra["authentication.kubernetes.io/pod-name"], json!([agent.name]));
+    assert_eq!(extra["authentication.kubernetes.io/pod-uid"], json!([agent.uid]));
+
+    // The kubelet's rotation: same path, new token; the old one stays valid until it expires.
+    let rotated = cp.rotate_node_token(&n1)?;
+    assert_ne!(rotated, token);
+    assert_eq!(fs::read_to_string(&path)?, rotated);
+    assert_eq!(review(&token)?["authenticated"], true);
+    assert!(cp.api().expire_token(&rotated));
+    assert_eq!(
+        review(&rotated)?["error"],
+        "[invalid bearer token, service account token has expired]"
+    );
+
+    // What impostor tests write: node 2's token in node 1's file, another ServiceAccount's.
+    let n2_spec = cp.node_agent_token_spec(&n2)?;
+    let stolen = cp.write_node_token(&n1, n2_spec.clone())?;
+    assert_eq!(
+        review(&stolen)?["user"]["extra"]["authentication.kubernetes.io/node-name"],
+        json!([n2.name()])
+    );
+    assert_ne!(
+        cp.node_agent_pod(&n2)?.name,
+        agent.name,
+        "one agent pod per node"
+    );
+    let mut other_sa = n2_spec;
+    other_sa.service_account = ("shop".into(), "web".into());
+    let web_token = cp.write_node_token(&n1, other_sa)?;
+    assert_eq!(
+        review(&web_token)?["user"]["username"],
+        "system:serviceaccount:shop:web"
+    );
+    assert_eq!(cp.api().token_review_count(), 5);
+    Ok(())
+}
+
+/// The CA service's handle: `sluice ca serve` with the contract's flags, in the control
+/// plane's netns and cgroup, signing with an intermediate under the sim's mesh root, ready when
+/// `/healthz/ready` answers; reload, kill, restart; a signing chain when there is one.
+#[test]
+fn ca_service_runs_on_the_control_plane_with_its_signing_files() -> Result<()> {
+    let sim = Sim::new()?;
+    let n1 = sim.add_node("n1")?;
+    let cp = sim.add_control_plane()?;
+    let fake = write_script(&sim, "fake-ca", FAKE_CA)?;
+    let ca = cp.start_ca(CaOpts {
+        bin: Some(fake.clone()),
+        args: vec!["--node-rate".into(), "5".into()],
+        ..CaOpts::default()
+    })?;
+    ca.wait_ready(T)?;
+    let st = ca.get("/healthz/ready")?.json()?;
+    assert_eq!(st["path"], "/healthz/ready");
+    assert_eq!(st["netns"], format!("net:[{}]", netns_inode(cp.netns())?));
+    assert_eq!(st["cgroup"], format!("/sluice-sim/{}/cp/system", sim.id()));
+    let (cert, key) = cp.signing_paths();
+    let bundle = sim.trust_bundle_path();
+    let want = format!(
+        "ca serve --listen 0.0.0.0:15012 --signing-cert {} --signing-key {} --trust-bundle {} \
+         --server-name 10.243.0.254 --kube-api http://10.243.0.254:6443 --metrics-addr 0.0.0.0:15014 \
+         --node-rate 5",
+        cert.display(),
+        key.display(),
+        bundle.display()
+    );
+    assert_eq!(st["args"], want.as_str());
+    assert!(ca.log_path().ends_with("sluice-ca-1.log"));
+
+    // Signing: an intermediate under the mesh root, its key beside it; the bundle is the root.
+    let root = sim.mesh_root()?;
+    let signing = pki::cert_info(&fs::read_to_string(&cert)?)?;
+    assert!(signing.is_ca);
+    assert_eq!(signing.subject, "CN=sluice-ca, O=sluice");
+    assert_eq!(signing.issuer, root.info()?.subject);
+    assert_eq!(fs::read_to_string(&key)?, cp.default_signing()?.key_pem()?);
+    assert_eq!(fs::read_to_string(&bundle)?, pki::bundle_pem(&[&root])?);
+    assert_eq!(fs::read_link(&cert)?, PathBuf::from("..data/signing-cert.pem"));
+
+    ca.reload()?;
+    sluice_tests::poll_until(T, || ca.log_contents().contains("fake ca: SIGHUP").then_some(()))
+        .context("the CA got SIGHUP")?;
+
+    // A node reaches the CA's address (the stand-in serves no gRPC: the port is closed, which
+    // is a refusal, not a timeout), and the client trusts the sim's bundle.
+    let client = cp.ca_client(&n1)?;
+    assert_eq!(client.netns.as_deref(), Some(n1.netns()));
+    assert_eq!(client.roots_pem, pki::bundle_pem(&[&sim.mesh_root()?])?);
+    let call = sluice_tests::ca_client::CaCall::for_identity("spiffe://cluster.local/ns/a/sa/b", None)?;
+    let err = format!("{:#}", client.create_certificate(&call, T).unwrap_err());
+    assert!(err.contains("Connection refused"), "{err}");
+
+    ca.kill(Signal::SIGKILL)?;
+    ca.wait_exit(T)?;
+    let err = format!("{:#}", ca.wait_ready(T).unwrap_err());
+    assert!(err.contains("exited"), "{err}");
+
+    // A deeper hierarchy: root B → mid (path length 1) → the CA's intermediate. The chain is
+    // passed from the next start on.
+    let root_b = sim.make_root("root-b")?;
+    let mid = pki::intermediate_ca(
+        &root_b,
+        &sim.temp_dir().join("pki/mid-b"),
+        "mid-b",
+        "cluster.local",
+        1,
+    )?;
+    let ca_b = sim.make_intermediate(&mid, "ca-b")?;
+    cp.set_signing(&ca_b, &[&mid])?;
+    assert_eq!(pki::cert_info(&fs::read_to_string(&cert)?)?.subject, "CN=ca-b, O=sluice");
+    ca.restart()?;
+    ca.wait_ready(T)?;
+    assert!(ca.log_path().ends_with("sluice-ca-2.log"));
+    let chain = cp.chain_path()?.context("a chain file")?;
+    let args = ca.get("/")?.json()?["args"].as_str().unwrap().to_string();
+    assert!(
+        args.contains(&format!("--signing-key {} --chain {} --trust-bundle", key.display(), chain.display())),
+        "{args}"
+    );
+    assert_eq!(fs::read_to_string(&chain)?, pki::bundle_pem(&[&mid])?);
+    // Back to no chain: the file goes (the next start passes no --chain).
+    cp.set_signing(&cp.default_signing()?, &[])?;
+    assert!(cp.chain_path()?.is_none());
+    assert!(!chain.exists());
+
+    let pid = ca.pid();
+    let id = sim.id().to_string();
+    drop(ca);
+    drop(sim);
+    assert!(!pid_alive(pid));
+    assert!(leftovers_of(&id).is_empty(), "{:#?}", leftovers_of(&id));
+    Ok(())
+}
+
+/// A node's sluice with `remote_ca` gets the CA service's address, the sim's trust bundle and
+/// its own token file instead of `--ca-dir`; the trust bundle is rewritten in rotation order.
+#[test]
+fn sluice_with_a_remote_ca_gets_the_ca_flags_and_its_token() -> Result<()> {
+    let sim = Sim::new()?;
+    let n1 = sim.add_node("n1")?;
+    let fake = write_script(&sim, "fake-sluice", FAKE_SLUICE)?;
+    let opts = SluiceOpts {
+        bin: Some(fake),
+        remote_ca: true,
+        ..SluiceOpts::default()
+    };
+    let err = format!("{:#}", n1.start_sluice(opts.clone()).err().context("needs a control plane")?);
+    assert!(err.contains("add_control_plane"), "{err}");
+
+    let cp = sim.add_control_plane()?;
+    let sluice = n1.start_sluice(opts)?;
+    let st = sluice.wait_ready(T)?;
+    let args = st["args"].as_str().unwrap();
+    let token = cp.node_token_path(&n1);
+    let bundle = sim.trust_bundle_path();
+    assert!(
+        args.contains(&format!(
+            "--ca-addr https://10.243.0.254:15012 --ca-trust-bundle {} --ca-token-file {}",
+            bundle.display(),
+            token.display()
+        )),
+        "{args}"
+    );
+    assert!(!args.contains("--ca-dir"), "{args}");
+    assert_eq!(fs::read_to_string(&token)?, cp.node_token(&n1).unwrap());
+
+    // The rotation's bundles: [A], [A, B], [B, A], [B].
+    let a = sim.mesh_root()?;
+    let b = sim.make_root("root-b")?;
+    assert_ne!(a.info()?.serial, b.info()?.serial);
+    assert_eq!(fs::read_to_string(&bundle)?, pki::bundle_pem(&[&a])?);
+    for roots in [vec![&a, &b], vec![&b, &a], vec![&b]] {
+        sim.write_trust_bundle(&roots)?;
+        let pem = fs::read_to_string(&bundle)?;
+        assert_eq!(pem, pki::bundle_pem(&roots)?);
+        assert_eq!(pem.matches("BEGIN CERTIFICATE").count(), roots.len());
+    }
+    Ok(())
+}
+
+/// In a dual-stack sim the control plane has an IPv6 address too, reaches pods over IPv6, the
+/// pods' API objects list both addresses, and the CA's certificate names both addresses.
+#[test]
+fn dual_stack_control_plane_speaks_both_families() -> Result<()> {
+    let sim = Sim::new_dual_stack()?;
+    let n1 = sim.add_node("n1")?;
+    let cp = sim.add_control_plane()?;
+    let web = n1.add_pod("shop", "web", PodOpts::default())?;
+    assert_eq!(cp.ip6()?.to_string(), "fd00:10:243::254");
+    let mut server = web.simpod([
+        "http-server",
+        "--port",
+        "8080",
+        "--bind",
+        "::",
+        "--name",
+        "web",
+    ])?;
+    server.wait_listening(T)?;
+    let r = cp.http_get(web.addr6(8080)?, "/", T)?;
+    assert_eq!(r.status, 200);
+    assert!(
+        r.json()?["peer"]
+            .as_str()
+            .unwrap()
+            .starts_with("[fd00:10:243::254]:"),
+        "{}",
+        r.text()
+    );
+    let o = cp.api().get("Pod", "shop", "web").context("mirrored")?;
+    assert_eq!(
+        o["status"]["podIPs"],
+        json!([{"ip": web.ip().to_string()}, {"ip": web.ip6()?.to_string()}])
+    );
+    let fake = write_script(&sim, "fake-ca", FAKE_CA)?;
+    let ca = cp.start_ca(CaOpts {
+        bin: Some(fake),
+        ..CaOpts::default()
+    })?;
+    let args: Vec<String> = ca
+        .args()
+        .iter()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    let joined = args.join(" ");
+    assert!(
+        joined.contains("--server-name 10.243.0.254 --server-name fd00:10:243::254"),
+        "{joined}"
+    );
+    ca.wait_ready(T)?;
     Ok(())
 }

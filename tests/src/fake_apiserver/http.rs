@@ -1,5 +1,6 @@
-//! Just enough HTTP/1.1 for a Kubernetes client: GET requests with keep-alive, responses with a
-//! Content-Length, and chunked watch streams that can end cleanly (the terminating chunk) or be
+//! Just enough HTTP/1.1 for a Kubernetes client: GET requests with keep-alive, POST requests
+//! with a JSON body (Content-Length or chunked, bounded), responses with a Content-Length, and
+//! chunked watch streams that can end cleanly (the terminating chunk) or be
 //! cut (the connection closes mid-body, as when a load balancer or the API server drops it).
 //!
 //! Hand-rolled on tokio rather than on hyper because the tests need exactly that control over
@@ -12,6 +13,8 @@ use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWrite
 
 /// Longest request head accepted (request line and headers).
 const MAX_HEAD: usize = 64 * 1024;
+/// Largest request body accepted: kube-apiserver's limit (3 MiB) for a JSON request body.
+pub(crate) const MAX_BODY: usize = 3 * 1024 * 1024;
 
 #[derive(Debug, Clone)]
 pub(crate) struct Request {
@@ -23,6 +26,8 @@ pub(crate) struct Request {
     /// The raw target as sent (for the request log).
     pub target: String,
     pub close: bool,
+    /// The request body (empty for a GET).
+    pub body: Vec<u8>,
 }
 
 /// Reads one request. `Ok(None)` when the client closed the connection between requests.
@@ -66,6 +71,7 @@ pub(crate) async fn read_request<R: AsyncRead + Unpin>(
         bail!("unsupported protocol {version:?}");
     }
     let mut content_length = 0usize;
+    let mut chunked = false;
     let mut close = version == "HTTP/1.0";
     for line in lines {
         let Some((name, value)) = line.split_once(':') else {
@@ -75,17 +81,28 @@ pub(crate) async fn read_request<R: AsyncRead + Unpin>(
         match name.trim().to_ascii_lowercase().as_str() {
             "content-length" => content_length = value.parse().context("bad Content-Length")?,
             "connection" => close = value.eq_ignore_ascii_case("close"),
-            "transfer-encoding" => bail!("request bodies in chunked encoding are not supported"),
+            "transfer-encoding" => {
+                if !value.eq_ignore_ascii_case("chunked") {
+                    bail!("unsupported Transfer-Encoding {value:?}");
+                }
+                chunked = true;
+            }
             _ => {}
         }
     }
-    // A GET has no body, but a client may send one; read it so the next request parses.
-    if content_length > 0 {
+    // Read the body whatever the method (a GET may carry one too), so the next request parses.
+    let body = if chunked {
+        read_chunked_body(r).await?
+    } else {
+        if content_length > MAX_BODY {
+            bail!("request body of {content_length} bytes is over the limit of {MAX_BODY}");
+        }
         let mut body = vec![0u8; content_length];
         r.read_exact(&mut body)
             .await
             .context("reading the request body")?;
-    }
+        body
+    };
     let (path, query) = target.split_once('?').unwrap_or((target, ""));
     let query = query
         .split('&')
@@ -101,7 +118,58 @@ pub(crate) async fn read_request<R: AsyncRead + Unpin>(
         query,
         target: target.to_string(),
         close,
+        body,
     }))
+}
+
+/// A chunked request body (RFC 9112 section 7.1), at most [`MAX_BODY`] bytes; chunk extensions
+/// and trailer fields are read and ignored.
+async fn read_chunked_body<R: AsyncRead + Unpin>(r: &mut BufReader<R>) -> Result<Vec<u8>> {
+    let mut body = Vec::new();
+    loop {
+        let mut size_line = Vec::new();
+        (&mut *r)
+            .take(1024)
+            .read_until(b'\n', &mut size_line)
+            .await
+            .context("reading a chunk size")?;
+        let text = std::str::from_utf8(&size_line).context("chunk size is not UTF-8")?;
+        let hex = text.split(';').next().unwrap_or_default().trim();
+        let size = usize::from_str_radix(hex, 16)
+            .with_context(|| format!("bad chunk size line {text:?}"))?;
+        if size == 0 {
+            // Trailer fields, up to the empty line.
+            loop {
+                let mut line = Vec::new();
+                (&mut *r)
+                    .take(MAX_HEAD as u64)
+                    .read_until(b'\n', &mut line)
+                    .await
+                    .context("reading the chunked trailer")?;
+                if line.is_empty() {
+                    bail!("connection closed inside a chunked trailer");
+                }
+                if line == b"\r\n" || line == b"\n" {
+                    return Ok(body);
+                }
+            }
+        }
+        if body.len() + size > MAX_BODY {
+            bail!("chunked request body over the limit of {MAX_BODY} bytes");
+        }
+        let start = body.len();
+        body.resize(start + size, 0);
+        r.read_exact(&mut body[start..])
+            .await
+            .context("reading a chunk")?;
+        let mut crlf = [0u8; 2];
+        r.read_exact(&mut crlf)
+            .await
+            .context("reading a chunk's end")?;
+        if &crlf != b"\r\n" {
+            bail!("a chunk does not end with CRLF");
+        }
+    }
 }
 
 fn percent_decode(s: &str, plus_is_space: bool) -> String {
@@ -127,10 +195,13 @@ fn percent_decode(s: &str, plus_is_space: bool) -> String {
 fn reason(status: u16) -> &'static str {
     match status {
         200 => "OK",
+        201 => "Created",
         400 => "Bad Request",
         404 => "Not Found",
         405 => "Method Not Allowed",
         410 => "Gone",
+        413 => "Request Entity Too Large",
+        415 => "Unsupported Media Type",
         500 => "Internal Server Error",
         _ => "Unknown",
     }
@@ -228,5 +299,37 @@ mod tests {
         assert_eq!(b.path, "/version");
         assert!(b.close);
         assert!(read_request(&mut r).await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn reads_post_bodies_with_a_length_or_in_chunks() {
+        let wire = b"POST /apis/authentication.k8s.io/v1/tokenreviews HTTP/1.1\r\nContent-Type: application/json\r\n\
+                     Content-Length: 7\r\n\r\n{\"a\":1}\
+                     POST /x HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3;ext=1\r\n{\"b\r\n4\r\n\":2}\r\n0\r\nX-T: 1\r\n\r\n\
+                     GET /version HTTP/1.1\r\n\r\n";
+        let mut r = BufReader::new(&wire[..]);
+        let a = read_request(&mut r).await.unwrap().unwrap();
+        assert_eq!(a.method, "POST");
+        assert_eq!(a.body, br#"{"a":1}"#);
+        let b = read_request(&mut r).await.unwrap().unwrap();
+        assert_eq!(b.body, br#"{"b":2}"#);
+        let c = read_request(&mut r).await.unwrap().unwrap();
+        assert_eq!(c.path, "/version");
+        assert!(c.body.is_empty());
+    }
+
+    #[tokio::test]
+    async fn refuses_bodies_over_the_limit() {
+        let head = format!("POST /x HTTP/1.1\r\nContent-Length: {}\r\n\r\n", MAX_BODY + 1);
+        let mut r = BufReader::new(head.as_bytes());
+        let err = read_request(&mut r).await.unwrap_err();
+        assert!(format!("{err:#}").contains("over the limit"), "{err:#}");
+        let chunked = format!(
+            "POST /x HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n",
+            MAX_BODY + 1
+        );
+        let mut r = BufReader::new(chunked.as_bytes());
+        let err = read_request(&mut r).await.unwrap_err();
+        assert!(format!("{err:#}").contains("over the limit"), "{err:#}");
     }
 }

@@ -186,9 +186,10 @@ pub fn pod(p: &PodSpec) -> Value {
     json!({"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": spec, "status": status})
 }
 
-/// The pod object of a simulated pod (its name, UID, node, IP, labels, service account).
+/// The pod object of a simulated pod (its name, UID, node, IP, labels, service account), Running;
+/// in a dual-stack sim `status.podIPs` lists its IPv6 address after the IPv4 one.
 pub fn sim_pod(pod: &Pod) -> Value {
-    self::pod(&PodSpec {
+    let mut object = self::pod(&PodSpec {
         namespace: pod.namespace(),
         name: pod.name(),
         uid: Some(pod.uid()),
@@ -196,7 +197,49 @@ pub fn sim_pod(pod: &Pod) -> Value {
         ip: Some(pod.ip()),
         labels: pod.labels().clone(),
         service_account: pod.service_account(),
-    })
+    });
+    if let Ok(ip6) = pod.ip6() {
+        object["status"]["podIPs"] = json!([{"ip": pod.ip().to_string()}, {"ip": ip6.to_string()}]);
+    }
+    object
+}
+
+/// The pod of the sluice DaemonSet (`sluice-system`, ServiceAccount `sluice`) on `node`:
+/// host network, so its IP is the node's `host_ip`; owned by the DaemonSet, labelled as the
+/// DaemonSet controller labels its pods; Running.
+pub fn node_agent_pod(name: &str, node: &str, host_ip: Ipv4Addr) -> Value {
+    let mut object = pod(&PodSpec {
+        namespace: "sluice-system",
+        name,
+        uid: None,
+        node: Some(node),
+        ip: Some(host_ip),
+        labels: BTreeMap::new(),
+        service_account: "sluice",
+    });
+    object["metadata"]["generateName"] = json!("sluice-");
+    object["metadata"]["labels"] = json!({
+        "app.kubernetes.io/name": "sluice",
+        "app.kubernetes.io/part-of": "sluice",
+        "app.kubernetes.io/component": "node-proxy",
+        "controller-revision-hash": "6d8f9b7c5d",
+        "pod-template-generation": "1",
+    });
+    object["metadata"]["ownerReferences"] = json!([{
+        "apiVersion": "apps/v1", "blockOwnerDeletion": true, "controller": true, "kind": "DaemonSet",
+        "name": "sluice", "uid": "9a1c3e5f-7b2d-4e6f-8a0b-1c2d3e4f5a6b",
+    }]);
+    object["spec"]["hostNetwork"] = json!(true);
+    object["spec"]["dnsPolicy"] = json!("ClusterFirstWithHostNet");
+    object["spec"]["containers"][0]["name"] = json!("sluice");
+    object["spec"]["containers"][0]["image"] = json!("sluice:0.1.0");
+    object["spec"]["containers"][0]
+        .as_object_mut()
+        .expect("a container is an object")
+        .remove("ports");
+    object["status"]["hostIP"] = json!(host_ip.to_string());
+    object["status"]["hostIPs"] = json!([{"ip": host_ip.to_string()}]);
+    object
 }
 
 /// A ClusterIP Service; ports are `(name, port, targetPort)`.

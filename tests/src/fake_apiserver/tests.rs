@@ -9,7 +9,7 @@ use std::{
 
 use serde_json::{json, Value};
 
-use super::{objects, FakeApiServer, Resource};
+use super::{objects, FakeApiServer, Resource, TokenSpec};
 
 const T: Duration = Duration::from_secs(5);
 
@@ -39,6 +39,26 @@ impl Client {
             "GET {target} HTTP/1.1\r\nHost: x\r\nAccept: application/json\r\n\r\n"
         )
         .unwrap();
+        self.head()
+    }
+
+    /// A POST with a JSON body: status and JSON body.
+    fn post(&mut self, target: &str, body: &Value) -> (u16, Value) {
+        let body = serde_json::to_vec(body).unwrap();
+        write!(
+            self.r.get_mut(),
+            "POST {target} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        )
+        .unwrap();
+        self.r.get_mut().write_all(&body).unwrap();
+        let head = self.head();
+        let mut body = vec![0; head.length];
+        self.r.read_exact(&mut body).unwrap();
+        (head.status, serde_json::from_slice(&body).unwrap())
+    }
+
+    fn head(&mut self) -> Head {
         let mut line = String::new();
         self.r.read_line(&mut line).unwrap();
         let status = line.split(' ').nth(1).unwrap().parse().unwrap();
@@ -150,6 +170,7 @@ fn discovery_and_lists_look_like_the_real_server() {
     assert_eq!(
         names_of(&groups),
         [
+            "authentication.k8s.io",
             "discovery.k8s.io",
             "gateway.networking.k8s.io",
             "networking.istio.io",
@@ -326,7 +347,8 @@ fn dropped_watches_are_cut_and_crds_can_be_absent() {
     let mut c = Client::new(&s);
     let (code, body) = c.get("/apis/security.istio.io/v1/authorizationpolicies?limit=500");
     assert_eq!((code, body["reason"].as_str()), (404, Some("NotFound")));
-    assert_eq!(c.get("/apis").1["groups"].as_array().unwrap().len(), 4);
+    // Five groups with authentication.k8s.io, less security.istio.io.
+    assert_eq!(c.get("/apis").1["groups"].as_array().unwrap().len(), 5);
     assert!(s
         .apply(objects::authorization_policy("shop", "p", json!({})))
         .is_err());
@@ -515,5 +537,143 @@ fn timestamps_are_rfc3339() {
     assert_eq!(
         super::rfc3339(std::time::UNIX_EPOCH),
         "1970-01-01T00:00:00Z"
+    );
+}
+
+const TOKEN_REVIEWS: &str = "/apis/authentication.k8s.io/v1/tokenreviews";
+
+fn token_review(token: &str, audiences: &[&str]) -> Value {
+    json!({
+        "apiVersion": "authentication.k8s.io/v1",
+        "kind": "TokenReview",
+        "spec": {"token": token, "audiences": audiences},
+    })
+}
+
+/// A TokenReview over the wire as the CA service sends one: a projected token bound to the
+/// node agent's pod (with its node), then the refusals a CA must tell apart only by
+/// `authenticated`, and the requests the server refuses outright.
+#[test]
+fn token_reviews_answer_like_kube_apiserver() {
+    let s = FakeApiServer::start_local().unwrap();
+    let mut c = Client::new(&s);
+    let groups = c.get("/apis").1;
+    assert!(groups["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|g| g["name"] == "authentication.k8s.io"
+            && g["preferredVersion"]["groupVersion"] == "authentication.k8s.io/v1"));
+    let (code, res) = c.get("/apis/authentication.k8s.io/v1");
+    assert_eq!(code, 200);
+    assert_eq!(res["resources"][0]["name"], "tokenreviews");
+    assert_eq!(res["resources"][0]["verbs"], json!(["create"]));
+
+    let mut agent = objects::pod(&objects::PodSpec {
+        namespace: "sluice-system",
+        name: "sluice-x7k2p",
+        uid: None,
+        node: Some("n1"),
+        ip: Some("10.243.0.1".parse().unwrap()),
+        labels: Default::default(),
+        service_account: "sluice",
+    });
+    agent = s.apply(agent).unwrap();
+    let uid = agent["metadata"]["uid"].as_str().unwrap().to_string();
+    let token = s
+        .mint_token(
+            TokenSpec::new("sluice-system", "sluice")
+                .node("n1")
+                .pod("sluice-system", "sluice-x7k2p", &uid),
+        )
+        .unwrap();
+
+    let (code, review) = c.post(TOKEN_REVIEWS, &token_review(&token, &["sluice-ca"]));
+    assert_eq!(code, 201, "{review}");
+    assert_eq!(review["kind"], "TokenReview");
+    assert_eq!(review["spec"]["token"], token.as_str(), "the spec is echoed");
+    let st = &review["status"];
+    assert_eq!(st["authenticated"], true, "{review}");
+    assert_eq!(
+        st["user"]["username"],
+        "system:serviceaccount:sluice-system:sluice"
+    );
+    let extra = &st["user"]["extra"];
+    assert_eq!(extra["authentication.kubernetes.io/node-name"], json!(["n1"]));
+    assert_eq!(
+        extra["authentication.kubernetes.io/pod-name"],
+        json!(["sluice-x7k2p"])
+    );
+    assert_eq!(extra["authentication.kubernetes.io/pod-uid"], json!([uid]));
+    assert_eq!(st["audiences"], json!(["sluice-ca"]));
+
+    // Another audience: refused, and the error says which audiences did not meet.
+    let (code, review) = c.post(TOKEN_REVIEWS, &token_review(&token, &["istio-ca"]));
+    assert_eq!(code, 201);
+    assert!(review["status"].get("authenticated").is_none(), "{review}");
+    assert_eq!(
+        review["status"]["error"],
+        r#"[invalid bearer token, token audiences ["sluice-ca"] is invalid for the target audiences ["istio-ca"]]"#
+    );
+
+    // The bound pod goes: its token dies with it.
+    s.delete("Pod", "sluice-system", "sluice-x7k2p").unwrap();
+    let (_, review) = c.post(TOKEN_REVIEWS, &token_review(&token, &["sluice-ca"]));
+    assert_eq!(
+        review["status"]["error"],
+        "[invalid bearer token, service account token has been invalidated]"
+    );
+
+    // Node-bound only (no pod): authenticated with the node and no pod.
+    let node_only = s
+        .mint_token(TokenSpec::new("sluice-system", "sluice").node("n2"))
+        .unwrap();
+    let (_, review) = c.post(TOKEN_REVIEWS, &token_review(&node_only, &["sluice-ca"]));
+    let extra = &review["status"]["user"]["extra"];
+    assert_eq!(extra["authentication.kubernetes.io/node-name"], json!(["n2"]));
+    assert!(extra.get("authentication.kubernetes.io/pod-name").is_none());
+    assert!(s.expire_token(&node_only));
+    let (_, review) = c.post(TOKEN_REVIEWS, &token_review(&node_only, &["sluice-ca"]));
+    assert_eq!(
+        review["status"]["error"],
+        "[invalid bearer token, service account token has expired]"
+    );
+    let (_, review) = c.post(TOKEN_REVIEWS, &token_review("not-a-token", &["sluice-ca"]));
+    assert_eq!(review["status"]["error"], "invalid bearer token");
+    assert_eq!(review["status"]["user"], json!({}));
+
+    // What the server refuses before reviewing anything.
+    let (code, st) = c.post(TOKEN_REVIEWS, &token_review("", &["sluice-ca"]));
+    assert_eq!(code, 400);
+    assert_eq!(
+        st["message"],
+        "token is required for TokenReview in authentication"
+    );
+    let (code, _) = c.post(TOKEN_REVIEWS, &json!({"kind": "Pod", "apiVersion": "v1"}));
+    assert_eq!(code, 400);
+    assert_eq!(c.get(TOKEN_REVIEWS).0, 405);
+    let (code, _) = c.post("/api/v1/pods", &json!({}));
+    assert_eq!(code, 405, "only tokenreviews take a POST");
+
+    // Every review is on record, in the request log too.
+    let reviews = s.token_reviews();
+    assert_eq!(reviews.len(), 6);
+    assert_eq!(s.token_review_count(), 6);
+    let authenticated: Vec<usize> = (0..6).filter(|&i| reviews[i].authenticated()).collect();
+    assert_eq!(authenticated, [0, 3], "the bound token, then the node-only one");
+    assert_eq!(
+        reviews[0].username(),
+        Some("system:serviceaccount:sluice-system:sluice")
+    );
+    assert!(reviews
+        .iter()
+        .all(|r| r.authenticated() != r.error().is_some()));
+    assert_eq!(
+        s.requests()
+            .iter()
+            .filter(|r| *r == &format!("POST {TOKEN_REVIEWS}"))
+            .count(),
+        8,
+        "six reviews and the two bad requests"
     );
 }
