@@ -147,7 +147,12 @@ impl AdminState {
             ("dns_failures", &dns.failures),
             ("dns_timeouts", &dns.timeouts),
             ("dns_lookups_refused", &dns.lookups_refused),
+            ("dns_lookups_refused_pod", &dns.lookups_refused_pod),
+            ("dns_lookups_refused_service_entry", &dns.lookups_refused_service_entry),
             ("dns_cache_evictions", &dns.cache_evictions),
+            ("dns_cache_evictions_pod", &dns.cache_evictions_pod),
+            ("dns_cache_evictions_service_entry", &dns.cache_evictions_service_entry),
+            ("dns_invalid_hosts", &dns.invalid_hosts),
             ("dns_stale_served", &dns.stale_served),
         ] {
             all.insert(name.to_string(), value.load(Ordering::Relaxed));
