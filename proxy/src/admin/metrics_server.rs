@@ -521,6 +521,18 @@ impl Collector for SluiceMetrics {
             "Records not counted in Istio's metrics because their new label set would have exceeded --max-metric-series.",
             istio.dropped(),
         )?;
+        gauge(
+            &mut e,
+            "sluice_metric_series_workload_limit",
+            "Most label sets one workload may hold in Istio's metrics (--max-metric-series-per-workload).",
+            istio.limits().max_series_per_workload as u64,
+        )?;
+        counter(
+            &mut e,
+            "sluice_metric_series_workload_dropped",
+            "Records not counted in Istio's metrics because their workload held --max-metric-series-per-workload label sets.",
+            istio.workload_dropped(),
+        )?;
         counter(
             &mut e,
             "sluice_metric_series_expired",
