@@ -491,6 +491,12 @@ impl Collector for SluiceMetrics {
             "New addresses balanced without kept state because the state map was full.",
             state_overflow,
         )?;
+        counter(
+            &mut e,
+            "sluice_balancer_state_evicted",
+            "Idle states of addresses outside the model evicted to make room for new addresses.",
+            dp.l7.balancer.state_evictions(),
+        )?;
 
         // Telemetry itself.
         counter(

@@ -125,6 +125,7 @@ impl AdminState {
         let (states, overflow) = balancer.state_stats();
         all.insert("balancer_endpoint_states".to_string(), states as u64);
         all.insert("balancer_state_overflow".to_string(), overflow);
+        all.insert("balancer_state_evicted".to_string(), balancer.state_evictions());
         let ejected = balancer.ejected(std::time::Instant::now());
         all.insert("balancer_ejected_endpoints".to_string(), ejected as u64);
         all.insert("hbone_fallback_plaintext".to_string(), self.data.tunnel_fallbacks.load(Ordering::Relaxed));
