@@ -244,6 +244,7 @@ pub fn run(args: RunArgs) -> Result<()> {
         model: model.clone(),
         conns: conns.clone(),
         pods: enroller.view(),
+        pod_problems: enroller.problems_view(),
         certs: certs.clone(),
         inbound,
         data: dp,

@@ -46,6 +46,7 @@ pub struct AdminState {
     pub model: Arc<ArcSwap<Model>>,
     pub conns: Arc<ConnRegistry>,
     pub pods: enroll::PodsView,
+    pub pod_problems: enroll::ProblemsView,
     pub certs: Arc<CertManager>,
     pub inbound: Arc<Inbound>,
     pub data: Arc<DataPath>,
@@ -202,6 +203,7 @@ impl AdminState {
             model_generation: model.generation(),
             model_pods: model.pods().count(),
             limits: Some(self.data.admission.config),
+            pod_problems: self.pod_problems.read().unwrap_or_else(|p| p.into_inner()).clone(),
         }
     }
 }
