@@ -624,11 +624,14 @@ fn sync_link_local(redirector: &Redirector, pod: &mut EnrolledPod, found: &[Ipv6
         pod.captured.retain(|c| *c != ip);
         info!(pod = %pod.ctx.key, %ip, "link-local address gone; no longer captured");
     }
-    let new: Vec<Ipv6Addr> = found.iter().copied().filter(|ip| !pod.captured.contains(&IpAddr::V6(*ip))).collect();
+    let new: Vec<Ipv6Addr> =
+        found.iter().copied().filter(|ip| !pod.captured.contains(&IpAddr::V6(*ip))).collect();
     for ip in new {
         let registered = match &pod.inbound_v6 {
-            Some(listener) => redirector.register_inbound(IpAddr::V6(ip), listener, &pod.owner).map_err(|e| e.to_string()),
-            None => Err("the pod had no IPv6 inbound listener when it was enrolled (enroll it again)".to_string()),
+            Some(listener) => {
+                redirector.register_inbound(IpAddr::V6(ip), listener, &pod.owner).map_err(|e| e.to_string())
+            }
+            None => Err("the pod had no IPv6 inbound listener when it was enrolled (enroll it again)".into()),
         };
         match registered {
             Ok(()) => {

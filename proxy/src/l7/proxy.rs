@@ -166,7 +166,8 @@ async fn forward(req: Request<Body>, ctx: &Arc<ConnCtx>, grpc: bool, obs: &mut O
         Endpoints::Known(eps) => eps.clone(),
         Endpoints::Dns { host, port, service_entry } => {
             let who = super::dns::Asker { pod: &ctx.pod.key, service_entry };
-            l7.resolve(host, *port, who).await.map_err(|e| ProxyError::NoEndpoints(format!("{} ({e})", plan.backend)))?
+            let resolved = l7.resolve(host, *port, who).await;
+            resolved.map_err(|e| ProxyError::NoEndpoints(format!("{} ({e})", plan.backend)))?
         }
     };
     if endpoints.is_empty() {

@@ -389,7 +389,8 @@ impl Redirector {
         let mut inbound = self.inbound.lock().unwrap_or_else(|p| p.into_inner());
         let (map, owners) = &mut *inbound;
         if let Some(holder) = owners.taken_by(pod_ip, owner) {
-            return Err(RedirectError::AddressTaken { addr: pod_ip.to_canonical(), holder: holder.pod.to_string() });
+            let holder = holder.pod.to_string();
+            return Err(RedirectError::AddressTaken { addr: pod_ip.to_canonical(), holder });
         }
         map.insert(key, listener.as_raw_fd(), 0).map_err(|e| map_err(names::MAP_INBOUND, e))?;
         owners.record(pod_ip, owner);

@@ -802,6 +802,9 @@ fn cmp_keys(a: &Key, b: &Key) -> CmpOrdering {
     a.view().sort_key().cmp(&b.view().sort_key())
 }
 
+/// Series counts by namespace, then workload name.
+type SeriesByWorkload = std::collections::HashMap<Arc<str>, std::collections::HashMap<Arc<str>, usize>>;
+
 /// Istio's standard metrics.
 #[derive(Debug)]
 pub struct Metrics {
@@ -818,7 +821,7 @@ pub struct Metrics {
     warned: AtomicBool,
     /// Series charged to each workload, by namespace and workload name (see
     /// [`SeriesLimits::max_series_per_workload`]). Locked only to make or expire a series.
-    per_workload: Mutex<std::collections::HashMap<Arc<str>, std::collections::HashMap<Arc<str>, usize>>>,
+    per_workload: Mutex<SeriesByWorkload>,
     /// Records not counted because their workload held its share of series.
     workload_dropped: AtomicU64,
     /// The share's warning was logged and no series expired since.
