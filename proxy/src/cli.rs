@@ -239,7 +239,20 @@ pub fn status(ep: &AdminEndpoint, out: Output) -> Result<String> {
         o += "\nmanifest errors (last good state of these files stays in force):\n";
         o += &table(&["FILE", "PROBLEM"], s.manifest_errors.iter().map(|e| vec![e.file.clone(), e.reason.clone()]).collect());
     }
+    o += &pod_problems(&s.pod_problems);
     Ok(o)
+}
+
+/// The pods sluice does not (fully) protect, as a table after a blank line ("" if none).
+fn pod_problems(problems: &[crate::admin::api::PodProblem]) -> String {
+    if problems.is_empty() {
+        return String::new();
+    }
+    let rows = problems
+        .iter()
+        .map(|p| vec![p.pod.clone(), if p.enrolled { "yes" } else { "no" }.into(), p.reason.clone()])
+        .collect();
+    "\npods not (fully) protected:\n".to_string() + &table(&["POD", "ENROLLED", "PROBLEM"], rows)
 }
 
 pub fn pods(ep: &AdminEndpoint, out: Output) -> Result<String> {
@@ -247,8 +260,11 @@ pub fn pods(ep: &AdminEndpoint, out: Output) -> Result<String> {
     if out == Output::Json {
         return Ok(serde_json::to_string_pretty(&pods)? + "\n");
     }
+    // Pods that should be enrolled but are not (or not fully protected) are listed below.
+    let problems = get::<StatusView>(ep, "/status").map(|s| pod_problems(&s.pod_problems)).unwrap_or_default();
     if pods.is_empty() {
-        return Ok("no enrolled pods on this node (is the namespace annotated sluice.dev/mesh=enabled?)\n".into());
+        return Ok("no enrolled pods on this node (is the namespace annotated sluice.dev/mesh=enabled?)\n".to_string()
+            + &problems);
     }
     Ok(table(
         &["POD", "IP", "IDENTITY", "CGROUP ID", "NETNS", "LISTENERS", "OPEN", "TOTAL"],
@@ -266,7 +282,7 @@ pub fn pods(ep: &AdminEndpoint, out: Output) -> Result<String> {
                 ]
             })
             .collect(),
-    ))
+    ) + &problems)
 }
 
 pub fn conns(ep: &AdminEndpoint, out: Output) -> Result<String> {

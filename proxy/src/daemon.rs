@@ -244,6 +244,7 @@ pub fn run(args: RunArgs) -> Result<()> {
         model: model.clone(),
         conns: conns.clone(),
         pods: enroller.view(),
+        pod_problems: enroller.problems_view(),
         certs: certs.clone(),
         inbound,
         data: dp,
@@ -460,8 +461,9 @@ async fn reap_upstreams(dp: Arc<crate::l4::DataPath>) {
                     e.ports.iter().map(|p| balance_key(&e.namespace, &e.name, p.number)).collect::<Vec<_>>()
                 }))
                 .collect();
-            // Endpoints that left the model are forgotten now (with their ejections).
-            dp.l7.balancer.retain(|a| live.contains(a));
+            // Endpoints that left the model are forgotten now (with their ejections); the
+            // others always find room in the balancer's state.
+            dp.l7.balancer.set_model_endpoints(live.clone());
             dp.l7.balancer.retain_backends(|k| backends.contains(&k));
         }
         dp.l7.balancer.expire_idle(|a| live.contains(a), std::time::Instant::now());

@@ -30,7 +30,7 @@ use crate::{
     l4::{self, DataPath, PodContext},
     netns::PodNetns,
     podres::{self, CgroupDriver, PodResError},
-    redirect::Redirector,
+    redirect::{CaptureOwner, RedirectError, Redirector},
     transport::server as hbone_server,
 };
 
@@ -53,6 +53,25 @@ pub struct PodView {
     pub connections_total: u64,
 }
 
+/// A pod of the node that sluice does not protect (fully), and why: shown by `sluice status`
+/// (and `sluice pods`), so that it is never silently unprotected.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PodProblem {
+    /// "namespace/name".
+    pub pod: String,
+    /// Enrolled, with this problem (an address not captured), or not enrolled at all.
+    pub enrolled: bool,
+    pub reason: String,
+}
+
+/// The current problems, as the admin API reads them.
+pub type ProblemsView = Arc<RwLock<Vec<PodProblem>>>;
+
+/// How often the link-local addresses of an enrolled pod are read again: an address that
+/// appears later (an interface added, IPv6 enabled late, an address added by a pod with
+/// NET_ADMIN) is captured within this time; one that went is released.
+const ADDRESSES_EVERY: Duration = Duration::from_secs(5);
+
 struct EnrolledPod {
     ctx: Arc<PodContext>,
     namespace: String,
@@ -63,6 +82,14 @@ struct EnrolledPod {
     listeners: Vec<SocketAddr>,
     /// Addresses whose plaintext the kernel steers to our inbound listeners.
     captured: Vec<IpAddr>,
+    /// What the kernel's `INBOUND` entries of this pod are registered for.
+    owner: CaptureOwner,
+    /// The IPv6 inbound listener (a duplicate of its descriptor), to capture link-local
+    /// addresses that appear after enrollment; dropped when the pod stops accepting.
+    inbound_v6: Option<std::net::TcpListener>,
+    /// Link-local addresses seen but not captured (held by another pod), with the reason.
+    uncaptured: std::collections::BTreeMap<Ipv6Addr, String>,
+    addresses_checked: Instant,
     tasks: Vec<JoinHandle<()>>,
     /// The inbound-capture program's attachment to the pod's namespace (dropping detaches).
     _inbound_link: Option<aya::programs::links::FdLink>,
@@ -87,7 +114,10 @@ pub struct Enroller {
     /// Pods whose enrollment failed for a reason that will not fix itself within a tick
     /// (e.g. the pod holds port 15001), with when we may try again.
     retry_after: HashMap<String, Instant>,
+    /// Why those pods are not enrolled, by UID.
+    failed: HashMap<String, PodProblem>,
     view: PodsView,
+    problems: ProblemsView,
 }
 
 /// How long to wait before retrying a pod whose enrollment failed (not merely "not yet").
@@ -142,13 +172,20 @@ impl Enroller {
             waiting: HashSet::new(),
             awaiting_certificate: HashSet::new(),
             retry_after: HashMap::new(),
+            failed: HashMap::new(),
             view: Arc::new(RwLock::new(Vec::new())),
+            problems: Arc::default(),
         }
     }
 
     /// Shared read-only view of the enrolled pods, for the admin API.
     pub fn view(&self) -> PodsView {
         self.view.clone()
+    }
+
+    /// Shared read-only view of the pods sluice does not fully protect, for the admin API.
+    pub fn problems_view(&self) -> ProblemsView {
+        self.problems.clone()
     }
 
     /// Brings the enrolled set in line with `model` and with what exists on the node.
@@ -183,6 +220,9 @@ impl Enroller {
         }
         self.waiting.retain(|uid| desired.contains_key(uid.as_str()) || model.pods_on_node(&node).any(|p| p.host_network && &p.uid == uid));
         self.retry_after.retain(|uid, _| desired.contains_key(uid.as_str()));
+        let failures = self.failed.len();
+        self.failed.retain(|uid, _| desired.contains_key(uid.as_str()));
+        changed |= failures != self.failed.len();
         self.awaiting_certificate.retain(|uid| desired.contains_key(uid.as_str()));
         // Certificates are kept for the identities of every pod that should be enrolled (also
         // those still waiting, whose fetch must go on); the others are dropped, their fetches
@@ -202,6 +242,7 @@ impl Enroller {
                     self.waiting.remove(uid);
                     self.awaiting_certificate.remove(uid);
                     self.retry_after.remove(uid);
+                    self.failed.remove(uid);
                     info!(pod = %format!("{}/{}", pod.namespace, pod.name), ip = %pod.ip, cgroup_id = e.cgroup_id, "pod enrolled");
                     self.enrolled.insert(uid.to_string(), e);
                 }
@@ -222,12 +263,39 @@ impl Enroller {
                     if self.waiting.insert(uid.to_string()) {
                         warn!(pod = %format!("{}/{}", pod.namespace, pod.name), %reason, retry_in_s = FAILED_RETRY.as_secs(), "cannot enroll pod");
                     }
+                    let problem =
+                        PodProblem { pod: format!("{}/{}", pod.namespace, pod.name), enrolled: false, reason };
+                    changed |= self.failed.get(uid).is_none_or(|p| p.reason != problem.reason);
+                    self.failed.insert(uid.to_string(), problem);
                 }
             }
         }
+        changed |= self.refresh_addresses();
         if changed {
             self.publish_view();
         }
+    }
+
+    /// Reads the link-local addresses of the enrolled pods due for it again, captures the new
+    /// ones and releases those that went (control path; one `getifaddrs` per pod every
+    /// [`ADDRESSES_EVERY`], on the pod's namespace thread). Returns whether a pod's problems
+    /// changed.
+    fn refresh_addresses(&mut self) -> bool {
+        let now = Instant::now();
+        let mut changed = false;
+        for pod in self.enrolled.values_mut() {
+            if now.saturating_duration_since(pod.addresses_checked) < ADDRESSES_EVERY {
+                continue;
+            }
+            pod.addresses_checked = now;
+            match pod.ctx.netns.run(podres::link_local_addrs) {
+                Ok(Ok(found)) => changed |= sync_link_local(&self.redirector, pod, &found),
+                Ok(Err(e)) | Err(e) => {
+                    debug!(pod = %pod.ctx.key, error = %e, "cannot list the pod's link-local addresses")
+                }
+            }
+        }
+        changed
     }
 
     /// Whether a pod that should be enrolled waits for its identity's certificate.
@@ -360,9 +428,13 @@ impl Enroller {
         let mut tasks = Vec::new();
         let mut bound = Vec::new();
         let mut captured = Vec::new();
+        let mut inbound_v6 = None;
+        let owner = CaptureOwner { uid: pod.uid.as_str().into(), pod: key.clone() };
         let cleanup = |redirector: &Redirector, tasks: &[JoinHandle<()>], captured: &[IpAddr]| {
             tasks.iter().for_each(JoinHandle::abort);
-            captured.iter().for_each(|ip| redirector.unregister_inbound(*ip));
+            captured.iter().for_each(|ip| {
+                redirector.unregister_inbound(*ip, &owner);
+            });
         };
         for (addr, std_listener) in listeners {
             let is_inbound = addr.port() == INBOUND_PORT;
@@ -371,14 +443,22 @@ impl Enroller {
                 // family to this socket: register it before capture starts. A pod whose
                 // plaintext cannot be captured is not enrolled at all: its policy would
                 // silently not hold.
+                // An address another enrolled pod holds (link-local addresses are unique per link
+                // only) refuses the enrollment: taking it over would end that pod's capture.
                 for ip in pod_ips.iter().filter(|ip| ip.is_ipv4() == addr.is_ipv4()) {
-                    if let Err(e) = self.redirector.register_inbound(*ip, &std_listener) {
+                    if let Err(e) = self.redirector.register_inbound(*ip, &std_listener, &owner) {
                         cleanup(&self.redirector, &tasks, &captured);
-                        return Err(EnrollError::Failed(format!(
-                            "cannot register the inbound listener for {ip}: {e} (plaintext to it would bypass policy)"
-                        )));
+                        return Err(EnrollError::Failed(match e {
+                            RedirectError::AddressTaken { .. } => format!("not enrolled: {e}"),
+                            e => format!(
+                                "cannot register the inbound listener for {ip}: {e} (plaintext to it would bypass policy)"
+                            ),
+                        }));
                     }
                     captured.push(*ip);
+                }
+                if addr.is_ipv6() {
+                    inbound_v6 = std_listener.try_clone().ok();
                 }
             }
             let _guard = self.data_rt.enter();
@@ -426,6 +506,10 @@ impl Enroller {
             cgroup_path,
             listeners: bound,
             captured,
+            owner,
+            inbound_v6,
+            uncaptured: Default::default(),
+            addresses_checked: Instant::now(),
             tasks,
             _inbound_link: Some(inbound_link),
         })
@@ -436,7 +520,7 @@ impl Enroller {
             warn!(pod = %pod.ctx.key, error = %e, "cannot remove pod from the eBPF enrollment map");
         }
         for ip in &pod.captured {
-            self.redirector.unregister_inbound(*ip);
+            self.redirector.unregister_inbound(*ip, &pod.owner);
         }
         // Closing the listeners (after the linger); accepted connections keep running in their
         // own tasks.
@@ -455,6 +539,8 @@ impl Enroller {
     /// already told the kernel to stop redirecting here, and they linger for
     /// [`LISTENER_LINGER`] to take in connections already on their way.
     pub fn stop_accepting(&mut self, successor: bool) -> Instant {
+        // (The duplicates of the inbound listeners would keep them open past their tasks.)
+        self.enrolled.values_mut().for_each(|p| p.inbound_v6 = None);
         let tasks: Vec<JoinHandle<()>> = self.enrolled.values_mut().flat_map(|p| p.tasks.drain(..)).collect();
         if successor {
             tasks.iter().for_each(JoinHandle::abort);
@@ -506,7 +592,62 @@ impl Enroller {
             .collect();
         pods.sort_by(|(a, _), (b, _)| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
         *self.view.write().unwrap_or_else(|p| p.into_inner()) = pods;
+        let mut problems: Vec<PodProblem> = self.failed.values().cloned().collect();
+        for pod in self.enrolled.values() {
+            problems.extend(pod.uncaptured.iter().map(|(ip, reason)| PodProblem {
+                pod: pod.ctx.key.to_string(),
+                enrolled: true,
+                reason: format!("link-local address {ip} not captured: {reason}"),
+            }));
+        }
+        problems.sort_by(|a, b| (&a.pod, &a.reason).cmp(&(&b.pod, &b.reason)));
+        *self.problems.write().unwrap_or_else(|p| p.into_inner()) = problems;
     }
+}
+
+/// Brings the captured link-local addresses of an enrolled pod in line with those its
+/// interfaces have now (`found`). A new address is registered for the pod's IPv6 inbound
+/// listener, unless another pod holds it (then it stays uncaptured, logged once and shown,
+/// and is tried again at the next check); an address that went is released. Returns whether
+/// the pod's problems changed.
+fn sync_link_local(redirector: &Redirector, pod: &mut EnrolledPod, found: &[Ipv6Addr]) -> bool {
+    let before = pod.uncaptured.clone();
+    pod.uncaptured.retain(|ip, _| found.contains(ip));
+    let gone: Vec<IpAddr> = pod
+        .captured
+        .iter()
+        .copied()
+        .filter(|ip| matches!(ip, IpAddr::V6(v6) if deliver::is_link_local(*ip) && !found.contains(v6)))
+        .collect();
+    for ip in gone {
+        redirector.unregister_inbound(ip, &pod.owner);
+        pod.captured.retain(|c| *c != ip);
+        info!(pod = %pod.ctx.key, %ip, "link-local address gone; no longer captured");
+    }
+    let new: Vec<Ipv6Addr> =
+        found.iter().copied().filter(|ip| !pod.captured.contains(&IpAddr::V6(*ip))).collect();
+    for ip in new {
+        let registered = match &pod.inbound_v6 {
+            Some(listener) => {
+                redirector.register_inbound(IpAddr::V6(ip), listener, &pod.owner).map_err(|e| e.to_string())
+            }
+            None => Err("the pod had no IPv6 inbound listener when it was enrolled (enroll it again)".into()),
+        };
+        match registered {
+            Ok(()) => {
+                pod.captured.push(IpAddr::V6(ip));
+                pod.uncaptured.remove(&ip);
+                info!(pod = %pod.ctx.key, %ip, "new link-local address captured");
+            }
+            Err(reason) => {
+                if pod.uncaptured.get(&ip) != Some(&reason) {
+                    warn!(pod = %pod.ctx.key, %ip, %reason, "new link-local address not captured: plaintext to it reaches the application without policy");
+                }
+                pod.uncaptured.insert(ip, reason);
+            }
+        }
+    }
+    before != pod.uncaptured
 }
 
 enum EnrollError {

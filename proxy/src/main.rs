@@ -385,6 +385,12 @@ struct RunFlags {
     /// would add one more are not counted (sluice_metric_series_dropped_total).
     #[arg(long, default_value_t = sluice::telemetry::metrics::DEFAULT_MAX_SERIES)]
     max_metric_series: usize,
+    /// Most of those label sets one workload may hold (a series counts for its source
+    /// workload, or its destination's when the source is outside the mesh); records that
+    /// would add one more are not counted (sluice_metric_series_workload_dropped_total)
+    /// [default: max-metric-series / 4].
+    #[arg(long)]
+    max_metric_series_per_workload: Option<usize>,
     /// Seconds a metric series stays after the last pod of its source and destination
     /// workloads left, so that scrapes still see its final counts.
     #[arg(
@@ -501,6 +507,9 @@ fn run(f: RunFlags) -> Result<()> {
         metric_series: sluice::telemetry::metrics::SeriesLimits {
             max_series: f.max_metric_series,
             grace: Duration::from_secs(f.metric_series_grace_s),
+            max_series_per_workload: f.max_metric_series_per_workload.unwrap_or_else(|| {
+                sluice::telemetry::metrics::default_series_per_workload(f.max_metric_series)
+            }),
         },
     };
     let result = daemon::run(RunArgs {

@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 
 pub use crate::{
     conns::ConnView,
-    enroll::PodView,
+    enroll::{PodProblem, PodView},
     telemetry::{
         stats::{DirectionStats, LatencyView, StatKind, StatRow, StatView},
         tap::{TapEvent, TapFilter, TapMessage, TapPeer},
@@ -37,6 +37,9 @@ pub struct StatusView {
     /// The connection bounds in force (derived from RLIMIT_NOFILE unless set by flags).
     #[serde(default)]
     pub limits: Option<crate::admission::AdmissionConfig>,
+    /// Pods of the node sluice does not (fully) protect, and why.
+    #[serde(default)]
+    pub pod_problems: Vec<PodProblem>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

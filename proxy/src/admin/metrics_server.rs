@@ -491,6 +491,12 @@ impl Collector for SluiceMetrics {
             "New addresses balanced without kept state because the state map was full.",
             state_overflow,
         )?;
+        counter(
+            &mut e,
+            "sluice_balancer_state_evicted",
+            "Idle states of addresses outside the model evicted to make room for new addresses.",
+            dp.l7.balancer.state_evictions(),
+        )?;
 
         // Telemetry itself.
         counter(
@@ -520,6 +526,18 @@ impl Collector for SluiceMetrics {
             "sluice_metric_series_dropped",
             "Records not counted in Istio's metrics because their new label set would have exceeded --max-metric-series.",
             istio.dropped(),
+        )?;
+        gauge(
+            &mut e,
+            "sluice_metric_series_workload_limit",
+            "Most label sets one workload may hold in Istio's metrics (--max-metric-series-per-workload).",
+            istio.limits().max_series_per_workload as u64,
+        )?;
+        counter(
+            &mut e,
+            "sluice_metric_series_workload_dropped",
+            "Records not counted in Istio's metrics because their workload held --max-metric-series-per-workload label sets.",
+            istio.workload_dropped(),
         )?;
         counter(
             &mut e,

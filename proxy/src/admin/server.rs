@@ -46,6 +46,7 @@ pub struct AdminState {
     pub model: Arc<ArcSwap<Model>>,
     pub conns: Arc<ConnRegistry>,
     pub pods: enroll::PodsView,
+    pub pod_problems: enroll::ProblemsView,
     pub certs: Arc<CertManager>,
     pub inbound: Arc<Inbound>,
     pub data: Arc<DataPath>,
@@ -125,6 +126,7 @@ impl AdminState {
         let (states, overflow) = balancer.state_stats();
         all.insert("balancer_endpoint_states".to_string(), states as u64);
         all.insert("balancer_state_overflow".to_string(), overflow);
+        all.insert("balancer_state_evicted".to_string(), balancer.state_evictions());
         let ejected = balancer.ejected(std::time::Instant::now());
         all.insert("balancer_ejected_endpoints".to_string(), ejected as u64);
         all.insert("hbone_fallback_plaintext".to_string(), self.data.tunnel_fallbacks.load(Ordering::Relaxed));
@@ -147,7 +149,12 @@ impl AdminState {
             ("dns_failures", &dns.failures),
             ("dns_timeouts", &dns.timeouts),
             ("dns_lookups_refused", &dns.lookups_refused),
+            ("dns_lookups_refused_pod", &dns.lookups_refused_pod),
+            ("dns_lookups_refused_service_entry", &dns.lookups_refused_service_entry),
             ("dns_cache_evictions", &dns.cache_evictions),
+            ("dns_cache_evictions_pod", &dns.cache_evictions_pod),
+            ("dns_cache_evictions_service_entry", &dns.cache_evictions_service_entry),
+            ("dns_invalid_hosts", &dns.invalid_hosts),
             ("dns_stale_served", &dns.stale_served),
         ] {
             all.insert(name.to_string(), value.load(Ordering::Relaxed));
@@ -196,6 +203,7 @@ impl AdminState {
             model_generation: model.generation(),
             model_pods: model.pods().count(),
             limits: Some(self.data.admission.config),
+            pod_problems: self.pod_problems.read().unwrap_or_else(|p| p.into_inner()).clone(),
         }
     }
 }

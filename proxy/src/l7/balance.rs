@@ -24,8 +24,13 @@
 //! State is kept only where there is something to balance: a pick among one address (a pod
 //! dialled directly, a single-endpoint target) creates none. The map is bounded
 //! ([`MAX_ENDPOINT_STATES`]); addresses that are no Service endpoint (DNS or static
-//! ServiceEntry endpoints) are forgotten after [`OUTSIDE_IDLE`] without a request, and
-//! endpoints that left the model at the next model change. Whether any endpoint is ejected is
+//! ServiceEntry endpoints: "outside" addresses, which requests and DNS answers can make up)
+//! are forgotten after [`OUTSIDE_IDLE`] without a request, and endpoints that left the model at
+//! the next model change. Outside addresses may hold at most [`MAX_OUTSIDE_STATES`], so that
+//! the Service endpoints the control path publishes ([`Balancer::set_model_endpoints`]) always
+//! find room; when outside addresses fill their part (or the map is full), the least recently
+//! picked outside states with nothing in flight and no ejection running are evicted, a batch
+//! at a time, before a new address goes without state. Whether any endpoint is ejected is
 //! derived from the ejections' end times, so a forgotten or expired ejection cannot keep every
 //! request on the slow path.
 //!
@@ -38,7 +43,7 @@
 //! loses almost every time (50 times slower: chosen in 2 % of the pairs it is in).
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     net::SocketAddr,
     sync::{
         atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering},
@@ -57,6 +62,12 @@ const MIN_WEIGHT: f64 = 0.25;
 /// Endpoint states kept at most. Far above the endpoints one node sends requests to; past it,
 /// a new address is balanced with a throwaway state (counted in `state_overflow`).
 pub const MAX_ENDPOINT_STATES: usize = 65_536;
+/// Of those, states of addresses outside the model kept at most: the other half is Service
+/// endpoints' whatever outside addresses come and go.
+pub const MAX_OUTSIDE_STATES: usize = MAX_ENDPOINT_STATES / 2;
+/// Outside states evicted at once when room is needed, as a share of [`MAX_OUTSIDE_STATES`]:
+/// one scan of the map frees room for many new addresses.
+const EVICTION_BATCH_DIVISOR: usize = 16;
 /// An address that is no Service endpoint loses its state after this long without a pick.
 pub const OUTSIDE_IDLE: Duration = Duration::from_secs(60);
 
@@ -292,15 +303,59 @@ pub struct Balancer {
     epoch: Instant,
     policy: LbPolicy,
     cfg: EwmaConfig,
-    loads: RwLock<HashMap<SocketAddr, Arc<EndpointLoad>>>,
+    loads: RwLock<States>,
+    /// The Service endpoints of the current model (the control path publishes them); every
+    /// other address is "outside".
+    model: RwLock<Arc<HashSet<SocketAddr>>>,
+    capacity: Capacity,
+    /// Serializes evictions; a pick that finds one running does not wait for it.
+    evicting: Mutex<()>,
     /// New addresses balanced without a kept state because the map was full.
     state_overflow: AtomicU64,
+    /// Outside states evicted to make room for new addresses.
+    state_evicted: AtomicU64,
     /// Round-robin positions per backend (by a caller-chosen key).
     rr: RwLock<HashMap<u64, Arc<AtomicUsize>>>,
 }
 
+/// The kept states, and how many of them are of outside addresses.
+#[derive(Default)]
+struct States {
+    map: HashMap<SocketAddr, Slot>,
+    outside: usize,
+}
+
+struct Slot {
+    load: Arc<EndpointLoad>,
+    /// Not a Service endpoint of the model as last published.
+    outside: bool,
+}
+
+impl States {
+    fn get(&self, addr: &SocketAddr) -> Option<&Arc<EndpointLoad>> {
+        self.map.get(addr).map(|slot| &slot.load)
+    }
+
+    fn remove(&mut self, addr: &SocketAddr) {
+        if let Some(slot) = self.map.remove(addr) {
+            self.outside -= usize::from(slot.outside);
+        }
+    }
+}
+
+/// Bounds of the state map.
+#[derive(Debug, Clone, Copy)]
+struct Capacity {
+    max: usize,
+    outside: usize,
+}
+
 impl Balancer {
     pub fn new(policy: LbPolicy, cfg: EwmaConfig) -> Self {
+        Self::with_capacity(policy, cfg, MAX_ENDPOINT_STATES, MAX_OUTSIDE_STATES)
+    }
+
+    fn with_capacity(policy: LbPolicy, cfg: EwmaConfig, max: usize, outside: usize) -> Self {
         Self {
             ejection_horizon: AtomicU64::new(0),
             ejections: Mutex::new(()),
@@ -308,7 +363,11 @@ impl Balancer {
             policy,
             cfg,
             loads: RwLock::default(),
+            model: RwLock::default(),
+            capacity: Capacity { max, outside: outside.min(max) },
+            evicting: Mutex::new(()),
             state_overflow: AtomicU64::new(0),
+            state_evicted: AtomicU64::new(0),
             rr: RwLock::default(),
         }
     }
@@ -326,9 +385,14 @@ impl Balancer {
     /// for the admin view.
     pub fn state_stats(&self) -> (usize, u64) {
         (
-            self.loads.read().unwrap_or_else(|p| p.into_inner()).len(),
+            self.loads.read().unwrap_or_else(|p| p.into_inner()).map.len(),
             self.state_overflow.load(Ordering::Relaxed),
         )
+    }
+
+    /// Outside states evicted to make room for new addresses (for the admin view).
+    pub fn state_evictions(&self) -> u64 {
+        self.state_evicted.load(Ordering::Relaxed)
     }
 
     pub fn policy(&self) -> LbPolicy {
@@ -540,22 +604,88 @@ impl Balancer {
         if let Some(l) = self.loads.read().unwrap_or_else(|p| p.into_inner()).get(&addr) {
             return l.clone();
         }
-        let mut loads = self.loads.write().unwrap_or_else(|p| p.into_inner());
-        if loads.len() >= MAX_ENDPOINT_STATES && !loads.contains_key(&addr) {
-            drop(loads);
-            self.state_overflow.fetch_add(1, Ordering::Relaxed);
-            return Arc::new(EndpointLoad::throwaway(&self.cfg, now));
-        }
-        let created = self.nanos(now);
-        loads
-            .entry(addr)
-            .or_insert_with(|| {
+        let outside = !self.model.read().unwrap_or_else(|p| p.into_inner()).contains(&addr);
+        let mut evicted = false;
+        loop {
+            let mut loads = self.loads.write().unwrap_or_else(|p| p.into_inner());
+            if let Some(l) = loads.get(&addr) {
+                return l.clone();
+            }
+            let room =
+                loads.map.len() < self.capacity.max && (!outside || loads.outside < self.capacity.outside);
+            if room {
                 let load = EndpointLoad::new(&self.cfg, now);
                 // Its idle time runs from now, not from the balancer's start.
-                load.last_pick.store(created, Ordering::Relaxed);
-                Arc::new(load)
-            })
-            .clone()
+                load.last_pick.store(self.nanos(now), Ordering::Relaxed);
+                let load = Arc::new(load);
+                loads.map.insert(addr, Slot { load: load.clone(), outside });
+                loads.outside += usize::from(outside);
+                return load;
+            }
+            drop(loads);
+            // Once: make room among outside states, then try again.
+            if evicted || !self.evict_outside(now) {
+                self.state_overflow.fetch_add(1, Ordering::Relaxed);
+                return Arc::new(EndpointLoad::throwaway(&self.cfg, now));
+            }
+            evicted = true;
+        }
+    }
+
+    /// Evicts a batch of outside states: the least recently picked ones with nothing in flight
+    /// and no ejection running (an ejection is what protects the requests from a bad
+    /// endpoint: it is not forgotten to make room). The scan runs under the read lock, the
+    /// removal under the write lock. Returns whether any went; `false` at once when another
+    /// pick is evicting (the data path never waits for a scan).
+    fn evict_outside(&self, now: Instant) -> bool {
+        let Ok(_evicting) = self.evicting.try_lock() else { return false };
+        let batch = (self.capacity.outside / EVICTION_BATCH_DIVISOR).max(1);
+        let evictable = |slot: &Slot| slot.outside && slot.load.pending() == 0 && !slot.load.is_ejected(now);
+        let mut idle: Vec<(u64, SocketAddr)> = {
+            let loads = self.loads.read().unwrap_or_else(|p| p.into_inner());
+            loads
+                .map
+                .iter()
+                .filter(|(_, slot)| evictable(slot))
+                .map(|(addr, slot)| (slot.load.last_pick.load(Ordering::Relaxed), *addr))
+                .collect()
+        };
+        if idle.len() > batch {
+            idle.select_nth_unstable(batch);
+            idle.truncate(batch);
+        }
+        let mut removed = 0;
+        {
+            let mut loads = self.loads.write().unwrap_or_else(|p| p.into_inner());
+            for (_, addr) in idle {
+                // Picked again since the scan: it stays.
+                if loads.map.get(&addr).is_some_and(evictable) {
+                    loads.remove(&addr);
+                    removed += 1;
+                }
+            }
+        }
+        self.state_evicted.fetch_add(removed, Ordering::Relaxed);
+        removed > 0
+    }
+
+    /// Publishes the Service endpoints of a new model (control path): their states are kept
+    /// however idle, and they always find room. States of addresses that are in none of them
+    /// and have nothing in flight are forgotten now (endpoints that left, with their ejections;
+    /// DNS and static ServiceEntry addresses start over).
+    pub fn set_model_endpoints(&self, endpoints: HashSet<SocketAddr>) {
+        let endpoints = Arc::new(endpoints);
+        *self.model.write().unwrap_or_else(|p| p.into_inner()) = endpoints.clone();
+        {
+            let mut loads = self.loads.write().unwrap_or_else(|p| p.into_inner());
+            let mut outside = 0;
+            for (addr, slot) in loads.map.iter_mut() {
+                slot.outside = !endpoints.contains(addr);
+                outside += usize::from(slot.outside);
+            }
+            loads.outside = outside;
+        }
+        self.retain(|a| endpoints.contains(a));
     }
 
     fn rr_counter(&self, key: u64) -> Arc<AtomicUsize> {
@@ -597,7 +727,7 @@ impl Balancer {
         let doomed = |addr: &SocketAddr, load: &EndpointLoad| load.pending() == 0 && drop(addr, load);
         let found: Vec<SocketAddr> = {
             let loads = self.loads.read().unwrap_or_else(|p| p.into_inner());
-            loads.iter().filter(|(addr, load)| doomed(addr, load)).map(|(addr, _)| *addr).collect()
+            loads.map.iter().filter(|(addr, slot)| doomed(addr, &slot.load)).map(|(addr, _)| *addr).collect()
         };
         if found.is_empty() {
             return;
@@ -613,14 +743,24 @@ impl Balancer {
         }
         let now = Instant::now();
         let loads = self.loads.read().unwrap_or_else(|p| p.into_inner());
-        let horizon =
-            loads.values().filter_map(|l| l.ejected_until_at(now)).max().map_or(0, |u| self.nanos(u));
+        let horizon = loads
+            .map
+            .values()
+            .filter_map(|s| s.load.ejected_until_at(now))
+            .max()
+            .map_or(0, |u| self.nanos(u));
         self.ejection_horizon.store(horizon, Ordering::Release);
     }
 
     /// The number of endpoints ejected at `now` (for the admin view and tests; a scan).
     pub fn ejected(&self, now: Instant) -> usize {
-        self.loads.read().unwrap_or_else(|p| p.into_inner()).values().filter(|l| l.is_ejected(now)).count()
+        self.loads
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .map
+            .values()
+            .filter(|s| s.load.is_ejected(now))
+            .count()
     }
 }
 
@@ -902,19 +1042,99 @@ mod tests {
         let b = Balancer::new(LbPolicy::P2cEwma, EwmaConfig::default());
         let now = Instant::now();
         let addr = |i: usize| SocketAddr::from(([10, (i >> 16) as u8, (i >> 8) as u8, i as u8], 80));
+        // Service endpoints: all of the map is theirs.
+        b.set_model_endpoints((0..MAX_ENDPOINT_STATES + 2).map(addr).collect());
         for i in (0..MAX_ENDPOINT_STATES).step_by(2) {
             drop(b.pick_at(1, &[addr(i), addr(i + 1)], now));
         }
         assert_eq!(b.state_stats(), (MAX_ENDPOINT_STATES, 0));
         let extra = [addr(MAX_ENDPOINT_STATES), addr(MAX_ENDPOINT_STATES + 1)];
-        // Still balanced (with throwaway state), not kept, and counted.
+        // Still balanced (with throwaway state), not kept, and counted: no outside state to
+        // make room with.
         let (picked, _inflight) = b.pick_at(1, &extra, now).unwrap();
         assert!(extra.contains(&picked));
         let (kept, overflow) = b.state_stats();
         assert_eq!(kept, MAX_ENDPOINT_STATES);
         assert!(overflow >= 2, "{overflow}");
+        assert_eq!(b.state_evictions(), 0);
         // Known endpoints are unaffected.
         assert!(b.endpoint(addr(0)).is_some());
+    }
+
+    fn outside(i: u8) -> SocketAddr {
+        SocketAddr::from(([198, 51, 100, i], 443))
+    }
+
+    /// Outside addresses (DNS answers, say) beyond their part of the map evict the least
+    /// recently picked outside states, except those with requests in flight or an ejection
+    /// running; with nothing evictable, a new address goes without state.
+    #[test]
+    fn outside_addresses_evict_idle_outside_states_to_make_room() {
+        let b = Balancer::with_capacity(LbPolicy::P2cEwma, EwmaConfig::default(), 8, 4);
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        drop(b.pick_at(1, &[outside(1), outside(2)], at(1)));
+        drop(b.pick_at(1, &[outside(3), outside(4)], at(2)));
+        assert_eq!(b.state_stats(), (4, 0));
+        // outside(3) is ejected, outside(4) has a request in flight.
+        let cfg = OutlierDetection {
+            consecutive_5xx: 1,
+            base_ejection_time: Duration::from_secs(60),
+            ..outlier_cfg()
+        };
+        b.record_outcome_at(outside(3), Outcome::Error5xx, &cfg, &[outside(3), outside(4)], at(3)).unwrap();
+        let held = b.pick_avoiding_at(2, &[outside(4), outside(3)], &[], 0, at(3)).unwrap();
+        assert_eq!(held.0, outside(4));
+        // outside(1) and outside(2), the least recently picked of the others, make room.
+        drop(b.pick_at(1, &[outside(2), outside(1)], at(4)));
+        let (picked, _) = b.pick_at(3, &[outside(5), outside(6)], at(5)).unwrap();
+        assert!([outside(5), outside(6)].contains(&picked));
+        assert_eq!(b.state_stats(), (4, 0), "evicted, not overflowed");
+        assert_eq!(b.state_evictions(), 2);
+        assert!(b.endpoint(outside(3)).is_some(), "an ejection is never forgotten to make room");
+        assert!(b.endpoint(outside(4)).is_some(), "a state with a request in flight stays");
+        assert!(b.endpoint(outside(1)).is_none() && b.endpoint(outside(2)).is_none());
+        // Everything left is busy or ejected except the two new ones; with those in flight
+        // too, a new address overflows.
+        let _busy =
+            [b.pick_at(4, &[outside(5)], at(6)).unwrap(), b.pick_at(4, &[outside(6)], at(6)).unwrap()];
+        let evicted = b.state_evictions();
+        drop(b.pick_at(5, &[outside(7), outside(8)], at(7)));
+        let (kept, overflow) = b.state_stats();
+        assert_eq!((kept, b.state_evictions()), (4, evicted));
+        assert!(overflow >= 2, "{overflow}");
+        assert!(b.endpoint(outside(7)).is_none() && b.endpoint(outside(8)).is_none());
+        drop(held);
+    }
+
+    /// Service endpoints always find room: outside addresses hold at most their part of the
+    /// map, and a full map evicts outside states for a Service endpoint.
+    #[test]
+    fn service_endpoints_always_get_state() {
+        let b = Balancer::with_capacity(LbPolicy::P2cEwma, EwmaConfig::default(), 8, 4);
+        let t0 = Instant::now();
+        let service = addrs(6);
+        b.set_model_endpoints(service.iter().copied().collect());
+        // A flood of outside addresses fills only its part.
+        for i in (0..100u8).step_by(2) {
+            drop(b.pick_at(1, &[outside(i), outside(i + 1)], t0 + Duration::from_millis(u64::from(i))));
+        }
+        assert_eq!(b.state_stats(), (4, 0));
+        // (A pick of two looks at both: each endpoint of the pair gets its state.)
+        for pair in service[..4].chunks(2) {
+            drop(b.pick_at(2, pair, t0 + Duration::from_secs(1)));
+        }
+        assert_eq!(b.state_stats(), (8, 0));
+        // The map is full: outside states make room for the Service's other endpoints.
+        let evicted = b.state_evictions();
+        drop(b.pick_at(2, &service[4..], t0 + Duration::from_secs(2)));
+        assert!(service.iter().all(|a| b.endpoint(*a).is_some()), "every Service endpoint got state");
+        assert_eq!(b.state_stats(), (8, 0));
+        assert_eq!(b.state_evictions(), evicted + 2);
+        // A model change forgets what is outside the model and idle; the Service endpoints
+        // stay however idle.
+        b.set_model_endpoints(service.iter().copied().collect());
+        assert_eq!(b.state_stats(), (6, 0));
     }
 
     #[test]

@@ -130,9 +130,14 @@ impl L7 {
         Ok(upstream::TlsTarget { config, server_name, sni: sni.into() })
     }
 
-    /// Resolves a ServiceEntry host (see [`dns`]).
-    pub async fn resolve(&self, host: &str, port: u16) -> Result<Arc<[std::net::SocketAddr]>, dns::DnsError> {
-        self.dns.resolve(host, port).await
+    /// Resolves a ServiceEntry host for a source pod (see [`dns`]).
+    pub async fn resolve(
+        &self,
+        host: &str,
+        port: u16,
+        who: dns::Asker<'_>,
+    ) -> Result<Arc<[std::net::SocketAddr]>, dns::DnsError> {
+        self.dns.resolve(host, port, who).await
     }
 }
 

@@ -49,8 +49,9 @@ pub fn balance_key(namespace: &str, name: &str, port: u16) -> u64 {
 /// Where the request's endpoints come from.
 pub enum Endpoints {
     Known(Arc<[SocketAddr]>),
-    /// A DNS ServiceEntry: resolve `host` (port `port`) when sending.
-    Dns { host: String, port: u16 },
+    /// A DNS ServiceEntry: resolve `host` (port `port`) when sending. `service_entry`
+    /// ("namespace/name") is what the lookup is counted against, with the source pod.
+    Dns { host: String, port: u16, service_entry: Arc<str> },
 }
 
 /// The plan for one request.
@@ -273,7 +274,11 @@ fn service_entry_plan(
         Resolution::Dns | Resolution::DnsRoundRobin => {
             let name = entry.endpoints.first().map(|e| e.address.clone()).or_else(|| host.clone());
             match name {
-                Some(host) => Endpoints::Dns { host, port: target_port },
+                Some(host) => Endpoints::Dns {
+                    host,
+                    port: target_port,
+                    service_entry: format!("{}/{}", entry.namespace, entry.name).into(),
+                },
                 None => return Err(ProxyError::BadBackend(format!("ServiceEntry {}/{} has no host to resolve", entry.namespace, entry.name))),
             }
         }

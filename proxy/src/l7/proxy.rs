@@ -164,7 +164,11 @@ async fn forward(req: Request<Body>, ctx: &Arc<ConnCtx>, grpc: bool, obs: &mut O
     apply_request_policy(&plan, ctx, &parts, grpc).await?;
     let endpoints = match &plan.endpoints {
         Endpoints::Known(eps) => eps.clone(),
-        Endpoints::Dns { host, port } => l7.resolve(host, *port).await.map_err(|e| ProxyError::NoEndpoints(format!("{} ({e})", plan.backend)))?,
+        Endpoints::Dns { host, port, service_entry } => {
+            let who = super::dns::Asker { pod: &ctx.pod.key, service_entry };
+            let resolved = l7.resolve(host, *port, who).await;
+            resolved.map_err(|e| ProxyError::NoEndpoints(format!("{} ({e})", plan.backend)))?
+        }
     };
     if endpoints.is_empty() {
         return Err(ProxyError::NoEndpoints(plan.backend.clone()));

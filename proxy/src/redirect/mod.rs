@@ -5,9 +5,12 @@
 //! and `CONFIG`; the data path only calls [`Redirector::take_original`], a single lock-free
 //! `BPF_MAP_LOOKUP_AND_DELETE_ELEM` syscall on `ORIG_BY_TUPLE`.
 
+mod owners;
 mod pins;
 mod rawmap;
 
+pub use owners::CaptureOwner;
+use owners::InboundOwners;
 use rawmap::RawMap;
 
 use std::{
@@ -69,6 +72,10 @@ pub enum RedirectError {
     },
     #[error("pinning under {path}: {reason}")]
     Pin { path: PathBuf, reason: String },
+    /// Another enrolled pod's plaintext to this address is captured already (link-local
+    /// addresses are unique per link only, not per node).
+    #[error("address {addr} is captured for pod {holder} already; two pods of a node cannot share an address")]
+    AddressTaken { addr: IpAddr, holder: String },
 }
 
 /// How sluice behaves for enrolled pods while it is not running.
@@ -107,7 +114,8 @@ pub struct Redirector {
     // Owns the programs (and, in fail-open mode, their links: dropping it detaches them).
     // Locked only on the control path (attaching the inbound program to a pod's netns).
     ebpf: Mutex<Ebpf>,
-    inbound: Mutex<SockHash<MapData, AddrKey>>,
+    /// `INBOUND`, with the pod each entry was registered for.
+    inbound: Mutex<(SockHash<MapData, AddrKey>, InboundOwners)>,
     _pinned: Vec<PinnedLink>,
     config: Mutex<Array<MapData, u64>>,
     /// Set by [`Redirector::mark_dead`]: the heartbeat stays silent from then on. Read and
@@ -282,7 +290,7 @@ impl Redirector {
         Ok((
             Self {
                 ebpf: Mutex::new(ebpf),
-                inbound: Mutex::new(inbound),
+                inbound: Mutex::new((inbound, InboundOwners::default())),
                 _pinned: pinned,
                 config: Mutex::new(config),
                 stopped: AtomicBool::new(false),
@@ -368,19 +376,39 @@ impl Redirector {
     }
 
     /// Makes `listener` the socket that receives captured plaintext connections to `pod_ip`
-    /// (one of a pod's addresses; the listener must be of the same family). The kernel drops
-    /// the entry by itself when the socket closes.
-    pub fn register_inbound(&self, pod_ip: IpAddr, listener: &impl AsRawFd) -> Result<(), RedirectError> {
+    /// (one of `owner`'s addresses; the listener must be of the same family). The kernel drops
+    /// the entry by itself when the socket closes. Refused if another pod holds the address:
+    /// taking it over would silently end that pod's capture.
+    pub fn register_inbound(
+        &self,
+        pod_ip: IpAddr,
+        listener: &impl AsRawFd,
+        owner: &CaptureOwner,
+    ) -> Result<(), RedirectError> {
         let key = addr_key(pod_ip);
-        let mut map = self.inbound.lock().unwrap_or_else(|p| p.into_inner());
-        map.insert(key, listener.as_raw_fd(), 0).map_err(|e| map_err(names::MAP_INBOUND, e))
+        let mut inbound = self.inbound.lock().unwrap_or_else(|p| p.into_inner());
+        let (map, owners) = &mut *inbound;
+        if let Some(holder) = owners.taken_by(pod_ip, owner) {
+            let holder = holder.pod.to_string();
+            return Err(RedirectError::AddressTaken { addr: pod_ip.to_canonical(), holder });
+        }
+        map.insert(key, listener.as_raw_fd(), 0).map_err(|e| map_err(names::MAP_INBOUND, e))?;
+        owners.record(pod_ip, owner);
+        Ok(())
     }
 
-    /// Stops capturing plaintext to `pod_ip` (its listener may stay open a moment longer).
-    pub fn unregister_inbound(&self, pod_ip: IpAddr) {
+    /// Stops capturing plaintext to `pod_ip` for `owner` (its listener may stay open a moment
+    /// longer). An entry another pod registered since is left alone; returns whether the
+    /// entry was `owner`'s.
+    pub fn unregister_inbound(&self, pod_ip: IpAddr, owner: &CaptureOwner) -> bool {
         let key = addr_key(pod_ip);
-        let mut map = self.inbound.lock().unwrap_or_else(|p| p.into_inner());
+        let mut inbound = self.inbound.lock().unwrap_or_else(|p| p.into_inner());
+        let (map, owners) = &mut *inbound;
+        if !owners.release(pod_ip, owner) {
+            return false;
+        }
         let _ = map.remove(&key);
+        true
     }
 
     /// Exempts sluice's own delivery connection from `source` from inbound capture, until

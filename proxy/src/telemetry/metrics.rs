@@ -30,17 +30,21 @@
 //! - `destination_service` is the Service host `name.namespace.svc.cluster.local`; without a
 //!   Service it is "unknown" on the source reporter (an external address) and the destination
 //!   workload's canonical service on the destination reporter;
-//! - `grpc_response_status` is the gRPC status number for gRPC, empty for plain HTTP;
-//!   `response_code` is "0" when no response was sent;
+//! - `grpc_response_status` is the gRPC status number (0 to 16) for gRPC, empty for plain
+//!   HTTP, "other" for a number gRPC does not define; `response_code` is the HTTP status when
+//!   IANA registered it, "0" when no response was sent, and otherwise its class ("4xx" for
+//!   499) or "other" (600 to 999, which HTTP does not define) (see [`StatusLabel`]);
 //! - `response_flags` is "-" or sluice's reason (the `x-sluice-error` vocabulary, a small
 //!   fixed set).
 //!
 //! Cardinality: no label carries a path, an address or a pod name (workloads are named after
-//! their controller, `discovery::workload`), so the series are bounded by workload pairs ×
-//! Services × codes. Two bounds keep that true over time and against surprises
-//! ([`SeriesLimits`]): a series whose workloads have all left the model expires after a grace
-//! period ([`Metrics::expire`], run by [`expire_series`] on the control path), and a hard cap
-//! on the number of series refuses new ones beyond it (counted, never blocking).
+//! their controller, `discovery::workload`), and codes come from small fixed sets, so the
+//! series are bounded by workload pairs × Services × codes. Three bounds keep that true over
+//! time and against surprises ([`SeriesLimits`]): a series whose workloads have all left the
+//! model expires after a grace period ([`Metrics::expire`], run by [`expire_series`] on the
+//! control path), a hard cap on the number of series refuses new ones beyond it, and each
+//! workload may hold only a share of that cap (counted, never blocking): one workload
+//! answering itself with every status there is cannot take the series of the others.
 //!
 //! The data path builds no label set per request: a record is turned into a borrowed view of
 //! its labels (`&str`s into the record and the model's [`WorkloadInfo`]s), hashed once and
@@ -85,6 +89,12 @@ pub const DEFAULT_MAX_SERIES: usize = 5_000;
 /// Default of `--metric-series-grace-s`.
 pub const DEFAULT_SERIES_GRACE: Duration = Duration::from_secs(300);
 
+/// The default share of `--max-metric-series` one workload may hold: a quarter, as for
+/// connections (`admission`), so that no single workload can take every series.
+pub fn default_series_per_workload(max_series: usize) -> usize {
+    (max_series / 4).max(1)
+}
+
 /// The bounds on the series of Istio's metrics (`sluice run` flags).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SeriesLimits {
@@ -94,11 +104,20 @@ pub struct SeriesLimits {
     /// How long a series stays once no pod of its source or destination workload is left in
     /// the model, so that the scrapes in between still see its final counts.
     pub grace: Duration,
+    /// Most series charged to one workload (`--max-metric-series-per-workload`): a series is
+    /// charged to its source workload, or to its destination workload when the source is not
+    /// a pod of the model (a client outside the mesh). Beyond it, records of new label sets of
+    /// that workload are not counted (`sluice_metric_series_workload_dropped_total`).
+    pub max_series_per_workload: usize,
 }
 
 impl Default for SeriesLimits {
     fn default() -> Self {
-        SeriesLimits { max_series: DEFAULT_MAX_SERIES, grace: DEFAULT_SERIES_GRACE }
+        SeriesLimits {
+            max_series: DEFAULT_MAX_SERIES,
+            grace: DEFAULT_SERIES_GRACE,
+            max_series_per_workload: default_series_per_workload(DEFAULT_MAX_SERIES),
+        }
     }
 }
 
@@ -134,6 +153,73 @@ impl Security {
             Security::Unknown => "unknown",
             Security::MutualTls => "mutual_tls",
             Security::None => "none",
+        }
+    }
+}
+
+/// A status as a label value: its number when dashboards may look for it, a bucket otherwise,
+/// so that a server answering with every number there is makes a handful of series, not a
+/// thousand. The classes keep Istio's dashboards right: they select errors with
+/// `response_code=~"5.*"`, which "5xx" still matches; "other" matches no class.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+enum StatusLabel {
+    Code(u16),
+    /// `Class(4)` is "4xx".
+    Class(u8),
+    Other,
+}
+
+impl StatusLabel {
+    /// `response_code`: 0 (no response) and the statuses IANA registered as themselves, other
+    /// numbers of 100 to 599 as their class, anything else "other".
+    fn http(status: u16) -> StatusLabel {
+        match status {
+            0 => StatusLabel::Code(0),
+            s if is_registered_status(s) => StatusLabel::Code(s),
+            100..=599 => StatusLabel::Class((status / 100) as u8),
+            _ => StatusLabel::Other,
+        }
+    }
+
+    /// `grpc_response_status`: the codes gRPC defines (OK = 0 to UNAUTHENTICATED = 16).
+    fn grpc(status: u16) -> StatusLabel {
+        if status <= 16 {
+            StatusLabel::Code(status)
+        } else {
+            StatusLabel::Other
+        }
+    }
+}
+
+/// The HTTP status codes of IANA's registry (RFC 9110 and the later RFCs it lists), without
+/// those marked unused (306, 418).
+fn is_registered_status(status: u16) -> bool {
+    matches!(
+        status,
+        100..=103
+            | 200..=208
+            | 226
+            | 300..=305
+            | 307
+            | 308
+            | 400..=417
+            | 421..=426
+            | 428
+            | 429
+            | 431
+            | 451
+            | 500..=508
+            | 510
+            | 511
+    )
+}
+
+impl prometheus_client::encoding::EncodeLabelValue for StatusLabel {
+    fn encode(&self, encoder: &mut prometheus_client::encoding::LabelValueEncoder) -> fmt::Result {
+        match self {
+            StatusLabel::Code(c) => fmt::Write::write_str(encoder, itoa(*c, &mut [0u8; 5])),
+            StatusLabel::Class(c) => fmt::Write::write_fmt(encoder, format_args!("{c}xx")),
+            StatusLabel::Other => fmt::Write::write_str(encoder, "other"),
         }
     }
 }
@@ -207,9 +293,9 @@ struct LabelsView<'a> {
     /// "http", "grpc" or "tcp".
     protocol: &'a str,
     /// HTTP status (0: none); unused for TCP.
-    response_code: u16,
+    response_code: StatusLabel,
     /// gRPC status; `None`: empty label (plain HTTP, or a gRPC response without status).
-    grpc_status: Option<u16>,
+    grpc_status: Option<StatusLabel>,
     response_flags: &'a str,
     security: Security,
 }
@@ -248,7 +334,7 @@ impl<'a> LabelsView<'a> {
             service_namespace,
             service_fqdn,
             protocol,
-            response_code: 0,
+            response_code: StatusLabel::Code(0),
             grpc_status: None,
             response_flags: if response_flags.is_empty() { "-" } else { response_flags },
             security,
@@ -265,9 +351,19 @@ impl<'a> LabelsView<'a> {
             rec.protocol,
             rec.response_flags,
         );
-        v.response_code = rec.status;
-        v.grpc_status = if rec.protocol == "grpc" { rec.grpc_status } else { None };
+        v.response_code = StatusLabel::http(rec.status);
+        v.grpc_status = if rec.protocol == "grpc" { rec.grpc_status.map(StatusLabel::grpc) } else { None };
         v
+    }
+
+    /// The workload a new series is charged to: the source, or the destination when the
+    /// source is not a pod of the model (then the destination is: sluice reports only for its
+    /// own pods). `None` if neither is.
+    fn charged_workload(&self) -> Option<(&'a str, &'a str)> {
+        [self.source, self.destination]
+            .into_iter()
+            .find(|side| side.cluster == CLUSTER_ID)
+            .map(|side| (side.namespace, side.workload))
     }
 
     fn connection(rec: &'a ConnRecord<'_>) -> LabelsView<'a> {
@@ -358,8 +454,8 @@ struct Key {
     /// `destination_service`, spelled out once.
     service_host: Arc<str>,
     protocol: Arc<str>,
-    response_code: u16,
-    grpc_status: Option<u16>,
+    response_code: StatusLabel,
+    grpc_status: Option<StatusLabel>,
     response_flags: Arc<str>,
     security: Security,
 }
@@ -431,15 +527,7 @@ impl Equivalent<Arc<Key>> for LabelsView<'_> {
     }
 }
 
-/// Small integers as label values, written at encode time.
-struct Code(u16);
-
-impl prometheus_client::encoding::EncodeLabelValue for Code {
-    fn encode(&self, encoder: &mut prometheus_client::encoding::LabelValueEncoder) -> fmt::Result {
-        fmt::Write::write_str(encoder, itoa(self.0, &mut [0u8; 5]))
-    }
-}
-
+/// A small integer as text, without allocating (label values are written at encode time).
 fn itoa(mut n: u16, buf: &mut [u8; 5]) -> &str {
     let mut i = buf.len();
     loop {
@@ -484,9 +572,9 @@ impl EncodeLabelSet for Key {
         }
         ("request_protocol", &*self.protocol).encode(encoder.encode_label())?;
         if &*self.protocol != "tcp" {
-            ("response_code", Code(self.response_code)).encode(encoder.encode_label())?;
+            ("response_code", self.response_code).encode(encoder.encode_label())?;
             match self.grpc_status {
-                Some(c) => ("grpc_response_status", Code(c)).encode(encoder.encode_label())?,
+                Some(c) => ("grpc_response_status", c).encode(encoder.encode_label())?,
                 None => ("grpc_response_status", "").encode(encoder.encode_label())?,
             }
         }
@@ -571,23 +659,37 @@ impl<V> Default for Store<V> {
     }
 }
 
+/// Why a record's new series was not made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Refusal {
+    /// `max_series` series exist.
+    Cap,
+    /// The workload it is charged to holds `max_series_per_workload`.
+    Workload,
+}
+
 impl<V: Default> Store<V> {
     /// Runs `f` on the series of `labels`, creating it on first use if `admit()` allows one
-    /// more series (else `f` does not run and `false` is returned).
-    fn with(&self, labels: &LabelsView<'_>, admit: impl FnOnce() -> bool, f: impl FnOnce(&V)) -> bool {
+    /// more series (else `f` does not run and the refusal is returned).
+    fn with(
+        &self,
+        labels: &LabelsView<'_>,
+        admit: impl FnOnce() -> Result<(), Refusal>,
+        f: impl FnOnce(&V),
+    ) -> Result<(), Refusal> {
         {
             let map = self.map.read().unwrap_or_else(PoisonError::into_inner);
             if let Some(series) = map.get(labels) {
                 f(series);
-                return true;
+                return Ok(());
             }
         }
         let series = {
             let mut map = self.map.write().unwrap_or_else(PoisonError::into_inner);
             match map.get(labels) {
                 Some(s) => s.clone(),
-                None if !admit() => return false,
                 None => {
+                    admit()?;
                     let s = Arc::new(V::default());
                     map.insert(Arc::new(Key::own(labels)), s.clone());
                     s
@@ -595,7 +697,7 @@ impl<V: Default> Store<V> {
             }
         };
         f(&series);
-        true
+        Ok(())
     }
 
     /// The series, copied out of the lock, in a stable order.
@@ -613,13 +715,13 @@ impl<V: Default> Store<V> {
         self.map.read().unwrap_or_else(PoisonError::into_inner).keys().cloned().collect()
     }
 
-    /// Removes these series; returns how many there were.
-    fn remove(&self, keys: &[Arc<Key>]) -> usize {
+    /// Removes these series; returns those that were there.
+    fn remove(&self, keys: Vec<Arc<Key>>) -> Vec<Arc<Key>> {
         if keys.is_empty() {
-            return 0;
+            return keys;
         }
         let mut map = self.map.write().unwrap_or_else(PoisonError::into_inner);
-        keys.iter().filter(|k| map.remove(*k).is_some()).count()
+        keys.into_iter().filter(|k| map.remove(k).is_some()).collect()
     }
 
     fn len(&self) -> usize {
@@ -669,14 +771,15 @@ struct Orphans {
 }
 
 /// One store's part of [`Metrics::expire`]: marks the series without a live workload, clears
-/// the marks of those whose workload came back, removes those marked for `grace` or longer.
+/// the marks of those whose workload came back, removes those marked for `grace` or longer
+/// and returns them.
 fn expire_store<V: Default>(
     store: &Store<V>,
     orphans: &mut std::collections::HashMap<Arc<Key>, Instant>,
     live: &LiveWorkloads,
     grace: Duration,
     now: Instant,
-) -> usize {
+) -> Vec<Arc<Key>> {
     let mut due = Vec::new();
     // Decided outside the store's lock: the data path only waits for the removal itself.
     for key in store.keys() {
@@ -692,12 +795,15 @@ fn expire_store<V: Default>(
     for key in &due {
         orphans.remove(key);
     }
-    store.remove(&due)
+    store.remove(due)
 }
 
 fn cmp_keys(a: &Key, b: &Key) -> CmpOrdering {
     a.view().sort_key().cmp(&b.view().sort_key())
 }
+
+/// Series counts by namespace, then workload name.
+type SeriesByWorkload = std::collections::HashMap<Arc<str>, std::collections::HashMap<Arc<str>, usize>>;
 
 /// Istio's standard metrics.
 #[derive(Debug)]
@@ -713,6 +819,13 @@ pub struct Metrics {
     expired: AtomicU64,
     /// The cap's warning was logged and the store has not gone below the cap since.
     warned: AtomicBool,
+    /// Series charged to each workload, by namespace and workload name (see
+    /// [`SeriesLimits::max_series_per_workload`]). Locked only to make or expire a series.
+    per_workload: Mutex<SeriesByWorkload>,
+    /// Records not counted because their workload held its share of series.
+    workload_dropped: AtomicU64,
+    /// The share's warning was logged and no series expired since.
+    warned_workload: AtomicBool,
     orphans: Mutex<Orphans>,
 }
 
@@ -736,26 +849,78 @@ impl Metrics {
             dropped: AtomicU64::new(0),
             expired: AtomicU64::new(0),
             warned: AtomicBool::new(false),
+            per_workload: Mutex::default(),
+            workload_dropped: AtomicU64::new(0),
+            warned_workload: AtomicBool::new(false),
             orphans: Mutex::default(),
         }
     }
 
-    /// Takes one of the `max_series` places for a new series. Runs only when a record brings
-    /// a label set not seen yet, under the store's write lock (so: nothing but an atomic).
-    fn admit(&self) -> bool {
+    /// Takes one of the `max_series` places for a new series of `labels`, and one of its
+    /// workload's share. Runs only when a record brings a label set not seen yet, under the
+    /// store's write lock (so: an atomic and a small map, no I/O).
+    fn admit(&self, labels: &LabelsView<'_>) -> Result<(), Refusal> {
+        let charged = labels.charged_workload();
+        let mut per_workload = self.per_workload.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some((namespace, workload)) = charged {
+            let held = per_workload.get(namespace).and_then(|w| w.get(workload)).copied().unwrap_or(0);
+            if held >= self.limits.max_series_per_workload {
+                return Err(Refusal::Workload);
+            }
+        }
         let max = self.limits.max_series;
-        self.count.fetch_update(Relaxed, Relaxed, |n| (n < max).then_some(n + 1)).is_ok()
+        if self.count.fetch_update(Relaxed, Relaxed, |n| (n < max).then_some(n + 1)).is_err() {
+            return Err(Refusal::Cap);
+        }
+        if let Some((namespace, workload)) = charged {
+            *per_workload.entry(namespace.into()).or_default().entry(workload.into()).or_default() += 1;
+        }
+        Ok(())
     }
 
-    /// A record was not counted: its new series would have exceeded the cap. Warns once per
-    /// episode (until expiry brings the count below the cap again).
-    fn refused(&self) {
-        self.dropped.fetch_add(1, Relaxed);
-        if !self.warned.swap(true, Relaxed) {
-            warn!(
-                max_series = self.limits.max_series,
-                "Istio metrics reached --max-metric-series: records of new label sets are not counted (sluice_metric_series_dropped_total) until series of departed workloads expire"
-            );
+    /// Gives back the places of expired series.
+    fn release(&self, keys: &[Arc<Key>]) {
+        let mut per_workload = self.per_workload.lock().unwrap_or_else(PoisonError::into_inner);
+        for key in keys {
+            let Some((namespace, workload)) = key.view().charged_workload() else { continue };
+            let Some(workloads) = per_workload.get_mut(namespace) else { continue };
+            if let Some(held) = workloads.get_mut(workload) {
+                *held = held.saturating_sub(1);
+                if *held == 0 {
+                    workloads.remove(workload);
+                }
+            }
+            if workloads.is_empty() {
+                per_workload.remove(namespace);
+            }
+        }
+    }
+
+    /// A record was not counted: its new series would have exceeded the cap or its workload's
+    /// share. Warns once per episode (until expiry frees places again).
+    fn refused(&self, why: Refusal, labels: &LabelsView<'_>) {
+        match why {
+            Refusal::Cap => {
+                self.dropped.fetch_add(1, Relaxed);
+                if !self.warned.swap(true, Relaxed) {
+                    warn!(
+                        max_series = self.limits.max_series,
+                        "Istio metrics reached --max-metric-series: records of new label sets are not counted (sluice_metric_series_dropped_total) until series of departed workloads expire"
+                    );
+                }
+            }
+            Refusal::Workload => {
+                self.workload_dropped.fetch_add(1, Relaxed);
+                if !self.warned_workload.swap(true, Relaxed) {
+                    let (namespace, workload) = labels.charged_workload().unwrap_or_default();
+                    warn!(
+                        namespace,
+                        workload,
+                        max_series_per_workload = self.limits.max_series_per_workload,
+                        "a workload reached --max-metric-series-per-workload: its records of new label sets are not counted (sluice_metric_series_workload_dropped_total)"
+                    );
+                }
+            }
         }
     }
 
@@ -766,15 +931,15 @@ impl Metrics {
         let us = u64::try_from(rec.duration.as_micros()).unwrap_or(u64::MAX);
         let kept = self.requests.with(
             &labels,
-            || self.admit(),
+            || self.admit(&labels),
             |s| {
                 s.duration.observe(ms, us);
                 s.request_bytes.observe(rec.request_bytes as f64, rec.request_bytes);
                 s.response_bytes.observe(rec.response_bytes as f64, rec.response_bytes);
             },
         );
-        if !kept {
-            self.refused();
+        if let Err(why) = kept {
+            self.refused(why, &labels);
         }
     }
 
@@ -782,13 +947,13 @@ impl Metrics {
         let labels = LabelsView::connection(rec);
         let kept = self.tcp.with(
             &labels,
-            || self.admit(),
+            || self.admit(&labels),
             |s| {
                 s.opened.fetch_add(1, Relaxed);
             },
         );
-        if !kept {
-            self.refused();
+        if let Err(why) = kept {
+            self.refused(why, &labels);
         }
     }
 
@@ -797,15 +962,15 @@ impl Metrics {
         let labels = LabelsView::connection(rec);
         let kept = self.tcp.with(
             &labels,
-            || self.admit(),
+            || self.admit(&labels),
             |s| {
                 s.closed.fetch_add(1, Relaxed);
                 s.sent.fetch_add(rec.sent, Relaxed);
                 s.received.fetch_add(rec.received, Relaxed);
             },
         );
-        if !kept {
-            self.refused();
+        if let Err(why) = kept {
+            self.refused(why, &labels);
         }
     }
 
@@ -818,11 +983,14 @@ impl Metrics {
     pub fn expire(&self, live: &LiveWorkloads, now: Instant) -> usize {
         let mut orphans = self.orphans.lock().unwrap_or_else(PoisonError::into_inner);
         let grace = self.limits.grace;
-        let removed = expire_store(&self.requests, &mut orphans.requests, live, grace, now)
-            + expire_store(&self.tcp, &mut orphans.tcp, live, grace, now);
+        let mut gone = expire_store(&self.requests, &mut orphans.requests, live, grace, now);
+        gone.extend(expire_store(&self.tcp, &mut orphans.tcp, live, grace, now));
+        let removed = gone.len();
         if removed > 0 {
+            self.release(&gone);
             self.count.fetch_sub(removed, Relaxed);
             self.expired.fetch_add(removed as u64, Relaxed);
+            self.warned_workload.store(false, Relaxed);
         }
         if self.count.load(Relaxed) < self.limits.max_series {
             self.warned.store(false, Relaxed);
@@ -843,6 +1011,11 @@ impl Metrics {
     /// Records not counted because the series cap was reached.
     pub fn dropped(&self) -> u64 {
         self.dropped.load(Relaxed)
+    }
+
+    /// Records not counted because their workload held its share of the series.
+    pub fn workload_dropped(&self) -> u64 {
+        self.workload_dropped.load(Relaxed)
     }
 
     /// Series removed because their workloads left the model.
@@ -1263,7 +1436,11 @@ mod tests {
     #[test]
     fn series_of_departed_workloads_expire_after_the_grace_period() {
         let grace = Duration::from_secs(60);
-        let m = Arc::new(Metrics::with_limits(SeriesLimits { max_series: 100, grace }));
+        let m = Arc::new(Metrics::with_limits(SeriesLimits {
+            max_series: 100,
+            grace,
+            max_series_per_workload: 100,
+        }));
         let [client, web, db, batch] = ["client", "web", "db", "batch"].map(|w| workload("shop", w, w));
         ok_to(&m, &client, Some(&web), 200);
         ok_to(&m, &client, Some(&db), 200);
@@ -1310,7 +1487,11 @@ mod tests {
 
     #[test]
     fn tcp_series_expire_like_request_series() {
-        let m = Metrics::with_limits(SeriesLimits { max_series: 100, grace: Duration::ZERO });
+        let m = Metrics::with_limits(SeriesLimits {
+            max_series: 100,
+            grace: Duration::ZERO,
+            max_series_per_workload: 100,
+        });
         let [job, db] = ["job", "db"].map(|w| workload("shop", w, w));
         let rec = ConnRecord {
             reporter: Reporter::Destination,
@@ -1340,7 +1521,11 @@ mod tests {
 
     #[test]
     fn the_series_cap_refuses_new_label_sets_and_counts_them() {
-        let m = Arc::new(Metrics::with_limits(SeriesLimits { max_series: 3, grace: Duration::ZERO }));
+        let m = Arc::new(Metrics::with_limits(SeriesLimits {
+            max_series: 3,
+            grace: Duration::ZERO,
+            max_series_per_workload: 100,
+        }));
         let [client, web, gone] = ["client", "web", "gone"].map(|w| workload("shop", w, w));
         for status in [200, 201, 202] {
             ok_to(&m, &client, Some(&web), status);
@@ -1383,6 +1568,166 @@ mod tests {
         assert_eq!((m.series(), m.dropped()), ((1, 1), 4));
     }
 
+    fn call(m: &Metrics, src: &WorkloadInfo, dst: &WorkloadInfo, status: u16, grpc: Option<u16>) {
+        record(
+            m,
+            src,
+            Req {
+                reporter: Reporter::Source,
+                status,
+                grpc,
+                mtls: true,
+                service: Some(ServiceRef { namespace: &dst.namespace, name: &dst.workload }),
+                dst: Some(dst),
+                ms: 1,
+            },
+        );
+    }
+
+    #[test]
+    fn statuses_outside_the_standard_sets_are_bucketed() {
+        let m = Arc::new(Metrics::default());
+        let [client, web] = ["client", "web"].map(|w| workload("shop", w, w));
+        for (status, grpc) in [
+            (200, None),
+            (299, None),
+            (499, None),
+            (599, None),
+            (999, None),
+            (0, None),
+            (200, Some(14)),
+            (200, Some(17)),
+            (200, Some(u16::MAX)),
+        ] {
+            call(&m, &client, &web, status, grpc);
+        }
+        // 200, 2xx, 4xx, 5xx, other and 0 over HTTP; 14 and "other" (17 and 65535) over gRPC.
+        assert_eq!(m.series(), (8, 0));
+        let text = scrape_ref(&m);
+        let http = |code: &str| {
+            text.lines().any(|l| {
+                l.starts_with("istio_requests_total{")
+                    && l.contains(&format!("response_code=\"{code}\""))
+                    && l.contains("request_protocol=\"http\"")
+            })
+        };
+        for code in ["200", "2xx", "4xx", "5xx", "other", "0"] {
+            assert!(http(code), "response_code {code} missing:\n{text}");
+        }
+        for code in ["299", "499", "599", "999"] {
+            assert!(!text.contains(&format!("response_code=\"{code}\"")), "{code} is not a label value");
+        }
+        for grpc in ["14", "other"] {
+            assert!(
+                text.contains(&format!("grpc_response_status=\"{grpc}\"")),
+                "gRPC {grpc} missing:\n{text}"
+            );
+        }
+        // The registry, its unused entries, and the classes around them.
+        for (status, label) in [
+            (103, StatusLabel::Code(103)),
+            (226, StatusLabel::Code(226)),
+            (306, StatusLabel::Class(3)),
+            (418, StatusLabel::Class(4)),
+            (429, StatusLabel::Code(429)),
+            (509, StatusLabel::Class(5)),
+            (511, StatusLabel::Code(511)),
+            (99, StatusLabel::Other),
+            (600, StatusLabel::Other),
+        ] {
+            assert_eq!(StatusLabel::http(status), label, "{status}");
+        }
+        assert_eq!(
+            (StatusLabel::grpc(16), StatusLabel::grpc(17)),
+            (StatusLabel::Code(16), StatusLabel::Other)
+        );
+    }
+
+    /// One workload talking to its own server, which answers with every HTTP status and gRPC
+    /// status there is: its series are bounded (buckets, then its share of the cap), the
+    /// refusals are counted, and another workload's new series are all kept.
+    #[test]
+    fn ten_thousand_statuses_from_one_workload_leave_room_for_the_others() {
+        let limits = SeriesLimits { max_series: 400, grace: Duration::ZERO, max_series_per_workload: 100 };
+        let m = Arc::new(Metrics::with_limits(limits));
+        let [evil, evil_server] = ["evil", "evil-server"].map(|w| workload("tenant", w, w));
+        let unbounded = Metrics::with_limits(SeriesLimits {
+            max_series: 1_000_000,
+            max_series_per_workload: 1_000_000,
+            ..limits
+        });
+        for i in 0..10_000u32 {
+            let status = 100 + (i % 900) as u16;
+            // Plain HTTP first, then gRPC with statuses 0 to 19 as well.
+            let grpc = (i >= 5_000).then_some(((i / 900 + i) % 20) as u16);
+            call(&m, &evil, &evil_server, status, grpc);
+            call(&unbounded, &evil, &evil_server, status, grpc);
+        }
+        // The buckets alone: each HTTP status label (registered codes, 5 classes, "other") once
+        // over HTTP and at most with each of the 18 gRPC labels.
+        let status_labels = (100..=599).filter(|s| is_registered_status(*s)).count() + 6;
+        let (alone, _) = unbounded.series();
+        assert!(alone <= status_labels * 19, "{alone} series from buckets alone");
+        assert!(alone > 100, "{alone}: the share below must be what bounds the rest");
+        assert_eq!(m.series(), (100, 0), "the workload's share");
+        assert_eq!(m.workload_dropped() as usize, 10_000 - count_kept(&m));
+        assert_eq!(m.dropped(), 0, "the node-wide cap was never reached");
+
+        // Another workload's new series are all kept.
+        let [client, web] = ["client", "web"].map(|w| workload("shop", w, w));
+        for status in [200, 201, 404, 503] {
+            call(&m, &client, &web, status, None);
+        }
+        assert_eq!(m.series(), (104, 0));
+        let text = scrape_ref(&m);
+        assert_eq!(requests_between(&text, "client", "web"), 4);
+
+        // A series from outside the mesh is charged to the destination workload.
+        let rec_from_outside = |status| RequestRecord {
+            reporter: Reporter::Destination,
+            start: SystemTime::now(),
+            duration: Duration::from_millis(1),
+            source: Peer { workload: None, principal: None, addr: None },
+            destination: Peer { workload: Some(&evil_server), principal: None, addr: None },
+            service: None,
+            protocol: "http",
+            method: &Method::GET,
+            authority: "x",
+            path: "/",
+            status,
+            grpc_status: None,
+            response_flags: "-",
+            request_bytes: 0,
+            response_bytes: 0,
+            upstream: None,
+            mtls: false,
+            trace_id: None,
+            request_id: None,
+            access_log: false,
+        };
+        for status in [200, 404] {
+            m.on_request(&rec_from_outside(status));
+        }
+        assert_eq!(m.series(), (106, 0), "evil-server's own share is untouched by evil's");
+
+        // The tenant's workloads leave: expiry (no grace here) gives their shares back.
+        assert_eq!(m.expire(&live(&["client", "web"]), Instant::now()), 102);
+        let dropped = m.workload_dropped();
+        for status in [200, 404] {
+            call(&m, &evil, &evil_server, status, None);
+        }
+        assert_eq!((m.series(), m.workload_dropped()), ((6, 0), dropped));
+    }
+
+    /// Requests counted in Istio's metrics (every series' `istio_requests_total`).
+    fn count_kept(m: &Arc<Metrics>) -> usize {
+        scrape_ref(m)
+            .lines()
+            .filter(|l| l.starts_with("istio_requests_total{"))
+            .map(|l| l.rsplit(' ').next().unwrap().parse::<usize>().unwrap())
+            .sum()
+    }
+
     #[test]
     fn live_workloads_come_from_every_pod_of_the_model_by_owner() {
         let pod = |name: &str, ns: &str, node: &str, ip: &str, meta: &str| {
@@ -1412,7 +1757,10 @@ mod tests {
 
     #[test]
     fn the_sweep_interval_follows_the_grace_period() {
-        let every = |s| SeriesLimits { max_series: 1, grace: Duration::from_secs(s) }.sweep_interval();
+        let every = |s| {
+            SeriesLimits { max_series: 1, grace: Duration::from_secs(s), max_series_per_workload: 1 }
+                .sweep_interval()
+        };
         assert_eq!(every(300), Duration::from_secs(15));
         assert_eq!(every(20), Duration::from_secs(5));
         assert_eq!(every(0), Duration::from_millis(250));
