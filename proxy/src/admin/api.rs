@@ -37,6 +37,20 @@ pub struct StatusView {
     /// The connection bounds in force (derived from RLIMIT_NOFILE unless set by flags).
     #[serde(default)]
     pub limits: Option<crate::admission::AdmissionConfig>,
+    /// The node's CA, its trust bundle, and where the node's certificates stand.
+    #[serde(default)]
+    pub ca: Option<CaStatusView>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CaStatusView {
+    #[serde(flatten)]
+    pub description: crate::identity::CaDescription,
+    /// Roots in the trust bundle in force.
+    pub trust_bundle_roots: usize,
+    pub certificates_held: usize,
+    /// Identities still waiting for their first certificate.
+    pub certificates_pending: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

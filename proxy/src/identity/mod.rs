@@ -29,14 +29,17 @@
 //! root), `embedded_ca`, `manager` (certificates, rotation), `verify` (peer verification),
 //! `tls` (rustls configurations), `x509` (certificate field helpers).
 
+mod bundle_file;
 mod ca;
 mod embedded_ca;
 pub mod istio_ca;
 mod manager;
+mod remote_ca;
 mod root;
 mod spiffe;
 mod tls;
 mod verify;
+mod view;
 mod x509;
 
 #[cfg(test)]
@@ -46,13 +49,16 @@ use std::time::Duration;
 
 use thiserror::Error;
 
-pub use ca::{CaError, CertificateAuthority, SignFuture, SignRequest};
+pub use bundle_file::{Reload, TrustBundleFile, BUNDLE_POLL};
+pub use ca::{CaDescription, CaError, CertificateAuthority, SignFuture, SignRequest};
 pub use embedded_ca::{model_authorizer, Authorizer, EmbeddedCa, EmbeddedCaConfig};
-pub use manager::{CertManager, CertManagerConfig, CertRequestView, CertStatus, CertView};
+pub use manager::{CertManager, CertManagerConfig, CertRequestView, CertStatus, NoCertificateCounters};
+pub use remote_ca::{RemoteCa, RemoteCaConfig, RemoteCaCounters, DEFAULT_TOKEN_FILE, RETRY_AFTER_MS};
 pub use root::{ca_init, CA_CERT_FILE, CA_KEY_FILE, ROOT_COMMON_NAME, ROOT_LIFETIME};
 pub use spiffe::{check_trust_domain, SpiffeError, SpiffeId, DEFAULT_TRUST_DOMAIN};
 pub use tls::{peer_identity, ALPN_H2};
 pub use verify::VerifyError;
+pub use view::{CertState, CertView, ChainCertView, RootView, TrustBundleView};
 pub use x509::LeafIdError;
 
 /// Default validity of workload certificates.
@@ -86,4 +92,14 @@ pub enum IdentityError {
     Tls(#[from] rustls::Error),
     #[error("invalid identity configuration: {0}")]
     Config(String),
+}
+
+impl IdentityError {
+    /// How long the CA asked this node to wait before asking again, if it did.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            IdentityError::Ca(e) => e.retry_after(),
+            _ => None,
+        }
+    }
 }
