@@ -217,10 +217,16 @@ impl RemoteCa {
     /// A gRPC status as the manager understands it (codes as the contract assigns them).
     fn status_error(&self, identity: &SpiffeId, status: Status) -> CaError {
         let addr = self.config.addr.clone();
-        let reason = if status.message().is_empty() { error_chain(&status) } else { status.message().to_string() };
+        let reason = status_reason(&status);
         match status.code() {
             Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled => {
-                CaError::Unreachable { addr, reason: with_source(&status, reason) }
+                let hint = if reason.contains("invalid peer certificate") {
+                    " (the CA's certificate must lead to a root of --ca-trust-bundle and name the --ca-addr \
+                     host, or --ca-server-name)"
+                } else {
+                    ""
+                };
+                CaError::Unreachable { addr, reason: format!("{reason}{hint}") }
             }
             Code::Unauthenticated => CaError::Unauthenticated { addr, reason },
             Code::PermissionDenied => {
@@ -377,33 +383,37 @@ async fn read_token(path: &std::path::Path) -> Result<String, CaError> {
     Ok(token.to_string())
 }
 
-/// An error and its sources, "a: b: c" (transport errors hide the cause in the sources).
+/// An error's text with its sources' ("tcp connect error: Connection refused"): transport
+/// errors hide the cause in the sources, and repeat themselves at several levels.
 fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let text = s.to_string();
-        if !out.contains(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
+    with_sources(e.to_string(), e.source())
+}
+
+fn with_sources(first: String, mut source: Option<&(dyn std::error::Error + 'static)>) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut push = |text: String| {
+        // "transport error" says nothing the levels below do not say better.
+        if text.is_empty() || text == "transport error" || parts.iter().any(|p| p.contains(&text)) {
+            return;
         }
+        parts.retain(|p| !text.contains(p.as_str()));
+        parts.push(text);
+    };
+    push(first);
+    while let Some(s) = source {
+        push(s.to_string());
         source = s.source();
     }
-    out
+    parts.join(": ")
 }
 
 /// The status's message with its transport cause, if it has one.
-fn with_source(status: &Status, message: String) -> String {
-    match std::error::Error::source(status) {
-        Some(source) => {
-            let cause = error_chain(source);
-            if message.contains(&cause) {
-                message
-            } else {
-                format!("{message}: {cause}")
-            }
-        }
-        None => message,
+fn status_reason(status: &Status) -> String {
+    let reason = with_sources(status.message().to_string(), std::error::Error::source(status));
+    if reason.is_empty() {
+        format!("{} (no message)", code_name(status.code()))
+    } else {
+        reason
     }
 }
 

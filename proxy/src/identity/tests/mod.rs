@@ -2,7 +2,9 @@
 //! configurations the data path uses, and rotation.
 
 mod ca;
+mod fake_ca;
 mod fetch;
+mod remote;
 mod rotation;
 mod spiffe;
 mod tls;
