@@ -209,7 +209,10 @@ fn read_bounded(path: &Path) -> Result<Vec<u8>, String> {
 }
 
 /// The roots of a PEM bundle: at least one, each a CA certificate usable as a trust anchor.
-pub(crate) fn parse(bytes: &[u8], provider: &Arc<rustls::crypto::CryptoProvider>) -> Result<LoadedBundle, String> {
+pub(crate) fn parse(
+    bytes: &[u8],
+    provider: &Arc<rustls::crypto::CryptoProvider>,
+) -> Result<LoadedBundle, String> {
     // A key in the bundle means someone mounted the wrong Secret on the nodes: refuse loudly.
     if bytes.windows(b"PRIVATE KEY-----".len()).any(|w| w == b"PRIVATE KEY-----") {
         return Err("holds a private key; the trust bundle must hold only public root certificates \
@@ -236,7 +239,9 @@ pub(crate) fn parse(bytes: &[u8], provider: &Arc<rustls::crypto::CryptoProvider>
             ));
         }
         drop(parsed);
-        roots.add(cert.clone()).map_err(|e| format!("certificate #{} is not usable as a root: {e}", i + 1))?;
+        roots
+            .add(cert.clone())
+            .map_err(|e| format!("certificate #{} is not usable as a root: {e}", i + 1))?;
     }
     let server_verifier = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
         .build()

@@ -131,10 +131,17 @@ impl RemoteCa {
             return Err(bad("must not have a path".into()));
         }
         // IPv6 hosts come bracketed in URLs, not in certificates.
-        let name = config.server_name.clone().unwrap_or_else(|| host.trim_start_matches('[').trim_end_matches(']').to_string());
-        ServerName::try_from(name.clone())
-            .map_err(|e| CaError::Config(format!("{name:?} is not a DNS name or IP address to verify the CA against: {e}")))?;
-        let tls = ClientTlsConfig::new().domain_name(name.clone()).assume_http2(true).timeout(config.connect_timeout);
+        let name = config
+            .server_name
+            .clone()
+            .unwrap_or_else(|| host.trim_start_matches('[').trim_end_matches(']').to_string());
+        ServerName::try_from(name.clone()).map_err(|e| {
+            CaError::Config(format!("{name:?} is not a DNS name or IP address to verify the CA against: {e}"))
+        })?;
+        let tls = ClientTlsConfig::new()
+            .domain_name(name.clone())
+            .assume_http2(true)
+            .timeout(config.connect_timeout);
         let verifier = Arc::new(CaServerVerifier { bundle: bundle.clone() });
         let endpoint = Endpoint::from_shared(config.addr.clone())
             .map_err(|e| bad(e.to_string()))?
@@ -181,8 +188,11 @@ impl RemoteCa {
         let token = read_token(&self.config.token_file).await?;
         let csr_pem = pem::encode(&pem::Pem::new("CERTIFICATE REQUEST", req.csr_der.clone()));
         let validity = i64::try_from(self.config.requested_lifetime.as_secs()).unwrap_or(i64::MAX);
-        let mut request =
-            tonic::Request::new(IstioCertificateRequest::impersonating(csr_pem, validity, &req.identity.to_string()));
+        let mut request = tonic::Request::new(IstioCertificateRequest::impersonating(
+            csr_pem,
+            validity,
+            &req.identity.to_string(),
+        ));
         request.set_timeout(self.config.call_timeout);
         let bearer = format!("Bearer {token}").parse().map_err(|_| CaError::Credential {
             path: self.config.token_file.clone(),
@@ -191,9 +201,11 @@ impl RemoteCa {
         request.metadata_mut().insert("authorization", bearer);
 
         let call = async {
-            let mut grpc = tonic::client::Grpc::new(self.channel.clone()).max_decoding_message_size(MAX_RESPONSE_BYTES);
+            let mut grpc =
+                tonic::client::Grpc::new(self.channel.clone()).max_decoding_message_size(MAX_RESPONSE_BYTES);
             grpc.ready().await.map_err(|e| self.unreachable(&error_chain(&e)))?;
-            let codec = tonic_prost::ProstCodec::<IstioCertificateRequest, IstioCertificateResponse>::default();
+            let codec =
+                tonic_prost::ProstCodec::<IstioCertificateRequest, IstioCertificateResponse>::default();
             grpc.unary(request, http::uri::PathAndQuery::from_static(CREATE_CERTIFICATE_PATH), codec)
                 .await
                 .map_err(|status| self.status_error(&req.identity, status))
@@ -348,7 +360,8 @@ fn check_leaf_names(leaf: &CertificateDer<'_>, identity: &SpiffeId) -> Result<()
         return Err("the leaf is a CA certificate".into());
     }
     let san = cert.subject_alternative_name().map_err(|e| format!("its subjectAltName: {e}"))?;
-    let names: Vec<&GeneralName<'_>> = san.map(|s| s.value.general_names.iter().collect()).unwrap_or_default();
+    let names: Vec<&GeneralName<'_>> =
+        san.map(|s| s.value.general_names.iter().collect()).unwrap_or_default();
     let want = identity.to_string();
     match names.as_slice() {
         [GeneralName::URI(uri)] if *uri == want => Ok(()),

@@ -73,7 +73,12 @@ impl ChainCertView {
                 not_after: x509::rfc3339(c.validity().not_after.to_datetime()),
                 root,
             },
-            Err(e) => ChainCertView { subject: format!("(unparseable: {e})"), serial: String::new(), not_after: String::new(), root },
+            Err(e) => ChainCertView {
+                subject: format!("(unparseable: {e})"),
+                serial: String::new(),
+                not_after: String::new(),
+                root,
+            },
         }
     }
 }

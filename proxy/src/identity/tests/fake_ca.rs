@@ -139,12 +139,13 @@ impl FakeCa {
     /// workload certificates with `signer`.
     pub async fn start(tls_issuer: &Authority, names: &[&str], signer: Arc<Authority>) -> Arc<FakeCa> {
         let (chain, key) = tls_issuer.server_cert(names);
-        let mut tls = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_no_client_auth()
-            .with_single_cert(chain, key)
-            .expect("server config");
+        let mut tls =
+            rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_no_client_auth()
+                .with_single_cert(chain, key)
+                .expect("server config");
         tls.alpn_protocols = vec![b"h2".to_vec()];
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
@@ -196,16 +197,21 @@ impl FakeCa {
         self.requests.lock().unwrap().clone()
     }
 
-    async fn serve(self: Arc<Self>, req: http::Request<hyper::body::Incoming>) -> http::Response<tonic::body::Body> {
+    async fn serve(
+        self: Arc<Self>,
+        req: http::Request<hyper::body::Incoming>,
+    ) -> http::Response<tonic::body::Body> {
         if req.uri().path() != CREATE_CERTIFICATE_PATH {
             let mut resp = http::Response::new(tonic::body::Body::default());
             *resp.status_mut() = http::StatusCode::NOT_FOUND;
             return resp;
         }
-        let grpc_timeout = req.headers().get("grpc-timeout").and_then(|v| v.to_str().ok()).map(str::to_string);
-        let mut grpc = tonic::server::Grpc::new(
-            tonic_prost::ProstCodec::<IstioCertificateResponse, IstioCertificateRequest>::default(),
-        );
+        let grpc_timeout =
+            req.headers().get("grpc-timeout").and_then(|v| v.to_str().ok()).map(str::to_string);
+        let mut grpc = tonic::server::Grpc::new(tonic_prost::ProstCodec::<
+            IstioCertificateResponse,
+            IstioCertificateRequest,
+        >::default());
         grpc.unary(Handler { ca: self, grpc_timeout }, req).await
     }
 
@@ -236,7 +242,8 @@ impl FakeCa {
         match &behaviour {
             Behaviour::Refuse(code, message) => Answer::Now(Err(Status::new(*code, message.clone()))),
             Behaviour::RateLimit(ms) => {
-                let mut s = Status::resource_exhausted("node node-1 is over its rate of 50 certificates per second");
+                let mut s =
+                    Status::resource_exhausted("node node-1 is over its rate of 50 certificates per second");
                 s.metadata_mut().insert("retry-after-ms", ms.to_string().parse().unwrap());
                 Answer::Now(Err(s))
             }

@@ -57,8 +57,12 @@ async fn sends_the_csr_token_and_identity_as_the_contract_says() {
     assert!(r.grpc_timeout.is_some(), "a deadline travels with the call");
     // The CSR is PEM, for a P-256 key, naming the identity as its only SAN.
     assert!(r.csr.starts_with("-----BEGIN CERTIFICATE REQUEST-----"), "{}", r.csr);
-    let csr = CertificateSigningRequestParams::from_pem(&r.csr).expect("the CSR parses and its signature verifies");
-    assert_eq!(csr.params.subject_alt_names, vec![rcgen::SanType::URI(id("web").to_string().as_str().try_into().unwrap())]);
+    let csr =
+        CertificateSigningRequestParams::from_pem(&r.csr).expect("the CSR parses and its signature verifies");
+    assert_eq!(
+        csr.params.subject_alt_names,
+        vec![rcgen::SanType::URI(id("web").to_string().as_str().try_into().unwrap())]
+    );
 
     // The certificate held: the leaf and the intermediate; the root is the bundle's own.
     let view = m.certs().pop().unwrap();
@@ -137,10 +141,14 @@ async fn an_unreachable_ca_is_reported_as_such() {
     let s = setup();
     // A port nobody listens on (bound, then closed).
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let ca = client(&format!("https://127.0.0.1:{port}"), &s.bundle, &s.token, None, Duration::from_secs(2)).unwrap();
+    let ca = client(&format!("https://127.0.0.1:{port}"), &s.bundle, &s.token, None, Duration::from_secs(2))
+        .unwrap();
     let m = manager_of(ca).await;
     let e = ca_error(m.ensure(&id("web")).await.unwrap_err());
-    assert!(matches!(&e, CaError::Unreachable { reason, .. } if reason.to_lowercase().contains("refused")), "{e:?}");
+    assert!(
+        matches!(&e, CaError::Unreachable { reason, .. } if reason.to_lowercase().contains("refused")),
+        "{e:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -169,7 +177,10 @@ async fn answers_peers_would_refuse_are_never_installed() {
     // The same root signing directly (no intermediate): refused the same way.
     fake.sign_with(Arc::new(other));
     let e = ca_error(m.ensure(&id("web")).await.unwrap_err());
-    assert!(matches!(&e, CaError::BadResponse { reason, .. } if reason.contains("not in the trust bundle")), "{e:?}");
+    assert!(
+        matches!(&e, CaError::BadResponse { reason, .. } if reason.contains("not in the trust bundle")),
+        "{e:?}"
+    );
     assert!(m.certs().is_empty(), "nothing installed: {:?}", m.certs());
     let bad = m.ca_counters().into_iter().find(|(n, _)| *n == "ca_bad_responses").unwrap().1;
     assert_eq!(bad, 4);
@@ -179,8 +190,7 @@ async fn answers_peers_would_refuse_are_never_installed() {
 async fn the_cas_own_certificate_is_verified_against_the_bundle_and_name() {
     let s = setup();
     // The CA serves a certificate for its Service name; the node dials its IP.
-    let fake =
-        FakeCa::start(&s.intermediate, &["sluice-ca.sluice-system.svc"], s.intermediate.clone()).await;
+    let fake = FakeCa::start(&s.intermediate, &["sluice-ca.sluice-system.svc"], s.intermediate.clone()).await;
     let m = manager_of(client(&fake.url(), &s.bundle, &s.token, None, Duration::from_secs(5)).unwrap()).await;
     let e = ca_error(m.ensure(&id("web")).await.unwrap_err());
     assert!(
@@ -189,13 +199,15 @@ async fn the_cas_own_certificate_is_verified_against_the_bundle_and_name() {
     );
     assert!(fake.requests().is_empty(), "no request reached a CA that was not verified");
     // --ca-server-name names what the certificate must carry.
-    let named = client(&fake.url(), &s.bundle, &s.token, Some("sluice-ca.sluice-system.svc"), Duration::from_secs(5));
+    let named =
+        client(&fake.url(), &s.bundle, &s.token, Some("sluice-ca.sluice-system.svc"), Duration::from_secs(5));
     manager_of(named.unwrap()).await.ensure(&id("web")).await.expect("verified by name");
 
     // A CA whose certificate another root issued is refused, whatever its name.
     let impostor_root = Authority::root("impostor");
     let impostor = FakeCa::start(&impostor_root, &["127.0.0.1"], s.intermediate.clone()).await;
-    let m = manager_of(client(&impostor.url(), &s.bundle, &s.token, None, Duration::from_secs(5)).unwrap()).await;
+    let m =
+        manager_of(client(&impostor.url(), &s.bundle, &s.token, None, Duration::from_secs(5)).unwrap()).await;
     let e = ca_error(m.ensure(&id("web")).await.unwrap_err());
     assert!(matches!(&e, CaError::Unreachable { reason, .. } if reason.contains("certificate")), "{e:?}");
     assert!(impostor.requests().is_empty(), "the token never went to an unverified server");
