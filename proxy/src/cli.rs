@@ -575,6 +575,69 @@ mod tests {
     use super::*;
 
     #[test]
+    fn certs_show_chains_pending_identities_and_the_bundle() {
+        use crate::identity::{CaDescription, ChainCertView, RootView, SpiffeId};
+        let chain = |subject: &str, serial: &str, root: bool| ChainCertView {
+            subject: subject.into(),
+            serial: serial.into(),
+            not_after: "2030-01-01T00:00:00Z".into(),
+            root,
+        };
+        let held = CertView {
+            identity: SpiffeId::new("cluster.local", "shop", "web"),
+            state: CertState::Ready,
+            serial: Some("0a0b".into()),
+            not_before: Some("2025-01-01T00:00:00Z".into()),
+            not_after: Some("2025-01-02T00:00:00Z".into()),
+            next_renewal: Some("2025-01-01T12:00:00Z".into()),
+            renewal_failures: 0,
+            last_error: None,
+            chain: vec![chain("CN=sluice-ca B", "1122334455", false), chain("CN=root B", "99887766", true)],
+            root_index: Some(1),
+        };
+        let pending = CertView {
+            identity: SpiffeId::new("cluster.local", "shop", "api"),
+            state: CertState::Pending,
+            serial: None,
+            not_before: None,
+            not_after: None,
+            next_renewal: Some("2025-01-01T00:00:05Z".into()),
+            renewal_failures: 3,
+            last_error: Some("the CA at https://ca:15012 is unreachable: connection refused".into()),
+            chain: Vec::new(),
+            root_index: None,
+        };
+        let root = |subject: &str| RootView {
+            subject: subject.into(),
+            serial: "01".into(),
+            not_before: "2025-01-01T00:00:00Z".into(),
+            not_after: "2035-01-01T00:00:00Z".into(),
+            sha256: "ab".repeat(32),
+        };
+        let bundle = TrustBundleView {
+            ca: CaDescription {
+                mode: "remote".into(),
+                address: Some("https://ca:15012".into()),
+                trust_bundle_source: "/etc/sluice/trust/roots.pem".into(),
+                trust_bundle_loaded: Some("2025-01-01T00:00:00Z".into()),
+                trust_bundle_error: Some("holds no certificate".into()),
+            },
+            roots: vec![root("CN=root A"), root("CN=root B")],
+            certificates_per_root: vec![0, 1],
+            certificates_untrusted: 0,
+        };
+        let out = render_certs(&[pending, held], Some(&bundle));
+        assert!(out.contains("CN=sluice-ca B (11223344) <- CN=root B (99887766) [bundle #2]"), "{out}");
+        assert!(out.contains("pending") && out.contains("spiffe://cluster.local/ns/shop/sa/api"), "{out}");
+        assert!(out.contains("connection refused"), "{out}");
+        assert!(out.contains("NOT in force") && out.contains("holds no certificate"), "{out}");
+        assert!(out.contains("signing") && out.contains("trusted only"), "{out}");
+        assert!(out.contains("1 certificate(s) are still under another root"), "{out}");
+        // The web row comes before the pending section, which has its own header.
+        assert!(out.find("sa/web").unwrap() < out.find("ATTEMPTS FAILED").unwrap(), "{out}");
+    }
+
+    #[test]
     fn table_aligns_columns() {
         let t = table(&["A", "BB"], vec![vec!["xxx".into(), "y".into()]]);
         assert_eq!(t, "A    BB\nxxx  y\n");

@@ -299,7 +299,9 @@ impl Enroller {
                     Some(e) => format!("{failures} attempt(s) failed, the last with: {e}"),
                     None => "asked the CA".into(),
                 };
-                info!(pod = %pod.ctx.key, identity = %identity, %reason,
+                // Debug: this is every first pod of an identity for a few milliseconds; the
+                // manager warns when an attempt fails.
+                debug!(pod = %pod.ctx.key, identity = %identity, %reason,
                     "enrolled without its certificate yet: no tunnel port (mesh peers send plaintext under the \
                      namespace's peer authentication), outbound connections to mesh pods wait for it and are \
                      refused after the connect timeout");
@@ -312,7 +314,7 @@ impl Enroller {
                 pod.listeners.extend(pod.hbone_addrs.iter().copied());
                 pod.hbone = Hbone::Serving;
                 if self.awaiting_certificate.remove(&pod.uid) {
-                    info!(pod = %pod.ctx.key, identity = %identity, "certificate in: the pod's tunnel port is open");
+                    debug!(pod = %pod.ctx.key, identity = %identity, "certificate in: the pod's tunnel port is open");
                 }
                 true
             }

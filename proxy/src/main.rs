@@ -24,11 +24,12 @@ enum Command {
     Run(RunFlags),
     /// Version, node, attached programs, fail mode and counters.
     Status(AdminFlags),
-    /// Enrolled pods on this node: IP, cgroup, listeners, connections.
+    /// Enrolled pods on this node: IP, identity, certificate state, cgroup, listeners, connections.
     Pods(AdminFlags),
     /// Live connections: source pod, original destination, endpoint, mTLS peer identity, bytes, age.
     Conns(AdminFlags),
-    /// Workload certificates held on this node: identity, serial, validity, next renewal.
+    /// Workload certificates of this node: identity, serial, validity, next renewal, issuer
+    /// chain; identities still waiting for one; the trust bundle's roots.
     Certs(CertsFlags),
     /// Effective routes per Service port: rules in precedence order, weighted backends, and
     /// each endpoint's current peak-EWMA latency.
@@ -158,6 +159,10 @@ struct CertsFlags {
 
 #[derive(Subcommand)]
 enum CertsAction {
+    /// The trust bundle in force: its source, its roots in rotation order (the first is the
+    /// one the CA signs under) with expiry, and how many of this node's certificates lead to
+    /// each (a root rotation's progress).
+    Bundle,
     /// Ask this node's CA for a certificate for SPIFFE_ID, as sluice would for a pod of that
     /// identity, without installing it: would this node get one? Exits non-zero on refusal.
     /// Served on the admin unix socket only: --node NAME or --admin PATH (without either, the
@@ -393,6 +398,9 @@ fn main() -> ExitCode {
         Command::Pods(a) => print(cli::pods(&a.endpoint(), a.output)),
         Command::Conns(a) => print(cli::conns(&a.endpoint(), a.output)),
         Command::Certs(CertsFlags { action: None, admin: a }) => print(cli::certs(&a.endpoint(), a.output)),
+        Command::Certs(CertsFlags { action: Some(CertsAction::Bundle), admin: a }) => {
+            print(cli::cert_bundle(&a.endpoint(), a.output))
+        }
         Command::Certs(CertsFlags { action: Some(CertsAction::Request { identity }), admin: a }) => {
             cli::privileged_endpoint(a.admin.as_deref(), a.node.as_deref())
                 .and_then(|ep| cli::cert_request(&ep, &identity, a.output))
