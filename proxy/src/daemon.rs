@@ -362,13 +362,11 @@ pub fn run(args: RunArgs) -> Result<()> {
     Ok(())
 }
 
-/// The node's CA: the embedded one, or a client of the CA service (with the trust bundle file
-/// it reads, which SIGHUP re-reads too).
-fn load_ca(
-    args: &RunArgs,
-    model: &Arc<ArcSwap<Model>>,
-    rt: &tokio::runtime::Handle,
-) -> Result<(Arc<dyn CertificateAuthority>, Option<Arc<TrustBundleFile>>)> {
+/// The node's CA, and the trust bundle file it reads (remote CA only: SIGHUP re-reads it too).
+type LoadedCa = (Arc<dyn CertificateAuthority>, Option<Arc<TrustBundleFile>>);
+
+/// The node's CA: the embedded one, or a client of the CA service.
+fn load_ca(args: &RunArgs, model: &Arc<ArcSwap<Model>>, rt: &tokio::runtime::Handle) -> Result<LoadedCa> {
     match &args.ca {
         CaConfig::Embedded { dir } => {
             let ca = EmbeddedCa::load(

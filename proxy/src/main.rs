@@ -249,9 +249,9 @@ struct RunFlags {
     /// bpffs mount (fail-closed pins live under <bpffs>/sluice/<node>/).
     #[arg(long, default_value = "/sys/fs/bpf")]
     bpffs: PathBuf,
-    /// The embedded CA: directory holding the mesh root (ca.pem, ca-key.pem, see `sluice ca
-    /// init`). Embedded CA (demo and small setups: this node holds the mesh root key). Not read
-    /// with --ca-addr [default: /var/lib/sluice/ca].
+    /// Embedded CA (demo and small setups: this node holds the mesh root key): the directory
+    /// holding the mesh root (ca.pem, ca-key.pem, see `sluice ca init`). Not read with
+    /// --ca-addr [default: /var/lib/sluice/ca].
     #[arg(long, env = "SLUICE_CA_DIR")]
     ca_dir: Option<PathBuf>,
     /// A CA service, https://HOST:PORT (e.g. https://sluice-ca.sluice-system.svc:15012, or
