@@ -730,7 +730,16 @@ impl CertManager {
             let mut sched = slot.sched.lock().unwrap_or_else(PoisonError::into_inner);
             sched.root_index = root;
             let spread = match root {
-                Some(0) => continue,
+                Some(0) => {
+                    // Under the first root now (e.g. the bundle was put back): a retry planned
+                    // for a certificate under another root is not needed any more.
+                    if sched.misrooted > 0 && !sched.in_flight {
+                        sched.misrooted = 0;
+                        sched.last_error = None;
+                        sched.set_due(self.renewal_delay(cert.not_after));
+                    }
+                    continue;
+                }
                 Some(_) => {
                     rotating += 1;
                     self.config.rotation_spread
