@@ -279,7 +279,7 @@ pub fn run(args: RunArgs) -> Result<()> {
         }
     }
     if enroller.awaiting_certificates() {
-        warn!(waited_s = FIRST_CERTIFICATES_WAIT.as_secs(), "ready while some pods still wait for their certificates (the CA is slow or refuses); they are enrolled once it answers");
+        warn!(waited_s = FIRST_CERTIFICATES_WAIT.as_secs(), "ready while some pods still wait for their certificates (the CA is slow or refuses); they are enrolled, and their tunnel port opens once it answers (see `sluice certs`)");
     }
     admin.ready.store(true, Ordering::Release);
     info!(

@@ -406,17 +406,24 @@ impl CertManager {
                     return;
                 }
                 Err(e) => {
-                    let (failures, retry) = {
+                    let (failures, retry, loud) = {
                         let mut fetches = self.fetches.lock().unwrap_or_else(PoisonError::into_inner);
                         let Some(f) = fetches.get_mut(&id) else { return };
                         f.failures += 1;
-                        f.last_error = Some(e.to_string());
+                        let text = e.to_string();
+                        let loud = worth_a_warning(f.failures, f.last_error.as_deref(), &text);
+                        f.last_error = Some(text);
                         let retry = self.backoff(f.failures, e.retry_after());
                         f.next_attempt = Some(OffsetDateTime::now_utc() + retry);
-                        (f.failures, retry)
+                        (f.failures, retry, loud)
                     };
-                    warn!(identity = %id, error = %e, attempt = failures, retry_in_ms = retry.as_millis() as u64,
-                        "no certificate yet; the pods of this identity cannot reach mesh peers until it is in");
+                    if loud {
+                        warn!(identity = %id, error = %e, attempt = failures, retry_in_ms = retry.as_millis() as u64,
+                            "no certificate yet; the pods of this identity cannot reach mesh peers until it is in");
+                    } else {
+                        debug!(identity = %id, error = %e, attempt = failures, retry_in_ms = retry.as_millis() as u64,
+                            "no certificate yet");
+                    }
                     tokio::time::sleep(retry).await;
                 }
             }
@@ -832,9 +839,14 @@ impl CertManager {
                         sched.failures += 1;
                         let retry = self.backoff(sched.failures, e.retry_after());
                         sched.set_due(retry);
-                        sched.last_error = Some(e.to_string());
+                        let text = e.to_string();
+                        let loud = worth_a_warning(sched.failures, sched.last_error.as_deref(), &text);
+                        sched.last_error = Some(text);
                         let not_after = slot.cert.load().not_after;
-                        if not_after <= OffsetDateTime::now_utc() {
+                        if !loud {
+                            debug!(identity = %id, error = %e, attempt = sched.failures,
+                                retry_in_ms = retry.as_millis() as u64, "certificate renewal failed");
+                        } else if not_after <= OffsetDateTime::now_utc() {
                             error!(identity = %id, error = %e, attempt = sched.failures,
                                 retry_in_ms = retry.as_millis() as u64, expired_at = %x509::rfc3339(not_after),
                                 "certificate expired and cannot be renewed; peers refuse this identity until the CA answers");
@@ -885,6 +897,13 @@ async fn rotation_loop(
             }
         }
     }
+}
+
+/// Whether a failed attempt is logged as a warning: the first, one in ten, and any whose error
+/// differs from the previous one. With a CA down, hundreds of identities retrying every few
+/// seconds would otherwise fill the log with the same line.
+fn worth_a_warning(failures: u32, previous: Option<&str>, error: &str) -> bool {
+    failures == 1 || failures % 10 == 0 || previous != Some(error)
 }
 
 /// A time inside `[not_before, not_after]`, as close to now as possible: which root issued a
