@@ -18,7 +18,7 @@ use serde::de::DeserializeOwned;
 
 use crate::{
     admin::api::{ConnView, PodView, StatKind, StatView, StatusView, TapEvent, TapFilter, TapMessage},
-    identity::{CertRequestView, CertView},
+    identity::{CertRequestView, CertState, CertView, TrustBundleView},
 };
 
 /// Where the admin API is.
@@ -217,6 +217,23 @@ pub fn status(ep: &AdminEndpoint, out: Output) -> Result<String> {
     o += &format!("state:        {} (fail-{}), up {}s\n", if s.ready { "ready" } else { "starting" }, s.fail_mode, s.uptime_s);
     o += &format!("pods:         {} enrolled\n", s.pods_enrolled);
     o += &format!("connections:  {} open, {} total\n", s.connections_open, s.connections_total);
+    if let Some(ca) = &s.ca {
+        let d = &ca.description;
+        o += &match (d.mode.as_str(), &d.address) {
+            ("remote", Some(addr)) => format!("ca:           remote {addr} (this node holds no signing key)\n"),
+            ("embedded", _) => "ca:           embedded (demo and small setups: this node holds the mesh root key)\n".into(),
+            (mode, _) => format!("ca:           {mode}\n"),
+        };
+        o += &format!("trust bundle: {} root(s) from {}", ca.trust_bundle_roots, d.trust_bundle_source);
+        if let Some(loaded) = &d.trust_bundle_loaded {
+            o += &format!(", loaded {loaded}");
+        }
+        o += "\n";
+        if let Some(e) = &d.trust_bundle_error {
+            o += &format!("              RELOAD FAILED, the last good bundle stays in force: {e}\n");
+        }
+        o += &format!("certificates: {} held, {} pending\n", ca.certificates_held, ca.certificates_pending);
+    }
     o += "\nprograms:\n";
     o += &table(
         &["NAME", "ATTACH", "PROG ID", "LINK ID", "PINNED"],
@@ -267,13 +284,14 @@ pub fn pods(ep: &AdminEndpoint, out: Output) -> Result<String> {
             + &problems);
     }
     Ok(table(
-        &["POD", "IP", "IDENTITY", "CGROUP ID", "NETNS", "LISTENERS", "OPEN", "TOTAL"],
+        &["POD", "IP", "IDENTITY", "CERTIFICATE", "CGROUP ID", "NETNS", "LISTENERS", "OPEN", "TOTAL"],
         pods.iter()
             .map(|p| {
                 vec![
                     format!("{}/{}", p.namespace, p.name),
                     p.ip.to_string(),
                     p.identity.clone(),
+                    p.certificate.clone(),
                     p.cgroup_id.to_string(),
                     format!("net:[{}]", p.netns),
                     p.listeners.iter().map(|l| l.to_string()).collect::<Vec<_>>().join(","),
@@ -326,33 +344,152 @@ pub fn conns(ep: &AdminEndpoint, out: Output) -> Result<String> {
     ))
 }
 
+/// `sluice certs`: the certificates held (with their issuer chains up to the bundle root they
+/// lead to), the identities still waiting for theirs, and the trust bundle's roots. With
+/// `-o json`, the list of identities (held and pending) as `GET /certs` has it; the bundle is
+/// `sluice certs bundle -o json`.
 pub fn certs(ep: &AdminEndpoint, out: Output) -> Result<String> {
     let certs: Vec<CertView> = get(ep, "/certs")?;
     if out == Output::Json {
         return Ok(serde_json::to_string_pretty(&certs)? + "\n");
     }
-    if certs.is_empty() {
-        return Ok("no workload certificates (no enrolled pods on this node)\n".into());
+    // An older sluice has no /certs/bundle: show what there is.
+    let bundle: Option<TrustBundleView> = get(ep, "/certs/bundle").ok();
+    Ok(render_certs(&certs, bundle.as_ref()))
+}
+
+pub fn render_certs(certs: &[CertView], bundle: Option<&TrustBundleView>) -> String {
+    let (held, pending): (Vec<&CertView>, Vec<&CertView>) = certs.iter().partition(|c| c.state == CertState::Ready);
+    let mut o = String::new();
+    if held.is_empty() && pending.is_empty() {
+        o += "no workload certificates (no enrolled pods on this node)\n";
     }
-    Ok(table(
-        &["IDENTITY", "SERIAL", "NOT BEFORE", "NOT AFTER", "NEXT RENEWAL", "FAILURES"],
-        certs
+    if !held.is_empty() {
+        o += &table(
+            &["IDENTITY", "SERIAL", "NOT BEFORE", "NOT AFTER", "NEXT RENEWAL", "FAILURES", "ISSUER CHAIN"],
+            held.iter()
+                .map(|c| {
+                    vec![
+                        c.identity.to_string(),
+                        c.serial.clone().unwrap_or_default(),
+                        c.not_before.clone().unwrap_or_default(),
+                        c.not_after.clone().unwrap_or_default(),
+                        c.next_renewal.clone().unwrap_or_default(),
+                        match &c.last_error {
+                            Some(e) => format!("{} ({e})", c.renewal_failures),
+                            None => c.renewal_failures.to_string(),
+                        },
+                        issuer_chain(c),
+                    ]
+                })
+                .collect(),
+        );
+    }
+    if !pending.is_empty() {
+        if !held.is_empty() {
+            o += "\n";
+        }
+        o += "pending (no certificate yet: these pods' connections to mesh pods are refused, their \
+              inbound traffic is plaintext under their namespace's peer authentication):\n";
+        o += &table(
+            &["IDENTITY", "ATTEMPTS FAILED", "NEXT ATTEMPT", "LAST ERROR"],
+            pending
+                .iter()
+                .map(|c| {
+                    vec![
+                        c.identity.to_string(),
+                        c.renewal_failures.to_string(),
+                        c.next_renewal.clone().unwrap_or_else(|| "in flight".into()),
+                        c.last_error.clone().unwrap_or_else(|| "-".into()),
+                    ]
+                })
+                .collect(),
+        );
+    }
+    if let Some(b) = bundle {
+        o += "\n";
+        o += &render_bundle(b);
+    }
+    o
+}
+
+/// "CN=intermediate (serial 1a2b3c4d…) ← CN=root [bundle #1]", from the leaf's issuer up.
+fn issuer_chain(c: &CertView) -> String {
+    let mut parts: Vec<String> = c
+        .chain
+        .iter()
+        .map(|link| {
+            let short: String = link.serial.chars().take(8).collect();
+            let subject = if link.subject.is_empty() { "(empty subject)" } else { link.subject.as_str() };
+            if link.root {
+                let position = c.root_index.map(|i| format!(" [bundle #{}]", i + 1)).unwrap_or_default();
+                format!("{subject} ({short}){position}")
+            } else {
+                format!("{subject} ({short})")
+            }
+        })
+        .collect();
+    if c.root_index.is_none() {
+        parts.push("NO ROOT OF THE TRUST BUNDLE (re-issuing)".into());
+    }
+    parts.join(" <- ")
+}
+
+/// The trust bundle: where it comes from, its roots in rotation order, and how many of the
+/// node's certificates lead to each.
+pub fn render_bundle(b: &TrustBundleView) -> String {
+    let mut o = format!("trust bundle ({} CA): {}", b.ca.mode, b.ca.trust_bundle_source);
+    if let Some(loaded) = &b.ca.trust_bundle_loaded {
+        o += &format!(", loaded {loaded}");
+    }
+    o += "\n";
+    if let Some(e) = &b.ca.trust_bundle_error {
+        o += &format!("  the file's current content is NOT in force (the last good bundle is): {e}\n");
+    }
+    o += &table(
+        &["#", "ROLE", "SUBJECT", "SERIAL", "NOT AFTER", "SHA-256", "CERTIFICATES"],
+        b.roots
             .iter()
-            .map(|c| {
+            .enumerate()
+            .map(|(i, r)| {
                 vec![
-                    c.identity.to_string(),
-                    c.serial.clone(),
-                    c.not_before.clone(),
-                    c.not_after.clone(),
-                    c.next_renewal.clone(),
-                    match &c.last_error {
-                        Some(e) => format!("{} ({e})", c.renewal_failures),
-                        None => c.renewal_failures.to_string(),
-                    },
+                    (i + 1).to_string(),
+                    if i == 0 { "signing".into() } else { "trusted only".into() },
+                    r.subject.clone(),
+                    r.serial.clone(),
+                    r.not_after.clone(),
+                    r.sha256.chars().take(16).collect::<String>() + "…",
+                    b.certificates_per_root.get(i).copied().unwrap_or(0).to_string(),
                 ]
             })
             .collect(),
-    ))
+    );
+    if b.certificates_untrusted > 0 {
+        o += &format!(
+            "{} certificate(s) lead to no root of the bundle: peers refuse them; they are being re-issued\n",
+            b.certificates_untrusted
+        );
+    }
+    if b.roots.len() > 1 {
+        let others: usize = b.certificates_per_root.iter().skip(1).sum();
+        o += &if others == 0 && b.certificates_untrusted == 0 {
+            "every certificate of this node is under the first root: the others can be retired once \
+             every node shows the same\n"
+                .to_string()
+        } else {
+            format!("{others} certificate(s) are still under another root than the first (re-issued within ~30 s)\n")
+        };
+    }
+    o
+}
+
+/// `sluice certs bundle`: the trust bundle alone.
+pub fn cert_bundle(ep: &AdminEndpoint, out: Output) -> Result<String> {
+    let bundle: TrustBundleView = get(ep, "/certs/bundle")?;
+    if out == Output::Json {
+        return Ok(serde_json::to_string_pretty(&bundle)? + "\n");
+    }
+    Ok(render_bundle(&bundle))
 }
 
 /// `sluice certs request SPIFFE_ID`: asks the node's CA for a certificate for `identity` without
@@ -452,6 +589,69 @@ fn human_age(ms: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn certs_show_chains_pending_identities_and_the_bundle() {
+        use crate::identity::{CaDescription, ChainCertView, RootView, SpiffeId};
+        let chain = |subject: &str, serial: &str, root: bool| ChainCertView {
+            subject: subject.into(),
+            serial: serial.into(),
+            not_after: "2030-01-01T00:00:00Z".into(),
+            root,
+        };
+        let held = CertView {
+            identity: SpiffeId::new("cluster.local", "shop", "web"),
+            state: CertState::Ready,
+            serial: Some("0a0b".into()),
+            not_before: Some("2025-01-01T00:00:00Z".into()),
+            not_after: Some("2025-01-02T00:00:00Z".into()),
+            next_renewal: Some("2025-01-01T12:00:00Z".into()),
+            renewal_failures: 0,
+            last_error: None,
+            chain: vec![chain("CN=sluice-ca B", "1122334455", false), chain("CN=root B", "99887766", true)],
+            root_index: Some(1),
+        };
+        let pending = CertView {
+            identity: SpiffeId::new("cluster.local", "shop", "api"),
+            state: CertState::Pending,
+            serial: None,
+            not_before: None,
+            not_after: None,
+            next_renewal: Some("2025-01-01T00:00:05Z".into()),
+            renewal_failures: 3,
+            last_error: Some("the CA at https://ca:15012 is unreachable: connection refused".into()),
+            chain: Vec::new(),
+            root_index: None,
+        };
+        let root = |subject: &str| RootView {
+            subject: subject.into(),
+            serial: "01".into(),
+            not_before: "2025-01-01T00:00:00Z".into(),
+            not_after: "2035-01-01T00:00:00Z".into(),
+            sha256: "ab".repeat(32),
+        };
+        let bundle = TrustBundleView {
+            ca: CaDescription {
+                mode: "remote".into(),
+                address: Some("https://ca:15012".into()),
+                trust_bundle_source: "/etc/sluice/trust/roots.pem".into(),
+                trust_bundle_loaded: Some("2025-01-01T00:00:00Z".into()),
+                trust_bundle_error: Some("holds no certificate".into()),
+            },
+            roots: vec![root("CN=root A"), root("CN=root B")],
+            certificates_per_root: vec![0, 1],
+            certificates_untrusted: 0,
+        };
+        let out = render_certs(&[pending, held], Some(&bundle));
+        assert!(out.contains("CN=sluice-ca B (11223344) <- CN=root B (99887766) [bundle #2]"), "{out}");
+        assert!(out.contains("pending") && out.contains("spiffe://cluster.local/ns/shop/sa/api"), "{out}");
+        assert!(out.contains("connection refused"), "{out}");
+        assert!(out.contains("NOT in force") && out.contains("holds no certificate"), "{out}");
+        assert!(out.contains("signing") && out.contains("trusted only"), "{out}");
+        assert!(out.contains("1 certificate(s) are still under another root"), "{out}");
+        // The web row comes before the pending section, which has its own header.
+        assert!(out.find("sa/web").unwrap() < out.find("ATTEMPTS FAILED").unwrap(), "{out}");
+    }
 
     #[test]
     fn table_aligns_columns() {

@@ -24,7 +24,10 @@ use crate::{
     conns::ConnRegistry,
     discovery::{self, Model},
     enroll::Enroller,
-    identity::{self, CertManager, CertManagerConfig, EmbeddedCa, EmbeddedCaConfig},
+    identity::{
+        self, CertManager, CertManagerConfig, CertificateAuthority, EmbeddedCa, EmbeddedCaConfig, RemoteCa,
+        RemoteCaConfig, TrustBundleFile,
+    },
     inbound::Inbound,
     l4::DataPath,
     podres,
@@ -48,8 +51,8 @@ pub struct RunArgs {
     pub admin_socket: PathBuf,
     pub bpffs: PathBuf,
     pub connect_timeout: Duration,
-    /// Directory with the mesh root (`ca.pem`, `ca-key.pem`) for the embedded CA.
-    pub ca_dir: PathBuf,
+    /// Who signs the workload certificates of this node's pods.
+    pub ca: CaConfig,
     pub trust_domain: String,
     /// Lifetime of workload certificates (renewed at half of it).
     pub cert_lifetime: Duration,
@@ -61,6 +64,24 @@ pub struct RunArgs {
     pub admission: crate::admission::AdmissionFlags,
     /// Opaque TCP with no bytes either way for this long is closed (`None`: never).
     pub tcp_idle_timeout: Option<Duration>,
+}
+
+/// The node's CA.
+#[derive(Debug, Clone)]
+pub enum CaConfig {
+    /// The embedded CA (`--ca-dir`: `ca.pem`, `ca-key.pem`): for the demo, the simulator and
+    /// small setups; this node holds the mesh root key.
+    Embedded { dir: PathBuf },
+    /// A CA service (`--ca-addr`): this node holds no key, only the trust bundle and its token.
+    Remote {
+        addr: String,
+        /// PEM roots, the current one first: verifies the CA and is the mesh trust bundle.
+        trust_bundle: PathBuf,
+        /// The projected ServiceAccount token (audience sluice-ca), read for every request.
+        token_file: PathBuf,
+        /// The name the CA's certificate must carry, when it is not the URL's host.
+        server_name: Option<String>,
+    },
 }
 
 enum Control {
@@ -153,30 +174,19 @@ pub fn run(args: RunArgs) -> Result<()> {
     .context("loading and attaching the eBPF programs (sluice needs root, cgroup v2 and a kernel with BPF cgroup hooks, 5.8 or newer)")?;
     let redirector = Arc::new(redirector);
 
-    // Identities: the embedded CA signs only for pods scheduled on this node.
-    let ca = EmbeddedCa::load(
-        &args.ca_dir.join(identity::CA_CERT_FILE),
-        &args.ca_dir.join(identity::CA_KEY_FILE),
-        EmbeddedCaConfig { leaf_lifetime: args.cert_lifetime, ..EmbeddedCaConfig::new(&args.node, &args.trust_domain) },
-        identity::model_authorizer(model.clone()),
-    )
-    .with_context(|| {
-        format!(
-            "loading the mesh CA from {} (create one with `sluice ca init --dir {}`, the same on every node)",
-            args.ca_dir.display(),
-            args.ca_dir.display()
-        )
-    })?;
-    let certs = Arc::new(
-        CertManager::new(&args.node, &args.trust_domain, Arc::new(ca), CertManagerConfig::default())
-            .context("starting the certificate manager")?,
-    );
-
     let data_rt = tokio::runtime::Builder::new_multi_thread()
         .thread_name("sluice-data")
         .enable_all()
         .build()
         .context("starting the data-path runtime")?;
+
+    // Identities: the CA signs only for pods scheduled on this node.
+    let (ca, trust_bundle) = load_ca(&args, &model, data_rt.handle())?;
+    let certs = Arc::new(
+        CertManager::new(&args.node, &args.trust_domain, ca, CertManagerConfig::default())
+            .context("starting the certificate manager")?,
+    );
+
     let conns = Arc::new(ConnRegistry::default());
     let loop_guard = Arc::new(crate::loopguard::LoopGuard::new(&[
         args.admin_addr.port(),
@@ -270,7 +280,7 @@ pub fn run(args: RunArgs) -> Result<()> {
         }
     }
     if enroller.awaiting_certificates() {
-        warn!(waited_s = FIRST_CERTIFICATES_WAIT.as_secs(), "ready while some pods still wait for their certificates (the CA is slow or refuses); they are enrolled once it answers");
+        warn!(waited_s = FIRST_CERTIFICATES_WAIT.as_secs(), "ready while some pods still wait for their certificates (the CA is slow or refuses); they are enrolled, and their tunnel port opens once it answers (see `sluice certs`)");
     }
     admin.ready.store(true, Ordering::Release);
     info!(
@@ -298,6 +308,10 @@ pub fn run(args: RunArgs) -> Result<()> {
             Ok(Control::ReloadTrustRoots) => {
                 tls_origin.load_system_roots();
                 roots_loaded = Instant::now();
+                // The mesh trust bundle too (the certificate manager follows its change).
+                if let Some(bundle) = &trust_bundle {
+                    info!(path = %bundle.path().display(), result = ?bundle.reload(), "SIGHUP: trust bundle re-read");
+                }
             }
             Ok(Control::Shutdown(why)) => break why,
             Err(mpsc::RecvTimeoutError::Timeout) => enroller.reconcile(&model.load()),
@@ -347,6 +361,56 @@ pub fn run(args: RunArgs) -> Result<()> {
     data_rt.shutdown_timeout(Duration::from_millis(200));
     info!("stopped");
     Ok(())
+}
+
+/// The node's CA, and the trust bundle file it reads (remote CA only: SIGHUP re-reads it too).
+type LoadedCa = (Arc<dyn CertificateAuthority>, Option<Arc<TrustBundleFile>>);
+
+/// The node's CA: the embedded one, or a client of the CA service.
+fn load_ca(args: &RunArgs, model: &Arc<ArcSwap<Model>>, rt: &tokio::runtime::Handle) -> Result<LoadedCa> {
+    match &args.ca {
+        CaConfig::Embedded { dir } => {
+            let ca = EmbeddedCa::load(
+                &dir.join(identity::CA_CERT_FILE),
+                &dir.join(identity::CA_KEY_FILE),
+                EmbeddedCaConfig {
+                    leaf_lifetime: args.cert_lifetime,
+                    ..EmbeddedCaConfig::new(&args.node, &args.trust_domain)
+                },
+                identity::model_authorizer(model.clone()),
+            )
+            .with_context(|| {
+                format!(
+                    "loading the embedded CA's mesh root from {} (create one with `sluice ca init --dir {}`, the \
+                     same on every node; or use a CA service with --ca-addr, so that nodes hold no key)",
+                    dir.display(),
+                    dir.display()
+                )
+            })?;
+            Ok((Arc::new(ca), None))
+        }
+        CaConfig::Remote { addr, trust_bundle, token_file, server_name } => {
+            let bundle = TrustBundleFile::load(trust_bundle)
+                .map_err(|e| anyhow::anyhow!(e))
+                .context("loading the mesh trust bundle (--ca-trust-bundle)")?;
+            bundle.spawn_poller(identity::BUNDLE_POLL).context("starting the trust bundle reader")?;
+            if let Err(e) = std::fs::metadata(token_file) {
+                warn!(path = %token_file.display(), error = %e,
+                    "cannot read the CA token (--ca-token-file); certificate requests fail until it is there");
+            }
+            let config = RemoteCaConfig {
+                server_name: server_name.clone(),
+                token_file: token_file.clone(),
+                requested_lifetime: args.cert_lifetime,
+                ..RemoteCaConfig::new(addr.clone(), args.node.clone())
+            };
+            let ca = {
+                let _rt = rt.enter(); // the gRPC channel's worker starts on the data runtime
+                RemoteCa::new(config, bundle.clone()).context("configuring the CA client (--ca-addr)")?
+            };
+            Ok((Arc::new(ca), Some(bundle)))
+        }
+    }
 }
 
 /// The admin API, the readiness endpoint, the heartbeat, the eBPF log reader and signal

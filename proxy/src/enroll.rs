@@ -6,6 +6,15 @@
 //! the kernel never redirects to a listener that is not there yet). Releasing does it in the
 //! opposite order. Connections already open are never touched: they hold their own sockets.
 //!
+//! A pod is enrolled at once, whether or not its identity's certificate is there yet (it is
+//! fetched in the background): its inbound capture, and with it its namespace's peer
+//! authentication and the AuthorizationPolicies, must hold from the start. Until the
+//! certificate is in, the pod has no HBONE listener (mesh peers find the tunnel port closed and
+//! send plaintext, which the capture accepts or refuses by peer authentication), and its
+//! outbound connections that need its identity wait for the certificate up to the connect
+//! timeout, then are refused (`l4`, `l7::proxy`). The HBONE listener opens on the reconcile
+//! that follows the certificate's arrival (the manager wakes the control loop).
+//!
 //! Runs on the control thread; the only data-path effect is spawning/aborting accept tasks.
 
 use std::{
@@ -47,6 +56,10 @@ pub struct PodView {
     pub netns: u64,
     pub listeners: Vec<SocketAddr>,
     pub identity: String,
+    /// `ready`, or `pending: <why>` while the identity's certificate is not there yet (no
+    /// HBONE listener, outbound to mesh pods refused).
+    #[serde(default)]
+    pub certificate: String,
     /// Whether the application sees mesh clients' own addresses (transparent delivery).
     pub source_ip_preserved: bool,
     pub connections_open: u64,
@@ -91,8 +104,21 @@ struct EnrolledPod {
     uncaptured: std::collections::BTreeMap<Ipv6Addr, String>,
     addresses_checked: Instant,
     tasks: Vec<JoinHandle<()>>,
+    /// The tunnel port's addresses, served once the identity's certificate is there.
+    hbone_addrs: Vec<SocketAddr>,
+    hbone: Hbone,
     /// The inbound-capture program's attachment to the pod's namespace (dropping detaches).
     _inbound_link: Option<aya::programs::links::FdLink>,
+}
+
+/// Where a pod's HBONE listener stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Hbone {
+    Serving,
+    /// Its identity's certificate is not there yet.
+    AwaitingCertificate,
+    /// Opening it failed; tried again after this.
+    RetryAt(Instant),
 }
 
 pub struct Enroller {
@@ -109,7 +135,8 @@ pub struct Enroller {
     enrolled: HashMap<String, EnrolledPod>,
     /// Pods we are waiting for (sandbox not there yet), so we say so once, not every tick.
     waiting: HashSet<String>,
-    /// Pods waiting for their identity's certificate (fetched in the background), likewise.
+    /// Enrolled pods waiting for their identity's certificate (fetched in the background), so
+    /// we say so once.
     awaiting_certificate: HashSet<String>,
     /// Pods whose enrollment failed for a reason that will not fix itself within a tick
     /// (e.g. the pod holds port 15001), with when we may try again.
@@ -131,19 +158,32 @@ const FAILED_RETRY: Duration = Duration::from_secs(5);
 pub const LISTENER_LINGER: Duration = Duration::from_millis(500);
 
 /// The enrolled pods as the admin API reads them: static facts plus the live counters.
-pub type PodsView = Arc<RwLock<Vec<(PodView, Arc<PodStats>)>>>;
+pub type PodsView = Arc<RwLock<Vec<(PodView, Arc<PodStats>, SpiffeId)>>>;
 
-/// The enrolled pods with their current connection counts.
-pub fn pods_snapshot(view: &PodsView) -> Vec<PodView> {
+/// The enrolled pods with their current connection counts and certificate state.
+pub fn pods_snapshot(view: &PodsView, certs: &CertManager) -> Vec<PodView> {
     view.read()
         .unwrap_or_else(|p| p.into_inner())
         .iter()
-        .map(|(v, stats)| PodView {
+        .map(|(v, stats, identity)| PodView {
             connections_open: stats.open.load(Ordering::Relaxed),
             connections_total: stats.total.load(Ordering::Relaxed),
+            certificate: certificate_state(&certs.status_of(identity)),
             ..v.clone()
         })
         .collect()
+}
+
+/// `ready`, or `pending: <why>`.
+fn certificate_state(status: &CertStatus) -> String {
+    match status {
+        CertStatus::Ready => "ready".into(),
+        CertStatus::Pending { failures: 0, .. } => "pending: asked the CA".into(),
+        CertStatus::Pending { failures, last_error } => format!(
+            "pending: {failures} attempt(s) failed, the last with: {}",
+            last_error.as_deref().unwrap_or("?")
+        ),
+    }
 }
 
 impl Enroller {
@@ -232,6 +272,15 @@ impl Enroller {
         self.identity.retain(&wanted);
 
         let now = Instant::now();
+        // Pods enrolled before their certificate was there: open their tunnel port if it is now.
+        let without_tunnel: Vec<String> =
+            self.enrolled.iter().filter(|(_, e)| e.hbone != Hbone::Serving).map(|(uid, _)| uid.clone()).collect();
+        for uid in without_tunnel {
+            if let Some(mut e) = self.enrolled.remove(&uid) {
+                changed |= self.start_hbone(&mut e, now);
+                self.enrolled.insert(uid, e);
+            }
+        }
         for (uid, pod) in desired {
             if self.enrolled.contains_key(uid) || self.retry_after.get(uid).is_some_and(|t| *t > now) {
                 continue;
@@ -240,25 +289,18 @@ impl Enroller {
                 Ok(e) => {
                     changed = true;
                     self.waiting.remove(uid);
-                    self.awaiting_certificate.remove(uid);
                     self.retry_after.remove(uid);
                     self.failed.remove(uid);
-                    info!(pod = %format!("{}/{}", pod.namespace, pod.name), ip = %pod.ip, cgroup_id = e.cgroup_id, "pod enrolled");
+                    let certificate = if e.hbone == Hbone::Serving { "ready" } else { "pending" };
+                    info!(pod = %format!("{}/{}", pod.namespace, pod.name), ip = %pod.ip, cgroup_id = e.cgroup_id, certificate, "pod enrolled");
                     self.enrolled.insert(uid.to_string(), e);
                 }
-                Err(EnrollError::AwaitingCertificate(reason)) => {
-                    if self.awaiting_certificate.insert(uid.to_string()) {
-                        info!(pod = %format!("{}/{}", pod.namespace, pod.name), %reason, "waiting for the pod's certificate");
-                    }
-                }
                 Err(EnrollError::NotYet(reason)) => {
-                    self.awaiting_certificate.remove(uid);
                     if self.waiting.insert(uid.to_string()) {
                         info!(pod = %format!("{}/{}", pod.namespace, pod.name), %reason, "waiting for pod sandbox");
                     }
                 }
                 Err(EnrollError::Failed(reason)) => {
-                    self.awaiting_certificate.remove(uid);
                     self.retry_after.insert(uid.to_string(), now + FAILED_RETRY);
                     if self.waiting.insert(uid.to_string()) {
                         warn!(pod = %format!("{}/{}", pod.namespace, pod.name), %reason, retry_in_s = FAILED_RETRY.as_secs(), "cannot enroll pod");
@@ -298,28 +340,107 @@ impl Enroller {
         changed
     }
 
-    /// Whether a pod that should be enrolled waits for its identity's certificate.
+    /// Whether an enrolled pod still waits for its identity's certificate (no tunnel port yet).
     pub fn awaiting_certificates(&self) -> bool {
-        !self.awaiting_certificate.is_empty()
+        self.enrolled.values().any(|e| e.hbone == Hbone::AwaitingCertificate)
     }
 
     /// Whether any desired pod is still waiting (the caller re-runs reconcile on a timer).
     pub fn has_waiting(&self) -> bool {
-        !self.waiting.is_empty() || !self.awaiting_certificate.is_empty()
+        !self.waiting.is_empty() || self.enrolled.values().any(|e| e.hbone != Hbone::Serving)
+    }
+
+    /// Opens `pod`'s HBONE listeners if its identity's certificate is there (and a previous
+    /// failure's retry time has passed). Returns whether it did.
+    fn start_hbone(&mut self, pod: &mut EnrolledPod, now: Instant) -> bool {
+        if let Hbone::RetryAt(t) = pod.hbone {
+            if t > now {
+                return false;
+            }
+        }
+        let identity = pod.ctx.identity.clone();
+        let status = self.identity.request(&identity, &self.data_rt);
+        if let CertStatus::Pending { failures, last_error } = status {
+            pod.hbone = Hbone::AwaitingCertificate;
+            if self.awaiting_certificate.insert(pod.uid.clone()) {
+                let reason = match last_error {
+                    Some(e) => format!("{failures} attempt(s) failed, the last with: {e}"),
+                    None => "asked the CA".into(),
+                };
+                // Debug: this is every first pod of an identity for a few milliseconds; the
+                // manager warns when an attempt fails.
+                debug!(pod = %pod.ctx.key, identity = %identity, %reason,
+                    "enrolled without its certificate yet: no tunnel port (mesh peers send plaintext under the \
+                     namespace's peer authentication), outbound connections to mesh pods wait for it and are \
+                     refused after the connect timeout");
+            }
+            return false;
+        }
+        match self.open_hbone(&pod.ctx, &pod.hbone_addrs) {
+            Ok(tasks) => {
+                pod.tasks.extend(tasks);
+                pod.listeners.extend(pod.hbone_addrs.iter().copied());
+                pod.hbone = Hbone::Serving;
+                if self.awaiting_certificate.remove(&pod.uid) {
+                    debug!(pod = %pod.ctx.key, identity = %identity, "certificate in: the pod's tunnel port is open");
+                }
+                true
+            }
+            Err(reason) => {
+                pod.hbone = Hbone::RetryAt(now + FAILED_RETRY);
+                warn!(pod = %pod.ctx.key, %reason, retry_in_s = FAILED_RETRY.as_secs(),
+                    "cannot open the pod's tunnel port; mesh peers send plaintext to it meanwhile");
+                false
+            }
+        }
+    }
+
+    /// Listens on the pod's tunnel port (its cluster addresses) and serves HBONE with its
+    /// identity's certificate.
+    fn open_hbone(&self, ctx: &Arc<PodContext>, addrs: &[SocketAddr]) -> Result<Vec<JoinHandle<()>>, String> {
+        let server_tls = self
+            .identity
+            .server_config(&ctx.identity)
+            .map_err(|e| format!("TLS server configuration for {}: {e}", ctx.identity))?;
+        let results = ctx.netns.listen(addrs).map_err(|e| format!("netns worker: {e}"))?;
+        let mut listeners = Vec::new();
+        for (addr, result) in addrs.iter().zip(results) {
+            let std_listener = result.map_err(|e| {
+                format!("cannot listen on {addr} in the pod's network namespace: {e} (is the port taken by the pod?)")
+            })?;
+            listeners.push((*addr, std_listener));
+        }
+        let mut tasks = Vec::new();
+        for (addr, std_listener) in listeners {
+            let _guard = self.data_rt.enter();
+            let listener = match tokio::net::TcpListener::from_std(std_listener) {
+                Ok(l) => l,
+                Err(e) => {
+                    tasks.iter().for_each(JoinHandle::abort);
+                    return Err(format!("listener {addr}: {e}"));
+                }
+            };
+            let ctx = ctx.clone();
+            let inbound = self.inbound.clone();
+            tasks.push(self.data_rt.spawn(hbone_server::serve(
+                listener,
+                ctx.key.clone(),
+                server_tls.clone(),
+                |c| identity::peer_identity(c).map(|id| id.to_string()),
+                self.inbound.tunnel_stats.clone(),
+                self.inbound.admission.clone(),
+                move |req| inbound::handle_tunnel(req, ctx.clone(), inbound.clone()),
+            )));
+        }
+        Ok(tasks)
     }
 
     fn enroll(&mut self, pod: &Pod) -> Result<EnrolledPod, EnrollError> {
-        // The pod's certificate comes first: its HBONE listener must present it. It is fetched
-        // in the background (one fetch per identity, never waited for here: a slow CA must not
-        // hold up the enrollment of other pods); a later reconcile enrolls the pod once it is in.
+        // The pod's certificate is fetched in the background (one fetch per identity, never
+        // waited for here: a slow CA must not hold up the enrollment of other pods). The pod
+        // is enrolled now either way; its tunnel port opens once the certificate is in.
         let identity = SpiffeId::for_pod(&self.trust_domain, pod);
-        if let CertStatus::Pending { failures, last_error } = self.identity.request(&identity, &self.data_rt)
-        {
-            return Err(EnrollError::AwaitingCertificate(match last_error {
-                Some(e) => format!("{identity}: {failures} attempt(s) failed, the last with: {e}"),
-                None => format!("{identity}: asked the CA"),
-            }));
-        }
+        let certificate_ready = self.identity.request(&identity, &self.data_rt) == CertStatus::Ready;
         let cgroup_path = podres::pod_cgroup(&self.kubepods, self.driver, &pod.uid).map_err(EnrollError::from)?;
         let cgroup_id = podres::cgroup_id(&cgroup_path).map_err(EnrollError::from)?;
         let netns_handle = podres::pod_netns(&cgroup_path).map_err(EnrollError::from)?;
@@ -330,11 +451,6 @@ impl Enroller {
         let key: Arc<str> = format!("{}/{}", pod.namespace, pod.name).into();
         let netns = PodNetns::spawn(netns_handle, &pod.name)
             .map_err(|e| EnrollError::Failed(format!("cannot enter network namespace: {e}")))?;
-
-        let server_tls = self
-            .identity
-            .server_config(&identity)
-            .map_err(|e| EnrollError::Failed(format!("TLS server configuration for {identity}: {e}")))?;
 
         // Listeners are SO_REUSEPORT so the next sluice process can open its own next to ours;
         // with tcp_migrate_req, connections still queued on ours when we close them move to
@@ -385,7 +501,6 @@ impl Enroller {
         let inbound_v4 = pod_ips.iter().find(|ip| ip.is_ipv4()).map(|ip| SocketAddr::new(*ip, INBOUND_PORT));
         let inbound_v6 = has_v6.then(|| SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), INBOUND_PORT));
         let mut addrs = outbound.to_vec();
-        addrs.extend(hbone_addrs.iter().copied());
         addrs.extend(inbound_v4.into_iter().chain(inbound_v6));
         let results = netns
             .listen(&addrs)
@@ -464,19 +579,7 @@ impl Enroller {
             let _guard = self.data_rt.enter();
             let listener = tokio::net::TcpListener::from_std(std_listener)
                 .map_err(|e| EnrollError::Failed(format!("listener {addr}: {e}")))?;
-            let task = if addr.port() == HBONE_PORT {
-                let ctx = ctx.clone();
-                let inbound = self.inbound.clone();
-                self.data_rt.spawn(hbone_server::serve(
-                    listener,
-                    key.clone(),
-                    server_tls.clone(),
-                    |c| identity::peer_identity(c).map(|id| id.to_string()),
-                    self.inbound.tunnel_stats.clone(),
-                    self.inbound.admission.clone(),
-                    move |req| inbound::handle_tunnel(req, ctx.clone(), inbound.clone()),
-                ))
-            } else if is_inbound {
+            let task = if is_inbound {
                 self.data_rt.spawn(inbound::serve_plaintext(listener, ctx.clone(), self.inbound.clone()))
             } else {
                 self.data_rt.spawn(l4::serve_listener(listener, ctx.clone(), self.dp.clone()))
@@ -493,11 +596,28 @@ impl Enroller {
                 )));
             }
         };
+        // The tunnel port, when the certificate is already there (the normal case after the
+        // first pod of an identity); else on a later reconcile.
+        let hbone = if certificate_ready {
+            match self.open_hbone(&ctx, &hbone_addrs) {
+                Ok(hbone_tasks) => {
+                    tasks.extend(hbone_tasks);
+                    bound.extend(hbone_addrs.iter().copied());
+                    Hbone::Serving
+                }
+                Err(reason) => {
+                    cleanup(&self.redirector, &tasks, &captured);
+                    return Err(EnrollError::Failed(reason));
+                }
+            }
+        } else {
+            Hbone::AwaitingCertificate
+        };
         if let Err(e) = self.redirector.enroll(cgroup_id, pod_id) {
             cleanup(&self.redirector, &tasks, &captured);
             return Err(EnrollError::Failed(e.to_string()));
         }
-        Ok(EnrolledPod {
+        let mut enrolled = EnrolledPod {
             ctx,
             namespace: pod.namespace.clone(),
             name: pod.name.clone(),
@@ -511,11 +631,19 @@ impl Enroller {
             uncaptured: Default::default(),
             addresses_checked: Instant::now(),
             tasks,
+            hbone_addrs,
+            hbone,
             _inbound_link: Some(inbound_link),
-        })
+        };
+        if enrolled.hbone == Hbone::AwaitingCertificate {
+            // Says so once, and opens the port if the certificate arrived meanwhile.
+            self.start_hbone(&mut enrolled, Instant::now());
+        }
+        Ok(enrolled)
     }
 
-    fn release(&self, pod: EnrolledPod) {
+    fn release(&mut self, pod: EnrolledPod) {
+        self.awaiting_certificate.remove(&pod.uid);
         if let Err(e) = self.redirector.release(pod.cgroup_id) {
             warn!(pod = %pod.ctx.key, error = %e, "cannot remove pod from the eBPF enrollment map");
         }
@@ -572,7 +700,7 @@ impl Enroller {
     }
 
     pub fn publish_view(&self) {
-        let mut pods: Vec<(PodView, Arc<PodStats>)> = self
+        let mut pods: Vec<(PodView, Arc<PodStats>, SpiffeId)> = self
             .enrolled
             .values()
             .map(|e| (PodView {
@@ -585,12 +713,13 @@ impl Enroller {
                 netns: e.ctx.netns.inode(),
                 listeners: e.listeners.clone(),
                 identity: e.ctx.identity_str.to_string(),
+                certificate: String::new(),
                 source_ip_preserved: e.ctx.transparent.v4,
                 connections_open: 0,
                 connections_total: 0,
-            }, e.ctx.stats.clone()))
+            }, e.ctx.stats.clone(), e.ctx.identity.clone()))
             .collect();
-        pods.sort_by(|(a, _), (b, _)| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+        pods.sort_by(|(a, _, _), (b, _, _)| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
         *self.view.write().unwrap_or_else(|p| p.into_inner()) = pods;
         let mut problems: Vec<PodProblem> = self.failed.values().cloned().collect();
         for pod in self.enrolled.values() {
@@ -653,8 +782,6 @@ fn sync_link_local(redirector: &Redirector, pod: &mut EnrolledPod, found: &[Ipv6
 enum EnrollError {
     /// The pod is not there yet (no cgroup, no process): try again on the next tick.
     NotYet(String),
-    /// Its identity's certificate is being fetched: try again when it is in.
-    AwaitingCertificate(String),
     Failed(String),
 }
 

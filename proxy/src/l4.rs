@@ -219,6 +219,14 @@ async fn forward_opaque(
     drop(model);
 
     if let Some(peer_id) = mesh_peer {
+        // A pod enrolled before its identity's certificate came: the tunnel needs it. Wait for
+        // it as for a slow connect, then refuse; never send plaintext to a mesh peer instead.
+        if !dp.identity.await_certificate(&pod.identity, dp.connect_timeout).await {
+            debug!(pod = %pod.key, dst = %orig, peer = %peer_id, identity = %pod.identity,
+                "no certificate for the pod's identity yet; resetting (see `sluice certs`)");
+            reset(&client);
+            return;
+        }
         match open_tunnel(&pod, &dp, &peer_id, endpoint, None).await {
             Ok(stream) => {
                 let guard = dp.conns.open(&pod.stats, new_conn(&pod, peer, orig, &target, endpoint, Some(&peer_id)));

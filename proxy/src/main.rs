@@ -24,11 +24,12 @@ enum Command {
     Run(RunFlags),
     /// Version, node, attached programs, fail mode and counters.
     Status(AdminFlags),
-    /// Enrolled pods on this node: IP, cgroup, listeners, connections.
+    /// Enrolled pods on this node: IP, identity, certificate state, cgroup, listeners, connections.
     Pods(AdminFlags),
     /// Live connections: source pod, original destination, endpoint, mTLS peer identity, bytes, age.
     Conns(AdminFlags),
-    /// Workload certificates held on this node: identity, serial, validity, next renewal.
+    /// Workload certificates of this node: identity, serial, validity, next renewal, issuer
+    /// chain; identities still waiting for one; the trust bundle's roots.
     Certs(CertsFlags),
     /// Effective routes per Service port: rules in precedence order, weighted backends, and
     /// each endpoint's current peak-EWMA latency.
@@ -158,6 +159,10 @@ struct CertsFlags {
 
 #[derive(Subcommand)]
 enum CertsAction {
+    /// The trust bundle in force: its source, its roots in rotation order (the first is the
+    /// one the CA signs under) with expiry, and how many of this node's certificates lead to
+    /// each (a root rotation's progress).
+    Bundle,
     /// Ask this node's CA for a certificate for SPIFFE_ID, as sluice would for a pod of that
     /// identity, without installing it: would this node get one? Exits non-zero on refusal.
     /// Served on the admin unix socket only: --node NAME or --admin PATH (without either, the
@@ -305,9 +310,29 @@ struct RunFlags {
     /// bpffs mount (fail-closed pins live under <bpffs>/sluice/<node>/).
     #[arg(long, default_value = "/sys/fs/bpf")]
     bpffs: PathBuf,
-    /// Directory holding the mesh root CA (ca.pem, ca-key.pem), see `sluice ca init`.
-    #[arg(long, env = "SLUICE_CA_DIR", default_value = "/var/lib/sluice/ca")]
-    ca_dir: PathBuf,
+    /// Embedded CA (demo and small setups: this node holds the mesh root key): the directory
+    /// holding the mesh root (ca.pem, ca-key.pem, see `sluice ca init`). Not read with
+    /// --ca-addr [default: /var/lib/sluice/ca].
+    #[arg(long, env = "SLUICE_CA_DIR")]
+    ca_dir: Option<PathBuf>,
+    /// A CA service, https://HOST:PORT (e.g. https://sluice-ca.sluice-system.svc:15012, or
+    /// istiod): this node holds no signing key and sends CSRs there (Istio's certificate
+    /// protocol). Without it, the embedded CA (--ca-dir).
+    #[arg(long, env = "SLUICE_CA_ADDR")]
+    ca_addr: Option<String>,
+    /// With --ca-addr: PEM roots, the root the CA signs under now first (a ConfigMap). Verifies
+    /// the CA service's certificate and is the mesh trust bundle peers are verified against;
+    /// re-read when it changes.
+    #[arg(long, env = "SLUICE_CA_TRUST_BUNDLE", requires = "ca_addr")]
+    ca_trust_bundle: Option<PathBuf>,
+    /// With --ca-addr: the projected ServiceAccount token (audience sluice-ca) sent as
+    /// `authorization: Bearer`, re-read for every request (the kubelet rotates it).
+    #[arg(long, env = "SLUICE_CA_TOKEN_FILE", default_value = sluice::identity::DEFAULT_TOKEN_FILE)]
+    ca_token_file: PathBuf,
+    /// With --ca-addr: the name (DNS name or IP) the CA's certificate must carry, when it is
+    /// not the host of --ca-addr.
+    #[arg(long, env = "SLUICE_CA_SERVER_NAME", requires = "ca_addr")]
+    ca_server_name: Option<String>,
     /// SPIFFE trust domain of workload identities.
     #[arg(long, default_value = "cluster.local")]
     trust_domain: String,
@@ -440,6 +465,9 @@ fn main() -> ExitCode {
         Command::Pods(a) => print(cli::pods(&a.endpoint(), a.output)),
         Command::Conns(a) => print(cli::conns(&a.endpoint(), a.output)),
         Command::Certs(CertsFlags { action: None, admin: a }) => print(cli::certs(&a.endpoint(), a.output)),
+        Command::Certs(CertsFlags { action: Some(CertsAction::Bundle), admin: a }) => {
+            print(cli::cert_bundle(&a.endpoint(), a.output))
+        }
         Command::Certs(CertsFlags { action: Some(CertsAction::Request { identity }), admin: a }) => {
             cli::privileged_endpoint(a.admin.as_deref(), a.node.as_deref())
                 .and_then(|ep| cli::cert_request(&ep, &identity, a.output))
@@ -497,6 +525,7 @@ fn run(f: RunFlags) -> Result<()> {
     init_logging(f.log_format);
     let admin_socket = f.admin_socket.unwrap_or_else(|| cli::default_admin_socket(&f.node));
     let source = source_config(f.source, f.manifests, f.kube_api, f.kubeconfig)?;
+    let ca = ca_config(f.ca_dir, f.ca_addr, f.ca_trust_bundle, f.ca_token_file, f.ca_server_name)?;
     let telemetry = sluice::telemetry::TelemetryConfig {
         node: f.node.clone(),
         trust_domain: f.trust_domain.clone(),
@@ -523,7 +552,7 @@ fn run(f: RunFlags) -> Result<()> {
         admin_socket,
         bpffs: f.bpffs,
         connect_timeout: Duration::from_millis(f.connect_timeout_ms),
-        ca_dir: f.ca_dir,
+        ca,
         trust_domain: f.trust_domain,
         cert_lifetime: Duration::from_secs(f.cert_lifetime_s),
         drain_timeout: Duration::from_secs(f.drain_timeout_s),
@@ -607,6 +636,31 @@ fn source_config(
                 tracing::warn!(dir = %dir.display(), "--manifests is ignored with --source kubernetes");
             }
             Ok(SourceConfig::Kubernetes(KubeConfig { api_url: kube_api, kubeconfig, ..KubeConfig::default() }))
+        }
+    }
+}
+
+/// The embedded CA (`--ca-dir`), or a CA service (`--ca-addr` and the flags that go with it).
+fn ca_config(
+    ca_dir: Option<PathBuf>,
+    ca_addr: Option<String>,
+    trust_bundle: Option<PathBuf>,
+    token_file: PathBuf,
+    server_name: Option<String>,
+) -> Result<daemon::CaConfig> {
+    match ca_addr {
+        None => Ok(daemon::CaConfig::Embedded { dir: ca_dir.unwrap_or_else(|| PathBuf::from("/var/lib/sluice/ca")) }),
+        Some(addr) => {
+            if let Some(dir) = ca_dir {
+                // The node holds no key with a CA service: say so rather than read it.
+                tracing::warn!(dir = %dir.display(), "--ca-dir is not read with --ca-addr: this node holds no CA key (remove the mount)");
+            }
+            let trust_bundle = trust_bundle.ok_or_else(|| {
+                anyhow::anyhow!(
+                    "--ca-addr needs --ca-trust-bundle PATH: the PEM roots that verify the CA service and the mesh's peers"
+                )
+            })?;
+            Ok(daemon::CaConfig::Remote { addr, trust_bundle, token_file, server_name })
         }
     }
 }

@@ -40,6 +40,20 @@ pub struct StatusView {
     /// Pods of the node sluice does not (fully) protect, and why.
     #[serde(default)]
     pub pod_problems: Vec<PodProblem>,
+    /// The node's CA, its trust bundle, and where the node's certificates stand.
+    #[serde(default)]
+    pub ca: Option<CaStatusView>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CaStatusView {
+    #[serde(flatten)]
+    pub description: crate::identity::CaDescription,
+    /// Roots in the trust bundle in force.
+    pub trust_bundle_roots: usize,
+    pub certificates_held: usize,
+    /// Identities still waiting for their first certificate.
+    pub certificates_pending: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

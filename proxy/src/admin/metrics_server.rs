@@ -425,8 +425,11 @@ impl Collector for SluiceMetrics {
             admin.conns.open_count() as u64,
         )?;
 
-        // Certificates.
+        // Certificates: held ones (by identity), identities still waiting for theirs, the CA
+        // client, the trust bundle.
         let certs = admin.certs.certs();
+        let held: Vec<&crate::identity::CertView> =
+            certs.iter().filter(|c| c.state == crate::identity::CertState::Ready).collect();
         {
             let mut family = e.encode_descriptor(
                 "sluice_certificate_expiry_timestamp_seconds",
@@ -434,10 +437,11 @@ impl Collector for SluiceMetrics {
                 None,
                 MetricType::Gauge,
             )?;
-            for c in &certs {
+            for c in &held {
                 let identity = c.identity.to_string();
                 let labels = [("identity", identity.as_str())];
-                family.encode_family(&labels)?.encode_gauge(&rfc3339_unix(&c.not_after).unwrap_or(0))?;
+                let expiry = c.not_after.as_deref().and_then(rfc3339_unix).unwrap_or(0);
+                family.encode_family(&labels)?.encode_gauge(&expiry)?;
             }
         }
         {
@@ -447,10 +451,56 @@ impl Collector for SluiceMetrics {
                 None,
                 MetricType::Gauge,
             )?;
-            for c in &certs {
+            for c in &held {
                 let identity = c.identity.to_string();
                 let labels = [("identity", identity.as_str())];
                 family.encode_family(&labels)?.encode_gauge(&u64::from(c.renewal_failures))?;
+            }
+        }
+        gauge(
+            &mut e,
+            "sluice_certificates_pending",
+            "Identities of this node's pods still waiting for their first certificate.",
+            (certs.len() - held.len()) as u64,
+        )?;
+        let no_cert = &admin.certs.no_certificate;
+        labelled(
+            &mut e,
+            "sluice_connections_without_certificate",
+            "Connections that needed their pod's certificate before it was issued: waited for it, \
+             or refused at the end of the wait.",
+            MetricType::Counter,
+            "outcome",
+            &[
+                ("waited", no_cert.waited.load(Ordering::Relaxed)),
+                ("refused", no_cert.refused.load(Ordering::Relaxed)),
+            ],
+        )?;
+        let ca = admin.certs.ca_counters();
+        if !ca.is_empty() {
+            let by_result: Vec<(&str, u64)> =
+                ca.iter().map(|(name, v)| (name.strip_prefix("ca_").unwrap_or(name), *v)).collect();
+            labelled(
+                &mut e,
+                "sluice_ca_client_events",
+                "The remote CA client: requests sent, their outcomes, and requests that waited for a slot.",
+                MetricType::Counter,
+                "event",
+                &by_result,
+            )?;
+        }
+        {
+            let bundle = admin.certs.bundle_view();
+            let mut family = e.encode_descriptor(
+                "sluice_trust_bundle_root_expiry_timestamp_seconds",
+                "When each root of the mesh trust bundle expires (Unix time); position 0 is the root the CA signs under.",
+                None,
+                MetricType::Gauge,
+            )?;
+            for (i, root) in bundle.roots.iter().enumerate() {
+                let position = i.to_string();
+                let labels = [("position", position.as_str()), ("sha256", root.sha256.as_str())];
+                family.encode_family(&labels)?.encode_gauge(&rfc3339_unix(&root.not_after).unwrap_or(0))?;
             }
         }
 

@@ -67,8 +67,13 @@ impl AdminState {
             ("plaintext_refused_strict", &c.plaintext_refused_strict),
             ("policy_denied", &c.policy_denied),
             ("delivery_failed", &c.delivery_failed),
+            ("outbound_waited_for_certificate", &self.certs.no_certificate.waited),
+            ("outbound_refused_no_certificate", &self.certs.no_certificate.refused),
         ] {
             all.insert(name.to_string(), value.load(Ordering::Relaxed));
+        }
+        for (name, value) in self.certs.ca_counters() {
+            all.insert(name.to_string(), value);
         }
         all.insert("hbone_pooled_connections".to_string(), self.data.pool.len() as u64);
         let l7 = &self.data.l7.counters;
@@ -204,6 +209,16 @@ impl AdminState {
             model_pods: model.pods().count(),
             limits: Some(self.data.admission.config),
             pod_problems: self.pod_problems.read().unwrap_or_else(|p| p.into_inner()).clone(),
+            ca: Some({
+                let certs = self.certs.certs();
+                let held = certs.iter().filter(|c| c.state == crate::identity::CertState::Ready).count();
+                crate::admin::api::CaStatusView {
+                    description: self.certs.ca_description(),
+                    trust_bundle_roots: self.certs.bundle_view().roots.len(),
+                    certificates_held: held,
+                    certificates_pending: certs.len() - held,
+                }
+            }),
         }
     }
 }
@@ -361,9 +376,10 @@ fn route(state: &AdminState, req: Request<Incoming>) -> Response<Full<Bytes>> {
     }
     match req.uri().path() {
         "/status" => json(&state.status()),
-        "/pods" => json(&enroll::pods_snapshot(&state.pods)),
+        "/pods" => json(&enroll::pods_snapshot(&state.pods, &state.certs)),
         "/conns" => json(&state.conns.snapshot()),
         "/certs" => json(&state.certs.certs()),
+        "/certs/bundle" => json(&state.certs.bundle_view()),
         "/model" => json(&state.model.load().view()),
         "/routes" => {
             let only = req.uri().query().and_then(|q| {
@@ -379,7 +395,7 @@ fn route(state: &AdminState, req: Request<Incoming>) -> Response<Full<Bytes>> {
                 text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
             }
         }
-        other => text(StatusCode::NOT_FOUND, &format!("no such endpoint {other}; try /status, /pods, /conns, /certs, /model, /routes, /stat, /tap, /ready\n")),
+        other => text(StatusCode::NOT_FOUND, &format!("no such endpoint {other}; try /status, /pods, /conns, /certs, /certs/bundle, /model, /routes, /stat, /tap, /ready\n")),
     }
 }
 
@@ -505,8 +521,14 @@ async fn cert_request(state: &AdminState, req: Request<Incoming>) -> Response<Fu
             json(&view)
         }
         Err(e) => {
-            let status = match e {
-                IdentityError::Ca(_) => StatusCode::FORBIDDEN,
+            // 403 only for the CA's decision; not getting one is the CA's (or the link's) failure.
+            let status = match &e {
+                IdentityError::Ca(ca) if ca.is_refusal() => StatusCode::FORBIDDEN,
+                IdentityError::Ca(crate::identity::CaError::Unauthenticated { .. }) => StatusCode::FORBIDDEN,
+                IdentityError::Ca(crate::identity::CaError::RateLimited { .. }) => StatusCode::TOO_MANY_REQUESTS,
+                IdentityError::Ca(crate::identity::CaError::Unreachable { .. }) | IdentityError::CaTimeout { .. } => {
+                    StatusCode::SERVICE_UNAVAILABLE
+                }
                 _ => StatusCode::BAD_GATEWAY,
             };
             let reason = e.to_string();

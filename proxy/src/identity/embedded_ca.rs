@@ -18,7 +18,7 @@ use x509_parser::extensions::{GeneralName, ParsedExtension};
 use x509_parser::oid_registry::{OID_EC_P256, OID_KEY_TYPE_EC_PUBLIC_KEY};
 use x509_parser::prelude::FromDer;
 
-use super::ca::{CaError, CertificateAuthority, SignFuture, SignRequest};
+use super::ca::{CaDescription, CaError, CertificateAuthority, SignFuture, SignRequest};
 use super::root::MeshRoot;
 use super::spiffe::{check_trust_domain, SpiffeId};
 use super::{x509, DEFAULT_CERT_LIFETIME, NOT_BEFORE_SKEW};
@@ -106,7 +106,7 @@ impl EmbeddedCa {
             node = %config.node, trust_domain = %config.trust_domain,
             root_not_after = %x509::rfc3339(root.not_after),
             leaf_lifetime_s = config.leaf_lifetime.as_secs_f64(),
-            "embedded CA loaded"
+            "embedded CA (demo and small setups: this node holds the mesh root key)"
         );
         Ok(EmbeddedCa { root, config, authorize })
     }
@@ -177,6 +177,16 @@ impl CertificateAuthority for EmbeddedCa {
 
     fn trust_bundle(&self) -> Vec<CertificateDer<'static>> {
         vec![self.root.cert.clone()]
+    }
+
+    fn describe(&self) -> CaDescription {
+        CaDescription {
+            mode: "embedded".into(),
+            address: None,
+            trust_bundle_source: "the embedded CA's root (--ca-dir; this node holds the mesh root key)".into(),
+            trust_bundle_loaded: None,
+            trust_bundle_error: None,
+        }
     }
 }
 

@@ -4,7 +4,15 @@
 //! Renewal swaps the certificate under the TLS configurations (their resolvers read the
 //! current one per handshake), so nothing is rebuilt and established connections, which keep
 //! the keys they negotiated, are untouched. The old certificate stays in use until its
-//! replacement is in; a failed renewal is retried with exponential backoff.
+//! replacement is in; a failed renewal is retried with exponential backoff and jitter, never
+//! sooner than the CA's `retry-after` when it gave one.
+//!
+//! Root rotation: the trust bundle's first root is the one the CA signs under now. When the
+//! bundle changes (the CA says so through [`CertificateAuthority::bundle_updates`]), the
+//! verifiers use the new bundle for the next handshake, and every certificate that does not
+//! lead to the first root is re-issued at a random time within
+//! [`CertManagerConfig::rotation_spread`] (so that a node's hundreds of identities do not ask at
+//! once), and asked for again, with backoff, until it does.
 //!
 //! First issuance never blocks its caller: [`CertManager::request`] starts one background
 //! fetch per identity (single-flight: every pod of that identity waits for the same one),
@@ -14,63 +22,95 @@
 //! [`CertManager::on_issued`] when a certificate comes in).
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock, Weak};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use rcgen::{CertificateParams, DistinguishedName, KeyPair, PublicKeyData, SanType, PKCS_ECDSA_P256_SHA256};
 use rustls::crypto::CryptoProvider;
 use rustls::sign::CertifiedKey;
-use rustls_pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
+use rustls_pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer, UnixTime};
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
-use tokio::sync::Notify;
+use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 use tracing::{debug, error, info, warn};
 
-use super::ca::{CertificateAuthority, SignRequest};
+use super::ca::{CaDescription, CertificateAuthority, SignRequest};
 use super::spiffe::{check_trust_domain, SpiffeId};
 use super::tls::TlsCache;
 use super::verify::{self, SharedBundle, TrustBundle};
+use super::view::{CertState, CertView, ChainCertView, RootView, TrustBundleView};
 use super::{x509, IdentityError};
 
 /// Tuning of the manager (the certificate lifetime itself is the CA's policy, see
 /// [`EmbeddedCaConfig::leaf_lifetime`](super::EmbeddedCaConfig)).
 #[derive(Debug, Clone)]
 pub struct CertManagerConfig {
-    /// First retry delay after a failed renewal; doubles per failure up to `retry_max`.
+    /// Retry delay after a first failure; doubles per failure up to `retry_max`. Each delay is
+    /// drawn between half of that and all of it (jitter), and is never shorter than the CA's
+    /// `retry-after`.
     pub retry_initial: Duration,
+    /// Capped low, so that issuance resumes within seconds once an unreachable CA is back.
     pub retry_max: Duration,
     /// How long one signing may take before it counts as failed (a remote CA may hang).
     pub sign_timeout: Duration,
+    /// When the trust bundle's first root changes, the certificates under another root are
+    /// re-issued at random times within this (a node's identities do not all ask at once).
+    pub rotation_spread: Duration,
+    /// Certificates that no root of the bundle trusts any more (peers refuse them) are
+    /// re-issued within this.
+    pub untrusted_spread: Duration,
+    /// A certificate issued under another root than the bundle's first (the CA does not sign
+    /// under the new root yet) is asked for again after this, doubling up to `misrooted_max`.
+    pub misrooted_retry: Duration,
+    pub misrooted_max: Duration,
 }
 
 impl Default for CertManagerConfig {
     fn default() -> Self {
         CertManagerConfig {
             retry_initial: Duration::from_millis(500),
-            retry_max: Duration::from_secs(30),
+            retry_max: Duration::from_secs(10),
             sign_timeout: Duration::from_secs(30),
+            rotation_spread: Duration::from_secs(30),
+            untrusted_spread: Duration::from_secs(5),
+            misrooted_retry: Duration::from_secs(5),
+            misrooted_max: Duration::from_secs(60),
         }
     }
 }
 
-/// One certificate as the admin API shows it (`sluice certs`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct CertView {
-    pub identity: SpiffeId,
-    /// Serial number, lower-case hex.
-    pub serial: String,
-    /// RFC 3339, UTC.
-    pub not_before: String,
-    pub not_after: String,
-    /// When the next renewal attempt is due (a retry time after a failure).
-    pub next_renewal: String,
-    /// Consecutive failed renewals (0 when the last one succeeded).
-    #[serde(default)]
-    pub renewal_failures: u32,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub last_error: Option<String>,
+/// The delay before attempt `failures + 1`: exponential from `initial` up to `max`, drawn
+/// between half of that and all of it (`r0` in 0..1), and at least the CA's `retry_after`,
+/// itself stretched by up to half (`r1` in 0..1) so that the identities a rate limit turned
+/// away together do not come back together.
+pub(crate) fn backoff_delay(
+    initial: Duration,
+    max: Duration,
+    failures: u32,
+    retry_after: Option<Duration>,
+    r0: f64,
+    r1: f64,
+) -> Duration {
+    let exp = failures.saturating_sub(1).min(16);
+    let ceiling = initial.saturating_mul(1 << exp).min(max);
+    let jittered = ceiling / 2 + ceiling.mul_f64(r0.clamp(0.0, 1.0) / 2.0);
+    match retry_after {
+        Some(after) => jittered.max(after + after.mul_f64(r1.clamp(0.0, 1.0) / 2.0)),
+        None => jittered,
+    }
+}
+
+/// Connections that needed a pod's identity before its certificate was there.
+#[derive(Debug, Default)]
+pub struct NoCertificateCounters {
+    /// Waited for the certificate (bounded by the connect timeout).
+    pub waited: AtomicU64,
+    /// Still none at the end of the wait: refused (reset, or a 503 for HTTP).
+    pub refused: AtomicU64,
 }
 
 /// The answer to "would this node get a certificate for this identity?" (`POST /certs/request`
@@ -110,6 +150,8 @@ pub enum CertStatus {
 struct Fetch {
     failures: u32,
     last_error: Option<String>,
+    /// When the next attempt is due, after a failure (for `sluice certs`).
+    next_attempt: Option<OffsetDateTime>,
     /// Cancels the fetch when the identity is dropped before its certificate came.
     task: Option<tokio::task::AbortHandle>,
 }
@@ -132,6 +174,27 @@ struct Schedule {
     in_flight: bool,
     failures: u32,
     last_error: Option<String>,
+    /// The position in the trust bundle of the root the certificate leads to (None: none).
+    root_index: Option<usize>,
+    /// Consecutive issuances under another root than the bundle's first.
+    misrooted: u32,
+}
+
+impl Schedule {
+    fn set_due(&mut self, delay: Duration) {
+        self.due = Instant::now() + delay;
+        self.due_wall = OffsetDateTime::now_utc() + delay;
+    }
+
+    /// Brings the next attempt forward to within `delay`, never later than planned.
+    fn due_within(&mut self, delay: Duration) -> bool {
+        let at = Instant::now() + delay;
+        if at < self.due {
+            self.set_due(delay);
+            return true;
+        }
+        false
+    }
 }
 
 /// One identity: its current certificate (swapped whole on renewal) and renewal state.
@@ -186,8 +249,11 @@ pub struct CertManager {
     /// `store`.
     fetches: Mutex<HashMap<SpiffeId, Fetch>>,
     on_issued: Mutex<Option<IssuedHook>>,
+    /// Bumped whenever a first certificate is installed (for [`Self::await_certificate`]).
+    installed: watch::Sender<u64>,
     /// Wakes the rotation task when the schedule changed.
     wake: Arc<Notify>,
+    pub no_certificate: NoCertificateCounters,
 }
 
 impl std::fmt::Debug for CertManager {
@@ -223,8 +289,51 @@ impl CertManager {
             tls: TlsCache::default(),
             fetches: Mutex::default(),
             on_issued: Mutex::default(),
+            installed: watch::channel(0).0,
             wake: Arc::new(Notify::new()),
+            no_certificate: NoCertificateCounters::default(),
         })
+    }
+
+    /// What the CA is and where the trust bundle comes from.
+    pub fn ca_description(&self) -> CaDescription {
+        self.ca.describe()
+    }
+
+    /// The CA client's own counters.
+    pub fn ca_counters(&self) -> Vec<(&'static str, u64)> {
+        self.ca.counters()
+    }
+
+    /// Whether this node holds a certificate for `id` now.
+    pub fn has_certificate(&self, id: &SpiffeId) -> bool {
+        self.store.contains(id)
+    }
+
+    /// Waits up to `limit` for `id`'s certificate (a pod's first connections race its first
+    /// issuance). Returns whether it is there; a wait and a refusal are counted.
+    pub async fn await_certificate(&self, id: &SpiffeId, limit: Duration) -> bool {
+        if self.store.contains(id) {
+            return true;
+        }
+        self.no_certificate.waited.fetch_add(1, Ordering::Relaxed);
+        // Subscribed before the check: an installation after it is seen by `changed`.
+        let mut installed = self.installed.subscribe();
+        let deadline = Instant::now() + limit;
+        loop {
+            if self.store.contains(id) {
+                return true;
+            }
+            match tokio::time::timeout_at(deadline, installed.changed()).await {
+                Ok(Ok(())) => continue,
+                _ => break,
+            }
+        }
+        if self.store.contains(id) {
+            return true;
+        }
+        self.no_certificate.refused.fetch_add(1, Ordering::Relaxed);
+        false
     }
 
     pub fn node(&self) -> &str {
@@ -253,8 +362,22 @@ impl CertManager {
         }
         debug!(identity = %id, "fetching a certificate");
         let task = rt.spawn(self.clone().fetch(id.clone()));
-        fetches.insert(id.clone(), Fetch { failures: 0, last_error: None, task: Some(task.abort_handle()) });
+        fetches.insert(
+            id.clone(),
+            Fetch { failures: 0, last_error: None, next_attempt: None, task: Some(task.abort_handle()) },
+        );
         CertStatus::Pending { failures: 0, last_error: None }
+    }
+
+    /// Where this node stands with `id`'s certificate, without starting anything (views).
+    pub fn status_of(&self, id: &SpiffeId) -> CertStatus {
+        if self.store.contains(id) {
+            return CertStatus::Ready;
+        }
+        match self.fetches.lock().unwrap_or_else(PoisonError::into_inner).get(id) {
+            Some(f) => CertStatus::Pending { failures: f.failures, last_error: f.last_error.clone() },
+            None => CertStatus::Pending { failures: 0, last_error: None },
+        }
     }
 
     /// Calls `hook` each time a first certificate is installed (the daemon re-runs enrollment
@@ -283,16 +406,24 @@ impl CertManager {
                     return;
                 }
                 Err(e) => {
-                    let failures = {
+                    let (failures, retry, loud) = {
                         let mut fetches = self.fetches.lock().unwrap_or_else(PoisonError::into_inner);
                         let Some(f) = fetches.get_mut(&id) else { return };
                         f.failures += 1;
-                        f.last_error = Some(e.to_string());
-                        f.failures
+                        let text = e.to_string();
+                        let loud = worth_a_warning(f.failures, f.last_error.as_deref(), &text);
+                        f.last_error = Some(text);
+                        let retry = self.backoff(f.failures, e.retry_after());
+                        f.next_attempt = Some(OffsetDateTime::now_utc() + retry);
+                        (f.failures, retry, loud)
                     };
-                    let retry = self.backoff(failures);
-                    warn!(identity = %id, error = %e, attempt = failures, retry_in_ms = retry.as_millis() as u64,
-                        "no certificate yet; pods of this identity wait to be enrolled");
+                    if loud {
+                        warn!(identity = %id, error = %e, attempt = failures, retry_in_ms = retry.as_millis() as u64,
+                            "no certificate yet; the pods of this identity cannot reach mesh peers until it is in");
+                    } else {
+                        debug!(identity = %id, error = %e, attempt = failures, retry_in_ms = retry.as_millis() as u64,
+                            "no certificate yet");
+                    }
                     tokio::time::sleep(retry).await;
                 }
             }
@@ -314,18 +445,20 @@ impl CertManager {
     /// Holds `issued` as `id`'s certificate and schedules its renewal, unless `id` already has
     /// one (a concurrent [`Self::ensure`]): the first stays.
     fn install(&self, id: &SpiffeId, issued: Issued) {
-        let delay = self.renewal_delay(issued.not_after);
         let (serial, not_after) = (issued.serial.clone(), issued.not_after);
-        let slot = Slot {
-            cert: ArcSwap::from_pointee(issued),
-            sched: Mutex::new(Schedule {
-                due: Instant::now() + delay,
-                due_wall: OffsetDateTime::now_utc() + delay,
-                in_flight: false,
-                failures: 0,
-                last_error: None,
-            }),
+        let root_index = self.root_index(&issued);
+        let mut sched = Schedule {
+            due: Instant::now(),
+            due_wall: OffsetDateTime::now_utc(),
+            in_flight: false,
+            failures: 0,
+            last_error: None,
+            root_index,
+            misrooted: 0,
         };
+        self.plan_after_issuance(id, &mut sched, &issued);
+        let renew_in = sched.due.saturating_duration_since(Instant::now());
+        let slot = Slot { cert: ArcSwap::from_pointee(issued), sched: Mutex::new(sched) };
         {
             let mut slots = self.store.write();
             if slots.contains_key(id) {
@@ -334,8 +467,53 @@ impl CertManager {
             slots.insert(id.clone(), Arc::new(slot));
         }
         info!(identity = %id, serial = %serial, not_after = %x509::rfc3339(not_after),
-            renew_in_s = delay.as_secs_f64(), "certificate issued");
+            renew_in_s = renew_in.as_secs_f64(), "certificate issued");
+        self.installed.send_modify(|n| *n += 1);
         self.wake.notify_one();
+    }
+
+    /// Schedules the next renewal of a certificate just issued: at about half-life if it leads
+    /// to the bundle's first root, else soon (the CA does not sign under the new root yet),
+    /// with backoff.
+    fn plan_after_issuance(&self, id: &SpiffeId, sched: &mut Schedule, issued: &Issued) {
+        sched.root_index = self.root_index(issued);
+        let renewal = self.renewal_delay(issued.not_after);
+        if sched.root_index == Some(0) {
+            sched.misrooted = 0;
+            sched.set_due(renewal);
+            return;
+        }
+        sched.misrooted += 1;
+        let retry = backoff_delay(
+            self.config.misrooted_retry,
+            self.config.misrooted_max,
+            sched.misrooted,
+            None,
+            fastrand::f64(),
+            0.0,
+        );
+        let bundle = self.bundle.load();
+        let first = bundle.certs.first().map(|c| ChainCertView::of(c, true).subject).unwrap_or_default();
+        let why = match sched.root_index {
+            Some(i) => format!(
+                "issued under root #{} of the trust bundle, not its first root \"{first}\" (is the CA signing under \
+                 the new root yet?); asking again",
+                i + 1
+            ),
+            None => "issued under no root of the trust bundle; asking again".to_string(),
+        };
+        warn!(identity = %id, serial = %issued.serial, retry_in_s = retry.as_secs_f64(), "{why}");
+        sched.last_error = Some(why);
+        sched.set_due(retry.min(renewal));
+    }
+
+    /// The position in the bundle of the root `issued` leads to.
+    fn root_index(&self, issued: &Issued) -> Option<usize> {
+        self.bundle.load().root_of(
+            &self.provider.signature_verification_algorithms,
+            &issued.key.cert,
+            check_time(issued.not_before, issued.not_after),
+        )
     }
 
     /// Asks the CA for a certificate for `id` exactly as renewal would (fresh key, CSR, the
@@ -393,8 +571,10 @@ impl CertManager {
         }
     }
 
-    /// The certificates held, sorted by identity.
+    /// The identities of this node, sorted: the certificates held, and the identities still
+    /// waiting for their first one.
     pub fn certs(&self) -> Vec<CertView> {
+        let bundle = self.bundle.load();
         let mut out: Vec<CertView> = self
             .store
             .read()
@@ -402,19 +582,66 @@ impl CertManager {
             .map(|(id, slot)| {
                 let cert = slot.cert.load();
                 let sched = slot.sched.lock().unwrap_or_else(PoisonError::into_inner);
+                let mut chain: Vec<ChainCertView> =
+                    cert.key.cert.iter().skip(1).map(|c| ChainCertView::of(c, false)).collect();
+                if let Some(root) = sched.root_index.and_then(|i| bundle.certs.get(i)) {
+                    chain.push(ChainCertView::of(root, true));
+                }
                 CertView {
                     identity: id.clone(),
-                    serial: cert.serial.clone(),
-                    not_before: x509::rfc3339(cert.not_before),
-                    not_after: x509::rfc3339(cert.not_after),
-                    next_renewal: x509::rfc3339(sched.due_wall),
+                    state: CertState::Ready,
+                    serial: Some(cert.serial.clone()),
+                    not_before: Some(x509::rfc3339(cert.not_before)),
+                    not_after: Some(x509::rfc3339(cert.not_after)),
+                    next_renewal: Some(x509::rfc3339(sched.due_wall)),
                     renewal_failures: sched.failures,
                     last_error: sched.last_error.clone(),
+                    chain,
+                    root_index: sched.root_index,
                 }
             })
             .collect();
+        let held: HashSet<SpiffeId> = out.iter().map(|c| c.identity.clone()).collect();
+        out.extend(
+            self.fetches
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .iter()
+                .filter(|(id, _)| !held.contains(*id))
+                .map(|(id, f)| CertView {
+                    identity: id.clone(),
+                    state: CertState::Pending,
+                    serial: None,
+                    not_before: None,
+                    not_after: None,
+                    next_renewal: f.next_attempt.map(x509::rfc3339),
+                    renewal_failures: f.failures,
+                    last_error: f.last_error.clone(),
+                    chain: Vec::new(),
+                    root_index: None,
+                }),
+        );
         out.sort_by(|a, b| a.identity.cmp(&b.identity));
         out
+    }
+
+    /// The trust bundle in force, its roots, and how many certificates lead to each.
+    pub fn bundle_view(&self) -> TrustBundleView {
+        let bundle = self.bundle.load();
+        let mut per_root = vec![0; bundle.certs.len()];
+        let mut untrusted = 0;
+        for slot in self.store.read().values() {
+            match slot.sched.lock().unwrap_or_else(PoisonError::into_inner).root_index {
+                Some(i) if i < per_root.len() => per_root[i] += 1,
+                _ => untrusted += 1,
+            }
+        }
+        TrustBundleView {
+            ca: self.ca.describe(),
+            roots: bundle.certs.iter().map(RootView::of).collect(),
+            certificates_per_root: per_root,
+            certificates_untrusted: untrusted,
+        }
     }
 
     /// Starts the rotation task on `rt`. It renews each certificate when due and retries
@@ -422,7 +649,8 @@ impl CertManager {
     pub fn spawn_rotation(self: &Arc<Self>, rt: &tokio::runtime::Handle) -> JoinHandle<()> {
         let weak = Arc::downgrade(self);
         let wake = self.wake.clone();
-        rt.spawn(rotation_loop(weak, wake))
+        let bundle_updates = self.ca.bundle_updates();
+        rt.spawn(rotation_loop(weak, wake, bundle_updates))
     }
 
     /// A new key pair and CSR for `id`, signed by the CA, checked, ready for rustls.
@@ -449,7 +677,9 @@ impl CertManager {
         if info.spki != key.subject_public_key_info() {
             return Err(bad("a certificate for another public key than the one in the CSR".into()));
         }
-        self.refresh_bundle()?;
+        if self.refresh_bundle()? {
+            self.reassess_roots();
+        }
         match verify::check_own_chain(
             &self.bundle.load(),
             &self.provider.signature_verification_algorithms,
@@ -471,15 +701,77 @@ impl CertManager {
     }
 
     /// Follows the CA's trust bundle (a CA rotating its root publishes both roots for a while).
-    fn refresh_bundle(&self) -> Result<(), IdentityError> {
+    /// Returns whether it changed.
+    fn refresh_bundle(&self) -> Result<bool, IdentityError> {
         let certs = self.ca.trust_bundle();
         if certs == self.bundle.load().certs {
-            return Ok(());
+            return Ok(false);
         }
         let bundle = TrustBundle::new(certs).map_err(IdentityError::TrustBundle)?;
-        info!(roots = bundle.certs.len(), "trust bundle changed");
+        info!(roots = bundle.certs.len(), "trust bundle changed; new handshakes verify peers against it");
         self.bundle.store(Arc::new(bundle));
-        Ok(())
+        Ok(true)
+    }
+
+    /// The trust bundle may have changed: take it, then re-check which root each certificate
+    /// leads to and plan the re-issuance of those not under the first root. Public for the
+    /// daemon's SIGHUP and for tests; the rotation task calls it on every bundle update.
+    pub fn bundle_changed(&self) {
+        match self.refresh_bundle() {
+            Ok(true) => self.reassess_roots(),
+            Ok(false) => {}
+            Err(e) => warn!(error = %e, "the CA's new trust bundle is unusable; keeping the previous one"),
+        }
+    }
+
+    /// Which root every certificate leads to now; those not under the bundle's first root are
+    /// re-issued at a random time within `rotation_spread` (`untrusted_spread` for those no
+    /// root trusts any more).
+    fn reassess_roots(&self) {
+        let bundle = self.bundle.load();
+        let algs = &self.provider.signature_verification_algorithms;
+        let (mut rotating, mut untrusted) = (0usize, 0usize);
+        for slot in self.store.read().values() {
+            let cert = slot.cert.load();
+            let root = bundle.root_of(algs, &cert.key.cert, check_time(cert.not_before, cert.not_after));
+            let mut sched = slot.sched.lock().unwrap_or_else(PoisonError::into_inner);
+            sched.root_index = root;
+            let spread = match root {
+                Some(0) => {
+                    // Under the first root now (e.g. the bundle was put back): a retry planned
+                    // for a certificate under another root is not needed any more.
+                    if sched.misrooted > 0 && !sched.in_flight {
+                        sched.misrooted = 0;
+                        sched.last_error = None;
+                        sched.set_due(self.renewal_delay(cert.not_after));
+                    }
+                    continue;
+                }
+                Some(_) => {
+                    rotating += 1;
+                    self.config.rotation_spread
+                }
+                None => {
+                    untrusted += 1;
+                    self.config.untrusted_spread
+                }
+            };
+            sched.misrooted = 0;
+            // A renewal in flight re-checks its result against this bundle when it lands.
+            if !sched.in_flight {
+                sched.due_within(spread.mul_f64(fastrand::f64()));
+            }
+        }
+        if rotating + untrusted > 0 {
+            info!(
+                under_another_root = rotating,
+                untrusted,
+                spread_s = self.config.rotation_spread.as_secs_f64(),
+                first_root = %bundle.certs.first().map(|c| ChainCertView::of(c, true).subject).unwrap_or_default(),
+                "certificates that do not lead to the trust bundle's first root are re-issued"
+            );
+            self.wake.notify_one();
+        }
     }
 
     /// Half of the remaining validity, minus up to a tenth of that half at random, so that
@@ -492,9 +784,15 @@ impl CertManager {
         half.saturating_sub(half.mul_f64(0.1 * fraction))
     }
 
-    fn backoff(&self, failures: u32) -> Duration {
-        let exp = failures.saturating_sub(1).min(16);
-        self.config.retry_initial.saturating_mul(1 << exp).min(self.config.retry_max)
+    fn backoff(&self, failures: u32, retry_after: Option<Duration>) -> Duration {
+        backoff_delay(
+            self.config.retry_initial,
+            self.config.retry_max,
+            failures,
+            retry_after,
+            fastrand::f64(),
+            fastrand::f64(),
+        )
     }
 
     /// Marks the due identities in flight and returns them, with the next due time of the rest.
@@ -528,24 +826,27 @@ impl CertManager {
             } else {
                 match result {
                     Ok(issued) => {
-                        let delay = self.renewal_delay(issued.not_after);
-                        sched.due = Instant::now() + delay;
-                        sched.due_wall = OffsetDateTime::now_utc() + delay;
                         sched.failures = 0;
                         sched.last_error = None;
+                        self.plan_after_issuance(&id, &mut sched, &issued);
+                        let renew_in = sched.due.saturating_duration_since(Instant::now());
                         info!(identity = %id, serial = %issued.serial, previous_serial = %slot.cert.load().serial,
-                            not_after = %x509::rfc3339(issued.not_after), renew_in_s = delay.as_secs_f64(),
+                            not_after = %x509::rfc3339(issued.not_after), renew_in_s = renew_in.as_secs_f64(),
                             "certificate renewed");
                         slot.cert.store(Arc::new(issued));
                     }
                     Err(e) => {
                         sched.failures += 1;
-                        let retry = self.backoff(sched.failures);
-                        sched.due = Instant::now() + retry;
-                        sched.due_wall = OffsetDateTime::now_utc() + retry;
-                        sched.last_error = Some(e.to_string());
+                        let retry = self.backoff(sched.failures, e.retry_after());
+                        sched.set_due(retry);
+                        let text = e.to_string();
+                        let loud = worth_a_warning(sched.failures, sched.last_error.as_deref(), &text);
+                        sched.last_error = Some(text);
                         let not_after = slot.cert.load().not_after;
-                        if not_after <= OffsetDateTime::now_utc() {
+                        if !loud {
+                            debug!(identity = %id, error = %e, attempt = sched.failures,
+                                retry_in_ms = retry.as_millis() as u64, "certificate renewal failed");
+                        } else if not_after <= OffsetDateTime::now_utc() {
                             error!(identity = %id, error = %e, attempt = sched.failures,
                                 retry_in_ms = retry.as_millis() as u64, expired_at = %x509::rfc3339(not_after),
                                 "certificate expired and cannot be renewed; peers refuse this identity until the CA answers");
@@ -562,7 +863,11 @@ impl CertManager {
     }
 }
 
-async fn rotation_loop(weak: Weak<CertManager>, wake: Arc<Notify>) {
+async fn rotation_loop(
+    weak: Weak<CertManager>,
+    wake: Arc<Notify>,
+    mut bundle_updates: Option<watch::Receiver<u64>>,
+) {
     loop {
         let next = {
             let Some(manager) = weak.upgrade() else { return };
@@ -574,11 +879,39 @@ async fn rotation_loop(weak: Weak<CertManager>, wake: Arc<Notify>) {
             next
         };
         let deadline = next.unwrap_or_else(|| Instant::now() + IDLE_WAKE);
+        let bundle_changed = async {
+            match bundle_updates.as_mut() {
+                Some(rx) => rx.changed().await.is_ok(),
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
-            _ = tokio::time::sleep_until(deadline.into()) => {}
+            _ = tokio::time::sleep_until(deadline) => {}
             _ = wake.notified() => {}
+            changed = bundle_changed => {
+                if !changed {
+                    bundle_updates = None;
+                } else if let Some(manager) = weak.upgrade() {
+                    manager.bundle_changed();
+                }
+            }
         }
     }
+}
+
+/// Whether a failed attempt is logged as a warning: the first, one in ten, and any whose error
+/// differs from the previous one. With a CA down, hundreds of identities retrying every few
+/// seconds would otherwise fill the log with the same line.
+fn worth_a_warning(failures: u32, previous: Option<&str>, error: &str) -> bool {
+    failures == 1 || failures % 10 == 0 || previous != Some(error)
+}
+
+/// A time inside `[not_before, not_after]`, as close to now as possible: which root issued a
+/// certificate is checked there (an expired certificate still has an issuer).
+fn check_time(not_before: OffsetDateTime, not_after: OffsetDateTime) -> UnixTime {
+    let now = OffsetDateTime::now_utc();
+    let at = now.clamp(not_before, not_after.max(not_before));
+    UnixTime::since_unix_epoch(Duration::from_secs(at.unix_timestamp().max(0) as u64))
 }
 
 /// A PKCS#10 request for `id`, signed with `key`. It names the identity as its URI SAN so

@@ -73,6 +73,31 @@ impl TrustBundle {
             .collect::<Result<_, _>>()?;
         Ok(TrustBundle { certs, anchors })
     }
+
+    /// The position of the root `chain` (leaf first) leads to, checked at `at` (chosen inside
+    /// the leaf's validity by the caller: which root issued a certificate does not depend on
+    /// whether it has expired). `None`: no root of the bundle.
+    pub fn root_of(
+        &self,
+        algs: &WebPkiSupportedAlgorithms,
+        chain: &[CertificateDer<'_>],
+        at: UnixTime,
+    ) -> Option<usize> {
+        let (leaf, intermediates) = chain.split_first()?;
+        let ee = EndEntityCert::try_from(leaf).ok()?;
+        self.anchors.iter().position(|anchor| {
+            ee.verify_for_usage(
+                algs.all,
+                std::slice::from_ref(anchor),
+                intermediates,
+                at,
+                KeyUsage::client_auth(),
+                None,
+                None,
+            )
+            .is_ok()
+        })
+    }
 }
 
 pub(crate) type SharedBundle = Arc<ArcSwap<TrustBundle>>;

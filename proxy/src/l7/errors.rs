@@ -50,6 +50,10 @@ pub enum ProxyError {
     /// The chosen endpoint is one of sluice's own listeners: connecting would loop.
     #[error("refused: {0}")]
     SelfConnection(crate::loopguard::SelfTarget),
+    /// The destination is a mesh pod and the client pod's identity has no certificate yet
+    /// (the CA has not answered): the request is not sent rather than sent without mTLS.
+    #[error("no certificate for this pod's identity {0} yet (the CA has not issued it; see `sluice certs`)")]
+    NoCertificate(String),
 }
 
 impl ProxyError {
@@ -57,7 +61,7 @@ impl ProxyError {
         match self {
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
             ProxyError::BadBackend(_) => StatusCode::INTERNAL_SERVER_ERROR,
-            ProxyError::NoEndpoints(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::NoEndpoints(_) | ProxyError::NoCertificate(_) => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Upstream(UpstreamError::Overflow(_)) | ProxyError::Overflow(_) => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Upstream(_)
             | ProxyError::EgressBlocked(..)
@@ -92,6 +96,7 @@ impl ProxyError {
             ProxyError::FaultAbort { .. } => "fault-injected",
             ProxyError::EgressBlocked(..) => "egress-blocked",
             ProxyError::SelfConnection(_) => "self-connection",
+            ProxyError::NoCertificate(_) => "no-certificate",
         }
     }
 
@@ -100,7 +105,10 @@ impl ProxyError {
         match self {
             ProxyError::NoRoute | ProxyError::Unsupported(_) => 12, // UNIMPLEMENTED
             ProxyError::BadBackend(_) => 13,                       // INTERNAL
-            ProxyError::NoEndpoints(_) | ProxyError::Upstream(_) | ProxyError::UpstreamProtocol(_) => 14, // UNAVAILABLE
+            ProxyError::NoEndpoints(_)
+            | ProxyError::Upstream(_)
+            | ProxyError::UpstreamProtocol(_)
+            | ProxyError::NoCertificate(_) => 14, // UNAVAILABLE
             ProxyError::RequestTimeout(_) | ProxyError::BackendTimeout(_) => 4, // DEADLINE_EXCEEDED
             ProxyError::RateLimited { .. } => 8,                                 // RESOURCE_EXHAUSTED
             ProxyError::Overflow(_) => 14,

@@ -230,6 +230,14 @@ async fn forward(req: Request<Body>, ctx: &Arc<ConnCtx>, grpc: bool, obs: &mut O
             obs.destination = PeerInfo { workload: model.workload_by_ip(endpoint.ip()).cloned(), principal: None, addr: Some(endpoint) };
             l4::mesh_identity(&model, endpoint, &ctx.dp.trust_domain)
         };
+        // A pod enrolled before its identity's certificate came: a mesh destination needs it.
+        // Wait for it as for a slow connect, then refuse; never send without mTLS instead.
+        if mesh_peer.is_some() {
+            let limit = plan.connect_timeout.unwrap_or(ctx.dp.connect_timeout);
+            if !ctx.dp.identity.await_certificate(&ctx.pod.identity, limit).await {
+                return Err(ProxyError::NoCertificate(ctx.pod.identity.to_string()));
+            }
+        }
         obs.upstream = Some(endpoint);
         obs.mtls = mesh_peer.is_some();
         obs.destination.principal = mesh_peer.as_ref().map(|p| Arc::from(p.to_string()));

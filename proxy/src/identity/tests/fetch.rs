@@ -119,7 +119,13 @@ async fn a_refused_identity_retries_with_backoff_until_dropped() {
         "{:?}",
         m.request(&id("db"), &rt)
     );
-    assert!(m.certs().is_empty());
+    // `sluice certs` shows it pending, with why and when the next attempt is.
+    let views = m.certs();
+    assert_eq!(views.len(), 1, "{views:?}");
+    assert_eq!(views[0].state, CertState::Pending);
+    assert!(views[0].serial.is_none() && views[0].renewal_failures >= 2, "{views:?}");
+    assert!(views[0].next_renewal.is_some(), "the next attempt is shown: {views:?}");
+    assert!(views[0].last_error.as_deref().unwrap_or_default().contains("not authorized"), "{views:?}");
 
     // The last pod of db is gone: its fetch stops.
     m.retain(&HashSet::new());
@@ -145,8 +151,8 @@ async fn a_certificate_fetched_for_a_dropped_identity_is_not_installed() {
     assert!(eventually(Duration::from_secs(5), || ca.calls(&id("web")) == 1).await);
     m.retain(&HashSet::from([id("api")]));
     ca.gate.add_permits(1);
-    // The aborted fetch never installs web.
-    assert!(m.certs().is_empty());
+    // The aborted fetch never installs web (nor shows it pending).
+    assert!(m.certs().iter().all(|c| c.identity != id("web")), "{:?}", m.certs());
     assert_eq!(m.request(&id("api"), &rt), CertStatus::Pending { failures: 0, last_error: None });
     assert!(eventually(Duration::from_secs(5), || m.request(&id("api"), &rt) == CertStatus::Ready).await);
     assert_eq!(m.certs().iter().map(|c| c.identity.clone()).collect::<Vec<_>>(), vec![id("api")]);

@@ -1,8 +1,12 @@
 //! Identity tests: SPIFFE IDs, the embedded CA, `ca init`, real TLS 1.3 handshakes between the
 //! configurations the data path uses, and rotation.
 
+mod backoff;
+mod bundle;
 mod ca;
+mod fake_ca;
 mod fetch;
+mod remote;
 mod rotation;
 mod spiffe;
 mod tls;
