@@ -34,7 +34,9 @@ use tokio::{
     time::Instant,
 };
 
-/// What the pool needs to know about a connection.
+/// What the pool needs to know about a connection. Both are called under the pool's lock,
+/// which every checkout of every key takes: they must answer from what the connection already
+/// knows, never wait for anything a connection's task may hold while it does I/O.
 pub trait Multiplexed: Send + Sync + 'static {
     /// How many streams the peer lets this connection carry at once (its
     /// `SETTINGS_MAX_CONCURRENT_STREAMS`, as last seen).
@@ -83,11 +85,14 @@ pub struct PoolStats {
     pub evicted_connect_timeout: AtomicU64,
     /// Evictions: the peer closed the connection, sent GOAWAY, or it failed.
     pub evicted_closed: AtomicU64,
+    /// Evictions: idle, closed to make room for a new socket (the source pod, or the node, was
+    /// at its connection bound).
+    pub evicted_shed: AtomicU64,
 }
 
 impl PoolStats {
     /// Every counter with its name.
-    pub fn snapshot(&self) -> [(&'static str, u64); 11] {
+    pub fn snapshot(&self) -> [(&'static str, u64); 12] {
         let v = |c: &AtomicU64| c.load(Ordering::Relaxed);
         [
             ("connects", v(&self.connects)),
@@ -101,6 +106,7 @@ impl PoolStats {
             ("evicted_keepalive", v(&self.evicted_keepalive)),
             ("evicted_connect_timeout", v(&self.evicted_connect_timeout)),
             ("evicted_closed", v(&self.evicted_closed)),
+            ("evicted_shed", v(&self.evicted_shed)),
         ]
     }
 
@@ -110,6 +116,7 @@ impl PoolStats {
             Eviction::Keepalive => &self.evicted_keepalive,
             Eviction::ConnectTimeout => &self.evicted_connect_timeout,
             Eviction::Closed => &self.evicted_closed,
+            Eviction::Shed => &self.evicted_shed,
         };
         c.fetch_add(1, Ordering::Relaxed);
     }
@@ -122,6 +129,8 @@ pub enum Eviction {
     Keepalive,
     ConnectTimeout,
     Closed,
+    /// Idle, closed to make room ([`MuxPool::shed_idle`]).
+    Shed,
 }
 
 /// Why [`MuxPool::until_retired`] says the connection should close now.
@@ -579,6 +588,32 @@ impl<K: Hash + Eq + Clone, C: Multiplexed, E> MuxPool<K, C, E> {
         });
     }
 
+    /// Evicts every pooled connection of a key matching `matches` that carries no stream,
+    /// and hands each to `release` (which gives back its unit at once and says whether it
+    /// held one); their tasks close them. Checkouts take streams under the same lock, so no
+    /// stream can start on a connection being shed. Returns how many units were released.
+    pub fn shed_idle(&self, matches: impl Fn(&K) -> bool, release: impl Fn(&C) -> bool) -> usize {
+        let mut released = 0;
+        let mut map = self.lock();
+        map.retain(|key, entry| {
+            if !matches(key) {
+                return true;
+            }
+            entry.conns.retain(|c| {
+                if c.active() > 0 {
+                    return true;
+                }
+                c.evicted.store(true, Ordering::Release);
+                c.wake.notify_one();
+                self.stats.count(Eviction::Shed);
+                released += usize::from(release(&c.conn));
+                false
+            });
+            !entry.conns.is_empty() || entry.flight.is_some()
+        });
+        released
+    }
+
     /// Pooled connections.
     pub fn len(&self) -> usize {
         self.lock().values().map(|e| e.conns.len()).sum()
@@ -878,6 +913,32 @@ mod tests {
         assert!(futures_util::poll!(retired.as_mut()).is_pending(), "one stream is still open");
         drop(b);
         assert_eq!(retired.await, Retired::Evicted);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn shedding_closes_only_idle_connections_of_matching_keys() {
+        let pool = Pool::new(limits());
+        let busy = slot(&pool, 1, 1).await;
+        let idle = slot(&pool, 1, 1).await;
+        let other = slot(&pool, 2, 1).await;
+        let (idle_conn, other_conn) = (idle.pooled().clone(), other.pooled().clone());
+        drop((idle, other));
+        let released = AtomicUsize::new(0);
+        let n = pool.shed_idle(
+            |k| *k == 1,
+            |_| {
+                released.fetch_add(1, Ordering::Relaxed);
+                true
+            },
+        );
+        assert_eq!((n, released.load(Ordering::Relaxed)), (1, 1), "only key 1's idle connection");
+        assert!(idle_conn.is_evicted() && !busy.pooled().is_evicted() && !other_conn.is_evicted());
+        assert_eq!(pool.until_retired(&idle_conn).await, Retired::Evicted, "its task closes it");
+        assert_eq!(pool.stats.evicted_shed.load(Ordering::Relaxed), 1);
+        assert_eq!(pool.len(), 2);
+        // Anyone's, now: key 2's idle one goes, the busy one stays.
+        assert_eq!(pool.shed_idle(|_| true, |_| true), 1);
+        assert_eq!((pool.len(), pool.keys()), (1, 1));
     }
 
     #[tokio::test(start_paused = true)]

@@ -61,7 +61,7 @@ impl Servers {
         self.dials.load(Ordering::SeqCst)
     }
 
-    fn dial(&self) -> Result<(UpstreamIo, Option<TunnelWatch>, ConnSlot), UpstreamError> {
+    fn dial(&self) -> Result<(UpstreamIo, Option<TunnelWatch>, Option<Arc<Lease>>), UpstreamError> {
         self.dials.fetch_add(1, Ordering::SeqCst);
         if self.refuse.load(Ordering::SeqCst) {
             return Err(UpstreamError::Connect {
@@ -72,7 +72,7 @@ impl Servers {
         let cfg = self.next.lock().unwrap().pop_front().unwrap_or_default();
         let (client, server) = tokio::io::duplex(64 << 10);
         tokio::spawn(serve(server, cfg, self.frozen.subscribe()));
-        Ok((UpstreamIo::Mem(client), None, ConnSlot(None)))
+        Ok((UpstreamIo::mem(client), None, None))
     }
 }
 

@@ -76,13 +76,13 @@ impl Peers {
         self.servers.lock().unwrap()[n].is_finished()
     }
 
-    fn dial(&self) -> impl Future<Output = Result<DuplexStream, TunnelError>> {
+    fn dial(&self) -> impl Future<Output = Result<(DuplexStream, Option<Arc<Lease>>), TunnelError>> {
         self.dials.fetch_add(1, Ordering::SeqCst);
         let cfg = self.next.lock().unwrap().pop_front().unwrap_or_default();
         let (client, server) = tokio::io::duplex(64 << 10);
         let frozen = self.frozen.lock().unwrap().as_ref().unwrap().subscribe();
         self.servers.lock().unwrap().push(tokio::spawn(serve(server, cfg, frozen)));
-        std::future::ready(Ok(client))
+        std::future::ready(Ok((client, None)))
     }
 }
 
