@@ -96,7 +96,11 @@ pub static COUNTERS: NodeListeners = NodeListeners {
 
 impl ListenerCounters {
     pub const fn new() -> Self {
-        ListenerCounters { accepted: AtomicU64::new(0), refused: AtomicU64::new(0), timed_out: AtomicU64::new(0) }
+        ListenerCounters {
+            accepted: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
+            timed_out: AtomicU64::new(0),
+        }
     }
 }
 
@@ -104,8 +108,11 @@ impl NodeListeners {
     /// `(listener, event, count)` for every counter.
     pub fn snapshot(&self) -> Vec<(&'static str, &'static str, u64)> {
         let mut out = Vec::new();
-        for (name, c) in [("readiness", &self.readiness), ("metrics", &self.metrics), ("admin", &self.admin)] {
-            for (event, v) in [("accepted", &c.accepted), ("refused", &c.refused), ("timed_out", &c.timed_out)] {
+        for (name, c) in [("readiness", &self.readiness), ("metrics", &self.metrics), ("admin", &self.admin)]
+        {
+            for (event, v) in
+                [("accepted", &c.accepted), ("refused", &c.refused), ("timed_out", &c.timed_out)]
+            {
                 out.push((name, event, v.load(Ordering::Relaxed)));
             }
         }
@@ -144,7 +151,8 @@ impl Gate {
         let source = PeerKey::of_unknown_addr(peer.ip());
         let mut per_source = self.per_source.lock().unwrap_or_else(|p| p.into_inner());
         let n = per_source.get(&source).copied().unwrap_or(0);
-        if n >= self.limits.max_per_source || self.open.load(Ordering::Acquire) >= self.limits.max_connections {
+        if n >= self.limits.max_per_source || self.open.load(Ordering::Acquire) >= self.limits.max_connections
+        {
             drop(per_source);
             self.counters.refused.fetch_add(1, Ordering::Relaxed);
             return None;
@@ -223,7 +231,11 @@ pub struct Metered<I> {
 }
 
 impl<I: AsyncRead + Unpin> AsyncRead for Metered<I> {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
         let before = buf.filled().len();
         let r = Pin::new(&mut self.io).poll_read(cx, buf);
         let n = buf.filled().len() - before;
@@ -233,7 +245,11 @@ impl<I: AsyncRead + Unpin> AsyncRead for Metered<I> {
 }
 
 impl<I: AsyncWrite + Unpin> AsyncWrite for Metered<I> {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
         let r = Pin::new(&mut self.io).poll_write(cx, buf);
         if let Poll::Ready(Ok(n)) = &r {
             self.moved.fetch_add(*n as u64, Ordering::Relaxed);
@@ -308,7 +324,9 @@ mod tests {
                             if req.uri().path() == "/hang" {
                                 std::future::pending::<()>().await;
                             }
-                            Ok::<_, std::convert::Infallible>(Response::new(Full::new(bytes::Bytes::from_static(b"ok"))))
+                            Ok::<_, std::convert::Infallible>(Response::new(Full::new(
+                                bytes::Bytes::from_static(b"ok"),
+                            )))
                         });
                         builder.serve_connection(hyper_util::rt::TokioIo::new(io), svc)
                     })
