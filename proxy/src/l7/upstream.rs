@@ -77,6 +77,8 @@ const H2_LIMITS: PoolLimits = PoolLimits {
     idle_timeout: Duration::from_secs(60),
     max_conns_per_key: 8,
     max_keys: 8192,
+    // A quarter per source pod, as its share of the node's connections.
+    max_keys_per_owner: 2048,
     max_waiters: 4096,
 };
 /// hyper's HTTP/2 keepalive: a PING after this long without a frame from the peer, idle or
@@ -224,7 +226,7 @@ impl Default for Upstreams {
     fn default() -> Self {
         Self {
             h1: Mutex::default(),
-            h2: Arc::new(MuxPool::new(H2_LIMITS)),
+            h2: Arc::new(MuxPool::with_owners(H2_LIMITS, |k: &Key| k.src_pod)),
             counters: UpstreamCounters::default(),
         }
     }

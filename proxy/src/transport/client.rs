@@ -196,6 +196,8 @@ impl Default for TunnelPoolConfig {
                 idle_timeout: Duration::from_secs(90),
                 max_conns_per_key: 8,
                 max_keys: 8192,
+                // A quarter per source pod, as its share of the node's connections.
+                max_keys_per_owner: 2048,
                 max_waiters: 4096,
             },
             keepalive_interval: Duration::from_secs(30),
@@ -219,7 +221,7 @@ impl Default for HbonePool {
 
 impl HbonePool {
     pub fn new(cfg: TunnelPoolConfig) -> Self {
-        Self { pool: Arc::new(MuxPool::new(cfg.limits)), cfg }
+        Self { pool: Arc::new(MuxPool::with_owners(cfg.limits, |k: &PoolKey| k.src_pod)), cfg }
     }
 
     /// Opens a tunnel stream to `target` through the destination's HBONE port, reusing a pooled
