@@ -96,7 +96,8 @@ pub async fn handle_tunnel(mut req: TunnelRequest, pod: Arc<PodContext>, inbound
         server::reply(&mut req.respond, StatusCode::BAD_REQUEST);
         return;
     }
-    let _permit = match inbound.admission.inbound_stream(&pod.slots, PeerKey::Identity(req.peer_identity.clone())) {
+    let peer = PeerKey::Identity(req.peer_identity.clone());
+    let _permit = match inbound.admission.inbound_stream(&pod.slots, peer) {
         Ok(p) => p,
         Err(refusal) => {
             debug!(pod = %pod.key, peer = %req.peer_identity, limit = refusal.as_str(), "HBONE stream refused: connection limit reached");

@@ -294,12 +294,15 @@ pub async fn serve(
         }
     };
     // Bounded, with deadlines: hostNetwork pods reach this port too.
-    let gate = super::listener_limits::Gate::new(super::listener_limits::ADMIN, &super::listener_limits::COUNTERS.admin);
+    use super::listener_limits::{self as limits, Gate};
+    let gate = Gate::new(limits::ADMIN, &limits::COUNTERS.admin);
     loop {
         match tcp.accept().await {
             Ok((stream, peer)) => match gate.admit(peer) {
-                Some(ticket) => spawn_conn(stream, state.clone(), Access::ReadOnly, Some((gate.clone(), ticket))),
-                None => super::listener_limits::reset(stream),
+                Some(ticket) => {
+                    spawn_conn(stream, state.clone(), Access::ReadOnly, Some((gate.clone(), ticket)))
+                }
+                None => limits::reset(stream),
             },
             Err(e) => {
                 warn!(error = %e, "admin accept failed");

@@ -628,7 +628,13 @@ impl Upstreams {
                 Wire::Http2 => "h2c",
             };
             match l4::open_tunnel(d.pod, d.dp, peer, d.endpoint, Some(hint)).await {
-                Ok(t) => return Ok((Stream::Tunnel { io: TunnelIo::new(t.send, t.recv), _slot: t.slot }, Some(t.watch), None)),
+                Ok(t) => {
+                    return Ok((
+                        Stream::Tunnel { io: TunnelIo::new(t.send, t.recv), _slot: t.slot },
+                        Some(t.watch),
+                        None,
+                    ))
+                }
                 Err(e) if e.is_unreachable() => {
                     d.dp.tunnel_fallbacks.fetch_add(1, Ordering::Relaxed);
                     info!(pod = %d.pod.key, endpoint = %d.endpoint, peer = %peer, error = %e, "no tunnel endpoint at the destination; sending plaintext");
@@ -640,7 +646,10 @@ impl Upstreams {
             }
         }
         // The socket's unit, on the source pod's behalf, before the socket exists.
-        let unit = d.dp.admission.dial(&d.pod.slots, d.pod.pod_id).map_err(|r| UpstreamError::Overflow(overflow_of(r)))?;
+        let unit =
+            d.dp.admission
+                .dial(&d.pod.slots, d.pod.pod_id)
+                .map_err(|r| UpstreamError::Overflow(overflow_of(r)))?;
         let unit = Some(Lease::new(unit));
         let tcp = l4::connect(&d.pod.netns, d.endpoint, d.connect_timeout)
             .await
@@ -983,7 +992,10 @@ impl UpstreamIo {
 enum Stream {
     Tcp(TcpStream),
     /// A stream of an HBONE tunnel, with its place in the tunnel's stream count.
-    Tunnel { io: TunnelIo, _slot: TunnelSlot },
+    Tunnel {
+        io: TunnelIo,
+        _slot: TunnelSlot,
+    },
     Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
     #[cfg(test)]
     Mem(tokio::io::DuplexStream),
