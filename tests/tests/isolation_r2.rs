@@ -571,6 +571,10 @@ fn the_node_cap_follows_the_memory_limit() -> Result<()> {
     ensure!(limits["pod_max_connections"].as_u64() == Some(1024), "{limits}");
     let cli = sluice.cli(&["status"])?;
     let text = &cli.stdout;
+    eprintln!(
+        "sluice status: {}",
+        text.lines().find(|l| l.starts_with("limits:")).unwrap_or("(no limits line)")
+    );
     ensure!(text.contains("memory"), "`sluice status` shows what set the cap: {text}");
     drop(sluice);
     Ok(())
