@@ -207,6 +207,35 @@ pub enum Output {
     Json,
 }
 
+/// The connection bounds in force and what set the node-wide one.
+fn limits_line(l: &crate::admission::AdmissionConfig) -> String {
+    use crate::admission::BoundBy;
+    let why = match &l.derivation {
+        Some(d) => {
+            let memory = match (d.memory_max, d.memory_cap) {
+                (Some(max), Some(cap)) => format!(
+                    "memory {} MiB: {cap} at {} KiB each after {} MiB kept back",
+                    max >> 20,
+                    d.connection_memory >> 10,
+                    d.memory_reserve >> 20
+                ),
+                _ => "memory: no limit".to_string(),
+            };
+            let by = match d.bound_by {
+                BoundBy::Descriptors => "descriptors",
+                BoundBy::Memory => "memory",
+                BoundBy::Flag => "--max-connections",
+            };
+            format!(", set by {by} (RLIMIT_NOFILE {}: {}; {memory})", d.nofile, d.fd_cap)
+        }
+        None => String::new(),
+    };
+    format!(
+        "limits:       {} connections ({} sockets) node-wide{why}; per pod {} outbound, {} inbound; per peer {}\n",
+        l.max_connections, l.max_sockets, l.pod_max_connections, l.pod_max_inbound, l.peer_max_inbound
+    )
+}
+
 pub fn status(ep: &AdminEndpoint, out: Output) -> Result<String> {
     let s: StatusView = get(ep, "/status")?;
     if out == Output::Json {
@@ -233,6 +262,9 @@ pub fn status(ep: &AdminEndpoint, out: Output) -> Result<String> {
             o += &format!("              RELOAD FAILED, the last good bundle stays in force: {e}\n");
         }
         o += &format!("certificates: {} held, {} pending\n", ca.certificates_held, ca.certificates_pending);
+    }
+    if let Some(l) = &s.limits {
+        o += &limits_line(l);
     }
     o += "\nprograms:\n";
     o += &table(

@@ -115,14 +115,22 @@ const FIRST_CERTIFICATES_WAIT: Duration = Duration::from_secs(10);
 
 pub fn run(args: RunArgs) -> Result<()> {
     let nofile = crate::admission::raise_fd_limit();
+    let memory_max = crate::admission::own_memory_limit();
     let started = Instant::now();
-    let (limits, warnings) = crate::admission::AdmissionConfig::derive(nofile, args.admission);
+    let (limits, warnings) = crate::admission::AdmissionConfig::derive(nofile, memory_max, args.admission);
     for w in warnings {
         warn!("{w}");
     }
+    let derivation = limits.derivation.expect("derived limits say how");
     info!(
         nofile,
+        memory_max_mib = memory_max.map(|m| m >> 20),
+        fd_cap = derivation.fd_cap,
+        memory_cap = derivation.memory_cap,
+        connection_memory_kib = derivation.connection_memory >> 10,
+        bound_by = ?derivation.bound_by,
         max_connections = limits.max_connections,
+        max_sockets = limits.max_sockets,
         pod_max_connections = limits.pod_max_connections,
         pod_max_inbound_connections = limits.pod_max_inbound,
         peer_max_inbound_connections = limits.peer_max_inbound,
@@ -216,6 +224,11 @@ pub fn run(args: RunArgs) -> Result<()> {
         idle: idle.clone(),
     });
     data_rt.spawn(reap_upstreams(dp.clone()));
+    // At a connection bound, idle pooled connections make room before anything is refused.
+    admission.set_shedder({
+        let dp = Arc::downgrade(&dp);
+        move |scope| dp.upgrade().map_or(0, |dp| dp.l7.upstreams.shed_idle(scope) + dp.pool.shed_idle(scope))
+    });
     certs.spawn_rotation(data_rt.handle());
     {
         let tx = control_tx.clone();

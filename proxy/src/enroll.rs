@@ -538,7 +538,9 @@ impl Enroller {
             transparent,
             limiter: Arc::new(crate::l7::limits::PodLimiter::new(&self.dp.l7.cfg.pod_limits)),
             workload: Arc::new(crate::discovery::WorkloadInfo::of(pod)),
-            slots: Arc::default(),
+            // The same counts as before if the pod was enrolled before and its connections
+            // still hold them.
+            slots: self.dp.admission.pod_slots(&pod.uid),
         });
         let mut tasks = Vec::new();
         let mut bound = Vec::new();
@@ -577,8 +579,13 @@ impl Enroller {
                 }
             }
             let _guard = self.data_rt.enter();
-            let listener = tokio::net::TcpListener::from_std(std_listener)
-                .map_err(|e| EnrollError::Failed(format!("listener {addr}: {e}")))?;
+            let listener = match tokio::net::TcpListener::from_std(std_listener) {
+                Ok(l) => l,
+                Err(e) => {
+                    cleanup(&self.redirector, &tasks, &captured);
+                    return Err(EnrollError::Failed(format!("listener {addr}: {e}")));
+                }
+            };
             let task = if is_inbound {
                 self.data_rt.spawn(inbound::serve_plaintext(listener, ctx.clone(), self.inbound.clone()))
             } else {

@@ -96,7 +96,8 @@ pub async fn handle_tunnel(mut req: TunnelRequest, pod: Arc<PodContext>, inbound
         server::reply(&mut req.respond, StatusCode::BAD_REQUEST);
         return;
     }
-    let _permit = match inbound.admission.inbound(&pod.slots, PeerKey::Identity(req.peer_identity.clone())) {
+    let peer = PeerKey::Identity(req.peer_identity.clone());
+    let _permit = match inbound.admission.inbound_stream(&pod.slots, peer) {
         Ok(p) => p,
         Err(refusal) => {
             debug!(pod = %pod.key, peer = %req.peer_identity, limit = refusal.as_str(), "HBONE stream refused: connection limit reached");
@@ -170,7 +171,9 @@ pub async fn serve_plaintext(listener: TcpListener, pod: Arc<PodContext>, inboun
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
-                let permit = match inbound.admission.inbound(&pod.slots, PeerKey::Addr(peer.ip())) {
+                // A pod in the model counts as itself whatever its address; see `PeerKey`.
+                let key = PeerKey::of_addr(&inbound.model.load(), peer.ip());
+                let permit = match inbound.admission.inbound_plaintext(&pod.slots, key) {
                     Ok(p) => p,
                     Err(refusal) => {
                         debug!(pod = %pod.key, %peer, limit = refusal.as_str(), "inbound connection refused: connection limit reached");

@@ -248,6 +248,12 @@ async fn forward_opaque(
                 dp.tunnel_fallbacks.fetch_add(1, Ordering::Relaxed);
                 info!(pod = %pod.key, dst = %orig, %endpoint, peer = %peer_id, error = %e, "no tunnel endpoint at the destination; sending plaintext");
             }
+            // Counted by admission; one line per connection would be the pod's to fill.
+            Err(e) if e.refusal().is_some() => {
+                debug!(pod = %pod.key, dst = %orig, %endpoint, error = %e, "no socket left for a new tunnel; resetting client");
+                reset(&client);
+                return;
+            }
             Err(e) => {
                 warn!(pod = %pod.key, dst = %orig, %endpoint, peer = %peer_id, error = %e, "tunnel failed; resetting client");
                 reset(&client);
@@ -255,6 +261,16 @@ async fn forward_opaque(
             }
         }
     }
+    // The upstream socket's unit, on the pod's behalf (its idle pooled connections make room
+    // first), held as long as the socket.
+    let _unit = match dp.admission.dial(&pod.slots, pod.pod_id) {
+        Ok(unit) => unit,
+        Err(refusal) => {
+            debug!(pod = %pod.key, dst = %orig, %endpoint, limit = refusal.as_str(), "no socket left for the upstream connection; resetting client");
+            reset(&client);
+            return;
+        }
+    };
     let mut upstream = match connect(&pod.netns, endpoint, dp.connect_timeout).await {
         Ok(s) => s,
         Err(e) => {
@@ -372,7 +388,9 @@ pub(crate) async fn open_tunnel(
         dst_identity: peer_id.to_string().into(),
         dst: endpoint.ip(),
     };
-    dp.pool.open(&key, &pod.netns, tls, endpoint, dp.connect_timeout, l7).await
+    // A new tunnel's socket takes a unit on the pod's behalf; a pooled one has it already.
+    let unit = || dp.admission.dial(&pod.slots, pod.pod_id);
+    dp.pool.open(&key, &pod.netns, tls, endpoint, dp.connect_timeout, l7, unit).await
 }
 
 pub(crate) async fn connect(netns: &PodNetns, endpoint: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {

@@ -373,11 +373,14 @@ struct RunFlags {
     /// pod's own accept queue). Size it well below what the node's sluice accepts in all.
     #[arg(long, default_value_t = 500)]
     pod_connection_rate: u32,
-    /// Node-wide: connections proxied at once, outbound and inbound (beyond: reset)
-    /// [default: (RLIMIT_NOFILE - headroom) / 2, headroom = max(1024, RLIMIT_NOFILE / 8)].
+    /// Node-wide: connections proxied at once, outbound and inbound, two sockets each (beyond:
+    /// reset) [default: the smaller of (RLIMIT_NOFILE - headroom) / 2, headroom = max(1024,
+    /// RLIMIT_NOFILE / 8), and (cgroup memory limit - max(256 MiB, limit / 4)) / 64 KiB].
     #[arg(long)]
     max_connections: Option<u32>,
-    /// Per source pod: connections open through sluice (beyond: reset) [default: max-connections / 4].
+    /// Per source pod: connections open through sluice, and as many upstream and tunnel
+    /// sockets dialled for it, idle pooled ones included (beyond: reset, or 503 overflow)
+    /// [default: max-connections / 4].
     #[arg(long)]
     pod_max_connections: Option<u32>,
     /// Per destination pod: inbound connections (captured plaintext and HBONE streams) open at

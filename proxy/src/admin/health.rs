@@ -25,6 +25,8 @@ use hyper_util::rt::TokioIo;
 use tokio::{net::TcpListener, sync::watch};
 use tracing::{debug, info, warn};
 
+use super::listener_limits::{self, Gate};
+
 /// The readiness path, as the DaemonSet's readinessProbe asks for it.
 pub const READY_PATH: &str = "/healthz/ready";
 
@@ -92,12 +94,14 @@ pub async fn serve(
             return;
         }
     };
+    // Any pod can reach this port: bounded connections, per source too, with deadlines.
+    let gate = Gate::new(listener_limits::READINESS, &listener_limits::COUNTERS.readiness);
     let mut check = tokio::time::interval(SUCCESSOR_CHECK_EVERY);
     check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let why = loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => spawn_conn(stream, probe.clone()),
+                Ok((stream, peer)) => spawn_conn(stream, peer, &gate, probe.clone()),
                 Err(e) => {
                     warn!(error = %e, "readiness accept failed");
                     tokio::time::sleep(Duration::from_millis(50)).await;
@@ -118,22 +122,34 @@ pub async fn serve(
         }
     };
     // Answer the probes already queued on this listener rather than resetting them.
-    while let Some(Ok((stream, _))) = listener.accept().now_or_never() {
-        spawn_conn(stream, probe.clone());
+    while let Some(Ok((stream, peer))) = listener.accept().now_or_never() {
+        spawn_conn(stream, peer, &gate, probe.clone());
     }
     drop(listener);
     info!(%addr, reason = why, "readiness listener closed; probes now reach the newest sluice of the node, if any");
 }
 
-fn spawn_conn(stream: tokio::net::TcpStream, probe: Probe) {
+fn spawn_conn(stream: tokio::net::TcpStream, peer: SocketAddr, gate: &Arc<Gate>, probe: Probe) {
+    let Some(ticket) = gate.admit(peer) else {
+        debug!(%peer, "readiness connection refused: too many open");
+        listener_limits::reset(stream);
+        return;
+    };
+    let gate = gate.clone();
     tokio::spawn(async move {
         let svc = service_fn(move |req: Request<Incoming>| {
             let ready = (probe.ready)();
             async move { Ok::<_, Infallible>(answer(req.method(), req.uri().path(), ready)) }
         });
-        if let Err(e) = http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await {
-            debug!(error = %e, "readiness connection ended with an error");
-        }
+        let builder: http1::Builder = gate.http1();
+        gate.serve(ticket, stream, |io| async move {
+            let r = builder.serve_connection(TokioIo::new(io), svc).await;
+            if let Err(e) = &r {
+                debug!(error = %e, "readiness connection ended with an error");
+            }
+            r
+        })
+        .await;
     });
 }
 

@@ -45,7 +45,10 @@ use prometheus_client::{
 use tokio::{net::TcpListener, sync::watch};
 use tracing::{debug, info, warn};
 
-use super::server::AdminState;
+use super::{
+    listener_limits::{self, Gate},
+    server::AdminState,
+};
 
 /// The scrape path.
 pub const METRICS_PATH: &str = "/metrics";
@@ -156,12 +159,14 @@ pub async fn serve(
             return;
         }
     };
+    // Any pod can reach this port: bounded connections, per source too, with deadlines.
+    let gate = Gate::new(listener_limits::METRICS, &listener_limits::COUNTERS.metrics);
     let mut check = tokio::time::interval(SUCCESSOR_CHECK_EVERY);
     check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let why = loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => spawn_conn(stream, scrape.clone()),
+                Ok((stream, peer)) => spawn_conn(stream, peer, &gate, scrape.clone()),
                 Err(e) => {
                     warn!(error = %e, "metrics accept failed");
                     tokio::time::sleep(Duration::from_millis(50)).await;
@@ -182,14 +187,20 @@ pub async fn serve(
         }
     };
     // Answer the scrapes already queued on this listener rather than resetting them.
-    while let Some(Ok((stream, _))) = listener.accept().now_or_never() {
-        spawn_conn(stream, scrape.clone());
+    while let Some(Ok((stream, peer))) = listener.accept().now_or_never() {
+        spawn_conn(stream, peer, &gate, scrape.clone());
     }
     drop(listener);
     info!(%addr, reason = why, "metrics listener closed; scrapes now reach the newest sluice of the node, if any");
 }
 
-fn spawn_conn(stream: tokio::net::TcpStream, scrape: Arc<Scrape>) {
+fn spawn_conn(stream: tokio::net::TcpStream, peer: SocketAddr, gate: &Arc<Gate>, scrape: Arc<Scrape>) {
+    let Some(ticket) = gate.admit(peer) else {
+        debug!(%peer, "metrics connection refused: too many open");
+        listener_limits::reset(stream);
+        return;
+    };
+    let gate = gate.clone();
     let _ = stream.set_nodelay(true);
     tokio::spawn(async move {
         let svc = service_fn(move |req: Request<Incoming>| {
@@ -208,9 +219,15 @@ fn spawn_conn(stream: tokio::net::TcpStream, scrape: Arc<Scrape>) {
                 Ok(answer(req.method(), req.uri().path(), text))
             }
         });
-        if let Err(e) = http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await {
-            debug!(error = %e, "metrics connection ended with an error");
-        }
+        let builder: http1::Builder = gate.http1();
+        gate.serve(ticket, stream, |io| async move {
+            let r = builder.serve_connection(TokioIo::new(io), svc).await;
+            if let Err(e) = &r {
+                debug!(error = %e, "metrics connection ended with an error");
+            }
+            r
+        })
+        .await;
     });
 }
 
@@ -504,6 +521,43 @@ impl Collector for SluiceMetrics {
             }
         }
 
+        // Admission.
+        labelled(
+            &mut e,
+            "sluice_admitted",
+            "What admission counts as open now: proxied connections, and the sockets held for traffic (client, upstream, tunnel, delivery).",
+            MetricType::Gauge,
+            "kind",
+            &[("connections", u64::from(dp.admission.open())), ("sockets", u64::from(dp.admission.sockets()))],
+        )?;
+        labelled(
+            &mut e,
+            "sluice_admission_limit",
+            "The bounds in force (connections; sockets node-wide).",
+            MetricType::Gauge,
+            "limit",
+            &[
+                ("max_connections", u64::from(dp.admission.config.max_connections)),
+                ("max_sockets", u64::from(dp.admission.config.max_sockets)),
+                ("pod_max_connections", u64::from(dp.admission.config.pod_max_connections)),
+                ("pod_max_inbound", u64::from(dp.admission.config.pod_max_inbound)),
+                ("peer_max_inbound", u64::from(dp.admission.config.peer_max_inbound)),
+            ],
+        )?;
+
+        {
+            let mut family = e.encode_descriptor(
+                "sluice_node_listener_connections",
+                "Connections to the node's own listeners (readiness, metrics, admin TCP): accepted, refused at a connection cap, closed for a missing request or no progress.",
+                None,
+                MetricType::Counter,
+            )?;
+            for (listener, event, value) in listener_limits::COUNTERS.snapshot() {
+                let labels = [("listener", listener), ("event", event)];
+                family.encode_family(&labels)?.encode_counter::<NoLabelSet, u64, u64>(&value, None)?;
+            }
+        }
+
         // Upstream pools.
         let (idle_h1, h2) = dp.l7.upstreams.sizes();
         labelled(
@@ -616,7 +670,7 @@ impl Collector for SluiceMetrics {
         let lc = &dp.l7.limit_counters;
         let overflow: u64 =
             dp.l7.breakers.snapshot().iter().map(|(_, _, b)| b.overflows.load(Ordering::Relaxed)).sum();
-        let counters: [(&str, &str, u64); 33] = [
+        let counters: [(&str, &str, u64); 36] = [
             (
                 "sluice_http_requests",
                 "HTTP requests received from enrolled pods (outbound).",
@@ -702,6 +756,21 @@ impl Collector for SluiceMetrics {
                 "sluice_refused_node_limit",
                 "Connections refused by the node-wide connection limit (--max-connections).",
                 relaxed(&dp.admission.counters.refused_node_limit),
+            ),
+            (
+                "sluice_refused_pod_limit",
+                "Client connections and upstream or tunnel sockets refused by a source pod's limit (--pod-max-connections).",
+                relaxed(&dp.admission.counters.refused_pod_limit),
+            ),
+            (
+                "sluice_dials_refused",
+                "Upstream or tunnel connections not opened because a connection limit was reached.",
+                relaxed(&dp.admission.counters.dials_refused),
+            ),
+            (
+                "sluice_idle_shed",
+                "Idle pooled connections closed to make room for a new socket at a connection limit.",
+                relaxed(&dp.admission.counters.idle_shed),
             ),
             (
                 "sluice_refused_destination_pod_limit",

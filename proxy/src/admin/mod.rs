@@ -2,6 +2,7 @@
 //! the kubelet's readiness endpoint (`health`).
 pub mod api;
 pub mod health;
+pub mod listener_limits;
 pub mod metrics_server;
 pub mod routes;
 pub mod server;

@@ -138,8 +138,12 @@ impl AdminState {
         all.insert("self_connection_refused".to_string(), self.data.loop_guard.refused.load(Ordering::Relaxed));
         let adm = &self.data.admission;
         all.insert("connections_admitted".to_string(), u64::from(adm.open()));
+        all.insert("sockets_admitted".to_string(), u64::from(adm.sockets()));
         for (name, value) in [
             ("refused_node_limit", &adm.counters.refused_node_limit),
+            ("refused_pod_limit", &adm.counters.refused_pod_limit),
+            ("dials_refused", &adm.counters.dials_refused),
+            ("idle_shed", &adm.counters.idle_shed),
             ("refused_destination_pod_limit", &adm.counters.refused_destination_pod_limit),
             ("refused_peer_limit", &adm.counters.refused_peer_limit),
             ("tcp_idle_closed", &self.data.idle.closed),
@@ -171,6 +175,9 @@ impl AdminState {
         all.insert("tap_dropped".to_string(), tap.dropped());
         for (name, value) in discovery::limits::COUNTERS.snapshot() {
             all.insert(name.to_string(), value);
+        }
+        for (listener, event, value) in super::listener_limits::COUNTERS.snapshot() {
+            all.insert(format!("{listener}_connections_{event}"), value);
         }
         all
     }
@@ -280,7 +287,7 @@ pub async fn serve(
                                 Access::ReadOnly
                             }
                         };
-                        spawn_conn(TokioIo::new(stream), state.clone(), access)
+                        spawn_conn(stream, state.clone(), access, None)
                     }
                     Err(e) => {
                         warn!(socket = %path.display(), error = %e, "admin accept failed");
@@ -309,9 +316,17 @@ pub async fn serve(
             unreachable!()
         }
     };
+    // Bounded, with deadlines: hostNetwork pods reach this port too.
+    use super::listener_limits::{self as limits, Gate};
+    let gate = Gate::new(limits::ADMIN, &limits::COUNTERS.admin);
     loop {
         match tcp.accept().await {
-            Ok((stream, _)) => spawn_conn(TokioIo::new(stream), state.clone(), Access::ReadOnly),
+            Ok((stream, peer)) => match gate.admit(peer) {
+                Some(ticket) => {
+                    spawn_conn(stream, state.clone(), Access::ReadOnly, Some((gate.clone(), ticket)))
+                }
+                None => limits::reset(stream),
+            },
             Err(e) => {
                 warn!(error = %e, "admin accept failed");
                 tokio::time::sleep(std::time::Duration::from_millis(50)).await;
@@ -320,9 +335,14 @@ pub async fn serve(
     }
 }
 
-fn spawn_conn<I>(io: I, state: Arc<AdminState>, access: Access)
-where
-    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+/// Serves one connection; a TCP one under its listener's bounds (`gate`).
+fn spawn_conn<I>(
+    io: I,
+    state: Arc<AdminState>,
+    access: Access,
+    gate: Option<(Arc<super::listener_limits::Gate>, super::listener_limits::Ticket)>,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     tokio::spawn(async move {
         let svc = service_fn(move |req: Request<Incoming>| {
@@ -340,9 +360,21 @@ where
                 Ok::<_, Infallible>(route(&state, req).map(BodyExt::boxed_unsync))
             }
         });
-        if let Err(e) = http1::Builder::new().serve_connection(io, svc).await {
-            debug!(error = %e, "admin connection ended with an error");
-        }
+        let Some((gate, ticket)) = gate else {
+            if let Err(e) = http1::Builder::new().serve_connection(TokioIo::new(io), svc).await {
+                debug!(error = %e, "admin connection ended with an error");
+            }
+            return;
+        };
+        let builder = gate.http1();
+        gate.serve(ticket, io, |io| async move {
+            let r = builder.serve_connection(TokioIo::new(io), svc).await;
+            if let Err(e) = &r {
+                debug!(error = %e, "admin connection ended with an error");
+            }
+            r
+        })
+        .await;
     });
 }
 

@@ -184,7 +184,10 @@ pub enum Overflow {
     Connections,
     Retries,
     PodRequests,
+    /// The source pod's sockets (`--pod-max-connections`): no new upstream connection for it.
     PodConnections,
+    /// The node's sockets (`--max-connections`).
+    NodeConnections,
 }
 
 impl Overflow {
@@ -196,6 +199,7 @@ impl Overflow {
             Overflow::Retries => "maxRetries",
             Overflow::PodRequests => "per-pod request limit",
             Overflow::PodConnections => "per-pod connection limit",
+            Overflow::NodeConnections => "node connection limit",
         }
     }
 }

@@ -22,7 +22,7 @@ use std::{
     net::SocketAddr,
     pin::Pin,
     sync::{
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicU64, AtomicUsize, Ordering},
         Arc, Mutex,
     },
     task::{Context, Poll},
@@ -50,6 +50,7 @@ use super::{
     Body,
 };
 use crate::{
+    admission::{Lease, Refusal, Shed},
     discovery::traffic::CircuitBreaker,
     identity::SpiffeId,
     l4::{self, DataPath, PodContext},
@@ -76,6 +77,8 @@ const H2_LIMITS: PoolLimits = PoolLimits {
     idle_timeout: Duration::from_secs(60),
     max_conns_per_key: 8,
     max_keys: 8192,
+    // A quarter per source pod, as its share of the node's connections.
+    max_keys_per_owner: 2048,
     max_waiters: 4096,
 };
 /// hyper's HTTP/2 keepalive: a PING after this long without a frame from the peer, idle or
@@ -223,7 +226,7 @@ impl Default for Upstreams {
     fn default() -> Self {
         Self {
             h1: Mutex::default(),
-            h2: Arc::new(MuxPool::new(H2_LIMITS)),
+            h2: Arc::new(MuxPool::with_owners(H2_LIMITS, |k: &Key| k.src_pod)),
             counters: UpstreamCounters::default(),
         }
     }
@@ -235,6 +238,8 @@ struct H1Conn {
     tunnel: Option<TunnelWatch>,
     /// Requests sent on it so far (for `maxRequestsPerConnection`).
     requests: u32,
+    /// Its socket's admission unit (`None` inside a tunnel: the tunnel holds the unit).
+    unit: Option<Arc<Lease>>,
 }
 
 struct IdleH1 {
@@ -248,15 +253,34 @@ struct H2Conn {
     tunnel: Option<TunnelWatch>,
     /// hyper's connection (its request dispatcher), polled by the connection's task; `None`
     /// once that task is done with it. The pool reads the peer's current stream limit from it,
-    /// the only place hyper has it: a copy kept by the task would be stale, as nothing wakes
-    /// the dispatcher when the peer's SETTINGS arrive after the first request went out.
+    /// the only place hyper has it: a copy kept by the task alone would be stale, as nothing
+    /// wakes the dispatcher when the peer's SETTINGS arrive after the first request went out.
     connection: Mutex<Option<Pin<Box<H2Connection>>>>,
+    /// The peer's stream limit as last read, for when the task is polling the connection (the
+    /// pool asks under its node-wide lock, which must never wait for a connection's poll).
+    max_streams_seen: AtomicUsize,
+    /// Its socket's admission unit (`None` inside a tunnel: the tunnel holds the unit).
+    unit: Option<Arc<Lease>>,
+}
+
+impl H2Conn {
+    /// Reads the peer's stream limit from hyper's connection and remembers it.
+    fn read_max_streams(&self, connection: &Option<Pin<Box<H2Connection>>>) -> usize {
+        let n = connection.as_ref().map_or(0, |c| c.current_max_send_streams());
+        self.max_streams_seen.store(n, Ordering::Relaxed);
+        n
+    }
 }
 
 impl Multiplexed for H2Conn {
     fn max_streams(&self) -> usize {
-        let connection = self.connection.lock().unwrap_or_else(|p| p.into_inner());
-        connection.as_ref().map_or(0, |c| c.current_max_send_streams())
+        // Read live when the connection's task is not in the middle of a poll (almost always);
+        // else the value the task published after its last poll, never older than that poll.
+        match self.connection.try_lock() {
+            Ok(connection) => self.read_max_streams(&connection),
+            Err(std::sync::TryLockError::Poisoned(p)) => self.read_max_streams(&p.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) => self.max_streams_seen.load(Ordering::Relaxed),
+        }
     }
 
     fn takes_streams(&self) -> bool {
@@ -276,7 +300,8 @@ fn reusable(tunnel: &Option<TunnelWatch>) -> bool {
     tunnel.as_ref().is_none_or(|t| !t.is_closing())
 }
 
-/// A connection's share of its destination's `maxConnections`, released when it closes.
+/// A connection's share of its destination's `maxConnections`, released when its socket closes
+/// (held by the socket: an upgraded connection keeps it as long as the bridge runs).
 struct ConnSlot(Option<Arc<Breaker>>);
 
 impl Drop for ConnSlot {
@@ -408,20 +433,21 @@ impl Upstreams {
 
     /// A new HTTP/1.1 connection; `upgrades` keeps it usable after a 101 or a CONNECT.
     async fn connect_h1(&self, d: &Dial<'_>, upgrades: bool) -> Result<H1Conn, UpstreamError> {
-        let (io, tunnel, slot) = self.dial(d).await?;
+        let (io, tunnel, unit) = self.dial(d).await?;
         let (sender, conn) = http1::Builder::new()
             .handshake(TokioIo::new(io))
             .await
             .map_err(|source| UpstreamError::Handshake { endpoint: d.endpoint, source })?;
         let endpoint = d.endpoint;
+        // The socket (with its unit and its breaker slot) lives in `conn`, and after an upgrade
+        // in the upgraded stream.
         tokio::spawn(async move {
             let result = if upgrades { conn.with_upgrades().await } else { conn.await };
             if let Err(e) = result {
                 debug!(%endpoint, error = %e, "upstream connection ended");
             }
-            drop(slot);
         });
-        Ok(H1Conn { sender, tunnel, requests: 0 })
+        Ok(H1Conn { sender, tunnel, requests: 0, unit })
     }
 
     async fn send_h2(
@@ -457,7 +483,7 @@ impl Upstreams {
     ) -> Result<(Response<UpstreamBody>, Instant), SendError>
     where
         F: Fn() -> Fut,
-        Fut: Future<Output = Result<(UpstreamIo, Option<TunnelWatch>, ConnSlot), UpstreamError>>,
+        Fut: Future<Output = Result<(UpstreamIo, Option<TunnelWatch>, Option<Arc<Lease>>), UpstreamError>>,
     {
         let (slot, reused) = match self.h2_slot(key, endpoint, &dial, &mut admit).await {
             Ok(s) => s,
@@ -509,7 +535,7 @@ impl Upstreams {
     ) -> Result<(H2Slot, bool), UpstreamError>
     where
         F: Fn() -> Fut,
-        Fut: Future<Output = Result<(UpstreamIo, Option<TunnelWatch>, ConnSlot), UpstreamError>>,
+        Fut: Future<Output = Result<(UpstreamIo, Option<TunnelWatch>, Option<Arc<Lease>>), UpstreamError>>,
     {
         match self.h2.checkout_admitted(key, admit).await {
             Ok(Checkout::Ready(slot)) => Ok((Arc::new(slot), true)),
@@ -552,7 +578,12 @@ impl Upstreams {
     /// originates for an external destination that asks for it, else plain TCP from the source
     /// pod's namespace. Counted against the destination's `maxPendingRequests` while it
     /// connects and `maxConnections` while it is open.
-    async fn dial(&self, d: &Dial<'_>) -> Result<(UpstreamIo, Option<TunnelWatch>, ConnSlot), UpstreamError> {
+    /// The socket's admission unit comes with it (`None` for a tunnel stream, whose tunnel
+    /// holds one), also inside the returned stream, so that it is held as long as the socket.
+    async fn dial(
+        &self,
+        d: &Dial<'_>,
+    ) -> Result<(UpstreamIo, Option<TunnelWatch>, Option<Arc<Lease>>), UpstreamError> {
         let (pending, slot) = match &d.breaker {
             None => (None, ConnSlot(None)),
             Some((b, cfg)) => {
@@ -577,7 +608,9 @@ impl Upstreams {
         let result = self.dial_inner(d).await;
         drop(pending);
         match result {
-            Ok((io, watch)) => Ok((io, watch, slot)),
+            Ok((stream, watch, unit)) => {
+                Ok((UpstreamIo { stream, _unit: unit.clone(), _breaker: slot }, watch, unit))
+            }
             Err(e) => {
                 self.counters.connect_errors.fetch_add(1, Ordering::Relaxed);
                 Err(e)
@@ -585,7 +618,10 @@ impl Upstreams {
         }
     }
 
-    async fn dial_inner(&self, d: &Dial<'_>) -> Result<(UpstreamIo, Option<TunnelWatch>), UpstreamError> {
+    async fn dial_inner(
+        &self,
+        d: &Dial<'_>,
+    ) -> Result<(Stream, Option<TunnelWatch>, Option<Arc<Lease>>), UpstreamError> {
         if let Some(peer) = &d.mesh_peer {
             let hint = match d.wire {
                 Wire::Http1 => "http/1.1",
@@ -593,20 +629,33 @@ impl Upstreams {
             };
             match l4::open_tunnel(d.pod, d.dp, peer, d.endpoint, Some(hint)).await {
                 Ok(t) => {
-                    return Ok((UpstreamIo::Tunnel(TunnelIo::new(t.send, t.recv), t.slot), Some(t.watch)))
+                    return Ok((
+                        Stream::Tunnel { io: TunnelIo::new(t.send, t.recv), _slot: t.slot },
+                        Some(t.watch),
+                        None,
+                    ))
                 }
                 Err(e) if e.is_unreachable() => {
                     d.dp.tunnel_fallbacks.fetch_add(1, Ordering::Relaxed);
                     info!(pod = %d.pod.key, endpoint = %d.endpoint, peer = %peer, error = %e, "no tunnel endpoint at the destination; sending plaintext");
                 }
+                Err(e) if e.refusal().is_some() => {
+                    return Err(UpstreamError::Overflow(e.refusal().map(overflow_of).expect("checked")))
+                }
                 Err(source) => return Err(UpstreamError::Tunnel { endpoint: d.endpoint, source }),
             }
         }
+        // The socket's unit, on the source pod's behalf, before the socket exists.
+        let unit =
+            d.dp.admission
+                .dial(&d.pod.slots, d.pod.pod_id)
+                .map_err(|r| UpstreamError::Overflow(overflow_of(r)))?;
+        let unit = Some(Lease::new(unit));
         let tcp = l4::connect(&d.pod.netns, d.endpoint, d.connect_timeout)
             .await
             .map_err(|source| UpstreamError::Connect { endpoint: d.endpoint, source })?;
         let Some(tls) = &d.tls else {
-            return Ok((UpstreamIo::Tcp(tcp), None));
+            return Ok((Stream::Tcp(tcp), None, unit));
         };
         let handshake =
             tokio_rustls::TlsConnector::from(tls.config.clone()).connect(tls.server_name.clone(), tcp);
@@ -619,7 +668,7 @@ impl Upstreams {
                 source,
             })?;
         self.counters.tls_originated.fetch_add(1, Ordering::Relaxed);
-        Ok((UpstreamIo::Tls(Box::new(stream)), None))
+        Ok((Stream::Tls(Box::new(stream)), None, unit))
     }
 
     /// Closes idle HTTP/1.1 connections past their time and evicts HTTP/2 connections that
@@ -635,6 +684,25 @@ impl Upstreams {
         });
         drop(h1);
         self.h2.sweep();
+    }
+
+    /// Closes the idle connections (HTTP/1.1 in the idle stacks, HTTP/2 without a request) of
+    /// `scope`'s source pod, or of every pod, giving their sockets' units back at once.
+    /// Returns how many units it gave back.
+    pub fn shed_idle(&self, scope: Shed) -> usize {
+        let matches = |k: &Key| scope == Shed::Any || scope == Shed::Pod(k.src_pod);
+        let mut released = 0;
+        let mut h1 = self.h1.lock().unwrap_or_else(|p| p.into_inner());
+        h1.retain(|key, idle| {
+            if !matches(key) {
+                return true;
+            }
+            // Those inside a tunnel give back no unit, but their tunnel may go idle with them.
+            released += idle.drain(..).filter(|c| c.conn.unit.as_ref().is_some_and(|u| u.revoke())).count();
+            false
+        });
+        drop(h1);
+        released + self.h2.shed_idle(matches, |c| c.unit.as_ref().is_some_and(|u| u.revoke()))
     }
 
     /// (idle HTTP/1.1 connections, HTTP/2 connections) held, for the admin view.
@@ -653,9 +721,9 @@ impl Upstreams {
 async fn connect_h2<F, Fut>(endpoint: SocketAddr, dial: &F) -> Result<(H2Conn, H2Task), UpstreamError>
 where
     F: Fn() -> Fut,
-    Fut: Future<Output = Result<(UpstreamIo, Option<TunnelWatch>, ConnSlot), UpstreamError>>,
+    Fut: Future<Output = Result<(UpstreamIo, Option<TunnelWatch>, Option<Arc<Lease>>), UpstreamError>>,
 {
-    let (io, tunnel, breaker) = dial().await?;
+    let (io, tunnel, unit) = dial().await?;
     let heard = Arc::new(HeardAt::new());
     let io = Heard { io, at: heard.clone() };
     let (sender, conn) = http2::Builder::new(TokioExecutor::new())
@@ -669,8 +737,9 @@ where
         .handshake(TokioIo::new(io))
         .await
         .map_err(|source| UpstreamError::Handshake { endpoint, source })?;
+    let max_streams_seen = AtomicUsize::new(conn.current_max_send_streams());
     let connection = Mutex::new(Some(Box::pin(conn)));
-    Ok((H2Conn { sender, tunnel, connection }, H2Task { endpoint, heard, breaker }))
+    Ok((H2Conn { sender, tunnel, connection, max_streams_seen, unit }, H2Task { endpoint, heard }))
 }
 
 type H2Connection = http2::Connection<TokioIo<Heard<UpstreamIo>>, StreamBody, TokioExecutor>;
@@ -680,19 +749,23 @@ type H2Connection = http2::Connection<TokioIo<Heard<UpstreamIo>>, StreamBody, To
 struct H2Task {
     endpoint: SocketAddr,
     heard: Arc<HeardAt>,
-    /// Its share of the destination's `maxConnections`.
-    breaker: ConnSlot,
 }
 
 impl H2Task {
     async fn run(self, pooled: Arc<Pooled<Key, H2Conn>>, pool: Arc<H2Pool>) {
-        let H2Task { endpoint, heard, breaker } = self;
-        let connection = &pooled.conn().connection;
-        let driven =
-            std::future::poll_fn(|cx| match connection.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
+        let H2Task { endpoint, heard } = self;
+        let conn = pooled.conn();
+        let connection = &conn.connection;
+        let driven = std::future::poll_fn(|cx| {
+            let mut c = connection.lock().unwrap_or_else(|p| p.into_inner());
+            let r = match c.as_mut() {
                 Some(c) => c.as_mut().poll(cx),
                 None => Poll::Ready(Ok(())),
-            });
+            };
+            // Published for the pool while this task holds the connection.
+            conn.read_max_streams(&c);
+            r
+        });
         tokio::select! {
             result = driven => {
                 // hyper ends a connection whose keepalive PING went unanswered as if it had
@@ -709,10 +782,10 @@ impl H2Task {
                 debug!(%endpoint, reason = ?why, "closing upstream HTTP/2 connection");
             }
         }
-        // Dropping hyper's dispatcher (with the last sender) closes the connection.
+        // Dropping hyper's dispatcher (with the last sender) closes the connection; the socket,
+        // its unit and its breaker slot go when hyper's own connection task ends.
         let closed = connection.lock().unwrap_or_else(|p| p.into_inner()).take();
         drop(closed);
-        drop(breaker);
     }
 }
 
@@ -891,37 +964,63 @@ fn copy_head(req: &Request<Body>) -> Request<Body> {
     copy
 }
 
-/// The byte stream under an upstream HTTP connection.
-pub enum UpstreamIo {
+/// The Overflow a request gets when admission refused its upstream socket.
+fn overflow_of(refusal: Refusal) -> Overflow {
+    match refusal {
+        Refusal::Node => Overflow::NodeConnections,
+        _ => Overflow::PodConnections,
+    }
+}
+
+/// The byte stream under an upstream HTTP connection, holding what the socket holds: its
+/// admission unit and its share of the destination's `maxConnections`, for as long as it is
+/// open (through an upgrade too, where it moves into the upgraded stream).
+pub struct UpstreamIo {
+    stream: Stream,
+    _unit: Option<Arc<Lease>>,
+    _breaker: ConnSlot,
+}
+
+impl UpstreamIo {
+    /// In-memory, for tests of the pools.
+    #[cfg(test)]
+    fn mem(io: tokio::io::DuplexStream) -> Self {
+        UpstreamIo { stream: Stream::Mem(io), _unit: None, _breaker: ConnSlot(None) }
+    }
+}
+
+enum Stream {
     Tcp(TcpStream),
     /// A stream of an HBONE tunnel, with its place in the tunnel's stream count.
-    Tunnel(TunnelIo, TunnelSlot),
+    Tunnel {
+        io: TunnelIo,
+        _slot: TunnelSlot,
+    },
     Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
-    /// In-memory, for tests of the pools.
     #[cfg(test)]
     Mem(tokio::io::DuplexStream),
 }
 
 impl AsyncRead for UpstreamIo {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            UpstreamIo::Tcp(s) => Pin::new(s).poll_read(cx, buf),
-            UpstreamIo::Tunnel(s, _) => Pin::new(s).poll_read(cx, buf),
-            UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        match &mut self.get_mut().stream {
+            Stream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tunnel { io: s, .. } => Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
             #[cfg(test)]
-            UpstreamIo::Mem(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Mem(s) => Pin::new(s).poll_read(cx, buf),
         }
     }
 }
 
 impl AsyncWrite for UpstreamIo {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            UpstreamIo::Tcp(s) => Pin::new(s).poll_write(cx, buf),
-            UpstreamIo::Tunnel(s, _) => Pin::new(s).poll_write(cx, buf),
-            UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        match &mut self.get_mut().stream {
+            Stream::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Tunnel { io: s, .. } => Pin::new(s).poll_write(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
             #[cfg(test)]
-            UpstreamIo::Mem(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Mem(s) => Pin::new(s).poll_write(cx, buf),
         }
     }
 
@@ -930,42 +1029,42 @@ impl AsyncWrite for UpstreamIo {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            UpstreamIo::Tcp(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-            UpstreamIo::Tunnel(s, _) => Pin::new(s).poll_write_vectored(cx, bufs),
-            UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        match &mut self.get_mut().stream {
+            Stream::Tcp(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Stream::Tunnel { io: s, .. } => Pin::new(s).poll_write_vectored(cx, bufs),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
             #[cfg(test)]
-            UpstreamIo::Mem(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Stream::Mem(s) => Pin::new(s).poll_write_vectored(cx, bufs),
         }
     }
 
     fn is_write_vectored(&self) -> bool {
-        match self {
-            UpstreamIo::Tcp(s) => s.is_write_vectored(),
-            UpstreamIo::Tunnel(s, _) => s.is_write_vectored(),
-            UpstreamIo::Tls(s) => s.is_write_vectored(),
+        match &self.stream {
+            Stream::Tcp(s) => s.is_write_vectored(),
+            Stream::Tunnel { io: s, .. } => s.is_write_vectored(),
+            Stream::Tls(s) => s.is_write_vectored(),
             #[cfg(test)]
-            UpstreamIo::Mem(s) => s.is_write_vectored(),
+            Stream::Mem(s) => s.is_write_vectored(),
         }
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            UpstreamIo::Tcp(s) => Pin::new(s).poll_flush(cx),
-            UpstreamIo::Tunnel(s, _) => Pin::new(s).poll_flush(cx),
-            UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        match &mut self.get_mut().stream {
+            Stream::Tcp(s) => Pin::new(s).poll_flush(cx),
+            Stream::Tunnel { io: s, .. } => Pin::new(s).poll_flush(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
             #[cfg(test)]
-            UpstreamIo::Mem(s) => Pin::new(s).poll_flush(cx),
+            Stream::Mem(s) => Pin::new(s).poll_flush(cx),
         }
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            UpstreamIo::Tcp(s) => Pin::new(s).poll_shutdown(cx),
-            UpstreamIo::Tunnel(s, _) => Pin::new(s).poll_shutdown(cx),
-            UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        match &mut self.get_mut().stream {
+            Stream::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Tunnel { io: s, .. } => Pin::new(s).poll_shutdown(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
             #[cfg(test)]
-            UpstreamIo::Mem(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Mem(s) => Pin::new(s).poll_shutdown(cx),
         }
     }
 }

@@ -41,7 +41,10 @@ use tracing::{debug, info};
 use super::mux_pool::{
     Checkout, CheckoutError, Eviction, Multiplexed, MuxPool, PoolLimits, PoolStats, Pooled, Slot,
 };
-use crate::netns::PodNetns;
+use crate::{
+    admission::{Lease, Permit, Refusal, Shed},
+    netns::PodNetns,
+};
 
 pub const HBONE_PORT: u16 = sluice_common::HBONE_PORT;
 /// CONNECT header of a stream that carries HTTP (`http/1.1` or `h2c`) between two sluices.
@@ -69,6 +72,10 @@ pub enum TunnelError {
     Shared(Arc<TunnelError>),
     #[error("too many streams already wait for the tunnel to {addr} to come up")]
     Busy { addr: SocketAddr },
+    /// No socket may be opened for a new tunnel: the source pod, or the node, is at its
+    /// connection bound.
+    #[error("no new tunnel to {addr}: {refusal}")]
+    NoSocket { addr: SocketAddr, refusal: Refusal },
 }
 
 impl TunnelError {
@@ -78,6 +85,15 @@ impl TunnelError {
             TunnelError::Refused { .. } => true,
             TunnelError::Shared(e) => e.is_refusal(),
             _ => false,
+        }
+    }
+
+    /// The admission bound that kept a new tunnel from being opened, if that is what failed.
+    pub fn refusal(&self) -> Option<Refusal> {
+        match self {
+            TunnelError::NoSocket { refusal, .. } => Some(*refusal),
+            TunnelError::Shared(e) => e.refusal(),
+            _ => None,
         }
     }
 
@@ -132,6 +148,9 @@ pub struct TunnelConn {
     sender: SendRequest<Bytes>,
     /// Asks the tunnel's task for a PING now (a CONNECT went unanswered).
     probe: Notify,
+    /// The tunnel socket's admission unit (given back when the task closes the socket, or at
+    /// once when the pool closes the tunnel to make room).
+    unit: Option<Arc<Lease>>,
 }
 
 impl Multiplexed for TunnelConn {
@@ -177,6 +196,8 @@ impl Default for TunnelPoolConfig {
                 idle_timeout: Duration::from_secs(90),
                 max_conns_per_key: 8,
                 max_keys: 8192,
+                // A quarter per source pod, as its share of the node's connections.
+                max_keys_per_owner: 2048,
                 max_waiters: 4096,
             },
             keepalive_interval: Duration::from_secs(30),
@@ -200,11 +221,13 @@ impl Default for HbonePool {
 
 impl HbonePool {
     pub fn new(cfg: TunnelPoolConfig) -> Self {
-        Self { pool: Arc::new(MuxPool::new(cfg.limits)), cfg }
+        Self { pool: Arc::new(MuxPool::with_owners(cfg.limits, |k: &PoolKey| k.src_pod)), cfg }
     }
 
     /// Opens a tunnel stream to `target` through the destination's HBONE port, reusing a pooled
-    /// connection when one has room.
+    /// connection when one has room. A new tunnel's socket first takes its admission unit from
+    /// `unit` (on the source pod's behalf).
+    #[allow(clippy::too_many_arguments)]
     pub async fn open(
         &self,
         key: &PoolKey,
@@ -213,12 +236,20 @@ impl HbonePool {
         target: SocketAddr,
         timeout: Duration,
         l7: Option<&'static str>,
+        unit: impl FnOnce() -> Result<Permit, Refusal>,
     ) -> Result<TunnelStream, TunnelError> {
-        self.open_with(key, target, timeout, l7, || dial_tls(netns, tls, key.dst, timeout)).await
+        let dial = || async move {
+            let addr = SocketAddr::new(key.dst, HBONE_PORT);
+            let permit = unit().map_err(|refusal| TunnelError::NoSocket { addr, refusal })?;
+            let io = dial_tls(netns, tls, key.dst, timeout).await?;
+            Ok((io, Some(Lease::new(permit))))
+        };
+        self.open_with(key, target, timeout, l7, dial).await
     }
 
-    /// As [`HbonePool::open`], with `dial` making the byte stream under a new tunnel (TCP from
-    /// the pod's namespace and TLS, in production; tests dial in memory).
+    /// As [`HbonePool::open`], with `dial` making the byte stream under a new tunnel, with its
+    /// admission unit (TCP from the pod's namespace and TLS, in production; tests dial in
+    /// memory).
     pub async fn open_with<F, Fut, Io>(
         &self,
         key: &PoolKey,
@@ -229,7 +260,7 @@ impl HbonePool {
     ) -> Result<TunnelStream, TunnelError>
     where
         F: FnOnce() -> Fut,
-        Fut: Future<Output = Result<Io, TunnelError>>,
+        Fut: Future<Output = Result<(Io, Option<Arc<Lease>>), TunnelError>>,
         Io: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let hbone = SocketAddr::new(key.dst, HBONE_PORT);
@@ -299,11 +330,12 @@ impl HbonePool {
     ) -> Result<(TunnelConn, Driver<Io>), TunnelError>
     where
         F: FnOnce() -> Fut,
-        Fut: Future<Output = Result<Io, TunnelError>>,
+        Fut: Future<Output = Result<(Io, Option<Arc<Lease>>), TunnelError>>,
         Io: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let addr = SocketAddr::new(key.dst, HBONE_PORT);
-        let io = dial().await?;
+        // The unit is dropped with the handshake's future if it fails: its socket is closed.
+        let (io, unit) = dial().await?;
         let (sender, mut connection) = h2::client::Builder::new()
             .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
@@ -333,7 +365,7 @@ impl HbonePool {
         }
         info!(%addr, src = %key.src_identity, dst = %key.dst_identity, "tunnel established");
         let driver = Driver { connection, ping, addr, peer: key.dst_identity.clone() };
-        Ok((TunnelConn { sender, probe: Notify::new() }, driver))
+        Ok((TunnelConn { sender, probe: Notify::new(), unit }, driver))
     }
 
     /// The pool's counters.
@@ -344,6 +376,13 @@ impl HbonePool {
     /// Evicts tunnels that no longer take streams (GOAWAY); periodic, off the data path.
     pub fn sweep(&self) {
         self.pool.sweep();
+    }
+
+    /// Closes the idle tunnels (no stream) of `scope`'s source pod, or of every pod, giving
+    /// their sockets' units back at once. Returns how many units it gave back.
+    pub fn shed_idle(&self, scope: Shed) -> usize {
+        let matches = |k: &PoolKey| scope == Shed::Any || scope == Shed::Pod(k.src_pod);
+        self.pool.shed_idle(matches, |c| c.unit.as_ref().is_some_and(|u| u.revoke()))
     }
 
     /// Number of pooled tunnel connections (for the admin view).
@@ -384,7 +423,12 @@ impl<Io: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<Io> {
                 info!(%addr, %peer, timeout_ms = cfg.keepalive_timeout.as_millis() as u64, "tunnel peer did not answer a PING; tunnel closed");
             }
         }
-        // Dropping the connection closes the socket; streams still on it fail.
+        // Dropping the connection closes the socket; streams still on it fail. Its unit goes
+        // with it (streams may keep the pooled entry a moment longer, not the socket).
+        drop(connection);
+        if let Some(unit) = &pooled.conn().unit {
+            unit.revoke();
+        }
     }
 }
 

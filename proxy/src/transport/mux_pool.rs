@@ -10,9 +10,10 @@
 //!   up to `max_conns_per_key`. Past that, a stream queues on the least loaded connection (h2
 //!   opens it when a slot frees) and the saturation is counted.
 //! - **Idle expiry**: a connection with no stream for `idle_timeout` leaves the pool and closes.
-//! - **Bounds with counters**: connections per key, keys in all (past `max_keys`, a stream
-//!   gets a connection of its own that is not pooled and closes with it), waiters per
-//!   handshake; every eviction is counted by its reason.
+//! - **Bounds with counters**: connections per key, keys in all and per owner (the source pod:
+//!   past `max_keys`, or its owner's `max_keys_per_owner`, a stream gets a connection of its
+//!   own that is not pooled and closes with it), waiters per handshake; every eviction is
+//!   counted by its reason.
 //!
 //! The protocol side (dialling, reading the peer's limit, keepalive PINGs, driving the
 //! connection) belongs to the caller: the pool sees a connection only as [`Multiplexed`], and
@@ -34,7 +35,9 @@ use tokio::{
     time::Instant,
 };
 
-/// What the pool needs to know about a connection.
+/// What the pool needs to know about a connection. Both are called under the pool's lock,
+/// which every checkout of every key takes: they must answer from what the connection already
+/// knows, never wait for anything a connection's task may hold while it does I/O.
 pub trait Multiplexed: Send + Sync + 'static {
     /// How many streams the peer lets this connection carry at once (its
     /// `SETTINGS_MAX_CONCURRENT_STREAMS`, as last seen).
@@ -53,6 +56,9 @@ pub struct PoolLimits {
     pub max_conns_per_key: usize,
     /// Keys pooled in all; a new key past this gets an unpooled connection.
     pub max_keys: usize,
+    /// Keys pooled per owner (see [`MuxPool::with_owners`]), so that one source pod cannot
+    /// take the pool from the others; past it, likewise unpooled.
+    pub max_keys_per_owner: usize,
     /// Streams that may wait for one handshake; more are refused at once.
     pub max_waiters: usize,
 }
@@ -73,7 +79,8 @@ pub struct PoolStats {
     /// Streams queued on a full connection: the key had `max_conns_per_key` connections, all
     /// at the peer's limit.
     pub saturated: AtomicU64,
-    /// Connections made outside the pool because it held `max_keys` keys.
+    /// Connections made outside the pool because it held `max_keys` keys, or the key's owner
+    /// `max_keys_per_owner`.
     pub unpooled: AtomicU64,
     /// Evictions: no stream for the idle timeout.
     pub evicted_idle: AtomicU64,
@@ -83,11 +90,14 @@ pub struct PoolStats {
     pub evicted_connect_timeout: AtomicU64,
     /// Evictions: the peer closed the connection, sent GOAWAY, or it failed.
     pub evicted_closed: AtomicU64,
+    /// Evictions: idle, closed to make room for a new socket (the source pod, or the node, was
+    /// at its connection bound).
+    pub evicted_shed: AtomicU64,
 }
 
 impl PoolStats {
     /// Every counter with its name.
-    pub fn snapshot(&self) -> [(&'static str, u64); 11] {
+    pub fn snapshot(&self) -> [(&'static str, u64); 12] {
         let v = |c: &AtomicU64| c.load(Ordering::Relaxed);
         [
             ("connects", v(&self.connects)),
@@ -101,6 +111,7 @@ impl PoolStats {
             ("evicted_keepalive", v(&self.evicted_keepalive)),
             ("evicted_connect_timeout", v(&self.evicted_connect_timeout)),
             ("evicted_closed", v(&self.evicted_closed)),
+            ("evicted_shed", v(&self.evicted_shed)),
         ]
     }
 
@@ -110,6 +121,7 @@ impl PoolStats {
             Eviction::Keepalive => &self.evicted_keepalive,
             Eviction::ConnectTimeout => &self.evicted_connect_timeout,
             Eviction::Closed => &self.evicted_closed,
+            Eviction::Shed => &self.evicted_shed,
         };
         c.fetch_add(1, Ordering::Relaxed);
     }
@@ -122,6 +134,8 @@ pub enum Eviction {
     Keepalive,
     ConnectTimeout,
     Closed,
+    /// Idle, closed to make room ([`MuxPool::shed_idle`]).
+    Shed,
 }
 
 /// Why [`MuxPool::until_retired`] says the connection should close now.
@@ -287,7 +301,7 @@ impl<K: Hash + Eq + Clone, C: Multiplexed, E> Leader<'_, K, C, E> {
         let slot = pooled.take_slot(false);
         if let (Some(key), Some(flight)) = (&self.key, &self.flight) {
             let mut map = pool.lock();
-            let entry = map.entry(key.clone()).or_default();
+            let entry = map.entry(key);
             entry.conns.push(pooled);
             if entry.flight.as_ref().is_some_and(|f| Arc::ptr_eq(f, flight)) {
                 entry.flight = None;
@@ -358,16 +372,79 @@ impl<E> Drop for Waiting<E> {
     }
 }
 
+/// The pool's keys, and how many each owner holds.
+struct Keys<K, C, E> {
+    map: HashMap<K, Entry<K, C, E>>,
+    per_owner: HashMap<u32, usize>,
+    owner: Option<fn(&K) -> u32>,
+}
+
+impl<K: Hash + Eq + Clone, C, E> Keys<K, C, E> {
+    fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    fn get_mut(&mut self, key: &K) -> Option<&mut Entry<K, C, E>> {
+        self.map.get_mut(key)
+    }
+
+    /// Whether `key`'s owner may add a key.
+    fn owner_has_room(&self, key: &K, max: usize) -> bool {
+        self.owner.is_none_or(|owner| self.per_owner.get(&owner(key)).copied().unwrap_or(0) < max)
+    }
+
+    /// The entry of `key`, made (and counted to its owner) if there is none.
+    fn entry(&mut self, key: &K) -> &mut Entry<K, C, E> {
+        if !self.map.contains_key(key) {
+            if let Some(owner) = self.owner {
+                *self.per_owner.entry(owner(key)).or_default() += 1;
+            }
+        }
+        self.map.entry(key.clone()).or_default()
+    }
+
+    fn remove(&mut self, key: &K) {
+        if self.map.remove(key).is_some() {
+            self.uncount(key);
+        }
+    }
+
+    fn retain(&mut self, mut keep: impl FnMut(&K, &mut Entry<K, C, E>) -> bool) {
+        let mut removed = Vec::new();
+        self.map.retain(|k, e| {
+            let kept = keep(k, e);
+            if !kept {
+                removed.push(k.clone());
+            }
+            kept
+        });
+        for k in &removed {
+            self.uncount(k);
+        }
+    }
+
+    fn uncount(&mut self, key: &K) {
+        let Some(owner) = self.owner else { return };
+        let o = owner(key);
+        if let Some(n) = self.per_owner.get_mut(&o) {
+            *n -= 1;
+            if *n == 0 {
+                self.per_owner.remove(&o);
+            }
+        }
+    }
+}
+
 /// Multiplexed connections per key. See the module docs.
 pub struct MuxPool<K, C, E> {
-    map: Mutex<HashMap<K, Entry<K, C, E>>>,
+    map: Mutex<Keys<K, C, E>>,
     limits: PoolLimits,
     pub stats: PoolStats,
     epoch: Instant,
 }
 
 impl<K, C, E> MuxPool<K, C, E> {
-    fn lock(&self) -> MutexGuard<'_, HashMap<K, Entry<K, C, E>>> {
+    fn lock(&self) -> MutexGuard<'_, Keys<K, C, E>> {
         self.map.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
@@ -375,7 +452,16 @@ impl<K, C, E> MuxPool<K, C, E> {
 impl<K: Hash + Eq + Clone, C: Multiplexed, E> MuxPool<K, C, E> {
     pub fn new(limits: PoolLimits) -> Self {
         assert!(limits.max_conns_per_key > 0, "a key must be allowed one connection");
-        Self { map: Mutex::default(), limits, stats: PoolStats::default(), epoch: Instant::now() }
+        let keys = Keys { map: HashMap::new(), per_owner: HashMap::new(), owner: None };
+        Self { map: Mutex::new(keys), limits, stats: PoolStats::default(), epoch: Instant::now() }
+    }
+
+    /// A pool whose keys each belong to an owner (`owner(key)`, the source pod), each owner
+    /// holding at most `max_keys_per_owner` of them.
+    pub fn with_owners(limits: PoolLimits, owner: fn(&K) -> u32) -> Self {
+        let pool = Self::new(limits);
+        pool.lock().owner = Some(owner);
+        pool
     }
 
     pub fn limits(&self) -> &PoolLimits {
@@ -398,7 +484,8 @@ impl<K: Hash + Eq + Clone, C: Multiplexed, E> MuxPool<K, C, E> {
         loop {
             let (flight, mut state, permit) = {
                 let mut map = self.lock();
-                let at_bound = map.len() >= self.limits.max_keys;
+                let at_bound = map.len() >= self.limits.max_keys
+                    || !map.owner_has_room(key, self.limits.max_keys_per_owner);
                 let entry = match map.get_mut(key) {
                     Some(entry) => entry,
                     None if at_bound => {
@@ -411,7 +498,7 @@ impl<K: Hash + Eq + Clone, C: Multiplexed, E> MuxPool<K, C, E> {
                             done: false,
                         }));
                     }
-                    None => map.entry(key.clone()).or_default(),
+                    None => map.entry(key),
                 };
                 // Connections that stopped taking streams (GOAWAY, closed) leave now; their
                 // tasks close them once their streams are done.
@@ -505,7 +592,7 @@ impl<K: Hash + Eq + Clone, C: Multiplexed, E> MuxPool<K, C, E> {
         removed
     }
 
-    fn remove(map: &mut HashMap<K, Entry<K, C, E>>, key: &K, conn: &Arc<Pooled<K, C>>) -> bool {
+    fn remove(map: &mut Keys<K, C, E>, key: &K, conn: &Arc<Pooled<K, C>>) -> bool {
         let Some(entry) = map.get_mut(key) else { return false };
         let before = entry.conns.len();
         entry.conns.retain(|c| !Arc::ptr_eq(c, conn));
@@ -579,9 +666,35 @@ impl<K: Hash + Eq + Clone, C: Multiplexed, E> MuxPool<K, C, E> {
         });
     }
 
+    /// Evicts every pooled connection of a key matching `matches` that carries no stream,
+    /// and hands each to `release` (which gives back its unit at once and says whether it
+    /// held one); their tasks close them. Checkouts take streams under the same lock, so no
+    /// stream can start on a connection being shed. Returns how many units were released.
+    pub fn shed_idle(&self, matches: impl Fn(&K) -> bool, release: impl Fn(&C) -> bool) -> usize {
+        let mut released = 0;
+        let mut map = self.lock();
+        map.retain(|key, entry| {
+            if !matches(key) {
+                return true;
+            }
+            entry.conns.retain(|c| {
+                if c.active() > 0 {
+                    return true;
+                }
+                c.evicted.store(true, Ordering::Release);
+                c.wake.notify_one();
+                self.stats.count(Eviction::Shed);
+                released += usize::from(release(&c.conn));
+                false
+            });
+            !entry.conns.is_empty() || entry.flight.is_some()
+        });
+        released
+    }
+
     /// Pooled connections.
     pub fn len(&self) -> usize {
-        self.lock().values().map(|e| e.conns.len()).sum()
+        self.lock().map.values().map(|e| e.conns.len()).sum()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -626,6 +739,7 @@ mod tests {
             idle_timeout: Duration::from_secs(90),
             max_conns_per_key: 3,
             max_keys: 100,
+            max_keys_per_owner: 100,
             max_waiters: 100,
         }
     }
@@ -827,6 +941,29 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn one_owner_cannot_take_the_pools_keys() {
+        // Keys 10..19 belong to owner 1, 20..29 to owner 2; 3 keys per owner.
+        let pool = Pool::with_owners(PoolLimits { max_keys_per_owner: 3, ..limits() }, |k| k / 10);
+        let mut mine = Vec::new();
+        for k in [10, 11, 12] {
+            mine.push(slot(&pool, k, 10).await);
+        }
+        let Ok(Checkout::Connect(leader)) = pool.checkout(&13).await else { panic!("connects") };
+        assert!(!leader.pooled(), "owner 1's fourth key is not pooled");
+        drop(leader);
+        assert_eq!(pool.stats.unpooled.load(Ordering::Relaxed), 1);
+        // Another owner still pools its keys.
+        let _theirs = slot(&pool, 20, 10).await;
+        assert_eq!(pool.keys(), 4);
+        // A key that leaves gives its owner room again.
+        let conn = mine[0].pooled().clone();
+        drop(mine);
+        assert!(pool.evict(&conn, Eviction::Closed));
+        let Ok(Checkout::Connect(leader)) = pool.checkout(&13).await else { panic!("connects") };
+        assert!(leader.pooled());
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn an_idle_connection_is_retired_after_the_idle_timeout() {
         let pool = Arc::new(Pool::new(limits()));
         let s = slot(&pool, 1, 10).await;
@@ -878,6 +1015,32 @@ mod tests {
         assert!(futures_util::poll!(retired.as_mut()).is_pending(), "one stream is still open");
         drop(b);
         assert_eq!(retired.await, Retired::Evicted);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn shedding_closes_only_idle_connections_of_matching_keys() {
+        let pool = Pool::new(limits());
+        let busy = slot(&pool, 1, 1).await;
+        let idle = slot(&pool, 1, 1).await;
+        let other = slot(&pool, 2, 1).await;
+        let (idle_conn, other_conn) = (idle.pooled().clone(), other.pooled().clone());
+        drop((idle, other));
+        let released = AtomicUsize::new(0);
+        let n = pool.shed_idle(
+            |k| *k == 1,
+            |_| {
+                released.fetch_add(1, Ordering::Relaxed);
+                true
+            },
+        );
+        assert_eq!((n, released.load(Ordering::Relaxed)), (1, 1), "only key 1's idle connection");
+        assert!(idle_conn.is_evicted() && !busy.pooled().is_evicted() && !other_conn.is_evicted());
+        assert_eq!(pool.until_retired(&idle_conn).await, Retired::Evicted, "its task closes it");
+        assert_eq!(pool.stats.evicted_shed.load(Ordering::Relaxed), 1);
+        assert_eq!(pool.len(), 2);
+        // Anyone's, now: key 2's idle one goes, the busy one stays.
+        assert_eq!(pool.shed_idle(|_| true, |_| true), 1);
+        assert_eq!((pool.len(), pool.keys()), (1, 1));
     }
 
     #[tokio::test(start_paused = true)]

@@ -61,7 +61,7 @@ impl Servers {
         self.dials.load(Ordering::SeqCst)
     }
 
-    fn dial(&self) -> Result<(UpstreamIo, Option<TunnelWatch>, ConnSlot), UpstreamError> {
+    fn dial(&self) -> Result<(UpstreamIo, Option<TunnelWatch>, Option<Arc<Lease>>), UpstreamError> {
         self.dials.fetch_add(1, Ordering::SeqCst);
         if self.refuse.load(Ordering::SeqCst) {
             return Err(UpstreamError::Connect {
@@ -72,7 +72,7 @@ impl Servers {
         let cfg = self.next.lock().unwrap().pop_front().unwrap_or_default();
         let (client, server) = tokio::io::duplex(64 << 10);
         tokio::spawn(serve(server, cfg, self.frozen.subscribe()));
-        Ok((UpstreamIo::Mem(client), None, ConnSlot(None)))
+        Ok((UpstreamIo::mem(client), None, None))
     }
 }
 
@@ -323,4 +323,55 @@ async fn an_idle_connection_closes_after_a_minute() {
     assert_eq!(pool.sizes().1, 0);
     assert_eq!(stat(&pool, "evicted_idle"), 1);
     assert_eq!(stat(&pool, "evicted_keepalive"), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_pool_reads_a_stream_limit_without_waiting_for_the_connections_poll() {
+    let pool = Upstreams::default();
+    let servers = Servers::new();
+    servers.then(ServerCfg { max_streams: Some(7), hold_body: true, start: None });
+    let a = send(&pool, &servers, get()).await.ok().unwrap();
+    settle().await;
+    let conn = a.body().slot.as_ref().unwrap().pooled().clone();
+    assert_eq!(conn.conn().max_streams(), 7);
+    // The connection's task in the middle of a poll holds hyper's connection. The pool asks
+    // under its node-wide lock: it must get an answer at once (the last one seen), not wait.
+    let polling = conn.conn().connection.lock().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let asker = {
+        let conn = conn.clone();
+        std::thread::spawn(move || tx.send(conn.conn().max_streams()).unwrap())
+    };
+    let answer = rx.recv_timeout(Duration::from_secs(5));
+    drop(polling);
+    asker.join().unwrap();
+    assert_eq!(answer, Ok(7), "answered while the connection was being polled");
+}
+
+#[tokio::test(start_paused = true)]
+async fn shedding_closes_idle_connections_and_gives_their_units_back() {
+    use crate::admission::{Admission, AdmissionConfig, PodSlots};
+    let admission = Arc::new(Admission::new(AdmissionConfig::new(100, 100, 100, 100)));
+    let slots = Arc::new(PodSlots::default());
+    let pool = Upstreams::default();
+    let servers = Servers::new();
+    // Dials as production does: the socket's unit inside the stream and beside it.
+    let dial = || {
+        let unit = Lease::new(admission.dial(&slots, 1).unwrap());
+        let (io, watch, _) = servers.dial().unwrap();
+        let io = UpstreamIo { _unit: Some(unit.clone()), ..io };
+        std::future::ready(Ok((io, watch, Some(unit))))
+    };
+    let busy = pool.send_h2_via(&key(), ENDPOINT, get(), dial, || Some(())).await.ok().unwrap().0;
+    assert_eq!(admission.sockets(), 1);
+    // Another pod's connections are not touched; a busy connection is not either.
+    assert_eq!(pool.shed_idle(Shed::Pod(2)), 0);
+    assert_eq!(pool.shed_idle(Shed::Pod(1)), 0);
+    let conn = busy.body().slot.as_ref().unwrap().pooled().clone();
+    drop(busy);
+    until("the request's stream to end", || conn.active() == 0).await;
+    assert_eq!(pool.shed_idle(Shed::Pod(1)), 1);
+    assert_eq!(admission.sockets(), 0, "the unit is back at once");
+    assert_eq!(pool.sizes().1, 0);
+    assert_eq!(stat(&pool, "evicted_shed"), 1);
 }

@@ -76,13 +76,13 @@ impl Peers {
         self.servers.lock().unwrap()[n].is_finished()
     }
 
-    fn dial(&self) -> impl Future<Output = Result<DuplexStream, TunnelError>> {
+    fn dial(&self) -> impl Future<Output = Result<(DuplexStream, Option<Arc<Lease>>), TunnelError>> {
         self.dials.fetch_add(1, Ordering::SeqCst);
         let cfg = self.next.lock().unwrap().pop_front().unwrap_or_default();
         let (client, server) = tokio::io::duplex(64 << 10);
         let frozen = self.frozen.lock().unwrap().as_ref().unwrap().subscribe();
         self.servers.lock().unwrap().push(tokio::spawn(serve(server, cfg, frozen)));
-        std::future::ready(Ok(client))
+        std::future::ready(Ok((client, None)))
     }
 }
 
@@ -179,7 +179,7 @@ async fn a_failed_handshake_fails_every_waiter_and_the_next_stream_tries_again()
                 let dial = || async move {
                     dials.fetch_add(1, Ordering::SeqCst);
                     gate.wait_for(|open| *open).await.unwrap();
-                    Err::<DuplexStream, _>(TunnelError::Connect {
+                    Err::<(DuplexStream, Option<Arc<Lease>>), _>(TunnelError::Connect {
                         addr: SocketAddr::new(key().dst, HBONE_PORT),
                         source: io::ErrorKind::ConnectionRefused.into(),
                     })
@@ -325,4 +325,40 @@ async fn a_burst_learns_the_peer_limit_before_it_counts_streams() {
     }
     assert_eq!((peers.dials(), pool.len()), (3, 3));
     assert!(streams.iter().all(|s| s.slot.pooled().active() == 1));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_tunnel_holds_its_sockets_unit_until_it_closes_or_is_shed() {
+    use crate::admission::{Admission, AdmissionConfig, PodSlots};
+    let admission = Arc::new(Admission::new(AdmissionConfig::new(100, 100, 100, 100)));
+    let slots = Arc::new(PodSlots::default());
+    let pool = HbonePool::default();
+    let peers = Peers::new();
+    let dial = || async {
+        let unit = Lease::new(admission.dial(&slots, 1).unwrap());
+        let (io, _) = peers.dial().await?;
+        Ok((io, Some(unit)))
+    };
+    let s = pool.open_with(&key(), TARGET, CONNECT_TIMEOUT, None, dial).await.unwrap();
+    assert_eq!(admission.sockets(), 1);
+    assert_eq!(pool.shed_idle(Shed::Pod(1)), 0, "a tunnel with a stream is not idle");
+    drop(s);
+    assert_eq!(pool.shed_idle(Shed::Pod(2)), 0, "another pod's tunnels are left alone");
+    assert_eq!(admission.sockets(), 1, "an idle pooled tunnel still holds its socket");
+    assert_eq!(pool.shed_idle(Shed::Pod(1)), 1);
+    assert_eq!((admission.sockets(), slots.dialled.load(Ordering::Relaxed)), (0, 0));
+    assert_eq!(stat(&pool, "evicted_shed"), 1);
+    until("the shed tunnel to close", || peers.ended(0)).await;
+
+    // A tunnel that closes by itself (idle timeout) gives its unit back when its socket goes.
+    let dial = || async {
+        let unit = Lease::new(admission.dial(&slots, 1).unwrap());
+        let (io, _) = peers.dial().await?;
+        Ok((io, Some(unit)))
+    };
+    drop(pool.open_with(&key(), TARGET, CONNECT_TIMEOUT, None, dial).await.unwrap());
+    assert_eq!(admission.sockets(), 1);
+    tokio::time::sleep(Duration::from_secs(91)).await;
+    until("the idle tunnel to close", || peers.ended(1)).await;
+    assert_eq!(admission.sockets(), 0);
 }
