@@ -17,6 +17,7 @@ pub mod idle;
 pub mod inbound;
 pub mod l4;
 pub mod l7;
+pub mod lograte;
 pub mod loopguard;
 pub mod netns;
 pub mod podres;

@@ -426,7 +426,8 @@ fn print(out: Result<String>) -> Result<()> {
 }
 
 fn run(f: RunFlags) -> Result<()> {
-    init_logging(f.log_format);
+    // Held to the end: dropping it flushes the lines still queued.
+    let _log_writer = init_logging(f.log_format);
     let admin_socket = f.admin_socket.unwrap_or_else(|| cli::default_admin_socket(&f.node));
     let source = source_config(f.source, f.manifests, f.kube_api, f.kubeconfig)?;
     let telemetry = sluice::telemetry::TelemetryConfig {
@@ -521,14 +522,29 @@ fn cleanup(node: &str, bpffs: &std::path::Path) -> Result<()> {
     Ok(())
 }
 
-fn init_logging(format: LogFormat) {
+/// Lines the log writer may hold while stderr is slow; beyond, lines are dropped and counted.
+/// A few MB at most (a line is a few hundred bytes).
+const LOG_QUEUE_LINES: usize = 16_384;
+
+/// Logs go through a bounded queue to a writer thread: a data-path thread never waits on a
+/// full stderr pipe (a stalled log collector must not stall every pod's traffic). When the
+/// queue is full a line is dropped, and counted (`log_lines_dropped` in `/status`).
+fn init_logging(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuard {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_env("SLUICE_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     // Colours only on a terminal: log files and collectors get plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr);
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(true)
+        .buffered_lines_limit(LOG_QUEUE_LINES)
+        .thread_name("sluice-log")
+        .finish(std::io::stderr());
+    let dropped = writer.error_counter();
+    sluice::lograte::set_dropped_lines(move || dropped.dropped_lines() as u64);
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(writer);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
     }
+    guard
 }

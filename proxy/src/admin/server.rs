@@ -69,6 +69,16 @@ impl AdminState {
         ] {
             all.insert(name.to_string(), value.load(Ordering::Relaxed));
         }
+        let gate = &t.gate;
+        for (name, value) in [
+            ("hbone_handshakes_refused_source", &gate.refused_source),
+            ("hbone_handshakes_refused_node", &gate.refused_node),
+            ("hbone_tunnels_refused_identity", &gate.refused_identity),
+        ] {
+            all.insert(name.to_string(), value.load(Ordering::Relaxed));
+        }
+        all.insert("hbone_handshakes_in_progress".to_string(), u64::from(gate.handshakes()));
+        all.insert("hbone_tunnels_in".to_string(), u64::from(gate.tunnels()));
         all.insert("hbone_pooled_connections".to_string(), self.data.pool.len() as u64);
         let l7 = &self.data.l7.counters;
         let up = &self.data.l7.upstreams.counters;
@@ -129,6 +139,8 @@ impl AdminState {
         all.insert("balancer_ejected_endpoints".to_string(), ejected as u64);
         all.insert("hbone_fallback_plaintext".to_string(), self.data.tunnel_fallbacks.load(Ordering::Relaxed));
         all.insert("self_connection_refused".to_string(), self.data.loop_guard.refused.load(Ordering::Relaxed));
+        all.insert("log_lines_suppressed".to_string(), crate::lograte::shared().suppressed());
+        all.insert("log_lines_dropped".to_string(), crate::lograte::dropped_lines());
         let adm = &self.data.admission;
         all.insert("connections_admitted".to_string(), u64::from(adm.open()));
         for (name, value) in [
