@@ -26,6 +26,7 @@ use crate::{
     discovery::{Model, PeerAuthMode},
     identity::SpiffeId,
     l4::{self, PodContext},
+    lograte,
     policy::{self, Source},
     transport::{pump, server, TunnelRequest},
 };
@@ -87,7 +88,9 @@ impl Inbound {
 pub async fn handle_tunnel(mut req: TunnelRequest, pod: Arc<PodContext>, inbound: Arc<Inbound>) {
     inbound.counters.tunnel_streams.fetch_add(1, Ordering::Relaxed);
     if !pod.ips.contains(&req.target.ip()) || crate::deliver::is_link_local(req.target.ip()) {
-        warn!(pod = %pod.key, target = %req.target, peer = %req.peer_identity, "HBONE: CONNECT target is not this pod");
+        if let Some(suppressed) = lograte::shared().allow("hbone-wrong-target", &req.peer_identity) {
+            warn!(pod = %pod.key, target = %req.target, peer = %req.peer_identity, suppressed, "HBONE: CONNECT target is not this pod");
+        }
         server::reply(&mut req.respond, StatusCode::BAD_REQUEST);
         return;
     }
@@ -107,7 +110,9 @@ pub async fn handle_tunnel(mut req: TunnelRequest, pod: Arc<PodContext>, inbound
     let principal: Option<SpiffeId> = req.peer_identity.parse().ok();
     if let Verdict::Denied(why) = inbound.authorize(&pod, req.target.port(), principal.as_ref()) {
         inbound.counters.policy_denied.fetch_add(1, Ordering::Relaxed);
-        warn!(pod = %pod.key, port = req.target.port(), source = %req.peer_identity, reason = %why, "connection denied by authorization policy");
+        if let Some(suppressed) = lograte::shared().allow("policy-denied", &req.peer_identity) {
+            warn!(pod = %pod.key, port = req.target.port(), source = %req.peer_identity, reason = %why, suppressed, "connection denied by authorization policy");
+        }
         server::reply(&mut req.respond, StatusCode::FORBIDDEN);
         return;
     }
@@ -115,7 +120,9 @@ pub async fn handle_tunnel(mut req: TunnelRequest, pod: Arc<PodContext>, inbound
         Ok(s) => s,
         Err(e) => {
             inbound.counters.delivery_failed.fetch_add(1, Ordering::Relaxed);
-            info!(pod = %pod.key, target = %req.target, error = %e, "delivery to the application failed");
+            if let Some(suppressed) = lograte::shared().allow("delivery-failed", &req.peer_identity) {
+                info!(pod = %pod.key, target = %req.target, error = %e, suppressed, "delivery to the application failed");
+            }
             server::reply(&mut req.respond, StatusCode::SERVICE_UNAVAILABLE);
             return;
         }
@@ -200,20 +207,24 @@ async fn handle_plaintext(client: TcpStream, peer: SocketAddr, pod: Arc<PodConte
     // Dialled directly (15006 is sluice's own listener): delivering it would connect to the
     // same listener again.
     if let Err(refused) = inbound.loop_guard.check_delivery(target) {
-        inbound.loop_guard.refused(&peer.ip().to_string(), refused, crate::loopguard::Via::Delivery);
+        inbound.loop_guard.refused(&lograte::source_of_ip(peer.ip()), refused, crate::loopguard::Via::Delivery);
         pump::reset(&client);
         return;
     }
     let mode = inbound.model.load().peer_auth_mode(&pod.namespace);
     if mode == PeerAuthMode::Strict {
         inbound.counters.plaintext_refused_strict.fetch_add(1, Ordering::Relaxed);
-        warn!(pod = %pod.key, %peer, %target, "plaintext connection refused: namespace is STRICT (mTLS only)");
+        if let Some(suppressed) = lograte::shared().allow("strict-refused", &lograte::source_of_ip(peer.ip())) {
+            warn!(pod = %pod.key, %peer, %target, suppressed, "plaintext connection refused: namespace is STRICT (mTLS only)");
+        }
         pump::reset(&client);
         return;
     }
     if let Verdict::Denied(why) = inbound.authorize(&pod, target.port(), None) {
         inbound.counters.policy_denied.fetch_add(1, Ordering::Relaxed);
-        warn!(pod = %pod.key, %peer, port = target.port(), reason = %why, "plaintext connection denied by authorization policy");
+        if let Some(suppressed) = lograte::shared().allow("policy-denied", &lograte::source_of_ip(peer.ip())) {
+            warn!(pod = %pod.key, %peer, port = target.port(), reason = %why, suppressed, "plaintext connection denied by authorization policy");
+        }
         pump::reset(&client);
         return;
     }
@@ -222,7 +233,9 @@ async fn handle_plaintext(client: TcpStream, peer: SocketAddr, pod: Arc<PodConte
         Ok(s) => s,
         Err(e) => {
             inbound.counters.delivery_failed.fetch_add(1, Ordering::Relaxed);
-            info!(pod = %pod.key, %target, error = %e, "delivery to the application failed; resetting");
+            if let Some(suppressed) = lograte::shared().allow("delivery-failed", &lograte::source_of_ip(peer.ip())) {
+                info!(pod = %pod.key, %target, error = %e, suppressed, "delivery to the application failed; resetting");
+            }
             pump::reset(&client);
             return;
         }

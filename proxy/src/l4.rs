@@ -26,6 +26,7 @@ use crate::{
     discovery::{traffic::OutboundPolicy, Model},
     identity::{CertManager, SpiffeId},
     l7::{self, detect, server::ConnCtx, upstream::Wire, Protocol, L7},
+    lograte,
     netns::PodNetns,
     redirect::Redirector,
     routing::{self, RoundRobin},
@@ -190,12 +191,16 @@ async fn forward_opaque(
     let target = routing::resolve(&model, orig);
     if target.service.is_none() && !registered(&model, orig) && model.outbound_policy(&pod.namespace) == OutboundPolicy::RegistryOnly {
         dp.l7.counters.egress_refused.fetch_add(1, Ordering::Relaxed);
-        warn!(pod = %pod.key, dst = %orig, "connection refused: the namespace's outbound policy is REGISTRY_ONLY and no Service or ServiceEntry declares the destination");
+        if let Some(suppressed) = lograte::shared().allow("egress-refused", &pod.key) {
+            warn!(pod = %pod.key, dst = %orig, suppressed, "connection refused: the namespace's outbound policy is REGISTRY_ONLY and no Service or ServiceEntry declares the destination");
+        }
         reset(&client);
         return;
     }
     let Some(endpoint) = dp.balancer.pick(&target) else {
-        warn!(pod = %pod.key, dst = %orig, service = ?target.service, "no ready endpoints; resetting connection");
+        if let Some(suppressed) = lograte::shared().allow("no-endpoints", &pod.key) {
+            warn!(pod = %pod.key, dst = %orig, service = ?target.service, suppressed, "no ready endpoints; resetting connection");
+        }
         reset(&client);
         return;
     };
@@ -238,10 +243,14 @@ async fn forward_opaque(
             // never fall back.)
             Err(e) if e.is_unreachable() => {
                 dp.tunnel_fallbacks.fetch_add(1, Ordering::Relaxed);
-                info!(pod = %pod.key, dst = %orig, %endpoint, peer = %peer_id, error = %e, "no tunnel endpoint at the destination; sending plaintext");
+                if let Some(suppressed) = lograte::shared().allow("tunnel-fallback", &pod.key) {
+                    info!(pod = %pod.key, dst = %orig, %endpoint, peer = %peer_id, error = %e, suppressed, "no tunnel endpoint at the destination; sending plaintext");
+                }
             }
             Err(e) => {
-                warn!(pod = %pod.key, dst = %orig, %endpoint, peer = %peer_id, error = %e, "tunnel failed; resetting client");
+                if let Some(suppressed) = lograte::shared().allow("tunnel-failed", &pod.key) {
+                    warn!(pod = %pod.key, dst = %orig, %endpoint, peer = %peer_id, error = %e, suppressed, "tunnel failed; resetting client");
+                }
                 reset(&client);
                 return;
             }
@@ -251,7 +260,9 @@ async fn forward_opaque(
         Ok(s) => s,
         Err(e) => {
             // We already accepted the client, so the closest to "refused" we can say is a reset.
-            info!(pod = %pod.key, dst = %orig, %endpoint, error = %e, "upstream connect failed; resetting client");
+            if let Some(suppressed) = lograte::shared().allow("connect-failed", &pod.key) {
+                info!(pod = %pod.key, dst = %orig, %endpoint, error = %e, suppressed, "upstream connect failed; resetting client");
+            }
             reset(&client);
             return;
         }

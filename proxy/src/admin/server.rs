@@ -346,7 +346,9 @@ fn refusal(access: Access, method: &Method, path: &str) -> Option<Response<Full<
     if access == Access::Privileged || !privileged(method, path) {
         return None;
     }
-    warn!(%method, path, "privileged admin request refused: it is served on the admin unix socket to root only");
+    if let Some(suppressed) = crate::lograte::shared().allow("admin-forbidden", "tcp") {
+        warn!(%method, path, suppressed, "privileged admin request refused: it is served on the admin unix socket to root only");
+    }
     Some(text(
         StatusCode::FORBIDDEN,
         &format!(

@@ -96,15 +96,18 @@ pub async fn handle(req: Request<Incoming>, ctx: Arc<ConnCtx>) -> Result<Respons
             // report a downstream disconnect.
             unseen = true;
             obs.flags = DOWNSTREAM_CLOSED;
-            info!(
-                pod = %ctx.pod.key,
-                dst = %ctx.orig,
-                method = %obs.method,
-                path = %obs.uri.path(),
-                reply = e.status().as_u16(),
-                error = %e,
-                "request ended after the client had closed its connection; not counted as answered"
-            );
+            if let Some(suppressed) = crate::lograte::shared().allow("request-unanswered", &ctx.pod.key) {
+                info!(
+                    pod = %ctx.pod.key,
+                    dst = %ctx.orig,
+                    method = %obs.method,
+                    path = %obs.uri.path(),
+                    reply = e.status().as_u16(),
+                    error = %e,
+                    suppressed,
+                    "request ended after the client had closed its connection; not counted as answered"
+                );
+            }
             e.into_response(grpc)
         }
         Err(e) => {
@@ -113,16 +116,22 @@ pub async fn handle(req: Request<Incoming>, ctx: Arc<ConnCtx>) -> Result<Respons
             if matches!(e, ProxyError::EgressBlocked(..)) {
                 l7.counters.egress_refused.fetch_add(1, Ordering::Relaxed);
             }
-            info!(
-                pod = %ctx.pod.key,
-                dst = %ctx.orig,
-                method = %obs.method,
-                path = %obs.uri.path(),
-                status = e.status().as_u16(),
-                flag = e.flag(),
-                error = %e,
-                "request answered by sluice"
-            );
+            // One line per request would be one per request a client chooses to make fail:
+            // per pod and kind of answer, within the log's rates (the access log and metrics
+            // have every request).
+            if let Some(suppressed) = crate::lograte::shared().allow(e.flag(), &ctx.pod.key) {
+                info!(
+                    pod = %ctx.pod.key,
+                    dst = %ctx.orig,
+                    method = %obs.method,
+                    path = %obs.uri.path(),
+                    status = e.status().as_u16(),
+                    flag = e.flag(),
+                    error = %e,
+                    suppressed,
+                    "request answered by sluice"
+                );
+            }
             e.into_response(grpc)
         }
     };
