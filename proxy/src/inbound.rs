@@ -99,7 +99,7 @@ pub async fn handle_tunnel(mut req: TunnelRequest, pod: Arc<PodContext>, inbound
         server::reply(&mut req.respond, StatusCode::BAD_REQUEST);
         return;
     }
-    let _permit = match inbound.admission.inbound(&pod.slots, PeerKey::Identity(req.peer_identity.clone())) {
+    let permit = match inbound.admission.inbound(&pod.slots, PeerKey::Identity(req.peer_identity.clone())) {
         Ok(p) => p,
         Err(refusal) => {
             debug!(pod = %pod.key, peer = %req.peer_identity, limit = refusal.as_str(), "HBONE stream refused: connection limit reached");
@@ -158,9 +158,11 @@ pub async fn handle_tunnel(mut req: TunnelRequest, pod: Arc<PodContext>, inbound
             peer: req.peer,
             peer_identity: req.peer_identity.clone(),
             target: req.target,
+            idle: inbound.idle.clone(),
+            entry: guard.entry.clone(),
+            held: (permit, guard),
         });
         crate::l7::inbound::serve(crate::l7::io::TunnelIo::new(send, req.body), app, protocol, ctx).await;
-        drop(guard);
         return;
     }
     // Bytes towards the application count as "received" from the peer's point of view of
@@ -170,6 +172,7 @@ pub async fn handle_tunnel(mut req: TunnelRequest, pod: Arc<PodContext>, inbound
     let (sent, received) = (&guard.entry.sent, &guard.entry.received);
     inbound.idle.run(pump::tcp_h2(app, bytes::Bytes::new(), send, req.body, received, sent), sent, received).await;
     tcp.report(&inbound, &pod, &guard.entry, false);
+    drop(permit);
 }
 
 /// Serves the pod's plaintext-capture listener (`IP:15006`) until the task is aborted.

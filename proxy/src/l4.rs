@@ -118,10 +118,7 @@ pub async fn serve_listener(listener: TcpListener, pod: Arc<PodContext>, dp: Arc
                 };
                 let pod = pod.clone();
                 let dp = dp.clone();
-                tokio::spawn(async move {
-                    handle(stream, peer, pod, dp).await;
-                    drop(permit);
-                });
+                tokio::spawn(handle(stream, peer, pod, dp, permit));
             }
             Err(e) => {
                 // Out of fds or memory: back off instead of spinning; the listener stays.
@@ -132,7 +129,15 @@ pub async fn serve_listener(listener: TcpListener, pod: Arc<PodContext>, dp: Arc
     }
 }
 
-async fn handle(mut client: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, dp: Arc<DataPath>) {
+/// Serves one accepted connection; `permit`, its place within the connection bounds, is held
+/// until the connection is done (an upgraded HTTP connection's bridge holds it past hyper).
+async fn handle(
+    mut client: TcpStream,
+    peer: SocketAddr,
+    pod: Arc<PodContext>,
+    dp: Arc<DataPath>,
+    permit: crate::admission::Permit,
+) {
     let Some(orig) = dp.redirector.take_original(pod.pod_id, peer) else {
         // Someone connected to 15001 directly, not through the redirect: nothing to forward to.
         debug!(pod = %pod.key, %peer, "connection without a recorded original destination; closing");
@@ -154,6 +159,7 @@ async fn handle(mut client: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, d
     };
     if protocol == Protocol::Opaque {
         forward_opaque(client, prefix, peer, orig.addr, pod, dp).await;
+        drop(permit);
         return;
     }
     let service = routing::resolve(&dp.model.load(), orig.addr).service;
@@ -173,7 +179,15 @@ async fn handle(mut client: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, d
     );
     let wire = if protocol == Protocol::Http2 { Wire::Http2 } else { Wire::Http1 };
     debug!(pod = %pod.key, dst = %orig.addr, protocol = protocol.as_str(), id = guard.entry.id, "serving HTTP");
-    let ctx = Arc::new(ConnCtx { pod, dp, orig: orig.addr, wire, entry: guard.entry.clone(), closing: Default::default() });
+    let ctx = Arc::new(ConnCtx {
+        pod,
+        dp,
+        orig: orig.addr,
+        wire,
+        entry: guard.entry.clone(),
+        closing: Default::default(),
+        held: (permit, guard),
+    });
     l7::server::serve(client, prefix, protocol, ctx).await;
 }
 

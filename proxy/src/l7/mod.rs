@@ -22,6 +22,7 @@ pub mod plan;
 pub mod proxy;
 pub mod server;
 pub mod tls_origin;
+pub mod upgrade;
 pub mod upstream;
 
 use std::{

@@ -277,7 +277,7 @@ fn reusable(tunnel: &Option<TunnelWatch>) -> bool {
 }
 
 /// A connection's share of its destination's `maxConnections`, released when it closes.
-struct ConnSlot(Option<Arc<Breaker>>);
+pub struct ConnSlot(Option<Arc<Breaker>>);
 
 impl Drop for ConnSlot {
     fn drop(&mut self) {
@@ -315,7 +315,7 @@ impl Upstreams {
         let key = Self::key(d, Wire::Http1);
         let (mut conn, reused) = match self.checkout_ready_h1(&key).await {
             Some(c) => (c, true),
-            None => match self.connect_h1(d, false).await {
+            None => match self.connect_h1(d).await {
                 Ok(c) => (c, false),
                 Err(error) => return Err(SendError { error, request: Some(req) }),
             },
@@ -338,7 +338,7 @@ impl Upstreams {
                     Some(req) if reused => {
                         self.counters.retried_on_fresh_connection.fetch_add(1, Ordering::Relaxed);
                         debug!(endpoint = %d.endpoint, error = %err, "pooled connection was closing; sending on a new one");
-                        conn = match self.connect_h1(d, false).await {
+                        conn = match self.connect_h1(d).await {
                             Ok(c) => c,
                             Err(error) => return Err(SendError { error, request: Some(req) }),
                         };
@@ -368,7 +368,7 @@ impl Upstreams {
             key,
             conn,
         });
-        Ok((resp.map(|b| UpstreamBody { inner: b, checkin, slot: None }), dispatched))
+        Ok((resp.map(|b| UpstreamBody { inner: b, checkin, slot: None, connection: None }), dispatched))
     }
 
     /// An idle connection for `key`. A connection is checked in as soon as its response body
@@ -406,8 +406,8 @@ impl Upstreams {
         }
     }
 
-    /// A new HTTP/1.1 connection; `upgrades` keeps it usable after a 101 or a CONNECT.
-    async fn connect_h1(&self, d: &Dial<'_>, upgrades: bool) -> Result<H1Conn, UpstreamError> {
+    /// A new HTTP/1.1 connection.
+    async fn connect_h1(&self, d: &Dial<'_>) -> Result<H1Conn, UpstreamError> {
         let (io, tunnel, slot) = self.dial(d).await?;
         let (sender, conn) = http1::Builder::new()
             .handshake(TokioIo::new(io))
@@ -415,8 +415,7 @@ impl Upstreams {
             .map_err(|source| UpstreamError::Handshake { endpoint: d.endpoint, source })?;
         let endpoint = d.endpoint;
         tokio::spawn(async move {
-            let result = if upgrades { conn.with_upgrades().await } else { conn.await };
-            if let Err(e) = result {
+            if let Err(e) = conn.await {
                 debug!(%endpoint, error = %e, "upstream connection ended");
             }
             drop(slot);
@@ -528,23 +527,40 @@ impl Upstreams {
     }
 
     /// Sends a request that asks to leave HTTP (an Upgrade, e.g. WebSocket, or CONNECT) on a
-    /// connection of its own, which then belongs to the upgraded stream.
+    /// connection of its own, which then belongs to the upgraded stream. The connection's
+    /// share of the destination's `maxConnections` goes with the response body: an upgraded
+    /// exchange takes it for its bridge ([`UpstreamBody::take_connection_slot`]), so it counts
+    /// for as long as the upgraded connection lives, not only until hyper hands it over.
     pub async fn send_upgrade(
         &self,
         d: &Dial<'_>,
         req: Request<Body>,
     ) -> Result<(Response<UpstreamBody>, Instant), SendError> {
-        let mut conn = match self.connect_h1(d, true).await {
+        let (io, _tunnel, slot) = match self.dial(d).await {
             Ok(c) => c,
             Err(error) => return Err(SendError { error, request: Some(req) }),
         };
+        let handshake = http1::Builder::new().handshake(TokioIo::new(io)).await;
+        let (mut sender, conn) = match handshake {
+            Ok(c) => c,
+            Err(source) => {
+                let error = UpstreamError::Handshake { endpoint: d.endpoint, source };
+                return Err(SendError { error, request: Some(req) });
+            }
+        };
+        let endpoint = d.endpoint;
+        tokio::spawn(async move {
+            // Ends when the connection is handed over to the upgrade (or closes).
+            if let Err(e) = conn.with_upgrades().await {
+                debug!(%endpoint, error = %e, "upstream connection ended");
+            }
+        });
         let dispatched = Instant::now();
-        let resp = conn
-            .sender
+        let resp = sender
             .send_request(req)
             .await
             .map_err(|source| UpstreamError::Request { endpoint: d.endpoint, source })?;
-        Ok((resp.map(UpstreamBody::plain), dispatched))
+        Ok((resp.map(|b| UpstreamBody { inner: b, checkin: None, slot: None, connection: Some(slot) }), dispatched))
     }
 
     /// Opens the byte stream to the endpoint: through the HBONE tunnel for an enrolled pod
@@ -826,16 +842,21 @@ pin_project_lite::pin_project! {
         inner: Incoming,
         checkin: Option<Checkin>,
         slot: Option<H2Slot>,
+        // The connection's share of the destination's `maxConnections` (an upgrade request's
+        // own connection).
+        connection: Option<ConnSlot>,
     }
 }
 
 impl UpstreamBody {
-    fn plain(inner: Incoming) -> Self {
-        UpstreamBody { inner, checkin: None, slot: None }
+    fn h2(inner: Incoming, slot: H2Slot) -> Self {
+        UpstreamBody { inner, checkin: None, slot: Some(slot), connection: None }
     }
 
-    fn h2(inner: Incoming, slot: H2Slot) -> Self {
-        UpstreamBody { inner, checkin: None, slot: Some(slot) }
+    /// The connection's share of its destination's `maxConnections`, for the bridge of an
+    /// upgraded connection to hold.
+    pub fn take_connection_slot(&mut self) -> Option<ConnSlot> {
+        self.connection.take()
     }
 }
 
