@@ -15,6 +15,7 @@ pub mod enroll;
 pub mod identity;
 pub mod idle;
 pub mod inbound;
+pub mod keyed;
 pub mod l4;
 pub mod l7;
 pub mod lograte;

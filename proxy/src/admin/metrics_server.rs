@@ -548,7 +548,7 @@ impl Collector for SluiceMetrics {
         let lc = &dp.l7.limit_counters;
         let overflow: u64 =
             dp.l7.breakers.snapshot().iter().map(|(_, _, b)| b.overflows.load(Ordering::Relaxed)).sum();
-        let counters: [(&str, &str, u64); 38] = [
+        let counters: [(&str, &str, u64); 40] = [
             (
                 "sluice_http_requests",
                 "HTTP requests received from enrolled pods (outbound).",
@@ -593,6 +593,16 @@ impl Collector for SluiceMetrics {
                 relaxed(&l7.mirror_skipped),
             ),
             ("sluice_http_mirror_failed", "Mirror copies that failed.", relaxed(&l7.mirror_failed)),
+            (
+                "sluice_http_mirror_dropped",
+                "Mirror copies not sent: too many mirrored requests in flight (per pod or node-wide).",
+                relaxed(&l7.mirror_dropped),
+            ),
+            (
+                "sluice_http_mirror_timeouts",
+                "Mirror copies given up after their deadline.",
+                relaxed(&l7.mirror_timeouts),
+            ),
             (
                 "sluice_egress_refused",
                 "Connections and requests refused by a REGISTRY_ONLY outbound policy.",

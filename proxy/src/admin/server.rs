@@ -97,6 +97,8 @@ impl AdminState {
             ("http_mirrored", &l7.mirrored),
             ("http_mirror_skipped", &l7.mirror_skipped),
             ("http_mirror_failed", &l7.mirror_failed),
+            ("http_mirror_dropped", &l7.mirror_dropped),
+            ("http_mirror_timeouts", &l7.mirror_timeouts),
             ("egress_refused", &l7.egress_refused),
         ] {
             all.insert(name.to_string(), value.load(Ordering::Relaxed));
@@ -139,6 +141,8 @@ impl AdminState {
         all.insert("balancer_ejected_endpoints".to_string(), ejected as u64);
         all.insert("hbone_fallback_plaintext".to_string(), self.data.tunnel_fallbacks.load(Ordering::Relaxed));
         all.insert("self_connection_refused".to_string(), self.data.loop_guard.refused.load(Ordering::Relaxed));
+        all.insert("http_mirrors_in_flight".to_string(), u64::from(self.data.l7.mirror_gate.in_flight()));
+        all.insert("http_mirror_body_bytes".to_string(), self.data.l7.mirror_gate.body_bytes());
         all.insert("log_lines_suppressed".to_string(), crate::lograte::shared().suppressed());
         all.insert("log_lines_dropped".to_string(), crate::lograte::dropped_lines());
         let adm = &self.data.admission;

@@ -198,9 +198,8 @@ async fn forward(req: Request<Body>, ctx: &Arc<ConnCtx>, grpc: bool, obs: &mut O
     let mut upstream_req = prepare(req, ctx.wire, upgrade);
     if !plan.mirrors.is_empty() {
         let (parts, body) = upstream_req.into_parts();
-        let (tee, copy) = Tee::new(body, mirror::BODY_LIMIT);
-        mirror::spawn(ctx, std::mem::take(&mut plan.mirrors), &parts, copy);
-        upstream_req = Request::from_parts(parts, tee.boxed());
+        let body = mirror::start(ctx, std::mem::take(&mut plan.mirrors), &parts, body);
+        upstream_req = Request::from_parts(parts, body);
     }
     let retry = plan.retry.as_ref().filter(|r| r.attempts > 0 && !upgrade);
     let mut replay = match retry {

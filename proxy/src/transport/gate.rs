@@ -11,14 +11,14 @@
 //! connections are refused for it.
 
 use std::{
-    collections::HashMap,
-    hash::{Hash, Hasher},
     net::{IpAddr, Ipv6Addr},
     sync::{
         atomic::{AtomicU32, AtomicU64, Ordering},
-        Arc, Mutex,
+        Arc,
     },
 };
+
+use crate::keyed::KeyedCounts;
 
 /// Unauthenticated connections (TCP accepted, mutual TLS not done) from one source address at
 /// once. A real client is a sluice (or ztunnel) dialling from its pod's address: one handshake
@@ -26,7 +26,6 @@ use std::{
 pub const MAX_HANDSHAKES_PER_SOURCE: u32 = 64;
 /// Unauthenticated connections at once, node-wide.
 pub const MAX_HANDSHAKES: u32 = 512;
-const SHARDS: usize = 16;
 
 /// Authenticated tunnel connections one identity may hold on this node at once: a quarter of
 /// the node-wide connection cap, the share a pod gets (each tunnel connection is one
@@ -53,53 +52,6 @@ impl GateRefusal {
             GateRefusal::Node => "unauthenticated connections node-wide",
             GateRefusal::Identity => "tunnel connections of this identity",
         }
-    }
-}
-
-/// Counts per key, each within a bound; entries live only while their count is above zero.
-struct KeyedCounts<K> {
-    shards: [Mutex<HashMap<K, u32>>; SHARDS],
-}
-
-impl<K: Hash + Eq + Clone> KeyedCounts<K> {
-    fn new() -> Self {
-        Self { shards: std::array::from_fn(|_| Mutex::new(HashMap::new())) }
-    }
-
-    fn shard(&self, key: &K) -> &Mutex<HashMap<K, u32>> {
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        key.hash(&mut h);
-        &self.shards[h.finish() as usize % SHARDS]
-    }
-
-    fn take(&self, key: &K, max: u32) -> bool {
-        let mut shard = self.shard(key).lock().unwrap_or_else(|p| p.into_inner());
-        match shard.get_mut(key) {
-            Some(n) if *n >= max => false,
-            Some(n) => {
-                *n += 1;
-                true
-            }
-            None if max == 0 => false,
-            None => {
-                shard.insert(key.clone(), 1);
-                true
-            }
-        }
-    }
-
-    fn give(&self, key: &K) {
-        let mut shard = self.shard(key).lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = shard.get_mut(key) {
-            *n -= 1;
-            if *n == 0 {
-                shard.remove(key);
-            }
-        }
-    }
-
-    fn len(&self) -> usize {
-        self.shards.iter().map(|s| s.lock().unwrap_or_else(|p| p.into_inner()).len()).sum()
     }
 }
 
