@@ -196,7 +196,9 @@ pub async fn serve_plaintext(listener: TcpListener, pod: Arc<PodContext>, inboun
                 });
             }
             Err(e) => {
-                warn!(pod = %pod.key, error = %e, "inbound accept failed");
+                if let Some(suppressed) = lograte::shared().allow("accept-failed", &pod.key) {
+                    warn!(pod = %pod.key, error = %e, suppressed, "inbound accept failed");
+                }
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }

@@ -122,7 +122,9 @@ pub async fn serve_listener(listener: TcpListener, pod: Arc<PodContext>, dp: Arc
             }
             Err(e) => {
                 // Out of fds or memory: back off instead of spinning; the listener stays.
-                warn!(pod = %pod.key, error = %e, "accept failed");
+                if let Some(suppressed) = lograte::shared().allow("accept-failed", &pod.key) {
+                    warn!(pod = %pod.key, error = %e, suppressed, "accept failed");
+                }
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
@@ -262,7 +264,9 @@ async fn forward_opaque(
                 }
             }
             Err(e) => {
-                if let Some(suppressed) = lograte::shared().allow("tunnel-failed", &pod.key) {
+                // Keyed by the failure too: each distinct TLS or identity problem of a pod is
+                // logged (within the global rate), repeats of one are not.
+                if let Some(suppressed) = lograte::shared().allow("tunnel-failed", &format!("{} {e}", pod.key)) {
                     warn!(pod = %pod.key, dst = %orig, %endpoint, peer = %peer_id, error = %e, suppressed, "tunnel failed; resetting client");
                 }
                 reset(&client);

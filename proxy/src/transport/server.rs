@@ -100,7 +100,9 @@ pub async fn serve<H, F>(
         let (tcp, peer) = match listener.accept().await {
             Ok(c) => c,
             Err(e) => {
-                warn!(%pod, error = %e, "HBONE accept failed");
+                if let Some(suppressed) = lograte::shared().allow("accept-failed", &pod) {
+                    warn!(%pod, error = %e, suppressed, "HBONE accept failed");
+                }
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
