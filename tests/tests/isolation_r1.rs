@@ -70,8 +70,10 @@ fn an_upgrade_flood_is_held_to_the_pods_connection_bound() -> Result<()> {
         "10.96.5.10:80",
         "--count",
         "200",
+        // One upgrade after another (8 at a time): each attempt comes after earlier ones have
+        // switched protocols, so a permit given back at the 101 would be taken again.
         "--concurrency",
-        "64",
+        "8",
         "--timeout-ms",
         "5000",
         "--upgrade",
