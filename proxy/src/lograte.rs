@@ -189,16 +189,31 @@ impl LogLimiter {
 
 /// Lines the non-blocking log writer dropped because its queue was full (stderr did not keep
 /// up), set once the writer is installed (`main`).
-static WRITER_DROPS: OnceLock<Box<dyn Fn() -> u64 + Send + Sync>> = OnceLock::new();
+static WRITER_DROPS: OnceLock<tracing_appender::non_blocking::ErrorCounter> = OnceLock::new();
 
-/// Installs the source of [`dropped_lines`] (the log writer's own count).
-pub fn set_dropped_lines(count: impl Fn() -> u64 + Send + Sync + 'static) {
-    let _ = WRITER_DROPS.set(Box::new(count));
+/// Lines the log writer may hold while its output is slow; beyond, lines are dropped and
+/// counted. A few MB at most (a line is a few hundred bytes).
+pub const WRITER_QUEUE_LINES: usize = 16_384;
+
+/// The process's log writer over `out`: a bounded queue and a thread of its own, so that a
+/// data-path thread never waits on a slow or stalled output (a full stderr pipe when the log
+/// collector stalls); when the queue is full a line is dropped and counted ([`dropped_lines`]).
+/// The guard flushes what is queued when dropped: hold it until the process ends.
+pub fn writer<W: std::io::Write + Send + 'static>(
+    out: W,
+) -> (tracing_appender::non_blocking::NonBlocking, tracing_appender::non_blocking::WorkerGuard) {
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(true)
+        .buffered_lines_limit(WRITER_QUEUE_LINES)
+        .thread_name("sluice-log")
+        .finish(out);
+    let _ = WRITER_DROPS.set(writer.error_counter());
+    (writer, guard)
 }
 
 /// Log lines the writer dropped (0 when no lossy writer is installed).
 pub fn dropped_lines() -> u64 {
-    WRITER_DROPS.get().map_or(0, |f| f())
+    WRITER_DROPS.get().map_or(0, |c| c.dropped_lines() as u64)
 }
 
 #[cfg(test)]
@@ -275,6 +290,39 @@ mod tests {
             let _ = l.allow_at("k", &format!("s{i}"), t0 + Duration::from_millis(i));
             assert!(l.sources() <= 64);
         }
+    }
+
+    /// An output that blocks until told otherwise (a stalled log collector).
+    struct Stalled(std::sync::mpsc::Receiver<()>);
+
+    impl std::io::Write for Stalled {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            let _ = self.0.recv();
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_stalled_log_output_never_blocks_the_writer_and_drops_are_counted() {
+        use std::io::Write;
+        let (release, stalled) = std::sync::mpsc::channel();
+        let (mut w, guard) = writer(Stalled(stalled));
+        let started = Instant::now();
+        let lines = WRITER_QUEUE_LINES + 10_000;
+        for i in 0..lines {
+            w.write_all(format!("line {i}\n").as_bytes()).unwrap();
+        }
+        // Without the queue, the first write would have blocked forever.
+        assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+        let dropped = dropped_lines();
+        // The queue holds its lines and the writer thread one more (blocked in the output).
+        assert!(dropped >= 10_000 - 1 && dropped <= lines as u64, "{dropped}");
+        drop(release); // the output lets go: the guard can flush and end
+        drop(guard);
     }
 
     #[test]

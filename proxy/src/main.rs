@@ -522,25 +522,16 @@ fn cleanup(node: &str, bpffs: &std::path::Path) -> Result<()> {
     Ok(())
 }
 
-/// Lines the log writer may hold while stderr is slow; beyond, lines are dropped and counted.
-/// A few MB at most (a line is a few hundred bytes).
-const LOG_QUEUE_LINES: usize = 16_384;
-
-/// Logs go through a bounded queue to a writer thread: a data-path thread never waits on a
-/// full stderr pipe (a stalled log collector must not stall every pod's traffic). When the
-/// queue is full a line is dropped, and counted (`log_lines_dropped` in `/status`).
+/// Logs go through a bounded queue to a writer thread ([`sluice::lograte::writer`]): a
+/// data-path thread never waits on a full stderr pipe (a stalled log collector must not stall
+/// every pod's traffic). When the queue is full a line is dropped, and counted
+/// (`log_lines_dropped` in `/status`).
 fn init_logging(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuard {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_env("SLUICE_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     // Colours only on a terminal: log files and collectors get plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-        .lossy(true)
-        .buffered_lines_limit(LOG_QUEUE_LINES)
-        .thread_name("sluice-log")
-        .finish(std::io::stderr());
-    let dropped = writer.error_counter();
-    sluice::lograte::set_dropped_lines(move || dropped.dropped_lines() as u64);
+    let (writer, guard) = sluice::lograte::writer(std::io::stderr());
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(writer);
     match format {
         LogFormat::Text => builder.init(),
