@@ -26,6 +26,7 @@ use crate::{
     discovery::{Model, PeerAuthMode},
     identity::SpiffeId,
     l4::{self, PodContext},
+    lograte,
     policy::{self, Source},
     transport::{pump, server, TunnelRequest},
 };
@@ -87,7 +88,9 @@ impl Inbound {
 pub async fn handle_tunnel(mut req: TunnelRequest, pod: Arc<PodContext>, inbound: Arc<Inbound>) {
     inbound.counters.tunnel_streams.fetch_add(1, Ordering::Relaxed);
     if !pod.ips.contains(&req.target.ip()) || crate::deliver::is_link_local(req.target.ip()) {
-        warn!(pod = %pod.key, target = %req.target, peer = %req.peer_identity, "HBONE: CONNECT target is not this pod");
+        if let Some(suppressed) = lograte::shared().allow("hbone-wrong-target", &req.peer_identity) {
+            warn!(pod = %pod.key, target = %req.target, peer = %req.peer_identity, suppressed, "HBONE: CONNECT target is not this pod");
+        }
         server::reply(&mut req.respond, StatusCode::BAD_REQUEST);
         return;
     }
@@ -97,7 +100,7 @@ pub async fn handle_tunnel(mut req: TunnelRequest, pod: Arc<PodContext>, inbound
         return;
     }
     let peer = PeerKey::Identity(req.peer_identity.clone());
-    let _permit = match inbound.admission.inbound_stream(&pod.slots, peer) {
+    let permit = match inbound.admission.inbound_stream(&pod.slots, peer) {
         Ok(p) => p,
         Err(refusal) => {
             debug!(pod = %pod.key, peer = %req.peer_identity, limit = refusal.as_str(), "HBONE stream refused: connection limit reached");
@@ -108,7 +111,9 @@ pub async fn handle_tunnel(mut req: TunnelRequest, pod: Arc<PodContext>, inbound
     let principal: Option<SpiffeId> = req.peer_identity.parse().ok();
     if let Verdict::Denied(why) = inbound.authorize(&pod, req.target.port(), principal.as_ref()) {
         inbound.counters.policy_denied.fetch_add(1, Ordering::Relaxed);
-        warn!(pod = %pod.key, port = req.target.port(), source = %req.peer_identity, reason = %why, "connection denied by authorization policy");
+        if let Some(suppressed) = lograte::shared().allow("policy-denied", &req.peer_identity) {
+            warn!(pod = %pod.key, port = req.target.port(), source = %req.peer_identity, reason = %why, suppressed, "connection denied by authorization policy");
+        }
         server::reply(&mut req.respond, StatusCode::FORBIDDEN);
         return;
     }
@@ -116,7 +121,9 @@ pub async fn handle_tunnel(mut req: TunnelRequest, pod: Arc<PodContext>, inbound
         Ok(s) => s,
         Err(e) => {
             inbound.counters.delivery_failed.fetch_add(1, Ordering::Relaxed);
-            info!(pod = %pod.key, target = %req.target, error = %e, "delivery to the application failed");
+            if let Some(suppressed) = lograte::shared().allow("delivery-failed", &req.peer_identity) {
+                info!(pod = %pod.key, target = %req.target, error = %e, suppressed, "delivery to the application failed");
+            }
             server::reply(&mut req.respond, StatusCode::SERVICE_UNAVAILABLE);
             return;
         }
@@ -152,9 +159,11 @@ pub async fn handle_tunnel(mut req: TunnelRequest, pod: Arc<PodContext>, inbound
             peer: req.peer,
             peer_identity: req.peer_identity.clone(),
             target: req.target,
+            idle: inbound.idle.clone(),
+            entry: guard.entry.clone(),
+            held: (permit, guard),
         });
         crate::l7::inbound::serve(crate::l7::io::TunnelIo::new(send, req.body), app, protocol, ctx).await;
-        drop(guard);
         return;
     }
     // Bytes towards the application count as "received" from the peer's point of view of
@@ -164,6 +173,7 @@ pub async fn handle_tunnel(mut req: TunnelRequest, pod: Arc<PodContext>, inbound
     let (sent, received) = (&guard.entry.sent, &guard.entry.received);
     inbound.idle.run(pump::tcp_h2(app, bytes::Bytes::new(), send, req.body, received, sent), sent, received).await;
     tcp.report(&inbound, &pod, &guard.entry, false);
+    drop(permit);
 }
 
 /// Serves the pod's plaintext-capture listener (`IP:15006`) until the task is aborted.
@@ -189,7 +199,9 @@ pub async fn serve_plaintext(listener: TcpListener, pod: Arc<PodContext>, inboun
                 });
             }
             Err(e) => {
-                warn!(pod = %pod.key, error = %e, "inbound accept failed");
+                if let Some(suppressed) = lograte::shared().allow("accept-failed", &pod.key) {
+                    warn!(pod = %pod.key, error = %e, suppressed, "inbound accept failed");
+                }
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
@@ -203,20 +215,24 @@ async fn handle_plaintext(client: TcpStream, peer: SocketAddr, pod: Arc<PodConte
     // Dialled directly (15006 is sluice's own listener): delivering it would connect to the
     // same listener again.
     if let Err(refused) = inbound.loop_guard.check_delivery(target) {
-        inbound.loop_guard.refused(&peer.ip().to_string(), refused, crate::loopguard::Via::Delivery);
+        inbound.loop_guard.refused(&lograte::source_of_ip(peer.ip()), refused, crate::loopguard::Via::Delivery);
         pump::reset(&client);
         return;
     }
     let mode = inbound.model.load().peer_auth_mode(&pod.namespace);
     if mode == PeerAuthMode::Strict {
         inbound.counters.plaintext_refused_strict.fetch_add(1, Ordering::Relaxed);
-        warn!(pod = %pod.key, %peer, %target, "plaintext connection refused: namespace is STRICT (mTLS only)");
+        if let Some(suppressed) = lograte::shared().allow("strict-refused", &lograte::source_of_ip(peer.ip())) {
+            warn!(pod = %pod.key, %peer, %target, suppressed, "plaintext connection refused: namespace is STRICT (mTLS only)");
+        }
         pump::reset(&client);
         return;
     }
     if let Verdict::Denied(why) = inbound.authorize(&pod, target.port(), None) {
         inbound.counters.policy_denied.fetch_add(1, Ordering::Relaxed);
-        warn!(pod = %pod.key, %peer, port = target.port(), reason = %why, "plaintext connection denied by authorization policy");
+        if let Some(suppressed) = lograte::shared().allow("policy-denied", &lograte::source_of_ip(peer.ip())) {
+            warn!(pod = %pod.key, %peer, port = target.port(), reason = %why, suppressed, "plaintext connection denied by authorization policy");
+        }
         pump::reset(&client);
         return;
     }
@@ -225,7 +241,9 @@ async fn handle_plaintext(client: TcpStream, peer: SocketAddr, pod: Arc<PodConte
         Ok(s) => s,
         Err(e) => {
             inbound.counters.delivery_failed.fetch_add(1, Ordering::Relaxed);
-            info!(pod = %pod.key, %target, error = %e, "delivery to the application failed; resetting");
+            if let Some(suppressed) = lograte::shared().allow("delivery-failed", &lograte::source_of_ip(peer.ip())) {
+                info!(pod = %pod.key, %target, error = %e, suppressed, "delivery to the application failed; resetting");
+            }
             pump::reset(&client);
             return;
         }

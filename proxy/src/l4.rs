@@ -26,6 +26,7 @@ use crate::{
     discovery::{traffic::OutboundPolicy, Model},
     identity::{CertManager, SpiffeId},
     l7::{self, detect, server::ConnCtx, upstream::Wire, Protocol, L7},
+    lograte,
     netns::PodNetns,
     redirect::Redirector,
     routing::{self, RoundRobin},
@@ -117,21 +118,28 @@ pub async fn serve_listener(listener: TcpListener, pod: Arc<PodContext>, dp: Arc
                 };
                 let pod = pod.clone();
                 let dp = dp.clone();
-                tokio::spawn(async move {
-                    handle(stream, peer, pod, dp).await;
-                    drop(permit);
-                });
+                tokio::spawn(handle(stream, peer, pod, dp, permit));
             }
             Err(e) => {
                 // Out of fds or memory: back off instead of spinning; the listener stays.
-                warn!(pod = %pod.key, error = %e, "accept failed");
+                if let Some(suppressed) = lograte::shared().allow("accept-failed", &pod.key) {
+                    warn!(pod = %pod.key, error = %e, suppressed, "accept failed");
+                }
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
     }
 }
 
-async fn handle(mut client: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, dp: Arc<DataPath>) {
+/// Serves one accepted connection; `permit`, its place within the connection bounds, is held
+/// until the connection is done (an upgraded HTTP connection's bridge holds it past hyper).
+async fn handle(
+    mut client: TcpStream,
+    peer: SocketAddr,
+    pod: Arc<PodContext>,
+    dp: Arc<DataPath>,
+    permit: crate::admission::Permit,
+) {
     let Some(orig) = dp.redirector.take_original(pod.pod_id, peer) else {
         // Someone connected to 15001 directly, not through the redirect: nothing to forward to.
         debug!(pod = %pod.key, %peer, "connection without a recorded original destination; closing");
@@ -153,6 +161,7 @@ async fn handle(mut client: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, d
     };
     if protocol == Protocol::Opaque {
         forward_opaque(client, prefix, peer, orig.addr, pod, dp).await;
+        drop(permit);
         return;
     }
     let service = routing::resolve(&dp.model.load(), orig.addr).service;
@@ -172,7 +181,15 @@ async fn handle(mut client: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, d
     );
     let wire = if protocol == Protocol::Http2 { Wire::Http2 } else { Wire::Http1 };
     debug!(pod = %pod.key, dst = %orig.addr, protocol = protocol.as_str(), id = guard.entry.id, "serving HTTP");
-    let ctx = Arc::new(ConnCtx { pod, dp, orig: orig.addr, wire, entry: guard.entry.clone(), closing: Default::default() });
+    let ctx = Arc::new(ConnCtx {
+        pod,
+        dp,
+        orig: orig.addr,
+        wire,
+        entry: guard.entry.clone(),
+        closing: Default::default(),
+        held: (permit, guard),
+    });
     l7::server::serve(client, prefix, protocol, ctx).await;
 }
 
@@ -190,12 +207,16 @@ async fn forward_opaque(
     let target = routing::resolve(&model, orig);
     if target.service.is_none() && !registered(&model, orig) && model.outbound_policy(&pod.namespace) == OutboundPolicy::RegistryOnly {
         dp.l7.counters.egress_refused.fetch_add(1, Ordering::Relaxed);
-        warn!(pod = %pod.key, dst = %orig, "connection refused: the namespace's outbound policy is REGISTRY_ONLY and no Service or ServiceEntry declares the destination");
+        if let Some(suppressed) = lograte::shared().allow("egress-refused", &pod.key) {
+            warn!(pod = %pod.key, dst = %orig, suppressed, "connection refused: the namespace's outbound policy is REGISTRY_ONLY and no Service or ServiceEntry declares the destination");
+        }
         reset(&client);
         return;
     }
     let Some(endpoint) = dp.balancer.pick(&target) else {
-        warn!(pod = %pod.key, dst = %orig, service = ?target.service, "no ready endpoints; resetting connection");
+        if let Some(suppressed) = lograte::shared().allow("no-endpoints", &pod.key) {
+            warn!(pod = %pod.key, dst = %orig, service = ?target.service, suppressed, "no ready endpoints; resetting connection");
+        }
         reset(&client);
         return;
     };
@@ -246,7 +267,9 @@ async fn forward_opaque(
             // never fall back.)
             Err(e) if e.is_unreachable() => {
                 dp.tunnel_fallbacks.fetch_add(1, Ordering::Relaxed);
-                info!(pod = %pod.key, dst = %orig, %endpoint, peer = %peer_id, error = %e, "no tunnel endpoint at the destination; sending plaintext");
+                if let Some(suppressed) = lograte::shared().allow("tunnel-fallback", &pod.key) {
+                    info!(pod = %pod.key, dst = %orig, %endpoint, peer = %peer_id, error = %e, suppressed, "no tunnel endpoint at the destination; sending plaintext");
+                }
             }
             // Counted by admission; one line per connection would be the pod's to fill.
             Err(e) if e.refusal().is_some() => {
@@ -255,7 +278,11 @@ async fn forward_opaque(
                 return;
             }
             Err(e) => {
-                warn!(pod = %pod.key, dst = %orig, %endpoint, peer = %peer_id, error = %e, "tunnel failed; resetting client");
+                // Keyed by the failure too: each distinct TLS or identity problem of a pod is
+                // logged (within the global rate), repeats of one are not.
+                if let Some(suppressed) = lograte::shared().allow("tunnel-failed", &format!("{} {e}", pod.key)) {
+                    warn!(pod = %pod.key, dst = %orig, %endpoint, peer = %peer_id, error = %e, suppressed, "tunnel failed; resetting client");
+                }
                 reset(&client);
                 return;
             }
@@ -275,7 +302,9 @@ async fn forward_opaque(
         Ok(s) => s,
         Err(e) => {
             // We already accepted the client, so the closest to "refused" we can say is a reset.
-            info!(pod = %pod.key, dst = %orig, %endpoint, error = %e, "upstream connect failed; resetting client");
+            if let Some(suppressed) = lograte::shared().allow("connect-failed", &pod.key) {
+                info!(pod = %pod.key, dst = %orig, %endpoint, error = %e, suppressed, "upstream connect failed; resetting client");
+            }
             reset(&client);
             return;
         }

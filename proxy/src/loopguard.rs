@@ -10,17 +10,16 @@
 //! destination is checked here just before sluice would connect, and refused.
 //!
 //! The checks are cheap on the request path: the port is compared first, and only a reserved
-//! port leads to address lookups. Refusals are counted, and logged at most once per source per
-//! [`LOG_EVERY`] (an attacker must not be able to flood the log either).
+//! port leads to address lookups. Refusals are counted, and logged through the shared log limiter
+//! ([`crate::lograte`]: at most once per source per 10 s, and within a global rate), since an
+//! attacker must not be able to flood the log either.
 
 use std::{
-    collections::HashMap,
     net::{IpAddr, SocketAddr},
     sync::{
         atomic::{AtomicU64, Ordering},
-        Arc, Mutex,
+        Arc,
     },
-    time::{Duration, Instant},
 };
 
 use arc_swap::ArcSwap;
@@ -31,11 +30,6 @@ use crate::discovery::Model;
 
 /// sluice's listeners inside an enrolled pod's network namespace.
 pub const POD_PORTS: [u16; 3] = [OUTBOUND_PORT, INBOUND_PORT, HBONE_PORT];
-
-/// A refusal is logged once per source within this period; the others are only counted.
-pub const LOG_EVERY: Duration = Duration::from_secs(10);
-/// Sources remembered for log rate limiting (beyond it, the oldest half is forgotten).
-const LOG_SOURCES: usize = 4096;
 
 /// Why a destination is refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -90,7 +84,7 @@ pub struct LoopGuard {
     /// The node ports sluice listens on (the defaults and whatever the flags chose).
     node_ports: Vec<u16>,
     pub refused: AtomicU64,
-    logged: Mutex<HashMap<Arc<str>, (Instant, u64)>>,
+    log: &'static crate::lograte::LogLimiter,
 }
 
 impl LoopGuard {
@@ -105,7 +99,7 @@ impl LoopGuard {
             node_addrs: ArcSwap::from_pointee(Vec::new()),
             node_ports: ports,
             refused: AtomicU64::new(0),
-            logged: Mutex::default(),
+            log: crate::lograte::shared(),
         }
     }
 
@@ -153,41 +147,11 @@ impl LoopGuard {
         Ok(())
     }
 
-    /// Counts a refusal and logs it, at most once per source per [`LOG_EVERY`] (saying how
-    /// many were refused in between).
+    /// Counts a refusal and logs it, at most once per source per 10 s and within the log's
+    /// global rate (saying how many were refused in between).
     pub fn refused(&self, source: &str, target: SelfTarget, via: Via) {
         self.refused.fetch_add(1, Ordering::Relaxed);
-        let now = Instant::now();
-        let suppressed = {
-            let mut logged = self.logged.lock().unwrap_or_else(|p| p.into_inner());
-            match logged.get_mut(source) {
-                Some((at, count)) if now.duration_since(*at) < LOG_EVERY => {
-                    *count += 1;
-                    return;
-                }
-                Some((at, count)) => {
-                    let suppressed = *count;
-                    *at = now;
-                    *count = 0;
-                    suppressed
-                }
-                None => {
-                    if logged.len() >= LOG_SOURCES {
-                        // Forget sources not seen for a while; if all are recent, the oldest
-                        // half: the map stays bounded whatever the number of sources.
-                        logged.retain(|_, (at, _)| now.duration_since(*at) < LOG_EVERY);
-                        if logged.len() >= LOG_SOURCES {
-                            let mut ages: Vec<Instant> = logged.values().map(|(at, _)| *at).collect();
-                            ages.sort_unstable();
-                            let cut = ages[ages.len() / 2];
-                            logged.retain(|_, (at, _)| *at > cut);
-                        }
-                    }
-                    logged.insert(source.into(), (now, 0));
-                    0
-                }
-            }
-        };
+        let Some(suppressed) = self.log.allow("self-connection", source) else { return };
         warn!(
             source,
             destination = %target.addr(),
@@ -302,18 +266,16 @@ status: {podIP: 10.244.1.11}
     }
 
     #[test]
-    fn refusals_are_counted_every_time_and_logged_per_source_bounded() {
-        let g = LoopGuard::new(&[]);
+    fn refusals_are_counted_every_time_and_logged_through_the_limiter() {
+        let g = LoopGuard { log: Box::leak(Box::default()), ..LoopGuard::new(&[]) };
         let t = SelfTarget::PodListener(addr("10.244.1.10:15006"));
         for _ in 0..5 {
             g.refused("shop/a", t, Via::Delivery);
         }
         assert_eq!(g.refused.load(Ordering::Relaxed), 5);
-        assert_eq!(g.logged.lock().unwrap().len(), 1);
-        for i in 0..(LOG_SOURCES + 10) {
-            g.refused(&format!("10.0.{}.{}", i / 256, i % 256), t, Via::Delivery);
-        }
-        assert!(g.logged.lock().unwrap().len() <= LOG_SOURCES, "the rate-limit table is bounded");
+        // One line for the source, four suppressed.
+        assert_eq!(g.log.suppressed(), 4);
+        assert_eq!(g.log.sources(), 1);
     }
 
     #[test]

@@ -525,7 +525,8 @@ fn print(out: Result<String>) -> Result<()> {
 }
 
 fn run(f: RunFlags) -> Result<()> {
-    init_logging(f.log_format);
+    // Held to the end: dropping it flushes the lines still queued.
+    let _log_writer = init_logging(f.log_format);
     let admin_socket = f.admin_socket.unwrap_or_else(|| cli::default_admin_socket(&f.node));
     let source = source_config(f.source, f.manifests, f.kube_api, f.kubeconfig)?;
     let ca = ca_config(f.ca_dir, f.ca_addr, f.ca_trust_bundle, f.ca_token_file, f.ca_server_name)?;
@@ -590,7 +591,8 @@ fn run(f: RunFlags) -> Result<()> {
 }
 
 fn ca_serve(f: CaServeFlags) -> Result<()> {
-    init_logging(f.log_format);
+    // Held until the end: dropping it flushes and stops the log writer thread.
+    let _log_writer = init_logging(f.log_format);
     let server_names = if f.server_names.is_empty() {
         sluice::ca_service::DEFAULT_SERVER_NAMES.iter().map(|n| n.to_string()).collect()
     } else {
@@ -679,14 +681,20 @@ fn cleanup(node: &str, bpffs: &std::path::Path) -> Result<()> {
     Ok(())
 }
 
-fn init_logging(format: LogFormat) {
+/// Logs go through a bounded queue to a writer thread ([`sluice::lograte::writer`]): a
+/// data-path thread never waits on a full stderr pipe (a stalled log collector must not stall
+/// every pod's traffic). When the queue is full a line is dropped, and counted
+/// (`log_lines_dropped` in `/status`).
+fn init_logging(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuard {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_env("SLUICE_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     // Colours only on a terminal: log files and collectors get plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr);
+    let (writer, guard) = sluice::lograte::writer(std::io::stderr());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(writer);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
     }
+    guard
 }

@@ -670,7 +670,7 @@ impl Collector for SluiceMetrics {
         let lc = &dp.l7.limit_counters;
         let overflow: u64 =
             dp.l7.breakers.snapshot().iter().map(|(_, _, b)| b.overflows.load(Ordering::Relaxed)).sum();
-        let counters: [(&str, &str, u64); 36] = [
+        let counters: [(&str, &str, u64); 43] = [
             (
                 "sluice_http_requests",
                 "HTTP requests received from enrolled pods (outbound).",
@@ -715,6 +715,16 @@ impl Collector for SluiceMetrics {
                 relaxed(&l7.mirror_skipped),
             ),
             ("sluice_http_mirror_failed", "Mirror copies that failed.", relaxed(&l7.mirror_failed)),
+            (
+                "sluice_http_mirror_dropped",
+                "Mirror copies not sent: too many mirrored requests in flight (per pod or node-wide).",
+                relaxed(&l7.mirror_dropped),
+            ),
+            (
+                "sluice_http_mirror_timeouts",
+                "Mirror copies given up after their deadline.",
+                relaxed(&l7.mirror_timeouts),
+            ),
             (
                 "sluice_egress_refused",
                 "Connections and requests refused by a REGISTRY_ONLY outbound policy.",
@@ -793,6 +803,16 @@ impl Collector for SluiceMetrics {
                 relaxed(&dp.loop_guard.refused),
             ),
             (
+                "sluice_log_lines_suppressed",
+                "Log lines of per-connection refusals not written by the log rate limit (per source and global).",
+                crate::lograte::shared().suppressed(),
+            ),
+            (
+                "sluice_log_lines_dropped",
+                "Log lines dropped because the log writer's queue was full (stderr did not keep up).",
+                crate::lograte::dropped_lines(),
+            ),
+            (
                 "sluice_hbone_streams_in",
                 "HBONE streams received for this node's pods.",
                 relaxed(&inbound.tunnel_streams),
@@ -801,6 +821,21 @@ impl Collector for SluiceMetrics {
                 "sluice_hbone_handshakes_failed",
                 "Inbound mTLS handshakes that failed.",
                 relaxed(&tunnel.handshakes_failed),
+            ),
+            (
+                "sluice_hbone_handshakes_refused_source",
+                "Inbound tunnel connections refused before TLS: too many handshakes in progress from their source.",
+                relaxed(&tunnel.gate.refused_source),
+            ),
+            (
+                "sluice_hbone_handshakes_refused_node",
+                "Inbound tunnel connections refused before TLS: too many handshakes in progress node-wide.",
+                relaxed(&tunnel.gate.refused_node),
+            ),
+            (
+                "sluice_hbone_tunnels_refused_identity",
+                "Authenticated tunnel connections refused: the identity holds its bound of tunnel connections.",
+                relaxed(&tunnel.gate.refused_identity),
             ),
             (
                 "sluice_hbone_streams_rejected",

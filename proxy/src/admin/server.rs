@@ -75,6 +75,16 @@ impl AdminState {
         for (name, value) in self.certs.ca_counters() {
             all.insert(name.to_string(), value);
         }
+        let gate = &t.gate;
+        for (name, value) in [
+            ("hbone_handshakes_refused_source", &gate.refused_source),
+            ("hbone_handshakes_refused_node", &gate.refused_node),
+            ("hbone_tunnels_refused_identity", &gate.refused_identity),
+        ] {
+            all.insert(name.to_string(), value.load(Ordering::Relaxed));
+        }
+        all.insert("hbone_handshakes_in_progress".to_string(), u64::from(gate.handshakes()));
+        all.insert("hbone_tunnels_in".to_string(), u64::from(gate.tunnels()));
         all.insert("hbone_pooled_connections".to_string(), self.data.pool.len() as u64);
         let l7 = &self.data.l7.counters;
         let up = &self.data.l7.upstreams.counters;
@@ -93,6 +103,8 @@ impl AdminState {
             ("http_mirrored", &l7.mirrored),
             ("http_mirror_skipped", &l7.mirror_skipped),
             ("http_mirror_failed", &l7.mirror_failed),
+            ("http_mirror_dropped", &l7.mirror_dropped),
+            ("http_mirror_timeouts", &l7.mirror_timeouts),
             ("egress_refused", &l7.egress_refused),
         ] {
             all.insert(name.to_string(), value.load(Ordering::Relaxed));
@@ -136,6 +148,10 @@ impl AdminState {
         all.insert("balancer_ejected_endpoints".to_string(), ejected as u64);
         all.insert("hbone_fallback_plaintext".to_string(), self.data.tunnel_fallbacks.load(Ordering::Relaxed));
         all.insert("self_connection_refused".to_string(), self.data.loop_guard.refused.load(Ordering::Relaxed));
+        all.insert("http_mirrors_in_flight".to_string(), u64::from(self.data.l7.mirror_gate.in_flight()));
+        all.insert("http_mirror_body_bytes".to_string(), self.data.l7.mirror_gate.body_bytes());
+        all.insert("log_lines_suppressed".to_string(), crate::lograte::shared().suppressed());
+        all.insert("log_lines_dropped".to_string(), crate::lograte::dropped_lines());
         let adm = &self.data.admission;
         all.insert("connections_admitted".to_string(), u64::from(adm.open()));
         all.insert("sockets_admitted".to_string(), u64::from(adm.sockets()));
@@ -389,7 +405,9 @@ fn refusal(access: Access, method: &Method, path: &str) -> Option<Response<Full<
     if access == Access::Privileged || !privileged(method, path) {
         return None;
     }
-    warn!(%method, path, "privileged admin request refused: it is served on the admin unix socket to root only");
+    if let Some(suppressed) = crate::lograte::shared().allow("admin-forbidden", "tcp") {
+        warn!(%method, path, suppressed, "privileged admin request refused: it is served on the admin unix socket to root only");
+    }
     Some(text(
         StatusCode::FORBIDDEN,
         &format!(

@@ -43,6 +43,12 @@ pub struct InboundStream {
     pub peer_identity: Arc<str>,
     /// The application address the stream was for.
     pub target: SocketAddr,
+    /// Upgraded exchanges are closed after this long without a byte either way.
+    pub idle: Arc<crate::idle::IdleTimeout>,
+    pub entry: Arc<crate::conns::ConnEntry>,
+    /// The stream's admission permit and registry entry: held while anything of the stream
+    /// lives, hyper's connection or the bridge of an upgraded exchange (which holds this).
+    pub held: (crate::admission::Permit, crate::conns::ConnGuard),
 }
 
 enum AppSender {
@@ -63,7 +69,7 @@ pub async fn serve(stream: TunnelIo, app: TcpStream, protocol: Protocol, ctx: Ar
     let service = service_fn(move |req| {
         let ctx = svc_ctx.clone();
         let sender = sender.clone();
-        Box::pin(async move { Ok::<_, std::convert::Infallible>(handle(req, &ctx, &sender).await) })
+        Box::pin(async move { Ok::<_, std::convert::Infallible>(handle(req, ctx, &sender).await) })
     });
     let io = TokioIo::new(stream);
     let result = match protocol {
@@ -95,7 +101,7 @@ async fn handshake(app: TcpStream, protocol: Protocol) -> Result<AppSender, hype
     })
 }
 
-async fn handle(req: Request<Incoming>, ctx: &InboundStream, sender: &AppSender) -> Response<Body> {
+async fn handle(req: Request<Incoming>, ctx: Arc<InboundStream>, sender: &AppSender) -> Response<Body> {
     let grpc = req.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|v| v.starts_with("application/grpc"));
     let (mut parts, body) = req.into_parts();
     let span = ctx.telemetry.start_span(Reporter::Destination, &mut parts.headers);
@@ -175,14 +181,14 @@ async fn handle(req: Request<Incoming>, ctx: &InboundStream, sender: &AppSender)
         }
     };
     if let (true, Some(client_upgrade)) = (upgraded, client_upgrade) {
+        // The bridge holds the stream's context (its permit and `sluice conns` entry) until it
+        // ends, and counts the application side's bytes into the entry.
         let upstream = hyper::upgrade::on(&mut resp);
-        let (pod, target) = (ctx.pod.key.clone(), ctx.target);
+        let ctx = ctx.clone();
         tokio::spawn(async move {
-            if let Ok((c, u)) = tokio::try_join!(client_upgrade, upstream) {
-                let _ = tokio::io::copy_bidirectional(&mut TokioIo::new(c), &mut TokioIo::new(u)).await;
-            } else {
-                debug!(%pod, %target, "inbound upgrade did not complete");
-            }
+            let (sent, received) = (&ctx.entry.sent, &ctx.entry.received);
+            let end = super::upgrade::bridge(client_upgrade, upstream, &ctx.idle, sent, received).await;
+            debug!(pod = %ctx.pod.key, target = %ctx.target, peer = %ctx.peer_identity, ?end, "inbound upgraded connection ended");
         });
     }
     obs.status = resp.status().as_u16();

@@ -22,6 +22,7 @@ pub mod plan;
 pub mod proxy;
 pub mod server;
 pub mod tls_origin;
+pub mod upgrade;
 pub mod upstream;
 
 use std::{
@@ -94,6 +95,10 @@ pub struct L7Counters {
     /// Mirror copies not sent: the body was over the limit or failed.
     pub mirror_skipped: AtomicU64,
     pub mirror_failed: AtomicU64,
+    /// Mirror copies not sent: too many mirrored requests in flight (per pod or node-wide).
+    pub mirror_dropped: AtomicU64,
+    /// Mirror copies given up after their deadline.
+    pub mirror_timeouts: AtomicU64,
     /// Connections and requests refused by a REGISTRY_ONLY outbound policy.
     pub egress_refused: AtomicU64,
 }
@@ -115,6 +120,8 @@ pub struct L7 {
     pub tls_origin: Arc<tls_origin::TlsOrigin>,
     /// The resolver for ServiceEntries with DNS resolution (bounded, TTL-aware).
     pub dns: dns::Dns,
+    /// The bounds of mirrored requests in flight.
+    pub mirror_gate: Arc<mirror::MirrorGate>,
 }
 
 impl L7 {
@@ -159,6 +166,7 @@ impl L7 {
             breakers: Default::default(),
             tls_origin: Default::default(),
             dns: dns::Dns::from_system(cfg.dns.clone()),
+            mirror_gate: Default::default(),
             cfg,
         }
     }

@@ -9,7 +9,10 @@
 use std::{
     convert::Infallible,
     net::SocketAddr,
-    sync::{atomic::Ordering, Arc},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
     time::{Duration, Instant},
 };
 
@@ -20,7 +23,6 @@ use http::{
 };
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
 use tracing::{debug, info};
 
 use super::{
@@ -33,6 +35,7 @@ use super::{
     observe::{self, CountBody, Observation, Observed, PeerInfo},
     plan::{self, Decision, Endpoints, Plan},
     server::ConnCtx,
+    upgrade,
     upstream::{Dial, SendError, UpstreamError, Wire},
     Body,
 };
@@ -96,15 +99,18 @@ pub async fn handle(req: Request<Incoming>, ctx: Arc<ConnCtx>) -> Result<Respons
             // report a downstream disconnect.
             unseen = true;
             obs.flags = DOWNSTREAM_CLOSED;
-            info!(
-                pod = %ctx.pod.key,
-                dst = %ctx.orig,
-                method = %obs.method,
-                path = %obs.uri.path(),
-                reply = e.status().as_u16(),
-                error = %e,
-                "request ended after the client had closed its connection; not counted as answered"
-            );
+            if let Some(suppressed) = crate::lograte::shared().allow("request-unanswered", &ctx.pod.key) {
+                info!(
+                    pod = %ctx.pod.key,
+                    dst = %ctx.orig,
+                    method = %obs.method,
+                    path = %obs.uri.path(),
+                    reply = e.status().as_u16(),
+                    error = %e,
+                    suppressed,
+                    "request ended after the client had closed its connection; not counted as answered"
+                );
+            }
             e.into_response(grpc)
         }
         Err(e) => {
@@ -113,16 +119,22 @@ pub async fn handle(req: Request<Incoming>, ctx: Arc<ConnCtx>) -> Result<Respons
             if matches!(e, ProxyError::EgressBlocked(..)) {
                 l7.counters.egress_refused.fetch_add(1, Ordering::Relaxed);
             }
-            info!(
-                pod = %ctx.pod.key,
-                dst = %ctx.orig,
-                method = %obs.method,
-                path = %obs.uri.path(),
-                status = e.status().as_u16(),
-                flag = e.flag(),
-                error = %e,
-                "request answered by sluice"
-            );
+            // One line per request would be one per request a client chooses to make fail:
+            // per pod and kind of answer, within the log's rates (the access log and metrics
+            // have every request).
+            if let Some(suppressed) = crate::lograte::shared().allow(e.flag(), &ctx.pod.key) {
+                info!(
+                    pod = %ctx.pod.key,
+                    dst = %ctx.orig,
+                    method = %obs.method,
+                    path = %obs.uri.path(),
+                    status = e.status().as_u16(),
+                    flag = e.flag(),
+                    error = %e,
+                    suppressed,
+                    "request answered by sluice"
+                );
+            }
             e.into_response(grpc)
         }
     };
@@ -190,9 +202,8 @@ async fn forward(req: Request<Body>, ctx: &Arc<ConnCtx>, grpc: bool, obs: &mut O
     let mut upstream_req = prepare(req, ctx.wire, upgrade);
     if !plan.mirrors.is_empty() {
         let (parts, body) = upstream_req.into_parts();
-        let (tee, copy) = Tee::new(body, mirror::BODY_LIMIT);
-        mirror::spawn(ctx, std::mem::take(&mut plan.mirrors), &parts, copy);
-        upstream_req = Request::from_parts(parts, tee.boxed());
+        let body = mirror::start(ctx, std::mem::take(&mut plan.mirrors), &parts, body);
+        upstream_req = Request::from_parts(parts, body);
     }
     let retry = plan.retry.as_ref().filter(|r| r.attempts > 0 && !upgrade);
     let mut replay = match retry {
@@ -305,12 +316,7 @@ async fn forward(req: Request<Body>, ctx: &Arc<ConnCtx>, grpc: bool, obs: &mut O
                 let upgraded = is_upgraded(upgrade_ask.as_ref(), &resp)?;
                 if let (true, Some(client_upgrade)) = (upgraded, client_upgrade) {
                     l7.counters.upgrades.fetch_add(1, Ordering::Relaxed);
-                    bridge_upgrade(
-                        client_upgrade,
-                        hyper::upgrade::on(&mut resp),
-                        ctx.pod.key.clone(),
-                        endpoint,
-                    );
+                    bridge_upgrade(client_upgrade, hyper::upgrade::on(&mut resp), ctx.clone(), endpoint);
                 }
                 // A 101 must keep `Upgrade` and `Connection: upgrade` (RFC 9110 §7.8): the
                 // client checks them before it switches protocols.
@@ -699,27 +705,23 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
 }
 
 /// After a 101 (or a 2xx to CONNECT), both connections belong to the upgraded protocol:
-/// copy bytes both ways until both sides are done.
+/// copy bytes both ways until both sides are done, or neither sent anything for the idle
+/// timeout. The bridge holds the client connection's context (its admission permit and its
+/// `sluice conns` entry) and the upstream connection's circuit-breaker slot until it ends.
 fn bridge_upgrade(
     client: hyper::upgrade::OnUpgrade,
     upstream: hyper::upgrade::OnUpgrade,
-    pod: Arc<str>,
+    ctx: Arc<ConnCtx>,
     endpoint: SocketAddr,
 ) {
     tokio::spawn(async move {
-        let (c, u) = match tokio::try_join!(client, upstream) {
-            Ok(pair) => pair,
-            Err(e) => {
-                debug!(%pod, %endpoint, error = %e, "upgrade did not complete");
-                return;
-            }
-        };
         let started = Instant::now();
-        let (mut c, mut u) = (TokioIo::new(c), TokioIo::new(u));
-        match tokio::io::copy_bidirectional(&mut c, &mut u).await {
-            Ok((up, down)) => debug!(%pod, %endpoint, up, down, ms = started.elapsed().as_millis() as u64, "upgraded connection closed"),
-            Err(e) => debug!(%pod, %endpoint, error = %e, "upgraded connection failed"),
-        }
+        // The client side is counted into the connection's entry already (see server.rs);
+        // these count the upstream side, for the idle timeout.
+        let (sent, received) = (AtomicU64::new(0), AtomicU64::new(0));
+        let end = upgrade::bridge(client, upstream, &ctx.dp.idle, &sent, &received).await;
+        let ms = started.elapsed().as_millis() as u64;
+        debug!(pod = %ctx.pod.key, %endpoint, id = ctx.entry.id, ?end, ms, "upgraded connection ended");
     });
 }
 

@@ -61,6 +61,10 @@ pub struct ConnCtx {
     pub entry: Arc<ConnEntry>,
     /// Draining: HTTP/1.1 responses carry `Connection: close`.
     pub closing: AtomicBool,
+    /// The connection's admission permit and registry entry: held while anything of the
+    /// connection lives, hyper's connection or the bridge of an upgraded one (which holds
+    /// this context).
+    pub held: (crate::admission::Permit, crate::conns::ConnGuard),
 }
 
 /// Whether the client has closed its side of an HTTP/1.1 connection. Such a client may have

@@ -340,7 +340,7 @@ impl Upstreams {
         let key = Self::key(d, Wire::Http1);
         let (mut conn, reused) = match self.checkout_ready_h1(&key).await {
             Some(c) => (c, true),
-            None => match self.connect_h1(d, false).await {
+            None => match self.connect_h1(d).await {
                 Ok(c) => (c, false),
                 Err(error) => return Err(SendError { error, request: Some(req) }),
             },
@@ -363,7 +363,7 @@ impl Upstreams {
                     Some(req) if reused => {
                         self.counters.retried_on_fresh_connection.fetch_add(1, Ordering::Relaxed);
                         debug!(endpoint = %d.endpoint, error = %err, "pooled connection was closing; sending on a new one");
-                        conn = match self.connect_h1(d, false).await {
+                        conn = match self.connect_h1(d).await {
                             Ok(c) => c,
                             Err(error) => return Err(SendError { error, request: Some(req) }),
                         };
@@ -431,8 +431,8 @@ impl Upstreams {
         }
     }
 
-    /// A new HTTP/1.1 connection; `upgrades` keeps it usable after a 101 or a CONNECT.
-    async fn connect_h1(&self, d: &Dial<'_>, upgrades: bool) -> Result<H1Conn, UpstreamError> {
+    /// A new HTTP/1.1 connection (an upgrade gets one of its own: `send_upgrade`).
+    async fn connect_h1(&self, d: &Dial<'_>) -> Result<H1Conn, UpstreamError> {
         let (io, tunnel, unit) = self.dial(d).await?;
         let (sender, conn) = http1::Builder::new()
             .handshake(TokioIo::new(io))
@@ -442,8 +442,7 @@ impl Upstreams {
         // The socket (with its unit and its breaker slot) lives in `conn`, and after an upgrade
         // in the upgraded stream.
         tokio::spawn(async move {
-            let result = if upgrades { conn.with_upgrades().await } else { conn.await };
-            if let Err(e) = result {
+            if let Err(e) = conn.await {
                 debug!(%endpoint, error = %e, "upstream connection ended");
             }
         });
@@ -554,23 +553,40 @@ impl Upstreams {
     }
 
     /// Sends a request that asks to leave HTTP (an Upgrade, e.g. WebSocket, or CONNECT) on a
-    /// connection of its own, which then belongs to the upgraded stream.
+    /// connection of its own, which then belongs to the upgraded stream. The socket carries its
+    /// admission unit and its share of the destination's `maxConnections` ([`UpstreamIo`]), so
+    /// both count for as long as the upgraded connection lives, not only until hyper hands it
+    /// over to the bridge.
     pub async fn send_upgrade(
         &self,
         d: &Dial<'_>,
         req: Request<Body>,
     ) -> Result<(Response<UpstreamBody>, Instant), SendError> {
-        let mut conn = match self.connect_h1(d, true).await {
+        let (io, _tunnel, _unit) = match self.dial(d).await {
             Ok(c) => c,
             Err(error) => return Err(SendError { error, request: Some(req) }),
         };
+        let handshake = http1::Builder::new().handshake(TokioIo::new(io)).await;
+        let (mut sender, conn) = match handshake {
+            Ok(c) => c,
+            Err(source) => {
+                let error = UpstreamError::Handshake { endpoint: d.endpoint, source };
+                return Err(SendError { error, request: Some(req) });
+            }
+        };
+        let endpoint = d.endpoint;
+        tokio::spawn(async move {
+            // Ends when the connection is handed over to the upgrade (or closes).
+            if let Err(e) = conn.with_upgrades().await {
+                debug!(%endpoint, error = %e, "upstream connection ended");
+            }
+        });
         let dispatched = Instant::now();
-        let resp = conn
-            .sender
+        let resp = sender
             .send_request(req)
             .await
             .map_err(|source| UpstreamError::Request { endpoint: d.endpoint, source })?;
-        Ok((resp.map(UpstreamBody::plain), dispatched))
+        Ok((resp.map(|b| UpstreamBody { inner: b, checkin: None, slot: None }), dispatched))
     }
 
     /// Opens the byte stream to the endpoint: through the HBONE tunnel for an enrolled pod
@@ -903,10 +919,6 @@ pin_project_lite::pin_project! {
 }
 
 impl UpstreamBody {
-    fn plain(inner: Incoming) -> Self {
-        UpstreamBody { inner, checkin: None, slot: None }
-    }
-
     fn h2(inner: Incoming, slot: H2Slot) -> Self {
         UpstreamBody { inner, checkin: None, slot: Some(slot) }
     }

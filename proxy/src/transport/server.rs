@@ -2,6 +2,11 @@
 //! certificate from the mesh CA, and hands every HTTP/2 CONNECT stream to a handler together
 //! with the client's verified SPIFFE identity. Anything else (garbage, TLS without a client
 //! certificate, plain HTTP/1.1) fails the handshake of that connection only.
+//!
+//! Until its client is authenticated a connection is held in the handshake bucket of
+//! [`super::gate`] (per source address and node-wide), not against the node's connection
+//! limit; after the mutual-TLS handshake it takes its admission permit and its place within
+//! its identity's bound. TLS and the HTTP/2 preface get [`HANDSHAKE_TIMEOUT`] together.
 
 use std::{
     future::Future,
@@ -20,11 +25,16 @@ use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, warn};
 
-use super::client::{CONNECTION_WINDOW, STREAM_WINDOW};
+use super::{
+    client::{CONNECTION_WINDOW, STREAM_WINDOW},
+    gate::{self, TunnelGate},
+};
+use crate::lograte;
 
 /// TLS and the HTTP/2 preface must be done within this (a peer that connects and stalls holds
-/// a descriptor only this long).
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// a descriptor only this long). A real handshake takes milliseconds (one round trip and two
+/// signatures); 3 s leaves room for a loaded node and a lost packet or two.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
 /// Streams one tunnel connection may have open at once (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS;
 /// a client opens another connection beyond it). Every stream is a delivery socket, so this
 /// bounds what one connection can make sluice hold; admission bounds the sum per peer and pod.
@@ -56,6 +66,8 @@ pub struct ServerStats {
     pub handshakes_failed: AtomicU64,
     pub streams_rejected: AtomicU64,
     pub draining: tokio::sync::watch::Sender<bool>,
+    /// The bounds before and after authentication (node-wide, shared by every pod's server).
+    pub gate: Arc<TunnelGate>,
 }
 
 impl Default for ServerStats {
@@ -64,6 +76,7 @@ impl Default for ServerStats {
             handshakes_failed: AtomicU64::new(0),
             streams_rejected: AtomicU64::new(0),
             draining: tokio::sync::watch::channel(false).0,
+            gate: Arc::default(),
         }
     }
 }
@@ -87,18 +100,21 @@ pub async fn serve<H, F>(
         let (tcp, peer) = match listener.accept().await {
             Ok(c) => c,
             Err(e) => {
-                warn!(%pod, error = %e, "HBONE accept failed");
+                if let Some(suppressed) = lograte::shared().allow("accept-failed", &pod) {
+                    warn!(%pod, error = %e, suppressed, "HBONE accept failed");
+                }
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
         };
-        // A tunnel connection holds a descriptor of its own: it counts node-wide (its streams
-        // are admitted one by one, per peer and per pod, by the handler).
-        let permit = match admission.node_only() {
-            Ok(p) => p,
+        // Not authenticated yet: the connection waits in the handshake bucket (per source and
+        // node-wide), not against the node's connection limit.
+        let handshake = match stats.gate.handshake(peer.ip()) {
+            Ok(h) => h,
             Err(refusal) => {
-                stats.handshakes_failed.fetch_add(1, Ordering::Relaxed);
-                debug!(%pod, %peer, limit = refusal.as_str(), "HBONE connection refused: connection limit reached");
+                if let Some(suppressed) = lograte::shared().allow("hbone-handshake-refused", &lograte::source_of_ip(peer.ip())) {
+                    warn!(%pod, %peer, limit = refusal.as_str(), suppressed, "HBONE connection refused: too many handshakes in progress");
+                }
                 let _ = socket2::SockRef::from(&tcp).set_linger(Some(Duration::ZERO));
                 continue;
             }
@@ -107,29 +123,47 @@ pub async fn serve<H, F>(
         let handler = handler.clone();
         let pod = pod.clone();
         let stats = stats.clone();
+        let admission = admission.clone();
         tokio::spawn(async move {
-            let _permit = permit;
             let _ = tcp.set_nodelay(true);
             let deadline = tokio::time::Instant::now() + HANDSHAKE_TIMEOUT;
+            let failed = |what: &str, identity: Option<&str>, error: Option<String>| {
+                stats.handshakes_failed.fetch_add(1, Ordering::Relaxed);
+                if let Some(suppressed) = lograte::shared().allow("hbone-handshake-failed", &lograte::source_of_ip(peer.ip())) {
+                    warn!(%pod, %peer, peer_identity = identity, error, suppressed, "HBONE: {what}");
+                }
+            };
             let tls = match tokio::time::timeout_at(deadline, acceptor.accept(tcp)).await {
                 Ok(Ok(s)) => s,
-                Ok(Err(e)) => {
-                    stats.handshakes_failed.fetch_add(1, Ordering::Relaxed);
-                    warn!(%pod, %peer, error = %e, "HBONE: TLS handshake refused");
-                    return;
-                }
-                Err(_) => {
-                    stats.handshakes_failed.fetch_add(1, Ordering::Relaxed);
-                    warn!(%pod, %peer, "HBONE: TLS handshake timed out");
-                    return;
-                }
+                Ok(Err(e)) => return failed("TLS handshake refused", None, Some(e.to_string())),
+                Err(_) => return failed("TLS handshake timed out", None, None),
             };
             let Some(peer_identity) = identity_of(tls.get_ref().1) else {
-                stats.handshakes_failed.fetch_add(1, Ordering::Relaxed);
-                warn!(%pod, %peer, "HBONE: client certificate carries no SPIFFE ID; closing");
-                return;
+                return failed("client certificate carries no SPIFFE ID; closing", None, None);
             };
             let peer_identity: Arc<str> = peer_identity.into();
+            // Authenticated: out of the handshake bucket, into the node's connection limit and
+            // the identity's bound of tunnel connections.
+            drop(handshake);
+            let _permit = match admission.node_only() {
+                Ok(p) => p,
+                Err(refusal) => {
+                    if let Some(suppressed) = lograte::shared().allow("hbone-tunnel-refused", &peer_identity) {
+                        warn!(%pod, %peer, peer_identity = %peer_identity, limit = refusal.as_str(), suppressed, "HBONE connection refused: connection limit reached");
+                    }
+                    return;
+                }
+            };
+            let max = gate::tunnels_per_identity(&admission.config);
+            let _place = match stats.gate.tunnel(&peer_identity, max) {
+                Ok(p) => p,
+                Err(refusal) => {
+                    if let Some(suppressed) = lograte::shared().allow("hbone-tunnel-refused", &peer_identity) {
+                        warn!(%pod, %peer, peer_identity = %peer_identity, limit = refusal.as_str(), max, suppressed, "HBONE connection refused: the identity holds its bound of tunnel connections");
+                    }
+                    return;
+                }
+            };
             let handshake = h2::server::Builder::new()
                 .initial_window_size(STREAM_WINDOW)
                 .initial_connection_window_size(CONNECTION_WINDOW)
@@ -138,16 +172,8 @@ pub async fn serve<H, F>(
                 .handshake::<_, Bytes>(tls);
             let mut conn = match tokio::time::timeout_at(deadline, handshake).await {
                 Ok(Ok(c)) => c,
-                Ok(Err(e)) => {
-                    stats.handshakes_failed.fetch_add(1, Ordering::Relaxed);
-                    warn!(%pod, %peer, peer_identity = %peer_identity, error = %e, "HBONE: not an HTTP/2 client");
-                    return;
-                }
-                Err(_) => {
-                    stats.handshakes_failed.fetch_add(1, Ordering::Relaxed);
-                    warn!(%pod, %peer, peer_identity = %peer_identity, "HBONE: no HTTP/2 preface within the handshake timeout");
-                    return;
-                }
+                Ok(Err(e)) => return failed("not an HTTP/2 client", Some(&peer_identity), Some(e.to_string())),
+                Err(_) => return failed("no HTTP/2 preface within the handshake timeout", Some(&peer_identity), None),
             };
             debug!(%pod, %peer, peer_identity = %peer_identity, "HBONE tunnel accepted");
             let mut draining = stats.draining.subscribe();
@@ -183,7 +209,9 @@ pub async fn serve<H, F>(
                 let target = request.uri().authority().and_then(|a| a.as_str().parse::<SocketAddr>().ok());
                 let Some(target) = target else {
                     stats.streams_rejected.fetch_add(1, Ordering::Relaxed);
-                    warn!(%pod, %peer, uri = %request.uri(), "HBONE: CONNECT without an ip:port authority");
+                    if let Some(suppressed) = lograte::shared().allow("hbone-bad-connect", &peer_identity) {
+                        warn!(%pod, %peer, uri = %request.uri(), suppressed, "HBONE: CONNECT without an ip:port authority");
+                    }
                     reply(&mut respond, StatusCode::BAD_REQUEST);
                     continue;
                 };

@@ -137,6 +137,8 @@ enum Cmd {
     BannerClient(banner::ClientArgs),
     /// One HBONE stream (HTTP/2 CONNECT in mutual TLS) to a pod's port 15008.
     HboneClient(hbone::Args),
+    /// Many TCP connections to a pod's port 15008 that never start TLS.
+    HboneStall(hbone::StallArgs),
 }
 
 /// Prints one JSON line. Write errors are ignored: if the reader went away (a kept demo whose
@@ -185,6 +187,7 @@ fn main() -> ExitCode {
         Cmd::BannerServer(a) => banner::server(a),
         Cmd::BannerClient(a) => banner::client(a),
         Cmd::HboneClient(a) => hbone::client(a),
+        Cmd::HboneStall(a) => hbone::stall(a),
     };
     if ok {
         ExitCode::SUCCESS

@@ -199,6 +199,10 @@ enum Cmd {
         /// Longest one attempt may take.
         #[arg(long, default_value_t = 3_000)]
         timeout_ms: u64,
+        /// Instead of the one-byte echo, ask each connection to switch to WebSocket (an
+        /// HTTP/1.1 Upgrade request with this Host) and require a `101 Switching Protocols`.
+        #[arg(long)]
+        upgrade: Option<String>,
     },
     /// One keep-alive connection; per stdin line N, send N requests spaced --interval-us apart.
     Seq {
@@ -260,8 +264,8 @@ fn main() -> ExitCode {
         }
         Cmd::Hold { target, count } => http_only(&target).and_then(|_| hold(&target, count)),
         Cmd::EchoServe { port, bind } => flood::echo_serve(&bind, port),
-        Cmd::Flood { to, count, concurrency, timeout_ms } => {
-            flood::flood(to, count, concurrency, Duration::from_millis(timeout_ms))
+        Cmd::Flood { to, count, concurrency, timeout_ms, upgrade } => {
+            flood::flood(to, count, concurrency, Duration::from_millis(timeout_ms), upgrade)
         }
         Cmd::Seq { target, interval_us } => match target.proto {
             Proto::Http => seq::<H1>(&target, interval_us),
