@@ -81,6 +81,7 @@ pub mod manifest;
 pub mod netns;
 mod node;
 pub mod pki;
+pub mod playground;
 mod pod;
 mod process;
 pub mod projected;
@@ -98,7 +99,7 @@ pub use fake_apiserver::TokenSpec;
 pub use pki::{CaFiles, CertInfo};
 pub use node::{CgroupDriver, Node};
 pub use pod::{Pod, PodOpts};
-pub use process::{Output, PodProcess, Signal, SimProcess};
+pub use process::{DetachedProcess, Output, PodProcess, Signal, SimProcess};
 pub use sluice::{Sluice, SluiceOpts};
 pub use registry::SimKind;
 pub use sweep::{
