@@ -111,6 +111,28 @@ fn ignored_because(kind: &str) -> Option<&'static str> {
     })
 }
 
+/// Reads each path: a file, or every manifest directly in a directory (see [`read_dir`]), in
+/// the order given (as `kubectl apply -f A -f B`).
+pub fn read_paths(paths: &[std::path::PathBuf]) -> Result<Vec<Source>> {
+    let mut out = Vec::new();
+    for p in paths {
+        if p.is_dir() {
+            out.extend(read_dir(p)?);
+        } else {
+            let text = fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+            let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            out.extend(read_str(&name, &text)?);
+        }
+        if out.len() > MAX_DOCUMENTS {
+            bail!("more than {MAX_DOCUMENTS} documents: too many for a playground");
+        }
+    }
+    if out.is_empty() {
+        bail!("no Kubernetes object in {paths:?}");
+    }
+    Ok(out)
+}
+
 /// Reads every `*.yaml`, `*.yml` and `*.json` file directly in `dir` (not its subdirectories,
 /// as `kubectl apply -f DIR`), in name order; `kind: List` documents are expanded.
 pub fn read_dir(dir: &Path) -> Result<Vec<Source>> {
