@@ -222,23 +222,8 @@ fn down(name: Option<String>, all: bool) -> Result<()> {
         println!("no playground to remove");
     }
     for (name, marker) in targets {
-        let id = marker.id.clone();
-        let found = sluice_tests::sweep_where(|s| s == id);
-        let left = sluice_tests::leftovers_of(&id);
-        if !left.is_empty() {
-            bail!(
-                "playground {name} (sim {id}): could not remove everything:\n  {}",
-                left.iter().map(|l| l.description.clone()).collect::<Vec<_>>().join("\n  ")
-            );
-        }
-        if let Err(e) = std::fs::remove_dir_all(&marker.temp_dir) {
-            if e.kind() != std::io::ErrorKind::NotFound {
-                eprintln!("xtask: removing {}: {e}", marker.temp_dir.display());
-            }
-        }
-        registry::remove(&id);
-        registry::release_stale_name(&name);
-        println!("removed playground {name} (sim {id}: {} object(s))", found.len());
+        let found = playground::down(&name)?;
+        println!("removed playground {name} (sim {}: {} object(s))", marker.id, found.len());
     }
     Ok(())
 }

@@ -408,6 +408,35 @@ impl Playground {
     }
 }
 
+/// Removes playground `name` whoever made it and whatever state it is in (also when the `sim
+/// up` that made it was killed half-way): every object of its sim, its temp dir, its marker and
+/// its name. Returns the objects removed.
+pub fn down(name: &str) -> Result<Vec<String>> {
+    let Some(id) = crate::registry::playground_id(name) else {
+        crate::registry::release_stale_name(name);
+        bail!("no playground named {name:?} (`cargo xtask sim list` shows them)");
+    };
+    let marker = crate::registry::read(&id);
+    let found = crate::sweep_where(|s| s == id);
+    let left = crate::leftovers_of(&id);
+    if !left.is_empty() {
+        bail!(
+            "playground {name} (sim {id}): could not remove everything:\n  {}",
+            left.iter().map(|l| l.description.clone()).collect::<Vec<_>>().join("\n  ")
+        );
+    }
+    if let Some(m) = &marker {
+        if let Err(e) = std::fs::remove_dir_all(&m.temp_dir) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                bail!("removing {}: {e}", m.temp_dir.display());
+            }
+        }
+    }
+    crate::registry::remove(&id);
+    crate::registry::release_stale_name(name);
+    Ok(found)
+}
+
 /// Starts each pod's stand-ins and waits until they listen. Two containers of a pod asking for
 /// the same port get one server (a pod has one network namespace).
 fn start_stand_ins(plan: &Plan, pods: &mut [PlaygroundPod]) -> Result<()> {
