@@ -18,7 +18,6 @@ use sluice_tests::{
     sweep_abandoned_where, workloads, Sim, SimKind, SimOpts,
 };
 
-
 /// Every kind the playground builds, in one user's directory (two files, as users split them).
 const APP: &str = r#"
 apiVersion: v1
