@@ -99,7 +99,7 @@ pub use fake_apiserver::TokenSpec;
 pub use pki::{CaFiles, CertInfo};
 pub use node::{CgroupDriver, Node};
 pub use pod::{Pod, PodOpts};
-pub use process::{DetachedProcess, Output, PodProcess, Signal, SimProcess};
+pub use process::{command_in_pod, DetachedProcess, Output, PodProcess, Signal, SimProcess};
 pub use sluice::{Sluice, SluiceOpts};
 pub use registry::SimKind;
 pub use sweep::{

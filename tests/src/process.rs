@@ -34,6 +34,20 @@ pub(crate) struct Placement {
     pub label: String,
 }
 
+/// A `Command` that runs `args` inside a pod from outside the sim's process (`cargo xtask sim
+/// exec`): it joins the pod's cgroup, so that sluice captures its connections as the pod's, and
+/// enters the pod's network namespace. `ip netns exec` alone enters the namespace only, and a
+/// process outside the pod's cgroup is not captured (a ClusterIP then refuses the connection).
+pub fn command_in_pod<I, S>(netns: &str, cgroup: &Path, args: I) -> Result<Command>
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    let placement =
+        Placement { netns: netns.to_string(), cgroup: cgroup.to_path_buf(), label: netns.to_string() };
+    command_in(&placement, args)
+}
+
 /// Builds a `Command` that, between fork and exec, joins the placement's cgroup and enters its
 /// netns. The fds are opened here, in the parent, because only async-signal-safe calls are
 /// allowed after fork in a multithreaded process (no allocation, no path lookups by std): the

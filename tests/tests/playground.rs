@@ -7,7 +7,7 @@
 //! never call the global `sweep()`: they apply the same rule to their own sims only
 //! (`sweep_abandoned_where`).
 
-use std::{collections::BTreeMap, fs, path::PathBuf};
+use std::{collections::BTreeMap, fs, path::PathBuf, time::Duration};
 
 use anyhow::{ensure, Context, Result};
 use serde_json::Value;
@@ -15,7 +15,7 @@ use sluice_tests::{
     leftovers_of,
     playground::{self, spec, Playground, PlaygroundOpts},
     registry::{self, Disposition, OwnerProcess},
-    sweep_abandoned_where, workloads, Sim, SimKind, SimOpts,
+    sweep_abandoned_where, workloads, Sim, SimKind, SimOpts, SluiceOpts,
 };
 
 /// Every kind the playground builds, in one user's directory (two files, as users split them).
@@ -216,6 +216,20 @@ fn a_directory_of_manifests_becomes_a_cluster_with_sluice_on_every_node() -> Res
     );
     let routes = pg.sluice(0).cli(&["routes", "shop/web"])?;
     ensure!(routes.stdout.contains("web-to-v1"), "the HTTPRoute is in force:\n{}", routes.stdout);
+    // What `cargo xtask sim exec shop/client -- curl ...` runs (from the state file later
+    // commands read): curl in the client pod's cgroup and netns, captured by sluice.
+    let st = playground::state::State::of(&pg);
+    let curl = ["curl", "-sS", "-m", "10", "-D", "-", &format!("http://{web_vip}/")].map(String::from);
+    let out = st.command_in_pod("shop/client", &curl)?.output()?;
+    let head = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        out.status.success() && head.contains("x-simpod-name: web-"),
+        "curl in the pod through sluice: {head}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    ensure!(st.command_in_pod("shop/web", &curl).is_err(), "three web pods: the name must be exact");
+    ensure!(st.find_pod("shop/cache")?.name.starts_with("cache-"), "a ReplicaSet's pod by its name");
+
     // A StatefulSet pod echoes on its container port too (bytes through sluice, mTLS).
     let db = pg.service_addr("shop", "db", 5432)?;
     let got = workloads::http_load(&client.pod, db, &["--count", "4"])?;
@@ -352,7 +366,24 @@ fn sweeps_remove_abandoned_sims_only_and_sim_down_removes_a_playground() -> Resu
     let name = format!("pgtest-{}", std::process::id());
     let kept =
         Sim::with_opts(SimOpts { kind: SimKind::Playground { name: name.clone() }, ..SimOpts::default() })?;
-    kept.add_node("n1")?.add_pod("demo", "b", Default::default())?;
+    let kept_node = kept.add_node("n1")?;
+    kept_node.add_pod("demo", "b", Default::default())?;
+    {
+        // A playground's sluice listens on the node's default admin socket, so the CLI finds it
+        // with `--node`, as the summary prints it (and as on a real node).
+        let sluice = kept_node.start_sluice(SluiceOpts::default())?;
+        sluice.wait_ready(Duration::from_secs(30))?;
+        let out = std::process::Command::new(sluice_tests::sluice_bin()?)
+            .args(["status", "--node", kept_node.name()])
+            .output()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        ensure!(
+            out.status.success() && text.contains(&format!("on node {}", kept_node.name())),
+            "sluice status --node {}: {text}{}",
+            kept_node.name(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
     let abandoned = Sim::new()?;
     abandoned.add_node("n1")?.add_pod("demo", "c", Default::default())?;
     orphan(&abandoned)?;

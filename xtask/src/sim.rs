@@ -46,6 +46,18 @@ pub enum SimCmd {
         #[arg(long)]
         name: Option<String>,
     },
+    /// Run a command inside a pod of a playground, as the pod: in its cgroup (so sluice
+    /// captures its connections) and its network namespace. POD is NAMESPACE/NAME or
+    /// NAMESPACE/DEPLOYMENT (e.g. `bookinfo/curl`). Exits with the command's status.
+    Exec {
+        /// Which playground (needed when several run).
+        #[arg(long)]
+        name: Option<String>,
+        pod: String,
+        /// The command and its arguments, after `--`.
+        #[arg(required = true, last = true)]
+        command: Vec<String>,
+    },
     /// Show the playgrounds (and any other simulator on the machine, with whose it is).
     List,
     /// Remove a playground (the only one when NAME is not given).
@@ -62,6 +74,7 @@ pub fn run(cmd: SimCmd) -> Result<()> {
         SimCmd::Up { paths, nodes, name } => up(&paths, nodes, name),
         SimCmd::Apply { files, name } => change(&files, name, true),
         SimCmd::Delete { files, name } => change(&files, name, false),
+        SimCmd::Exec { name, pod, command } => exec(name, &pod, &command),
         SimCmd::List => list(),
         SimCmd::Down { name, all } => down(name, all),
     }
@@ -158,6 +171,20 @@ fn change(files: &[PathBuf], name: Option<String>, applying: bool) -> Result<()>
         for obj in done {
             println!("{} {obj} ({name})", if applying { "applied" } else { "deleted" });
         }
+    }
+    Ok(())
+}
+
+fn exec(name: Option<String>, pod: &str, command: &[String]) -> Result<()> {
+    let (name, marker) = find(name)?;
+    let st = state::read(&marker.temp_dir).with_context(|| {
+        format!("playground {name} never finished coming up: remove it with `cargo xtask sim down {name}`")
+    })?;
+    let mut cmd = st.command_in_pod(pod, command)?;
+    let status = cmd.status().with_context(|| format!("running {command:?} in {pod} ({name})"))?;
+    if !status.success() {
+        // The command's own status, as `kubectl exec` passes it on.
+        std::process::exit(status.code().unwrap_or(1));
     }
     Ok(())
 }

@@ -377,16 +377,26 @@ impl Playground {
             }
         }
         if let Some(client) = self.pods.iter().find(|p| p.behaviours.iter().all(|b| *b == Behaviour::Idle)) {
-            if let Some(svc) =
-                self.plan.services.iter().find(|s| s.cluster_ip.is_some() && !s.ports.is_empty())
-            {
+            // Bookinfo's front page first: that is what its tasks look at.
+            let svc = self
+                .plan
+                .services
+                .iter()
+                .filter(|s| s.cluster_ip.is_some() && !s.ports.is_empty())
+                .min_by_key(|s| s.name != "productpage");
+            if let Some(svc) = svc {
+                let path = if svc.name == "productpage" { "/productpage" } else { "/" };
+                let name = match &self.opts.kind {
+                    SimKind::Playground { name } => format!("--name {name} "),
+                    SimKind::Test => String::new(),
+                };
                 out += &format!(
-                    "\ntry, from pod {}/{}:\n  ip netns exec {} curl -s http://{}:{}/\n",
-                    client.plan.namespace,
-                    client.plan.name,
-                    client.pod.netns(),
-                    svc.cluster_ip.map(|i| i.to_string()).unwrap_or_default(),
-                    svc.ports[0].port
+                    "\ntry, from pod {ns}/{pod} (in its cgroup and network namespace, so sluice captures it):\n  \
+                     cargo xtask sim exec {name}{ns}/{pod} -- curl -s http://{ip}:{port}{path}\n",
+                    ns = client.plan.namespace,
+                    pod = client.plan.name,
+                    ip = svc.cluster_ip.map(|i| i.to_string()).unwrap_or_default(),
+                    port = svc.ports[0].port,
                 );
             }
         }

@@ -7,7 +7,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
 use super::Playground;
@@ -42,6 +42,9 @@ pub struct PodState {
     pub ip: String,
     pub node: String,
     pub netns: String,
+    /// The pod's cgroup: a process must join it to be captured as the pod's (`sim exec`).
+    #[serde(default)]
+    pub cgroup: PathBuf,
     pub runs: String,
 }
 
@@ -80,6 +83,7 @@ impl State {
                     ip: p.pod.ip().to_string(),
                     node: pg.nodes[p.plan.node].short_name().to_string(),
                     netns: p.pod.netns().to_string(),
+                    cgroup: p.pod.cgroup_path().to_path_buf(),
                     runs: p
                         .behaviours
                         .iter()
@@ -100,6 +104,46 @@ impl State {
                 })
                 .collect(),
         }
+    }
+
+    /// The pod `namespace/name`, or `namespace/prefix` naming exactly one pod whose name is
+    /// `prefix-...` (a Deployment's or StatefulSet's name: `bookinfo/curl`).
+    pub fn find_pod(&self, which: &str) -> Result<&PodState> {
+        let (ns, name) = which
+            .split_once('/')
+            .with_context(|| format!("{which:?}: name a pod as NAMESPACE/NAME (or NAMESPACE/DEPLOYMENT)"))?;
+        if let Some(p) = self.pods.iter().find(|p| p.namespace == ns && p.name == name) {
+            return Ok(p);
+        }
+        let prefix = format!("{name}-");
+        let matching: Vec<&PodState> =
+            self.pods.iter().filter(|p| p.namespace == ns && p.name.starts_with(&prefix)).collect();
+        match matching.as_slice() {
+            [one] => Ok(one),
+            [] => bail!(
+                "no pod {which} in this playground (pods: {})",
+                self.pods
+                    .iter()
+                    .map(|p| format!("{}/{}", p.namespace, p.name))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            many => bail!(
+                "{which} names {} pods ({}): name one",
+                many.len(),
+                many.iter().map(|p| p.name.as_str()).collect::<Vec<_>>().join(", ")
+            ),
+        }
+    }
+
+    /// A command running `args` inside pod `which` (see [`State::find_pod`]): in its cgroup and
+    /// network namespace, so that sluice captures it as the pod.
+    pub fn command_in_pod(&self, which: &str, args: &[String]) -> Result<std::process::Command> {
+        let pod = self.find_pod(which)?;
+        if pod.cgroup.as_os_str().is_empty() {
+            bail!("the playground's state names no cgroup for {which} (made by an older build): recreate it");
+        }
+        crate::command_in_pod(&pod.netns, &pod.cgroup, args)
     }
 
     pub fn admin_sockets(&self) -> Vec<PathBuf> {
