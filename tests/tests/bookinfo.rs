@@ -6,6 +6,13 @@
 //! The configuration is `deploy/examples/bookinfo/istio/`, applied file by file as the tasks
 //! apply it. Each behaviour is judged by counts over at least 2 000 requests.
 //!
+//! What runs today and what waits for the Istio kinds: the tests that apply VirtualServices,
+//! DestinationRules, PeerAuthentication, L7 AuthorizationPolicies or RequestAuthentication are
+//! `#[ignore]`d with the branch that brings the kind; they are written against the issue's
+//! semantics and run with `cargo nextest run -p sluice-tests --test bookinfo --run-ignored all`
+//! once those branches are merged (drop the `ignore` then). The same tasks through sluice's own
+//! API (Gateway API routes to the per-version Services) run now.
+//!
 //! Two more clients: `visitor` (a mesh pod of bookinfo with the `default` ServiceAccount: another
 //! identity) and `legacy/curl` (a pod outside the mesh, which reaches pods by IP: the playground
 //! has no kube-proxy for clients sluice does not capture).
@@ -158,6 +165,7 @@ const JASON: &str = "cookie: session=jason";
 
 /// All to v1: destination-rule-all and virtual-service-all-v1; every page shows reviews v1.
 #[test]
+#[ignore = "needs VirtualService and DestinationRule (branches virtual-service, destination-rule)"]
 fn request_routing_sends_everything_to_v1() -> Result<()> {
     let b = Bookinfo::up()?;
     b.apply(&["destination-rule-all.yaml", "virtual-service-all-v1.yaml"])?;
@@ -175,6 +183,7 @@ fn request_routing_sends_everything_to_v1() -> Result<()> {
 
 /// Traffic shifting: 90/10, then 80/20 between v1 and v2, within ±3 points.
 #[test]
+#[ignore = "needs VirtualService and DestinationRule (branches virtual-service, destination-rule)"]
 fn traffic_shifting_90_10_then_80_20() -> Result<()> {
     let b = Bookinfo::up()?;
     b.apply(&[
@@ -200,6 +209,7 @@ fn traffic_shifting_90_10_then_80_20() -> Result<()> {
 
 /// Routing by user: jason's pages from v2, everyone else's from v1.
 #[test]
+#[ignore = "needs VirtualService and DestinationRule (branches virtual-service, destination-rule)"]
 fn jason_is_routed_to_v2() -> Result<()> {
     let b = Bookinfo::up()?;
     b.apply(&[
@@ -249,6 +259,7 @@ fn ratings_direct(b: &Bookinfo, n: u64, conns: usize, extra: &[&str]) -> Result<
 /// Fault injection, delay: ratings waits 7 s for jason only. jason's pages fail their reviews
 /// after productpage's 3 s and one retry; everyone else's are untouched.
 #[test]
+#[ignore = "needs VirtualService and DestinationRule (branches virtual-service, destination-rule)"]
 fn ratings_delay_hits_jason_only() -> Result<()> {
     let b = Bookinfo::up()?;
     b.apply(&[
@@ -292,6 +303,7 @@ fn ratings_delay_hits_jason_only() -> Result<()> {
 /// Fault injection, abort: ratings answers 500 to jason only; jason's page shows reviews v2
 /// without stars ("Ratings service is currently unavailable").
 #[test]
+#[ignore = "needs VirtualService and DestinationRule (branches virtual-service, destination-rule)"]
 fn ratings_abort_hits_jason_only() -> Result<()> {
     let b = Bookinfo::up()?;
     b.apply(&[
@@ -335,6 +347,7 @@ fn ratings_abort_hits_jason_only() -> Result<()> {
 /// DestinationRule subsets: a subset selects its version's pods only; without the
 /// DestinationRule a route to a subset has nowhere to go.
 #[test]
+#[ignore = "needs VirtualService and DestinationRule (branches virtual-service, destination-rule)"]
 fn destination_rule_subsets_select_their_pods() -> Result<()> {
     let b = Bookinfo::up()?;
     // No subsets yet: the route to reviews v3 fails (productpage shows reviews unavailable).
@@ -359,6 +372,7 @@ fn destination_rule_subsets_select_their_pods() -> Result<()> {
 /// PeerAuthentication STRICT: plaintext from outside the mesh is refused, mesh clients are
 /// untouched, and deleting it lets plaintext in again.
 #[test]
+#[ignore = "needs PeerAuthentication (branch istio-security)"]
 fn strict_peer_authentication_refuses_plaintext_only() -> Result<()> {
     let b = Bookinfo::up()?;
     let pod_ip = b.pg.app_pod(NS, "productpage")?.addr(9080);
@@ -400,6 +414,7 @@ fn strict_peer_authentication_refuses_plaintext_only() -> Result<()> {
 /// L7 AuthorizationPolicy: only GET, only the page and the product API, only from curl's
 /// identity; everything else is 403 "RBAC: access denied".
 #[test]
+#[ignore = "needs AuthorizationPolicy at L7 (branch istio-security)"]
 fn l7_authorization_allows_get_on_given_paths_from_one_principal() -> Result<()> {
     let b = Bookinfo::up()?;
     b.apply(&["authorization-policy-productpage-get.yaml"])?;
@@ -434,6 +449,7 @@ fn l7_authorization_allows_get_on_given_paths_from_one_principal() -> Result<()>
 /// RequestAuthentication with the example's JWKS: a valid token or none gets in, an expired or
 /// tampered one gets 401; with the require-JWT policy, none gets 403.
 #[test]
+#[ignore = "needs RequestAuthentication (branch istio-security)"]
 fn request_authentication_with_valid_expired_and_missing_tokens() -> Result<()> {
     let b = Bookinfo::up()?;
     b.apply(&["request-authentication-jwt.yaml"])?;
@@ -474,6 +490,68 @@ fn request_authentication_with_valid_expired_and_missing_tokens() -> Result<()> 
             l.by_status
         );
     }
+    Ok(())
+}
+
+/// The request-routing and traffic-shifting tasks through what sluice routes by today: a
+/// Gateway API route on the `reviews` Service whose backends are the per-version Services
+/// (`reviews-v1`, `reviews-v2`), the Service-level equivalent of a VirtualService to subsets.
+/// Replaced as `kubectl apply` replaces an object of the same name.
+fn reviews_route(rules: &str) -> String {
+    format!(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: reviews, namespace: bookinfo}}\n\
+         spec:\n  parentRefs: [{{group: \"\", kind: Service, name: reviews, port: 9080}}]\n  rules:\n{rules}"
+    )
+}
+
+/// All to v1, then 80/20, then jason → v2, by Service routing (runs today, before the
+/// VirtualService lands): every page from v1; 80/20 within ±3 points; jason's pages from v2
+/// while everyone else's stay on v1.
+#[test]
+fn service_routing_all_to_v1_then_80_20_then_jason_to_v2() -> Result<()> {
+    let b = Bookinfo::up()?;
+    b.pg.apply("reviews-all-v1.yaml", &reviews_route("  - backendRefs: [{name: reviews-v1, port: 9080}]\n"))?;
+    let l = b.pages(b.curl()?, 2000, 20, &[])?;
+    eprintln!("all to v1 by Service, 2000 pages: {:?}", l.by_header);
+    all_ok("all-v1", &l)?;
+    ensure!(reviews(&l, "v1") == 2000, "every page from reviews v1: {:?}", l.by_header);
+    ensure!(
+        ratings(&l, "none") == 2000 && l.header_count("x-bookinfo-details", "v1") == 2000,
+        "{:?}",
+        l.by_header
+    );
+
+    b.pg.apply(
+        "reviews-80-20.yaml",
+        &reviews_route(
+            "  - backendRefs:\n    - {name: reviews-v1, port: 9080, weight: 80}\n    - {name: reviews-v2, port: 9080, weight: 20}\n",
+        ),
+    )?;
+    let l = b.pages(b.curl()?, 2000, 20, &[])?;
+    all_ok("80/20", &l)?;
+    share("80/20 by Service: v1", reviews(&l, "v1"), 2000, 80.0, 3.0)?;
+    share("80/20 by Service: v2", reviews(&l, "v2"), 2000, 20.0, 3.0)?;
+    ensure!(reviews(&l, "v3") == 0, "{:?}", l.by_header);
+    ensure!(ratings(&l, "v1") == reviews(&l, "v2"), "v2 pages show ratings: {:?}", l.by_header);
+
+    b.pg.apply(
+        "reviews-jason-v2.yaml",
+        &reviews_route(
+            "  - matches: [{headers: [{name: end-user, value: jason}]}]\n    backendRefs: [{name: reviews-v2, port: 9080}]\n\
+             \x20 - backendRefs: [{name: reviews-v1, port: 9080}]\n",
+        ),
+    )?;
+    let jason = b.pages(b.curl()?, 1000, 20, &["--header", JASON])?;
+    let others = b.pages(b.curl()?, 1000, 20, &["--header", "cookie: session=alice"])?;
+    eprintln!("jason: {:?}\nalice: {:?}", jason.by_header, others.by_header);
+    all_ok("jason", &jason)?;
+    all_ok("alice", &others)?;
+    ensure!(
+        reviews(&jason, "v2") == 1000 && ratings(&jason, "v1") == 1000,
+        "jason → v2 with stars: {:?}",
+        jason.by_header
+    );
+    ensure!(reviews(&others, "v1") == 1000, "alice → v1: {:?}", others.by_header);
     Ok(())
 }
 
