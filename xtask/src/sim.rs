@@ -190,6 +190,12 @@ fn exec(name: Option<String>, pod: &str, command: &[String]) -> Result<()> {
 }
 
 fn list() -> Result<()> {
+    // `sim list | head` ends quietly when the reader goes away, as Unix tools do, instead of
+    // panicking in println! (Rust ignores SIGPIPE by default).
+    // SAFETY: setting a signal's disposition to its default has no preconditions.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let mut any = false;
     for id in sluice_tests::sweep::sim_ids() {
         any = true;
