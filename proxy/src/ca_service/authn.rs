@@ -467,7 +467,10 @@ impl CachedReviewer {
             }
             Err(e) => {
                 let mut cache = self.lock();
-                if cache.entries.get(&key).is_some_and(|e| Arc::ptr_eq(&e.slot, &slot) && e.slot.cell.get().is_none())
+                if cache
+                    .entries
+                    .get(&key)
+                    .is_some_and(|e| Arc::ptr_eq(&e.slot, &slot) && e.slot.cell.get().is_none())
                 {
                     cache.remove(&key);
                 }
@@ -656,7 +659,10 @@ pub(crate) mod tests {
         let fake = Arc::new(FakeReviewer::default());
         let cache = cached(&fake, limits(16));
         for _ in 0..3 {
-            assert!(matches!(cache.review_from("bad", "sluice-ca", SRC).await, Err(ReviewError::Rejected(_))));
+            assert!(matches!(
+                cache.review_from("bad", "sluice-ca", SRC).await,
+                Err(ReviewError::Rejected(_))
+            ));
         }
         assert_eq!(fake.calls.load(Ordering::SeqCst), 1, "the same bad token is answered from the cache");
         tokio::time::advance(DEFAULT_FAILURE_CACHE_TTL + Duration::from_millis(1)).await;
@@ -672,7 +678,10 @@ pub(crate) mod tests {
         )]));
         let cache = cached(&fake, limits(16));
         for _ in 0..3 {
-            assert!(matches!(cache.review_from("t", "sluice-ca", SRC).await, Err(ReviewError::Unavailable(_))));
+            assert!(matches!(
+                cache.review_from("t", "sluice-ca", SRC).await,
+                Err(ReviewError::Unavailable(_))
+            ));
         }
         assert_eq!(fake.calls.load(Ordering::SeqCst), 3);
         assert_eq!(cache.entries(), 0, "nothing is left behind");
@@ -734,9 +743,12 @@ pub(crate) mod tests {
         // with live entries, then make uncached requests: each looks at one entry (the oldest,
         // still live), whatever the size.
         let n = 5000;
-        let fake =
-            Arc::new(FakeReviewer::with((0..n + 100).map(|i| (format!("t{i}"), Ok(node_agent(Some("n1"), None))))));
-        let cache = cached(&fake, limits(n));
+        let fake = Arc::new(FakeReviewer::with(
+            (0..n + 100).map(|i| (format!("t{i}"), Ok(node_agent(Some("n1"), None)))),
+        ));
+        // Rates that let all of them through (the buckets run on the real clock).
+        let unlimited = RateConfig { rate: 1000.0, burst: 100_000 };
+        let cache = cached(&fake, ReviewLimits { per_source: unlimited, global: unlimited, ..limits(n) });
         for i in 0..n {
             cache.review_from(&format!("t{i}"), "sluice-ca", SRC).await.unwrap();
         }

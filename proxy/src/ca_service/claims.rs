@@ -29,12 +29,7 @@ const MAX_PAYLOAD_BYTES: usize = 4 * 1024;
 /// Checks `token`'s claims at `now` (Unix seconds): `aud` contains `audience`, `exp` is
 /// later than `now`, and `sub` is `system:serviceaccount:<namespace>:<name>` of
 /// `node_account`.
-pub fn check(
-    token: &str,
-    audience: &str,
-    node_account: (&str, &str),
-    now: i64,
-) -> Result<(), ClaimProblem> {
+pub fn check(token: &str, audience: &str, node_account: (&str, &str), now: i64) -> Result<(), ClaimProblem> {
     let not_sa = |why: &str| Err(ClaimProblem::NotServiceAccountToken(why.to_string()));
     let mut parts = token.split('.');
     let (Some(header), Some(payload), Some(signature), None) =
@@ -121,7 +116,8 @@ pub(crate) mod tests {
 
     #[test]
     fn what_is_not_a_service_account_token_is_refused() {
-        for token in ["opaque-token", "a.b", "a.b.c.d", ".e30.sig", "e30.e30.", "e30.!!!.sig", "e30.W10.sig"] {
+        for token in ["opaque-token", "a.b", "a.b.c.d", ".e30.sig", "e30.e30.", "e30.!!!.sig", "e30.W10.sig"]
+        {
             assert!(matches!(check_at(token), Err(ClaimProblem::NotServiceAccountToken(_))), "{token}");
         }
         let mut no_exp = node_agent_claims(0);
@@ -137,7 +133,10 @@ pub(crate) mod tests {
         c["aud"] = json!(["https://kubernetes.default.svc", "istio-ca"]);
         assert_eq!(
             check_at(&jwt(c)),
-            Err(ClaimProblem::WrongAudience(vec!["https://kubernetes.default.svc".into(), "istio-ca".into()]))
+            Err(ClaimProblem::WrongAudience(vec![
+                "https://kubernetes.default.svc".into(),
+                "istio-ca".into()
+            ]))
         );
     }
 
@@ -152,7 +151,10 @@ pub(crate) mod tests {
         // A tenant can mint a valid token for the CA's audience for its own ServiceAccount.
         let mut c = node_agent_claims(NOW + 60);
         c["sub"] = json!("system:serviceaccount:shop:web");
-        assert_eq!(check_at(&jwt(c)), Err(ClaimProblem::WrongSubject("system:serviceaccount:shop:web".into())));
+        assert_eq!(
+            check_at(&jwt(c)),
+            Err(ClaimProblem::WrongSubject("system:serviceaccount:shop:web".into()))
+        );
         let mut none = node_agent_claims(NOW + 60);
         none.as_object_mut().unwrap().remove("sub");
         assert_eq!(check_at(&jwt(none)), Err(ClaimProblem::WrongSubject(String::new())));

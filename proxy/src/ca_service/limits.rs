@@ -42,7 +42,10 @@ pub struct RateConfig {
 impl RateConfig {
     pub fn validate(&self) -> Result<(), String> {
         if !(self.rate.is_finite() && (MIN_RATE..=MAX_RATE).contains(&self.rate)) {
-            return Err(format!("--node-rate must be between {MIN_RATE} and {MAX_RATE} per second (got {})", self.rate));
+            return Err(format!(
+                "--node-rate must be between {MIN_RATE} and {MAX_RATE} per second (got {})",
+                self.rate
+            ));
         }
         if !(1..=MAX_BURST).contains(&self.burst) {
             return Err(format!("--node-burst must be between 1 and {MAX_BURST} (got {})", self.burst));

@@ -128,6 +128,20 @@ impl CaMetrics {
         *self.admission.lock().unwrap_or_else(|e| e.into_inner()) = Some(admission);
     }
 
+    fn admission(&self) -> Option<Arc<Admission>> {
+        self.admission.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// gRPC connections open now (0 before the server runs).
+    pub fn open_connections(&self) -> usize {
+        self.admission().map_or(0, |a| a.open_connections())
+    }
+
+    /// Request streams being handled now.
+    pub fn open_streams(&self) -> usize {
+        self.admission().map_or(0, |a| a.open_streams())
+    }
+
     pub fn issued_total(&self) -> u64 {
         self.issued.get()
     }
@@ -238,7 +252,7 @@ impl Collector for Counts {
             MetricType::Counter,
         )?;
         m.unknown_methods.encode(e)?;
-        let admission = m.admission.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let admission = m.admission();
         let (conns, streams, sources) =
             admission.map_or((0, 0, 0), |a| (a.open_connections(), a.open_streams(), a.sources_tracked()));
         gauge(&mut encoder, "sluice_ca_connections", "gRPC connections open now.", conns as i64)?;
@@ -461,7 +475,13 @@ mod tests {
             Arc::new(|| Gauges { pods: 3, ..Gauges::default() }),
             Arc::new({
                 let ready = ready.clone();
-                move || if ready.load(Ordering::SeqCst) { Ok(()) } else { Err("the pod watch has not synced".into()) }
+                move || {
+                    if ready.load(Ordering::SeqCst) {
+                        Ok(())
+                    } else {
+                        Err("the pod watch has not synced".into())
+                    }
+                }
             }),
         );
         let text = scrape.render();
@@ -485,5 +505,43 @@ mod tests {
         assert_eq!(answer(&scrape, &Method::GET, READY_PATH).status(), StatusCode::OK);
         assert_eq!(answer(&scrape, &Method::GET, "/x").status(), StatusCode::NOT_FOUND);
         assert_eq!(answer(&scrape, &Method::POST, METRICS_PATH).status(), StatusCode::METHOD_NOT_ALLOWED);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_metrics_server_serves_a_bounded_number_of_connections() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let scrape = Arc::new(Scrape::new(
+            Arc::new(CaMetrics::default()),
+            Arc::new(Gauges::default),
+            Arc::new(|| Ok(())),
+        ));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(serve(listener, scrape, 1));
+        let within = Duration::from_secs(10);
+        // A client that connects and says nothing holds the one slot...
+        let mut first = tokio::net::TcpStream::connect(addr).await.unwrap();
+        first.write_all(b"GET /healthz/ready HTTP/1.1\r\nhost: ca\r\n\r\n").await.unwrap();
+        let mut buf = [0u8; 512];
+        let n = tokio::time::timeout(within, first.read(&mut buf)).await.unwrap().unwrap();
+        assert!(buf[..n].starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&buf[..n]));
+        // ...so the next is closed at accept (read: end of stream, no answer)...
+        let mut second = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let n = tokio::time::timeout(within, second.read(&mut buf)).await.expect("closed at once");
+        assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
+        // ...until the first one leaves.
+        drop(first);
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+            c.write_all(b"GET /metrics HTTP/1.1\r\nhost: ca\r\nconnection: close\r\n\r\n").await.unwrap();
+            let mut got = Vec::new();
+            let _ = tokio::time::timeout(within, c.read_to_end(&mut got)).await;
+            if got.starts_with(b"HTTP/1.1 200") {
+                break;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "the slot was never freed");
+            tokio::task::yield_now().await;
+        }
     }
 }

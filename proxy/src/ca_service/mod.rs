@@ -202,7 +202,8 @@ async fn serve(config: CaServeConfig, service_config: server::ServiceConfig) -> 
         "CA service listening; answering UNAVAILABLE until the pod watch has synced"
     );
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let server = tokio::spawn(server::serve(listener, tls, service, server::ServerLimits::default(), stop_rx));
+    let server =
+        tokio::spawn(server::serve(listener, tls, service, server::ServerLimits::default(), stop_rx));
     let why = stop_signal().await;
     info!(signal = why, "stopping: no new connections, open ones get GOAWAY");
     stop_tx.send_replace(true);

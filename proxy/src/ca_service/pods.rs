@@ -88,10 +88,8 @@ impl PodRecord {
         let s = |v: Option<&Value>| v.and_then(Value::as_str).filter(|s| !s.is_empty()).map(str::to_owned);
         let meta = pod.get("metadata");
         let spec = pod.get("spec");
-        let daemonset_owned = meta
-            .and_then(|m| m.get("ownerReferences"))
-            .and_then(Value::as_array)
-            .is_some_and(|owners| {
+        let daemonset_owned =
+            meta.and_then(|m| m.get("ownerReferences")).and_then(Value::as_array).is_some_and(|owners| {
                 owners.iter().any(|o| {
                     o.get("controller").and_then(Value::as_bool) == Some(true)
                         && o.get("kind").and_then(Value::as_str) == Some("DaemonSet")
@@ -108,10 +106,7 @@ impl PodRecord {
                 Some("Succeeded" | "Failed")
             ),
             host_network: spec.and_then(|m| m.get("hostNetwork")).and_then(Value::as_bool) == Some(true),
-            mirror: meta
-                .and_then(|m| m.get("annotations"))
-                .and_then(|a| a.get(MIRROR_ANNOTATION))
-                .is_some(),
+            mirror: meta.and_then(|m| m.get("annotations")).and_then(|a| a.get(MIRROR_ANNOTATION)).is_some(),
             daemonset_owned,
         })
     }
@@ -511,7 +506,11 @@ mod tests {
         assert_eq!(store.readiness(t0), Readiness::Ready);
         store.watch_failed(t0);
         store.watch_failed(t0 + Duration::from_secs(30));
-        assert_eq!(store.readiness(t0 + Duration::from_secs(59)), Readiness::Ready, "a short outage is ridden out");
+        assert_eq!(
+            store.readiness(t0 + Duration::from_secs(59)),
+            Readiness::Ready,
+            "a short outage is ridden out"
+        );
         assert_eq!(
             store.readiness(t0 + Duration::from_secs(61)),
             Readiness::Stale(Duration::from_secs(61)),

@@ -181,7 +181,9 @@ mod tests {
 
     fn unknown_node(r: Result<Caller, Refusal>, says: &str) {
         match r {
-            Err(Refusal::CallerNodeUnknown(why)) => assert!(why.contains(says), "{why:?} should say {says:?}"),
+            Err(Refusal::CallerNodeUnknown(why)) => {
+                assert!(why.contains(says), "{why:?} should say {says:?}")
+            }
             other => panic!("expected caller_node_unknown saying {says:?}, got {other:?}"),
         }
     }
@@ -287,9 +289,11 @@ mod tests {
         let elsewhere = SpiffeId::new("other.domain", "shop", "web");
         assert!(matches!(decide(&n1(), &elsewhere), Err(Refusal::WrongTrustDomain { .. })));
         let agents = SpiffeId::new("cluster.local", "sluice-system", "sluice");
+        // The node agents' own identity: n1 runs sluice-a, but a host-network DaemonSet pod
+        // gives its node nothing (only the ordinary "rogue" pod on n2 holds it, for n2).
         assert!(
-            matches!(decide(&n1(), &agents), Err(Refusal::NoPodAnywhere { .. })),
-            "the node agents' own identity is nobody's to sign"
+            matches!(decide(&n1(), &agents), Err(Refusal::NoPodOnNode { .. })),
+            "the node agents' own identity is not n1's to ask for"
         );
     }
 }

@@ -281,22 +281,25 @@ impl CaService {
             return Err(Refusal::TokenRejected(format!("the token is longer than {MAX_TOKEN_BYTES} bytes")));
         }
         self.check_claims(token)?;
-        let reviewed = self.reviewer.review_from(token, &policy.audience, peer.ip()).await.map_err(|e| match e {
-            ReviewError::Rejected(why) => Refusal::TokenRejected(why),
-            ReviewError::Unavailable(why) => Refusal::ReviewUnavailable(why),
-            e @ ReviewError::Throttled { retry_after, .. } => {
-                Refusal::ReviewRateLimited { reason: e.to_string(), retry_after }
-            }
-        })?;
+        let reviewed =
+            self.reviewer.review_from(token, &policy.audience, peer.ip()).await.map_err(|e| match e {
+                ReviewError::Rejected(why) => Refusal::TokenRejected(why),
+                ReviewError::Unavailable(why) => Refusal::ReviewUnavailable(why),
+                e @ ReviewError::Throttled { retry_after, .. } => {
+                    Refusal::ReviewRateLimited { reason: e.to_string(), retry_after }
+                }
+            })?;
         asked.user = Some(reviewed.username.clone());
         let caller = self.pods.read(|pods| identify_caller(&reviewed, policy, pods))?;
         asked.node = Some(caller.node.clone());
 
-        self.limiter.check(caller.node.as_str(), Instant::now()).map_err(|retry_after| Refusal::RateLimited {
-            node: caller.node.clone(),
-            rate: self.config.rate.rate,
-            burst: self.config.rate.burst,
-            retry_after,
+        self.limiter.check(caller.node.as_str(), Instant::now()).map_err(|retry_after| {
+            Refusal::RateLimited {
+                node: caller.node.clone(),
+                rate: self.config.rate.rate,
+                burst: self.config.rate.burst,
+                retry_after,
+            }
         })?;
 
         let csr = CsrDer::from_pem(&request.csr);
@@ -426,7 +429,11 @@ struct ActiveStream(Arc<Activity>);
 
 impl Activity {
     fn new() -> Arc<Activity> {
-        Arc::new(Activity { started: Instant::now(), active: AtomicUsize::new(0), last_ms: AtomicU64::new(0) })
+        Arc::new(Activity {
+            started: Instant::now(),
+            active: AtomicUsize::new(0),
+            last_ms: AtomicU64::new(0),
+        })
     }
 
     fn begin(self: &Arc<Self>) -> ActiveStream {
@@ -481,7 +488,9 @@ pub async fn serve(
             Ok(p) => p,
             Err(refused) => {
                 service.metrics.connection_refused(refused.label());
-                if let Some(suppressed) = lograte::shared().allow("ca-connection-refused", &lograte::source_of_ip(peer.ip())) {
+                if let Some(suppressed) =
+                    lograte::shared().allow("ca-connection-refused", &lograte::source_of_ip(peer.ip()))
+                {
                     warn!(%peer, reason = refused.label(), limit = limits.admission.max_connections,
                         per_source = limits.admission.max_connections_per_source, suppressed,
                         "connection refused: too many connections");
@@ -501,7 +510,10 @@ pub async fn serve(
     drop(listener);
     // Every connection holds a permit until it ends.
     if tokio::time::timeout(limits.drain, admission.all_closed()).await.is_err() {
-        info!(after_s = limits.drain.as_secs(), "connections still open after the drain period; stopping anyway");
+        info!(
+            after_s = limits.drain.as_secs(),
+            "connections still open after the drain period; stopping anyway"
+        );
     }
 }
 
@@ -519,7 +531,9 @@ async fn handshake(
     let work = async {
         let mut tls = acceptor.accept(tcp).await.map_err(|e| ("tls", e.to_string()))?;
         let mut preface = [0u8; PREFACE.len()];
-        tls.read_exact(&mut preface).await.map_err(|e| ("preface", format!("reading the HTTP/2 preface: {e}")))?;
+        tls.read_exact(&mut preface)
+            .await
+            .map_err(|e| ("preface", format!("reading the HTTP/2 preface: {e}")))?;
         if &preface != PREFACE {
             return Err(("preface", "not HTTP/2 (no client preface)".to_string()));
         }
@@ -528,10 +542,14 @@ async fn handshake(
     let failure = match tokio::time::timeout(limits.handshake_timeout, work).await {
         Ok(Ok(io)) => return Some(io),
         Ok(Err(failure)) => failure,
-        Err(_) => ("timeout", format!("no TLS handshake and HTTP/2 preface within {:?}", limits.handshake_timeout)),
+        Err(_) => {
+            ("timeout", format!("no TLS handshake and HTTP/2 preface within {:?}", limits.handshake_timeout))
+        }
     };
     service.metrics.handshake_failed(failure.0);
-    if let Some(suppressed) = lograte::shared().allow("ca-handshake-failed", &lograte::source_of_ip(peer.ip())) {
+    if let Some(suppressed) =
+        lograte::shared().allow("ca-handshake-failed", &lograte::source_of_ip(peer.ip()))
+    {
         debug!(%peer, reason = failure.0, error = %failure.1, suppressed, "CA connection closed before its first request");
     }
     None
@@ -554,7 +572,9 @@ async fn serve_connection(
             let _active = activity.begin();
             async move {
                 let _active = _active;
-                Ok::<_, std::convert::Infallible>(answer(req, service, admission, peer, limits.request_deadline).await)
+                Ok::<_, std::convert::Infallible>(
+                    answer(req, service, admission, peer, limits.request_deadline).await,
+                )
             }
         })
     };
@@ -574,7 +594,8 @@ async fn serve_connection(
     let mut closing: Option<Instant> = None;
     let ended = loop {
         let wake = closing.unwrap_or_else(|| {
-            let idle_at = activity.idle_at(limits.idle_timeout).unwrap_or(Instant::now() + limits.idle_timeout);
+            let idle_at =
+                activity.idle_at(limits.idle_timeout).unwrap_or(Instant::now() + limits.idle_timeout);
             idle_at.min(closes_at)
         });
         tokio::select! {
@@ -622,7 +643,9 @@ async fn answer(
     let started = Instant::now();
     if req.uri().path() != CREATE_CERTIFICATE_PATH {
         service.metrics.unknown_method();
-        if let Some(suppressed) = lograte::shared().allow("ca-unknown-method", &lograte::source_of_ip(peer.ip())) {
+        if let Some(suppressed) =
+            lograte::shared().allow("ca-unknown-method", &lograte::source_of_ip(peer.ip()))
+        {
             info!(%peer, path = ?req.uri().path(), suppressed, "request for a method this CA does not serve");
         }
         let status = Status::unimplemented(format!("this server answers only {CREATE_CERTIFICATE_PATH}"));
@@ -633,17 +656,21 @@ async fn answer(
         Err(refused) => {
             let limits = admission.limits();
             let refusal = match refused {
-                StreamRefused::Limit => Refusal::Busy { limit: limits.max_streams, retry_after: BUSY_RETRY_AFTER },
-                StreamRefused::SourceLimit => {
-                    Refusal::SourceBusy { limit: limits.max_streams_per_source, retry_after: BUSY_RETRY_AFTER }
+                StreamRefused::Limit => {
+                    Refusal::Busy { limit: limits.max_streams, retry_after: BUSY_RETRY_AFTER }
                 }
+                StreamRefused::SourceLimit => Refusal::SourceBusy {
+                    limit: limits.max_streams_per_source,
+                    retry_after: BUSY_RETRY_AFTER,
+                },
             };
             return service.refused(&refusal, &Asked::default(), peer, started.elapsed()).into_http();
         }
     };
     let method = CreateCertificate { service: service.clone(), peer };
-    let mut grpc = Grpc::new(tonic_prost::ProstCodec::<IstioCertificateResponse, IstioCertificateRequest>::default())
-        .max_decoding_message_size(MAX_MESSAGE_BYTES);
+    let mut grpc =
+        Grpc::new(tonic_prost::ProstCodec::<IstioCertificateResponse, IstioCertificateRequest>::default())
+            .max_decoding_message_size(MAX_MESSAGE_BYTES);
     match tokio::time::timeout(deadline, grpc.unary(method, req)).await {
         Ok(response) => response,
         Err(_) => {

@@ -660,7 +660,10 @@ pub(crate) mod tests {
         let err = signer.issue_workload(&id, &spki_of(&key), Duration::from_secs(3600)).unwrap_err();
         assert!(err.contains("signing chain expires at"), "{err}");
         signer.info.not_after = OffsetDateTime::now_utc() + Duration::from_secs(30);
-        assert!(signer.issue_workload(&id, &spki_of(&key), Duration::from_secs(3600)).is_err(), "nor seconds before");
+        assert!(
+            signer.issue_workload(&id, &spki_of(&key), Duration::from_secs(3600)).is_err(),
+            "nor seconds before"
+        );
     }
 
     #[test]

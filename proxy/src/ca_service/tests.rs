@@ -105,7 +105,12 @@ fn generous_reviews() -> ReviewLimits {
     }
 }
 
-async fn start_with(pods: PodStore, rate: RateConfig, limits: ServerLimits, reviews: ReviewLimits) -> Harness {
+async fn start_with(
+    pods: PodStore,
+    rate: RateConfig,
+    limits: ServerLimits,
+    reviews: ReviewLimits,
+) -> Harness {
     let pki = TestPki::new(true);
     let signing = Arc::new(
         SigningState::load(pki.files(), vec![SERVER_NAME.into(), "127.0.0.1".into()], SERVING_LIFETIME)
@@ -177,6 +182,8 @@ async fn call(
 fn csr(sans: &[&str], dns: Option<&str>) -> String {
     let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
     let mut params = CertificateParams::default();
+    // A node agent's subject is empty (rcgen's default has a CN, which the CA refuses).
+    params.distinguished_name = rcgen::DistinguishedName::new();
     params.subject_alt_names = sans.iter().map(|s| SanType::URI((*s).try_into().unwrap())).collect();
     if let Some(dns) = dns {
         params.subject_alt_names.push(SanType::DnsName(dns.try_into().unwrap()));
@@ -273,23 +280,56 @@ async fn every_refusal_has_its_code_and_reason() {
     // Refused on their own claims, without a TokenReview: another account's token (a tenant
     // can mint one for the CA's audience), another audience, an expired one, not a JWT.
     let tenant = token_with("tenant", |c| c["sub"] = "system:serviceaccount:shop:web".into());
-    assert_refused(call(&ch, Some(&tenant), ask(WEB)).await, Code::PermissionDenied, "system:serviceaccount:shop:web");
-    let other_audience = token_with("aud", |c| c["aud"] = serde_json::json!(["https://kubernetes.default.svc"]));
-    assert_refused(call(&ch, Some(&other_audience), ask(WEB)).await, Code::Unauthenticated, "its audiences are");
+    assert_refused(
+        call(&ch, Some(&tenant), ask(WEB)).await,
+        Code::PermissionDenied,
+        "system:serviceaccount:shop:web",
+    );
+    let other_audience =
+        token_with("aud", |c| c["aud"] = serde_json::json!(["https://kubernetes.default.svc"]));
+    assert_refused(
+        call(&ch, Some(&other_audience), ask(WEB)).await,
+        Code::Unauthenticated,
+        "its audiences are",
+    );
     let old = token_with("old", |c| c["exp"] = (unix_now() - 10).into());
     assert_refused(call(&ch, Some(&old), ask(WEB)).await, Code::Unauthenticated, "expired");
     assert_refused(call(&ch, Some("opaque"), ask(WEB)).await, Code::Unauthenticated, "not a JWT");
-    assert_eq!(h.fake.calls.load(std::sync::atomic::Ordering::SeqCst), 1, "only the impostor's token was reviewed");
+    assert_eq!(
+        h.fake.calls.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "only the impostor's token was reviewed"
+    );
     // Past the claims, the review decides: a forged token, a rejected one, the API server down.
-    assert_refused(call(&ch, Some(&token("forged")), ask(WEB)).await, Code::PermissionDenied, "ServiceAccount shop/web");
-    assert_refused(call(&ch, Some(&token("expired")), ask(WEB)).await, Code::Unauthenticated, "token has expired");
-    assert_refused(call(&ch, Some(&token("api-down")), ask(WEB)).await, Code::Unavailable, "connection refused");
+    assert_refused(
+        call(&ch, Some(&token("forged")), ask(WEB)).await,
+        Code::PermissionDenied,
+        "ServiceAccount shop/web",
+    );
+    assert_refused(
+        call(&ch, Some(&token("expired")), ask(WEB)).await,
+        Code::Unauthenticated,
+        "token has expired",
+    );
+    assert_refused(
+        call(&ch, Some(&token("api-down")), ask(WEB)).await,
+        Code::Unavailable,
+        "connection refused",
+    );
     assert_refused(call(&ch, None, ask(WEB)).await, Code::Unauthenticated, "authorization: Bearer");
-    assert_refused(call(&ch, Some(&token("node-only")), ask(WEB)).await, Code::PermissionDenied, "not bound to a pod");
+    assert_refused(
+        call(&ch, Some(&token("node-only")), ask(WEB)).await,
+        Code::PermissionDenied,
+        "not bound to a pod",
+    );
     let extra_dns = IstioCertificateRequest::impersonating(csr(&[WEB], Some("web.shop.svc")), 3600, WEB);
     assert_refused(call(&ch, Some(&n1), extra_dns).await, Code::InvalidArgument, "web.shop.svc");
     let ghost = "spiffe://cluster.local/ns/shop/sa/ghost";
-    assert_refused(call(&ch, Some(&n1), ask(ghost)).await, Code::PermissionDenied, "no running or pending pod");
+    assert_refused(
+        call(&ch, Some(&n1), ask(ghost)).await,
+        Code::PermissionDenied,
+        "no running or pending pod",
+    );
     assert_refused(
         call(&ch, Some(&n1), ask("spiffe://cluster.local/ns/shop/sa/migrate")).await,
         Code::PermissionDenied,
@@ -304,7 +344,11 @@ async fn every_refusal_has_its_code_and_reason() {
         Code::PermissionDenied,
         "trust domain",
     );
-    assert_refused(call(&ch, Some(&n1), ask("not-spiffe")).await, Code::InvalidArgument, "not a workload SPIFFE ID");
+    assert_refused(
+        call(&ch, Some(&n1), ask("not-spiffe")).await,
+        Code::InvalidArgument,
+        "not a workload SPIFFE ID",
+    );
     let other = call_path(&ch, "/istio.v1.auth.IstioCertificateService/Other", Some(&n1), ask(WEB)).await;
     assert_eq!(other.unwrap_err().code(), Code::Unimplemented);
     assert_eq!(h.metrics.unknown_methods_total(), 1, "counted");
@@ -345,7 +389,8 @@ async fn each_node_has_its_own_rate() {
     let ch = channel(h.addr, &h.pki.root).await;
     call(&ch, Some(&token("n1")), ask(WEB)).await.unwrap();
     call(&ch, Some(&token("n1")), ask(WEB)).await.unwrap();
-    let status = assert_refused(call(&ch, Some(&token("n1")), ask(WEB)).await, Code::ResourceExhausted, "node n1");
+    let status =
+        assert_refused(call(&ch, Some(&token("n1")), ask(WEB)).await, Code::ResourceExhausted, "node n1");
     let wait: u64 = status.metadata().get(RETRY_AFTER_MS).unwrap().to_str().unwrap().parse().unwrap();
     assert!((10_000..=20_000).contains(&wait), "a token every 20 s: {wait} ms");
     // Refused requests cost tokens too: an impostor cannot probe faster than its rate.
@@ -545,4 +590,187 @@ async fn the_pod_watch_and_token_reviews_speak_to_the_api_server() {
     let sent = api.reviews.lock().unwrap()[0].clone();
     assert_eq!(sent["spec"], serde_json::json!({"token": "good", "audiences": ["sluice-ca"]}));
     assert_eq!(sent["kind"], "TokenReview");
+}
+
+/// TLS to the CA as a raw stream (ALPN h2), for tests that speak below gRPC.
+async fn tls_connect(
+    addr: SocketAddr,
+    root: &CertificateDer<'static>,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(root.clone()).unwrap();
+    let mut config =
+        rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = rustls_pki_types::ServerName::try_from(SERVER_NAME).unwrap();
+    tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name, tcp).await.expect("TLS to the CA")
+}
+
+/// Reads until the peer closes (end of stream or reset), for at most 10 s.
+async fn closed_by_peer(io: &mut (impl tokio::io::AsyncRead + Unpin)) {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 1024];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match tokio::time::timeout_at(deadline, io.read(&mut buf))
+            .await
+            .expect("the CA closes the connection")
+        {
+            Ok(0) | Err(_) => return,
+            Ok(_) => continue,
+        }
+    }
+}
+
+fn with_limits(tweak: impl FnOnce(&mut ServerLimits)) -> ServerLimits {
+    let mut limits = ServerLimits::default();
+    tweak(&mut limits);
+    limits
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_whose_body_never_ends_holds_its_slot_only_until_the_deadline() {
+    // Finding 2: tonic's unary handler waits for the end of the body; a stream of headers that
+    // never ends held memory and (after it) an in-flight slot forever.
+    let deadline = Duration::from_secs(2);
+    let limits = with_limits(|l| {
+        l.admission.max_streams_per_source = 2;
+        l.request_deadline = deadline;
+    });
+    let h = start_with(PodStore::with_pods(cluster()), generous(), limits, generous_reviews()).await;
+    let (mut send, conn) = h2::client::handshake(tls_connect(h.addr, &h.pki.root).await).await.unwrap();
+    tokio::spawn(conn);
+    let started = std::time::Instant::now();
+    let mut open = Vec::new();
+    for _ in 0..2 {
+        let request = http::Request::post(format!("https://{SERVER_NAME}{CREATE_CERTIFICATE_PATH}"))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .header("authorization", format!("Bearer {}", token("n1")))
+            .body(())
+            .unwrap();
+        send = send.ready().await.unwrap();
+        // The body stays open: nothing is ever sent on it.
+        open.push(send.send_request(request, false).unwrap());
+    }
+    // The slots are taken when the headers arrive, not when a body ends: a third request from
+    // this address is turned away at once, with a wait to respect.
+    eventually("both streams admitted", || h.metrics.open_streams() == 2).await;
+    let ch = channel(h.addr, &h.pki.root).await;
+    let status = assert_refused(
+        call(&ch, Some(&token("n1")), ask(WEB)).await,
+        Code::ResourceExhausted,
+        "requests in progress",
+    );
+    assert!(status.metadata().get(RETRY_AFTER_MS).is_some());
+    assert_eq!(h.metrics.refused_total("source_busy"), 1);
+    // Both stalled streams are answered DEADLINE_EXCEEDED at the deadline, and free their slots.
+    for (response, _body) in open {
+        let response = tokio::time::timeout(Duration::from_secs(10), response).await.unwrap().unwrap();
+        assert_eq!(
+            response.headers().get("grpc-status").map(|v| v.to_str().unwrap()),
+            Some("4"),
+            "{response:?}"
+        );
+    }
+    let took = started.elapsed();
+    assert!(took >= deadline && took < deadline + Duration::from_secs(5), "answered after {took:?}");
+    assert_eq!(h.metrics.refused_total("deadline_exceeded"), 2);
+    eventually("the slots freed", || h.metrics.open_streams() == 0).await;
+    call(&ch, Some(&token("n1")), ask(WEB)).await.expect("served again");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_without_tls_and_preface_in_time_is_closed() {
+    // Finding 2: the handshake timeout covered TLS only; a client that completed TLS and then
+    // sent nothing kept its connection slot forever.
+    let limits = with_limits(|l| l.handshake_timeout = Duration::from_millis(500));
+    let h = start_with(PodStore::with_pods(cluster()), generous(), limits, generous_reviews()).await;
+    let started = std::time::Instant::now();
+    let mut quiet = tls_connect(h.addr, &h.pki.root).await;
+    closed_by_peer(&mut quiet).await;
+    assert!(
+        started.elapsed() >= Duration::from_millis(400),
+        "not before the timeout: {:?}",
+        started.elapsed()
+    );
+    eventually("the timeout counted", || h.metrics.handshake_failures_total("timeout") == 1).await;
+    // Nor TCP alone.
+    let mut bare = tokio::net::TcpStream::connect(h.addr).await.unwrap();
+    closed_by_peer(&mut bare).await;
+    eventually("counted too", || h.metrics.handshake_failures_total("timeout") == 2).await;
+    // HTTP/1.1 after TLS is not the HTTP/2 preface: closed at once.
+    let mut http1 = tls_connect(h.addr, &h.pki.root).await;
+    tokio::io::AsyncWriteExt::write_all(&mut http1, b"GET / HTTP/1.1\r\nhost: ca\r\n\r\n").await.unwrap();
+    closed_by_peer(&mut http1).await;
+    eventually("a wrong preface counted", || h.metrics.handshake_failures_total("preface") == 1).await;
+    eventually("no connection left", || h.metrics.open_connections() == 0).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_gets_its_share_of_connections() {
+    let limits = with_limits(|l| l.admission.max_connections_per_source = 1);
+    let h = start_with(PodStore::with_pods(cluster()), generous(), limits, generous_reviews()).await;
+    let _first = tls_connect(h.addr, &h.pki.root).await;
+    eventually("the first connection held", || h.metrics.open_connections() == 1).await;
+    let mut second = tokio::net::TcpStream::connect(h.addr).await.unwrap();
+    closed_by_peer(&mut second).await;
+    assert_eq!(h.metrics.connections_refused_total("source_limit"), 1);
+    assert_eq!(h.metrics.open_connections(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_are_closed_and_the_client_comes_back() {
+    // Findings 2 and 10: a node's connection no longer holds a slot forever; its client
+    // reconnects on the next request.
+    let limits = with_limits(|l| l.idle_timeout = Duration::from_millis(300));
+    let h = start_with(PodStore::with_pods(cluster()), generous(), limits, generous_reviews()).await;
+    let ch = channel(h.addr, &h.pki.root).await;
+    call(&ch, Some(&token("n1")), ask(WEB)).await.unwrap();
+    eventually("closed as idle", || h.metrics.connections_closed_total("idle") == 1).await;
+    eventually("the connection gone", || h.metrics.open_connections() == 0).await;
+    call(&ch, Some(&token("n1")), ask(WEB)).await.expect("the client reconnects");
+    assert_eq!(h.metrics.issued_total(), 2);
+    assert_eq!(h.metrics.connections_closed_total("max_age"), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_is_closed_at_its_maximum_age() {
+    let limits = with_limits(|l| l.max_connection_age = Duration::from_millis(500));
+    let h = start_with(PodStore::with_pods(cluster()), generous(), limits, generous_reviews()).await;
+    let ch = channel(h.addr, &h.pki.root).await;
+    call(&ch, Some(&token("n1")), ask(WEB)).await.unwrap();
+    eventually("closed for its age", || h.metrics.connections_closed_total("max_age") == 1).await;
+    eventually("the connection gone", || h.metrics.open_connections() == 0).await;
+    call(&ch, Some(&token("n1")), ask(WEB)).await.expect("the client reconnects");
+    assert_eq!(h.metrics.connections_closed_total("idle"), 0);
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn signing_runs_on_a_blocking_thread() {
+    // Finding 11: an RSA signature takes milliseconds the async worker threads must not spend.
+    let here = std::thread::current().id();
+    let there = server::off_runtime(|| Ok(std::thread::current().id())).await.unwrap();
+    assert_ne!(here, there);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_pod_view_or_an_expired_chain_makes_the_ca_refuse() {
+    // Finding 9: a failing watch left the CA signing from an old view forever.
+    let h = start(PodStore::with_pods(cluster()), generous()).await;
+    let ch = channel(h.addr, &h.pki.root).await;
+    call(&ch, Some(&token("n1")), ask(WEB)).await.unwrap();
+    h.service
+        .pods()
+        .watch_failed(std::time::Instant::now() - super::pods::STALE_AFTER - Duration::from_secs(1));
+    assert_refused(call(&ch, Some(&token("n1")), ask(WEB)).await, Code::Unavailable, "has been failing for");
+    assert!(h.service.readiness().is_err(), "and the readiness probe says so");
+    h.service.pods().watch_succeeded();
+    call(&ch, Some(&token("n1")), ask(WEB)).await.expect("ready again once the watch recovers");
+    assert_eq!(h.metrics.refused_total("pod_watch_failing"), 1);
 }

@@ -437,4 +437,3 @@ mod tests {
         assert_eq!(t.review_count(), MAX_REVIEWS_KEPT as u64 + 10);
     }
 }
-
