@@ -458,7 +458,7 @@ fn apply_filters(
 }
 
 /// A backend by weight (weight 0 never); `None` if no backend has weight.
-fn pick_backend(backends: &[BackendRef]) -> Option<&BackendRef> {
+pub(crate) fn pick_backend(backends: &[BackendRef]) -> Option<&BackendRef> {
     let total: u64 = backends.iter().map(|b| u64::from(b.weight)).sum();
     if total == 0 {
         return None;
