@@ -117,8 +117,8 @@ pub struct RouteRule {
     /// Fault injection of this rule (a VirtualService's `fault`): every request the rule
     /// matches is subject to it.
     pub fault: Option<FaultInjection>,
-    /// Where the rule was written when not in the route itself: `namespace/name` of the
-    /// delegate VirtualService it came from.
+    /// Where the rule was written, for the admin view, when that is not its place in the
+    /// route: a delegated rule says `http[0] (delegate team/api http[1])`.
     pub origin: Option<String>,
 }
 
