@@ -53,8 +53,14 @@ impl World {
 
     /// A backend pod running simpod's HTTP server on 8080, answering with its own name.
     fn http_pod(&mut self, name: &str, app: &str, version: &str) -> Result<Pod> {
+        self.http_pod_with(name, app, version, &[])
+    }
+
+    /// As [`World::http_pod`], with extra server arguments (e.g. a failure rate); the server
+    /// process is the last of `servers`.
+    fn http_pod_with(&mut self, name: &str, app: &str, version: &str, extra: &[&str]) -> Result<Pod> {
         let pod = self.pod(name, app, version)?;
-        self.servers.push(start_http_server(&pod, HTTP_PORT, name, &[])?);
+        self.servers.push(start_http_server(&pod, HTTP_PORT, name, extra)?);
         Ok(pod)
     }
 
@@ -399,5 +405,108 @@ fn tls_route_by_sni_on_an_opaque_port() -> Result<()> {
         "sluice routes:\n{out}"
     );
     eprintln!("tls by SNI: 12 handshakes to the right backend, the crossed one refused: {wrong}\n{out}");
+    Ok(())
+}
+
+/// Requests a server process has answered (its `request` events).
+fn served(server: &SimProcess) -> usize {
+    server.json_lines().iter().filter(|l| l["event"] == "request").count()
+}
+
+/// Retries as the rule sets them (`retryOn: 503`, to another endpoint): with one of two
+/// endpoints answering 503 to everything, every request succeeds; with `attempts: 0` the
+/// failures reach the client.
+#[test]
+fn retries_on_503_go_to_the_other_endpoint() -> Result<()> {
+    let mut w = World::new()?;
+    let good = w.http_pod("details-v1", "details", "v1")?;
+    let bad =
+        w.http_pod_with("details-bad", "details", "v1", &["--fail-percent", "100", "--fail-status", "503"])?;
+    let bad_server = w.servers.len() - 1;
+    w.service("details", "10.96.2.50", ("http", 9080, HTTP_PORT), "http", &[&good, &bad])?;
+    let vip = addr("10.96.2.50", 9080);
+    let retries = |r: &str| {
+        virtual_service("details", &format!("  hosts:\n  - details\n  http:\n  - retries:\n{r}    route:\n    - destination:\n        host: details\n"))
+    };
+
+    w.apply("vs-details.yaml", &retries("      attempts: 2\n      retryOn: \"503\"\n"))?;
+    let before = counter(&w.sluice, "http_retries")?;
+    let by = count_by_backend(&w.get(vip, 200, true, &[])?)?;
+    ensure!(by.get("details-v1") == Some(&200), "every request should end at details-v1: {by:?}");
+    let retried = counter(&w.sluice, "http_retries")? - before;
+    let bad_saw = served(&w.servers[bad_server]);
+    ensure!(bad_saw > 0, "the failing endpoint was never tried: the test would prove nothing");
+    ensure!(
+        retried as usize == bad_saw,
+        "each 503 should have been retried once: {retried} retries, {bad_saw} 503s"
+    );
+
+    w.apply("vs-details.yaml", &retries("      attempts: 0\n"))?;
+    let lines = w.get(vip, 200, true, &[])?;
+    let failed = lines.iter().filter(|l| l["status"] == 503).count();
+    ensure!(failed > 0, "without retries some of 200 requests should get the 503");
+    ensure!(lines.iter().all(|l| l["status"] == 200 || l["status"] == 503), "only 200 and 503 expected");
+    eprintln!(
+        "retryOn 503: 200/200 ok, {retried} retries after {bad_saw} 503s; attempts 0: {failed}/200 got 503"
+    );
+    Ok(())
+}
+
+/// `mirror` with `mirrorPercentage: 25`: the client's answers all come from the route's
+/// destination; a quarter (± 5 points over 1 000 requests) is copied to the mirror, which
+/// sees them with `-shadow` appended to the host.
+#[test]
+fn mirror_percentage_copies_a_share_of_the_requests() -> Result<()> {
+    let mut w = World::new()?;
+    let v1 = w.http_pod("ratings-v1", "ratings", "v1")?;
+    let v2 = w.http_pod("ratings-v2", "ratings", "v2")?;
+    let mirror_server = w.servers.len() - 1;
+    w.service("ratings", "10.96.2.60", ("http", 9080, HTTP_PORT), "http", &[&v1])?;
+    w.service("ratings-v2", "10.96.2.61", ("http", 9080, HTTP_PORT), "http", &[&v2])?;
+    let spec = r#"  hosts:
+  - ratings
+  http:
+  - route:
+    - destination:
+        host: ratings
+    mirror:
+      host: ratings-v2
+    mirrorPercentage:
+      value: 25
+"#;
+    w.apply("vs-ratings.yaml", &virtual_service("ratings", spec))?;
+    let n = 1000;
+    let by = count_by_backend(&w.get(addr("10.96.2.60", 9080), n, true, &[])?)?;
+    ensure!(by.get("ratings-v1") == Some(&(n as usize)), "answers come from ratings-v1 only: {by:?}");
+    // Mirrors are sent in the background and counted once answered: wait until the mirror
+    // has answered as many as sluice counts (an answer is logged before sluice reads it).
+    let deadline = std::time::Instant::now() + T;
+    let mirrored = loop {
+        let counted = counter(&w.sluice, "http_mirrored")? as usize;
+        if counted > 0 && served(&w.servers[mirror_server]) == counted {
+            break counted;
+        }
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "the mirror answered {} and sluice counted {counted}",
+            served(&w.servers[mirror_server])
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    ensure!((200..=300).contains(&mirrored), "{mirrored} of {n} mirrored (expected 25 % ± 5 points)");
+    for lost in ["http_mirror_failed", "http_mirror_dropped", "http_mirror_skipped"] {
+        ensure!(counter(&w.sluice, lost)? == 0, "{lost} should be 0");
+    }
+    let seen = w.servers[mirror_server].json_lines();
+    let host = seen
+        .iter()
+        .find(|l| l["event"] == "request")
+        .map(|l| l["headers"]["host"].clone())
+        .unwrap_or_default();
+    ensure!(
+        host.as_str().is_some_and(|h| h.contains("-shadow")),
+        "the mirror's host should carry -shadow: {host}"
+    );
+    eprintln!("{n} requests, {mirrored} mirrored (host {host})");
     Ok(())
 }
