@@ -116,6 +116,18 @@ impl World {
     /// `simpod http-get`: `count` requests, one keep-alive connection (or one connection per
     /// request with `keepalive` false).
     fn get(&self, to: SocketAddr, count: u32, keepalive: bool, headers: &[&str]) -> Result<Vec<Value>> {
+        self.get_from(&self.client, to, count, keepalive, headers)
+    }
+
+    /// As [`World::get`], from another client pod.
+    fn get_from(
+        &self,
+        client: &Pod,
+        to: SocketAddr,
+        count: u32,
+        keepalive: bool,
+        headers: &[&str],
+    ) -> Result<Vec<Value>> {
         let mut args =
             vec!["http-get".to_string(), "--to".into(), to.to_string(), "--path".into(), "/".into()];
         args.extend(["--count".into(), count.to_string()]);
@@ -125,7 +137,7 @@ impl World {
         for h in headers {
             args.extend(["--header".to_string(), h.to_string()]);
         }
-        let out = self.client.run_simpod_timeout(&args, Duration::from_secs(180))?;
+        let out = client.run_simpod_timeout(&args, Duration::from_secs(180))?;
         let lines = out.json_lines()?;
         ensure!(
             lines.len() == count as usize,
@@ -508,5 +520,82 @@ fn mirror_percentage_copies_a_share_of_the_requests() -> Result<()> {
         "the mirror's host should carry -shadow: {host}"
     );
     eprintln!("{n} requests, {mirrored} mirrored (host {host})");
+    Ok(())
+}
+
+/// How a VirtualService and an HTTPRoute for one Service mix (as Istio's sidecars order them),
+/// with `sourceLabels` checked against the real client pod: the VirtualService (older, public,
+/// its only rule for `app: productpage`) decides for productpage in another namespace; for
+/// another pod there it has no rule, so the Service's HTTPRoute decides; in the Service's own
+/// namespace the HTTPRoute comes first and the VirtualService is shadowed.
+#[test]
+fn source_labels_and_an_httproute_for_the_same_service() -> Result<()> {
+    let mut w = World::new()?;
+    let vip = reviews(&mut w)?;
+    w.sim.write_namespace("front", true)?;
+    let front_pp = w.node.add_pod("front", "productpage", PodOpts::labels(&[("app", "productpage")]))?;
+    let front_tester = w.node.add_pod("front", "tester", PodOpts::labels(&[("app", "tester")]))?;
+    wait_enrolled(&w.sluice, &front_pp)?;
+    wait_enrolled(&w.sluice, &front_tester)?;
+    let route = r#"apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata:
+  name: reviews-route
+  namespace: shop
+  creationTimestamp: "2026-02-01T00:00:00Z"
+spec:
+  parentRefs:
+  - group: ""
+    kind: Service
+    name: reviews
+    port: 9080
+  rules:
+  - backendRefs:
+    - name: reviews-v1
+      port: 9080
+"#;
+    let vs = r#"apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata:
+  name: reviews
+  namespace: shop
+  creationTimestamp: "2026-01-01T00:00:00Z"
+spec:
+  hosts:
+  - reviews
+  http:
+  - match:
+    - sourceLabels:
+        app: productpage
+    route:
+    - destination:
+        host: reviews-v2
+"#;
+    w.apply("route-reviews.yaml", route)?;
+    w.apply("vs-reviews.yaml", vs)?;
+    let from = |pod: &Pod| -> Result<BTreeMap<String, usize>> {
+        count_by_backend(&w.get_from(pod, vip, 20, true, &[])?)
+    };
+    let front = from(&front_pp)?;
+    ensure!(
+        front.get("reviews-v2") == Some(&20),
+        "front/productpage should get the VirtualService's v2: {front:?}"
+    );
+    let tester = from(&front_tester)?;
+    ensure!(
+        tester.get("reviews-v1") == Some(&20),
+        "front/tester has no VirtualService rule: the HTTPRoute decides: {tester:?}"
+    );
+    let own = from(&w.client)?;
+    ensure!(own.get("reviews-v1") == Some(&20), "in shop the HTTPRoute comes first: {own:?}");
+    let out = w.routes_cli("reviews")?;
+    for needle in [
+        "VirtualService shop/reviews",
+        "HTTPRoute shop/reviews-route",
+        "not applied to these clients: VirtualService shop/reviews",
+    ] {
+        ensure!(out.contains(needle), "sluice routes lacks {needle:?}:\n{out}");
+    }
+    eprintln!("front/productpage: {front:?}; front/tester: {tester:?}; shop/productpage: {own:?}\n{out}");
     Ok(())
 }
