@@ -16,7 +16,7 @@ use common::{counter, expect_ok, wait_enrolled, T};
 use serde_json::Value;
 use sluice_tests::{
     manifest,
-    workloads::{start_http_server, start_tls_echo_server},
+    workloads::{grpc_client, start_grpc_server, start_http_server, start_tls_echo_server},
     Node, Pod, PodOpts, Sim, SimProcess, Sluice, SluiceOpts,
 };
 
@@ -704,5 +704,55 @@ fn rewrites_redirects_headers_and_direct_responses() -> Result<()> {
     eprintln!(
         "redirect, regex rewrite, prefix + authority rewrite with headers, direct response: as written"
     );
+    Ok(())
+}
+
+/// gRPC through a VirtualService: `retryOn` names gRPC statuses (retried on `unavailable`, not
+/// on `cancelled`, whatever the HTTP status 200 says), and `fault.abort.grpcStatus` answers
+/// the gRPC client with that status without reaching the server.
+#[test]
+fn grpc_retry_conditions_and_grpc_status_aborts() -> Result<()> {
+    let mut w = World::new()?;
+    let pods = [w.pod("grpc-0", "grpc", "v1")?, w.pod("grpc-1", "grpc", "v1")?];
+    for (i, p) in pods.iter().enumerate() {
+        w.servers.push(start_grpc_server(p, 50051, &format!("grpc-{i}"))?);
+    }
+    w.service("grpc", "10.96.2.80", ("grpc", 50051, 50051), "kubernetes.io/h2c", &[&pods[0], &pods[1]])?;
+    let to = addr("10.96.2.80", 50051);
+    let vs = |rule: &str| {
+        virtual_service(
+            "grpc",
+            &format!(
+                "  hosts:\n  - grpc\n  http:\n  - {}    route:\n    - destination:\n        host: grpc\n",
+                rule.trim_start()
+            ),
+        )
+    };
+    let calls = 10u64;
+    // Every call fails with UNAVAILABLE (14) at the server (the client asks for it).
+    let failing = ["--fail-code", "14"];
+
+    w.apply("vs-grpc.yaml", &vs("retries:\n      attempts: 2\n      retryOn: unavailable\n"))?;
+    let before = counter(&w.sluice, "http_retries")?;
+    let s = grpc_client(&w.client, to, calls, 1, &failing)?;
+    ensure!(s.statuses.get("UNAVAILABLE") == Some(&calls), "{s:?}");
+    let on_unavailable = counter(&w.sluice, "http_retries")? - before;
+    ensure!(
+        on_unavailable == 2 * calls,
+        "retryOn unavailable: {on_unavailable} retries for {calls} calls (expected 2 each)"
+    );
+
+    w.apply("vs-grpc.yaml", &vs("retries:\n      attempts: 2\n      retryOn: cancelled,5xx\n"))?;
+    let before = counter(&w.sluice, "http_retries")?;
+    let s = grpc_client(&w.client, to, calls, 1, &failing)?;
+    ensure!(s.statuses.get("UNAVAILABLE") == Some(&calls), "{s:?}");
+    let on_other = counter(&w.sluice, "http_retries")? - before;
+    ensure!(on_other == 0, "retryOn cancelled,5xx must not retry UNAVAILABLE: {on_other} retries");
+
+    w.apply("vs-grpc.yaml", &vs("fault:\n      abort:\n        grpcStatus: RESOURCE_EXHAUSTED\n        percentage:\n          value: 100\n"))?;
+    let s = grpc_client(&w.client, to, calls, 1, &[])?;
+    ensure!(s.statuses.get("RESOURCE_EXHAUSTED") == Some(&calls), "abort grpcStatus: {s:?}");
+    ensure!(s.by_server.is_empty(), "an aborted call must not reach a server: {s:?}");
+    eprintln!("gRPC: retryOn unavailable → {on_unavailable} retries for {calls} calls; retryOn cancelled,5xx → {on_other}; abort → {:?}", s.statuses);
     Ok(())
 }
