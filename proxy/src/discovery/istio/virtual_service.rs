@@ -558,7 +558,16 @@ fn distill(meta: Meta, spec: Spec) -> Result<VirtualService, DocError> {
             }
             let mut sni = Vec::with_capacity(m.sni_hosts.len());
             for (k, h) in m.sni_hosts.iter().enumerate() {
-                sni.push(host_name(h).map_err(|r| invalid(format!("{at}.sniHosts[{k}]"), r))?);
+                let name = host_name(h).map_err(|r| invalid(format!("{at}.sniHosts[{k}]"), r))?;
+                // As Istio's validation: a tls rule only sees connections to the resource's
+                // hosts, so a server name outside them could never match.
+                if !hosts.iter().any(|host| name_within(&name, host)) {
+                    return Err(invalid(
+                        format!("{at}.sniHosts[{k}]"),
+                        format!("{name:?} is not one of the VirtualService's hosts or under one of its wildcards ({})", hosts.join(", ")),
+                    ));
+                }
+                sni.push(name);
             }
             let mut sm = StreamMatch {
                 sni_hosts: sni,
@@ -612,6 +621,18 @@ fn host_name(h: &str) -> Result<String, String> {
         return Err(format!("{h:?} is not a host name (DNS labels, optionally after a leading \"*.\")"));
     }
     Ok(h.to_ascii_lowercase())
+}
+
+/// Whether the (possibly wildcard) host `name` is `host` or within it, as Istio's
+/// `host.Name.SubsetOf`: `a.example.com` and `*.x.example.com` are within `*.example.com`,
+/// everything is within `*`.
+fn name_within(name: &str, host: &str) -> bool {
+    match (host.strip_prefix('*'), name.strip_prefix('*')) {
+        (Some(suffix), Some(inner)) => inner.ends_with(suffix),
+        (Some(suffix), None) => name.ends_with(suffix),
+        (None, Some(_)) => false,
+        (None, None) => name == host,
+    }
 }
 
 fn export_to(list: &[String], ns: &str) -> Result<ExportTo, DocError> {
@@ -1298,6 +1319,17 @@ mod tests {
         assert_eq!(grpc_code("unavailable"), Some(14));
         assert_eq!(grpc_code("4"), Some(4));
         assert_eq!(grpc_code("NOPE"), None);
+    }
+
+    #[test]
+    fn sni_hosts_within_the_resources_hosts() {
+        assert!(name_within("a.example.com", "a.example.com"));
+        assert!(name_within("a.example.com", "*.example.com"));
+        assert!(name_within("*.x.example.com", "*.example.com"));
+        assert!(name_within("anything.test", "*"));
+        assert!(!name_within("example.com", "*.example.com"));
+        assert!(!name_within("*.example.com", "a.example.com"));
+        assert!(!name_within("b.example.com", "a.example.com"));
     }
 
     #[test]

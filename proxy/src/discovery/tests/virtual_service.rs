@@ -421,4 +421,9 @@ fn what_sluice_cannot_honour_is_rejected_with_its_path() {
         "spec.tls[0].match",
         "sniHosts",
     );
+    rejects(
+        &vs("shop", "v", None, "  hosts: [web]\n  tls:\n  - match:\n    - sniHosts: [other.test]\n    route:\n    - destination: {host: web}\n"),
+        "spec.tls[0].match[0].sniHosts[0]",
+        "is not one of the VirtualService's hosts",
+    );
 }
