@@ -757,3 +757,61 @@ fn grpc_retry_conditions_and_grpc_status_aborts() -> Result<()> {
     eprintln!("gRPC: retryOn unavailable → {on_unavailable} retries for {calls} calls; retryOn cancelled,5xx → {on_other}; abort → {:?}", s.statuses);
     Ok(())
 }
+
+/// A VirtualService whose host is a ServiceEntry's (`api.ext.test`, STATIC endpoints): the
+/// client dials the entry's address; a header match sends it to a Service instead, the rest
+/// goes to the entry's endpoint.
+#[test]
+fn a_service_entry_host_routed_by_a_virtual_service() -> Result<()> {
+    let mut w = World::new()?;
+    let ext = w.http_pod("ext-v1", "ext", "v1")?;
+    let v2 = w.http_pod("ext-v2", "ext", "v2")?;
+    w.service("ext-v2", "10.96.2.91", ("http", 8080, HTTP_PORT), "http", &[&v2])?;
+    let entry = format!(
+        r#"apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata:
+  name: ext
+  namespace: shop
+spec:
+  hosts:
+  - api.ext.test
+  addresses:
+  - 192.0.2.50
+  location: MESH_EXTERNAL
+  resolution: STATIC
+  ports:
+  - number: 8080
+    name: http
+    protocol: HTTP
+  endpoints:
+  - address: {}
+"#,
+        ext.ip()
+    );
+    w.apply("se-ext.yaml", &entry)?;
+    let spec = r#"  hosts:
+  - api.ext.test
+  http:
+  - match:
+    - headers:
+        x-version:
+          exact: v2
+    route:
+    - destination:
+        host: ext-v2
+        port:
+          number: 8080
+  - route:
+    - destination:
+        host: api.ext.test
+"#;
+    w.apply("vs-ext.yaml", &virtual_service("ext", spec))?;
+    let to = addr("192.0.2.50", 8080);
+    let plain = count_by_backend(&w.get(to, 50, true, &[])?)?;
+    ensure!(plain.get("ext-v1") == Some(&50), "the entry's endpoint: {plain:?}");
+    let v2s = count_by_backend(&w.get(to, 50, true, &["x-version: v2"])?)?;
+    ensure!(v2s.get("ext-v2") == Some(&50), "the header match's Service: {v2s:?}");
+    eprintln!("ServiceEntry api.ext.test: {plain:?}; with x-version v2: {v2s:?}");
+    Ok(())
+}
