@@ -301,7 +301,7 @@ pub fn subset_endpoints(
     Ok(endpoints
         .iter()
         .filter(|ep| {
-            model.pod_by_ip(ep.ip()).is_some_and(|p| sel.selector.iter().all(|(k, v)| p.labels.get(k) == Some(v)))
+            model.pod_by_ip(ep.ip()).is_some_and(|p| sel.labels.iter().all(|(k, v)| p.labels.get(k) == Some(v)))
         })
         .copied()
         .collect())

@@ -8,10 +8,11 @@
 use super::super::model::Labels;
 use super::super::snapshot::Model;
 
-/// What a subset selects: the labels its endpoints' pods must carry.
+/// What a subset selects: the labels its endpoints' pods must carry (the DestinationRule
+/// branch's `SubsetSel` has the same `labels` field, plus the merged traffic policy).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SubsetSel {
-    pub selector: Labels,
+    pub labels: Labels,
 }
 
 /// The subset `subset` of Service `service_ns/service_name`, or why there is none.
