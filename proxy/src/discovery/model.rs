@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
+use super::istio::virtual_service::VirtualService;
 use super::route::{Route, RouteKind};
 use super::traffic::{OutboundPolicy, ServiceEntry, TrafficPolicy};
 
@@ -443,6 +444,7 @@ pub enum Kind {
     GrpcRoute,
     TrafficPolicy,
     ServiceEntry,
+    VirtualService,
 }
 
 impl Kind {
@@ -457,6 +459,7 @@ impl Kind {
             Kind::GrpcRoute => "GRPCRoute",
             Kind::TrafficPolicy => "TrafficPolicy",
             Kind::ServiceEntry => "ServiceEntry",
+            Kind::VirtualService => "VirtualService",
         }
     }
 }
@@ -466,6 +469,7 @@ impl From<RouteKind> for Kind {
         match kind {
             RouteKind::Http => Kind::HttpRoute,
             RouteKind::Grpc => Kind::GrpcRoute,
+            RouteKind::VirtualService => Kind::VirtualService,
         }
     }
 }
@@ -507,6 +511,7 @@ pub enum Object {
     Route(Arc<Route>),
     TrafficPolicy(Arc<TrafficPolicy>),
     ServiceEntry(Arc<ServiceEntry>),
+    VirtualService(Arc<VirtualService>),
 }
 
 impl Object {
@@ -520,6 +525,7 @@ impl Object {
             Object::Route(o) => o.kind.into(),
             Object::TrafficPolicy(_) => Kind::TrafficPolicy,
             Object::ServiceEntry(_) => Kind::ServiceEntry,
+            Object::VirtualService(_) => Kind::VirtualService,
         }
     }
 
@@ -533,6 +539,7 @@ impl Object {
             Object::Route(o) => (o.namespace.as_str(), o.name.as_str()),
             Object::TrafficPolicy(o) => (o.namespace.as_str(), o.name.as_str()),
             Object::ServiceEntry(o) => (o.namespace.as_str(), o.name.as_str()),
+            Object::VirtualService(o) => (o.namespace.as_str(), o.name.as_str()),
         };
         ObjectKey { kind: self.kind(), namespace: namespace.to_owned(), name: name.to_owned() }
     }
