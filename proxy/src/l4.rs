@@ -75,6 +75,9 @@ pub struct DataPath {
     pub pool: HbonePool,
     /// Connections sent plaintext because the destination had no tunnel endpoint.
     pub tunnel_fallbacks: AtomicU64,
+    /// Connections refused instead of sent plaintext: the destination had no tunnel endpoint
+    /// and requires mutual TLS (STRICT).
+    pub tunnel_fallbacks_refused: AtomicU64,
     /// HTTP: detection, balancing, upstream pools.
     pub l7: L7,
     /// Set when sluice starts draining: HTTP connections close gracefully (HTTP/1.1 after the
@@ -205,7 +208,10 @@ async fn forward_opaque(
 ) {
     let model = dp.model.load();
     let target = routing::resolve(&model, orig);
-    if target.service.is_none() && !registered(&model, orig) && model.outbound_policy(&pod.namespace) == OutboundPolicy::RegistryOnly {
+    if target.service.is_none()
+        && !registered(&model, orig)
+        && model.outbound_policy(&pod.namespace) == OutboundPolicy::RegistryOnly
+    {
         dp.l7.counters.egress_refused.fetch_add(1, Ordering::Relaxed);
         if let Some(suppressed) = lograte::shared().allow("egress-refused", &pod.key) {
             warn!(pod = %pod.key, dst = %orig, suppressed, "connection refused: the namespace's outbound policy is REGISTRY_ONLY and no Service or ServiceEntry declares the destination");
@@ -250,7 +256,8 @@ async fn forward_opaque(
         }
         match open_tunnel(&pod, &dp, &peer_id, endpoint, None).await {
             Ok(stream) => {
-                let guard = dp.conns.open(&pod.stats, new_conn(&pod, peer, orig, &target, endpoint, Some(&peer_id)));
+                let guard =
+                    dp.conns.open(&pod.stats, new_conn(&pod, peer, orig, &target, endpoint, Some(&peer_id)));
                 debug!(pod = %pod.key, dst = %orig, %endpoint, peer = %peer_id, id = guard.entry.id, "forwarding through tunnel");
                 observed.report(&dp, &pod, &guard.entry, true, true);
                 // `stream.slot`, the stream's place in its tunnel's count, drops at the end of
@@ -261,11 +268,17 @@ async fn forward_opaque(
                 observed.report(&dp, &pod, &guard.entry, true, false);
                 return;
             }
-            // Nobody serves the mesh at the destination (its node's sluice is down, or has not
-            // enrolled the pod yet): like fail-open, do not black-hole the connection; go
-            // plaintext. (A STRICT destination still refuses it; TLS and identity failures
-            // never fall back.)
+            // Nobody serves the mesh at the destination (its node's sluice is down, has not
+            // enrolled the pod, or has no certificate for it yet): for a PERMISSIVE
+            // destination, like fail-open, do not black-hole the connection; go plaintext.
+            // A STRICT one never gets plaintext (see `plaintext_fallback`). TLS and identity
+            // failures never fall back.
             Err(e) if e.is_unreachable() => {
+                if let Err(refused) = fallback_allowed(&dp, endpoint) {
+                    refuse_fallback(&dp, &pod.key, endpoint, &peer_id, refused, &e);
+                    reset(&client);
+                    return;
+                }
                 dp.tunnel_fallbacks.fetch_add(1, Ordering::Relaxed);
                 if let Some(suppressed) = lograte::shared().allow("tunnel-fallback", &pod.key) {
                     info!(pod = %pod.key, dst = %orig, %endpoint, peer = %peer_id, error = %e, suppressed, "no tunnel endpoint at the destination; sending plaintext");
@@ -280,7 +293,9 @@ async fn forward_opaque(
             Err(e) => {
                 // Keyed by the failure too: each distinct TLS or identity problem of a pod is
                 // logged (within the global rate), repeats of one are not.
-                if let Some(suppressed) = lograte::shared().allow("tunnel-failed", &format!("{} {e}", pod.key)) {
+                if let Some(suppressed) =
+                    lograte::shared().allow("tunnel-failed", &format!("{} {e}", pod.key))
+                {
                     warn!(pod = %pod.key, dst = %orig, %endpoint, peer = %peer_id, error = %e, suppressed, "tunnel failed; resetting client");
                 }
                 reset(&client);
@@ -338,13 +353,24 @@ struct OpaqueConn {
 
 impl OpaqueConn {
     /// `opened`: the connection just opened; else it just closed (bytes final).
-    fn report(&self, dp: &DataPath, pod: &PodContext, entry: &crate::conns::ConnEntry, mtls: bool, opened: bool) {
+    fn report(
+        &self,
+        dp: &DataPath,
+        pod: &PodContext,
+        entry: &crate::conns::ConnEntry,
+        mtls: bool,
+        opened: bool,
+    ) {
         use crate::telemetry::{ConnRecord, Peer, Reporter, ServiceRef};
         let rec = ConnRecord {
             reporter: Reporter::Source,
             start: self.start,
             duration: self.started.elapsed(),
-            source: Peer { workload: Some(&pod.workload), principal: Some(&pod.identity_str), addr: Some(entry.source_addr) },
+            source: Peer {
+                workload: Some(&pod.workload),
+                principal: Some(&pod.identity_str),
+                addr: Some(entry.source_addr),
+            },
             destination: Peer {
                 workload: self.dest_workload.as_deref(),
                 principal: self.dest_principal.as_deref(),
@@ -372,6 +398,37 @@ fn registered(model: &Model, dst: SocketAddr) -> bool {
 }
 
 /// The mesh identity of `endpoint` if it is an enrolled pod (reached through its HBONE port).
+/// Whether a connection to the mesh pod at `endpoint`, whose tunnel port refused, may go
+/// plaintext (asked of the current model: the destination's peer authentication).
+pub fn fallback_allowed(
+    dp: &DataPath,
+    endpoint: SocketAddr,
+) -> Result<(), crate::plaintext_fallback::Refused> {
+    let model = dp.model.load();
+    match model.pod_by_ip(endpoint.ip()) {
+        Some(dest) => crate::plaintext_fallback::check(&model, dest, endpoint.port()),
+        // Gone from the model since the tunnel was chosen: it is no mesh pod any more, so
+        // nothing says it requires mutual TLS.
+        None => Ok(()),
+    }
+}
+
+/// Counts and logs (rate-limited per source pod) a fallback to plaintext refused.
+pub fn refuse_fallback(
+    dp: &DataPath,
+    pod_key: &str,
+    endpoint: SocketAddr,
+    peer: &SpiffeId,
+    refused: crate::plaintext_fallback::Refused,
+    error: &TunnelError,
+) {
+    dp.tunnel_fallbacks_refused.fetch_add(1, Ordering::Relaxed);
+    if let Some(suppressed) = lograte::shared().allow("tunnel-fallback-refused", pod_key) {
+        warn!(pod = %pod_key, %endpoint, %peer, mode = refused.mode.as_str(), %error, suppressed,
+            "no tunnel endpoint at the destination and it requires mutual TLS; refusing instead of sending plaintext");
+    }
+}
+
 pub fn mesh_identity(model: &Model, endpoint: SocketAddr, trust_domain: &str) -> Option<SpiffeId> {
     model
         .pod_by_ip(endpoint.ip())
@@ -422,7 +479,11 @@ pub(crate) async fn open_tunnel(
     dp.pool.open(&key, &pod.netns, tls, endpoint, dp.connect_timeout, l7, unit).await
 }
 
-pub(crate) async fn connect(netns: &PodNetns, endpoint: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
+pub(crate) async fn connect(
+    netns: &PodNetns,
+    endpoint: SocketAddr,
+    timeout: Duration,
+) -> io::Result<TcpStream> {
     let socket = netns.tcp_socket(endpoint).await?;
     match tokio::time::timeout(timeout, socket.connect(endpoint)).await {
         Ok(r) => r,

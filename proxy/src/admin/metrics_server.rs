@@ -259,7 +259,10 @@ impl Body for PiecewiseBody {
     type Data = Bytes;
     type Error = Infallible;
 
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
         if self.rest.is_empty() {
             return Poll::Ready(None);
         }
@@ -670,7 +673,7 @@ impl Collector for SluiceMetrics {
         let lc = &dp.l7.limit_counters;
         let overflow: u64 =
             dp.l7.breakers.snapshot().iter().map(|(_, _, b)| b.overflows.load(Ordering::Relaxed)).sum();
-        let counters: [(&str, &str, u64); 43] = [
+        let counters: [(&str, &str, u64); 44] = [
             (
                 "sluice_http_requests",
                 "HTTP requests received from enrolled pods (outbound).",
@@ -761,6 +764,11 @@ impl Collector for SluiceMetrics {
                 "sluice_hbone_fallback_plaintext",
                 "Connections sent plaintext because the destination had no tunnel endpoint.",
                 relaxed(&dp.tunnel_fallbacks),
+            ),
+            (
+                "sluice_hbone_fallback_refused_strict",
+                "Connections refused instead of sent plaintext: the destination had no tunnel endpoint and requires mutual TLS (STRICT).",
+                relaxed(&dp.tunnel_fallbacks_refused),
             ),
             (
                 "sluice_refused_node_limit",
@@ -1015,13 +1023,16 @@ mod tests {
     #[tokio::test]
     async fn large_bodies_go_out_in_pieces_with_their_length() {
         // 5.5 pieces of text, each line numbered, so a lost or repeated piece shows.
-        let text: String = (0..).map(|i| format!("line {i:08}\n")).take_while({
-            let mut len = 0;
-            move |l: &String| {
-                len += l.len();
-                len <= WRITE_PIECE * 11 / 2
-            }
-        }).collect();
+        let text: String = (0..)
+            .map(|i| format!("line {i:08}\n"))
+            .take_while({
+                let mut len = 0;
+                move |l: &String| {
+                    len += l.len();
+                    len <= WRITE_PIECE * 11 / 2
+                }
+            })
+            .collect();
         // The body hands out at most one piece per poll and yields between pieces.
         let mut body = std::pin::pin!(PiecewiseBody::new(Bytes::from(text.clone())));
         assert_eq!(body.size_hint().exact(), Some(text.len() as u64));
