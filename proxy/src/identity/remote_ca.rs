@@ -42,6 +42,18 @@ use super::x509;
 pub const DEFAULT_TOKEN_FILE: &str = "/var/run/secrets/sluice-ca/token";
 /// The metadata key of the CA's rate-limit answer (milliseconds to wait).
 pub const RETRY_AFTER_MS: &str = "retry-after-ms";
+
+/// The longest `retry-after-ms` obeyed: a CA (or whoever answers in its name) must not be able
+/// to park an identity for days, nor overflow the clock arithmetic with a huge value; past
+/// this the node's own backoff applies.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
+
+/// The delay a `retry-after-ms` value asks for, capped at [`MAX_RETRY_AFTER`]; `None` if it is
+/// not a number of milliseconds.
+pub fn parse_retry_after(value: &str) -> Option<Duration> {
+    let ms = value.trim().parse::<u64>().ok()?;
+    Some(Duration::from_millis(ms).min(MAX_RETRY_AFTER))
+}
 /// A token file larger than this is refused (a JWT is a few KB).
 const MAX_TOKEN_BYTES: u64 = 64 * 1024;
 /// A CA answer larger than this is refused (a chain is a few KB).
@@ -250,8 +262,7 @@ impl RemoteCa {
                     .metadata()
                     .get(RETRY_AFTER_MS)
                     .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.trim().parse::<u64>().ok())
-                    .map(Duration::from_millis);
+                    .and_then(parse_retry_after);
                 CaError::RateLimited { addr, retry_after, reason }
             }
             code => CaError::Remote { addr, code: code_name(code), reason },

@@ -122,6 +122,17 @@ async fn the_cas_statuses_become_errors_the_manager_acts_on() {
     assert_eq!(ca_counters["ca_refused"], 4);
 }
 
+/// Review finding 7: a `retry-after-ms` of 12 700 years from the wire comes out as a minute.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_huge_retry_after_from_the_ca_is_capped() {
+    let s = setup();
+    let fake = FakeCa::start(&s.intermediate, &["127.0.0.1"], s.intermediate.clone()).await;
+    let m = manager_of(client(&fake.url(), &s.bundle, &s.token, None, Duration::from_secs(5)).unwrap()).await;
+    fake.script(Behaviour::RateLimit(400_000_000_000_000));
+    let e = ca_error(m.ensure(&id("web")).await.unwrap_err());
+    assert_eq!(e.retry_after(), Some(crate::identity::remote_ca::MAX_RETRY_AFTER), "{e:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hanging_ca_fails_at_the_call_deadline() {
     let s = setup();
