@@ -213,3 +213,72 @@ fn no_plaintext_to_a_strict_pod_without_a_certificate() -> Result<()> {
     ensure!(app_saw(&servers) >= 1, "the application never saw the tunnelled connection");
     Ok(())
 }
+
+/// Review finding 12: a pod whose tunnel port cannot be opened at its first enrollment (here
+/// the pod itself holds 15008 on its address) used to have its whole enrollment undone,
+/// capture included, and retried from scratch. Now it is enrolled (capture and policy in
+/// force) without a tunnel port, which is retried: a STRICT peer is refused meanwhile, and the
+/// tunnel opens once the port is free.
+#[test]
+fn a_taken_tunnel_port_keeps_the_enrollment_and_is_retried() -> Result<()> {
+    let sim = Sim::new()?;
+    let n1 = sim.add_node("n1")?;
+    let n2 = sim.add_node("n2")?;
+    write_namespace_mode(&sim, "shop", "STRICT")?;
+    let first = n2.add_pod("shop", "web-0", PodOpts::labels(&[("app", "web")]).service_account("web-sa"))?;
+    let second = n2.add_pod("shop", "web-1", PodOpts::labels(&[("app", "web")]).service_account("web-sa"))?;
+    let client = n1.add_pod("shop", "client", PodOpts::default().service_account("client-sa"))?;
+    let s1 = n1.start_sluice(SluiceOpts::default())?;
+    let s2 = n2.start_sluice(SluiceOpts::default())?;
+    s1.wait_ready(T)?;
+    s2.wait_ready(T)?;
+    wait_enrolled(&s1, &client)?;
+    wait_enrolled(&s2, &first)?;
+    wait_enrolled(&s2, &second)?;
+    wait_mode(&s1, "shop", "STRICT")?;
+    let id = "spiffe://cluster.local/ns/shop/sa/web-sa";
+    s2.wait_for(
+        "/certs",
+        |v| v.as_array().is_some_and(|a| a.iter().any(|c| c["identity"] == id && c["state"] == "ready")),
+        T,
+    )?;
+    // web-1 leaves the node's view, takes 15008 on its own address, and comes back: its
+    // identity's certificate is held (web-0's), so its enrollment opens the tunnel port at once.
+    sim.remove_file(&second.manifest_file())?;
+    wait_released(&s2, &second)?;
+    let tunnel_port = second.addr(15008);
+    // sluice's own listener there closes after its linger: bind once it has.
+    let mut squatter = sluice_tests::poll_until(T, || {
+        let mut p = second
+            .simpod(["echo-server", "--port", "15008", "--bind", &tunnel_port.ip().to_string()])
+            .ok()?;
+        p.wait_listening(Duration::from_secs(2)).ok().map(|_| p)
+    })
+    .context("the tunnel port of the released pod was never free")?;
+    let servers = start_servers(&second)?;
+    second.write_manifest()?;
+    wait_enrolled(&s2, &second).context("the pod was not enrolled while its tunnel port was taken")?;
+    let log = s2.log_contents();
+    ensure!(log.contains("cannot open the pod's tunnel port; enrolled without it"), "no log line:\n{log}");
+
+    // Meanwhile a peer is refused (the squatter answers on 15008, so the peer's TLS fails: that
+    // never falls back either), and nothing goes plaintext.
+    let plaintext_before = counter(&s1, "hbone_fallback_plaintext")?;
+    let r = tcp_exchange(&client, second.addr(ECHO_PORT), 64)?;
+    ensure!(r["ok"] == false, "reached a pod with no tunnel of its own: {r}");
+    ensure!(counter(&s1, "hbone_fallback_plaintext")? == plaintext_before, "something went plaintext");
+    ensure!(app_saw(&servers) == 0, "the application received bytes without mutual TLS");
+
+    // The port freed, the retry opens the tunnel.
+    squatter.kill(nix::sys::signal::Signal::SIGKILL)?;
+    squatter.wait(T)?;
+    let through = sluice_tests::poll_until(Duration::from_secs(20), || {
+        let r: Value = tcp_exchange(&client, second.addr(ECHO_PORT), 64).ok()?;
+        (r["ok"] == true).then_some(r)
+    })
+    .context("the tunnel port never opened after it was freed")?;
+    eprintln!("through the tunnel once the port was free: {through}");
+    // Under STRICT with no plaintext fallback, a success is the tunnel.
+    ensure!(app_saw(&servers) >= 1, "the application never saw the tunnelled connection");
+    Ok(())
+}
