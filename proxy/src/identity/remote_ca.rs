@@ -292,6 +292,9 @@ impl RemoteCa {
         }
         let leaf = chain.first().ok_or_else(|| bad("an empty certificate chain".into()))?;
         check_leaf_names(leaf, identity).map_err(bad)?;
+        let info = x509::leaf_info(leaf).map_err(|e| bad(e.to_string()))?;
+        check_lifetime(info.not_after, time::OffsetDateTime::now_utc(), self.config.requested_lifetime)
+            .map_err(bad)?;
 
         // Istio's convention: the last certificate is the root. Peers hold the roots already, so
         // it is not sent; but it must be one of ours, or nobody would accept the leaf.
@@ -365,6 +368,39 @@ impl CertificateAuthority for RemoteCa {
 }
 
 /// The leaf must be a workload certificate naming exactly `identity`: one SAN, that URI.
+/// How much longer than asked a certificate may be valid: clock skew between the node and
+/// the CA, and a CA rounding its validity up. Beyond that the CA does not honour the node's
+/// lifetime, and the key is dropped rather than used.
+pub const LIFETIME_MARGIN: Duration = Duration::from_secs(300);
+
+/// Refuses a certificate valid longer than `requested` (+ [`LIFETIME_MARGIN`]) from `now`: a
+/// node's keys are to be short-lived (what a compromised node exposes is bounded by that),
+/// and a CA that signs for longer than asked is misconfigured (`--max-lifetime-s`, istiod's
+/// `MAX_WORKLOAD_CERT_TTL`) or not the one we think. Refusing, not shortening the use: a key
+/// never installed never leaks later, and the error says what to fix.
+pub fn check_lifetime(
+    not_after: time::OffsetDateTime,
+    now: time::OffsetDateTime,
+    requested: Duration,
+) -> Result<(), String> {
+    let allowed = requested.saturating_add(LIFETIME_MARGIN);
+    let allowed = time::Duration::try_from(allowed).unwrap_or(time::Duration::MAX);
+    let latest = now
+        .checked_add(allowed)
+        .unwrap_or(time::OffsetDateTime::new_utc(time::Date::MAX, time::Time::MIDNIGHT));
+    if not_after > latest {
+        return Err(format!(
+            "a certificate valid until {}, longer than the {} s asked for (+{} s of margin); the node does not \
+             use keys that outlive their lifetime: lower the CA's maximum lifetime, or raise the node's requested \
+             lifetime",
+            x509::rfc3339(not_after),
+            requested.as_secs(),
+            LIFETIME_MARGIN.as_secs()
+        ));
+    }
+    Ok(())
+}
+
 fn check_leaf_names(leaf: &CertificateDer<'_>, identity: &SpiffeId) -> Result<(), String> {
     let cert = x509::parse(leaf).map_err(|e| e.to_string())?;
     if cert.is_ca() {

@@ -197,6 +197,42 @@ async fn answers_peers_would_refuse_are_never_installed() {
     assert_eq!(bad, 4);
 }
 
+/// Review finding 13: a certificate valid longer than the node asked for (+ 5 min of margin) is
+/// refused, the key dropped; one within the margin, or shorter, is used.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_valid_longer_than_asked_is_refused() {
+    let s = setup();
+    let fake = FakeCa::start(&s.intermediate, &["127.0.0.1"], s.intermediate.clone()).await;
+    let m = manager_of(client(&fake.url(), &s.bundle, &s.token, None, Duration::from_secs(5)).unwrap()).await;
+    let asked = fake_requested_lifetime();
+    fake.script(Behaviour::SignFor(asked + 3600));
+    let e = ca_error(m.ensure(&id("web")).await.unwrap_err());
+    assert!(
+        matches!(&e, CaError::BadResponse { reason, .. } if reason.contains("longer than the") && reason.contains("asked for")),
+        "{e:?}"
+    );
+    assert!(m.certs().is_empty(), "nothing installed: {:?}", m.certs());
+    fake.script(Behaviour::SignFor(asked + 60));
+    m.ensure(&id("web")).await.expect("within the margin");
+    fake.script(Behaviour::SignFor(600));
+    m.ensure(&id("api")).await.expect("shorter than asked is the CA's right");
+}
+
+/// The lifetime the test client (`fake_ca::client`) asks for.
+fn fake_requested_lifetime() -> i64 {
+    3600
+}
+
+#[test]
+fn the_lifetime_check_does_not_overflow() {
+    use crate::identity::remote_ca::check_lifetime;
+    let now = time::OffsetDateTime::now_utc();
+    let far = time::OffsetDateTime::new_utc(time::Date::MAX, time::Time::MIDNIGHT);
+    assert!(check_lifetime(far, now, Duration::from_secs(3600)).is_err());
+    assert!(check_lifetime(far, now, Duration::MAX).is_ok());
+    assert!(check_lifetime(now, now, Duration::ZERO).is_ok());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cas_own_certificate_is_verified_against_the_bundle_and_name() {
     let s = setup();
