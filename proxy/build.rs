@@ -16,7 +16,8 @@ fn main() {
     println!("cargo:rerun-if-env-changed=SLUICE_BPF_OBJECT");
     if let Ok(prebuilt) = env::var("SLUICE_BPF_OBJECT") {
         println!("cargo:rerun-if-changed={prebuilt}");
-        std::fs::copy(&prebuilt, &out).unwrap_or_else(|e| panic!("SLUICE_BPF_OBJECT={prebuilt}: {e}"));
+        std::fs::copy(&prebuilt, &out)
+            .unwrap_or_else(|e| panic!("SLUICE_BPF_OBJECT={prebuilt}: {e}"));
         return;
     }
     for p in [
@@ -36,9 +37,7 @@ fn main() {
         .current_dir(&ebpf_dir);
     scrub_outer_cargo_env(&mut cmd);
     let status = cmd.status().unwrap_or_else(|e| {
-        panic!(
-            "cannot run `rustup run nightly cargo` to build the eBPF programs ({e}); run `cargo xtask setup`"
-        )
+        panic!("cannot run `rustup run nightly cargo` to build the eBPF programs ({e}); run `cargo xtask setup`")
     });
     if !status.success() {
         panic!(
@@ -66,5 +65,6 @@ fn scrub_outer_cargo_env(cmd: &mut Command) {
 }
 
 fn copy(from: &Path, to: &Path) {
-    std::fs::copy(from, to).unwrap_or_else(|e| panic!("copy {} -> {}: {e}", from.display(), to.display()));
+    std::fs::copy(from, to)
+        .unwrap_or_else(|e| panic!("copy {} -> {}: {e}", from.display(), to.display()));
 }

@@ -7,8 +7,8 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 use rcgen::{
-    CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose, SanType, SerialNumber,
+    CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    SanType, SerialNumber,
 };
 use time::{Duration, OffsetDateTime};
 
@@ -24,9 +24,8 @@ pub struct IssueArgs<'a> {
 }
 
 pub fn issue(a: IssueArgs<'_>) -> Result<()> {
-    let ca_pem = std::fs::read_to_string(a.ca_dir.join("ca.pem")).with_context(|| {
-        format!("reading {}/ca.pem (create a CA with `sluice ca init`)", a.ca_dir.display())
-    })?;
+    let ca_pem = std::fs::read_to_string(a.ca_dir.join("ca.pem"))
+        .with_context(|| format!("reading {}/ca.pem (create a CA with `sluice ca init`)", a.ca_dir.display()))?;
     let ca_key_pem = std::fs::read_to_string(a.ca_dir.join("ca-key.pem"))
         .with_context(|| format!("reading {}/ca-key.pem", a.ca_dir.display()))?;
     let ca_key = KeyPair::from_pem(&ca_key_pem).context("parsing the CA key")?;
@@ -46,12 +45,10 @@ pub fn issue(a: IssueArgs<'_>) -> Result<()> {
     let mut dn = DistinguishedName::new();
     dn.push(DnType::OrganizationName, "sluice");
     params.distinguished_name = dn;
-    params.subject_alt_names =
-        vec![SanType::URI(a.identity.try_into().context("identity is not a valid URI")?)];
+    params.subject_alt_names = vec![SanType::URI(a.identity.try_into().context("identity is not a valid URI")?)];
     params.is_ca = IsCa::ExplicitNoCa;
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    params.extended_key_usages =
-        vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
     let cert = params.signed_by(&key, &issuer).context("signing")?;
 
     let cert_path = a.out.with_extension("pem");

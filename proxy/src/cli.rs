@@ -167,8 +167,10 @@ fn parse_response(raw: &[u8]) -> Result<Vec<u8>> {
 
 /// The status code, status line and (de-chunked) body of a response.
 fn split_response(raw: &[u8]) -> Result<(u16, String, Vec<u8>)> {
-    let split =
-        raw.windows(4).position(|w| w == b"\r\n\r\n").ok_or_else(|| anyhow!("incomplete HTTP response"))?;
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(|| anyhow!("incomplete HTTP response"))?;
     let head = std::str::from_utf8(&raw[..split]).context("response head is not UTF-8")?;
     let body = &raw[split + 4..];
     let mut lines = head.split("\r\n");
@@ -186,10 +188,7 @@ fn dechunk(mut body: &[u8]) -> Result<Vec<u8>> {
     let mut out = Vec::new();
     loop {
         let eol = body.windows(2).position(|w| w == b"\r\n").ok_or_else(|| anyhow!("bad chunked body"))?;
-        let size = usize::from_str_radix(
-            std::str::from_utf8(&body[..eol])?.split(';').next().unwrap_or("").trim(),
-            16,
-        )?;
+        let size = usize::from_str_radix(std::str::from_utf8(&body[..eol])?.split(';').next().unwrap_or("").trim(), 16)?;
         body = &body[eol + 2..];
         if size == 0 {
             return Ok(out);
@@ -244,23 +243,14 @@ pub fn status(ep: &AdminEndpoint, out: Output) -> Result<String> {
     }
     let mut o = String::new();
     o += &format!("sluice {} on node {}\n", s.version, s.node);
-    o += &format!(
-        "state:        {} (fail-{}), up {}s\n",
-        if s.ready { "ready" } else { "starting" },
-        s.fail_mode,
-        s.uptime_s
-    );
+    o += &format!("state:        {} (fail-{}), up {}s\n", if s.ready { "ready" } else { "starting" }, s.fail_mode, s.uptime_s);
     o += &format!("pods:         {} enrolled\n", s.pods_enrolled);
     o += &format!("connections:  {} open, {} total\n", s.connections_open, s.connections_total);
     if let Some(ca) = &s.ca {
         let d = &ca.description;
         o += &match (d.mode.as_str(), &d.address) {
-            ("remote", Some(addr)) => {
-                format!("ca:           remote {addr} (this node holds no signing key)\n")
-            }
-            ("embedded", _) => {
-                "ca:           embedded (demo and small setups: this node holds the mesh root key)\n".into()
-            }
+            ("remote", Some(addr)) => format!("ca:           remote {addr} (this node holds no signing key)\n"),
+            ("embedded", _) => "ca:           embedded (demo and small setups: this node holds the mesh root key)\n".into(),
             (mode, _) => format!("ca:           {mode}\n"),
         };
         o += &format!("trust bundle: {} root(s) from {}", ca.trust_bundle_roots, d.trust_bundle_source);
@@ -293,16 +283,10 @@ pub fn status(ep: &AdminEndpoint, out: Output) -> Result<String> {
             .collect(),
     );
     o += "\ncounters (kernel programs and proxy):\n";
-    o += &table(
-        &["COUNTER", "VALUE"],
-        s.counters.iter().map(|(k, v)| vec![k.clone(), v.to_string()]).collect(),
-    );
+    o += &table(&["COUNTER", "VALUE"], s.counters.iter().map(|(k, v)| vec![k.clone(), v.to_string()]).collect());
     if !s.manifest_errors.is_empty() {
         o += "\nmanifest errors (last good state of these files stays in force):\n";
-        o += &table(
-            &["FILE", "PROBLEM"],
-            s.manifest_errors.iter().map(|e| vec![e.file.clone(), e.reason.clone()]).collect(),
-        );
+        o += &table(&["FILE", "PROBLEM"], s.manifest_errors.iter().map(|e| vec![e.file.clone(), e.reason.clone()]).collect());
     }
     o += &pod_problems(&s.pod_problems);
     Ok(o)
@@ -326,11 +310,9 @@ pub fn pods(ep: &AdminEndpoint, out: Output) -> Result<String> {
         return Ok(serde_json::to_string_pretty(&pods)? + "\n");
     }
     // Pods that should be enrolled but are not (or not fully protected) are listed below.
-    let problems =
-        get::<StatusView>(ep, "/status").map(|s| pod_problems(&s.pod_problems)).unwrap_or_default();
+    let problems = get::<StatusView>(ep, "/status").map(|s| pod_problems(&s.pod_problems)).unwrap_or_default();
     if pods.is_empty() {
-        return Ok("no enrolled pods on this node (is the namespace annotated sluice.dev/mesh=enabled?)\n"
-            .to_string()
+        return Ok("no enrolled pods on this node (is the namespace annotated sluice.dev/mesh=enabled?)\n".to_string()
             + &problems);
     }
     Ok(table(
@@ -362,21 +344,7 @@ pub fn conns(ep: &AdminEndpoint, out: Output) -> Result<String> {
         return Ok("no open connections\n".into());
     }
     Ok(table(
-        &[
-            "ID",
-            "DIR",
-            "PROTO",
-            "SOURCE POD",
-            "SOURCE",
-            "DESTINATION",
-            "SERVICE",
-            "ENDPOINT",
-            "SECURITY",
-            "PEER IDENTITY",
-            "SENT",
-            "RECEIVED",
-            "AGE",
-        ],
+        &["ID", "DIR", "PROTO", "SOURCE POD", "SOURCE", "DESTINATION", "SERVICE", "ENDPOINT", "SECURITY", "PEER IDENTITY", "SENT", "RECEIVED", "AGE"],
         conns
             .iter()
             .map(|c| {
@@ -423,8 +391,7 @@ pub fn certs(ep: &AdminEndpoint, out: Output) -> Result<String> {
 }
 
 pub fn render_certs(certs: &[CertView], bundle: Option<&TrustBundleView>) -> String {
-    let (held, pending): (Vec<&CertView>, Vec<&CertView>) =
-        certs.iter().partition(|c| c.state == CertState::Ready);
+    let (held, pending): (Vec<&CertView>, Vec<&CertView>) = certs.iter().partition(|c| c.state == CertState::Ready);
     let mut o = String::new();
     if held.is_empty() && pending.is_empty() {
         o += "no workload certificates (no enrolled pods on this node)\n";
@@ -819,17 +786,9 @@ pub fn routes(ep: &AdminEndpoint, service: Option<&str>, out: Output) -> Result<
             (None, Some(a)) => format!("{} ({a})", v.port),
             (None, None) => v.port.to_string(),
         };
-        s.push_str(&format!(
-            "{} port {port}, ClusterIP {}\n",
-            v.service,
-            v.cluster_ip.as_deref().unwrap_or("None")
-        ));
+        s.push_str(&format!("{} port {port}, ClusterIP {}\n", v.service, v.cluster_ip.as_deref().unwrap_or("None")));
         if v.tables.is_empty() {
-            s.push_str(&format!(
-                "  no routes: every request → {} ({})\n",
-                v.default_backend.backend,
-                endpoints(&v.default_backend)
-            ));
+            s.push_str(&format!("  no routes: every request → {} ({})\n", v.default_backend.backend, endpoints(&v.default_backend)));
         }
         for t in &v.tables {
             s.push_str(&format!("  routes for {}, in precedence order:\n", t.clients));
@@ -846,8 +805,7 @@ pub fn routes(ep: &AdminEndpoint, service: Option<&str>, out: Output) -> Result<
                     Some(n) => format!("{} ({n})", e.rule),
                     None => e.rule.to_string(),
                 };
-                let backends =
-                    if e.backends.is_empty() { vec![None] } else { e.backends.iter().map(Some).collect() };
+                let backends = if e.backends.is_empty() { vec![None] } else { e.backends.iter().map(Some).collect() };
                 for (i, b) in backends.into_iter().enumerate() {
                     let first = i == 0;
                     rows.push(vec![
@@ -861,9 +819,7 @@ pub fn routes(ep: &AdminEndpoint, service: Option<&str>, out: Output) -> Result<
                     ]);
                 }
             }
-            for line in
-                table(&["#", "ROUTE", "RULE", "MATCH", "FILTERS", "BACKEND", "ENDPOINTS"], rows).lines()
-            {
+            for line in table(&["#", "ROUTE", "RULE", "MATCH", "FILTERS", "BACKEND", "ENDPOINTS"], rows).lines() {
                 s.push_str("    ");
                 s.push_str(line);
                 s.push('\n');
@@ -957,11 +913,7 @@ fn stream_lines(ep: &AdminEndpoint, path: &str, tx: std::sync::mpsc::Sender<Inpu
 
 /// Reads a response body (chunked or not) and hands each complete line to `line` until the
 /// body ends or `line` returns false.
-fn read_body_lines<R: std::io::BufRead>(
-    r: &mut R,
-    chunked: bool,
-    mut line: impl FnMut(String) -> bool,
-) -> std::io::Result<()> {
+fn read_body_lines<R: std::io::BufRead>(r: &mut R, chunked: bool, mut line: impl FnMut(String) -> bool) -> std::io::Result<()> {
     let bad = |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_string());
     if !chunked {
         loop {
@@ -1059,8 +1011,7 @@ fn format_tap_event(ev: &TapEvent) -> String {
     let dir = if ev.reporter == "source" { "out" } else { "in " };
     let svc = ev.service.as_ref().map(|s| format!(" svc={s}")).unwrap_or_default();
     let grpc = ev.grpc_status.map(|g| format!(" grpc-status={g}")).unwrap_or_default();
-    let flags =
-        if ev.response_flags == "-" { String::new() } else { format!(" flags={}", ev.response_flags) };
+    let flags = if ev.response_flags == "-" { String::new() } else { format!(" flags={}", ev.response_flags) };
     format!(
         "{time} {dir} {} -> {}{svc} {} {}{} {}{grpc} {} {} {}{flags}",
         ev.source.name,
@@ -1229,9 +1180,8 @@ impl TopTable {
     fn snapshot(&self) -> TopSnapshot {
         let elapsed = self.started.elapsed();
         let sec = elapsed.as_secs();
-        let covered = ((TOP_RPS_WINDOW - 1) as f64 + elapsed.subsec_nanos() as f64 / 1e9)
-            .min(elapsed.as_secs_f64())
-            .max(0.001);
+        let covered =
+            ((TOP_RPS_WINDOW - 1) as f64 + elapsed.subsec_nanos() as f64 / 1e9).min(elapsed.as_secs_f64()).max(0.001);
         let mut rows: Vec<TopRowView> = self
             .rows
             .iter()
@@ -1255,9 +1205,7 @@ impl TopTable {
             })
             .collect();
         rows.sort_by(|a, b| {
-            b.count
-                .cmp(&a.count)
-                .then_with(|| (&a.source, &a.destination, &a.path).cmp(&(&b.source, &b.destination, &b.path)))
+            b.count.cmp(&a.count).then_with(|| (&a.source, &a.destination, &a.path).cmp(&(&b.source, &b.destination, &b.path)))
         });
         TopSnapshot {
             time: crate::telemetry::tap::rfc3339_millis(std::time::SystemTime::now()),
@@ -1375,8 +1323,7 @@ impl Drop for Screen {
 /// that long.
 pub fn top(ep: &AdminEndpoint, opts: &TopOptions, out: Output) -> Result<()> {
     use std::time::Instant;
-    let interactive =
-        opts.once.is_none() && out == Output::Table && std::io::IsTerminal::is_terminal(&std::io::stdout());
+    let interactive = opts.once.is_none() && out == Output::Table && std::io::IsTerminal::is_terminal(&std::io::stdout());
     let (tx, rx) = std::sync::mpsc::channel();
     stream_lines(ep, &tap_path(&opts.filter), tx.clone())?;
     let mut table_state = TopTable::new();
@@ -1481,11 +1428,7 @@ fn print_top(snap: &TopSnapshot, out: Output) -> bool {
     match out {
         Output::Json => emit(&(serde_json::to_string(snap).unwrap_or_default() + "\n")),
         Output::Table => {
-            let body = if snap.rows.is_empty() {
-                "no requests seen\n".to_string()
-            } else {
-                top_table(snap, usize::MAX)
-            };
+            let body = if snap.rows.is_empty() { "no requests seen\n".to_string() } else { top_table(snap, usize::MAX) };
             emit(&format!("# {} ({} requests seen)\n{body}\n", snap.time, snap.events))
         }
     }
@@ -1493,13 +1436,7 @@ fn print_top(snap: &TopSnapshot, out: Output) -> bool {
 
 /// `sluice stat pods|services [NAME] --window W`: requests, success rate, rate and latency
 /// percentiles per pod or Service, outbound and inbound, over the window.
-pub fn stat(
-    ep: &AdminEndpoint,
-    kind: StatKind,
-    window: &str,
-    name: Option<&str>,
-    out: Output,
-) -> Result<String> {
+pub fn stat(ep: &AdminEndpoint, kind: StatKind, window: &str, name: Option<&str>, out: Output) -> Result<String> {
     let w = crate::telemetry::stats::parse_window(window).map_err(|e| anyhow!(e))?;
     let mut q = form_urlencoded::Serializer::new(String::new());
     q.append_pair("kind", kind.as_str());
@@ -1512,11 +1449,7 @@ pub fn stat(
         return Ok(serde_json::to_string_pretty(&view)? + "\n");
     }
     if view.rows.is_empty() {
-        return Ok(format!(
-            "no requests in the last {}s{}\n",
-            view.window_s,
-            name.map(|n| format!(" for {n}")).unwrap_or_default()
-        ));
+        return Ok(format!("no requests in the last {}s{}\n", view.window_s, name.map(|n| format!(" for {n}")).unwrap_or_default()));
     }
     let mut rows = Vec::new();
     for r in &view.rows {

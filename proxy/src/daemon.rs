@@ -105,9 +105,7 @@ const NODE_ADDRS_EVERY: Duration = Duration::from_secs(5);
 fn refresh_node_addrs(guard: &crate::loopguard::LoopGuard) {
     match crate::loopguard::node_addresses() {
         Ok(addrs) => guard.set_node_addrs(addrs),
-        Err(e) => {
-            warn!(error = %e, "cannot list the node's addresses; the loop guard keeps the previous list")
-        }
+        Err(e) => warn!(error = %e, "cannot list the node's addresses; the loop guard keeps the previous list"),
     }
 }
 
@@ -354,13 +352,7 @@ pub fn run(args: RunArgs) -> Result<()> {
     // Client HTTP connections: HTTP/1.1 closes after the response in flight, HTTP/2 GOAWAY.
     admin.data.draining.send_replace(true);
     let open = conns.open_count();
-    info!(
-        reason,
-        successor,
-        open_connections = open,
-        drain_timeout_s = args.drain_timeout.as_secs(),
-        "stopping: draining"
-    );
+    info!(reason, successor, open_connections = open, drain_timeout_s = args.drain_timeout.as_secs(), "stopping: draining");
     let deadline = Instant::now() + args.drain_timeout;
     let mut last_report = Instant::now();
     // Until the listeners close, a connection already on its way may still arrive.
@@ -611,3 +603,4 @@ async fn signals(control: mpsc::Sender<Control>) {
     };
     let _ = control.send(Control::Shutdown(why));
 }
+

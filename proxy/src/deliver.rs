@@ -65,8 +65,7 @@ pub fn prepare_pod(netns: &PodNetns) -> io::Result<(Transparent, Option<String>)
         // mark too, or a refused delivery would look like a timeout.
         crate::sysctl::write_net("ipv4.fwmark_reflect", "1")?;
         route_marked("-4", "0.0.0.0/0")?;
-        let v6 =
-            crate::sysctl::write_net("ipv6.fwmark_reflect", "1").and_then(|()| route_marked("-6", "::/0"));
+        let v6 = crate::sysctl::write_net("ipv6.fwmark_reflect", "1").and_then(|()| route_marked("-6", "::/0"));
         let why_not_v6 = v6.err().map(|e| e.to_string());
         Ok((Transparent { v4: true, v6: why_not_v6.is_none() }, why_not_v6))
     })?
@@ -77,17 +76,7 @@ fn route_marked(family: &str, default: &str) -> io::Result<()> {
     let mark = format!("{DELIVERY_MARK:#x}/{MARK_MASK:#x}");
     let rules = ip(&[family, "rule", "show", "pref", &RULE_PREF.to_string()])?;
     if !rules.contains(&format!("lookup {TABLE}")) {
-        ip(&[
-            family,
-            "rule",
-            "add",
-            "pref",
-            &RULE_PREF.to_string(),
-            "fwmark",
-            &mark,
-            "lookup",
-            &TABLE.to_string(),
-        ])?;
+        ip(&[family, "rule", "add", "pref", &RULE_PREF.to_string(), "fwmark", &mark, "lookup", &TABLE.to_string()])?;
     }
     ip(&[family, "route", "replace", "local", default, "dev", "lo", "table", &TABLE.to_string()])?;
     Ok(())
@@ -139,9 +128,7 @@ pub async fn connect(
             .and_then(|_| sock.bind(&SocketAddr::new(client, 0).into()));
         match spoof {
             Ok(()) => bound = true,
-            Err(e) => {
-                warn!(%client, %target, error = %e, "cannot deliver with the client's address; using the pod's own")
-            }
+            Err(e) => warn!(%client, %target, error = %e, "cannot deliver with the client's address; using the pod's own"),
         }
     }
     if !bound {
@@ -153,8 +140,7 @@ pub async fn connect(
         };
         sock.bind(&own.into())?;
     }
-    let source =
-        sock.local_addr()?.as_socket().ok_or_else(|| io::Error::other("delivery socket has no address"))?;
+    let source = sock.local_addr()?.as_socket().ok_or_else(|| io::Error::other("delivery socket has no address"))?;
     // Our SYN must not be captured by the pod's inbound hook and handed back to us.
     redirector.delivery_started(source);
     let result = tokio::time::timeout(timeout, socket.connect(target)).await;
@@ -163,10 +149,7 @@ pub async fn connect(
         Ok(r) => r,
         Err(_) => {
             debug!(%target, "delivery connect timed out");
-            Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                format!("no answer from {target} within {timeout:?}"),
-            ))
+            Err(io::Error::new(io::ErrorKind::TimedOut, format!("no answer from {target} within {timeout:?}")))
         }
     }
 }

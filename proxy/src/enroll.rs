@@ -258,10 +258,7 @@ impl Enroller {
                 self.release(pod);
             }
         }
-        self.waiting.retain(|uid| {
-            desired.contains_key(uid.as_str())
-                || model.pods_on_node(&node).any(|p| p.host_network && &p.uid == uid)
-        });
+        self.waiting.retain(|uid| desired.contains_key(uid.as_str()) || model.pods_on_node(&node).any(|p| p.host_network && &p.uid == uid));
         self.retry_after.retain(|uid, _| desired.contains_key(uid.as_str()));
         let failures = self.failed.len();
         self.failed.retain(|uid, _| desired.contains_key(uid.as_str()));
@@ -276,12 +273,8 @@ impl Enroller {
 
         let now = Instant::now();
         // Pods enrolled before their certificate was there: open their tunnel port if it is now.
-        let without_tunnel: Vec<String> = self
-            .enrolled
-            .iter()
-            .filter(|(_, e)| e.hbone != Hbone::Serving)
-            .map(|(uid, _)| uid.clone())
-            .collect();
+        let without_tunnel: Vec<String> =
+            self.enrolled.iter().filter(|(_, e)| e.hbone != Hbone::Serving).map(|(uid, _)| uid.clone()).collect();
         for uid in without_tunnel {
             if let Some(mut e) = self.enrolled.remove(&uid) {
                 changed |= self.start_hbone(&mut e, now);
@@ -312,11 +305,8 @@ impl Enroller {
                     if self.waiting.insert(uid.to_string()) {
                         warn!(pod = %format!("{}/{}", pod.namespace, pod.name), %reason, retry_in_s = FAILED_RETRY.as_secs(), "cannot enroll pod");
                     }
-                    let problem = PodProblem {
-                        pod: format!("{}/{}", pod.namespace, pod.name),
-                        enrolled: false,
-                        reason,
-                    };
+                    let problem =
+                        PodProblem { pod: format!("{}/{}", pod.namespace, pod.name), enrolled: false, reason };
                     changed |= self.failed.get(uid).is_none_or(|p| p.reason != problem.reason);
                     self.failed.insert(uid.to_string(), problem);
                 }
@@ -452,8 +442,7 @@ impl Enroller {
         // is enrolled now either way; its tunnel port opens once the certificate is in.
         let identity = SpiffeId::for_pod(&self.trust_domain, pod);
         let certificate_ready = self.identity.request(&identity, &self.data_rt) == CertStatus::Ready;
-        let cgroup_path =
-            podres::pod_cgroup(&self.kubepods, self.driver, &pod.uid).map_err(EnrollError::from)?;
+        let cgroup_path = podres::pod_cgroup(&self.kubepods, self.driver, &pod.uid).map_err(EnrollError::from)?;
         let cgroup_id = podres::cgroup_id(&cgroup_path).map_err(EnrollError::from)?;
         let netns_handle = podres::pod_netns(&cgroup_path).map_err(EnrollError::from)?;
         let netns_fd = netns_handle
@@ -467,7 +456,7 @@ impl Enroller {
         // Listeners are SO_REUSEPORT so the next sluice process can open its own next to ours;
         // with tcp_migrate_req, connections still queued on ours when we close them move to
         // the successor's instead of being reset.
-        if let Err(e) = netns.run(|| crate::sysctl::write_net("ipv4.tcp_migrate_req", "1")).and_then(|r| r) {
+        if let Err(e) = netns.run(|| crate::sysctl::write_net("ipv4.tcp_migrate_req", "1")) .and_then(|r| r) {
             debug!(pod = %key, error = %e, "cannot enable tcp_migrate_req (kernel < 5.14?); an upgrade may reset queued connections");
         }
         let transparent = match deliver::prepare_pod(&netns) {
@@ -505,11 +494,8 @@ impl Enroller {
             SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), OUTBOUND_PORT),
         ];
         // The tunnel port on each cluster address (mesh peers dial those, never link-local).
-        let hbone_addrs: Vec<SocketAddr> = pod_ips
-            .iter()
-            .filter(|ip| !deliver::is_link_local(**ip))
-            .map(|ip| SocketAddr::new(*ip, HBONE_PORT))
-            .collect();
+        let hbone_addrs: Vec<SocketAddr> =
+            pod_ips.iter().filter(|ip| !deliver::is_link_local(**ip)).map(|ip| SocketAddr::new(*ip, HBONE_PORT)).collect();
         // Captured plaintext: the IPv4 listener on the pod's address, as before; one IPv6
         // listener on [::] takes every IPv6 address of the pod (sk_lookup hands it connections
         // whatever the address it is bound to).
@@ -517,7 +503,9 @@ impl Enroller {
         let inbound_v6 = has_v6.then(|| SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), INBOUND_PORT));
         let mut addrs = outbound.to_vec();
         addrs.extend(inbound_v4.into_iter().chain(inbound_v6));
-        let results = netns.listen(&addrs).map_err(|e| EnrollError::Failed(format!("netns worker: {e}")))?;
+        let results = netns
+            .listen(&addrs)
+            .map_err(|e| EnrollError::Failed(format!("netns worker: {e}")))?;
         let mut listeners = Vec::new();
         for (addr, result) in addrs.iter().zip(results) {
             match result {
@@ -728,27 +716,21 @@ impl Enroller {
         let mut pods: Vec<(PodView, Arc<PodStats>, SpiffeId)> = self
             .enrolled
             .values()
-            .map(|e| {
-                (
-                    PodView {
-                        namespace: e.namespace.clone(),
-                        name: e.name.clone(),
-                        uid: e.uid.clone(),
-                        ip: e.ctx.ip,
-                        cgroup_id: e.cgroup_id,
-                        cgroup_path: e.cgroup_path.clone(),
-                        netns: e.ctx.netns.inode(),
-                        listeners: e.listeners.clone(),
-                        identity: e.ctx.identity_str.to_string(),
-                        certificate: String::new(),
-                        source_ip_preserved: e.ctx.transparent.v4,
-                        connections_open: 0,
-                        connections_total: 0,
-                    },
-                    e.ctx.stats.clone(),
-                    e.ctx.identity.clone(),
-                )
-            })
+            .map(|e| (PodView {
+                namespace: e.namespace.clone(),
+                name: e.name.clone(),
+                uid: e.uid.clone(),
+                ip: e.ctx.ip,
+                cgroup_id: e.cgroup_id,
+                cgroup_path: e.cgroup_path.clone(),
+                netns: e.ctx.netns.inode(),
+                listeners: e.listeners.clone(),
+                identity: e.ctx.identity_str.to_string(),
+                certificate: String::new(),
+                source_ip_preserved: e.ctx.transparent.v4,
+                connections_open: 0,
+                connections_total: 0,
+            }, e.ctx.stats.clone(), e.ctx.identity.clone()))
             .collect();
         pods.sort_by(|(a, _, _), (b, _, _)| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
         *self.view.write().unwrap_or_else(|p| p.into_inner()) = pods;
@@ -819,9 +801,7 @@ enum EnrollError {
 impl From<PodResError> for EnrollError {
     fn from(e: PodResError) -> Self {
         match e {
-            PodResError::CgroupNotFound { .. } | PodResError::NoProcesses(_) => {
-                EnrollError::NotYet(e.to_string())
-            }
+            PodResError::CgroupNotFound { .. } | PodResError::NoProcesses(_) => EnrollError::NotYet(e.to_string()),
             other => EnrollError::Failed(other.to_string()),
         }
     }

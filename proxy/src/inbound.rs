@@ -117,16 +117,7 @@ pub async fn handle_tunnel(mut req: TunnelRequest, pod: Arc<PodContext>, inbound
         server::reply(&mut req.respond, StatusCode::FORBIDDEN);
         return;
     }
-    let app = match deliver::connect(
-        &inbound.redirector,
-        &pod.netns,
-        pod.transparent,
-        req.peer.ip(),
-        req.target,
-        inbound.connect_timeout,
-    )
-    .await
-    {
+    let app = match deliver::connect(&inbound.redirector, &pod.netns, pod.transparent, req.peer.ip(), req.target, inbound.connect_timeout).await {
         Ok(s) => s,
         Err(e) => {
             inbound.counters.delivery_failed.fetch_add(1, Ordering::Relaxed);
@@ -180,10 +171,7 @@ pub async fn handle_tunnel(mut req: TunnelRequest, pod: Arc<PodContext>, inbound
     let tcp = InboundConn::new(&inbound, &pod, req.peer, req.target, Some(req.peer_identity.clone()));
     tcp.report(&inbound, &pod, &guard.entry, true);
     let (sent, received) = (&guard.entry.sent, &guard.entry.received);
-    inbound
-        .idle
-        .run(pump::tcp_h2(app, bytes::Bytes::new(), send, req.body, received, sent), sent, received)
-        .await;
+    inbound.idle.run(pump::tcp_h2(app, bytes::Bytes::new(), send, req.body, received, sent), sent, received).await;
     tcp.report(&inbound, &pod, &guard.entry, false);
     drop(permit);
 }
@@ -227,19 +215,14 @@ async fn handle_plaintext(client: TcpStream, peer: SocketAddr, pod: Arc<PodConte
     // Dialled directly (15006 is sluice's own listener): delivering it would connect to the
     // same listener again.
     if let Err(refused) = inbound.loop_guard.check_delivery(target) {
-        inbound.loop_guard.refused(
-            &lograte::source_of_ip(peer.ip()),
-            refused,
-            crate::loopguard::Via::Delivery,
-        );
+        inbound.loop_guard.refused(&lograte::source_of_ip(peer.ip()), refused, crate::loopguard::Via::Delivery);
         pump::reset(&client);
         return;
     }
     let mode = inbound.model.load().peer_auth_mode(&pod.namespace);
     if mode == PeerAuthMode::Strict {
         inbound.counters.plaintext_refused_strict.fetch_add(1, Ordering::Relaxed);
-        if let Some(suppressed) = lograte::shared().allow("strict-refused", &lograte::source_of_ip(peer.ip()))
-        {
+        if let Some(suppressed) = lograte::shared().allow("strict-refused", &lograte::source_of_ip(peer.ip())) {
             warn!(pod = %pod.key, %peer, %target, suppressed, "plaintext connection refused: namespace is STRICT (mTLS only)");
         }
         pump::reset(&client);
@@ -247,30 +230,18 @@ async fn handle_plaintext(client: TcpStream, peer: SocketAddr, pod: Arc<PodConte
     }
     if let Verdict::Denied(why) = inbound.authorize(&pod, target.port(), None) {
         inbound.counters.policy_denied.fetch_add(1, Ordering::Relaxed);
-        if let Some(suppressed) = lograte::shared().allow("policy-denied", &lograte::source_of_ip(peer.ip()))
-        {
+        if let Some(suppressed) = lograte::shared().allow("policy-denied", &lograte::source_of_ip(peer.ip())) {
             warn!(pod = %pod.key, %peer, port = target.port(), reason = %why, suppressed, "plaintext connection denied by authorization policy");
         }
         pump::reset(&client);
         return;
     }
     inbound.counters.plaintext_accepted.fetch_add(1, Ordering::Relaxed);
-    let app = match deliver::connect(
-        &inbound.redirector,
-        &pod.netns,
-        pod.transparent,
-        peer.ip(),
-        target,
-        inbound.connect_timeout,
-    )
-    .await
-    {
+    let app = match deliver::connect(&inbound.redirector, &pod.netns, pod.transparent, peer.ip(), target, inbound.connect_timeout).await {
         Ok(s) => s,
         Err(e) => {
             inbound.counters.delivery_failed.fetch_add(1, Ordering::Relaxed);
-            if let Some(suppressed) =
-                lograte::shared().allow("delivery-failed", &lograte::source_of_ip(peer.ip()))
-            {
+            if let Some(suppressed) = lograte::shared().allow("delivery-failed", &lograte::source_of_ip(peer.ip())) {
                 info!(pod = %pod.key, %target, error = %e, suppressed, "delivery to the application failed; resetting");
             }
             pump::reset(&client);
@@ -311,13 +282,7 @@ struct InboundConn {
 }
 
 impl InboundConn {
-    fn new(
-        inbound: &Inbound,
-        pod: &PodContext,
-        peer: SocketAddr,
-        target: SocketAddr,
-        principal: Option<Arc<str>>,
-    ) -> Self {
+    fn new(inbound: &Inbound, pod: &PodContext, peer: SocketAddr, target: SocketAddr, principal: Option<Arc<str>>) -> Self {
         let model = inbound.model.load();
         let src_workload = model.workload_by_ip(peer.ip()).cloned();
         let mut namespaces = vec![pod.namespace.as_ref()];
@@ -326,9 +291,7 @@ impl InboundConn {
         }
         InboundConn {
             access_log: crate::telemetry::access_log_wanted(&model, &namespaces),
-            service: model
-                .service_of_endpoint(target)
-                .and_then(|(ns, name)| model.service(ns, name).cloned()),
+            service: model.service_of_endpoint(target).and_then(|(ns, name)| model.service(ns, name).cloned()),
             src_workload,
             principal,
             peer,
@@ -344,16 +307,8 @@ impl InboundConn {
             reporter: Reporter::Destination,
             start: self.start,
             duration: self.started.elapsed(),
-            source: Peer {
-                workload: self.src_workload.as_deref(),
-                principal: self.principal.as_deref(),
-                addr: Some(self.peer),
-            },
-            destination: Peer {
-                workload: Some(&pod.workload),
-                principal: Some(&pod.identity_str),
-                addr: Some(self.target),
-            },
+            source: Peer { workload: self.src_workload.as_deref(), principal: self.principal.as_deref(), addr: Some(self.peer) },
+            destination: Peer { workload: Some(&pod.workload), principal: Some(&pod.identity_str), addr: Some(self.target) },
             service: self.service.as_ref().map(|s| ServiceRef { namespace: &s.namespace, name: &s.name }),
             // Istio's direction: sent = server → client, received = client → server.
             sent: entry.received.load(Ordering::Relaxed),

@@ -208,10 +208,7 @@ async fn forward_opaque(
 ) {
     let model = dp.model.load();
     let target = routing::resolve(&model, orig);
-    if target.service.is_none()
-        && !registered(&model, orig)
-        && model.outbound_policy(&pod.namespace) == OutboundPolicy::RegistryOnly
-    {
+    if target.service.is_none() && !registered(&model, orig) && model.outbound_policy(&pod.namespace) == OutboundPolicy::RegistryOnly {
         dp.l7.counters.egress_refused.fetch_add(1, Ordering::Relaxed);
         if let Some(suppressed) = lograte::shared().allow("egress-refused", &pod.key) {
             warn!(pod = %pod.key, dst = %orig, suppressed, "connection refused: the namespace's outbound policy is REGISTRY_ONLY and no Service or ServiceEntry declares the destination");
@@ -256,8 +253,7 @@ async fn forward_opaque(
         }
         match open_tunnel(&pod, &dp, &peer_id, endpoint, None).await {
             Ok(stream) => {
-                let guard =
-                    dp.conns.open(&pod.stats, new_conn(&pod, peer, orig, &target, endpoint, Some(&peer_id)));
+                let guard = dp.conns.open(&pod.stats, new_conn(&pod, peer, orig, &target, endpoint, Some(&peer_id)));
                 debug!(pod = %pod.key, dst = %orig, %endpoint, peer = %peer_id, id = guard.entry.id, "forwarding through tunnel");
                 observed.report(&dp, &pod, &guard.entry, true, true);
                 // `stream.slot`, the stream's place in its tunnel's count, drops at the end of
@@ -293,9 +289,7 @@ async fn forward_opaque(
             Err(e) => {
                 // Keyed by the failure too: each distinct TLS or identity problem of a pod is
                 // logged (within the global rate), repeats of one are not.
-                if let Some(suppressed) =
-                    lograte::shared().allow("tunnel-failed", &format!("{} {e}", pod.key))
-                {
+                if let Some(suppressed) = lograte::shared().allow("tunnel-failed", &format!("{} {e}", pod.key)) {
                     warn!(pod = %pod.key, dst = %orig, %endpoint, peer = %peer_id, error = %e, suppressed, "tunnel failed; resetting client");
                 }
                 reset(&client);
@@ -353,24 +347,13 @@ struct OpaqueConn {
 
 impl OpaqueConn {
     /// `opened`: the connection just opened; else it just closed (bytes final).
-    fn report(
-        &self,
-        dp: &DataPath,
-        pod: &PodContext,
-        entry: &crate::conns::ConnEntry,
-        mtls: bool,
-        opened: bool,
-    ) {
+    fn report(&self, dp: &DataPath, pod: &PodContext, entry: &crate::conns::ConnEntry, mtls: bool, opened: bool) {
         use crate::telemetry::{ConnRecord, Peer, Reporter, ServiceRef};
         let rec = ConnRecord {
             reporter: Reporter::Source,
             start: self.start,
             duration: self.started.elapsed(),
-            source: Peer {
-                workload: Some(&pod.workload),
-                principal: Some(&pod.identity_str),
-                addr: Some(entry.source_addr),
-            },
+            source: Peer { workload: Some(&pod.workload), principal: Some(&pod.identity_str), addr: Some(entry.source_addr) },
             destination: Peer {
                 workload: self.dest_workload.as_deref(),
                 principal: self.dest_principal.as_deref(),
@@ -397,7 +380,6 @@ fn registered(model: &Model, dst: SocketAddr) -> bool {
     model.pod_by_ip(dst.ip()).is_some() || model.service_entry_for_addr(dst.ip(), dst.port()).is_some()
 }
 
-/// The mesh identity of `endpoint` if it is an enrolled pod (reached through its HBONE port).
 /// Whether a connection to the mesh pod at `endpoint`, whose tunnel port refused, may go
 /// plaintext (asked of the current model: the destination's peer authentication).
 pub fn fallback_allowed(
@@ -429,6 +411,7 @@ pub fn refuse_fallback(
     }
 }
 
+/// The mesh identity of `endpoint` if it is an enrolled pod (reached through its HBONE port).
 pub fn mesh_identity(model: &Model, endpoint: SocketAddr, trust_domain: &str) -> Option<SpiffeId> {
     model
         .pod_by_ip(endpoint.ip())
@@ -479,11 +462,7 @@ pub(crate) async fn open_tunnel(
     dp.pool.open(&key, &pod.netns, tls, endpoint, dp.connect_timeout, l7, unit).await
 }
 
-pub(crate) async fn connect(
-    netns: &PodNetns,
-    endpoint: SocketAddr,
-    timeout: Duration,
-) -> io::Result<TcpStream> {
+pub(crate) async fn connect(netns: &PodNetns, endpoint: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
     let socket = netns.tcp_socket(endpoint).await?;
     match tokio::time::timeout(timeout, socket.connect(endpoint)).await {
         Ok(r) => r,

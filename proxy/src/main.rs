@@ -12,11 +12,7 @@ use sluice::{
 };
 
 #[derive(Parser)]
-#[command(
-    name = "sluice",
-    version,
-    about = "Per-node service-mesh data plane: eBPF socket redirection into one shared proxy"
-)]
+#[command(name = "sluice", version, about = "Per-node service-mesh data plane: eBPF socket redirection into one shared proxy")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -483,9 +479,7 @@ fn main() -> ExitCode {
                     refused.map_or(Ok(()), |r| Err(anyhow::anyhow!(r)))
                 })
         }
-        Command::Routes { service, admin } => {
-            print(cli::routes(&admin.endpoint(), service.as_deref(), admin.output))
-        }
+        Command::Routes { service, admin } => print(cli::routes(&admin.endpoint(), service.as_deref(), admin.output)),
         Command::Tap(f) => cli::tap(
             &f.admin.endpoint(),
             &cli::TapOptions { filter: f.filter.filter(), max: f.max, duration: f.duration },
@@ -639,20 +633,14 @@ fn source_config(
             if kube_api.is_some() || kubeconfig.is_some() {
                 anyhow::bail!("--kube-api and --kubeconfig need --source kubernetes");
             }
-            let dir = manifests.ok_or_else(|| {
-                anyhow::anyhow!("--manifests DIR is required with --source manifests (the default)")
-            })?;
+            let dir = manifests.ok_or_else(|| anyhow::anyhow!("--manifests DIR is required with --source manifests (the default)"))?;
             Ok(SourceConfig::Manifests(dir))
         }
         Source::Kubernetes => {
             if let Some(dir) = manifests {
                 tracing::warn!(dir = %dir.display(), "--manifests is ignored with --source kubernetes");
             }
-            Ok(SourceConfig::Kubernetes(KubeConfig {
-                api_url: kube_api,
-                kubeconfig,
-                ..KubeConfig::default()
-            }))
+            Ok(SourceConfig::Kubernetes(KubeConfig { api_url: kube_api, kubeconfig, ..KubeConfig::default() }))
         }
     }
 }
@@ -666,9 +654,7 @@ fn ca_config(
     server_name: Option<String>,
 ) -> Result<daemon::CaConfig> {
     match ca_addr {
-        None => Ok(daemon::CaConfig::Embedded {
-            dir: ca_dir.unwrap_or_else(|| PathBuf::from("/var/lib/sluice/ca")),
-        }),
+        None => Ok(daemon::CaConfig::Embedded { dir: ca_dir.unwrap_or_else(|| PathBuf::from("/var/lib/sluice/ca")) }),
         Some(addr) => {
             if let Some(dir) = ca_dir {
                 // The node holds no key with a CA service: say so rather than read it.

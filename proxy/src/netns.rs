@@ -67,35 +67,37 @@ impl PodNetns {
         let (ready_tx, ready_rx) = mpsc::sync_channel::<io::Result<()>>(1);
         let worker_pools = pools.clone();
         let inode = netns.inode;
-        thread::Builder::new().name(format!("netns-{label}")).spawn(move || {
-            // SAFETY: setns on this thread only; the fd is a valid namespace fd we own.
-            let rc = unsafe { libc::setns(netns.fd.as_raw_fd(), libc::CLONE_NEWNET) };
-            if rc != 0 {
-                let _ = ready_tx.send(Err(io::Error::last_os_error()));
-                return;
-            }
-            let _ = ready_tx.send(Ok(()));
-            drop(netns);
-            refill(&worker_pools, Domain::IPV4);
-            for req in rx {
-                match req {
-                    Request::Listen(addrs, reply) => {
-                        let _ = reply.send(addrs.iter().map(|a| listen(*a)).collect());
-                    }
-                    Request::Run(job) => job(),
-                    Request::Socket(domain, reply) => {
-                        let _ = reply.send(new_socket(domain));
-                    }
-                    Request::Refill => {
-                        refill(&worker_pools, Domain::IPV4);
-                        if !worker_pools.v6.lock().unwrap_or_else(|p| p.into_inner()).is_empty() {
-                            refill(&worker_pools, Domain::IPV6);
+        thread::Builder::new()
+            .name(format!("netns-{label}"))
+            .spawn(move || {
+                // SAFETY: setns on this thread only; the fd is a valid namespace fd we own.
+                let rc = unsafe { libc::setns(netns.fd.as_raw_fd(), libc::CLONE_NEWNET) };
+                if rc != 0 {
+                    let _ = ready_tx.send(Err(io::Error::last_os_error()));
+                    return;
+                }
+                let _ = ready_tx.send(Ok(()));
+                drop(netns);
+                refill(&worker_pools, Domain::IPV4);
+                for req in rx {
+                    match req {
+                        Request::Listen(addrs, reply) => {
+                            let _ = reply.send(addrs.iter().map(|a| listen(*a)).collect());
+                        }
+                        Request::Run(job) => job(),
+                        Request::Socket(domain, reply) => {
+                            let _ = reply.send(new_socket(domain));
+                        }
+                        Request::Refill => {
+                            refill(&worker_pools, Domain::IPV4);
+                            if !worker_pools.v6.lock().unwrap_or_else(|p| p.into_inner()).is_empty() {
+                                refill(&worker_pools, Domain::IPV6);
+                            }
                         }
                     }
                 }
-            }
-            debug!("netns worker stopped");
-        })?;
+                debug!("netns worker stopped");
+            })?;
         match ready_rx.recv() {
             Ok(Ok(())) => Ok(Arc::new(Self { tx, pools, inode })),
             Ok(Err(e)) => Err(e),
@@ -104,7 +106,9 @@ impl PodNetns {
     }
 
     fn send(&self, req: Request) -> io::Result<()> {
-        self.tx.send(req).map_err(|_| io::Error::other("netns worker thread is gone"))
+        self.tx
+            .send(req)
+            .map_err(|_| io::Error::other("netns worker thread is gone"))
     }
 
     /// Opens listening sockets inside the namespace, one result per address (blocking:

@@ -61,9 +61,11 @@ pub fn cgroup_id(path: &Path) -> Result<u64, PodResError> {
 /// The cgroup-v2 directory of the calling process.
 pub fn own_cgroup() -> Result<PathBuf, PodResError> {
     let mount = cgroup2_mount()?;
-    let text =
-        std::fs::read_to_string("/proc/self/cgroup").map_err(io_err(Path::new("/proc/self/cgroup")))?;
-    let rel = text.lines().find_map(|l| l.strip_prefix("0::")).ok_or(PodResError::NoCgroup2)?;
+    let text = std::fs::read_to_string("/proc/self/cgroup").map_err(io_err(Path::new("/proc/self/cgroup")))?;
+    let rel = text
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .ok_or(PodResError::NoCgroup2)?;
     Ok(mount.join(rel.trim_start_matches('/')))
 }
 
@@ -146,12 +148,7 @@ pub fn pids_in(cgroup: &Path) -> Result<Vec<i32>, PodResError> {
             Err(e) => return Err(PodResError::Io { path: procs, source: e }),
         }
         if let Ok(entries) = std::fs::read_dir(&dir) {
-            stack.extend(
-                entries
-                    .flatten()
-                    .filter(|e| e.file_type().map(|t| t.is_dir()).unwrap_or(false))
-                    .map(|e| e.path()),
-            );
+            stack.extend(entries.flatten().filter(|e| e.file_type().map(|t| t.is_dir()).unwrap_or(false)).map(|e| e.path()));
         }
     }
     Ok(pids)

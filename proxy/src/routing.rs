@@ -81,11 +81,8 @@ mod tests {
 
     #[test]
     fn round_robin_spreads_evenly() {
-        let eps: Arc<[SocketAddr]> = Arc::from(vec![
-            "10.0.0.1:80".parse().unwrap(),
-            "10.0.0.2:80".parse().unwrap(),
-            "10.0.0.3:80".parse().unwrap(),
-        ]);
+        let eps: Arc<[SocketAddr]> =
+            Arc::from(vec!["10.0.0.1:80".parse().unwrap(), "10.0.0.2:80".parse().unwrap(), "10.0.0.3:80".parse().unwrap()]);
         let t = Target { service: Some("a/b".into()), balance_key: 7, endpoints: eps.clone() };
         let rr = RoundRobin::default();
         let mut counts = HashMap::new();

@@ -12,14 +12,7 @@ pub fn write_net(key: &str, value: &str) -> io::Result<()> {
         Err(e) if e.raw_os_error() == Some(libc::EROFS) || e.kind() == io::ErrorKind::PermissionDenied => {
             let host = PathBuf::from("/proc/1/root/proc").join(&rel);
             std::fs::write(&host, value).map_err(|e2| {
-                io::Error::new(
-                    e2.kind(),
-                    format!(
-                        "net.{key}: {} is read-only ({e}) and {} failed: {e2}",
-                        primary.display(),
-                        host.display()
-                    ),
-                )
+                io::Error::new(e2.kind(), format!("net.{key}: {} is read-only ({e}) and {} failed: {e2}", primary.display(), host.display()))
             })
         }
         r => r.map_err(|e| io::Error::new(e.kind(), format!("net.{key}: {e}"))),

@@ -20,7 +20,10 @@ pub struct HttpResponse {
 
 impl HttpResponse {
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
     }
 
     pub fn body_str(&self) -> String {
@@ -34,20 +37,23 @@ pub fn get(socket: &Path, path: &str, timeout: Duration) -> Result<HttpResponse>
         .with_context(|| format!("connecting to admin socket {}", socket.display()))?;
     stream.set_read_timeout(Some(timeout))?;
     stream.set_write_timeout(Some(timeout))?;
-    let req = format!(
-        "GET {path} HTTP/1.1\r\nHost: localhost\r\nAccept: application/json\r\nConnection: close\r\n\r\n"
-    );
-    stream.write_all(req.as_bytes()).with_context(|| format!("sending GET {path}"))?;
+    let req = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nAccept: application/json\r\nConnection: close\r\n\r\n");
+    stream
+        .write_all(req.as_bytes())
+        .with_context(|| format!("sending GET {path}"))?;
     let mut buf = Vec::new();
     let mut chunk = [0u8; 16 * 1024];
     loop {
         if let Some(resp) = parse_response(&buf, false)? {
             return Ok(resp);
         }
-        let n = stream.read(&mut chunk).with_context(|| format!("reading the response to GET {path}"))?;
+        let n = stream
+            .read(&mut chunk)
+            .with_context(|| format!("reading the response to GET {path}"))?;
         if n == 0 {
-            return parse_response(&buf, true)?
-                .ok_or_else(|| anyhow!("connection closed before a complete response to GET {path}"));
+            return parse_response(&buf, true)?.ok_or_else(|| {
+                anyhow!("connection closed before a complete response to GET {path}")
+            });
         }
         buf.extend_from_slice(&chunk[..n]);
     }
@@ -57,7 +63,11 @@ pub fn get(socket: &Path, path: &str, timeout: Duration) -> Result<HttpResponse>
 pub fn get_json(socket: &Path, path: &str, timeout: Duration) -> Result<Value> {
     let resp = get(socket, path, timeout)?;
     if !(200..300).contains(&resp.status) {
-        bail!("GET {path}: HTTP {}: {}", resp.status, resp.body_str().trim());
+        bail!(
+            "GET {path}: HTTP {}: {}",
+            resp.status,
+            resp.body_str().trim()
+        );
     }
     serde_json::from_slice(&resp.body)
         .with_context(|| format!("GET {path}: body is not JSON: {}", resp.body_str()))
@@ -68,7 +78,10 @@ pub fn get_json(socket: &Path, path: &str, timeout: Duration) -> Result<Value> {
 pub fn parse_response(buf: &[u8], eof: bool) -> Result<Option<HttpResponse>> {
     let Some(head_end) = find(buf, b"\r\n\r\n") else {
         if eof && !buf.is_empty() {
-            bail!("truncated response head: {:?}", String::from_utf8_lossy(buf));
+            bail!(
+                "truncated response head: {:?}",
+                String::from_utf8_lossy(buf)
+            );
         }
         return Ok(None);
     };
@@ -76,26 +89,39 @@ pub fn parse_response(buf: &[u8], eof: bool) -> Result<Option<HttpResponse>> {
     let mut lines = head.split("\r\n");
     let status_line = lines.next().unwrap_or_default();
     let mut parts = status_line.splitn(3, ' ');
-    let (version, code) = (parts.next().unwrap_or_default(), parts.next().unwrap_or_default());
+    let (version, code) = (
+        parts.next().unwrap_or_default(),
+        parts.next().unwrap_or_default(),
+    );
     if !version.starts_with("HTTP/1.") {
         bail!("not an HTTP/1.x response: {status_line:?}");
     }
-    let status: u16 = code.parse().with_context(|| format!("bad status line {status_line:?}"))?;
+    let status: u16 = code
+        .parse()
+        .with_context(|| format!("bad status line {status_line:?}"))?;
     let headers: Vec<(String, String)> = lines
         .filter_map(|l| l.split_once(':'))
         .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
         .collect();
-    let header =
-        |name: &str| headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str());
+    let header = |name: &str| {
+        headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    };
     let rest = &buf[head_end + 4..];
-    let body = if header("transfer-encoding").is_some_and(|v| v.to_ascii_lowercase().contains("chunked")) {
+    let body = if header("transfer-encoding")
+        .is_some_and(|v| v.to_ascii_lowercase().contains("chunked"))
+    {
         match decode_chunked(rest)? {
             Some(b) => b,
             None if eof => bail!("truncated chunked body"),
             None => return Ok(None),
         }
     } else if let Some(len) = header("content-length") {
-        let len: usize = len.parse().with_context(|| format!("bad content-length {len:?}"))?;
+        let len: usize = len
+            .parse()
+            .with_context(|| format!("bad content-length {len:?}"))?;
         if rest.len() < len {
             if eof {
                 bail!("truncated body: {} of {len} bytes", rest.len());
@@ -110,7 +136,11 @@ pub fn parse_response(buf: &[u8], eof: bool) -> Result<Option<HttpResponse>> {
     } else {
         return Ok(None);
     };
-    Ok(Some(HttpResponse { status, headers, body }))
+    Ok(Some(HttpResponse {
+        status,
+        headers,
+        body,
+    }))
 }
 
 /// Decodes a chunked body; `None` until the terminating zero-size chunk (and the blank line
@@ -123,8 +153,8 @@ fn decode_chunked(mut data: &[u8]) -> Result<Option<Vec<u8>>> {
         };
         let size_str = std::str::from_utf8(&data[..line_end]).context("chunk size is not UTF-8")?;
         let size_hex = size_str.split(';').next().unwrap_or_default().trim();
-        let size =
-            usize::from_str_radix(size_hex, 16).with_context(|| format!("bad chunk size {size_str:?}"))?;
+        let size = usize::from_str_radix(size_hex, 16)
+            .with_context(|| format!("bad chunk size {size_str:?}"))?;
         data = &data[line_end + 2..];
         if size == 0 {
             // Trailers, then an empty line.
@@ -148,8 +178,7 @@ mod tests {
 
     #[test]
     fn content_length() {
-        let r =
-            b"HTTP/1.1 200 OK\r\nContent-Length: 11\r\nContent-Type: application/json\r\n\r\n{\"a\":true}\n";
+        let r = b"HTTP/1.1 200 OK\r\nContent-Length: 11\r\nContent-Type: application/json\r\n\r\n{\"a\":true}\n";
         let resp = parse_response(r, false).unwrap().unwrap();
         assert_eq!(resp.status, 200);
         assert_eq!(resp.body, b"{\"a\":true}\n");
@@ -189,7 +218,8 @@ mod tests {
                 req.extend_from_slice(&b[..n]);
             }
             assert!(req.starts_with(b"GET /status HTTP/1.1\r\n"));
-            s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 15\r\n\r\n{\"ready\": true}").unwrap();
+            s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 15\r\n\r\n{\"ready\": true}")
+                .unwrap();
         });
         let v = get_json(&sock, "/status", Duration::from_secs(5)).unwrap();
         assert_eq!(v["ready"], true);

@@ -24,7 +24,9 @@ pub fn cgroup2_mount() -> Result<PathBuf> {
             let (_dev, dir, fstype) = (f.next()?, f.next()?, f.next()?);
             (fstype == "cgroup2").then(|| PathBuf::from(dir))
         })
-        .ok_or_else(|| anyhow!("no cgroup v2 hierarchy mounted (no fstype cgroup2 in /proc/mounts)"))
+        .ok_or_else(|| {
+            anyhow!("no cgroup v2 hierarchy mounted (no fstype cgroup2 in /proc/mounts)")
+        })
 }
 
 /// `<cg2>/sluice-sim`: the parent of every simulator's cgroups.
@@ -95,7 +97,11 @@ pub fn kill_tree(cgroup: &Path, timeout: Duration) -> Result<()> {
         (!populated(cgroup)).then_some(())
     });
     emptied.ok_or_else(|| {
-        anyhow!("processes still alive in {} after {timeout:?}: {:?}", cgroup.display(), pids_in_tree(cgroup))
+        anyhow!(
+            "processes still alive in {} after {timeout:?}: {:?}",
+            cgroup.display(),
+            pids_in_tree(cgroup)
+        )
     })
 }
 
@@ -120,5 +126,6 @@ pub fn remove_tree(cgroup: &Path) -> Result<()> {
 /// Moves process `pid` into `cgroup`.
 pub fn move_pid(cgroup: &Path, pid: u32) -> Result<()> {
     let procs = cgroup.join("cgroup.procs");
-    fs::write(&procs, pid.to_string()).with_context(|| format!("moving pid {pid} into {}", procs.display()))
+    fs::write(&procs, pid.to_string())
+        .with_context(|| format!("moving pid {pid} into {}", procs.display()))
 }

@@ -353,7 +353,13 @@ impl FakeApiServer {
             .context("starting the fake API server's runtime")?;
         let mut res = BTreeMap::new();
         for r in Resource::ALL {
-            res.insert(r, Res { installed: true, ..Res::default() });
+            res.insert(
+                r,
+                Res {
+                    installed: true,
+                    ..Res::default()
+                },
+            );
         }
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
@@ -383,7 +389,11 @@ impl FakeApiServer {
                 }
             }
         });
-        Ok(FakeApiServer { shared, addr, rt: Mutex::new(Some(rt)) })
+        Ok(FakeApiServer {
+            shared,
+            addr,
+            rt: Mutex::new(Some(rt)),
+        })
     }
 
     /// Binds `addr` inside network namespace `netns` and serves there (a control-plane node's
@@ -449,7 +459,10 @@ impl FakeApiServer {
     pub fn get(&self, kind: &str, namespace: &str, name: &str) -> Option<Value> {
         let r = Resource::of_kind(kind)?;
         let ns = if r.info().namespaced { namespace } else { "" };
-        self.shared.lock().res[&r].objects.get(&(ns.to_string(), name.to_string())).cloned()
+        self.shared.lock().res[&r]
+            .objects
+            .get(&(ns.to_string(), name.to_string()))
+            .cloned()
     }
 
     /// Sends a BOOKMARK at the current resourceVersion to every open watch of `resource` that
@@ -458,13 +471,24 @@ impl FakeApiServer {
         let mut st = self.shared.lock();
         let rv = st.rv;
         let mut sent = 0;
-        for w in st.watches.iter().filter(|w| w.resource == resource && w.bookmarks) {
+        for w in st
+            .watches
+            .iter()
+            .filter(|w| w.resource == resource && w.bookmarks)
+        {
             let object = bookmark_object(resource, &w.version, rv);
-            if w.tx.send(Frame::Event(json!({"type": "BOOKMARK", "object": object}))).is_ok() {
+            if w.tx
+                .send(Frame::Event(json!({"type": "BOOKMARK", "object": object})))
+                .is_ok()
+            {
                 sent += 1;
             }
         }
-        st.res.get_mut(&resource).expect("every resource has state").stats.bookmarks += sent as u64;
+        st.res
+            .get_mut(&resource)
+            .expect("every resource has state")
+            .stats
+            .bookmarks += sent as u64;
         sent
     }
 
@@ -488,7 +512,10 @@ impl FakeApiServer {
         changes: impl FnOnce(&mut Unseen<'_>) -> Result<()>,
     ) -> Result<usize> {
         let mut st = self.shared.lock();
-        changes(&mut Unseen { state: &mut st, resource })?;
+        changes(&mut Unseen {
+            state: &mut st,
+            resource,
+        })?;
         let rv = st.rv;
         let res = st.res.get_mut(&resource).expect("every resource has state");
         res.history.clear();
@@ -504,7 +531,11 @@ impl FakeApiServer {
                 st.watches.push(w);
             }
         }
-        st.res.get_mut(&resource).expect("every resource has state").stats.gone += expired as u64;
+        st.res
+            .get_mut(&resource)
+            .expect("every resource has state")
+            .stats
+            .gone += expired as u64;
         Ok(expired)
     }
 
@@ -524,7 +555,10 @@ impl FakeApiServer {
     /// not installed answers 404 and is absent from discovery; removing one ends its watches.
     pub fn set_installed(&self, resource: Resource, installed: bool) {
         let mut st = self.shared.lock();
-        st.res.get_mut(&resource).expect("every resource has state").installed = installed;
+        st.res
+            .get_mut(&resource)
+            .expect("every resource has state")
+            .installed = installed;
         if !installed {
             let watches = std::mem::take(&mut st.watches);
             for w in watches {
@@ -589,12 +623,7 @@ impl FakeApiServer {
             let s = self.stats(resource);
             pred(&s).then_some(s)
         })
-        .ok_or_else(|| {
-            anyhow!(
-                "fake API server: timed out after {timeout:?} waiting for {what}; {resource:?} stats: {:?}",
-                self.stats(resource)
-            )
-        })
+        .ok_or_else(|| anyhow!("fake API server: timed out after {timeout:?} waiting for {what}; {resource:?} stats: {:?}", self.stats(resource)))
     }
 }
 
@@ -636,16 +665,21 @@ impl Unseen<'_> {
 }
 
 fn apply_locked(st: &mut State, mut object: Value, notify: bool) -> Result<Value> {
-    let kind = object["kind"].as_str().ok_or_else(|| anyhow!("object without kind: {object}"))?;
-    let resource =
-        Resource::of_kind(kind).ok_or_else(|| anyhow!("the fake API server does not serve kind {kind}"))?;
+    let kind = object["kind"]
+        .as_str()
+        .ok_or_else(|| anyhow!("object without kind: {object}"))?;
+    let resource = Resource::of_kind(kind)
+        .ok_or_else(|| anyhow!("the fake API server does not serve kind {kind}"))?;
     let info = resource.info();
     let name = object["metadata"]["name"]
         .as_str()
         .ok_or_else(|| anyhow!("object without metadata.name"))?
         .to_string();
     let namespace = if info.namespaced {
-        let ns = object["metadata"]["namespace"].as_str().unwrap_or("default").to_string();
+        let ns = object["metadata"]["namespace"]
+            .as_str()
+            .unwrap_or("default")
+            .to_string();
         object["metadata"]["namespace"] = json!(ns);
         ns
     } else {
@@ -658,9 +692,15 @@ fn apply_locked(st: &mut State, mut object: Value, notify: bool) -> Result<Value
     let rv = st.rv;
     let key = (namespace, name);
     let prev = st.res[&resource].objects.get(&key).cloned();
-    let meta = object["metadata"].as_object_mut().ok_or_else(|| anyhow!("metadata is not an object"))?;
+    let meta = object["metadata"]
+        .as_object_mut()
+        .ok_or_else(|| anyhow!("metadata is not an object"))?;
     meta.insert("resourceVersion".into(), json!(rv.to_string()));
-    let keep = |field: &str| prev.as_ref().and_then(|p| p["metadata"].get(field)).cloned();
+    let keep = |field: &str| {
+        prev.as_ref()
+            .and_then(|p| p["metadata"].get(field))
+            .cloned()
+    };
     // The server owns these: kept from the stored object, else assigned now.
     let uid = match keep("uid").or_else(|| meta.get("uid").cloned()) {
         Some(u) => u,
@@ -672,23 +712,62 @@ fn apply_locked(st: &mut State, mut object: Value, notify: bool) -> Result<Value
         .unwrap_or_else(|| json!(rfc3339(SystemTime::now())));
     meta.insert("creationTimestamp".into(), created);
     if let Some(generation) = keep("generation").and_then(|g| g.as_i64()) {
-        let spec_changed = prev.as_ref().is_some_and(|p| p.get("spec") != object.get("spec"));
-        object["metadata"]["generation"] = json!(if spec_changed { generation + 1 } else { generation });
+        let spec_changed = prev
+            .as_ref()
+            .is_some_and(|p| p.get("spec") != object.get("spec"));
+        object["metadata"]["generation"] = json!(if spec_changed {
+            generation + 1
+        } else {
+            generation
+        });
     } else if !info.builtin || resource == Resource::EndpointSlices {
         object["metadata"]["generation"] = json!(1);
     }
-    let kind = if prev.is_some() { ChangeType::Modified } else { ChangeType::Added };
-    record(st, resource, Change { rv, kind, object: object.clone(), prev }, notify);
-    st.res.get_mut(&resource).expect("every resource has state").objects.insert(key, object.clone());
+    let kind = if prev.is_some() {
+        ChangeType::Modified
+    } else {
+        ChangeType::Added
+    };
+    record(
+        st,
+        resource,
+        Change {
+            rv,
+            kind,
+            object: object.clone(),
+            prev,
+        },
+        notify,
+    );
+    st.res
+        .get_mut(&resource)
+        .expect("every resource has state")
+        .objects
+        .insert(key, object.clone());
     Ok(object)
 }
 
-fn delete_locked(st: &mut State, kind: &str, namespace: &str, name: &str, notify: bool) -> Result<()> {
-    let resource =
-        Resource::of_kind(kind).ok_or_else(|| anyhow!("the fake API server does not serve kind {kind}"))?;
-    let ns = if resource.info().namespaced { namespace } else { "" };
+fn delete_locked(
+    st: &mut State,
+    kind: &str,
+    namespace: &str,
+    name: &str,
+    notify: bool,
+) -> Result<()> {
+    let resource = Resource::of_kind(kind)
+        .ok_or_else(|| anyhow!("the fake API server does not serve kind {kind}"))?;
+    let ns = if resource.info().namespaced {
+        namespace
+    } else {
+        ""
+    };
     let key = (ns.to_string(), name.to_string());
-    let Some(mut last) = st.res.get_mut(&resource).expect("every resource has state").objects.remove(&key)
+    let Some(mut last) = st
+        .res
+        .get_mut(&resource)
+        .expect("every resource has state")
+        .objects
+        .remove(&key)
     else {
         bail!("{kind} {ns}/{name} does not exist");
     };
@@ -697,7 +776,17 @@ fn delete_locked(st: &mut State, kind: &str, namespace: &str, name: &str, notify
     // A DELETED event carries the object's last state at the deletion's revision.
     last["metadata"]["resourceVersion"] = json!(rv.to_string());
     let prev = Some(last.clone());
-    record(st, resource, Change { rv, kind: ChangeType::Deleted, object: last, prev }, notify);
+    record(
+        st,
+        resource,
+        Change {
+            rv,
+            kind: ChangeType::Deleted,
+            object: last,
+            prev,
+        },
+        notify,
+    );
     Ok(())
 }
 
@@ -710,7 +799,11 @@ fn record(st: &mut State, resource: Resource, change: Change, notify: bool) {
             }
         }
     }
-    st.res.get_mut(&resource).expect("every resource has state").history.push(change);
+    st.res
+        .get_mut(&resource)
+        .expect("every resource has state")
+        .history
+        .push(change);
 }
 
 /// The event a watch with `filter` sees for `change`, if any.
@@ -808,14 +901,22 @@ impl Filter {
                 } else if let Some((k, v)) = term.split_once('=') {
                     (k, true, v)
                 } else {
-                    return Err(status(400, "BadRequest", format!("invalid field selector: {term:?}")));
+                    return Err(status(
+                        400,
+                        "BadRequest",
+                        format!("invalid field selector: {term:?}"),
+                    ));
                 };
                 let key = key.trim();
                 let supported = key == "metadata.name"
                     || (info.namespaced && key == "metadata.namespace")
                     || info.field_labels.contains(&key);
                 if !supported {
-                    return Err(status(400, "BadRequest", format!("field label not supported: {key}")));
+                    return Err(status(
+                        400,
+                        "BadRequest",
+                        format!("field label not supported: {key}"),
+                    ));
                 }
                 fields.push((key.to_string(), eq, value.trim().to_string()));
             }
@@ -826,7 +927,8 @@ impl Filter {
                 let term = term.trim();
                 let req = if let Some((k, v)) = term.split_once("!=") {
                     LabelReq::Ne(k.trim().into(), v.trim().into())
-                } else if let Some((k, v)) = term.split_once("==").or_else(|| term.split_once('=')) {
+                } else if let Some((k, v)) = term.split_once("==").or_else(|| term.split_once('='))
+                {
                     LabelReq::Eq(k.trim().into(), v.trim().into())
                 } else if let Some(k) = term.strip_prefix('!') {
                     LabelReq::NotExists(k.trim().into())
@@ -842,7 +944,11 @@ impl Filter {
                 labels.push(req);
             }
         }
-        Ok(Filter { namespace, fields, labels })
+        Ok(Filter {
+            namespace,
+            fields,
+            labels,
+        })
     }
 
     fn matches(&self, object: &Value) -> bool {
@@ -852,7 +958,11 @@ impl Filter {
             }
         }
         let field_ok = self.fields.iter().all(|(path, eq, want)| {
-            let got = path.split('.').try_fold(object, |v, k| v.get(k)).map(field_value).unwrap_or_default();
+            let got = path
+                .split('.')
+                .try_fold(object, |v, k| v.get(k))
+                .map(field_value)
+                .unwrap_or_default();
             (got == *want) == *eq
         });
         let labels = &object["metadata"]["labels"];
@@ -920,9 +1030,16 @@ fn route(path: &str) -> Option<Route> {
     }
     let v = version.to_string();
     match rest {
-        [] => Some(Route::ResourceList { group: group.into(), version: v }),
+        [] => Some(Route::ResourceList {
+            group: group.into(),
+            version: v,
+        }),
         ["namespaces", ns, plural] if find(plural).is_some_and(|r| r.info().namespaced) => {
-            Some(Route::Collection { resource: find(plural)?, version: v, namespace: Some(ns.to_string()) })
+            Some(Route::Collection {
+                resource: find(plural)?,
+                version: v,
+                namespace: Some(ns.to_string()),
+            })
         }
         ["namespaces", ns, plural, name] if find(plural).is_some_and(|r| r.info().namespaced) => {
             Some(Route::Object {
@@ -932,7 +1049,11 @@ fn route(path: &str) -> Option<Route> {
                 name: name.to_string(),
             })
         }
-        [plural] => Some(Route::Collection { resource: find(plural)?, version: v, namespace: None }),
+        [plural] => Some(Route::Collection {
+            resource: find(plural)?,
+            version: v,
+            namespace: None,
+        }),
         [plural, name] => {
             let r = find(plural)?;
             (!r.info().namespaced).then(|| Route::Object {
@@ -949,7 +1070,12 @@ fn route(path: &str) -> Option<Route> {
 /// What handling a request produced.
 enum Reply {
     Json(u16, Value),
-    Watch { id: u64, initial: Vec<Frame>, rx: mpsc::UnboundedReceiver<Frame>, timeout: Option<Duration> },
+    Watch {
+        id: u64,
+        initial: Vec<Frame>,
+        rx: mpsc::UnboundedReceiver<Frame>,
+        timeout: Option<Duration>,
+    },
 }
 
 /// The API group of TokenReview.
@@ -975,8 +1101,16 @@ fn handle(shared: &Shared, req: &http::Request) -> Reply {
             ),
         );
     }
-    let not_found =
-        || Reply::Json(404, status(404, "NotFound", "the server could not find the requested resource"));
+    let not_found = || {
+        Reply::Json(
+            404,
+            status(
+                404,
+                "NotFound",
+                "the server could not find the requested resource",
+            ),
+        )
+    };
     let Some(route) = route else {
         return not_found();
     };
@@ -1024,9 +1158,14 @@ fn handle(shared: &Shared, req: &http::Request) -> Reply {
                     json!({"name": group, "versions": versions, "preferredVersion": versions[0]})
                 })
                 .collect();
-            Reply::Json(200, json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": groups}))
+            Reply::Json(
+                200,
+                json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": groups}),
+            )
         }
-        Route::ResourceList { group, version } if group == AUTHENTICATION_GROUP && version == "v1" => {
+        Route::ResourceList { group, version }
+            if group == AUTHENTICATION_GROUP && version == "v1" =>
+        {
             Reply::Json(
                 200,
                 json!({
@@ -1052,13 +1191,22 @@ fn handle(shared: &Shared, req: &http::Request) -> Reply {
             if resources.is_empty() {
                 return not_found();
             }
-            let gv = if group.is_empty() { version } else { format!("{group}/{version}") };
+            let gv = if group.is_empty() {
+                version
+            } else {
+                format!("{group}/{version}")
+            };
             Reply::Json(
                 200,
                 json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv, "resources": resources}),
             )
         }
-        Route::Object { resource, version, namespace, name } => {
+        Route::Object {
+            resource,
+            version,
+            namespace,
+            name,
+        } => {
             if !st.res[&resource].installed {
                 return not_found();
             }
@@ -1067,12 +1215,23 @@ fn handle(shared: &Shared, req: &http::Request) -> Reply {
                 Some(o) => Reply::Json(200, with_version(resource, &version, o.clone())),
                 None => Reply::Json(
                     404,
-                    status(404, "NotFound", format!("{} \"{name}\" not found", resource.info().plural)),
+                    status(
+                        404,
+                        "NotFound",
+                        format!("{} \"{name}\" not found", resource.info().plural),
+                    ),
                 ),
             }
         }
-        Route::Collection { resource, version, namespace } => {
-            let watch = req.query.get("watch").is_some_and(|w| w == "true" || w == "1");
+        Route::Collection {
+            resource,
+            version,
+            namespace,
+        } => {
+            let watch = req
+                .query
+                .get("watch")
+                .is_some_and(|w| w == "true" || w == "1");
             let res = st.res.get_mut(&resource).expect("every resource has state");
             if !res.installed {
                 // Still an attempt worth counting: a client retrying a missing CRD shows here.
@@ -1122,7 +1281,11 @@ fn token_review(st: &mut State, req: &http::Request) -> Reply {
         Err(e) => {
             return Reply::Json(
                 400,
-                status(400, "BadRequest", format!("the body of the request is not a JSON TokenReview: {e}")),
+                status(
+                    400,
+                    "BadRequest",
+                    format!("the body of the request is not a JSON TokenReview: {e}"),
+                ),
             )
         }
     };
@@ -1143,7 +1306,11 @@ fn token_review(st: &mut State, req: &http::Request) -> Reply {
     if spec["token"].as_str().is_none_or(str::is_empty) {
         return Reply::Json(
             400,
-            status(400, "BadRequest", "token is required for TokenReview in authentication"),
+            status(
+                400,
+                "BadRequest",
+                "token is required for TokenReview in authentication",
+            ),
         );
     }
     let State { tokens, res, .. } = st;
@@ -1163,7 +1330,10 @@ fn token_review(st: &mut State, req: &http::Request) -> Reply {
                 "status": review_status,
             }),
         ),
-        Err(e) => Reply::Json(500, status(500, "InternalError", format!("reviewing the token: {e:#}"))),
+        Err(e) => Reply::Json(
+            500,
+            status(500, "InternalError", format!("reviewing the token: {e:#}")),
+        ),
     }
 }
 
@@ -1177,7 +1347,10 @@ fn list(
     let info = resource.info();
     let res = st.res.get_mut(&resource).expect("every resource has state");
     res.stats.lists += 1;
-    let limit = query.get("limit").and_then(|l| l.parse::<usize>().ok()).filter(|l| *l > 0);
+    let limit = query
+        .get("limit")
+        .and_then(|l| l.parse::<usize>().ok())
+        .filter(|l| *l > 0);
     // A continue token: the revision of the first page and the last key returned, hex-encoded.
     let (list_rv, after) = match query.get("continue").filter(|c| !c.is_empty()) {
         None => (st.rv, None),
@@ -1233,7 +1406,11 @@ fn encode_continue(rv: u64, (ns, name): &(String, String)) -> String {
 fn decode_continue(token: &str) -> Option<(u64, (String, String))> {
     let bytes: Option<Vec<u8>> = (0..token.len())
         .step_by(2)
-        .map(|i| token.get(i..i + 2).and_then(|h| u8::from_str_radix(h, 16).ok()))
+        .map(|i| {
+            token
+                .get(i..i + 2)
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+        })
         .collect();
     let text = String::from_utf8(bytes?).ok()?;
     let mut parts = text.splitn(3, '\n');
@@ -1248,8 +1425,13 @@ fn start_watch(
     filter: Filter,
     query: &BTreeMap<String, String>,
 ) -> Reply {
-    let bookmarks = query.get("allowWatchBookmarks").is_some_and(|v| v == "true" || v == "1");
-    let timeout = query.get("timeoutSeconds").and_then(|t| t.parse::<u64>().ok()).map(Duration::from_secs);
+    let bookmarks = query
+        .get("allowWatchBookmarks")
+        .is_some_and(|v| v == "true" || v == "1");
+    let timeout = query
+        .get("timeoutSeconds")
+        .and_then(|t| t.parse::<u64>().ok())
+        .map(Duration::from_secs);
     let current = st.rv;
     let res = st.res.get_mut(&resource).expect("every resource has state");
     res.stats.watches += 1;
@@ -1267,7 +1449,11 @@ fn start_watch(
             let Ok(from) = rv.parse::<u64>() else {
                 return Reply::Json(
                     400,
-                    status(400, "BadRequest", format!("invalid resource version: {rv:?}")),
+                    status(
+                        400,
+                        "BadRequest",
+                        format!("invalid resource version: {rv:?}"),
+                    ),
                 );
             };
             if from < res.compacted {
@@ -1291,8 +1477,20 @@ fn start_watch(
     let (tx, rx) = mpsc::unbounded_channel();
     let id = st.next_watch;
     st.next_watch += 1;
-    st.watches.push(OpenWatch { id, resource, version, filter, bookmarks, tx });
-    Reply::Watch { id, initial, rx, timeout }
+    st.watches.push(OpenWatch {
+        id,
+        resource,
+        version,
+        filter,
+        bookmarks,
+        tx,
+    });
+    Reply::Watch {
+        id,
+        initial,
+        rx,
+        timeout,
+    }
 }
 
 /// How a watch response ended.
@@ -1321,10 +1519,18 @@ async fn serve_connection(shared: Arc<Shared>, stream: TcpStream) {
         let ok = match reply {
             Reply::Json(code, body) => {
                 let body = serde_json::to_vec(&body).expect("JSON values serialize");
-                http::write_json(&mut write, code, &body, &audit_id).await.is_ok()
+                http::write_json(&mut write, code, &body, &audit_id)
+                    .await
+                    .is_ok()
             }
-            Reply::Watch { id, initial, rx, timeout } => {
-                let end = serve_watch(&mut reader, &mut write, &audit_id, initial, rx, timeout).await;
+            Reply::Watch {
+                id,
+                initial,
+                rx,
+                timeout,
+            } => {
+                let end =
+                    serve_watch(&mut reader, &mut write, &audit_id, initial, rx, timeout).await;
                 shared.lock().watches.retain(|w| w.id != id);
                 matches!(end, WatchEnd::Clean)
             }
@@ -1410,7 +1616,10 @@ async fn sleep_until_opt(deadline: Option<tokio::time::Instant>) {
 
 /// RFC 3339 in UTC with seconds, as the API writes timestamps.
 fn rfc3339(t: SystemTime) -> String {
-    let secs = t.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let secs = t
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
     let (days, rem) = (secs / 86_400, secs % 86_400);
     // Howard Hinnant's civil_from_days.
     let z = days as i64 + 719_468;
@@ -1422,7 +1631,12 @@ fn rfc3339(t: SystemTime) -> String {
     let d = doy - (153 * mp + 2) / 5 + 1;
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = yoe + era * 400 + i64::from(m <= 2);
-    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
 }
 
 #[cfg(test)]

@@ -94,8 +94,8 @@ pub use bins::{simpod_bin, sluice_bin};
 pub use ca_service::{CaOpts, CaService};
 pub use control_plane::{AgentPod, ControlPlane};
 pub use fake_apiserver::TokenSpec;
-pub use node::{CgroupDriver, Node};
 pub use pki::{CaFiles, CertInfo};
+pub use node::{CgroupDriver, Node};
 pub use pod::{Pod, PodOpts};
 pub use process::{Output, PodProcess, Signal, SimProcess};
 pub use sluice::{Sluice, SluiceOpts};
@@ -156,7 +156,10 @@ impl SimShared {
     pub(crate) fn log_paths(&self, label: &str, program: &str) -> (PathBuf, PathBuf) {
         let n = self.log_seq.fetch_add(1, Ordering::SeqCst);
         let base = format!("{label}-{n}-{program}");
-        (self.log_dir.join(format!("{base}.stdout")), self.log_dir.join(format!("{base}.stderr")))
+        (
+            self.log_dir.join(format!("{base}.stdout")),
+            self.log_dir.join(format!("{base}.stderr")),
+        )
     }
 
     /// Writes a file into the manifest directory atomically.
@@ -205,7 +208,10 @@ impl Sim {
         let mut claimed = None;
         for _ in 0..32 {
             let id = format!("sl{}", util::hex(&util::random_bytes(3)?));
-            if netns::list().iter().any(|n| util::sim_id_of(n) == Some(id.as_str())) {
+            if netns::list()
+                .iter()
+                .any(|n| util::sim_id_of(n) == Some(id.as_str()))
+            {
                 continue; // an unswept leftover uses this id: pick another
             }
             match fs::create_dir(parent.join(&id)) {
@@ -214,10 +220,14 @@ impl Sim {
                     break;
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
-                Err(e) => return Err(e).with_context(|| format!("creating {}", parent.join(&id).display())),
+                Err(e) => {
+                    return Err(e)
+                        .with_context(|| format!("creating {}", parent.join(&id).display()))
+                }
             }
         }
-        let id = claimed.ok_or_else(|| anyhow!("could not find a free sim id under {}", parent.display()))?;
+        let id = claimed
+            .ok_or_else(|| anyhow!("could not find a free sim id under {}", parent.display()))?;
         let temp_dir = std::env::temp_dir().join(format!("sluice-sim-{id}"));
         let sim = Sim {
             shared: Arc::new(SimShared {
@@ -345,7 +355,8 @@ impl Sim {
     /// Writes `ns-<name>.yaml`: a Namespace, annotated `sluice.dev/mesh: enabled` if `enrolled`.
     pub fn write_namespace(&self, name: &str, enrolled: bool) -> Result<PathBuf> {
         let yaml = manifest::to_yaml(&[manifest::namespace(name, enrolled)])?;
-        self.shared.write_manifest(&manifest::namespace_file_name(name), yaml.as_bytes())
+        self.shared
+            .write_manifest(&manifest::namespace_file_name(name), yaml.as_bytes())
     }
 
     /// Writes `svc-<ns>-<name>.yaml`: a ClusterIP Service with `ports` (name, port, targetPort)
@@ -358,10 +369,13 @@ impl Sim {
         ports: &[(&str, u16, u16)],
         endpoints: &[&Pod],
     ) -> Result<PathBuf> {
-        cluster_ip
-            .parse::<std::net::IpAddr>()
-            .with_context(|| format!("service {namespace}/{name}: bad cluster IP {cluster_ip:?}"))?;
-        let node_names: Vec<String> = endpoints.iter().map(|p| p.node().name().to_string()).collect();
+        cluster_ip.parse::<std::net::IpAddr>().with_context(|| {
+            format!("service {namespace}/{name}: bad cluster IP {cluster_ip:?}")
+        })?;
+        let node_names: Vec<String> = endpoints
+            .iter()
+            .map(|p| p.node().name().to_string())
+            .collect();
         let eps: Vec<manifest::Endpoint> = endpoints
             .iter()
             .zip(&node_names)
@@ -375,7 +389,10 @@ impl Sim {
             })
             .collect();
         let yaml = manifest::to_yaml(&manifest::service(namespace, name, cluster_ip, ports, &eps))?;
-        self.shared.write_manifest(&manifest::service_file_name(namespace, name), yaml.as_bytes())
+        self.shared.write_manifest(
+            &manifest::service_file_name(namespace, name),
+            yaml.as_bytes(),
+        )
     }
 
     /// Writes `svc-<ns>-<name>.yaml` for a Service with one ClusterIP per family in
@@ -399,7 +416,10 @@ impl Sim {
                     .with_context(|| format!("service {namespace}/{name}: bad cluster IP {ip:?}"))
             })
             .collect::<Result<Vec<_>>>()?;
-        let node_names: Vec<String> = endpoints.iter().map(|p| p.node().name().to_string()).collect();
+        let node_names: Vec<String> = endpoints
+            .iter()
+            .map(|p| p.node().name().to_string())
+            .collect();
         let eps: Vec<manifest::DualStackEndpoint> = endpoints
             .iter()
             .zip(&node_names)
@@ -444,7 +464,10 @@ impl Sim {
     pub fn keep(&self) {
         self.shared.kept.store(true, Ordering::SeqCst);
         let nodes = self.nodes();
-        let mut msg = format!("sluice-sim: keeping sim {} (nothing will be torn down)\n", self.id());
+        let mut msg = format!(
+            "sluice-sim: keeping sim {} (nothing will be torn down)\n",
+            self.id()
+        );
         for n in &nodes {
             msg += &format!(
                 "  node {}: netns {} (ip netns exec {} bash), cgroup {}\n",
@@ -468,7 +491,10 @@ impl Sim {
             self.manifest_dir().display(),
             self.log_dir().display()
         );
-        msg += &format!("  clean up with: cargo xtask sweep   (then: rm -rf {})", self.temp_dir().display());
+        msg += &format!(
+            "  clean up with: cargo xtask sweep   (then: rm -rf {})",
+            self.temp_dir().display()
+        );
         eprintln!("{msg}");
     }
 
@@ -494,7 +520,10 @@ impl Sim {
         }
         let mut errors = report.errors;
         if std::env::var(KEEP_ENV).is_ok_and(|v| v == "1") {
-            eprintln!("sluice-sim {id}: {KEEP_ENV}=1, keeping {}", self.shared.temp_dir.display());
+            eprintln!(
+                "sluice-sim {id}: {KEEP_ENV}=1, keeping {}",
+                self.shared.temp_dir.display()
+            );
         } else if let Err(e) = fs::remove_dir_all(&self.shared.temp_dir) {
             if e.kind() != std::io::ErrorKind::NotFound {
                 errors.push(format!("removing {}: {e}", self.shared.temp_dir.display()));
@@ -503,7 +532,10 @@ impl Sim {
         if errors.is_empty() {
             Ok(())
         } else {
-            Err(anyhow!("sim {id} teardown incomplete:\n  {}", errors.join("\n  ")))
+            Err(anyhow!(
+                "sim {id} teardown incomplete:\n  {}",
+                errors.join("\n  ")
+            ))
         }
     }
 }
@@ -517,8 +549,10 @@ impl Sim {
         };
         let mut files: Vec<PathBuf> = rd.flatten().map(|e| e.path()).collect();
         files.sort();
-        let is_sluice =
-            |p: &PathBuf| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("sluice-"));
+        let is_sluice = |p: &PathBuf| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("sluice-"))
+        };
         let sluice_logs = files.iter().filter(|p| is_sluice(p)).take(6);
         let stderrs = files
             .iter()
@@ -527,7 +561,11 @@ impl Sim {
             .take(8);
         let mut out = String::new();
         for (p, lines) in sluice_logs.map(|p| (p, 40)).chain(stderrs.map(|p| (p, 10))) {
-            out += &format!("--- {} (last {lines} lines)\n{}\n", p.display(), tail_file(p, lines));
+            out += &format!(
+                "--- {} (last {lines} lines)\n{}\n",
+                p.display(),
+                tail_file(p, lines)
+            );
         }
         if out.is_empty() {
             return; // no sluice ran and no process wrote to stderr

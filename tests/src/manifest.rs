@@ -171,7 +171,14 @@ pub fn service(
     let rows: Vec<(String, &Endpoint)> = endpoints.iter().map(|e| (e.ip.to_string(), e)).collect();
     vec![
         service_doc(namespace, name, spec, endpoints.iter()),
-        slice_doc(namespace, name, &format!("{name}-sim"), "IPv4", ports, &rows),
+        slice_doc(
+            namespace,
+            name,
+            &format!("{name}-sim"),
+            "IPv4",
+            ports,
+            &rows,
+        ),
     ]
 }
 
@@ -203,7 +210,12 @@ pub fn service_families(
         "ipFamilyPolicy": if families.len() == 2 { "RequireDualStack" } else { "SingleStack" },
         "ports": service_ports(ports),
     });
-    let mut docs = vec![service_doc(namespace, name, spec, endpoints.iter().map(|e| &e.endpoint))];
+    let mut docs = vec![service_doc(
+        namespace,
+        name,
+        spec,
+        endpoints.iter().map(|e| &e.endpoint),
+    )];
     for family in families {
         let mut rows = Vec::with_capacity(endpoints.len());
         for e in endpoints {
@@ -218,8 +230,19 @@ pub fn service_families(
             };
             rows.push((ip, &e.endpoint));
         }
-        let slice_name = if family == "IPv4" { format!("{name}-sim") } else { format!("{name}-sim-v6") };
-        docs.push(slice_doc(namespace, name, &slice_name, family, ports, &rows));
+        let slice_name = if family == "IPv4" {
+            format!("{name}-sim")
+        } else {
+            format!("{name}-sim-v6")
+        };
+        docs.push(slice_doc(
+            namespace,
+            name,
+            &slice_name,
+            family,
+            ports,
+            &rows,
+        ));
     }
     Ok(docs)
 }
@@ -242,7 +265,10 @@ fn service_doc<'a>(
     for e in endpoints {
         common = Some(match common {
             None => e.labels.clone(),
-            Some(c) => c.into_iter().filter(|(k, v)| e.labels.get(k) == Some(v)).collect(),
+            Some(c) => c
+                .into_iter()
+                .filter(|(k, v)| e.labels.get(k) == Some(v))
+                .collect(),
         });
     }
     if let Some(sel) = common.filter(|c| !c.is_empty()) {
@@ -334,21 +360,35 @@ mod tests {
             node_name: "sl000000-n1",
             labels: &labels,
         };
-        let yaml = to_yaml(&service("shop", "web", "10.96.0.10", &[("http", 80, 8080)], &[ep])).unwrap();
-        let docs: Vec<Value> =
-            serde_yaml::Deserializer::from_str(&yaml).map(|d| Value::deserialize(d).unwrap()).collect();
+        let yaml = to_yaml(&service(
+            "shop",
+            "web",
+            "10.96.0.10",
+            &[("http", 80, 8080)],
+            &[ep],
+        ))
+        .unwrap();
+        let docs: Vec<Value> = serde_yaml::Deserializer::from_str(&yaml)
+            .map(|d| Value::deserialize(d).unwrap())
+            .collect();
         assert_eq!(docs.len(), 2);
         assert_eq!(docs[0]["spec"]["clusterIP"], "10.96.0.10");
         assert_eq!(docs[0]["spec"]["ports"][0]["targetPort"], 8080);
         assert_eq!(docs[0]["spec"]["selector"]["app"], "web");
         assert_eq!(docs[1]["kind"], "EndpointSlice");
-        assert_eq!(docs[1]["metadata"]["labels"]["kubernetes.io/service-name"], "web");
+        assert_eq!(
+            docs[1]["metadata"]["labels"]["kubernetes.io/service-name"],
+            "web"
+        );
         assert_eq!(docs[1]["endpoints"][0]["addresses"][0], "10.244.1.10");
         assert_eq!(docs[1]["endpoints"][0]["conditions"]["ready"], true);
         assert_eq!(docs[1]["ports"][0]["port"], 8080);
     }
 
-    fn endpoint<'a>(labels: &'a BTreeMap<String, String>, ip6: Option<&str>) -> DualStackEndpoint<'a> {
+    fn endpoint<'a>(
+        labels: &'a BTreeMap<String, String>,
+        ip6: Option<&str>,
+    ) -> DualStackEndpoint<'a> {
         DualStackEndpoint {
             endpoint: Endpoint {
                 ip: "10.244.1.10".parse().unwrap(),
@@ -365,7 +405,10 @@ mod tests {
     #[test]
     fn dual_stack_service_has_both_cluster_ips_and_a_slice_per_family() {
         let labels: BTreeMap<String, String> = [("app".to_string(), "web".to_string())].into();
-        let ips: Vec<IpAddr> = vec!["10.96.0.10".parse().unwrap(), "fd00:10:96::10".parse().unwrap()];
+        let ips: Vec<IpAddr> = vec![
+            "10.96.0.10".parse().unwrap(),
+            "fd00:10:96::10".parse().unwrap(),
+        ];
         let docs = service_families(
             "shop",
             "web",
@@ -390,13 +433,22 @@ mod tests {
             (&docs[2]["metadata"]["name"], &docs[2]["addressType"]),
             (&json!("web-sim-v6"), &json!("IPv6"))
         );
-        assert_eq!(docs[2]["endpoints"][0]["addresses"], json!(["fd00:10:244:1::10"]));
+        assert_eq!(
+            docs[2]["endpoints"][0]["addresses"],
+            json!(["fd00:10:244:1::10"])
+        );
         assert_eq!(docs[2]["endpoints"][0]["targetRef"]["name"], "web-1");
         assert_eq!(docs[2]["ports"][0]["port"], 8080);
 
         // IPv6 only: one slice, of that family.
-        let six =
-            service_families("shop", "six", &ips[1..], &[], &[endpoint(&labels, Some("fd00::1"))]).unwrap();
+        let six = service_families(
+            "shop",
+            "six",
+            &ips[1..],
+            &[],
+            &[endpoint(&labels, Some("fd00::1"))],
+        )
+        .unwrap();
         assert_eq!(six[0]["spec"]["ipFamilyPolicy"], "SingleStack");
         assert_eq!(six.len(), 2);
         assert_eq!(six[1]["addressType"], "IPv6");
@@ -407,7 +459,9 @@ mod tests {
         let labels = BTreeMap::new();
         let v4: IpAddr = "10.96.0.10".parse().unwrap();
         let v6: IpAddr = "fd00:10:96::10".parse().unwrap();
-        let e = service_families("shop", "web", &[v4, v4], &[], &[]).unwrap_err().to_string();
+        let e = service_families("shop", "web", &[v4, v4], &[], &[])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("two of different families"), "{e}");
         assert!(service_families("shop", "web", &[], &[], &[]).is_err());
         assert!(service_families("shop", "web", &[v4, v6, v6], &[], &[]).is_err());
@@ -436,15 +490,24 @@ mod tests {
         p.ip6 = Some("fd00:10:244:1::10".parse().unwrap());
         let doc = pod(&p);
         assert_eq!(doc["status"]["podIP"], "10.244.1.10");
-        assert_eq!(doc["status"]["podIPs"], json!([{"ip": "10.244.1.10"}, {"ip": "fd00:10:244:1::10"}]));
+        assert_eq!(
+            doc["status"]["podIPs"],
+            json!([{"ip": "10.244.1.10"}, {"ip": "fd00:10:244:1::10"}])
+        );
     }
 
     #[test]
     fn app_protocol_on_the_named_port_of_service_and_slice() {
         let ports = [("a", 80, 8080), ("b", 81, 8081)];
-        let docs =
-            with_app_protocol(service("shop", "web", "10.96.0.10", &ports, &[]), "b", "kubernetes.io/h2c");
-        assert_eq!(docs[0]["spec"]["ports"][1]["appProtocol"], "kubernetes.io/h2c");
+        let docs = with_app_protocol(
+            service("shop", "web", "10.96.0.10", &ports, &[]),
+            "b",
+            "kubernetes.io/h2c",
+        );
+        assert_eq!(
+            docs[0]["spec"]["ports"][1]["appProtocol"],
+            "kubernetes.io/h2c"
+        );
         assert_eq!(docs[1]["ports"][1]["appProtocol"], "kubernetes.io/h2c");
         assert!(docs[0]["spec"]["ports"][0].get("appProtocol").is_none());
         assert!(docs[1]["ports"][0].get("appProtocol").is_none());
@@ -454,7 +517,10 @@ mod tests {
     fn annotations_are_added_next_to_the_mesh_one() {
         let ns = with_annotation(namespace("a", true), ACCESS_LOG_ANNOTATION, "enabled");
         assert_eq!(ns["metadata"]["annotations"][MESH_ANNOTATION], "enabled");
-        assert_eq!(ns["metadata"]["annotations"][ACCESS_LOG_ANNOTATION], "enabled");
+        assert_eq!(
+            ns["metadata"]["annotations"][ACCESS_LOG_ANNOTATION],
+            "enabled"
+        );
         let ns = with_annotation(namespace("b", false), ACCESS_LOG_ANNOTATION, "enabled");
         assert_eq!(ns["metadata"]["annotations"].as_object().unwrap().len(), 1);
     }
@@ -495,7 +561,12 @@ mod tests {
 
     #[test]
     fn namespace_annotation_only_when_enrolled() {
-        assert_eq!(namespace("a", true)["metadata"]["annotations"][MESH_ANNOTATION], "enabled");
-        assert!(namespace("a", false)["metadata"].get("annotations").is_none());
+        assert_eq!(
+            namespace("a", true)["metadata"]["annotations"][MESH_ANNOTATION],
+            "enabled"
+        );
+        assert!(namespace("a", false)["metadata"]
+            .get("annotations")
+            .is_none());
     }
 }

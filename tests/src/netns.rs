@@ -38,7 +38,8 @@ pub fn delete(name: &str) -> Result<()> {
     if let Err(e) = run_cmd("ip", &["netns", "del", name], None) {
         // `ip` refuses in some odd states (e.g. a pin file that is not mounted): do its job.
         let _ = nix::mount::umount2(&path, nix::mount::MntFlags::MNT_DETACH);
-        fs::remove_file(&path).map_err(|e2| anyhow!("{e:#}; then removing {}: {e2}", path.display()))?;
+        fs::remove_file(&path)
+            .map_err(|e2| anyhow!("{e:#}; then removing {}: {e2}", path.display()))?;
     }
     Ok(())
 }
@@ -46,20 +47,28 @@ pub fn delete(name: &str) -> Result<()> {
 /// Names of all pinned network namespaces.
 pub fn list() -> Vec<String> {
     fs::read_dir(NETNS_RUN_DIR)
-        .map(|rd| rd.flatten().filter_map(|e| e.file_name().into_string().ok()).collect())
+        .map(|rd| {
+            rd.flatten()
+                .filter_map(|e| e.file_name().into_string().ok())
+                .collect()
+        })
         .unwrap_or_default()
 }
 
 /// The namespace's identity (nsfs inode), as `/proc/<pid>/ns/net` shows it: `net:[<inode>]`.
 pub fn inode(name: &str) -> Result<u64> {
     let path = netns_path(name);
-    Ok(fs::metadata(&path).with_context(|| format!("stat {}", path.display()))?.ino())
+    Ok(fs::metadata(&path)
+        .with_context(|| format!("stat {}", path.display()))?
+        .ino())
 }
 
 /// Opens the namespace (for setns). The fd keeps the namespace alive: close it promptly.
 pub fn open(name: &str) -> Result<OwnedFd> {
     let path = netns_path(name);
-    Ok(fs::File::open(&path).with_context(|| format!("opening netns {}", path.display()))?.into())
+    Ok(fs::File::open(&path)
+        .with_context(|| format!("opening netns {}", path.display()))?
+        .into())
 }
 
 /// Processes (other than this one) whose network namespace has inode `ino`.
@@ -83,7 +92,10 @@ pub fn pids_in(ino: u64) -> Vec<i32> {
 pub(crate) fn is_zombie(pid: i32) -> bool {
     fs::read_to_string(format!("/proc/{pid}/stat"))
         .ok()
-        .and_then(|s| s.rsplit_once(')').map(|(_, rest)| rest.trim_start().starts_with('Z')))
+        .and_then(|s| {
+            s.rsplit_once(')')
+                .map(|(_, rest)| rest.trim_start().starts_with('Z'))
+        })
         .unwrap_or(false)
 }
 
@@ -108,7 +120,8 @@ pub fn run_in<T: Send>(name: &str, f: impl FnOnce() -> Result<T> + Send) -> Resu
 pub fn sysctl(name: &str, key: &str, value: &str) -> Result<()> {
     let path = PathBuf::from("/proc/sys").join(key.replace('.', "/"));
     run_in(name, || {
-        fs::write(&path, value).with_context(|| format!("netns {name}: writing {} = {value}", path.display()))
+        fs::write(&path, value)
+            .with_context(|| format!("netns {name}: writing {} = {value}", path.display()))
     })
 }
 
@@ -125,7 +138,8 @@ impl FileLock {
             .with_context(|| format!("opening lock file {}", path.display()))?;
         // SAFETY: flock on an fd we own; blocks until granted.
         if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
-            return Err(std::io::Error::last_os_error()).with_context(|| format!("flock {}", path.display()));
+            return Err(std::io::Error::last_os_error())
+                .with_context(|| format!("flock {}", path.display()));
         }
         Ok(FileLock(f))
     }

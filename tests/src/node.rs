@@ -77,7 +77,11 @@ pub(crate) fn ensure_fabric(sim: &SimShared, state: &mut SimState) -> Result<Str
         state.fabric = true;
         ip_batch(
             Some(&fab),
-            &["link set lo up".into(), "link add fbr0 type bridge".into(), "link set fbr0 up".into()],
+            &[
+                "link set lo up".into(),
+                "link add fbr0 type bridge".into(),
+                "link set fbr0 up".into(),
+            ],
         )
         .context("setting up the fabric bridge")?;
     }
@@ -124,7 +128,9 @@ pub(crate) fn disable_dad(ns: &str) -> Result<()> {
 pub(crate) fn create(sim: &Arc<SimShared>, name: &str, driver: CgroupDriver) -> Result<Node> {
     if name.is_empty()
         || name.len() > 20
-        || !name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         || name.starts_with('-')
         || name == "fab"
         || name == crate::control_plane::NAME
@@ -194,8 +200,12 @@ pub(crate) fn create(sim: &Arc<SimShared>, name: &str, driver: CgroupDriver) -> 
         if dual {
             cmds.push(format!("route add {} via {}", pod_cidr6(k), uplink_ip6(k)));
         }
-        ip_batch(Some(other.netns()), &cmds)
-            .with_context(|| format!("adding a route to node {name} on node {}", other.short_name()))?;
+        ip_batch(Some(other.netns()), &cmds).with_context(|| {
+            format!(
+                "adding a route to node {name} on node {}",
+                other.short_name()
+            )
+        })?;
     }
     // The control plane reaches the new node's pods too, as in a cluster.
     if let Some(cp) = &state.control_plane {
@@ -322,7 +332,10 @@ impl Node {
 
     /// Where this node's sluice listens for admin requests: `<sim tmp>/<name>-admin.sock`.
     pub fn admin_socket_path(&self) -> PathBuf {
-        self.inner.sim.temp_dir.join(format!("{}-admin.sock", self.inner.short))
+        self.inner
+            .sim
+            .temp_dir
+            .join(format!("{}-admin.sock", self.inner.short))
     }
 
     /// Creates a pod on this node: netns, veth into the node bridge, cgroup, sandbox process,
@@ -330,12 +343,19 @@ impl Node {
     pub fn add_pod(&self, namespace: &str, name: &str, opts: PodOpts) -> Result<Pod> {
         self.inner.sim.ensure_live()?;
         pod::create(self, namespace, name, opts).with_context(|| {
-            format!("sim {}: adding pod {namespace}/{name} on node {}", self.inner.sim.id, self.inner.short)
+            format!(
+                "sim {}: adding pod {namespace}/{name} on node {}",
+                self.inner.sim.id, self.inner.short
+            )
         })
     }
 
     pub(crate) fn placement(&self, label: &str) -> Placement {
-        Placement { netns: self.inner.full.clone(), cgroup: self.system_cgroup(), label: label.to_string() }
+        Placement {
+            netns: self.inner.full.clone(),
+            cgroup: self.system_cgroup(),
+            label: label.to_string(),
+        }
     }
 
     /// A `Command` that runs in the node netns and the node's `system` cgroup (customize stdio,
@@ -393,7 +413,10 @@ impl Node {
 
 impl std::fmt::Debug for Node {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Node").field("name", &self.inner.full).field("index", &self.inner.index).finish()
+        f.debug_struct("Node")
+            .field("name", &self.inner.full)
+            .field("index", &self.inner.index)
+            .finish()
     }
 }
 
@@ -404,8 +427,14 @@ mod tests {
     #[test]
     fn ipv6_addresses_read_like_the_ipv4_ones() {
         assert_eq!(pod_prefix6(1, 1).to_string(), "fd00:10:244:1::1");
-        assert_eq!(pod_prefix6(12, decimal_hextet(10 + 2)).to_string(), "fd00:10:244:12::12");
-        assert_eq!(pod_prefix6(200, decimal_hextet(254)).to_string(), "fd00:10:244:200::254");
+        assert_eq!(
+            pod_prefix6(12, decimal_hextet(10 + 2)).to_string(),
+            "fd00:10:244:12::12"
+        );
+        assert_eq!(
+            pod_prefix6(200, decimal_hextet(254)).to_string(),
+            "fd00:10:244:200::254"
+        );
         assert_eq!(pod_cidr6(3), "fd00:10:244:3::/64");
         assert_eq!(uplink_ip6(7).to_string(), "fd00:10:243::7");
         // Distinct numbers stay distinct.

@@ -58,7 +58,10 @@ impl PodOpts {
     /// `PodOpts::labels(&[("app", "web")])`.
     pub fn labels(labels: &[(&str, &str)]) -> PodOpts {
         PodOpts {
-            labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             ..PodOpts::default()
         }
     }
@@ -71,7 +74,10 @@ impl PodOpts {
     /// A pod created by a controller: `owner("StatefulSet", "db")` for `db-0`,
     /// `owner("Job", "report-28901234")` for a CronJob's pod.
     pub fn owner(mut self, kind: &str, name: &str) -> PodOpts {
-        self.owner = Some(manifest::Owner { kind: kind.to_string(), name: name.to_string() });
+        self.owner = Some(manifest::Owner {
+            kind: kind.to_string(),
+            name: name.to_string(),
+        });
         self
     }
 
@@ -127,7 +133,8 @@ struct PodInner {
 fn check_k8s_name(what: &str, s: &str) -> Result<()> {
     let ok = !s.is_empty()
         && s.len() <= 63
-        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
         && s.as_bytes()[0].is_ascii_alphanumeric()
         && s.as_bytes()[s.len() - 1].is_ascii_alphanumeric();
     if !ok {
@@ -157,7 +164,10 @@ pub(crate) fn create(node: &Node, namespace: &str, name: &str, opts: PodOpts) ->
     let sim = node.sim().clone();
     {
         let mut state = sim.state();
-        if !state.pod_names.insert((namespace.to_string(), name.to_string())) {
+        if !state
+            .pod_names
+            .insert((namespace.to_string(), name.to_string()))
+        {
             bail!("pod {namespace}/{name} already exists in this sim");
         }
     }
@@ -168,7 +178,9 @@ pub(crate) fn create(node: &Node, namespace: &str, name: &str, opts: PodOpts) ->
     let k = node.index();
     let host = host_number(index);
     let ip = Ipv4Addr::new(10, 244, k, host as u8);
-    let ip6 = sim.dual_stack.then(|| pod_prefix6(k, crate::node::decimal_hextet(host)));
+    let ip6 = sim
+        .dual_stack
+        .then(|| pod_prefix6(k, crate::node::decimal_hextet(host)));
     let uid = uuid_v4()?;
     let netns = netns_name(node, name, index, |n| netns::netns_path(n).exists());
     let veth = format!("vp{index}");
@@ -189,7 +201,10 @@ pub(crate) fn create(node: &Node, namespace: &str, name: &str, opts: PodOpts) ->
         ],
     )
     .context("creating the pod veth")?;
-    let mut cmds = vec!["link set lo up".into(), format!("addr add {ip}/24 dev eth0")];
+    let mut cmds = vec![
+        "link set lo up".into(),
+        format!("addr add {ip}/24 dev eth0"),
+    ];
     if let Some(ip6) = ip6 {
         cmds.push(format!("addr add {ip6}/64 dev eth0 nodad"));
     }
@@ -202,28 +217,46 @@ pub(crate) fn create(node: &Node, namespace: &str, name: &str, opts: PodOpts) ->
 
     let (cgroup, proc_cgroup) = match node.cgroup_driver() {
         CgroupDriver::Cgroupfs => {
-            let c = node.kubepods_cgroup().join("besteffort").join(format!("pod{uid}"));
+            let c = node
+                .kubepods_cgroup()
+                .join("besteffort")
+                .join(format!("pod{uid}"));
             (c.clone(), c)
         }
         CgroupDriver::Systemd => {
             let c = node
                 .kubepods_cgroup()
                 .join("kubepods-besteffort.slice")
-                .join(format!("kubepods-besteffort-pod{}.slice", uid.replace('-', "_")));
+                .join(format!(
+                    "kubepods-besteffort-pod{}.slice",
+                    uid.replace('-', "_")
+                ));
             // Processes live one level down, in a container scope, as on a real node.
-            let scope = c.join(format!("cri-containerd-{}.scope", &uid.replace('-', "")[..12]));
+            let scope = c.join(format!(
+                "cri-containerd-{}.scope",
+                &uid.replace('-', "")[..12]
+            ));
             (c, scope)
         }
     };
-    fs::create_dir_all(&proc_cgroup).with_context(|| format!("creating cgroup {}", proc_cgroup.display()))?;
+    fs::create_dir_all(&proc_cgroup)
+        .with_context(|| format!("creating cgroup {}", proc_cgroup.display()))?;
 
     // The sandbox holds the pod's netns and cgroup for the pod's lifetime, like the pause
     // container: sluice discovers the pod's netns only via processes in the pod's cgroup.
     let label = format!("{}-{name}", node.short_name());
-    let placement = Placement { netns: netns.clone(), cgroup: proc_cgroup.clone(), label };
+    let placement = Placement {
+        netns: netns.clone(),
+        cgroup: proc_cgroup.clone(),
+        label,
+    };
     let mut cmd = process::command_in(&placement, ["sleep", "infinity"])?;
-    cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
-    let child = cmd.spawn().context("starting the pod sandbox (sleep infinity)")?;
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let child = cmd
+        .spawn()
+        .context("starting the pod sandbox (sleep infinity)")?;
     let sandbox_pid = child.id();
     sim.state().sandboxes.push(child);
 
@@ -241,7 +274,9 @@ pub(crate) fn create(node: &Node, namespace: &str, name: &str, opts: PodOpts) ->
             proc_cgroup,
             sandbox_pid,
             labels: opts.labels,
-            service_account: opts.service_account.unwrap_or_else(|| "default".to_string()),
+            service_account: opts
+                .service_account
+                .unwrap_or_else(|| "default".to_string()),
             owner: opts.owner,
             generate_name: opts.generate_name,
             deleted: AtomicBool::new(false),
@@ -387,7 +422,9 @@ impl Pod {
             ip6: i.ip6,
         });
         let yaml = manifest::to_yaml(&[doc])?;
-        i.node.sim().write_manifest(&self.manifest_file(), yaml.as_bytes())
+        i.node
+            .sim()
+            .write_manifest(&self.manifest_file(), yaml.as_bytes())
     }
 
     fn placement(&self) -> Placement {
@@ -401,7 +438,11 @@ impl Pod {
     fn ensure_live(&self) -> Result<()> {
         self.inner.node.sim().ensure_live()?;
         if self.inner.deleted.load(Ordering::SeqCst) {
-            bail!("pod {}/{} was deleted", self.inner.namespace, self.inner.name);
+            bail!(
+                "pod {}/{} was deleted",
+                self.inner.namespace,
+                self.inner.name
+            );
         }
         Ok(())
     }
@@ -499,11 +540,17 @@ impl Pod {
         cgroup::kill_tree(&self.inner.cgroup, Duration::from_secs(10))?;
         {
             let mut state = sim.state();
-            if let Some(pos) = state.sandboxes.iter().position(|c| c.id() == self.inner.sandbox_pid) {
+            if let Some(pos) = state
+                .sandboxes
+                .iter()
+                .position(|c| c.id() == self.inner.sandbox_pid)
+            {
                 let mut child = state.sandboxes.remove(pos);
                 let _ = child.wait();
             }
-            state.pod_names.remove(&(self.inner.namespace.clone(), self.inner.name.clone()));
+            state
+                .pod_names
+                .remove(&(self.inner.namespace.clone(), self.inner.name.clone()));
             state.pods.retain(|p| !Arc::ptr_eq(&p.inner, &self.inner));
         }
         cgroup::remove_tree(&self.inner.cgroup)?;
@@ -526,12 +573,20 @@ impl std::fmt::Debug for Pod {
 /// The link-local address of `eth0` in `netns` once it is usable: not tentative (DAD still
 /// running) and not failed (DAD found a duplicate).
 fn usable_link_local(netns: &str) -> Result<Option<Ipv6Addr>> {
-    let out =
-        run_cmd("ip", &["-n", netns, "-j", "-6", "addr", "show", "dev", "eth0", "scope", "link"], None)?;
-    let links: serde_json::Value =
-        serde_json::from_str(&out).with_context(|| format!("parsing `ip -j addr` output {out:?}"))?;
-    let addrs =
-        links.as_array().into_iter().flatten().flat_map(|l| l["addr_info"].as_array().into_iter().flatten());
+    let out = run_cmd(
+        "ip",
+        &[
+            "-n", netns, "-j", "-6", "addr", "show", "dev", "eth0", "scope", "link",
+        ],
+        None,
+    )?;
+    let links: serde_json::Value = serde_json::from_str(&out)
+        .with_context(|| format!("parsing `ip -j addr` output {out:?}"))?;
+    let addrs = links
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|l| l["addr_info"].as_array().into_iter().flatten());
     for a in addrs {
         let flag = |f: &str| a[f].as_bool().unwrap_or(false);
         if flag("tentative") || flag("dadfailed") {

@@ -82,14 +82,23 @@ pub(crate) fn command_line(cmd: &Command) -> String {
 }
 
 fn program_base(cmd: &Command) -> String {
-    let p = Path::new(cmd.get_program()).file_name().unwrap_or(cmd.get_program()).to_string_lossy();
+    let p = Path::new(cmd.get_program())
+        .file_name()
+        .unwrap_or(cmd.get_program())
+        .to_string_lossy();
     // simpod's subcommand makes log names readable: simpod-echo-server.
     match (p.as_ref(), cmd.get_args().next()) {
         ("simpod", Some(sub)) => format!("simpod-{}", sub.to_string_lossy()),
         _ => p.into_owned(),
     }
     .chars()
-    .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' })
+    .map(|c| {
+        if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+            c
+        } else {
+            '_'
+        }
+    })
     .collect()
 }
 
@@ -133,38 +142,55 @@ impl Output {
         self.stdout
             .lines()
             .filter(|l| !l.trim().is_empty())
-            .map(|l| serde_json::from_str(l).with_context(|| format!("stdout line is not JSON: {l}")))
+            .map(|l| {
+                serde_json::from_str(l).with_context(|| format!("stdout line is not JSON: {l}"))
+            })
             .collect()
     }
 
     /// The last JSON line of stdout (simpod prints its result last).
     pub fn json(&self) -> Result<Value> {
-        self.json_lines()?.pop().ok_or_else(|| anyhow!("no JSON on stdout; stderr: {}", self.stderr.trim()))
+        self.json_lines()?
+            .pop()
+            .ok_or_else(|| anyhow!("no JSON on stdout; stderr: {}", self.stderr.trim()))
     }
 
     /// Fails (with stdout and stderr in the message) unless the exit status is 0.
     pub fn check(&self) -> Result<&Self> {
         if !self.status.success() {
-            bail!("exit {}\nstdout:\n{}\nstderr:\n{}", self.status, self.stdout.trim(), self.stderr.trim());
+            bail!(
+                "exit {}\nstdout:\n{}\nstderr:\n{}",
+                self.status,
+                self.stdout.trim(),
+                self.stderr.trim()
+            );
         }
         Ok(self)
     }
 }
 
 impl SimProcess {
-    pub(crate) fn spawn(sim: &Arc<SimShared>, placement: &Placement, mut cmd: Command) -> Result<SimProcess> {
+    pub(crate) fn spawn(
+        sim: &Arc<SimShared>,
+        placement: &Placement,
+        mut cmd: Command,
+    ) -> Result<SimProcess> {
         let (stdout_path, stderr_path) = sim.log_paths(&placement.label, &program_base(&cmd));
         let description = format!("[{}] {}", placement.label, command_line(&cmd));
-        let stderr =
-            fs::File::create(&stderr_path).with_context(|| format!("creating {}", stderr_path.display()))?;
-        cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(stderr);
-        let mut child = cmd.spawn().with_context(|| format!("spawning {description}"))?;
+        let stderr = fs::File::create(&stderr_path)
+            .with_context(|| format!("creating {}", stderr_path.display()))?;
+        cmd.stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(stderr);
+        let mut child = cmd
+            .spawn()
+            .with_context(|| format!("spawning {description}"))?;
         let stdin = child.stdin.take();
         let stdout = child.stdout.take().expect("stdout is piped");
         let (tx, rx) = mpsc::channel();
         let all_lines = Arc::new(Mutex::new(Vec::new()));
-        let mut copy =
-            fs::File::create(&stdout_path).with_context(|| format!("creating {}", stdout_path.display()))?;
+        let mut copy = fs::File::create(&stdout_path)
+            .with_context(|| format!("creating {}", stdout_path.display()))?;
         let all = all_lines.clone();
         let stdout_done = Arc::new((Mutex::new(false), std::sync::Condvar::new()));
         let done = stdout_done.clone();
@@ -181,9 +207,12 @@ impl SimProcess {
                         Ok(0) | Err(_) => break,
                         Ok(_) => {
                             let _ = copy.write_all(&buf);
-                            let line =
-                                String::from_utf8_lossy(&buf).trim_end_matches(['\n', '\r']).to_string();
-                            all.lock().unwrap_or_else(|e| e.into_inner()).push(line.clone());
+                            let line = String::from_utf8_lossy(&buf)
+                                .trim_end_matches(['\n', '\r'])
+                                .to_string();
+                            all.lock()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .push(line.clone());
                             let _ = tx.send(line);
                         }
                     }
@@ -222,24 +251,32 @@ impl SimProcess {
                 self.stdout_eof = true;
                 Ok(None)
             }
-            Err(RecvTimeoutError::Timeout) => {
-                Err(anyhow!("no stdout line within {timeout:?} from {}{}", self.description, self.context()))
-            }
+            Err(RecvTimeoutError::Timeout) => Err(anyhow!(
+                "no stdout line within {timeout:?} from {}{}",
+                self.description,
+                self.context()
+            )),
         }
     }
 
     /// Reads stdout lines until one satisfies `pred` (earlier lines are consumed but still
     /// listed by [`stdout_lines`](Self::stdout_lines)).
-    pub fn wait_for_line(&mut self, timeout: Duration, mut pred: impl FnMut(&str) -> bool) -> Result<String> {
+    pub fn wait_for_line(
+        &mut self,
+        timeout: Duration,
+        mut pred: impl FnMut(&str) -> bool,
+    ) -> Result<String> {
         let deadline = Instant::now() + timeout;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.next_line(left) {
                 Ok(Some(line)) if pred(&line) => return Ok(line),
                 Ok(Some(_)) => {}
-                Ok(None) => {
-                    bail!("{} closed stdout before the expected line{}", self.description, self.context())
-                }
+                Ok(None) => bail!(
+                    "{} closed stdout before the expected line{}",
+                    self.description,
+                    self.context()
+                ),
                 Err(e) => return Err(e.context(format!("waiting {timeout:?} for a matching line"))),
             }
         }
@@ -266,7 +303,9 @@ impl SimProcess {
     pub fn next_json(&mut self, timeout: Duration) -> Result<Option<Value>> {
         match self.next_line(timeout)? {
             None => Ok(None),
-            Some(l) => Ok(Some(serde_json::from_str(&l).with_context(|| format!("not JSON: {l}"))?)),
+            Some(l) => Ok(Some(
+                serde_json::from_str(&l).with_context(|| format!("not JSON: {l}"))?,
+            )),
         }
     }
 
@@ -277,12 +316,18 @@ impl SimProcess {
 
     /// Every stdout line seen so far (including consumed ones).
     pub fn stdout_lines(&self) -> Vec<String> {
-        self.all_lines.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.all_lines
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Every stdout line seen so far that parses as JSON.
     pub fn json_lines(&self) -> Vec<Value> {
-        self.stdout_lines().iter().filter_map(|l| serde_json::from_str(l).ok()).collect()
+        self.stdout_lines()
+            .iter()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
     }
 
     pub fn stderr_contents(&self) -> String {
@@ -299,8 +344,10 @@ impl SimProcess {
 
     /// Writes `line` and a newline to the process's stdin.
     pub fn send_line(&mut self, line: &str) -> Result<()> {
-        let stdin =
-            self.stdin.as_mut().ok_or_else(|| anyhow!("stdin of {} already closed", self.description))?;
+        let stdin = self
+            .stdin
+            .as_mut()
+            .ok_or_else(|| anyhow!("stdin of {} already closed", self.description))?;
         stdin
             .write_all(format!("{line}\n").as_bytes())
             .and_then(|_| stdin.flush())
@@ -315,8 +362,10 @@ impl SimProcess {
     /// The exit status, if the process has exited (reaps it).
     pub fn try_status(&mut self) -> Result<Option<ExitStatus>> {
         if self.status.is_none() {
-            self.status =
-                self.child.try_wait().with_context(|| format!("waiting for {}", self.description))?;
+            self.status = self
+                .child
+                .try_wait()
+                .with_context(|| format!("waiting for {}", self.description))?;
             if self.status.is_some() {
                 self.await_stdout(Duration::from_secs(5));
             }
@@ -346,7 +395,13 @@ impl SimProcess {
         if let Some(e) = err {
             return Err(e);
         }
-        st.ok_or_else(|| anyhow!("{} still running after {timeout:?}{}", self.description, self.context()))
+        st.ok_or_else(|| {
+            anyhow!(
+                "{} still running after {timeout:?}{}",
+                self.description,
+                self.context()
+            )
+        })
     }
 
     /// Waits for exit and returns everything the process printed.
@@ -363,7 +418,11 @@ impl SimProcess {
         if !stdout.is_empty() {
             stdout.push('\n');
         }
-        Ok(Output { status, stdout, stderr: self.stderr_contents() })
+        Ok(Output {
+            status,
+            stdout,
+            stderr: self.stderr_contents(),
+        })
     }
 
     /// Sends `signal` to the process (not to its children).
@@ -407,16 +466,22 @@ pub(crate) fn run_to_completion(
 ) -> Result<Output> {
     let (stdout_path, stderr_path) = sim.log_paths(&placement.label, &program_base(&cmd));
     let description = format!("[{}] {}", placement.label, command_line(&cmd));
-    let out =
-        fs::File::create(&stdout_path).with_context(|| format!("creating {}", stdout_path.display()))?;
-    let err =
-        fs::File::create(&stderr_path).with_context(|| format!("creating {}", stderr_path.display()))?;
+    let out = fs::File::create(&stdout_path)
+        .with_context(|| format!("creating {}", stdout_path.display()))?;
+    let err = fs::File::create(&stderr_path)
+        .with_context(|| format!("creating {}", stderr_path.display()))?;
     cmd.stdin(Stdio::null()).stdout(out).stderr(err);
-    let mut child = cmd.spawn().with_context(|| format!("spawning {description}"))?;
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("spawning {description}"))?;
     let status = poll_until(timeout, || child.try_wait().ok().flatten());
     let read = |p: &Path| String::from_utf8_lossy(&fs::read(p).unwrap_or_default()).into_owned();
     match status {
-        Some(status) => Ok(Output { status, stdout: read(&stdout_path), stderr: read(&stderr_path) }),
+        Some(status) => Ok(Output {
+            status,
+            stdout: read(&stdout_path),
+            stderr: read(&stderr_path),
+        }),
         None => {
             let _ = child.kill();
             let _ = child.wait();
@@ -435,5 +500,7 @@ where
     I: IntoIterator<Item = S>,
     S: AsRef<OsStr>,
 {
-    args.into_iter().map(|a| a.as_ref().to_os_string()).collect()
+    args.into_iter()
+        .map(|a| a.as_ref().to_os_string())
+        .collect()
 }

@@ -41,12 +41,18 @@ pub struct SluiceOpts {
 
 impl SluiceOpts {
     pub fn fail_closed() -> SluiceOpts {
-        SluiceOpts { fail_closed: true, ..Default::default() }
+        SluiceOpts {
+            fail_closed: true,
+            ..Default::default()
+        }
     }
 
     /// Against the control plane's CA service (see [`SluiceOpts::remote_ca`]).
     pub fn remote_ca() -> SluiceOpts {
-        SluiceOpts { remote_ca: true, ..Default::default() }
+        SluiceOpts {
+            remote_ca: true,
+            ..Default::default()
+        }
     }
 }
 
@@ -95,7 +101,13 @@ impl Sluice {
             );
         }
         let run = spawn(&node, &opts, &bin, &admin_socket)?;
-        Ok(Sluice { node, opts, bin, admin_socket, run: Mutex::new(run) })
+        Ok(Sluice {
+            node,
+            opts,
+            bin,
+            admin_socket,
+            run: Mutex::new(run),
+        })
     }
 
     fn run(&self) -> MutexGuard<'_, Run> {
@@ -139,12 +151,8 @@ impl Sluice {
         // Match the pid: during an upgrade the previous process of the node may still answer
         // on the same admin socket until this one has bound it.
         let pid = u64::from(self.pid());
-        self.wait_for(
-            "/status",
-            |v| v["ready"] == true && v["pid"].as_u64().is_none_or(|p| p == pid),
-            timeout,
-        )
-        .context("waiting for sluice to become ready")
+        self.wait_for("/status", |v| v["ready"] == true && v["pid"].as_u64().is_none_or(|p| p == pid), timeout)
+            .context("waiting for sluice to become ready")
     }
 
     /// `GET path` on the admin socket, parsed as JSON.
@@ -208,8 +216,12 @@ impl Sluice {
 
     /// Waits up to `timeout` for sluice to exit.
     pub fn wait_exit(&self, timeout: Duration) -> Result<ExitStatus> {
-        poll_until(timeout, || self.exit_status())
-            .ok_or_else(|| anyhow!("sluice on {} still running after {timeout:?}", self.node.short_name()))
+        poll_until(timeout, || self.exit_status()).ok_or_else(|| {
+            anyhow!(
+                "sluice on {} still running after {timeout:?}",
+                self.node.short_name()
+            )
+        })
     }
 
     /// SIGTERM, up to `grace` to exit, then SIGKILL.
@@ -268,7 +280,9 @@ pub fn ensure_mesh_ca(sim_tmp: &Path, bin: &Path) -> Result<std::path::PathBuf> 
 fn spawn(node: &Node, opts: &SluiceOpts, bin: &Path, admin_socket: &Path) -> Result<Run> {
     let sim = node.sim();
     let n = node.inner.sluice_runs.fetch_add(1, Ordering::SeqCst) + 1;
-    let log = sim.log_dir.join(format!("sluice-{}-{n}.log", node.short_name()));
+    let log = sim
+        .log_dir
+        .join(format!("sluice-{}-{n}.log", node.short_name()));
     let mut args: Vec<OsString> = vec![
         bin.as_os_str().to_owned(),
         "run".into(),
@@ -316,8 +330,14 @@ fn spawn(node: &Node, opts: &SluiceOpts, bin: &Path, admin_socket: &Path) -> Res
     for (k, v) in &opts.env {
         cmd.env(k, v);
     }
-    let child = cmd.spawn().with_context(|| format!("starting {}", process::command_line(&cmd)))?;
-    Ok(Run { child, log, status: None })
+    let child = cmd
+        .spawn()
+        .with_context(|| format!("starting {}", process::command_line(&cmd)))?;
+    Ok(Run {
+        child,
+        log,
+        status: None,
+    })
 }
 
 impl Drop for Sluice {

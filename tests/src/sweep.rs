@@ -90,7 +90,10 @@ pub fn sweep_where(filter: impl Fn(&str) -> bool) -> Vec<String> {
 pub fn sweep_report(filter: &dyn Fn(&str) -> bool) -> SweepReport {
     let found = scan(filter);
     let mut errors = Vec::new();
-    let sim_cgroups: Vec<PathBuf> = sim_cgroup_dirs(filter).into_iter().map(|(_, p)| p).collect();
+    let sim_cgroups: Vec<PathBuf> = sim_cgroup_dirs(filter)
+        .into_iter()
+        .map(|(_, p)| p)
+        .collect();
 
     // Kill first, everywhere, before waiting anywhere: processes of one sim may talk to
     // another's, and cgroup.kill is asynchronous anyway.
@@ -117,7 +120,11 @@ pub fn sweep_report(filter: &dyn Fn(&str) -> bool) -> SweepReport {
         }
     }
     let alive = poll_until(Duration::from_secs(10), || {
-        let alive: Vec<i32> = netns_pids.iter().copied().filter(|&p| process_alive(p)).collect();
+        let alive: Vec<i32> = netns_pids
+            .iter()
+            .copied()
+            .filter(|&p| process_alive(p))
+            .collect();
         alive.is_empty().then_some(())
     });
     if alive.is_none() {
@@ -136,7 +143,11 @@ pub fn sweep_report(filter: &dyn Fn(&str) -> bool) -> SweepReport {
     }
     for l in found.iter().filter(|l| l.kind == LeftoverKind::BpfPin) {
         let p = Path::new(&l.name);
-        let res = if p.is_dir() { fs::remove_dir_all(p) } else { fs::remove_file(p) };
+        let res = if p.is_dir() {
+            fs::remove_dir_all(p)
+        } else {
+            fs::remove_file(p)
+        };
         if let Err(e) = res {
             if e.kind() != std::io::ErrorKind::NotFound {
                 errors.push(format!("removing BPF pin {}: {e}", p.display()));
@@ -192,7 +203,10 @@ fn cmdline(pid: i32) -> String {
         .map(|a| String::from_utf8_lossy(a).into_owned())
         .collect();
     if s.is_empty() {
-        fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default().trim().to_string()
+        fs::read_to_string(format!("/proc/{pid}/comm"))
+            .unwrap_or_default()
+            .trim()
+            .to_string()
     } else {
         s.join(" ")
     }
@@ -252,8 +266,10 @@ fn scan(filter: &dyn Fn(&str) -> bool) -> Vec<Leftover> {
     for mnt in bpffs_mounts() {
         let dir = mnt.join("sluice");
         let Ok(rd) = fs::read_dir(&dir) else { continue };
-        let mut pins: Vec<(String, PathBuf)> =
-            rd.flatten().filter_map(|e| Some((e.file_name().into_string().ok()?, e.path()))).collect();
+        let mut pins: Vec<(String, PathBuf)> = rd
+            .flatten()
+            .filter_map(|e| Some((e.file_name().into_string().ok()?, e.path())))
+            .collect();
         pins.sort();
         for (name, path) in pins {
             let Some(id) = sim_id_of(&name) else { continue };

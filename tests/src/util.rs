@@ -33,7 +33,14 @@ pub(crate) fn uuid_v4() -> Result<String> {
     b[6] = (b[6] & 0x0f) | 0x40; // version 4
     b[8] = (b[8] & 0x3f) | 0x80; // RFC 4122 variant
     let h = hex(&b);
-    Ok(format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32]))
+    Ok(format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    ))
 }
 
 /// Short stable hash used to shorten over-long names while keeping them unique.
@@ -82,26 +89,46 @@ pub fn poll_until<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Opt
 }
 
 /// Runs a helper command to completion; a failure reports the command line and its stderr.
-pub(crate) fn run_cmd<S: AsRef<OsStr>>(program: &str, args: &[S], stdin: Option<&str>) -> Result<String> {
+pub(crate) fn run_cmd<S: AsRef<OsStr>>(
+    program: &str,
+    args: &[S],
+    stdin: Option<&str>,
+) -> Result<String> {
     let mut cmd = Command::new(program);
     cmd.args(args)
-        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     let line = format!(
         "{program} {}",
-        args.iter().map(|a| a.as_ref().to_string_lossy().into_owned()).collect::<Vec<_>>().join(" ")
+        args.iter()
+            .map(|a| a.as_ref().to_string_lossy().into_owned())
+            .collect::<Vec<_>>()
+            .join(" ")
     );
-    let mut child = cmd.spawn().with_context(|| format!("spawning `{line}` (is {program} installed?)"))?;
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("spawning `{line}` (is {program} installed?)"))?;
     if let Some(input) = stdin {
         // Batches are small; writing before reading cannot fill the pipes.
         let mut si = child.stdin.take().expect("stdin piped");
-        si.write_all(input.as_bytes()).with_context(|| format!("writing stdin of `{line}`"))?;
+        si.write_all(input.as_bytes())
+            .with_context(|| format!("writing stdin of `{line}`"))?;
     }
-    let out = child.wait_with_output().with_context(|| format!("waiting for `{line}`"))?;
+    let out = child
+        .wait_with_output()
+        .with_context(|| format!("waiting for `{line}`"))?;
     if !out.status.success() {
         let input = stdin.map(|s| format!("\ninput:\n{s}")).unwrap_or_default();
-        bail!("`{line}` failed ({}): {}{input}", out.status, String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "`{line}` failed ({}): {}{input}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
@@ -135,7 +162,9 @@ pub(crate) fn tail_str(text: &str, lines: usize) -> String {
 pub(crate) fn is_sim_id(s: &str) -> bool {
     s.len() == 8
         && s.starts_with("sl")
-        && s[2..].bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        && s[2..]
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 /// The sim id prefix of a kernel object name (`sl1a2b3c-...`), if it has one.
@@ -169,12 +198,19 @@ mod tests {
 
     #[test]
     fn atomic_write_replaces() {
-        let dir = std::env::temp_dir().join(format!("sluice-util-test-{}", hex(&random_bytes(4).unwrap())));
+        let dir = std::env::temp_dir().join(format!(
+            "sluice-util-test-{}",
+            hex(&random_bytes(4).unwrap())
+        ));
         fs::create_dir_all(&dir).unwrap();
         write_atomic(&dir, "a.yaml", b"one").unwrap();
         write_atomic(&dir, "a.yaml", b"two").unwrap();
         assert_eq!(fs::read_to_string(dir.join("a.yaml")).unwrap(), "two");
-        assert_eq!(fs::read_dir(&dir).unwrap().count(), 1, "no temp file left behind");
+        assert_eq!(
+            fs::read_dir(&dir).unwrap().count(),
+            1,
+            "no temp file left behind"
+        );
         fs::remove_dir_all(&dir).unwrap();
     }
 }

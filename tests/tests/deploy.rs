@@ -275,8 +275,7 @@ fn dashboard_queries_metrics_sluice_serves() -> Result<()> {
     let dash: serde_json::Value = serde_json::from_str(text).context("the dashboard is not JSON")?;
     let vars = dash["templating"]["list"].as_array().context("templating.list")?;
     ensure!(
-        vars.iter()
-            .any(|v| v["name"] == "datasource" && v["type"] == "datasource" && v["query"] == "prometheus"),
+        vars.iter().any(|v| v["name"] == "datasource" && v["type"] == "datasource" && v["query"] == "prometheus"),
         "a Prometheus data source variable: {vars:?}"
     );
     // What sluice serves on :15020 (telemetry/metrics.rs, admin/metrics_server.rs).
@@ -314,11 +313,7 @@ fn dashboard_queries_metrics_sluice_serves() -> Result<()> {
     let mut exprs: Vec<String> = Vec::new();
     for p in dash["panels"].as_array().context("panels")? {
         for t in p["targets"].as_array().into_iter().flatten() {
-            ensure!(
-                t["datasource"]["uid"] == "${datasource}",
-                "panel {:?} must use the data source variable",
-                p["title"]
-            );
+            ensure!(t["datasource"]["uid"] == "${datasource}", "panel {:?} must use the data source variable", p["title"]);
             exprs.push(t["expr"].as_str().context("expr")?.to_string());
         }
     }
@@ -343,13 +338,7 @@ fn dashboard_queries_metrics_sluice_serves() -> Result<()> {
     }
     let unknown: Vec<&String> = used.iter().filter(|m| !served.contains(*m)).collect();
     ensure!(unknown.is_empty(), "the dashboard queries metrics sluice does not serve: {unknown:?}");
-    for want in [
-        "istio_requests_total",
-        "istio_request_duration_milliseconds_bucket",
-        "istio_tcp_sent_bytes_total",
-        "sluice_kernel_events_total",
-        "sluice_certificate_expiry_timestamp_seconds",
-    ] {
+    for want in ["istio_requests_total", "istio_request_duration_milliseconds_bucket", "istio_tcp_sent_bytes_total", "sluice_kernel_events_total", "sluice_certificate_expiry_timestamp_seconds"] {
         ensure!(used.contains(want), "the dashboard should chart {want}");
     }
     Ok(())
@@ -502,11 +491,7 @@ fn daemonset_holds_no_key_and_presents_a_short_lived_token_for_the_ca() -> Resul
     let ca = one_of_kind(&deploy_dir().join("ca.yaml"), "Deployment")?;
     let ca_args = strings(&ca["spec"]["template"]["spec"]["containers"][0]["args"]);
     let audience = flag(&ca_args, "--audience").context("the CA's --audience")?;
-    ensure!(
-        sat["audience"].as_str() == Some(audience.as_str()),
-        "token audience {:?} must be the CA's {audience}",
-        sat["audience"]
-    );
+    ensure!(sat["audience"].as_str() == Some(audience.as_str()), "token audience {:?} must be the CA's {audience}", sat["audience"]);
     ensure!(audience == "sluice-ca", "a dedicated audience, not the API server's: {audience}");
     let ttl = sat["expirationSeconds"].as_u64().context("expirationSeconds")?;
     ensure!((600..=3600).contains(&ttl), "short-lived token (kube's minimum is 600 s): {ttl}");
@@ -575,9 +560,7 @@ fn only_the_ca_deployment_mounts_the_signing_secret() -> Result<()> {
         .map(|(kind, name, f, _)| format!("{kind}/{name} in {}", f.display()))
         .collect();
     ensure!(
-        mounting.len() == 1
-            && mounting[0].starts_with("Deployment/sluice-ca in ")
-            && mounting[0].ends_with("deploy/ca.yaml"),
+        mounting.len() == 1 && mounting[0].starts_with("Deployment/sluice-ca in ") && mounting[0].ends_with("deploy/ca.yaml"),
         "only the CA Deployment may mount {secret}: {mounting:?}"
     );
     // No other workload of the default install mounts any Secret (the embedded-CA example is
@@ -642,9 +625,7 @@ fn ca_deployment_is_redundant_and_unprivileged() -> Result<()> {
         .as_sequence()
         .into_iter()
         .flatten()
-        .map(|p| {
-            (p["name"].as_str().unwrap_or_default().to_owned(), p["containerPort"].as_u64().unwrap_or(0))
-        })
+        .map(|p| (p["name"].as_str().unwrap_or_default().to_owned(), p["containerPort"].as_u64().unwrap_or(0)))
         .collect();
     ensure!(
         ports == [("grpc-ca".to_owned(), 15012), ("http-monitoring".to_owned(), 15014)],
@@ -681,10 +662,7 @@ fn ca_deployment_is_redundant_and_unprivileged() -> Result<()> {
         svc["metadata"]["name"] == "sluice-ca" && svc["metadata"]["namespace"] == "sluice-system",
         "Service sluice-system/sluice-ca"
     );
-    ensure!(
-        svc["spec"]["selector"] == ca["spec"]["selector"]["matchLabels"],
-        "the Service selects the CA's pods"
-    );
+    ensure!(svc["spec"]["selector"] == ca["spec"]["selector"]["matchLabels"], "the Service selects the CA's pods");
     let svc_ports: Vec<(String, u64, String)> = svc["spec"]["ports"]
         .as_sequence()
         .into_iter()
@@ -723,20 +701,21 @@ fn ca_rbac_grants_exactly_what_the_ca_needs() -> Result<()> {
         for g in strings(&rule["apiGroups"]) {
             for r in strings(&rule["resources"]) {
                 for v in strings(&rule["verbs"]) {
-                    ensure!(
-                        !g.contains('*') && !r.contains('*') && !v.contains('*'),
-                        "no wildcards: {g}/{r} {v}"
-                    );
+                    ensure!(!g.contains('*') && !r.contains('*') && !v.contains('*'), "no wildcards: {g}/{r} {v}");
                     granted.insert(format!("{g}/{r} {v}"));
                 }
             }
         }
     }
-    let expected: BTreeSet<String> =
-        ["authentication.k8s.io/tokenreviews create", "/pods get", "/pods list", "/pods watch"]
-            .map(String::from)
-            .into_iter()
-            .collect();
+    let expected: BTreeSet<String> = [
+        "authentication.k8s.io/tokenreviews create",
+        "/pods get",
+        "/pods list",
+        "/pods watch",
+    ]
+    .map(String::from)
+    .into_iter()
+    .collect();
     ensure!(granted == expected, "granted {granted:?}, expected exactly {expected:?}");
 
     let binding = one_of_kind(&path, "ClusterRoleBinding")?;
@@ -785,11 +764,7 @@ fn embedded_ca_example_is_the_daemonset_with_only_the_ca_swapped() -> Result<()>
     let args = strings(&c["args"]);
     let ca_dir = flag(&args, "--ca-dir").context("--ca-dir")?;
     let (vol, ro) = volume_for(pod, c, &format!("{ca_dir}/ca-key.pem"))?;
-    ensure!(
-        ro && vol["secret"]["secretName"] == "sluice-ca"
-            && file_mode(&vol["secret"]["defaultMode"]) == Some(0o400),
-        "{vol:?}"
-    );
+    ensure!(ro && vol["secret"]["secretName"] == "sluice-ca" && file_mode(&vol["secret"]["defaultMode"]) == Some(0o400), "{vol:?}");
     ensure!(args.iter().all(|a| !a.starts_with("--ca-addr")), "no remote CA in the embedded example");
 
     // Everything else is the same.

@@ -25,20 +25,12 @@ fn clusterip_through_sluice_to_enrolled_backend() -> Result<()> {
 
     let mut hold = w.client.simpod(["hold", "--to", &echo_vip().to_string()])?;
     let connected = hold.wait_for_json(T, |v| v["event"] == "connected")?;
-    assert_eq!(
-        connected["peer"],
-        echo_vip().to_string(),
-        "getpeername must return the ClusterIP: {connected}"
-    );
+    assert_eq!(connected["peer"], echo_vip().to_string(), "getpeername must return the ClusterIP: {connected}");
     assert!(via_sluice(&connected), "the connection should have gone to sluice's listener: {connected}");
 
     // While it is open, sluice lists it (the outbound side; the backend is on this node too,
     // so its inbound side is listed as well).
-    let conns = w.sluice.wait_for(
-        "/conns",
-        |v| v.as_array().is_some_and(|a| a.iter().any(|c| c["direction"] == "outbound")),
-        T,
-    )?;
+    let conns = w.sluice.wait_for("/conns", |v| v.as_array().is_some_and(|a| a.iter().any(|c| c["direction"] == "outbound")), T)?;
     let c = conns.as_array().unwrap().iter().find(|c| c["direction"] == "outbound").unwrap();
     assert_eq!(c["source_pod"], "shop/client", "{c}");
     assert_eq!(c["original_dst"], echo_vip().to_string(), "{c}");
@@ -61,11 +53,7 @@ fn clusterip_through_sluice_to_enrolled_backend() -> Result<()> {
     let got = w.client.run_simpod(["http-get", "--to", &http_vip().to_string()])?.json()?;
     expect_ok(&got)?;
     let peer = got["body"]["peer"].as_str().context("backend peer")?;
-    assert!(
-        peer.starts_with(&format!("{}:", w.client.ip())),
-        "backend saw {peer}, expected the client pod {}",
-        w.client.ip()
-    );
+    assert!(peer.starts_with(&format!("{}:", w.client.ip())), "backend saw {peer}, expected the client pod {}", w.client.ip());
 
     // Two client connections, two redirects: sluice's own upstream sockets (to an enrolled
     // backend) were never redirected back into it.
@@ -80,10 +68,9 @@ fn clusterip_through_sluice_to_enrolled_backend() -> Result<()> {
 #[test]
 fn connections_spread_over_three_backends() -> Result<()> {
     let w = world(3, true, SluiceOpts::default())?;
-    let out = w.client.run_simpod_timeout(
-        ["http-get", "--to", &http_vip().to_string(), "--count", "300"],
-        Duration::from_secs(120),
-    )?;
+    let out = w
+        .client
+        .run_simpod_timeout(["http-get", "--to", &http_vip().to_string(), "--count", "300"], Duration::from_secs(120))?;
     let mut per_backend: HashMap<String, usize> = HashMap::new();
     for line in out.json_lines()? {
         expect_ok(&line)?;
@@ -115,11 +102,7 @@ fn non_enrolled_pod_is_never_touched() -> Result<()> {
 
     let r = tcp_exchange(&outsider, target.addr(ECHO_PORT), 4096)?;
     expect_ok(&r)?;
-    assert_eq!(
-        r["local"].as_str().unwrap().split(':').next(),
-        Some(outsider.ip().to_string().as_str()),
-        "{r}"
-    );
+    assert_eq!(r["local"].as_str().unwrap().split(':').next(), Some(outsider.ip().to_string().as_str()), "{r}");
     assert_eq!(r["received"], 4096);
 
     let after = (
@@ -156,15 +139,7 @@ fn live_enrollment_flip() -> Result<()> {
     let c = direct_hold.wait_for_json(T, |v| v["event"] == "connected")?;
     assert!(!via_sluice(&c), "{c}");
 
-    let mut looper = w.client.simpod([
-        "loop",
-        "--to",
-        &backend.to_string(),
-        "--interval-ms",
-        "20",
-        "--count",
-        "100000",
-    ])?;
+    let mut looper = w.client.simpod(["loop", "--to", &backend.to_string(), "--interval-ms", "20", "--count", "100000"])?;
     let loop_pid = looper.pid();
     looper.wait_for_json(T, |v| v["ok"] == true && !via_sluice(v))?;
 
@@ -196,36 +171,24 @@ fn live_enrollment_flip() -> Result<()> {
     looper.kill(Signal::SIGKILL)?;
     let attempts = looper.json_lines();
     let judge = |from: u64, to: u64, want_via: bool| -> Result<usize> {
-        let window: Vec<&Value> =
-            attempts.iter().filter(|a| a["ts_ms"].as_u64().is_some_and(|t| t >= from && t < to)).collect();
+        let window: Vec<&Value> = attempts
+            .iter()
+            .filter(|a| a["ts_ms"].as_u64().is_some_and(|t| t >= from && t < to))
+            .collect();
         ensure!(!window.is_empty(), "no attempts between {from} and {to}");
         for a in &window {
             ensure!(a["ok"] == true, "attempt failed during the flip test: {a}");
-            ensure!(
-                via_sluice(a) == want_via,
-                "attempt {a} should {}have gone through sluice",
-                if want_via { "" } else { "not " }
-            );
+            ensure!(via_sluice(a) == want_via, "attempt {a} should {}have gone through sluice", if want_via { "" } else { "not " });
         }
         Ok(window.len())
     };
     // Everything from 1 s after each flip is on the new path; nothing failed at any time.
     let n_on = judge(on_at + 1000, off_at, true)?;
     let n_off = judge(off_at + 1000, u64::MAX, false)?;
-    ensure!(
-        attempts.iter().all(|a| a["ok"] == true),
-        "some attempts failed: {:?}",
-        attempts.iter().filter(|a| a["ok"] != true).collect::<Vec<_>>()
-    );
+    ensure!(attempts.iter().all(|a| a["ok"] == true), "some attempts failed: {:?}", attempts.iter().filter(|a| a["ok"] != true).collect::<Vec<_>>());
     // How fast did the flips take effect?
-    let first_via = attempts
-        .iter()
-        .find(|a| a["ts_ms"].as_u64().unwrap_or(0) >= on_at && via_sluice(a))
-        .context("never redirected")?;
-    let first_direct = attempts
-        .iter()
-        .find(|a| a["ts_ms"].as_u64().unwrap_or(0) >= off_at && !via_sluice(a))
-        .context("never released")?;
+    let first_via = attempts.iter().find(|a| a["ts_ms"].as_u64().unwrap_or(0) >= on_at && via_sluice(a)).context("never redirected")?;
+    let first_direct = attempts.iter().find(|a| a["ts_ms"].as_u64().unwrap_or(0) >= off_at && !via_sluice(a)).context("never released")?;
     eprintln!(
         "flip on took effect after {} ms, flip off after {} ms ({n_on} attempts via sluice, {n_off} direct after)",
         first_via["ts_ms"].as_u64().unwrap() - on_at,
@@ -358,11 +321,7 @@ fn malformed_manifests_keep_last_good_state() -> Result<()> {
         line.contains("invalid YAML") && line.contains(&yaml_error),
         "the log line lacks the YAML problem ({yaml_error}): {line}"
     );
-    let status = w.sluice.wait_for(
-        "/status",
-        |s| s["manifest_errors"].as_array().is_some_and(|e| !e.is_empty()),
-        T,
-    )?;
+    let status = w.sluice.wait_for("/status", |s| s["manifest_errors"].as_array().is_some_and(|e| !e.is_empty()), T)?;
     assert!(status["manifest_errors"][0]["file"].as_str().unwrap().ends_with(svc_file), "{status}");
     assert!(status["manifest_errors"][0]["reason"].as_str().unwrap_or("").contains(&yaml_error), "{status}");
     let r = w.client.run_simpod(["http-get", "--to", &http_vip().to_string(), "--count", "4"])?;
@@ -384,20 +343,10 @@ fn malformed_manifests_keep_last_good_state() -> Result<()> {
 
     // Fix the Service file, with only web-1 behind it now: the fix applies.
     let only = [&w.backends[1]];
-    w.sim.write_service(
-        "shop",
-        "web",
-        CLUSTER_IP,
-        &[("echo", ECHO_PORT, ECHO_PORT), ("http", HTTP_PORT, HTTP_TARGET_PORT)],
-        &only,
-    )?;
+    w.sim.write_service("shop", "web", CLUSTER_IP, &[("echo", ECHO_PORT, ECHO_PORT), ("http", HTTP_PORT, HTTP_TARGET_PORT)], &only)?;
     w.sluice.wait_for(
         "/status",
-        |s| {
-            s["manifest_errors"]
-                .as_array()
-                .is_some_and(|e| e.iter().all(|e| !e["file"].as_str().unwrap_or("").ends_with(svc_file)))
-        },
+        |s| s["manifest_errors"].as_array().is_some_and(|e| e.iter().all(|e| !e["file"].as_str().unwrap_or("").ends_with(svc_file))),
         T,
     )?;
     let r = w.client.run_simpod(["http-get", "--to", &http_vip().to_string(), "--count", "6"])?;
@@ -438,17 +387,13 @@ fn fail_open_when_sluice_hangs() -> Result<()> {
     let direct = sluice_tests::poll_until(Duration::from_secs(10), || {
         let out = w
             .client
-            .run_simpod_timeout(
-                ["tcp-client", "--to", &backend.to_string(), "--send-bytes", "10", "--timeout-ms", "500"],
-                T,
-            )
+            .run_simpod_timeout(["tcp-client", "--to", &backend.to_string(), "--send-bytes", "10", "--timeout-ms", "500"], T)
             .ok()?;
         let r = out.json().ok()?;
         (r["ok"] == true && !via_sluice(&r)).then_some(r)
     });
     w.sluice.kill(Signal::SIGCONT)?;
-    let direct =
-        direct.context("with sluice stopped, connections never went direct (heartbeat not honoured)")?;
+    let direct = direct.context("with sluice stopped, connections never went direct (heartbeat not honoured)")?;
     assert_eq!(direct["received"], 10);
 
     // Resumed: the heartbeat is fresh again and traffic goes through sluice.
@@ -491,10 +436,7 @@ fn pods_come_and_go_while_running() -> Result<()> {
 /// sluice's filter enables for the `sluice_ebpf` target at load time).
 #[test]
 fn kernel_log_lines_reach_sluice_log() -> Result<()> {
-    let opts = SluiceOpts {
-        env: vec![("SLUICE_LOG".into(), "info,sluice_ebpf=debug".into())],
-        ..Default::default()
-    };
+    let opts = SluiceOpts { env: vec![("SLUICE_LOG".into(), "info,sluice_ebpf=debug".into())], ..Default::default() };
     let w = world(1, true, opts)?;
     expect_ok(&tcp_exchange(&w.client, echo_vip(), 10)?)?;
     let line = wait_log(&w, &["sluice_ebpf", "10.96.0.10:9000", "redirected to sluice"])?;

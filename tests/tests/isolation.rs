@@ -297,20 +297,7 @@ fn slload() -> Result<String> {
 /// `slload rate` from `pod`: 200 requests/s over 4 keep-alive connections for `ms`.
 fn rate(pod: &Pod, to: &str, ms: u64) -> Result<Value> {
     let out = pod.run_timeout(
-        [
-            &slload()?,
-            "rate",
-            "--to",
-            to,
-            "--rps",
-            "200",
-            "--connections",
-            "4",
-            "--duration-ms",
-            &ms.to_string(),
-            "--warmup-ms",
-            "500",
-        ],
+        [&slload()?, "rate", "--to", to, "--rps", "200", "--connections", "4", "--duration-ms", &ms.to_string(), "--warmup-ms", "500"],
         Duration::from_secs(60),
     )?;
     out.json().with_context(|| format!("slload rate: {}", out.stderr))
@@ -327,13 +314,7 @@ fn errors(v: &Value) -> u64 {
 /// One flood: `attacker` attempts 10 000 connections to `to` while `quiet` keeps sending 200
 /// requests/s to its own Service; returns (what the attacker holds, quiet during the storm,
 /// quiet while the attacker holds everything it got, sluice's descriptors then).
-fn flood(
-    sluice: &Sluice,
-    attacker: &Pod,
-    to: SocketAddr,
-    quiet: &Pod,
-    quiet_vip: &str,
-) -> Result<(Value, Value, Value, usize)> {
+fn flood(sluice: &Sluice, attacker: &Pod, to: SocketAddr, quiet: &Pod, quiet_vip: &str) -> Result<(Value, Value, Value, usize)> {
     let mut hog = attacker.spawn([
         slload()?.as_str(),
         "flood",
@@ -353,11 +334,7 @@ fn flood(
     hog.close_stdin();
     hog.wait_for_json(Duration::from_secs(30), |l| l["event"] == "released")?;
     // Every admitted connection is given back once the attacker lets go.
-    sluice.wait_for(
-        "/status",
-        |s| s["counters"]["connections_admitted"].as_u64().is_some_and(|n| n < 50),
-        T,
-    )?;
+    sluice.wait_for("/status", |s| s["counters"]["connections_admitted"].as_u64().is_some_and(|n| n < 50), T)?;
     Ok((held, storm, during, fds))
 }
 
@@ -373,8 +350,7 @@ fn one_pod_with_10000_connections_leaves_the_others_served() -> Result<()> {
     sim.write_namespace("plain", false)?;
     let slload = slload()?;
     let hog = node.add_pod("shop", "hog", PodOpts::labels(&[("app", "hog")]).service_account("hog"))?;
-    let quiet =
-        node.add_pod("shop", "quiet", PodOpts::labels(&[("app", "quiet")]).service_account("quiet"))?;
+    let quiet = node.add_pod("shop", "quiet", PodOpts::labels(&[("app", "quiet")]).service_account("quiet"))?;
     let backend = node.add_pod("shop", "quiet-be", PodOpts::labels(&[("app", "quiet-be")]))?;
     let victim = node.add_pod("shop", "victim", PodOpts::labels(&[("app", "victim")]))?;
     let sink = node.add_pod("plain", "sink", PodOpts::default())?;
@@ -392,10 +368,8 @@ fn one_pod_with_10000_connections_leaves_the_others_served() -> Result<()> {
     sim.write_service("shop", "quiet", "10.96.3.10", &[("http", 80, 8080)], &[&backend])?;
     // The rate per pod is about CPU, not descriptors (the noisy-neighbour test covers it): high
     // here so that 10 000 attempts take seconds, not minutes. Every other limit is the default.
-    let sluice = node.start_sluice(SluiceOpts {
-        args: vec!["--pod-connection-rate".into(), "5000".into()],
-        ..Default::default()
-    })?;
+    let sluice =
+        node.start_sluice(SluiceOpts { args: vec!["--pod-connection-rate".into(), "5000".into()], ..Default::default() })?;
     sluice.wait_ready(T)?;
     for p in [&hog, &quiet, &backend, &victim] {
         wait_enrolled(&sluice, p)?;
@@ -420,15 +394,12 @@ fn one_pod_with_10000_connections_leaves_the_others_served() -> Result<()> {
     // Outbound: the hog's connections to a server outside the mesh (opaque TCP, 2 descriptors
     // each in sluice).
     let c0 = status["counters"].clone();
-    let (out_held, out_storm, out_during, out_fds) =
-        flood(&sluice, &hog, sink.addr(9000), &quiet, "10.96.3.10:80")?;
+    let (out_held, out_storm, out_during, out_fds) = flood(&sluice, &hog, sink.addr(9000), &quiet, "10.96.3.10:80")?;
     let c1 = sluice.get_json("/status")?["counters"].clone();
     // Inbound: plaintext from outside the mesh to one enrolled pod (captured on 15006).
-    let (in_held, in_storm, in_during, in_fds) =
-        flood(&sluice, &outsider, victim.addr(9000), &quiet, "10.96.3.10:80")?;
+    let (in_held, in_storm, in_during, in_fds) = flood(&sluice, &outsider, victim.addr(9000), &quiet, "10.96.3.10:80")?;
     let c2 = sluice.get_json("/status")?["counters"].clone();
-    let delta =
-        |a: &Value, b: &Value, k: &str| b[k].as_u64().unwrap_or(0).saturating_sub(a[k].as_u64().unwrap_or(0));
+    let delta = |a: &Value, b: &Value, k: &str| b[k].as_u64().unwrap_or(0).saturating_sub(a[k].as_u64().unwrap_or(0));
     eprintln!(
         "limits {limits} (RLIMIT_NOFILE {nofile}); quiet pod alone: p99 {:.0} µs\n\
          outbound: hog held {} of 10000 ({} failed: {}), in {} ms; sluice fds {out_fds}; pod_overflow +{}; quiet during the storm p99 {:.0} µs errors {}, while held p99 {:.0} µs (x{:.2}) errors {}\n\
@@ -443,8 +414,7 @@ fn one_pod_with_10000_connections_leaves_the_others_served() -> Result<()> {
     );
     let held = |v: &Value| v["held"].as_u64().unwrap_or(0);
     ensure!(
-        held(&out_held) <= cap("pod_max_connections")
-            && held(&out_held) >= cap("pod_max_connections") * 9 / 10,
+        held(&out_held) <= cap("pod_max_connections") && held(&out_held) >= cap("pod_max_connections") * 9 / 10,
         "the hog holds its share (pod_max_connections {}), no more: {out_held}",
         cap("pod_max_connections")
     );
@@ -454,19 +424,11 @@ fn one_pod_with_10000_connections_leaves_the_others_served() -> Result<()> {
         "the victim takes its share of inbound (pod_max_inbound {}), no more: {in_held}",
         cap("pod_max_inbound")
     );
-    ensure!(
-        delta(&c1, &c2, "refused_destination_pod_limit") > 0,
-        "the refused inbound connections are counted"
-    );
+    ensure!(delta(&c1, &c2, "refused_destination_pod_limit") > 0, "the refused inbound connections are counted");
     for fds in [out_fds, in_fds] {
         ensure!(fds + 1024 < nofile, "sluice kept headroom: {fds} descriptors of {nofile}");
     }
-    for (what, v) in [
-        ("outbound storm", &out_storm),
-        ("outbound hold", &out_during),
-        ("inbound storm", &in_storm),
-        ("inbound hold", &in_during),
-    ] {
+    for (what, v) in [("outbound storm", &out_storm), ("outbound hold", &out_during), ("inbound storm", &in_storm), ("inbound hold", &in_during)] {
         ensure!(errors(v) == 0, "the quiet pod saw errors during the {what}: {v}");
     }
     for (what, v) in [("outbound", &out_during), ("inbound", &in_during)] {

@@ -609,11 +609,7 @@ fn deep_spec(depth: usize) -> Value {
 
 /// The reason `GET /model` gives for `source`, if it lists it.
 fn model_error(m: &Value, source: &str) -> Option<String> {
-    m["errors"]
-        .as_array()?
-        .iter()
-        .find(|e| e["source"] == source)
-        .map(|e| e["reason"].as_str().unwrap_or("").to_string())
+    m["errors"].as_array()?.iter().find(|e| e["source"] == source).map(|e| e["reason"].as_str().unwrap_or("").to_string())
 }
 
 /// Objects that once wedged the Kubernetes source (issue 12, point 3). Istio's CRDs keep `spec`

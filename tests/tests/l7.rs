@@ -46,12 +46,7 @@ impl L7World {
 
     /// Backend pods `<prefix>-0..n` in `shop` (labels app=<prefix>), each running simpod's HTTP
     /// server on 8080 named after the pod (`extra` args per pod index, e.g. a delay).
-    fn http_backends(
-        &mut self,
-        prefix: &str,
-        n: usize,
-        extra: impl Fn(usize) -> Vec<String>,
-    ) -> Result<Vec<Pod>> {
+    fn http_backends(&mut self, prefix: &str, n: usize, extra: impl Fn(usize) -> Vec<String>) -> Result<Vec<Pod>> {
         let mut pods = Vec::new();
         for i in 0..n {
             let name = format!("{prefix}-{i}");
@@ -67,15 +62,7 @@ impl L7World {
 
     /// A Service `shop/<name>` at `ip:port` → `target_port` on `endpoints`, with `appProtocol`;
     /// returns once sluice has loaded it.
-    fn service(
-        &self,
-        name: &str,
-        ip: &str,
-        port: u16,
-        target_port: u16,
-        app_protocol: Option<&str>,
-        endpoints: &[&Pod],
-    ) -> Result<()> {
+    fn service(&self, name: &str, ip: &str, port: u16, target_port: u16, app_protocol: Option<&str>, endpoints: &[&Pod]) -> Result<()> {
         let before = self.generation()?;
         let node_names: Vec<String> = endpoints.iter().map(|p| p.node().name().to_string()).collect();
         let eps: Vec<manifest::Endpoint> = endpoints
@@ -146,12 +133,7 @@ impl L7World {
         }
         let out = self.client.run_simpod_timeout(&args, Duration::from_secs(120))?;
         let lines = out.json_lines()?;
-        ensure!(
-            lines.len() == count as usize,
-            "expected {count} results, got {}: {}",
-            lines.len(),
-            out.stderr
-        );
+        ensure!(lines.len() == count as usize, "expected {count} results, got {}: {}", lines.len(), out.stderr);
         Ok(lines)
     }
 
@@ -178,11 +160,7 @@ impl Curl {
         loop {
             let (head, body) = rest.split_once("\r\n\r\n").context("no header block in curl output")?;
             let mut lines = head.lines();
-            let status: u16 = lines
-                .next()
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|s| s.parse().ok())
-                .context("status line")?;
+            let status: u16 = lines.next().and_then(|l| l.split_whitespace().nth(1)).and_then(|s| s.parse().ok()).context("status line")?;
             if status == 100 {
                 rest = body;
                 continue;
@@ -243,12 +221,7 @@ fn keepalive_requests_are_balanced_per_request() -> Result<()> {
     Ok(())
 }
 
-fn grpc_backends(
-    w: &mut L7World,
-    node: &Node,
-    n: usize,
-    extra: impl Fn(usize) -> Vec<String>,
-) -> Result<Vec<Pod>> {
+fn grpc_backends(w: &mut L7World, node: &Node, n: usize, extra: impl Fn(usize) -> Vec<String>) -> Result<Vec<Pod>> {
     let mut pods = Vec::new();
     for i in 0..n {
         let name = format!("grpc-{}-{i}", node.short_name());
@@ -277,19 +250,11 @@ fn grpc_calls_on_one_connection_are_spread_over_all_backends() -> Result<()> {
     ensure!(s.connections == 1, "the client must have used one connection: {s:?}");
     for p in &pods {
         let n = s.by_server.get(p.name()).copied().unwrap_or(0);
-        ensure!(
-            (250..=420).contains(&n),
-            "{} served {n} of 1000 (outside 25-42 %): {:?}",
-            p.name(),
-            s.by_server
-        );
+        ensure!((250..=420).contains(&n), "{} served {n} of 1000 (outside 25-42 %): {:?}", p.name(), s.by_server);
     }
     let status = w.sluice.get_json("/status")?;
     ensure!(status["counters"]["detected_http2"].as_u64().unwrap_or(0) >= 1, "{status}");
-    eprintln!(
-        "1000 gRPC calls over one HTTP/2 connection: {:?} (p50 {:?} ms, p99 {:?} ms)",
-        s.by_server, s.p50_ms, s.p99_ms
-    );
+    eprintln!("1000 gRPC calls over one HTTP/2 connection: {:?} (p50 {:?} ms, p99 {:?} ms)", s.by_server, s.p50_ms, s.p99_ms);
     Ok(())
 }
 
@@ -319,8 +284,7 @@ fn grpc_across_nodes_is_multiplexed_inside_the_tunnel() -> Result<()> {
     ensure!((2..=8).contains(&streams), "expected one tunnel stream per upstream connection, saw {streams}");
     let conns = s2.get_json("/conns")?;
     ensure!(
-        conns.as_array().is_some_and(|a| a.iter().any(|c| c["security"] == "mtls"
-            && c["peer_identity"].as_str().is_some_and(|p| p.ends_with("/ns/shop/sa/default")))),
+        conns.as_array().is_some_and(|a| a.iter().any(|c| c["security"] == "mtls" && c["peer_identity"].as_str().is_some_and(|p| p.ends_with("/ns/shop/sa/default")))),
         "node 2 should list mTLS connections from the client's identity: {conns}"
     );
     eprintln!("600 gRPC calls across nodes: {:?}, {streams} tunnel streams", s.by_server);
@@ -388,19 +352,10 @@ fn canary_weights_header_and_cookie_matches() -> Result<()> {
     // The CLI shows the table: both rules, the 90/10 weights, endpoints with their EWMA.
     let out = w.sluice.cli(&["routes", "shop/reviews"])?;
     ensure!(out.success(), "sluice routes: {}", out.stderr);
-    for needle in [
-        "HTTPRoute shop/reviews",
-        "header x-user=test",
-        "shop/reviews-v1:9080 90%",
-        "shop/reviews-v2:9080 10%",
-        "ewma=",
-    ] {
+    for needle in ["HTTPRoute shop/reviews", "header x-user=test", "shop/reviews-v1:9080 90%", "shop/reviews-v2:9080 10%", "ewma="] {
         ensure!(out.stdout.contains(needle), "sluice routes lacks {needle:?}:\n{}", out.stdout);
     }
-    eprintln!(
-        "canary over 2000 requests: {by:?}; header: {by_header:?}; cookie: {by_cookie:?}\n{}",
-        out.stdout
-    );
+    eprintln!("canary over 2000 requests: {by:?}; header: {by_header:?}; cookie: {by_cookie:?}\n{}", out.stdout);
     Ok(())
 }
 
@@ -409,8 +364,7 @@ fn canary_weights_header_and_cookie_matches() -> Result<()> {
 #[test]
 fn slow_endpoint_gets_few_requests() -> Result<()> {
     let mut w = L7World::new()?;
-    let pods =
-        w.http_backends("web", 3, |i| if i == 2 { vec!["--delay-ms".into(), "50".into()] } else { vec![] })?;
+    let pods = w.http_backends("web", 3, |i| if i == 2 { vec!["--delay-ms".into(), "50".into()] } else { vec![] })?;
     w.service("web", "10.96.1.30", 80, HTTP_PORT, Some("http"), &pods.iter().collect::<Vec<_>>())?;
     let vip = addr("10.96.1.30", 80);
     // Warm-up: every endpoint gets measured.
@@ -418,14 +372,7 @@ fn slow_endpoint_gets_few_requests() -> Result<()> {
     // Steady state: four clients at once, 250 requests each.
     let mut clients = Vec::new();
     for _ in 0..4 {
-        clients.push(w.client.simpod([
-            "http-get",
-            "--to",
-            &vip.to_string(),
-            "--count",
-            "250",
-            "--keepalive",
-        ])?);
+        clients.push(w.client.simpod(["http-get", "--to", &vip.to_string(), "--count", "250", "--keepalive"])?);
     }
     let mut by: BTreeMap<String, usize> = BTreeMap::new();
     for mut c in clients {
@@ -439,10 +386,7 @@ fn slow_endpoint_gets_few_requests() -> Result<()> {
     let slow = by.get("web-2").copied().unwrap_or(0);
     ensure!(slow < 100, "the slow endpoint got {slow} of {total} (should be < 10 %): {by:?}");
     let routes = w.sluice.get_json("/routes?service=shop/web")?;
-    eprintln!(
-        "with web-2 50 ms slower: {by:?}\n{}",
-        serde_json::to_string(&routes[0]["default_backend"]).unwrap_or_default()
-    );
+    eprintln!("with web-2 50 ms slower: {by:?}\n{}", serde_json::to_string(&routes[0]["default_backend"]).unwrap_or_default());
     Ok(())
 }
 
@@ -524,35 +468,16 @@ fn matches_and_filters_as_the_backend_sees_them() -> Result<()> {
     // Path (exact, prefix, regex), method, query, header.
     ensure!(name(&w.curl(&[&format!("{base}/exact")])?)? == "web-b-0", "exact path");
     ensure!(name(&w.curl(&[&format!("{base}/api/x")])?)? == "web-a-0", "prefix without method");
-    ensure!(
-        name(&w.curl(&["-X", "POST", "-d", "x=1", &format!("{base}/api/x")])?)? == "web-b-0",
-        "prefix + POST"
-    );
+    ensure!(name(&w.curl(&["-X", "POST", "-d", "x=1", &format!("{base}/api/x")])?)? == "web-b-0", "prefix + POST");
     ensure!(name(&w.curl(&[&format!("{base}/q?version=2")])?)? == "web-b-0", "query match");
     ensure!(name(&w.curl(&[&format!("{base}/v12/items")])?)? == "web-b-0", "regex path");
-    ensure!(
-        name(&w.curl(&["-H", "x-env: staging", &format!("{base}/anything")])?)? == "web-b-0",
-        "header match"
-    );
+    ensure!(name(&w.curl(&["-H", "x-env: staging", &format!("{base}/anything")])?)? == "web-b-0", "header match");
     // Nothing matches: 404 from sluice, said so in the header.
     let miss = w.curl(&[&format!("{base}/nowhere")])?;
-    ensure!(
-        miss.status == 404 && miss.headers.get("x-sluice-error").map(String::as_str) == Some("no-route"),
-        "no match: {} {:?}",
-        miss.status,
-        miss.headers
-    );
+    ensure!(miss.status == 404 && miss.headers.get("x-sluice-error").map(String::as_str) == Some("no-route"), "no match: {} {:?}", miss.status, miss.headers);
 
     // Header modifiers: what the backend received, and what the client got back.
-    let h = w.curl(&[
-        "-H",
-        "x-remove: secret",
-        "-H",
-        "x-add: original",
-        "-H",
-        "x-set: client",
-        &format!("{base}/headers"),
-    ])?;
+    let h = w.curl(&["-H", "x-remove: secret", "-H", "x-add: original", "-H", "x-set: client", &format!("{base}/headers")])?;
     let seen = h.json()?;
     ensure!(seen["headers"]["x-set"] == "set-by-route", "set: {seen}");
     ensure!(seen["headers"]["x-add"] == "original, added", "add: {seen}");
@@ -563,11 +488,7 @@ fn matches_and_filters_as_the_backend_sees_them() -> Result<()> {
     // Redirect: answered by sluice, the backend never sees it.
     let r = w.curl(&[&format!("{base}/old/page?x=1")])?;
     ensure!(r.status == 301, "redirect status {}", r.status);
-    ensure!(
-        r.headers.get("location").map(String::as_str) == Some("http://10.96.1.40/new/page?x=1"),
-        "location: {:?}",
-        r.headers
-    );
+    ensure!(r.headers.get("location").map(String::as_str) == Some("http://10.96.1.40/new/page?x=1"), "location: {:?}", r.headers);
 
     // Rewrite: host and path as the backend sees them.
     let rw = w.curl(&[&format!("{base}/rewrite/deep/path?q=1")])?.json()?;
@@ -575,8 +496,7 @@ fn matches_and_filters_as_the_backend_sees_them() -> Result<()> {
     ensure!(rw["headers"]["host"] == "rewritten.shop", "rewritten host: {rw}");
 
     // Mirror: the primary answers; the mirror backend gets a copy (host with -shadow), body too.
-    let primary =
-        w.curl(&["-X", "POST", "--data-binary", "mirror-me", &format!("{base}/mirrored/1")])?.json()?;
+    let primary = w.curl(&["-X", "POST", "--data-binary", "mirror-me", &format!("{base}/mirrored/1")])?.json()?;
     ensure!(primary["name"] == "web-a-0", "primary: {primary}");
     // The servers were started in order: web-a-0, web-b-0, mirror-0.
     let mirror_proc = &mut w.servers[2];
@@ -601,15 +521,8 @@ fn request_timeout_gives_504() -> Result<()> {
     let r = w.curl(&["http://10.96.1.50/?delay_ms=1000"])?;
     let took = started.elapsed();
     ensure!(r.status == 504, "expected 504, got {} {}", r.status, r.body);
-    ensure!(
-        r.headers.get("x-sluice-error").map(String::as_str) == Some("request-timeout"),
-        "{:?}",
-        r.headers
-    );
-    ensure!(
-        took >= Duration::from_millis(190) && took < Duration::from_millis(900),
-        "504 after {took:?}, expected about 200 ms"
-    );
+    ensure!(r.headers.get("x-sluice-error").map(String::as_str) == Some("request-timeout"), "{:?}", r.headers);
+    ensure!(took >= Duration::from_millis(190) && took < Duration::from_millis(900), "504 after {took:?}, expected about 200 ms");
     // A fast request on the same route still works.
     let ok = w.curl(&["http://10.96.1.50/"])?;
     ensure!(ok.status == 200, "{}", ok.status);
@@ -628,10 +541,7 @@ fn invalid_route_is_reported_and_fixing_it_applies_live() -> Result<()> {
     let bad = route_yaml("web", "web", 80, "  - matches:\n    - path: {type: RegularExpression, value: \"/(unclosed\"}\n    backendRefs: [{name: web-b, port: 80}]\n");
     let model = w.apply("route-web.yaml", &bad)?;
     let errors = model["errors"].to_string();
-    ensure!(
-        errors.contains("route-web.yaml") && errors.contains("regex"),
-        "the bad route should be reported: {errors}"
-    );
+    ensure!(errors.contains("route-web.yaml") && errors.contains("regex"), "the bad route should be reported: {errors}");
     // Without a valid route the Service's own endpoints serve.
     ensure!(w.curl(&["http://10.96.1.60/x"])?.json()?["name"] == "web-a-0");
     let good = route_yaml("web", "web", 80, "  - backendRefs: [{name: web-b, port: 80}]\n");
@@ -649,10 +559,7 @@ fn grpc_clients_get_grpc_statuses_from_sluice() -> Result<()> {
     w.service("empty", "10.96.1.70", GRPC_PORT, GRPC_PORT, Some("grpc"), &[])?;
     let s = grpc_client(&w.client, addr("10.96.1.70", GRPC_PORT), 5, 1, &[])?;
     ensure!(!s.ok && s.statuses.get("UNAVAILABLE") == Some(&5), "expected UNAVAILABLE: {s:?}");
-    let out = sluice_tests::workloads::run_slgrpc(
-        &w.client,
-        ["client", "--to", "10.96.1.70:50051", "--calls", "1", "--each"],
-    )?;
+    let out = sluice_tests::workloads::run_slgrpc(&w.client, ["client", "--to", "10.96.1.70:50051", "--calls", "1", "--each"])?;
     let line = out.json_lines()?.into_iter().find(|l| l["seq"].is_number()).context("per-call line")?;
     ensure!(line["message"].as_str().is_some_and(|m| m.contains("no-healthy-upstream")), "{line}");
     Ok(())

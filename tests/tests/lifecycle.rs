@@ -79,32 +79,8 @@ fn upgrade_under_load_fails_no_request() -> Result<()> {
     let slload = sluice_tests::bins::profile_dir()?.join("slload");
     let slload = slload.to_str().unwrap();
     let to = vip(80).to_string();
-    let mut rate = w.client.spawn([
-        slload,
-        "rate",
-        "--to",
-        &to,
-        "--rps",
-        "1000",
-        "--connections",
-        "4",
-        "--duration-ms",
-        "9000",
-        "--warmup-ms",
-        "0",
-    ])?;
-    let mut churn = w.client.spawn([
-        slload,
-        "churn",
-        "--to",
-        &to,
-        "--connections",
-        "2",
-        "--duration-ms",
-        "9000",
-        "--warmup-ms",
-        "0",
-    ])?;
+    let mut rate = w.client.spawn([slload, "rate", "--to", &to, "--rps", "1000", "--connections", "4", "--duration-ms", "9000", "--warmup-ms", "0"])?;
+    let mut churn = w.client.spawn([slload, "churn", "--to", &to, "--connections", "2", "--duration-ms", "9000", "--warmup-ms", "0"])?;
 
     // Once traffic flows through both proxies, replace node 1's sluice, then node 2's. (HTTP
     // is proxied per request over pooled upstream connections, so node 2 sees few tunnel
@@ -135,23 +111,11 @@ fn upgrade_under_load_fails_no_request() -> Result<()> {
     // The new processes really carried the traffic: node 1's the client connections and their
     // requests, node 2's the tunnel streams opened after the old one sent GOAWAY.
     let s1 = _s1_new.get_json("/status")?;
-    ensure!(
-        s1["connections_total"].as_u64().unwrap_or(0) > 100,
-        "node 1's new sluice carried no connections: {s1}"
-    );
-    ensure!(
-        s1["counters"]["http_requests"].as_u64().unwrap_or(0) > 1000,
-        "node 1's new sluice carried few requests: {s1}"
-    );
+    ensure!(s1["connections_total"].as_u64().unwrap_or(0) > 100, "node 1's new sluice carried no connections: {s1}");
+    ensure!(s1["counters"]["http_requests"].as_u64().unwrap_or(0) > 1000, "node 1's new sluice carried few requests: {s1}");
     let s2 = _s2_new.get_json("/status")?;
-    ensure!(
-        s2["counters"]["hbone_streams_in"].as_u64().unwrap_or(0) > 0,
-        "node 2's new sluice carried nothing: {s2}"
-    );
-    eprintln!(
-        "requests sent during the upgrade: {completed} keep-alive, {} on new connections, 0 failed",
-        churn_out["completed"].as_u64().or(churn_out["count"].as_u64()).unwrap_or(0)
-    );
+    ensure!(s2["counters"]["hbone_streams_in"].as_u64().unwrap_or(0) > 0, "node 2's new sluice carried nothing: {s2}");
+    eprintln!("requests sent during the upgrade: {completed} keep-alive, {} on new connections, 0 failed", churn_out["completed"].as_u64().or(churn_out["count"].as_u64()).unwrap_or(0));
     Ok(())
 }
 
@@ -162,15 +126,7 @@ fn sigterm_drains_in_flight_requests() -> Result<()> {
     let w = two_nodes(SluiceOpts::default())?;
     let mut slow = Vec::new();
     for _ in 0..50 {
-        slow.push(w.client.simpod([
-            "http-get",
-            "--to",
-            &vip(81).to_string(),
-            "--path",
-            "/?delay_ms=3000",
-            "--timeout-ms",
-            "20000",
-        ])?);
+        slow.push(w.client.simpod(["http-get", "--to", &vip(81).to_string(), "--path", "/?delay_ms=3000", "--timeout-ms", "20000"])?);
     }
     w.s1.wait_for("/status", |s| s["connections_open"].as_u64().unwrap_or(0) >= 50, T)?;
 
@@ -186,10 +142,7 @@ fn sigterm_drains_in_flight_requests() -> Result<()> {
         let r = w.client.run_simpod(["http-get", "--to", &w.backend.addr(8081).to_string()])?.json()?;
         expect_ok(&r).context("a new connection during the drain was lost")?;
         if drain_logged {
-            ensure!(
-                !via_sluice(&r),
-                "a connection made after sluice logged its drain was still redirected to it: {r}"
-            );
+            ensure!(!via_sluice(&r), "a connection made after sluice logged its drain was still redirected to it: {r}");
             direct += 1;
         }
         during += 1;
@@ -325,21 +278,14 @@ fn expect_direct(client: &Pod, backend: &Pod) -> Result<()> {
 #[test]
 fn cleanup_after_uninstall_leaves_nothing() -> Result<()> {
     let w = two_nodes(SluiceOpts::fail_closed())?;
-    let pins =
-        Command::new("sh").arg("-c").arg(format!("ls -R /sys/fs/bpf/sluice/{}", w.n1.name())).output()?;
+    let pins = Command::new("sh").arg("-c").arg(format!("ls -R /sys/fs/bpf/sluice/{}", w.n1.name())).output()?;
     let listing = String::from_utf8_lossy(&pins.stdout).to_string();
-    ensure!(
-        listing.contains("links") && listing.contains("maps-v"),
-        "expected pinned links and maps:\n{listing}"
-    );
+    ensure!(listing.contains("links") && listing.contains("maps-v"), "expected pinned links and maps:\n{listing}");
     expect_attached(&w.n1, &w.client)?;
 
     w.s1.stop(Duration::from_secs(30))?;
     let refused = tcp_exchange(&w.client, w.backend.addr(8080), 10)?;
-    ensure!(
-        refused["ok"] == false,
-        "fail-closed: with sluice stopped the connection must be refused: {refused}"
-    );
+    ensure!(refused["ok"] == false, "fail-closed: with sluice stopped the connection must be refused: {refused}");
     // The pinned links keep the cgroup programs attached until the clean-up.
     let pinned = sluice_cgroup_programs(&w.n1)?;
     ensure!(
@@ -351,10 +297,7 @@ fn cleanup_after_uninstall_leaves_nothing() -> Result<()> {
     let out = Command::new(&bin).args(["cleanup", "--node", w.n1.name()]).output()?;
     ensure!(out.status.success(), "sluice cleanup failed: {}", String::from_utf8_lossy(&out.stderr));
     eprintln!("{}", String::from_utf8_lossy(&out.stdout).trim());
-    ensure!(
-        !std::path::Path::new(&format!("/sys/fs/bpf/sluice/{}", w.n1.name())).exists(),
-        "pins left behind"
-    );
+    ensure!(!std::path::Path::new(&format!("/sys/fs/bpf/sluice/{}", w.n1.name())).exists(), "pins left behind");
 
     // Nothing is attached any more: an enrolled pod's connection goes straight to the backend.
     expect_nothing_attached(&w.n1, &w.client)?;
@@ -393,3 +336,4 @@ fn fail_open_stop_leaves_nothing_attached() -> Result<()> {
 
 #[allow(dead_code)]
 fn _unused(_: Value) {}
+

@@ -46,18 +46,10 @@ fn mesh(opts: SluiceOpts) -> Result<Mesh> {
     let n1 = sim.add_node("n1")?;
     let n2 = sim.add_node("n2")?;
     sim.write_namespace("shop", true)?;
-    let backend =
-        n2.add_pod("shop", "web-0", PodOpts::labels(&[("app", "web")]).service_account("web-sa"))?;
+    let backend = n2.add_pod("shop", "web-0", PodOpts::labels(&[("app", "web")]).service_account("web-sa"))?;
     let servers = start_servers(&backend)?;
-    sim.write_service(
-        "shop",
-        "web",
-        VIP,
-        &[("echo", ECHO_PORT, ECHO_PORT), ("http", HTTP_PORT, HTTP_TARGET_PORT)],
-        &[&backend],
-    )?;
-    let client =
-        n1.add_pod("shop", "client", PodOpts::labels(&[("app", "client")]).service_account("client-sa"))?;
+    sim.write_service("shop", "web", VIP, &[("echo", ECHO_PORT, ECHO_PORT), ("http", HTTP_PORT, HTTP_TARGET_PORT)], &[&backend])?;
+    let client = n1.add_pod("shop", "client", PodOpts::labels(&[("app", "client")]).service_account("client-sa"))?;
     let s1 = n1.start_sluice(opts.clone())?;
     let s2 = n2.start_sluice(opts)?;
     s1.wait_ready(T)?;
@@ -84,17 +76,7 @@ impl Capture {
     fn start(sim: &Sim) -> Result<Capture> {
         let file = sim.temp_dir().join("fabric.pcap");
         let mut child = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &format!("{}-fab", sim.id()),
-                "tcpdump",
-                "-i",
-                "n1",
-                "-U",
-                "--immediate-mode",
-                "-w",
-            ])
+            .args(["netns", "exec", &format!("{}-fab", sim.id()), "tcpdump", "-i", "n1", "-U", "--immediate-mode", "-w"])
             .arg(&file)
             .arg("tcp")
             .stdin(Stdio::null())
@@ -124,10 +106,7 @@ impl Capture {
 
     /// Stops the capture and returns the pcap file.
     fn stop(mut self) -> Result<PathBuf> {
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.child.id() as i32),
-            nix::sys::signal::Signal::SIGINT,
-        )?;
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), nix::sys::signal::Signal::SIGINT)?;
         self.child.wait()?;
         Ok(self.file.clone())
     }
@@ -167,11 +146,7 @@ fn cross_node_traffic_is_mutual_tls_only() -> Result<()> {
     assert_eq!(hold.wait_for_json(T, |v| v["event"] == "echo")?["data"], marker.as_str());
 
     // While the connection is open: the destination knows who called, by certificate.
-    let inbound = m.s2.wait_for(
-        "/conns",
-        |v| v.as_array().is_some_and(|a| a.iter().any(|c| c["direction"] == "inbound")),
-        T,
-    )?;
+    let inbound = m.s2.wait_for("/conns", |v| v.as_array().is_some_and(|a| a.iter().any(|c| c["direction"] == "inbound")), T)?;
     let inbound = inbound.as_array().unwrap().iter().find(|c| c["direction"] == "inbound").unwrap().clone();
     assert_eq!(inbound["peer_identity"], spiffe("shop", "client-sa"), "{inbound}");
     assert_eq!(inbound["security"], "mtls", "{inbound}");
@@ -181,11 +156,7 @@ fn cross_node_traffic_is_mutual_tls_only() -> Result<()> {
     assert_eq!(outbound[0]["peer_identity"], spiffe("shop", "web-sa"));
     assert_eq!(outbound[0]["security"], "mtls");
     let cli = m.s2.cli(&["conns"])?;
-    assert!(
-        cli.stdout.contains(&spiffe("shop", "client-sa")) && cli.stdout.contains("mtls"),
-        "sluice conns:\n{}",
-        cli.stdout
-    );
+    assert!(cli.stdout.contains(&spiffe("shop", "client-sa")) && cli.stdout.contains("mtls"), "sluice conns:\n{}", cli.stdout);
     hold.close_stdin();
     hold.wait(T)?;
 
@@ -197,13 +168,9 @@ fn cross_node_traffic_is_mutual_tls_only() -> Result<()> {
     let pcap = capture.stop()?;
     let raw = std::fs::read(&pcap)?;
     ensure!(!raw.is_empty(), "empty capture");
-    assert!(
-        !raw.windows(marker.len()).any(|w| w == marker.as_bytes()),
-        "the marker crossed the wire in clear text"
-    );
+    assert!(!raw.windows(marker.len()).any(|w| w == marker.as_bytes()), "the marker crossed the wire in clear text");
     // tab-separated: ports, payload length, protocol column, info column.
-    let rows =
-        tshark_fields(&pcap, &["tcp.srcport", "tcp.dstport", "tcp.len", "_ws.col.Protocol", "_ws.col.Info"])?;
+    let rows = tshark_fields(&pcap, &["tcp.srcport", "tcp.dstport", "tcp.len", "_ws.col.Protocol", "_ws.col.Info"])?;
     ensure!(!rows.is_empty(), "no TCP packets captured between the nodes");
     let mut app_data = 0;
     for r in &rows {
@@ -218,17 +185,11 @@ fn cross_node_traffic_is_mutual_tls_only() -> Result<()> {
     }
     assert!(app_data > 0, "no TLS application data seen: {rows:?}");
     // Both client connections (the held one and the HTTP request) rode one pooled tunnel.
-    let syns = tshark_fields(&pcap, &["tcp.flags.syn", "tcp.flags.ack"])?
-        .iter()
-        .filter(|r| r.as_str() == "1,0")
-        .count();
+    let syns = tshark_fields(&pcap, &["tcp.flags.syn", "tcp.flags.ack"])?.iter().filter(|r| r.as_str() == "1,0").count();
     assert_eq!(syns, 1, "expected one tunnel connection between the nodes for two client connections");
     let streams = m.s2.get_json("/status")?["counters"]["hbone_streams_in"].as_u64().unwrap_or(0);
     assert_eq!(streams, 2, "two CONNECT streams over that one tunnel");
-    eprintln!(
-        "{} packets between the nodes, all TCP on 15008, TLS application data present, marker absent",
-        rows.len()
-    );
+    eprintln!("{} packets between the nodes, all TCP on 15008, TLS application data present, marker absent", rows.len());
     Ok(())
 }
 
@@ -389,11 +350,7 @@ fn permissive_accepts_plaintext_strict_refuses_it() -> Result<()> {
     hold.wait_for_json(T, |v| v["event"] == "connected")?;
     hold.send_line("plain hello")?;
     assert_eq!(hold.wait_for_json(T, |v| v["event"] == "echo")?["data"], "plain hello");
-    let seen = m.s2.wait_for(
-        "/conns",
-        |v| v.as_array().is_some_and(|a| a.iter().any(|c| c["security"] == "plaintext")),
-        T,
-    )?;
+    let seen = m.s2.wait_for("/conns", |v| v.as_array().is_some_and(|a| a.iter().any(|c| c["security"] == "plaintext")), T)?;
     let c = seen.as_array().unwrap().iter().find(|c| c["security"] == "plaintext").unwrap();
     assert_eq!(c["source_pod"], "legacy/outsider", "{c}");
     assert!(c["peer_identity"].is_null(), "{c}");
@@ -407,12 +364,7 @@ fn permissive_accepts_plaintext_strict_refuses_it() -> Result<()> {
     })
     .context("plaintext was never refused under STRICT")?;
     let err = refused["error"].as_str().unwrap_or("");
-    assert!(
-        err.starts_with("ConnectionReset")
-            || err.starts_with("UnexpectedEof")
-            || err.starts_with("BrokenPipe"),
-        "{refused}"
-    );
+    assert!(err.starts_with("ConnectionReset") || err.starts_with("UnexpectedEof") || err.starts_with("BrokenPipe"), "{refused}");
     // Mesh traffic is unaffected.
     let r = tcp_exchange(&m.client, vip(ECHO_PORT), 64)?;
     expect_ok(&r)?;
@@ -501,10 +453,7 @@ fn deny_policy_by_source_namespace_applies_live() -> Result<()> {
     }
     eprintln!("policy edits (from the file write): {timings:?}");
     let log = m.s2.log_contents();
-    assert!(
-        log.contains("denied by authorization policy") && log.contains("ns/red/"),
-        "no deny log line:\n{log}"
-    );
+    assert!(log.contains("denied by authorization policy") && log.contains("ns/red/"), "no deny log line:\n{log}");
     assert!(log.contains("ns/blue/"), "no deny log line for blue:\n{log}");
     let denied = m.s2.get_json("/status")?["counters"]["policy_denied"].as_u64().unwrap_or(0);
     assert!(denied >= 3, "policy_denied counter: {denied}");
@@ -525,8 +474,7 @@ fn garbage_on_hbone_port_is_rejected_alone() -> Result<()> {
     tunnel.wait_for_json(T, |v| v["event"] == "connected")?;
     tunnel.send_line("before")?;
     tunnel.wait_for_json(T, |v| v["event"] == "echo")?;
-    let failed_before =
-        m.s2.get_json("/status")?["counters"]["hbone_handshakes_failed"].as_u64().unwrap_or(0);
+    let failed_before = m.s2.get_json("/status")?["counters"]["hbone_handshakes_failed"].as_u64().unwrap_or(0);
 
     let failed_at_least = |n: u64| {
         m.s2.wait_for(
@@ -612,28 +560,15 @@ fn certificate_rotation_drops_nothing() -> Result<()> {
     let expected_ids = [spiffe("shop", "client-sa"), spiffe("shop", "web-sa")];
     let mut hold = m.client.simpod(["hold", "--to", &vip(ECHO_PORT).to_string()])?;
     hold.wait_for_json(T, |v| v["event"] == "connected")?;
-    let mut looper = m.client.simpod([
-        "loop",
-        "--to",
-        &vip(ECHO_PORT).to_string(),
-        "--interval-ms",
-        "250",
-        "--count",
-        "100000",
-    ])?;
+    let mut looper = m.client.simpod(["loop", "--to", &vip(ECHO_PORT).to_string(), "--interval-ms", "250", "--count", "100000"])?;
 
     let started = Instant::now();
     let mut echoes = 0;
     while started.elapsed() < Duration::from_secs(60) {
         let line = format!("ping-{echoes}");
         hold.send_line(&line)?;
-        let got = hold
-            .wait_for_json(T, |v| v["event"] == "echo" || v["event"] == "error" || v["event"] == "closed")?;
-        ensure!(
-            got["data"] == line.as_str(),
-            "long-lived connection broke after {:?}: {got}",
-            started.elapsed()
-        );
+        let got = hold.wait_for_json(T, |v| v["event"] == "echo" || v["event"] == "error" || v["event"] == "closed")?;
+        ensure!(got["data"] == line.as_str(), "long-lived connection broke after {:?}: {got}", started.elapsed());
         echoes += 1;
         serials.insert(serial(&m.s1)?);
         for (i, s) in [&m.s1, &m.s2].into_iter().enumerate() {
@@ -646,10 +581,7 @@ fn certificate_rotation_drops_nothing() -> Result<()> {
     looper.kill(Signal::SIGKILL)?;
     let attempts = looper.json_lines();
     let failures: Vec<&Value> = attempts.iter().filter(|a| a["ok"] != true).collect();
-    eprintln!(
-        "{echoes} echoes on one connection, {} new connections, serials seen: {serials:?}",
-        attempts.len()
-    );
+    eprintln!("{echoes} echoes on one connection, {} new connections, serials seen: {serials:?}", attempts.len());
     ensure!(failures.is_empty(), "failed attempts during rotation: {failures:?}");
     ensure!(serials.len() >= 3, "expected at least two renewals in 60 s, saw serials {serials:?}");
     eprintln!("serials seen with sluice certs -o json: n1 {:?}, n2 {:?}", cli_serials[0], cli_serials[1]);
@@ -685,8 +617,7 @@ fn impostor_servers_are_refused() -> Result<()> {
     // A pod the model says is in the mesh (node n3, which runs no sluice), where the test runs
     // its own TLS server on 15008 instead of sluice.
     let n3 = m.sim.add_node("n3")?;
-    let rogue =
-        n3.add_pod("shop", "rogue", PodOpts::labels(&[("app", "rogue")]).service_account("rogue-sa"))?;
+    let rogue = n3.add_pod("shop", "rogue", PodOpts::labels(&[("app", "rogue")]).service_account("rogue-sa"))?;
     m.sim.write_service("shop", "rogue", "10.96.0.30", &[("echo", ECHO_PORT, ECHO_PORT)], &[&rogue])?;
     // Until node 1's sluice has read both manifests, 10.96.0.30 is no Service to it.
     let has = |list: &serde_json::Value| {
@@ -701,44 +632,18 @@ fn impostor_servers_are_refused() -> Result<()> {
     let work = m.sim.temp_dir();
 
     let cases = [
-        (
-            "wrong identity",
-            issue(&mesh_ca, &work.join("wrong"), &spiffe("shop", "someone-else"), &[])?,
-            "expected",
-        ),
-        (
-            "another CA",
-            issue(&other_ca, &work.join("foreign"), &spiffe("shop", "rogue-sa"), &[])?,
-            "not issued by the mesh CA",
-        ),
-        (
-            "expired",
-            issue(&mesh_ca, &work.join("expired"), &spiffe("shop", "rogue-sa"), &["--expired"])?,
-            "expired",
-        ),
+        ("wrong identity", issue(&mesh_ca, &work.join("wrong"), &spiffe("shop", "someone-else"), &[])?, "expected"),
+        ("another CA", issue(&other_ca, &work.join("foreign"), &spiffe("shop", "rogue-sa"), &[])?, "not issued by the mesh CA"),
+        ("expired", issue(&mesh_ca, &work.join("expired"), &spiffe("shop", "rogue-sa"), &["--expired"])?, "expired"),
     ];
     for (what, (cert, key), needle) in cases {
         let mut server = rogue.spawn([
-            "openssl",
-            "s_server",
-            "-accept",
-            "15008",
-            "-cert",
-            cert.to_str().unwrap(),
-            "-key",
-            key.to_str().unwrap(),
-            "-tls1_3",
-            "-alpn",
-            "h2",
-            "-quiet",
+            "openssl", "s_server", "-accept", "15008", "-cert", cert.to_str().unwrap(), "-key", key.to_str().unwrap(),
+            "-tls1_3", "-alpn", "h2", "-quiet",
         ])?;
         // s_server prints nothing when ready with -quiet: wait until the port answers.
         sluice_tests::poll_until(T, || {
-            rogue
-                .run_timeout(["bash", "-c", "exec 3<>/dev/tcp/127.0.0.1/15008"], T)
-                .ok()?
-                .success()
-                .then_some(())
+            rogue.run_timeout(["bash", "-c", "exec 3<>/dev/tcp/127.0.0.1/15008"], T).ok()?.success().then_some(())
         })
         .context("openssl s_server did not start")?;
         let before = m.s1.log_contents().len();
@@ -751,11 +656,7 @@ fn impostor_servers_are_refused() -> Result<()> {
             if log[before..].lines().any(|l| l.contains("tunnel failed") && l.contains(needle)) {
                 break;
             }
-            ensure!(
-                Instant::now() < deadline,
-                "{what}: no log line containing {needle:?}:\n{}",
-                &log[before..]
-            );
+            ensure!(Instant::now() < deadline, "{what}: no log line containing {needle:?}:\n{}", &log[before..]);
             std::thread::sleep(Duration::from_millis(20));
         }
         server.kill(Signal::SIGKILL)?;

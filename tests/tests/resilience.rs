@@ -1246,8 +1246,7 @@ fn slload_rate(pod: &Pod, to: SocketAddr, rps: u32, duration_ms: u64) -> Result<
 ///    override in .config/nextest.toml): other suites' load on the same 2 cores would be noise.
 #[test]
 fn noisy_neighbour_does_not_double_another_pods_p99() -> Result<()> {
-    let rate: Option<String> =
-        Some(std::env::var("SLUICE_TEST_POD_CONNECTION_RATE").unwrap_or_else(|_| "150".into()));
+    let rate: Option<String> = Some(std::env::var("SLUICE_TEST_POD_CONNECTION_RATE").unwrap_or_else(|_| "150".into()));
     let mut opts = SluiceOpts::default();
     if let Some(r) = &rate {
         opts.args.extend(["--pod-connection-rate".into(), r.into()]);

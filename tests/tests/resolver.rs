@@ -19,11 +19,7 @@ fn resolves_under(driver: CgroupDriver) -> Result<()> {
     sluice.wait_ready(T)?;
     let pods = wait_enrolled(&sluice, &backend)?;
     let cgroup = pods[0]["cgroup_path"].as_str().unwrap_or("").to_string();
-    ensure!(
-        cgroup == backend.cgroup_path().display().to_string(),
-        "{driver:?}: sluice found {cgroup}, the pod's cgroup is {}",
-        backend.cgroup_path().display()
-    );
+    ensure!(cgroup == backend.cgroup_path().display().to_string(), "{driver:?}: sluice found {cgroup}, the pod's cgroup is {}", backend.cgroup_path().display());
 
     // A pod started after its namespace was enrolled: enrolled as soon as its sandbox exists,
     // and its connections are redirected even from a process in a container sub-cgroup.

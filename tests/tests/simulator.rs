@@ -17,36 +17,67 @@ use std::{
 use anyhow::{ensure, Context, Result};
 use serde_json::{json, Value};
 use sluice_tests::{
-    http_probe, leftovers_of, pki, sweep_where, CaOpts, LeftoverKind, PodOpts, Signal, Sim, SluiceOpts,
+    http_probe, leftovers_of, pki, sweep_where, CaOpts, LeftoverKind, PodOpts, Signal, Sim,
+    SluiceOpts,
 };
 
 const T: Duration = Duration::from_secs(10);
 const MIB: u64 = 1024 * 1024;
 
 /// Runs tcp-client in `from` against `to` and checks a byte-exact echo round trip.
-fn echo_round_trip(from: &sluice_tests::Pod, to: std::net::SocketAddr, bytes: u64) -> Result<Value> {
-    let out = from.run_simpod(["tcp-client", "--to", &to.to_string(), "--send-bytes", &bytes.to_string()])?;
+fn echo_round_trip(
+    from: &sluice_tests::Pod,
+    to: std::net::SocketAddr,
+    bytes: u64,
+) -> Result<Value> {
+    let out = from.run_simpod([
+        "tcp-client",
+        "--to",
+        &to.to_string(),
+        "--send-bytes",
+        &bytes.to_string(),
+    ])?;
     out.check()?;
     let r = out.json()?;
     ensure!(r["ok"] == true, "client failed: {r}");
-    ensure!(r["sent"] == bytes && r["received"] == bytes, "byte counts: {r}");
-    ensure!(r["sha256_sent"] == r["sha256_received"], "echoed bytes differ: {r}");
+    ensure!(
+        r["sent"] == bytes && r["received"] == bytes,
+        "byte counts: {r}"
+    );
+    ensure!(
+        r["sha256_sent"] == r["sha256_received"],
+        "echoed bytes differ: {r}"
+    );
     ensure!(r["peer"] == to.to_string(), "peer {} != {to}", r["peer"]);
-    let local_ip =
-        r["local"].as_str().unwrap_or_default().rsplit_once(':').map(|(ip, _)| ip).unwrap_or_default();
-    ensure!(local_ip == from.ip().to_string(), "client address {local_ip} is not the pod IP {}", from.ip());
+    let local_ip = r["local"]
+        .as_str()
+        .unwrap_or_default()
+        .rsplit_once(':')
+        .map(|(ip, _)| ip)
+        .unwrap_or_default();
+    ensure!(
+        local_ip == from.ip().to_string(),
+        "client address {local_ip} is not the pod IP {}",
+        from.ip()
+    );
     Ok(r)
 }
 
 fn pid_alive(pid: u32) -> bool {
     fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| !s.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')))
+        .map(|s| {
+            !s.rsplit_once(')')
+                .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
+        })
         .unwrap_or(false)
 }
 
 fn cgroup_of(pid: u32) -> Result<String> {
     let text = fs::read_to_string(format!("/proc/{pid}/cgroup"))?;
-    text.lines().find_map(|l| l.strip_prefix("0::")).map(str::to_string).context("no cgroup v2 line")
+    text.lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .map(str::to_string)
+        .context("no cgroup v2 line")
 }
 
 fn netns_of(pid: u32) -> Result<u64> {
@@ -67,14 +98,26 @@ fn two_pods_on_one_node_exchange_a_mebibyte() -> Result<()> {
     echo_round_trip(&client, server.addr(7000), MIB)?;
     // The server saw the client's own pod address: nothing NATs on the way.
     let accepted = echo.wait_for_json(T, |v| v["event"] == "accepted")?;
-    assert_eq!(accepted["peer"].as_str().unwrap().split(':').next().unwrap(), client.ip().to_string());
+    assert_eq!(
+        accepted["peer"]
+            .as_str()
+            .unwrap()
+            .split(':')
+            .next()
+            .unwrap(),
+        client.ip().to_string()
+    );
     Ok(())
 }
 
 #[test]
 fn pods_reach_each_other_across_nodes() -> Result<()> {
     let sim = Sim::new()?;
-    let nodes = [sim.add_node("n1")?, sim.add_node("n2")?, sim.add_node("n3")?];
+    let nodes = [
+        sim.add_node("n1")?,
+        sim.add_node("n2")?,
+        sim.add_node("n3")?,
+    ];
     let pods = nodes
         .iter()
         .map(|n| n.add_pod("demo", &format!("p-{}", n.short_name()), PodOpts::default()))
@@ -99,17 +142,31 @@ fn pods_reach_each_other_across_nodes() -> Result<()> {
 fn processes_are_placed_in_the_pod_netns_and_cgroup() -> Result<()> {
     let sim = Sim::new()?;
     let n1 = sim.add_node("n1")?;
-    let pod = n1.add_pod("shop", "web", PodOpts::labels(&[("app", "web")]).service_account("web-sa"))?;
+    let pod = n1.add_pod(
+        "shop",
+        "web",
+        PodOpts::labels(&[("app", "web")]).service_account("web-sa"),
+    )?;
 
     let pod_ns = fs::metadata(format!("/run/netns/{}", pod.netns()))?.ino();
     let rel = |p: &std::path::Path| -> String {
-        format!("/{}", p.strip_prefix(sluice_tests::cgroup::cgroup2_mount().unwrap()).unwrap().display())
+        format!(
+            "/{}",
+            p.strip_prefix(sluice_tests::cgroup::cgroup2_mount().unwrap())
+                .unwrap()
+                .display()
+        )
     };
-    assert!(pod.cgroup_path().ends_with(format!("kubepods/besteffort/pod{}", pod.uid())));
+    assert!(pod
+        .cgroup_path()
+        .ends_with(format!("kubepods/besteffort/pod{}", pod.uid())));
 
     // The sandbox is what sluice finds the pod's netns through.
     let procs = fs::read_to_string(pod.cgroup_path().join("cgroup.procs"))?;
-    assert!(procs.lines().any(|l| l == pod.sandbox_pid().to_string()), "sandbox not in {procs}");
+    assert!(
+        procs.lines().any(|l| l == pod.sandbox_pid().to_string()),
+        "sandbox not in {procs}"
+    );
     assert_eq!(netns_of(pod.sandbox_pid())?, pod_ns);
 
     let mut p = pod.spawn(["sleep", "60"])?;
@@ -120,14 +177,25 @@ fn processes_are_placed_in_the_pod_netns_and_cgroup() -> Result<()> {
 
     let mut q = n1.spawn(["sleep", "60"])?;
     assert_eq!(cgroup_of(q.pid())?, rel(&n1.system_cgroup()));
-    assert_eq!(netns_of(q.pid())?, fs::metadata(format!("/run/netns/{}", n1.netns()))?.ino());
+    assert_eq!(
+        netns_of(q.pid())?,
+        fs::metadata(format!("/run/netns/{}", n1.netns()))?.ino()
+    );
     q.kill(Signal::SIGTERM)?;
 
     // The pod network as the brief fixes it.
     let out = pod.run(["ip", "-4", "-o", "addr", "show", "dev", "eth0"])?;
-    assert!(out.check()?.stdout.contains("10.244.1.10/24"), "{}", out.stdout);
+    assert!(
+        out.check()?.stdout.contains("10.244.1.10/24"),
+        "{}",
+        out.stdout
+    );
     let out = pod.run(["ip", "route", "show", "default"])?;
-    assert!(out.check()?.stdout.contains("via 10.244.1.1"), "{}", out.stdout);
+    assert!(
+        out.check()?.stdout.contains("via 10.244.1.1"),
+        "{}",
+        out.stdout
+    );
 
     // The manifest, as a Kubernetes client would read it.
     let yaml = fs::read_to_string(sim.manifest_dir().join("pod-shop-web.yaml"))?;
@@ -142,10 +210,15 @@ fn processes_are_placed_in_the_pod_netns_and_cgroup() -> Result<()> {
 
     sim.write_namespace("shop", true)?;
     sim.write_service("shop", "web", "10.96.0.10", &[("http", 80, 8080)], &[&pod])?;
-    let ns: Value = serde_yaml::from_str(&fs::read_to_string(sim.manifest_dir().join("ns-shop.yaml"))?)?;
+    let ns: Value = serde_yaml::from_str(&fs::read_to_string(
+        sim.manifest_dir().join("ns-shop.yaml"),
+    )?)?;
     assert_eq!(ns["metadata"]["annotations"]["sluice.dev/mesh"], "enabled");
     let svc = fs::read_to_string(sim.manifest_dir().join("svc-shop-web.yaml"))?;
-    assert!(svc.contains("EndpointSlice") && svc.contains("10.244.1.10"), "{svc}");
+    assert!(
+        svc.contains("EndpointSlice") && svc.contains("10.244.1.10"),
+        "{svc}"
+    );
 
     // Deleting the pod takes everything of it, and only it.
     pod.delete()?;
@@ -188,8 +261,13 @@ fn http_server_and_client_speak_keepalive() -> Result<()> {
         assert_eq!(l["local"], lines[0]["local"]);
         assert_eq!(l["body"]["peer"], lines[0]["local"]);
     }
-    let out =
-        client.run_simpod(["http-get", "--to", &server.addr(8080).to_string(), "--path", "/?status=503"])?;
+    let out = client.run_simpod([
+        "http-get",
+        "--to",
+        &server.addr(8080).to_string(),
+        "--path",
+        "/?status=503",
+    ])?;
     assert_eq!(out.check()?.json()?["status"], 503);
     Ok(())
 }
@@ -207,7 +285,10 @@ fn hold_and_loop_clients() -> Result<()> {
     let c = hold.wait_for_json(T, |v| v["event"] == "connected")?;
     assert_eq!(c["peer"], server.addr(7000).to_string());
     hold.send_line("hello")?;
-    assert_eq!(hold.wait_for_json(T, |v| v["event"] == "echo")?["data"], "hello");
+    assert_eq!(
+        hold.wait_for_json(T, |v| v["event"] == "echo")?["data"],
+        "hello"
+    );
     hold.close_stdin();
     assert!(hold.wait(T)?.success());
 
@@ -229,7 +310,13 @@ fn hold_and_loop_clients() -> Result<()> {
     assert!(!out.success());
     let r = out.json()?;
     assert_eq!(r["ok"], false);
-    assert!(r["error"].as_str().unwrap().starts_with("ConnectionRefused"), "{r}");
+    assert!(
+        r["error"]
+            .as_str()
+            .unwrap()
+            .starts_with("ConnectionRefused"),
+        "{r}"
+    );
     Ok(())
 }
 
@@ -238,7 +325,9 @@ fn hold_and_loop_clients() -> Result<()> {
 fn host_of(addr: &Value) -> String {
     let s = addr.as_str().unwrap_or_default();
     let host = s.rsplit_once(':').map_or(s, |(h, _)| h);
-    host.trim_start_matches('[').trim_end_matches(']').to_string()
+    host.trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string()
 }
 
 #[test]
@@ -267,10 +356,21 @@ fn dual_stack_pods_speak_ipv6_across_nodes_and_over_link_local() -> Result<()> {
         serde_json::json!([{"ip": "10.244.2.10"}, {"ip": "fd00:10:244:2::10"}]),
         "{manifest}"
     );
-    assert_eq!(server.ips(), [server.ip().into(), std::net::IpAddr::from(server.ip6()?)]);
+    assert_eq!(
+        server.ips(),
+        [server.ip().into(), std::net::IpAddr::from(server.ip6()?)]
+    );
 
     // One server on both families (`::` is a dual-stack socket).
-    let mut srv = server.simpod(["http-server", "--port", "8080", "--bind", "::", "--name", "srv"])?;
+    let mut srv = server.simpod([
+        "http-server",
+        "--port",
+        "8080",
+        "--bind",
+        "::",
+        "--name",
+        "srv",
+    ])?;
     srv.wait_listening(T)?;
     // Across nodes over IPv6, no NAT: the server sees the client's own IPv6 address. The
     // addresses are usable at once (no DAD), so the first attempt must work.
@@ -288,20 +388,36 @@ fn dual_stack_pods_speak_ipv6_across_nodes_and_over_link_local() -> Result<()> {
         assert_eq!(l["status"], 200, "{l}");
         assert_eq!(l["body"]["name"], "srv");
         assert_eq!(host_of(&l["local"]), client.ip6()?.to_string(), "{l}");
-        assert_eq!(host_of(&l["body"]["peer"]), client.ip6()?.to_string(), "{l}");
+        assert_eq!(
+            host_of(&l["body"]["peer"]),
+            client.ip6()?.to_string(),
+            "{l}"
+        );
     }
     // IPv4 still works in a dual-stack sim, to the same socket.
     let out = client.run_simpod(["http-get", "--to", &server.addr(8080).to_string()])?;
     let r = out.check()?.json()?;
     assert_eq!(r["status"], 200, "{r}");
-    assert_eq!(host_of(&r["body"]["peer"]), format!("::ffff:{}", client.ip()), "{r}");
+    assert_eq!(
+        host_of(&r["body"]["peer"]),
+        format!("::ffff:{}", client.ip()),
+        "{r}"
+    );
 
     // Within one node over link-local, scoped to the client's eth0.
     let ll = neighbour.link_local()?;
     assert!(ll.is_unicast_link_local(), "{ll}");
     let client_ll = client.link_local()?;
     assert_ne!(ll, client_ll);
-    let mut near = neighbour.simpod(["http-server", "--port", "8081", "--bind", "::", "--name", "near"])?;
+    let mut near = neighbour.simpod([
+        "http-server",
+        "--port",
+        "8081",
+        "--bind",
+        "::",
+        "--name",
+        "near",
+    ])?;
     near.wait_listening(T)?;
     let out = client.run_simpod(["http-get", "--to", &format!("[{ll}%eth0]:8081")])?;
     let r = out.check()?.json()?;
@@ -325,7 +441,11 @@ fn dual_stack_pods_speak_ipv6_across_nodes_and_over_link_local() -> Result<()> {
     // A name simpod cannot resolve is a clear error, not a panic.
     let out = client.run_simpod(["tcp-client", "--to", &format!("[{ll}%nosuch0]:8081")])?;
     assert!(!out.success());
-    assert!(out.stderr.contains("no interface \"nosuch0\""), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("no interface \"nosuch0\""),
+        "{}",
+        out.stderr
+    );
 
     // The IPv6 set-up lives in the sim's namespaces: teardown takes all of it.
     let (id, temp) = (sim.id().to_string(), sim.temp_dir().to_path_buf());
@@ -344,20 +464,35 @@ fn ipv4_only_sims_have_link_local_but_no_global_ipv6() -> Result<()> {
     let n1 = sim.add_node("n1")?;
     let pod = n1.add_pod("demo", "p", PodOpts::default())?;
     let e = pod.ip6().unwrap_err().to_string();
-    assert!(e.contains("its sim is IPv4-only (create it with Sim::new_dual_stack())"), "{e}");
+    assert!(
+        e.contains("its sim is IPv4-only (create it with Sim::new_dual_stack())"),
+        "{e}"
+    );
     assert!(pod.addr6(80).is_err());
     assert!(n1.bridge_ip6().is_err());
     assert_eq!(pod.ips(), [std::net::IpAddr::from(pod.ip())]);
     let manifest = fs::read_to_string(sim.manifest_dir().join(pod.manifest_file()))?;
     let doc: Value = serde_yaml::from_str(&manifest)?;
-    assert_eq!(doc["status"]["podIPs"], serde_json::json!([{"ip": pod.ip().to_string()}]));
+    assert_eq!(
+        doc["status"]["podIPs"],
+        serde_json::json!([{"ip": pod.ip().to_string()}])
+    );
     // The kernel's link-local address, once DAD is done with it (about a second here).
     assert!(pod.link_local()?.is_unicast_link_local());
     // A dual-stack Service needs IPv6 endpoints.
     let e = sim
-        .write_service_ips("demo", "web", &["10.96.0.10", "fd00:10:96::10"], &[("http", 80, 8080)], &[&pod])
+        .write_service_ips(
+            "demo",
+            "web",
+            &["10.96.0.10", "fd00:10:96::10"],
+            &[("http", 80, 8080)],
+            &[&pod],
+        )
         .unwrap_err();
-    assert!(format!("{e:#}").contains("endpoint demo/p has no IPv6 address"), "{e:#}");
+    assert!(
+        format!("{e:#}").contains("endpoint demo/p has no IPv6 address"),
+        "{e:#}"
+    );
     Ok(())
 }
 
@@ -368,7 +503,13 @@ fn sluice_on_a_dual_stack_node_shows_both_families_in_its_model() -> Result<()> 
     let web = n1.add_pod("shop", "web", PodOpts::labels(&[("app", "web")]))?;
     let client = n1.add_pod("shop", "client", PodOpts::default())?;
     sim.write_namespace("shop", true)?;
-    sim.write_service_ips("shop", "web", &["10.96.0.10", "fd00:10:96::10"], &[("http", 80, 8080)], &[&web])?;
+    sim.write_service_ips(
+        "shop",
+        "web",
+        &["10.96.0.10", "fd00:10:96::10"],
+        &[("http", 80, 8080)],
+        &[&web],
+    )?;
     let sluice = n1.start_sluice(SluiceOpts::default())?;
     sluice.wait_ready(T)?;
     let m = sluice.wait_for(
@@ -376,7 +517,9 @@ fn sluice_on_a_dual_stack_node_shows_both_families_in_its_model() -> Result<()> 
         |m| {
             m["pods"].as_array().is_some_and(|p| p.len() == 2)
                 && m["services"].as_array().is_some_and(|s| s.len() == 1)
-                && m["endpoint_slices"].as_array().is_some_and(|s| s.len() == 2)
+                && m["endpoint_slices"]
+                    .as_array()
+                    .is_some_and(|s| s.len() == 2)
         },
         T,
     )?;
@@ -387,16 +530,37 @@ fn sluice_on_a_dual_stack_node_shows_both_families_in_its_model() -> Result<()> 
             .and_then(|ps| ps.iter().find(|p| p["name"] == pod.name()))
             .with_context(|| format!("pod {} in {m}", pod.name()))?;
         assert_eq!(v["ip"], pod.ip().to_string(), "{v}");
-        assert_eq!(v["ips"], serde_json::json!([pod.ip().to_string(), pod.ip6()?.to_string()]), "{v}");
+        assert_eq!(
+            v["ips"],
+            serde_json::json!([pod.ip().to_string(), pod.ip6()?.to_string()]),
+            "{v}"
+        );
     }
     let svc = &m["services"][0];
     assert_eq!(svc["cluster_ip"], "10.96.0.10", "{svc}");
-    assert_eq!(svc["cluster_ips"], serde_json::json!(["10.96.0.10", "fd00:10:96::10"]), "{svc}");
+    assert_eq!(
+        svc["cluster_ips"],
+        serde_json::json!(["10.96.0.10", "fd00:10:96::10"]),
+        "{svc}"
+    );
     let slices = m["endpoint_slices"].as_array().context("slices")?;
-    let slice =
-        |family: &str| slices.iter().find(|s| s["address_type"] == family).cloned().unwrap_or_default();
-    assert_eq!(slice("IPv4")["ready_addresses"], serde_json::json!([web.ip().to_string()]), "{m}");
-    assert_eq!(slice("IPv6")["ready_addresses"], serde_json::json!([web.ip6()?.to_string()]), "{m}");
+    let slice = |family: &str| {
+        slices
+            .iter()
+            .find(|s| s["address_type"] == family)
+            .cloned()
+            .unwrap_or_default()
+    };
+    assert_eq!(
+        slice("IPv4")["ready_addresses"],
+        serde_json::json!([web.ip().to_string()]),
+        "{m}"
+    );
+    assert_eq!(
+        slice("IPv6")["ready_addresses"],
+        serde_json::json!([web.ip6()?.to_string()]),
+        "{m}"
+    );
     // Both pods are enrolled as on an IPv4-only node.
     sluice.wait_for("/pods", |v| v.as_array().is_some_and(|p| p.len() == 2), T)?;
     Ok(())
@@ -430,7 +594,11 @@ fn sluice_handle_runs_the_daemon_in_the_node() -> Result<()> {
     let fake = sim.temp_dir().join("fake-sluice");
     fs::write(&fake, FAKE_SLUICE)?;
     fs::set_permissions(&fake, fs::Permissions::from_mode(0o755))?;
-    let sluice = n1.start_sluice(SluiceOpts { bin: Some(fake), fail_closed: true, ..Default::default() })?;
+    let sluice = n1.start_sluice(SluiceOpts {
+        bin: Some(fake),
+        fail_closed: true,
+        ..Default::default()
+    })?;
 
     let st = sluice.wait_ready(T)?;
     assert_eq!(st["node"], n1.name());
@@ -440,8 +608,14 @@ fn sluice_handle_runs_the_daemon_in_the_node() -> Result<()> {
     assert_eq!(st["cgroup"], format!("/sluice-sim/{}/n1/system", sim.id()));
     let args = st["args"].as_str().unwrap();
     assert!(args.starts_with("run --node "), "{args}");
-    assert!(args.contains(&format!("--manifests {}", sim.manifest_dir().display())), "{args}");
-    assert!(args.contains(&format!("--cgroup-root {}", n1.cgroup_root().display())), "{args}");
+    assert!(
+        args.contains(&format!("--manifests {}", sim.manifest_dir().display())),
+        "{args}"
+    );
+    assert!(
+        args.contains(&format!("--cgroup-root {}", n1.cgroup_root().display())),
+        "{args}"
+    );
     assert!(args.ends_with("--fail-closed"), "{args}");
     assert_eq!(sluice.get_json("/pods")?["path"], "/pods");
     assert!(sluice.log_contents().contains("fake sluice listening"));
@@ -453,7 +627,11 @@ fn sluice_handle_runs_the_daemon_in_the_node() -> Result<()> {
 
     sluice.restart()?;
     sluice.wait_ready(T)?;
-    assert!(sluice.log_path().ends_with("sluice-n1-2.log"), "{}", sluice.log_path().display());
+    assert!(
+        sluice.log_path().ends_with("sluice-n1-2.log"),
+        "{}",
+        sluice.log_path().display()
+    );
     Ok(())
 }
 
@@ -467,7 +645,9 @@ fn teardown_after_a_panic_leaves_nothing() {
         let a = n1.add_pod("demo", "a", PodOpts::default()).unwrap();
         let b = n2.add_pod("demo", "b", PodOpts::default()).unwrap();
         // Grandchildren this process holds no handle on: only the cgroup kill reaches them.
-        let _sh = a.spawn(["sh", "-c", "sleep 1000 & sleep 1000 & wait"]).unwrap();
+        let _sh = a
+            .spawn(["sh", "-c", "sleep 1000 & sleep 1000 & wait"])
+            .unwrap();
         let mut echo = b.simpod(["echo-server", "--port", "7000"]).unwrap();
         echo.wait_listening(T).unwrap();
         // sh forks its sleeps on its own time: wait for all six processes (two sandboxes, sh,
@@ -478,21 +658,30 @@ fn teardown_after_a_panic_leaves_nothing() {
                 .map(|p| p as u32)
                 .collect::<Vec<_>>()
         };
-        let pids = sluice_tests::poll_until(T, || Some(tree()).filter(|p| p.len() >= 6)).unwrap_or_else(tree);
+        let pids = sluice_tests::poll_until(T, || Some(tree()).filter(|p| p.len() >= 6))
+            .unwrap_or_else(tree);
         seen = Some((sim.id().to_string(), sim.temp_dir().to_path_buf(), pids));
         panic!("deliberate panic inside a test body");
     }));
     assert!(res.is_err());
     let (id, temp, pids) = seen.expect("the body ran up to the panic");
-    assert!(pids.len() >= 6, "sandboxes, sh, two sleeps, echo-server: {pids:?}");
+    assert!(
+        pids.len() >= 6,
+        "sandboxes, sh, two sleeps, echo-server: {pids:?}"
+    );
     let left = leftovers_of(&id);
     assert!(left.is_empty(), "left behind: {left:#?}");
     assert!(!temp.exists(), "{} still exists", temp.display());
     for pid in pids {
         assert!(!pid_alive(pid), "process {pid} survived");
     }
-    assert!(!sluice_tests::netns::list().iter().any(|n| n.starts_with(&id)));
-    assert!(!sluice_tests::cgroup::sim_cgroup_parent().unwrap().join(&id).exists());
+    assert!(!sluice_tests::netns::list()
+        .iter()
+        .any(|n| n.starts_with(&id)));
+    assert!(!sluice_tests::cgroup::sim_cgroup_parent()
+        .unwrap()
+        .join(&id)
+        .exists());
 }
 
 #[test]
@@ -511,13 +700,23 @@ fn sweep_removes_a_leaked_sim() -> Result<()> {
 
     let found = leftovers_of(&id);
     let count = |k| found.iter().filter(|l| l.kind == k).count();
-    assert_eq!(count(LeftoverKind::Netns), 3, "fabric, node, pod: {found:#?}");
+    assert_eq!(
+        count(LeftoverKind::Netns),
+        3,
+        "fabric, node, pod: {found:#?}"
+    );
     assert_eq!(count(LeftoverKind::Cgroup), 1, "{found:#?}");
-    assert!(count(LeftoverKind::Process) >= 2, "sandbox and sleep: {found:#?}");
+    assert!(
+        count(LeftoverKind::Process) >= 2,
+        "sandbox and sleep: {found:#?}"
+    );
 
     let swept = sweep_where(|s| s == id);
     assert_eq!(swept.len(), found.len(), "{swept:#?}");
-    assert!(swept.iter().any(|d| d.contains(&format!("{id}-n1-leaky"))), "{swept:#?}");
+    assert!(
+        swept.iter().any(|d| d.contains(&format!("{id}-n1-leaky"))),
+        "{swept:#?}"
+    );
     assert!(leftovers_of(&id).is_empty(), "{:#?}", leftovers_of(&id));
     assert!(!pid_alive(sandbox));
     // Both were children of this process, whose handles were forgotten: reap them here.
@@ -571,7 +770,11 @@ fn netns_inode(name: &str) -> Result<u64> {
 fn control_plane_serves_the_api_to_the_nodes_and_mirrors_the_pods() -> Result<()> {
     let sim = Sim::new()?;
     let n1 = sim.add_node("n1")?;
-    let web = n1.add_pod("shop", "web", PodOpts::labels(&[("app", "web")]).service_account("web"))?;
+    let web = n1.add_pod(
+        "shop",
+        "web",
+        PodOpts::labels(&[("app", "web")]).service_account("web"),
+    )?;
     let cp = sim.add_control_plane()?;
     assert!(sim.add_control_plane().is_err(), "one control plane per sim");
     assert!(sim.add_node("cp").is_err(), "a node may not take the control plane's name");
@@ -597,7 +800,10 @@ fn control_plane_serves_the_api_to_the_nodes_and_mirrors_the_pods() -> Result<()
         assert_eq!(r.status, 200);
         let body = r.json()?;
         assert_eq!(body["name"], p.name());
-        assert!(body["peer"].as_str().unwrap().starts_with("10.243.0.254:"), "{body}");
+        assert!(
+            body["peer"].as_str().unwrap().starts_with("10.243.0.254:"),
+            "{body}"
+        );
     }
 
     // Both pods are API objects: the one made before the control plane too.
@@ -610,10 +816,17 @@ fn control_plane_serves_the_api_to_the_nodes_and_mirrors_the_pods() -> Result<()
         assert_eq!(o["status"]["podIP"], p.ip().to_string());
     }
     // A cluster-wide watch's view, per node, as the CA lists it.
-    let target = format!("/api/v1/pods?fieldSelector=spec.nodeName%3D{}", n2.name());
+    let target = format!(
+        "/api/v1/pods?fieldSelector=spec.nodeName%3D{}",
+        n2.name()
+    );
     let list = http_probe::get_in(n1.netns(), cp.api_addr(), &target, T)?.json()?;
-    let names: Vec<&str> =
-        list["items"].as_array().unwrap().iter().map(|i| i["metadata"]["name"].as_str().unwrap()).collect();
+    let names: Vec<&str> = list["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["metadata"]["name"].as_str().unwrap())
+        .collect();
     assert_eq!(names, ["db"]);
     assert_eq!(sim.pods().len(), 2);
 
@@ -657,7 +870,11 @@ fn node_tokens_are_projected_bound_and_reviewed() -> Result<()> {
     };
 
     let path = cp.ensure_node_token(&n1)?;
-    assert_eq!(path, sim.temp_dir().join("nodes/n1/sluice-ca/token"), "the node's token volume");
+    assert_eq!(
+        path,
+        sim.temp_dir().join("nodes/n1/sluice-ca/token"),
+        "the node's token volume"
+    );
     assert_eq!(fs::read_link(&path)?, PathBuf::from("..data/token"));
     let token = fs::read_to_string(&path)?;
     assert_eq!(Some(token.clone()), cp.node_token(&n1));
@@ -665,7 +882,10 @@ fn node_tokens_are_projected_bound_and_reviewed() -> Result<()> {
     assert_eq!(fs::read_to_string(&path)?, token, "ensure does not rotate");
 
     let agent = cp.node_agent_pod(&n1)?;
-    let pod = cp.api().get("Pod", "sluice-system", &agent.name).context("the agent's pod object")?;
+    let pod = cp
+        .api()
+        .get("Pod", "sluice-system", &agent.name)
+        .context("the agent's pod object")?;
     assert_eq!(pod["spec"]["nodeName"], n1.name());
     assert_eq!(pod["spec"]["hostNetwork"], true);
     assert_eq!(pod["spec"]["serviceAccountName"], "sluice");
@@ -674,7 +894,10 @@ fn node_tokens_are_projected_bound_and_reviewed() -> Result<()> {
 
     let st = review(&token)?;
     assert_eq!(st["authenticated"], true, "{st}");
-    assert_eq!(st["user"]["username"], "system:serviceaccount:sluice-system:sluice");
+    assert_eq!(
+        st["user"]["username"],
+        "system:serviceaccount:sluice-system:sluice"
+    );
     let extra = &st["user"]["extra"];
     assert_eq!(extra["authentication.kubernetes.io/node-name"], json!([n1.name()]));
     assert_eq!(extra["authentication.kubernetes.io/pod-name"], json!([agent.name]));
@@ -686,7 +909,10 @@ fn node_tokens_are_projected_bound_and_reviewed() -> Result<()> {
     assert_eq!(fs::read_to_string(&path)?, rotated);
     assert_eq!(review(&token)?["authenticated"], true);
     assert!(cp.api().expire_token(&rotated));
-    assert_eq!(review(&rotated)?["error"], "[invalid bearer token, service account token has expired]");
+    assert_eq!(
+        review(&rotated)?["error"],
+        "[invalid bearer token, service account token has expired]"
+    );
 
     // What impostor tests write: node 2's token in node 1's file, another ServiceAccount's.
     let n2_spec = cp.node_agent_token_spec(&n2)?;
@@ -695,11 +921,18 @@ fn node_tokens_are_projected_bound_and_reviewed() -> Result<()> {
         review(&stolen)?["user"]["extra"]["authentication.kubernetes.io/node-name"],
         json!([n2.name()])
     );
-    assert_ne!(cp.node_agent_pod(&n2)?.name, agent.name, "one agent pod per node");
+    assert_ne!(
+        cp.node_agent_pod(&n2)?.name,
+        agent.name,
+        "one agent pod per node"
+    );
     let mut other_sa = n2_spec;
     other_sa.service_account = ("shop".into(), "web".into());
     let web_token = cp.write_node_token(&n1, other_sa)?;
-    assert_eq!(review(&web_token)?["user"]["username"], "system:serviceaccount:shop:web");
+    assert_eq!(
+        review(&web_token)?["user"]["username"],
+        "system:serviceaccount:shop:web"
+    );
     assert_eq!(cp.api().token_review_count(), 5);
     Ok(())
 }
@@ -767,7 +1000,13 @@ fn ca_service_runs_on_the_control_plane_with_its_signing_files() -> Result<()> {
     // A deeper hierarchy: root B → mid (path length 1) → the CA's intermediate. The chain is
     // passed from the next start on.
     let root_b = sim.make_root("root-b")?;
-    let mid = pki::intermediate_ca(&root_b, &sim.temp_dir().join("pki/mid-b"), "mid-b", "cluster.local", 1)?;
+    let mid = pki::intermediate_ca(
+        &root_b,
+        &sim.temp_dir().join("pki/mid-b"),
+        "mid-b",
+        "cluster.local",
+        1,
+    )?;
     let ca_b = sim.make_intermediate(&mid, "ca-b")?;
     cp.set_signing(&ca_b, &[&mid])?;
     assert_eq!(pki::cert_info(&fs::read_to_string(&cert)?)?.subject, "CN=ca-b, O=sluice");
@@ -802,7 +1041,11 @@ fn sluice_with_a_remote_ca_gets_the_ca_flags_and_its_token() -> Result<()> {
     let sim = Sim::new()?;
     let n1 = sim.add_node("n1")?;
     let fake = write_script(&sim, "fake-sluice", FAKE_SLUICE)?;
-    let opts = SluiceOpts { bin: Some(fake), remote_ca: true, ..SluiceOpts::default() };
+    let opts = SluiceOpts {
+        bin: Some(fake),
+        remote_ca: true,
+        ..SluiceOpts::default()
+    };
     let err = format!("{:#}", n1.start_sluice(opts.clone()).err().context("needs a control plane")?);
     assert!(err.contains("add_control_plane"), "{err}");
 
@@ -846,18 +1089,46 @@ fn dual_stack_control_plane_speaks_both_families() -> Result<()> {
     let cp = sim.add_control_plane()?;
     let web = n1.add_pod("shop", "web", PodOpts::default())?;
     assert_eq!(cp.ip6()?.to_string(), "fd00:10:243::254");
-    let mut server = web.simpod(["http-server", "--port", "8080", "--bind", "::", "--name", "web"])?;
+    let mut server = web.simpod([
+        "http-server",
+        "--port",
+        "8080",
+        "--bind",
+        "::",
+        "--name",
+        "web",
+    ])?;
     server.wait_listening(T)?;
     let r = cp.http_get(web.addr6(8080)?, "/", T)?;
     assert_eq!(r.status, 200);
-    assert!(r.json()?["peer"].as_str().unwrap().starts_with("[fd00:10:243::254]:"), "{}", r.text());
+    assert!(
+        r.json()?["peer"]
+            .as_str()
+            .unwrap()
+            .starts_with("[fd00:10:243::254]:"),
+        "{}",
+        r.text()
+    );
     let o = cp.api().get("Pod", "shop", "web").context("mirrored")?;
-    assert_eq!(o["status"]["podIPs"], json!([{"ip": web.ip().to_string()}, {"ip": web.ip6()?.to_string()}]));
+    assert_eq!(
+        o["status"]["podIPs"],
+        json!([{"ip": web.ip().to_string()}, {"ip": web.ip6()?.to_string()}])
+    );
     let fake = write_script(&sim, "fake-ca", FAKE_CA)?;
-    let ca = cp.start_ca(CaOpts { bin: Some(fake), ..CaOpts::default() })?;
-    let args: Vec<String> = ca.args().iter().map(|a| a.to_string_lossy().into_owned()).collect();
+    let ca = cp.start_ca(CaOpts {
+        bin: Some(fake),
+        ..CaOpts::default()
+    })?;
+    let args: Vec<String> = ca
+        .args()
+        .iter()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
     let joined = args.join(" ");
-    assert!(joined.contains("--server-name 10.243.0.254 --server-name fd00:10:243::254"), "{joined}");
+    assert!(
+        joined.contains("--server-name 10.243.0.254 --server-name fd00:10:243::254"),
+        "{joined}"
+    );
     ca.wait_ready(T)?;
     Ok(())
 }

@@ -259,10 +259,7 @@ impl Body for PiecewiseBody {
     type Data = Bytes;
     type Error = Infallible;
 
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut TaskContext<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
         if self.rest.is_empty() {
             return Poll::Ready(None);
         }
@@ -1023,16 +1020,13 @@ mod tests {
     #[tokio::test]
     async fn large_bodies_go_out_in_pieces_with_their_length() {
         // 5.5 pieces of text, each line numbered, so a lost or repeated piece shows.
-        let text: String = (0..)
-            .map(|i| format!("line {i:08}\n"))
-            .take_while({
-                let mut len = 0;
-                move |l: &String| {
-                    len += l.len();
-                    len <= WRITE_PIECE * 11 / 2
-                }
-            })
-            .collect();
+        let text: String = (0..).map(|i| format!("line {i:08}\n")).take_while({
+            let mut len = 0;
+            move |l: &String| {
+                len += l.len();
+                len <= WRITE_PIECE * 11 / 2
+            }
+        }).collect();
         // The body hands out at most one piece per poll and yields between pieces.
         let mut body = std::pin::pin!(PiecewiseBody::new(Bytes::from(text.clone())));
         assert_eq!(body.size_hint().exact(), Some(text.len() as u64));

@@ -176,10 +176,7 @@ fn service_backend(
                 let load = balancer.endpoint(*addr);
                 EndpointView {
                     address: addr.to_string(),
-                    ewma_ms: load
-                        .as_ref()
-                        .filter(|l| l.requests() > 0)
-                        .map(|l| l.estimate(now, tau).as_secs_f64() * 1e3),
+                    ewma_ms: load.as_ref().filter(|l| l.requests() > 0).map(|l| l.estimate(now, tau).as_secs_f64() * 1e3),
                     pending: load.as_ref().map_or(0, |l| l.pending()),
                     requests: load.as_ref().map_or(0, |l| l.requests()),
                 }
@@ -234,12 +231,7 @@ fn describe_filters(rule: &RouteRule) -> Vec<String> {
             Filter::RequestRedirect(r) => format!("RequestRedirect {}", r.status_code),
             Filter::UrlRewrite(_) => "URLRewrite".to_owned(),
             Filter::RequestMirror(m) => {
-                format!(
-                    "RequestMirror {}/{} ({:.0}%)",
-                    m.backend.namespace,
-                    m.backend.name,
-                    m.fraction.0 * 100.0
-                )
+                format!("RequestMirror {}/{} ({:.0}%)", m.backend.namespace, m.backend.name, m.fraction.0 * 100.0)
             }
         })
         .collect()

@@ -22,9 +22,7 @@ use std::{
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Full, StreamBody};
-use hyper::{
-    body::Incoming, server::conn::http1, service::service_fn, Method, Request, Response, StatusCode,
-};
+use hyper::{body::Incoming, server::conn::http1, service::service_fn, Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, UnixListener};
 use tracing::{debug, warn};
@@ -128,14 +126,8 @@ impl AdminState {
         all.insert("access_log_dropped".to_string(), tel.access_log.dropped());
         all.insert("spans_exported".to_string(), tel.trace.exported.load(Ordering::Relaxed));
         all.insert("spans_dropped".to_string(), tel.trace.dropped.load(Ordering::Relaxed));
-        let overflow: u64 = self
-            .data
-            .l7
-            .breakers
-            .snapshot()
-            .iter()
-            .map(|(_, _, b)| b.overflows.load(Ordering::Relaxed))
-            .sum();
+        let overflow: u64 =
+            self.data.l7.breakers.snapshot().iter().map(|(_, _, b)| b.overflows.load(Ordering::Relaxed)).sum();
         all.insert("http_overflow".to_string(), overflow);
         let (idle_h1, h2) = self.data.l7.upstreams.sizes();
         all.insert("upstream_idle_http1".to_string(), idle_h1 as u64);
@@ -154,18 +146,9 @@ impl AdminState {
         all.insert("balancer_state_evicted".to_string(), balancer.state_evictions());
         let ejected = balancer.ejected(std::time::Instant::now());
         all.insert("balancer_ejected_endpoints".to_string(), ejected as u64);
-        all.insert(
-            "hbone_fallback_plaintext".to_string(),
-            self.data.tunnel_fallbacks.load(Ordering::Relaxed),
-        );
-        all.insert(
-            "hbone_fallback_refused_strict".to_string(),
-            self.data.tunnel_fallbacks_refused.load(Ordering::Relaxed),
-        );
-        all.insert(
-            "self_connection_refused".to_string(),
-            self.data.loop_guard.refused.load(Ordering::Relaxed),
-        );
+        all.insert("hbone_fallback_plaintext".to_string(), self.data.tunnel_fallbacks.load(Ordering::Relaxed));
+        all.insert("hbone_fallback_refused_strict".to_string(), self.data.tunnel_fallbacks_refused.load(Ordering::Relaxed));
+        all.insert("self_connection_refused".to_string(), self.data.loop_guard.refused.load(Ordering::Relaxed));
         all.insert("http_mirrors_in_flight".to_string(), u64::from(self.data.l7.mirror_gate.in_flight()));
         all.insert("http_mirror_body_bytes".to_string(), self.data.l7.mirror_gate.body_bytes());
         all.insert("log_lines_suppressed".to_string(), crate::lograte::shared().suppressed());
@@ -526,29 +509,28 @@ fn tap(state: &AdminState, req: &Request<Incoming>) -> Response<UnsyncBoxBody<By
     let mut first = Vec::new();
     push_line(&mut first, &TapMessage::Subscribed { filter: sub.filter().clone() });
     // (subscription, first line still to send, drops already reported)
-    let stream =
-        futures_util::stream::unfold((sub, Some(first), 0u64), |(mut sub, first, reported)| async move {
-            if let Some(first) = first {
-                return Some((Ok::<_, Infallible>(Frame::data(Bytes::from(first))), (sub, None, reported)));
-            }
-            let mut buf = Vec::new();
-            match tokio::time::timeout(TAP_HEARTBEAT, sub.recv()).await {
-                Ok(Some(ev)) => {
+    let stream = futures_util::stream::unfold((sub, Some(first), 0u64), |(mut sub, first, reported)| async move {
+        if let Some(first) = first {
+            return Some((Ok::<_, Infallible>(Frame::data(Bytes::from(first))), (sub, None, reported)));
+        }
+        let mut buf = Vec::new();
+        match tokio::time::timeout(TAP_HEARTBEAT, sub.recv()).await {
+            Ok(Some(ev)) => {
+                push_line(&mut buf, &RequestLine { kind: "request", event: &ev });
+                for _ in 1..TAP_BATCH {
+                    let Some(ev) = sub.try_recv() else { break };
                     push_line(&mut buf, &RequestLine { kind: "request", event: &ev });
-                    for _ in 1..TAP_BATCH {
-                        let Some(ev) = sub.try_recv() else { break };
-                        push_line(&mut buf, &RequestLine { kind: "request", event: &ev });
-                    }
                 }
-                Ok(None) => return None,
-                Err(_) => push_line(&mut buf, &TapMessage::Heartbeat),
             }
-            let dropped = sub.dropped();
-            if dropped > reported {
-                push_line(&mut buf, &TapMessage::Dropped { dropped });
-            }
-            Some((Ok(Frame::data(Bytes::from(buf))), (sub, None, dropped)))
-        });
+            Ok(None) => return None,
+            Err(_) => push_line(&mut buf, &TapMessage::Heartbeat),
+        }
+        let dropped = sub.dropped();
+        if dropped > reported {
+            push_line(&mut buf, &TapMessage::Dropped { dropped });
+        }
+        Some((Ok(Frame::data(Bytes::from(buf))), (sub, None, dropped)))
+    });
     Response::builder()
         .header("content-type", "application/x-ndjson")
         .header("cache-control", "no-cache")
@@ -594,11 +576,10 @@ async fn cert_request(state: &AdminState, req: Request<Incoming>) -> Response<Fu
             let status = match &e {
                 IdentityError::Ca(ca) if ca.is_refusal() => StatusCode::FORBIDDEN,
                 IdentityError::Ca(crate::identity::CaError::Unauthenticated { .. }) => StatusCode::FORBIDDEN,
-                IdentityError::Ca(crate::identity::CaError::RateLimited { .. }) => {
-                    StatusCode::TOO_MANY_REQUESTS
+                IdentityError::Ca(crate::identity::CaError::RateLimited { .. }) => StatusCode::TOO_MANY_REQUESTS,
+                IdentityError::Ca(crate::identity::CaError::Unreachable { .. }) | IdentityError::CaTimeout { .. } => {
+                    StatusCode::SERVICE_UNAVAILABLE
                 }
-                IdentityError::Ca(crate::identity::CaError::Unreachable { .. })
-                | IdentityError::CaTimeout { .. } => StatusCode::SERVICE_UNAVAILABLE,
                 _ => StatusCode::BAD_GATEWAY,
             };
             let reason = e.to_string();

@@ -42,11 +42,11 @@ mod model;
 mod parse_worker;
 pub mod route;
 pub mod route_table;
+pub mod traffic;
+mod workload;
 mod snapshot;
 mod store;
-pub mod traffic;
 mod view;
-mod workload;
 
 #[cfg(test)]
 mod tests;
@@ -65,12 +65,12 @@ pub use model::{
     PodPhase, PodRef, Protocol, Service, ServicePort, StringMatch, TargetPort, MESH_ANNOTATION, MESH_ENABLED,
     PEER_AUTH_ANNOTATION, SERVICE_NAME_LABEL,
 };
+pub use workload::{workload_name, WorkloadInfo, UNKNOWN_WORKLOAD};
 pub use snapshot::{ManifestError, Model, ServiceTarget};
 pub use view::{
     AuthorizationPolicyView, EndpointSliceView, ErrorView, ModelView, NamespaceView, PodView, RouteView,
     ServiceEntryView, ServicePortView, ServiceView, TrafficPolicyView,
 };
-pub use workload::{workload_name, WorkloadInfo, UNKNOWN_WORKLOAD};
 
 /// Why a source could not start. (Problems inside manifest files are not errors of the
 /// source: they are reported in [`Model::errors`] and logged.)
@@ -105,9 +105,7 @@ impl SourceConfig {
         F: Fn(Arc<Model>) + Send + 'static,
     {
         Ok(match self {
-            SourceConfig::Manifests(dir) => {
-                SourceHandle::Manifests(ManifestDir::spawn(dir.clone(), publish)?)
-            }
+            SourceConfig::Manifests(dir) => SourceHandle::Manifests(ManifestDir::spawn(dir.clone(), publish)?),
             SourceConfig::Kubernetes(config) => {
                 SourceHandle::Kubernetes(KubeSource::spawn(config.clone(), node, publish)?)
             }

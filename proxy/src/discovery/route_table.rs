@@ -151,9 +151,7 @@ impl RouteTable {
 }
 
 /// Sort key of an HTTPRoute match: smaller sorts first (wins).
-fn http_rank(
-    m: &RouteMatch,
-) -> (u8, std::cmp::Reverse<usize>, bool, std::cmp::Reverse<usize>, std::cmp::Reverse<usize>) {
+fn http_rank(m: &RouteMatch) -> (u8, std::cmp::Reverse<usize>, bool, std::cmp::Reverse<usize>, std::cmp::Reverse<usize>) {
     let (class, len) = match &m.path {
         Some(PathMatch::Exact(v)) => (0, v.len()),
         Some(PathMatch::RegularExpression(r)) => (1, r.as_str().len()),
@@ -169,9 +167,7 @@ fn http_rank(
     )
 }
 
-fn grpc_rank(
-    m: &RouteMatch,
-) -> (std::cmp::Reverse<usize>, std::cmp::Reverse<usize>, std::cmp::Reverse<usize>) {
+fn grpc_rank(m: &RouteMatch) -> (std::cmp::Reverse<usize>, std::cmp::Reverse<usize>, std::cmp::Reverse<usize>) {
     let chars = |v: &Option<ValueMatch>| match v {
         Some(ValueMatch::Exact(s)) => s.len(),
         Some(ValueMatch::RegularExpression(r)) => r.as_str().len(),
@@ -276,8 +272,7 @@ fn grpc_method_matches(g: &GrpcMethodMatch, path: &str) -> bool {
     let Some((service, method)) = path.strip_prefix('/').and_then(|p| p.split_once('/')) else {
         return false;
     };
-    g.service.as_ref().is_none_or(|s| s.matches(service))
-        && g.method.as_ref().is_none_or(|m| m.matches(method))
+    g.service.as_ref().is_none_or(|s| s.matches(service)) && g.method.as_ref().is_none_or(|m| m.matches(method))
 }
 
 #[cfg(test)]
@@ -285,13 +280,7 @@ mod tests {
     use super::*;
     use crate::discovery::route::{BackendRef, HeaderMatch, Regex, RouteTimeouts};
 
-    fn route(
-        name: &str,
-        ns: &str,
-        created: Option<&str>,
-        kind: RouteKind,
-        rules: Vec<Vec<RouteMatch>>,
-    ) -> Arc<Route> {
+    fn route(name: &str, ns: &str, created: Option<&str>, kind: RouteKind, rules: Vec<Vec<RouteMatch>>) -> Arc<Route> {
         Arc::new(Route {
             kind,
             namespace: ns.into(),
@@ -332,23 +321,11 @@ mod tests {
         HeaderMatch { name: name.into(), value: v }
     }
 
-    fn req<'a>(
-        method: &'a Method,
-        path: &'a str,
-        query: Option<&'a str>,
-        headers: &'a HeaderMap,
-    ) -> RequestParts<'a> {
+    fn req<'a>(method: &'a Method, path: &'a str, query: Option<&'a str>, headers: &'a HeaderMap) -> RequestParts<'a> {
         RequestParts { method, path, query, headers }
     }
 
-    fn pick(
-        t: &RouteTable,
-        method: &Method,
-        p: &str,
-        q: Option<&str>,
-        h: &HeaderMap,
-        grpc: bool,
-    ) -> Option<(String, usize)> {
+    fn pick(t: &RouteTable, method: &Method, p: &str, q: Option<&str>, h: &HeaderMap, grpc: bool) -> Option<(String, usize)> {
         t.select(&req(method, p, q, h), grpc).map(|s| (s.route.name.clone(), s.rule_index))
     }
 
@@ -367,27 +344,9 @@ mod tests {
         let get = Method::GET;
         let h = HeaderMap::new();
         let t = RouteTable::build(&[
-            route(
-                "a-catch-all",
-                "ns",
-                Some("2024-01-01T00:00:00Z"),
-                RouteKind::Http,
-                vec![vec![prefix("/")]],
-            ),
-            route(
-                "b-prefix",
-                "ns",
-                Some("2025-01-01T00:00:00Z"),
-                RouteKind::Http,
-                vec![vec![prefix("/api")], vec![prefix("/api/v2")]],
-            ),
-            route(
-                "c-exact",
-                "ns",
-                None,
-                RouteKind::Http,
-                vec![vec![path(PathMatch::Exact("/api/v2/x".into()))]],
-            ),
+            route("a-catch-all", "ns", Some("2024-01-01T00:00:00Z"), RouteKind::Http, vec![vec![prefix("/")]]),
+            route("b-prefix", "ns", Some("2025-01-01T00:00:00Z"), RouteKind::Http, vec![vec![prefix("/api")], vec![prefix("/api/v2")]]),
+            route("c-exact", "ns", None, RouteKind::Http, vec![vec![path(PathMatch::Exact("/api/v2/x".into()))]]),
             route(
                 "d-method",
                 "ns",
@@ -430,12 +389,7 @@ mod tests {
                 RouteKind::Http,
                 vec![vec![RouteMatch {
                     headers: vec![
-                        header(
-                            "cookie",
-                            ValueMatch::RegularExpression(
-                                Regex::anchored("^(.*?;)?( ?user=test-user)(;.*)?$").unwrap(),
-                            ),
-                        ),
+                        header("cookie", ValueMatch::RegularExpression(Regex::anchored("^(.*?;)?( ?user=test-user)(;.*)?$").unwrap())),
                         hdr("x-user", "test"),
                     ],
                     ..prefix("/")
@@ -447,10 +401,7 @@ mod tests {
                 None,
                 RouteKind::Http,
                 vec![vec![RouteMatch {
-                    query_params: vec![HeaderMatch {
-                        name: "v".into(),
-                        value: ValueMatch::Exact("2 beta".into()),
-                    }],
+                    query_params: vec![HeaderMatch { name: "v".into(), value: ValueMatch::Exact("2 beta".into()) }],
                     ..prefix("/")
                 }]],
             ),
@@ -506,13 +457,7 @@ mod tests {
 
     #[test]
     fn no_match_is_none() {
-        let t = RouteTable::build(&[route(
-            "r",
-            "ns",
-            None,
-            RouteKind::Http,
-            vec![vec![path(PathMatch::Exact("/only".into()))]],
-        )]);
+        let t = RouteTable::build(&[route("r", "ns", None, RouteKind::Http, vec![vec![path(PathMatch::Exact("/only".into()))]])]);
         assert!(pick(&t, &Method::GET, "/else", None, &HeaderMap::new(), false).is_none());
     }
 }

@@ -79,11 +79,7 @@ pub trait CertificateAuthority: Send + Sync {
 
     /// What this CA is and where its trust bundle comes from, for `sluice status`.
     fn describe(&self) -> CaDescription {
-        CaDescription {
-            mode: "custom".into(),
-            trust_bundle_source: "the CA".into(),
-            ..CaDescription::default()
-        }
+        CaDescription { mode: "custom".into(), trust_bundle_source: "the CA".into(), ..CaDescription::default() }
     }
 
     /// The CA client's own counters (requests, refusals, ...), for `sluice status`.

@@ -183,8 +183,7 @@ impl CertificateAuthority for EmbeddedCa {
         CaDescription {
             mode: "embedded".into(),
             address: None,
-            trust_bundle_source: "the embedded CA's root (--ca-dir; this node holds the mesh root key)"
-                .into(),
+            trust_bundle_source: "the embedded CA's root (--ca-dir; this node holds the mesh root key)".into(),
             trust_bundle_loaded: None,
             trust_bundle_error: None,
         }

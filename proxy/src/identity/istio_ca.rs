@@ -76,8 +76,7 @@ mod tests {
 
     #[test]
     fn the_wire_format_matches_the_published_field_numbers() {
-        let req =
-            IstioCertificateRequest::impersonating("PEM".into(), 3600, "spiffe://cluster.local/ns/a/sa/b");
+        let req = IstioCertificateRequest::impersonating("PEM".into(), 3600, "spiffe://cluster.local/ns/a/sa/b");
         let bytes = req.encode_to_vec();
         // csr: field 1, length-delimited → tag byte 0x0a; validity_duration: field 3, varint →
         // 0x18; metadata: field 4, length-delimited → 0x22.

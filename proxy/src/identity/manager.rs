@@ -529,7 +529,8 @@ impl CertManager {
             // normal time only; a new bundle starts asking early again.
             sched.set_due(renewal);
             let why = format!(
-                "issued {} times in a row under {under}; not asking again before the normal renewal at {}: make                  the CA sign under the bundle's first root, or put the CA's root first in the bundle",
+                "issued {} times in a row under {under}; not asking again before the normal renewal at {}: make \
+                 the CA sign under the bundle's first root, or put the CA's root first in the bundle",
                 sched.misrooted,
                 x509::rfc3339(sched.due_wall)
             );

@@ -54,6 +54,7 @@ pub fn parse_retry_after(value: &str) -> Option<Duration> {
     let ms = value.trim().parse::<u64>().ok()?;
     Some(Duration::from_millis(ms).min(MAX_RETRY_AFTER))
 }
+
 /// A token file larger than this is refused (a JWT is a few KB).
 const MAX_TOKEN_BYTES: u64 = 64 * 1024;
 /// A CA answer larger than this is refused (a chain is a few KB).
@@ -367,7 +368,6 @@ impl CertificateAuthority for RemoteCa {
     }
 }
 
-/// The leaf must be a workload certificate naming exactly `identity`: one SAN, that URI.
 /// How much longer than asked a certificate may be valid: clock skew between the node and
 /// the CA, and a CA rounding its validity up. Beyond that the CA does not honour the node's
 /// lifetime, and the key is dropped rather than used.
@@ -401,6 +401,7 @@ pub fn check_lifetime(
     Ok(())
 }
 
+/// The leaf must be a workload certificate naming exactly `identity`: one SAN, that URI.
 fn check_leaf_names(leaf: &CertificateDer<'_>, identity: &SpiffeId) -> Result<(), String> {
     let cert = x509::parse(leaf).map_err(|e| e.to_string())?;
     if cert.is_ca() {

@@ -44,10 +44,7 @@ where
     type Data = Bytes;
     type Error = BoxError;
 
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.project();
         if let Poll::Ready(frame) = this.inner.poll_frame(cx) {
             return Poll::Ready(frame.map(|r| r.map_err(Into::into)));
@@ -90,10 +87,7 @@ where
     type Data = Bytes;
     type Error = B::Error;
 
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         let this = self.project();
         let r = this.inner.poll_frame(cx);
         if let Poll::Ready(None) | Poll::Ready(Some(Err(_))) = &r {
@@ -165,10 +159,7 @@ where
     type Data = Bytes;
     type Error = B::Error;
 
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         let mut this = self.project();
         let r = this.inner.as_mut().poll_frame(cx);
         match &r {
@@ -215,10 +206,7 @@ mod tests {
 
     #[tokio::test]
     async fn tee_copies_small_bodies_and_gives_up_on_large_ones() {
-        let frames = vec![
-            Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from("ab"))),
-            Ok(Frame::data(Bytes::from("cd"))),
-        ];
+        let frames = vec![Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from("ab"))), Ok(Frame::data(Bytes::from("cd")))];
         let (tee, copy) = Tee::new(StreamBody::new(futures_util::stream::iter(frames)), 10);
         assert_eq!(tee.collect().await.unwrap().to_bytes(), "abcd");
         assert_eq!(copy.await.unwrap(), "abcd");
@@ -233,9 +221,7 @@ mod tests {
 
     #[tokio::test]
     async fn deadline_fails_a_slow_body() {
-        let slow = StreamBody::new(futures_util::stream::pending::<
-            Result<Frame<Bytes>, std::convert::Infallible>,
-        >());
+        let slow = StreamBody::new(futures_util::stream::pending::<Result<Frame<Bytes>, std::convert::Infallible>>());
         let limit = Duration::from_millis(20);
         let body = Deadline::new(slow, tokio::time::Instant::now() + limit, limit);
         let err = body.collect().await.err().expect("the deadline fails the body");

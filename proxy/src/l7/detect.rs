@@ -161,50 +161,11 @@ enum Verdict {
 /// that happen to start with an upper-case word (`HELLO x`, an inline Redis `SET k v`) opaque;
 /// on a port pinned to HTTP, anything else still goes to the HTTP parser, which answers 400.
 const METHODS: &[&[u8]] = &[
-    b"ACL",
-    b"BASELINE-CONTROL",
-    b"BIND",
-    b"CHECKIN",
-    b"CHECKOUT",
-    b"CONNECT",
-    b"COPY",
-    b"DELETE",
-    b"GET",
-    b"HEAD",
-    b"LABEL",
-    b"LINK",
-    b"LOCK",
-    b"M-SEARCH",
-    b"MERGE",
-    b"MKACTIVITY",
-    b"MKCALENDAR",
-    b"MKCOL",
-    b"MKREDIRECTREF",
-    b"MKWORKSPACE",
-    b"MOVE",
-    b"NOTIFY",
-    b"OPTIONS",
-    b"ORDERPATCH",
-    b"PATCH",
-    b"POST",
-    b"PRI",
-    b"PROPFIND",
-    b"PROPPATCH",
-    b"PURGE",
-    b"PUT",
-    b"QUERY",
-    b"REBIND",
-    b"REPORT",
-    b"SEARCH",
-    b"SUBSCRIBE",
-    b"TRACE",
-    b"UNBIND",
-    b"UNCHECKOUT",
-    b"UNLINK",
-    b"UNLOCK",
-    b"UNSUBSCRIBE",
-    b"UPDATE",
-    b"UPDATEREDIRECTREF",
+    b"ACL", b"BASELINE-CONTROL", b"BIND", b"CHECKIN", b"CHECKOUT", b"CONNECT", b"COPY", b"DELETE", b"GET",
+    b"HEAD", b"LABEL", b"LINK", b"LOCK", b"M-SEARCH", b"MERGE", b"MKACTIVITY", b"MKCALENDAR", b"MKCOL",
+    b"MKREDIRECTREF", b"MKWORKSPACE", b"MOVE", b"NOTIFY", b"OPTIONS", b"ORDERPATCH", b"PATCH", b"POST", b"PRI",
+    b"PROPFIND", b"PROPPATCH", b"PURGE", b"PUT", b"QUERY", b"REBIND", b"REPORT", b"SEARCH", b"SUBSCRIBE",
+    b"TRACE", b"UNBIND", b"UNCHECKOUT", b"UNLINK", b"UNLOCK", b"UNSUBSCRIBE", b"UPDATE", b"UPDATEREDIRECTREF",
     b"VERSION-CONTROL",
 ];
 
@@ -223,11 +184,7 @@ fn classify(b: &[u8]) -> Verdict {
         match c {
             b'A'..=b'Z' | b'-' | b'_' => {}
             b' ' if i > 0 => {
-                return if METHODS.binary_search(&&b[..i]).is_ok() {
-                    Verdict::Is(Protocol::Http1)
-                } else {
-                    Verdict::NotHttp
-                }
+                return if METHODS.binary_search(&&b[..i]).is_ok() { Verdict::Is(Protocol::Http1) } else { Verdict::NotHttp }
             }
             _ => return Verdict::NotHttp,
         }

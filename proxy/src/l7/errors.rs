@@ -62,20 +62,18 @@ impl ProxyError {
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
             ProxyError::BadBackend(_) => StatusCode::INTERNAL_SERVER_ERROR,
             ProxyError::NoEndpoints(_) | ProxyError::NoCertificate(_) => StatusCode::SERVICE_UNAVAILABLE,
-            ProxyError::Upstream(UpstreamError::Overflow(_)) | ProxyError::Overflow(_) => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            ProxyError::Upstream(UpstreamError::Overflow(_)) | ProxyError::Overflow(_) => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Upstream(UpstreamError::StrictNoTunnel { .. }) => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Upstream(_)
             | ProxyError::EgressBlocked(..)
             | ProxyError::SelfConnection(_)
-            | ProxyError::UpstreamProtocol(_) => StatusCode::BAD_GATEWAY,
+            | ProxyError::UpstreamProtocol(_) => {
+                StatusCode::BAD_GATEWAY
+            }
             ProxyError::RateLimited { status, .. } => {
                 StatusCode::from_u16(*status).unwrap_or(StatusCode::TOO_MANY_REQUESTS)
             }
-            ProxyError::FaultAbort { http, .. } => {
-                StatusCode::from_u16(*http).unwrap_or(StatusCode::SERVICE_UNAVAILABLE)
-            }
+            ProxyError::FaultAbort { http, .. } => StatusCode::from_u16(*http).unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
             ProxyError::RequestTimeout(_) | ProxyError::BackendTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::Unsupported(_) => StatusCode::NOT_IMPLEMENTED,
         }
@@ -108,13 +106,13 @@ impl ProxyError {
     fn grpc_status(&self) -> u16 {
         match self {
             ProxyError::NoRoute | ProxyError::Unsupported(_) => 12, // UNIMPLEMENTED
-            ProxyError::BadBackend(_) => 13,                        // INTERNAL
+            ProxyError::BadBackend(_) => 13,                       // INTERNAL
             ProxyError::NoEndpoints(_)
             | ProxyError::Upstream(_)
             | ProxyError::UpstreamProtocol(_)
             | ProxyError::NoCertificate(_) => 14, // UNAVAILABLE
             ProxyError::RequestTimeout(_) | ProxyError::BackendTimeout(_) => 4, // DEADLINE_EXCEEDED
-            ProxyError::RateLimited { .. } => 8,                    // RESOURCE_EXHAUSTED
+            ProxyError::RateLimited { .. } => 8,                                 // RESOURCE_EXHAUSTED
             ProxyError::Overflow(_) => 14,
             ProxyError::EgressBlocked(..) | ProxyError::SelfConnection(_) => 7, // PERMISSION_DENIED
             ProxyError::FaultAbort { grpc: Some(code), .. } => *code,
@@ -171,12 +169,12 @@ pub const OVERFLOW_HEADER: &str = "x-sluice-overflow";
 /// The gRPC status gRPC's HTTP mapping gives an HTTP status (grpc/doc/http-grpc-status-mapping.md).
 fn grpc_status_of_http(status: u16) -> u16 {
     match status {
-        400 => 13,             // INTERNAL
-        401 => 16,             // UNAUTHENTICATED
-        403 => 7,              // PERMISSION_DENIED
-        404 => 12,             // UNIMPLEMENTED
+        400 => 13, // INTERNAL
+        401 => 16, // UNAUTHENTICATED
+        403 => 7,  // PERMISSION_DENIED
+        404 => 12, // UNIMPLEMENTED
         429 | 502..=504 => 14, // UNAVAILABLE
-        _ => 2,                // UNKNOWN
+        _ => 2,    // UNKNOWN
     }
 }
 

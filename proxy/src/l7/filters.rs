@@ -1,9 +1,7 @@
 //! Gateway API filters applied to a request head or a response head: header modifiers, URL
 //! rewrites and redirects. (RequestMirror is in [`super::mirror`]: it sends a request.)
 
-use http::{
-    header, request, uri::PathAndQuery, HeaderMap, HeaderName, HeaderValue, Response, StatusCode, Uri,
-};
+use http::{header, request, uri::PathAndQuery, HeaderMap, HeaderName, HeaderValue, Response, StatusCode, Uri};
 
 use super::{empty_body, upstream::Wire, Body};
 use crate::discovery::{
@@ -66,11 +64,7 @@ pub fn modified_path(path: &str, modifier: &PathModifier, matched: &RouteMatch) 
                 return path.to_owned();
             };
             let prefix = trim_prefix(prefix);
-            let rest = if prefix == "/" {
-                path.strip_prefix('/').map_or(path, |r| r)
-            } else {
-                path.strip_prefix(prefix).unwrap_or(path)
-            };
+            let rest = if prefix == "/" { path.strip_prefix('/').map_or(path, |r| r) } else { path.strip_prefix(prefix).unwrap_or(path) };
             let replacement = trim_prefix(replacement);
             match (replacement == "/", rest.is_empty()) {
                 (true, true) => "/".to_owned(),
@@ -108,22 +102,10 @@ pub fn rewrite(parts: &mut request::Parts, rw: &UrlRewrite, matched: &RouteMatch
 
 /// RequestRedirect: the response sluice sends instead of forwarding. `service_port` is the
 /// port the client dialled, which the Location keeps unless the filter says otherwise.
-pub fn redirect(
-    parts: &request::Parts,
-    rd: &RequestRedirect,
-    matched: &RouteMatch,
-    service_port: u16,
-) -> Response<Body> {
-    let scheme = rd
-        .scheme
-        .clone()
-        .or_else(|| parts.uri.scheme_str().map(str::to_owned))
-        .unwrap_or_else(|| "http".into());
+pub fn redirect(parts: &request::Parts, rd: &RequestRedirect, matched: &RouteMatch, service_port: u16) -> Response<Body> {
+    let scheme = rd.scheme.clone().or_else(|| parts.uri.scheme_str().map(str::to_owned)).unwrap_or_else(|| "http".into());
     // Without its port: the port is decided below.
-    let host = rd
-        .hostname
-        .clone()
-        .unwrap_or_else(|| strip_port(&request_host(parts).unwrap_or_default()).to_owned());
+    let host = rd.hostname.clone().unwrap_or_else(|| strip_port(&request_host(parts).unwrap_or_default()).to_owned());
     // The spec: an explicit port; else the scheme's well-known port if the filter sets a
     // scheme; else the port the request came to. 80 for http and 443 for https are omitted.
     let port = rd.port.unwrap_or(match rd.scheme.as_deref() {
@@ -215,10 +197,7 @@ mod tests {
         let mut p = parts("/old/x?q=1", "reviews:9080");
         rewrite(
             &mut p,
-            &UrlRewrite {
-                hostname: Some("reviews.internal".into()),
-                path: Some(PathModifier::ReplacePrefixMatch("/new".into())),
-            },
+            &UrlRewrite { hostname: Some("reviews.internal".into()), path: Some(PathModifier::ReplacePrefixMatch("/new".into())) },
             &prefix("/old"),
             Wire::Http1,
         );
@@ -248,13 +227,7 @@ mod tests {
         let r = redirect(&p, &rd(None, None, None), &prefix("/old"), 9080);
         assert_eq!(r.status(), 301);
         assert_eq!(loc(&r), "http://reviews:9080/new/x?q=1");
-        assert_eq!(
-            loc(&redirect(&p, &rd(Some("https"), Some("example.com"), None), &prefix("/old"), 9080)),
-            "https://example.com/new/x?q=1"
-        );
-        assert_eq!(
-            loc(&redirect(&p, &rd(None, None, Some(80)), &prefix("/old"), 9080)),
-            "http://reviews/new/x?q=1"
-        );
+        assert_eq!(loc(&redirect(&p, &rd(Some("https"), Some("example.com"), None), &prefix("/old"), 9080)), "https://example.com/new/x?q=1");
+        assert_eq!(loc(&redirect(&p, &rd(None, None, Some(80)), &prefix("/old"), 9080)), "http://reviews/new/x?q=1");
     }
 }

@@ -73,20 +73,8 @@ pub async fn serve(stream: TunnelIo, app: TcpStream, protocol: Protocol, ctx: Ar
     });
     let io = TokioIo::new(stream);
     let result = match protocol {
-        Protocol::Http2 => {
-            http2::Builder::new(TokioExecutor::new())
-                .timer(TokioTimer::new())
-                .serve_connection(io, service)
-                .await
-        }
-        _ => {
-            http1::Builder::new()
-                .timer(TokioTimer::new())
-                .half_close(true)
-                .serve_connection(io, service)
-                .with_upgrades()
-                .await
-        }
+        Protocol::Http2 => http2::Builder::new(TokioExecutor::new()).timer(TokioTimer::new()).serve_connection(io, service).await,
+        _ => http1::Builder::new().timer(TokioTimer::new()).half_close(true).serve_connection(io, service).with_upgrades().await,
     };
     if let Err(e) = result {
         debug!(pod = %ctx.pod.key, peer = %ctx.peer, error = %e, "inbound HTTP stream ended with an error");
@@ -97,8 +85,7 @@ async fn handshake(app: TcpStream, protocol: Protocol) -> Result<AppSender, hype
     let io = TokioIo::new(app);
     Ok(match protocol {
         Protocol::Http2 => {
-            let (sender, conn) =
-                client2::Builder::new(TokioExecutor::new()).timer(TokioTimer::new()).handshake(io).await?;
+            let (sender, conn) = client2::Builder::new(TokioExecutor::new()).timer(TokioTimer::new()).handshake(io).await?;
             tokio::spawn(async move {
                 let _ = conn.await;
             });
@@ -115,11 +102,7 @@ async fn handshake(app: TcpStream, protocol: Protocol) -> Result<AppSender, hype
 }
 
 async fn handle(req: Request<Incoming>, ctx: Arc<InboundStream>, sender: &AppSender) -> Response<Body> {
-    let grpc = req
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("application/grpc"));
+    let grpc = req.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|v| v.starts_with("application/grpc"));
     let (mut parts, body) = req.into_parts();
     let span = ctx.telemetry.start_span(Reporter::Destination, &mut parts.headers);
     let authority = super::filters::request_host(&parts).unwrap_or_default();
@@ -177,10 +160,7 @@ async fn handle(req: Request<Incoming>, ctx: Arc<InboundStream>, sender: &AppSen
     let mut resp = match result {
         Ok(r) => r,
         Err(e) => {
-            let err = ProxyError::Upstream(super::upstream::UpstreamError::Request {
-                endpoint: ctx.target,
-                source: e,
-            });
+            let err = ProxyError::Upstream(super::upstream::UpstreamError::Request { endpoint: ctx.target, source: e });
             obs.flags = err.flag();
             let resp = err.into_response(grpc);
             obs.status = resp.status().as_u16();
@@ -219,13 +199,7 @@ async fn handle(req: Request<Incoming>, ctx: Arc<InboundStream>, sender: &AppSen
 /// The Service a request arriving at an endpoint was for: named by its authority (a cluster
 /// DNS name or the ClusterIP), else the only Service with that endpoint.
 fn service_of(model: &Model, authority: &str, endpoint: SocketAddr) -> Option<Arc<Service>> {
-    let host = authority.rsplit_once(':').map_or(authority, |(h, p)| {
-        if p.bytes().all(|b| b.is_ascii_digit()) {
-            h
-        } else {
-            authority
-        }
-    });
+    let host = authority.rsplit_once(':').map_or(authority, |(h, p)| if p.bytes().all(|b| b.is_ascii_digit()) { h } else { authority });
     if let Ok(ip) = host.parse() {
         let port = authority.rsplit_once(':').and_then(|(_, p)| p.parse().ok()).unwrap_or(80);
         if let Some(t) = model.service_for(ip, port) {

@@ -120,10 +120,7 @@ struct Window {
 
 impl Budget {
     pub fn new(cfg: &RetryBudget) -> Self {
-        Self {
-            cfg: *cfg,
-            window: Mutex::new(Window { slots: [(0, 0, 0); BUDGET_WINDOW], origin: Instant::now() }),
-        }
+        Self { cfg: *cfg, window: Mutex::new(Window { slots: [(0, 0, 0); BUDGET_WINDOW], origin: Instant::now() }) }
     }
 
     /// Records one request (a first try).
@@ -321,12 +318,7 @@ mod tests {
     use super::*;
 
     fn rl(max: u32, per_fill: u32, ms: u64) -> LocalRateLimit {
-        LocalRateLimit {
-            max_tokens: max,
-            tokens_per_fill: per_fill,
-            fill_interval: Duration::from_millis(ms),
-            status: 429,
-        }
+        LocalRateLimit { max_tokens: max, tokens_per_fill: per_fill, fill_interval: Duration::from_millis(ms), status: 429 }
     }
 
     #[test]

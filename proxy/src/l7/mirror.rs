@@ -87,9 +87,7 @@ impl MirrorGate {
         }
         let reserved = self
             .body_bytes
-            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| {
-                (n + bytes <= MAX_BODY_BYTES).then_some(n + bytes)
-            })
+            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| (n + bytes <= MAX_BODY_BYTES).then_some(n + bytes))
             .is_ok();
         if !reserved {
             self.per_pod.give(&pod);
@@ -137,11 +135,7 @@ pub struct MirrorTarget {
 
 /// Resolves a mirror filter's backend to an endpoint, or `None` (counted) if it has none or
 /// this request is not in the filter's fraction.
-pub fn resolve(
-    ctx: &ConnCtx,
-    model: &Model,
-    mirror: &crate::discovery::route::RequestMirror,
-) -> Option<MirrorTarget> {
+pub fn resolve(ctx: &ConnCtx, model: &Model, mirror: &crate::discovery::route::RequestMirror) -> Option<MirrorTarget> {
     if fastrand::f64() >= mirror.fraction.0 {
         return None;
     }
@@ -166,11 +160,7 @@ pub fn resolve(
         inflight.failed();
         return None;
     }
-    Some(MirrorTarget {
-        endpoint,
-        mesh_peer: l4::mesh_identity(model, endpoint, &ctx.dp.trust_domain),
-        inflight,
-    })
+    Some(MirrorTarget { endpoint, mesh_peer: l4::mesh_identity(model, endpoint, &ctx.dp.trust_domain), inflight })
 }
 
 /// Mirrors the request to every target, if the bounds allow: returns the body to send
@@ -340,10 +330,7 @@ mod tests {
         type Data = Bytes;
         type Error = std::convert::Infallible;
 
-        fn poll_frame(
-            mut self: Pin<&mut Self>,
-            _: &mut Context<'_>,
-        ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        fn poll_frame(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
             self.0 += 1;
             Poll::Ready(Some(Ok(Frame::data(Bytes::from(vec![0u8; 16 * 1024])))))
         }

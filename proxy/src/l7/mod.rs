@@ -127,19 +127,13 @@ pub struct L7 {
 impl L7 {
     /// The TLS settings to originate TLS to `sni` with the trust anchors of the policy `key`
     /// (PEM), or the system's roots. Only reads configurations the control path built.
-    pub fn tls_target(
-        &self,
-        key: &str,
-        sni: &str,
-        ca_pem: Option<&str>,
-    ) -> Result<upstream::TlsTarget, errors::ProxyError> {
+    pub fn tls_target(&self, key: &str, sni: &str, ca_pem: Option<&str>) -> Result<upstream::TlsTarget, errors::ProxyError> {
         let config = self
             .tls_origin
             .config(key, ca_pem)
             .map_err(|e| errors::ProxyError::BadBackend(format!("TLS origination ({key}): {e}")))?;
-        let server_name = rustls_pki_types::ServerName::try_from(sni.to_owned()).map_err(|e| {
-            errors::ProxyError::BadBackend(format!("TLS origination: {sni:?} is not a server name: {e}"))
-        })?;
+        let server_name = rustls_pki_types::ServerName::try_from(sni.to_owned())
+            .map_err(|e| errors::ProxyError::BadBackend(format!("TLS origination: {sni:?} is not a server name: {e}")))?;
         Ok(upstream::TlsTarget { config, server_name, sni: sni.into() })
     }
 

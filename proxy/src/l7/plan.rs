@@ -9,7 +9,11 @@
 //! client dialled, else the backend Service; destination-level behaviour (circuit breaker,
 //! outlier detection, connect timeout, TLS origination) from the backend the request goes to.
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    net::SocketAddr,
+    sync::Arc,
+    time::Duration,
+};
 
 use http::{request, Response};
 
@@ -25,8 +29,8 @@ use crate::discovery::{
     route::{BackendRef, Filter, HeaderModifier, RouteRetry},
     route_table::{RequestParts, Selected},
     traffic::{
-        CircuitBreaker, OutboundPolicy, OutlierDetection, Resolution, RetryBudget, RetryOn, RetryPolicy,
-        ServiceEntry, ServiceEntryPort, TrafficPolicy,
+        CircuitBreaker, OutboundPolicy, OutlierDetection, Resolution, RetryBudget, RetryOn, RetryPolicy, ServiceEntry,
+        ServiceEntryPort, TrafficPolicy,
     },
     AddressType, Model,
 };
@@ -47,11 +51,7 @@ pub enum Endpoints {
     Known(Arc<[SocketAddr]>),
     /// A DNS ServiceEntry: resolve `host` (port `port`) when sending. `service_entry`
     /// ("namespace/name") is what the lookup is counted against, with the source pod.
-    Dns {
-        host: String,
-        port: u16,
-        service_entry: Arc<str>,
-    },
+    Dns { host: String, port: u16, service_entry: Arc<str> },
 }
 
 /// The plan for one request.
@@ -107,9 +107,7 @@ impl Plan {
 
     /// Applies request-level settings from the first policy that has each.
     fn with_request_policies(mut self, policies: &[Option<&Arc<TrafficPolicy>>]) -> Plan {
-        let first = |f: &dyn Fn(&TrafficPolicy) -> bool| {
-            policies.iter().flatten().find(|p| f(p)).map(|p| (*p).clone())
-        };
+        let first = |f: &dyn Fn(&TrafficPolicy) -> bool| policies.iter().flatten().find(|p| f(p)).map(|p| (*p).clone());
         if self.retry.is_none() {
             self.retry = first(&|p| p.retries.is_some()).and_then(|p| p.retries.clone());
         }
@@ -132,20 +130,13 @@ pub enum Decision {
 
 /// Routes the request. Filters that change the request (headers, rewrite) are applied to
 /// `parts` here.
-pub fn decide(
-    model: &Model,
-    ctx: &ConnCtx,
-    parts: &mut request::Parts,
-    grpc: bool,
-) -> Result<Decision, ProxyError> {
+pub fn decide(model: &Model, ctx: &ConnCtx, parts: &mut request::Parts, grpc: bool) -> Result<Decision, ProxyError> {
     let Some(svc) = model.service_for(ctx.orig.ip(), ctx.orig.port()) else {
         return outside(model, ctx, parts).map(Decision::Forward);
     };
     let port = svc.port().port;
-    let dialled_policy =
-        model.traffic_policy_for_service(svc.namespace(), svc.name(), svc.port().name.as_deref());
-    let table =
-        model.port_routes(svc.namespace(), svc.name(), port).and_then(|r| r.for_client(&ctx.pod.namespace));
+    let dialled_policy = model.traffic_policy_for_service(svc.namespace(), svc.name(), svc.port().name.as_deref());
+    let table = model.port_routes(svc.namespace(), svc.name(), port).and_then(|r| r.for_client(&ctx.pod.namespace));
     let Some(table) = table else {
         // No route: the Service's own endpoints.
         let plan = Plan::simple(
@@ -153,22 +144,13 @@ pub fn decide(
             svc.endpoints().clone(),
             balance_key(svc.namespace(), svc.name(), port),
         );
-        return Ok(Decision::Forward(
-            plan.with_request_policies(&[dialled_policy]).with_destination(dialled_policy),
-        ));
+        return Ok(Decision::Forward(plan.with_request_policies(&[dialled_policy]).with_destination(dialled_policy)));
     };
-    let request = RequestParts {
-        method: &parts.method,
-        path: parts.uri.path(),
-        query: parts.uri.query(),
-        headers: &parts.headers,
-    };
+    let request = RequestParts { method: &parts.method, path: parts.uri.path(), query: parts.uri.query(), headers: &parts.headers };
     let sel = table.select(&request, grpc).ok_or(ProxyError::NoRoute)?;
     let mut response_filters = Vec::new();
     let mut mirrors = Vec::new();
-    if let Some(resp) =
-        apply_filters(&sel.rule.filters, sel, ctx, model, parts, port, &mut response_filters, &mut mirrors)
-    {
+    if let Some(resp) = apply_filters(&sel.rule.filters, sel, ctx, model, parts, port, &mut response_filters, &mut mirrors) {
         return Ok(Decision::Respond(resp, response_filters));
     }
     let backend = pick_backend(&sel.rule.backends).ok_or_else(|| {
@@ -182,26 +164,20 @@ pub fn decide(
     if let Some(why) = &backend.invalid {
         return Err(ProxyError::BadBackend(format!("backend {}/{}: {why}", backend.namespace, backend.name)));
     }
-    let target = backend
-        .port
-        .and_then(|p| model.service_port(&backend.namespace, &backend.name, p))
-        .ok_or_else(|| {
-            ProxyError::BadBackend(format!(
-                "backend Service {}/{} port {} does not exist",
-                backend.namespace,
-                backend.name,
-                backend.port.map_or("?".into(), |p| p.to_string())
-            ))
-        })?;
-    if let Some(resp) =
-        apply_filters(&backend.filters, sel, ctx, model, parts, port, &mut response_filters, &mut mirrors)
-    {
+    let target = backend.port.and_then(|p| model.service_port(&backend.namespace, &backend.name, p)).ok_or_else(|| {
+        ProxyError::BadBackend(format!(
+            "backend Service {}/{} port {} does not exist",
+            backend.namespace,
+            backend.name,
+            backend.port.map_or("?".into(), |p| p.to_string())
+        ))
+    })?;
+    if let Some(resp) = apply_filters(&backend.filters, sel, ctx, model, parts, port, &mut response_filters, &mut mirrors) {
         return Ok(Decision::Respond(resp, response_filters));
     }
     let bport = target.port().port;
     let route_policy = model.traffic_policy_for_route(sel.route.kind, &sel.route.namespace, &sel.route.name);
-    let backend_policy =
-        model.traffic_policy_for_service(&backend.namespace, &backend.name, target.port().name.as_deref());
+    let backend_policy = model.traffic_policy_for_service(&backend.namespace, &backend.name, target.port().name.as_deref());
     let mut plan = Plan::simple(
         format!("{}/{}:{bport}", backend.namespace, backend.name),
         // The family the client dialled, if the backend has it (see "Dual stack" in the
@@ -215,11 +191,9 @@ pub fn decide(
     plan.mirrors = mirrors;
     // A route policy's retries win over the route's own `retry` field, which wins over the
     // Services' policies.
-    plan.retry =
-        route_policy.and_then(|p| p.retries.clone()).or_else(|| sel.rule.retry.as_ref().map(route_retry));
+    plan.retry = route_policy.and_then(|p| p.retries.clone()).or_else(|| sel.rule.retry.as_ref().map(route_retry));
     Ok(Decision::Forward(
-        plan.with_request_policies(&[route_policy, dialled_policy, backend_policy])
-            .with_destination(backend_policy),
+        plan.with_request_policies(&[route_policy, dialled_policy, backend_policy]).with_destination(backend_policy),
     ))
 }
 
@@ -284,9 +258,7 @@ fn service_entry_plan(
         .map(|h| h.split(':').next().unwrap_or(h).to_ascii_lowercase())
         .or_else(|| entry.hosts.iter().find(|h| !h.starts_with('*')).cloned());
     let endpoints = match entry.resolution {
-        Resolution::None => {
-            Endpoints::Known(Arc::from([SocketAddr::new(ctx.orig.ip(), target_port)].as_slice()))
-        }
+        Resolution::None => Endpoints::Known(Arc::from([SocketAddr::new(ctx.orig.ip(), target_port)].as_slice())),
         Resolution::Static => {
             let eps: Vec<SocketAddr> = entry
                 .endpoints
@@ -307,12 +279,7 @@ fn service_entry_plan(
                     port: target_port,
                     service_entry: format!("{}/{}", entry.namespace, entry.name).into(),
                 },
-                None => {
-                    return Err(ProxyError::BadBackend(format!(
-                        "ServiceEntry {}/{} has no host to resolve",
-                        entry.namespace, entry.name
-                    )))
-                }
+                None => return Err(ProxyError::BadBackend(format!("ServiceEntry {}/{} has no host to resolve", entry.namespace, entry.name))),
             }
         }
     };
@@ -322,16 +289,9 @@ fn service_entry_plan(
     if let Some(tls) = policy.and_then(|p| p.tls.as_ref().map(|t| (p, t))) {
         let (p, t) = tls;
         let sni = t.sni.clone().or(host).ok_or_else(|| {
-            ProxyError::BadBackend(format!(
-                "TLS origination for ServiceEntry {}/{} needs an SNI",
-                entry.namespace, entry.name
-            ))
+            ProxyError::BadBackend(format!("TLS origination for ServiceEntry {}/{} needs an SNI", entry.namespace, entry.name))
         })?;
-        plan.tls = Some(ctx.dp.l7.tls_target(
-            &format!("{}/{}", p.namespace, p.name),
-            &sni,
-            t.ca_certificates.as_deref(),
-        )?);
+        plan.tls = Some(ctx.dp.l7.tls_target(&format!("{}/{}", p.namespace, p.name), &sni, t.ca_certificates.as_deref())?);
     }
     Ok(plan)
 }
@@ -353,9 +313,7 @@ fn apply_filters(
             Filter::RequestHeaderModifier(m) => filters::modify_headers(&mut parts.headers, m),
             Filter::ResponseHeaderModifier(m) => response_filters.push(m.clone()),
             Filter::UrlRewrite(rw) => filters::rewrite(parts, rw, sel.matched, ctx.wire),
-            Filter::RequestRedirect(rd) => {
-                return Some(filters::redirect(parts, rd, sel.matched, service_port))
-            }
+            Filter::RequestRedirect(rd) => return Some(filters::redirect(parts, rd, sel.matched, service_port)),
             Filter::RequestMirror(m) => mirrors.extend(mirror::resolve(ctx, model, m)),
         }
     }
@@ -381,7 +339,5 @@ fn pick_backend(backends: &[BackendRef]) -> Option<&BackendRef> {
 
 /// Whether a fault-injection header match holds for the request.
 pub fn fault_applies(matches: &[(String, String)], headers: &http::HeaderMap) -> bool {
-    matches
-        .iter()
-        .all(|(name, value)| headers.get_all(name.as_str()).iter().any(|v| v.as_bytes() == value.as_bytes()))
+    matches.iter().all(|(name, value)| headers.get_all(name.as_str()).iter().any(|v| v.as_bytes() == value.as_bytes()))
 }

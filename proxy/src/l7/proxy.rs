@@ -18,8 +18,8 @@ use std::{
 
 use bytes::Bytes;
 use http::{
-    header, request, uri::PathAndQuery, HeaderMap, HeaderName, HeaderValue, Method, Request, Response,
-    StatusCode, Uri, Version,
+    header, request, uri::PathAndQuery, HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri,
+    Version,
 };
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
@@ -147,20 +147,12 @@ pub async fn handle(req: Request<Incoming>, ctx: Arc<ConnCtx>) -> Result<Respons
     {
         let model = ctx.dp.model.load();
         let dst_ns = obs.destination.workload.as_ref().map(|w| w.namespace.clone());
-        obs.access_log = crate::telemetry::access_log_wanted(
-            &model,
-            &[&ctx.pod.namespace, dst_ns.as_deref().unwrap_or("")],
-        );
+        obs.access_log = crate::telemetry::access_log_wanted(&model, &[&ctx.pod.namespace, dst_ns.as_deref().unwrap_or("")]);
     }
     Ok(resp.map(|b| Observed::new(b, obs).boxed()))
 }
 
-async fn forward(
-    req: Request<Body>,
-    ctx: &Arc<ConnCtx>,
-    grpc: bool,
-    obs: &mut Observation,
-) -> Result<Response<Body>, ProxyError> {
+async fn forward(req: Request<Body>, ctx: &Arc<ConnCtx>, grpc: bool, obs: &mut Observation) -> Result<Response<Body>, ProxyError> {
     let started = tokio::time::Instant::now();
     let l7 = &ctx.dp.l7;
     // One pod's requests in flight are bounded: it cannot take the node proxy from the others.
@@ -246,11 +238,7 @@ async fn forward(
         };
         let mesh_peer = {
             let model = ctx.dp.model.load();
-            obs.destination = PeerInfo {
-                workload: model.workload_by_ip(endpoint.ip()).cloned(),
-                principal: None,
-                addr: Some(endpoint),
-            };
+            obs.destination = PeerInfo { workload: model.workload_by_ip(endpoint.ip()).cloned(), principal: None, addr: Some(endpoint) };
             l4::mesh_identity(&model, endpoint, &ctx.dp.trust_domain)
         };
         // A pod enrolled before its identity's certificate came: a mesh destination needs it.
@@ -274,8 +262,7 @@ async fn forward(
             tls: plan.tls.clone(),
             connect_timeout: plan.connect_timeout.unwrap_or(ctx.dp.connect_timeout),
         };
-        let attempt_deadline = match (deadline, plan.attempt_timeout.map(|t| tokio::time::Instant::now() + t))
-        {
+        let attempt_deadline = match (deadline, plan.attempt_timeout.map(|t| tokio::time::Instant::now() + t)) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
@@ -357,9 +344,7 @@ async fn forward(
                 if let Some(r) = retry {
                     // A request that never left sluice goes again as it is.
                     let unsent = request.is_some();
-                    if retryable_error(&error, r)
-                        && retry_allowed(retry, attempt, &budget, &mut replay, !unsent, ctx, &breaker)
-                    {
+                    if retryable_error(&error, r) && retry_allowed(retry, attempt, &budget, &mut replay, !unsent, ctx, &breaker) {
                         debug!(pod = %ctx.pod.key, %endpoint, error = %error, attempt, "retrying");
                         pending_req = request;
                         attempt += 1;
@@ -375,12 +360,7 @@ async fn forward(
 }
 
 /// Local rate limit and fault injection, before anything is sent.
-async fn apply_request_policy(
-    plan: &Plan,
-    ctx: &ConnCtx,
-    parts: &request::Parts,
-    _grpc: bool,
-) -> Result<(), ProxyError> {
+async fn apply_request_policy(plan: &Plan, ctx: &ConnCtx, parts: &request::Parts, _grpc: bool) -> Result<(), ProxyError> {
     let Some(policy) = &plan.request_policy else { return Ok(()) };
     let l7 = &ctx.dp.l7;
     if let Some(rl) = &policy.local_rate_limit {
@@ -476,8 +456,7 @@ fn retryable_response<B>(resp: &Response<B>, r: &RetryPolicy, idempotent: bool) 
             || (r.retry_on.gateway_error && (502..=504).contains(&s))
             || (r.retry_on.retriable_status_codes && r.retriable_status_codes.contains(&s)));
     // gRPC statuses in a trailers-only response (in the headers): what Envoy retries on.
-    let grpc =
-        resp.headers().get("grpc-status").and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u16>().ok());
+    let grpc = resp.headers().get("grpc-status").and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u16>().ok());
     let by_grpc = match grpc {
         Some(1) => r.retry_on.grpc_cancelled,
         Some(4) => r.retry_on.grpc_deadline_exceeded,
@@ -489,12 +468,7 @@ fn retryable_response<B>(resp: &Response<B>, r: &RetryPolicy, idempotent: bool) 
 }
 
 fn parts_method_idempotent(replay: &Option<Replay>) -> bool {
-    replay.as_ref().is_some_and(|r| {
-        matches!(
-            r.head.method,
-            Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
-        )
-    })
+    replay.as_ref().is_some_and(|r| matches!(r.head.method, Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE))
 }
 
 /// What a retry needs to send the request again: its head, and its body once the first try
@@ -661,23 +635,22 @@ fn prepare(req: Request<Body>, wire: Wire, upgrade: bool) -> Request<Body> {
             if parts.method != Method::CONNECT && parts.uri.authority().is_some() {
                 // Absolute-form from the client: the upstream wants origin form and a Host.
                 if !parts.headers.contains_key(header::HOST) {
-                    if let Some(v) =
-                        parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-                    {
+                    if let Some(v) = parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()) {
                         parts.headers.insert(header::HOST, v);
                     }
                 }
-                let pq =
-                    parts.uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
+                let pq = parts.uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
                 parts.uri = Uri::from(pq);
             }
             parts.version = Version::HTTP_11;
         }
         Wire::Http2 => {
             if parts.uri.scheme().is_none() || parts.uri.authority().is_none() {
-                let authority = parts.uri.authority().map(|a| a.as_str().to_owned()).or_else(|| {
-                    parts.headers.get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_owned)
-                });
+                let authority = parts
+                    .uri
+                    .authority()
+                    .map(|a| a.as_str().to_owned())
+                    .or_else(|| parts.headers.get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_owned));
                 let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str()).to_owned();
                 if let Some(a) = authority {
                     if let Ok(u) = Uri::try_from(format!("http://{a}{pq}")) {
@@ -703,9 +676,7 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
             .map(|t| t.trim().to_ascii_lowercase())
-            .filter(|t| {
-                !t.is_empty() && !(keep_upgrade && t == "upgrade") && t != "close" && t != "keep-alive"
-            })
+            .filter(|t| !t.is_empty() && !(keep_upgrade && t == "upgrade") && t != "close" && t != "keep-alive")
             .collect();
         for name in named {
             headers.remove(name.as_str());

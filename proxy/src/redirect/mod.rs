@@ -35,9 +35,7 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use serde::Serialize;
-use sluice_common::{
-    config, counter, names, AddrKey, ConnKey, OrigDst, PodEntry, SockKey, AF_INET, AF_INET6,
-};
+use sluice_common::{config, counter, names, AddrKey, ConnKey, OrigDst, PodEntry, SockKey, AF_INET, AF_INET6};
 use thiserror::Error;
 use tracing::{info, warn};
 
@@ -76,9 +74,7 @@ pub enum RedirectError {
     Pin { path: PathBuf, reason: String },
     /// Another enrolled pod's plaintext to this address is captured already (link-local
     /// addresses are unique per link only, not per node).
-    #[error(
-        "address {addr} is captured for pod {holder} already; two pods of a node cannot share an address"
-    )]
+    #[error("address {addr} is captured for pod {holder} already; two pods of a node cannot share an address")]
     AddressTaken { addr: IpAddr, holder: String },
 }
 
@@ -154,8 +150,7 @@ impl Redirector {
         // own filter lets through for target `sluice_ebpf` are compiled in at load time.
         let kernel_log_level = kernel_log_level();
         // The maps are pinned per node and reused by the next process of the node.
-        pins::ensure_bpffs(&cfg.bpffs)
-            .map_err(|reason| RedirectError::Pin { path: cfg.bpffs.clone(), reason })?;
+        pins::ensure_bpffs(&cfg.bpffs).map_err(|reason| RedirectError::Pin { path: cfg.bpffs.clone(), reason })?;
         let maps_dir = pins::maps_dir(&cfg.bpffs, &cfg.node);
         std::fs::create_dir_all(&maps_dir)
             .map_err(|e| RedirectError::Pin { path: maps_dir.clone(), reason: e.to_string() })?;
@@ -169,11 +164,15 @@ impl Redirector {
             info!(dir = %maps_dir.display(), "reusing the maps of a previous sluice process of this node");
         }
         // Before loading any program: the programs reference the log map.
-        let logger = aya_log::EbpfLogger::init(&mut ebpf)
-            .map_err(|e| RedirectError::Map { name: "AYA_LOGS", reason: e.to_string() })?;
+        let logger = aya_log::EbpfLogger::init(&mut ebpf).map_err(|e| RedirectError::Map {
+            name: "AYA_LOGS",
+            reason: e.to_string(),
+        })?;
 
-        let cgroup = File::open(&cfg.attach_cgroup)
-            .map_err(|source| RedirectError::Cgroup { path: cfg.attach_cgroup.clone(), source })?;
+        let cgroup = File::open(&cfg.attach_cgroup).map_err(|source| RedirectError::Cgroup {
+            path: cfg.attach_cgroup.clone(),
+            source,
+        })?;
 
         let mut config: Array<MapData, u64> = take_map(&mut ebpf, names::MAP_CONFIG)?;
         let fail_closed = u64::from(cfg.fail_mode == FailMode::Closed);
@@ -242,14 +241,17 @@ impl Redirector {
         let mut pinned = Vec::new();
         if cfg.fail_mode == FailMode::Closed {
             // Fail-closed: the links must outlive this process, so they are pinned in bpffs.
-            std::fs::create_dir_all(&links_dir)
-                .map_err(|e| RedirectError::Pin { path: links_dir.clone(), reason: e.to_string() })?;
+            std::fs::create_dir_all(&links_dir).map_err(|e| RedirectError::Pin {
+                path: links_dir.clone(),
+                reason: e.to_string(),
+            })?;
             for (name, attach_type, link) in fd_links {
                 let info = link.info().ok();
                 let path = links_dir.join(name);
-                let pinned_link = link
-                    .pin(&path)
-                    .map_err(|e| RedirectError::Pin { path: path.clone(), reason: e.to_string() })?;
+                let pinned_link = link.pin(&path).map_err(|e| RedirectError::Pin {
+                    path: path.clone(),
+                    reason: e.to_string(),
+                })?;
                 programs.push(AttachedProgram {
                     name,
                     attach_type,
@@ -260,16 +262,17 @@ impl Redirector {
                 pinned.push(pinned_link);
             }
         } else {
-            for (name, attach_type) in
-                SOCK_ADDR_PROGRAMS.iter().copied().chain([(names::PROG_SOCKOPS, "sockops")])
-            {
-                let id = ebpf.program(name).and_then(|p| p.info().ok()).map(|i| i.id()).unwrap_or(0);
+            for (name, attach_type) in SOCK_ADDR_PROGRAMS.iter().copied().chain([(names::PROG_SOCKOPS, "sockops")]) {
+                let id = ebpf
+                    .program(name)
+                    .and_then(|p| p.info().ok())
+                    .map(|i| i.id())
+                    .unwrap_or(0);
                 programs.push(AttachedProgram { name, attach_type, id, link_id: None, pinned: false });
             }
         }
         // The inbound program is attached per enrolled pod's network namespace, not here.
-        let inbound_id =
-            ebpf.program(names::PROG_INBOUND).and_then(|p| p.info().ok()).map(|i| i.id()).unwrap_or(0);
+        let inbound_id = ebpf.program(names::PROG_INBOUND).and_then(|p| p.info().ok()).map(|i| i.id()).unwrap_or(0);
         programs.push(AttachedProgram {
             name: names::PROG_INBOUND,
             attach_type: "sk_lookup (per pod netns)",
@@ -452,7 +455,11 @@ impl Redirector {
         NAMES
             .iter()
             .map(|(slot, name)| {
-                let total = self.counters.get(slot, 0).map(|per_cpu| per_cpu.iter().sum()).unwrap_or(0);
+                let total = self
+                    .counters
+                    .get(slot, 0)
+                    .map(|per_cpu| per_cpu.iter().sum())
+                    .unwrap_or(0);
                 (*name, total)
             })
             .collect()
@@ -551,9 +558,10 @@ fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, RedirectError>
 where
     T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
 {
-    let map = ebpf
-        .take_map(name)
-        .ok_or_else(|| RedirectError::Map { name, reason: "missing from the eBPF object".into() })?;
+    let map = ebpf.take_map(name).ok_or_else(|| RedirectError::Map {
+        name,
+        reason: "missing from the eBPF object".into(),
+    })?;
     T::try_from(map).map_err(|e| map_err(name, e))
 }
 

@@ -68,7 +68,10 @@ pub fn remove_stale(bpffs: &Path, node: &str) -> io::Result<()> {
 
 fn count_files(dir: &Path) -> usize {
     let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
-    entries.flatten().map(|e| if e.path().is_dir() { count_files(&e.path()) } else { 1 }).sum()
+    entries
+        .flatten()
+        .map(|e| if e.path().is_dir() { count_files(&e.path()) } else { 1 })
+        .sum()
 }
 
 /// Makes sure `path` is a bpffs mount, mounting one if the directory exists but nothing is
@@ -81,7 +84,9 @@ pub fn ensure_bpffs(path: &Path) -> Result<(), String> {
     let target = CString::new(path.as_os_str().as_encoded_bytes()).map_err(|e| e.to_string())?;
     let fstype = CString::new("bpf").unwrap();
     // SAFETY: all pointers are valid NUL-terminated strings for the duration of the call.
-    let rc = unsafe { libc::mount(fstype.as_ptr(), target.as_ptr(), fstype.as_ptr(), 0, std::ptr::null()) };
+    let rc = unsafe {
+        libc::mount(fstype.as_ptr(), target.as_ptr(), fstype.as_ptr(), 0, std::ptr::null())
+    };
     if rc != 0 {
         return Err(format!(
             "{} is not a bpffs mount and mounting one failed ({}); mount it with `mount -t bpf bpf {}`",

@@ -294,5 +294,7 @@ impl<'a> Line<'a> {
 
 /// `2026-11-30T15:52:07.123Z`.
 fn rfc3339(t: SystemTime) -> String {
-    time::OffsetDateTime::from(t).format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
+    time::OffsetDateTime::from(t)
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
 }

@@ -27,6 +27,7 @@ use std::{
     time::{Duration, SystemTime},
 };
 
+
 use http::{HeaderMap, Method};
 
 pub use crate::discovery::WorkloadInfo;
@@ -200,9 +201,7 @@ impl Telemetry {
 /// Whether requests between pods of these namespaces are access-logged.
 pub fn access_log_wanted(model: &crate::discovery::Model, namespaces: &[&str]) -> bool {
     namespaces.iter().any(|ns| {
-        model
-            .namespace(ns)
-            .is_some_and(|n| n.annotations.get(ACCESS_LOG_ANNOTATION).is_some_and(|v| v == "enabled"))
+        model.namespace(ns).is_some_and(|n| n.annotations.get(ACCESS_LOG_ANNOTATION).is_some_and(|v| v == "enabled"))
     })
 }
 

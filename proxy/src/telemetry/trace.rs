@@ -141,14 +141,7 @@ impl Tracer {
             None => self.queue.is_some() && fastrand::f64() < self.sampling,
         };
         let span_id = fastrand::u64(1..);
-        write_context(
-            headers,
-            trace_id,
-            span_id,
-            incoming.as_ref().and_then(|c| c.parent),
-            sampled,
-            incoming.as_ref().is_some_and(|c| c.b3),
-        );
+        write_context(headers, trace_id, span_id, incoming.as_ref().and_then(|c| c.parent), sampled, incoming.as_ref().is_some_and(|c| c.b3));
         let trace_hex = format!("{trace_id:032x}");
         let pending = (sampled && self.queue.is_some()).then(|| Pending {
             trace_id: TraceId::from_bytes(trace_id.to_be_bytes()),
@@ -196,20 +189,11 @@ impl Tracer {
             }
         }
         if let Some(s) = rec.service {
-            attributes.push(KeyValue::new(
-                "destination.service",
-                format!("{}.{}.svc.cluster.local", s.name, s.namespace),
-            ));
+            attributes.push(KeyValue::new("destination.service", format!("{}.{}.svc.cluster.local", s.name, s.namespace)));
         }
         let failed = rec.status >= 500 || rec.status == 0 || rec.grpc_status.is_some_and(|g| g != 0);
         let data = SpanData {
-            span_context: OtelSpanContext::new(
-                p.trace_id,
-                p.span_id,
-                TraceFlags::SAMPLED,
-                false,
-                TraceState::default(),
-            ),
+            span_context: OtelSpanContext::new(p.trace_id, p.span_id, TraceFlags::SAMPLED, false, TraceState::default()),
             parent_span_id: p.parent.unwrap_or(SpanId::INVALID),
             parent_span_is_remote: p.parent.is_some(),
             span_kind: p.kind,
@@ -229,11 +213,7 @@ impl Tracer {
     }
 }
 
-async fn export_loop(
-    exporter: opentelemetry_otlp::SpanExporter,
-    mut rx: mpsc::Receiver<SpanData>,
-    exported: std::sync::Arc<AtomicU64>,
-) {
+async fn export_loop(exporter: opentelemetry_otlp::SpanExporter, mut rx: mpsc::Receiver<SpanData>, exported: std::sync::Arc<AtomicU64>) {
     let mut batch = Vec::with_capacity(BATCH);
     loop {
         let deadline = tokio::time::sleep(FLUSH_EVERY);
@@ -339,14 +319,7 @@ fn parse_trace_id(s: &str) -> Option<u128> {
 }
 
 /// Makes the next hop a child of `span_id`.
-fn write_context(
-    headers: &mut HeaderMap,
-    trace_id: u128,
-    span_id: u64,
-    parent: Option<u64>,
-    sampled: bool,
-    b3: bool,
-) {
+fn write_context(headers: &mut HeaderMap, trace_id: u128, span_id: u64, parent: Option<u64>, sampled: bool, b3: bool) {
     let mut tp = String::with_capacity(55);
     let _ = write!(tp, "00-{trace_id:032x}-{span_id:016x}-{:02x}", u8::from(sampled));
     if let Ok(v) = HeaderValue::from_str(&tp) {
@@ -431,10 +404,7 @@ mod tests {
         assert_eq!(h["x-request-id"], "keep-me");
         // 64-bit B3 trace ids widen to 128 bits.
         assert_eq!(parse_trace_id("a3ce929d0e0e4736"), Some(0xa3ce929d0e0e4736));
-        assert_eq!(
-            parse_b3_single("80f198ee56343ba864fe8b2a57d3eff7-e457b5a2e4d86bd1-1").unwrap().sampled,
-            Some(true)
-        );
+        assert_eq!(parse_b3_single("80f198ee56343ba864fe8b2a57d3eff7-e457b5a2e4d86bd1-1").unwrap().sampled, Some(true));
     }
 
     #[test]

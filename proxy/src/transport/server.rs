@@ -112,9 +112,7 @@ pub async fn serve<H, F>(
         let handshake = match stats.gate.handshake(peer.ip()) {
             Ok(h) => h,
             Err(refusal) => {
-                if let Some(suppressed) =
-                    lograte::shared().allow("hbone-handshake-refused", &lograte::source_of_ip(peer.ip()))
-                {
+                if let Some(suppressed) = lograte::shared().allow("hbone-handshake-refused", &lograte::source_of_ip(peer.ip())) {
                     warn!(%pod, %peer, limit = refusal.as_str(), suppressed, "HBONE connection refused: too many handshakes in progress");
                 }
                 let _ = socket2::SockRef::from(&tcp).set_linger(Some(Duration::ZERO));
@@ -131,9 +129,7 @@ pub async fn serve<H, F>(
             let deadline = tokio::time::Instant::now() + HANDSHAKE_TIMEOUT;
             let failed = |what: &str, identity: Option<&str>, error: Option<String>| {
                 stats.handshakes_failed.fetch_add(1, Ordering::Relaxed);
-                if let Some(suppressed) =
-                    lograte::shared().allow("hbone-handshake-failed", &lograte::source_of_ip(peer.ip()))
-                {
+                if let Some(suppressed) = lograte::shared().allow("hbone-handshake-failed", &lograte::source_of_ip(peer.ip())) {
                     warn!(%pod, %peer, peer_identity = identity, error, suppressed, "HBONE: {what}");
                 }
             };
@@ -152,8 +148,7 @@ pub async fn serve<H, F>(
             let _permit = match admission.node_only() {
                 Ok(p) => p,
                 Err(refusal) => {
-                    if let Some(suppressed) = lograte::shared().allow("hbone-tunnel-refused", &peer_identity)
-                    {
+                    if let Some(suppressed) = lograte::shared().allow("hbone-tunnel-refused", &peer_identity) {
                         warn!(%pod, %peer, peer_identity = %peer_identity, limit = refusal.as_str(), suppressed, "HBONE connection refused: connection limit reached");
                     }
                     return;
@@ -163,8 +158,7 @@ pub async fn serve<H, F>(
             let _place = match stats.gate.tunnel(&peer_identity, max) {
                 Ok(p) => p,
                 Err(refusal) => {
-                    if let Some(suppressed) = lograte::shared().allow("hbone-tunnel-refused", &peer_identity)
-                    {
+                    if let Some(suppressed) = lograte::shared().allow("hbone-tunnel-refused", &peer_identity) {
                         warn!(%pod, %peer, peer_identity = %peer_identity, limit = refusal.as_str(), max, suppressed, "HBONE connection refused: the identity holds its bound of tunnel connections");
                     }
                     return;
@@ -178,16 +172,8 @@ pub async fn serve<H, F>(
                 .handshake::<_, Bytes>(tls);
             let mut conn = match tokio::time::timeout_at(deadline, handshake).await {
                 Ok(Ok(c)) => c,
-                Ok(Err(e)) => {
-                    return failed("not an HTTP/2 client", Some(&peer_identity), Some(e.to_string()))
-                }
-                Err(_) => {
-                    return failed(
-                        "no HTTP/2 preface within the handshake timeout",
-                        Some(&peer_identity),
-                        None,
-                    )
-                }
+                Ok(Err(e)) => return failed("not an HTTP/2 client", Some(&peer_identity), Some(e.to_string())),
+                Err(_) => return failed("no HTTP/2 preface within the handshake timeout", Some(&peer_identity), None),
             };
             debug!(%pod, %peer, peer_identity = %peer_identity, "HBONE tunnel accepted");
             let mut draining = stats.draining.subscribe();

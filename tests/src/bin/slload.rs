@@ -50,10 +50,10 @@ use clap::{Parser, Subcommand, ValueEnum};
 use hdrhistogram::Histogram;
 use serde_json::{json, Value};
 
-#[path = "slload/flood.rs"]
-mod flood;
 #[path = "../grpc_proto.rs"]
 mod grpc_proto;
+#[path = "slload/flood.rs"]
+mod flood;
 
 use grpc_proto::{EchoReply, EchoRequest, ECHO_PATH};
 
@@ -271,16 +271,7 @@ fn main() -> ExitCode {
             Proto::Http => seq::<H1>(&target, interval_us),
             Proto::Grpc => seq::<GrpcConn>(&target, interval_us),
         },
-        Cmd::Scrape {
-            url,
-            interval_ms,
-            duration_ms,
-            until_stdin_eof,
-            timeout_ms,
-            even_windows_ms,
-            window_seed,
-            sched_idle,
-        } => {
+        Cmd::Scrape { url, interval_ms, duration_ms, until_stdin_eof, timeout_ms, even_windows_ms, window_seed, sched_idle } => {
             if sched_idle {
                 let param = libc::sched_param { sched_priority: 0 };
                 // SAFETY: pid 0 is this process; `param` is a valid sched_param we own.

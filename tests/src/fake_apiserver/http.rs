@@ -31,11 +31,16 @@ pub(crate) struct Request {
 }
 
 /// Reads one request. `Ok(None)` when the client closed the connection between requests.
-pub(crate) async fn read_request<R: AsyncRead + Unpin>(r: &mut BufReader<R>) -> Result<Option<Request>> {
+pub(crate) async fn read_request<R: AsyncRead + Unpin>(
+    r: &mut BufReader<R>,
+) -> Result<Option<Request>> {
     let mut head = Vec::new();
     loop {
         let before = head.len();
-        let n = r.read_until(b'\n', &mut head).await.context("reading the request")?;
+        let n = r
+            .read_until(b'\n', &mut head)
+            .await
+            .context("reading the request")?;
         if n == 0 {
             if head.is_empty() {
                 return Ok(None);
@@ -58,7 +63,8 @@ pub(crate) async fn read_request<R: AsyncRead + Unpin>(r: &mut BufReader<R>) -> 
     let mut lines = text.lines();
     let request_line = lines.next().unwrap_or_default();
     let mut parts = request_line.split(' ');
-    let (Some(method), Some(target), Some(version)) = (parts.next(), parts.next(), parts.next()) else {
+    let (Some(method), Some(target), Some(version)) = (parts.next(), parts.next(), parts.next())
+    else {
         bail!("malformed request line {request_line:?}");
     };
     if !version.starts_with("HTTP/1.") {
@@ -92,7 +98,9 @@ pub(crate) async fn read_request<R: AsyncRead + Unpin>(r: &mut BufReader<R>) -> 
             bail!("request body of {content_length} bytes is over the limit of {MAX_BODY}");
         }
         let mut body = vec![0u8; content_length];
-        r.read_exact(&mut body).await.context("reading the request body")?;
+        r.read_exact(&mut body)
+            .await
+            .context("reading the request body")?;
         body
     };
     let (path, query) = target.split_once('?').unwrap_or((target, ""));
@@ -120,10 +128,15 @@ async fn read_chunked_body<R: AsyncRead + Unpin>(r: &mut BufReader<R>) -> Result
     let mut body = Vec::new();
     loop {
         let mut size_line = Vec::new();
-        (&mut *r).take(1024).read_until(b'\n', &mut size_line).await.context("reading a chunk size")?;
+        (&mut *r)
+            .take(1024)
+            .read_until(b'\n', &mut size_line)
+            .await
+            .context("reading a chunk size")?;
         let text = std::str::from_utf8(&size_line).context("chunk size is not UTF-8")?;
         let hex = text.split(';').next().unwrap_or_default().trim();
-        let size = usize::from_str_radix(hex, 16).with_context(|| format!("bad chunk size line {text:?}"))?;
+        let size = usize::from_str_radix(hex, 16)
+            .with_context(|| format!("bad chunk size line {text:?}"))?;
         if size == 0 {
             // Trailer fields, up to the empty line.
             loop {
@@ -146,9 +159,13 @@ async fn read_chunked_body<R: AsyncRead + Unpin>(r: &mut BufReader<R>) -> Result
         }
         let start = body.len();
         body.resize(start + size, 0);
-        r.read_exact(&mut body[start..]).await.context("reading a chunk")?;
+        r.read_exact(&mut body[start..])
+            .await
+            .context("reading a chunk")?;
         let mut crlf = [0u8; 2];
-        r.read_exact(&mut crlf).await.context("reading a chunk's end")?;
+        r.read_exact(&mut crlf)
+            .await
+            .context("reading a chunk's end")?;
         if &crlf != b"\r\n" {
             bail!("a chunk does not end with CRLF");
         }
@@ -219,8 +236,14 @@ pub(crate) async fn write_json<W: AsyncWrite + Unpin>(
 }
 
 /// The head of a streamed (chunked) 200 response: a watch.
-pub(crate) async fn write_stream_head<W: AsyncWrite + Unpin>(w: &mut W, audit_id: &str) -> Result<()> {
-    let head = format!("HTTP/1.1 200 OK\r\n{}Transfer-Encoding: chunked\r\n\r\n", common_headers(audit_id));
+pub(crate) async fn write_stream_head<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    audit_id: &str,
+) -> Result<()> {
+    let head = format!(
+        "HTTP/1.1 200 OK\r\n{}Transfer-Encoding: chunked\r\n\r\n",
+        common_headers(audit_id)
+    );
     w.write_all(head.as_bytes()).await?;
     w.flush().await?;
     Ok(())
@@ -229,7 +252,8 @@ pub(crate) async fn write_stream_head<W: AsyncWrite + Unpin>(w: &mut W, audit_id
 /// One chunk: a watch event is one JSON document and a newline, flushed at once so the client
 /// sees it now (the API server flushes after every event too).
 pub(crate) async fn write_chunk<W: AsyncWrite + Unpin>(w: &mut W, data: &[u8]) -> Result<()> {
-    w.write_all(format!("{:x}\r\n", data.len()).as_bytes()).await?;
+    w.write_all(format!("{:x}\r\n", data.len()).as_bytes())
+        .await?;
     w.write_all(data).await?;
     w.write_all(b"\r\n").await?;
     w.flush().await?;
@@ -249,8 +273,14 @@ mod tests {
 
     #[test]
     fn decodes_queries_like_a_kubernetes_client_sends_them() {
-        assert_eq!(percent_decode("spec.nodeName%3Dsl1-n1", true), "spec.nodeName=sl1-n1");
-        assert_eq!(percent_decode("spec.nodeName%21%3Dn1", true), "spec.nodeName!=n1");
+        assert_eq!(
+            percent_decode("spec.nodeName%3Dsl1-n1", true),
+            "spec.nodeName=sl1-n1"
+        );
+        assert_eq!(
+            percent_decode("spec.nodeName%21%3Dn1", true),
+            "spec.nodeName!=n1"
+        );
         assert_eq!(percent_decode("a+b%2", true), "a b%2");
         assert_eq!(percent_decode("/api/v1/pods", false), "/api/v1/pods");
     }
@@ -294,7 +324,10 @@ mod tests {
         let mut r = BufReader::new(head.as_bytes());
         let err = read_request(&mut r).await.unwrap_err();
         assert!(format!("{err:#}").contains("over the limit"), "{err:#}");
-        let chunked = format!("POST /x HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n", MAX_BODY + 1);
+        let chunked = format!(
+            "POST /x HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n",
+            MAX_BODY + 1
+        );
         let mut r = BufReader::new(chunked.as_bytes());
         let err = read_request(&mut r).await.unwrap_err();
         assert!(format!("{err:#}").contains("over the limit"), "{err:#}");

@@ -30,8 +30,10 @@ fn managed(manager: &str, operation: &str, api_version: &str, fields: Value) -> 
 
 /// A Namespace with `annotations` (e.g. `sluice.dev/mesh: enabled`), as `kubectl apply` leaves it.
 pub fn namespace(name: &str, annotations: &[(&str, &str)]) -> Value {
-    let mut ann: BTreeMap<String, String> =
-        annotations.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    let mut ann: BTreeMap<String, String> = annotations
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
     ann.insert(
         "kubectl.kubernetes.io/last-applied-configuration".into(),
         format!("{{\"apiVersion\":\"v1\",\"kind\":\"Namespace\",\"metadata\":{{\"annotations\":{{}},\"name\":\"{name}\"}}}}\n"),
@@ -59,7 +61,9 @@ pub fn annotate(object: &mut Value, key: &str, value: Option<&str>) {
     if !meta["annotations"].is_object() {
         meta["annotations"] = json!({});
     }
-    let ann = meta["annotations"].as_object_mut().expect("annotations is an object");
+    let ann = meta["annotations"]
+        .as_object_mut()
+        .expect("annotations is an object");
     match value {
         Some(v) => {
             ann.insert(key.to_string(), Value::String(v.to_string()));
@@ -87,7 +91,11 @@ pub struct PodSpec<'a> {
 /// A pod of a Deployment (ReplicaSet-owned), Running with `ip` on `node`, or Pending without.
 pub fn pod(p: &PodSpec) -> Value {
     let hash = "7d9c6b5f4";
-    let app = p.labels.get("app").cloned().unwrap_or_else(|| p.name.to_string());
+    let app = p
+        .labels
+        .get("app")
+        .cloned()
+        .unwrap_or_else(|| p.name.to_string());
     let mut labels = p.labels.clone();
     labels.insert("pod-template-hash".into(), hash.into());
     let mut spec = json!({
@@ -225,7 +233,10 @@ pub fn node_agent_pod(name: &str, node: &str, host_ip: Ipv4Addr) -> Value {
     object["spec"]["dnsPolicy"] = json!("ClusterFirstWithHostNet");
     object["spec"]["containers"][0]["name"] = json!("sluice");
     object["spec"]["containers"][0]["image"] = json!("sluice:0.1.0");
-    object["spec"]["containers"][0].as_object_mut().expect("a container is an object").remove("ports");
+    object["spec"]["containers"][0]
+        .as_object_mut()
+        .expect("a container is an object")
+        .remove("ports");
     object["status"]["hostIP"] = json!(host_ip.to_string());
     object["status"]["hostIPs"] = json!([{"ip": host_ip.to_string()}]);
     object
@@ -414,17 +425,35 @@ pub fn gateway_route(kind: &str, namespace: &str, name: &str, spec: Value) -> Va
 
 /// A sluice TrafficPolicy (sluice.dev/v1alpha1) with `spec`, as `kubectl apply` leaves it.
 pub fn traffic_policy(namespace: &str, name: &str, spec: Value) -> Value {
-    kubectl_applied("sluice.dev/v1alpha1", "TrafficPolicy", namespace, name, spec)
+    kubectl_applied(
+        "sluice.dev/v1alpha1",
+        "TrafficPolicy",
+        namespace,
+        name,
+        spec,
+    )
 }
 
 /// An Istio ServiceEntry (networking.istio.io/v1) with `spec`, as `kubectl apply` leaves it.
 pub fn service_entry(namespace: &str, name: &str, spec: Value) -> Value {
-    kubectl_applied("networking.istio.io/v1", "ServiceEntry", namespace, name, spec)
+    kubectl_applied(
+        "networking.istio.io/v1",
+        "ServiceEntry",
+        namespace,
+        name,
+        spec,
+    )
 }
 
 /// A namespaced custom resource with `spec`, kubectl-applied (client side): the
 /// last-applied-configuration annotation and its managedFields entry.
-fn kubectl_applied(api_version: &str, kind: &str, namespace: &str, name: &str, spec: Value) -> Value {
+fn kubectl_applied(
+    api_version: &str,
+    kind: &str,
+    namespace: &str,
+    name: &str,
+    spec: Value,
+) -> Value {
     let last_applied = json!({
         "apiVersion": api_version,
         "kind": kind,

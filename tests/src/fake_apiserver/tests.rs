@@ -28,12 +28,17 @@ impl Client {
     fn new(s: &FakeApiServer) -> Client {
         let stream = TcpStream::connect(s.addr()).unwrap();
         stream.set_read_timeout(Some(T)).unwrap();
-        Client { r: BufReader::new(stream) }
+        Client {
+            r: BufReader::new(stream),
+        }
     }
 
     fn send(&mut self, target: &str) -> Head {
-        write!(self.r.get_mut(), "GET {target} HTTP/1.1\r\nHost: x\r\nAccept: application/json\r\n\r\n")
-            .unwrap();
+        write!(
+            self.r.get_mut(),
+            "GET {target} HTTP/1.1\r\nHost: x\r\nAccept: application/json\r\n\r\n"
+        )
+        .unwrap();
         self.head()
     }
 
@@ -71,7 +76,11 @@ impl Client {
                 _ => {}
             }
         }
-        Head { status, chunked, length }
+        Head {
+            status,
+            chunked,
+            length,
+        }
     }
 
     /// A plain request: status and JSON body.
@@ -127,11 +136,20 @@ fn pod(name: &str, node: &str, ip: &str) -> Value {
 }
 
 fn names(list: &Value) -> Vec<&str> {
-    list["items"].as_array().unwrap().iter().map(|i| i["metadata"]["name"].as_str().unwrap()).collect()
+    list["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["metadata"]["name"].as_str().unwrap())
+        .collect()
 }
 
 fn rv(v: &Value) -> u64 {
-    v["metadata"]["resourceVersion"].as_str().unwrap().parse().unwrap()
+    v["metadata"]["resourceVersion"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap()
 }
 
 #[test]
@@ -160,10 +178,19 @@ fn discovery_and_lists_look_like_the_real_server() {
             "sluice.dev"
         ]
     );
-    assert!(c.get("/api/v1").1["resources"].as_array().unwrap().iter().any(|r| r["name"] == "pods"));
+    assert!(c.get("/api/v1").1["resources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|r| r["name"] == "pods"));
 
     let stored = s.apply(pod("web-1", "n1", "10.244.1.10")).unwrap();
-    assert!(stored["metadata"]["uid"].as_str().is_some_and(|u| u.len() == 36), "uid assigned");
+    assert!(
+        stored["metadata"]["uid"]
+            .as_str()
+            .is_some_and(|u| u.len() == 36),
+        "uid assigned"
+    );
     s.apply(pod("web-2", "n2", "10.244.2.10")).unwrap();
     s.apply(objects::namespace("shop", &[])).unwrap();
     let (code, list) = c.get("/api/v1/pods?limit=500");
@@ -171,14 +198,32 @@ fn discovery_and_lists_look_like_the_real_server() {
     assert_eq!(list["kind"], "PodList");
     assert_eq!(rv(&list), s.resource_version());
     assert_eq!(names(&list), ["web-1", "web-2"]);
-    assert!(list["items"][0].get("kind").is_none(), "built-in list items carry no kind");
+    assert!(
+        list["items"][0].get("kind").is_none(),
+        "built-in list items carry no kind"
+    );
 
     // Field selectors, = and !=, as sluice uses them; and what the real server refuses.
-    assert_eq!(names(&c.get("/api/v1/pods?fieldSelector=spec.nodeName%3Dn1").1), ["web-1"]);
-    assert_eq!(names(&c.get("/api/v1/pods?fieldSelector=spec.nodeName%21%3Dn1").1), ["web-2"]);
+    assert_eq!(
+        names(&c.get("/api/v1/pods?fieldSelector=spec.nodeName%3Dn1").1),
+        ["web-1"]
+    );
+    assert_eq!(
+        names(&c.get("/api/v1/pods?fieldSelector=spec.nodeName%21%3Dn1").1),
+        ["web-2"]
+    );
     assert_eq!(c.get("/api/v1/pods?fieldSelector=spec.bogus%3Dx").0, 400);
-    assert_eq!(names(&c.get("/api/v1/namespaces/shop/pods?labelSelector=app%3Dweb").1), ["web-1", "web-2"]);
-    assert_eq!(c.get("/api/v1/namespaces/shop/pods/web-2").1["spec"]["nodeName"], "n2");
+    assert_eq!(
+        names(
+            &c.get("/api/v1/namespaces/shop/pods?labelSelector=app%3Dweb")
+                .1
+        ),
+        ["web-1", "web-2"]
+    );
+    assert_eq!(
+        c.get("/api/v1/namespaces/shop/pods/web-2").1["spec"]["nodeName"],
+        "n2"
+    );
     assert_eq!(c.get("/api/v1/namespaces/shop/pods/nope").0, 404);
 
     // Pagination: two pages at the first page's revision.
@@ -190,7 +235,11 @@ fn discovery_and_lists_look_like_the_real_server() {
     assert_eq!(names(&page2), ["web-2"]);
     assert_eq!(rv(&page2), rv(&page1));
     assert!(page2["metadata"].get("continue").is_none());
-    assert_eq!(s.stats(Resource::Pods).lists, 6, "the refused request is not a list");
+    assert_eq!(
+        s.stats(Resource::Pods).lists,
+        6,
+        "the refused request is not a list"
+    );
 }
 
 #[test]
@@ -202,9 +251,13 @@ fn watch_resumes_from_a_resource_version_with_selector_transitions() {
     let mut c = Client::new(&s);
     c.watch(&format!("/api/v1/pods?watch=true&resourceVersion={list_rv}&fieldSelector=spec.nodeName%3Dn1&allowWatchBookmarks=true&timeoutSeconds=290"));
     let e = c.event().unwrap();
-    assert_eq!((e["type"].as_str(), e["object"]["metadata"]["name"].as_str()), (Some("ADDED"), Some("b")));
+    assert_eq!(
+        (e["type"].as_str(), e["object"]["metadata"]["name"].as_str()),
+        (Some("ADDED"), Some("b"))
+    );
     assert_eq!(e["object"]["kind"], "Pod", "watch events carry the kind");
-    s.wait_stats(Resource::Pods, T, "the watch", |st| st.open_watches == 1).unwrap();
+    s.wait_stats(Resource::Pods, T, "the watch", |st| st.open_watches == 1)
+        .unwrap();
 
     let mut moved = pod("a", "n2", "10.244.1.10"); // stops matching spec.nodeName=n1
     moved["metadata"]["labels"]["v"] = json!("2");
@@ -213,8 +266,15 @@ fn watch_resumes_from_a_resource_version_with_selector_transitions() {
     s.apply(pod("c", "n2", "10.244.2.12")).unwrap(); // never matches: no event
     s.delete("Pod", "shop", "b").unwrap();
     let e = c.event().unwrap();
-    assert_eq!((e["type"].as_str(), e["object"]["metadata"]["name"].as_str()), (Some("DELETED"), Some("b")));
-    assert_eq!(rv(&e["object"]), s.resource_version(), "a deletion has its own revision");
+    assert_eq!(
+        (e["type"].as_str(), e["object"]["metadata"]["name"].as_str()),
+        (Some("DELETED"), Some("b"))
+    );
+    assert_eq!(
+        rv(&e["object"]),
+        s.resource_version(),
+        "a deletion has its own revision"
+    );
 
     assert_eq!(s.bookmark(Resource::Pods), 1);
     let b = c.event().unwrap();
@@ -235,22 +295,37 @@ fn expired_history_is_410_gone_and_timeouts_end_cleanly() {
     c.watch(&format!("/api/v1/pods?watch=1&resourceVersion={old}"));
     let e = c.event().unwrap();
     assert_eq!(e["type"], "ERROR");
-    assert_eq!((e["object"]["code"].as_u64(), e["object"]["reason"].as_str()), (Some(410), Some("Expired")));
+    assert_eq!(
+        (e["object"]["code"].as_u64(), e["object"]["reason"].as_str()),
+        (Some(410), Some("Expired"))
+    );
     assert!(c.event().is_none(), "the stream ends cleanly");
 
     // Same connection (keep-alive): a watch from now works, and times out cleanly.
-    c.watch(&format!("/api/v1/pods?watch=1&resourceVersion={}&timeoutSeconds=1", s.resource_version()));
+    c.watch(&format!(
+        "/api/v1/pods?watch=1&resourceVersion={}&timeoutSeconds=1",
+        s.resource_version()
+    ));
     assert!(c.event().is_none(), "timeoutSeconds ends the stream");
 
     // An open watch whose history expires under it, with changes it never sees.
-    c.watch(&format!("/api/v1/pods?watch=1&resourceVersion={}", s.resource_version()));
-    s.wait_stats(Resource::Pods, T, "the watch", |st| st.open_watches == 1).unwrap();
-    let expired = s.expire(Resource::Pods, |u| u.delete("Pod", "shop", "a")).unwrap();
+    c.watch(&format!(
+        "/api/v1/pods?watch=1&resourceVersion={}",
+        s.resource_version()
+    ));
+    s.wait_stats(Resource::Pods, T, "the watch", |st| st.open_watches == 1)
+        .unwrap();
+    let expired = s
+        .expire(Resource::Pods, |u| u.delete("Pod", "shop", "a"))
+        .unwrap();
     assert_eq!(expired, 1);
     assert_eq!(c.event().unwrap()["object"]["code"], 410);
     assert!(c.event().is_none());
     assert_eq!(s.stats(Resource::Pods).gone, 2);
-    assert!(s.get("Pod", "shop", "a").is_none(), "the unseen change is in force");
+    assert!(
+        s.get("Pod", "shop", "a").is_none(),
+        "the unseen change is in force"
+    );
 }
 
 #[test]
@@ -258,9 +333,15 @@ fn dropped_watches_are_cut_and_crds_can_be_absent() {
     let s = FakeApiServer::start_local().unwrap();
     let mut c = Client::new(&s);
     c.watch("/apis/discovery.k8s.io/v1/endpointslices?watch=true&resourceVersion=1");
-    s.wait_stats(Resource::EndpointSlices, T, "the watch", |st| st.open_watches == 1).unwrap();
+    s.wait_stats(Resource::EndpointSlices, T, "the watch", |st| {
+        st.open_watches == 1
+    })
+    .unwrap();
     assert_eq!(s.drop_watches(), 1);
-    assert!(c.is_cut(), "no terminating chunk, the connection just closes");
+    assert!(
+        c.is_cut(),
+        "no terminating chunk, the connection just closes"
+    );
 
     s.set_installed(Resource::AuthorizationPolicies, false);
     let mut c = Client::new(&s);
@@ -268,9 +349,16 @@ fn dropped_watches_are_cut_and_crds_can_be_absent() {
     assert_eq!((code, body["reason"].as_str()), (404, Some("NotFound")));
     // Five groups with authentication.k8s.io, less security.istio.io.
     assert_eq!(c.get("/apis").1["groups"].as_array().unwrap().len(), 5);
-    assert!(s.apply(objects::authorization_policy("shop", "p", json!({}))).is_err());
+    assert!(s
+        .apply(objects::authorization_policy("shop", "p", json!({})))
+        .is_err());
     s.set_installed(Resource::AuthorizationPolicies, true);
-    s.apply(objects::authorization_policy("shop", "p", json!({"action": "DENY", "rules": [{}]}))).unwrap();
+    s.apply(objects::authorization_policy(
+        "shop",
+        "p",
+        json!({"action": "DENY", "rules": [{}]}),
+    ))
+    .unwrap();
     let (code, list) = c.get("/apis/security.istio.io/v1beta1/authorizationpolicies");
     assert_eq!(code, 200);
     assert_eq!(
@@ -313,28 +401,55 @@ fn gateway_routes_are_served_like_the_gateway_api_crds() {
             .map(|r| r["name"].as_str().unwrap().to_string())
             .collect()
     };
-    assert_eq!(resources(&mut c, "gateway.networking.k8s.io/v1"), ["httproutes", "grpcroutes"]);
-    assert_eq!(resources(&mut c, "gateway.networking.k8s.io/v1beta1"), ["httproutes"]);
+    assert_eq!(
+        resources(&mut c, "gateway.networking.k8s.io/v1"),
+        ["httproutes", "grpcroutes"]
+    );
+    assert_eq!(
+        resources(&mut c, "gateway.networking.k8s.io/v1beta1"),
+        ["httproutes"]
+    );
 
     let spec = json!({"parentRefs": [{"group": "", "kind": "Service", "name": "web", "port": 80}],
                       "rules": [{"backendRefs": [{"name": "web", "port": 80}]}]});
-    let stored = s.apply(objects::http_route("shop", "web", spec.clone())).unwrap();
+    let stored = s
+        .apply(objects::http_route("shop", "web", spec.clone()))
+        .unwrap();
     assert_eq!(stored["metadata"]["generation"], 1);
     assert!(stored["metadata"]["creationTimestamp"].is_string());
-    assert_eq!(stored["status"]["parents"][0]["parentRef"]["name"], "web", "a mesh controller's status");
-    s.apply(objects::grpc_route("shop", "web", json!({"parentRefs": spec["parentRefs"]}))).unwrap();
+    assert_eq!(
+        stored["status"]["parents"][0]["parentRef"]["name"], "web",
+        "a mesh controller's status"
+    );
+    s.apply(objects::grpc_route(
+        "shop",
+        "web",
+        json!({"parentRefs": spec["parentRefs"]}),
+    ))
+    .unwrap();
     let (code, list) = c.get("/apis/gateway.networking.k8s.io/v1beta1/namespaces/shop/httproutes");
     assert_eq!(code, 200);
     assert_eq!(list["kind"], "HTTPRouteList");
-    assert_eq!(list["items"][0]["apiVersion"], "gateway.networking.k8s.io/v1beta1");
-    assert_eq!(c.get("/apis/gateway.networking.k8s.io/v1beta1/grpcroutes").0, 404, "GRPCRoute is v1 only");
+    assert_eq!(
+        list["items"][0]["apiVersion"],
+        "gateway.networking.k8s.io/v1beta1"
+    );
+    assert_eq!(
+        c.get("/apis/gateway.networking.k8s.io/v1beta1/grpcroutes")
+            .0,
+        404,
+        "GRPCRoute is v1 only"
+    );
     let (_, list) = c.get("/apis/gateway.networking.k8s.io/v1/grpcroutes");
     assert_eq!(names(&list), ["web"]);
 
     // Without the Gateway API's CRDs: 404, and the group is gone from discovery.
     s.set_installed(Resource::HttpRoutes, false);
     s.set_installed(Resource::GrpcRoutes, false);
-    assert_eq!(c.get("/apis/gateway.networking.k8s.io/v1/httproutes").0, 404);
+    assert_eq!(
+        c.get("/apis/gateway.networking.k8s.io/v1/httproutes").0,
+        404
+    );
     assert!(gateway(&c.get("/apis").1).is_none());
     assert!(resources(&mut c, "gateway.networking.k8s.io/v1").is_empty());
     assert!(s.apply(objects::http_route("shop", "x", spec)).is_err());
@@ -345,7 +460,12 @@ fn traffic_policies_and_service_entries_are_served_like_their_crds() {
     let s = FakeApiServer::start_local().unwrap();
     let mut c = Client::new(&s);
     let group = |groups: &Value, name: &str| {
-        groups["groups"].as_array().unwrap().iter().find(|g| g["name"] == name).cloned()
+        groups["groups"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|g| g["name"] == name)
+            .cloned()
     };
     let apis = c.get("/apis").1;
     let sluice = group(&apis, "sluice.dev").expect("sluice.dev is served");
@@ -386,8 +506,14 @@ fn traffic_policies_and_service_entries_are_served_like_their_crds() {
     assert_eq!(names(&list), ["web"]);
     let (code, list) = c.get("/apis/networking.istio.io/v1beta1/serviceentries");
     assert_eq!(code, 200);
-    assert_eq!(list["items"][0]["apiVersion"], "networking.istio.io/v1beta1");
-    assert_eq!(list["items"][0]["spec"]["hosts"], json!(["api.example.com"]));
+    assert_eq!(
+        list["items"][0]["apiVersion"],
+        "networking.istio.io/v1beta1"
+    );
+    assert_eq!(
+        list["items"][0]["spec"]["hosts"],
+        json!(["api.example.com"])
+    );
 
     // Without the CRDs: 404, and the groups are gone from discovery.
     s.set_installed(Resource::TrafficPolicies, false);
@@ -397,7 +523,9 @@ fn traffic_policies_and_service_entries_are_served_like_their_crds() {
     let apis = c.get("/apis").1;
     assert!(group(&apis, "sluice.dev").is_none());
     assert!(group(&apis, "networking.istio.io").is_none());
-    assert!(s.apply(objects::service_entry("shop", "x", json!({}))).is_err());
+    assert!(s
+        .apply(objects::service_entry("shop", "x", json!({})))
+        .is_err());
 }
 
 #[test]
@@ -406,7 +534,10 @@ fn timestamps_are_rfc3339() {
         super::rfc3339(std::time::UNIX_EPOCH + Duration::from_secs(1_772_442_847)),
         "2026-03-02T09:14:07Z"
     );
-    assert_eq!(super::rfc3339(std::time::UNIX_EPOCH), "1970-01-01T00:00:00Z");
+    assert_eq!(
+        super::rfc3339(std::time::UNIX_EPOCH),
+        "1970-01-01T00:00:00Z"
+    );
 }
 
 const TOKEN_REVIEWS: &str = "/apis/authentication.k8s.io/v1/tokenreviews";
@@ -427,8 +558,12 @@ fn token_reviews_answer_like_kube_apiserver() {
     let s = FakeApiServer::start_local().unwrap();
     let mut c = Client::new(&s);
     let groups = c.get("/apis").1;
-    assert!(groups["groups"].as_array().unwrap().iter().any(|g| g["name"] == "authentication.k8s.io"
-        && g["preferredVersion"]["groupVersion"] == "authentication.k8s.io/v1"));
+    assert!(groups["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|g| g["name"] == "authentication.k8s.io"
+            && g["preferredVersion"]["groupVersion"] == "authentication.k8s.io/v1"));
     let (code, res) = c.get("/apis/authentication.k8s.io/v1");
     assert_eq!(code, 200);
     assert_eq!(res["resources"][0]["name"], "tokenreviews");
@@ -446,11 +581,11 @@ fn token_reviews_answer_like_kube_apiserver() {
     agent = s.apply(agent).unwrap();
     let uid = agent["metadata"]["uid"].as_str().unwrap().to_string();
     let token = s
-        .mint_token(TokenSpec::new("sluice-system", "sluice").node("n1").pod(
-            "sluice-system",
-            "sluice-x7k2p",
-            &uid,
-        ))
+        .mint_token(
+            TokenSpec::new("sluice-system", "sluice")
+                .node("n1")
+                .pod("sluice-system", "sluice-x7k2p", &uid),
+        )
         .unwrap();
 
     let (code, review) = c.post(TOKEN_REVIEWS, &token_review(&token, &["sluice-ca"]));
@@ -459,10 +594,16 @@ fn token_reviews_answer_like_kube_apiserver() {
     assert_eq!(review["spec"]["token"], token.as_str(), "the spec is echoed");
     let st = &review["status"];
     assert_eq!(st["authenticated"], true, "{review}");
-    assert_eq!(st["user"]["username"], "system:serviceaccount:sluice-system:sluice");
+    assert_eq!(
+        st["user"]["username"],
+        "system:serviceaccount:sluice-system:sluice"
+    );
     let extra = &st["user"]["extra"];
     assert_eq!(extra["authentication.kubernetes.io/node-name"], json!(["n1"]));
-    assert_eq!(extra["authentication.kubernetes.io/pod-name"], json!(["sluice-x7k2p"]));
+    assert_eq!(
+        extra["authentication.kubernetes.io/pod-name"],
+        json!(["sluice-x7k2p"])
+    );
     assert_eq!(extra["authentication.kubernetes.io/pod-uid"], json!([uid]));
     assert_eq!(st["audiences"], json!(["sluice-ca"]));
 
@@ -484,14 +625,19 @@ fn token_reviews_answer_like_kube_apiserver() {
     );
 
     // Node-bound only (no pod): authenticated with the node and no pod.
-    let node_only = s.mint_token(TokenSpec::new("sluice-system", "sluice").node("n2")).unwrap();
+    let node_only = s
+        .mint_token(TokenSpec::new("sluice-system", "sluice").node("n2"))
+        .unwrap();
     let (_, review) = c.post(TOKEN_REVIEWS, &token_review(&node_only, &["sluice-ca"]));
     let extra = &review["status"]["user"]["extra"];
     assert_eq!(extra["authentication.kubernetes.io/node-name"], json!(["n2"]));
     assert!(extra.get("authentication.kubernetes.io/pod-name").is_none());
     assert!(s.expire_token(&node_only));
     let (_, review) = c.post(TOKEN_REVIEWS, &token_review(&node_only, &["sluice-ca"]));
-    assert_eq!(review["status"]["error"], "[invalid bearer token, service account token has expired]");
+    assert_eq!(
+        review["status"]["error"],
+        "[invalid bearer token, service account token has expired]"
+    );
     let (_, review) = c.post(TOKEN_REVIEWS, &token_review("not-a-token", &["sluice-ca"]));
     assert_eq!(review["status"]["error"], "invalid bearer token");
     assert_eq!(review["status"]["user"], json!({}));
@@ -499,7 +645,10 @@ fn token_reviews_answer_like_kube_apiserver() {
     // What the server refuses before reviewing anything.
     let (code, st) = c.post(TOKEN_REVIEWS, &token_review("", &["sluice-ca"]));
     assert_eq!(code, 400);
-    assert_eq!(st["message"], "token is required for TokenReview in authentication");
+    assert_eq!(
+        st["message"],
+        "token is required for TokenReview in authentication"
+    );
     let (code, _) = c.post(TOKEN_REVIEWS, &json!({"kind": "Pod", "apiVersion": "v1"}));
     assert_eq!(code, 400);
     assert_eq!(c.get(TOKEN_REVIEWS).0, 405);
@@ -512,10 +661,18 @@ fn token_reviews_answer_like_kube_apiserver() {
     assert_eq!(s.token_review_count(), 6);
     let authenticated: Vec<usize> = (0..6).filter(|&i| reviews[i].authenticated()).collect();
     assert_eq!(authenticated, [0, 3], "the bound token, then the node-only one");
-    assert_eq!(reviews[0].username(), Some("system:serviceaccount:sluice-system:sluice"));
-    assert!(reviews.iter().all(|r| r.authenticated() != r.error().is_some()));
     assert_eq!(
-        s.requests().iter().filter(|r| *r == &format!("POST {TOKEN_REVIEWS}")).count(),
+        reviews[0].username(),
+        Some("system:serviceaccount:sluice-system:sluice")
+    );
+    assert!(reviews
+        .iter()
+        .all(|r| r.authenticated() != r.error().is_some()));
+    assert_eq!(
+        s.requests()
+            .iter()
+            .filter(|r| *r == &format!("POST {TOKEN_REVIEWS}"))
+            .count(),
         8,
         "six reviews and the two bad requests"
     );

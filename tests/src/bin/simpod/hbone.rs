@@ -198,11 +198,7 @@ fn connect_request(a: &Args) -> Result<http::Request<()>, Failure> {
 }
 
 /// `--streams N`: N streams on one connection, kept open; which are answered, and when.
-async fn many_streams(
-    a: &Args,
-    v: &mut Value,
-    sender: h2::client::SendRequest<Bytes>,
-) -> Result<(), Failure> {
+async fn many_streams(a: &Args, v: &mut Value, sender: h2::client::SendRequest<Bytes>) -> Result<(), Failure> {
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(usize, u16)>();
     let mut sender = sender.ready().await.map_err(|e| ("ready", e.to_string()))?;
     // The first stream alone: its answer comes after the server's SETTINGS, so the server's
@@ -216,9 +212,8 @@ async fn many_streams(
     let mut held = Vec::new();
     for i in 1..a.streams {
         sender = sender.ready().await.map_err(|e| ("ready", e.to_string()))?;
-        let (resp, send) = sender
-            .send_request(connect_request(a)?, false)
-            .map_err(|e| ("connect-request", e.to_string()))?;
+        let (resp, send) =
+            sender.send_request(connect_request(a)?, false).map_err(|e| ("connect-request", e.to_string()))?;
         held.push(send);
         let tx = tx.clone();
         tokio::spawn(async move {
@@ -284,8 +279,7 @@ pub fn stall(a: StallArgs) -> bool {
                 // (opened, connect errors, closed by EOF, closed by reset, lifetimes in ms of those closed)
                 let mut tally = (0u64, 0u64, 0u64, 0u64, Vec::new());
                 while tokio::time::Instant::now() < until {
-                    let mut s = match tokio::time::timeout_at(until, tokio::net::TcpStream::connect(to)).await
-                    {
+                    let mut s = match tokio::time::timeout_at(until, tokio::net::TcpStream::connect(to)).await {
                         Ok(Ok(s)) => s,
                         Ok(Err(_)) => {
                             tally.1 += 1;
@@ -298,9 +292,7 @@ pub fn stall(a: StallArgs) -> bool {
                     let opened = std::time::Instant::now();
                     let mut b = [0u8; 256];
                     let ended = loop {
-                        match tokio::time::timeout_at(until, tokio::io::AsyncReadExt::read(&mut s, &mut b))
-                            .await
-                        {
+                        match tokio::time::timeout_at(until, tokio::io::AsyncReadExt::read(&mut s, &mut b)).await {
                             Ok(Ok(0)) => break Some(true),
                             Ok(Ok(_)) => continue,
                             Ok(Err(_)) => break Some(false),

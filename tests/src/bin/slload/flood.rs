@@ -127,10 +127,7 @@ async fn switch_to_websocket(s: &mut tokio::net::TcpStream, host: &str) -> std::
     let mut b = [0u8; 1];
     while !head.ends_with(b"\r\n\r\n") {
         if head.len() > 16 * 1024 || s.read(&mut b).await? == 0 {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::UnexpectedEof,
-                "closed before a response head",
-            ));
+            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "closed before a response head"));
         }
         head.push(b[0]);
     }
