@@ -216,6 +216,7 @@ pub fn run(args: RunArgs) -> Result<()> {
         trust_domain: args.trust_domain.clone(),
         pool: HbonePool::default(),
         tunnel_fallbacks: Default::default(),
+        tunnel_fallbacks_refused: Default::default(),
         l7: crate::l7::L7::new(args.l7.clone()).with_tls_origin(tls_origin.clone()),
         draining: tokio::sync::watch::channel(false).0,
         telemetry: telemetry.clone(),

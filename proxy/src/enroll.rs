@@ -370,8 +370,8 @@ impl Enroller {
                 // Debug: this is every first pod of an identity for a few milliseconds; the
                 // manager warns when an attempt fails.
                 debug!(pod = %pod.ctx.key, identity = %identity, %reason,
-                    "enrolled without its certificate yet: no tunnel port (mesh peers send plaintext under the \
-                     namespace's peer authentication), outbound connections to mesh pods wait for it and are \
+                    "enrolled without its certificate yet: no tunnel port (mesh peers send plaintext only if the \
+                     namespace is PERMISSIVE, and refuse under STRICT), outbound connections to mesh pods wait for it and are \
                      refused after the connect timeout");
             }
             return false;
@@ -389,7 +389,8 @@ impl Enroller {
             Err(reason) => {
                 pod.hbone = Hbone::RetryAt(now + FAILED_RETRY);
                 warn!(pod = %pod.ctx.key, %reason, retry_in_s = FAILED_RETRY.as_secs(),
-                    "cannot open the pod's tunnel port; mesh peers send plaintext to it meanwhile");
+                    "cannot open the pod's tunnel port; retrying (peers send plaintext to it meanwhile only if its \
+                     namespace is PERMISSIVE)");
                 false
             }
         }
@@ -604,7 +605,10 @@ impl Enroller {
             }
         };
         // The tunnel port, when the certificate is already there (the normal case after the
-        // first pod of an identity); else on a later reconcile.
+        // first pod of an identity); else on a later reconcile. A tunnel port that cannot be
+        // opened (the pod holds 15008 itself, say) does not undo the enrollment: the capture
+        // and the pod's policy stay in force, and it is retried as a later opening is
+        // (`start_hbone`); meanwhile peers treat the pod as one without a tunnel port.
         let hbone = if certificate_ready {
             match self.open_hbone(&ctx, &hbone_addrs) {
                 Ok(hbone_tasks) => {
@@ -613,8 +617,10 @@ impl Enroller {
                     Hbone::Serving
                 }
                 Err(reason) => {
-                    cleanup(&self.redirector, &tasks, &captured);
-                    return Err(EnrollError::Failed(reason));
+                    warn!(pod = %ctx.key, %reason, retry_in_s = FAILED_RETRY.as_secs(),
+                        "cannot open the pod's tunnel port; enrolled without it, retrying (peers send plaintext to \
+                         it only if its namespace is PERMISSIVE)");
+                    Hbone::RetryAt(Instant::now() + FAILED_RETRY)
                 }
             }
         } else {

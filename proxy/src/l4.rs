@@ -75,6 +75,9 @@ pub struct DataPath {
     pub pool: HbonePool,
     /// Connections sent plaintext because the destination had no tunnel endpoint.
     pub tunnel_fallbacks: AtomicU64,
+    /// Connections refused instead of sent plaintext: the destination had no tunnel endpoint
+    /// and requires mutual TLS (STRICT).
+    pub tunnel_fallbacks_refused: AtomicU64,
     /// HTTP: detection, balancing, upstream pools.
     pub l7: L7,
     /// Set when sluice starts draining: HTTP connections close gracefully (HTTP/1.1 after the
@@ -270,11 +273,17 @@ async fn forward_opaque(
                 observed.report(&dp, &pod, &guard.entry, true, false);
                 return;
             }
-            // Nobody serves the mesh at the destination (its node's sluice is down, or has not
-            // enrolled the pod yet): like fail-open, do not black-hole the connection; go
-            // plaintext. (A STRICT destination still refuses it; TLS and identity failures
-            // never fall back.)
+            // Nobody serves the mesh at the destination (its node's sluice is down, has not
+            // enrolled the pod, or has no certificate for it yet): for a PERMISSIVE
+            // destination, like fail-open, do not black-hole the connection; go plaintext.
+            // A STRICT one never gets plaintext (see `plaintext_fallback`). TLS and identity
+            // failures never fall back.
             Err(e) if e.is_unreachable() => {
+                if let Err(refused) = fallback_allowed(&dp, endpoint) {
+                    refuse_fallback(&dp, &pod.key, endpoint, &peer_id, refused, &e);
+                    reset(&client);
+                    return;
+                }
                 dp.tunnel_fallbacks.fetch_add(1, Ordering::Relaxed);
                 if let Some(suppressed) = lograte::shared().allow("tunnel-fallback", &pod.key) {
                     info!(pod = %pod.key, dst = %orig, %endpoint, peer = %peer_id, error = %e, suppressed, "no tunnel endpoint at the destination; sending plaintext");
@@ -378,6 +387,37 @@ impl OpaqueConn {
 /// A destination the registry knows besides Services: a pod, or a ServiceEntry address.
 fn registered(model: &Model, dst: SocketAddr) -> bool {
     model.pod_by_ip(dst.ip()).is_some() || model.service_entry_for_addr(dst.ip(), dst.port()).is_some()
+}
+
+/// Whether a connection to the mesh pod at `endpoint`, whose tunnel port refused, may go
+/// plaintext (asked of the current model: the destination's peer authentication).
+pub fn fallback_allowed(
+    dp: &DataPath,
+    endpoint: SocketAddr,
+) -> Result<(), crate::plaintext_fallback::Refused> {
+    let model = dp.model.load();
+    match model.pod_by_ip(endpoint.ip()) {
+        Some(dest) => crate::plaintext_fallback::check(&model, dest, endpoint.port()),
+        // Gone from the model since the tunnel was chosen: it is no mesh pod any more, so
+        // nothing says it requires mutual TLS.
+        None => Ok(()),
+    }
+}
+
+/// Counts and logs (rate-limited per source pod) a fallback to plaintext refused.
+pub fn refuse_fallback(
+    dp: &DataPath,
+    pod_key: &str,
+    endpoint: SocketAddr,
+    peer: &SpiffeId,
+    refused: crate::plaintext_fallback::Refused,
+    error: &TunnelError,
+) {
+    dp.tunnel_fallbacks_refused.fetch_add(1, Ordering::Relaxed);
+    if let Some(suppressed) = lograte::shared().allow("tunnel-fallback-refused", pod_key) {
+        warn!(pod = %pod_key, %endpoint, %peer, mode = refused.mode.as_str(), %error, suppressed,
+            "no tunnel endpoint at the destination and it requires mutual TLS; refusing instead of sending plaintext");
+    }
 }
 
 /// The mesh identity of `endpoint` if it is an enrolled pod (reached through its HBONE port).

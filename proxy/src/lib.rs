@@ -22,6 +22,7 @@ pub mod l7;
 pub mod lograte;
 pub mod loopguard;
 pub mod netns;
+pub mod plaintext_fallback;
 pub mod podres;
 pub mod policy;
 pub mod redirect;

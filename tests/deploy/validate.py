@@ -401,7 +401,8 @@ def cross_reference_errors(docs):
 
     for d in docs:
         cluster_scoped = d.kind in ("Namespace", "ClusterRole", "ClusterRoleBinding",
-                                    "CustomResourceDefinition", "PriorityClass")
+                                    "CustomResourceDefinition", "PriorityClass",
+                                    "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding")
         if not cluster_scoped:
             if not d.namespace:
                 errs.append(f"{d.where()}: no metadata.namespace (every namespaced object names its namespace)")

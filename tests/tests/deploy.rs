@@ -795,3 +795,33 @@ fn embedded_ca_example_is_the_daemonset_with_only_the_ca_swapped() -> Result<()>
     );
     Ok(())
 }
+
+/// The trust bundle ConfigMap is as sensitive as the signing key (issue 13, review finding 8):
+/// an admission policy lets only who may update `trustbundles.sluice.dev` (cluster admins)
+/// write it, bound to deny; nothing of sluice's is granted that.
+#[test]
+fn only_cluster_admins_write_the_trust_bundle() -> Result<()> {
+    let path = deploy_dir().join("rbac.yaml");
+    let policy = one_of_kind(&path, "ValidatingAdmissionPolicy")?;
+    let binding = one_of_kind(&path, "ValidatingAdmissionPolicyBinding")?;
+    ensure!(binding["spec"]["policyName"] == policy["metadata"]["name"], "{binding:?}");
+    ensure!(strings(&binding["spec"]["validationActions"]) == ["Deny"], "{binding:?}");
+    ensure!(policy["spec"]["failurePolicy"] == "Fail", "{policy:?}");
+    let cond = policy["spec"]["matchConditions"][0]["expression"].as_str().unwrap_or_default();
+    ensure!(cond.contains("'sluice-system'") && cond.contains("'sluice-trust-bundle'"), "{cond}");
+    let rule = &policy["spec"]["matchConstraints"]["resourceRules"][0];
+    ensure!(strings(&rule["resources"]) == ["configmaps"], "{rule:?}");
+    ensure!(strings(&rule["operations"]) == ["CREATE", "UPDATE", "DELETE"], "{rule:?}");
+    let check = policy["spec"]["validations"][0]["expression"].as_str().unwrap_or_default();
+    ensure!(check.contains("resource('trustbundles')") && check.contains("check('update')"), "{check}");
+    // No sluice role grants the virtual resource (nor writes anything).
+    for f in manifest_files(&deploy_dir())? {
+        for d in documents(&f)? {
+            if d["kind"] == "ClusterRole" || d["kind"] == "Role" {
+                let text = serde_yaml::to_string(&d)?;
+                ensure!(!text.contains("trustbundles"), "{} grants trustbundles", f.display());
+            }
+        }
+    }
+    Ok(())
+}

@@ -670,7 +670,7 @@ impl Collector for SluiceMetrics {
         let lc = &dp.l7.limit_counters;
         let overflow: u64 =
             dp.l7.breakers.snapshot().iter().map(|(_, _, b)| b.overflows.load(Ordering::Relaxed)).sum();
-        let counters: [(&str, &str, u64); 43] = [
+        let counters: [(&str, &str, u64); 44] = [
             (
                 "sluice_http_requests",
                 "HTTP requests received from enrolled pods (outbound).",
@@ -761,6 +761,11 @@ impl Collector for SluiceMetrics {
                 "sluice_hbone_fallback_plaintext",
                 "Connections sent plaintext because the destination had no tunnel endpoint.",
                 relaxed(&dp.tunnel_fallbacks),
+            ),
+            (
+                "sluice_hbone_fallback_refused_strict",
+                "Connections refused instead of sent plaintext: the destination had no tunnel endpoint and requires mutual TLS (STRICT).",
+                relaxed(&dp.tunnel_fallbacks_refused),
             ),
             (
                 "sluice_refused_node_limit",

@@ -150,6 +150,7 @@ impl AdminState {
         let ejected = balancer.ejected(std::time::Instant::now());
         all.insert("balancer_ejected_endpoints".to_string(), ejected as u64);
         all.insert("hbone_fallback_plaintext".to_string(), self.data.tunnel_fallbacks.load(Ordering::Relaxed));
+        all.insert("hbone_fallback_refused_strict".to_string(), self.data.tunnel_fallbacks_refused.load(Ordering::Relaxed));
         all.insert("self_connection_refused".to_string(), self.data.loop_guard.refused.load(Ordering::Relaxed));
         all.insert("http_mirrors_in_flight".to_string(), u64::from(self.data.l7.mirror_gate.in_flight()));
         all.insert("http_mirror_body_bytes".to_string(), self.data.l7.mirror_gate.body_bytes());

@@ -67,6 +67,12 @@ pub struct CertManagerConfig {
     /// under the new root yet) is asked for again after this, doubling up to `misrooted_max`.
     pub misrooted_retry: Duration,
     pub misrooted_max: Duration,
+    /// After this many answers in a row under another root than the bundle's first, stop
+    /// asking again early: the CA evidently does not sign under that root (a wrong bundle, or
+    /// a bundle someone reordered), and re-issuing every identity every minute forever would
+    /// only load the CA. The certificate then renews at its normal time; `sluice certs` says
+    /// why. A new bundle starts the count again.
+    pub misrooted_attempts: u32,
 }
 
 impl Default for CertManagerConfig {
@@ -79,6 +85,7 @@ impl Default for CertManagerConfig {
             untrusted_spread: Duration::from_secs(5),
             misrooted_retry: Duration::from_secs(5),
             misrooted_max: Duration::from_secs(60),
+            misrooted_attempts: 5,
         }
     }
 }
@@ -97,11 +104,38 @@ pub(crate) fn backoff_delay(
 ) -> Duration {
     let exp = failures.saturating_sub(1).min(16);
     let ceiling = initial.saturating_mul(1 << exp).min(max);
-    let jittered = ceiling / 2 + ceiling.mul_f64(r0.clamp(0.0, 1.0) / 2.0);
+    let jittered = (ceiling / 2).saturating_add(half_scaled(ceiling, r0)).min(ceiling);
     match retry_after {
-        Some(after) => jittered.max(after + after.mul_f64(r1.clamp(0.0, 1.0) / 2.0)),
+        // Whatever a CA implementation passes in, never more than the cap of `retry-after-ms`.
+        Some(after) => {
+            let after = after.min(super::remote_ca::MAX_RETRY_AFTER);
+            jittered.max(after.saturating_add(half_scaled(after, r1)))
+        }
         None => jittered,
     }
+}
+
+/// `d` × `r` / 2 for `r` in 0..1 (clamped), without the panics of `mul_f64` on odd inputs.
+fn half_scaled(d: Duration, r: f64) -> Duration {
+    let r = if r.is_finite() { r.clamp(0.0, 1.0) } else { 0.0 };
+    Duration::try_from_secs_f64(d.as_secs_f64() * r / 2.0).unwrap_or(Duration::ZERO)
+}
+
+/// The longest delay any schedule is set to: far beyond any certificate's renewal, and small
+/// enough that adding it to a clock reading can never overflow.
+const MAX_SCHEDULE_DELAY: Duration = Duration::from_secs(400 * 24 * 3600);
+
+/// `Instant::now()` plus `delay` (capped at [`MAX_SCHEDULE_DELAY`]), never panicking.
+fn instant_in(delay: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(delay.min(MAX_SCHEDULE_DELAY)).unwrap_or(now)
+}
+
+/// The wall-clock time `delay` (capped at [`MAX_SCHEDULE_DELAY`]) from now, never panicking.
+fn wall_in(delay: Duration) -> OffsetDateTime {
+    let now = OffsetDateTime::now_utc();
+    now.checked_add(time::Duration::try_from(delay.min(MAX_SCHEDULE_DELAY)).unwrap_or(time::Duration::ZERO))
+        .unwrap_or(now)
 }
 
 /// Connections that needed a pod's identity before its certificate was there.
@@ -182,13 +216,13 @@ struct Schedule {
 
 impl Schedule {
     fn set_due(&mut self, delay: Duration) {
-        self.due = Instant::now() + delay;
-        self.due_wall = OffsetDateTime::now_utc() + delay;
+        self.due = instant_in(delay);
+        self.due_wall = wall_in(delay);
     }
 
     /// Brings the next attempt forward to within `delay`, never later than planned.
     fn due_within(&mut self, delay: Duration) -> bool {
-        let at = Instant::now() + delay;
+        let at = instant_in(delay);
         if at < self.due {
             self.set_due(delay);
             return true;
@@ -414,7 +448,7 @@ impl CertManager {
                         let loud = worth_a_warning(f.failures, f.last_error.as_deref(), &text);
                         f.last_error = Some(text);
                         let retry = self.backoff(f.failures, e.retry_after());
-                        f.next_attempt = Some(OffsetDateTime::now_utc() + retry);
+                        f.next_attempt = Some(wall_in(retry));
                         (f.failures, retry, loud)
                     };
                     if loud {
@@ -483,7 +517,31 @@ impl CertManager {
             sched.set_due(renewal);
             return;
         }
-        sched.misrooted += 1;
+        sched.misrooted = sched.misrooted.saturating_add(1);
+        let bundle = self.bundle.load();
+        let first = bundle.certs.first().map(|c| ChainCertView::of(c, true).subject).unwrap_or_default();
+        let under = match sched.root_index {
+            Some(i) => format!("root #{} of the trust bundle, not its first root \"{first}\"", i + 1),
+            None => "no root of the trust bundle".to_string(),
+        };
+        if sched.misrooted > self.config.misrooted_attempts {
+            // Asked often enough: the CA does not sign under the first root. Renew at the
+            // normal time only; a new bundle starts asking early again.
+            sched.set_due(renewal);
+            let why = format!(
+                "issued {} times in a row under {under}; not asking again before the normal renewal at {}: make \
+                 the CA sign under the bundle's first root, or put the CA's root first in the bundle",
+                sched.misrooted,
+                x509::rfc3339(sched.due_wall)
+            );
+            if sched.misrooted == self.config.misrooted_attempts.saturating_add(1) {
+                warn!(identity = %id, serial = %issued.serial, "{why}");
+            } else {
+                debug!(identity = %id, serial = %issued.serial, "{why}");
+            }
+            sched.last_error = Some(why);
+            return;
+        }
         let retry = backoff_delay(
             self.config.misrooted_retry,
             self.config.misrooted_max,
@@ -492,15 +550,11 @@ impl CertManager {
             fastrand::f64(),
             0.0,
         );
-        let bundle = self.bundle.load();
-        let first = bundle.certs.first().map(|c| ChainCertView::of(c, true).subject).unwrap_or_default();
         let why = match sched.root_index {
-            Some(i) => format!(
-                "issued under root #{} of the trust bundle, not its first root \"{first}\" (is the CA signing under \
-                 the new root yet?); asking again",
-                i + 1
-            ),
-            None => "issued under no root of the trust bundle; asking again".to_string(),
+            Some(_) => {
+                format!("issued under {under} (is the CA signing under the new root yet?); asking again")
+            }
+            None => format!("issued under {under}; asking again"),
         };
         warn!(identity = %id, serial = %issued.serial, retry_in_s = retry.as_secs_f64(), "{why}");
         sched.last_error = Some(why);

@@ -42,6 +42,19 @@ use super::x509;
 pub const DEFAULT_TOKEN_FILE: &str = "/var/run/secrets/sluice-ca/token";
 /// The metadata key of the CA's rate-limit answer (milliseconds to wait).
 pub const RETRY_AFTER_MS: &str = "retry-after-ms";
+
+/// The longest `retry-after-ms` obeyed: a CA (or whoever answers in its name) must not be able
+/// to park an identity for days, nor overflow the clock arithmetic with a huge value; past
+/// this the node's own backoff applies.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
+
+/// The delay a `retry-after-ms` value asks for, capped at [`MAX_RETRY_AFTER`]; `None` if it is
+/// not a number of milliseconds.
+pub fn parse_retry_after(value: &str) -> Option<Duration> {
+    let ms = value.trim().parse::<u64>().ok()?;
+    Some(Duration::from_millis(ms).min(MAX_RETRY_AFTER))
+}
+
 /// A token file larger than this is refused (a JWT is a few KB).
 const MAX_TOKEN_BYTES: u64 = 64 * 1024;
 /// A CA answer larger than this is refused (a chain is a few KB).
@@ -250,8 +263,7 @@ impl RemoteCa {
                     .metadata()
                     .get(RETRY_AFTER_MS)
                     .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.trim().parse::<u64>().ok())
-                    .map(Duration::from_millis);
+                    .and_then(parse_retry_after);
                 CaError::RateLimited { addr, retry_after, reason }
             }
             code => CaError::Remote { addr, code: code_name(code), reason },
@@ -281,6 +293,9 @@ impl RemoteCa {
         }
         let leaf = chain.first().ok_or_else(|| bad("an empty certificate chain".into()))?;
         check_leaf_names(leaf, identity).map_err(bad)?;
+        let info = x509::leaf_info(leaf).map_err(|e| bad(e.to_string()))?;
+        check_lifetime(info.not_after, time::OffsetDateTime::now_utc(), self.config.requested_lifetime)
+            .map_err(bad)?;
 
         // Istio's convention: the last certificate is the root. Peers hold the roots already, so
         // it is not sent; but it must be one of ours, or nobody would accept the leaf.
@@ -351,6 +366,39 @@ impl CertificateAuthority for RemoteCa {
         .map(|(name, v)| (name, v.load(Ordering::Relaxed)))
         .collect()
     }
+}
+
+/// How much longer than asked a certificate may be valid: clock skew between the node and
+/// the CA, and a CA rounding its validity up. Beyond that the CA does not honour the node's
+/// lifetime, and the key is dropped rather than used.
+pub const LIFETIME_MARGIN: Duration = Duration::from_secs(300);
+
+/// Refuses a certificate valid longer than `requested` (+ [`LIFETIME_MARGIN`]) from `now`: a
+/// node's keys are to be short-lived (what a compromised node exposes is bounded by that),
+/// and a CA that signs for longer than asked is misconfigured (`--max-lifetime-s`, istiod's
+/// `MAX_WORKLOAD_CERT_TTL`) or not the one we think. Refusing, not shortening the use: a key
+/// never installed never leaks later, and the error says what to fix.
+pub fn check_lifetime(
+    not_after: time::OffsetDateTime,
+    now: time::OffsetDateTime,
+    requested: Duration,
+) -> Result<(), String> {
+    let allowed = requested.saturating_add(LIFETIME_MARGIN);
+    let allowed = time::Duration::try_from(allowed).unwrap_or(time::Duration::MAX);
+    let latest = now
+        .checked_add(allowed)
+        .unwrap_or(time::OffsetDateTime::new_utc(time::Date::MAX, time::Time::MIDNIGHT));
+    if not_after > latest {
+        return Err(format!(
+            "a certificate valid until {}, longer than the {} s asked for (+{} s of margin); the node does not \
+             use keys that outlive their lifetime: lower the CA's maximum lifetime, or raise the node's requested \
+             lifetime",
+            x509::rfc3339(not_after),
+            requested.as_secs(),
+            LIFETIME_MARGIN.as_secs()
+        ));
+    }
+    Ok(())
 }
 
 /// The leaf must be a workload certificate naming exactly `identity`: one SAN, that URI.

@@ -69,6 +69,7 @@ impl ProxyError {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             ProxyError::Upstream(UpstreamError::Overflow(_)) | ProxyError::Overflow(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::Upstream(UpstreamError::StrictNoTunnel { .. }) => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Upstream(_)
             | ProxyError::EgressBlocked(..)
             | ProxyError::SelfConnection(_)
@@ -93,6 +94,7 @@ impl ProxyError {
             ProxyError::NoEndpoints(_) => "no-healthy-upstream",
             ProxyError::Upstream(UpstreamError::Overflow(_)) | ProxyError::Overflow(_) => "overflow",
             ProxyError::Upstream(UpstreamError::Tls { .. }) => "upstream-tls-failure",
+            ProxyError::Upstream(UpstreamError::StrictNoTunnel { .. }) => "strict-no-tunnel",
             ProxyError::Upstream(e) if e.is_connect() => "upstream-connect-failure",
             ProxyError::Upstream(_) => "upstream-reset",
             ProxyError::UpstreamProtocol(_) => "upstream-protocol-error",

@@ -122,6 +122,10 @@ pub enum UpstreamError {
     Shared(Arc<UpstreamError>),
     #[error("too many requests already wait for a connection to {endpoint}")]
     Busy { endpoint: SocketAddr },
+    /// The destination is a mesh pod whose tunnel port refused, and its peer authentication
+    /// requires mutual TLS: the request is not sent plaintext instead (see `plaintext_fallback`).
+    #[error("{endpoint} requires mutual TLS ({}) and its tunnel port refused ({reason}); not sent as plaintext", .mode.as_str())]
+    StrictNoTunnel { endpoint: SocketAddr, mode: crate::discovery::PeerAuthMode, reason: String },
 }
 
 impl UpstreamError {
@@ -131,7 +135,8 @@ impl UpstreamError {
             UpstreamError::Connect { .. }
             | UpstreamError::Tunnel { .. }
             | UpstreamError::Handshake { .. }
-            | UpstreamError::Busy { .. } => true,
+            | UpstreamError::Busy { .. }
+            | UpstreamError::StrictNoTunnel { .. } => true,
             UpstreamError::Shared(e) => e.is_connect(),
             UpstreamError::Tls { .. } | UpstreamError::Request { .. } | UpstreamError::Overflow(_) => false,
         }
@@ -153,6 +158,9 @@ impl UpstreamError {
                 source: copy(source),
             },
             UpstreamError::Busy { endpoint } => UpstreamError::Busy { endpoint: *endpoint },
+            UpstreamError::StrictNoTunnel { endpoint, mode, reason } => {
+                UpstreamError::StrictNoTunnel { endpoint: *endpoint, mode: *mode, reason: reason.clone() }
+            }
             _ => UpstreamError::Shared(e),
         }
     }
@@ -651,9 +659,20 @@ impl Upstreams {
                         None,
                     ))
                 }
+                // Plaintext only to a destination that accepts it (see `plaintext_fallback`).
                 Err(e) if e.is_unreachable() => {
+                    if let Err(refused) = l4::fallback_allowed(d.dp, d.endpoint) {
+                        l4::refuse_fallback(d.dp, &d.pod.key, d.endpoint, peer, refused, &e);
+                        return Err(UpstreamError::StrictNoTunnel {
+                            endpoint: d.endpoint,
+                            mode: refused.mode,
+                            reason: e.to_string(),
+                        });
+                    }
                     d.dp.tunnel_fallbacks.fetch_add(1, Ordering::Relaxed);
-                    info!(pod = %d.pod.key, endpoint = %d.endpoint, peer = %peer, error = %e, "no tunnel endpoint at the destination; sending plaintext");
+                    if let Some(suppressed) = crate::lograte::shared().allow("tunnel-fallback", &d.pod.key) {
+                        info!(pod = %d.pod.key, endpoint = %d.endpoint, peer = %peer, error = %e, suppressed, "no tunnel endpoint at the destination; sending plaintext");
+                    }
                 }
                 Err(e) if e.refusal().is_some() => {
                     return Err(UpstreamError::Overflow(e.refusal().map(overflow_of).expect("checked")))

@@ -127,6 +127,42 @@ async fn first_issuance_backs_off_with_jitter_and_waits_out_retry_after() {
     assert!(within(g[2], 3000, 4500), "after the rate limit: {g:?}");
 }
 
+/// Review finding 7: a CA answering `retry-after-ms: 400000000000000` (12 700 years) made the
+/// clock arithmetic panic; days were obeyed. It is capped at a minute, wherever it comes from.
+#[test]
+fn a_huge_retry_after_is_capped_at_a_minute() {
+    use crate::identity::remote_ca::{parse_retry_after, MAX_RETRY_AFTER};
+    assert_eq!(MAX_RETRY_AFTER, Duration::from_secs(60));
+    assert_eq!(parse_retry_after("400000000000000"), Some(MAX_RETRY_AFTER));
+    assert_eq!(parse_retry_after(&u64::MAX.to_string()), Some(MAX_RETRY_AFTER));
+    assert_eq!(parse_retry_after(" 1500 "), Some(Duration::from_millis(1500)));
+    assert_eq!(parse_retry_after("soon"), None);
+    let (initial, max) = (Duration::from_millis(500), Duration::from_secs(10));
+    // Passed straight to the backoff (any CA implementation): capped, stretched by at most half.
+    assert_eq!(backoff_delay(initial, max, 1, Some(Duration::MAX), 0.0, 0.0), MAX_RETRY_AFTER);
+    assert_eq!(backoff_delay(initial, max, u32::MAX, Some(Duration::MAX), 1.0, 1.0), MAX_RETRY_AFTER * 3 / 2);
+    assert_eq!(
+        backoff_delay(initial, max, 1, Some(Duration::from_secs(3 * 86_400)), 0.0, 0.0),
+        MAX_RETRY_AFTER
+    );
+}
+
+/// The same through the manager: an identity told to wait 12 700 years is asked for again
+/// within 90 s (60 s stretched by its jitter), and nothing panics on the way.
+#[tokio::test(start_paused = true)]
+async fn a_ca_asking_for_ages_is_asked_again_within_the_cap() {
+    let root = root();
+    let ca = ScriptedCa::new(&root);
+    ca.script.lock().unwrap().insert(id("web"), VecDeque::from([rate_limited(Duration::MAX)]));
+    let m = Arc::new(CertManager::new("node-1", TD, ca.clone(), CertManagerConfig::default()).unwrap());
+    let rt = tokio::runtime::Handle::current();
+    m.request(&id("web"), &rt);
+    assert!(until(Duration::from_secs(120), || m.has_certificate(&id("web"))).await);
+    let g = gaps(&ca.calls(&id("web")));
+    assert_eq!(g.len(), 1, "{g:?}");
+    assert!(g[0] >= Duration::from_secs(60) && g[0] <= Duration::from_secs(90), "{g:?}");
+}
+
 #[tokio::test(start_paused = true)]
 async fn issuance_resumes_within_seconds_once_the_ca_is_back() {
     let root = root();

@@ -259,3 +259,49 @@ async fn reissues_until_the_ca_signs_under_the_first_root() {
     assert!(next - OffsetDateTime::now_utc() > time::Duration::minutes(20), "{web:?}");
     rotation.abort();
 }
+
+/// Review finding 8: a bundle whose first root the CA never signs under made every identity
+/// ask again every ≤ 60 s forever. After `misrooted_attempts` answers in a row under another
+/// root, the node stops asking early, renews at the normal time, and says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stops_reasking_a_ca_that_never_signs_under_the_first_root() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (Authority::root("root A"), Authority::root("root B"));
+    let ia = Arc::new(a.intermediate("A signing"));
+    let bundle = TrustBundleFile::load(&write_bundle(dir.path(), &[&a])).unwrap();
+    let token = write_token(dir.path(), "t");
+    let ca = FakeCa::start(&ia, &["127.0.0.1"], ia.clone()).await;
+    let config = CertManagerConfig { misrooted_attempts: 3, ..fast_rotation() };
+    let m = remote_manager("node-1", &ca, &bundle, &token, config);
+    let rotation = m.spawn_rotation(&tokio::runtime::Handle::current());
+    m.ensure(&id("web")).await.unwrap();
+
+    // B first, but the CA only ever signs under A.
+    write_bundle(dir.path(), &[&b, &a]);
+    bundle.reload();
+    let gave_up = || {
+        m.certs()
+            .pop()
+            .is_some_and(|c| c.last_error.as_deref().unwrap_or_default().contains("not asking again"))
+    };
+    assert!(eventually(Duration::from_secs(10), gave_up).await, "{:?}", m.certs());
+    // The first issuance, then 3 + 1 answers under A.
+    assert_eq!(ca.requests().len(), 5);
+    let web = m.certs().pop().unwrap();
+    assert!(web.last_error.as_deref().unwrap().contains("4 times in a row under root #2"), "{web:?}");
+    let next = OffsetDateTime::parse(
+        web.next_renewal.as_deref().unwrap(),
+        &time::format_description::well_known::Rfc3339,
+    )
+    .unwrap();
+    assert!(next - OffsetDateTime::now_utc() > time::Duration::minutes(20), "back to half-life: {web:?}");
+    // Nothing more for several times the longest re-asking delay (400 ms).
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(ca.requests().len(), 5, "asked again after giving up");
+
+    // A new bundle starts asking early again.
+    write_bundle(dir.path(), &[&b, &a, &Authority::root("root C")]);
+    bundle.reload();
+    assert!(eventually(Duration::from_secs(5), || ca.requests().len() > 5).await, "a new bundle re-asks");
+    rotation.abort();
+}

@@ -113,6 +113,8 @@ pub(super) enum Behaviour {
     RateLimit(u64),
     /// Never answers.
     Hang,
+    /// Signs, valid for this many seconds whatever was asked.
+    SignFor(i64),
 }
 
 /// What one request carried.
@@ -248,14 +250,18 @@ impl FakeCa {
                 Answer::Now(Err(s))
             }
             Behaviour::Hang => Answer::Never,
-            Behaviour::Sign | Behaviour::SignAs(_) | Behaviour::SignWithExtraDns => {
+            Behaviour::Sign | Behaviour::SignAs(_) | Behaviour::SignWithExtraDns | Behaviour::SignFor(_) => {
                 let signer = self.signer.lock().unwrap().clone();
                 let mut csr = CertificateSigningRequestParams::from_pem(&msg.csr).expect("CSR parses");
                 let now = OffsetDateTime::now_utc();
                 csr.params.subject_alt_names = sans(std::mem::take(&mut csr.params.subject_alt_names));
                 csr.params.distinguished_name = DistinguishedName::new();
                 csr.params.not_before = now - time::Duration::seconds(5);
-                csr.params.not_after = now + time::Duration::seconds(msg.validity_duration.clamp(1, 86400));
+                let lifetime = match &behaviour {
+                    Behaviour::SignFor(secs) => *secs,
+                    _ => msg.validity_duration.clamp(1, 86400),
+                };
+                csr.params.not_after = now + time::Duration::seconds(lifetime);
                 csr.params.is_ca = IsCa::ExplicitNoCa;
                 csr.params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
                 csr.params.extended_key_usages =

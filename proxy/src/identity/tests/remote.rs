@@ -122,6 +122,17 @@ async fn the_cas_statuses_become_errors_the_manager_acts_on() {
     assert_eq!(ca_counters["ca_refused"], 4);
 }
 
+/// Review finding 7: a `retry-after-ms` of 12 700 years from the wire comes out as a minute.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_huge_retry_after_from_the_ca_is_capped() {
+    let s = setup();
+    let fake = FakeCa::start(&s.intermediate, &["127.0.0.1"], s.intermediate.clone()).await;
+    let m = manager_of(client(&fake.url(), &s.bundle, &s.token, None, Duration::from_secs(5)).unwrap()).await;
+    fake.script(Behaviour::RateLimit(400_000_000_000_000));
+    let e = ca_error(m.ensure(&id("web")).await.unwrap_err());
+    assert_eq!(e.retry_after(), Some(crate::identity::remote_ca::MAX_RETRY_AFTER), "{e:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hanging_ca_fails_at_the_call_deadline() {
     let s = setup();
@@ -184,6 +195,42 @@ async fn answers_peers_would_refuse_are_never_installed() {
     assert!(m.certs().is_empty(), "nothing installed: {:?}", m.certs());
     let bad = m.ca_counters().into_iter().find(|(n, _)| *n == "ca_bad_responses").unwrap().1;
     assert_eq!(bad, 4);
+}
+
+/// Review finding 13: a certificate valid longer than the node asked for (+ 5 min of margin) is
+/// refused, the key dropped; one within the margin, or shorter, is used.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_valid_longer_than_asked_is_refused() {
+    let s = setup();
+    let fake = FakeCa::start(&s.intermediate, &["127.0.0.1"], s.intermediate.clone()).await;
+    let m = manager_of(client(&fake.url(), &s.bundle, &s.token, None, Duration::from_secs(5)).unwrap()).await;
+    let asked = fake_requested_lifetime();
+    fake.script(Behaviour::SignFor(asked + 3600));
+    let e = ca_error(m.ensure(&id("web")).await.unwrap_err());
+    assert!(
+        matches!(&e, CaError::BadResponse { reason, .. } if reason.contains("longer than the") && reason.contains("asked for")),
+        "{e:?}"
+    );
+    assert!(m.certs().is_empty(), "nothing installed: {:?}", m.certs());
+    fake.script(Behaviour::SignFor(asked + 60));
+    m.ensure(&id("web")).await.expect("within the margin");
+    fake.script(Behaviour::SignFor(600));
+    m.ensure(&id("api")).await.expect("shorter than asked is the CA's right");
+}
+
+/// The lifetime the test client (`fake_ca::client`) asks for.
+fn fake_requested_lifetime() -> i64 {
+    3600
+}
+
+#[test]
+fn the_lifetime_check_does_not_overflow() {
+    use crate::identity::remote_ca::check_lifetime;
+    let now = time::OffsetDateTime::now_utc();
+    let far = time::OffsetDateTime::new_utc(time::Date::MAX, time::Time::MIDNIGHT);
+    assert!(check_lifetime(far, now, Duration::from_secs(3600)).is_err());
+    assert!(check_lifetime(far, now, Duration::MAX).is_ok());
+    assert!(check_lifetime(now, now, Duration::ZERO).is_ok());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
