@@ -72,6 +72,8 @@ pub struct DataPath {
     pub connect_timeout: Duration,
     pub identity: Arc<CertManager>,
     pub trust_domain: String,
+    /// Istio's root namespace (mesh-wide PeerAuthentication: DISABLE means no tunnel).
+    pub root_namespace: Arc<str>,
     pub pool: HbonePool,
     /// Connections sent plaintext because the destination had no tunnel endpoint.
     pub tunnel_fallbacks: AtomicU64,
@@ -227,7 +229,7 @@ async fn forward_opaque(
     }
     // An endpoint that is an enrolled pod (on any node) is reached through its HBONE port,
     // with mutual TLS carrying both pods' identities.
-    let mesh_peer = mesh_identity(&model, endpoint, &dp.trust_domain);
+    let mesh_peer = mesh_identity(&model, endpoint, &dp);
     let observed = OpaqueConn {
         dest_workload: model.workload_by_ip(endpoint.ip()).cloned(),
         dest_principal: mesh_peer.as_ref().map(|p| Arc::from(p.to_string())),
@@ -371,12 +373,18 @@ fn registered(model: &Model, dst: SocketAddr) -> bool {
     model.pod_by_ip(dst.ip()).is_some() || model.service_entry_for_addr(dst.ip(), dst.port()).is_some()
 }
 
-/// The mesh identity of `endpoint` if it is an enrolled pod (reached through its HBONE port).
-pub fn mesh_identity(model: &Model, endpoint: SocketAddr, trust_domain: &str) -> Option<SpiffeId> {
+/// The mesh identity of `endpoint` if it is an enrolled pod (reached through its HBONE port),
+/// unless its peer authentication for that port is DISABLE: then, as Istio's sidecars do, the
+/// connection goes in plaintext (and arrives without a principal).
+pub fn mesh_identity(model: &Model, endpoint: SocketAddr, dp: &DataPath) -> Option<SpiffeId> {
     model
         .pod_by_ip(endpoint.ip())
         .filter(|p| !p.host_network && model.is_enrolled(&p.namespace))
-        .map(|p| SpiffeId::for_pod(trust_domain, p))
+        .filter(|p| {
+            crate::policy::peer_auth::effective(model, &dp.root_namespace, p, endpoint.port()).mode
+                != crate::discovery::PeerAuthMode::Disable
+        })
+        .map(|p| SpiffeId::for_pod(&dp.trust_domain, p))
 }
 
 fn new_conn(

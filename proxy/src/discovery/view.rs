@@ -32,6 +32,31 @@ pub struct ModelView {
     pub traffic_policies: Vec<TrafficPolicyView>,
     /// Istio ServiceEntries.
     pub service_entries: Vec<ServiceEntryView>,
+    /// Istio PeerAuthentications (absent from the JSON when there are none).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub peer_authentications: Vec<PeerAuthenticationView>,
+    /// Istio RequestAuthentications (absent from the JSON when there are none).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub request_authentications: Vec<RequestAuthenticationView>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PeerAuthenticationView {
+    pub namespace: String,
+    pub name: String,
+    pub selector: Option<super::model::Labels>,
+    pub mode: super::model::MtlsMode,
+    /// `port=MODE`, by port.
+    pub port_level: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RequestAuthenticationView {
+    pub namespace: String,
+    pub name: String,
+    pub selector: super::model::Labels,
+    /// `issuer (keys: <where>)` per rule.
+    pub rules: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -303,6 +328,28 @@ impl Model {
             .collect();
         service_entries.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
 
+        let mut peer_authentications: Vec<PeerAuthenticationView> = self
+            .all_peer_authentications()
+            .map(|p| PeerAuthenticationView {
+                namespace: p.namespace.clone(),
+                name: p.name.clone(),
+                selector: p.selector.clone(),
+                mode: p.mode,
+                port_level: p.port_level.iter().map(|(port, m)| format!("{port}={m}")).collect(),
+            })
+            .collect();
+        peer_authentications.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+        let mut request_authentications: Vec<RequestAuthenticationView> = self
+            .all_request_authentications()
+            .map(|r| RequestAuthenticationView {
+                namespace: r.namespace.clone(),
+                name: r.name.clone(),
+                selector: r.selector.clone(),
+                rules: r.rules.iter().map(|j| format!("{} (keys: {})", j.issuer, j.jwks)).collect(),
+            })
+            .collect();
+        request_authentications.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+
         ModelView {
             generation: self.generation(),
             errors: self
@@ -318,6 +365,8 @@ impl Model {
             routes,
             traffic_policies,
             service_entries,
+            peer_authentications,
+            request_authentications,
         }
     }
 }
