@@ -201,6 +201,7 @@ fn classify(b: &[u8]) -> Verdict {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::net::TcpStream;
     use crate::discovery::{Protocol as L4, ServicePort, TargetPort};
 
     #[test]
