@@ -193,12 +193,12 @@ fn model_follows_the_api_server() -> Result<()> {
         &[("dns-tcp", 53, 53)],
         &[("k8s-app", "kube-dns")],
     ))?;
-    // A policy sluice cannot enforce (L7 conditions): reported, not applied.
+    // A policy sluice cannot enforce (CUSTOM: an external authorizer): reported, not applied.
     api.apply(objects::authorization_policy(
         "shop",
         "strict-web",
-        json!({"selector": {"matchLabels": {"app": "web"}}, "action": "ALLOW",
-               "rules": [{"from": [{"source": {"namespaces": ["shop"]}}], "when": [{"key": "request.headers[x-team]", "values": ["a"]}]}]}),
+        json!({"selector": {"matchLabels": {"app": "web"}}, "action": "CUSTOM", "provider": {"name": "ext-authz"},
+               "rules": [{"from": [{"source": {"namespaces": ["shop"]}}]}]}),
     ))?;
     // A mesh route on web's HTTP port (GAMMA: the Service is the parent).
     api.apply(objects::http_route("shop", "web-http", web_http_route(&[("web", 1)])))?;
@@ -244,7 +244,7 @@ fn model_follows_the_api_server() -> Result<()> {
     let errors = m["errors"].as_array().context("errors")?;
     assert_eq!(errors.len(), 1, "{m}");
     assert_eq!(errors[0]["source"], "kubernetes:AuthorizationPolicy/shop/strict-web");
-    assert!(errors[0]["reason"].as_str().unwrap().contains("when"), "{}", errors[0]);
+    assert!(errors[0]["reason"].as_str().unwrap().contains("CUSTOM"), "{}", errors[0]);
     assert!(m["namespaces"].as_array().unwrap().iter().all(|n| n["enrolled"] == false));
     assert_eq!(enrolled_pods(&sluice)?, Vec::<String>::new(), "nothing is enrolled yet");
     // Two pod watches, this node's and the others', so every pod comes exactly once.

@@ -12,3 +12,6 @@ pub mod authn;
 pub mod jwks;
 pub mod keys;
 pub mod validate;
+
+#[cfg(test)]
+mod tests;

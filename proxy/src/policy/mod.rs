@@ -18,3 +18,6 @@ pub const DEFAULT_ROOT_NAMESPACE: &str = "istio-system";
 /// The body of an HTTP request denied by authorization, as Envoy's RBAC filter writes it (Istio
 /// users and their tests look for it).
 pub const DENIED_BODY: &str = "RBAC: access denied";
+
+#[cfg(test)]
+mod tests_l7;
