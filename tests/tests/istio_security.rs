@@ -57,7 +57,9 @@ fn http_get(pod: &Pod, to: SocketAddr, path: &str, headers: &[String]) -> Result
 /// One request with `method` as raw HTTP/1.1 (the server closes after answering); the status
 /// line and body as received.
 fn http_raw(pod: &Pod, to: SocketAddr, method: &str, path: &str) -> Result<(u16, String)> {
-    let send = format!("{method} {path} HTTP/1.1\\r\\nhost: {to}\\r\\ncontent-length: 0\\r\\nconnection: close\\r\\n\\r\\n");
+    let send = format!(
+        "{method} {path} HTTP/1.1\\r\\nhost: {to}\\r\\ncontent-length: 0\\r\\nconnection: close\\r\\n\\r\\n"
+    );
     let out = pod.run_simpod(["raw", "--to", &to.to_string(), "--send", &send])?;
     let v = out.json().with_context(|| format!("raw output: {}", out.stderr))?;
     let text = v["received_text"].as_str().unwrap_or("").to_string();
@@ -92,12 +94,19 @@ fn peer_authentication_mesh_namespace_workload_and_port() -> Result<()> {
     expect_ok(&tcp_exchange(&out, echo, 16)?).context("plaintext before any PeerAuthentication")?;
 
     // Mesh-wide STRICT.
-    write(&w.sim, "pa-mesh.yaml", &peer_authentication("istio-system", "default", "  mtls: {mode: STRICT}\n"))?;
+    write(
+        &w.sim,
+        "pa-mesh.yaml",
+        &peer_authentication("istio-system", "default", "  mtls: {mode: STRICT}\n"),
+    )?;
     until("mesh-wide STRICT refuses plaintext (echo)", || tcp_exchange(&out, echo, 16), refused)?;
     until("mesh-wide STRICT refuses plaintext (http)", || http_get(&out, http, "/", &[]), refused)?;
     expect_ok(&tcp_exchange(&w.client, echo_vip(), 64)?).context("mesh client under STRICT")?;
     let log = w.sluice.log_contents();
-    ensure!(log.contains("by=PeerAuthentication istio-system/default"), "no refusal naming the policy:\n{log}");
+    ensure!(
+        log.contains("by=PeerAuthentication istio-system/default"),
+        "no refusal naming the policy:\n{log}"
+    );
 
     // The namespace says PERMISSIVE: it wins over the mesh.
     write(&w.sim, "pa-shop.yaml", &peer_authentication("shop", "default", "  mtls: {mode: PERMISSIVE}\n"))?;
@@ -116,7 +125,11 @@ fn peer_authentication_mesh_namespace_workload_and_port() -> Result<()> {
         ),
     )?;
     until("workload STRICT refuses plaintext (echo)", || tcp_exchange(&out, echo, 16), refused)?;
-    let r = until("the port-level exception accepts plaintext HTTP", || http_get(&out, http, "/", &[]), |r| status(r) == 200)?;
+    let r = until(
+        "the port-level exception accepts plaintext HTTP",
+        || http_get(&out, http, "/", &[]),
+        |r| status(r) == 200,
+    )?;
     assert_eq!(r["body"]["name"], backend.name(), "{r}");
     expect_ok(&tcp_exchange(&w.client, echo_vip(), 64)?).context("mesh client under the workload policy")?;
     let got = http_get(&w.client, http_vip(), "/", &[])?;
@@ -139,8 +152,16 @@ const CLIENT_SA: &str = "client-sa";
 #[test]
 fn l7_policy_allows_only_get_on_paths_from_one_principal() -> Result<()> {
     let w = world(1, true, SluiceOpts::default())?;
-    let client = w.node.add_pod("shop", "api-client", PodOpts::labels(&[("app", "api-client")]).service_account(CLIENT_SA))?;
-    let intruder = w.node.add_pod("shop", "intruder", PodOpts::labels(&[("app", "intruder")]).service_account("intruder-sa"))?;
+    let client = w.node.add_pod(
+        "shop",
+        "api-client",
+        PodOpts::labels(&[("app", "api-client")]).service_account(CLIENT_SA),
+    )?;
+    let intruder = w.node.add_pod(
+        "shop",
+        "intruder",
+        PodOpts::labels(&[("app", "intruder")]).service_account("intruder-sa"),
+    )?;
     wait_enrolled(&w.sluice, &client)?;
     wait_enrolled(&w.sluice, &intruder)?;
     let out = outsider(&w)?;
@@ -227,7 +248,11 @@ fn request_authentication_valid_expired_and_missing_tokens() -> Result<()> {
         ),
     )?;
     let bearer = |t: &str| vec![format!("Authorization: Bearer {t}")];
-    let missing = until("a request without a token is refused", || http_get(&w.client, http_vip(), "/", &[]), |r| status(r) == 403)?;
+    let missing = until(
+        "a request without a token is refused",
+        || http_get(&w.client, http_vip(), "/", &[]),
+        |r| status(r) == 403,
+    )?;
     assert_eq!(missing["body"], "RBAC: access denied", "{missing}");
 
     let valid = issuer.token("alice", 600)?;
@@ -240,7 +265,10 @@ fn request_authentication_valid_expired_and_missing_tokens() -> Result<()> {
     let expired = http_get(&w.client, http_vip(), "/orders", &bearer(&issuer.token("alice", -3600)?))?;
     assert_eq!(status(&expired), 401, "{expired}");
     assert_eq!(expired["body"], "Jwt is expired", "{expired}");
-    assert!(expired["headers"]["www-authenticate"].as_str().is_some_and(|h| h.starts_with("Bearer")), "{expired}");
+    assert!(
+        expired["headers"]["www-authenticate"].as_str().is_some_and(|h| h.starts_with("Bearer")),
+        "{expired}"
+    );
 
     let forged = Issuer::new()?.token("alice", 600)?;
     let r = http_get(&w.client, http_vip(), "/orders", &bearer(&forged))?;
@@ -248,6 +276,56 @@ fn request_authentication_valid_expired_and_missing_tokens() -> Result<()> {
     let r = http_get(&w.client, http_vip(), "/orders", &bearer("not-a-jwt"))?;
     assert_eq!(status(&r), 401, "{r}");
     let counters = w.sluice.get_json("/status")?["counters"].clone();
-    ensure!(counters["jwt_verified"].as_u64() >= Some(1) && counters["jwt_rejected"].as_u64() >= Some(3), "{counters}");
+    ensure!(
+        counters["jwt_verified"].as_u64() >= Some(1) && counters["jwt_rejected"].as_u64() >= Some(3),
+        "{counters}"
+    );
+    Ok(())
+}
+
+/// `jwksUri` naming a Service whose pod serves the key set: sluice fetches it off the data path
+/// (from the node, to the Service's endpoint), and tokens it signs are accepted; `GET /jwks`
+/// shows the URL's state.
+#[test]
+fn request_authentication_fetches_jwks_uri_from_a_pod() -> Result<()> {
+    let w = world(1, true, SluiceOpts::default())?;
+    let issuer = Issuer::new()?;
+    // The key server: a static file served by python's http.server in a pod outside the mesh.
+    let dir = w.sim.temp_dir().join("jwks-www");
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(dir.join("keys.json"), &issuer.jwks)?;
+    w.sim.write_namespace("idp", false)?;
+    let idp = w.node.add_pod("idp", "keys-0", PodOpts::labels(&[("app", "keys")]))?;
+    let _server = idp.spawn(
+        ["python3", "-m", "http.server", "8000", "--bind", "0.0.0.0", "--directory"]
+            .map(String::from)
+            .into_iter()
+            .chain([dir.display().to_string()]),
+    )?;
+    w.sim.write_service("idp", "keys", "10.96.0.53", &[("http", 8000, 8000)], &[&idp])?;
+    write(
+        &w.sim,
+        "jwt-uri.yaml",
+        &format!(
+            "apiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata:\n  name: web-jwt-uri\n  namespace: shop\nspec:\n  selector:\n    matchLabels: {{app: web}}\n  jwtRules:\n  - issuer: \"{ISSUER}\"\n    jwksUri: http://keys.idp.svc.cluster.local:8000/keys.json\n"
+        ),
+    )?;
+    // The server may start after the first fetch: the fetch is retried (1 s, doubling) until
+    // the key set is in.
+    let view = w.sluice.wait_for("/jwks", |v| v[0]["keys"] == 1, Duration::from_secs(20))?;
+    assert_eq!(view[0]["url"], "http://keys.idp.svc.cluster.local:8000/keys.json", "{view}");
+    let bearer = vec![format!("Authorization: Bearer {}", issuer.token("carol", 600)?)];
+    let ok = until(
+        "a token signed with the fetched key",
+        || http_get(&w.client, http_vip(), "/", &bearer),
+        |r| status(r) == 200,
+    )?;
+    assert!(ok["body"]["headers"].get("authorization").is_none(), "{ok}");
+    let forged = vec![format!("Authorization: Bearer {}", Issuer::new()?.token("carol", 600)?)];
+    let r = http_get(&w.client, http_vip(), "/", &forged)?;
+    assert_eq!((status(&r), r["body"].as_str()), (401, Some("Jwt verification fails")), "{r}");
+    // Without an AuthorizationPolicy, a request without a token passes (Istio's default).
+    assert_eq!(status(&http_get(&w.client, http_vip(), "/", &[])?), 200);
+    ensure!(w.sluice.get_json("/status")?["counters"]["jwks_fetches_ok"].as_u64() >= Some(1));
     Ok(())
 }

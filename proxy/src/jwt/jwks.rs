@@ -349,6 +349,15 @@ impl Jwks {
         addrs.next().ok_or_else(|| format!("{host} has no address"))
     }
 
+    /// Makes every URL due now (tests: a refresh without waiting [`REFRESH`]).
+    #[cfg(test)]
+    pub(crate) fn refresh_all_now(&self) {
+        for slot in self.slots.read().expect("jwks lock").values() {
+            slot.state.lock().expect("slot lock").next = Instant::now();
+        }
+        self.wake.notify_one();
+    }
+
     /// Every URL with its state, for the admin API.
     pub fn view(&self) -> Vec<JwksView> {
         let mut out: Vec<JwksView> = self

@@ -422,3 +422,185 @@ fn rules_come_from_the_pods_namespace_and_the_root_namespace() {
         authn::rules_for(&m, "other-root", pod).iter().map(|r| r.issuer.as_str()).collect();
     assert_eq!(issuers, ["https://web.test"]);
 }
+
+// --- Key sets behind jwksUri ---
+
+/// What the test key server answers.
+#[derive(Clone)]
+enum Answer {
+    Jwks(String),
+    Status(u16),
+    /// Reads the request and never answers.
+    Hang,
+}
+
+/// A one-route HTTP/1.1 server on 127.0.0.1 answering whatever `answer` holds at the time; counts
+/// requests.
+struct KeyServer {
+    addr: std::net::SocketAddr,
+    answer: Arc<std::sync::Mutex<Answer>>,
+    requests: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl KeyServer {
+    async fn start(answer: Answer) -> KeyServer {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let answer = Arc::new(std::sync::Mutex::new(answer));
+        let requests = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (a, r) = (answer.clone(), requests.clone());
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut s, _)) = listener.accept().await else { return };
+                let (a, r) = (a.clone(), r.clone());
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 1024];
+                    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match s.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    r.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    let answer = a.lock().unwrap().clone();
+                    let reply = match answer {
+                        Answer::Jwks(body) => format!(
+                            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                            body.len()
+                        ),
+                        Answer::Status(code) => {
+                            format!("HTTP/1.1 {code} Oops\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+                        }
+                        Answer::Hang => {
+                            std::future::pending::<()>().await;
+                            unreachable!()
+                        }
+                    };
+                    let _ = s.write_all(reply.as_bytes()).await;
+                    let _ = s.shutdown().await;
+                });
+            }
+        });
+        KeyServer { addr, answer, requests }
+    }
+
+    fn set(&self, answer: Answer) {
+        *self.answer.lock().unwrap() = answer;
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}/keys.json", self.addr)
+    }
+}
+
+/// A model with one RequestAuthentication whose rules fetch `urls` (one issuer each).
+fn model_with_uris(urls: &[String], timeout: &str) -> Model {
+    let mut rules = String::new();
+    for (i, u) in urls.iter().enumerate() {
+        rules.push_str(&format!(
+            "  - issuer: https://issuer-{i}.test\n    jwksUri: \"{u}\"\n    timeout: {timeout}\n"
+        ));
+    }
+    let text = format!(
+        "apiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {{name: jwt, namespace: shop}}\nspec:\n  jwtRules:\n{rules}"
+    );
+    Model::from_manifest(&text, Format::Yaml).unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn cache_for(model: Model) -> (Arc<super::jwks::Jwks>, crate::discovery::JwksSource, Duration) {
+    let rule = model.request_authentications("shop")[0].rules[0].clone();
+    let jwks = super::jwks::Jwks::new(
+        Arc::new(ArcSwap::from_pointee(Model::default())),
+        Arc::new(crate::l7::tls_origin::TlsOrigin::default()),
+    );
+    jwks.sync(&model);
+    tokio::spawn(jwks.clone().run());
+    (jwks, rule.jwks, rule.timeout)
+}
+
+use std::time::Duration;
+
+/// Polls `f` every 10 ms until it holds, for up to 10 s.
+async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !f() {
+        assert!(tokio::time::Instant::now() < deadline, "{what}: not within 10 s");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn fetched_keys_are_cached_and_a_failed_refresh_keeps_them() {
+    let key = ec_key(Algorithm::ES256);
+    let server = KeyServer::start(Answer::Jwks(json!({"keys": [key.jwk("k", true)]}).to_string())).await;
+    let (jwks, source, timeout) = cache_for(model_with_uris(&[server.url()], "2s"));
+    // The first request waits for the first fetch.
+    let keys = jwks.keys(&source, timeout).await.expect("first fetch");
+    validate::verify(&key.sign(Some("k"), &claims("a")), &keys, &[], NOW).expect("fetched key verifies");
+    // Served from the cache: no new request.
+    let fetched = server.requests.load(std::sync::atomic::Ordering::SeqCst);
+    for _ in 0..5 {
+        jwks.keys(&source, timeout).await.unwrap();
+    }
+    assert_eq!(server.requests.load(std::sync::atomic::Ordering::SeqCst), fetched);
+
+    // The key server fails: the last good keys stay, the error is shown.
+    server.set(Answer::Status(503));
+    jwks.refresh_all_now();
+    eventually("a failed refresh", || {
+        jwks.counters.jwks_fetches_failed.load(std::sync::atomic::Ordering::SeqCst) >= 1
+    })
+    .await;
+    let view = jwks.view();
+    assert_eq!(view[0].keys, Some(1), "{view:?}");
+    assert!(view[0].error.as_deref().is_some_and(|e| e.contains("answered 503")), "{view:?}");
+    assert!(jwks.keys(&source, timeout).await.is_ok(), "last good keys");
+
+    // Rotation: a new key set replaces the old one on the next refresh.
+    let rotated = ed_key();
+    server.set(Answer::Jwks(json!({"keys": [rotated.jwk("k2", true)]}).to_string()));
+    jwks.refresh_all_now();
+    eventually("the rotated set", || jwks.view()[0].error.is_none()).await;
+    let keys = jwks.keys(&source, timeout).await.unwrap();
+    assert!(validate::verify(&rotated.sign(Some("k2"), &claims("a")), &keys, &[], NOW).is_ok());
+    assert_eq!(
+        validate::verify(&key.sign(Some("k"), &claims("a")), &keys, &[], NOW).unwrap_err(),
+        JwtError::UnknownKey
+    );
+}
+
+#[tokio::test]
+async fn fetches_are_bounded_in_time_and_size() {
+    let server = KeyServer::start(Answer::Hang).await;
+    let (jwks, source, _) = cache_for(model_with_uris(&[server.url()], "200ms"));
+    let e = jwks.keys(&source, Duration::from_secs(5)).await.unwrap_err();
+    assert!(e.contains("no complete answer within 200 ms"), "{e}");
+
+    let big = format!("{{\"keys\": [], \"pad\": \"{}\"}}", "x".repeat(MAX_JWKS_BYTES));
+    let server = KeyServer::start(Answer::Jwks(big)).await;
+    let (jwks, source, timeout) = cache_for(model_with_uris(&[server.url()], "2s"));
+    let e = jwks.keys(&source, timeout).await.unwrap_err();
+    assert!(e.contains(&format!("at most {MAX_JWKS_BYTES} bytes")), "{e}");
+
+    // A request for a URL whose first fetch failed gets the reason at once (no wait).
+    let started = std::time::Instant::now();
+    let e = jwks.keys(&source, Duration::from_secs(5)).await.unwrap_err();
+    assert!(e.contains("at most"), "{e}");
+    assert!(started.elapsed() < Duration::from_secs(1), "{:?}", started.elapsed());
+}
+
+#[test]
+fn the_number_of_urls_is_bounded() {
+    let urls: Vec<String> =
+        (0..super::jwks::MAX_URLS + 3).map(|i| format!("http://127.0.0.1:9/{i}.json")).collect();
+    let model = model_with_uris(&urls, "1s");
+    let jwks = super::jwks::Jwks::new(
+        Arc::new(ArcSwap::from_pointee(Model::default())),
+        Arc::new(crate::l7::tls_origin::TlsOrigin::default()),
+    );
+    jwks.sync(&model);
+    assert_eq!(jwks.view().len(), super::jwks::MAX_URLS);
+    assert_eq!(jwks.counters.jwks_urls_refused.load(std::sync::atomic::Ordering::SeqCst), 3);
+}
