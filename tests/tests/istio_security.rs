@@ -191,8 +191,15 @@ fn l7_policy_allows_only_get_on_paths_from_one_principal() -> Result<()> {
     // principal: denied).
     let r = http_get(&out, direct, "/api/items", &[])?;
     ensure!(denied(&r), "plaintext: {r}");
-    // TCP (the echo port): the ALLOW rule needs HTTP, so no rule matches the connection.
-    ensure!(refused(&tcp_exchange(&client, echo_vip(), 16)?), "TCP must be refused by an HTTP-only ALLOW");
+    // TCP (the echo port): the ALLOW rule needs HTTP, so no rule matches the connection. The
+    // destination read its first bytes (to tell HTTP from not) before refusing it, so the
+    // client sees the connection end with nothing echoed (as with Envoy's network RBAC filter,
+    // which closes it).
+    let before = w.sluice.get_json("/status")?["counters"]["policy_denied"].as_u64().unwrap_or(0);
+    let r = tcp_exchange(&client, echo_vip(), 16)?;
+    ensure!(r["ok"] == false || r["received"] == 0, "TCP must be refused by an HTTP-only ALLOW: {r}");
+    let after = w.sluice.get_json("/status")?["counters"]["policy_denied"].as_u64().unwrap_or(0);
+    ensure!(after > before, "policy_denied {before} -> {after}");
     let counters = w.sluice.get_json("/status")?["counters"].clone();
     ensure!(counters["http_denied"].as_u64().unwrap_or(0) >= 8, "{counters}");
     ensure!(counters["inbound_sniffed"].as_u64().unwrap_or(0) >= 1, "{counters}");
