@@ -439,8 +439,8 @@ fn model_follows_the_api_server() -> Result<()> {
     api.compact(Resource::Pods);
     let cut = api.drop_watches();
     assert_eq!(
-        cut, 10,
-        "namespaces, pods ×2, services, endpointslices, authorizationpolicies, httproutes, grpcroutes, trafficpolicies, serviceentries"
+        cut, 12,
+        "namespaces, pods ×2, services, endpointslices, authorizationpolicies, httproutes, grpcroutes, trafficpolicies, serviceentries, peerauthentications, requestauthentications"
     );
     // Made while disconnected: they must arrive from the history on resume.
     api.apply(objects::pod(&objects::PodSpec {
@@ -494,7 +494,7 @@ fn model_follows_the_api_server() -> Result<()> {
     // --- A dropped connection: the change made meanwhile arrives on resume, without a relist ---
     wait_all_watching(&api)?;
     let services_before = api.stats(Resource::Services);
-    assert_eq!(api.drop_watches(), 10);
+    assert_eq!(api.drop_watches(), 12);
     let with_metrics =
         [("echo", ECHO_PORT, ECHO_PORT), ("http", HTTP_PORT, HTTP_TARGET_PORT), ("metrics", 9090, 9090)];
     api.apply(objects::service("shop", "web", VIP, &with_metrics, &[("app", "web")]))?;
@@ -526,9 +526,9 @@ fn model_follows_the_api_server() -> Result<()> {
     Ok(())
 }
 
-/// Without Istio's CRDs the API server does not serve AuthorizationPolicies or ServiceEntries,
-/// without the Gateway API's it serves no HTTPRoutes or GRPCRoutes, and without sluice's no
-/// TrafficPolicies: sluice says so once per resource, runs without them, and picks them up once
+/// Without Istio's CRDs the API server does not serve AuthorizationPolicies, PeerAuthentications,
+/// RequestAuthentications or ServiceEntries, without the Gateway API's it serves no HTTPRoutes
+/// or GRPCRoutes, and without sluice's no TrafficPolicies: sluice says so once per resource, runs without them, and picks them up once
 /// the CRDs are installed.
 #[test]
 fn runs_without_the_optional_crds() -> Result<()> {
@@ -555,7 +555,15 @@ fn runs_without_the_optional_crds() -> Result<()> {
     for crd in Resource::CRDS {
         api.wait_stats(crd, T, "a second list attempt", |s| s.lists >= 2)?;
     }
-    for plural in ["authorizationpolicies", "httproutes", "grpcroutes", "trafficpolicies", "serviceentries"] {
+    for plural in [
+        "authorizationpolicies",
+        "httproutes",
+        "grpcroutes",
+        "trafficpolicies",
+        "serviceentries",
+        "peerauthentications",
+        "requestauthentications",
+    ] {
         let said = sluice.log_contents().matches(&format!("does not serve {plural}")).count();
         assert_eq!(said, 1, "{plural} logged once:\n{}", sluice.log_contents());
     }
@@ -564,6 +572,13 @@ fn runs_without_the_optional_crds() -> Result<()> {
         api.set_installed(crd, true);
     }
     api.apply(objects::authorization_policy("shop", "deny-all", json!({"action": "DENY", "rules": [{}]})))?;
+    api.apply(objects::istio_security("PeerAuthentication", "istio-system", "default", json!({"mtls": {"mode": "STRICT"}})))?;
+    api.apply(objects::istio_security(
+        "RequestAuthentication",
+        "shop",
+        "jwt",
+        json!({"jwtRules": [{"issuer": "https://issuer.test", "jwksUri": "https://issuer.test/keys"}]}),
+    ))?;
     let api_parent = json!([{"group": "", "kind": "Service", "name": "api"}]);
     api.apply(objects::grpc_route("shop", "api", json!({"parentRefs": api_parent, "rules": [{}]})))?;
     api.apply(objects::http_route("shop", "api", json!({"parentRefs": api_parent})))?;
@@ -586,12 +601,14 @@ fn runs_without_the_optional_crds() -> Result<()> {
                 && route_keys(&m["routes"]) == set(&["GRPCRoute shop/api", "HTTPRoute shop/api"])
                 && keys(&m["traffic_policies"]) == set(&["shop/api"])
                 && keys(&m["service_entries"]) == set(&["shop/api"])
+                && keys(&m["peer_authentications"]) == set(&["istio-system/default"])
+                && keys(&m["request_authentications"]) == set(&["shop/jwt"])
         },
         Duration::from_secs(40),
     )?;
     assert_eq!(
         sluice.log_contents().matches("serves this resource now").count(),
-        5,
+        7,
         "{}",
         sluice.log_contents()
     );
