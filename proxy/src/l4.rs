@@ -377,14 +377,24 @@ fn registered(model: &Model, dst: SocketAddr) -> bool {
 /// unless its peer authentication for that port is DISABLE: then, as Istio's sidecars do, the
 /// connection goes in plaintext (and arrives without a principal).
 pub fn mesh_identity(model: &Model, endpoint: SocketAddr, dp: &DataPath) -> Option<SpiffeId> {
+    tunnel_identity(model, &dp.root_namespace, &dp.trust_domain, endpoint)
+}
+
+/// [`mesh_identity`] with its settings spelled out.
+pub fn tunnel_identity(
+    model: &Model,
+    root_namespace: &str,
+    trust_domain: &str,
+    endpoint: SocketAddr,
+) -> Option<SpiffeId> {
     model
         .pod_by_ip(endpoint.ip())
         .filter(|p| !p.host_network && model.is_enrolled(&p.namespace))
         .filter(|p| {
-            crate::policy::peer_auth::effective(model, &dp.root_namespace, p, endpoint.port()).mode
+            crate::policy::peer_auth::effective(model, root_namespace, p, endpoint.port()).mode
                 != crate::discovery::PeerAuthMode::Disable
         })
-        .map(|p| SpiffeId::for_pod(&dp.trust_domain, p))
+        .map(|p| SpiffeId::for_pod(trust_domain, p))
 }
 
 fn new_conn(

@@ -211,6 +211,31 @@ status: {{podIP: 10.0.0.4}}
     }
 
     #[test]
+    fn disable_means_no_tunnel_to_that_pod_and_port() {
+        let tunnel = |m: &Model, ip: &str, port: u16| {
+            crate::l4::tunnel_identity(m, ROOT, "cluster.local", format!("{ip}:{port}").parse().unwrap())
+                .map(|id| id.to_string())
+        };
+        let m = model(&pa(
+            "shop",
+            "web",
+            "2024-01-01T00:00:00Z",
+            "  selector: {matchLabels: {app: web}}\n  mtls: {mode: DISABLE}\n  portLevelMtls:\n    8443: {mode: STRICT}\n",
+        ));
+        assert_eq!(tunnel(&m, "10.0.0.1", 8080), None, "DISABLE: plaintext to the pod, as Istio's sidecars");
+        assert_eq!(tunnel(&m, "10.0.0.1", 8443).as_deref(), Some("spiffe://cluster.local/ns/shop/sa/default"));
+        assert!(tunnel(&m, "10.0.0.2", 8080).is_some(), "other pods of the namespace still tunnel");
+        // A mesh-wide DISABLE turns tunnelling off everywhere but where a lower level says otherwise.
+        let m = model(&format!(
+            "{}{}",
+            pa(ROOT, "default", "2024-01-01T00:00:00Z", "  mtls: {mode: DISABLE}\n"),
+            pa("bank", "ns", "2024-01-01T00:00:00Z", "  mtls: {mode: STRICT}\n"),
+        ));
+        assert_eq!(tunnel(&m, "10.0.0.1", 80), None);
+        assert!(tunnel(&m, "10.0.0.3", 80).is_some());
+    }
+
+    #[test]
     fn selectors_only_reach_their_own_namespace() {
         // A root-namespace policy with a selector is a workload policy of the root namespace.
         let m = model(&pa(ROOT, "sel", "2024-01-01T00:00:00Z", "  selector: {matchLabels: {app: web}}\n  mtls: {mode: STRICT}\n"));
