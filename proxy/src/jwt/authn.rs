@@ -30,7 +30,8 @@ use crate::discovery::{JwtRule, Model, Pod};
 /// The JWT rules that apply to `pod`: the root namespace's RequestAuthentications (mesh-wide),
 /// then its namespace's, each by name, then in their order.
 pub fn rules_for<'m>(model: &'m Model, root_namespace: &str, pod: &Pod) -> Vec<&'m JwtRule> {
-    let root = if pod.namespace == root_namespace { &[][..] } else { model.request_authentications(root_namespace) };
+    let root =
+        if pod.namespace == root_namespace { &[][..] } else { model.request_authentications(root_namespace) };
     root.iter()
         .chain(model.request_authentications(&pod.namespace))
         .filter(|ra| ra.selects(&pod.labels))
@@ -55,7 +56,12 @@ struct Found<'r> {
 
 /// Authenticates the request whose head is `parts` with `rules` (see the module documentation);
 /// rewrites the head for the application. `Ok(None)`: no token; `Err`: 401 with the reason.
-pub async fn authenticate(parts: &mut Parts, rules: &[&JwtRule], jwks: &Jwks, now: u64) -> Result<Option<Verified>, JwtError> {
+pub async fn authenticate(
+    parts: &mut Parts,
+    rules: &[&JwtRule],
+    jwks: &Jwks,
+    now: u64,
+) -> Result<Option<Verified>, JwtError> {
     if rules.is_empty() {
         return Ok(None);
     }
@@ -76,7 +82,8 @@ pub async fn authenticate(parts: &mut Parts, rules: &[&JwtRule], jwks: &Jwks, no
     let mut outputs: Vec<(&JwtRule, Location<'_>, Verified)> = Vec::with_capacity(found.len());
     for f in &found {
         let iss = validate::issuer(&f.token)?;
-        let rule = f.readers.iter().map(|&i| rules[i]).find(|r| r.issuer == iss).ok_or(JwtError::UnknownIssuer)?;
+        let rule =
+            f.readers.iter().map(|&i| rules[i]).find(|r| r.issuer == iss).ok_or(JwtError::UnknownIssuer)?;
         let keys = jwks.keys(&rule.jwks, rule.timeout).await.map_err(JwtError::NoKeys)?;
         let verified = validate::verify(&f.token, &keys, &rule.audiences, now)?;
         outputs.push((rule, f.location, verified));
@@ -86,7 +93,9 @@ pub async fn authenticate(parts: &mut Parts, rules: &[&JwtRule], jwks: &Jwks, no
             parts.headers.remove(name);
         }
         if let Some(h) = &rule.output_payload_to_header {
-            if let (Ok(name), Ok(value)) = (HeaderName::from_bytes(h.as_bytes()), HeaderValue::from_str(&verified.payload)) {
+            if let (Ok(name), Ok(value)) =
+                (HeaderName::from_bytes(h.as_bytes()), HeaderValue::from_str(&verified.payload))
+            {
                 parts.headers.insert(name, value);
             }
         }
@@ -97,7 +106,9 @@ pub async fn authenticate(parts: &mut Parts, rules: &[&JwtRule], jwks: &Jwks, no
                 Some(Value::Bool(b)) => b.to_string(),
                 _ => continue,
             };
-            if let (Ok(name), Ok(value)) = (HeaderName::from_bytes(c.header.as_bytes()), HeaderValue::from_str(&text)) {
+            if let (Ok(name), Ok(value)) =
+                (HeaderName::from_bytes(c.header.as_bytes()), HeaderValue::from_str(&text))
+            {
                 parts.headers.insert(name, value);
             }
         }

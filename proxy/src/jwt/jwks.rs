@@ -238,9 +238,9 @@ impl Jwks {
 
     async fn refresh(&self, slot: &Slot) {
         let timeout = *slot.timeout.lock().expect("slot lock");
-        let result = tokio::time::timeout(timeout, self.fetch(&slot.want)).await.unwrap_or_else(|_| {
-            Err(format!("no complete answer within {} ms", timeout.as_millis()))
-        });
+        let result = tokio::time::timeout(timeout, self.fetch(&slot.want))
+            .await
+            .unwrap_or_else(|_| Err(format!("no complete answer within {} ms", timeout.as_millis())));
         let mut st = slot.state.lock().expect("slot lock");
         st.running = false;
         match result {
@@ -259,7 +259,8 @@ impl Jwks {
             Err(e) => {
                 self.counters.jwks_fetches_failed.fetch_add(1, Ordering::Relaxed);
                 st.failures += 1;
-                let delay = RETRY_FIRST.saturating_mul(1 << st.failures.min(7).saturating_sub(1)).min(RETRY_MAX);
+                let delay =
+                    RETRY_FIRST.saturating_mul(1 << st.failures.min(7).saturating_sub(1)).min(RETRY_MAX);
                 st.next = Instant::now() + delay;
                 // Logged the first time and when the reason changes, not at every retry.
                 let same = slot.error.load().as_deref().is_some_and(|old| *old == e);
@@ -299,10 +300,12 @@ impl Jwks {
             Some("http") => false,
             _ => return Err(format!("{url:?} is not an http:// or https:// URL")),
         };
-        let host = uri.host().ok_or_else(|| format!("{url:?} has no host"))?.trim_matches(['[', ']']).to_owned();
+        let host =
+            uri.host().ok_or_else(|| format!("{url:?} has no host"))?.trim_matches(['[', ']']).to_owned();
         let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
         let addr = self.resolve(&host, port).await?;
-        let tcp = tokio::net::TcpStream::connect(addr).await.map_err(|e| format!("connecting to {addr}: {e}"))?;
+        let tcp =
+            tokio::net::TcpStream::connect(addr).await.map_err(|e| format!("connecting to {addr}: {e}"))?;
         let path = uri.path_and_query().map_or("/", |p| p.as_str());
         let authority = uri.authority().map_or(host.as_str(), |a| a.as_str()).to_owned();
         let req = http::Request::get(path)
@@ -313,7 +316,8 @@ impl Jwks {
             .map_err(|e| e.to_string())?;
         if https {
             let config = self.tls.config("jwks", None)?;
-            let name = rustls_pki_types::ServerName::try_from(host.clone()).map_err(|e| format!("{host}: {e}"))?;
+            let name =
+                rustls_pki_types::ServerName::try_from(host.clone()).map_err(|e| format!("{host}: {e}"))?;
             let tls = tokio_rustls::TlsConnector::from(config)
                 .connect(name, tcp)
                 .await
@@ -330,7 +334,8 @@ impl Jwks {
         let model = self.model.load();
         if let Ok(ip) = host.parse::<IpAddr>() {
             if let Some(t) = model.service_for(ip, port) {
-                return pick(t.endpoints()).ok_or_else(|| format!("Service {}/{} has no ready endpoint", t.namespace(), t.name()));
+                return pick(t.endpoints())
+                    .ok_or_else(|| format!("Service {}/{} has no ready endpoint", t.namespace(), t.name()));
             }
             return Ok(SocketAddr::new(ip, port));
         }
@@ -339,7 +344,8 @@ impl Jwks {
             let rest: Vec<&str> = labels.collect();
             if rest.is_empty() || rest[0] == "svc" {
                 if let Some(t) = model.service_port(ns, name, port) {
-                    return pick(t.endpoints()).ok_or_else(|| format!("Service {ns}/{name} has no ready endpoint"));
+                    return pick(t.endpoints())
+                        .ok_or_else(|| format!("Service {ns}/{name} has no ready endpoint"));
                 }
             }
         }

@@ -103,7 +103,11 @@ impl KeySet {
     /// The keys that may verify a token with header `kid` and `alg`: with a `kid`, the key(s)
     /// of that id; without one, every key of a matching algorithm (RFC 7515 lets a token omit
     /// it when the set makes the choice clear; Envoy tries each key).
-    pub fn candidates<'a>(&'a self, kid: Option<&'a str>, alg: Algorithm) -> impl Iterator<Item = &'a Key> + 'a {
+    pub fn candidates<'a>(
+        &'a self,
+        kid: Option<&'a str>,
+        alg: Algorithm,
+    ) -> impl Iterator<Item = &'a Key> + 'a {
         self.keys
             .iter()
             .filter(move |k| k.algorithms.contains(&alg) && kid.is_none_or(|id| k.kid.as_deref() == Some(id)))

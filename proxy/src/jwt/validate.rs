@@ -117,7 +117,9 @@ pub fn verify(token: &str, keys: &KeySet, audiences: &[String], now: u64) -> Res
                 | ErrorKind::InvalidEddsaKey
                 | ErrorKind::InvalidKeyFormat
                 | ErrorKind::InvalidAlgorithm => continue,
-                ErrorKind::Base64(_) | ErrorKind::InvalidToken | ErrorKind::Utf8(_) => return Err(JwtError::Malformed),
+                ErrorKind::Base64(_) | ErrorKind::InvalidToken | ErrorKind::Utf8(_) => {
+                    return Err(JwtError::Malformed)
+                }
                 ErrorKind::Json(_) => return Err(JwtError::BadPayload),
                 _ => continue,
             },
@@ -140,7 +142,13 @@ pub fn verify(token: &str, keys: &KeySet, audiences: &[String], now: u64) -> Res
         _ => None,
     };
     let principal = format!("{}/{}", text("iss").unwrap_or_default(), text("sub").unwrap_or_default());
-    Ok(Verified { principal, audiences: token_audiences, presenter: text("azp"), payload: payload.to_owned(), claims })
+    Ok(Verified {
+        principal,
+        audiences: token_audiences,
+        presenter: text("azp"),
+        payload: payload.to_owned(),
+        claims,
+    })
 }
 
 fn split(token: &str) -> Result<(&str, &str, &str), JwtError> {

@@ -32,11 +32,11 @@ use std::net::IpAddr;
 
 use http::HeaderMap;
 
+use crate::discovery::traffic::IpNet;
 use crate::discovery::{
     AuthorizationPolicy, AuthzAction, AuthzCondition, AuthzOperation, AuthzSource, ConditionKey,
     ConditionValues, Model, Pod, StringMatch,
 };
-use crate::discovery::traffic::IpNet;
 use crate::jwt::validate::{string_or_list, Verified};
 
 const SPIFFE_SCHEME: &str = "spiffe://";
@@ -158,7 +158,8 @@ pub fn applicable<'m>(
     root_namespace: &str,
     dest: &'m Pod,
 ) -> impl Iterator<Item = &'m std::sync::Arc<AuthorizationPolicy>> + 'm {
-    let root = if dest.namespace == root_namespace { &[][..] } else { model.authorization_policies(root_namespace) };
+    let root =
+        if dest.namespace == root_namespace { &[][..] } else { model.authorization_policies(root_namespace) };
     root.iter().chain(model.authorization_policies(&dest.namespace)).filter(move |p| p.selects(&dest.labels))
 }
 
@@ -289,15 +290,17 @@ fn condition_matches(c: &AuthzCondition, attrs: &Attributes<'_>) -> bool {
             _ => false,
         },
         ConditionKey::SourceNamespace => text_condition(c, attrs.source.namespace.into_iter()),
-        ConditionKey::SourcePrincipal => {
-            text_condition(c, attrs.source.principal.map(|p| p.strip_prefix(SPIFFE_SCHEME).unwrap_or(p)).into_iter())
-        }
+        ConditionKey::SourcePrincipal => text_condition(
+            c,
+            attrs.source.principal.map(|p| p.strip_prefix(SPIFFE_SCHEME).unwrap_or(p)).into_iter(),
+        ),
         ConditionKey::ConnectionSni => text_condition(c, attrs.sni.into_iter()),
         // HTTP-only keys: ignored without a request (see policy_matches).
         _ if req.is_none() => true,
         ConditionKey::RequestHeader(name) => {
             let r = req.expect("checked above");
-            let mut values = r.headers.get_all(name.as_str()).iter().filter_map(|v| v.to_str().ok()).peekable();
+            let mut values =
+                r.headers.get_all(name.as_str()).iter().filter_map(|v| v.to_str().ok()).peekable();
             if values.peek().is_none() {
                 return text_condition(c, std::iter::empty());
             }
@@ -305,8 +308,12 @@ fn condition_matches(c: &AuthzCondition, attrs: &Attributes<'_>) -> bool {
             let joined = values.collect::<Vec<_>>().join(",");
             text_condition(c, std::iter::once(joined.as_str()))
         }
-        ConditionKey::RequestAuthPrincipal => text_condition(c, auth.map(|a| a.principal.as_str()).into_iter()),
-        ConditionKey::RequestAuthPresenter => text_condition(c, auth.and_then(|a| a.presenter.as_deref()).into_iter()),
+        ConditionKey::RequestAuthPrincipal => {
+            text_condition(c, auth.map(|a| a.principal.as_str()).into_iter())
+        }
+        ConditionKey::RequestAuthPresenter => {
+            text_condition(c, auth.and_then(|a| a.presenter.as_deref()).into_iter())
+        }
         ConditionKey::RequestAuthAudiences => {
             text_condition(c, auth.into_iter().flat_map(|a| a.audiences.iter().map(String::as_str)))
         }

@@ -171,8 +171,15 @@ status: {{podIP: 10.0.0.4}}
         );
         let m = model(&format!("{mesh}{ns}{workload}"));
         assert_eq!(mode(&m, "shop", "web", 80), (Strict, "PeerAuthentication shop/web".into()));
-        assert_eq!(mode(&m, "shop", "web", 8080), (Disable, "port 8080 of PeerAuthentication shop/web".into()));
-        assert_eq!(mode(&m, "shop", "web", 9090), (Strict, "PeerAuthentication shop/web".into()), "UNSET inherits");
+        assert_eq!(
+            mode(&m, "shop", "web", 8080),
+            (Disable, "port 8080 of PeerAuthentication shop/web".into())
+        );
+        assert_eq!(
+            mode(&m, "shop", "web", 9090),
+            (Strict, "PeerAuthentication shop/web".into()),
+            "UNSET inherits"
+        );
         assert_eq!(mode(&m, "shop", "web", 9091).0, Permissive);
         // Other pods of the namespace: the namespace policy.
         assert_eq!(mode(&m, "shop", "api", 8080), (Permissive, "PeerAuthentication shop/ns".into()));
@@ -184,7 +191,12 @@ status: {{podIP: 10.0.0.4}}
             "{}{}{}",
             pa(ROOT, "default", "2024-01-01T00:00:00Z", "  mtls: {mode: STRICT}\n"),
             pa("shop", "ns", "2024-01-02T00:00:00Z", "  mtls: {mode: UNSET}\n"),
-            pa("shop", "w", "2024-01-02T00:00:00Z", "  selector: {matchLabels: {app: web}}\n  portLevelMtls:\n    80: {mode: PERMISSIVE}\n"),
+            pa(
+                "shop",
+                "w",
+                "2024-01-02T00:00:00Z",
+                "  selector: {matchLabels: {app: web}}\n  portLevelMtls:\n    80: {mode: PERMISSIVE}\n"
+            ),
         ));
         assert_eq!(mode(&m, "shop", "web", 81).0, Strict);
         assert_eq!(mode(&m, "shop", "web", 80).0, Permissive);
@@ -203,8 +215,18 @@ status: {{podIP: 10.0.0.4}}
             "{}{}{}{}",
             pa(ROOT, "b-new", "2024-05-01T00:00:00Z", "  mtls: {mode: PERMISSIVE}\n"),
             pa(ROOT, "a-old", "2024-01-01T00:00:00Z", "  mtls: {mode: STRICT}\n"),
-            pa("shop", "web-new", "2024-06-01T00:00:00Z", "  selector: {matchLabels: {app: web}}\n  mtls: {mode: PERMISSIVE}\n"),
-            pa("shop", "web-old", "2024-02-01T00:00:00Z", "  selector: {matchLabels: {app: web}}\n  mtls: {mode: DISABLE}\n"),
+            pa(
+                "shop",
+                "web-new",
+                "2024-06-01T00:00:00Z",
+                "  selector: {matchLabels: {app: web}}\n  mtls: {mode: PERMISSIVE}\n"
+            ),
+            pa(
+                "shop",
+                "web-old",
+                "2024-02-01T00:00:00Z",
+                "  selector: {matchLabels: {app: web}}\n  mtls: {mode: DISABLE}\n"
+            ),
         ));
         assert_eq!(mode(&m, "shop", "api", 1), (Strict, "PeerAuthentication istio-system/a-old".into()));
         assert_eq!(mode(&m, "shop", "web", 1), (Disable, "PeerAuthentication shop/web-old".into()));
@@ -223,7 +245,10 @@ status: {{podIP: 10.0.0.4}}
             "  selector: {matchLabels: {app: web}}\n  mtls: {mode: DISABLE}\n  portLevelMtls:\n    8443: {mode: STRICT}\n",
         ));
         assert_eq!(tunnel(&m, "10.0.0.1", 8080), None, "DISABLE: plaintext to the pod, as Istio's sidecars");
-        assert_eq!(tunnel(&m, "10.0.0.1", 8443).as_deref(), Some("spiffe://cluster.local/ns/shop/sa/default"));
+        assert_eq!(
+            tunnel(&m, "10.0.0.1", 8443).as_deref(),
+            Some("spiffe://cluster.local/ns/shop/sa/default")
+        );
         assert!(tunnel(&m, "10.0.0.2", 8080).is_some(), "other pods of the namespace still tunnel");
         // A mesh-wide DISABLE turns tunnelling off everywhere but where a lower level says otherwise.
         let m = model(&format!(
@@ -238,12 +263,27 @@ status: {{podIP: 10.0.0.4}}
     #[test]
     fn selectors_only_reach_their_own_namespace() {
         // A root-namespace policy with a selector is a workload policy of the root namespace.
-        let m = model(&pa(ROOT, "sel", "2024-01-01T00:00:00Z", "  selector: {matchLabels: {app: web}}\n  mtls: {mode: STRICT}\n"));
+        let m = model(&pa(
+            ROOT,
+            "sel",
+            "2024-01-01T00:00:00Z",
+            "  selector: {matchLabels: {app: web}}\n  mtls: {mode: STRICT}\n",
+        ));
         assert_eq!(mode(&m, "shop", "web", 80).0, Permissive);
-        let m = model(&pa(ROOT, "sel", "2024-01-01T00:00:00Z", "  selector: {matchLabels: {app: istiod}}\n  mtls: {mode: STRICT}\n"));
+        let m = model(&pa(
+            ROOT,
+            "sel",
+            "2024-01-01T00:00:00Z",
+            "  selector: {matchLabels: {app: istiod}}\n  mtls: {mode: STRICT}\n",
+        ));
         assert_eq!(mode(&m, "istio-system", "istiod", 80).0, Strict);
         // An empty selector is no selector.
-        let m = model(&pa("shop", "all", "2024-01-01T00:00:00Z", "  selector: {matchLabels: {}}\n  mtls: {mode: STRICT}\n"));
+        let m = model(&pa(
+            "shop",
+            "all",
+            "2024-01-01T00:00:00Z",
+            "  selector: {matchLabels: {}}\n  mtls: {mode: STRICT}\n",
+        ));
         assert_eq!(mode(&m, "shop", "api", 80).0, Strict);
     }
 }

@@ -99,7 +99,11 @@ pub fn host_without_port(authority: &str) -> &str {
 pub fn remote_ip(headers: &HeaderMap) -> Option<IpAddr> {
     let last = headers.get_all("x-forwarded-for").iter().last()?.to_str().ok()?;
     let entry = last.rsplit(',').next()?.trim();
-    entry.parse::<IpAddr>().ok().or_else(|| entry.parse::<SocketAddr>().ok().map(|s| s.ip())).map(|ip| ip.to_canonical())
+    entry
+        .parse::<IpAddr>()
+        .ok()
+        .or_else(|| entry.parse::<SocketAddr>().ok().map(|s| s.ip()))
+        .map(|ip| ip.to_canonical())
 }
 
 #[cfg(test)]

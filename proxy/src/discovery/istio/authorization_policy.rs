@@ -140,7 +140,8 @@ pub enum ConditionKey {
 
 impl ConditionKey {
     /// The keys sluice understands, for the error about an unknown one.
-    const KNOWN: &'static str = "request.headers[NAME], source.ip, remote.ip, source.namespace, source.principal, \
+    const KNOWN: &'static str =
+        "request.headers[NAME], source.ip, remote.ip, source.namespace, source.principal, \
         request.auth.principal, request.auth.audiences, request.auth.presenter, request.auth.claims[NAME], \
         destination.ip, destination.port, connection.sni";
 
@@ -164,13 +165,15 @@ impl ConditionKey {
             }
             k if k.starts_with("request.auth.claims") => {
                 let names = bracketed(&k["request.auth.claims".len()..]).ok_or_else(|| {
-                    format!("{k:?}: write a claim condition as request.auth.claims[<name>] (nested: [<a>][<b>])")
+                    format!(
+                        "{k:?}: write a claim condition as request.auth.claims[<name>] (nested: [<a>][<b>])"
+                    )
                 })?;
                 ConditionKey::RequestAuthClaims(names)
             }
-            k if k.starts_with("experimental.") => {
-                return Err(format!("{k:?}: experimental condition keys are Envoy filter metadata, which sluice does not have"))
-            }
+            k if k.starts_with("experimental.") => return Err(format!(
+                "{k:?}: experimental condition keys are Envoy filter metadata, which sluice does not have"
+            )),
             k => return Err(format!("unknown condition key {k:?} (known: {})", Self::KNOWN)),
         })
     }
@@ -451,7 +454,10 @@ pub(crate) fn parse(meta: Meta, doc: &Node<'_>) -> Result<Object, DocError> {
         }
     };
     if spec.provider.is_some() {
-        return Err(invalid(format!("{at}.provider"), "belongs to action CUSTOM, which sluice does not support"));
+        return Err(invalid(
+            format!("{at}.provider"),
+            "belongs to action CUSTOM, which sluice does not support",
+        ));
     }
     let mut rules = Vec::with_capacity(spec.rules.len());
     for (i, rule) in spec.rules.into_iter().enumerate() {
@@ -497,7 +503,11 @@ fn authz_source(s: Source, at: &str) -> Result<AuthzSource, DocError> {
         principals: matches(&s.principals, &format!("{at}.principals"), strip_spiffe)?,
         not_principals: matches(&s.not_principals, &format!("{at}.notPrincipals"), strip_spiffe)?,
         request_principals: matches(&s.request_principals, &format!("{at}.requestPrincipals"), same)?,
-        not_request_principals: matches(&s.not_request_principals, &format!("{at}.notRequestPrincipals"), same)?,
+        not_request_principals: matches(
+            &s.not_request_principals,
+            &format!("{at}.notRequestPrincipals"),
+            same,
+        )?,
         namespaces: matches(&s.namespaces, &format!("{at}.namespaces"), same)?,
         not_namespaces: matches(&s.not_namespaces, &format!("{at}.notNamespaces"), same)?,
         service_accounts: service_accounts(&s.service_accounts, &format!("{at}.serviceAccounts"))?,
@@ -534,11 +544,14 @@ fn condition(c: Condition, at: &str) -> Result<AuthzCondition, DocError> {
             ValueKind::Port => ConditionValues::Ports(
                 list.iter()
                     .enumerate()
-                    .map(|(i, s)| PortValue::Text(s.clone()).port().map_err(|r| invalid(format!("{at}[{i}]"), r)))
+                    .map(|(i, s)| {
+                        PortValue::Text(s.clone()).port().map_err(|r| invalid(format!("{at}[{i}]"), r))
+                    })
                     .collect::<Result<_, _>>()?,
             ),
             ValueKind::Text => {
-                let normalize = if matches!(key, ConditionKey::SourcePrincipal) { strip_spiffe } else { same };
+                let normalize =
+                    if matches!(key, ConditionKey::SourcePrincipal) { strip_spiffe } else { same };
                 ConditionValues::Text(matches(list, &at, normalize)?)
             }
         })
@@ -590,7 +603,10 @@ fn ports(list: &[PortValue], at: &str) -> Result<Vec<u16>, DocError> {
 }
 
 fn ip_blocks(list: &[String], at: &str) -> Result<Vec<IpNet>, DocError> {
-    list.iter().enumerate().map(|(i, s)| parse_ip_net(s).map_err(|r| invalid(format!("{at}[{i}]"), r))).collect()
+    list.iter()
+        .enumerate()
+        .map(|(i, s)| parse_ip_net(s).map_err(|r| invalid(format!("{at}[{i}]"), r)))
+        .collect()
 }
 
 /// `<namespace>/<service account>`, both DNS labels.
@@ -605,7 +621,10 @@ fn service_accounts(list: &[String], at: &str) -> Result<Vec<String>, DocError> 
             if ok {
                 Ok(s.clone())
             } else {
-                Err(invalid(format!("{at}[{i}]"), format!("{s:?} is not <namespace>/<service account> (no wildcards)")))
+                Err(invalid(
+                    format!("{at}[{i}]"),
+                    format!("{s:?} is not <namespace>/<service account> (no wildcards)"),
+                ))
             }
         })
         .collect()

@@ -96,9 +96,11 @@ impl PortValue {
                 .ok()
                 .filter(|p| *p != 0)
                 .ok_or_else(|| format!("port {n} is out of range 1-65535")),
-            PortValue::Text(s) => {
-                s.parse::<u16>().ok().filter(|p| *p != 0).ok_or_else(|| format!("{s:?} is not a port number (1-65535)"))
-            }
+            PortValue::Text(s) => s
+                .parse::<u16>()
+                .ok()
+                .filter(|p| *p != 0)
+                .ok_or_else(|| format!("{s:?} is not a port number (1-65535)")),
         }
     }
 }

@@ -141,7 +141,8 @@ pub(crate) fn parse(meta: Meta, doc: &Node<'_>) -> Result<Object, DocError> {
                 PortKey::Text(s) => (PortValue::Text(s.clone()).port(), format!("spec.portLevelMtls[{s:?}]")),
             };
             let port = port.map_err(|r| invalid(at.clone(), r))?;
-            let mode = MtlsMode::parse(m.mode.as_deref().unwrap_or("")).map_err(|r| invalid(format!("{at}.mode"), r))?;
+            let mode = MtlsMode::parse(m.mode.as_deref().unwrap_or(""))
+                .map_err(|r| invalid(format!("{at}.mode"), r))?;
             if port_level.iter().any(|(p, _)| *p == port) {
                 return Err(invalid(at, format!("port {port} is listed twice")));
             }

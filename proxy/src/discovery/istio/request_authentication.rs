@@ -50,7 +50,8 @@ impl PartialEq for JwksSource {
     fn eq(&self, other: &Self) -> bool {
         match (self, other) {
             (JwksSource::Inline { text: a, .. }, JwksSource::Inline { text: b, .. }) => a == b,
-            (JwksSource::Uri(a), JwksSource::Uri(b)) | (JwksSource::Discovery(a), JwksSource::Discovery(b)) => a == b,
+            (JwksSource::Uri(a), JwksSource::Uri(b))
+            | (JwksSource::Discovery(a), JwksSource::Discovery(b)) => a == b,
             _ => false,
         }
     }
@@ -276,7 +277,8 @@ fn jwt_rule(r: Rule, at: &str) -> Result<JwtRule, DocError> {
     };
     let mut from_headers = Vec::with_capacity(r.from_headers.len());
     for (i, h) in r.from_headers.into_iter().enumerate() {
-        let name = header_name(&h.name).map_err(|reason| invalid(format!("{at}.fromHeaders[{i}].name"), reason))?;
+        let name =
+            header_name(&h.name).map_err(|reason| invalid(format!("{at}.fromHeaders[{i}].name"), reason))?;
         from_headers.push(JwtHeader { name, prefix: h.prefix.unwrap_or_default() });
     }
     for (i, p) in r.from_params.iter().enumerate() {
@@ -291,12 +293,14 @@ fn jwt_rule(r: Rule, at: &str) -> Result<JwtRule, DocError> {
     }
     let output_payload_to_header = match r.output_payload_to_header.filter(|s| !s.is_empty()) {
         None => None,
-        Some(h) => Some(header_name(&h).map_err(|reason| invalid(format!("{at}.outputPayloadToHeader"), reason))?),
+        Some(h) => {
+            Some(header_name(&h).map_err(|reason| invalid(format!("{at}.outputPayloadToHeader"), reason))?)
+        }
     };
     let mut output_claim_to_headers = Vec::with_capacity(r.output_claim_to_headers.len());
     for (i, c) in r.output_claim_to_headers.into_iter().enumerate() {
-        let header =
-            header_name(&c.header).map_err(|reason| invalid(format!("{at}.outputClaimToHeaders[{i}].header"), reason))?;
+        let header = header_name(&c.header)
+            .map_err(|reason| invalid(format!("{at}.outputClaimToHeaders[{i}].header"), reason))?;
         if c.claim.is_empty() {
             return Err(DocError::Missing { field: format!("{at}.outputClaimToHeaders[{i}].claim") });
         }
@@ -304,10 +308,9 @@ fn jwt_rule(r: Rule, at: &str) -> Result<JwtRule, DocError> {
     }
     let timeout = match r.timeout.filter(|s| !s.is_empty()) {
         None => DEFAULT_JWKS_TIMEOUT,
-        Some(t) => istio_duration(&t)
-            .ok()
-            .filter(|d| !d.is_zero())
-            .ok_or_else(|| invalid(format!("{at}.timeout"), format!("{t:?} is not a positive duration like \"5s\"")))?,
+        Some(t) => istio_duration(&t).ok().filter(|d| !d.is_zero()).ok_or_else(|| {
+            invalid(format!("{at}.timeout"), format!("{t:?} is not a positive duration like \"5s\""))
+        })?,
     };
     Ok(JwtRule {
         issuer: r.issuer,
