@@ -54,6 +54,8 @@ pub struct RunArgs {
     /// Who signs the workload certificates of this node's pods.
     pub ca: CaConfig,
     pub trust_domain: String,
+    /// Istio's root namespace (`--root-namespace`): mesh-wide security policies live there.
+    pub root_namespace: String,
     /// Lifetime of workload certificates (renewed at half of it).
     pub cert_lifetime: Duration,
     /// On SIGTERM, how long open connections may take to finish before sluice exits.
@@ -158,14 +160,19 @@ pub fn run(args: RunArgs) -> Result<()> {
 
     // Discovery: the first model is complete before anything is enrolled.
     let model = Arc::new(ArcSwap::from_pointee(Model::default()));
+    // RequestAuthentications' key sets: the URLs a model names are known to the cache before
+    // the data path sees that model; fetching runs on a task of its own.
+    let jwks = crate::jwt::jwks::Jwks::new(model.clone(), tls_origin.clone());
     let (control_tx, control_rx) = mpsc::channel::<Control>();
     let _source = {
         let model = model.clone();
         let tx = control_tx.clone();
         let tls_origin = tls_origin.clone();
+        let jwks = jwks.clone();
         args.source
             .spawn(&args.node, move |m: Arc<Model>| {
                 tls_origin.sync(&m);
+                jwks.sync(&m);
                 model.store(m.clone());
                 let _ = tx.send(Control::Model(m));
             })
@@ -214,6 +221,7 @@ pub fn run(args: RunArgs) -> Result<()> {
         connect_timeout: args.connect_timeout,
         identity: certs.clone(),
         trust_domain: args.trust_domain.clone(),
+        root_namespace: args.root_namespace.as_str().into(),
         pool: HbonePool::default(),
         tunnel_fallbacks: Default::default(),
         tunnel_fallbacks_refused: Default::default(),
@@ -249,7 +257,15 @@ pub fn run(args: RunArgs) -> Result<()> {
         loop_guard: loop_guard.clone(),
         admission: admission.clone(),
         idle: idle.clone(),
+        security: Arc::new(crate::inbound::Security {
+            root_namespace: args.root_namespace.as_str().into(),
+            jwks: jwks.clone(),
+            counters: Default::default(),
+            detect_timeout: args.l7.detect_timeout,
+            opaque_ports: args.l7.opaque_ports.clone(),
+        }),
     });
+    data_rt.spawn(jwks.clone().run());
     let mut enroller = Enroller::new(
         args.node.clone(),
         kubepods.clone(),

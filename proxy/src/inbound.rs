@@ -1,8 +1,15 @@
 //! The destination side: connections *to* an enrolled pod on this node. They arrive either as
 //! HBONE streams on the pod's `IP:15008` (from a mesh client, identity verified by mTLS) or as
 //! plaintext captured by the kernel (`sk_lookup`) onto the pod's `IP:15006` listener (from a
-//! client outside the mesh). Either way: peer authentication mode, authorization policy, then
-//! delivery to the application from inside the pod's namespace with the client's address.
+//! client outside the mesh). Either way: peer authentication mode (plaintext only), then
+//! authorization and delivery to the application from inside the pod's namespace with the
+//! client's address.
+//!
+//! Authorization is per connection (Istio's TCP semantics) unless the connection carries HTTP
+//! that sluice serves: a tunnel stream marked `x-sluice-l7`, or, for a pod that a policy needing
+//! requests selects (an AuthorizationPolicy with HTTP fields or the remote IP, a
+//! RequestAuthentication), any connection whose first bytes are HTTP. Those are authorized per
+//! request (`l7::inbound`), with the JWT checked first.
 
 use std::{
     net::SocketAddr,
@@ -31,6 +38,33 @@ use crate::{
     transport::{pump, server, TunnelRequest},
 };
 
+/// What the destination side needs for security decisions beyond the model.
+pub struct Security {
+    /// Istio's root namespace (`--root-namespace`): its policies apply to every pod.
+    pub root_namespace: Arc<str>,
+    /// Key sets behind RequestAuthentications' `jwksUri`.
+    pub jwks: Arc<crate::jwt::jwks::Jwks>,
+    pub counters: SecurityCounters,
+    /// Protocol detection for connections to pods that need requests seen.
+    pub detect_timeout: Duration,
+    pub opaque_ports: Vec<u16>,
+}
+
+/// Node-wide counters of request-level security.
+#[derive(Debug, Default, Serialize)]
+pub struct SecurityCounters {
+    /// Requests answered 403 by an AuthorizationPolicy.
+    pub http_denied: AtomicU64,
+    /// Requests answered 401: a JWT that is not valid.
+    pub jwt_rejected: AtomicU64,
+    /// Requests that carried a valid JWT.
+    pub jwt_verified: AtomicU64,
+    /// Requests or connections that matched an AUDIT policy (logged).
+    pub policy_audited: AtomicU64,
+    /// Plaintext or opaque-tunnel connections read for HTTP because a policy needs requests.
+    pub inbound_sniffed: AtomicU64,
+}
+
 /// Node-wide counters of the destination side.
 #[derive(Debug, Default, Serialize)]
 pub struct InboundCounters {
@@ -53,6 +87,7 @@ pub struct Inbound {
     pub admission: Arc<crate::admission::Admission>,
     /// Opaque TCP with no bytes either way for this long is closed.
     pub idle: Arc<crate::idle::IdleTimeout>,
+    pub security: Arc<Security>,
 }
 
 enum Verdict {
@@ -61,7 +96,8 @@ enum Verdict {
 }
 
 impl Inbound {
-    fn authorize(&self, pod: &PodContext, port: u16, principal: Option<&SpiffeId>) -> Verdict {
+    /// Authorizes a connection (TCP semantics) from `peer` with `principal` to `target`.
+    fn authorize(&self, pod: &PodContext, peer: SocketAddr, target: SocketAddr, principal: Option<&SpiffeId>) -> Verdict {
         let model = self.model.load();
         let Some(dest) = model.pod(&pod.namespace, &pod.name) else {
             return Verdict::Denied("destination pod is no longer in the model".into());
@@ -71,7 +107,22 @@ impl Inbound {
             Some(id) => Source::mtls(id),
             None => Source::PLAINTEXT,
         };
-        let decision = policy::authorize(&model, dest, port, &source);
+        let attrs = policy::Attributes {
+            source,
+            source_ip: Some(peer.ip().to_canonical()),
+            dest_ip: Some(target.ip().to_canonical()),
+            dest_port: target.port(),
+            sni: None,
+            request: None,
+        };
+        let decision = policy::authorize(&model, &self.security.root_namespace, dest, &attrs);
+        if let Some(audit) = &decision.audit {
+            self.security.counters.policy_audited.fetch_add(1, Ordering::Relaxed);
+            let who = principal_str.clone().unwrap_or_else(|| lograte::source_of_ip(peer.ip()));
+            if let Some(suppressed) = lograte::shared().allow("policy-audit", &who) {
+                info!(pod = %pod.key, source = %who, port = target.port(), policy = %audit, allowed = decision.allowed, suppressed, "connection matched an AUDIT policy");
+            }
+        }
         if decision.allowed {
             Verdict::Allowed
         } else {
@@ -81,6 +132,47 @@ impl Inbound {
                 decision.policy.as_deref().unwrap_or("no policy")
             ))
         }
+    }
+
+    /// Whether connections to `pod` must be read for HTTP requests (a policy that selects it
+    /// needs them).
+    fn needs_requests(&self, pod: &PodContext) -> bool {
+        let model = self.model.load();
+        let Some(dest) = model.pod(&pod.namespace, &pod.name) else { return false };
+        let root = &self.security.root_namespace;
+        policy::authz::needs_requests(&model, root, dest) || !crate::jwt::authn::rules_for(&model, root, dest).is_empty()
+    }
+
+    /// How to sniff a connection to `target`: the Service port it is an endpoint of may pin
+    /// the protocol; well-known server-first ports are not sniffed.
+    fn hint(&self, target: SocketAddr) -> crate::l7::detect::Hint {
+        let model = self.model.load();
+        let port = model
+            .service_of_endpoint(target)
+            .and_then(|(ns, name)| model.service(ns, name))
+            .and_then(|svc| {
+                // The Service port whose endpoints include this one.
+                svc.ports.iter().find(|p| {
+                    model.service_port(&svc.namespace, &svc.name, p.port).is_some_and(|t| t.endpoints().contains(&target))
+                })
+            })
+            .cloned();
+        crate::l7::detect::hint(port.as_ref(), target.port(), &self.security.opaque_ports)
+    }
+
+    fn l7_stream(&self, pod: &Arc<PodContext>, peer: SocketAddr, peer_identity: Option<Arc<str>>, target: SocketAddr, entry: Arc<crate::conns::ConnEntry>, held: (crate::admission::Permit, crate::conns::ConnGuard)) -> Arc<crate::l7::inbound::InboundStream> {
+        Arc::new(crate::l7::inbound::InboundStream {
+            pod: pod.clone(),
+            telemetry: self.telemetry.clone(),
+            model: self.model.clone(),
+            security: self.security.clone(),
+            peer,
+            peer_identity,
+            target,
+            idle: self.idle.clone(),
+            entry,
+            held,
+        })
     }
 }
 
@@ -109,7 +201,12 @@ pub async fn handle_tunnel(mut req: TunnelRequest, pod: Arc<PodContext>, inbound
         }
     };
     let principal: Option<SpiffeId> = req.peer_identity.parse().ok();
-    if let Verdict::Denied(why) = inbound.authorize(&pod, req.target.port(), principal.as_ref()) {
+    // HTTP (a stream from a sluice's L7 path, or one that turns out to be HTTP for a pod whose
+    // policies need requests) is authorized per request; anything else here, per connection.
+    let sniff = req.l7.is_none() && inbound.needs_requests(&pod);
+    if req.l7.is_some() || sniff {
+        // decided per request (or after sniffing) below
+    } else if let Verdict::Denied(why) = inbound.authorize(&pod, req.peer, req.target, principal.as_ref()) {
         inbound.counters.policy_denied.fetch_add(1, Ordering::Relaxed);
         if let Some(suppressed) = lograte::shared().allow("policy-denied", &req.peer_identity) {
             warn!(pod = %pod.key, port = req.target.port(), source = %req.peer_identity, reason = %why, suppressed, "connection denied by authorization policy");
@@ -152,26 +249,51 @@ pub async fn handle_tunnel(mut req: TunnelRequest, pod: Arc<PodContext>, inbound
     );
     if let Some(protocol) = req.l7 {
         // HTTP from a sluice's L7 path: served per request on this side too.
-        let ctx = Arc::new(crate::l7::inbound::InboundStream {
-            pod: pod.clone(),
-            telemetry: inbound.telemetry.clone(),
-            model: inbound.model.clone(),
-            peer: req.peer,
-            peer_identity: req.peer_identity.clone(),
-            target: req.target,
-            idle: inbound.idle.clone(),
-            entry: guard.entry.clone(),
-            held: (permit, guard),
-        });
+        let ctx = inbound.l7_stream(&pod, req.peer, Some(req.peer_identity.clone()), req.target, guard.entry.clone(), (permit, guard));
         crate::l7::inbound::serve(crate::l7::io::TunnelIo::new(send, req.body), app, protocol, ctx).await;
         return;
+    }
+    let (mut send, mut body) = (send, req.body);
+    let mut app = app;
+    if sniff {
+        inbound.security.counters.inbound_sniffed.fetch_add(1, Ordering::Relaxed);
+        let hint = inbound.hint(req.target);
+        let (protocol, prefix) = {
+            let mut reader = RecvReader { recv: &mut body, pending: bytes::Bytes::new() };
+            let (protocol, read) = crate::l7::detect::detect(&mut reader, hint, inbound.security.detect_timeout).await;
+            // Bytes of a DATA frame the detection did not take go first too.
+            (protocol, if reader.pending.is_empty() { read } else { [read, reader.pending].concat().into() })
+        };
+        if protocol != crate::l7::Protocol::Opaque {
+            let ctx = inbound.l7_stream(&pod, req.peer, Some(req.peer_identity.clone()), req.target, guard.entry.clone(), (permit, guard));
+            let io = crate::l7::io::Prefixed::new(prefix, crate::l7::io::TunnelIo::new(send, body));
+            crate::l7::inbound::serve(io, app, protocol, ctx).await;
+            return;
+        }
+        // Not HTTP: Istio's TCP semantics for this connection.
+        if let Verdict::Denied(why) = inbound.authorize(&pod, req.peer, req.target, principal.as_ref()) {
+            inbound.counters.policy_denied.fetch_add(1, Ordering::Relaxed);
+            if let Some(suppressed) = lograte::shared().allow("policy-denied", &req.peer_identity) {
+                warn!(pod = %pod.key, port = req.target.port(), source = %req.peer_identity, reason = %why, suppressed, "connection denied by authorization policy");
+            }
+            send.send_reset(h2::Reason::REFUSED_STREAM);
+            return;
+        }
+        if !prefix.is_empty() {
+            use tokio::io::AsyncWriteExt;
+            if app.write_all(&prefix).await.is_err() {
+                send.send_reset(h2::Reason::CONNECT_ERROR);
+                return;
+            }
+            guard.entry.sent.fetch_add(prefix.len() as u64, Ordering::Relaxed);
+        }
     }
     // Bytes towards the application count as "received" from the peer's point of view of
     // this connection: sent = peer → app, received = app → peer, as for outbound.
     let tcp = InboundConn::new(&inbound, &pod, req.peer, req.target, Some(req.peer_identity.clone()));
     tcp.report(&inbound, &pod, &guard.entry, true);
     let (sent, received) = (&guard.entry.sent, &guard.entry.received);
-    inbound.idle.run(pump::tcp_h2(app, bytes::Bytes::new(), send, req.body, received, sent), sent, received).await;
+    inbound.idle.run(pump::tcp_h2(app, bytes::Bytes::new(), send, body, received, sent), sent, received).await;
     tcp.report(&inbound, &pod, &guard.entry, false);
     drop(permit);
 }
@@ -193,10 +315,7 @@ pub async fn serve_plaintext(listener: TcpListener, pod: Arc<PodContext>, inboun
                 };
                 let pod = pod.clone();
                 let inbound = inbound.clone();
-                tokio::spawn(async move {
-                    handle_plaintext(stream, peer, pod, inbound).await;
-                    drop(permit);
-                });
+                tokio::spawn(handle_plaintext(stream, peer, pod, inbound, permit));
             }
             Err(e) => {
                 if let Some(suppressed) = lograte::shared().allow("accept-failed", &pod.key) {
@@ -208,7 +327,15 @@ pub async fn serve_plaintext(listener: TcpListener, pod: Arc<PodContext>, inboun
     }
 }
 
-async fn handle_plaintext(client: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, inbound: Arc<Inbound>) {
+/// One plaintext connection; `permit` (its admission) is held until it ends, or handed to the
+/// HTTP path, whose upgraded exchanges may outlive this function.
+async fn handle_plaintext(
+    client: TcpStream,
+    peer: SocketAddr,
+    pod: Arc<PodContext>,
+    inbound: Arc<Inbound>,
+    permit: crate::admission::Permit,
+) {
     // sk_lookup hands us the connection without rewriting it: our local address is the one
     // the client dialled.
     let Ok(target) = client.local_addr() else { return };
@@ -219,16 +346,33 @@ async fn handle_plaintext(client: TcpStream, peer: SocketAddr, pod: Arc<PodConte
         pump::reset(&client);
         return;
     }
-    let mode = inbound.model.load().peer_auth_mode(&pod.namespace);
-    if mode == PeerAuthMode::Strict {
+    let mode = {
+        let model = inbound.model.load();
+        model.pod(&pod.namespace, &pod.name).map(|dest| {
+            crate::policy::peer_auth::effective(&model, &inbound.security.root_namespace, dest, target.port())
+        })
+    };
+    if let Some(mode) = mode.filter(|m| m.mode == PeerAuthMode::Strict) {
         inbound.counters.plaintext_refused_strict.fetch_add(1, Ordering::Relaxed);
         if let Some(suppressed) = lograte::shared().allow("strict-refused", &lograte::source_of_ip(peer.ip())) {
-            warn!(pod = %pod.key, %peer, %target, suppressed, "plaintext connection refused: namespace is STRICT (mTLS only)");
+            warn!(pod = %pod.key, %peer, %target, by = %mode.source, suppressed, "plaintext connection refused: STRICT peer authentication (mTLS only)");
         }
         pump::reset(&client);
         return;
     }
-    if let Verdict::Denied(why) = inbound.authorize(&pod, target.port(), None) {
+    let mut client = client;
+    let mut prefix = bytes::Bytes::new();
+    if inbound.needs_requests(&pod) {
+        inbound.security.counters.inbound_sniffed.fetch_add(1, Ordering::Relaxed);
+        let hint = inbound.hint(target);
+        let (protocol, read) = crate::l7::detect::detect(&mut client, hint, inbound.security.detect_timeout).await;
+        if protocol != crate::l7::Protocol::Opaque {
+            serve_plaintext_http(client, read, protocol, peer, target, pod, inbound, permit).await;
+            return;
+        }
+        prefix = read;
+    }
+    if let Verdict::Denied(why) = inbound.authorize(&pod, peer, target, None) {
         inbound.counters.policy_denied.fetch_add(1, Ordering::Relaxed);
         if let Some(suppressed) = lograte::shared().allow("policy-denied", &lograte::source_of_ip(peer.ip())) {
             warn!(pod = %pod.key, %peer, port = target.port(), reason = %why, suppressed, "plaintext connection denied by authorization policy");
@@ -262,11 +406,97 @@ async fn handle_plaintext(client: TcpStream, peer: SocketAddr, pod: Arc<PodConte
             protocol: "tcp",
         },
     );
+    let mut app = app;
+    if !prefix.is_empty() {
+        use tokio::io::AsyncWriteExt;
+        if app.write_all(&prefix).await.is_err() {
+            pump::reset(&client);
+            return;
+        }
+        guard.entry.sent.fetch_add(prefix.len() as u64, Ordering::Relaxed);
+    }
     let tcp = InboundConn::new(&inbound, &pod, peer, target, None);
     tcp.report(&inbound, &pod, &guard.entry, true);
     let (sent, received) = (&guard.entry.sent, &guard.entry.received);
     inbound.idle.run(l4::forward(client, app, sent, received), sent, received).await;
     tcp.report(&inbound, &pod, &guard.entry, false);
+    drop(permit);
+}
+
+/// A plaintext connection that speaks HTTP, to a pod whose policies need requests: each
+/// request is checked (JWT, authorization) and forwarded on one application connection.
+async fn serve_plaintext_http(
+    client: TcpStream,
+    prefix: bytes::Bytes,
+    protocol: crate::l7::Protocol,
+    peer: SocketAddr,
+    target: SocketAddr,
+    pod: Arc<PodContext>,
+    inbound: Arc<Inbound>,
+    permit: crate::admission::Permit,
+) {
+    inbound.counters.plaintext_accepted.fetch_add(1, Ordering::Relaxed);
+    let app = match deliver::connect(&inbound.redirector, &pod.netns, pod.transparent, peer.ip(), target, inbound.connect_timeout).await {
+        Ok(s) => s,
+        Err(e) => {
+            inbound.counters.delivery_failed.fetch_add(1, Ordering::Relaxed);
+            if let Some(suppressed) = lograte::shared().allow("delivery-failed", &lograte::source_of_ip(peer.ip())) {
+                info!(pod = %pod.key, %target, error = %e, suppressed, "delivery to the application failed; resetting");
+            }
+            pump::reset(&client);
+            return;
+        }
+    };
+    let guard = inbound.conns.open(
+        &pod.stats,
+        NewConn {
+            direction: Direction::Inbound,
+            peer_identity: None,
+            mtls: false,
+            source_pod: source_pod_name(&inbound.model, peer),
+            source_addr: peer,
+            original_dst: target,
+            service: None,
+            endpoint: target,
+            protocol: protocol.as_str(),
+        },
+    );
+    let ctx = inbound.l7_stream(&pod, peer, None, target, guard.entry.clone(), (permit, guard));
+    crate::l7::inbound::serve(crate::l7::io::Prefixed::new(prefix, client), app, protocol, ctx).await;
+}
+
+/// Reads a tunnel stream's DATA frames for protocol detection, giving flow-control window back
+/// as it goes; what it received but did not hand out stays in `pending`.
+struct RecvReader<'a> {
+    recv: &'a mut h2::RecvStream,
+    pending: bytes::Bytes,
+}
+
+impl tokio::io::AsyncRead for RecvReader<'_> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        use bytes::Buf;
+        use std::task::Poll;
+        loop {
+            if !self.pending.is_empty() {
+                let n = self.pending.len().min(buf.remaining());
+                buf.put_slice(&self.pending[..n]);
+                self.pending.advance(n);
+                return Poll::Ready(Ok(()));
+            }
+            match std::task::ready!(self.recv.poll_data(cx)) {
+                Some(Ok(chunk)) => {
+                    let _ = self.recv.flow_control().release_capacity(chunk.len());
+                    self.pending = chunk;
+                }
+                Some(Err(e)) => return Poll::Ready(Err(std::io::Error::other(e))),
+                None => return Poll::Ready(Ok(())),
+            }
+        }
+    }
 }
 
 /// What TCP telemetry says about one inbound connection (reporter=destination).

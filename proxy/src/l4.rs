@@ -72,6 +72,8 @@ pub struct DataPath {
     pub connect_timeout: Duration,
     pub identity: Arc<CertManager>,
     pub trust_domain: String,
+    /// Istio's root namespace (mesh-wide PeerAuthentication: DISABLE means no tunnel).
+    pub root_namespace: Arc<str>,
     pub pool: HbonePool,
     /// Connections sent plaintext because the destination had no tunnel endpoint.
     pub tunnel_fallbacks: AtomicU64,
@@ -239,7 +241,7 @@ async fn forward_opaque(
     }
     // An endpoint that is an enrolled pod (on any node) is reached through its HBONE port,
     // with mutual TLS carrying both pods' identities.
-    let mesh_peer = mesh_identity(&model, endpoint, &dp.trust_domain);
+    let mesh_peer = mesh_identity(&model, endpoint, &dp);
     let observed = OpaqueConn {
         dest_workload: model.workload_by_ip(endpoint.ip()).cloned(),
         dest_principal: mesh_peer.as_ref().map(|p| Arc::from(p.to_string())),
@@ -397,7 +399,7 @@ pub fn fallback_allowed(
 ) -> Result<(), crate::plaintext_fallback::Refused> {
     let model = dp.model.load();
     match model.pod_by_ip(endpoint.ip()) {
-        Some(dest) => crate::plaintext_fallback::check(&model, dest, endpoint.port()),
+        Some(dest) => crate::plaintext_fallback::check(&model, &dp.root_namespace, dest, endpoint.port()),
         // Gone from the model since the tunnel was chosen: it is no mesh pod any more, so
         // nothing says it requires mutual TLS.
         None => Ok(()),
@@ -420,11 +422,27 @@ pub fn refuse_fallback(
     }
 }
 
-/// The mesh identity of `endpoint` if it is an enrolled pod (reached through its HBONE port).
-pub fn mesh_identity(model: &Model, endpoint: SocketAddr, trust_domain: &str) -> Option<SpiffeId> {
+/// The mesh identity of `endpoint` if it is an enrolled pod (reached through its HBONE port),
+/// unless its peer authentication for that port is DISABLE: then, as Istio's sidecars do, the
+/// connection goes in plaintext (and arrives without a principal).
+pub fn mesh_identity(model: &Model, endpoint: SocketAddr, dp: &DataPath) -> Option<SpiffeId> {
+    tunnel_identity(model, &dp.root_namespace, &dp.trust_domain, endpoint)
+}
+
+/// [`mesh_identity`] with its settings spelled out.
+pub fn tunnel_identity(
+    model: &Model,
+    root_namespace: &str,
+    trust_domain: &str,
+    endpoint: SocketAddr,
+) -> Option<SpiffeId> {
     model
         .pod_by_ip(endpoint.ip())
         .filter(|p| !p.host_network && model.is_enrolled(&p.namespace))
+        .filter(|p| {
+            crate::policy::peer_auth::effective(model, root_namespace, p, endpoint.port()).mode
+                != crate::discovery::PeerAuthMode::Disable
+        })
         .map(|p| SpiffeId::for_pod(trust_domain, p))
 }
 

@@ -16,6 +16,7 @@ pub mod enroll;
 pub mod identity;
 pub mod idle;
 pub mod inbound;
+pub mod jwt;
 pub mod keyed;
 pub mod l4;
 pub mod l7;

@@ -340,6 +340,10 @@ struct RunFlags {
     /// and destinations written as short names or FQDNs are matched to Services.
     #[arg(long, env = "SLUICE_CLUSTER_DOMAIN", default_value = "cluster.local")]
     cluster_domain: String,
+    /// Istio's root namespace: its PeerAuthentication without a selector is mesh-wide, and its
+    /// AuthorizationPolicies and RequestAuthentications apply to every pod of the mesh.
+    #[arg(long, env = "SLUICE_ROOT_NAMESPACE", default_value = sluice::policy::DEFAULT_ROOT_NAMESPACE)]
+    root_namespace: String,
     /// Lifetime of workload certificates in seconds (renewed at half of it).
     #[arg(long, default_value_t = 86400)]
     cert_lifetime_s: u64,
@@ -564,6 +568,7 @@ fn run(f: RunFlags) -> Result<()> {
         connect_timeout: Duration::from_millis(f.connect_timeout_ms),
         ca,
         trust_domain: f.trust_domain,
+        root_namespace: f.root_namespace,
         cert_lifetime: Duration::from_secs(f.cert_lifetime_s),
         drain_timeout: Duration::from_secs(f.drain_timeout_s),
         admission: sluice::admission::AdmissionFlags {

@@ -23,18 +23,19 @@ pub struct Refused {
 
 /// `Ok` if a connection to `dest` on `port` may go plaintext because nobody serves the
 /// destination's tunnel port; `Err` (never plaintext) if the destination requires mutual TLS.
-pub fn check(model: &Model, dest: &Pod, port: u16) -> Result<(), Refused> {
-    match peer_auth_for(model, dest, port) {
-        PeerAuthMode::Permissive => Ok(()),
+/// `root_namespace` is Istio's (where mesh-wide PeerAuthentications live).
+pub fn check(model: &Model, root_namespace: &str, dest: &Pod, port: u16) -> Result<(), Refused> {
+    match peer_auth_for(model, root_namespace, dest, port) {
+        // DISABLE: the destination takes plaintext from the mesh by choice.
+        PeerAuthMode::Permissive | PeerAuthMode::Disable => Ok(()),
         mode @ PeerAuthMode::Strict => Err(Refused { mode }),
     }
 }
 
-/// The peer authentication mode that applies to `dest` on `port`: today the destination
-/// namespace's mode (ports do not differ yet). Kept as the single call to swap for a
-/// per-pod/per-port resolution (PeerAuthentication resources with selectors and port levels).
-fn peer_auth_for(model: &Model, dest: &Pod, _port: u16) -> PeerAuthMode {
-    model.peer_auth_mode(&dest.namespace)
+/// The peer authentication mode that applies to `dest` on `port`, with Istio's precedence
+/// (mesh, namespace or its annotation, workload selector, port level).
+fn peer_auth_for(model: &Model, root_namespace: &str, dest: &Pod, port: u16) -> PeerAuthMode {
+    crate::policy::peer_auth::effective(model, root_namespace, dest, port).mode
 }
 
 #[cfg(test)]
@@ -77,16 +78,16 @@ status: {{podIP: 10.244.2.11}}
     fn strict_destination_never_falls_back() {
         let m = model("STRICT");
         let web = m.pod("shop", "web-1").unwrap();
-        assert_eq!(check(&m, web, 8080), Err(Refused { mode: PeerAuthMode::Strict }));
+        assert_eq!(check(&m, "istio-system", web, 8080), Err(Refused { mode: PeerAuthMode::Strict }));
         // A namespace without the annotation is PERMISSIVE, as in Istio.
         let api = m.pod("plain", "api-1").unwrap();
-        assert_eq!(check(&m, api, 8080), Ok(()));
+        assert_eq!(check(&m, "istio-system", api, 8080), Ok(()));
     }
 
     #[test]
     fn permissive_destination_falls_back() {
         let m = model("PERMISSIVE");
         let web = m.pod("shop", "web-1").unwrap();
-        assert_eq!(check(&m, web, 9000), Ok(()));
+        assert_eq!(check(&m, "istio-system", web, 9000), Ok(()));
     }
 }

@@ -1,6 +1,7 @@
 //! A fake Kubernetes API server for tests: a real HTTP/1.1 server that speaks the list/watch
 //! protocol the way kube-apiserver does, for the resources sluice watches (Namespaces, Pods,
 //! Services, discovery.k8s.io/v1 EndpointSlices, security.istio.io AuthorizationPolicies,
+//! PeerAuthentications and RequestAuthentications,
 //! gateway.networking.k8s.io HTTPRoutes and GRPCRoutes, sluice.dev TrafficPolicies and
 //! networking.istio.io ServiceEntries), and that a test scripts: add, modify and delete objects,
 //! emit bookmarks, expire history so that the next watch gets `410 Gone` and must relist, cut
@@ -74,6 +75,8 @@ pub enum Resource {
     TrafficPolicies,
     ServiceEntries,
     VirtualServices,
+    PeerAuthentications,
+    RequestAuthentications,
 }
 
 struct Info {
@@ -93,7 +96,7 @@ struct Info {
 }
 
 impl Resource {
-    pub const ALL: [Resource; 10] = [
+    pub const ALL: [Resource; 12] = [
         Resource::Namespaces,
         Resource::Pods,
         Resource::Services,
@@ -104,16 +107,20 @@ impl Resource {
         Resource::TrafficPolicies,
         Resource::ServiceEntries,
         Resource::VirtualServices,
+        Resource::PeerAuthentications,
+        Resource::RequestAuthentications,
     ];
 
     /// The custom resources: a cluster may not have their CRDs installed.
-    pub const CRDS: [Resource; 6] = [
+    pub const CRDS: [Resource; 8] = [
         Resource::AuthorizationPolicies,
         Resource::HttpRoutes,
         Resource::GrpcRoutes,
         Resource::TrafficPolicies,
         Resource::ServiceEntries,
         Resource::VirtualServices,
+        Resource::PeerAuthentications,
+        Resource::RequestAuthentications,
     ];
 
     fn info(self) -> &'static Info {
@@ -181,6 +188,28 @@ impl Resource {
                 builtin: false,
                 field_labels: &[],
                 short_names: &["ap"],
+            },
+            Resource::PeerAuthentications => &Info {
+                group: "security.istio.io",
+                versions: &["v1", "v1beta1"],
+                plural: "peerauthentications",
+                singular: "peerauthentication",
+                kind: "PeerAuthentication",
+                namespaced: true,
+                builtin: false,
+                field_labels: &[],
+                short_names: &["pa"],
+            },
+            Resource::RequestAuthentications => &Info {
+                group: "security.istio.io",
+                versions: &["v1", "v1beta1"],
+                plural: "requestauthentications",
+                singular: "requestauthentication",
+                kind: "RequestAuthentication",
+                namespaced: true,
+                builtin: false,
+                field_labels: &[],
+                short_names: &["ra"],
             },
             // The Gateway API's standard channel (v1.1 and later): HTTPRoute is still served at
             // the deprecated v1beta1 too; GRPCRoute only at v1.

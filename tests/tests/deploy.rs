@@ -369,6 +369,8 @@ fn rbac_only_reads_what_sluice_watches() -> Result<()> {
         "/services",
         "discovery.k8s.io/endpointslices",
         "security.istio.io/authorizationpolicies",
+        "security.istio.io/peerauthentications",
+        "security.istio.io/requestauthentications",
         "gateway.networking.k8s.io/httproutes",
         "gateway.networking.k8s.io/grpcroutes",
         "networking.istio.io/serviceentries",

@@ -193,12 +193,12 @@ fn model_follows_the_api_server() -> Result<()> {
         &[("dns-tcp", 53, 53)],
         &[("k8s-app", "kube-dns")],
     ))?;
-    // A policy sluice cannot enforce (L7 conditions): reported, not applied.
+    // A policy sluice cannot enforce (CUSTOM: an external authorizer): reported, not applied.
     api.apply(objects::authorization_policy(
         "shop",
         "strict-web",
-        json!({"selector": {"matchLabels": {"app": "web"}}, "action": "ALLOW",
-               "rules": [{"from": [{"source": {"namespaces": ["shop"]}}], "when": [{"key": "request.headers[x-team]", "values": ["a"]}]}]}),
+        json!({"selector": {"matchLabels": {"app": "web"}}, "action": "CUSTOM", "provider": {"name": "ext-authz"},
+               "rules": [{"from": [{"source": {"namespaces": ["shop"]}}]}]}),
     ))?;
     // A mesh route on web's HTTP port (GAMMA: the Service is the parent).
     api.apply(objects::http_route("shop", "web-http", web_http_route(&[("web", 1)])))?;
@@ -244,7 +244,7 @@ fn model_follows_the_api_server() -> Result<()> {
     let errors = m["errors"].as_array().context("errors")?;
     assert_eq!(errors.len(), 1, "{m}");
     assert_eq!(errors[0]["source"], "kubernetes:AuthorizationPolicy/shop/strict-web");
-    assert!(errors[0]["reason"].as_str().unwrap().contains("when"), "{}", errors[0]);
+    assert!(errors[0]["reason"].as_str().unwrap().contains("CUSTOM"), "{}", errors[0]);
     assert!(m["namespaces"].as_array().unwrap().iter().all(|n| n["enrolled"] == false));
     assert_eq!(enrolled_pods(&sluice)?, Vec::<String>::new(), "nothing is enrolled yet");
     // Two pod watches, this node's and the others', so every pod comes exactly once.
@@ -439,8 +439,8 @@ fn model_follows_the_api_server() -> Result<()> {
     api.compact(Resource::Pods);
     let cut = api.drop_watches();
     assert_eq!(
-        cut, 11,
-        "namespaces, pods ×2, services, endpointslices, authorizationpolicies, httproutes, grpcroutes, trafficpolicies, serviceentries, virtualservices"
+        cut, 13,
+        "namespaces, pods ×2, services, endpointslices, authorizationpolicies, httproutes, grpcroutes, trafficpolicies, serviceentries, virtualservices, peerauthentications, requestauthentications"
     );
     // Made while disconnected: they must arrive from the history on resume.
     api.apply(objects::pod(&objects::PodSpec {
@@ -494,7 +494,7 @@ fn model_follows_the_api_server() -> Result<()> {
     // --- A dropped connection: the change made meanwhile arrives on resume, without a relist ---
     wait_all_watching(&api)?;
     let services_before = api.stats(Resource::Services);
-    assert_eq!(api.drop_watches(), 11);
+    assert_eq!(api.drop_watches(), 13);
     let with_metrics =
         [("echo", ECHO_PORT, ECHO_PORT), ("http", HTTP_PORT, HTTP_TARGET_PORT), ("metrics", 9090, 9090)];
     api.apply(objects::service("shop", "web", VIP, &with_metrics, &[("app", "web")]))?;
@@ -526,9 +526,9 @@ fn model_follows_the_api_server() -> Result<()> {
     Ok(())
 }
 
-/// Without Istio's CRDs the API server does not serve AuthorizationPolicies or ServiceEntries,
-/// without the Gateway API's it serves no HTTPRoutes or GRPCRoutes, and without sluice's no
-/// TrafficPolicies: sluice says so once per resource, runs without them, and picks them up once
+/// Without Istio's CRDs the API server does not serve AuthorizationPolicies, PeerAuthentications,
+/// RequestAuthentications or ServiceEntries, without the Gateway API's it serves no HTTPRoutes
+/// or GRPCRoutes, and without sluice's no TrafficPolicies: sluice says so once per resource, runs without them, and picks them up once
 /// the CRDs are installed.
 #[test]
 fn runs_without_the_optional_crds() -> Result<()> {
@@ -556,7 +556,16 @@ fn runs_without_the_optional_crds() -> Result<()> {
     for crd in Resource::CRDS {
         api.wait_stats(crd, T, "a second list attempt", |s| s.lists >= 2)?;
     }
-    for plural in ["authorizationpolicies", "httproutes", "grpcroutes", "trafficpolicies", "serviceentries", "virtualservices"] {
+    for plural in [
+        "authorizationpolicies",
+        "httproutes",
+        "grpcroutes",
+        "trafficpolicies",
+        "serviceentries",
+        "virtualservices",
+        "peerauthentications",
+        "requestauthentications",
+    ] {
         let said = sluice.log_contents().matches(&format!("does not serve {plural}")).count();
         assert_eq!(said, 1, "{plural} logged once:\n{}", sluice.log_contents());
     }
@@ -565,6 +574,13 @@ fn runs_without_the_optional_crds() -> Result<()> {
         api.set_installed(crd, true);
     }
     api.apply(objects::authorization_policy("shop", "deny-all", json!({"action": "DENY", "rules": [{}]})))?;
+    api.apply(objects::istio_security("PeerAuthentication", "istio-system", "default", json!({"mtls": {"mode": "STRICT"}})))?;
+    api.apply(objects::istio_security(
+        "RequestAuthentication",
+        "shop",
+        "jwt",
+        json!({"jwtRules": [{"issuer": "https://issuer.test", "jwksUri": "https://issuer.test/keys"}]}),
+    ))?;
     let api_parent = json!([{"group": "", "kind": "Service", "name": "api"}]);
     api.apply(objects::grpc_route("shop", "api", json!({"parentRefs": api_parent, "rules": [{}]})))?;
     api.apply(objects::http_route("shop", "api", json!({"parentRefs": api_parent})))?;
@@ -593,12 +609,14 @@ fn runs_without_the_optional_crds() -> Result<()> {
                 && keys(&m["traffic_policies"]) == set(&["shop/api"])
                 && keys(&m["service_entries"]) == set(&["shop/api"])
                 && keys(&m["virtual_services"]) == set(&["shop/api"])
+                && keys(&m["peer_authentications"]) == set(&["istio-system/default"])
+                && keys(&m["request_authentications"]) == set(&["shop/jwt"])
         },
         Duration::from_secs(40),
     )?;
     assert_eq!(
         sluice.log_contents().matches("serves this resource now").count(),
-        6,
+        8,
         "{}",
         sluice.log_contents()
     );

@@ -72,6 +72,19 @@ impl AdminState {
         ] {
             all.insert(name.to_string(), value.load(Ordering::Relaxed));
         }
+        let sec = &self.inbound.security;
+        for (name, value) in [
+            ("http_denied", &sec.counters.http_denied),
+            ("jwt_rejected", &sec.counters.jwt_rejected),
+            ("jwt_verified", &sec.counters.jwt_verified),
+            ("policy_audited", &sec.counters.policy_audited),
+            ("inbound_sniffed", &sec.counters.inbound_sniffed),
+            ("jwks_fetches_ok", &sec.jwks.counters.jwks_fetches_ok),
+            ("jwks_fetches_failed", &sec.jwks.counters.jwks_fetches_failed),
+            ("jwks_urls_refused", &sec.jwks.counters.jwks_urls_refused),
+        ] {
+            all.insert(name.to_string(), value.load(Ordering::Relaxed));
+        }
         for (name, value) in self.certs.ca_counters() {
             all.insert(name.to_string(), value);
         }
@@ -435,6 +448,7 @@ fn route(state: &AdminState, req: Request<Incoming>) -> Response<Full<Bytes>> {
         "/certs" => json(&state.certs.certs()),
         "/certs/bundle" => json(&state.certs.bundle_view()),
         "/model" => json(&state.model.load().view()),
+        "/jwks" => json(&state.inbound.security.jwks.view()),
         "/routes" => {
             let only = req.uri().query().and_then(|q| {
                 form_urlencoded::parse(q.as_bytes()).find(|(k, _)| k == "service").map(|(_, v)| v.into_owned())

@@ -1,11 +1,11 @@
 //! Parsers for the kinds in the registry (`manifest::KINDS`): core/v1 Namespace, Pod and
 //! Service (a Namespace's annotations: enrollment, peer authentication, outbound traffic policy),
-//! discovery.k8s.io/v1 EndpointSlice, and Istio's security.istio.io AuthorizationPolicy.
-//! Each takes validated metadata and the whole document, reads the fields sluice uses and
-//! ignores the rest (status.conditions, managedFields, containers, ...), applying the API's
-//! defaults. AuthorizationPolicy is the exception: a security policy whose spec says more than
-//! sluice can enforce is rejected, never partly applied. The Gateway API's routes have a module
-//! of their own, `kinds_route`, and TrafficPolicy and ServiceEntry theirs, `kinds_traffic`.
+//! and discovery.k8s.io/v1 EndpointSlice. Each takes validated metadata and the whole document,
+//! reads the fields sluice uses and ignores the rest (status.conditions, managedFields,
+//! containers, ...), applying the API's defaults. The Gateway API's routes have a module of
+//! their own, `kinds_route`, TrafficPolicy and ServiceEntry theirs, `kinds_traffic`, and Istio's
+//! security kinds (AuthorizationPolicy, PeerAuthentication, RequestAuthentication) theirs under
+//! `istio/`, parsed with serde types.
 
 use std::collections::HashSet;
 use std::net::IpAddr;
@@ -14,16 +14,17 @@ use std::sync::Arc;
 use super::fields::{check_port_name, NameRule, Node};
 use super::manifest::{DocError, Meta};
 use super::model::{
-    AddressType, AuthorizationPolicy, AuthzAction, AuthzOperation, AuthzRule, AuthzSource, Endpoint,
-    EndpointPort, EndpointSlice, Labels, Namespace, Object, OwnerRef, PeerAuthMode, Pod, PodPhase, PodRef,
-    Protocol, Service, ServicePort, StringMatch, TargetPort, MESH_ANNOTATION, MESH_ENABLED,
+    AddressType, Endpoint, EndpointPort, EndpointSlice, Namespace, Object, OwnerRef, PeerAuthMode, Pod,
+    PodPhase, PodRef, Protocol, Service, ServicePort, TargetPort, MESH_ANNOTATION, MESH_ENABLED,
     PEER_AUTH_ANNOTATION, SERVICE_NAME_LABEL,
 };
 use super::traffic::{OutboundPolicy, OUTBOUND_POLICY_ANNOTATION};
 
 pub(crate) fn namespace(meta: Meta, _doc: &Node<'_>) -> Result<Object, DocError> {
     let enrolled = meta.annotations.get(MESH_ANNOTATION).is_some_and(|v| v == MESH_ENABLED);
-    let peer_auth = match meta.annotations.get(PEER_AUTH_ANNOTATION).map(String::as_str) {
+    let annotation = meta.annotations.get(PEER_AUTH_ANNOTATION).map(String::as_str);
+    let peer_auth_annotated = annotation.is_some();
+    let peer_auth = match annotation {
         None => PeerAuthMode::Permissive,
         Some("PERMISSIVE") => PeerAuthMode::Permissive,
         Some("STRICT") => PeerAuthMode::Strict,
@@ -52,6 +53,7 @@ pub(crate) fn namespace(meta: Meta, _doc: &Node<'_>) -> Result<Object, DocError>
         annotations: meta.annotations,
         enrolled,
         peer_auth,
+        peer_auth_annotated,
         outbound_policy,
     })))
 }
@@ -406,139 +408,4 @@ fn endpoint(node: &Node<'_>, family: AddressType, namespace: &str) -> Result<End
         node_name: node.opt_str("nodeName")?.map(str::to_owned),
         target_ref,
     })
-}
-
-/// Istio's AuthorizationPolicy (security.istio.io v1 and v1beta1). sluice enforces it per
-/// connection at the destination, so only what a connection carries can be matched: the
-/// client's SPIFFE identity (principal, namespace) and the destination port. Everything else
-/// Istio allows (HTTP attributes, JWT principals, conditions, IP blocks, CUSTOM/AUDIT actions,
-/// targetRefs) and any unknown field is a validation error naming the field: ignoring part of
-/// a security policy would silently allow or deny more than it says.
-pub(crate) fn authorization_policy(meta: Meta, doc: &Node<'_>) -> Result<Object, DocError> {
-    let mut policy = AuthorizationPolicy {
-        namespace: meta.namespace,
-        name: meta.name,
-        selector: Labels::new(),
-        action: AuthzAction::Allow,
-        rules: Vec::new(),
-    };
-    // No spec at all is `spec: {}`: an ALLOW policy without rules, i.e. allow-nothing.
-    if let Some(spec) = doc.get("spec") {
-        spec.only_fields(&["selector", "action", "rules"], |field| match field {
-            "targetRef" | "targetRefs" => {
-                Some("not supported: sluice applies policies to the pods chosen by spec.selector".into())
-            }
-            "provider" => Some("belongs to action CUSTOM, which sluice does not support".into()),
-            _ => None,
-        })?;
-        if let Some(selector) = spec.get("selector") {
-            selector.only_fields(&["matchLabels"], |_| None)?;
-            policy.selector = selector.string_map("matchLabels")?;
-        }
-        if let Some(action) = spec.get("action") {
-            policy.action = match action.as_str()? {
-                // "" is proto3's zero value, which is ALLOW.
-                "ALLOW" | "" => AuthzAction::Allow,
-                "DENY" => AuthzAction::Deny,
-                a @ ("AUDIT" | "CUSTOM") => {
-                    return Err(action
-                        .invalid(format!("action {a} is not supported (sluice enforces ALLOW and DENY)")))
-                }
-                other => return Err(action.invalid(format!("{other:?} is not an action (ALLOW, DENY)"))),
-            };
-        }
-        for rule in spec.list("rules")? {
-            policy.rules.push(authz_rule(&rule)?);
-        }
-    }
-    Ok(Object::AuthorizationPolicy(Arc::new(policy)))
-}
-
-fn authz_rule(rule: &Node<'_>) -> Result<AuthzRule, DocError> {
-    rule.only_fields(&["from", "to"], |field| {
-        (field == "when").then(|| "conditions are not supported at L4 yet".to_owned())
-    })?;
-    let mut out = AuthzRule::default();
-    for from in rule.list("from")? {
-        from.only_fields(&["source"], |_| None)?;
-        out.from.push(match from.get("source") {
-            None => AuthzSource::default(), // a `from` without a source matches every source
-            Some(source) => authz_source(&source)?,
-        });
-    }
-    for to in rule.list("to")? {
-        to.only_fields(&["operation"], |_| None)?;
-        out.to.push(match to.get("operation") {
-            None => AuthzOperation::default(),
-            Some(op) => authz_operation(&op)?,
-        });
-    }
-    Ok(out)
-}
-
-fn authz_source(source: &Node<'_>) -> Result<AuthzSource, DocError> {
-    source.only_fields(&["principals", "notPrincipals", "namespaces", "notNamespaces"], |field| match field {
-        "requestPrincipals" | "notRequestPrincipals" => Some(
-            "request principals come from JWTs in HTTP requests; sluice authorizes connections (L4) and cannot enforce them"
-                .into(),
-        ),
-        "ipBlocks" | "notIpBlocks" | "remoteIpBlocks" | "notRemoteIpBlocks" => {
-            Some("IP blocks are not supported at L4 yet".into())
-        }
-        "serviceAccounts" | "notServiceAccounts" => Some(
-            "not supported yet; name the identity in principals instead (<trust domain>/ns/<namespace>/sa/<service account>)"
-                .into(),
-        ),
-        _ => None,
-    })?;
-    Ok(AuthzSource {
-        principals: principals(source, "principals")?,
-        not_principals: principals(source, "notPrincipals")?,
-        namespaces: string_matches(source, "namespaces", |s| s)?,
-        not_namespaces: string_matches(source, "notNamespaces", |s| s)?,
-    })
-}
-
-/// Principals as Istio writes them (`cluster.local/ns/a/sa/b`) or as full SPIFFE IDs; stored
-/// without the scheme.
-fn principals(source: &Node<'_>, key: &str) -> Result<Vec<StringMatch>, DocError> {
-    string_matches(source, key, |s| s.strip_prefix("spiffe://").unwrap_or(s))
-}
-
-fn string_matches(
-    node: &Node<'_>,
-    key: &str,
-    normalize: fn(&str) -> &str,
-) -> Result<Vec<StringMatch>, DocError> {
-    node.str_list(key)?
-        .into_iter()
-        .map(|(n, s)| StringMatch::parse(normalize(s)).map_err(|reason| n.invalid(reason)))
-        .collect()
-}
-
-fn authz_operation(op: &Node<'_>) -> Result<AuthzOperation, DocError> {
-    op.only_fields(&["ports", "notPorts"], |field| match field {
-        "hosts" | "notHosts" | "methods" | "notMethods" | "paths" | "notPaths" => Some(format!(
-            "{field} is an HTTP attribute; sluice authorizes connections (L4) and cannot enforce it"
-        )),
-        _ => None,
-    })?;
-    Ok(AuthzOperation { ports: authz_ports(op, "ports")?, not_ports: authz_ports(op, "notPorts")? })
-}
-
-/// Ports are strings in Istio's schema (`"8080"`); plain integers are accepted too.
-fn authz_ports(op: &Node<'_>, key: &str) -> Result<Vec<u16>, DocError> {
-    let mut ports = Vec::new();
-    for n in op.list(key)? {
-        let port = match n.value.as_str() {
-            Some(s) => s
-                .parse::<u16>()
-                .ok()
-                .filter(|p| *p != 0)
-                .ok_or_else(|| n.invalid(format!("{s:?} is not a port number (1-65535)")))?,
-            None => n.as_port()?,
-        };
-        ports.push(port);
-    }
-    Ok(ports)
 }

@@ -20,6 +20,7 @@ use serde_yaml::Value;
 use thiserror::Error;
 
 use super::fields::{NameRule, Node};
+use super::istio;
 use super::kinds;
 use super::kinds_route;
 use super::kinds_traffic;
@@ -176,7 +177,21 @@ pub(crate) const KINDS: &[KindSpec] = &[
         api_versions: &["security.istio.io/v1", "security.istio.io/v1beta1"],
         namespaced: true,
         name_rule: NameRule::Dns1123Subdomain,
-        parse: kinds::authorization_policy,
+        parse: istio::authorization_policy::parse,
+    },
+    KindSpec {
+        kind: Kind::PeerAuthentication,
+        api_versions: &["security.istio.io/v1", "security.istio.io/v1beta1"],
+        namespaced: true,
+        name_rule: NameRule::Dns1123Subdomain,
+        parse: istio::peer_authentication::parse,
+    },
+    KindSpec {
+        kind: Kind::RequestAuthentication,
+        api_versions: &["security.istio.io/v1", "security.istio.io/v1beta1"],
+        namespaced: true,
+        name_rule: NameRule::Dns1123Subdomain,
+        parse: istio::request_authentication::parse,
     },
     KindSpec {
         kind: Kind::HttpRoute,

@@ -61,11 +61,13 @@ pub use self::kube::{KubeConfig, KubeError, KubeSource, KubeSourceHandle};
 pub use dir_source::{ManifestDir, ManifestDirHandle};
 pub use manifest::{DocError, DocRef, Format, ParseError};
 pub use model::{
-    AddressType, AuthorizationPolicy, AuthzAction, AuthzOperation, AuthzRule, AuthzSource, Endpoint,
-    EndpointPort, EndpointSlice, Kind, Labels, Namespace, Object, ObjectKey, OwnerRef, PeerAuthMode, Pod,
-    PodPhase, PodRef, Protocol, Service, ServicePort, StringMatch, TargetPort, MESH_ANNOTATION, MESH_ENABLED,
-    PEER_AUTH_ANNOTATION, SERVICE_NAME_LABEL,
+    AddressType, AuthorizationPolicy, AuthzAction, AuthzCondition, AuthzOperation, AuthzRule, AuthzSource,
+    ConditionKey, ConditionValues, Endpoint, EndpointPort, EndpointSlice, JwksSource, JwtRule, Kind, Labels,
+    MtlsMode, Namespace, Object, ObjectKey, OwnerRef, PeerAuthMode, PeerAuthentication, Pod, PodPhase, PodRef,
+    Protocol, RequestAuthentication, Service, ServicePort, StringMatch, TargetPort, MESH_ANNOTATION,
+    MESH_ENABLED, PEER_AUTH_ANNOTATION, SERVICE_NAME_LABEL,
 };
+pub use istio::request_authentication::{ClaimToHeader, JwtHeader};
 pub use workload::{workload_name, WorkloadInfo, UNKNOWN_WORKLOAD};
 pub use snapshot::{ManifestError, Model, ServiceTarget};
 pub use view::{

@@ -16,6 +16,13 @@ use super::istio::virtual_service::VirtualService;
 use super::route::{Route, RouteKind};
 use super::traffic::{OutboundPolicy, ServiceEntry, TrafficPolicy};
 
+pub use super::istio::authorization_policy::{
+    AuthorizationPolicy, AuthzAction, AuthzCondition, AuthzOperation, AuthzRule, AuthzSource, ConditionKey,
+    ConditionValues,
+};
+pub use super::istio::peer_authentication::{MtlsMode, PeerAuthentication};
+pub use super::istio::request_authentication::{JwksSource, JwtRule, RequestAuthentication};
+
 /// Labels and annotations. A `BTreeMap` keeps them in a stable order for logs and the admin API.
 pub type Labels = BTreeMap<String, String>;
 
@@ -29,8 +36,9 @@ pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 /// `PERMISSIVE`; absent means PERMISSIVE).
 pub const PEER_AUTH_ANNOTATION: &str = "sluice.dev/peer-authentication";
 
-/// Whether an enrolled pod accepts plaintext from clients outside the mesh (Istio's
-/// PeerAuthentication modes, set per namespace with [`PEER_AUTH_ANNOTATION`]).
+/// Whether an enrolled pod accepts plaintext from clients outside the mesh: the mode in force
+/// for a pod and port, from Istio's PeerAuthentications or the namespace annotation
+/// [`PEER_AUTH_ANNOTATION`] (see `policy::peer_auth` for how they combine).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize)]
 pub enum PeerAuthMode {
     /// Mutual TLS from mesh clients, plaintext from everyone else. The default, as in Istio.
@@ -40,6 +48,10 @@ pub enum PeerAuthMode {
     /// Mutual TLS only: plaintext connections are refused.
     #[serde(rename = "STRICT")]
     Strict,
+    /// No mutual TLS towards this pod: plaintext is accepted, and mesh clients send plaintext
+    /// too (they do not tunnel to it), as Istio's sidecars do for a DISABLE destination.
+    #[serde(rename = "DISABLE")]
+    Disable,
 }
 
 impl PeerAuthMode {
@@ -47,12 +59,13 @@ impl PeerAuthMode {
         match self {
             PeerAuthMode::Permissive => "PERMISSIVE",
             PeerAuthMode::Strict => "STRICT",
+            PeerAuthMode::Disable => "DISABLE",
         }
     }
 
     /// Whether a plaintext connection (no client certificate) may be accepted.
     pub fn accepts_plaintext(self) -> bool {
-        self == PeerAuthMode::Permissive
+        self != PeerAuthMode::Strict
     }
 }
 
@@ -71,6 +84,9 @@ pub struct Namespace {
     pub enrolled: bool,
     /// `annotations["sluice.dev/peer-authentication"]`, PERMISSIVE when absent.
     pub peer_auth: PeerAuthMode,
+    /// Whether that annotation is there at all (absent, the namespace has no say of its own:
+    /// the mesh-wide PeerAuthentication applies).
+    pub peer_auth_annotated: bool,
     /// `annotations["sluice.dev/outbound-traffic-policy"]`, ALLOW_ANY when absent.
     pub outbound_policy: OutboundPolicy,
 }
@@ -287,30 +303,6 @@ pub struct EndpointSlice {
     pub endpoints: Vec<Endpoint>,
 }
 
-/// What an [`AuthorizationPolicy`] does to the connections its rules match.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
-pub enum AuthzAction {
-    #[serde(rename = "ALLOW")]
-    Allow,
-    #[serde(rename = "DENY")]
-    Deny,
-}
-
-impl AuthzAction {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            AuthzAction::Allow => "ALLOW",
-            AuthzAction::Deny => "DENY",
-        }
-    }
-}
-
-impl fmt::Display for AuthzAction {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
 /// One value of a `principals` or `namespaces` list, matched the way Istio matches it: `*` is
 /// any (non-empty) value, `abc*` a prefix, `*abc` a suffix, anything else exact.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -375,62 +367,6 @@ impl Serialize for StringMatch {
     }
 }
 
-/// `rules[].from[].source`: who a connection comes from. Every non-empty list must match; an
-/// empty list is no condition (Istio cannot tell an empty list from an absent one either).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct AuthzSource {
-    /// Matched against the client's SPIFFE ID without `spiffe://` (`cluster.local/ns/a/sa/b`);
-    /// stored in that form whichever form the policy used.
-    pub principals: Vec<StringMatch>,
-    pub not_principals: Vec<StringMatch>,
-    /// Matched against the namespace in the client's SPIFFE ID.
-    pub namespaces: Vec<StringMatch>,
-    pub not_namespaces: Vec<StringMatch>,
-}
-
-/// `rules[].to[].operation`: what a connection is for; at L4, only the destination port.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct AuthzOperation {
-    pub ports: Vec<u16>,
-    pub not_ports: Vec<u16>,
-}
-
-/// One entry of `spec.rules`. An empty `from` matches every source, an empty `to` every port:
-/// a rule `{}` matches every connection.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
-pub struct AuthzRule {
-    /// Matches if any source matches.
-    pub from: Vec<AuthzSource>,
-    /// Matches if any operation matches.
-    pub to: Vec<AuthzOperation>,
-}
-
-/// Istio's `security.istio.io` AuthorizationPolicy, reduced to what sluice enforces at L4 (per
-/// connection, at the destination). Policies that use anything else are rejected at parse time.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct AuthorizationPolicy {
-    pub namespace: String,
-    pub name: String,
-    /// `spec.selector.matchLabels`: the pods of the policy's namespace it applies to (those
-    /// with all these labels). Empty, or no selector at all, selects every pod of the namespace.
-    pub selector: Labels,
-    /// `spec.action`, ALLOW when absent.
-    pub action: AuthzAction,
-    /// `spec.rules`. A connection matches the policy if it matches any rule; with no rules
-    /// the policy matches nothing (an ALLOW policy without rules is Istio's "allow-nothing").
-    pub rules: Vec<AuthzRule>,
-}
-
-impl AuthorizationPolicy {
-    /// Whether the policy applies to a pod with these labels (the pod must also be in the
-    /// policy's namespace; the caller checks that).
-    pub fn selects(&self, pod_labels: &Labels) -> bool {
-        self.selector.iter().all(|(k, v)| pod_labels.get(k) == Some(v))
-    }
-}
-
 /// The kinds the model knows. Adding a kind means: a variant here and in [`Object`], a parser
 /// registered in `manifest::KINDS`, and a map in `Model` (see `snapshot.rs`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
@@ -445,6 +381,8 @@ pub enum Kind {
     TrafficPolicy,
     ServiceEntry,
     VirtualService,
+    PeerAuthentication,
+    RequestAuthentication,
 }
 
 impl Kind {
@@ -460,6 +398,8 @@ impl Kind {
             Kind::TrafficPolicy => "TrafficPolicy",
             Kind::ServiceEntry => "ServiceEntry",
             Kind::VirtualService => "VirtualService",
+            Kind::PeerAuthentication => "PeerAuthentication",
+            Kind::RequestAuthentication => "RequestAuthentication",
         }
     }
 }
@@ -512,6 +452,8 @@ pub enum Object {
     TrafficPolicy(Arc<TrafficPolicy>),
     ServiceEntry(Arc<ServiceEntry>),
     VirtualService(Arc<VirtualService>),
+    PeerAuthentication(Arc<PeerAuthentication>),
+    RequestAuthentication(Arc<RequestAuthentication>),
 }
 
 impl Object {
@@ -526,6 +468,8 @@ impl Object {
             Object::TrafficPolicy(_) => Kind::TrafficPolicy,
             Object::ServiceEntry(_) => Kind::ServiceEntry,
             Object::VirtualService(_) => Kind::VirtualService,
+            Object::PeerAuthentication(_) => Kind::PeerAuthentication,
+            Object::RequestAuthentication(_) => Kind::RequestAuthentication,
         }
     }
 
@@ -540,6 +484,8 @@ impl Object {
             Object::TrafficPolicy(o) => (o.namespace.as_str(), o.name.as_str()),
             Object::ServiceEntry(o) => (o.namespace.as_str(), o.name.as_str()),
             Object::VirtualService(o) => (o.namespace.as_str(), o.name.as_str()),
+            Object::PeerAuthentication(o) => (o.namespace.as_str(), o.name.as_str()),
+            Object::RequestAuthentication(o) => (o.namespace.as_str(), o.name.as_str()),
         };
         ObjectKey { kind: self.kind(), namespace: namespace.to_owned(), name: name.to_owned() }
     }

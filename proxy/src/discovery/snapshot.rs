@@ -17,8 +17,8 @@ use serde::Serialize;
 
 use super::manifest::{self, Format, ParseError};
 use super::model::{
-    AddressType, AuthorizationPolicy, EndpointSlice, Namespace, Object, PeerAuthMode, Pod, PodPhase,
-    Protocol, Service, ServicePort,
+    AddressType, AuthorizationPolicy, EndpointSlice, Namespace, Object, PeerAuthMode, PeerAuthentication, Pod,
+    PodPhase, Protocol, RequestAuthentication, Service, ServicePort,
 };
 use super::istio::virtual_service::VirtualService;
 use super::istio::vs_compile::{self, VsIndex, VsStatus};
@@ -160,6 +160,12 @@ pub struct Model {
     services_by_endpoint: HashMap<SocketAddr, Vec<(Arc<str>, Arc<str>)>>,
     /// namespace → its AuthorizationPolicies, sorted by name.
     policies_by_ns: HashMap<String, Box<[Arc<AuthorizationPolicy>]>>,
+    peer_authentications: ByNsName<PeerAuthentication>,
+    /// namespace → its PeerAuthentications, oldest first (Istio's tie-break), then by name.
+    peer_auth_by_ns: HashMap<String, Box<[Arc<PeerAuthentication>]>>,
+    request_authentications: ByNsName<RequestAuthentication>,
+    /// namespace → its RequestAuthentications, sorted by name.
+    request_auth_by_ns: HashMap<String, Box<[Arc<RequestAuthentication>]>>,
     /// The routes of both kinds attached to each Service port, in precedence order.
     attached_routes: AttachedRoutes,
     /// The same and the VirtualServices naming each Service port, compiled into the tables the
@@ -228,6 +234,12 @@ impl Model {
                 Object::TrafficPolicy(o) => insert(&mut m.traffic_policies, o, |p| (&p.namespace, &p.name)),
                 Object::ServiceEntry(o) => insert(&mut m.service_entries, o, |e| (&e.namespace, &e.name)),
                 Object::VirtualService(o) => insert(&mut m.virtual_services, o, |v| (&v.namespace, &v.name)),
+                Object::PeerAuthentication(o) => {
+                    insert(&mut m.peer_authentications, o, |p| (&p.namespace, &p.name))
+                }
+                Object::RequestAuthentication(o) => {
+                    insert(&mut m.request_authentications, o, |r| (&r.namespace, &r.name))
+                }
             }
         }
         m.index_services();
@@ -376,6 +388,16 @@ impl Model {
             let mut list: Vec<Arc<AuthorizationPolicy>> = by_name.values().cloned().collect();
             list.sort_by(|a, b| a.name.cmp(&b.name));
             self.policies_by_ns.insert(ns.clone(), list.into());
+        }
+        for (ns, by_name) in &self.peer_authentications {
+            let mut list: Vec<Arc<PeerAuthentication>> = by_name.values().cloned().collect();
+            list.sort_by(|a, b| oldest_first(&a.created, &b.created).then_with(|| a.name.cmp(&b.name)));
+            self.peer_auth_by_ns.insert(ns.clone(), list.into());
+        }
+        for (ns, by_name) in &self.request_authentications {
+            let mut list: Vec<Arc<RequestAuthentication>> = by_name.values().cloned().collect();
+            list.sort_by(|a, b| a.name.cmp(&b.name));
+            self.request_auth_by_ns.insert(ns.clone(), list.into());
         }
     }
 
@@ -669,6 +691,34 @@ impl Model {
         self.policies_by_ns.get(namespace).map_or(&[], |v| v)
     }
 
+    /// The PeerAuthentications of `namespace`, oldest first (no timestamp: newest), then by name.
+    pub fn peer_authentications(&self, namespace: &str) -> &[Arc<PeerAuthentication>] {
+        self.peer_auth_by_ns.get(namespace).map_or(&[], |v| v)
+    }
+
+    pub fn peer_authentication(&self, namespace: &str, name: &str) -> Option<&Arc<PeerAuthentication>> {
+        self.peer_authentications.get(namespace)?.get(name)
+    }
+
+    /// Every PeerAuthentication, by namespace in no particular order.
+    pub fn all_peer_authentications(&self) -> impl Iterator<Item = &Arc<PeerAuthentication>> {
+        self.peer_auth_by_ns.values().flat_map(|v| v.iter())
+    }
+
+    /// The RequestAuthentications of `namespace`, sorted by name.
+    pub fn request_authentications(&self, namespace: &str) -> &[Arc<RequestAuthentication>] {
+        self.request_auth_by_ns.get(namespace).map_or(&[], |v| v)
+    }
+
+    pub fn request_authentication(&self, namespace: &str, name: &str) -> Option<&Arc<RequestAuthentication>> {
+        self.request_authentications.get(namespace)?.get(name)
+    }
+
+    /// Every RequestAuthentication, by namespace in no particular order.
+    pub fn all_request_authentications(&self) -> impl Iterator<Item = &Arc<RequestAuthentication>> {
+        self.request_auth_by_ns.values().flat_map(|v| v.iter())
+    }
+
     pub fn authorization_policy(&self, namespace: &str, name: &str) -> Option<&Arc<AuthorizationPolicy>> {
         self.authorization_policies.get(namespace)?.get(name)
     }
@@ -851,6 +901,16 @@ fn route_precedence(a: &Route, b: &Route) -> Ordering {
         (None, None) => Ordering::Equal,
     };
     created.then_with(|| (&a.namespace, &a.name, a.kind).cmp(&(&b.namespace, &b.name, b.kind)))
+}
+
+/// Creation timestamps, oldest first; no timestamp counts as the newest.
+fn oldest_first(a: &Option<String>, b: &Option<String>) -> Ordering {
+    match (a, b) {
+        (Some(x), Some(y)) => x.cmp(y),
+        (Some(_), None) => Ordering::Less,
+        (None, Some(_)) => Ordering::Greater,
+        (None, None) => Ordering::Equal,
+    }
 }
 
 /// Which of two TrafficPolicies naming the same target is in force: the oldest (no timestamp:

@@ -34,6 +34,12 @@ pub struct ModelView {
     pub service_entries: Vec<ServiceEntryView>,
     /// Istio VirtualServices, with what they apply to in this model.
     pub virtual_services: Vec<VirtualServiceView>,
+    /// Istio PeerAuthentications (absent from the JSON when there are none).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub peer_authentications: Vec<PeerAuthenticationView>,
+    /// Istio RequestAuthentications (absent from the JSON when there are none).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub request_authentications: Vec<RequestAuthenticationView>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -53,6 +59,25 @@ pub struct VirtualServiceView {
     pub applies_to: Vec<String>,
     /// Rules that cannot apply (a missing delegate, ...), and why.
     pub problems: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PeerAuthenticationView {
+    pub namespace: String,
+    pub name: String,
+    pub selector: Option<super::model::Labels>,
+    pub mode: super::model::MtlsMode,
+    /// `port=MODE`, by port.
+    pub port_level: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RequestAuthenticationView {
+    pub namespace: String,
+    pub name: String,
+    pub selector: super::model::Labels,
+    /// `issuer (keys: <where>)` per rule.
+    pub rules: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -349,6 +374,27 @@ impl Model {
             })
             .collect();
         virtual_services.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+        let mut peer_authentications: Vec<PeerAuthenticationView> = self
+            .all_peer_authentications()
+            .map(|p| PeerAuthenticationView {
+                namespace: p.namespace.clone(),
+                name: p.name.clone(),
+                selector: p.selector.clone(),
+                mode: p.mode,
+                port_level: p.port_level.iter().map(|(port, m)| format!("{port}={m}")).collect(),
+            })
+            .collect();
+        peer_authentications.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+        let mut request_authentications: Vec<RequestAuthenticationView> = self
+            .all_request_authentications()
+            .map(|r| RequestAuthenticationView {
+                namespace: r.namespace.clone(),
+                name: r.name.clone(),
+                selector: r.selector.clone(),
+                rules: r.rules.iter().map(|j| format!("{} (keys: {})", j.issuer, j.jwks)).collect(),
+            })
+            .collect();
+        request_authentications.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
 
         ModelView {
             generation: self.generation(),
@@ -366,6 +412,8 @@ impl Model {
             traffic_policies,
             service_entries,
             virtual_services,
+            peer_authentications,
+            request_authentications,
         }
     }
 }

@@ -15,7 +15,7 @@
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use tokio::{io::AsyncReadExt, net::TcpStream};
+use tokio::io::{AsyncRead, AsyncReadExt};
 
 use crate::discovery::ServicePort;
 
@@ -102,7 +102,7 @@ fn from_port_name(name: &str) -> Option<Hint> {
 
 /// Reads what the client sends first and decides. Returns the protocol and the bytes read,
 /// which the caller must send on before anything else.
-pub async fn detect(stream: &mut TcpStream, hint: Hint, timeout: Duration) -> (Protocol, Bytes) {
+pub async fn detect<S: AsyncRead + Unpin>(stream: &mut S, hint: Hint, timeout: Duration) -> (Protocol, Bytes) {
     match hint {
         Hint::Opaque => return (Protocol::Opaque, Bytes::new()),
         // Pinned to HTTP/2: the h2 server itself checks the preface (and answers anything
@@ -201,6 +201,7 @@ fn classify(b: &[u8]) -> Verdict {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::net::TcpStream;
     use crate::discovery::{Protocol as L4, ServicePort, TargetPort};
 
     #[test]

@@ -171,7 +171,7 @@ pub fn resolve(ctx: &ConnCtx, model: &Model, mirror: &crate::discovery::route::R
         inflight.failed();
         return None;
     }
-    Some(MirrorTarget { endpoint, mesh_peer: l4::mesh_identity(model, endpoint, &ctx.dp.trust_domain), inflight })
+    Some(MirrorTarget { endpoint, mesh_peer: l4::mesh_identity(model, endpoint, &ctx.dp), inflight })
 }
 
 /// Mirrors the request to every target, if the bounds allow: returns the body to send

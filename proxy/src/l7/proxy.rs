@@ -239,7 +239,7 @@ async fn forward(req: Request<Body>, ctx: &Arc<ConnCtx>, grpc: bool, obs: &mut O
         let mesh_peer = {
             let model = ctx.dp.model.load();
             obs.destination = PeerInfo { workload: model.workload_by_ip(endpoint.ip()).cloned(), principal: None, addr: Some(endpoint) };
-            l4::mesh_identity(&model, endpoint, &ctx.dp.trust_domain)
+            l4::mesh_identity(&model, endpoint, &ctx.dp)
         };
         // A pod enrolled before its identity's certificate came: a mesh destination needs it.
         // Wait for it as for a slow connect, then refuse; never send without mTLS instead.

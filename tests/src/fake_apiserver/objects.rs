@@ -340,6 +340,14 @@ pub fn endpoint_slice(
 }
 
 /// An Istio AuthorizationPolicy (security.istio.io/v1) with `spec`.
+/// A `security.istio.io/v1` object of `kind` (PeerAuthentication, RequestAuthentication), as
+/// kubectl would apply it.
+pub fn istio_security(kind: &str, namespace: &str, name: &str, spec: Value) -> Value {
+    let mut v = authorization_policy(namespace, name, spec);
+    v["kind"] = json!(kind);
+    v
+}
+
 pub fn authorization_policy(namespace: &str, name: &str, spec: Value) -> Value {
     json!({
         "apiVersion": "security.istio.io/v1",

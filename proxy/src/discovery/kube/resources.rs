@@ -16,8 +16,9 @@
 //!   pod update that changes none of its fields (most are status conditions) does not rebuild
 //!   the model. Unscheduled pods match this selector too; they have no IP yet and are skipped.
 //!
-//! Istio's AuthorizationPolicy, ServiceEntry and VirtualService, the Gateway API's HTTPRoute and
-//! GRPCRoute and sluice's own TrafficPolicy are CRDs: a cluster without Istio's (or the Gateway API's, or
+//! Istio's AuthorizationPolicy, PeerAuthentication, RequestAuthentication, ServiceEntry and
+//! VirtualService, the Gateway API's HTTPRoute and GRPCRoute and sluice's own TrafficPolicy are
+//! CRDs: a cluster without Istio's (or the Gateway API's, or
 //! sluice's) CRDs does not serve them, and sluice then carries on without policies (or routes,
 //! TrafficPolicies, ServiceEntries), see [`WatchSpec::optional`]. Routes, VirtualServices,
 //! TrafficPolicies and ServiceEntries are watched cluster-wide: a consumer route in any namespace may name a Service
@@ -69,6 +70,18 @@ pub(crate) fn authorization_policy_resource() -> ApiResource {
         api_version: "security.istio.io/v1".into(),
         kind: "AuthorizationPolicy".into(),
         plural: "authorizationpolicies".into(),
+    }
+}
+
+/// Istio's other security kinds (PeerAuthentication, RequestAuthentication), read at
+/// `security.istio.io/v1` like AuthorizationPolicy.
+pub(crate) fn istio_security_resource(kind: &str, plural: &str) -> ApiResource {
+    ApiResource {
+        group: "security.istio.io".into(),
+        version: "v1".into(),
+        api_version: "security.istio.io/v1".into(),
+        kind: kind.into(),
+        plural: plural.into(),
     }
 }
 
@@ -170,5 +183,21 @@ pub(crate) fn watches() -> Vec<WatchSpec> {
         spec("trafficpolicies", traffic_policy_resource(), Kind::TrafficPolicy, true, All, true),
         spec("serviceentries", service_entry_resource(), Kind::ServiceEntry, true, All, true),
         spec("virtualservices", virtual_service_resource(), Kind::VirtualService, true, All, true),
+        spec(
+            "peerauthentications",
+            istio_security_resource("PeerAuthentication", "peerauthentications"),
+            Kind::PeerAuthentication,
+            true,
+            All,
+            true,
+        ),
+        spec(
+            "requestauthentications",
+            istio_security_resource("RequestAuthentication", "requestauthentications"),
+            Kind::RequestAuthentication,
+            true,
+            All,
+            true,
+        ),
     ]
 }

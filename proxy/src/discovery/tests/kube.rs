@@ -84,8 +84,16 @@ fn nothing_is_published_from_half_a_start() {
     let mut s = store();
     assert!(!s.all_synced());
     assert_eq!(s.pending().len(), watches().len());
-    let optional =
-        ["authorizationpolicies", "httproutes", "grpcroutes", "trafficpolicies", "serviceentries", "virtualservices"];
+    let optional = [
+        "authorizationpolicies",
+        "httproutes",
+        "grpcroutes",
+        "trafficpolicies",
+        "serviceentries",
+        "virtualservices",
+        "peerauthentications",
+        "requestauthentications",
+    ];
     for (i, w) in watches().iter().enumerate() {
         assert_eq!(w.optional, optional.contains(&w.label), "{}", w.label);
         if !w.optional {
@@ -96,7 +104,7 @@ fn nothing_is_published_from_half_a_start() {
     assert!(!s.all_synced());
     assert_eq!(s.pending(), optional);
     // The CRDs are not installed: that completes the start, with no policies, no routes, no
-    // TrafficPolicies and no ServiceEntries.
+    // TrafficPolicies, no ServiceEntries and no Istio authentication resources.
     for label in optional {
         assert!(s.absent(watch(label)).changed(), "the first answer counts as synced");
     }

@@ -3,6 +3,7 @@
 mod authz;
 mod dual_stack;
 mod fixtures;
+mod istio_authn;
 mod kube;
 mod limits;
 mod limits_libyaml;

@@ -1,35 +1,47 @@
-//! L4 authorization: Istio's AuthorizationPolicy semantics, evaluated per connection at the
-//! destination.
+//! Authorization: Istio's AuthorizationPolicy semantics, evaluated at the destination, per
+//! connection (TCP) and per HTTP request.
 //!
-//! [`authorize`] is pure: it reads the policies a [`Model`] snapshot precomputed (per namespace,
-//! in name order) and allocates nothing unless a policy decides (to name it in the
-//! [`Decision`]). The rules, as in Istio:
+//! [`authorize`] is pure: it reads the policies a [`Model`] snapshot precomputed and allocates
+//! nothing unless a policy decides (to name it in the [`Decision`]). The rules, as in Istio:
 //!
-//! 1. The policies that apply are those of the destination pod's namespace whose selector
-//!    matches the pod's labels (no selector: every pod of the namespace).
-//! 2. If any applicable DENY policy matches the connection, it is denied.
-//! 3. Else, if at least one ALLOW policy applies, the connection is allowed only if one of them
-//!    matches. An ALLOW policy with no rules matches nothing ("allow-nothing").
-//! 4. Else it is allowed.
+//! 1. The policies that apply to a pod are those of its namespace, and those of the root
+//!    namespace (`--root-namespace`, `istio-system` by default, which apply mesh-wide), whose
+//!    selector matches the pod's labels (no selector: every pod).
+//! 2. AUDIT policies that match are reported (logged and counted) and decide nothing.
+//! 3. If any applicable DENY policy matches, the request is denied.
+//! 4. Else, if at least one ALLOW policy applies, it is allowed only if one of them matches.
+//!    An ALLOW policy with no rules matches nothing ("allow-nothing").
+//! 5. Else it is allowed. (CUSTOM, which Istio evaluates first, is refused at parse time.)
 //!
 //! A policy matches if any of its rules matches; a rule matches if every part it has matches
-//! (`from`: any of its sources; `to`: any of its operations; a rule `{}` matches everything);
-//! a source matches if every non-empty list in it matches. A plaintext client has no principal
-//! and no namespace: it never matches `principals`/`namespaces` and always matches
-//! `notPrincipals`/`notNamespaces`.
+//! (`from`: any of its sources; `to`: any of its operations; `when`: every condition); a source
+//! or operation matches if every non-empty field in it matches. A plaintext client has no
+//! principal and no namespace: it never matches `principals`/`namespaces` and always matches
+//! `notPrincipals`/`notNamespaces`; likewise a request without a validated JWT for
+//! `requestPrincipals` and `request.auth.*`.
 //!
-//! Not supported: Istio's root namespace (`istio-system` by default), whose policies apply to
-//! every workload of the mesh. sluice applies only the destination namespace's own policies; a
-//! policy in `istio-system` governs the pods of `istio-system` only. Trust-domain aliases are
-//! not applied either: a principal matches the client's SPIFFE ID as written.
+//! **TCP traffic** (no HTTP request: opaque bytes, or a pod no L7 rule selects) has no method,
+//! path, host, header or JWT. Istio then ignores the HTTP-only fields, in the direction that is
+//! safe for each action: an ALLOW rule that uses one never matches (a smaller allow), while in a
+//! DENY or AUDIT rule the HTTP-only fields are dropped and the rest must match (a wider deny: a
+//! DENY rule with only `methods: ["GET"]` denies every TCP connection).
+//!
+//! Not supported: trust-domain aliases (a principal matches the client's SPIFFE ID as written).
 
+use std::net::IpAddr;
+
+use http::HeaderMap;
+
+use crate::discovery::traffic::IpNet;
 use crate::discovery::{
-    AuthorizationPolicy, AuthzAction, AuthzOperation, AuthzSource, Model, Pod, StringMatch,
+    AuthorizationPolicy, AuthzAction, AuthzCondition, AuthzOperation, AuthzSource, ConditionKey,
+    ConditionValues, Model, Pod, StringMatch,
 };
+use crate::jwt::validate::{string_or_list, Verified};
 
 const SPIFFE_SCHEME: &str = "spiffe://";
 
-/// Who opened a connection, as far as authorization is concerned.
+/// Who opened a connection, as far as its certificate says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Source<'a> {
     /// The client's full SPIFFE ID (`spiffe://cluster.local/ns/a/sa/b`) from its verified
@@ -48,6 +60,14 @@ impl<'a> Source<'a> {
     pub fn mtls(principal: &'a str) -> Source<'a> {
         Source { principal: Some(principal), namespace: namespace_of(principal) }
     }
+
+    /// `<namespace>/<service account>` of a SPIFFE ID `spiffe://<td>/ns/<ns>/sa/<sa>`.
+    fn service_account(&self) -> Option<(&'a str, &'a str)> {
+        let (_td, path) = self.principal?.strip_prefix(SPIFFE_SCHEME)?.split_once('/')?;
+        let (ns, rest) = path.strip_prefix("ns/")?.split_once('/')?;
+        let sa = rest.strip_prefix("sa/")?;
+        (!ns.is_empty() && !sa.is_empty() && !sa.contains('/')).then_some((ns, sa))
+    }
 }
 
 /// `spiffe://<td>/ns/<namespace>/...` → `<namespace>`.
@@ -55,6 +75,51 @@ fn namespace_of(id: &str) -> Option<&str> {
     let (_trust_domain, path) = id.strip_prefix(SPIFFE_SCHEME)?.split_once('/')?;
     let (ns, _) = path.strip_prefix("ns/")?.split_once('/')?;
     (!ns.is_empty()).then_some(ns)
+}
+
+/// What an HTTP request adds to a connection's attributes.
+#[derive(Debug, Clone, Copy)]
+pub struct Request<'a> {
+    pub method: &'a str,
+    /// The path without its query, normalized ([`super::request::normalize_path`]).
+    pub path: &'a str,
+    /// The authority (Host / `:authority`), lower-cased, port included when the client sent one.
+    pub host: &'a str,
+    pub headers: &'a HeaderMap,
+    /// `remote.ip`: the last X-Forwarded-For address, else the peer's.
+    pub remote_ip: Option<IpAddr>,
+    /// The request's validated JWT, if it had one.
+    pub auth: Option<&'a Verified>,
+}
+
+/// Everything a policy can look at, for one connection or one request.
+#[derive(Debug, Clone, Copy)]
+pub struct Attributes<'a> {
+    pub source: Source<'a>,
+    /// The peer address (`source.ip`, `ipBlocks`).
+    pub source_ip: Option<IpAddr>,
+    /// The address and port the client dialled (`destination.ip`, `destination.port`, `ports`).
+    pub dest_ip: Option<IpAddr>,
+    pub dest_port: u16,
+    /// `connection.sni`: the server name of the client's TLS ClientHello, when the destination
+    /// read one.
+    pub sni: Option<&'a str>,
+    /// `None`: TCP semantics.
+    pub request: Option<Request<'a>>,
+}
+
+impl<'a> Attributes<'a> {
+    /// A connection (TCP semantics) from `source` to `port`.
+    pub fn tcp(source: Source<'a>, port: u16) -> Attributes<'a> {
+        Attributes { source, source_ip: None, dest_ip: None, dest_port: port, sni: None, request: None }
+    }
+
+    fn remote_ip(&self) -> Option<IpAddr> {
+        match &self.request {
+            Some(r) => r.remote_ip.or(self.source_ip),
+            None => self.source_ip,
+        }
+    }
 }
 
 /// The outcome of [`authorize`].
@@ -67,6 +132,8 @@ pub struct Decision {
     pub policy: Option<String>,
     /// One of the `Decision::*` reason constants, for logs and counters.
     pub reason: &'static str,
+    /// `namespace/name` of the first AUDIT policy that matched, to be logged.
+    pub audit: Option<String>,
 }
 
 impl Decision {
@@ -76,57 +143,221 @@ impl Decision {
     pub const NO_POLICY: &'static str = "no ALLOW policy applies";
 
     fn by(policy: &AuthorizationPolicy, allowed: bool, reason: &'static str) -> Decision {
-        Decision { allowed, policy: Some(format!("{}/{}", policy.namespace, policy.name)), reason }
+        Decision { allowed, policy: Some(name(policy)), reason, audit: None }
     }
 }
 
-/// Decides whether `source` may connect to port `port` of pod `dest`, from the policies in
-/// `model` (see the module documentation for the rules).
-pub fn authorize(model: &Model, dest: &Pod, port: u16, source: &Source<'_>) -> Decision {
-    let policies = model.authorization_policies(&dest.namespace);
-    let applying = |action| policies.iter().filter(move |p| p.action == action && p.selects(&dest.labels));
+fn name(p: &AuthorizationPolicy) -> String {
+    format!("{}/{}", p.namespace, p.name)
+}
 
-    if let Some(p) = applying(AuthzAction::Deny).find(|p| policy_matches(p, port, source)) {
-        return Decision::by(p, false, Decision::DENIED_BY_POLICY);
-    }
+/// The policies that apply to `dest`: the root namespace's (mesh-wide), then its namespace's,
+/// each list by name, those whose selector matches the pod.
+pub fn applicable<'m>(
+    model: &'m Model,
+    root_namespace: &str,
+    dest: &'m Pod,
+) -> impl Iterator<Item = &'m std::sync::Arc<AuthorizationPolicy>> + 'm {
+    let root =
+        if dest.namespace == root_namespace { &[][..] } else { model.authorization_policies(root_namespace) };
+    root.iter().chain(model.authorization_policies(&dest.namespace)).filter(move |p| p.selects(&dest.labels))
+}
+
+/// Whether some policy that applies to `dest` must see HTTP requests (see
+/// [`AuthorizationPolicy::needs_requests`]).
+pub fn needs_requests(model: &Model, root_namespace: &str, dest: &Pod) -> bool {
+    applicable(model, root_namespace, dest).any(|p| p.needs_requests)
+}
+
+/// Decides whether a connection or request described by `attrs` may reach pod `dest`, from the
+/// policies in `model` (see the module documentation for the rules).
+pub fn authorize(model: &Model, root_namespace: &str, dest: &Pod, attrs: &Attributes<'_>) -> Decision {
+    let mut audit = None;
+    let mut deny = None;
     let mut any_allow = false;
-    for p in applying(AuthzAction::Allow) {
-        if policy_matches(p, port, source) {
-            return Decision::by(p, true, Decision::ALLOWED_BY_POLICY);
+    let mut allow = None;
+    for p in applicable(model, root_namespace, dest) {
+        match p.action {
+            AuthzAction::Audit => {
+                if audit.is_none() && policy_matches(p, attrs) {
+                    audit = Some(name(p));
+                }
+            }
+            AuthzAction::Deny => {
+                if deny.is_none() && policy_matches(p, attrs) {
+                    deny = Some(p);
+                }
+            }
+            AuthzAction::Allow => {
+                any_allow = true;
+                if allow.is_none() && deny.is_none() && policy_matches(p, attrs) {
+                    allow = Some(p);
+                }
+            }
         }
-        any_allow = true;
     }
-    if any_allow {
-        Decision { allowed: false, policy: None, reason: Decision::NO_ALLOW_MATCH }
+    let mut decision = if let Some(p) = deny {
+        Decision::by(p, false, Decision::DENIED_BY_POLICY)
+    } else if let Some(p) = allow {
+        Decision::by(p, true, Decision::ALLOWED_BY_POLICY)
+    } else if any_allow {
+        Decision { allowed: false, policy: None, reason: Decision::NO_ALLOW_MATCH, audit: None }
     } else {
-        Decision { allowed: true, policy: None, reason: Decision::NO_POLICY }
-    }
+        Decision { allowed: true, policy: None, reason: Decision::NO_POLICY, audit: None }
+    };
+    decision.audit = audit;
+    decision
 }
 
-/// Whether a connection matches a policy's rules (whatever its action). No rules: never.
-pub fn policy_matches(policy: &AuthorizationPolicy, port: u16, source: &Source<'_>) -> bool {
+/// Whether a connection or request matches a policy's rules (whatever its action). No rules:
+/// never.
+pub fn policy_matches(policy: &AuthorizationPolicy, attrs: &Attributes<'_>) -> bool {
     policy.rules.iter().any(|rule| {
-        (rule.from.is_empty() || rule.from.iter().any(|s| source_matches(s, source)))
-            && (rule.to.is_empty() || rule.to.iter().any(|o| operation_matches(o, port)))
+        // TCP: an ALLOW rule that needs HTTP never matches; in DENY and AUDIT rules the HTTP
+        // fields are ignored (each matcher below answers `true` for them without a request).
+        if attrs.request.is_none() && rule.http_only && policy.action == AuthzAction::Allow {
+            return false;
+        }
+        (rule.from.is_empty() || rule.from.iter().any(|s| source_matches(s, attrs)))
+            && (rule.to.is_empty() || rule.to.iter().any(|o| operation_matches(o, attrs)))
+            && rule.when.iter().all(|c| condition_matches(c, attrs))
     })
 }
 
-fn source_matches(s: &AuthzSource, source: &Source<'_>) -> bool {
+fn source_matches(s: &AuthzSource, attrs: &Attributes<'_>) -> bool {
     // Policies hold principals without the scheme, as Istio writes them.
-    let principal = source.principal.map(|p| p.strip_prefix(SPIFFE_SCHEME).unwrap_or(p));
-    condition(&s.principals, &s.not_principals, principal)
-        && condition(&s.namespaces, &s.not_namespaces, source.namespace)
+    let principal = attrs.source.principal.map(|p| p.strip_prefix(SPIFFE_SCHEME).unwrap_or(p));
+    let account = attrs.source.service_account().map(|(ns, sa)| (ns, sa));
+    let account_in = |list: &[String]| {
+        account.is_some_and(|(ns, sa)| list.iter().any(|e| e.split_once('/') == Some((ns, sa))))
+    };
+    let remote = attrs.remote_ip();
+    strings(&s.principals, &s.not_principals, principal)
+        && strings(&s.namespaces, &s.not_namespaces, attrs.source.namespace)
+        && (s.service_accounts.is_empty() || account_in(&s.service_accounts))
+        && !account_in(&s.not_service_accounts)
+        && ips(&s.ip_blocks, &s.not_ip_blocks, attrs.source_ip)
+        && ips(&s.remote_ip_blocks, &s.not_remote_ip_blocks, remote)
+        && match &attrs.request {
+            Some(r) => strings(
+                &s.request_principals,
+                &s.not_request_principals,
+                r.auth.map(|a| a.principal.as_str()),
+            ),
+            None => true,
+        }
+}
+
+fn operation_matches(o: &AuthzOperation, attrs: &Attributes<'_>) -> bool {
+    let port = attrs.dest_port;
+    if !((o.ports.is_empty() || o.ports.contains(&port)) && !o.not_ports.contains(&port)) {
+        return false;
+    }
+    let Some(r) = &attrs.request else {
+        return true; // hosts, methods and paths are HTTP-only: ignored (see policy_matches)
+    };
+    let host_in = |list: &[StringMatch]| list.iter().any(|m| host_matches(m, r.host));
+    (o.hosts.is_empty() || host_in(&o.hosts))
+        && !host_in(&o.not_hosts)
+        && strings(&o.methods, &o.not_methods, Some(r.method))
+        && strings(&o.paths, &o.not_paths, Some(r.path))
+}
+
+/// A host written without a port matches the authority whatever its port; with one, exactly.
+fn host_matches(m: &StringMatch, authority: &str) -> bool {
+    let with_port = match m {
+        StringMatch::Any => false,
+        StringMatch::Exact(s) | StringMatch::Prefix(s) | StringMatch::Suffix(s) => s.contains(':'),
+    };
+    if with_port {
+        m.matches(authority)
+    } else {
+        m.matches(super::request::host_without_port(authority))
+    }
+}
+
+fn condition_matches(c: &AuthzCondition, attrs: &Attributes<'_>) -> bool {
+    let req = attrs.request.as_ref();
+    let auth = req.and_then(|r| r.auth);
+    match &c.key {
+        ConditionKey::SourceIp => ip_condition(c, attrs.source_ip),
+        ConditionKey::RemoteIp => ip_condition(c, attrs.remote_ip()),
+        ConditionKey::DestinationIp => ip_condition(c, attrs.dest_ip),
+        ConditionKey::DestinationPort => match (&c.values, &c.not_values) {
+            (ConditionValues::Ports(v), ConditionValues::Ports(n)) => {
+                (v.is_empty() || v.contains(&attrs.dest_port)) && !n.contains(&attrs.dest_port)
+            }
+            _ => false,
+        },
+        ConditionKey::SourceNamespace => text_condition(c, attrs.source.namespace.into_iter()),
+        ConditionKey::SourcePrincipal => text_condition(
+            c,
+            attrs.source.principal.map(|p| p.strip_prefix(SPIFFE_SCHEME).unwrap_or(p)).into_iter(),
+        ),
+        ConditionKey::ConnectionSni => text_condition(c, attrs.sni.into_iter()),
+        // HTTP-only keys: ignored without a request (see policy_matches).
+        _ if req.is_none() => true,
+        ConditionKey::RequestHeader(name) => {
+            let r = req.expect("checked above");
+            let mut values =
+                r.headers.get_all(name.as_str()).iter().filter_map(|v| v.to_str().ok()).peekable();
+            if values.peek().is_none() {
+                return text_condition(c, std::iter::empty());
+            }
+            // Envoy matches a repeated header as its values joined by ','.
+            let joined = values.collect::<Vec<_>>().join(",");
+            text_condition(c, std::iter::once(joined.as_str()))
+        }
+        ConditionKey::RequestAuthPrincipal => {
+            text_condition(c, auth.map(|a| a.principal.as_str()).into_iter())
+        }
+        ConditionKey::RequestAuthPresenter => {
+            text_condition(c, auth.and_then(|a| a.presenter.as_deref()).into_iter())
+        }
+        ConditionKey::RequestAuthAudiences => {
+            text_condition(c, auth.into_iter().flat_map(|a| a.audiences.iter().map(String::as_str)))
+        }
+        ConditionKey::RequestAuthClaims(path) => {
+            let claim = auth.and_then(|a| {
+                let mut v = a.claims.get(&path[0])?;
+                for p in &path[1..] {
+                    v = v.get(p)?;
+                }
+                Some(v)
+            });
+            let values = string_or_list(claim);
+            text_condition(c, values.iter().map(String::as_str))
+        }
+    }
+}
+
+/// A text condition over an attribute with zero or more values: some value must match one of
+/// `values` (when given), and none may match `notValues`.
+fn text_condition<'v>(c: &AuthzCondition, values: impl Iterator<Item = &'v str> + Clone) -> bool {
+    let (ConditionValues::Text(want), ConditionValues::Text(not)) = (&c.values, &c.not_values) else {
+        return false;
+    };
+    let any = |list: &[StringMatch]| values.clone().any(|v| list.iter().any(|m| m.matches(v)));
+    (want.is_empty() || any(want)) && !any(not)
+}
+
+fn ip_condition(c: &AuthzCondition, ip: Option<IpAddr>) -> bool {
+    match (&c.values, &c.not_values) {
+        (ConditionValues::Ips(v), ConditionValues::Ips(n)) => ips(v, n, ip),
+        _ => false,
+    }
 }
 
 /// A `values`/`notValues` pair: a non-empty `values` needs a value that matches one of them;
 /// `not_values` needs the value to match none of them (an absent value matches none).
-fn condition(values: &[StringMatch], not_values: &[StringMatch], value: Option<&str>) -> bool {
+fn strings(values: &[StringMatch], not_values: &[StringMatch], value: Option<&str>) -> bool {
     let any = |list: &[StringMatch], v: &str| list.iter().any(|m| m.matches(v));
     (values.is_empty() || value.is_some_and(|v| any(values, v))) && !value.is_some_and(|v| any(not_values, v))
 }
 
-fn operation_matches(o: &AuthzOperation, port: u16) -> bool {
-    (o.ports.is_empty() || o.ports.contains(&port)) && !o.not_ports.contains(&port)
+fn ips(blocks: &[IpNet], not_blocks: &[IpNet], ip: Option<IpAddr>) -> bool {
+    let any = |list: &[IpNet], ip: IpAddr| list.iter().any(|n| n.contains(ip));
+    (blocks.is_empty() || ip.is_some_and(|ip| any(blocks, ip))) && !ip.is_some_and(|ip| any(not_blocks, ip))
 }
 
 #[cfg(test)]
@@ -160,6 +391,7 @@ metadata: {name: db-1, namespace: data, uid: u-db, labels: {app: web}}
 status: {podIP: 10.244.2.12}
 "#;
 
+    const ROOT: &str = "istio-system";
     const FRONTEND: &str = "spiffe://cluster.local/ns/shop/sa/frontend";
     const DEV: &str = "spiffe://cluster.local/ns/dev/sa/tester";
     const BAR: &str = "spiffe://cluster.local/ns/team-a/sa/bar";
@@ -194,8 +426,8 @@ status: {podIP: 10.244.2.12}
     #[track_caller]
     fn table(m: &Model, dest: &Pod, cases: &[Case<'_>]) {
         for &(principal, port, allowed, policy, reason) in cases {
-            let d = authorize(m, dest, port, &src(principal));
-            let want = Decision { allowed, policy: policy.map(str::to_owned), reason };
+            let d = authorize(m, ROOT, dest, &Attributes::tcp(src(principal), port));
+            let want = Decision { allowed, policy: policy.map(str::to_owned), reason, audit: None };
             assert_eq!(d, want, "{principal:?} → {}/{}:{port}", dest.namespace, dest.name);
         }
     }
