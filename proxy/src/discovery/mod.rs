@@ -32,6 +32,7 @@
 
 mod dir_source;
 mod fields;
+pub mod istio;
 mod kinds;
 mod kinds_route;
 mod kinds_traffic;

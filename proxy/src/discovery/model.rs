@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
+use super::istio::destination_rule::DestinationRule;
 use super::route::{Route, RouteKind};
 use super::traffic::{OutboundPolicy, ServiceEntry, TrafficPolicy};
 
@@ -443,6 +444,7 @@ pub enum Kind {
     GrpcRoute,
     TrafficPolicy,
     ServiceEntry,
+    DestinationRule,
 }
 
 impl Kind {
@@ -457,6 +459,7 @@ impl Kind {
             Kind::GrpcRoute => "GRPCRoute",
             Kind::TrafficPolicy => "TrafficPolicy",
             Kind::ServiceEntry => "ServiceEntry",
+            Kind::DestinationRule => "DestinationRule",
         }
     }
 }
@@ -507,6 +510,7 @@ pub enum Object {
     Route(Arc<Route>),
     TrafficPolicy(Arc<TrafficPolicy>),
     ServiceEntry(Arc<ServiceEntry>),
+    DestinationRule(Arc<DestinationRule>),
 }
 
 impl Object {
@@ -520,6 +524,7 @@ impl Object {
             Object::Route(o) => o.kind.into(),
             Object::TrafficPolicy(_) => Kind::TrafficPolicy,
             Object::ServiceEntry(_) => Kind::ServiceEntry,
+            Object::DestinationRule(_) => Kind::DestinationRule,
         }
     }
 
@@ -533,6 +538,7 @@ impl Object {
             Object::Route(o) => (o.namespace.as_str(), o.name.as_str()),
             Object::TrafficPolicy(o) => (o.namespace.as_str(), o.name.as_str()),
             Object::ServiceEntry(o) => (o.namespace.as_str(), o.name.as_str()),
+            Object::DestinationRule(o) => (o.namespace.as_str(), o.name.as_str()),
         };
         ObjectKey { kind: self.kind(), namespace: namespace.to_owned(), name: name.to_owned() }
     }

@@ -15,6 +15,7 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
+use super::istio::destination_rule::{DestinationRule, DrIndex};
 use super::manifest::{self, Format, ParseError};
 use super::model::{
     AddressType, AuthorizationPolicy, EndpointSlice, Namespace, Object, PeerAuthMode, Pod, PodPhase,
@@ -177,6 +178,9 @@ pub struct Model {
     entries_by_host: HashMap<String, Box<[Arc<ServiceEntry>]>>,
     /// `*.suffix` host → entries by `suffix`, by rank.
     entries_by_wildcard: HashMap<String, Box<[Arc<ServiceEntry>]>>,
+    destination_rules: ByNsName<DestinationRule>,
+    /// Every DestinationRule resolved against the Services and ServiceEntries above.
+    dr_index: DrIndex,
 }
 
 impl Model {
@@ -213,6 +217,7 @@ impl Model {
                 }
                 Object::TrafficPolicy(o) => insert(&mut m.traffic_policies, o, |p| (&p.namespace, &p.name)),
                 Object::ServiceEntry(o) => insert(&mut m.service_entries, o, |e| (&e.namespace, &e.name)),
+                Object::DestinationRule(o) => insert(&mut m.destination_rules, o, |r| (&r.namespace, &r.name)),
             }
         }
         m.index_services();
@@ -221,7 +226,23 @@ impl Model {
         m.index_routes();
         m.index_traffic_policies();
         m.index_service_entries();
+        m.dr_index = DrIndex::build(&m);
         m
+    }
+
+    /// Every DestinationRule, in force or not, in no particular order.
+    pub fn destination_rules(&self) -> impl Iterator<Item = &Arc<DestinationRule>> {
+        self.destination_rules.values().flat_map(|m| m.values())
+    }
+
+    pub fn destination_rule(&self, namespace: &str, name: &str) -> Option<&Arc<DestinationRule>> {
+        self.destination_rules.get(namespace)?.get(name)
+    }
+
+    /// The DestinationRules resolved per destination, subset and port (see
+    /// [`DrIndex::destination`]).
+    pub fn destination_rule_index(&self) -> &DrIndex {
+        &self.dr_index
     }
 
     /// For every target, the TrafficPolicy in force: the oldest of those naming it (see

@@ -503,6 +503,10 @@ impl Balancer {
                     st.gateway += 1;
                     st.connect = 0;
                 }
+                Outcome::ConnectFailure if cfg.split_local_origin => {
+                    // Counted on its own: a 5xx streak of the application goes on.
+                    st.connect += 1;
+                }
                 Outcome::ConnectFailure => {
                     st.c5xx += 1;
                     st.gateway += 1;
@@ -893,6 +897,7 @@ mod tests {
             base_ejection_time: Duration::from_millis(200),
             max_ejection_percent: 50,
             min_health_percent: 0,
+            split_local_origin: false,
         }
     }
 
