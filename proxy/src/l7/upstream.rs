@@ -770,7 +770,6 @@ impl Upstreams {
     }
 }
 
-/// A new HTTP/2 connection over what `dial` opens, and the task that is to drive it.
 /// The client configuration of ISTIO_MUTUAL towards a destination outside the mesh: the mesh
 /// configuration of (source identity, expected server), with Istio's ALPN for the HTTP version
 /// (what a sidecar's inbound listener selects on). Built per new connection, not per request.
@@ -790,6 +789,7 @@ fn istio_mutual_target(d: &Dial<'_>, m: &IstioMutual) -> Result<TlsTarget, Upstr
     Ok(TlsTarget { config: Arc::new(config), server_name, sni: m.sni.clone() })
 }
 
+/// A new HTTP/2 connection over what `dial` opens, and the task that is to drive it.
 async fn connect_h2<F, Fut>(endpoint: SocketAddr, dial: &F) -> Result<(H2Conn, H2Task), UpstreamError>
 where
     F: Fn() -> Fut,
