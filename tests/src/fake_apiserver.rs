@@ -73,6 +73,7 @@ pub enum Resource {
     GrpcRoutes,
     TrafficPolicies,
     ServiceEntries,
+    DestinationRules,
 }
 
 struct Info {
@@ -92,7 +93,7 @@ struct Info {
 }
 
 impl Resource {
-    pub const ALL: [Resource; 9] = [
+    pub const ALL: [Resource; 10] = [
         Resource::Namespaces,
         Resource::Pods,
         Resource::Services,
@@ -102,15 +103,17 @@ impl Resource {
         Resource::GrpcRoutes,
         Resource::TrafficPolicies,
         Resource::ServiceEntries,
+        Resource::DestinationRules,
     ];
 
     /// The custom resources: a cluster may not have their CRDs installed.
-    pub const CRDS: [Resource; 5] = [
+    pub const CRDS: [Resource; 6] = [
         Resource::AuthorizationPolicies,
         Resource::HttpRoutes,
         Resource::GrpcRoutes,
         Resource::TrafficPolicies,
         Resource::ServiceEntries,
+        Resource::DestinationRules,
     ];
 
     fn info(self) -> &'static Info {
@@ -227,6 +230,18 @@ impl Resource {
                 builtin: false,
                 field_labels: &[],
                 short_names: &["se"],
+            },
+            // Istio serves DestinationRule at v1, v1beta1 and v1alpha3 (one schema).
+            Resource::DestinationRules => &Info {
+                group: "networking.istio.io",
+                versions: &["v1", "v1beta1", "v1alpha3"],
+                plural: "destinationrules",
+                singular: "destinationrule",
+                kind: "DestinationRule",
+                namespaced: true,
+                builtin: false,
+                field_labels: &[],
+                short_names: &["dr"],
             },
         }
     }

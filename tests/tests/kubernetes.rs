@@ -439,8 +439,8 @@ fn model_follows_the_api_server() -> Result<()> {
     api.compact(Resource::Pods);
     let cut = api.drop_watches();
     assert_eq!(
-        cut, 10,
-        "namespaces, pods ×2, services, endpointslices, authorizationpolicies, httproutes, grpcroutes, trafficpolicies, serviceentries"
+        cut, 11,
+        "namespaces, pods ×2, services, endpointslices, authorizationpolicies, httproutes, grpcroutes, trafficpolicies, serviceentries, destinationrules"
     );
     // Made while disconnected: they must arrive from the history on resume.
     api.apply(objects::pod(&objects::PodSpec {
@@ -555,7 +555,9 @@ fn runs_without_the_optional_crds() -> Result<()> {
     for crd in Resource::CRDS {
         api.wait_stats(crd, T, "a second list attempt", |s| s.lists >= 2)?;
     }
-    for plural in ["authorizationpolicies", "httproutes", "grpcroutes", "trafficpolicies", "serviceentries"] {
+    for plural in
+        ["authorizationpolicies", "httproutes", "grpcroutes", "trafficpolicies", "serviceentries", "destinationrules"]
+    {
         let said = sluice.log_contents().matches(&format!("does not serve {plural}")).count();
         assert_eq!(said, 1, "{plural} logged once:\n{}", sluice.log_contents());
     }

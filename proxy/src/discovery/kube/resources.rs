@@ -16,12 +16,13 @@
 //!   pod update that changes none of its fields (most are status conditions) does not rebuild
 //!   the model. Unscheduled pods match this selector too; they have no IP yet and are skipped.
 //!
-//! Istio's AuthorizationPolicy and ServiceEntry, the Gateway API's HTTPRoute and GRPCRoute and
-//! sluice's own TrafficPolicy are CRDs: a cluster without Istio's (or the Gateway API's, or
-//! sluice's) CRDs does not serve them, and sluice then carries on without policies (or routes,
-//! TrafficPolicies, ServiceEntries), see [`WatchSpec::optional`]. Routes, TrafficPolicies and
-//! ServiceEntries are watched cluster-wide: a consumer route in any namespace may name a Service
-//! a local pod talks to, and a local pod may call any Service or external host.
+//! Istio's AuthorizationPolicy, ServiceEntry and DestinationRule, the Gateway API's HTTPRoute
+//! and GRPCRoute and sluice's own TrafficPolicy are CRDs: a cluster without Istio's (or the
+//! Gateway API's, or sluice's) CRDs does not serve them, and sluice then carries on without
+//! policies (or routes, TrafficPolicies, ServiceEntries, DestinationRules), see
+//! [`WatchSpec::optional`]. Routes, TrafficPolicies, ServiceEntries and DestinationRules are
+//! watched cluster-wide: a consumer route in any namespace may name a Service a local pod talks
+//! to, and a local pod may call any Service or external host.
 
 use ::kube::core::ApiResource;
 use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
@@ -107,6 +108,18 @@ pub(crate) fn service_entry_resource() -> ApiResource {
     }
 }
 
+/// The group/version sluice reads Istio's DestinationRules at. v1 is served by Istio 1.22 and
+/// later, with the same schema as v1beta1 and v1alpha3.
+pub(crate) fn destination_rule_resource() -> ApiResource {
+    ApiResource {
+        group: "networking.istio.io".into(),
+        version: "v1".into(),
+        api_version: "networking.istio.io/v1".into(),
+        kind: "DestinationRule".into(),
+        plural: "destinationrules".into(),
+    }
+}
+
 /// Every watch, in the order their objects are fed to the model.
 pub(crate) fn watches() -> Vec<WatchSpec> {
     let spec = |label, resource, kind, namespaced, nodes, optional| WatchSpec {
@@ -157,5 +170,6 @@ pub(crate) fn watches() -> Vec<WatchSpec> {
         ),
         spec("trafficpolicies", traffic_policy_resource(), Kind::TrafficPolicy, true, All, true),
         spec("serviceentries", service_entry_resource(), Kind::ServiceEntry, true, All, true),
+        spec("destinationrules", destination_rule_resource(), Kind::DestinationRule, true, All, true),
     ]
 }
