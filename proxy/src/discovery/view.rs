@@ -32,6 +32,10 @@ pub struct ModelView {
     pub traffic_policies: Vec<TrafficPolicyView>,
     /// Istio ServiceEntries.
     pub service_entries: Vec<ServiceEntryView>,
+    /// Istio DestinationRules as parsed (in force or not: see which applies to a client in
+    /// the README's "DestinationRule"), and the counts of their resolved index.
+    pub destination_rules: Vec<crate::discovery::istio::destination_rule::DestinationRule>,
+    pub destination_rule_index: crate::discovery::istio::destination_rule::DrIndexStats,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -318,6 +322,12 @@ impl Model {
             routes,
             traffic_policies,
             service_entries,
+            destination_rules: {
+                let mut rules: Vec<_> = self.destination_rules().map(|r| (**r).clone()).collect();
+                rules.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+                rules
+            },
+            destination_rule_index: self.destination_rule_index().stats,
         }
     }
 }

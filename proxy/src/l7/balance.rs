@@ -974,6 +974,10 @@ mod tests {
 
     #[test]
     fn pending_requests_spread_concurrent_load() {
+        // The cheaper of two candidates wins only with a probability: unseeded, about 1 run in
+        // 75 fell outside 6..=14 (measured 4 in 300). Seeded, the run is reproducible and still
+        // fails if pending requests stop weighing in (then the spread is a fair coin's).
+        fastrand::seed(0x5eed);
         let b = Balancer::new(LbPolicy::P2cEwma, EwmaConfig::default());
         let eps = addrs(3);
         let held: Vec<_> = (0..30).map(|_| b.pick(1, &eps).unwrap()).collect();

@@ -34,7 +34,7 @@ use super::{
     Body,
 };
 use crate::discovery::istio::destination_rule::{
-    Client, ClientTls, HashKey, LoadBalancer, Resolved, TlsMode,
+    Client, ClientTls, HashKey, LoadBalancer, PolicyLevel, Resolved, TlsMode,
 };
 use crate::discovery::{
     route::{BackendRef, Filter, HeaderModifier, RouteRetry},
@@ -228,6 +228,29 @@ impl Plan {
     ) -> Result<Plan, ProxyError> {
         let p = &rule.policy;
         let tp = policy.map(|p| &**p);
+        self.apply_rule_policy(p, tp, passthrough, |eps| rule_table(rule, eps));
+        let tp_tls = tp.is_some_and(|t| t.tls.is_some());
+        match &p.tls {
+            Some(t) if !tp_tls => self.apply_rule_tls(t, ctx, host)?,
+            _ => {}
+        }
+        self.destination_rule = Some(match &rule.subset {
+            Some(s) => format!("{} subset {s}", rule.rule).into(),
+            None => rule.rule.clone(),
+        });
+        Ok(self)
+    }
+
+    /// The rule's merged policy `p` but its TLS, under the TrafficPolicy `tp` (which wins each
+    /// group it sets: circuit breaker, connect timeout, outlier detection). `table` finds the
+    /// Maglev table built over the plan's endpoints.
+    fn apply_rule_policy(
+        &mut self,
+        p: &PolicyLevel,
+        tp: Option<&TrafficPolicy>,
+        passthrough: SocketAddr,
+        table: impl FnOnce(&Arc<[SocketAddr]>) -> Option<Arc<Maglev>>,
+    ) {
         if let Some(pool) = &p.connection_pool {
             if tp.is_none_or(|t| t.circuit_breaker.is_none()) {
                 let cb = CircuitBreaker {
@@ -263,22 +286,12 @@ impl Plan {
             }
             Some(LoadBalancer::ConsistentHash(ch)) => {
                 let table = match &self.endpoints {
-                    Endpoints::Known(eps) => rule_table(rule, eps),
+                    Endpoints::Known(eps) => table(eps),
                     Endpoints::Dns { .. } => None,
                 };
                 PlanLb::Hash { key: ch.key.clone(), table }
             }
         };
-        let tp_tls = tp.is_some_and(|t| t.tls.is_some());
-        match &p.tls {
-            Some(t) if !tp_tls => self.apply_rule_tls(t, ctx, host)?,
-            _ => {}
-        }
-        self.destination_rule = Some(match &rule.subset {
-            Some(s) => format!("{} subset {s}", rule.rule).into(),
-            None => rule.rule.clone(),
-        });
-        Ok(self)
     }
 
     fn apply_rule_tls(&mut self, t: &ClientTls, ctx: &ConnCtx, host: &str) -> Result<(), ProxyError> {
@@ -633,3 +646,7 @@ fn pick_backend(backends: &[BackendRef]) -> Option<&BackendRef> {
 pub fn fault_applies(matches: &[(String, String)], headers: &http::HeaderMap) -> bool {
     matches.iter().all(|(name, value)| headers.get_all(name.as_str()).iter().any(|v| v.as_bytes() == value.as_bytes()))
 }
+
+#[cfg(test)]
+#[path = "plan_dr_tests.rs"]
+mod dr_tests;

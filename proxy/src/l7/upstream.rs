@@ -98,8 +98,12 @@ struct Key {
     src_pod: u32,
     endpoint: SocketAddr,
     wire: Wire,
-    /// The TLS server name when sluice originates TLS.
-    tls: Option<Arc<str>>,
+    /// The TLS server name when sluice originates TLS, and the identity of the client
+    /// configuration (its address): a connection made under other trust anchors, another
+    /// client certificate or other subjectAltNames (a policy or DestinationRule edited a moment
+    /// ago) is not reused. A pooled connection holds its configuration alive, so the address
+    /// cannot be reused by another configuration while the connection is in the pool.
+    tls: Option<(Arc<str>, usize)>,
 }
 
 /// Why an upstream request got no response.
@@ -347,9 +351,9 @@ impl Upstreams {
 
     fn key(d: &Dial<'_>, wire: Wire) -> Key {
         let tls = match (&d.tls, &d.istio_mutual) {
-            (Some(t), _) => Some(t.sni.clone()),
+            (Some(t), _) => Some((t.sni.clone(), Arc::as_ptr(&t.config) as usize)),
             // Its own pool entries: the same SNI over plain TLS is another connection.
-            (None, Some(m)) => Some(format!("istio-mutual:{}:{}", m.server, m.sni).into()),
+            (None, Some(m)) => Some((format!("istio-mutual:{}:{}", m.server, m.sni).into(), 0)),
             (None, None) => None,
         };
         Key { src_pod: d.pod.pod_id, endpoint: d.endpoint, wire, tls }

@@ -340,7 +340,7 @@ struct Applied {
 }
 
 /// Counts of the index, for the admin view.
-#[derive(Debug, Default, Clone, Copy, Serialize)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct DrIndexStats {
     pub destinations: usize,
     pub maglev_tables: usize,

@@ -84,7 +84,8 @@ fn nothing_is_published_from_half_a_start() {
     let mut s = store();
     assert!(!s.all_synced());
     assert_eq!(s.pending().len(), watches().len());
-    let optional = ["authorizationpolicies", "httproutes", "grpcroutes", "trafficpolicies", "serviceentries"];
+    let optional =
+        ["authorizationpolicies", "httproutes", "grpcroutes", "trafficpolicies", "serviceentries", "destinationrules"];
     for (i, w) in watches().iter().enumerate() {
         assert_eq!(w.optional, optional.contains(&w.label), "{}", w.label);
         if !w.optional {
