@@ -494,7 +494,7 @@ fn model_follows_the_api_server() -> Result<()> {
     // --- A dropped connection: the change made meanwhile arrives on resume, without a relist ---
     wait_all_watching(&api)?;
     let services_before = api.stats(Resource::Services);
-    assert_eq!(api.drop_watches(), 10);
+    assert_eq!(api.drop_watches(), 11);
     let with_metrics =
         [("echo", ECHO_PORT, ECHO_PORT), ("http", HTTP_PORT, HTTP_TARGET_PORT), ("metrics", 9090, 9090)];
     api.apply(objects::service("shop", "web", VIP, &with_metrics, &[("app", "web")]))?;
@@ -550,6 +550,7 @@ fn runs_without_the_optional_crds() -> Result<()> {
     assert_eq!(m["routes"], json!([]));
     assert_eq!(m["traffic_policies"], json!([]));
     assert_eq!(m["service_entries"], json!([]));
+    assert_eq!(m["destination_rules"], json!([]));
     assert_eq!(m["errors"], json!([]), "a missing CRD is not an object error");
     // It keeps asking (with backoff), and says it only once per resource.
     for crd in Resource::CRDS {
@@ -580,6 +581,11 @@ fn runs_without_the_optional_crds() -> Result<()> {
         json!({"hosts": ["api.example.com"], "ports": [{"number": 443, "name": "https", "protocol": "TLS"}],
                "resolution": "DNS"}),
     ))?;
+    api.apply(objects::destination_rule(
+        "shop",
+        "api",
+        json!({"host": "api", "trafficPolicy": {"loadBalancer": {"simple": "ROUND_ROBIN"}}}),
+    ))?;
     // The retries come at the backoff's pace (doubling from 0.8 s, with jitter).
     sluice.wait_for(
         "/model",
@@ -588,12 +594,13 @@ fn runs_without_the_optional_crds() -> Result<()> {
                 && route_keys(&m["routes"]) == set(&["GRPCRoute shop/api", "HTTPRoute shop/api"])
                 && keys(&m["traffic_policies"]) == set(&["shop/api"])
                 && keys(&m["service_entries"]) == set(&["shop/api"])
+                && keys(&m["destination_rules"]) == set(&["shop/api"])
         },
         Duration::from_secs(40),
     )?;
     assert_eq!(
         sluice.log_contents().matches("serves this resource now").count(),
-        5,
+        6,
         "{}",
         sluice.log_contents()
     );

@@ -445,6 +445,11 @@ pub fn service_entry(namespace: &str, name: &str, spec: Value) -> Value {
     )
 }
 
+/// An Istio DestinationRule as `kubectl apply` leaves it.
+pub fn destination_rule(namespace: &str, name: &str, spec: Value) -> Value {
+    kubectl_applied("networking.istio.io/v1", "DestinationRule", namespace, name, spec)
+}
+
 /// A namespaced custom resource with `spec`, kubectl-applied (client side): the
 /// last-applied-configuration annotation and its managedFields entry.
 fn kubectl_applied(
