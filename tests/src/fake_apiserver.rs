@@ -231,10 +231,11 @@ impl Resource {
                 field_labels: &[],
                 short_names: &["se"],
             },
-            // Istio serves DestinationRule at v1, v1beta1 and v1alpha3 (one schema).
+            // Istio serves DestinationRule at v1, v1beta1 and v1alpha3 (one schema); the fake
+            // serves the versions its ServiceEntries have (sluice reads v1).
             Resource::DestinationRules => &Info {
                 group: "networking.istio.io",
-                versions: &["v1", "v1beta1", "v1alpha3"],
+                versions: &["v1", "v1beta1"],
                 plural: "destinationrules",
                 singular: "destinationrule",
                 kind: "DestinationRule",
