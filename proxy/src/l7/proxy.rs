@@ -344,7 +344,7 @@ async fn forward(req: Request<Body>, ctx: &Arc<ConnCtx>, grpc: bool, obs: &mut O
                         _ => b.map_err(Into::into).boxed(),
                     }
                 });
-                debug!(pod = %ctx.pod.key, backend = %plan.backend, %endpoint, status = resp.status().as_u16(), attempt, "proxied");
+                debug!(pod = %ctx.pod.key, backend = %plan.backend, destination_rule = plan.destination_rule.as_deref(), %endpoint, status = resp.status().as_u16(), attempt, "proxied");
                 drop(retry_slot);
                 return Ok(resp);
             }
