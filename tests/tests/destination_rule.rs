@@ -262,9 +262,10 @@ fn consistent_hash_by_header_is_sticky_and_moves_few_keys_when_an_endpoint_goes(
 
 /// `consistentHash.httpCookie` with a ttl: a request without the cookie gets one (`Set-Cookie`
 /// with its Max-Age and path) and every request carrying a cookie value stays on one endpoint;
-/// different values spread over the endpoints.
+/// different values spread over the endpoints. Then `useSourceIp` (one client pod, one
+/// endpoint) and `httpQueryParameterName` (one endpoint per value).
 #[test]
-fn hash_cookie_is_set_when_missing_and_then_honoured() -> Result<()> {
+fn hash_cookie_source_ip_and_query_parameter_keys() -> Result<()> {
     let mut w = World::new()?;
     let pods = w.http_backends("web", 4, |_| vec![])?;
     w.service("shop", "web", "10.96.3.20", HTTP_PORT, &pods.iter().collect::<Vec<_>>())?;
@@ -308,6 +309,25 @@ fn hash_cookie_is_set_when_missing_and_then_honoured() -> Result<()> {
     }
     eprintln!("hash cookie: set {set:?} on {first}, 40 requests with it all went there; 16 other values used {used:?}");
     ensure!(used.len() >= 2, "16 cookie values must not all hash to one endpoint: {used:?}");
+
+    // useSourceIp: every request of this client pod goes to one endpoint.
+    let lb = |ch: Value| json!({"trafficPolicy": {"loadBalancer": {"consistentHash": ch}}});
+    w.rule("shop", "web", "web", lb(json!({"useSourceIp": true})))?;
+    let s = http_load(&w.client, addr("10.96.3.20", 80), &["--count", "40", "--connections", "4"])?;
+    ensure!(s.ok && s.succeeded == 40 && s.by_name.len() == 1, "useSourceIp: {:?}", s.by_name);
+    // httpQueryParameterName: one endpoint per value of the parameter.
+    w.rule("shop", "web", "web", lb(json!({"httpQueryParameterName": "user"})))?;
+    let mut by_query = BTreeSet::new();
+    for i in 0..16 {
+        let path = format!("/cart?user=u{i}&x=1");
+        let s = http_load(&w.client, addr("10.96.3.20", 80), &["--count", "10", "--path", &path])?;
+        ensure!(s.ok && s.succeeded == 10 && s.by_name.len() == 1, "user=u{i}: {:?}", s.by_name);
+        by_query.extend(s.by_name.keys().cloned());
+    }
+    eprintln!(
+        "useSourceIp: one endpoint for the client; httpQueryParameterName: 16 values used {by_query:?}"
+    );
+    ensure!(by_query.len() >= 2, "16 parameter values must not all hash to one endpoint: {by_query:?}");
     Ok(())
 }
 
