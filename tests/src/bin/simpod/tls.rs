@@ -136,8 +136,9 @@ fn make_server_config(
     write_atomic(cert_out, &cert.pem())
         .map_err(|e| format!("writing {}: {}", cert_out.display(), err_str(&e)))?;
     let key = PrivateKeyDer::Pkcs8(key.serialize_der().into());
-    let builder =
-        ServerConfig::builder_with_provider(provider()).with_safe_default_protocol_versions().map_err(|e| e.to_string())?;
+    let builder = ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?;
     let builder = match client_ca {
         None => builder.with_no_client_auth(),
         Some(path) => {
@@ -146,9 +147,10 @@ fn make_server_config(
             for c in CertificateDer::pem_slice_iter(&pem) {
                 roots.add(c.map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
             }
-            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
-                .build()
-                .map_err(|e| e.to_string())?;
+            let verifier =
+                rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+                    .build()
+                    .map_err(|e| e.to_string())?;
             builder.with_client_cert_verifier(verifier)
         }
     };
