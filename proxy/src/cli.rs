@@ -744,8 +744,10 @@ mod tests {
     }
 }
 
-/// `sluice routes [SERVICE]`: each Service port's effective route table, its backends with
-/// weights, and their endpoints with the current peak-EWMA latency.
+/// `sluice routes [SERVICE]`: each Service port's effective route tables per audience, each
+/// rule with the resource (kind/namespace/name) and place in it that produced it, its backends
+/// with weights, and their endpoints with the current peak-EWMA latency; the resources
+/// shadowed for an audience; VirtualServices' tcp/tls rules.
 pub fn routes(ep: &AdminEndpoint, service: Option<&str>, out: Output) -> Result<String> {
     use crate::admin::routes::{BackendView, ServiceRoutesView};
     let path = match service {
@@ -786,8 +788,12 @@ pub fn routes(ep: &AdminEndpoint, service: Option<&str>, out: Output) -> Result<
             (None, Some(a)) => format!("{} ({a})", v.port),
             (None, None) => v.port.to_string(),
         };
-        s.push_str(&format!("{} port {port}, ClusterIP {}\n", v.service, v.cluster_ip.as_deref().unwrap_or("None")));
-        if v.tables.is_empty() {
+        if v.kind == "Service" {
+            s.push_str(&format!("{} port {port}, ClusterIP {}\n", v.service, v.cluster_ip.as_deref().unwrap_or("None")));
+        } else {
+            s.push_str(&format!("{} {} port {port}\n", v.kind, v.service));
+        }
+        if v.tables.is_empty() && v.kind == "Service" {
             s.push_str(&format!("  no routes: every request → {} ({})\n", v.default_backend.backend, endpoints(&v.default_backend)));
         }
         for t in &v.tables {
@@ -801,9 +807,16 @@ pub fn routes(ep: &AdminEndpoint, service: Option<&str>, out: Output) -> Result<
                 if let Some(ms) = e.backend_request_timeout_ms {
                     extra.push(format!("backend timeout {ms}ms"));
                 }
+                if let Some(f) = &e.fault {
+                    extra.push(format!("fault {f}"));
+                }
+                if let Some(r) = &e.retries {
+                    extra.push(r.clone());
+                }
+                let place = e.origin.clone().unwrap_or_else(|| e.rule.to_string());
                 let rule = match &e.rule_name {
-                    Some(n) => format!("{} ({n})", e.rule),
-                    None => e.rule.to_string(),
+                    Some(n) => format!("{place} ({n})"),
+                    None => place,
                 };
                 let backends = if e.backends.is_empty() { vec![None] } else { e.backends.iter().map(Some).collect() };
                 for (i, b) in backends.into_iter().enumerate() {
@@ -823,6 +836,34 @@ pub fn routes(ep: &AdminEndpoint, service: Option<&str>, out: Output) -> Result<
                 s.push_str("    ");
                 s.push_str(line);
                 s.push('\n');
+            }
+            for sh in &t.shadowed {
+                s.push_str(&format!("    not applied to these clients: {sh} (an earlier resource for this host decides)\n"));
+            }
+        }
+        for t in &v.streams {
+            s.push_str(&format!("  tcp/tls rules for {}, first match wins:\n", t.clients));
+            let mut rows = Vec::new();
+            for r in &t.rules {
+                for (i, b) in r.backends.iter().enumerate() {
+                    let first = i == 0;
+                    rows.push(vec![
+                        if first { r.order.to_string() } else { String::new() },
+                        if first { r.route.clone() } else { String::new() },
+                        if first { r.rule.clone() } else { String::new() },
+                        if first { r.matches.clone() } else { String::new() },
+                        format!("{} {:.0}%", b.backend, b.share_percent),
+                        endpoints(b),
+                    ]);
+                }
+            }
+            for line in table(&["#", "ROUTE", "RULE", "MATCH", "BACKEND", "ENDPOINTS"], rows).lines() {
+                s.push_str("    ");
+                s.push_str(line);
+                s.push('\n');
+            }
+            for sh in &t.shadowed {
+                s.push_str(&format!("    not applied to these clients: {sh} (an earlier resource for this host decides)\n"));
             }
         }
     }

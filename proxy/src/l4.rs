@@ -194,17 +194,26 @@ async fn handle(
 }
 
 /// Opaque TCP: one endpoint for the whole connection (round robin over a Service's ready
-/// endpoints), bytes forwarded as they come, starting with what detection read.
+/// endpoints, or the destination a VirtualService tcp/tls rule chose), bytes forwarded as they
+/// come, starting with what detection (and a ClientHello read for SNI) read.
 async fn forward_opaque(
-    client: TcpStream,
+    mut client: TcpStream,
     prefix: Bytes,
     peer: SocketAddr,
     orig: SocketAddr,
     pod: Arc<PodContext>,
     dp: Arc<DataPath>,
 ) {
+    let (routed, prefix) = crate::stream_routes::route(&mut client, prefix, orig, &pod, &dp).await;
     let model = dp.model.load();
-    let target = routing::resolve(&model, orig);
+    let target = match routed {
+        crate::stream_routes::Routed::Default => routing::resolve(&model, orig),
+        crate::stream_routes::Routed::To(t) => t,
+        crate::stream_routes::Routed::Refused(_) => {
+            reset(&client);
+            return;
+        }
+    };
     if target.service.is_none() && !registered(&model, orig) && model.outbound_policy(&pod.namespace) == OutboundPolicy::RegistryOnly {
         dp.l7.counters.egress_refused.fetch_add(1, Ordering::Relaxed);
         if let Some(suppressed) = lograte::shared().allow("egress-refused", &pod.key) {

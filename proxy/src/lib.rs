@@ -26,6 +26,7 @@ pub mod podres;
 pub mod policy;
 pub mod redirect;
 pub mod routing;
+pub mod stream_routes;
 pub mod sysctl;
 pub mod telemetry;
 pub mod transport;

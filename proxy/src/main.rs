@@ -336,6 +336,10 @@ struct RunFlags {
     /// SPIFFE trust domain of workload identities.
     #[arg(long, default_value = "cluster.local")]
     trust_domain: String,
+    /// The DNS suffix of Services (`<name>.<namespace>.svc.<domain>`): how VirtualService hosts
+    /// and destinations written as short names or FQDNs are matched to Services.
+    #[arg(long, env = "SLUICE_CLUSTER_DOMAIN", default_value = "cluster.local")]
+    cluster_domain: String,
     /// Lifetime of workload certificates in seconds (renewed at half of it).
     #[arg(long, default_value_t = 86400)]
     cert_lifetime_s: u64,
@@ -528,6 +532,8 @@ fn run(f: RunFlags) -> Result<()> {
     // Held to the end: dropping it flushes the lines still queued.
     let _log_writer = init_logging(f.log_format);
     let admin_socket = f.admin_socket.unwrap_or_else(|| cli::default_admin_socket(&f.node));
+    // Before any source parses: every VirtualService host is resolved against it.
+    sluice::discovery::istio::set_cluster_domain(&f.cluster_domain);
     let source = source_config(f.source, f.manifests, f.kube_api, f.kubeconfig)?;
     let ca = ca_config(f.ca_dir, f.ca_addr, f.ca_trust_bundle, f.ca_token_file, f.ca_server_name)?;
     let telemetry = sluice::telemetry::TelemetryConfig {

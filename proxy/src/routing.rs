@@ -25,6 +25,14 @@ pub struct Target {
     pub endpoints: Arc<[SocketAddr]>,
 }
 
+impl Target {
+    /// A target chosen by a route (a VirtualService tcp/tls rule): `service` names it for
+    /// telemetry and the connection registry, `balance_key` keys its round robin.
+    pub fn routed(service: Option<Arc<str>>, balance_key: u64, endpoints: Arc<[SocketAddr]>) -> Target {
+        Target { service, balance_key: balance_key | 1, endpoints }
+    }
+}
+
 pub fn resolve(model: &Model, dst: SocketAddr) -> Target {
     match model.service_for(dst.ip(), dst.port()) {
         Some(svc) => {

@@ -15,8 +15,8 @@ For every YAML document of every *.yaml / *.yml / *.json file, recursively:
    storage version, printer columns.
 3. Custom resources (TrafficPolicy, AuthorizationPolicy, HTTPRoute, ...) are validated with
    jsonschema against the openAPIV3Schema of their CRD: a CRD found in deploy/, or, for the
-   Gateway API routes, the stand-in schemas in tests/deploy/schemas/ (the Gateway API's own
-   CRDs are not shipped). Unknown fields are errors (kubectl's strict field validation). CEL
+   Gateway API routes and the Istio kinds without a CRD in deploy/ yet, the stand-in schemas in
+   tests/deploy/schemas/ (the Gateway API's own CRDs are not shipped). Unknown fields are errors (kubectl's strict field validation). CEL
    rules (x-kubernetes-validations) are not evaluated; their count is reported.
 4. A document of a kind with no schema anywhere is an error: nothing passes unvalidated.
 5. Cross-references between the manifests: namespaces exist, Services select pods and name
@@ -45,7 +45,8 @@ except ImportError as e:  # pragma: no cover - the message is the point
     sys.exit(2)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-STAND_INS = os.path.join(HERE, "schemas", "gateway-api-routes-subset.yaml")
+# Stand-in schemas for kinds whose CRDs are not shipped in deploy/; a CRD in deploy/ wins.
+STAND_INS = [os.path.join(HERE, "schemas", f) for f in ("gateway-api-routes-subset.yaml", "istio-subset.yaml")]
 OLDEST_SUPPORTED = "1.30"
 
 DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
@@ -349,14 +350,15 @@ def custom_kinds(docs, errors):
             kinds[key] = CustomKind(key[0], key[1], spec.get("scope"), versions, d.where())
         except jsonschema.SchemaError as e:
             errors.append(f"{d.where()}: openAPIV3Schema does not compile: {e.message}")
-    with open(STAND_INS) as fh:
-        for entry in yaml.safe_load(fh):
-            key = (entry["group"], entry["kind"])
-            if key not in kinds:
-                kinds[key] = CustomKind(entry["group"], entry["kind"], entry["scope"],
-                                        {v: entry["openAPIV3Schema"] for v in entry["versions"]},
-                                        os.path.relpath(STAND_INS, os.path.join(HERE, "..", "..")),
-                                        stand_in=True)
+    for stand_ins in STAND_INS:
+        with open(stand_ins) as fh:
+            for entry in yaml.safe_load(fh):
+                key = (entry["group"], entry["kind"])
+                if key not in kinds:
+                    kinds[key] = CustomKind(entry["group"], entry["kind"], entry["scope"],
+                                            {v: entry["openAPIV3Schema"] for v in entry["versions"]},
+                                            os.path.relpath(stand_ins, os.path.join(HERE, "..", "..")),
+                                            stand_in=True)
     return kinds
 
 

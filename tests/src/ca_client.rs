@@ -61,7 +61,7 @@ pub struct Csr {
 }
 
 /// What goes into a CSR. [`CsrSpec::new`] is what a node agent sends: exactly one URI SAN, the
-/// identity; an ECDSA P-256 key; not a CA.
+/// identity; an empty subject; an ECDSA P-256 key; not a CA.
 pub struct CsrSpec {
     /// URI SANs (a node agent sends exactly one: the SPIFFE ID).
     pub uris: Vec<String>,
@@ -69,6 +69,8 @@ pub struct CsrSpec {
     pub dns_names: Vec<String>,
     /// Ask for CA:true.
     pub is_ca: bool,
+    /// An organization in the subject (a node agent's subject is empty; the CA refuses any other).
+    pub organization: Option<String>,
     /// The key to sign the request with (e.g. an RSA-1024 key made with openssl and read with
     /// `KeyPair::from_pem`); `None`: a fresh ECDSA P-256 key.
     pub key: Option<KeyPair>,
@@ -76,7 +78,13 @@ pub struct CsrSpec {
 
 impl CsrSpec {
     pub fn new(identity: &str) -> CsrSpec {
-        CsrSpec { uris: vec![identity.to_string()], dns_names: Vec::new(), is_ca: false, key: None }
+        CsrSpec {
+            uris: vec![identity.to_string()],
+            dns_names: Vec::new(),
+            is_ca: false,
+            organization: None,
+            key: None,
+        }
     }
 
     pub fn build(self) -> Result<Csr> {
@@ -86,7 +94,9 @@ impl CsrSpec {
         };
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
-        dn.push(DnType::OrganizationName, "sluice-tests");
+        if let Some(o) = &self.organization {
+            dn.push(DnType::OrganizationName, o.as_str());
+        }
         params.distinguished_name = dn;
         for u in &self.uris {
             params

@@ -73,6 +73,7 @@ pub enum Resource {
     GrpcRoutes,
     TrafficPolicies,
     ServiceEntries,
+    VirtualServices,
     DestinationRules,
 }
 
@@ -93,7 +94,7 @@ struct Info {
 }
 
 impl Resource {
-    pub const ALL: [Resource; 10] = [
+    pub const ALL: [Resource; 11] = [
         Resource::Namespaces,
         Resource::Pods,
         Resource::Services,
@@ -103,16 +104,18 @@ impl Resource {
         Resource::GrpcRoutes,
         Resource::TrafficPolicies,
         Resource::ServiceEntries,
+        Resource::VirtualServices,
         Resource::DestinationRules,
     ];
 
     /// The custom resources: a cluster may not have their CRDs installed.
-    pub const CRDS: [Resource; 6] = [
+    pub const CRDS: [Resource; 7] = [
         Resource::AuthorizationPolicies,
         Resource::HttpRoutes,
         Resource::GrpcRoutes,
         Resource::TrafficPolicies,
         Resource::ServiceEntries,
+        Resource::VirtualServices,
         Resource::DestinationRules,
     ];
 
@@ -230,6 +233,18 @@ impl Resource {
                 builtin: false,
                 field_labels: &[],
                 short_names: &["se"],
+            },
+            // Istio serves VirtualService at v1, v1beta1 and v1alpha3 with one schema.
+            Resource::VirtualServices => &Info {
+                group: "networking.istio.io",
+                versions: &["v1", "v1beta1", "v1alpha3"],
+                plural: "virtualservices",
+                singular: "virtualservice",
+                kind: "VirtualService",
+                namespaced: true,
+                builtin: false,
+                field_labels: &[],
+                short_names: &["vs"],
             },
             // Istio serves DestinationRule at v1, v1beta1 and v1alpha3 (one schema); the fake
             // serves the versions its ServiceEntries have (sluice reads v1).

@@ -81,9 +81,11 @@ pub mod manifest;
 pub mod netns;
 mod node;
 pub mod pki;
+pub mod playground;
 mod pod;
 mod process;
 pub mod projected;
+pub mod registry;
 mod sim_pki;
 mod sluice;
 pub mod sweep;
@@ -97,9 +99,13 @@ pub use fake_apiserver::TokenSpec;
 pub use pki::{CaFiles, CertInfo};
 pub use node::{CgroupDriver, Node};
 pub use pod::{Pod, PodOpts};
-pub use process::{Output, PodProcess, Signal, SimProcess};
+pub use process::{command_in_pod, DetachedProcess, Output, PodProcess, Signal, SimProcess};
 pub use sluice::{Sluice, SluiceOpts};
-pub use sweep::{leftovers, leftovers_of, sweep, sweep_where, Leftover, LeftoverKind};
+pub use registry::SimKind;
+pub use sweep::{
+    leftovers, leftovers_of, sweep, sweep_abandoned_where, sweep_all, sweep_where, Leftover,
+    LeftoverKind, SweepSummary,
+};
 pub use util::{poll_until, tail_file};
 
 /// Environment variable: keep the sim's temp dir (manifests, logs) after teardown.
@@ -115,6 +121,8 @@ pub(crate) struct SimShared {
     pub cgroup_root: PathBuf,
     /// Nodes and pods get IPv6 addresses too.
     pub dual_stack: bool,
+    /// Test sim or playground (see [`registry`]).
+    pub kind: SimKind,
     kept: AtomicBool,
     torn_down: AtomicBool,
     log_seq: AtomicU64,
@@ -172,13 +180,27 @@ impl SimShared {
 }
 
 /// How a [`Sim`] is built.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone)]
 pub struct SimOpts {
     /// Every node and pod gets an IPv6 address besides its IPv4 one (IPv4 stays the primary:
     /// `status.podIP`), the nodes route IPv6 between their pods, and duplicate address
     /// detection is off so that the addresses are usable at once. Off by default: a sim is
     /// IPv4-only unless a test asks.
     pub dual_stack: bool,
+    /// Whose the sim is (see [`registry`]): a test sim (the default) lives as long as this
+    /// process and any sweep may remove it once the process is gone; a playground is kept until
+    /// `cargo xtask sim down NAME`, and its nodes' sluice use the default admin sockets
+    /// (`/run/sluice/<node>/admin.sock`) so that `sluice ... --node <node>` works.
+    pub kind: SimKind,
+}
+
+impl Default for SimOpts {
+    fn default() -> SimOpts {
+        SimOpts {
+            dual_stack: false,
+            kind: SimKind::Test,
+        }
+    }
 }
 
 /// One simulated cluster: nodes joined by a fabric, pods on them, a manifest directory.
@@ -195,7 +217,10 @@ impl Sim {
 
     /// A sim whose nodes and pods have an IPv4 and an IPv6 address (see [`SimOpts::dual_stack`]).
     pub fn new_dual_stack() -> Result<Sim> {
-        Sim::with_opts(SimOpts { dual_stack: true })
+        Sim::with_opts(SimOpts {
+            dual_stack: true,
+            ..SimOpts::default()
+        })
     }
 
     pub fn with_opts(opts: SimOpts) -> Result<Sim> {
@@ -203,8 +228,9 @@ impl Sim {
             bail!("the node simulator needs root (network namespaces, cgroups, veths)");
         }
         let parent = cgroup::sim_cgroup_parent()?;
-        fs::create_dir_all(&parent).with_context(|| format!("creating {}", parent.display()))?;
-        // Claim an id atomically: mkdir fails if another sim (any process) has it.
+        // Claim an id atomically, twice: first the marker that says whose the sim is (before
+        // any kernel object exists, so a sweep never finds an object without its owner), then
+        // the cgroup directory (mkdir fails if a sim of an older build has that id).
         let mut claimed = None;
         for _ in 0..32 {
             let id = format!("sl{}", util::hex(&util::random_bytes(3)?));
@@ -214,21 +240,51 @@ impl Sim {
             {
                 continue; // an unswept leftover uses this id: pick another
             }
-            match fs::create_dir(parent.join(&id)) {
-                Ok(()) => {
-                    claimed = Some(id);
+            let temp_dir = std::env::temp_dir().join(format!("sluice-sim-{id}"));
+            let marker = registry::Marker::new(&id, opts.kind.clone(), &temp_dir)?;
+            if !registry::claim(&marker)? {
+                continue;
+            }
+            // A sweep may remove the (empty) parent between these two calls: try again then.
+            let made = (0..3).find_map(|_| {
+                if let Err(e) = fs::create_dir_all(&parent) {
+                    return Some(Err(e));
+                }
+                match fs::create_dir(parent.join(&id)) {
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+                    other => Some(other),
+                }
+            });
+            match made {
+                Some(Ok(())) => {
+                    claimed = Some((id, temp_dir));
                     break;
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
-                Err(e) => {
+                Some(Err(e)) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    registry::remove(&id);
+                    continue;
+                }
+                Some(Err(e)) => {
+                    registry::remove(&id);
                     return Err(e)
-                        .with_context(|| format!("creating {}", parent.join(&id).display()))
+                        .with_context(|| format!("creating {}", parent.join(&id).display()));
+                }
+                None => {
+                    registry::remove(&id);
+                    bail!("{} keeps disappearing (a sweep running in a loop?)", parent.display());
                 }
             }
         }
-        let id = claimed
+        let (id, temp_dir) = claimed
             .ok_or_else(|| anyhow!("could not find a free sim id under {}", parent.display()))?;
-        let temp_dir = std::env::temp_dir().join(format!("sluice-sim-{id}"));
+        if let SimKind::Playground { name } = &opts.kind {
+            registry::release_stale_name(name);
+            if let Err(e) = registry::claim_name(name, &id) {
+                let _ = fs::remove_dir(parent.join(&id));
+                registry::remove(&id);
+                return Err(e);
+            }
+        }
         let sim = Sim {
             shared: Arc::new(SimShared {
                 manifest_dir: temp_dir.join("manifests"),
@@ -236,6 +292,7 @@ impl Sim {
                 temp_dir,
                 cgroup_root: parent.join(&id),
                 dual_stack: opts.dual_stack,
+                kind: opts.kind,
                 id,
                 kept: AtomicBool::new(false),
                 torn_down: AtomicBool::new(false),
@@ -458,14 +515,20 @@ impl Sim {
         }
     }
 
-    /// Disables teardown: the nodes, pods, sluice instances and processes stay as they are
-    /// (handles dropped later leave their processes running), for `cargo xtask demo --keep`.
-    /// Prints how to look around and how to clean up.
-    pub fn keep(&self) {
+    /// Disables teardown and makes the sim a playground (see [`registry`]): the nodes, pods,
+    /// sluice instances and processes stay as they are (handles dropped later leave their
+    /// processes running), no sweep removes them, and `cargo xtask sim down <name>` does. A sim
+    /// made as a playground keeps its name; another one takes `name`, or `name-2`, `name-3`...
+    /// if that is taken. Returns the name. Prints how to look around and how to clean up.
+    pub fn keep(&self, name: &str) -> Result<String> {
+        let name = match registry::read(self.id()).map(|m| m.kind) {
+            Some(SimKind::Playground { name }) => name,
+            _ => self.become_playground(name)?,
+        };
         self.shared.kept.store(true, Ordering::SeqCst);
         let nodes = self.nodes();
         let mut msg = format!(
-            "sluice-sim: keeping sim {} (nothing will be torn down)\n",
+            "sluice-sim: keeping sim {} as playground {name:?} (nothing will be torn down)\n",
             self.id()
         );
         for n in &nodes {
@@ -491,11 +554,30 @@ impl Sim {
             self.manifest_dir().display(),
             self.log_dir().display()
         );
-        msg += &format!(
-            "  clean up with: cargo xtask sweep   (then: rm -rf {})",
-            self.temp_dir().display()
-        );
+        msg += &format!("  clean up with: cargo xtask sim down {name}");
         eprintln!("{msg}");
+        Ok(name)
+    }
+
+    /// Claims a playground name (`base`, else `base-2`, ...) and rewrites the marker.
+    fn become_playground(&self, base: &str) -> Result<String> {
+        let mut last = None;
+        for n in 1..=20 {
+            let name = if n == 1 { base.to_string() } else { format!("{base}-{n}") };
+            registry::release_stale_name(&name);
+            match registry::claim_name(&name, self.id()) {
+                Ok(()) => {
+                    let mut marker = registry::read(self.id()).with_context(|| {
+                        format!("sim {} has no marker in {}", self.id(), registry::REGISTRY_DIR)
+                    })?;
+                    marker.kind = SimKind::Playground { name: name.clone() };
+                    registry::update(&marker)?;
+                    return Ok(name);
+                }
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| anyhow!("no free playground name")))
     }
 
     /// Tears everything down now (Drop does the same); returns what could not be removed.
@@ -517,6 +599,11 @@ impl Sim {
         for mut child in sandboxes {
             let _ = child.kill();
             let _ = child.wait();
+        }
+        // The marker goes last, and only once every object is gone: a sim that could not be
+        // removed keeps its owner on record, so a later sweep knows it is abandoned.
+        if report.errors.is_empty() {
+            registry::remove(&id);
         }
         let mut errors = report.errors;
         if std::env::var(KEEP_ENV).is_ok_and(|v| v == "1") {

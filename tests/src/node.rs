@@ -330,12 +330,20 @@ impl Node {
         Ok(())
     }
 
-    /// Where this node's sluice listens for admin requests: `<sim tmp>/<name>-admin.sock`.
+    /// Where this node's sluice listens for admin requests: `<sim tmp>/<name>-admin.sock`, or in
+    /// a playground sluice's default, `/run/sluice/<node name>/admin.sock`, so that the CLI
+    /// finds it with `--node <node name>` as on a real node.
     pub fn admin_socket_path(&self) -> PathBuf {
-        self.inner
-            .sim
-            .temp_dir
-            .join(format!("{}-admin.sock", self.inner.short))
+        match self.inner.sim.kind {
+            crate::SimKind::Playground { .. } => PathBuf::from(crate::sweep::SLUICE_RUN_DIR)
+                .join(&self.inner.full)
+                .join("admin.sock"),
+            crate::SimKind::Test => self
+                .inner
+                .sim
+                .temp_dir
+                .join(format!("{}-admin.sock", self.inner.short)),
+        }
     }
 
     /// Creates a pod on this node: netns, veth into the node bridge, cgroup, sandbox process,

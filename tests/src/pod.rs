@@ -21,7 +21,7 @@ use crate::node::{disable_dad, pod_prefix6, CgroupDriver};
 use crate::{
     cgroup, manifest, netns,
     node::Node,
-    process::{self, Output, Placement, SimProcess},
+    process::{self, DetachedProcess, Output, Placement, SimProcess},
     util::{ip_batch, poll_until, run_cmd, short_hash, uuid_v4},
 };
 
@@ -498,6 +498,19 @@ impl Pod {
         let mut all = vec![crate::simpod_bin()?.into_os_string()];
         all.extend(process::os_args(args));
         self.spawn(all)
+    }
+
+    /// Starts `args[0]` with `args[1..]` inside the pod, detached from this process (output to
+    /// log files; it outlives this process, see [`DetachedProcess`]).
+    pub fn spawn_detached<I, S>(&self, args: I) -> Result<DetachedProcess>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        self.ensure_live()?;
+        let placement = self.placement();
+        let cmd = process::command_in(&placement, args)?;
+        DetachedProcess::spawn(self.inner.node.sim(), &placement, cmd)
     }
 
     /// Runs the simpod helper to completion (60 s limit).

@@ -34,6 +34,20 @@ pub(crate) struct Placement {
     pub label: String,
 }
 
+/// A `Command` that runs `args` inside a pod from outside the sim's process (`cargo xtask sim
+/// exec`): it joins the pod's cgroup, so that sluice captures its connections as the pod's, and
+/// enters the pod's network namespace. `ip netns exec` alone enters the namespace only, and a
+/// process outside the pod's cgroup is not captured (a ClusterIP then refuses the connection).
+pub fn command_in_pod<I, S>(netns: &str, cgroup: &Path, args: I) -> Result<Command>
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    let placement =
+        Placement { netns: netns.to_string(), cgroup: cgroup.to_path_buf(), label: netns.to_string() };
+    command_in(&placement, args)
+}
+
 /// Builds a `Command` that, between fork and exec, joins the placement's cgroup and enters its
 /// netns. The fds are opened here, in the parent, because only async-signal-safe calls are
 /// allowed after fork in a multithreaded process (no allocation, no path lookups by std): the
@@ -454,6 +468,72 @@ impl Drop for SimProcess {
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// A process started through the simulator that nothing in this process reads from: stdout and
+/// stderr go to log files, stdin is closed, and it keeps running when this process exits (the
+/// playground's workloads and sluice instances outlive `cargo xtask sim up`). Teardown or a
+/// sweep kills it with its cgroup; the sim reaps it if it is still its child then.
+#[derive(Debug, Clone)]
+pub struct DetachedProcess {
+    pub pid: u32,
+    pub description: String,
+    pub stdout_path: PathBuf,
+    pub stderr_path: PathBuf,
+}
+
+impl DetachedProcess {
+    pub(crate) fn spawn(sim: &Arc<SimShared>, placement: &Placement, mut cmd: Command) -> Result<DetachedProcess> {
+        let (stdout_path, stderr_path) = sim.log_paths(&placement.label, &program_base(&cmd));
+        let description = format!("[{}] {}", placement.label, command_line(&cmd));
+        let out = fs::File::create(&stdout_path).with_context(|| format!("creating {}", stdout_path.display()))?;
+        let err = fs::File::create(&stderr_path).with_context(|| format!("creating {}", stderr_path.display()))?;
+        cmd.stdin(Stdio::null()).stdout(out).stderr(err);
+        let child = cmd.spawn().with_context(|| format!("spawning {description}"))?;
+        let pid = child.id();
+        sim.state().sandboxes.push(child);
+        Ok(DetachedProcess { pid, description, stdout_path, stderr_path })
+    }
+
+    /// Whether it still runs (not exited, not a zombie waiting to be reaped).
+    pub fn is_running(&self) -> bool {
+        Path::new(&format!("/proc/{}", self.pid)).exists() && !netns::is_zombie(self.pid as i32)
+    }
+
+    /// Every JSON line it printed so far.
+    pub fn json_lines(&self) -> Vec<Value> {
+        fs::read_to_string(&self.stdout_path)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    /// Waits for simpod's `{"event":"listening"}` line (read from its stdout file), failing at
+    /// once if the process exits first.
+    pub fn wait_listening(&self, timeout: Duration) -> Result<Value> {
+        let mut exited = false;
+        let found = poll_until(timeout, || {
+            if let Some(v) = self.json_lines().into_iter().find(|v| v["event"] == "listening") {
+                return Some(Some(v));
+            }
+            if !self.is_running() {
+                exited = true;
+                return Some(None);
+            }
+            None
+        });
+        match found.flatten() {
+            Some(v) => Ok(v),
+            None => bail!(
+                "{} {} before it listened\nstdout:\n{}\nstderr:\n{}",
+                self.description,
+                if exited { "exited".to_string() } else { format!("printed no listening line within {timeout:?}") },
+                crate::util::tail_file(&self.stdout_path, 20),
+                crate::util::tail_file(&self.stderr_path, 20)
+            ),
+        }
     }
 }
 

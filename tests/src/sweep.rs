@@ -1,6 +1,12 @@
 //! Finding and removing what simulators left in the kernel: processes, cgroups, network
-//! namespaces and pinned BPF objects. Every such object is named after its sim id
-//! (`sl` + 6 hex digits), which is how leftovers of crashed or killed runs are recognized.
+//! namespaces, pinned BPF objects and admin-socket directories. Every such object is named after
+//! its sim id (`sl` + 6 hex digits), which is how leftovers of crashed or killed runs are
+//! recognized.
+//!
+//! Whose a sim is decides whether a sweep may touch it ([`crate::registry`]): [`sweep`] removes
+//! only sims whose owner process is gone (abandoned), never a live one (another test run's) or a
+//! playground (`cargo xtask sim up`); [`sweep_all`] removes everything, for when a machine must
+//! be cleared by hand.
 //!
 //! The same code tears down a live [`crate::Sim`] (filtered to its own id), so what `sweep`
 //! checks is exactly what teardown removes.
@@ -14,8 +20,13 @@ use std::{
 
 use crate::{
     cgroup, netns,
-    util::{poll_until, sim_id_of},
+    registry::{self, Disposition},
+    util::{is_sim_id, poll_until, sim_id_of},
 };
+
+/// Where sluice puts each node's admin socket by default (`/run/sluice/<node>/admin.sock`); a
+/// playground's nodes use it so that `sluice status --node <node>` works.
+pub const SLUICE_RUN_DIR: &str = "/run/sluice";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum LeftoverKind {
@@ -23,6 +34,8 @@ pub enum LeftoverKind {
     Cgroup,
     Netns,
     BpfPin,
+    /// `/run/sluice/<simid>-<node>/`: a node's admin-socket directory.
+    RunDir,
 }
 
 /// One kernel object that belongs to a simulator.
@@ -58,28 +71,109 @@ pub fn leftovers_of(sim_id: &str) -> Vec<Leftover> {
     scan(&|id| id == sim_id)
 }
 
-/// Removes everything of every sim (see [`leftovers`]) and describes what was found. Meant for
-/// after a test suite or a kept demo: it also tears down sims that are still running. Removal
-/// errors are printed to stderr; check [`leftovers`] afterwards to be sure.
-pub fn sweep() -> Vec<String> {
+/// Removes everything of every sim (see [`leftovers`]), live ones and playgrounds included, and
+/// describes what was found: for clearing a machine by hand (`cargo xtask sweep --all`), never
+/// while other people's sims may run. Removal errors are printed to stderr; check [`leftovers`]
+/// afterwards to be sure.
+pub fn sweep_all() -> Vec<String> {
+    let ids = sim_ids();
     let found = sweep_where(|_| true);
-    // With every sim gone, the shared parents are empty: remove them too, so a swept machine
-    // looks as it did before any run (rmdir refuses a non-empty directory, so this is safe).
+    for id in ids {
+        registry::remove(&id);
+    }
+    remove_empty_parents();
+    found
+}
+
+/// One sim a sweep looked at.
+#[derive(Debug, Clone)]
+pub struct SimSweep {
+    pub id: String,
+    /// Why it was removed or left alone.
+    pub disposition: Disposition,
+    /// Its kernel objects (as found before any removal).
+    pub objects: Vec<Leftover>,
+}
+
+/// What [`sweep`] did.
+#[derive(Debug, Default)]
+pub struct SweepSummary {
+    /// Abandoned sims, now removed.
+    pub removed: Vec<SimSweep>,
+    /// Live sims, playgrounds and unmarked sims, left alone.
+    pub kept: Vec<SimSweep>,
+    pub errors: Vec<String>,
+}
+
+/// Removes the sims that are provably abandoned: a test sim whose owner process is gone (see
+/// [`crate::registry`]). Live sims (another run's, another engineer's), playgrounds and sims
+/// without a marker are left alone and listed in [`SweepSummary::kept`]. This is what `cargo
+/// xtask test` runs before and after the suite and what `cargo xtask sweep` runs.
+pub fn sweep() -> SweepSummary {
+    let summary = sweep_abandoned_where(|_| true);
+    if summary.kept.is_empty() {
+        remove_empty_parents();
+    }
+    summary
+}
+
+/// [`sweep`] limited to the sims whose id passes `filter` (so a test can check the rule on its
+/// own sims while other tests' sims run).
+pub fn sweep_abandoned_where(filter: impl Fn(&str) -> bool) -> SweepSummary {
+    let mut summary = SweepSummary::default();
+    for id in sim_ids().into_iter().filter(|id| filter(id)) {
+        let disposition = registry::disposition(&id);
+        if let Disposition::Abandoned { .. } = disposition {
+            let report = sweep_report(&|s| s == id);
+            summary.errors.extend(report.errors.iter().cloned());
+            if report.errors.is_empty() {
+                registry::remove(&id);
+            }
+            summary.removed.push(SimSweep { id, disposition, objects: report.found });
+        } else {
+            let objects = leftovers_of(&id);
+            summary.kept.push(SimSweep { id, disposition, objects });
+        }
+    }
+    for e in &summary.errors {
+        eprintln!("sluice-sim sweep: {e}");
+    }
+    summary
+}
+
+/// With no sim left, the shared parents are empty: remove them too, so a swept machine looks
+/// as it did before any run (rmdir refuses a non-empty directory, so this is safe).
+fn remove_empty_parents() {
     if let Ok(parent) = cgroup::sim_cgroup_parent() {
         let _ = fs::remove_dir(parent);
     }
     for mount in bpffs_mounts() {
         let _ = fs::remove_dir(mount.join("sluice"));
     }
-    found
 }
 
-/// [`sweep`] limited to the sims whose id passes `filter` (so a test can sweep its own
-/// deliberately leaked sim while other tests' sims keep running).
+/// Every sim id with a kernel object or a marker on this machine.
+pub fn sim_ids() -> Vec<String> {
+    let mut ids: BTreeSet<String> = scan(&|_| true).into_iter().map(|l| l.sim_id).collect();
+    ids.extend(registry::all().into_iter().map(|m| m.id));
+    // A cgroup directory under sluice-sim/ that is not a sim id is swept with everything by
+    // sweep_all, but no single-sim sweep names it.
+    ids.into_iter().filter(|id| is_sim_id(id)).collect()
+}
+
+/// Removes everything of the sims whose id passes `filter`, whoever owns them, and their
+/// markers (so a test can sweep its own deliberately leaked sim while other tests' sims keep
+/// running; `cargo xtask sim down` removes a playground with it).
 pub fn sweep_where(filter: impl Fn(&str) -> bool) -> Vec<String> {
+    let ids: Vec<String> = sim_ids().into_iter().filter(|id| filter(id)).collect();
     let report = sweep_report(&filter);
     for e in &report.errors {
         eprintln!("sluice-sim sweep: {e}");
+    }
+    if report.errors.is_empty() {
+        for id in ids {
+            registry::remove(&id);
+        }
     }
     report.found.iter().map(|l| l.description.clone()).collect()
 }
@@ -151,6 +245,13 @@ pub fn sweep_report(filter: &dyn Fn(&str) -> bool) -> SweepReport {
         if let Err(e) = res {
             if e.kind() != std::io::ErrorKind::NotFound {
                 errors.push(format!("removing BPF pin {}: {e}", p.display()));
+            }
+        }
+    }
+    for l in found.iter().filter(|l| l.kind == LeftoverKind::RunDir) {
+        if let Err(e) = fs::remove_dir_all(&l.name) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                errors.push(format!("removing {}: {e}", l.name));
             }
         }
     }
@@ -259,6 +360,25 @@ fn scan(filter: &dyn Fn(&str) -> bool) -> Vec<Leftover> {
         if let Ok(ino) = netns::inode(&name) {
             for pid in netns::pids_in(ino) {
                 process(&mut out, id, pid, format!("in netns {name}"));
+            }
+        }
+    }
+
+    if let Ok(rd) = fs::read_dir(SLUICE_RUN_DIR) {
+        let mut dirs: Vec<(String, PathBuf)> = rd
+            .flatten()
+            .filter_map(|e| Some((e.file_name().into_string().ok()?, e.path())))
+            .collect();
+        dirs.sort();
+        for (name, path) in dirs {
+            let Some(id) = sim_id_of(&name) else { continue };
+            if filter(id) {
+                out.push(Leftover {
+                    sim_id: id.to_string(),
+                    kind: LeftoverKind::RunDir,
+                    name: path.display().to_string(),
+                    description: format!("admin socket directory {}", path.display()),
+                });
             }
         }
     }

@@ -208,6 +208,9 @@ pub struct LoadRequest {
     pub retry_after: Option<String>,
     /// `x-simpod-name`: the backend that answered.
     pub name: Option<String>,
+    /// The values of the `--tally-header` headers, in that order.
+    #[serde(default)]
+    pub tallied: Vec<Option<String>>,
 }
 
 /// Latency percentiles (ms) of the requests that got one status.
@@ -239,6 +242,9 @@ pub struct LoadSummary {
     pub by_overflow: BTreeMap<String, u64>,
     /// Requests per answering backend (`x-simpod-name`).
     pub by_name: BTreeMap<String, u64>,
+    /// Per `--tally-header NAME`: requests per value of that response header (`(none)`: absent).
+    #[serde(default)]
+    pub by_header: BTreeMap<String, BTreeMap<String, u64>>,
     pub with_retry_after: u64,
     /// Per status (as in `by_status`).
     pub latency_ms: BTreeMap<String, LoadLatency>,
@@ -255,6 +261,11 @@ impl LoadSummary {
 
     pub fn flag(&self, flag: &str) -> u64 {
         self.by_flag.get(flag).copied().unwrap_or(0)
+    }
+
+    /// How many answers had `value` in response header `header` (tallied with `--tally-header`).
+    pub fn header_count(&self, header: &str, value: &str) -> u64 {
+        self.by_header.get(header).and_then(|m| m.get(value)).copied().unwrap_or(0)
     }
 }
 

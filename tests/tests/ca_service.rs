@@ -156,15 +156,24 @@ fn the_ca_refuses_impostors_bad_tokens_and_bad_csrs() -> Result<()> {
     ensure!(a.message.contains(c.n1.name()), "names the caller's node: {a:?}");
     // Another ServiceAccount's token (a workload's, bound to node 1).
     let web = api.mint_token(TokenSpec::new("shop", "client-sa").node(c.n1.name()))?;
-    refused("a workload's token", &call(&ours, Some(web))?, Code::PermissionDenied)?;
+    refused("a workload's token", &call(&ours, Some(web.clone()))?, Code::PermissionDenied)?;
     // A token for another audience.
     let mut spec = c.cp.node_agent_token_spec(&c.n1)?;
     spec.audiences = vec!["istio-ca".into()];
+    let other_audience = api.mint_token(spec)?;
     refused(
         "a token for another audience",
-        &call(&ours, Some(api.mint_token(spec)?))?,
+        &call(&ours, Some(other_audience.clone()))?,
         Code::Unauthenticated,
     )?;
+    // Both are refused on their own claims: no TokenReview for either (issue 13 review: any
+    // bearer string used to cost the API server a review).
+    for token in [&web, &other_audience] {
+        ensure!(
+            api.token_reviews().iter().all(|r| r.spec["token"] != token.as_str()),
+            "a token that cannot pass is refused without a TokenReview"
+        );
+    }
     // An expired token.
     let expired = api.mint_token(c.cp.node_agent_token_spec(&c.n1)?)?;
     api.expire_token(&expired);

@@ -439,8 +439,8 @@ fn model_follows_the_api_server() -> Result<()> {
     api.compact(Resource::Pods);
     let cut = api.drop_watches();
     assert_eq!(
-        cut, 11,
-        "namespaces, pods ×2, services, endpointslices, authorizationpolicies, httproutes, grpcroutes, trafficpolicies, serviceentries, destinationrules"
+        cut, 12,
+        "namespaces, pods ×2, services, endpointslices, authorizationpolicies, httproutes, grpcroutes, trafficpolicies, serviceentries, virtualservices, destinationrules"
     );
     // Made while disconnected: they must arrive from the history on resume.
     api.apply(objects::pod(&objects::PodSpec {
@@ -494,7 +494,7 @@ fn model_follows_the_api_server() -> Result<()> {
     // --- A dropped connection: the change made meanwhile arrives on resume, without a relist ---
     wait_all_watching(&api)?;
     let services_before = api.stats(Resource::Services);
-    assert_eq!(api.drop_watches(), 11);
+    assert_eq!(api.drop_watches(), 12);
     let with_metrics =
         [("echo", ECHO_PORT, ECHO_PORT), ("http", HTTP_PORT, HTTP_TARGET_PORT), ("metrics", 9090, 9090)];
     api.apply(objects::service("shop", "web", VIP, &with_metrics, &[("app", "web")]))?;
@@ -550,15 +550,22 @@ fn runs_without_the_optional_crds() -> Result<()> {
     assert_eq!(m["routes"], json!([]));
     assert_eq!(m["traffic_policies"], json!([]));
     assert_eq!(m["service_entries"], json!([]));
+    assert_eq!(m["virtual_services"], json!([]));
     assert_eq!(m["destination_rules"], json!([]));
     assert_eq!(m["errors"], json!([]), "a missing CRD is not an object error");
     // It keeps asking (with backoff), and says it only once per resource.
     for crd in Resource::CRDS {
         api.wait_stats(crd, T, "a second list attempt", |s| s.lists >= 2)?;
     }
-    for plural in
-        ["authorizationpolicies", "httproutes", "grpcroutes", "trafficpolicies", "serviceentries", "destinationrules"]
-    {
+    for plural in [
+        "authorizationpolicies",
+        "httproutes",
+        "grpcroutes",
+        "trafficpolicies",
+        "serviceentries",
+        "virtualservices",
+        "destinationrules",
+    ] {
         let said = sluice.log_contents().matches(&format!("does not serve {plural}")).count();
         assert_eq!(said, 1, "{plural} logged once:\n{}", sluice.log_contents());
     }
@@ -581,6 +588,11 @@ fn runs_without_the_optional_crds() -> Result<()> {
         json!({"hosts": ["api.example.com"], "ports": [{"number": 443, "name": "https", "protocol": "TLS"}],
                "resolution": "DNS"}),
     ))?;
+    api.apply(objects::virtual_service(
+        "shop",
+        "api",
+        json!({"hosts": ["api"], "http": [{"route": [{"destination": {"host": "api"}}]}]}),
+    ))?;
     api.apply(objects::destination_rule(
         "shop",
         "api",
@@ -594,13 +606,14 @@ fn runs_without_the_optional_crds() -> Result<()> {
                 && route_keys(&m["routes"]) == set(&["GRPCRoute shop/api", "HTTPRoute shop/api"])
                 && keys(&m["traffic_policies"]) == set(&["shop/api"])
                 && keys(&m["service_entries"]) == set(&["shop/api"])
+                && keys(&m["virtual_services"]) == set(&["shop/api"])
                 && keys(&m["destination_rules"]) == set(&["shop/api"])
         },
         Duration::from_secs(40),
     )?;
     assert_eq!(
         sluice.log_contents().matches("serves this resource now").count(),
-        6,
+        7,
         "{}",
         sluice.log_contents()
     );

@@ -137,9 +137,10 @@ pub fn run(keep: bool) -> Result<()> {
         println!("  {} certs --admin {}", bin.display(), s2.admin_socket().display());
         println!("  ip netns exec {} curl -s http://{CLUSTER_IP}/", client.netns());
         println!("  logs: {} and {}", s1.log_path().display(), s2.log_path().display());
-        println!("  clean up with: cargo xtask sweep");
-        // Handles dropped after keep() leave their processes running.
-        sim.keep();
+        // Handles dropped after keep() leave their processes running; as a playground, no
+        // sweep (nor another engineer's test run) removes it, `cargo xtask sim down` does.
+        let name = sim.keep("demo")?;
+        println!("  clean up with: cargo xtask sim down {name}");
     } else {
         step("tearing down (use --keep to explore)");
     }

@@ -1,10 +1,12 @@
 //! `cargo xtask …`: the project's tasks. The README's two commands are `cargo xtask demo` and
-//! `cargo xtask test`; both run `setup` first, which installs whatever is missing.
+//! `cargo xtask test`; both run `setup` first, which installs whatever is missing. `cargo xtask
+//! sim up DIR` builds a playground from the user's own manifests.
 
 mod bench;
 mod demo;
 mod failures;
 mod setup;
+mod sim;
 
 use std::process::Command;
 
@@ -35,12 +37,23 @@ enum Task {
     },
     /// Start a simulated node, send traffic through sluice and show what the CLI says.
     Demo {
-        /// Leave the simulated node and sluice running to explore.
+        /// Leave the simulated node and sluice running to explore (as playground "demo").
         #[arg(long)]
         keep: bool,
     },
-    /// Remove every leftover of simulated nodes (namespaces, cgroups, pins, processes).
-    Sweep,
+    /// The playground: a simulated cluster from your own manifests (`sim up DIR`, `sim down`).
+    Sim {
+        #[command(subcommand)]
+        cmd: sim::SimCmd,
+    },
+    /// Remove the leftovers of simulators whose owner process is gone (namespaces, cgroups,
+    /// pins, processes); live ones and playgrounds stay.
+    Sweep {
+        /// Remove every simulator, live ones and playgrounds included (only when nobody else
+        /// uses this machine's simulators).
+        #[arg(long)]
+        all: bool,
+    },
     /// Benchmarks against a direct connection (release builds); see docs/benchmarks.md.
     Bench(bench::BenchArgs),
 }
@@ -52,9 +65,20 @@ fn main() {
         Task::Build { release } => setup::run().and_then(|_| build(release)),
         Task::Test { args } => setup::run().and_then(|_| test(&args)),
         Task::Demo { keep } => setup::run().and_then(|_| build(false)).and_then(|_| demo::run(keep)),
+        Task::Sim { cmd } => match cmd {
+            // Only `up` needs the binaries; the other commands work on what runs.
+            sim::SimCmd::Up { .. } => setup::run().and_then(|_| build(false)).and_then(|_| sim::run(cmd)),
+            other => sim::run(other),
+        },
         Task::Bench(args) => setup::run().and_then(|_| bench::run(args)),
-        Task::Sweep => {
-            report_sweep("sweep");
+        Task::Sweep { all: false } => {
+            report_sweep("sweep", None);
+            Ok(())
+        }
+        Task::Sweep { all: true } => {
+            for f in sluice_tests::sweep_all() {
+                eprintln!("xtask: removed {f}");
+            }
             Ok(())
         }
     };
@@ -79,12 +103,18 @@ fn build(release: bool) -> Result<()> {
 
 fn test(extra: &[String]) -> Result<()> {
     build(false)?;
-    // Leftovers from an earlier, killed run would make names collide or confuse the leak check.
-    report_sweep("before the suite");
+    // Leftovers of earlier, killed runs (their owners are gone) would confuse the leak check.
+    // Other runs' live simulators and playgrounds are left alone.
+    report_sweep("before the suite", None);
     // nextest writes its reports under cargo's target directory, the one xtask was built in.
     let junit = bench::target_dir()?.join("nextest/default/junit.xml");
     let _ = std::fs::remove_file(&junit);
+    // Every sim the suite makes records this run, so that afterwards its own leaks are told
+    // apart from another run's leftovers.
+    let me = sluice_tests::registry::OwnerProcess::current()?;
+    let run = format!("xtask-test-{}-{}", me.pid, me.start_ticks);
     let mut cmd = cargo();
+    cmd.env(sluice_tests::registry::RUN_ENV, &run);
     cmd.args(["nextest", "run", "--workspace", "--no-fail-fast"]).args(extra);
     // A failure should show its message, not pages of frames (CI logs keep the head and the
     // tail); SLUICE_TEST_BACKTRACE=1 brings backtraces back.
@@ -93,7 +123,7 @@ fn test(extra: &[String]) -> Result<()> {
     }
     let status = cmd.status()?;
     // Every test tears its simulator down; this check proves it (and cleans up if not).
-    let leaked = report_sweep("after the suite");
+    let leaked = report_sweep("after the suite", Some(&run));
     if !status.success() {
         let failed = failures::read(&junit);
         for f in &failed {
@@ -110,11 +140,28 @@ fn test(extra: &[String]) -> Result<()> {
     Ok(())
 }
 
-/// Removes simulator leftovers and says what they were. Returns how many there were.
-fn report_sweep(when: &str) -> usize {
-    let found = sluice_tests::sweep();
-    for f in &found {
-        eprintln!("xtask: leftover {when}: {f}");
+/// Removes the simulators whose owner is gone and says what they were; says which ones it left
+/// (live or playgrounds) and why. Returns how many objects belonged to sims of test run `run`
+/// (this suite's own leaks).
+fn report_sweep(when: &str, run: Option<&str>) -> usize {
+    let summary = sluice_tests::sweep();
+    let mut own = 0;
+    for s in &summary.removed {
+        let ours = match (&s.disposition, run) {
+            (sluice_tests::registry::Disposition::Abandoned { marker }, Some(run)) => marker.run.as_deref() == Some(run),
+            _ => false,
+        };
+        let whose = if ours { "left by this suite" } else { "abandoned" };
+        eprintln!("xtask: {when}: removed sim {} ({whose}; {})", s.id, s.disposition.describe());
+        for o in &s.objects {
+            eprintln!("xtask:     {o}");
+        }
+        if ours {
+            own += s.objects.len().max(1);
+        }
     }
-    found.len()
+    for s in &summary.kept {
+        eprintln!("xtask: {when}: left sim {} alone: {}", s.id, s.disposition.describe());
+    }
+    own
 }

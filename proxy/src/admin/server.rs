@@ -106,6 +106,9 @@ impl AdminState {
             ("http_mirror_dropped", &l7.mirror_dropped),
             ("http_mirror_timeouts", &l7.mirror_timeouts),
             ("egress_refused", &l7.egress_refused),
+            ("tcp_routed", &l7.tcp_routed),
+            ("tcp_route_refused", &l7.tcp_route_refused),
+            ("tls_sni_unread", &l7.tls_sni_unread),
         ] {
             all.insert(name.to_string(), value.load(Ordering::Relaxed));
         }

@@ -8,14 +8,25 @@
 //!
 //! Accepted keys: ECDSA P-256 (what sluice's node agent and ztunnel send) or P-384, and RSA of
 //! at least 2048 bits (istio-agent's default). Anything else is refused as too weak or unknown.
+//!
+//! What the CSR asks for is read from every attribute, not from the first extension request
+//! a parser happens to return: the attributes are walked in DER, and a CSR with anything but
+//! one single-valued `extensionRequest` (a second one, a second value, another attribute) or
+//! with an extension twice is refused as malformed, since a second copy is exactly where a DNS
+//! name or `CA:true` would hide from a check that reads the first. The subject must be empty:
+//! the certificate's is, and a name asked for and silently dropped would hide a confused
+//! client. Go's `pkix.Name{Organization: [""]}`, which istio-agent sends, has attributes
+//! with empty values only and counts as empty.
 
 use rcgen::SubjectPublicKeyInfo;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::CertificateSigningRequestDer;
 use x509_parser::certification_request::X509CertificationRequest;
-use x509_parser::extensions::{GeneralName, ParsedExtension};
+use x509_parser::der_parser::oid::Oid;
+use x509_parser::extensions::{GeneralName, ParsedExtension, X509Extension};
 use x509_parser::oid_registry::{
     OID_EC_P256, OID_KEY_TYPE_EC_PUBLIC_KEY, OID_NIST_EC_P384, OID_PKCS1_RSAENCRYPTION,
+    OID_PKCS9_EXTENSION_REQUEST,
 };
 use x509_parser::prelude::FromDer;
 
@@ -48,6 +59,11 @@ pub enum CsrProblemKind {
     IsCa,
     /// RSA below 2048 bits, or an algorithm or curve this CA does not sign for.
     WeakKey,
+    /// Structure a CSR for this CA never has: two extension requests, an extension twice, an
+    /// attribute other than the extension request.
+    Malformed,
+    /// A subject with a non-empty attribute.
+    Subject,
 }
 
 impl CsrProblemKind {
@@ -61,6 +77,8 @@ impl CsrProblemKind {
             CsrProblemKind::WrongIdentity => "csr_wrong_identity",
             CsrProblemKind::IsCa => "csr_is_ca",
             CsrProblemKind::WeakKey => "csr_weak_key",
+            CsrProblemKind::Malformed => "csr_malformed",
+            CsrProblemKind::Subject => "csr_subject",
         }
     }
 }
@@ -108,7 +126,8 @@ impl CsrDer {
     /// Every other check is left to [`CsrDer::check`].
     pub fn sole_uri(&self) -> Result<String, CsrProblem> {
         let csr = self.parse()?;
-        let names = requested_names(&csr)?;
+        let extensions = requested_extensions(&csr)?;
+        let names = requested_names(&extensions)?;
         let uris: Vec<&str> = names
             .iter()
             .filter_map(|n| match n {
@@ -143,8 +162,10 @@ impl CsrDer {
             )
         })?;
 
+        check_subject(&csr)?;
+        let extensions = requested_extensions(&csr)?;
         let mut uris = 0;
-        for name in requested_names(&csr)? {
+        for name in requested_names(&extensions)? {
             match name {
                 GeneralName::URI(uri) if *uri == identity => uris += 1,
                 GeneralName::URI(uri) => {
@@ -177,20 +198,18 @@ impl CsrDer {
             }
         }
 
-        if let Some(extensions) = csr.requested_extensions() {
-            for ext in extensions {
-                let asks_ca = match ext {
-                    ParsedExtension::BasicConstraints(bc) => bc.ca,
-                    ParsedExtension::KeyUsage(ku) => ku.key_cert_sign() || ku.crl_sign(),
-                    _ => false,
-                };
-                if asks_ca {
-                    return Err(problem(
-                        CsrProblemKind::IsCa,
-                        "the CSR asks for a CA certificate (basicConstraints CA:true or keyCertSign); \
-                         workload certificates are never CAs",
-                    ));
-                }
+        for ext in &extensions {
+            let asks_ca = match ext.parsed_extension() {
+                ParsedExtension::BasicConstraints(bc) => bc.ca,
+                ParsedExtension::KeyUsage(ku) => ku.key_cert_sign() || ku.crl_sign(),
+                _ => false,
+            };
+            if asks_ca {
+                return Err(problem(
+                    CsrProblemKind::IsCa,
+                    "the CSR asks for a CA certificate (basicConstraints CA:true or keyCertSign); \
+                     workload certificates are never CAs",
+                ));
             }
         }
 
@@ -200,14 +219,13 @@ impl CsrDer {
     }
 }
 
-/// Every subject alternative name the CSR asks for.
-fn requested_names<'a>(
-    csr: &'a X509CertificationRequest<'_>,
-) -> Result<Vec<&'a GeneralName<'a>>, CsrProblem> {
+/// Every subject alternative name among `extensions`.
+fn requested_names<'e, 'a>(
+    extensions: &'e [X509Extension<'a>],
+) -> Result<Vec<&'e GeneralName<'a>>, CsrProblem> {
     let mut names = Vec::new();
-    let Some(extensions) = csr.requested_extensions() else { return Ok(names) };
     for ext in extensions {
-        match ext {
+        match ext.parsed_extension() {
             ParsedExtension::SubjectAlternativeName(san) => names.extend(san.general_names.iter()),
             ParsedExtension::ParseError { error } => {
                 return Err(problem(
@@ -219,6 +237,118 @@ fn requested_names<'a>(
         }
     }
     Ok(names)
+}
+
+/// The subject must carry nothing: no attribute with a value.
+fn check_subject(csr: &X509CertificationRequest<'_>) -> Result<(), CsrProblem> {
+    let subject = &csr.certification_request_info.subject;
+    if subject.iter_attributes().all(|a| a.attr_value().data.is_empty()) {
+        return Ok(());
+    }
+    Err(problem(
+        CsrProblemKind::Subject,
+        format!(
+            "the CSR's subject is \"{subject}\"; workload certificates have an empty subject (the identity is \
+             the URI SAN), so send an empty subject rather than have the CA drop it"
+        ),
+    ))
+}
+
+/// One DER element of `input`: its tag byte, its content, and what follows it. Definite
+/// lengths only (DER), up to 4 length bytes, low tag numbers (all a CSR uses).
+fn tlv(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+    let (&tag, rest) = input.split_first()?;
+    if tag & 0x1f == 0x1f {
+        return None;
+    }
+    let (&first, rest) = rest.split_first()?;
+    let (len, rest) = if first < 0x80 {
+        (first as usize, rest)
+    } else {
+        let n = (first & 0x7f) as usize;
+        if n == 0 || n > 4 || rest.len() < n {
+            return None;
+        }
+        (rest[..n].iter().fold(0usize, |len, b| (len << 8) | *b as usize), &rest[n..])
+    };
+    (rest.len() >= len).then(|| (tag, &rest[..len], &rest[len..]))
+}
+
+const SEQUENCE: u8 = 0x30;
+const SET: u8 = 0x31;
+const OID_TAG: u8 = 0x06;
+/// `[0] IMPLICIT`, constructed: the attributes of a CertificationRequestInfo.
+const ATTRIBUTES: u8 = 0xa0;
+
+/// Every extension the CSR requests, from a walk of its attributes in DER rather than the
+/// first extension request a parser returns (see the module documentation).
+fn requested_extensions<'a>(
+    csr: &X509CertificationRequest<'a>,
+) -> Result<Vec<X509Extension<'a>>, CsrProblem> {
+    let malformed = |detail: String| problem(CsrProblemKind::Malformed, detail);
+    let bad_der = || malformed("its attributes are not valid DER".into());
+    let raw: &'a [u8] = csr.certification_request_info.raw;
+    let (SEQUENCE, info, _) = tlv(raw).ok_or_else(bad_der)? else { return Err(bad_der()) };
+    // version, subject, subjectPKInfo: checked by the parser already.
+    let (_, _, rest) = tlv(info).ok_or_else(bad_der)?;
+    let (_, _, rest) = tlv(rest).ok_or_else(bad_der)?;
+    let (_, _, rest) = tlv(rest).ok_or_else(bad_der)?;
+    if rest.is_empty() {
+        return Ok(Vec::new());
+    }
+    let (ATTRIBUTES, mut attributes, []) = tlv(rest).ok_or_else(bad_der)? else { return Err(bad_der()) };
+    let mut extensions: Vec<X509Extension<'a>> = Vec::new();
+    let mut requests = 0;
+    while !attributes.is_empty() {
+        let (SEQUENCE, attribute, next) = tlv(attributes).ok_or_else(bad_der)? else { return Err(bad_der()) };
+        attributes = next;
+        let (OID_TAG, oid, values) = tlv(attribute).ok_or_else(bad_der)? else { return Err(bad_der()) };
+        let (SET, mut values, []) = tlv(values).ok_or_else(bad_der)? else { return Err(bad_der()) };
+        if oid != OID_PKCS9_EXTENSION_REQUEST.as_bytes() {
+            let name = Oid::new(oid.into()).to_id_string();
+            return Err(malformed(format!(
+                "the CSR carries the attribute {name}; only an extensionRequest is accepted"
+            )));
+        }
+        requests += 1;
+        if requests > 1 {
+            return Err(malformed("the CSR carries two extensionRequest attributes; one is allowed".into()));
+        }
+        let mut count = 0;
+        while !values.is_empty() {
+            let (SEQUENCE, mut list, next) = tlv(values).ok_or_else(bad_der)? else { return Err(bad_der()) };
+            values = next;
+            count += 1;
+            if count > 1 {
+                return Err(malformed(
+                    "its extensionRequest attribute has two values; one is allowed".into(),
+                ));
+            }
+            while !list.is_empty() {
+                let (_, _, next) = tlv(list).ok_or_else(bad_der)?;
+                let element = &list[..list.len() - next.len()];
+                list = next;
+                match X509Extension::from_der(element) {
+                    Ok(([], ext)) => extensions.push(ext),
+                    _ => {
+                        return Err(problem(
+                            CsrProblemKind::Unparseable,
+                            "an extension of the CSR cannot be parsed",
+                        ))
+                    }
+                }
+            }
+        }
+    }
+    for (i, ext) in extensions.iter().enumerate() {
+        if extensions[..i].iter().any(|earlier| earlier.oid == ext.oid) {
+            return Err(malformed(format!(
+                "the CSR requests the extension {} twice; each extension may appear once",
+                ext.oid.to_id_string()
+            )));
+        }
+    }
+    Ok(extensions)
 }
 
 fn check_key(spki: &x509_parser::x509::SubjectPublicKeyInfo<'_>) -> Result<(), CsrProblem> {
@@ -278,8 +408,8 @@ fn modulus_bits(modulus: &[u8]) -> usize {
 #[cfg(test)]
 mod tests {
     use rcgen::{
-        BasicConstraints, CertificateParams, IsCa, KeyPair, SanType, PKCS_ECDSA_P256_SHA256,
-        PKCS_ECDSA_P384_SHA384, PKCS_ED25519,
+        BasicConstraints, CertificateParams, CustomExtension, DistinguishedName, DnType, IsCa, KeyPair,
+        SanType, SigningKey, PKCS_ECDSA_P256_SHA256, PKCS_ECDSA_P384_SHA384, PKCS_ED25519,
     };
 
     use super::*;
@@ -293,6 +423,8 @@ mod tests {
 
     fn csr_with(sans: Vec<SanType>, key: &KeyPair, tweak: impl FnOnce(&mut CertificateParams)) -> CsrDer {
         let mut params = CertificateParams::default();
+        // As a node agent sends it (rcgen's default subject has a CN).
+        params.distinguished_name = DistinguishedName::new();
         params.subject_alt_names = sans;
         tweak(&mut params);
         CsrDer::from_pem(&params.serialize_request(key).unwrap().pem().unwrap()).unwrap()
@@ -407,6 +539,141 @@ mod tests {
         assert_eq!(CsrDer::from_pem(&huge).unwrap_err().kind, CsrProblemKind::TooLarge);
         let not_csr = CsrDer::from_der(vec![0x30, 0x03, 0x02, 0x01, 0x00]);
         assert_eq!(kind(not_csr.check(WEB)), CsrProblemKind::Unparseable);
+    }
+
+    /// A DER element: `tag`, definite length, `content`.
+    fn der(tag: u8, content: &[u8]) -> Vec<u8> {
+        let len = content.len();
+        let mut out = vec![tag];
+        if len < 0x80 {
+            out.push(len as u8);
+        } else {
+            let bytes: Vec<u8> = len.to_be_bytes().into_iter().skip_while(|b| *b == 0).collect();
+            out.push(0x80 | bytes.len() as u8);
+            out.extend(bytes);
+        }
+        out.extend_from_slice(content);
+        out
+    }
+
+    /// The elements inside the DER element `input` (its content split into elements).
+    fn elements(input: &[u8]) -> Vec<&[u8]> {
+        let (_, mut content, _) = tlv(input).unwrap();
+        let mut out = Vec::new();
+        while !content.is_empty() {
+            let (_, _, next) = tlv(content).unwrap();
+            out.push(&content[..content.len() - next.len()]);
+            content = next;
+        }
+        out
+    }
+
+    /// The attributes (each a DER `Attribute`) of `csr`.
+    fn attributes_of(csr: &CsrDer) -> Vec<Vec<u8>> {
+        let info = elements(&csr.0)[0];
+        let attrs = *elements(info).last().unwrap();
+        elements(attrs).into_iter().map(<[u8]>::to_vec).collect()
+    }
+
+    /// `base` with `attributes` in place of its own, signed again with `key`: a CSR whose
+    /// signature is valid, built by hand where rcgen would not build it.
+    fn with_attributes(base: &CsrDer, key: &KeyPair, attributes: &[Vec<u8>]) -> CsrDer {
+        let parts = elements(&base.0);
+        let (info, alg) = (parts[0], parts[1]);
+        let fields = elements(info);
+        let mut content: Vec<u8> = fields[..fields.len() - 1].concat();
+        content.extend(der(ATTRIBUTES, &attributes.concat()));
+        let info = der(SEQUENCE, &content);
+        let mut signature = vec![0u8];
+        signature.extend(key.sign(&info).unwrap());
+        CsrDer::from_der(der(SEQUENCE, &[info, alg.to_vec(), der(0x03, &signature)].concat()))
+    }
+
+    #[test]
+    fn a_rebuilt_csr_with_its_own_attributes_still_passes() {
+        // The test's own tool: rebuilding changes nothing a check could see.
+        let key = p256();
+        let csr = csr_with(vec![uri(WEB)], &key, |_| {});
+        let rebuilt = with_attributes(&csr, &key, &attributes_of(&csr));
+        rebuilt.check(WEB).expect("the same CSR, signed again");
+    }
+
+    #[test]
+    fn a_second_extension_request_is_refused() {
+        // Finding 6: x509-parser's requested_extensions() returns the first extensionRequest
+        // only, so a second one could carry a DNS name or CA:true past the checks.
+        let key = p256();
+        let good = csr_with(vec![uri(WEB)], &key, |_| {});
+        let dns =
+            csr_with(vec![uri(WEB), SanType::DnsName("web.shop.svc".try_into().unwrap())], &p256(), |_| {});
+        let ca = csr_with(vec![uri(WEB)], &p256(), |p| p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained));
+        for (what, second) in [("a DNS SAN", attributes_of(&dns)), ("CA:true", attributes_of(&ca))] {
+            let attributes = [attributes_of(&good), second].concat();
+            assert_eq!(attributes.len(), 2);
+            let csr = with_attributes(&good, &key, &attributes);
+            let err = csr.check(WEB).expect_err(what);
+            assert_eq!(err.kind, CsrProblemKind::Malformed, "{what}: {err}");
+            assert!(err.detail.contains("two extensionRequest"), "{err}");
+            assert_eq!(csr.sole_uri().unwrap_err().kind, CsrProblemKind::Malformed, "{what}");
+        }
+    }
+
+    #[test]
+    fn an_extension_request_with_two_values_or_another_attribute_is_refused() {
+        let key = p256();
+        let good = csr_with(vec![uri(WEB)], &key, |_| {});
+        let dns =
+            csr_with(vec![uri(WEB), SanType::DnsName("web.shop.svc".try_into().unwrap())], &p256(), |_| {});
+        // One extensionRequest whose SET holds two lists of extensions.
+        let attribute = &attributes_of(&good)[0];
+        let [oid, values] = elements(attribute)[..] else { panic!("an Attribute is an OID and a SET") };
+        let second_list = elements(elements(&attributes_of(&dns)[0])[1])[0].to_vec();
+        let two_values = der(SET, &[elements(values)[0].to_vec(), second_list].concat());
+        let attribute = der(SEQUENCE, &[oid.to_vec(), two_values].concat());
+        let err = with_attributes(&good, &key, &[attribute]).check(WEB).unwrap_err();
+        assert_eq!(err.kind, CsrProblemKind::Malformed, "{err}");
+        assert!(err.detail.contains("two values"), "{err}");
+        // A challengePassword (1.2.840.113549.1.9.7) next to the extension request.
+        let challenge = der(
+            SEQUENCE,
+            &[
+                der(OID_TAG, &[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x09, 0x07]),
+                der(SET, &der(0x0c, b"secret")),
+            ]
+            .concat(),
+        );
+        let err = with_attributes(&good, &key, &[attributes_of(&good)[0].clone(), challenge])
+            .check(WEB)
+            .unwrap_err();
+        assert_eq!(err.kind, CsrProblemKind::Malformed, "{err}");
+        assert!(err.detail.contains("1.2.840.113549.1.9.7"), "{err}");
+    }
+
+    #[test]
+    fn an_extension_asked_twice_is_refused() {
+        // A second subjectAltName (2.5.29.17) extension in the same request, with a DNS name.
+        let dns_names = der(SEQUENCE, &der(0x82, b"web.shop.svc"));
+        let csr = csr_with(vec![uri(WEB)], &p256(), |p| {
+            p.custom_extensions = vec![CustomExtension::from_oid_content(&[2, 5, 29, 17], dns_names)];
+        });
+        let err = csr.check(WEB).unwrap_err();
+        assert_eq!(err.kind, CsrProblemKind::Malformed, "{err}");
+        assert!(err.detail.contains("2.5.29.17") && err.detail.contains("twice"), "{err}");
+    }
+
+    #[test]
+    fn a_subject_is_refused_an_empty_one_passes() {
+        let named = csr_with(vec![uri(WEB)], &p256(), |p| {
+            p.distinguished_name.push(DnType::CommonName, "web.shop.svc");
+        });
+        let err = named.check(WEB).unwrap_err();
+        assert_eq!(err.kind, CsrProblemKind::Subject, "{err}");
+        assert!(err.detail.contains("web.shop.svc"), "{err}");
+        // Go's pkix.Name{Organization: [""]} (istio-agent): attributes with empty values only.
+        let empty_org = csr_with(vec![uri(WEB)], &p256(), |p| {
+            p.distinguished_name.push(DnType::OrganizationName, "");
+        });
+        empty_org.check(WEB).expect("an organization with an empty value is an empty subject");
     }
 
     #[test]

@@ -1,5 +1,7 @@
 //! Per-node issuance rate: a token bucket per calling node, so that one node restarting with
-//! hundreds of pods (or a compromised node asking in a loop) cannot starve the others.
+//! hundreds of pods (or a compromised node asking in a loop) cannot starve the others. The same
+//! bounded table of buckets, keyed by source address, limits the TokenReviews a source can
+//! cause before anyone knows which node it is (`authn`).
 //!
 //! A bucket holds up to `burst` tokens and refills at `rate` per second; every authenticated
 //! request of the node takes one, refused or not (what it costs the CA is the TokenReview and
@@ -11,13 +13,23 @@
 //! is still refilling (more nodes than the bound asking at once), the one untouched longest is
 //! dropped, which at worst gives that node a full bucket early; that is counted.
 
+use std::borrow::Borrow;
 use std::collections::HashMap;
+use std::hash::Hash;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 /// Nodes tracked at once. Far above any cluster's node count (Kubernetes supports 5 000).
 pub const DEFAULT_MAX_NODES: usize = 16 * 1024;
+/// The slowest `--node-rate` accepted (one certificate per 100 s): below it a wait would be
+/// longer than anything a node waits for anyway.
+pub const MIN_RATE: f64 = 0.01;
+/// The fastest rate, and the largest burst, accepted (beyond, a limit is no limit).
+pub const MAX_RATE: f64 = 1_000_000.0;
+pub const MAX_BURST: u32 = 1_000_000;
+/// The longest wait a refusal announces (what the node agent caps `retry-after-ms` at).
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Clone, Copy)]
 pub struct RateConfig {
@@ -29,11 +41,14 @@ pub struct RateConfig {
 
 impl RateConfig {
     pub fn validate(&self) -> Result<(), String> {
-        if !(self.rate.is_finite() && self.rate > 0.0) {
-            return Err(format!("--node-rate must be above 0 (got {})", self.rate));
+        if !(self.rate.is_finite() && (MIN_RATE..=MAX_RATE).contains(&self.rate)) {
+            return Err(format!(
+                "--node-rate must be between {MIN_RATE} and {MAX_RATE} per second (got {})",
+                self.rate
+            ));
         }
-        if self.burst == 0 {
-            return Err("--node-burst must be at least 1".into());
+        if !(1..=MAX_BURST).contains(&self.burst) {
+            return Err(format!("--node-burst must be between 1 and {MAX_BURST} (got {})", self.burst));
         }
         Ok(())
     }
@@ -51,17 +66,21 @@ impl Bucket {
     }
 }
 
-pub struct NodeRateLimiter {
+/// Token buckets by key (a node's name, a source address), in a bounded table.
+pub struct RateLimiter<K> {
     config: RateConfig,
     max_nodes: usize,
-    buckets: Mutex<HashMap<String, Bucket>>,
+    buckets: Mutex<HashMap<K, Bucket>>,
     /// Buckets dropped while still refilling because the table was full.
     evictions: AtomicU64,
 }
 
-impl NodeRateLimiter {
-    pub fn new(config: RateConfig, max_nodes: usize) -> NodeRateLimiter {
-        NodeRateLimiter {
+/// The per-node limiter of certificate requests.
+pub type NodeRateLimiter = RateLimiter<String>;
+
+impl<K: Hash + Eq + Clone> RateLimiter<K> {
+    pub fn new(config: RateConfig, max_nodes: usize) -> RateLimiter<K> {
+        RateLimiter {
             config,
             max_nodes: max_nodes.max(1),
             buckets: Mutex::new(HashMap::new()),
@@ -69,17 +88,24 @@ impl NodeRateLimiter {
         }
     }
 
-    /// Takes a token for `node`; `Err(wait)` when its bucket is empty, with the time until the
-    /// next token.
-    pub fn check(&self, node: &str, now: Instant) -> Result<(), Duration> {
+    /// Takes a token for `key`; `Err(wait)` when its bucket is empty, with the time until the
+    /// next token (at most [`MAX_RETRY_AFTER`]).
+    pub fn check<Q>(&self, key: &Q, now: Instant) -> Result<(), Duration>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
+    {
         let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
-        if !buckets.contains_key(node) && buckets.len() >= self.max_nodes {
+        if !buckets.contains_key(key) && buckets.len() >= self.max_nodes {
             self.make_room(&mut buckets, now);
         }
         let config = self.config;
-        let bucket = buckets
-            .entry(node.to_string())
-            .or_insert_with(|| Bucket { tokens: config.burst as f64, updated: now });
+        let bucket = match buckets.get_mut(key) {
+            Some(b) => b,
+            None => buckets
+                .entry(key.to_owned())
+                .or_insert_with(|| Bucket { tokens: config.burst as f64, updated: now }),
+        };
         let tokens = bucket.refilled(&config, now);
         bucket.updated = now;
         if tokens >= 1.0 {
@@ -87,11 +113,12 @@ impl NodeRateLimiter {
             Ok(())
         } else {
             bucket.tokens = tokens;
-            Err(Duration::from_secs_f64((1.0 - tokens) / config.rate))
+            let wait = Duration::try_from_secs_f64((1.0 - tokens) / config.rate).unwrap_or(MAX_RETRY_AFTER);
+            Err(wait.min(MAX_RETRY_AFTER))
         }
     }
 
-    fn make_room(&self, buckets: &mut HashMap<String, Bucket>, now: Instant) {
+    fn make_room(&self, buckets: &mut HashMap<K, Bucket>, now: Instant) {
         let config = self.config;
         buckets.retain(|_, b| b.refilled(&config, now) < config.burst as f64);
         if buckets.len() < self.max_nodes {
@@ -182,5 +209,29 @@ mod tests {
         assert!(RateConfig { rate: f64::NAN, burst: 1 }.validate().is_err());
         assert!(RateConfig { rate: 1.0, burst: 0 }.validate().is_err());
         assert!(RateConfig { rate: 0.5, burst: 1 }.validate().is_ok());
+        // Finding 13: a tiny rate made the wait overflow Duration and panicked per request.
+        assert!(RateConfig { rate: 1e-300, burst: 1 }.validate().is_err());
+        assert!(RateConfig { rate: 1e12, burst: 1 }.validate().is_err());
+        assert!(RateConfig { rate: 1.0, burst: u32::MAX }.validate().is_err());
+        assert!(RateConfig { rate: MIN_RATE, burst: MAX_BURST }.validate().is_ok());
+    }
+
+    #[test]
+    fn the_wait_is_bounded_whatever_the_rate() {
+        // Built without validation, as a test or a future caller could: no panic, a capped wait.
+        let l = limiter(1e-300, 1, 10);
+        let t = Instant::now();
+        l.check("n1", t).unwrap();
+        assert_eq!(l.check("n1", t), Err(MAX_RETRY_AFTER));
+    }
+
+    #[test]
+    fn any_key_type_works() {
+        let l: RateLimiter<std::net::IpAddr> = RateLimiter::new(RateConfig { rate: 1.0, burst: 1 }, 10);
+        let (a, b) = ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
+        let t = Instant::now();
+        l.check(&a, t).unwrap();
+        assert!(l.check(&a, t).is_err());
+        l.check(&b, t).expect("another source has its own bucket");
     }
 }

@@ -6,10 +6,12 @@
 //! A request is answered only if all of these hold, each refusal with its own gRPC code, its
 //! reason in words, a metric label and a log line (`refusal.rs`):
 //!
-//! - the CA is ready: its watch of the cluster's pods has its first complete list (`pods`);
-//! - the bearer token is valid for the CA's audience, by a TokenReview (`authn`);
-//! - the token is the node agents' ServiceAccount's, and names the caller's node: the node
-//!   claim, else the node of the pod it is bound to (`policy`);
+//! - the CA is ready: its watch of the cluster's pods has its first complete list and is being
+//!   followed (`pods`), and its signing chain has not expired;
+//! - the bearer token's own claims could pass (`claims`), and a TokenReview finds it valid for
+//!   the CA's audience (`authn`);
+//! - the token is the node agents' ServiceAccount's and bound to a node agent's pod (a
+//!   DaemonSet's host-network pod), whose node is the caller's (`policy`);
 //! - the node is within its rate (`limits`);
 //! - the identity (`ImpersonatedIdentity`, else the CSR's URI) is in the trust domain and a pod
 //!   of that namespace and ServiceAccount is scheduled on the caller's node and not finished
@@ -20,9 +22,12 @@
 //! least a minute, never past the signing chain; the response is leaf, signing certificate,
 //! `--chain`, root. The service is stateless: its inputs are the signing files (re-read when
 //! they change, `reload`), the API server, and the requests. Layout: `server` (gRPC over TLS and
-//! the handler), `serving` (its own TLS certificate), `metrics` (and readiness).
+//! the handler), `admission` (connections and streams per source), `serving` (its own TLS
+//! certificate), `metrics` (and readiness).
 
+pub mod admission;
 pub mod authn;
+pub mod claims;
 pub mod csr;
 pub mod limits;
 pub mod metrics;
@@ -84,8 +89,12 @@ impl CaServeConfig {
         if self.audience.is_empty() {
             bail!("--audience must not be empty");
         }
-        if self.max_lifetime < server::MIN_LIFETIME {
-            bail!("--max-lifetime-s must be at least {} s", server::MIN_LIFETIME.as_secs());
+        if self.max_lifetime < server::MIN_LIFETIME || self.max_lifetime > server::MAX_LIFETIME {
+            bail!(
+                "--max-lifetime-s must be at least {} s and at most {} s (366 days)",
+                server::MIN_LIFETIME.as_secs(),
+                server::MAX_LIFETIME.as_secs()
+            );
         }
         if self.server_names.is_empty() {
             bail!("at least one --server-name is needed");
@@ -129,10 +138,10 @@ async fn serve(config: CaServeConfig, service_config: server::ServiceConfig) -> 
         .with_context(|| format!("connecting to the Kubernetes API ({})", config.kube.describe()))?;
     let pods = Arc::new(pods::PodStore::default());
     tokio::spawn(pods::watch_pods(client.clone(), pods.clone()));
+    let (node_ns, node_name) = &service_config.policy.node_service_account;
     let reviewer = Arc::new(authn::CachedReviewer::new(
         Arc::new(authn::KubeTokenReviewer::new(client)),
-        authn::DEFAULT_REVIEW_CACHE_TTL,
-        authn::DEFAULT_REVIEW_CACHE_ENTRIES,
+        authn::ReviewLimits::for_node_account(node_ns, node_name),
     ));
     let metrics = Arc::new(metrics::CaMetrics::default());
     let service = Arc::new(server::CaService::new(
@@ -149,7 +158,7 @@ async fn serve(config: CaServeConfig, service_config: server::ServiceConfig) -> 
         Arc::new(move || {
             let signer = signing.signer();
             metrics::Gauges {
-                ready: pods.synced(),
+                ready: service.readiness().is_ok(),
                 pods: pods.len(),
                 rate_tracked_nodes: service.limiter().tracked(),
                 rate_table_evictions: service.limiter().evictions(),
@@ -157,6 +166,8 @@ async fn serve(config: CaServeConfig, service_config: server::ServiceConfig) -> 
                 token_review_cache_hits: reviewer.stats.hits.load(Ordering::Relaxed),
                 token_review_cache_entries: reviewer.entries(),
                 token_reviews_uncached: reviewer.stats.uncached.load(Ordering::Relaxed),
+                token_reviews_throttled: reviewer.stats.throttled.load(Ordering::Relaxed),
+                review_sources: reviewer.tracked_sources(),
                 signing_chain_not_after: signer.info().not_after.unix_timestamp(),
                 serving_cert_not_after: signing.serving().not_after().unix_timestamp(),
                 signing_root_index: signer.info().root_index,
@@ -165,14 +176,18 @@ async fn serve(config: CaServeConfig, service_config: server::ServiceConfig) -> 
             }
         })
     };
-    let ready: Arc<dyn Fn() -> bool + Send + Sync> = {
-        let pods = pods.clone();
-        Arc::new(move || pods.synced())
+    let ready: metrics::ReadySource = {
+        let service = service.clone();
+        Arc::new(move || service.readiness().map_err(|refusal| refusal.to_string()))
     };
     let metrics_listener = metrics::bind(config.metrics_addr)
         .with_context(|| format!("binding --metrics-addr {}", config.metrics_addr))?;
     let scrape = Arc::new(metrics::Scrape::new(metrics, gauges, ready));
-    tokio::spawn(metrics::serve(tokio::net::TcpListener::from_std(metrics_listener)?, scrape));
+    tokio::spawn(metrics::serve(
+        tokio::net::TcpListener::from_std(metrics_listener)?,
+        scrape,
+        metrics::MAX_METRICS_CONNECTIONS,
+    ));
     tokio::spawn(signing.clone().run());
 
     let tls = Arc::new(serving::server_config(signing.serving()).context("TLS configuration")?);
@@ -187,7 +202,8 @@ async fn serve(config: CaServeConfig, service_config: server::ServiceConfig) -> 
         "CA service listening; answering UNAVAILABLE until the pod watch has synced"
     );
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let server = tokio::spawn(server::serve(listener, tls, service, stop_rx, DRAIN));
+    let server =
+        tokio::spawn(server::serve(listener, tls, service, server::ServerLimits::default(), stop_rx));
     let why = stop_signal().await;
     info!(signal = why, "stopping: no new connections, open ones get GOAWAY");
     stop_tx.send_replace(true);
@@ -247,6 +263,10 @@ mod config_tests {
         assert!(bad(|c| c.node_service_account = "a/b/c".into()).contains("NAMESPACE/NAME"));
         assert!(bad(|c| c.trust_domain = "Bad Domain".into()).contains("--trust-domain"));
         assert!(bad(|c| c.max_lifetime = Duration::from_secs(30)).contains("at least 60"));
+        // Finding 13: a huge --max-lifetime-s overflowed the certificate's end and panicked
+        // per request.
+        assert!(bad(|c| c.max_lifetime = Duration::from_secs(u64::MAX / 2)).contains("at most"));
+        assert!(bad(|c| c.rate.rate = 1e-300).contains("--node-rate"));
         assert!(bad(|c| c.server_names.clear()).contains("--server-name"));
         assert!(bad(|c| c.audience.clear()).contains("--audience"));
         assert!(bad(|c| c.rate.burst = 0).contains("--node-burst"));

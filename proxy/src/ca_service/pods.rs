@@ -7,15 +7,29 @@
 //! (its connections drain with their certificates). The index also keeps every pod by name,
 //! for callers whose token is bound to a pod rather than a node.
 //!
+//! Only pods that a node agent could ever serve hold an identity on their node (see
+//! [`PodRecord::holds_identity`]): not a mirror pod (the kubelet creates those from static
+//! manifests in any namespace, without the API server's admission, and they name no
+//! ServiceAccount), not a pod without a `serviceAccountName` (the API server fills it in for
+//! every other pod; an empty one is never taken to mean `default`), and not a host-network pod
+//! (sluice never enrolls one: its traffic is the node's). Otherwise every node would hold the
+//! identities of the DaemonSets' and static pods' accounts that run everywhere, the node
+//! agent's own among them.
+//!
 //! The watch reuses the Kubernetes source's pieces: kube-runtime's `watcher` (paginated list,
 //! bookmarks, resume, relist after `410 Gone`, backoff) and [`ApiObject`], which refuses an
 //! object over the manifest limits without building it. Each pod is distilled to a
 //! [`PodRecord`] (a few short strings) as it arrives, so memory is proportional to the number
 //! of pods, which the API server bounds. A relist is collected aside and swapped in whole.
+//!
+//! A view that stops being followed is not trusted forever: once the watch has failed for
+//! [`STALE_AFTER`] without a success in between, the store says so ([`PodStore::readiness`]) and
+//! the CA refuses (`UNAVAILABLE`) rather than sign from pods that may have moved or gone.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use ::kube::api::Api;
 use ::kube::runtime::watcher::{self, watcher, Event};
@@ -32,6 +46,11 @@ use crate::discovery::kube::ApiObject;
 /// `(namespace, name)` of a pod, or `(namespace, serviceAccount)` of an identity.
 type Pair = (String, String);
 
+/// A watch failing for this long, with no success in between, makes the CA unready.
+pub const STALE_AFTER: Duration = Duration::from_secs(60);
+/// The annotation the kubelet puts on the API object of a static pod (a "mirror pod").
+pub const MIRROR_ANNOTATION: &str = "kubernetes.io/config.mirror";
+
 /// What the CA keeps of a pod.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PodRecord {
@@ -40,15 +59,28 @@ pub struct PodRecord {
     pub uid: String,
     /// `spec.nodeName`; `None` while unscheduled.
     pub node: Option<String>,
-    pub service_account: String,
+    /// `spec.serviceAccountName`; `None` when missing or empty (a mirror pod, or an object
+    /// written without admission): such a pod holds no identity, never `default`'s.
+    pub service_account: Option<String>,
     /// Phase `Succeeded` or `Failed`.
     pub finished: bool,
+    /// `spec.hostNetwork`.
+    pub host_network: bool,
+    /// Annotated `kubernetes.io/config.mirror`: the kubelet's copy of a static pod.
+    pub mirror: bool,
+    /// Its controller (the owner reference with `controller: true`) is a DaemonSet.
+    pub daemonset_owned: bool,
 }
 
 impl PodRecord {
-    /// Whether this pod may hold its identity on its node now.
+    /// Whether this pod is on a node now: scheduled and not finished.
     pub fn active(&self) -> bool {
         self.node.is_some() && !self.finished
+    }
+
+    /// Whether this pod's identity may be signed for its node (see the module documentation).
+    pub fn holds_identity(&self) -> bool {
+        self.active() && !self.mirror && !self.host_network && self.service_account.is_some()
     }
 
     /// Distills a Pod object. `None` if it has no name or namespace (never from an API server).
@@ -56,18 +88,26 @@ impl PodRecord {
         let s = |v: Option<&Value>| v.and_then(Value::as_str).filter(|s| !s.is_empty()).map(str::to_owned);
         let meta = pod.get("metadata");
         let spec = pod.get("spec");
+        let daemonset_owned =
+            meta.and_then(|m| m.get("ownerReferences")).and_then(Value::as_array).is_some_and(|owners| {
+                owners.iter().any(|o| {
+                    o.get("controller").and_then(Value::as_bool) == Some(true)
+                        && o.get("kind").and_then(Value::as_str) == Some("DaemonSet")
+                })
+            });
         Some(PodRecord {
             namespace: s(meta.and_then(|m| m.get("namespace")))?,
             name: s(meta.and_then(|m| m.get("name")))?,
             uid: s(meta.and_then(|m| m.get("uid"))).unwrap_or_default(),
             node: s(spec.and_then(|m| m.get("nodeName"))),
-            // The API server fills it in ("default"); an object written by hand may not.
-            service_account: s(spec.and_then(|m| m.get("serviceAccountName")))
-                .unwrap_or_else(|| "default".to_string()),
+            service_account: s(spec.and_then(|m| m.get("serviceAccountName"))),
             finished: matches!(
                 pod.pointer("/status/phase").and_then(Value::as_str),
                 Some("Succeeded" | "Failed")
             ),
+            host_network: spec.and_then(|m| m.get("hostNetwork")).and_then(Value::as_bool) == Some(true),
+            mirror: meta.and_then(|m| m.get("annotations")).and_then(|a| a.get(MIRROR_ANNOTATION)).is_some(),
+            daemonset_owned,
         })
     }
 }
@@ -108,8 +148,11 @@ impl PodIndex {
     }
 
     fn count(&mut self, pod: &PodRecord, add: bool) {
-        let Some(node) = pod.node.as_ref().filter(|_| pod.active()) else { return };
-        let identity = (pod.namespace.clone(), pod.service_account.clone());
+        if !pod.holds_identity() {
+            return;
+        }
+        let (Some(node), Some(service_account)) = (&pod.node, &pod.service_account) else { return };
+        let identity = (pod.namespace.clone(), service_account.clone());
         fn bump<K: std::hash::Hash + Eq>(map: &mut HashMap<K, u32>, key: K, add: bool) {
             if add {
                 *map.entry(key).or_default() += 1;
@@ -162,6 +205,8 @@ pub struct PodStore {
     index: RwLock<PodIndex>,
     synced: AtomicBool,
     synced_tx: watch::Sender<bool>,
+    /// Since when the watch has been failing, with no success in between.
+    failing_since: Mutex<Option<Instant>>,
 }
 
 impl Default for PodStore {
@@ -170,8 +215,19 @@ impl Default for PodStore {
             index: RwLock::default(),
             synced: AtomicBool::new(false),
             synced_tx: watch::channel(false).0,
+            failing_since: Mutex::new(None),
         }
     }
+}
+
+/// Whether the CA may decide from the store now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Readiness {
+    Ready,
+    /// The first complete list is not in yet.
+    NotSynced,
+    /// The watch has been failing for this long (at least [`STALE_AFTER`]).
+    Stale(Duration),
 }
 
 impl PodStore {
@@ -212,6 +268,29 @@ impl PodStore {
         self.synced.load(Ordering::SeqCst)
     }
 
+    /// The watch failed at `now` (the first failure of a run is the one that counts).
+    pub fn watch_failed(&self, now: Instant) {
+        self.failing_since.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert(now);
+    }
+
+    /// The watch delivered something: it is being followed again.
+    pub fn watch_succeeded(&self) {
+        *self.failing_since.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
+    /// Synced, and not failing for [`STALE_AFTER`] or more at `now`.
+    pub fn readiness(&self, now: Instant) -> Readiness {
+        if !self.synced() {
+            return Readiness::NotSynced;
+        }
+        match *self.failing_since.lock().unwrap_or_else(|e| e.into_inner()) {
+            Some(since) if now.saturating_duration_since(since) >= STALE_AFTER => {
+                Readiness::Stale(now.saturating_duration_since(since))
+            }
+            _ => Readiness::Ready,
+        }
+    }
+
     /// Resolves once the store is synced.
     pub async fn wait_synced(&self) {
         let mut rx = self.synced_tx.subscribe();
@@ -228,7 +307,8 @@ impl PodStore {
 }
 
 /// Lists and watches every pod of the cluster into `store`, forever (errors are retried with
-/// the watcher's backoff; the last complete view stays in force meanwhile).
+/// the watcher's backoff; the last complete view stays in force meanwhile, for at most
+/// [`STALE_AFTER`] of failures in a row: then the store is no longer ready).
 pub async fn watch_pods(client: ::kube::Client, store: Arc<PodStore>) {
     let api = Api::<ApiObject>::all_with(client, &::kube::core::ApiResource::erase::<Pod>(&()));
     let mut events = watcher(api, watcher::Config::default()).default_backoff().boxed();
@@ -238,16 +318,20 @@ pub async fn watch_pods(client: ::kube::Client, store: Arc<PodStore>) {
         let event = match event {
             Ok(event) => event,
             Err(e) => {
+                store.watch_failed(Instant::now());
                 let message = e.to_string();
                 if last_error.as_deref() == Some(message.as_str()) {
                     debug!(error = %message, "pod watch failed again; retrying with backoff");
                 } else {
-                    warn!(error = %message, "pod watch failed; retrying with backoff, the last view of pods stays in force");
+                    warn!(error = %message, stale_after_s = STALE_AFTER.as_secs(),
+                        "pod watch failed; retrying with backoff, the last view of pods stays in force until the \
+                         watch has failed for stale_after_s, then the CA refuses (UNAVAILABLE) until it recovers");
                     last_error = Some(message);
                 }
                 continue;
             }
         };
+        store.watch_succeeded();
         if !matches!(event, Event::Init | Event::InitApply(_)) && last_error.take().is_some() {
             info!("pod watch recovered");
         }
@@ -298,7 +382,7 @@ fn record(obj: &ApiObject) -> Option<PodRecord> {
 }
 
 #[cfg(test)]
-pub(crate) use tests::pod as test_pod;
+pub(crate) use tests::{agent_pod as test_agent_pod, pod as test_pod};
 
 #[cfg(test)]
 mod tests {
@@ -311,6 +395,18 @@ mod tests {
             "metadata": {"namespace": ns, "name": name, "uid": format!("uid-{name}")},
             "spec": {"nodeName": node, "serviceAccountName": sa},
             "status": {"phase": phase}
+        }))
+        .unwrap()
+    }
+
+    /// A node agent's pod: the sluice DaemonSet's, host network, as the API server has it.
+    pub(crate) fn agent_pod(ns: &str, name: &str, node: &str) -> PodRecord {
+        PodRecord::from_json(&json!({
+            "metadata": {"namespace": ns, "name": name, "uid": format!("uid-{name}"),
+                "ownerReferences": [{"apiVersion": "apps/v1", "kind": "DaemonSet", "name": "sluice",
+                    "uid": "ds-uid", "controller": true}]},
+            "spec": {"nodeName": node, "serviceAccountName": "sluice", "hostNetwork": true},
+            "status": {"phase": "Running"}
         }))
         .unwrap()
     }
@@ -351,18 +447,78 @@ mod tests {
     }
 
     #[test]
-    fn the_service_account_defaults_and_changes_are_followed() {
+    fn a_pod_without_a_service_account_holds_no_identity_and_changes_are_followed() {
+        // No serviceAccountName: never taken for "default" (finding: a node got
+        // ns/<any>/sa/default through the mirror pods the kubelet may create anywhere).
         let p = PodRecord::from_json(
             &json!({"metadata": {"namespace": "a", "name": "p"}, "spec": {"nodeName": "n"}}),
         )
         .unwrap();
-        assert_eq!(p.service_account, "default");
-        assert!(p.active());
+        assert_eq!(p.service_account, None);
+        assert!(p.active() && !p.holds_identity());
         let mut index = PodIndex::from_pods([p]);
-        assert!(index.on_node("n", "a", "default"));
+        assert!(!index.on_node("n", "a", "default") && !index.anywhere("a", "default"));
+        let empty = PodRecord::from_json(&json!({"metadata": {"namespace": "a", "name": "q"},
+            "spec": {"nodeName": "n", "serviceAccountName": ""}}))
+        .unwrap();
+        index.apply(empty);
+        assert!(!index.anywhere("a", "default"), "an empty serviceAccountName is none either");
         index.apply(pod("a", "p", "other", Some("n"), "Running"));
-        assert!(!index.on_node("n", "a", "default") && index.on_node("n", "a", "other"));
+        assert!(index.on_node("n", "a", "other"));
+        index.apply(pod("a", "p", "third", Some("n"), "Running"));
+        assert!(!index.on_node("n", "a", "other") && index.on_node("n", "a", "third"));
         assert!(PodRecord::from_json(&json!({"metadata": {"name": "p"}})).is_none());
+    }
+
+    #[test]
+    fn mirror_and_host_network_pods_hold_no_identity() {
+        let mirror = PodRecord::from_json(&json!({
+            "metadata": {"namespace": "shop", "name": "static-web-n1",
+                "annotations": {MIRROR_ANNOTATION: "3f2a"}},
+            "spec": {"nodeName": "n1", "serviceAccountName": "web"},
+            "status": {"phase": "Running"}
+        }))
+        .unwrap();
+        assert!(mirror.mirror && !mirror.holds_identity());
+        let agent = agent_pod("sluice-system", "sluice-a", "n1");
+        assert!(agent.host_network && agent.daemonset_owned && !agent.holds_identity());
+        let index = PodIndex::from_pods([mirror, agent]);
+        assert!(!index.anywhere("shop", "web"), "a static pod's identity is nobody's to sign");
+        assert!(
+            !index.anywhere("sluice-system", "sluice"),
+            "the DaemonSet's own pods (host network, on every node) give no node their identity"
+        );
+        assert!(index.pod("sluice-system", "sluice-a").is_some(), "but a bound token still finds its pod");
+        let owned_by_replicaset = PodRecord::from_json(&json!({
+            "metadata": {"namespace": "a", "name": "p", "ownerReferences": [
+                {"kind": "ReplicaSet", "name": "x", "controller": true},
+                {"kind": "DaemonSet", "name": "y", "controller": false}]},
+            "spec": {"nodeName": "n", "serviceAccountName": "sa"}
+        }))
+        .unwrap();
+        assert!(!owned_by_replicaset.daemonset_owned, "only the controller counts");
+    }
+
+    #[test]
+    fn a_failing_watch_makes_the_store_stale_after_a_while() {
+        let store = PodStore::with_pods([pod("a", "p", "sa", Some("n"), "Running")]);
+        let t0 = Instant::now();
+        assert_eq!(store.readiness(t0), Readiness::Ready);
+        store.watch_failed(t0);
+        store.watch_failed(t0 + Duration::from_secs(30));
+        assert_eq!(
+            store.readiness(t0 + Duration::from_secs(59)),
+            Readiness::Ready,
+            "a short outage is ridden out"
+        );
+        assert_eq!(
+            store.readiness(t0 + Duration::from_secs(61)),
+            Readiness::Stale(Duration::from_secs(61)),
+            "counted from the first failure of the run"
+        );
+        store.watch_succeeded();
+        assert_eq!(store.readiness(t0 + Duration::from_secs(62)), Readiness::Ready);
+        assert_eq!(PodStore::default().readiness(t0), Readiness::NotSynced);
     }
 
     #[tokio::test]

@@ -4,13 +4,19 @@
 //! first step finds):
 //!
 //! 1. [`identify_caller`]: the reviewed token is for the CA's audience, belongs to the node
-//!    agents' ServiceAccount, and names the caller's node: the node claim of a node-bound token,
-//!    else the node of the pod the token is bound to, as the CA's own pod watch knows it.
+//!    agents' ServiceAccount, and is bound to a pod the CA's own pod watch knows (same UID):
+//!    a running host-network pod controlled by a DaemonSet, as the node agent's is. The
+//!    caller's node is that pod's node; a node claim in the token, when there is one, must
+//!    name the same node.
 //! 2. [`authorize`]: the identity is in the CA's trust domain, and a pod of that namespace and
 //!    ServiceAccount is scheduled on the caller's node and has not finished.
 //!
-//! The caller's node always comes from the token (signed by the API server), never from the
-//! request: a node can only obtain identities of the pods the scheduler placed on it.
+//! The caller's node always comes from the token (signed by the API server) and the CA's own
+//! view of the pod it is bound to, never from the request: a node can only obtain identities
+//! of the pods the scheduler placed on it. Requiring the bound pod to be the DaemonSet's
+//! (host network, DaemonSet controller) means that creating a pod with the node agents'
+//! ServiceAccount and a `nodeName` of one's choosing, or minting a token bound to a Node
+//! object, is not enough to act as a node: it takes changing the DaemonSet itself.
 
 use super::authn::{Reviewed, NODE_NAME_EXTRA, POD_NAME_EXTRA, POD_UID_EXTRA};
 use super::pods::PodIndex;
@@ -57,42 +63,50 @@ pub fn identify_caller(
         return Err(Refusal::NotNodeAccount { user: format!("ServiceAccount {ns}/{name}"), expected });
     }
     let service_account = expected;
-    let pod_name = reviewed.claim(POD_NAME_EXTRA);
-    if let Some(node) = reviewed.claim(NODE_NAME_EXTRA) {
-        return Ok(Caller { node: node.to_string(), service_account, pod: pod_name.map(str::to_owned) });
-    }
-    let Some(pod_name) = pod_name else {
-        return Err(Refusal::CallerNodeUnknown(
-            "the token is bound to neither a node nor a pod; mount a projected ServiceAccount token \
-             (serviceAccountToken volume) in the node agent's pod"
+    let unknown = |why: String| Err(Refusal::CallerNodeUnknown(why));
+    let Some(pod_name) = reviewed.claim(POD_NAME_EXTRA) else {
+        return unknown(
+            "the token is not bound to a pod; the node agent must present the projected ServiceAccount token \
+             of its own pod (serviceAccountToken volume), not a token bound to a node or to nothing"
                 .into(),
-        ));
+        );
     };
     let Some(pod) = pods.pod(ns, pod_name) else {
-        return Err(Refusal::CallerNodeUnknown(format!(
+        return unknown(format!(
             "the token is bound to pod {ns}/{pod_name}, which the CA's pod watch does not know (gone, or not \
              seen yet)"
-        )));
+        ));
     };
-    if let Some(uid) = reviewed.claim(POD_UID_EXTRA) {
-        if !pod.uid.is_empty() && pod.uid != uid {
-            return Err(Refusal::CallerNodeUnknown(format!(
+    match reviewed.claim(POD_UID_EXTRA) {
+        Some(uid) if pod.uid.is_empty() || pod.uid == uid => {}
+        Some(uid) => {
+            return unknown(format!(
                 "the token is bound to pod {ns}/{pod_name} with uid {uid}, but that pod is now uid {}",
                 pod.uid
-            )));
+            ))
+        }
+        None => return unknown(format!("the token names pod {ns}/{pod_name} but not its uid")),
+    }
+    if !pod.host_network || !pod.daemonset_owned {
+        return unknown(format!(
+            "the token's pod {ns}/{pod_name} is not a node agent's: node agents run as a DaemonSet's \
+             host-network pods (hostNetwork {}, controlled by a DaemonSet {})",
+            pod.host_network, pod.daemonset_owned
+        ));
+    }
+    let node = match (&pod.node, pod.finished) {
+        (Some(node), false) => node,
+        (None, _) => return unknown(format!("the token's pod {ns}/{pod_name} is not scheduled on any node")),
+        (Some(_), true) => return unknown(format!("the token's pod {ns}/{pod_name} has finished")),
+    };
+    if let Some(claimed) = reviewed.claim(NODE_NAME_EXTRA) {
+        if claimed != node {
+            return unknown(format!(
+                "the token names node {claimed:?}, but its pod {ns}/{pod_name} runs on node {node:?}"
+            ));
         }
     }
-    match (&pod.node, pod.finished) {
-        (Some(node), false) => {
-            Ok(Caller { node: node.clone(), service_account, pod: Some(pod_name.to_string()) })
-        }
-        (None, _) => Err(Refusal::CallerNodeUnknown(format!(
-            "the token's pod {ns}/{pod_name} is not scheduled on any node"
-        ))),
-        (Some(_), true) => {
-            Err(Refusal::CallerNodeUnknown(format!("the token's pod {ns}/{pod_name} has finished")))
-        }
-    }
+    Ok(Caller { node: node.clone(), service_account, pod: Some(pod_name.to_string()) })
 }
 
 /// Step 2 (see the module documentation).
@@ -124,7 +138,7 @@ pub fn authorize(
 #[cfg(test)]
 mod tests {
     use super::super::authn::tests::node_agent;
-    use super::super::pods::test_pod as pod;
+    use super::super::pods::{test_agent_pod as agent_pod, test_pod as pod};
     use super::*;
 
     fn config() -> PolicyConfig {
@@ -141,13 +155,21 @@ mod tests {
             pod("shop", "db-1", "db", Some("n2"), "Running"),
             pod("shop", "migrate-1", "migrate", Some("n1"), "Succeeded"),
             pod("shop", "batch-1", "batch", Some("n1"), "Pending"),
-            pod("sluice-system", "sluice-a", "sluice", Some("n1"), "Running"),
-            pod("sluice-system", "sluice-b", "sluice", Some("n2"), "Running"),
+            agent_pod("sluice-system", "sluice-a", "n1"),
+            agent_pod("sluice-system", "sluice-b", "n2"),
+            // A pod anyone allowed to create pods in sluice-system could make, naming the node
+            // agents' ServiceAccount and the node of their choice.
+            pod("sluice-system", "rogue", "sluice", Some("n2"), "Running"),
         ])
     }
 
     fn id(sa: &str) -> SpiffeId {
         SpiffeId::new("cluster.local", "shop", sa)
+    }
+
+    /// n1's node agent, as the kubelet projects its token on Kubernetes 1.32+.
+    fn n1() -> Reviewed {
+        node_agent(Some("n1"), Some("sluice-a"))
     }
 
     fn decide(reviewed: &Reviewed, identity: &SpiffeId) -> Result<Caller, Refusal> {
@@ -157,56 +179,97 @@ mod tests {
         Ok(caller)
     }
 
+    fn unknown_node(r: Result<Caller, Refusal>, says: &str) {
+        match r {
+            Err(Refusal::CallerNodeUnknown(why)) => {
+                assert!(why.contains(says), "{why:?} should say {says:?}")
+            }
+            other => panic!("expected caller_node_unknown saying {says:?}, got {other:?}"),
+        }
+    }
+
     #[test]
     fn a_node_gets_the_identities_of_its_pods() {
-        let caller = decide(&node_agent(Some("n1"), Some("sluice-a")), &id("web")).expect("web runs on n1");
+        let caller = decide(&n1(), &id("web")).expect("web runs on n1");
         assert_eq!(caller.node, "n1");
         assert_eq!(caller.service_account, "sluice-system/sluice");
-        decide(&node_agent(Some("n1"), None), &id("batch")).expect("a pending pod counts");
-        decide(&node_agent(Some("n2"), None), &id("db")).expect("db runs on n2");
+        decide(&n1(), &id("batch")).expect("a pending pod counts");
+        decide(&node_agent(Some("n2"), Some("sluice-b")), &id("db")).expect("db runs on n2");
     }
 
     #[test]
     fn an_impostor_node_is_refused() {
         // n1's token asking for n2's pod identity.
-        let err = decide(&node_agent(Some("n1"), None), &id("db")).unwrap_err();
+        let err = decide(&n1(), &id("db")).unwrap_err();
         assert!(matches!(err, Refusal::NoPodOnNode { ref node, .. } if node == "n1"), "{err:?}");
         assert_eq!(err.code(), tonic::Code::PermissionDenied);
     }
 
     #[test]
-    fn the_node_comes_from_the_bound_pod_when_there_is_no_node_claim() {
+    fn the_node_comes_from_the_bound_pod() {
         let caller = decide(&node_agent(None, Some("sluice-b")), &id("db")).expect("sluice-b runs on n2");
         assert_eq!(caller.node, "n2");
         assert!(matches!(
             decide(&node_agent(None, Some("sluice-b")), &id("web")),
             Err(Refusal::NoPodOnNode { .. })
         ));
-        let unknown = decide(&node_agent(None, Some("sluice-gone")), &id("db")).unwrap_err();
-        assert!(matches!(unknown, Refusal::CallerNodeUnknown(_)), "{unknown:?}");
+        unknown_node(decide(&node_agent(None, Some("sluice-gone")), &id("db")), "does not know");
         let mut recreated = node_agent(None, Some("sluice-b"));
         recreated.extra.insert(POD_UID_EXTRA.into(), vec!["another-uid".into()]);
-        assert!(matches!(decide(&recreated, &id("db")), Err(Refusal::CallerNodeUnknown(_))));
+        unknown_node(decide(&recreated, &id("db")), "is now uid");
         let unbound = decide(&node_agent(None, None), &id("db")).unwrap_err();
         assert!(matches!(unbound, Refusal::CallerNodeUnknown(_)));
         assert_eq!(unbound.code(), tonic::Code::PermissionDenied);
     }
 
     #[test]
+    fn a_token_bound_to_a_node_only_is_refused() {
+        // A token bound to a Node object (TokenRequest with boundObjectRef kind Node) names a
+        // node but no pod: it proves no DaemonSet pod, so it is not a node agent's.
+        unknown_node(decide(&node_agent(Some("n1"), None), &id("web")), "not bound to a pod");
+    }
+
+    #[test]
+    fn the_node_claim_must_agree_with_the_bound_pod() {
+        unknown_node(decide(&node_agent(Some("n2"), Some("sluice-a")), &id("db")), "runs on node \"n1\"");
+    }
+
+    #[test]
+    fn a_pod_of_the_node_service_account_that_is_not_the_daemonsets_is_refused() {
+        // Finding: creating a pod with the node agents' ServiceAccount and a nodeName of one's
+        // choice gave its token that node's identities.
+        unknown_node(decide(&node_agent(Some("n2"), Some("rogue")), &id("db")), "not a node agent's");
+    }
+
+    #[test]
+    fn a_finished_or_unscheduled_bound_pod_names_no_node() {
+        // Finding 13: the node-claim path did not check that the bound pod has not finished.
+        let mut pods = cluster();
+        let mut done = agent_pod("sluice-system", "sluice-a", "n1");
+        done.finished = true;
+        pods.apply(done);
+        unknown_node(identify_caller(&n1(), &config(), &pods), "has finished");
+        let mut pending = agent_pod("sluice-system", "sluice-a", "n1");
+        pending.node = None;
+        pods.apply(pending);
+        unknown_node(identify_caller(&node_agent(None, Some("sluice-a")), &config(), &pods), "not scheduled");
+    }
+
+    #[test]
     fn another_service_account_is_refused() {
-        let mut other = node_agent(Some("n1"), None);
+        let mut other = n1();
         other.username = "system:serviceaccount:shop:web".into();
         let err = decide(&other, &id("web")).unwrap_err();
         assert!(matches!(err, Refusal::NotNodeAccount { .. }), "{err:?}");
         assert!(err.to_string().contains("shop/web"), "{err}");
-        let mut user = node_agent(Some("n1"), None);
+        let mut user = n1();
         user.username = "kubernetes-admin".into();
         assert!(matches!(decide(&user, &id("web")), Err(Refusal::NotNodeAccount { .. })));
     }
 
     #[test]
     fn another_audience_is_refused() {
-        let mut other = node_agent(Some("n1"), None);
+        let mut other = n1();
         other.audiences = vec!["https://kubernetes.default.svc".into()];
         let err = decide(&other, &id("web")).unwrap_err();
         assert!(matches!(err, Refusal::WrongAudience { .. }), "{err:?}");
@@ -217,14 +280,20 @@ mod tests {
 
     #[test]
     fn identities_without_a_running_pod_are_refused() {
-        let n1 = node_agent(Some("n1"), None);
-        let nowhere = decide(&n1, &id("ghost")).unwrap_err();
+        let nowhere = decide(&n1(), &id("ghost")).unwrap_err();
         assert!(matches!(nowhere, Refusal::NoPodAnywhere { .. }), "{nowhere:?}");
         assert!(
-            matches!(decide(&n1, &id("migrate")), Err(Refusal::NoPodAnywhere { .. })),
+            matches!(decide(&n1(), &id("migrate")), Err(Refusal::NoPodAnywhere { .. })),
             "finished pods hold nothing"
         );
         let elsewhere = SpiffeId::new("other.domain", "shop", "web");
-        assert!(matches!(decide(&n1, &elsewhere), Err(Refusal::WrongTrustDomain { .. })));
+        assert!(matches!(decide(&n1(), &elsewhere), Err(Refusal::WrongTrustDomain { .. })));
+        let agents = SpiffeId::new("cluster.local", "sluice-system", "sluice");
+        // The node agents' own identity: n1 runs sluice-a, but a host-network DaemonSet pod
+        // gives its node nothing (only the ordinary "rogue" pod on n2 holds it, for n2).
+        assert!(
+            matches!(decide(&n1(), &agents), Err(Refusal::NoPodOnNode { .. })),
+            "the node agents' own identity is not n1's to ask for"
+        );
     }
 }

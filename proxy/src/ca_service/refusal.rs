@@ -20,6 +20,13 @@ pub enum Refusal {
     NotReady,
     #[error("the CA could not check the caller's token with the Kubernetes API server: {0}")]
     ReviewUnavailable(String),
+    #[error(
+        "the CA's watch of the cluster's pods has been failing for {failing_s} s: it does not sign from a view \
+         that may be out of date; retry later"
+    )]
+    WatchStale { failing_s: u64 },
+    #[error("the CA cannot sign: {0}")]
+    SigningUnavailable(String),
 
     // --- UNAUTHENTICATED ---
     #[error(
@@ -69,6 +76,17 @@ pub enum Refusal {
     RateLimited { node: String, rate: f64, burst: u32, retry_after: Duration },
     #[error("the CA is handling {limit} requests already; retry in {} ms", retry_after.as_millis())]
     Busy { limit: usize, retry_after: Duration },
+    #[error(
+        "this address has {limit} requests in progress at the CA already; retry in {} ms",
+        retry_after.as_millis()
+    )]
+    SourceBusy { limit: usize, retry_after: Duration },
+    #[error("{reason}")]
+    ReviewRateLimited { reason: String, retry_after: Duration },
+
+    // --- DEADLINE_EXCEEDED ---
+    #[error("the request was not complete and answered within {} s", .0.as_secs())]
+    Deadline(Duration),
 
     // --- INTERNAL ---
     #[error("signing the certificate for {identity} failed: {reason}")]
@@ -78,7 +96,10 @@ pub enum Refusal {
 impl Refusal {
     pub fn code(&self) -> Code {
         match self {
-            Refusal::NotReady | Refusal::ReviewUnavailable(_) => Code::Unavailable,
+            Refusal::NotReady
+            | Refusal::ReviewUnavailable(_)
+            | Refusal::WatchStale { .. }
+            | Refusal::SigningUnavailable(_) => Code::Unavailable,
             Refusal::MissingToken { .. } | Refusal::TokenRejected(_) | Refusal::WrongAudience { .. } => {
                 Code::Unauthenticated
             }
@@ -88,7 +109,11 @@ impl Refusal {
             | Refusal::NoPodOnNode { .. }
             | Refusal::NoPodAnywhere { .. } => Code::PermissionDenied,
             Refusal::BadIdentity { .. } | Refusal::BadCsr { .. } => Code::InvalidArgument,
-            Refusal::RateLimited { .. } | Refusal::Busy { .. } => Code::ResourceExhausted,
+            Refusal::RateLimited { .. }
+            | Refusal::Busy { .. }
+            | Refusal::SourceBusy { .. }
+            | Refusal::ReviewRateLimited { .. } => Code::ResourceExhausted,
+            Refusal::Deadline(_) => Code::DeadlineExceeded,
             Refusal::Signing { .. } => Code::Internal,
         }
     }
@@ -98,6 +123,8 @@ impl Refusal {
         match self {
             Refusal::NotReady => "not_ready",
             Refusal::ReviewUnavailable(_) => "token_review_unavailable",
+            Refusal::WatchStale { .. } => "pod_watch_failing",
+            Refusal::SigningUnavailable(_) => "signing_unavailable",
             Refusal::MissingToken { .. } => "missing_token",
             Refusal::TokenRejected(_) => "token_rejected",
             Refusal::WrongAudience { .. } => "wrong_audience",
@@ -110,6 +137,9 @@ impl Refusal {
             Refusal::BadCsr { problem, .. } => problem.kind.label(),
             Refusal::RateLimited { .. } => "rate_limited",
             Refusal::Busy { .. } => "busy",
+            Refusal::SourceBusy { .. } => "source_busy",
+            Refusal::ReviewRateLimited { .. } => "review_rate_limited",
+            Refusal::Deadline(_) => "deadline_exceeded",
             Refusal::Signing { .. } => "signing_failed",
         }
     }
@@ -117,9 +147,10 @@ impl Refusal {
     /// The wait a caller should respect before asking again, if any.
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
-            Refusal::RateLimited { retry_after, .. } | Refusal::Busy { retry_after, .. } => {
-                Some(*retry_after)
-            }
+            Refusal::RateLimited { retry_after, .. }
+            | Refusal::Busy { retry_after, .. }
+            | Refusal::SourceBusy { retry_after, .. }
+            | Refusal::ReviewRateLimited { retry_after, .. } => Some(*retry_after),
             _ => None,
         }
     }
@@ -141,6 +172,8 @@ impl Refusal {
 pub const ALL_LABELS: &[&str] = &[
     "not_ready",
     "token_review_unavailable",
+    "pod_watch_failing",
+    "signing_unavailable",
     "missing_token",
     "token_rejected",
     "wrong_audience",
@@ -157,8 +190,13 @@ pub const ALL_LABELS: &[&str] = &[
     "csr_wrong_identity",
     "csr_is_ca",
     "csr_weak_key",
+    "csr_malformed",
+    "csr_subject",
     "rate_limited",
     "busy",
+    "source_busy",
+    "review_rate_limited",
+    "deadline_exceeded",
     "signing_failed",
 ];
 
@@ -181,6 +219,60 @@ mod tests {
         let sub_ms = Refusal::Busy { limit: 1, retry_after: Duration::from_micros(10) };
         assert_eq!(sub_ms.to_status().metadata().get(RETRY_AFTER_MS).unwrap(), "1");
         assert!(Refusal::NotReady.to_status().metadata().get(RETRY_AFTER_MS).is_none());
+    }
+
+    #[test]
+    fn every_label_is_listed() {
+        use super::super::csr::{CsrProblem, CsrProblemKind};
+        let csr = |kind| Refusal::BadCsr {
+            identity: "x".into(),
+            problem: CsrProblem { kind, detail: String::new() },
+        };
+        let d = Duration::from_millis(1);
+        let all = [
+            Refusal::NotReady,
+            Refusal::ReviewUnavailable(String::new()),
+            Refusal::WatchStale { failing_s: 60 },
+            Refusal::SigningUnavailable(String::new()),
+            Refusal::MissingToken { audience: String::new() },
+            Refusal::TokenRejected(String::new()),
+            Refusal::WrongAudience { audience: String::new(), got: vec![] },
+            Refusal::NotNodeAccount { user: String::new(), expected: String::new() },
+            Refusal::CallerNodeUnknown(String::new()),
+            Refusal::WrongTrustDomain {
+                identity: String::new(),
+                trust_domain: String::new(),
+                node: String::new(),
+            },
+            Refusal::NoPodOnNode {
+                namespace: String::new(),
+                service_account: String::new(),
+                node: String::new(),
+            },
+            Refusal::NoPodAnywhere {
+                namespace: String::new(),
+                service_account: String::new(),
+                node: String::new(),
+            },
+            Refusal::BadIdentity { identity: String::new(), reason: String::new() },
+            csr(CsrProblemKind::TooLarge),
+            csr(CsrProblemKind::Unparseable),
+            csr(CsrProblemKind::BadSignature),
+            csr(CsrProblemKind::ExtraNames),
+            csr(CsrProblemKind::WrongIdentity),
+            csr(CsrProblemKind::IsCa),
+            csr(CsrProblemKind::WeakKey),
+            csr(CsrProblemKind::Malformed),
+            csr(CsrProblemKind::Subject),
+            Refusal::RateLimited { node: String::new(), rate: 1.0, burst: 1, retry_after: d },
+            Refusal::Busy { limit: 1, retry_after: d },
+            Refusal::SourceBusy { limit: 1, retry_after: d },
+            Refusal::ReviewRateLimited { reason: String::new(), retry_after: d },
+            Refusal::Deadline(d),
+            Refusal::Signing { identity: String::new(), reason: String::new() },
+        ];
+        let labels: Vec<&str> = all.iter().map(Refusal::label).collect();
+        assert_eq!(labels, ALL_LABELS, "ALL_LABELS lists every label, in order, once");
     }
 
     #[test]

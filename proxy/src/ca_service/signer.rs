@@ -36,6 +36,8 @@ use crate::identity::SpiffeId;
 pub const NOT_BEFORE_BACKDATE: Duration = Duration::from_secs(60);
 /// Validity of the CA's own serving certificate; renewed at half of it.
 pub const SERVING_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+/// A certificate valid less than this from now is not issued (the chain is about to end).
+pub const MIN_VALIDITY: Duration = Duration::from_secs(60);
 /// Input files larger than this are refused unread (a PEM bundle of 100 roots is ~200 KiB).
 pub const MAX_INPUT_BYTES: u64 = 1024 * 1024;
 
@@ -206,6 +208,13 @@ impl Signer {
                 not_after = not_after.min(c.validity().not_after.to_datetime());
             }
         }
+        if not_after <= now {
+            return Err(SignerError::Chain(format!(
+                "the signing chain expired at {} (a certificate between the signing certificate and the root, or \
+                 the root itself): nothing issued under it would verify",
+                rfc3339(not_after)
+            )));
+        }
         let root_subject = parse(&root).map(|c| c.subject().to_string()).unwrap_or_default();
         let tail_pem = intermediates.iter().chain(std::iter::once(&root)).map(|c| pem(c)).collect();
         Ok(Signer {
@@ -248,7 +257,17 @@ impl Signer {
         params.subject_alt_names =
             vec![SanType::URI(uri.as_str().try_into().map_err(|e| format!("URI SAN {uri}: {e}"))?)];
         params.not_before = now - NOT_BEFORE_BACKDATE;
-        params.not_after = ceil_to_second(now + lifetime).min(self.info.not_after);
+        // Never past the chain; and never at all once the chain is (nearly) over: a
+        // certificate that ends before it starts, or within seconds, helps nobody.
+        let wanted = time::Duration::try_from(lifetime).ok().and_then(|d| now.checked_add(d));
+        params.not_after = wanted.map_or(self.info.not_after, ceil_to_second).min(self.info.not_after);
+        if params.not_after <= now + MIN_VALIDITY {
+            return Err(format!(
+                "the signing chain expires at {}: nothing can be issued under it any more; replace the signing \
+                 certificate (or its chain)",
+                rfc3339(self.info.not_after)
+            ));
+        }
         params.serial_number = Some(random_serial()?);
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = if is_rsa(key) {
@@ -628,6 +647,62 @@ pub(crate) mod tests {
             )
             .unwrap();
         assert!(issued.not_after <= signer.info().not_after);
+    }
+
+    #[test]
+    fn nothing_is_issued_once_the_chain_has_expired() {
+        // Finding 13: with the chain over, not_after came out before not_before.
+        let pki = TestPki::new(true);
+        let mut signer = pki.signer().unwrap();
+        signer.info.not_after = OffsetDateTime::now_utc() - Duration::from_secs(1);
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+        let id = SpiffeId::new("cluster.local", "a", "b");
+        let err = signer.issue_workload(&id, &spki_of(&key), Duration::from_secs(3600)).unwrap_err();
+        assert!(err.contains("signing chain expires at"), "{err}");
+        signer.info.not_after = OffsetDateTime::now_utc() + Duration::from_secs(30);
+        assert!(
+            signer.issue_workload(&id, &spki_of(&key), Duration::from_secs(3600)).is_err(),
+            "nor seconds before"
+        );
+    }
+
+    #[test]
+    fn a_huge_lifetime_is_capped_by_the_chain_not_a_panic() {
+        // Finding 13: `now + lifetime` overflowed and panicked for a huge --max-lifetime-s.
+        let pki = TestPki::new(true);
+        let signer = pki.signer().unwrap();
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+        let id = SpiffeId::new("cluster.local", "a", "b");
+        let issued = signer.issue_workload(&id, &spki_of(&key), Duration::from_secs(u64::MAX)).unwrap();
+        assert_eq!(issued.not_after, signer.info().not_after);
+    }
+
+    #[test]
+    fn an_expired_root_is_refused_at_load() {
+        // webpki does not check a trust anchor's validity, so the probe alone would pass.
+        let dir = tempfile::tempdir().unwrap();
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut params = ca_params("expired root");
+        params.not_before = OffsetDateTime::now_utc() - Duration::from_secs(7200);
+        params.not_after = OffsetDateTime::now_utc() - Duration::from_secs(60);
+        let root = params.self_signed(&key).unwrap();
+        let issuer = Issuer::from_ca_cert_der(root.der(), key).unwrap();
+        let sign_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut sign_params = ca_params("signing");
+        sign_params.use_authority_key_identifier_extension = true;
+        let signing = sign_params.signed_by(&sign_key, &issuer).unwrap();
+        let p = |n: &str| dir.path().join(n);
+        std::fs::write(p("root.pem"), root.pem()).unwrap();
+        std::fs::write(p("ca.pem"), signing.pem()).unwrap();
+        std::fs::write(p("ca-key.pem"), sign_key.serialize_pem()).unwrap();
+        let files = SignerFiles {
+            signing_cert: p("ca.pem"),
+            signing_key: p("ca-key.pem"),
+            chain: None,
+            trust_bundle: p("root.pem"),
+        };
+        let err = Signer::load(&SignerInputs::read(&files).unwrap(), &files).unwrap_err();
+        assert!(err.to_string().contains("expired"), "{err}");
     }
 
     #[test]

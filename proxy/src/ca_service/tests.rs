@@ -17,14 +17,15 @@ use x509_parser::extensions::GeneralName;
 use x509_parser::prelude::{FromDer, X509Certificate};
 
 use super::authn::tests::{node_agent, FakeReviewer};
-use super::authn::{CachedReviewer, ReviewError, Reviewed};
+use super::authn::{CachedReviewer, ReviewError, ReviewLimits, Reviewed};
+use super::claims::tests::{jwt, node_agent_claims};
 use super::limits::RateConfig;
 use super::metrics::CaMetrics;
-use super::pods::{test_pod as pod, PodIndex, PodStore};
+use super::pods::{test_agent_pod as agent_pod, test_pod as pod, PodIndex, PodStore};
 use super::policy::PolicyConfig;
 use super::refusal::RETRY_AFTER_MS;
 use super::reload::{Reload, SigningState};
-use super::server::{self, CaService, ServiceConfig};
+use super::server::{self, CaService, ServerLimits, ServiceConfig};
 use super::signer::tests::{new_root, TestPki};
 use super::signer::{pem, SERVING_LIFETIME};
 use crate::identity::istio_ca::{IstioCertificateRequest, IstioCertificateResponse, CREATE_CERTIFICATE_PATH};
@@ -38,24 +39,45 @@ fn cluster() -> Vec<super::pods::PodRecord> {
         pod("shop", "web-1", "web", Some("n1"), "Running"),
         pod("shop", "db-1", "db", Some("n2"), "Running"),
         pod("shop", "migrate-1", "migrate", Some("n1"), "Succeeded"),
-        pod("sluice-system", "sluice-a", "sluice", Some("n1"), "Running"),
-        pod("sluice-system", "sluice-b", "sluice", Some("n2"), "Running"),
+        agent_pod("sluice-system", "sluice-a", "n1"),
+        agent_pod("sluice-system", "sluice-b", "n2"),
     ]
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64
+}
+
+/// A token named `name`: a JWT whose claims are a node agent's (audience, subject, an hour
+/// left), so that it passes the CA's look at its claims and reaches the (fake) TokenReview,
+/// which answers by name. `tweak` changes the claims.
+fn token_with(name: &str, tweak: impl FnOnce(&mut serde_json::Value)) -> String {
+    // One expiry for the whole run: the same name is the same token (the fake API server
+    // knows tokens by their text).
+    static EXP: std::sync::OnceLock<i64> = std::sync::OnceLock::new();
+    let mut claims = node_agent_claims(*EXP.get_or_init(|| unix_now() + 3600));
+    claims["jti"] = serde_json::json!(name);
+    tweak(&mut claims);
+    jwt(claims)
+}
+
+fn token(name: &str) -> String {
+    token_with(name, |_| {})
 }
 
 fn tokens() -> Vec<(String, Result<Reviewed, ReviewError>)> {
     let mut web = node_agent(Some("n1"), None);
     web.username = "system:serviceaccount:shop:web".into();
-    let mut other_audience = node_agent(Some("n1"), None);
-    other_audience.audiences = vec!["https://kubernetes.default.svc".into()];
     vec![
-        ("n1".into(), Ok(node_agent(Some("n1"), Some("sluice-a")))),
-        ("n2".into(), Ok(node_agent(Some("n2"), None))),
-        ("bound-to-sluice-b".into(), Ok(node_agent(None, Some("sluice-b")))),
-        ("web".into(), Ok(web)),
-        ("other-audience".into(), Ok(other_audience)),
-        ("expired".into(), Err(ReviewError::Rejected("[invalid bearer token, token has expired]".into()))),
-        ("api-down".into(), Err(ReviewError::Unavailable("TokenReview failed: connection refused".into()))),
+        (token("n1"), Ok(node_agent(Some("n1"), Some("sluice-a")))),
+        (token("n2"), Ok(node_agent(Some("n2"), Some("sluice-b")))),
+        (token("bound-to-sluice-b"), Ok(node_agent(None, Some("sluice-b")))),
+        (token("node-only"), Ok(node_agent(Some("n1"), None))),
+        // Claims of the node agents' account, but the API server says it is another (a forged
+        // token: the review is what counts).
+        (token("forged"), Ok(web)),
+        (token("expired"), Err(ReviewError::Rejected("[invalid bearer token, token has expired]".into()))),
+        (token("api-down"), Err(ReviewError::Unavailable("TokenReview failed: connection refused".into()))),
     ]
 }
 
@@ -71,6 +93,24 @@ struct Harness {
 }
 
 async fn start(pods: PodStore, rate: RateConfig) -> Harness {
+    start_with(pods, rate, ServerLimits::default(), generous_reviews()).await
+}
+
+/// Review rates no test here runs into, unless it means to.
+fn generous_reviews() -> ReviewLimits {
+    ReviewLimits {
+        per_source: RateConfig { rate: 1000.0, burst: 1000 },
+        global: RateConfig { rate: 1000.0, burst: 1000 },
+        ..ReviewLimits::for_node_account("sluice-system", "sluice")
+    }
+}
+
+async fn start_with(
+    pods: PodStore,
+    rate: RateConfig,
+    limits: ServerLimits,
+    reviews: ReviewLimits,
+) -> Harness {
     let pki = TestPki::new(true);
     let signing = Arc::new(
         SigningState::load(pki.files(), vec![SERVER_NAME.into(), "127.0.0.1".into()], SERVING_LIFETIME)
@@ -87,14 +127,14 @@ async fn start(pods: PodStore, rate: RateConfig) -> Harness {
     };
     let metrics = Arc::new(CaMetrics::default());
     let fake = Arc::new(FakeReviewer::with(tokens()));
-    let reviewer = Arc::new(CachedReviewer::new(fake.clone(), Duration::from_secs(10), 64));
+    let reviewer = Arc::new(CachedReviewer::new(fake.clone(), reviews));
     let service =
         Arc::new(CaService::new(config, signing.clone(), reviewer, Arc::new(pods), metrics.clone()));
     let tls = Arc::new(super::serving::server_config(signing.serving()).unwrap());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (stop, stop_rx) = watch::channel(false);
-    let server = tokio::spawn(server::serve(listener, tls, service.clone(), stop_rx, Duration::from_secs(5)));
+    let server = tokio::spawn(server::serve(listener, tls, service.clone(), limits, stop_rx));
     Harness { addr, pki, signing, service, metrics, fake, stop, server }
 }
 
@@ -142,6 +182,8 @@ async fn call(
 fn csr(sans: &[&str], dns: Option<&str>) -> String {
     let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
     let mut params = CertificateParams::default();
+    // A node agent's subject is empty (rcgen's default has a CN, which the CA refuses).
+    params.distinguished_name = rcgen::DistinguishedName::new();
     params.subject_alt_names = sans.iter().map(|s| SanType::URI((*s).try_into().unwrap())).collect();
     if let Some(dns) = dns {
         params.subject_alt_names.push(SanType::DnsName(dns.try_into().unwrap()));
@@ -204,7 +246,7 @@ async fn issues_a_chain_that_verifies_and_carries_exactly_the_identity() {
     let h = start(PodStore::with_pods(cluster()), generous()).await;
     let ch = channel(h.addr, &h.pki.root).await;
 
-    let resp = call(&ch, Some("n1"), ask(WEB)).await.expect("web runs on n1");
+    let resp = call(&ch, Some(&token("n1")), ask(WEB)).await.expect("web runs on n1");
     assert_eq!(resp.cert_chain.len(), 3, "leaf, intermediate, root");
     assert_eq!(verify(&resp.cert_chain, &h.pki.root), vec![format!("URI:{WEB}")]);
     let leaf = ders(&resp.cert_chain).remove(0);
@@ -214,8 +256,9 @@ async fn issues_a_chain_that_verifies_and_carries_exactly_the_identity() {
 
     // Without ImpersonatedIdentity, the CSR's URI names the identity (istio-agent's way).
     let plain = IstioCertificateRequest { csr: csr(&[DB], None), validity_duration: 0, metadata: None };
-    let resp =
-        call(&ch, Some("bound-to-sluice-b"), plain).await.expect("node from the bound pod: n2 runs db");
+    let resp = call(&ch, Some(&token("bound-to-sluice-b")), plain)
+        .await
+        .expect("node from the bound pod: n2 runs db");
     assert_eq!(verify(&resp.cert_chain, &h.pki.root), vec![format!("URI:{DB}")]);
     assert_eq!(h.metrics.issued_total(), 2);
     h.stop.send_replace(true);
@@ -226,59 +269,98 @@ async fn issues_a_chain_that_verifies_and_carries_exactly_the_identity() {
 async fn every_refusal_has_its_code_and_reason() {
     let h = start(PodStore::with_pods(cluster()), generous()).await;
     let ch = channel(h.addr, &h.pki.root).await;
+    let n1 = token("n1");
 
     // An impostor: node 1's token asking for node 2's pod identity.
     assert_refused(
-        call(&ch, Some("n1"), ask(DB)).await,
+        call(&ch, Some(&n1), ask(DB)).await,
         Code::PermissionDenied,
         "no running pod with service account shop/db is scheduled on node n1",
     );
-    assert_refused(call(&ch, Some("web"), ask(WEB)).await, Code::PermissionDenied, "ServiceAccount shop/web");
+    // Refused on their own claims, without a TokenReview: another account's token (a tenant
+    // can mint one for the CA's audience), another audience, an expired one, not a JWT.
+    let tenant = token_with("tenant", |c| c["sub"] = "system:serviceaccount:shop:web".into());
     assert_refused(
-        call(&ch, Some("other-audience"), ask(WEB)).await,
-        Code::Unauthenticated,
-        "invalid for the target audiences",
+        call(&ch, Some(&tenant), ask(WEB)).await,
+        Code::PermissionDenied,
+        "system:serviceaccount:shop:web",
     );
-    assert_refused(call(&ch, Some("expired"), ask(WEB)).await, Code::Unauthenticated, "token has expired");
+    let other_audience =
+        token_with("aud", |c| c["aud"] = serde_json::json!(["https://kubernetes.default.svc"]));
+    assert_refused(
+        call(&ch, Some(&other_audience), ask(WEB)).await,
+        Code::Unauthenticated,
+        "its audiences are",
+    );
+    let old = token_with("old", |c| c["exp"] = (unix_now() - 10).into());
+    assert_refused(call(&ch, Some(&old), ask(WEB)).await, Code::Unauthenticated, "expired");
+    assert_refused(call(&ch, Some("opaque"), ask(WEB)).await, Code::Unauthenticated, "not a JWT");
+    assert_eq!(
+        h.fake.calls.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "only the impostor's token was reviewed"
+    );
+    // Past the claims, the review decides: a forged token, a rejected one, the API server down.
+    assert_refused(
+        call(&ch, Some(&token("forged")), ask(WEB)).await,
+        Code::PermissionDenied,
+        "ServiceAccount shop/web",
+    );
+    assert_refused(
+        call(&ch, Some(&token("expired")), ask(WEB)).await,
+        Code::Unauthenticated,
+        "token has expired",
+    );
+    assert_refused(
+        call(&ch, Some(&token("api-down")), ask(WEB)).await,
+        Code::Unavailable,
+        "connection refused",
+    );
     assert_refused(call(&ch, None, ask(WEB)).await, Code::Unauthenticated, "authorization: Bearer");
-    assert_refused(call(&ch, Some("api-down"), ask(WEB)).await, Code::Unavailable, "connection refused");
+    assert_refused(
+        call(&ch, Some(&token("node-only")), ask(WEB)).await,
+        Code::PermissionDenied,
+        "not bound to a pod",
+    );
     let extra_dns = IstioCertificateRequest::impersonating(csr(&[WEB], Some("web.shop.svc")), 3600, WEB);
-    assert_refused(call(&ch, Some("n1"), extra_dns).await, Code::InvalidArgument, "web.shop.svc");
+    assert_refused(call(&ch, Some(&n1), extra_dns).await, Code::InvalidArgument, "web.shop.svc");
     let ghost = "spiffe://cluster.local/ns/shop/sa/ghost";
     assert_refused(
-        call(&ch, Some("n1"), ask(ghost)).await,
+        call(&ch, Some(&n1), ask(ghost)).await,
         Code::PermissionDenied,
         "no running or pending pod",
     );
     assert_refused(
-        call(&ch, Some("n1"), ask("spiffe://cluster.local/ns/shop/sa/migrate")).await,
+        call(&ch, Some(&n1), ask("spiffe://cluster.local/ns/shop/sa/migrate")).await,
         Code::PermissionDenied,
         "service account shop/migrate",
     );
     let mismatch = IstioCertificateRequest::impersonating(csr(&[DB], None), 3600, WEB);
-    assert_refused(call(&ch, Some("n1"), mismatch).await, Code::InvalidArgument, "asks for the URI");
+    assert_refused(call(&ch, Some(&n1), mismatch).await, Code::InvalidArgument, "asks for the URI");
     let huge = IstioCertificateRequest::impersonating("x".repeat(10 * 1024), 3600, WEB);
-    assert_refused(call(&ch, Some("n1"), huge).await, Code::InvalidArgument, "at most 8192");
+    assert_refused(call(&ch, Some(&n1), huge).await, Code::InvalidArgument, "at most 8192");
     assert_refused(
-        call(&ch, Some("n1"), ask("spiffe://other.td/ns/shop/sa/web")).await,
+        call(&ch, Some(&n1), ask("spiffe://other.td/ns/shop/sa/web")).await,
         Code::PermissionDenied,
         "trust domain",
     );
     assert_refused(
-        call(&ch, Some("n1"), ask("not-spiffe")).await,
+        call(&ch, Some(&n1), ask("not-spiffe")).await,
         Code::InvalidArgument,
         "not a workload SPIFFE ID",
     );
-    let other = call_path(&ch, "/istio.v1.auth.IstioCertificateService/Other", Some("n1"), ask(WEB)).await;
+    let other = call_path(&ch, "/istio.v1.auth.IstioCertificateService/Other", Some(&n1), ask(WEB)).await;
     assert_eq!(other.unwrap_err().code(), Code::Unimplemented);
+    assert_eq!(h.metrics.unknown_methods_total(), 1, "counted");
 
     for (reason, n) in [
         ("no_pod_on_node", 1),
-        ("not_node_service_account", 1),
-        ("wrong_audience", 0), // the fake API server refuses other audiences itself, as kube-apiserver does
-        ("token_rejected", 2),
+        ("not_node_service_account", 2),
+        ("wrong_audience", 1),
+        ("token_rejected", 3),
         ("missing_token", 1),
         ("token_review_unavailable", 1),
+        ("caller_node_unknown", 1),
         ("csr_extra_names", 1),
         ("no_pod_anywhere", 2),
         ("csr_wrong_identity", 1),
@@ -295,9 +377,9 @@ async fn every_refusal_has_its_code_and_reason() {
 async fn unavailable_until_the_pod_watch_has_synced() {
     let h = start(PodStore::default(), generous()).await;
     let ch = channel(h.addr, &h.pki.root).await;
-    assert_refused(call(&ch, Some("n1"), ask(WEB)).await, Code::Unavailable, "not complete yet");
+    assert_refused(call(&ch, Some(&token("n1")), ask(WEB)).await, Code::Unavailable, "not complete yet");
     h.service.pods().replace(PodIndex::from_pods(cluster()));
-    call(&ch, Some("n1"), ask(WEB)).await.expect("ready once synced");
+    call(&ch, Some(&token("n1")), ask(WEB)).await.expect("ready once synced");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -305,14 +387,15 @@ async fn each_node_has_its_own_rate() {
     // One token every 20 s: however slow this machine, no token comes back during the test.
     let h = start(PodStore::with_pods(cluster()), RateConfig { rate: 0.05, burst: 2 }).await;
     let ch = channel(h.addr, &h.pki.root).await;
-    call(&ch, Some("n1"), ask(WEB)).await.unwrap();
-    call(&ch, Some("n1"), ask(WEB)).await.unwrap();
-    let status = assert_refused(call(&ch, Some("n1"), ask(WEB)).await, Code::ResourceExhausted, "node n1");
+    call(&ch, Some(&token("n1")), ask(WEB)).await.unwrap();
+    call(&ch, Some(&token("n1")), ask(WEB)).await.unwrap();
+    let status =
+        assert_refused(call(&ch, Some(&token("n1")), ask(WEB)).await, Code::ResourceExhausted, "node n1");
     let wait: u64 = status.metadata().get(RETRY_AFTER_MS).unwrap().to_str().unwrap().parse().unwrap();
     assert!((10_000..=20_000).contains(&wait), "a token every 20 s: {wait} ms");
     // Refused requests cost tokens too: an impostor cannot probe faster than its rate.
-    assert_refused(call(&ch, Some("n1"), ask(DB)).await, Code::ResourceExhausted, "node n1");
-    call(&ch, Some("n2"), ask(DB)).await.expect("n2 has a bucket of its own");
+    assert_refused(call(&ch, Some(&token("n1")), ask(DB)).await, Code::ResourceExhausted, "node n1");
+    call(&ch, Some(&token("n2")), ask(DB)).await.expect("n2 has a bucket of its own");
     assert_eq!(h.metrics.refused_total("rate_limited"), 2);
 }
 
@@ -323,11 +406,12 @@ async fn a_node_restarting_with_250_pods_gets_its_burst_and_one_token_review() {
     // One token per 100 s after the burst: nothing refills while the test runs.
     let h = start(PodStore::with_pods(pods), RateConfig { rate: 0.01, burst: 50 }).await;
     let ch = channel(h.addr, &h.pki.root).await;
+    let n1 = token("n1");
     let calls: Vec<_> = (0..250)
         .map(|i| {
-            let ch = ch.clone();
+            let (ch, n1) = (ch.clone(), n1.clone());
             let request = ask(&format!("spiffe://cluster.local/ns/shop/sa/sa-{i}"));
-            tokio::spawn(async move { call(&ch, Some("n1"), request).await })
+            tokio::spawn(async move { call(&ch, Some(&n1), request).await })
         })
         .collect();
     let (mut issued, mut limited) = (0, 0);
@@ -348,7 +432,7 @@ async fn a_node_restarting_with_250_pods_gets_its_burst_and_one_token_review() {
         "one TokenReview for the whole burst"
     );
     // Another node is not held up by n1's burst.
-    call(&ch, Some("n2"), ask(DB)).await.expect("n2 has its own bucket");
+    call(&ch, Some(&token("n2")), ask(DB)).await.expect("n2 has its own bucket");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -365,7 +449,7 @@ async fn a_new_root_is_picked_up_without_a_restart() {
     // A node that trusts only the new root reaches the CA (its serving certificate moved too)
     // and gets a chain under the new root.
     let ch = channel(h.addr, &new_root_der).await;
-    let resp = call(&ch, Some("n1"), ask(WEB)).await.unwrap();
+    let resp = call(&ch, Some(&token("n1")), ask(WEB)).await.unwrap();
     assert_eq!(resp.cert_chain.len(), 2, "leaf and the root that signs directly");
     assert_eq!(verify(&resp.cert_chain, &new_root_der), vec![format!("URI:{WEB}")]);
 }
@@ -506,4 +590,187 @@ async fn the_pod_watch_and_token_reviews_speak_to_the_api_server() {
     let sent = api.reviews.lock().unwrap()[0].clone();
     assert_eq!(sent["spec"], serde_json::json!({"token": "good", "audiences": ["sluice-ca"]}));
     assert_eq!(sent["kind"], "TokenReview");
+}
+
+/// TLS to the CA as a raw stream (ALPN h2), for tests that speak below gRPC.
+async fn tls_connect(
+    addr: SocketAddr,
+    root: &CertificateDer<'static>,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(root.clone()).unwrap();
+    let mut config =
+        rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = rustls_pki_types::ServerName::try_from(SERVER_NAME).unwrap();
+    tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name, tcp).await.expect("TLS to the CA")
+}
+
+/// Reads until the peer closes (end of stream or reset), for at most 10 s.
+async fn closed_by_peer(io: &mut (impl tokio::io::AsyncRead + Unpin)) {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 1024];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match tokio::time::timeout_at(deadline, io.read(&mut buf))
+            .await
+            .expect("the CA closes the connection")
+        {
+            Ok(0) | Err(_) => return,
+            Ok(_) => continue,
+        }
+    }
+}
+
+fn with_limits(tweak: impl FnOnce(&mut ServerLimits)) -> ServerLimits {
+    let mut limits = ServerLimits::default();
+    tweak(&mut limits);
+    limits
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_whose_body_never_ends_holds_its_slot_only_until_the_deadline() {
+    // Finding 2: tonic's unary handler waits for the end of the body; a stream of headers that
+    // never ends held memory and (after it) an in-flight slot forever.
+    let deadline = Duration::from_secs(2);
+    let limits = with_limits(|l| {
+        l.admission.max_streams_per_source = 2;
+        l.request_deadline = deadline;
+    });
+    let h = start_with(PodStore::with_pods(cluster()), generous(), limits, generous_reviews()).await;
+    let (mut send, conn) = h2::client::handshake(tls_connect(h.addr, &h.pki.root).await).await.unwrap();
+    tokio::spawn(conn);
+    let started = std::time::Instant::now();
+    let mut open = Vec::new();
+    for _ in 0..2 {
+        let request = http::Request::post(format!("https://{SERVER_NAME}{CREATE_CERTIFICATE_PATH}"))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .header("authorization", format!("Bearer {}", token("n1")))
+            .body(())
+            .unwrap();
+        send = send.ready().await.unwrap();
+        // The body stays open: nothing is ever sent on it.
+        open.push(send.send_request(request, false).unwrap());
+    }
+    // The slots are taken when the headers arrive, not when a body ends: a third request from
+    // this address is turned away at once, with a wait to respect.
+    eventually("both streams admitted", || h.metrics.open_streams() == 2).await;
+    let ch = channel(h.addr, &h.pki.root).await;
+    let status = assert_refused(
+        call(&ch, Some(&token("n1")), ask(WEB)).await,
+        Code::ResourceExhausted,
+        "requests in progress",
+    );
+    assert!(status.metadata().get(RETRY_AFTER_MS).is_some());
+    assert_eq!(h.metrics.refused_total("source_busy"), 1);
+    // Both stalled streams are answered DEADLINE_EXCEEDED at the deadline, and free their slots.
+    for (response, _body) in open {
+        let response = tokio::time::timeout(Duration::from_secs(10), response).await.unwrap().unwrap();
+        assert_eq!(
+            response.headers().get("grpc-status").map(|v| v.to_str().unwrap()),
+            Some("4"),
+            "{response:?}"
+        );
+    }
+    let took = started.elapsed();
+    assert!(took >= deadline && took < deadline + Duration::from_secs(5), "answered after {took:?}");
+    assert_eq!(h.metrics.refused_total("deadline_exceeded"), 2);
+    eventually("the slots freed", || h.metrics.open_streams() == 0).await;
+    call(&ch, Some(&token("n1")), ask(WEB)).await.expect("served again");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_without_tls_and_preface_in_time_is_closed() {
+    // Finding 2: the handshake timeout covered TLS only; a client that completed TLS and then
+    // sent nothing kept its connection slot forever.
+    let limits = with_limits(|l| l.handshake_timeout = Duration::from_millis(500));
+    let h = start_with(PodStore::with_pods(cluster()), generous(), limits, generous_reviews()).await;
+    let started = std::time::Instant::now();
+    let mut quiet = tls_connect(h.addr, &h.pki.root).await;
+    closed_by_peer(&mut quiet).await;
+    assert!(
+        started.elapsed() >= Duration::from_millis(400),
+        "not before the timeout: {:?}",
+        started.elapsed()
+    );
+    eventually("the timeout counted", || h.metrics.handshake_failures_total("timeout") == 1).await;
+    // Nor TCP alone.
+    let mut bare = tokio::net::TcpStream::connect(h.addr).await.unwrap();
+    closed_by_peer(&mut bare).await;
+    eventually("counted too", || h.metrics.handshake_failures_total("timeout") == 2).await;
+    // HTTP/1.1 after TLS is not the HTTP/2 preface: closed at once.
+    let mut http1 = tls_connect(h.addr, &h.pki.root).await;
+    tokio::io::AsyncWriteExt::write_all(&mut http1, b"GET / HTTP/1.1\r\nhost: ca\r\n\r\n").await.unwrap();
+    closed_by_peer(&mut http1).await;
+    eventually("a wrong preface counted", || h.metrics.handshake_failures_total("preface") == 1).await;
+    eventually("no connection left", || h.metrics.open_connections() == 0).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_gets_its_share_of_connections() {
+    let limits = with_limits(|l| l.admission.max_connections_per_source = 1);
+    let h = start_with(PodStore::with_pods(cluster()), generous(), limits, generous_reviews()).await;
+    let _first = tls_connect(h.addr, &h.pki.root).await;
+    eventually("the first connection held", || h.metrics.open_connections() == 1).await;
+    let mut second = tokio::net::TcpStream::connect(h.addr).await.unwrap();
+    closed_by_peer(&mut second).await;
+    assert_eq!(h.metrics.connections_refused_total("source_limit"), 1);
+    assert_eq!(h.metrics.open_connections(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_are_closed_and_the_client_comes_back() {
+    // Findings 2 and 10: a node's connection no longer holds a slot forever; its client
+    // reconnects on the next request.
+    let limits = with_limits(|l| l.idle_timeout = Duration::from_millis(300));
+    let h = start_with(PodStore::with_pods(cluster()), generous(), limits, generous_reviews()).await;
+    let ch = channel(h.addr, &h.pki.root).await;
+    call(&ch, Some(&token("n1")), ask(WEB)).await.unwrap();
+    eventually("closed as idle", || h.metrics.connections_closed_total("idle") == 1).await;
+    eventually("the connection gone", || h.metrics.open_connections() == 0).await;
+    call(&ch, Some(&token("n1")), ask(WEB)).await.expect("the client reconnects");
+    assert_eq!(h.metrics.issued_total(), 2);
+    assert_eq!(h.metrics.connections_closed_total("max_age"), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_is_closed_at_its_maximum_age() {
+    let limits = with_limits(|l| l.max_connection_age = Duration::from_millis(500));
+    let h = start_with(PodStore::with_pods(cluster()), generous(), limits, generous_reviews()).await;
+    let ch = channel(h.addr, &h.pki.root).await;
+    call(&ch, Some(&token("n1")), ask(WEB)).await.unwrap();
+    eventually("closed for its age", || h.metrics.connections_closed_total("max_age") == 1).await;
+    eventually("the connection gone", || h.metrics.open_connections() == 0).await;
+    call(&ch, Some(&token("n1")), ask(WEB)).await.expect("the client reconnects");
+    assert_eq!(h.metrics.connections_closed_total("idle"), 0);
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn signing_runs_on_a_blocking_thread() {
+    // Finding 11: an RSA signature takes milliseconds the async worker threads must not spend.
+    let here = std::thread::current().id();
+    let there = server::off_runtime(|| Ok(std::thread::current().id())).await.unwrap();
+    assert_ne!(here, there);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_pod_view_or_an_expired_chain_makes_the_ca_refuse() {
+    // Finding 9: a failing watch left the CA signing from an old view forever.
+    let h = start(PodStore::with_pods(cluster()), generous()).await;
+    let ch = channel(h.addr, &h.pki.root).await;
+    call(&ch, Some(&token("n1")), ask(WEB)).await.unwrap();
+    h.service
+        .pods()
+        .watch_failed(std::time::Instant::now() - super::pods::STALE_AFTER - Duration::from_secs(1));
+    assert_refused(call(&ch, Some(&token("n1")), ask(WEB)).await, Code::Unavailable, "has been failing for");
+    assert!(h.service.readiness().is_err(), "and the readiness probe says so");
+    h.service.pods().watch_succeeded();
+    call(&ch, Some(&token("n1")), ask(WEB)).await.expect("ready again once the watch recovers");
+    assert_eq!(h.metrics.refused_total("pod_watch_failing"), 1);
 }

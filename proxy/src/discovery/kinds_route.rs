@@ -234,6 +234,9 @@ fn rules(spec: &Node<'_>, cx: Cx<'_>) -> Result<Vec<RouteRule>, DocError> {
             backends: Vec::new(),
             timeouts: RouteTimeouts::default(),
             retry: None,
+            retry_policy: None,
+            fault: None,
+            origin: None,
         }]);
     }
     let mut rules: Vec<RouteRule> = Vec::with_capacity(nodes.len());
@@ -277,8 +280,9 @@ fn rule(node: &Node<'_>, cx: Cx<'_>) -> Result<RouteRule, DocError> {
         }
     };
     let matches = match cx.kind {
-        RouteKind::Http => http_matches(node)?,
         RouteKind::Grpc => grpc_matches(node)?,
+        // Only the Gateway API's kinds come through this parser.
+        RouteKind::Http | RouteKind::VirtualService => http_matches(node)?,
     };
     let single_prefix_match =
         matches!(matches.as_slice(), [RouteMatch { path: Some(PathMatch::PathPrefix(_)), .. }]);
@@ -286,7 +290,7 @@ fn rule(node: &Node<'_>, cx: Cx<'_>) -> Result<RouteRule, DocError> {
     let filters = filters(node, cx)?;
     let backends = backend_refs(node, cx)?;
     let (timeouts, retry) = match cx.kind {
-        RouteKind::Http => (timeouts(node)?, retry(node)?),
+        RouteKind::Http | RouteKind::VirtualService => (timeouts(node)?, retry(node)?),
         RouteKind::Grpc => {
             grpc_has_no(node, "timeouts")?;
             grpc_has_no(node, "retry")?;
@@ -302,7 +306,7 @@ fn rule(node: &Node<'_>, cx: Cx<'_>) -> Result<RouteRule, DocError> {
             });
         }
     }
-    Ok(RouteRule { name, matches, filters, backends, timeouts, retry })
+    Ok(RouteRule { name, matches, filters, backends, timeouts, retry, retry_policy: None, fault: None, origin: None })
 }
 
 fn grpc_has_no(rule: &Node<'_>, key: &str) -> Result<(), DocError> {
@@ -317,7 +321,7 @@ fn grpc_has_no(rule: &Node<'_>, key: &str) -> Result<(), DocError> {
 /// What a rule without matches gets: every request matches.
 fn match_all(kind: RouteKind) -> RouteMatch {
     match kind {
-        RouteKind::Http => {
+        RouteKind::Http | RouteKind::VirtualService => {
             RouteMatch { path: Some(PathMatch::PathPrefix("/".into())), ..RouteMatch::default() }
         }
         RouteKind::Grpc => RouteMatch::default(),
@@ -343,7 +347,7 @@ fn http_match(node: &Node<'_>) -> Result<RouteMatch, DocError> {
     let method = match node.get("method") {
         None => None,
         Some(m) => match m.as_str()? {
-            s if HTTP_METHODS.contains(&s) => Some(s.to_owned()),
+            s if HTTP_METHODS.contains(&s) => Some(ValueMatch::Exact(s.to_owned())),
             other => {
                 return Err(
                     m.invalid(format!("{other:?} is not an HTTP method ({})", HTTP_METHODS.join(", ")))
@@ -357,6 +361,7 @@ fn http_match(node: &Node<'_>) -> Result<RouteMatch, DocError> {
         headers: value_matches(node, "headers", Names::Header, MAX_HEADER_VALUE_LEN)?,
         query_params: value_matches(node, "queryParams", Names::QueryParam, MAX_QUERY_VALUE_LEN)?,
         grpc: None,
+        ..RouteMatch::default()
     })
 }
 
@@ -616,6 +621,9 @@ fn filter_type(filter: &Filter) -> &'static str {
         Filter::RequestRedirect(_) => "RequestRedirect",
         Filter::UrlRewrite(_) => "URLRewrite",
         Filter::RequestMirror(_) => "RequestMirror",
+        // VirtualService actions, never produced by this parser.
+        Filter::Redirect(_) => "HTTPRedirect",
+        Filter::DirectResponse(_) => "DirectResponse",
     }
 }
 
@@ -878,7 +886,16 @@ fn backend_object_ref(node: &Node<'_>, cx: Cx<'_>) -> Result<BackendRef, DocErro
     } else {
         None
     };
-    Ok(BackendRef { namespace, name: name.to_owned(), port, weight: 1, filters: Vec::new(), invalid })
+    Ok(BackendRef {
+        namespace,
+        name: name.to_owned(),
+        port,
+        weight: 1,
+        filters: Vec::new(),
+        invalid,
+        subset: None,
+        kind: Default::default(),
+    })
 }
 
 // --- HTTPRoute timeouts and retry ---

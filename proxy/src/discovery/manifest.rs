@@ -209,6 +209,14 @@ pub(crate) const KINDS: &[KindSpec] = &[
         parse: kinds_traffic::service_entry,
     },
     KindSpec {
+        kind: Kind::VirtualService,
+        // Istio serves all three with the same schema (v1 since Istio 1.22).
+        api_versions: &["networking.istio.io/v1", "networking.istio.io/v1beta1", "networking.istio.io/v1alpha3"],
+        namespaced: true,
+        name_rule: NameRule::Dns1123Subdomain,
+        parse: super::istio::virtual_service::parse,
+    },
+    KindSpec {
         kind: Kind::DestinationRule,
         // Istio serves all three with the same schema (v1 since Istio 1.22).
         api_versions: &["networking.istio.io/v1", "networking.istio.io/v1beta1", "networking.istio.io/v1alpha3"],

@@ -70,7 +70,7 @@ pub use workload::{workload_name, WorkloadInfo, UNKNOWN_WORKLOAD};
 pub use snapshot::{ManifestError, Model, ServiceTarget};
 pub use view::{
     AuthorizationPolicyView, EndpointSliceView, ErrorView, ModelView, NamespaceView, PodView, RouteView,
-    ServiceEntryView, ServicePortView, ServiceView, TrafficPolicyView,
+    ServiceEntryView, ServicePortView, ServiceView, TrafficPolicyView, VirtualServiceView,
 };
 
 /// Why a source could not start. (Problems inside manifest files are not errors of the

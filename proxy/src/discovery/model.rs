@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
+use super::istio::virtual_service::VirtualService;
 use super::istio::destination_rule::DestinationRule;
 use super::route::{Route, RouteKind};
 use super::traffic::{OutboundPolicy, ServiceEntry, TrafficPolicy};
@@ -444,6 +445,7 @@ pub enum Kind {
     GrpcRoute,
     TrafficPolicy,
     ServiceEntry,
+    VirtualService,
     DestinationRule,
 }
 
@@ -459,6 +461,7 @@ impl Kind {
             Kind::GrpcRoute => "GRPCRoute",
             Kind::TrafficPolicy => "TrafficPolicy",
             Kind::ServiceEntry => "ServiceEntry",
+            Kind::VirtualService => "VirtualService",
             Kind::DestinationRule => "DestinationRule",
         }
     }
@@ -469,6 +472,7 @@ impl From<RouteKind> for Kind {
         match kind {
             RouteKind::Http => Kind::HttpRoute,
             RouteKind::Grpc => Kind::GrpcRoute,
+            RouteKind::VirtualService => Kind::VirtualService,
         }
     }
 }
@@ -510,6 +514,7 @@ pub enum Object {
     Route(Arc<Route>),
     TrafficPolicy(Arc<TrafficPolicy>),
     ServiceEntry(Arc<ServiceEntry>),
+    VirtualService(Arc<VirtualService>),
     DestinationRule(Arc<DestinationRule>),
 }
 
@@ -524,6 +529,7 @@ impl Object {
             Object::Route(o) => o.kind.into(),
             Object::TrafficPolicy(_) => Kind::TrafficPolicy,
             Object::ServiceEntry(_) => Kind::ServiceEntry,
+            Object::VirtualService(_) => Kind::VirtualService,
             Object::DestinationRule(_) => Kind::DestinationRule,
         }
     }
@@ -538,6 +544,7 @@ impl Object {
             Object::Route(o) => (o.namespace.as_str(), o.name.as_str()),
             Object::TrafficPolicy(o) => (o.namespace.as_str(), o.name.as_str()),
             Object::ServiceEntry(o) => (o.namespace.as_str(), o.name.as_str()),
+            Object::VirtualService(o) => (o.namespace.as_str(), o.name.as_str()),
             Object::DestinationRule(o) => (o.namespace.as_str(), o.name.as_str()),
         };
         ObjectKey { kind: self.kind(), namespace: namespace.to_owned(), name: name.to_owned() }

@@ -1,6 +1,13 @@
 //! Routes of the Kubernetes Gateway API for meshes ("GAMMA"): `HTTPRoute` and `GRPCRoute`
-//! (gateway.networking.k8s.io/v1) whose `parentRefs` name a Service. Distilled at parse time to
-//! what the L7 data path acts on; regular expressions are compiled once, here.
+//! (gateway.networking.k8s.io/v1) whose `parentRefs` name a Service, and Istio's
+//! `VirtualService` compiled into the same types per Service (see
+//! [`super::istio::virtual_service`]): one routing engine, several APIs. Distilled at parse
+//! time to what the L7 data path acts on; regular expressions are compiled once, here.
+//!
+//! A few variants exist for one API only, because the two APIs define them differently: a
+//! VirtualService `prefix` is a plain string prefix ([`PathMatch::Prefix`]) where the Gateway
+//! API's `PathPrefix` is element-wise, its redirect keeps the request's port
+//! ([`Filter::Redirect`]), and it can answer directly ([`Filter::DirectResponse`]).
 //!
 //! Semantics sluice applies (the parser validates against them, the data path implements them):
 //! - A route attaches to a Service (`parentRefs[].kind: Service`, group ""), optionally to one
@@ -19,13 +26,19 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-/// HTTPRoute or GRPCRoute: both become a [`Route`]; the kind decides which match fields apply.
+use super::traffic::{FaultInjection, RetryPolicy};
+
+/// HTTPRoute, GRPCRoute or a VirtualService compiled for one Service: each becomes a
+/// [`Route`]; the kind decides which match fields apply and how rules are ordered (Gateway API
+/// precedence, or a VirtualService's own order).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 pub enum RouteKind {
     #[serde(rename = "HTTPRoute")]
     Http,
     #[serde(rename = "GRPCRoute")]
     Grpc,
+    #[serde(rename = "VirtualService")]
+    VirtualService,
 }
 
 impl RouteKind {
@@ -33,7 +46,14 @@ impl RouteKind {
         match self {
             RouteKind::Http => "HTTPRoute",
             RouteKind::Grpc => "GRPCRoute",
+            RouteKind::VirtualService => "VirtualService",
         }
+    }
+
+    /// The Gateway API's kinds (their rules are sorted by precedence; a VirtualService's are
+    /// evaluated in the order written).
+    pub fn is_gateway_api(self) -> bool {
+        matches!(self, RouteKind::Http | RouteKind::Grpc)
     }
 }
 
@@ -43,7 +63,7 @@ impl fmt::Display for RouteKind {
     }
 }
 
-/// One HTTPRoute or GRPCRoute.
+/// One HTTPRoute or GRPCRoute, or one VirtualService as it applies to one Service.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Route {
     pub kind: RouteKind,
@@ -91,21 +111,78 @@ pub struct RouteRule {
     pub timeouts: RouteTimeouts,
     /// HTTPRoute `retry` (experimental channel, GEP-1731).
     pub retry: Option<RouteRetry>,
+    /// A complete retry policy (a VirtualService's `retries`, or Istio's default for a rule
+    /// without): wins over `retry` and over TrafficPolicies.
+    pub retry_policy: Option<RetryPolicy>,
+    /// Fault injection of this rule (a VirtualService's `fault`): every request the rule
+    /// matches is subject to it.
+    pub fault: Option<FaultInjection>,
+    /// Where the rule was written, for the admin view, when that is not its place in the
+    /// route: a delegated rule says `http[0] (delegate team/api http[1])`.
+    pub origin: Option<String>,
 }
 
 /// One entry of `rules[].matches`. Every field present must match (AND).
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
 pub struct RouteMatch {
-    /// HTTPRoute only; `None` only for GRPCRoute (HTTPRoute defaults to `PathPrefix /`).
+    /// `None` for GRPCRoute and for a VirtualService match without `uri` (any path);
+    /// HTTPRoute defaults to `PathPrefix /`.
     pub path: Option<PathMatch>,
-    /// HTTPRoute only: upper-case method name (`GET`, `POST`, ...).
-    pub method: Option<String>,
+    /// The method (HTTPRoute: an upper-case name, exact).
+    pub method: Option<ValueMatch>,
     /// Header names are stored lower-case (HTTP header names are case-insensitive).
     pub headers: Vec<HeaderMatch>,
     /// HTTPRoute only. Query parameter names are case-sensitive.
     pub query_params: Vec<HeaderMatch>,
     /// GRPCRoute only: `matches[].method`.
     pub grpc: Option<GrpcMethodMatch>,
+    /// VirtualService `ignoreUriCase`: `Exact` and `Prefix` paths compare case-insensitively.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub ignore_uri_case: bool,
+    /// VirtualService `authority`: the request's authority as sent (`Host` or `:authority`,
+    /// with its port if the client wrote one).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub authority: Option<ValueMatch>,
+    /// VirtualService `scheme`: `http` for every request sluice routes (it does not terminate
+    /// TLS).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scheme: Option<ValueMatch>,
+    /// VirtualService `withoutHeaders`: each must NOT match (a missing header counts as the
+    /// empty value; `Present` means the header is absent).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub without_headers: Vec<HeaderMatch>,
+    /// VirtualService `port`: only requests to this Service port. Applied when a table is
+    /// compiled for a port, never per request.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    /// VirtualService `sourceLabels` / `sourceNamespace`: only requests from such client pods.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source: Option<SourceMatch>,
+}
+
+/// Who a rule applies to (VirtualService `sourceLabels`, `sourceNamespace`): the client pod,
+/// which sluice knows from the listener the connection arrived on.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
+pub struct SourceMatch {
+    /// Every label must be on the client pod.
+    pub labels: std::collections::BTreeMap<String, String>,
+    pub namespace: Option<String>,
+}
+
+impl SourceMatch {
+    pub fn matches(&self, client: &ClientInfo<'_>) -> bool {
+        self.namespace.as_deref().is_none_or(|ns| ns == client.namespace)
+            && (self.labels.is_empty()
+                || client.labels.is_some_and(|l| self.labels.iter().all(|(k, v)| l.get(k) == Some(v))))
+    }
+}
+
+/// The client of a request or connection, as rules with a [`SourceMatch`] see it.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientInfo<'a> {
+    pub namespace: &'a str,
+    /// The client pod's labels (`None`: not known, so no label condition holds).
+    pub labels: Option<&'a std::collections::BTreeMap<String, String>>,
 }
 
 /// `matches[].path`. Values are as written (validated: they start with `/`).
@@ -118,6 +195,9 @@ pub enum PathMatch {
     PathPrefix(String),
     /// The whole path must match (the expression is anchored).
     RegularExpression(Regex),
+    /// VirtualService `uri.prefix`: a plain string prefix (`/foo` matches `/foobar` too), as
+    /// Envoy's route prefix.
+    Prefix(String),
 }
 
 /// A header or query parameter match.
@@ -134,6 +214,11 @@ pub enum ValueMatch {
     /// Anchored like every Gateway API regular expression in sluice: the whole value must
     /// match (as in Istio and Envoy Gateway).
     RegularExpression(Regex),
+    /// VirtualService `prefix`.
+    Prefix(String),
+    /// VirtualService `{}` (or the regex `*`, as Istio reads it): the header or parameter is
+    /// present, whatever its value.
+    Present,
 }
 
 impl ValueMatch {
@@ -141,6 +226,8 @@ impl ValueMatch {
         match self {
             ValueMatch::Exact(v) => v == value,
             ValueMatch::RegularExpression(re) => re.is_match(value),
+            ValueMatch::Prefix(p) => value.starts_with(p.as_str()),
+            ValueMatch::Present => true,
         }
     }
 }
@@ -165,7 +252,17 @@ impl Regex {
     /// Compiles `source` so that it must match the whole input (`^(?:source)$`). The error is
     /// the regex crate's message, for the manifest error.
     pub fn anchored(source: &str) -> Result<Regex, String> {
-        let compiled = regex::RegexBuilder::new(&format!("^(?:{source})$"))
+        Regex::build(source, &format!("^(?:{source})$"))
+    }
+
+    /// Compiles `source` as written, matching anywhere in the input (a VirtualService's
+    /// `uriRegexRewrite.match`, which Envoy applies as a search-and-replace).
+    pub fn unanchored(source: &str) -> Result<Regex, String> {
+        Regex::build(source, source)
+    }
+
+    fn build(source: &str, pattern: &str) -> Result<Regex, String> {
+        let compiled = regex::RegexBuilder::new(pattern)
             // Bound what one manifest can make the data path build and hold.
             .size_limit(1 << 20)
             .dfa_size_limit(1 << 20)
@@ -176,6 +273,11 @@ impl Regex {
 
     pub fn is_match(&self, s: &str) -> bool {
         self.compiled.is_match(s)
+    }
+
+    /// Every non-overlapping match replaced by `replacement` (regex crate syntax: `${1}`).
+    pub fn replace_all<'a>(&self, s: &'a str, replacement: &str) -> std::borrow::Cow<'a, str> {
+        self.compiled.replace_all(s, replacement)
     }
 
     pub fn as_str(&self) -> &str {
@@ -220,6 +322,20 @@ pub struct BackendRef {
     /// Why this reference cannot be used (a kind other than Service, a cross-namespace
     /// reference): requests sent to it get 500 and the reason is shown in the route table.
     pub invalid: Option<String>,
+    /// A VirtualService destination's `subset`: the DestinationRule subset of the Service
+    /// whose endpoints the request may go to.
+    pub subset: Option<String>,
+    /// What `namespace/name` names: a Service (always, for the Gateway API) or a ServiceEntry
+    /// (a VirtualService destination whose host is a ServiceEntry's).
+    pub kind: BackendKind,
+}
+
+/// The kind of object a [`BackendRef`] names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+pub enum BackendKind {
+    #[default]
+    Service,
+    ServiceEntry,
 }
 
 /// `filters[]`. Only the core and extended filters sluice implements; anything else is a parse
@@ -233,7 +349,54 @@ pub enum Filter {
     #[serde(rename = "URLRewrite")]
     UrlRewrite(UrlRewrite),
     RequestMirror(RequestMirror),
+    /// A VirtualService's `redirect` (the request is answered, not forwarded).
+    #[serde(rename = "HTTPRedirect")]
+    Redirect(HttpRedirect),
+    /// A VirtualService's `directResponse`.
+    DirectResponse(DirectResponse),
 }
+
+/// A VirtualService `redirect`, with Envoy's rules for the Location's authority: the
+/// request's own host and port unless `authority` or a port is given.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct HttpRedirect {
+    pub scheme: Option<String>,
+    /// Replaces the request's host (and its port, unless `port` says one).
+    pub authority: Option<String>,
+    /// `uri` (ReplaceFullPath) or `prefixRewrite` (ReplacePrefix); `None` keeps the path.
+    pub path: Option<PathModifier>,
+    pub port: RedirectPort,
+    /// 301 (the default), 302, 303, 307 or 308.
+    pub status_code: u16,
+}
+
+/// The port of a redirect's Location.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum RedirectPort {
+    /// As Envoy: the request host's own port when the host is kept, none with a new authority.
+    Unchanged,
+    /// `port`.
+    Explicit(u16),
+    /// `derivePort: FROM_REQUEST_PORT`: the Service port the client dialled.
+    FromRequest,
+}
+
+/// A VirtualService `directResponse`: sluice answers with this status and body.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DirectResponse {
+    pub status: u16,
+    /// At most [`MAX_DIRECT_RESPONSE_BODY`] bytes.
+    #[serde(serialize_with = "body_len")]
+    pub body: Option<bytes::Bytes>,
+}
+
+/// A body as its length (views show how big it is, not its bytes).
+fn body_len<S: serde::Serializer>(b: &Option<bytes::Bytes>, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_u64(b.as_ref().map_or(0, |b| b.len() as u64))
+}
+
+/// The largest `directResponse` body (Istio's validation allows 1 MiB).
+pub const MAX_DIRECT_RESPONSE_BODY: usize = 1 << 20;
 
 /// `set` replaces, `add` appends, `remove` deletes. Names are stored lower-case.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
@@ -249,6 +412,13 @@ pub enum PathModifier {
     ReplaceFullPath(String),
     /// Replaces the part of the path the rule's `PathPrefix` match matched.
     ReplacePrefixMatch(String),
+    /// VirtualService `rewrite.uri` (Envoy's `prefix_rewrite`): replaces what the match's
+    /// `uri` matched as a string: its prefix, the whole path for an exact or regex match, or
+    /// the leading `/` for a match without `uri`.
+    ReplacePrefix(String),
+    /// VirtualService `rewrite.uriRegexRewrite`: every match of the expression in the path is
+    /// replaced (`\1` in Istio's text is `${1}` here).
+    RegexReplace { pattern: Regex, replacement: String },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]

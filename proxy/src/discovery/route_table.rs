@@ -1,20 +1,28 @@
 //! The effective route table of one Service port, compiled once per snapshot from the routes
 //! attached to it, and the per-request match against it.
 //!
-//! Precedence follows the Gateway API. HTTPRoute, across every rule of every applicable route:
-//! an Exact path match first, then (sluice's choice where the spec leaves it to the
-//! implementation) RegularExpression paths, longest pattern first, then PathPrefix matches with
-//! the most characters; then a method match; then the most header matches; then the most query
-//! parameter matches. GRPCRoute: the most characters in the service match, then in the method
-//! match, then the most header matches. Remaining ties: the oldest route, then
-//! `namespace/name` alphabetically, then rule order and match order within a route.
+//! Two kinds of table. A Gateway API table (HTTPRoutes, GRPCRoutes) follows the Gateway API's
+//! precedence. HTTPRoute, across every rule of every applicable route: an Exact path match first,
+//! then (sluice's choice where the spec leaves it to the implementation) RegularExpression paths,
+//! longest pattern first, then PathPrefix matches with the most characters; then a method match;
+//! then the most header matches; then the most query parameter matches. GRPCRoute: the most
+//! characters in the service match, then in the method match, then the most header matches.
+//! Remaining ties: the oldest route, then `namespace/name` alphabetically, then rule order and
+//! match order within a route. A gRPC request (`content-type: application/grpc*`) is matched
+//! against GRPCRoutes first and then against HTTPRoutes (it is an HTTP/2 POST too); anything
+//! else only against HTTPRoutes.
 //!
-//! A gRPC request (`content-type: application/grpc*`) is matched against GRPCRoutes first and
-//! then against HTTPRoutes (it is an HTTP/2 POST too); anything else only against HTTPRoutes.
+//! A VirtualService table holds one VirtualService's rules as it applies to the port, in the
+//! order written: the first rule (and, within it, the first match) that matches wins, gRPC
+//! requests included.
 //!
-//! GAMMA's producer and consumer routes: a table is compiled for the producer routes (in the
-//! Service's namespace) and one per namespace that has consumer routes for the port; a client
-//! uses its own namespace's consumer table if there is one, else the producer table.
+//! Which table a client uses: [`PortRoutes`] keeps, per client namespace, a chain of tables in
+//! the order Istio's sidecars consider the resources for a host (see `istio::vs_mixing`). The
+//! first table that has a rule for the client decides: its match, or 404 if none of its rules
+//! matches; a table whose every rule is for other clients (`sourceLabels`, `sourceNamespace`)
+//! is passed over, as Istio leaves such a resource out of that client's configuration. GAMMA's
+//! producer and consumer routes are links of the same chains: a client's own namespace's
+//! consumer routes first, the producer routes (in the Service's namespace) for the others.
 
 use std::cmp::Ordering;
 use std::collections::HashMap;
@@ -22,17 +30,28 @@ use std::sync::Arc;
 
 use http::{HeaderMap, Method};
 
-use super::route::{GrpcMethodMatch, PathMatch, Route, RouteKind, RouteMatch, RouteRule, ValueMatch};
+use super::route::{ClientInfo, GrpcMethodMatch, PathMatch, Route, RouteKind, RouteMatch, RouteRule, ValueMatch};
 
-/// The route tables of one Service port.
+/// The route tables of one Service port: one chain per client namespace that needs its own,
+/// and the chain of every other client.
 #[derive(Debug, Default)]
 pub struct PortRoutes {
-    producer: Option<Arc<RouteTable>>,
-    consumers: HashMap<String, Arc<RouteTable>>,
+    default: Chain,
+    by_client: HashMap<String, Chain>,
+}
+
+/// Tables in the order a client consults them, and (for the admin view) the resources that
+/// name the host but never decide for these clients.
+#[derive(Debug, Default, Clone)]
+pub struct Chain {
+    pub tables: Vec<Arc<RouteTable>>,
+    /// `Kind namespace/name` of resources behind another one that always decides first.
+    pub shadowed: Vec<String>,
 }
 
 impl PortRoutes {
-    /// Compiles the tables for the routes attached to Service `svc_namespace`/… on one port.
+    /// The Gateway API tables alone: producer routes (in the Service's namespace) for every
+    /// client, and each namespace's consumer routes for its own clients instead.
     pub fn build(svc_namespace: &str, attached: &[Arc<Route>]) -> PortRoutes {
         let (producer, consumer): (Vec<_>, Vec<_>) =
             attached.iter().cloned().partition(|r| r.namespace == svc_namespace);
@@ -40,30 +59,40 @@ impl PortRoutes {
         for r in consumer {
             by_ns.entry(r.namespace.clone()).or_default().push(r);
         }
+        let producer = (!producer.is_empty()).then(|| Arc::new(RouteTable::build(&producer)));
+        let chain = |first: Option<Arc<RouteTable>>| Chain { tables: first.into_iter().collect(), shadowed: Vec::new() };
         PortRoutes {
-            producer: (!producer.is_empty()).then(|| Arc::new(RouteTable::build(&producer))),
-            consumers: by_ns.into_iter().map(|(ns, rs)| (ns, Arc::new(RouteTable::build(&rs)))).collect(),
+            default: chain(producer.clone()),
+            by_client: by_ns
+                .into_iter()
+                .map(|(ns, rs)| (ns, Chain { tables: vec![Arc::new(RouteTable::build(&rs))], shadowed: Vec::new() }))
+                .collect(),
         }
     }
 
-    /// The table that applies to a client in `client_namespace`, if any route does.
-    pub fn for_client(&self, client_namespace: &str) -> Option<&Arc<RouteTable>> {
-        self.consumers.get(client_namespace).or(self.producer.as_ref())
+    /// From chains already ordered (see `istio::vs_mixing`).
+    pub fn from_chains(default: Chain, by_client: HashMap<String, Chain>) -> PortRoutes {
+        PortRoutes { default, by_client }
     }
 
-    pub fn producer(&self) -> Option<&Arc<RouteTable>> {
-        self.producer.as_ref()
+    /// The tables a client in `client_namespace` consults, in order (empty: no route applies,
+    /// the Service's own endpoints do).
+    pub fn for_client(&self, client_namespace: &str) -> &[Arc<RouteTable>] {
+        &self.by_client.get(client_namespace).unwrap_or(&self.default).tables
     }
 
-    /// (client namespace, table) of every consumer table, sorted by namespace.
-    pub fn consumers(&self) -> Vec<(&str, &Arc<RouteTable>)> {
-        let mut v: Vec<_> = self.consumers.iter().map(|(k, t)| (k.as_str(), t)).collect();
-        v.sort_by_key(|(k, _)| *k);
+    /// Every audience, for the admin view: `None` for the clients of every namespace not
+    /// listed, then each listed namespace, sorted.
+    pub fn audiences(&self) -> Vec<(Option<&str>, &Chain)> {
+        let mut v: Vec<(Option<&str>, &Chain)> = vec![(None, &self.default)];
+        let mut named: Vec<_> = self.by_client.iter().map(|(k, c)| (Some(k.as_str()), c)).collect();
+        named.sort_by_key(|(k, _)| *k);
+        v.extend(named);
         v
     }
 
     pub fn is_empty(&self) -> bool {
-        self.producer.is_none() && self.consumers.is_empty()
+        self.default.tables.is_empty() && self.by_client.values().all(|c| c.tables.is_empty())
     }
 }
 
@@ -72,6 +101,11 @@ impl PortRoutes {
 pub struct RouteTable {
     http: Vec<Entry>,
     grpc: Vec<Entry>,
+    /// A VirtualService's table: rules in the order written.
+    ordered: bool,
+    /// Every entry carries a client condition: the table decides only for the clients one of
+    /// them names.
+    client_scoped: bool,
 }
 
 #[derive(Debug)]
@@ -98,6 +132,9 @@ pub struct RequestParts<'a> {
     pub path: &'a str,
     pub query: Option<&'a str>,
     pub headers: &'a HeaderMap,
+    /// The authority as the client sent it (`:authority` or `Host`).
+    pub authority: Option<&'a str>,
+    pub client: ClientInfo<'a>,
 }
 
 /// The rule a request matched.
@@ -109,24 +146,38 @@ pub struct Selected<'a> {
     pub matched: &'a RouteMatch,
 }
 
+/// What a table says about a request.
+#[derive(Debug)]
+pub enum Lookup<'a> {
+    Matched(Selected<'a>),
+    /// The table applies to this client, but no rule matches: 404.
+    NoMatch,
+    /// Every rule of the table is for other clients: the next table of the chain decides.
+    NotForClient,
+}
+
 impl RouteTable {
     pub fn build(routes: &[Arc<Route>]) -> RouteTable {
         let mut http = Vec::new();
         let mut grpc = Vec::new();
+        let ordered = routes.iter().any(|r| !r.kind.is_gateway_api());
         for route in routes {
             for (ri, rule) in route.rules.iter().enumerate() {
                 for mi in 0..rule.matches.len() {
                     let e = Entry { route: route.clone(), rule: ri, matcher: mi };
                     match route.kind {
-                        RouteKind::Http => http.push(e),
+                        RouteKind::Http | RouteKind::VirtualService => http.push(e),
                         RouteKind::Grpc => grpc.push(e),
                     }
                 }
             }
         }
-        http.sort_by(|a, b| http_rank(a.matcher()).cmp(&http_rank(b.matcher())).then_with(|| tie(a, b)));
-        grpc.sort_by(|a, b| grpc_rank(a.matcher()).cmp(&grpc_rank(b.matcher())).then_with(|| tie(a, b)));
-        RouteTable { http, grpc }
+        if !ordered {
+            http.sort_by(|a, b| http_rank(a.matcher()).cmp(&http_rank(b.matcher())).then_with(|| tie(a, b)));
+            grpc.sort_by(|a, b| grpc_rank(a.matcher()).cmp(&grpc_rank(b.matcher())).then_with(|| tie(a, b)));
+        }
+        let client_scoped = !http.is_empty() && http.iter().chain(&grpc).all(|e| e.matcher().source.is_some());
+        RouteTable { http, grpc, ordered, client_scoped }
     }
 
     /// The highest-precedence rule matching the request, if any.
@@ -134,6 +185,29 @@ impl RouteTable {
         let grpc_hit = if grpc { self.grpc.iter().find(|e| matches_grpc(e.matcher(), req)) } else { None };
         let hit = grpc_hit.or_else(|| self.http.iter().find(|e| matches_http(e.matcher(), req)))?;
         Some(Selected { route: &hit.route, rule: hit.rule(), rule_index: hit.rule, matched: hit.matcher() })
+    }
+
+    /// The rule matching the request, or whether the table decides for this client at all.
+    pub fn lookup<'a>(&'a self, req: &RequestParts<'_>, grpc: bool) -> Lookup<'a> {
+        if let Some(s) = self.select(req, grpc) {
+            return Lookup::Matched(s);
+        }
+        if self.client_scoped
+            && !self.http.iter().chain(&self.grpc).any(|e| e.matcher().source.as_ref().is_some_and(|s| s.matches(&req.client)))
+        {
+            return Lookup::NotForClient;
+        }
+        Lookup::NoMatch
+    }
+
+    /// Whether the table holds a VirtualService's rules (in written order).
+    pub fn is_ordered(&self) -> bool {
+        self.ordered
+    }
+
+    /// Whether some entry needs the client pod's labels.
+    pub fn uses_client_labels(&self) -> bool {
+        self.http.iter().chain(&self.grpc).any(|e| e.matcher().source.as_ref().is_some_and(|s| !s.labels.is_empty()))
     }
 
     /// Every entry in precedence order, for the admin view: (route, rule index, match).
@@ -155,7 +229,7 @@ fn http_rank(m: &RouteMatch) -> (u8, std::cmp::Reverse<usize>, bool, std::cmp::R
     let (class, len) = match &m.path {
         Some(PathMatch::Exact(v)) => (0, v.len()),
         Some(PathMatch::RegularExpression(r)) => (1, r.as_str().len()),
-        Some(PathMatch::PathPrefix(v)) => (2, v.len()),
+        Some(PathMatch::PathPrefix(v)) | Some(PathMatch::Prefix(v)) => (2, v.len()),
         None => (3, 0),
     };
     (
@@ -169,9 +243,9 @@ fn http_rank(m: &RouteMatch) -> (u8, std::cmp::Reverse<usize>, bool, std::cmp::R
 
 fn grpc_rank(m: &RouteMatch) -> (std::cmp::Reverse<usize>, std::cmp::Reverse<usize>, std::cmp::Reverse<usize>) {
     let chars = |v: &Option<ValueMatch>| match v {
-        Some(ValueMatch::Exact(s)) => s.len(),
+        Some(ValueMatch::Exact(s)) | Some(ValueMatch::Prefix(s)) => s.len(),
         Some(ValueMatch::RegularExpression(r)) => r.as_str().len(),
-        None => 0,
+        Some(ValueMatch::Present) | None => 0,
     };
     let (svc, method) = m.grpc.as_ref().map_or((0, 0), |g| (chars(&g.service), chars(&g.method)));
     (std::cmp::Reverse(svc), std::cmp::Reverse(method), std::cmp::Reverse(m.headers.len()))
@@ -193,16 +267,31 @@ fn tie(a: &Entry, b: &Entry) -> Ordering {
 
 fn matches_http(m: &RouteMatch, req: &RequestParts<'_>) -> bool {
     if let Some(p) = &m.path {
-        if !path_matches(p, req.path) {
+        let hit = if m.ignore_uri_case { path_matches_ignoring_case(p, req.path) } else { path_matches(p, req.path) };
+        if !hit {
             return false;
         }
     }
     if let Some(method) = &m.method {
-        if req.method.as_str() != method {
+        if !method.matches(req.method.as_str()) {
             return false;
         }
     }
-    headers_match(&m.headers, req.headers) && query_matches(&m.query_params, req.query)
+    if let Some(a) = &m.authority {
+        if !req.authority.is_some_and(|v| a.matches(v)) {
+            return false;
+        }
+    }
+    // sluice routes plaintext HTTP only (an application's TLS is passed through unparsed).
+    if m.scheme.as_ref().is_some_and(|s| !s.matches("http")) {
+        return false;
+    }
+    if m.source.as_ref().is_some_and(|s| !s.matches(&req.client)) {
+        return false;
+    }
+    headers_match(&m.headers, req.headers)
+        && without_headers_match(&m.without_headers, req.headers)
+        && query_matches(&m.query_params, req.query)
 }
 
 fn matches_grpc(m: &RouteMatch, req: &RequestParts<'_>) -> bool {
@@ -215,12 +304,23 @@ fn matches_grpc(m: &RouteMatch, req: &RequestParts<'_>) -> bool {
 }
 
 /// Whether `path` matches; for PathPrefix, element-wise (`/foo` matches `/foo/bar`, not
-/// `/foobar`).
+/// `/foobar`); for a VirtualService's Prefix, as a string.
 pub fn path_matches(p: &PathMatch, path: &str) -> bool {
     match p {
         PathMatch::Exact(v) => path == v,
         PathMatch::PathPrefix(v) => prefix_matches(v, path),
         PathMatch::RegularExpression(r) => r.is_match(path),
+        PathMatch::Prefix(v) => path.starts_with(v.as_str()),
+    }
+}
+
+/// `ignoreUriCase`: Exact and Prefix compare ASCII case-insensitively (a regular expression is
+/// not affected, as in Envoy).
+fn path_matches_ignoring_case(p: &PathMatch, path: &str) -> bool {
+    match p {
+        PathMatch::Exact(v) => path.eq_ignore_ascii_case(v),
+        PathMatch::Prefix(v) => path.len() >= v.len() && path.as_bytes()[..v.len()].eq_ignore_ascii_case(v.as_bytes()),
+        other => path_matches(other, path),
     }
 }
 
@@ -242,15 +342,30 @@ pub fn trim_prefix(prefix: &str) -> &str {
 }
 
 fn headers_match(matches: &[super::route::HeaderMatch], headers: &HeaderMap) -> bool {
+    matches.iter().all(|hm| header_matches(hm, headers))
+}
+
+fn header_matches(hm: &super::route::HeaderMatch, headers: &HeaderMap) -> bool {
+    let mut values = headers.get_all(hm.name.as_str()).iter().filter_map(|v| v.to_str().ok()).peekable();
+    if values.peek().is_none() {
+        return false;
+    }
+    let values: Vec<&str> = values.collect();
+    values.iter().any(|v| hm.value.matches(v))
+        // A repeated header also matches as one comma-joined value (RFC 9110 §5.3).
+        || (values.len() > 1 && hm.value.matches(&values.join(",")))
+}
+
+/// VirtualService `withoutHeaders`: none may match. A missing header is the empty value (Envoy's
+/// `treat_missing_header_as_empty`), except for a presence match, which a missing header
+/// satisfies.
+fn without_headers_match(matches: &[super::route::HeaderMatch], headers: &HeaderMap) -> bool {
     matches.iter().all(|hm| {
-        let mut values = headers.get_all(hm.name.as_str()).iter().filter_map(|v| v.to_str().ok()).peekable();
-        if values.peek().is_none() {
-            return false;
+        if headers.contains_key(hm.name.as_str()) {
+            !header_matches(hm, headers)
+        } else {
+            matches!(hm.value, ValueMatch::Present) || !hm.value.matches("")
         }
-        let values: Vec<&str> = values.collect();
-        values.iter().any(|v| hm.value.matches(v))
-            // A repeated header also matches as one comma-joined value (RFC 9110 §5.3).
-            || (values.len() > 1 && hm.value.matches(&values.join(",")))
     })
 }
 
@@ -301,9 +416,14 @@ mod tests {
                         weight: 1,
                         filters: vec![],
                         invalid: None,
+                        subset: None,
+                        kind: Default::default(),
                     }],
                     timeouts: RouteTimeouts::default(),
                     retry: None,
+                    retry_policy: None,
+                    fault: None,
+                    origin: None,
                 })
                 .collect(),
         })
@@ -322,7 +442,9 @@ mod tests {
     }
 
     fn req<'a>(method: &'a Method, path: &'a str, query: Option<&'a str>, headers: &'a HeaderMap) -> RequestParts<'a> {
-        RequestParts { method, path, query, headers }
+        static NO_LABELS: std::sync::LazyLock<std::collections::BTreeMap<String, String>> =
+            std::sync::LazyLock::new(Default::default);
+        RequestParts { method, path, query, headers, authority: None, client: ClientInfo { namespace: "ns", labels: Some(&NO_LABELS) } }
     }
 
     fn pick(t: &RouteTable, method: &Method, p: &str, q: Option<&str>, h: &HeaderMap, grpc: bool) -> Option<(String, usize)> {
@@ -352,7 +474,7 @@ mod tests {
                 "ns",
                 None,
                 RouteKind::Http,
-                vec![vec![RouteMatch { method: Some("POST".into()), ..prefix("/api") }]],
+                vec![vec![RouteMatch { method: Some(ValueMatch::Exact("POST".into())), ..prefix("/api") }]],
             ),
         ]);
         // Exact beats every prefix, however long.
@@ -448,11 +570,11 @@ mod tests {
         let pr = PortRoutes::build("svc-ns", &[producer, consumer]);
         let h = HeaderMap::new();
         let get = Method::GET;
-        let name = |ns: &str| pick(pr.for_client(ns).unwrap(), &get, "/", None, &h, false).unwrap().0;
+        let name = |ns: &str| pick(&pr.for_client(ns)[0], &get, "/", None, &h, false).unwrap().0;
         assert_eq!(name("client-ns"), "c");
         assert_eq!(name("svc-ns"), "p");
         assert_eq!(name("elsewhere"), "p");
-        assert!(PortRoutes::build("x", &[]).for_client("x").is_none());
+        assert!(PortRoutes::build("x", &[]).for_client("x").is_empty());
     }
 
     #[test]

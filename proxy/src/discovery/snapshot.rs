@@ -21,6 +21,9 @@ use super::model::{
     AddressType, AuthorizationPolicy, EndpointSlice, Namespace, Object, PeerAuthMode, Pod, PodPhase,
     Protocol, Service, ServicePort,
 };
+use super::istio::virtual_service::VirtualService;
+use super::istio::vs_compile::{self, VsIndex, VsStatus};
+use super::istio::vs_mixing::{self, StreamChains};
 use super::route::{Route, RouteKind};
 use super::route_table::PortRoutes;
 use super::traffic::{
@@ -160,8 +163,17 @@ pub struct Model {
     policies_by_ns: HashMap<String, Box<[Arc<AuthorizationPolicy>]>>,
     /// The routes of both kinds attached to each Service port, in precedence order.
     attached_routes: AttachedRoutes,
-    /// The same, compiled into the tables the data path matches requests against.
+    /// The same and the VirtualServices naming each Service port, compiled into the tables the
+    /// data path matches requests against (per client namespace, see `istio::vs_mixing`).
     route_tables: HashMap<String, HashMap<String, Box<[(u16, PortRoutes)]>>>,
+    /// VirtualServices' tcp and tls rules per Service port.
+    stream_tables: HashMap<String, HashMap<String, Box<[(u16, StreamChains)]>>>,
+    /// The same two for ServiceEntry ports (VirtualServices whose hosts are an entry's).
+    entry_route_tables: HashMap<String, HashMap<String, Box<[(u16, PortRoutes)]>>>,
+    entry_stream_tables: HashMap<String, HashMap<String, Box<[(u16, StreamChains)]>>>,
+    virtual_services: ByNsName<VirtualService>,
+    /// What each VirtualService names in this snapshot, and its rules that could not apply.
+    vs_status: std::collections::BTreeMap<String, VsStatus>,
     traffic_policies: ByNsName<TrafficPolicy>,
     service_entries: ByNsName<ServiceEntry>,
     /// namespace → Service name → the TrafficPolicies in force for it.
@@ -212,11 +224,14 @@ impl Model {
                     let map = match o.kind {
                         RouteKind::Http => &mut m.http_routes,
                         RouteKind::Grpc => &mut m.grpc_routes,
+                        // VirtualServices are objects of their own, compiled into routes here.
+                        RouteKind::VirtualService => continue,
                     };
                     insert(map, o, |r| (&r.namespace, &r.name))
                 }
                 Object::TrafficPolicy(o) => insert(&mut m.traffic_policies, o, |p| (&p.namespace, &p.name)),
                 Object::ServiceEntry(o) => insert(&mut m.service_entries, o, |e| (&e.namespace, &e.name)),
+                Object::VirtualService(o) => insert(&mut m.virtual_services, o, |v| (&v.namespace, &v.name)),
                 Object::DestinationRule(o) => insert(&mut m.destination_rules, o, |r| (&r.namespace, &r.name)),
             }
         }
@@ -226,6 +241,12 @@ impl Model {
         m.index_routes();
         m.index_traffic_policies();
         m.index_service_entries();
+        let vs = vs_compile::compile(
+            m.services.values().flat_map(|n| n.values()),
+            m.service_entries.values().flat_map(|n| n.values()),
+            m.virtual_services.values().flat_map(|n| n.values()),
+        );
+        m.compile_route_tables(vs);
         m.dr_index = DrIndex::build(&m);
         m
     }
@@ -369,7 +390,6 @@ impl Model {
             attached.entry(ns.to_owned()).or_default().insert(name.to_owned(), per_port);
         }
         self.attached_routes = attached;
-        self.compile_route_tables();
     }
 
     fn index_policies(&mut self) {
@@ -577,6 +597,8 @@ impl Model {
         let map = match kind {
             RouteKind::Http => &self.http_route_policies,
             RouteKind::Grpc => &self.grpc_route_policies,
+            // A TrafficPolicy targets Gateway API routes only.
+            RouteKind::VirtualService => return None,
         };
         map.get(namespace)?.get(name)
     }
@@ -715,6 +737,7 @@ impl Model {
         let map = match kind {
             RouteKind::Http => &self.http_routes,
             RouteKind::Grpc => &self.grpc_routes,
+            RouteKind::VirtualService => return None,
         };
         map.get(namespace)?.get(name)
     }
@@ -730,16 +753,105 @@ impl Model {
         ports.iter().find(|(p, _)| *p == port).map(|(_, t)| t)
     }
 
-    fn compile_route_tables(&mut self) {
-        let mut tables: HashMap<String, HashMap<String, Box<[(u16, PortRoutes)]>>> = HashMap::new();
-        for (ns, by_name) in &self.attached_routes {
+    /// The route tables of every Service port with Gateway API routes or VirtualServices, and
+    /// of every ServiceEntry port with VirtualServices.
+    fn compile_route_tables(&mut self, vs: VsIndex) {
+        type Tables<T> = HashMap<String, HashMap<String, Box<[(u16, T)]>>>;
+        let mut tables: Tables<PortRoutes> = HashMap::new();
+        let mut streams: Tables<StreamChains> = HashMap::new();
+        let mut names: Vec<(&String, &String)> =
+            self.attached_routes.iter().flat_map(|(ns, m)| m.keys().map(move |n| (ns, n))).collect();
+        names.extend(vs.services.iter().flat_map(|(ns, m)| m.keys().map(move |n| (ns, n))));
+        names.sort();
+        names.dedup();
+        for (ns, name) in names {
+            let gateway: &[(u16, Box<[Arc<Route>]>)] =
+                self.attached_routes.get(ns).and_then(|m| m.get(name)).map_or(&[], |p| p);
+            let candidates: &[(u16, Vec<vs_compile::Candidate>)] =
+                vs.services.get(ns).and_then(|m| m.get(name)).map_or(&[], |p| p.as_slice());
+            let mut ports: Vec<u16> = gateway.iter().map(|(p, _)| *p).chain(candidates.iter().map(|(p, _)| *p)).collect();
+            ports.sort_unstable();
+            ports.dedup();
+            let mut http = Vec::new();
+            let mut stream = Vec::new();
+            for port in ports {
+                let routes = gateway.iter().find(|(p, _)| *p == port).map_or(&[][..], |(_, r)| r);
+                let cands = candidates.iter().find(|(p, _)| *p == port).map_or(&[][..], |(_, c)| c.as_slice());
+                let table = vs_mixing::http_routes(ns, routes, cands);
+                if !table.is_empty() {
+                    http.push((port, table));
+                }
+                if let Some(s) = vs_mixing::stream_routes(ns, cands) {
+                    stream.push((port, s));
+                }
+            }
+            if !http.is_empty() {
+                tables.entry(ns.clone()).or_default().insert(name.clone(), http.into());
+            }
+            if !stream.is_empty() {
+                streams.entry(ns.clone()).or_default().insert(name.clone(), stream.into());
+            }
+        }
+        let mut entry_tables: Tables<PortRoutes> = HashMap::new();
+        let mut entry_streams: Tables<StreamChains> = HashMap::new();
+        for (ns, by_name) in &vs.entries {
             for (name, ports) in by_name {
-                let compiled: Box<[(u16, PortRoutes)]> =
-                    ports.iter().map(|(port, routes)| (*port, PortRoutes::build(ns, routes))).collect();
-                tables.entry(ns.clone()).or_default().insert(name.clone(), compiled);
+                let mut http = Vec::new();
+                let mut stream = Vec::new();
+                for (port, cands) in ports {
+                    let table = vs_mixing::http_routes(ns, &[], cands);
+                    if !table.is_empty() {
+                        http.push((*port, table));
+                    }
+                    if let Some(s) = vs_mixing::stream_routes(ns, cands) {
+                        stream.push((*port, s));
+                    }
+                }
+                if !http.is_empty() {
+                    entry_tables.entry(ns.clone()).or_default().insert(name.clone(), http.into());
+                }
+                if !stream.is_empty() {
+                    entry_streams.entry(ns.clone()).or_default().insert(name.clone(), stream.into());
+                }
             }
         }
         self.route_tables = tables;
+        self.stream_tables = streams;
+        self.entry_route_tables = entry_tables;
+        self.entry_stream_tables = entry_streams;
+        self.vs_status = vs.status;
+    }
+
+    /// The VirtualServices' tcp/tls rules for a Service port (`None`: none).
+    pub fn stream_routes(&self, svc_namespace: &str, svc_name: &str, port: u16) -> Option<&StreamChains> {
+        let ports = self.stream_tables.get(svc_namespace)?.get(svc_name)?;
+        ports.iter().find(|(p, _)| *p == port).map(|(_, t)| t)
+    }
+
+    /// The route tables of a ServiceEntry port (VirtualServices whose hosts are the entry's).
+    pub fn entry_port_routes(&self, namespace: &str, name: &str, port: u16) -> Option<&PortRoutes> {
+        let ports = self.entry_route_tables.get(namespace)?.get(name)?;
+        ports.iter().find(|(p, _)| *p == port).map(|(_, t)| t)
+    }
+
+    /// The tcp/tls rules of a ServiceEntry port.
+    pub fn entry_stream_routes(&self, namespace: &str, name: &str, port: u16) -> Option<&StreamChains> {
+        let ports = self.entry_stream_tables.get(namespace)?.get(name)?;
+        ports.iter().find(|(p, _)| *p == port).map(|(_, t)| t)
+    }
+
+    /// Every VirtualService, in force or not, in no particular order.
+    pub fn virtual_services(&self) -> impl Iterator<Item = &Arc<VirtualService>> {
+        self.virtual_services.values().flat_map(|m| m.values())
+    }
+
+    pub fn virtual_service(&self, namespace: &str, name: &str) -> Option<&Arc<VirtualService>> {
+        self.virtual_services.get(namespace)?.get(name)
+    }
+
+    /// What the VirtualService `namespace/name` applies to, and its rules that cannot apply.
+    pub fn virtual_service_status(&self, key: &str) -> Option<&VsStatus> {
+        self.vs_status.get(key)
     }
 
     pub fn attached_routes(&self, svc_namespace: &str, svc_name: &str, port: u16) -> &[Arc<Route>] {

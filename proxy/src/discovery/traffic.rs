@@ -75,11 +75,14 @@ pub struct RetryOn {
     /// The codes in `retriableStatusCodes`.
     pub retriable_status_codes: bool,
     /// gRPC statuses (from `grpc-status`): CANCELLED, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED,
-    /// UNAVAILABLE.
+    /// UNAVAILABLE, INTERNAL (the last from a VirtualService's `internal`).
     pub grpc_cancelled: bool,
     pub grpc_deadline_exceeded: bool,
     pub grpc_resource_exhausted: bool,
     pub grpc_unavailable: bool,
+    pub grpc_internal: bool,
+    /// A response carrying `x-envoy-ratelimited` (VirtualService `envoy-ratelimited`).
+    pub envoy_ratelimited: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]

@@ -36,6 +36,27 @@ pub struct ModelView {
     /// the README's "DestinationRule"), and the counts of their resolved index.
     pub destination_rules: Vec<crate::discovery::istio::destination_rule::DestinationRule>,
     pub destination_rule_index: crate::discovery::istio::destination_rule::DrIndexStats,
+    /// Istio VirtualServices, with what they apply to in this model.
+    pub virtual_services: Vec<VirtualServiceView>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct VirtualServiceView {
+    pub namespace: String,
+    pub name: String,
+    /// As written (empty: a delegate).
+    pub hosts: Vec<String>,
+    pub gateways: Vec<String>,
+    /// `*` (every namespace), `~` (none) or the namespaces named.
+    pub export_to: Vec<String>,
+    /// How many http, tcp and tls rules it has.
+    pub http: usize,
+    pub tcp: usize,
+    pub tls: usize,
+    /// What its hosts name in this model: `Service ns/name`, `ServiceEntry ns/name`.
+    pub applies_to: Vec<String>,
+    /// Rules that cannot apply (a missing delegate, ...), and why.
+    pub problems: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -307,6 +328,32 @@ impl Model {
             .collect();
         service_entries.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
 
+        let mut virtual_services: Vec<VirtualServiceView> = self
+            .virtual_services()
+            .map(|v| {
+                let status = self.virtual_service_status(&v.key()).cloned().unwrap_or_default();
+                VirtualServiceView {
+                    namespace: v.namespace.clone(),
+                    name: v.name.clone(),
+                    hosts: v.hosts.clone(),
+                    gateways: v.gateways.clone(),
+                    export_to: if v.export_to.none {
+                        vec!["~".into()]
+                    } else if v.export_to.public {
+                        vec!["*".into()]
+                    } else {
+                        v.export_to.namespaces.clone()
+                    },
+                    http: v.http.len(),
+                    tcp: v.tcp.len(),
+                    tls: v.tls.len(),
+                    applies_to: status.targets,
+                    problems: status.problems,
+                }
+            })
+            .collect();
+        virtual_services.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+
         ModelView {
             generation: self.generation(),
             errors: self
@@ -328,6 +375,7 @@ impl Model {
                 rules
             },
             destination_rule_index: self.destination_rule_index().stats,
+            virtual_services,
         }
     }
 }

@@ -21,6 +21,10 @@ pub enum ProxyError {
     /// unresolvable backendRef): the Gateway API says 500.
     #[error("{0}")]
     BadBackend(String),
+    /// A VirtualService destination that names no Service, ServiceEntry or subset sluice knows:
+    /// 503, as Envoy answers for a cluster Istio did not generate (`NC`).
+    #[error("{0}")]
+    NoCluster(String),
     #[error("no ready endpoints for {0}")]
     NoEndpoints(String),
     #[error(transparent)]
@@ -61,7 +65,9 @@ impl ProxyError {
         match self {
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
             ProxyError::BadBackend(_) => StatusCode::INTERNAL_SERVER_ERROR,
-            ProxyError::NoEndpoints(_) | ProxyError::NoCertificate(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::NoEndpoints(_) | ProxyError::NoCertificate(_) | ProxyError::NoCluster(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ProxyError::Upstream(UpstreamError::Overflow(_)) | ProxyError::Overflow(_) => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Upstream(_)
             | ProxyError::EgressBlocked(..)
@@ -83,6 +89,7 @@ impl ProxyError {
         match self {
             ProxyError::NoRoute => "no-route",
             ProxyError::BadBackend(_) => "invalid-backend",
+            ProxyError::NoCluster(_) => "no-cluster",
             ProxyError::NoEndpoints(_) => "no-healthy-upstream",
             ProxyError::Upstream(UpstreamError::Overflow(_)) | ProxyError::Overflow(_) => "overflow",
             ProxyError::Upstream(UpstreamError::Tls { .. }) => "upstream-tls-failure",
@@ -106,6 +113,7 @@ impl ProxyError {
             ProxyError::NoRoute | ProxyError::Unsupported(_) => 12, // UNIMPLEMENTED
             ProxyError::BadBackend(_) => 13,                       // INTERNAL
             ProxyError::NoEndpoints(_)
+            | ProxyError::NoCluster(_)
             | ProxyError::Upstream(_)
             | ProxyError::UpstreamProtocol(_)
             | ProxyError::NoCertificate(_) => 14, // UNAVAILABLE

@@ -1,11 +1,13 @@
-//! Gateway API filters applied to a request head or a response head: header modifiers, URL
-//! rewrites and redirects. (RequestMirror is in [`super::mirror`]: it sends a request.)
+//! Route filters applied to a request head or a response head: header modifiers, URL rewrites
+//! and redirects of the Gateway API, and a VirtualService's rewrites (Envoy's prefix and regex
+//! rewrites), redirect and direct response. (RequestMirror is in [`super::mirror`]: it sends a
+//! request.)
 
 use http::{header, request, uri::PathAndQuery, HeaderMap, HeaderName, HeaderValue, Response, StatusCode, Uri};
 
-use super::{empty_body, upstream::Wire, Body};
+use super::{empty_body, full_body, upstream::Wire, Body};
 use crate::discovery::{
-    route::{HeaderModifier, PathMatch, PathModifier, RequestRedirect, RouteMatch, UrlRewrite},
+    route::{DirectResponse, HeaderModifier, HttpRedirect, PathMatch, PathModifier, RedirectPort, RequestRedirect, RouteMatch, UrlRewrite},
     route_table::trim_prefix,
 };
 
@@ -74,6 +76,20 @@ pub fn modified_path(path: &str, modifier: &PathModifier, matched: &RouteMatch) 
                 (false, _) => format!("{replacement}/{rest}"),
             }
         }
+        PathModifier::ReplacePrefix(replacement) => {
+            // Envoy's prefix_rewrite: what the match's uri matched is replaced, as a string.
+            let matched_len = match &matched.path {
+                Some(PathMatch::Prefix(p)) | Some(PathMatch::PathPrefix(p)) => p.len().min(path.len()),
+                Some(PathMatch::Exact(_)) | Some(PathMatch::RegularExpression(_)) => path.len(),
+                // No uri: Envoy's route matches the prefix "/".
+                None => usize::from(path.starts_with('/')),
+            };
+            match path.get(matched_len..) {
+                Some(rest) => format!("{replacement}{rest}"),
+                None => replacement.clone(),
+            }
+        }
+        PathModifier::RegexReplace { pattern, replacement } => pattern.replace_all(path, replacement).into_owned(),
     }
 }
 
@@ -132,6 +148,66 @@ pub fn redirect(parts: &request::Parts, rd: &RequestRedirect, matched: &RouteMat
     if let Ok(v) = HeaderValue::from_str(&location) {
         resp.headers_mut().insert(header::LOCATION, v);
     }
+    resp
+}
+
+/// A VirtualService `redirect`, with Envoy's rules for the Location: the request's host (with
+/// its port) unless `authority` replaces it (without a port); an explicit port, or the port the
+/// client dialled (`derivePort: FROM_REQUEST_PORT`), replaces the port; 80 for http and 443 for
+/// https are left out.
+pub fn istio_redirect(parts: &request::Parts, rd: &HttpRedirect, matched: &RouteMatch, service_port: u16) -> Response<Body> {
+    let scheme = rd.scheme.clone().unwrap_or_else(|| "http".into());
+    let port = match rd.port {
+        RedirectPort::Explicit(p) => Some(p),
+        RedirectPort::FromRequest => Some(service_port),
+        RedirectPort::Unchanged => None,
+    };
+    let request_host = request_host(parts).unwrap_or_default();
+    let mut authority = match (&rd.authority, port) {
+        (Some(a), _) => a.clone(),
+        (None, Some(_)) => strip_port(&request_host).to_owned(),
+        (None, None) => {
+            // A scheme change drops the other scheme's default port (Envoy's processRequestHost).
+            match (scheme.as_str(), request_host.rsplit_once(':')) {
+                ("https", Some((h, "80"))) | ("http", Some((h, "443"))) => h.to_owned(),
+                _ => request_host.clone(),
+            }
+        }
+    };
+    if let Some(p) = port {
+        if !matches!((scheme.as_str(), p), ("http", 80) | ("https", 443)) {
+            authority = format!("{}:{p}", strip_port(&authority));
+        }
+    }
+    let path = match &rd.path {
+        Some(m) => modified_path(parts.uri.path(), m, matched),
+        None => parts.uri.path().to_owned(),
+    };
+    let mut location = format!("{scheme}://{authority}{path}");
+    // The query is kept unless the new path brings its own (Envoy's path_redirect).
+    if let (Some(q), false) = (parts.uri.query(), path.contains('?')) {
+        location.push('?');
+        location.push_str(q);
+    }
+    let mut resp = Response::new(empty_body());
+    *resp.status_mut() = StatusCode::from_u16(rd.status_code).unwrap_or(StatusCode::MOVED_PERMANENTLY);
+    if let Ok(v) = HeaderValue::from_str(&location) {
+        resp.headers_mut().insert(header::LOCATION, v);
+    }
+    resp
+}
+
+/// A VirtualService `directResponse`: the status, and the body as `text/plain` when there is one.
+pub fn direct_response(d: &DirectResponse) -> Response<Body> {
+    let mut resp = match &d.body {
+        Some(b) => {
+            let mut r = Response::new(full_body(b.clone()));
+            r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+            r
+        }
+        None => Response::new(empty_body()),
+    };
+    *resp.status_mut() = StatusCode::from_u16(d.status).unwrap_or(StatusCode::OK);
     resp
 }
 
@@ -203,6 +279,55 @@ mod tests {
         );
         assert_eq!(p.uri, "/new/x?q=1");
         assert_eq!(p.headers["host"], "reviews.internal");
+    }
+
+    fn istio_prefix(p: &str) -> RouteMatch {
+        RouteMatch { path: Some(PathMatch::Prefix(p.into())), ..RouteMatch::default() }
+    }
+
+    #[test]
+    fn envoy_prefix_rewrite_replaces_what_the_match_matched() {
+        let r = |path: &str, m: &RouteMatch, with: &str| modified_path(path, &PathModifier::ReplacePrefix(with.into()), m);
+        // A string prefix, not element-wise.
+        assert_eq!(r("/reviews/1", &istio_prefix("/reviews"), "/v2/reviews"), "/v2/reviews/1");
+        assert_eq!(r("/reviewsX", &istio_prefix("/reviews"), "/r"), "/rX");
+        // An exact or regex match: the whole path.
+        assert_eq!(r("/a/b", &RouteMatch { path: Some(PathMatch::Exact("/a/b".into())), ..RouteMatch::default() }, "/z"), "/z");
+        // No uri: the leading "/" (Istio's well-known surprise: "/x" with rewrite "/v1" is "/v1x").
+        assert_eq!(r("/x", &RouteMatch::default(), "/v1"), "/v1x");
+        assert_eq!(r("/x", &RouteMatch::default(), "/v1/"), "/v1/x");
+    }
+
+    #[test]
+    fn regex_rewrite_replaces_every_match() {
+        let m = PathModifier::RegexReplace {
+            pattern: crate::discovery::route::Regex::unanchored("^/service/([^/]+)(/.*)$").unwrap(),
+            replacement: "${2}/instance/${1}".into(),
+        };
+        assert_eq!(modified_path("/service/foo/v1/api", &m, &RouteMatch::default()), "/v1/api/instance/foo");
+        let all = PathModifier::RegexReplace { pattern: crate::discovery::route::Regex::unanchored("o").unwrap(), replacement: "0".into() };
+        assert_eq!(modified_path("/foo/boo", &all, &RouteMatch::default()), "/f00/b00");
+    }
+
+    #[test]
+    fn istio_redirect_keeps_the_requests_port_unless_told() {
+        let p = parts("/v1/x?q=1", "reviews:9080");
+        let rd = |authority: Option<&str>, port: RedirectPort, scheme: Option<&str>| HttpRedirect {
+            scheme: scheme.map(str::to_owned),
+            authority: authority.map(str::to_owned),
+            path: Some(PathModifier::ReplaceFullPath("/v2/x".into())),
+            port,
+            status_code: 301,
+        };
+        let loc = |r: &Response<Body>| r.headers()["location"].to_str().unwrap().to_owned();
+        let m = RouteMatch::default();
+        assert_eq!(loc(&istio_redirect(&p, &rd(None, RedirectPort::Unchanged, None), &m, 9080)), "http://reviews:9080/v2/x?q=1");
+        // A new authority comes without the old port.
+        assert_eq!(loc(&istio_redirect(&p, &rd(Some("new"), RedirectPort::Unchanged, None), &m, 9080)), "http://new/v2/x?q=1");
+        assert_eq!(loc(&istio_redirect(&p, &rd(Some("new"), RedirectPort::Explicit(8443), Some("https")), &m, 9080)), "https://new:8443/v2/x?q=1");
+        assert_eq!(loc(&istio_redirect(&p, &rd(None, RedirectPort::FromRequest, None), &m, 9080)), "http://reviews:9080/v2/x?q=1");
+        assert_eq!(loc(&istio_redirect(&p, &rd(None, RedirectPort::Explicit(80), None), &m, 9080)), "http://reviews/v2/x?q=1");
+        assert_eq!(istio_redirect(&p, &rd(None, RedirectPort::Unchanged, None), &m, 9080).status(), 301);
     }
 
     #[test]

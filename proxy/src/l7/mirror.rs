@@ -145,8 +145,19 @@ pub fn resolve(ctx: &ConnCtx, model: &Model, mirror: &crate::discovery::route::R
         .filter(|_| backend.invalid.is_none())
         .and_then(|port| model.service_port(&backend.namespace, &backend.name, port));
     let picked = target.and_then(|t| {
-        let key = super::plan::balance_key(&backend.namespace, &backend.name, t.port().port);
-        ctx.dp.l7.balancer.pick(key, t.endpoints_preferring(crate::discovery::AddressType::of(ctx.orig.ip())))
+        let endpoints = t.endpoints_preferring(crate::discovery::AddressType::of(ctx.orig.ip()));
+        match &backend.subset {
+            None => {
+                let key = super::plan::balance_key(&backend.namespace, &backend.name, t.port().port);
+                ctx.dp.l7.balancer.pick(key, endpoints)
+            }
+            // A VirtualService mirror to a DestinationRule subset: that subset's endpoints.
+            Some(subset) => {
+                let eps = super::plan::subset_endpoints(model, &backend.namespace, &backend.name, subset, endpoints).ok()?;
+                let key = super::plan::balance_key(&backend.namespace, &format!("{}|{subset}", backend.name), t.port().port);
+                ctx.dp.l7.balancer.pick(key, &eps)
+            }
+        }
     });
     let Some((endpoint, inflight)) = picked else {
         ctx.dp.l7.counters.mirror_failed.fetch_add(1, Ordering::Relaxed);

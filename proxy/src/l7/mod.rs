@@ -22,6 +22,7 @@ pub mod observe;
 pub mod plan;
 pub mod proxy;
 pub mod server;
+pub mod sni;
 pub mod tls_origin;
 pub mod upgrade;
 pub mod upstream;
@@ -102,6 +103,13 @@ pub struct L7Counters {
     pub mirror_timeouts: AtomicU64,
     /// Connections and requests refused by a REGISTRY_ONLY outbound policy.
     pub egress_refused: AtomicU64,
+    /// Opaque connections a VirtualService tcp or tls rule sent somewhere.
+    pub tcp_routed: AtomicU64,
+    /// Opaque connections reset because their tcp/tls rule's destination is unknown.
+    pub tcp_route_refused: AtomicU64,
+    /// Connections to a port with tls rules whose ClientHello server name could not be read
+    /// (not TLS, no SNI, over the size bound or the time limit): no tls rule matches them.
+    pub tls_sni_unread: AtomicU64,
 }
 
 /// Shared state of the L7 path.

@@ -1,7 +1,13 @@
 //! Where one request goes, decided from one model snapshot: the Service the client dialled
-//! (or an external destination declared by a ServiceEntry), its route table for the client's
-//! namespace, the matching rule and its filters, a backend by weight, and the traffic policies
-//! that apply.
+//! (or an external destination declared by a ServiceEntry), the route tables for the client's
+//! namespace (Gateway API routes and VirtualServices, in the order of `istio::vs_mixing`), the
+//! matching rule and its filters, a backend by weight (a Service port, a DestinationRule subset
+//! of one, or a ServiceEntry port), and the traffic policies that apply.
+//!
+//! A VirtualService rule carries its own timeout, retries (its own or Istio's default) and
+//! fault injection; a TrafficPolicy fills in only what the rule leaves unset (its timeout, its
+//! local rate limit, its fault injection when the rule has none), and destination-level
+//! behaviour stays the backend's.
 //!
 //! Which TrafficPolicy applies to what (a choice the CRD leaves open, recorded in
 //! docs/design-notes.md): request-level behaviour (retries, request timeout, fault injection,
@@ -37,11 +43,12 @@ use crate::discovery::istio::destination_rule::{
     Client, ClientTls, HashKey, LoadBalancer, PolicyLevel, Resolved, TlsMode,
 };
 use crate::discovery::{
-    route::{BackendRef, Filter, HeaderModifier, RouteRetry},
-    route_table::{RequestParts, Selected},
+    istio::subset::resolve_subset,
+    route::{BackendKind, BackendRef, ClientInfo, Filter, HeaderModifier, RouteKind, RouteRetry},
+    route_table::{Lookup, RequestParts, RouteTable, Selected},
     traffic::{
-        CircuitBreaker, OutboundPolicy, OutlierDetection, Resolution, RetryBudget, RetryOn, RetryPolicy, ServiceEntry,
-        ServiceEntryPort, TrafficPolicy,
+        CircuitBreaker, FaultInjection, OutboundPolicy, OutlierDetection, Resolution, RetryBudget, RetryOn, RetryPolicy,
+        ServiceEntry, ServiceEntryPort, TrafficPolicy,
     },
     AddressType, Model,
 };
@@ -82,6 +89,9 @@ pub struct Plan {
     pub retry: Option<RetryPolicy>,
     /// The policy with request-level settings (fault injection, rate limit).
     pub request_policy: Option<Arc<TrafficPolicy>>,
+    /// The matched rule's own fault injection (a VirtualService's `fault`): wins over the
+    /// policy's.
+    pub fault: Option<FaultInjection>,
     pub breaker: Option<CircuitBreaker>,
     pub outlier: Option<OutlierDetection>,
     pub tls: Option<TlsTarget>,
@@ -204,6 +214,7 @@ impl Plan {
             mirrors: Vec::new(),
             retry: None,
             request_policy: None,
+            fault: None,
             breaker: None,
             outlier: None,
             tls: None,
@@ -360,44 +371,90 @@ pub enum Decision {
 /// `parts` here.
 pub fn decide(model: &Model, ctx: &ConnCtx, parts: &mut request::Parts, grpc: bool) -> Result<Decision, ProxyError> {
     let Some(svc) = model.service_for(ctx.orig.ip(), ctx.orig.port()) else {
-        return outside(model, ctx, parts).map(Decision::Forward);
+        return outside(model, ctx, parts, grpc);
     };
     let port = svc.port().port;
     let dialled_policy = model.traffic_policy_for_service(svc.namespace(), svc.name(), svc.port().name.as_deref());
-    let table = model.port_routes(svc.namespace(), svc.name(), port).and_then(|r| r.for_client(&ctx.pod.namespace));
-    let Some(table) = table else {
-        // No route: the Service's own endpoints (of the ClusterIP's family), as a
-        // DestinationRule in force shapes them.
-        let client = dr_client(model, ctx);
-        let rule = model.destination_rule_index().destination(client, svc.namespace(), svc.name(), port, None);
-        let family = AddressType::of(ctx.orig.ip());
-        let endpoints = match rule {
-            Some(Ok(r)) => r.endpoints_of(family).0.clone(),
-            _ => svc.endpoints().clone(),
-        };
-        let plan = Plan::simple(
-            format!("{}/{}:{port}", svc.namespace(), svc.name()),
-            endpoints,
-            balance_key(svc.namespace(), svc.name(), port),
-        )
-        .with_request_policies(&[dialled_policy])
-        .with_destination(dialled_policy);
-        let plan = match rule {
-            Some(Ok(r)) => {
-                let host = crate::discovery::istio::service_fqdn(svc.namespace(), svc.name());
-                plan.with_destination_rule(r, dialled_policy, ctx, ctx.orig, &host)?
-            }
-            _ => plan,
-        };
-        return Ok(Decision::Forward(plan));
+    let tables = model.port_routes(svc.namespace(), svc.name(), port).map_or(&[][..], |r| r.for_client(&ctx.pod.namespace));
+    if let Some(decision) = routed(model, ctx, parts, grpc, tables, port, dialled_policy)? {
+        return Ok(decision);
+    }
+    // No route decides: the Service's own endpoints (of the ClusterIP's family), as a
+    // DestinationRule in force shapes them.
+    let rule = model.destination_rule_index().destination(dr_client(model, ctx), svc.namespace(), svc.name(), port, None);
+    let rule = match rule {
+        None => None,
+        Some(Ok(r)) => Some(r),
+        Some(Err(why)) => return Err(ProxyError::NoCluster(why)),
     };
-    let request = RequestParts { method: &parts.method, path: parts.uri.path(), query: parts.uri.query(), headers: &parts.headers };
-    let sel = table.select(&request, grpc).ok_or(ProxyError::NoRoute)?;
+    let endpoints = match rule {
+        Some(r) => r.endpoints_of(AddressType::of(ctx.orig.ip())).0.clone(),
+        None => svc.endpoints().clone(),
+    };
+    let plan = Plan::simple(
+        format!("{}/{}:{port}", svc.namespace(), svc.name()),
+        endpoints,
+        balance_key(svc.namespace(), svc.name(), port),
+    )
+    .with_request_policies(&[dialled_policy])
+    .with_destination(dialled_policy);
+    Ok(Decision::Forward(match rule {
+        Some(r) => {
+            let host = crate::discovery::istio::service_fqdn(svc.namespace(), svc.name());
+            plan.with_destination_rule(r, dialled_policy, ctx, ctx.orig, &host)?
+        }
+        None => plan,
+    }))
+}
+
+/// The request through the chain of route tables of its destination: `None` when no table
+/// decides for this client (the destination's own endpoints then), else where the matched rule
+/// sends it (404 when the deciding table has no matching rule).
+fn routed(
+    model: &Model,
+    ctx: &ConnCtx,
+    parts: &mut request::Parts,
+    grpc: bool,
+    tables: &[Arc<RouteTable>],
+    service_port: u16,
+    dialled_policy: Option<&Arc<TrafficPolicy>>,
+) -> Result<Option<Decision>, ProxyError> {
+    if tables.is_empty() {
+        return Ok(None);
+    }
+    // The client pod's labels, only when some rule asks (a lookup per request otherwise).
+    let labels = if tables.iter().any(|t| t.uses_client_labels()) {
+        model.pod(&ctx.pod.namespace, &ctx.pod.name).map(|p| &p.labels)
+    } else {
+        None
+    };
+    let authority = filters::request_host(parts);
+    let request = RequestParts {
+        method: &parts.method,
+        path: parts.uri.path(),
+        query: parts.uri.query(),
+        headers: &parts.headers,
+        authority: authority.as_deref(),
+        client: ClientInfo { namespace: &ctx.pod.namespace, labels },
+    };
+    let mut selected = None;
+    for t in tables {
+        match t.lookup(&request, grpc) {
+            Lookup::Matched(s) => {
+                selected = Some(s);
+                break;
+            }
+            Lookup::NoMatch => return Err(ProxyError::NoRoute),
+            Lookup::NotForClient => continue,
+        }
+    }
+    let Some(sel) = selected else { return Ok(None) };
     let mut response_filters = Vec::new();
     let mut mirrors = Vec::new();
-    if let Some(resp) = apply_filters(&sel.rule.filters, sel, ctx, model, parts, port, &mut response_filters, &mut mirrors) {
-        return Ok(Decision::Respond(resp, response_filters));
+    if let Some(resp) = apply_filters(&sel.rule.filters, sel, ctx, model, parts, service_port, &mut response_filters, &mut mirrors) {
+        return Ok(Some(Decision::Respond(resp, response_filters)));
     }
+    let istio = sel.route.kind == RouteKind::VirtualService;
     let backend = pick_backend(&sel.rule.backends).ok_or_else(|| {
         ProxyError::BadBackend(format!(
             "rule {} of {} {} has no backend with a weight above 0",
@@ -407,32 +464,140 @@ pub fn decide(model: &Model, ctx: &ConnCtx, parts: &mut request::Parts, grpc: bo
         ))
     })?;
     if let Some(why) = &backend.invalid {
-        return Err(ProxyError::BadBackend(format!("backend {}/{}: {why}", backend.namespace, backend.name)));
+        let msg = format!("backend {}/{}: {why}", backend.namespace, backend.name);
+        return Err(if istio { ProxyError::NoCluster(msg) } else { ProxyError::BadBackend(msg) });
     }
-    let target = backend.port.and_then(|p| model.service_port(&backend.namespace, &backend.name, p)).ok_or_else(|| {
-        ProxyError::BadBackend(format!(
-            "backend Service {}/{} port {} does not exist",
-            backend.namespace,
-            backend.name,
-            backend.port.map_or("?".into(), |p| p.to_string())
-        ))
-    })?;
-    if let Some(resp) = apply_filters(&backend.filters, sel, ctx, model, parts, port, &mut response_filters, &mut mirrors) {
-        return Ok(Decision::Respond(resp, response_filters));
+    let backend_policy = match backend.kind {
+        BackendKind::Service => {
+            let target = backend.port.and_then(|p| model.service_port(&backend.namespace, &backend.name, p));
+            model.traffic_policy_for_service(&backend.namespace, &backend.name, target.and_then(|t| t.port().name.as_deref()))
+        }
+        BackendKind::ServiceEntry => model.traffic_policy_for_service_entry(&backend.namespace, &backend.name),
+    };
+    // Destination-level settings come with the backend's plan: its TrafficPolicy, then its
+    // DestinationRule (the entry's plan sets its own).
+    let mut plan = match backend.kind {
+        BackendKind::ServiceEntry => entry_backend(model, ctx, backend)?,
+        BackendKind::Service => service_backend(model, ctx, backend, istio, backend_policy)?,
+    };
+    if let Some(resp) = apply_filters(&backend.filters, sel, ctx, model, parts, service_port, &mut response_filters, &mut mirrors) {
+        return Ok(Some(Decision::Respond(resp, response_filters)));
     }
     let route_policy = model.traffic_policy_for_route(sel.route.kind, &sel.route.namespace, &sel.route.name);
-    let backend_policy = model.traffic_policy_for_service(&backend.namespace, &backend.name, target.port().name.as_deref());
-    // The family the client dialled, if the backend has it (see "Dual stack" in the design
-    // notes), with the backend's DestinationRule.
-    let mut plan = service_backend(model, ctx, target, None)?;
     plan.request_timeout = sel.rule.timeouts.request;
     plan.attempt_timeout = sel.rule.timeouts.backend_request;
     plan.response_filters = response_filters;
     plan.mirrors = mirrors;
-    // A route policy's retries win over the route's own `retry` field, which wins over the
-    // Services' policies.
-    plan.retry = route_policy.and_then(|p| p.retries.clone()).or_else(|| sel.rule.retry.as_ref().map(route_retry));
-    Ok(Decision::Forward(plan.with_request_policies(&[route_policy, dialled_policy, backend_policy])))
+    plan.fault = sel.rule.fault.clone();
+    // A VirtualService rule's retries (its own or Istio's default) win; then a route policy's
+    // retries, which win over the route's own `retry` field, which wins over the Services'.
+    plan.retry = sel
+        .rule
+        .retry_policy
+        .clone()
+        .or_else(|| route_policy.and_then(|p| p.retries.clone()))
+        .or_else(|| sel.rule.retry.as_ref().map(route_retry));
+    Ok(Some(Decision::Forward(plan.with_request_policies(&[route_policy, dialled_policy, backend_policy]))))
+}
+
+/// A Service port chosen by a rule, or one of its DestinationRule subsets: the endpoints (the
+/// subset's, as the DestinationRule in force for this client defines it), preferring the family
+/// the client dialled, and the destination-level settings (its TrafficPolicy `policy`, then the
+/// rule, see [`Plan::with_destination_rule`]).
+fn service_backend(
+    model: &Model,
+    ctx: &ConnCtx,
+    backend: &BackendRef,
+    istio: bool,
+    policy: Option<&Arc<TrafficPolicy>>,
+) -> Result<Plan, ProxyError> {
+    let target = backend.port.and_then(|p| model.service_port(&backend.namespace, &backend.name, p)).ok_or_else(|| {
+        let msg = format!(
+            "backend Service {}/{} port {} does not exist",
+            backend.namespace,
+            backend.name,
+            backend.port.map_or("?".into(), |p| p.to_string())
+        );
+        if istio {
+            ProxyError::NoCluster(msg)
+        } else {
+            ProxyError::BadBackend(msg)
+        }
+    })?;
+    let (ns, name, bport) = (&backend.namespace, &backend.name, target.port().port);
+    let subset = backend.subset.as_deref();
+    // The family the client dialled, if the backend has it (see "Dual stack" in the design
+    // notes).
+    let family = AddressType::of(ctx.orig.ip());
+    // An unknown subset is a cluster Istio would not have generated: 503 no-cluster, as Envoy.
+    let rule = match model.destination_rule_index().destination(dr_client(model, ctx), ns, name, bport, subset) {
+        None => match subset {
+            Some(s) => {
+                return Err(ProxyError::NoCluster(format!(
+                    "subset {s:?} of {ns}/{name}: no DestinationRule for this client defines subsets of the Service"
+                )))
+            }
+            None => None,
+        },
+        Some(Ok(r)) => Some(r),
+        Some(Err(why)) => return Err(ProxyError::NoCluster(why)),
+    };
+    let endpoints = match rule {
+        Some(r) => r.endpoints_preferring(family).0.clone(),
+        None => target.endpoints_preferring(family).clone(),
+    };
+    let plan = match subset {
+        None => Plan::simple(format!("{ns}/{name}:{bport}"), endpoints, balance_key(ns, name, bport)),
+        Some(subset) => Plan::simple(
+            format!("{ns}/{name}:{bport}/{subset}"),
+            endpoints,
+            balance_key(ns, &format!("{name}|{subset}"), bport),
+        ),
+    }
+    .with_destination(policy);
+    match rule {
+        None => Ok(plan),
+        Some(r) => {
+            // PASSTHROUGH goes to the Service's own address of the client's family.
+            let vip = target.service().cluster_ips.iter().find(|ip| AddressType::of(**ip) == family);
+            let passthrough = vip.map_or(ctx.orig, |ip| SocketAddr::new(*ip, bport));
+            let host = crate::discovery::istio::service_fqdn(ns, name);
+            plan.with_destination_rule(r, policy, ctx, passthrough, &host)
+        }
+    }
+}
+
+/// The endpoints of a Service's subset: those whose pod carries the subset's labels.
+pub fn subset_endpoints(
+    model: &Model,
+    namespace: &str,
+    name: &str,
+    subset: &str,
+    endpoints: &Arc<[SocketAddr]>,
+) -> Result<Arc<[SocketAddr]>, String> {
+    let sel = resolve_subset(model, namespace, name, subset)?;
+    Ok(endpoints
+        .iter()
+        .filter(|ep| {
+            model.pod_by_ip(ep.ip()).is_some_and(|p| sel.labels.iter().all(|(k, v)| p.labels.get(k) == Some(v)))
+        })
+        .copied()
+        .collect())
+}
+
+/// A ServiceEntry port chosen by a VirtualService destination.
+fn entry_backend(model: &Model, ctx: &ConnCtx, backend: &BackendRef) -> Result<Plan, ProxyError> {
+    let entry = model.service_entry(&backend.namespace, &backend.name);
+    let found = entry.and_then(|e| backend.port.and_then(|p| e.ports.iter().find(|ep| ep.number == p)).map(|p| (e, p)));
+    let Some((entry, port)) = found else {
+        return Err(ProxyError::NoCluster(format!(
+            "ServiceEntry {}/{} has no port {}",
+            backend.namespace,
+            backend.name,
+            backend.port.map_or("?".into(), |p| p.to_string())
+        )));
+    };
+    service_entry_plan(model, ctx, entry, port, None)
 }
 
 /// The Gateway API's HTTPRoute `retry` as a retry policy: its codes, connection failures, and
@@ -457,12 +622,13 @@ fn route_retry(r: &RouteRetry) -> RetryPolicy {
 }
 
 /// A destination that is not a Service: a mesh pod (forwarded as dialled), an external
-/// destination declared by a ServiceEntry (matched by address, or by the Host header), or
-/// anything else, which the client's namespace may forbid (REGISTRY_ONLY).
-fn outside(model: &Model, ctx: &ConnCtx, parts: &request::Parts) -> Result<Plan, ProxyError> {
+/// destination declared by a ServiceEntry (matched by address, or by the Host header; its
+/// VirtualServices route it), or anything else, which the client's namespace may forbid
+/// (REGISTRY_ONLY).
+fn outside(model: &Model, ctx: &ConnCtx, parts: &mut request::Parts, grpc: bool) -> Result<Decision, ProxyError> {
     let dialled = || Plan::simple(ctx.orig.to_string(), Arc::from([ctx.orig].as_slice()), 0);
     if model.pod_by_ip(ctx.orig.ip()).is_some() {
-        return Ok(dialled());
+        return Ok(Decision::Forward(dialled()));
     }
     let host = filters::request_host(parts);
     let entry = model
@@ -476,9 +642,18 @@ fn outside(model: &Model, ctx: &ConnCtx, parts: &request::Parts) -> Result<Plan,
         if model.outbound_policy(&ctx.pod.namespace) == OutboundPolicy::RegistryOnly {
             return Err(ProxyError::EgressBlocked(ctx.orig, host));
         }
-        return Ok(dialled());
+        return Ok(Decision::Forward(dialled()));
     };
-    service_entry_plan(model, ctx, entry, port, matched_host)
+    let tables =
+        model.entry_port_routes(&entry.namespace, &entry.name, port.number).map_or(&[][..], |r| r.for_client(&ctx.pod.namespace));
+    let matched_host = matched_host.map(str::to_owned);
+    if !tables.is_empty() {
+        let policy = model.traffic_policy_for_service_entry(&entry.namespace, &entry.name);
+        if let Some(d) = routed(model, ctx, parts, grpc, tables, port.number, policy)? {
+            return Ok(d);
+        }
+    }
+    service_entry_plan(model, ctx, entry, port, matched_host.as_deref()).map(Decision::Forward)
 }
 
 fn service_entry_plan(
@@ -558,6 +733,8 @@ fn apply_filters(
             Filter::UrlRewrite(rw) => filters::rewrite(parts, rw, sel.matched, ctx.wire),
             Filter::RequestRedirect(rd) => return Some(filters::redirect(parts, rd, sel.matched, service_port)),
             Filter::RequestMirror(m) => mirrors.extend(mirror::resolve(ctx, model, m)),
+            Filter::Redirect(rd) => return Some(filters::istio_redirect(parts, rd, sel.matched, service_port)),
+            Filter::DirectResponse(d) => return Some(filters::direct_response(d)),
         }
     }
     None
@@ -586,47 +763,8 @@ pub fn dr_client<'a>(model: &'a Model, ctx: &'a ConnCtx) -> Client<'a> {
     Client { namespace: &ctx.pod.namespace, labels }
 }
 
-/// The plan for a request to Service port `target` (subset `subset` of the DestinationRule in
-/// force, if any): its endpoints (the subset's), preferring the family the client dialled, and
-/// its destination-level settings (TrafficPolicy over DestinationRule). For routes that name a
-/// backend Service and subset (VirtualService destinations).
-pub fn service_backend(
-    model: &Model,
-    ctx: &ConnCtx,
-    target: &crate::discovery::ServiceTarget,
-    subset: Option<&str>,
-) -> Result<Plan, ProxyError> {
-    let (ns, name, port) = (target.namespace(), target.name(), target.port().port);
-    let family = AddressType::of(ctx.orig.ip());
-    let policy = model.traffic_policy_for_service(ns, name, target.port().name.as_deref());
-    let rule = match model.destination_rule_index().destination(dr_client(model, ctx), ns, name, port, subset) {
-        None => None,
-        Some(Ok(r)) => Some(r),
-        Some(Err(why)) => return Err(ProxyError::BadBackend(why)),
-    };
-    let endpoints = match rule {
-        Some(r) => r.endpoints_preferring(family).0.clone(),
-        None => target.endpoints_preferring(family).clone(),
-    };
-    let backend = match subset {
-        Some(s) => format!("{ns}/{name}:{port}/{s}"),
-        None => format!("{ns}/{name}:{port}"),
-    };
-    let plan = Plan::simple(backend, endpoints, balance_key(ns, name, port)).with_destination(policy);
-    match rule {
-        None => Ok(plan),
-        Some(r) => {
-            // PASSTHROUGH goes to the Service's own address of the client's family.
-            let vip = target.service().cluster_ips.iter().find(|ip| AddressType::of(**ip) == family);
-            let passthrough = vip.map_or(ctx.orig, |ip| SocketAddr::new(*ip, port));
-            let host = crate::discovery::istio::service_fqdn(ns, name);
-            plan.with_destination_rule(r, policy, ctx, passthrough, &host)
-        }
-    }
-}
-
 /// A backend by weight (weight 0 never); `None` if no backend has weight.
-fn pick_backend(backends: &[BackendRef]) -> Option<&BackendRef> {
+pub(crate) fn pick_backend(backends: &[BackendRef]) -> Option<&BackendRef> {
     let total: u64 = backends.iter().map(|b| u64::from(b.weight)).sum();
     if total == 0 {
         return None;

@@ -375,8 +375,24 @@ async fn forward(req: Request<Body>, ctx: &Arc<ConnCtx>, grpc: bool, obs: &mut O
 
 /// Local rate limit and fault injection, before anything is sent.
 async fn apply_request_policy(plan: &Plan, ctx: &ConnCtx, parts: &request::Parts, _grpc: bool) -> Result<(), ProxyError> {
-    let Some(policy) = &plan.request_policy else { return Ok(()) };
     let l7 = &ctx.dp.l7;
+    if let Some(fault) = &plan.fault {
+        // The rule's own fault (a VirtualService's) replaces the policy's. Envoy's order: the
+        // delay, then the abort, each drawn on its own.
+        if let Some(delay) = &fault.delay {
+            if fastrand::f64() < delay.fraction.0 {
+                l7.limit_counters.faults_delayed.fetch_add(1, Ordering::Relaxed);
+                tokio::time::sleep(delay.fixed).await;
+            }
+        }
+        if let Some(abort) = &fault.abort {
+            if fastrand::f64() < abort.fraction.0 {
+                l7.limit_counters.faults_aborted.fetch_add(1, Ordering::Relaxed);
+                return Err(ProxyError::FaultAbort { http: abort.http_status, grpc: abort.grpc_status });
+            }
+        }
+    }
+    let Some(policy) = &plan.request_policy else { return Ok(()) };
     if let Some(rl) = &policy.local_rate_limit {
         let key = format!("{}/{}", policy.namespace, policy.name);
         let bucket = l7.rate_limits.get(&key, rl, super::limits::TokenBucket::new);
@@ -385,7 +401,7 @@ async fn apply_request_policy(plan: &Plan, ctx: &ConnCtx, parts: &request::Parts
             return Err(ProxyError::RateLimited { status: rl.status, retry_after: wait });
         }
     }
-    if let Some(fault) = &policy.fault_injection {
+    if let Some(fault) = policy.fault_injection.as_ref().filter(|_| plan.fault.is_none()) {
         if plan::fault_applies(&fault.matches, &parts.headers) {
             if let Some(abort) = &fault.abort {
                 if fastrand::f64() < abort.fraction.0 {
@@ -475,10 +491,12 @@ fn retryable_response<B>(resp: &Response<B>, r: &RetryPolicy, idempotent: bool) 
         Some(1) => r.retry_on.grpc_cancelled,
         Some(4) => r.retry_on.grpc_deadline_exceeded,
         Some(8) => r.retry_on.grpc_resource_exhausted,
+        Some(13) => r.retry_on.grpc_internal,
         Some(14) => r.retry_on.grpc_unavailable,
         _ => false,
     };
-    by_status || by_grpc
+    let rate_limited = r.retry_on.envoy_ratelimited && resp.headers().contains_key("x-envoy-ratelimited");
+    by_status || by_grpc || rate_limited
 }
 
 fn parts_method_idempotent(replay: &Option<Replay>) -> bool {

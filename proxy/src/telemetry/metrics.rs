@@ -79,8 +79,6 @@ use crate::discovery::{workload_name, Model};
 
 /// The cluster label of workloads sluice knows (Istio's default cluster id).
 pub const CLUSTER_ID: &str = "Kubernetes";
-/// The Kubernetes cluster domain of Service hosts (`name.namespace.svc.<domain>`).
-pub const CLUSTER_DOMAIN: &str = "cluster.local";
 const UNKNOWN: &str = "unknown";
 const LATEST: &str = "latest";
 
@@ -463,7 +461,9 @@ struct Key {
 impl Key {
     fn own(v: &LabelsView<'_>) -> Key {
         let service_host: Arc<str> = if v.service_fqdn {
-            format!("{}.{}.svc.{CLUSTER_DOMAIN}", v.service_name, v.service_namespace).into()
+            // The same domain VirtualService hosts are qualified with (`--cluster-domain`).
+            let domain = crate::discovery::istio::cluster_domain();
+            format!("{}.{}.svc.{domain}", v.service_name, v.service_namespace).into()
         } else {
             v.service_name.into()
         };

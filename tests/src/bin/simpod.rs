@@ -10,7 +10,8 @@
 //! `banner` (a server-first protocol), `load` (concurrent or fixed-rate HTTP/1.1 requests with
 //! a tally by status and by sluice's error headers). The HTTP server can fail on purpose
 //! (`--fail-percent`, `--fail-file`) for the resilience tests, and `tls` also has an HTTPS
-//! variant of it (`https-server`).
+//! variant of it (`https-server`). `bookinfo` stands in for the applications of Istio's Bookinfo
+//! sample in the playground.
 
 use std::{
     collections::BTreeMap,
@@ -30,6 +31,8 @@ use sha2::{Digest, Sha256};
 // This file is the crate root, so its modules are found next to it unless told otherwise.
 #[path = "simpod/banner.rs"]
 mod banner;
+#[path = "simpod/bookinfo.rs"]
+mod bookinfo;
 #[path = "simpod/hbone.rs"]
 mod hbone;
 #[path = "simpod/load.rs"]
@@ -139,6 +142,9 @@ enum Cmd {
     HboneClient(hbone::Args),
     /// Many TCP connections to a pod's port 15008 that never start TLS.
     HboneStall(hbone::StallArgs),
+    /// A stand-in for one of Bookinfo's applications (productpage, details, reviews, ratings):
+    /// its call graph, timeouts and header propagation (see bookinfo.rs).
+    Bookinfo(bookinfo::Args),
 }
 
 /// Prints one JSON line. Write errors are ignored: if the reader went away (a kept demo whose
@@ -188,6 +194,7 @@ fn main() -> ExitCode {
         Cmd::BannerClient(a) => banner::client(a),
         Cmd::HboneClient(a) => hbone::client(a),
         Cmd::HboneStall(a) => hbone::stall(a),
+        Cmd::Bookinfo(a) => bookinfo::run(a),
     };
     if ok {
         ExitCode::SUCCESS
@@ -386,6 +393,8 @@ fn reason(status: u16) -> &'static str {
         200 => "OK",
         201 => "Created",
         204 => "No Content",
+        302 => "Found",
+        401 => "Unauthorized",
         400 => "Bad Request",
         403 => "Forbidden",
         404 => "Not Found",

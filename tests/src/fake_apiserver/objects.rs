@@ -445,6 +445,11 @@ pub fn service_entry(namespace: &str, name: &str, spec: Value) -> Value {
     )
 }
 
+/// An Istio VirtualService (networking.istio.io/v1) with `spec`.
+pub fn virtual_service(namespace: &str, name: &str, spec: Value) -> Value {
+    kubectl_applied("networking.istio.io/v1", "VirtualService", namespace, name, spec)
+}
+
 /// An Istio DestinationRule as `kubectl apply` leaves it.
 pub fn destination_rule(namespace: &str, name: &str, spec: Value) -> Value {
     kubectl_applied("networking.istio.io/v1", "DestinationRule", namespace, name, spec)

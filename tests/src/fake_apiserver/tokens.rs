@@ -154,8 +154,10 @@ pub(crate) struct Tokens {
 
 impl Tokens {
     pub fn mint(&mut self, spec: TokenSpec) -> Result<String> {
-        let token = util::hex(&util::random_bytes(24)?);
-        let minted = Minted { expires_at: SystemTime::now() + spec.expires_in, jti: util::uuid_v4()?, spec };
+        let expires_at = SystemTime::now() + spec.expires_in;
+        let jti = util::uuid_v4()?;
+        let token = jwt_shaped(&spec, expires_at, &jti)?;
+        let minted = Minted { expires_at, jti, spec };
         self.minted.insert(token.clone(), minted);
         Ok(token)
     }
@@ -277,6 +279,48 @@ fn go_quoted(items: &[String]) -> String {
     format!("[{}]", quoted.join(" "))
 }
 
+/// A token shaped as kube-apiserver's: a JWT whose claims say what `spec` says (`aud`, `exp`,
+/// `sub`, the `kubernetes.io` binding), so that a client reading the unverified claims (the CA
+/// turns away what could not pass a review before asking for one) sees what it would see on a
+/// real cluster. The signature is random bytes: only this server's memory of the token makes
+/// a review succeed, as only the real server's keys do.
+fn jwt_shaped(spec: &TokenSpec, expires_at: SystemTime, jti: &str) -> Result<String> {
+    let unix = |t: SystemTime| t.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let (ns, name) = &spec.service_account;
+    let mut binding = json!({"namespace": ns, "serviceaccount": {"name": name}});
+    if let Some(node) = &spec.node {
+        binding["node"] = json!({"name": node});
+    }
+    if let Some((_, pod, uid)) = &spec.pod {
+        binding["pod"] = json!({"name": pod, "uid": uid});
+    }
+    let claims = json!({
+        "aud": spec.audiences, "exp": unix(expires_at), "iat": unix(SystemTime::now()),
+        "iss": "https://kubernetes.default.svc.cluster.local", "jti": jti,
+        "sub": spec.username(), "kubernetes.io": binding,
+    });
+    let header = json!({"alg": "RS256", "kid": "fake-apiserver"});
+    Ok(format!(
+        "{}.{}.{}",
+        base64url(header.to_string().as_bytes()),
+        base64url(claims.to_string().as_bytes()),
+        base64url(&util::random_bytes(32)?)
+    ))
+}
+
+/// Unpadded base64url (RFC 4648 section 5), as JWTs use.
+fn base64url(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let n = chunk.iter().enumerate().fold(0u32, |n, (i, b)| n | (u32::from(*b) << (16 - 8 * i)));
+        for i in 0..=chunk.len() {
+            out.push(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize] as char);
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -286,6 +330,22 @@ mod tests {
             (ns == "sluice-system" && name == "sluice-abcde").then(|| "uid-1".into())
         })
         .unwrap()
+    }
+
+    #[test]
+    fn a_token_is_a_jwt_whose_claims_say_what_it_was_minted_for() {
+        assert_eq!(base64url(b""), "");
+        assert_eq!(base64url(b"f"), "Zg");
+        assert_eq!(base64url(b"fo"), "Zm8");
+        assert_eq!(base64url(b"foo"), "Zm9v");
+        assert_eq!(base64url(&[0xfb, 0xff]), "-_8");
+        let mut t = Tokens::default();
+        let tok = t.mint(TokenSpec::new("sluice-system", "sluice").node("n1")).unwrap();
+        let parts: Vec<&str> = tok.split('.').collect();
+        assert_eq!(parts.len(), 3, "{tok}");
+        assert!(tok.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)), "{tok}");
+        let other = t.mint(TokenSpec::new("sluice-system", "sluice").node("n1")).unwrap();
+        assert_ne!(tok, other, "two tokens of one spec differ");
     }
 
     #[test]

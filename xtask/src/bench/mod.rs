@@ -584,7 +584,7 @@ fn run_config(cfg: &Config) -> Result<()> {
 fn check_world(world: &World) -> Result<()> {
     if !std::path::Path::new("/run/netns").join(world.n1.netns()).exists() {
         bail!(
-            "the simulated cluster {} was torn down from outside the benchmark: `cargo xtask test` and `cargo xtask sweep` remove every simulator on the machine; run the benchmark alone",
+            "the simulated cluster {} was torn down from outside the benchmark (by `cargo xtask sweep --all`, or by hand)",
             world.sim.id()
         );
     }

@@ -1,20 +1,142 @@
-//! Istio's own kinds, parsed with serde types that mirror Istio's published schemas
-//! (camelCase, `serde_path_to_error` for the field path of an error) and distilled into
-//! sluice's model: one routing and policy engine, several APIs.
+//! Istio's kinds, parsed with serde types that mirror Istio's published schema (camelCase,
+//! unknown fields refused) and distilled into sluice's own model, so that the data path keeps
+//! one implementation whatever API a rule was written in.
+//!
+//! - `virtual_service`: `VirtualService` (networking.istio.io v1, v1beta1, v1alpha3), parsed and
+//!   validated.
+//! - `vs_compile`: a VirtualService compiled, per Service (or ServiceEntry) port its hosts name,
+//!   into the [`Route`](super::route::Route) tables the data path matches requests against,
+//!   with delegation resolved; `vs_mixing` decides which resource applies to which client when
+//!   several name one host (Istio's sidecar rules, HTTPRoutes included).
+//! - `destination_rule`: `DestinationRule` (subsets, load balancing, connection pools, outlier
+//!   detection, TLS origination), resolved per destination in an index per snapshot.
+//! - `subset`: the `resolve_subset` contract with VirtualService destinations (re-exported from
+//!   `destination_rule`).
+//!
+//! Host names: a short name (`reviews`) is `reviews.<namespace>.svc.<cluster domain>`, as Istio
+//! resolves it; the cluster domain is `--cluster-domain` (default `cluster.local`), set once at
+//! start ([`set_cluster_domain`]).
 
 pub mod destination_rule;
+pub mod subset;
+pub mod virtual_service;
+pub mod vs_compile;
+pub mod vs_mixing;
 
-/// The cluster's DNS domain, as Istio assumes by default: a short host `reviews` in namespace
-/// `prod` is `reviews.prod.svc.cluster.local`.
-pub const CLUSTER_DOMAIN: &str = "cluster.local";
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+use super::manifest::DocError;
+
+static CLUSTER_DOMAIN: OnceLock<String> = OnceLock::new();
+
+/// The DNS suffix of Services (`<name>.<namespace>.svc.<domain>`), `cluster.local` unless
+/// [`set_cluster_domain`] said otherwise.
+pub fn cluster_domain() -> &'static str {
+    CLUSTER_DOMAIN.get().map_or("cluster.local", String::as_str)
+}
+
+/// Sets the cluster domain, once, before any source parses (a second call is ignored and
+/// reported as `false`: a model must not mix two domains).
+pub fn set_cluster_domain(domain: &str) -> bool {
+    CLUSTER_DOMAIN.set(domain.trim_end_matches('.').to_ascii_lowercase()).is_ok()
+}
+
+/// A field that may be written as `null` (or left out): both mean its default, as the API
+/// server treats them.
+pub(crate) fn nullable<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de> + Default,
+{
+    Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
+}
+
+/// Deserializes `value` (a document's `spec`) into `T`, naming the field of the first error
+/// (`spec.http[0].route[1].weight: invalid type: ...`).
+pub(crate) fn from_spec<T: serde::de::DeserializeOwned>(value: &serde_yaml::Value) -> Result<T, DocError> {
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        let field = if path == "." { "spec".to_owned() } else { format!("spec.{path}") };
+        DocError::Invalid { field, reason: e.into_inner().to_string() }
+    })
+}
+
+/// An error at `field`.
+pub(crate) fn invalid(field: impl Into<String>, reason: impl Into<String>) -> DocError {
+    DocError::Invalid { field: field.into(), reason: reason.into() }
+}
+
+/// Parses a duration as Istio's API accepts it (Go's `time.ParseDuration`, which the CRD's
+/// CEL rules use): decimal numbers with units `h`, `m`, `s`, `ms`, `us`/`µs`, `ns`, e.g. `7s`,
+/// `0.5s`, `1m30s`, `250ms`. Negative durations are refused.
+pub fn parse_go_duration(s: &str) -> Result<Duration, String> {
+    let bad = || format!("{s:?} is not a duration like \"7s\", \"0.5s\", \"250ms\" or \"1m30s\"");
+    let text = s.strip_prefix('+').unwrap_or(s);
+    if text.starts_with('-') {
+        return Err(format!("{s:?}: a duration must not be negative"));
+    }
+    if text == "0" {
+        return Ok(Duration::ZERO);
+    }
+    let mut rest = text;
+    let mut total_ns: f64 = 0.0;
+    if rest.is_empty() {
+        return Err(bad());
+    }
+    while !rest.is_empty() {
+        let num_len = rest.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(rest.len());
+        let (num, tail) = rest.split_at(num_len);
+        if num.is_empty() || num == "." || num.matches('.').count() > 1 {
+            return Err(bad());
+        }
+        let value: f64 = num.parse().map_err(|_| bad())?;
+        let unit_len = tail.find(|c: char| c.is_ascii_digit() || c == '.').unwrap_or(tail.len());
+        let (unit, tail) = tail.split_at(unit_len);
+        let scale = match unit {
+            "h" => 3_600e9,
+            "m" => 60e9,
+            "s" => 1e9,
+            "ms" => 1e6,
+            "us" | "µs" | "μs" => 1e3,
+            "ns" => 1.0,
+            _ => return Err(bad()),
+        };
+        total_ns += value * scale;
+        rest = tail;
+    }
+    // Beyond about 292 years Go's Duration overflows; so does any sensible configuration.
+    if !total_ns.is_finite() || total_ns > 9.2e18 {
+        return Err(format!("{s:?} is too long"));
+    }
+    Ok(Duration::from_nanos(total_ns.round() as u64))
+}
+
+/// Istio's `Percent` (`{value: 12.5}`), a share of requests in 0..=100.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct Percent {
+    #[serde(default)]
+    pub value: f64,
+}
+
+/// A percentage as a fraction in 0.0..=1.0, or the reason it is not one.
+pub(crate) fn fraction_of(p: f64) -> Result<f64, String> {
+    if !(0.0..=100.0).contains(&p) || p.is_nan() {
+        return Err(format!("{p} is not a percentage (0 to 100)"));
+    }
+    Ok(p / 100.0)
+}
 
 /// Istio's root namespace (`meshConfig.rootNamespace`, `istio-system` by default): its
 /// configuration applies to every namespace that may see it.
 pub const ROOT_NAMESPACE: &str = "istio-system";
 
-/// `name.namespace.svc.cluster.local`.
+/// `name.namespace.svc.<cluster domain>`.
 pub fn service_fqdn(namespace: &str, name: &str) -> String {
-    format!("{name}.{namespace}.svc.{CLUSTER_DOMAIN}")
+    format!("{name}.{namespace}.svc.{}", cluster_domain())
 }
 
 /// A host as Istio resolves it in a resource of `namespace`: a name without a dot is a short
@@ -72,6 +194,37 @@ pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    #[test]
+    fn go_durations() {
+        let ms = Duration::from_millis;
+        assert_eq!(parse_go_duration("7s"), Ok(ms(7000)));
+        assert_eq!(parse_go_duration("0.5s"), Ok(ms(500)));
+        assert_eq!(parse_go_duration("1m30s"), Ok(ms(90_000)));
+        assert_eq!(parse_go_duration("250ms"), Ok(ms(250)));
+        assert_eq!(parse_go_duration("1h"), Ok(ms(3_600_000)));
+        assert_eq!(parse_go_duration("1.5h"), Ok(ms(5_400_000)));
+        assert_eq!(parse_go_duration("100us"), Ok(Duration::from_micros(100)));
+        assert_eq!(parse_go_duration("0"), Ok(Duration::ZERO));
+        assert_eq!(parse_go_duration("0s"), Ok(Duration::ZERO));
+        for bad in ["", "7", "s", "1d", "-1s", "1..5s", ".s", "1s2", "abc"] {
+            assert!(parse_go_duration(bad).is_err(), "{bad:?} should be refused");
+        }
+    }
+
+    #[test]
+    fn percentages() {
+        assert_eq!(fraction_of(10.0), Ok(0.1));
+        assert_eq!(fraction_of(0.0), Ok(0.0));
+        assert!(fraction_of(100.5).is_err());
+        assert!(fraction_of(-1.0).is_err());
+        assert!(fraction_of(f64::NAN).is_err());
+    }
+}
+
+#[cfg(test)]
+mod destination_rule_helpers {
     use super::*;
     use std::time::Duration;
 

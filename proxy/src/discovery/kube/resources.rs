@@ -16,13 +16,13 @@
 //!   pod update that changes none of its fields (most are status conditions) does not rebuild
 //!   the model. Unscheduled pods match this selector too; they have no IP yet and are skipped.
 //!
-//! Istio's AuthorizationPolicy, ServiceEntry and DestinationRule, the Gateway API's HTTPRoute
-//! and GRPCRoute and sluice's own TrafficPolicy are CRDs: a cluster without Istio's (or the
-//! Gateway API's, or sluice's) CRDs does not serve them, and sluice then carries on without
-//! policies (or routes, TrafficPolicies, ServiceEntries, DestinationRules), see
-//! [`WatchSpec::optional`]. Routes, TrafficPolicies, ServiceEntries and DestinationRules are
-//! watched cluster-wide: a consumer route in any namespace may name a Service a local pod talks
-//! to, and a local pod may call any Service or external host.
+//! Istio's AuthorizationPolicy, ServiceEntry, VirtualService and DestinationRule, the Gateway
+//! API's HTTPRoute and GRPCRoute and sluice's own TrafficPolicy are CRDs: a cluster without
+//! Istio's (or the Gateway API's, or sluice's) CRDs does not serve them, and sluice then carries
+//! on without policies (or routes, TrafficPolicies, ServiceEntries, DestinationRules), see
+//! [`WatchSpec::optional`]. Routes, VirtualServices, DestinationRules, TrafficPolicies and
+//! ServiceEntries are watched cluster-wide: a consumer route in any namespace may name a Service
+//! a local pod talks to, and a local pod may call any Service or external host.
 
 use ::kube::core::ApiResource;
 use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
@@ -108,6 +108,18 @@ pub(crate) fn service_entry_resource() -> ApiResource {
     }
 }
 
+/// The group/version sluice reads Istio's VirtualServices at (v1, Istio 1.22 and later; the
+/// same schema as v1beta1 and v1alpha3).
+pub(crate) fn virtual_service_resource() -> ApiResource {
+    ApiResource {
+        group: "networking.istio.io".into(),
+        version: "v1".into(),
+        api_version: "networking.istio.io/v1".into(),
+        kind: "VirtualService".into(),
+        plural: "virtualservices".into(),
+    }
+}
+
 /// The group/version sluice reads Istio's DestinationRules at. v1 is served by Istio 1.22 and
 /// later, with the same schema as v1beta1 and v1alpha3.
 pub(crate) fn destination_rule_resource() -> ApiResource {
@@ -170,6 +182,7 @@ pub(crate) fn watches() -> Vec<WatchSpec> {
         ),
         spec("trafficpolicies", traffic_policy_resource(), Kind::TrafficPolicy, true, All, true),
         spec("serviceentries", service_entry_resource(), Kind::ServiceEntry, true, All, true),
+        spec("virtualservices", virtual_service_resource(), Kind::VirtualService, true, All, true),
         spec("destinationrules", destination_rule_resource(), Kind::DestinationRule, true, All, true),
     ]
 }

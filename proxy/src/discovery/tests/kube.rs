@@ -85,7 +85,8 @@ fn nothing_is_published_from_half_a_start() {
     assert!(!s.all_synced());
     assert_eq!(s.pending().len(), watches().len());
     let optional =
-        ["authorizationpolicies", "httproutes", "grpcroutes", "trafficpolicies", "serviceentries", "destinationrules"];
+        ["authorizationpolicies", "httproutes", "grpcroutes", "trafficpolicies", "serviceentries", "virtualservices",
+         "destinationrules"];
     for (i, w) in watches().iter().enumerate() {
         assert_eq!(w.optional, optional.contains(&w.label), "{}", w.label);
         if !w.optional {

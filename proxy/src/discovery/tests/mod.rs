@@ -13,4 +13,5 @@ mod routes;
 mod store;
 mod store_limits;
 mod traffic;
+mod virtual_service;
 mod watch;

@@ -72,6 +72,8 @@ fn svc_backend(name: &str, port: u16, weight: u32) -> BackendRef {
         weight,
         filters: vec![],
         invalid: None,
+        subset: None,
+        kind: BackendKind::Service,
     }
 }
 
@@ -103,6 +105,9 @@ fn bookinfo_canary_parses_to_the_expected_model() {
                 backends: vec![svc_backend("reviews-v2", 9080, 1)],
                 timeouts: RouteTimeouts::default(),
                 retry: None,
+                retry_policy: None,
+                fault: None,
+                origin: None,
             },
             RouteRule {
                 name: None,
@@ -111,6 +116,9 @@ fn bookinfo_canary_parses_to_the_expected_model() {
                 backends: vec![svc_backend("reviews-v1", 9080, 90), svc_backend("reviews-v2", 9080, 10)],
                 timeouts: RouteTimeouts { request: Some(Duration::from_secs(10)), backend_request: None },
                 retry: None,
+                retry_policy: None,
+                fault: None,
+                origin: None,
             },
         ],
     };
@@ -163,7 +171,7 @@ fn defaults_of_the_crds() {
     assert_eq!(m[0], RouteMatch { headers: vec![exact("x-user", "alice")], ..prefix("/") }, "path /, Exact");
     assert_eq!(m[1].path, Some(PathMatch::Exact("/".into())), "value /");
     assert_eq!(m[2].path, Some(PathMatch::PathPrefix("/api".into())), "type PathPrefix");
-    assert_eq!(m[3], RouteMatch { method: Some("POST".into()), ..prefix("/") });
+    assert_eq!(m[3], RouteMatch { method: Some(ValueMatch::Exact("POST".into())), ..prefix("/") });
     let Filter::RequestMirror(mirror) = &r.rules[1].filters[0] else { panic!("{:?}", r.rules[1].filters) };
     assert_eq!(mirror.fraction, Fraction(1.0), "everything is mirrored by default");
     assert_eq!(mirror.backend.namespace, "shop");
@@ -374,6 +382,7 @@ fn grpc_route_with_service_and_method_matches() {
             headers: vec![exact("x-canary", "yes")],
             query_params: vec![],
             grpc: Some(GrpcMethodMatch { service: svc("helloworld.Greeter"), method: svc("SayHello") }),
+            ..RouteMatch::default()
         }
     );
     assert_eq!(

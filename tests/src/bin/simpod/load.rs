@@ -4,7 +4,9 @@
 //! `retry-after`, the answering backend (`x-simpod-name`) and latency per status. With `--each`,
 //! one line per request too (its start and latency), so a test can look at rates and delays;
 //! with `--seq-header NAME` every request carries its number in that header, so a test can find
-//! it again at the backend (and tell, say, how long it took to get there).
+//! it again at the backend (and tell, say, how long it took to get there). `--tally-header NAME`
+//! also tallies the answers by a response header of the test's choosing (say, which version of
+//! a service answered), and `--method` sends something other than GET.
 //!
 //! Every connection is opened before the first request is sent, and all start together: with
 //! `--connections 50 --count 50` the 50 requests are in flight at the same moment.
@@ -37,6 +39,13 @@ pub struct Args {
     /// Extra request header `Name: value` (repeatable).
     #[arg(long = "header")]
     headers: Vec<String>,
+    /// The request method (sent without a body).
+    #[arg(long, default_value = "GET")]
+    method: String,
+    /// Tally the answers by the value of this response header too (repeatable): the summary's
+    /// `by_header[NAME][VALUE]`, with `(none)` for answers without it.
+    #[arg(long = "tally-header")]
+    tally_headers: Vec<String>,
     /// Keep-alive connections, each with one request at a time.
     #[arg(long, default_value_t = 1)]
     connections: usize,
@@ -78,6 +87,8 @@ struct Record {
     overflow: Option<String>,
     retry_after: Option<String>,
     name: Option<String>,
+    /// The values of the --tally-header headers, in that order.
+    tallied: Vec<Option<String>>,
 }
 
 impl Record {
@@ -94,6 +105,7 @@ impl Record {
             "overflow": self.overflow,
             "retry_after": self.retry_after,
             "name": self.name,
+            "tallied": self.tallied,
         })
     }
 }
@@ -139,9 +151,11 @@ fn request_bytes(a: &Args, id: u64) -> Vec<u8> {
     if let Some(name) = &a.seq_header {
         extra.push_str(&format!("{name}: {id}\r\n"));
     }
+    // A method that may carry a body says it has none, so the server does not wait for one.
+    let length = if a.method == "GET" || a.method == "HEAD" { "" } else { "content-length: 0\r\n" };
     format!(
-        "GET {} HTTP/1.1\r\nhost: {host}\r\nuser-agent: simpod-load\r\naccept: */*\r\n{extra}\r\n",
-        a.path
+        "{} {} HTTP/1.1\r\nhost: {host}\r\nuser-agent: simpod-load\r\naccept: */*\r\n{length}{extra}\r\n",
+        a.method, a.path
     )
     .into_bytes()
 }
@@ -163,6 +177,7 @@ fn one(a: &Args, id: u64, conn: &mut Option<Conn>, index: usize, base: Instant) 
         overflow: None,
         retry_after: None,
         name: None,
+        tallied: Vec::new(),
     };
     if conn.is_none() {
         match open(a) {
@@ -186,6 +201,7 @@ fn one(a: &Args, id: u64, conn: &mut Option<Conn>, index: usize, base: Instant) 
             rec.overflow = get("x-sluice-overflow");
             rec.retry_after = get("retry-after");
             rec.name = get("x-simpod-name");
+            rec.tallied = a.tally_headers.iter().map(|h| get(h)).collect();
             if get("connection").is_some_and(|v| v.eq_ignore_ascii_case("close")) {
                 *conn = None;
             }
@@ -279,6 +295,8 @@ pub fn run(a: Args) -> bool {
     let mut by_flag: BTreeMap<String, u64> = BTreeMap::new();
     let mut by_overflow: BTreeMap<String, u64> = BTreeMap::new();
     let mut by_name: BTreeMap<String, u64> = BTreeMap::new();
+    let mut by_header: BTreeMap<String, BTreeMap<String, u64>> =
+        a.tally_headers.iter().map(|h| (h.clone(), BTreeMap::new())).collect();
     let mut latencies: BTreeMap<String, Vec<f64>> = BTreeMap::new();
     let mut first_error = None;
     let (mut errors, mut with_retry_after, mut ok_count) = (0u64, 0u64, 0u64);
@@ -304,6 +322,10 @@ pub fn run(a: Args) -> bool {
         if let Some(n) = &r.name {
             *by_name.entry(n.clone()).or_default() += 1;
         }
+        for (h, v) in a.tally_headers.iter().zip(&r.tallied) {
+            let value = v.clone().unwrap_or_else(|| "(none)".into());
+            *by_header.entry(h.clone()).or_default().entry(value).or_default() += 1;
+        }
         if r.retry_after.is_some() {
             with_retry_after += 1;
         }
@@ -320,6 +342,7 @@ pub fn run(a: Args) -> bool {
         "by_flag": by_flag,
         "by_overflow": by_overflow,
         "by_name": by_name,
+        "by_header": by_header,
         "with_retry_after": with_retry_after,
         "latency_ms": latency,
         "elapsed_ms": round3(elapsed_ms),
