@@ -246,11 +246,10 @@ impl Resource {
                 field_labels: &[],
                 short_names: &["vs"],
             },
-            // Istio serves DestinationRule at v1, v1beta1 and v1alpha3 (one schema); the fake
-            // serves the versions its ServiceEntries have (sluice reads v1).
+            // Istio serves DestinationRule at v1, v1beta1 and v1alpha3 with one schema.
             Resource::DestinationRules => &Info {
                 group: "networking.istio.io",
-                versions: &["v1", "v1beta1"],
+                versions: &["v1", "v1beta1", "v1alpha3"],
                 plural: "destinationrules",
                 singular: "destinationrule",
                 kind: "DestinationRule",
