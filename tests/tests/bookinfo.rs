@@ -6,8 +6,8 @@
 //! The configuration is `deploy/examples/bookinfo/istio/`, applied file by file as the tasks
 //! apply it. Each behaviour is judged by counts over at least 2 000 requests.
 //!
-//! What runs today and what waits for the Istio kinds: the tests that apply VirtualServices,
-//! DestinationRules, PeerAuthentication, L7 AuthorizationPolicies or RequestAuthentication are
+//! What runs today and what waits for the Istio kinds: VirtualServices and DestinationRules run;
+//! the tests that apply PeerAuthentication, L7 AuthorizationPolicies or RequestAuthentication are
 //! `#[ignore]`d with the branch that brings the kind; they are written against the issue's
 //! semantics and run with `cargo nextest run -p sluice-tests --test bookinfo --run-ignored all`
 //! once those branches are merged (drop the `ignore` then). The same tasks through sluice's own
@@ -137,14 +137,19 @@ impl Bookinfo {
     }
 }
 
-/// `count` of `total` is `percent` % within ±`points` points.
+/// `count` of `total` is `percent` % within ±`points` points, or within 4.5 standard deviations
+/// of the binomial if that is wider: each request picks its backend at random, so ±3 points
+/// on 2000 requests split 50/50 is only 2.7 σ and failed about once in 150 runs (46.2 % seen).
 fn share(what: &str, count: u64, total: u64, percent: f64, points: f64) -> Result<()> {
     let got = count as f64 * 100.0 / total as f64;
+    let p = percent / 100.0;
+    let sigma_points = (p * (1.0 - p) / total as f64).sqrt() * 100.0;
+    let points = points.max(4.5 * sigma_points);
     ensure!(
         (got - percent).abs() <= points,
-        "{what}: {count} of {total} = {got:.1} %, expected {percent} % ± {points} points"
+        "{what}: {count} of {total} = {got:.1} %, expected {percent} % ± {points:.1} points"
     );
-    eprintln!("{what}: {count} of {total} = {got:.1} % (expected {percent} % ± {points})");
+    eprintln!("{what}: {count} of {total} = {got:.1} % (expected {percent} % ± {points:.1})");
     Ok(())
 }
 
@@ -165,7 +170,6 @@ const JASON: &str = "cookie: session=jason";
 
 /// All to v1: destination-rule-all and virtual-service-all-v1; every page shows reviews v1.
 #[test]
-#[ignore = "needs VirtualService and DestinationRule (branches virtual-service, destination-rule)"]
 fn request_routing_sends_everything_to_v1() -> Result<()> {
     let b = Bookinfo::up()?;
     b.apply(&["destination-rule-all.yaml", "virtual-service-all-v1.yaml"])?;
@@ -183,7 +187,6 @@ fn request_routing_sends_everything_to_v1() -> Result<()> {
 
 /// Traffic shifting: 90/10, then 80/20 between v1 and v2, within ±3 points.
 #[test]
-#[ignore = "needs VirtualService and DestinationRule (branches virtual-service, destination-rule)"]
 fn traffic_shifting_90_10_then_80_20() -> Result<()> {
     let b = Bookinfo::up()?;
     b.apply(&[
@@ -209,7 +212,6 @@ fn traffic_shifting_90_10_then_80_20() -> Result<()> {
 
 /// Routing by user: jason's pages from v2, everyone else's from v1.
 #[test]
-#[ignore = "needs VirtualService and DestinationRule (branches virtual-service, destination-rule)"]
 fn jason_is_routed_to_v2() -> Result<()> {
     let b = Bookinfo::up()?;
     b.apply(&[
@@ -259,7 +261,6 @@ fn ratings_direct(b: &Bookinfo, n: u64, conns: usize, extra: &[&str]) -> Result<
 /// Fault injection, delay: ratings waits 7 s for jason only. jason's pages fail their reviews
 /// after productpage's 3 s and one retry; everyone else's are untouched.
 #[test]
-#[ignore = "needs VirtualService and DestinationRule (branches virtual-service, destination-rule)"]
 fn ratings_delay_hits_jason_only() -> Result<()> {
     let b = Bookinfo::up()?;
     b.apply(&[
@@ -303,7 +304,6 @@ fn ratings_delay_hits_jason_only() -> Result<()> {
 /// Fault injection, abort: ratings answers 500 to jason only; jason's page shows reviews v2
 /// without stars ("Ratings service is currently unavailable").
 #[test]
-#[ignore = "needs VirtualService and DestinationRule (branches virtual-service, destination-rule)"]
 fn ratings_abort_hits_jason_only() -> Result<()> {
     let b = Bookinfo::up()?;
     b.apply(&[
@@ -347,7 +347,6 @@ fn ratings_abort_hits_jason_only() -> Result<()> {
 /// DestinationRule subsets: a subset selects its version's pods only; without the
 /// DestinationRule a route to a subset has nowhere to go.
 #[test]
-#[ignore = "needs VirtualService and DestinationRule (branches virtual-service, destination-rule)"]
 fn destination_rule_subsets_select_their_pods() -> Result<()> {
     let b = Bookinfo::up()?;
     // No subsets yet: the route to reviews v3 fails (productpage shows reviews unavailable).
