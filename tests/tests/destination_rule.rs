@@ -6,10 +6,9 @@
 //! anchors, refused with others; ISTIO_MUTUAL and DISABLE towards a mesh Service, which the
 //! HBONE tunnel carries either way).
 //!
-//! Backends are simpod HTTP servers that name themselves in `x-simpod-name`; clients (simpod
-//! `http-load`, curl) run in an enrolled pod of `shop`; sluice sits in between. Subsets need a
-//! route that names one (a VirtualService destination): they are covered by the unit tests of
-//! `discovery::istio::destination_rule` until VirtualService routing lands.
+//! Subsets are reached through a VirtualService destination. Backends are simpod HTTP servers
+//! that name themselves in `x-simpod-name`; clients (simpod `http-load`, curl) run in an
+//! enrolled pod of `shop`; sluice sits in between.
 
 mod common;
 
@@ -196,6 +195,81 @@ fn delta(before: &Value, after: &Value, name: &str) -> i64 {
 fn backend_by_key(s: &LoadSummary) -> Result<BTreeMap<u64, String>> {
     ensure!(s.ok && s.succeeded == s.requests, "every request must succeed: {s:?}");
     s.each.iter().map(|r| Ok((r.id, r.name.clone().context("an answer without x-simpod-name")?))).collect()
+}
+
+// ------------------------------------------------------------------------------ subsets
+
+/// Subsets through a VirtualService: `subset: v1` reaches only the pods labelled version=v1,
+/// `subset: v2` only version=v2; a subset's own trafficPolicy (here consistent hashing) applies
+/// to it alone; a subset no rule defines is 503 `no-cluster`.
+#[test]
+fn virtual_service_subsets_reach_their_pods_with_their_policy() -> Result<()> {
+    let mut w = World::new()?;
+    let mut pods = Vec::new();
+    for (name, version) in [("web-v1-0", "v1"), ("web-v1-1", "v1"), ("web-v1-2", "v1"), ("web-v2-0", "v2")] {
+        let pod = w.node.add_pod("shop", name, PodOpts::labels(&[("app", "web"), ("version", version)]))?;
+        w.servers.insert(name.to_string(), start_http_server(&pod, HTTP_PORT, name, &[])?);
+        wait_enrolled(&w.sluice, &pod)?;
+        pods.push(pod);
+    }
+    w.service("shop", "web", "10.96.3.80", HTTP_PORT, &pods.iter().collect::<Vec<_>>())?;
+    w.rule(
+        "shop",
+        "web",
+        "web",
+        json!({"subsets": [
+            {"name": "v1", "labels": {"version": "v1"},
+             "trafficPolicy": {"loadBalancer": {"consistentHash": {"httpHeaderName": "x-user"}}}},
+            {"name": "v2", "labels": {"version": "v2"}},
+        ]}),
+    )?;
+    let vs = |canary_subset: &str| {
+        json!({"apiVersion": "networking.istio.io/v1", "kind": "VirtualService",
+               "metadata": {"name": "web", "namespace": "shop"},
+               "spec": {"hosts": ["web"], "http": [
+                   {"match": [{"headers": {"x-canary": {"exact": "yes"}}}],
+                    "route": [{"destination": {"host": "web", "subset": canary_subset}}]},
+                   {"route": [{"destination": {"host": "web", "subset": "v1"}}]}]}})
+    };
+    w.apply_ok("vs-web.yaml", &manifest::to_yaml(&[vs("v2")])?)?;
+    let vip = addr("10.96.3.80", 80);
+    let v1 = http_load(
+        &w.client,
+        vip,
+        &["--count", "300", "--connections", "4", "--seq-header", "x-user", "--each"],
+    )?;
+    let v1_keys = backend_by_key(&v1)?;
+    let v1_again = backend_by_key(&http_load(
+        &w.client,
+        vip,
+        &["--count", "300", "--connections", "4", "--seq-header", "x-user", "--each"],
+    )?)?;
+    let canary =
+        http_load(&w.client, vip, &["--count", "100", "--connections", "2", "--header", "x-canary: yes"])?;
+    eprintln!("subsets: v1 {:?}; canary {:?}", v1.by_name, canary.by_name);
+    ensure!(
+        v1.by_name.keys().all(|n| n.starts_with("web-v1-")) && v1.by_name.len() == 3,
+        "subset v1 reaches the three v1 pods only: {:?}",
+        v1.by_name
+    );
+    ensure!(v1_keys == v1_again, "subset v1's consistent hash keeps each x-user on its pod");
+    ensure!(
+        canary.succeeded == 100 && canary.by_name.keys().collect::<Vec<_>>() == ["web-v2-0"],
+        "subset v2 reaches web-v2-0 only: {:?}",
+        canary.by_name
+    );
+
+    w.apply_ok("vs-web.yaml", &manifest::to_yaml(&[vs("v9")])?)?;
+    let missing = w.curl(&["-H", "x-canary: yes", "http://10.96.3.80/"])?;
+    ensure!(
+        missing.status == 503 && missing.flag() == "no-cluster",
+        "a subset the rule does not define: {} {:?} {}",
+        missing.status,
+        missing.headers,
+        missing.body
+    );
+    ensure!(w.curl(&["http://10.96.3.80/"])?.status == 200, "the other rule still works");
+    Ok(())
 }
 
 // ------------------------------------------------------------------------------ load balancing
