@@ -77,6 +77,7 @@ pub enum Resource {
     VirtualServices,
     PeerAuthentications,
     RequestAuthentications,
+    DestinationRules,
 }
 
 struct Info {
@@ -96,7 +97,7 @@ struct Info {
 }
 
 impl Resource {
-    pub const ALL: [Resource; 12] = [
+    pub const ALL: [Resource; 13] = [
         Resource::Namespaces,
         Resource::Pods,
         Resource::Services,
@@ -109,10 +110,11 @@ impl Resource {
         Resource::VirtualServices,
         Resource::PeerAuthentications,
         Resource::RequestAuthentications,
+        Resource::DestinationRules,
     ];
 
     /// The custom resources: a cluster may not have their CRDs installed.
-    pub const CRDS: [Resource; 8] = [
+    pub const CRDS: [Resource; 9] = [
         Resource::AuthorizationPolicies,
         Resource::HttpRoutes,
         Resource::GrpcRoutes,
@@ -121,6 +123,7 @@ impl Resource {
         Resource::VirtualServices,
         Resource::PeerAuthentications,
         Resource::RequestAuthentications,
+        Resource::DestinationRules,
     ];
 
     fn info(self) -> &'static Info {
@@ -271,6 +274,18 @@ impl Resource {
                 builtin: false,
                 field_labels: &[],
                 short_names: &["vs"],
+            },
+            // Istio serves DestinationRule at v1, v1beta1 and v1alpha3 with one schema.
+            Resource::DestinationRules => &Info {
+                group: "networking.istio.io",
+                versions: &["v1", "v1beta1", "v1alpha3"],
+                plural: "destinationrules",
+                singular: "destinationrule",
+                kind: "DestinationRule",
+                namespaced: true,
+                builtin: false,
+                field_labels: &[],
+                short_names: &["dr"],
             },
         }
     }

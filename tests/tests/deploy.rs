@@ -375,6 +375,7 @@ fn rbac_only_reads_what_sluice_watches() -> Result<()> {
         "gateway.networking.k8s.io/grpcroutes",
         "networking.istio.io/serviceentries",
         "networking.istio.io/virtualservices",
+        "networking.istio.io/destinationrules",
         "sluice.dev/trafficpolicies",
     ]
     .map(String::from)

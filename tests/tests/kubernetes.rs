@@ -439,8 +439,8 @@ fn model_follows_the_api_server() -> Result<()> {
     api.compact(Resource::Pods);
     let cut = api.drop_watches();
     assert_eq!(
-        cut, 13,
-        "namespaces, pods ×2, services, endpointslices, authorizationpolicies, httproutes, grpcroutes, trafficpolicies, serviceentries, virtualservices, peerauthentications, requestauthentications"
+        cut, 14,
+        "namespaces, pods ×2, services, endpointslices, authorizationpolicies, httproutes, grpcroutes, trafficpolicies, serviceentries, virtualservices, peerauthentications, requestauthentications, destinationrules"
     );
     // Made while disconnected: they must arrive from the history on resume.
     api.apply(objects::pod(&objects::PodSpec {
@@ -494,7 +494,7 @@ fn model_follows_the_api_server() -> Result<()> {
     // --- A dropped connection: the change made meanwhile arrives on resume, without a relist ---
     wait_all_watching(&api)?;
     let services_before = api.stats(Resource::Services);
-    assert_eq!(api.drop_watches(), 13);
+    assert_eq!(api.drop_watches(), 14);
     let with_metrics =
         [("echo", ECHO_PORT, ECHO_PORT), ("http", HTTP_PORT, HTTP_TARGET_PORT), ("metrics", 9090, 9090)];
     api.apply(objects::service("shop", "web", VIP, &with_metrics, &[("app", "web")]))?;
@@ -551,6 +551,7 @@ fn runs_without_the_optional_crds() -> Result<()> {
     assert_eq!(m["traffic_policies"], json!([]));
     assert_eq!(m["service_entries"], json!([]));
     assert_eq!(m["virtual_services"], json!([]));
+    assert_eq!(m["destination_rules"], json!([]));
     assert_eq!(m["errors"], json!([]), "a missing CRD is not an object error");
     // It keeps asking (with backoff), and says it only once per resource.
     for crd in Resource::CRDS {
@@ -565,6 +566,7 @@ fn runs_without_the_optional_crds() -> Result<()> {
         "virtualservices",
         "peerauthentications",
         "requestauthentications",
+        "destinationrules",
     ] {
         let said = sluice.log_contents().matches(&format!("does not serve {plural}")).count();
         assert_eq!(said, 1, "{plural} logged once:\n{}", sluice.log_contents());
@@ -600,6 +602,11 @@ fn runs_without_the_optional_crds() -> Result<()> {
         "api",
         json!({"hosts": ["api"], "http": [{"route": [{"destination": {"host": "api"}}]}]}),
     ))?;
+    api.apply(objects::destination_rule(
+        "shop",
+        "api",
+        json!({"host": "api", "trafficPolicy": {"loadBalancer": {"simple": "ROUND_ROBIN"}}}),
+    ))?;
     // The retries come at the backoff's pace (doubling from 0.8 s, with jitter).
     sluice.wait_for(
         "/model",
@@ -611,12 +618,13 @@ fn runs_without_the_optional_crds() -> Result<()> {
                 && keys(&m["virtual_services"]) == set(&["shop/api"])
                 && keys(&m["peer_authentications"]) == set(&["istio-system/default"])
                 && keys(&m["request_authentications"]) == set(&["shop/jwt"])
+                && keys(&m["destination_rules"]) == set(&["shop/api"])
         },
         Duration::from_secs(40),
     )?;
     assert_eq!(
         sluice.log_contents().matches("serves this resource now").count(),
-        8,
+        9,
         "{}",
         sluice.log_contents()
     );

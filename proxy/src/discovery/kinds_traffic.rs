@@ -84,6 +84,7 @@ pub(crate) const DEFAULT_OUTLIER: OutlierDetection = OutlierDetection {
     base_ejection_time: Duration::from_secs(30),
     max_ejection_percent: 10,
     min_health_percent: 0,
+    split_local_origin: false,
 };
 pub(crate) const DEFAULT_ABORT_STATUS: u16 = 503;
 pub(crate) const DEFAULT_RATE_LIMIT_STATUS: u16 = 429;
@@ -394,6 +395,7 @@ fn outlier_detection(node: &Node<'_>) -> Result<OutlierDetection, DocError> {
         base_ejection_time: positive_duration(node, "baseEjectionTime", d.base_ejection_time)?,
         max_ejection_percent: u32_or(node, "maxEjectionPercent", 0, 100, d.max_ejection_percent)?,
         min_health_percent: u32_or(node, "minHealthPercent", 0, 100, d.min_health_percent)?,
+        split_local_origin: false,
     };
     if od.consecutive_5xx == 0 && od.consecutive_gateway_errors == 0 && od.consecutive_connect_failures == 0 {
         return Err(node.invalid(

@@ -231,6 +231,14 @@ pub(crate) const KINDS: &[KindSpec] = &[
         name_rule: NameRule::Dns1123Subdomain,
         parse: super::istio::virtual_service::parse,
     },
+    KindSpec {
+        kind: Kind::DestinationRule,
+        // Istio serves all three with the same schema (v1 since Istio 1.22).
+        api_versions: &["networking.istio.io/v1", "networking.istio.io/v1beta1", "networking.istio.io/v1alpha3"],
+        namespaced: true,
+        name_rule: NameRule::Dns1123Subdomain,
+        parse: super::istio::destination_rule::destination_rule,
+    },
 ];
 
 /// Parses a whole file within [`Limits::DEFAULT`]. Returns every object in document order, or

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use serde::Serialize;
 
 use super::istio::virtual_service::VirtualService;
+use super::istio::destination_rule::DestinationRule;
 use super::route::{Route, RouteKind};
 use super::traffic::{OutboundPolicy, ServiceEntry, TrafficPolicy};
 
@@ -383,6 +384,7 @@ pub enum Kind {
     VirtualService,
     PeerAuthentication,
     RequestAuthentication,
+    DestinationRule,
 }
 
 impl Kind {
@@ -400,6 +402,7 @@ impl Kind {
             Kind::VirtualService => "VirtualService",
             Kind::PeerAuthentication => "PeerAuthentication",
             Kind::RequestAuthentication => "RequestAuthentication",
+            Kind::DestinationRule => "DestinationRule",
         }
     }
 }
@@ -454,6 +457,7 @@ pub enum Object {
     VirtualService(Arc<VirtualService>),
     PeerAuthentication(Arc<PeerAuthentication>),
     RequestAuthentication(Arc<RequestAuthentication>),
+    DestinationRule(Arc<DestinationRule>),
 }
 
 impl Object {
@@ -470,6 +474,7 @@ impl Object {
             Object::VirtualService(_) => Kind::VirtualService,
             Object::PeerAuthentication(_) => Kind::PeerAuthentication,
             Object::RequestAuthentication(_) => Kind::RequestAuthentication,
+            Object::DestinationRule(_) => Kind::DestinationRule,
         }
     }
 
@@ -486,6 +491,7 @@ impl Object {
             Object::VirtualService(o) => (o.namespace.as_str(), o.name.as_str()),
             Object::PeerAuthentication(o) => (o.namespace.as_str(), o.name.as_str()),
             Object::RequestAuthentication(o) => (o.namespace.as_str(), o.name.as_str()),
+            Object::DestinationRule(o) => (o.namespace.as_str(), o.name.as_str()),
         };
         ObjectKey { kind: self.kind(), namespace: namespace.to_owned(), name: name.to_owned() }
     }

@@ -15,6 +15,7 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
+use super::istio::destination_rule::{DestinationRule, DrIndex};
 use super::manifest::{self, Format, ParseError};
 use super::model::{
     AddressType, AuthorizationPolicy, EndpointSlice, Namespace, Object, PeerAuthMode, PeerAuthentication, Pod,
@@ -195,6 +196,9 @@ pub struct Model {
     entries_by_host: HashMap<String, Box<[Arc<ServiceEntry>]>>,
     /// `*.suffix` host → entries by `suffix`, by rank.
     entries_by_wildcard: HashMap<String, Box<[Arc<ServiceEntry>]>>,
+    destination_rules: ByNsName<DestinationRule>,
+    /// Every DestinationRule resolved against the Services and ServiceEntries above.
+    dr_index: DrIndex,
 }
 
 impl Model {
@@ -240,6 +244,7 @@ impl Model {
                 Object::RequestAuthentication(o) => {
                     insert(&mut m.request_authentications, o, |r| (&r.namespace, &r.name))
                 }
+                Object::DestinationRule(o) => insert(&mut m.destination_rules, o, |r| (&r.namespace, &r.name)),
             }
         }
         m.index_services();
@@ -254,7 +259,23 @@ impl Model {
             m.virtual_services.values().flat_map(|n| n.values()),
         );
         m.compile_route_tables(vs);
+        m.dr_index = DrIndex::build(&m);
         m
+    }
+
+    /// Every DestinationRule, in force or not, in no particular order.
+    pub fn destination_rules(&self) -> impl Iterator<Item = &Arc<DestinationRule>> {
+        self.destination_rules.values().flat_map(|m| m.values())
+    }
+
+    pub fn destination_rule(&self, namespace: &str, name: &str) -> Option<&Arc<DestinationRule>> {
+        self.destination_rules.get(namespace)?.get(name)
+    }
+
+    /// The DestinationRules resolved per destination, subset and port (see
+    /// [`DrIndex::destination`]).
+    pub fn destination_rule_index(&self) -> &DrIndex {
+        &self.dr_index
     }
 
     /// For every target, the TrafficPolicy in force: the oldest of those naming it (see

@@ -140,6 +140,10 @@ pub struct OutlierDetection {
     pub max_ejection_percent: u32,
     /// Ejection pauses when fewer endpoints than this share are healthy (0).
     pub min_health_percent: u32,
+    /// Connection failures (errors of sluice's own making, "local origin") count only towards
+    /// `consecutive_connect_failures`, not as 5xx or gateway errors (Istio's
+    /// `splitExternalLocalOriginErrors`; false by default, as in Istio).
+    pub split_local_origin: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]

@@ -32,6 +32,10 @@ pub struct ModelView {
     pub traffic_policies: Vec<TrafficPolicyView>,
     /// Istio ServiceEntries.
     pub service_entries: Vec<ServiceEntryView>,
+    /// Istio DestinationRules as parsed (in force or not: see which applies to a client in
+    /// the README's "DestinationRule"), and the counts of their resolved index.
+    pub destination_rules: Vec<crate::discovery::istio::destination_rule::DestinationRule>,
+    pub destination_rule_index: crate::discovery::istio::destination_rule::DrIndexStats,
     /// Istio VirtualServices, with what they apply to in this model.
     pub virtual_services: Vec<VirtualServiceView>,
     /// Istio PeerAuthentications (absent from the JSON when there are none).
@@ -411,6 +415,12 @@ impl Model {
             routes,
             traffic_policies,
             service_entries,
+            destination_rules: {
+                let mut rules: Vec<_> = self.destination_rules().map(|r| (**r).clone()).collect();
+                rules.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+                rules
+            },
+            destination_rule_index: self.destination_rule_index().stats,
             virtual_services,
             peer_authentications,
             request_authentications,

@@ -82,6 +82,19 @@ pub enum LbPolicy {
     Random,
 }
 
+/// How one request chooses among its endpoints: the node's `--lb-policy`, a policy a
+/// DestinationRule set for its destination, or a consistent hash of a request key.
+#[derive(Debug, Clone, Copy, Default)]
+pub enum Choice<'a> {
+    #[default]
+    Node,
+    Policy(LbPolicy),
+    /// The endpoint `hash` maps to: through `table` when it was built over exactly the
+    /// endpoints picked from, else by rendezvous hashing. An endpoint that is ejected or
+    /// already tried passes the key on to the next one (the next in the table).
+    Hash { hash: u64, table: Option<&'a super::maglev::Maglev> },
+}
+
 /// Tuning of peak-EWMA.
 #[derive(Debug, Clone, Copy)]
 pub struct EwmaConfig {
@@ -422,6 +435,65 @@ impl Balancer {
         self.pick_avoiding_at(backend_key, endpoints, avoid, min_health_percent, Instant::now())
     }
 
+    /// As [`Balancer::pick_avoiding`], choosing as `choice` says.
+    pub fn pick_with(
+        &self,
+        backend_key: u64,
+        endpoints: &[SocketAddr],
+        avoid: &[SocketAddr],
+        min_health_percent: u32,
+        choice: Choice<'_>,
+    ) -> Option<(SocketAddr, InFlight)> {
+        let now = Instant::now();
+        match choice {
+            Choice::Node => self.pick_avoiding_at(backend_key, endpoints, avoid, min_health_percent, now),
+            Choice::Policy(policy) => {
+                self.pick_avoiding_as(policy, backend_key, endpoints, avoid, min_health_percent, now)
+            }
+            Choice::Hash { hash, table } => self.pick_hashed(hash, table, endpoints, avoid, min_health_percent, now),
+        }
+    }
+
+    /// Consistent hashing: the table's (or rendezvous's) endpoint for `hash`, passing over
+    /// endpoints that are ejected (unless too few would be left, as in any pick) or already
+    /// tried (unless all were).
+    fn pick_hashed(
+        &self,
+        hash: u64,
+        table: Option<&super::maglev::Maglev>,
+        endpoints: &[SocketAddr],
+        avoid: &[SocketAddr],
+        min_health_percent: u32,
+        now: Instant,
+    ) -> Option<(SocketAddr, InFlight)> {
+        if endpoints.is_empty() {
+            return None;
+        }
+        // The table indexes exactly the list it was built over; any other list (DNS answers,
+        // a list the control path did not build a table for) hashes by rendezvous.
+        // (The same list, not an equal one: the plan hands out the list the table holds.)
+        let table = table.filter(|t| std::ptr::eq(t.endpoints().as_ptr(), endpoints.as_ptr()) && t.endpoints().len() == endpoints.len());
+        let i = if avoid.is_empty() && !self.any_ejected(now) {
+            match table {
+                Some(t) => t.lookup(hash),
+                None => super::maglev::rendezvous(hash, endpoints, |_| true)?,
+            }
+        } else {
+            let ejected: Vec<bool> =
+                endpoints.iter().map(|a| self.endpoint(*a).is_some_and(|l| l.is_ejected(now))).collect();
+            let healthy = ejected.iter().filter(|e| !**e).count();
+            let honour_ejections = healthy > 0 && healthy * 100 >= endpoints.len() * min_health_percent as usize;
+            let usable = |i: usize| !(honour_ejections && ejected[i]);
+            let any_fresh = (0..endpoints.len()).any(|i| usable(i) && !avoid.contains(&endpoints[i]));
+            let allowed = |i: usize| usable(i) && (!any_fresh || !avoid.contains(&endpoints[i]));
+            match table {
+                Some(t) => t.lookup_allowed(hash, allowed)?,
+                None => super::maglev::rendezvous(hash, endpoints, allowed)?,
+            }
+        };
+        Some(self.take(endpoints, i, now))
+    }
+
     fn pick_avoiding_at(
         &self,
         backend_key: u64,
@@ -430,8 +502,20 @@ impl Balancer {
         min_health_percent: u32,
         now: Instant,
     ) -> Option<(SocketAddr, InFlight)> {
+        self.pick_avoiding_as(self.policy, backend_key, endpoints, avoid, min_health_percent, now)
+    }
+
+    fn pick_avoiding_as(
+        &self,
+        policy: LbPolicy,
+        backend_key: u64,
+        endpoints: &[SocketAddr],
+        avoid: &[SocketAddr],
+        min_health_percent: u32,
+        now: Instant,
+    ) -> Option<(SocketAddr, InFlight)> {
         if avoid.is_empty() && !self.any_ejected(now) {
-            return self.pick_at(backend_key, endpoints, now);
+            return self.pick_as(policy, backend_key, endpoints, now);
         }
         // An address without state was never ejected.
         let healthy: Vec<SocketAddr> = endpoints
@@ -447,7 +531,7 @@ impl Balancer {
             };
         let fresh: Vec<SocketAddr> = usable.iter().copied().filter(|a| !avoid.contains(a)).collect();
         let set = if fresh.is_empty() { usable } else { &fresh[..] };
-        self.pick_at(backend_key, set, now)
+        self.pick_as(policy, backend_key, set, now)
     }
 
     /// Feeds outlier detection with one outcome of `endpoint` (a member of `set`, the
@@ -503,6 +587,10 @@ impl Balancer {
                     st.gateway += 1;
                     st.connect = 0;
                 }
+                Outcome::ConnectFailure if cfg.split_local_origin => {
+                    // Counted on its own: a 5xx streak of the application goes on.
+                    st.connect += 1;
+                }
                 Outcome::ConnectFailure => {
                     st.c5xx += 1;
                     st.gateway += 1;
@@ -555,7 +643,17 @@ impl Balancer {
         endpoints: &[SocketAddr],
         now: Instant,
     ) -> Option<(SocketAddr, InFlight)> {
-        let i = match (endpoints.len(), self.policy) {
+        self.pick_as(self.policy, backend_key, endpoints, now)
+    }
+
+    fn pick_as(
+        &self,
+        policy: LbPolicy,
+        backend_key: u64,
+        endpoints: &[SocketAddr],
+        now: Instant,
+    ) -> Option<(SocketAddr, InFlight)> {
+        let i = match (endpoints.len(), policy) {
             (0, _) => return None,
             (1, _) => 0,
             (n, LbPolicy::Random) => fastrand::usize(..n),
@@ -587,6 +685,11 @@ impl Balancer {
                 }
             }
         };
+        Some(self.take(endpoints, i, now))
+    }
+
+    /// Marks a request in flight to `endpoints[i]`.
+    fn take(&self, endpoints: &[SocketAddr], i: usize, now: Instant) -> (SocketAddr, InFlight) {
         let addr = endpoints[i];
         // One candidate: nothing to balance, so no state is made for it (a pod dialling
         // addresses outside any Service must not grow the map); an endpoint that has one
@@ -597,7 +700,7 @@ impl Balancer {
             load.requests.fetch_add(1, Ordering::Relaxed);
             load.last_pick.store(self.nanos(now), Ordering::Relaxed);
         }
-        Some((addr, InFlight { load, started: now, tau_ns: self.cfg.tau.as_nanos() as f64 }))
+        (addr, InFlight { load, started: now, tau_ns: self.cfg.tau.as_nanos() as f64 })
     }
 
     fn load(&self, addr: SocketAddr, now: Instant) -> Arc<EndpointLoad> {
@@ -871,6 +974,10 @@ mod tests {
 
     #[test]
     fn pending_requests_spread_concurrent_load() {
+        // The cheaper of two candidates wins only with a probability: unseeded, about 1 run in
+        // 75 fell outside 6..=14 (measured 4 in 300). Seeded, the run is reproducible and still
+        // fails if pending requests stop weighing in (then the spread is a fair coin's).
+        fastrand::seed(0x5eed);
         let b = Balancer::new(LbPolicy::P2cEwma, EwmaConfig::default());
         let eps = addrs(3);
         let held: Vec<_> = (0..30).map(|_| b.pick(1, &eps).unwrap()).collect();
@@ -893,6 +1000,7 @@ mod tests {
             base_ejection_time: Duration::from_millis(200),
             max_ejection_percent: 50,
             min_health_percent: 0,
+            split_local_origin: false,
         }
     }
 
@@ -1175,6 +1283,64 @@ mod tests {
         b.retain(|a| *a != eps[1]);
         assert!(!b.any_ejected(t0 + Duration::from_secs(1)), "no ejected endpoint is left");
         assert_eq!(b.ejected(t0), 0);
+    }
+
+    #[test]
+    fn a_policy_per_destination_overrides_the_nodes() {
+        let b = Balancer::new(LbPolicy::P2cEwma, EwmaConfig::default());
+        let eps = addrs(3);
+        let picks: Vec<_> =
+            (0..6).map(|_| b.pick_with(4, &eps, &[], 0, Choice::Policy(LbPolicy::RoundRobin)).unwrap().0).collect();
+        assert_eq!(picks, [eps[0], eps[1], eps[2], eps[0], eps[1], eps[2]]);
+        let mut counts = HashMap::new();
+        for _ in 0..3000 {
+            *counts.entry(b.pick_with(5, &eps, &[], 0, Choice::Policy(LbPolicy::Random)).unwrap().0).or_insert(0) += 1;
+        }
+        assert!(counts.values().all(|c| (800..=1200).contains(c)), "{counts:?}");
+    }
+
+    /// Consistent hashing: a key keeps its endpoint, keys spread over all endpoints, an
+    /// ejected endpoint's keys go elsewhere and come back, and a retry goes to another one.
+    #[test]
+    fn consistent_hash_is_sticky_and_spreads() {
+        use super::super::maglev::{key_hash, Maglev, DEFAULT_TABLE_SIZE};
+        let b = Balancer::new(LbPolicy::P2cEwma, EwmaConfig::default());
+        let eps: Arc<[SocketAddr]> = addrs(4).into();
+        let table = Maglev::build(eps.clone(), DEFAULT_TABLE_SIZE);
+        let pick = |hash: u64, avoid: &[SocketAddr], with_table: bool| {
+            let table = with_table.then_some(&table);
+            b.pick_with(1, &eps, avoid, 0, Choice::Hash { hash, table }).unwrap().0
+        };
+        let mut spread = HashMap::new();
+        for user in 0..2000u32 {
+            let h = key_hash(format!("user-{user}").as_bytes());
+            let first = pick(h, &[], true);
+            assert!((0..5).all(|_| pick(h, &[], true) == first), "sticky");
+            *spread.entry(first).or_insert(0) += 1;
+            // Without the table (rendezvous) it is sticky too.
+            let r = pick(h, &[], false);
+            assert_eq!(r, pick(h, &[], false));
+            // A retry avoids the endpoint it tried.
+            assert_ne!(pick(h, &[first], true), first);
+        }
+        assert!(spread.values().all(|c| (400..=600).contains(c)), "{spread:?}");
+        // An ejected endpoint's keys move, the others' stay.
+        let cfg = OutlierDetection { consecutive_5xx: 1, base_ejection_time: Duration::from_secs(60), max_ejection_percent: 50, ..outlier_cfg() };
+        b.record_outcome(eps[1], Outcome::Error5xx, &cfg, &eps).unwrap();
+        for user in 0..500u32 {
+            let h = key_hash(format!("user-{user}").as_bytes());
+            let before = eps[table.lookup(h)];
+            let now = pick(h, &[], true);
+            if before == eps[1] {
+                assert_ne!(now, eps[1]);
+            } else {
+                assert_eq!(now, before, "keys of healthy endpoints do not move");
+            }
+        }
+        // A table over another list is not used for this one.
+        let other = Maglev::build(addrs(2).into(), 257);
+        let (a, _) = b.pick_with(1, &eps, &[], 0, Choice::Hash { hash: 7, table: Some(&other) }).unwrap();
+        assert!(eps.contains(&a));
     }
 
     #[test]

@@ -236,7 +236,9 @@ async fn run(
             wire,
             breaker: None,
             tls: None,
+            istio_mutual: None,
             connect_timeout: dp.connect_timeout,
+            idle_timeout: None,
         };
         let attempt = async {
             match dp.l7.upstreams.send(&dial, req).await {

@@ -16,6 +16,7 @@ pub mod filters;
 pub mod inbound;
 pub mod io;
 pub mod limits;
+pub mod maglev;
 pub mod mirror;
 pub mod observe;
 pub mod plan;

@@ -14,6 +14,12 @@
 //! local rate limit) comes from the policy on the matched HTTPRoute, else the Service the
 //! client dialled, else the backend Service; destination-level behaviour (circuit breaker,
 //! outlier detection, connect timeout, TLS origination) from the backend the request goes to.
+//!
+//! An Istio DestinationRule of that backend adds what TrafficPolicy has no field for (subsets,
+//! load balancing, consistent hashing, ISTIO_MUTUAL) and fills in the destination-level
+//! settings TrafficPolicy leaves unset: where both set one group (connection limits, outlier
+//! detection, connect timeout, TLS), the TrafficPolicy wins, as sluice's own and more specific
+//! API (it can target one Service port or one route; see the design notes).
 
 use std::{
     net::SocketAddr,
@@ -28,8 +34,13 @@ use super::{
     filters,
     mirror::{self, MirrorTarget},
     server::ConnCtx,
-    upstream::TlsTarget,
+    balance::{Choice, LbPolicy},
+    maglev::{self, Maglev},
+    upstream::{IstioMutual, TlsTarget},
     Body,
+};
+use crate::discovery::istio::destination_rule::{
+    Client, ClientTls, HashKey, LoadBalancer, PolicyLevel, Resolved, TlsMode,
 };
 use crate::discovery::{
     istio::subset::resolve_subset,
@@ -84,6 +95,110 @@ pub struct Plan {
     pub breaker: Option<CircuitBreaker>,
     pub outlier: Option<OutlierDetection>,
     pub tls: Option<TlsTarget>,
+    /// How an endpoint is chosen (a DestinationRule's `loadBalancer`; the node's policy
+    /// otherwise).
+    pub lb: PlanLb,
+    /// A DestinationRule's ISTIO_MUTUAL, for endpoints outside the mesh (an error when the
+    /// rule names no server identity to verify).
+    pub istio_mutual: Option<Result<IstioMutual, String>>,
+    /// A DestinationRule's `http.idleTimeout`.
+    pub idle_timeout: Option<Duration>,
+    /// `namespace/name` of the DestinationRule in force (and the subset), for logs.
+    pub destination_rule: Option<Arc<str>>,
+}
+
+/// How the plan's endpoint is chosen.
+#[derive(Debug, Clone, Default)]
+pub enum PlanLb {
+    #[default]
+    Node,
+    Policy(LbPolicy),
+    /// Consistent hashing of a request key, through `table` when the control path built one
+    /// over exactly the plan's endpoints.
+    Hash { key: HashKey, table: Option<Arc<Maglev>> },
+}
+
+/// The hash key a request carries, and the cookie to set when it had none.
+pub struct HashChoice {
+    pub hash: Option<u64>,
+    /// `Set-Cookie` for the response (a cookie key with a `ttl`, missing from the request).
+    pub set_cookie: Option<http::HeaderValue>,
+}
+
+impl PlanLb {
+    /// The key of this request (computed before the request is sent on; a missing key picks
+    /// a random endpoint, as Envoy does).
+    pub fn hash_of(&self, parts: &request::Parts, source: std::net::IpAddr) -> HashChoice {
+        let PlanLb::Hash { key, .. } = self else { return HashChoice { hash: None, set_cookie: None } };
+        match key {
+            HashKey::Header { name } => HashChoice {
+                hash: parts.headers.get(name.as_str()).map(|v| maglev::key_hash(v.as_bytes())),
+                set_cookie: None,
+            },
+            HashKey::SourceIp => {
+                let ip = source.to_canonical();
+                let bytes = match ip {
+                    std::net::IpAddr::V4(v4) => v4.octets().to_vec(),
+                    std::net::IpAddr::V6(v6) => v6.octets().to_vec(),
+                };
+                HashChoice { hash: Some(maglev::key_hash(&bytes)), set_cookie: None }
+            }
+            HashKey::QueryParameter { name } => HashChoice {
+                hash: parts.uri.query().and_then(|q| {
+                    form_urlencoded::parse(q.as_bytes())
+                        .find(|(k, _)| k == name.as_str())
+                        .map(|(_, v)| maglev::key_hash(v.as_bytes()))
+                }),
+                set_cookie: None,
+            },
+            HashKey::Cookie { name, path, ttl } => match request_cookie(&parts.headers, name) {
+                Some(v) => HashChoice { hash: Some(maglev::key_hash(v.as_bytes())), set_cookie: None },
+                // Envoy's rule: with a ttl, a request without the cookie gets one (a ttl of 0
+                // makes a session cookie), and is hashed by the new value.
+                None => match ttl {
+                    None => HashChoice { hash: None, set_cookie: None },
+                    Some(ttl) => {
+                        let value = format!("{:016x}", fastrand::u64(..));
+                        let mut cookie = format!("{name}=\"{value}\"");
+                        if let Some(p) = path {
+                            cookie.push_str("; Path=");
+                            cookie.push_str(p);
+                        }
+                        if !ttl.is_zero() {
+                            cookie.push_str(&format!("; Max-Age={}", ttl.as_secs().max(1)));
+                        }
+                        cookie.push_str("; HttpOnly");
+                        HashChoice {
+                            hash: Some(maglev::key_hash(format!("\"{value}\"").as_bytes())),
+                            set_cookie: http::HeaderValue::from_str(&cookie).ok(),
+                        }
+                    }
+                },
+            },
+        }
+    }
+
+    /// The balancer's choice for a request with `hash`.
+    pub fn choice(&self, hash: Option<u64>) -> Choice<'_> {
+        match (self, hash) {
+            (PlanLb::Node, _) => Choice::Node,
+            (PlanLb::Policy(p), _) => Choice::Policy(*p),
+            (PlanLb::Hash { table, .. }, Some(hash)) => Choice::Hash { hash, table: table.as_deref() },
+            (PlanLb::Hash { .. }, None) => Choice::Policy(LbPolicy::Random),
+        }
+    }
+}
+
+/// The value of cookie `name` in the request's `Cookie` headers, as sent (quotes included).
+fn request_cookie<'a>(headers: &'a http::HeaderMap, name: &str) -> Option<&'a str> {
+    headers
+        .get_all(http::header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|kv| kv.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v)
 }
 
 impl Plan {
@@ -103,7 +218,120 @@ impl Plan {
             breaker: None,
             outlier: None,
             tls: None,
+            lb: PlanLb::Node,
+            istio_mutual: None,
+            idle_timeout: None,
+            destination_rule: None,
         }
+    }
+
+    /// Applies the destination-level settings of a DestinationRule, under those of the
+    /// TrafficPolicy `policy` (already applied by [`Plan::with_destination`]), which wins
+    /// each group both set. `passthrough` is where PASSTHROUGH sends the request; `host` the
+    /// destination's name for SNI.
+    fn with_destination_rule(
+        mut self,
+        rule: &Resolved,
+        policy: Option<&Arc<TrafficPolicy>>,
+        ctx: &ConnCtx,
+        passthrough: SocketAddr,
+        host: &str,
+    ) -> Result<Plan, ProxyError> {
+        let p = &rule.policy;
+        let tp = policy.map(|p| &**p);
+        self.apply_rule_policy(p, tp, passthrough, |eps| rule_table(rule, eps));
+        let tp_tls = tp.is_some_and(|t| t.tls.is_some());
+        match &p.tls {
+            Some(t) if !tp_tls => self.apply_rule_tls(t, ctx, host)?,
+            _ => {}
+        }
+        self.destination_rule = Some(match &rule.subset {
+            Some(s) => format!("{} subset {s}", rule.rule).into(),
+            None => rule.rule.clone(),
+        });
+        Ok(self)
+    }
+
+    /// The rule's merged policy `p` but its TLS, under the TrafficPolicy `tp` (which wins each
+    /// group it sets: circuit breaker, connect timeout, outlier detection). `table` finds the
+    /// Maglev table built over the plan's endpoints.
+    fn apply_rule_policy(
+        &mut self,
+        p: &PolicyLevel,
+        tp: Option<&TrafficPolicy>,
+        passthrough: SocketAddr,
+        table: impl FnOnce(&Arc<[SocketAddr]>) -> Option<Arc<Maglev>>,
+    ) {
+        if let Some(pool) = &p.connection_pool {
+            if tp.is_none_or(|t| t.circuit_breaker.is_none()) {
+                let cb = CircuitBreaker {
+                    max_connections: pool.max_connections,
+                    max_pending_requests: pool.max_pending_requests,
+                    max_requests: pool.max_requests,
+                    max_retries: pool.max_retries,
+                    max_requests_per_connection: pool.max_requests_per_connection,
+                };
+                self.breaker = (cb != CircuitBreaker::default()).then_some(cb);
+            }
+            if tp.is_none_or(|t| t.timeouts.connect.is_none()) {
+                self.connect_timeout = pool.connect_timeout.or(self.connect_timeout);
+            }
+            self.idle_timeout = pool.idle_timeout;
+        }
+        if tp.is_none_or(|t| t.outlier_detection.is_none()) {
+            self.outlier = p.outlier_detection.or(self.outlier);
+        }
+        self.lb = match &p.load_balancer {
+            None | Some(LoadBalancer::Default) => PlanLb::Node,
+            Some(LoadBalancer::RoundRobin) => PlanLb::Policy(LbPolicy::RoundRobin),
+            // Envoy's LEAST_REQUEST is power of two choices over requests in flight; sluice's
+            // P2C weighs requests in flight by peak-EWMA latency, which is the same choice
+            // between equally fast endpoints.
+            Some(LoadBalancer::LeastRequest) => PlanLb::Policy(LbPolicy::P2cEwma),
+            Some(LoadBalancer::Random) => PlanLb::Policy(LbPolicy::Random),
+            Some(LoadBalancer::Passthrough) => {
+                // No balancing: to the address the client dialled (for a Service, its
+                // ClusterIP, which the node's kube-proxy or CNI then balances).
+                self.endpoints = Endpoints::Known(Arc::from([passthrough].as_slice()));
+                PlanLb::Node
+            }
+            Some(LoadBalancer::ConsistentHash(ch)) => {
+                let table = match &self.endpoints {
+                    Endpoints::Known(eps) => table(eps),
+                    Endpoints::Dns { .. } => None,
+                };
+                PlanLb::Hash { key: ch.key.clone(), table }
+            }
+        };
+    }
+
+    fn apply_rule_tls(&mut self, t: &ClientTls, ctx: &ConnCtx, host: &str) -> Result<(), ProxyError> {
+        let sni = t.sni.as_deref().unwrap_or(host);
+        match t.mode {
+            TlsMode::Disable => {}
+            TlsMode::Simple | TlsMode::Mutual => {
+                let config = ctx
+                    .dp
+                    .l7
+                    .tls_origin
+                    .rule_config(t)
+                    .map_err(|e| ProxyError::BadBackend(format!("TLS origination: {e}")))?;
+                let server_name = rustls_pki_types::ServerName::try_from(sni.to_owned()).map_err(|e| {
+                    ProxyError::BadBackend(format!("TLS origination: {sni:?} is not a server name: {e}"))
+                })?;
+                self.tls = Some(TlsTarget { config, server_name, sni: sni.into() });
+            }
+            TlsMode::IstioMutual => {
+                self.istio_mutual = Some(match t.subject_alt_names.first() {
+                    Some(id) => id
+                        .parse::<crate::identity::SpiffeId>()
+                        .map(|server| IstioMutual { server, sni: sni.into() })
+                        .map_err(|e| format!("ISTIO_MUTUAL: subjectAltNames: {e}")),
+                    None => Err("ISTIO_MUTUAL towards a destination outside the mesh needs subjectAltNames naming the server's SPIFFE ID".into()),
+                });
+            }
+        }
+        Ok(())
     }
 
     /// Applies the destination-level settings of the backend's policy.
@@ -151,13 +379,32 @@ pub fn decide(model: &Model, ctx: &ConnCtx, parts: &mut request::Parts, grpc: bo
     if let Some(decision) = routed(model, ctx, parts, grpc, tables, port, dialled_policy)? {
         return Ok(decision);
     }
-    // No route decides: the Service's own endpoints.
+    // No route decides: the Service's own endpoints (of the ClusterIP's family), as a
+    // DestinationRule in force shapes them.
+    let rule = model.destination_rule_index().destination(dr_client(model, ctx), svc.namespace(), svc.name(), port, None);
+    let rule = match rule {
+        None => None,
+        Some(Ok(r)) => Some(r),
+        Some(Err(why)) => return Err(ProxyError::NoCluster(why)),
+    };
+    let endpoints = match rule {
+        Some(r) => r.endpoints_of(AddressType::of(ctx.orig.ip())).0.clone(),
+        None => svc.endpoints().clone(),
+    };
     let plan = Plan::simple(
         format!("{}/{}:{port}", svc.namespace(), svc.name()),
-        svc.endpoints().clone(),
+        endpoints,
         balance_key(svc.namespace(), svc.name(), port),
-    );
-    Ok(Decision::Forward(plan.with_request_policies(&[dialled_policy]).with_destination(dialled_policy)))
+    )
+    .with_request_policies(&[dialled_policy])
+    .with_destination(dialled_policy);
+    Ok(Decision::Forward(match rule {
+        Some(r) => {
+            let host = crate::discovery::istio::service_fqdn(svc.namespace(), svc.name());
+            plan.with_destination_rule(r, dialled_policy, ctx, ctx.orig, &host)?
+        }
+        None => plan,
+    }))
 }
 
 /// The request through the chain of route tables of its destination: `None` when no table
@@ -220,14 +467,6 @@ fn routed(
         let msg = format!("backend {}/{}: {why}", backend.namespace, backend.name);
         return Err(if istio { ProxyError::NoCluster(msg) } else { ProxyError::BadBackend(msg) });
     }
-    let mut plan = match backend.kind {
-        BackendKind::ServiceEntry => entry_backend(model, ctx, backend)?,
-        BackendKind::Service => service_backend(model, ctx, backend, istio)?,
-    };
-    if let Some(resp) = apply_filters(&backend.filters, sel, ctx, model, parts, service_port, &mut response_filters, &mut mirrors) {
-        return Ok(Some(Decision::Respond(resp, response_filters)));
-    }
-    let route_policy = model.traffic_policy_for_route(sel.route.kind, &sel.route.namespace, &sel.route.name);
     let backend_policy = match backend.kind {
         BackendKind::Service => {
             let target = backend.port.and_then(|p| model.service_port(&backend.namespace, &backend.name, p));
@@ -235,6 +474,16 @@ fn routed(
         }
         BackendKind::ServiceEntry => model.traffic_policy_for_service_entry(&backend.namespace, &backend.name),
     };
+    // Destination-level settings come with the backend's plan: its TrafficPolicy, then its
+    // DestinationRule (the entry's plan sets its own).
+    let mut plan = match backend.kind {
+        BackendKind::ServiceEntry => entry_backend(model, ctx, backend)?,
+        BackendKind::Service => service_backend(model, ctx, backend, istio, backend_policy)?,
+    };
+    if let Some(resp) = apply_filters(&backend.filters, sel, ctx, model, parts, service_port, &mut response_filters, &mut mirrors) {
+        return Ok(Some(Decision::Respond(resp, response_filters)));
+    }
+    let route_policy = model.traffic_policy_for_route(sel.route.kind, &sel.route.namespace, &sel.route.name);
     plan.request_timeout = sel.rule.timeouts.request;
     plan.attempt_timeout = sel.rule.timeouts.backend_request;
     plan.response_filters = response_filters;
@@ -248,16 +497,20 @@ fn routed(
         .clone()
         .or_else(|| route_policy.and_then(|p| p.retries.clone()))
         .or_else(|| sel.rule.retry.as_ref().map(route_retry));
-    let plan = plan.with_request_policies(&[route_policy, dialled_policy, backend_policy]);
-    Ok(Some(Decision::Forward(match backend.kind {
-        BackendKind::Service => plan.with_destination(backend_policy),
-        // Set by the entry's plan (its policy, its TLS origination).
-        BackendKind::ServiceEntry => plan,
-    })))
+    Ok(Some(Decision::Forward(plan.with_request_policies(&[route_policy, dialled_policy, backend_policy]))))
 }
 
-/// A Service port chosen by a rule, or one of its DestinationRule subsets.
-fn service_backend(model: &Model, ctx: &ConnCtx, backend: &BackendRef, istio: bool) -> Result<Plan, ProxyError> {
+/// A Service port chosen by a rule, or one of its DestinationRule subsets: the endpoints (the
+/// subset's, as the DestinationRule in force for this client defines it), preferring the family
+/// the client dialled, and the destination-level settings (its TrafficPolicy `policy`, then the
+/// rule, see [`Plan::with_destination_rule`]).
+fn service_backend(
+    model: &Model,
+    ctx: &ConnCtx,
+    backend: &BackendRef,
+    istio: bool,
+    policy: Option<&Arc<TrafficPolicy>>,
+) -> Result<Plan, ProxyError> {
     let target = backend.port.and_then(|p| model.service_port(&backend.namespace, &backend.name, p)).ok_or_else(|| {
         let msg = format!(
             "backend Service {}/{} port {} does not exist",
@@ -271,22 +524,47 @@ fn service_backend(model: &Model, ctx: &ConnCtx, backend: &BackendRef, istio: bo
             ProxyError::BadBackend(msg)
         }
     })?;
-    let bport = target.port().port;
+    let (ns, name, bport) = (&backend.namespace, &backend.name, target.port().port);
+    let subset = backend.subset.as_deref();
     // The family the client dialled, if the backend has it (see "Dual stack" in the design
     // notes).
-    let endpoints = target.endpoints_preferring(AddressType::of(ctx.orig.ip())).clone();
-    Ok(match &backend.subset {
-        None => Plan::simple(
-            format!("{}/{}:{bport}", backend.namespace, backend.name),
-            endpoints,
-            balance_key(&backend.namespace, &backend.name, bport),
-        ),
+    let family = AddressType::of(ctx.orig.ip());
+    // An unknown subset is a cluster Istio would not have generated: 503 no-cluster, as Envoy.
+    let rule = match model.destination_rule_index().destination(dr_client(model, ctx), ns, name, bport, subset) {
+        None => match subset {
+            Some(s) => {
+                return Err(ProxyError::NoCluster(format!(
+                    "subset {s:?} of {ns}/{name}: no DestinationRule for this client defines subsets of the Service"
+                )))
+            }
+            None => None,
+        },
+        Some(Ok(r)) => Some(r),
+        Some(Err(why)) => return Err(ProxyError::NoCluster(why)),
+    };
+    let endpoints = match rule {
+        Some(r) => r.endpoints_preferring(family).0.clone(),
+        None => target.endpoints_preferring(family).clone(),
+    };
+    let plan = match subset {
+        None => Plan::simple(format!("{ns}/{name}:{bport}"), endpoints, balance_key(ns, name, bport)),
         Some(subset) => Plan::simple(
-            format!("{}/{}:{bport}/{subset}", backend.namespace, backend.name),
-            subset_endpoints(model, &backend.namespace, &backend.name, subset, &endpoints).map_err(ProxyError::NoCluster)?,
-            balance_key(&backend.namespace, &format!("{}|{subset}", backend.name), bport),
+            format!("{ns}/{name}:{bport}/{subset}"),
+            endpoints,
+            balance_key(ns, &format!("{name}|{subset}"), bport),
         ),
-    })
+    }
+    .with_destination(policy);
+    match rule {
+        None => Ok(plan),
+        Some(r) => {
+            // PASSTHROUGH goes to the Service's own address of the client's family.
+            let vip = target.service().cluster_ips.iter().find(|ip| AddressType::of(**ip) == family);
+            let passthrough = vip.map_or(ctx.orig, |ip| SocketAddr::new(*ip, bport));
+            let host = crate::discovery::istio::service_fqdn(ns, name);
+            plan.with_destination_rule(r, policy, ctx, passthrough, &host)
+        }
+    }
 }
 
 /// The endpoints of a Service's subset: those whose pod carries the subset's labels.
@@ -421,6 +699,11 @@ fn service_entry_plan(
     let mut plan = Plan::simple(key, Arc::from([].as_slice()), balance);
     plan.endpoints = endpoints;
     let mut plan = plan.with_request_policies(&[policy]).with_destination(policy);
+    let rule = model.destination_rule_index().service_entry(dr_client(model, ctx), &entry.namespace, &entry.name, port.number);
+    if let Some(rule) = rule {
+        let sni_host = host.clone().unwrap_or_else(|| entry.name.clone());
+        plan = plan.with_destination_rule(rule, policy, ctx, ctx.orig, &sni_host)?;
+    }
     if let Some(tls) = policy.and_then(|p| p.tls.as_ref().map(|t| (p, t))) {
         let (p, t) = tls;
         let sni = t.sni.clone().or(host).ok_or_else(|| {
@@ -457,6 +740,29 @@ fn apply_filters(
     None
 }
 
+/// The Maglev table of `rule` built over exactly `endpoints` (the list the plan hands to the
+/// balancer), if there is one.
+fn rule_table(rule: &Resolved, endpoints: &Arc<[SocketAddr]>) -> Option<Arc<Maglev>> {
+    [AddressType::IPv4, AddressType::IPv6]
+        .into_iter()
+        .filter_map(|f| {
+            let (eps, table) = rule.endpoints_of(f);
+            Arc::ptr_eq(eps, endpoints).then(|| table.cloned()).flatten()
+        })
+        .next()
+}
+
+/// Who asks, as DestinationRule selection needs it: the client's namespace, and its labels
+/// only when some rule selects clients by labels.
+pub fn dr_client<'a>(model: &'a Model, ctx: &'a ConnCtx) -> Client<'a> {
+    let labels = model
+        .destination_rule_index()
+        .needs_labels()
+        .then(|| model.pod(&ctx.pod.namespace, &ctx.pod.name).map(|p| &p.labels))
+        .flatten();
+    Client { namespace: &ctx.pod.namespace, labels }
+}
+
 /// A backend by weight (weight 0 never); `None` if no backend has weight.
 pub(crate) fn pick_backend(backends: &[BackendRef]) -> Option<&BackendRef> {
     let total: u64 = backends.iter().map(|b| u64::from(b.weight)).sum();
@@ -478,3 +784,7 @@ pub(crate) fn pick_backend(backends: &[BackendRef]) -> Option<&BackendRef> {
 pub fn fault_applies(matches: &[(String, String)], headers: &http::HeaderMap) -> bool {
     matches.iter().all(|(name, value)| headers.get_all(name.as_str()).iter().any(|v| v.as_bytes() == value.as_bytes()))
 }
+
+#[cfg(test)]
+#[path = "plan_dr_tests.rs"]
+mod dr_tests;

@@ -174,6 +174,9 @@ async fn forward(req: Request<Body>, ctx: &Arc<ConnCtx>, grpc: bool, obs: &mut O
         }
     };
     apply_request_policy(&plan, ctx, &parts, grpc).await?;
+    // A consistent hash's key is read before the request moves on (and a cookie is made for a
+    // request that has none, when the policy says so).
+    let hashed = plan.lb.hash_of(&parts, ctx.entry.source_addr.ip());
     let endpoints = match &plan.endpoints {
         Endpoints::Known(eps) => eps.clone(),
         Endpoints::Dns { host, port, service_entry } => {
@@ -226,7 +229,7 @@ async fn forward(req: Request<Body>, ctx: &Arc<ConnCtx>, grpc: bool, obs: &mut O
     loop {
         let (endpoint, inflight) = l7
             .balancer
-            .pick_avoiding(plan.balance_key, &endpoints, &tried, min_health)
+            .pick_with(plan.balance_key, &endpoints, &tried, min_health, plan.lb.choice(hashed.hash))
             .ok_or_else(|| ProxyError::NoEndpoints(plan.backend.clone()))?;
         tried.push(endpoint);
         if let Err(target) = ctx.dp.loop_guard.check_upstream(&ctx.dp.model.load(), endpoint) {
@@ -249,8 +252,14 @@ async fn forward(req: Request<Body>, ctx: &Arc<ConnCtx>, grpc: bool, obs: &mut O
                 return Err(ProxyError::NoCertificate(ctx.pod.identity.to_string()));
             }
         }
+        // ISTIO_MUTUAL matters only outside the mesh (towards a mesh pod, the tunnel is it).
+        let istio_mutual = match (&mesh_peer, &plan.istio_mutual) {
+            (None, Some(Err(why))) => return Err(ProxyError::BadBackend(why.clone())),
+            (None, Some(Ok(m))) => Some(m.clone()),
+            _ => None,
+        };
         obs.upstream = Some(endpoint);
-        obs.mtls = mesh_peer.is_some();
+        obs.mtls = mesh_peer.is_some() || istio_mutual.is_some();
         obs.destination.principal = mesh_peer.as_ref().map(|p| Arc::from(p.to_string()));
         let dial = Dial {
             pod: &ctx.pod,
@@ -260,7 +269,9 @@ async fn forward(req: Request<Body>, ctx: &Arc<ConnCtx>, grpc: bool, obs: &mut O
             wire: ctx.wire,
             breaker: breaker.clone(),
             tls: plan.tls.clone(),
+            istio_mutual,
             connect_timeout: plan.connect_timeout.unwrap_or(ctx.dp.connect_timeout),
+            idle_timeout: plan.idle_timeout,
         };
         let attempt_deadline = match (deadline, plan.attempt_timeout.map(|t| tokio::time::Instant::now() + t)) {
             (Some(a), Some(b)) => Some(a.min(b)),
@@ -324,13 +335,16 @@ async fn forward(req: Request<Body>, ctx: &Arc<ConnCtx>, grpc: bool, obs: &mut O
                 for m in &plan.response_filters {
                     filters::modify_headers(resp.headers_mut(), m);
                 }
+                if let Some(cookie) = &hashed.set_cookie {
+                    resp.headers_mut().append(header::SET_COOKIE, cookie.clone());
+                }
                 let resp = resp.map(|b: super::upstream::UpstreamBody| -> Body {
                     match (deadline, plan.request_timeout) {
                         (Some(at), Some(limit)) => Deadline::new(b, at, limit).boxed(),
                         _ => b.map_err(Into::into).boxed(),
                     }
                 });
-                debug!(pod = %ctx.pod.key, backend = %plan.backend, %endpoint, status = resp.status().as_u16(), attempt, "proxied");
+                debug!(pod = %ctx.pod.key, backend = %plan.backend, destination_rule = plan.destination_rule.as_deref(), %endpoint, status = resp.status().as_u16(), attempt, "proxied");
                 drop(retry_slot);
                 return Ok(resp);
             }

@@ -98,8 +98,12 @@ struct Key {
     src_pod: u32,
     endpoint: SocketAddr,
     wire: Wire,
-    /// The TLS server name when sluice originates TLS.
-    tls: Option<Arc<str>>,
+    /// The TLS server name when sluice originates TLS, and the identity of the client
+    /// configuration (its address): a connection made under other trust anchors, another
+    /// client certificate or other subjectAltNames (a policy or DestinationRule edited a moment
+    /// ago) is not reused. A pooled connection holds its configuration alive, so the address
+    /// cannot be reused by another configuration while the connection is in the pool.
+    tls: Option<(Arc<str>, usize)>,
 }
 
 /// Why an upstream request got no response.
@@ -211,7 +215,22 @@ pub struct Dial<'a> {
     /// The destination's circuit breaker and its limits (connections, pending requests).
     pub breaker: Option<(Arc<Breaker>, CircuitBreaker)>,
     pub tls: Option<TlsTarget>,
+    /// A DestinationRule's ISTIO_MUTUAL towards a destination outside the mesh: mTLS with the
+    /// source pod's own certificate, the server verified as this SPIFFE ID (towards an
+    /// enrolled pod the HBONE tunnel is that already).
+    pub istio_mutual: Option<IstioMutual>,
     pub connect_timeout: Duration,
+    /// An idle pooled HTTP/1.1 connection is not reused after this (a DestinationRule's
+    /// `http.idleTimeout`, when shorter than sluice's own).
+    pub idle_timeout: Option<Duration>,
+}
+
+/// ISTIO_MUTUAL origination towards a destination outside the mesh.
+#[derive(Debug, Clone)]
+pub struct IstioMutual {
+    pub server: SpiffeId,
+    /// The SNI sent (Istio sends the destination's host).
+    pub sni: Arc<str>,
 }
 
 /// Counters for the admin API.
@@ -248,6 +267,8 @@ struct H1Conn {
     requests: u32,
     /// Its socket's admission unit (`None` inside a tunnel: the tunnel holds the unit).
     unit: Option<Arc<Lease>>,
+    /// How long it may sit idle in the pool (at most [`IDLE_TIMEOUT`]).
+    idle_timeout: Duration,
 }
 
 struct IdleH1 {
@@ -337,7 +358,13 @@ impl Upstreams {
     }
 
     fn key(d: &Dial<'_>, wire: Wire) -> Key {
-        Key { src_pod: d.pod.pod_id, endpoint: d.endpoint, wire, tls: d.tls.as_ref().map(|t| t.sni.clone()) }
+        let tls = match (&d.tls, &d.istio_mutual) {
+            (Some(t), _) => Some((t.sni.clone(), Arc::as_ptr(&t.config) as usize)),
+            // Its own pool entries: the same SNI over plain TLS is another connection.
+            (None, Some(m)) => Some((format!("istio-mutual:{}:{}", m.server, m.sni).into(), 0)),
+            (None, None) => None,
+        };
+        Key { src_pod: d.pod.pod_id, endpoint: d.endpoint, wire, tls }
     }
 
     async fn send_h1(
@@ -421,7 +448,7 @@ impl Upstreams {
         let mut pools = self.h1.lock().unwrap_or_else(|p| p.into_inner());
         let idle = pools.get_mut(key)?;
         while let Some(c) = idle.pop() {
-            if !c.conn.sender.is_closed() && c.since.elapsed() < IDLE_TIMEOUT && reusable(&c.conn.tunnel) {
+            if !c.conn.sender.is_closed() && c.since.elapsed() < c.conn.idle_timeout && reusable(&c.conn.tunnel) {
                 return Some(c.conn);
             }
         }
@@ -454,7 +481,8 @@ impl Upstreams {
                 debug!(%endpoint, error = %e, "upstream connection ended");
             }
         });
-        Ok(H1Conn { sender, tunnel, requests: 0, unit })
+        let idle_timeout = d.idle_timeout.map_or(IDLE_TIMEOUT, |t| t.min(IDLE_TIMEOUT));
+        Ok(H1Conn { sender, tunnel, requests: 0, unit, idle_timeout })
     }
 
     async fn send_h2(
@@ -653,11 +681,12 @@ impl Upstreams {
             };
             match l4::open_tunnel(d.pod, d.dp, peer, d.endpoint, Some(hint)).await {
                 Ok(t) => {
-                    return Ok((
-                        Stream::Tunnel { io: TunnelIo::new(t.send, t.recv), _slot: t.slot },
-                        Some(t.watch),
-                        None,
-                    ))
+                    let io = TunnelIo::new(t.send, t.recv);
+                    let Some(tls) = &d.tls else {
+                        return Ok((Stream::Tunnel { io, _slot: t.slot }, Some(t.watch), None));
+                    };
+                    let tls = self.tls_handshake(d, tls, io).await?;
+                    return Ok((Stream::TlsTunnel { tls: Box::new(tls), _slot: t.slot }, Some(t.watch), None));
                 }
                 // Plaintext only to a destination that accepts it (see `plaintext_fallback`).
                 Err(e) if e.is_unreachable() => {
@@ -689,21 +718,33 @@ impl Upstreams {
         let tcp = l4::connect(&d.pod.netns, d.endpoint, d.connect_timeout)
             .await
             .map_err(|source| UpstreamError::Connect { endpoint: d.endpoint, source })?;
-        let Some(tls) = &d.tls else {
-            return Ok((Stream::Tcp(tcp), None, unit));
+        let istio;
+        let tls = match (&d.tls, &d.istio_mutual) {
+            (Some(tls), _) => tls,
+            (None, Some(m)) => {
+                istio = istio_mutual_target(d, m)?;
+                &istio
+            }
+            (None, None) => return Ok((Stream::Tcp(tcp), None, unit)),
         };
-        let handshake =
-            tokio_rustls::TlsConnector::from(tls.config.clone()).connect(tls.server_name.clone(), tcp);
+        let stream = self.tls_handshake(d, tls, tcp).await?;
+        Ok((Stream::Tls(Box::new(stream)), None, unit))
+    }
+
+    /// Originates TLS over `io` within the connect timeout.
+    async fn tls_handshake<IO: AsyncRead + AsyncWrite + Unpin>(
+        &self,
+        d: &Dial<'_>,
+        tls: &TlsTarget,
+        io: IO,
+    ) -> Result<tokio_rustls::client::TlsStream<IO>, UpstreamError> {
+        let handshake = tokio_rustls::TlsConnector::from(tls.config.clone()).connect(tls.server_name.clone(), io);
         let stream = tokio::time::timeout(d.connect_timeout, handshake)
             .await
             .unwrap_or_else(|_| Err(io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out")))
-            .map_err(|source| UpstreamError::Tls {
-                endpoint: d.endpoint,
-                server_name: tls.sni.clone(),
-                source,
-            })?;
+            .map_err(|source| UpstreamError::Tls { endpoint: d.endpoint, server_name: tls.sni.clone(), source })?;
         self.counters.tls_originated.fetch_add(1, Ordering::Relaxed);
-        Ok((Stream::Tls(Box::new(stream)), None, unit))
+        Ok(stream)
     }
 
     /// Closes idle HTTP/1.1 connections past their time and evicts HTTP/2 connections that
@@ -713,7 +754,7 @@ impl Upstreams {
         let mut h1 = self.h1.lock().unwrap_or_else(|p| p.into_inner());
         h1.retain(|_, idle| {
             idle.retain(|c| {
-                c.conn.sender.is_ready() && c.since.elapsed() < IDLE_TIMEOUT && reusable(&c.conn.tunnel)
+                c.conn.sender.is_ready() && c.since.elapsed() < c.conn.idle_timeout && reusable(&c.conn.tunnel)
             });
             !idle.is_empty()
         });
@@ -750,6 +791,25 @@ impl Upstreams {
     pub fn h2_stats(&self) -> &PoolStats {
         &self.h2.stats
     }
+}
+
+/// The client configuration of ISTIO_MUTUAL towards a destination outside the mesh: the mesh
+/// configuration of (source identity, expected server), with Istio's ALPN for the HTTP version
+/// (what a sidecar's inbound listener selects on). Built per new connection, not per request.
+fn istio_mutual_target(d: &Dial<'_>, m: &IstioMutual) -> Result<TlsTarget, UpstreamError> {
+    let tls_error = |e: String| UpstreamError::Tls {
+        endpoint: d.endpoint,
+        server_name: m.sni.clone(),
+        source: io::Error::other(e),
+    };
+    let base = d.dp.identity.client_config(&d.pod.identity, m.server.clone()).map_err(|e| tls_error(e.to_string()))?;
+    let mut config = (*base).clone();
+    config.alpn_protocols = vec![match d.wire {
+        Wire::Http1 => b"istio-http/1.1".to_vec(),
+        Wire::Http2 => b"istio-h2".to_vec(),
+    }];
+    let server_name = ServerName::try_from(m.sni.to_string()).map_err(|e| tls_error(e.to_string()))?;
+    Ok(TlsTarget { config: Arc::new(config), server_name, sni: m.sni.clone() })
 }
 
 /// A new HTTP/2 connection over what `dial` opens, and the task that is to drive it.
@@ -1028,6 +1088,12 @@ enum Stream {
         _slot: TunnelSlot,
     },
     Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+    /// TLS that sluice originates inside an HBONE stream (a DestinationRule's SIMPLE or
+    /// MUTUAL towards an enrolled pod that serves TLS itself).
+    TlsTunnel {
+        tls: Box<tokio_rustls::client::TlsStream<TunnelIo>>,
+        _slot: TunnelSlot,
+    },
     #[cfg(test)]
     Mem(tokio::io::DuplexStream),
 }
@@ -1038,6 +1104,7 @@ impl AsyncRead for UpstreamIo {
             Stream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
             Stream::Tunnel { io: s, .. } => Pin::new(s).poll_read(cx, buf),
             Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            Stream::TlsTunnel { tls: s, .. } => Pin::new(s.as_mut()).poll_read(cx, buf),
             #[cfg(test)]
             Stream::Mem(s) => Pin::new(s).poll_read(cx, buf),
         }
@@ -1050,6 +1117,7 @@ impl AsyncWrite for UpstreamIo {
             Stream::Tcp(s) => Pin::new(s).poll_write(cx, buf),
             Stream::Tunnel { io: s, .. } => Pin::new(s).poll_write(cx, buf),
             Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+            Stream::TlsTunnel { tls: s, .. } => Pin::new(s.as_mut()).poll_write(cx, buf),
             #[cfg(test)]
             Stream::Mem(s) => Pin::new(s).poll_write(cx, buf),
         }
@@ -1064,6 +1132,7 @@ impl AsyncWrite for UpstreamIo {
             Stream::Tcp(s) => Pin::new(s).poll_write_vectored(cx, bufs),
             Stream::Tunnel { io: s, .. } => Pin::new(s).poll_write_vectored(cx, bufs),
             Stream::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+            Stream::TlsTunnel { tls: s, .. } => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
             #[cfg(test)]
             Stream::Mem(s) => Pin::new(s).poll_write_vectored(cx, bufs),
         }
@@ -1074,6 +1143,7 @@ impl AsyncWrite for UpstreamIo {
             Stream::Tcp(s) => s.is_write_vectored(),
             Stream::Tunnel { io: s, .. } => s.is_write_vectored(),
             Stream::Tls(s) => s.is_write_vectored(),
+            Stream::TlsTunnel { tls: s, .. } => s.is_write_vectored(),
             #[cfg(test)]
             Stream::Mem(s) => s.is_write_vectored(),
         }
@@ -1084,6 +1154,7 @@ impl AsyncWrite for UpstreamIo {
             Stream::Tcp(s) => Pin::new(s).poll_flush(cx),
             Stream::Tunnel { io: s, .. } => Pin::new(s).poll_flush(cx),
             Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+            Stream::TlsTunnel { tls: s, .. } => Pin::new(s.as_mut()).poll_flush(cx),
             #[cfg(test)]
             Stream::Mem(s) => Pin::new(s).poll_flush(cx),
         }
@@ -1094,6 +1165,7 @@ impl AsyncWrite for UpstreamIo {
             Stream::Tcp(s) => Pin::new(s).poll_shutdown(cx),
             Stream::Tunnel { io: s, .. } => Pin::new(s).poll_shutdown(cx),
             Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+            Stream::TlsTunnel { tls: s, .. } => Pin::new(s.as_mut()).poll_shutdown(cx),
             #[cfg(test)]
             Stream::Mem(s) => Pin::new(s).poll_shutdown(cx),
         }

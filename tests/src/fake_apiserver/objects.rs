@@ -458,6 +458,11 @@ pub fn virtual_service(namespace: &str, name: &str, spec: Value) -> Value {
     kubectl_applied("networking.istio.io/v1", "VirtualService", namespace, name, spec)
 }
 
+/// An Istio DestinationRule as `kubectl apply` leaves it.
+pub fn destination_rule(namespace: &str, name: &str, spec: Value) -> Value {
+    kubectl_applied("networking.istio.io/v1", "DestinationRule", namespace, name, spec)
+}
+
 /// A namespaced custom resource with `spec`, kubectl-applied (client side): the
 /// last-applied-configuration annotation and its managedFields entry.
 fn kubectl_applied(

@@ -476,6 +476,7 @@ fn traffic_policies_and_service_entries_are_served_like_their_crds() {
         json!([
             {"groupVersion": "networking.istio.io/v1", "version": "v1"},
             {"groupVersion": "networking.istio.io/v1beta1", "version": "v1beta1"},
+            {"groupVersion": "networking.istio.io/v1alpha3", "version": "v1alpha3"},
         ])
     );
     let (code, list) = c.get("/apis/sluice.dev/v1alpha1");
@@ -518,6 +519,8 @@ fn traffic_policies_and_service_entries_are_served_like_their_crds() {
     // Without the CRDs: 404, and the groups are gone from discovery.
     s.set_installed(Resource::TrafficPolicies, false);
     s.set_installed(Resource::ServiceEntries, false);
+    s.set_installed(Resource::VirtualServices, false);
+    s.set_installed(Resource::DestinationRules, false);
     assert_eq!(c.get("/apis/sluice.dev/v1alpha1/trafficpolicies").0, 404);
     assert_eq!(c.get("/apis/networking.istio.io/v1/serviceentries").0, 404);
     let apis = c.get("/apis").1;

@@ -16,12 +16,12 @@
 //!   pod update that changes none of its fields (most are status conditions) does not rebuild
 //!   the model. Unscheduled pods match this selector too; they have no IP yet and are skipped.
 //!
-//! Istio's AuthorizationPolicy, PeerAuthentication, RequestAuthentication, ServiceEntry and
-//! VirtualService, the Gateway API's HTTPRoute and GRPCRoute and sluice's own TrafficPolicy are
-//! CRDs: a cluster without Istio's (or the Gateway API's, or
-//! sluice's) CRDs does not serve them, and sluice then carries on without policies (or routes,
-//! TrafficPolicies, ServiceEntries), see [`WatchSpec::optional`]. Routes, VirtualServices,
-//! TrafficPolicies and ServiceEntries are watched cluster-wide: a consumer route in any namespace may name a Service
+//! Istio's AuthorizationPolicy, PeerAuthentication, RequestAuthentication, ServiceEntry,
+//! VirtualService and DestinationRule, the Gateway API's HTTPRoute and GRPCRoute and sluice's own
+//! TrafficPolicy are CRDs: a cluster without Istio's (or the Gateway API's, or sluice's) CRDs does
+//! not serve them, and sluice then carries on without them (policies, routes, TrafficPolicies,
+//! ServiceEntries, DestinationRules), see [`WatchSpec::optional`]. Routes, VirtualServices,
+//! DestinationRules, TrafficPolicies and ServiceEntries are watched cluster-wide: a consumer route in any namespace may name a Service
 //! a local pod talks to, and a local pod may call any Service or external host.
 
 use ::kube::core::ApiResource;
@@ -132,6 +132,18 @@ pub(crate) fn virtual_service_resource() -> ApiResource {
     }
 }
 
+/// The group/version sluice reads Istio's DestinationRules at. v1 is served by Istio 1.22 and
+/// later, with the same schema as v1beta1 and v1alpha3.
+pub(crate) fn destination_rule_resource() -> ApiResource {
+    ApiResource {
+        group: "networking.istio.io".into(),
+        version: "v1".into(),
+        api_version: "networking.istio.io/v1".into(),
+        kind: "DestinationRule".into(),
+        plural: "destinationrules".into(),
+    }
+}
+
 /// Every watch, in the order their objects are fed to the model.
 pub(crate) fn watches() -> Vec<WatchSpec> {
     let spec = |label, resource, kind, namespaced, nodes, optional| WatchSpec {
@@ -199,5 +211,6 @@ pub(crate) fn watches() -> Vec<WatchSpec> {
             All,
             true,
         ),
+        spec("destinationrules", destination_rule_resource(), Kind::DestinationRule, true, All, true),
     ]
 }

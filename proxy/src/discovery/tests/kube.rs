@@ -93,6 +93,7 @@ fn nothing_is_published_from_half_a_start() {
         "virtualservices",
         "peerauthentications",
         "requestauthentications",
+        "destinationrules",
     ];
     for (i, w) in watches().iter().enumerate() {
         assert_eq!(w.optional, optional.contains(&w.label), "{}", w.label);

@@ -122,6 +122,7 @@ fn bookinfo_policies_parse_to_the_expected_model() {
             base_ejection_time: secs(30),
             max_ejection_percent: 50,
             min_health_percent: 0,
+            split_local_origin: false,
         }),
         circuit_breaker: Some(CircuitBreaker {
             max_connections: Some(1024),
@@ -218,6 +219,7 @@ fn defaults_of_the_crd() {
             base_ejection_time: secs(30),
             max_ejection_percent: 10,
             min_health_percent: 0,
+            split_local_origin: false,
         })
     );
     assert_eq!(p.circuit_breaker, Some(CircuitBreaker::default()), "0 requests per connection: no limit");

@@ -54,6 +54,10 @@ pub struct HttpsServerArgs {
     /// Extra subject alternative names (DNS names or IPs; repeatable), as for tls-echo-server.
     #[arg(long = "san")]
     sans: Vec<String>,
+    /// Require a client certificate issued by a certificate of this PEM file (mutual TLS); the
+    /// answers then carry `client_cert_sha256`, the client certificate's fingerprint.
+    #[arg(long)]
+    client_ca: Option<PathBuf>,
     #[command(flatten)]
     behaviour: HttpBehaviourArgs,
 }
@@ -111,13 +115,14 @@ fn alpn_list(v: &[String]) -> Vec<Vec<u8>> {
 }
 
 fn server_config(a: &ServerArgs) -> Result<(Arc<ServerConfig>, Vec<String>), String> {
-    make_server_config(&a.cert_out, &a.sans, &a.alpn)
+    make_server_config(&a.cert_out, &a.sans, &a.alpn, None)
 }
 
 fn make_server_config(
     cert_out: &Path,
     extra_sans: &[String],
     alpn: &[String],
+    client_ca: Option<&Path>,
 ) -> Result<(Arc<ServerConfig>, Vec<String>), String> {
     let mut sans = vec![DEFAULT_NAME.to_string()];
     sans.extend(local_ips().iter().map(|ip| ip.to_string()));
@@ -131,10 +136,25 @@ fn make_server_config(
     write_atomic(cert_out, &cert.pem())
         .map_err(|e| format!("writing {}: {}", cert_out.display(), err_str(&e)))?;
     let key = PrivateKeyDer::Pkcs8(key.serialize_der().into());
-    let mut config = ServerConfig::builder_with_provider(provider())
+    let builder = ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
-        .and_then(|b| b.with_no_client_auth().with_single_cert(vec![cert.der().clone()], key))
         .map_err(|e| e.to_string())?;
+    let builder = match client_ca {
+        None => builder.with_no_client_auth(),
+        Some(path) => {
+            let pem = fs::read(path).map_err(|e| format!("reading {}: {}", path.display(), err_str(&e)))?;
+            let mut roots = RootCertStore::empty();
+            for c in CertificateDer::pem_slice_iter(&pem) {
+                roots.add(c.map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
+            }
+            let verifier =
+                rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+                    .build()
+                    .map_err(|e| e.to_string())?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let mut config = builder.with_single_cert(vec![cert.der().clone()], key).map_err(|e| e.to_string())?;
     config.alpn_protocols = alpn_list(alpn);
     Ok((Arc::new(config), sans))
 }
@@ -152,7 +172,7 @@ pub fn server(a: ServerArgs) -> bool {
 }
 
 pub fn https_server(a: HttpsServerArgs) -> bool {
-    let (config, sans) = match make_server_config(&a.cert_out, &a.sans, &[]) {
+    let (config, sans) = match make_server_config(&a.cert_out, &a.sans, &[], a.client_ca.as_deref()) {
         Ok(c) => c,
         Err(e) => {
             emit(json!({"event": "error", "stage": "certificate", "error": e}));
@@ -191,6 +211,9 @@ fn https_conn(s: TcpStream, config: Arc<ServerConfig>, behaviour: &HttpBehaviour
     extra.insert("tls".into(), json!(true));
     extra.insert("sni".into(), json!(sni));
     extra.insert("tls_version".into(), version);
+    if let Some(cert) = tls.conn.peer_certificates().and_then(|c| c.first()) {
+        extra.insert("client_cert_sha256".into(), json!(hex(&Sha256::digest(cert.as_ref()))));
+    }
     let mut r = BufReader::new(tls);
     http_exchanges(&mut r, &peer, behaviour, &extra);
     let tls = r.get_mut();
