@@ -57,6 +57,13 @@ fn app_saw(servers: &[SimProcess]) -> usize {
         .count()
 }
 
+/// Waits until the application logged a connection or request: its stdout is read by a
+/// thread of the test process, so a line the server wrote before answering may not have been
+/// read yet when the client has its answer.
+fn app_sees(servers: &[SimProcess]) -> Result<()> {
+    sluice_tests::poll_until(T, || (app_saw(servers) >= 1).then_some(())).context("no connection logged")
+}
+
 /// curl from `pod`: (status, `x-sluice-error` header if any).
 fn http_status(pod: &Pod, to: SocketAddr) -> Result<(u16, Option<String>)> {
     let url = format!("http://{to}/");
@@ -210,7 +217,7 @@ fn no_plaintext_to_a_strict_pod_without_a_certificate() -> Result<()> {
     })
     .context("never reached the pod through its tunnel after the CA came back")?;
     eprintln!("after the CA came back: {through}");
-    ensure!(app_saw(&servers) >= 1, "the application never saw the tunnelled connection");
+    app_sees(&servers).context("the application never saw the tunnelled connection")?;
     Ok(())
 }
 
@@ -279,6 +286,6 @@ fn a_taken_tunnel_port_keeps_the_enrollment_and_is_retried() -> Result<()> {
     .context("the tunnel port never opened after it was freed")?;
     eprintln!("through the tunnel once the port was free: {through}");
     // Under STRICT with no plaintext fallback, a success is the tunnel.
-    ensure!(app_saw(&servers) >= 1, "the application never saw the tunnelled connection");
+    app_sees(&servers).context("the application never saw the tunnelled connection")?;
     Ok(())
 }
