@@ -368,7 +368,11 @@ fn together_they_make_one_model() {
     let in_force = index.in_force("bookinfo", "reviews");
     assert_eq!(
         in_force,
-        [("clients in namespace bookinfo".to_owned(), "bookinfo/reviews".to_owned(), vec!["v1".into(), "v2".into(), "v3".into()])],
+        [(
+            "clients in namespace bookinfo".to_owned(),
+            "bookinfo/reviews".to_owned(),
+            vec!["v1".into(), "v2".into(), "v3".into()]
+        )],
         "exportTo: [.] keeps the rule to bookinfo's clients"
     );
 }
