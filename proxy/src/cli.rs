@@ -793,6 +793,10 @@ pub fn routes(ep: &AdminEndpoint, service: Option<&str>, out: Output) -> Result<
         } else {
             s.push_str(&format!("{} {} port {port}\n", v.kind, v.service));
         }
+        for d in &v.destination_rules {
+            let subsets = if d.subsets.is_empty() { String::new() } else { format!(" (subsets {})", d.subsets.join(", ")) };
+            s.push_str(&format!("  DestinationRule {}{subsets} for {}\n", d.rule, d.clients));
+        }
         if v.tables.is_empty() && v.kind == "Service" {
             s.push_str(&format!("  no routes: every request → {} ({})\n", v.default_backend.backend, endpoints(&v.default_backend)));
         }

@@ -112,7 +112,6 @@ impl Inbound {
             source_ip: Some(peer.ip().to_canonical()),
             dest_ip: Some(target.ip().to_canonical()),
             dest_port: target.port(),
-            sni: None,
             request: None,
         };
         let decision = policy::authorize(&model, &self.security.root_namespace, dest, &attrs);

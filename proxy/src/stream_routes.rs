@@ -13,7 +13,7 @@ use tracing::{debug, warn};
 
 use crate::{
     discovery::{
-        istio::vs_compile::StreamConn,
+        istio::{destination_rule::Client as DrClient, vs_compile::StreamConn},
         route::{BackendKind, BackendRef, ClientInfo},
         traffic::Resolution,
         AddressType, Model,
@@ -21,7 +21,7 @@ use crate::{
     l4::{DataPath, PodContext},
     l7::{
         dns::Asker,
-        plan::{balance_key, pick_backend, subset_endpoints},
+        plan::{balance_key, pick_backend},
         sni::{self, Hello},
     },
     lograte,
@@ -102,14 +102,35 @@ async fn destination(model: &Model, b: &BackendRef, orig: SocketAddr, pod: &PodC
             let t = model
                 .service_port(&b.namespace, &b.name, port)
                 .ok_or_else(|| format!("Service {}/{} has no port {port}", b.namespace, b.name))?;
-            let eps = t.endpoints_preferring(AddressType::of(orig.ip())).clone();
+            let family = AddressType::of(orig.ip());
             Ok(match &b.subset {
-                None => Target::routed(Some(name), balance_key(&b.namespace, &b.name, port), eps),
-                Some(s) => Target::routed(
-                    Some(name),
-                    balance_key(&b.namespace, &format!("{}|{s}", b.name), port),
-                    subset_endpoints(model, &b.namespace, &b.name, s, &eps)?,
-                ),
+                None => Target::routed(Some(name), balance_key(&b.namespace, &b.name, port), t.endpoints_preferring(family).clone()),
+                // The subset as the DestinationRule that applies to this client defines it (its
+                // namespace's rule first, as for HTTP; see `l7::plan`). Its traffic policy is not
+                // applied to opaque connections (README, "DestinationRule").
+                Some(s) => {
+                    let labels = model
+                        .destination_rule_index()
+                        .needs_labels()
+                        .then(|| model.pod(&pod.namespace, &pod.name).map(|p| &p.labels))
+                        .flatten();
+                    let client = DrClient { namespace: &pod.namespace, labels };
+                    let resolved = match model.destination_rule_index().destination(client, &b.namespace, &b.name, port, Some(s)) {
+                        Some(Ok(r)) => r,
+                        Some(Err(why)) => return Err(why),
+                        None => {
+                            return Err(format!(
+                                "subset {s:?} of {}/{}: no DestinationRule for this client defines subsets of the Service",
+                                b.namespace, b.name
+                            ))
+                        }
+                    };
+                    Target::routed(
+                        Some(name),
+                        balance_key(&b.namespace, &format!("{}|{s}", b.name), port),
+                        resolved.endpoints_preferring(family).0.clone(),
+                    )
+                }
             })
         }
         BackendKind::ServiceEntry => {

@@ -113,6 +113,11 @@ fn every_manifest_validates_against_kubernetes_and_crd_schemas() -> Result<()> {
         "CustomResourceDefinition/trafficpolicies.sluice.dev): Kubernetes 1.30, 1.",
         "TrafficPolicy/reviews): CRD schema trafficpolicies.sluice.dev.yaml",
         "AuthorizationPolicy/ratings-from-reviews): CRD schema authorizationpolicies.security.istio.io.yaml",
+        // Istio's kinds of the Bookinfo tasks, against the optional CRDs sluice ships for them.
+        "VirtualService/reviews): CRD schema virtualservices.networking.istio.io.yaml",
+        "DestinationRule/reviews): CRD schema destinationrules.networking.istio.io.yaml",
+        "PeerAuthentication/default): CRD schema peerauthentications.security.istio.io.yaml",
+        "RequestAuthentication/productpage-jwt): CRD schema requestauthentications.security.istio.io.yaml",
         "HTTPRoute/reviews-canary): stand-in schema gateway-api-routes-subset.yaml",
     ] {
         ensure!(stdout.contains(needle), "expected {needle:?} in the validator's report:\n{stdout}");

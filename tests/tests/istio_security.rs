@@ -136,9 +136,22 @@ fn peer_authentication_mesh_namespace_workload_and_port() -> Result<()> {
     assert_eq!(status(&got), 200, "{got}");
     assert!(w.sluice.get_json("/status")?["counters"]["plaintext_refused_strict"].as_u64().unwrap_or(0) >= 3);
 
+    // Without the namespace's PERMISSIVE the mesh is STRICT again, and a workload DISABLE
+    // overrides it: plaintext in on every port; mesh clients keep working (they too send
+    // plaintext to it, as Istio's sidecars do).
+    w.sim.remove_file("pa-shop.yaml")?;
+    write(
+        &w.sim,
+        "pa-web.yaml",
+        &peer_authentication("shop", "web", "  selector:\n    matchLabels: {app: web}\n  mtls: {mode: DISABLE}\n"),
+    )?;
+    until("workload DISABLE accepts plaintext (echo)", || tcp_exchange(&out, echo, 16), |r| r["ok"] == true)?;
+    until("workload DISABLE accepts plaintext (http)", || http_get(&out, http, "/", &[]), |r| status(r) == 200)?;
+    expect_ok(&tcp_exchange(&w.client, echo_vip(), 64)?).context("mesh client to a DISABLE workload")?;
+
     // Back to the mesh-wide policy alone: STRICT everywhere again.
     w.sim.remove_file("pa-web.yaml")?;
-    w.sim.remove_file("pa-shop.yaml")?;
+    until("STRICT again on the echo port", || tcp_exchange(&out, echo, 16), refused)?;
     until("STRICT again on the HTTP port", || http_get(&out, http, "/", &[]), refused)?;
     Ok(())
 }

@@ -354,6 +354,42 @@ fn tcp_route_splits_connections_by_weight() -> Result<()> {
     Ok(())
 }
 
+/// A `tcp` route to a DestinationRule subset on an opaque port: the subset is the one the rule
+/// in force *for the client* defines, as for HTTP. `shop`'s rule says subset `pick` is
+/// version b; namespace `team` has its own rule for the same Service saying version a, which
+/// wins for `team`'s clients (a rule of the client's namespace comes first).
+#[test]
+fn tcp_route_to_a_subset_as_the_clients_rule_defines_it() -> Result<()> {
+    let mut w = World::new()?;
+    let a = w.http_pod("db-a", "db", "a")?;
+    let b = w.http_pod("db-b", "db", "b")?;
+    w.service("db", "10.96.2.30", ("tcp-db", 3306, HTTP_PORT), "tcp", &[&a, &b])?;
+    w.sim.write_namespace("team", true)?;
+    let teammate = w.node.add_pod("team", "teammate", PodOpts::labels(&[("app", "teammate")]))?;
+    wait_enrolled(&w.sluice, &teammate)?;
+    let rule = |ns: &str, version: &str| {
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: db, namespace: {ns}}}\n\
+             spec:\n  host: db.shop.svc.cluster.local\n  subsets:\n  - name: pick\n    labels: {{version: {version}}}\n"
+        )
+    };
+    w.apply("dr-db-shop.yaml", &rule("shop", "b"))?;
+    w.apply("dr-db-team.yaml", &rule("team", "a"))?;
+    let spec = "  hosts:\n  - db.shop.svc.cluster.local\n  tcp:\n  - route:\n    - destination:\n        host: db\n        subset: pick\n        port: {number: 3306}\n";
+    w.apply("vs-db.yaml", &virtual_service("db", spec))?;
+    let vip = addr("10.96.2.30", 3306);
+    let shop = count_by_backend(&w.get(vip, 100, false, &[])?)?;
+    let team = count_by_backend(&w.get_from(&teammate, vip, 100, false, &[])?)?;
+    eprintln!("subset pick: shop's clients {shop:?}, team's clients {team:?}");
+    ensure!(shop.get("db-b") == Some(&100) && shop.len() == 1, "shop's rule: version b only: {shop:?}");
+    ensure!(team.get("db-a") == Some(&100) && team.len() == 1, "team's own rule: version a only: {team:?}");
+    let out = w.routes_cli("db")?;
+    for needle in ["DestinationRule shop/db (subsets pick) for clients in namespace shop", "DestinationRule team/db (subsets pick) for clients in namespace team"] {
+        ensure!(out.contains(needle), "sluice routes lacks {needle:?}:\n{out}");
+    }
+    Ok(())
+}
+
 /// Bookinfo-style TLS passthrough: one Service port carries TLS for two names; a `tls` route
 /// sends each connection to the backend for the ClientHello's server name. Each backend has
 /// its own self-signed certificate and the client trusts only the one it expects, so a

@@ -41,6 +41,19 @@ pub struct ServiceRoutesView {
     #[serde(default)]
     pub streams: Vec<StreamTableView>,
     pub default_backend: BackendView,
+    /// The DestinationRule in force for this Service, per audience (its subsets, load
+    /// balancing, connection pool, outlier detection and TLS apply to the backends above).
+    #[serde(default)]
+    pub destination_rules: Vec<DestinationRuleView>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DestinationRuleView {
+    /// "clients in namespace X", "clients in other namespaces", "pods of X labelled a=b".
+    pub clients: String,
+    /// "namespace/name".
+    pub rule: String,
+    pub subsets: Vec<String>,
 }
 
 fn service_kind() -> String {
@@ -159,6 +172,7 @@ pub fn view(model: &Model, balancer: &Balancer, only: Option<&str>) -> Vec<Servi
                 tables,
                 streams,
                 default_backend: service_backend(target, 1, 100.0, None, balancer, now),
+                destination_rules: destination_rules(model, &svc.namespace, &svc.name),
             });
         }
     }
@@ -200,6 +214,7 @@ pub fn view(model: &Model, balancer: &Balancer, only: Option<&str>) -> Vec<Servi
                     invalid: None,
                     endpoints: Vec::new(),
                 },
+                destination_rules: Vec::new(),
             });
         }
     }
@@ -393,6 +408,15 @@ fn describe_fault(f: &crate::discovery::traffic::FaultInjection) -> String {
 
 fn backends(rule: &RouteRule, model: &Model, balancer: &Balancer, now: Instant) -> Vec<BackendView> {
     backend_views(&rule.backends, model, balancer, now)
+}
+
+fn destination_rules(model: &Model, ns: &str, name: &str) -> Vec<DestinationRuleView> {
+    model
+        .destination_rule_index()
+        .in_force(ns, name)
+        .into_iter()
+        .map(|(clients, rule, subsets)| DestinationRuleView { clients, rule, subsets })
+        .collect()
 }
 
 fn backend_views(list: &[BackendRef], model: &Model, balancer: &Balancer, now: Instant) -> Vec<BackendView> {

@@ -249,7 +249,6 @@ async fn check_request(parts: &mut http::request::Parts, ctx: &InboundStream, gr
         source_ip: Some(ctx.peer.ip().to_canonical()),
         dest_ip: Some(ctx.target.ip().to_canonical()),
         dest_port: ctx.target.port(),
-        sni: None,
         request: Some(PolicyRequest {
             method: parts.method.as_str(),
             path: &path,

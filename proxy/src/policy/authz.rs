@@ -101,9 +101,6 @@ pub struct Attributes<'a> {
     /// The address and port the client dialled (`destination.ip`, `destination.port`, `ports`).
     pub dest_ip: Option<IpAddr>,
     pub dest_port: u16,
-    /// `connection.sni`: the server name of the client's TLS ClientHello, when the destination
-    /// read one.
-    pub sni: Option<&'a str>,
     /// `None`: TCP semantics.
     pub request: Option<Request<'a>>,
 }
@@ -111,7 +108,7 @@ pub struct Attributes<'a> {
 impl<'a> Attributes<'a> {
     /// A connection (TCP semantics) from `source` to `port`.
     pub fn tcp(source: Source<'a>, port: u16) -> Attributes<'a> {
-        Attributes { source, source_ip: None, dest_ip: None, dest_port: port, sni: None, request: None }
+        Attributes { source, source_ip: None, dest_ip: None, dest_port: port, request: None }
     }
 
     fn remote_ip(&self) -> Option<IpAddr> {
@@ -294,7 +291,6 @@ fn condition_matches(c: &AuthzCondition, attrs: &Attributes<'_>) -> bool {
             c,
             attrs.source.principal.map(|p| p.strip_prefix(SPIFFE_SCHEME).unwrap_or(p)).into_iter(),
         ),
-        ConditionKey::ConnectionSni => text_condition(c, attrs.sni.into_iter()),
         // HTTP-only keys: ignored without a request (see policy_matches).
         _ if req.is_none() => true,
         ConditionKey::RequestHeader(name) => {

@@ -61,7 +61,6 @@ struct Req {
     peer: IpAddr,
     port: u16,
     auth: Option<Verified>,
-    sni: Option<&'static str>,
 }
 
 fn get(target: &'static str) -> Req {
@@ -74,7 +73,6 @@ fn get(target: &'static str) -> Req {
         peer: "10.244.1.5".parse().unwrap(),
         port: 8080,
         auth: None,
-        sni: None,
     }
 }
 
@@ -116,10 +114,6 @@ impl Req {
         });
         self
     }
-    fn sni(mut self, s: &'static str) -> Req {
-        self.sni = Some(s);
-        self
-    }
 
     /// Authorized as an HTTP request (`http`) or as the connection it came on (TCP semantics).
     fn decide(&self, m: &Model, dest: &Pod, http: bool) -> Decision {
@@ -131,7 +125,6 @@ impl Req {
             source_ip: Some(self.peer),
             dest_ip: Some(dest.ip),
             dest_port: self.port,
-            sni: self.sni,
             request: http.then(|| Request {
                 method: self.method,
                 path: &path,
@@ -310,10 +303,6 @@ fn every_condition_key() {
     assert!(!get("/").port(9090).allowed(&m));
     assert!(get("/").tcp_allowed(&m));
 
-    let m = when("key: connection.sni\n      values: [\"*.shop.svc.cluster.local\"]");
-    assert!(get("/").sni("web.shop.svc.cluster.local").allowed(&m));
-    assert!(!get("/").sni("web.bank.svc.cluster.local").allowed(&m));
-    assert!(!get("/").allowed(&m), "no SNI read");
 
     // Conditions of one rule are ANDed.
     let m = model(&[policy(
@@ -422,7 +411,6 @@ fn root_namespace_policies_apply_to_every_namespace() {
         source_ip: None,
         dest_ip: None,
         dest_port: 8080,
-        sni: None,
         request: Some(Request {
             method: "GET",
             path: &path,

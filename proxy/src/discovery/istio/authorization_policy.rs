@@ -135,7 +135,6 @@ pub enum ConditionKey {
     RequestAuthClaims(Vec<String>),
     DestinationIp,
     DestinationPort,
-    ConnectionSni,
 }
 
 impl ConditionKey {
@@ -143,7 +142,7 @@ impl ConditionKey {
     const KNOWN: &'static str =
         "request.headers[NAME], source.ip, remote.ip, source.namespace, source.principal, \
         request.auth.principal, request.auth.audiences, request.auth.presenter, request.auth.claims[NAME], \
-        destination.ip, destination.port, connection.sni";
+        destination.ip, destination.port";
 
     fn parse(key: &str) -> Result<ConditionKey, String> {
         Ok(match key {
@@ -156,7 +155,16 @@ impl ConditionKey {
             "request.auth.presenter" => ConditionKey::RequestAuthPresenter,
             "destination.ip" => ConditionKey::DestinationIp,
             "destination.port" => ConditionKey::DestinationPort,
-            "connection.sni" => ConditionKey::ConnectionSni,
+            // Istio reads the SNI of the mTLS connection the server sidecar terminates, which
+            // its client sidecar set. Between sluice nodes that connection is sluice's own (its
+            // server name is not the destination's host), and a client's own TLS is opaque
+            // bytes to the destination: no value would mean what the policy's author meant.
+            "connection.sni" => return Err(
+                "\"connection.sni\" is not supported: the destination sees sluice's node-to-node \
+                 mTLS, whose server name is not one the policy could mean; match the destination \
+                 with to.operation.hosts or ports, or destination.port"
+                    .to_owned(),
+            ),
             k if k.starts_with("request.headers") => {
                 let names = bracketed(&k["request.headers".len()..])
                     .filter(|n| n.len() == 1)
@@ -217,7 +225,6 @@ impl fmt::Display for ConditionKey {
             }
             ConditionKey::DestinationIp => f.write_str("destination.ip"),
             ConditionKey::DestinationPort => f.write_str("destination.port"),
-            ConditionKey::ConnectionSni => f.write_str("connection.sni"),
         }
     }
 }

@@ -393,6 +393,44 @@ impl DrIndex {
         lookup(found, port, subset, || format!("Service {svc_ns}/{svc_name}"))
     }
 
+    /// Which DestinationRule is in force for Service `svc_ns/svc_name`, per audience, for
+    /// `sluice routes`: `(clients, "namespace/name", subset names)`. The audiences are the
+    /// Service's own namespace, each namespace that has a rule for it, and every other
+    /// namespace; a rule with a workloadSelector is listed for the pods it selects. Audiences
+    /// no rule applies to are left out.
+    pub fn in_force(&self, svc_ns: &str, svc_name: &str) -> Vec<(String, String, Vec<String>)> {
+        let Some(list) = self.services.get(svc_ns).and_then(|m| m.get(svc_name)) else {
+            return Vec::new();
+        };
+        let describe = |a: &Applied| {
+            let r = &a.rule;
+            (format!("{}/{}", r.namespace, r.name), r.subsets.iter().map(|s| s.name.clone()).collect::<Vec<_>>())
+        };
+        let mut out = Vec::new();
+        for a in list.iter().filter(|a| a.rule.workload_selector.is_some()) {
+            let labels = a.rule.workload_selector.iter().flatten().map(|(k, v)| format!("{k}={v}"));
+            let clients = format!("pods of {} labelled {}", a.rule.namespace, labels.collect::<Vec<_>>().join(","));
+            let (rule, subsets) = describe(a);
+            out.push((clients, rule, subsets));
+        }
+        let mut namespaces: Vec<&str> = vec![svc_ns];
+        namespaces.extend(list.iter().map(|a| a.rule.namespace.as_str()).filter(|n| *n != ROOT_NAMESPACE));
+        namespaces.sort_unstable();
+        namespaces.dedup();
+        for ns in &namespaces {
+            if let Some(a) = select(list, ns, None, svc_ns) {
+                let (rule, subsets) = describe(a);
+                out.push((format!("clients in namespace {ns}"), rule, subsets));
+            }
+        }
+        // A namespace no rule lives in (Kubernetes names cannot contain '/').
+        if let Some(a) = select(list, "/other", None, svc_ns) {
+            let (rule, subsets) = describe(a);
+            out.push(("clients in other namespaces".to_owned(), rule, subsets));
+        }
+        out
+    }
+
     /// The same for a ServiceEntry (policy only: subsets of ServiceEntry hosts are not
     /// supported, their endpoints carry no pod labels sluice reads).
     pub fn service_entry(

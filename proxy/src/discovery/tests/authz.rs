@@ -305,8 +305,6 @@ fn conditions_ip_blocks_and_service_accounts_are_parsed() {
       values: ["10.244.1.0/24"]
     - key: destination.port
       values: ["9080", "9090"]
-    - key: connection.sni
-      values: ["*.shop.svc.cluster.local"]
 "#,
     ));
     let rule = &p.rules[0];
@@ -332,7 +330,6 @@ fn conditions_ip_blocks_and_service_accounts_are_parsed() {
             "request.auth.claims[realm][role]",
             "destination.ip",
             "destination.port",
-            "connection.sni",
         ]
     );
     assert_eq!(rule.when[0].values, ConditionValues::Text(vec![exact("v1"), StringMatch::Prefix("v2".into())]));
@@ -377,6 +374,12 @@ fn bad_conditions_are_rejected() {
     assert_eq!(
         when("experimental.envoy.filters.network.mysql_proxy[db.table]", "values: [\"[update]\"]"),
         "spec.rules[0].when[0].key: \"experimental.envoy.filters.network.mysql_proxy[db.table]\": experimental condition keys are Envoy filter metadata, which sluice does not have"
+    );
+    // Never silently unmatched: the destination has no SNI the condition could mean.
+    let sni = when("connection.sni", "values: [\"*.shop.svc.cluster.local\"]");
+    assert!(
+        sni.starts_with("spec.rules[0].when[0].key: \"connection.sni\" is not supported: the destination sees sluice's node-to-node mTLS"),
+        "{sni}"
     );
     assert_eq!(
         when("request.headers", "values: [a]"),

@@ -3,6 +3,7 @@
 mod authz;
 mod dual_stack;
 mod fixtures;
+mod istio_as_written;
 mod istio_authn;
 mod kube;
 mod limits;

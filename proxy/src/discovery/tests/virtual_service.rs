@@ -140,6 +140,29 @@ fn rules_are_evaluated_in_order_and_the_first_match_wins() {
     );
 }
 
+/// `withoutHeaders` (the request must lack the header, or carry it with a value that does not
+/// match) and `ignoreUriCase` (the uri match, not the headers, ignores case).
+#[test]
+fn without_headers_and_ignore_uri_case() {
+    let spec = "  hosts: [web]\n  http:\n  - match:\n    - withoutHeaders: {x-canary: {exact: \"yes\"}}\n      uri: {prefix: /API}\n      ignoreUriCase: true\n    route:\n    - destination: {host: web-a}\n\
+                \x20 - route:\n    - destination: {host: web-b}\n";
+    let m = model(&[
+        service("shop", "web", &[80]),
+        service("shop", "web-a", &[80]),
+        service("shop", "web-b", &[80]),
+        vs("shop", "web", None, spec),
+    ]);
+    let a = "VirtualService shop/web #0 → shop/web-a:80 1";
+    let b = "VirtualService shop/web #1 → shop/web-b:80 1";
+    assert_eq!(decide(&m, "shop/web", 80, &req("shop", "/api/x")), a, "prefix /API matches /api, no header");
+    assert_eq!(decide(&m, "shop/web", 80, &req("shop", "/Api/x")), a);
+    assert_eq!(decide(&m, "shop/web", 80, &req("shop", "/other")), b);
+    let canary = Req { headers: &[("x-canary", "yes")], ..req("shop", "/api/x") };
+    assert_eq!(decide(&m, "shop/web", 80, &canary), b, "the header present with its value: not matched");
+    let other = Req { headers: &[("x-canary", "no")], ..req("shop", "/api/x") };
+    assert_eq!(decide(&m, "shop/web", 80, &other), a, "present with another value still lacks it");
+}
+
 #[test]
 fn hosts_short_names_fqdns_and_service_entries() {
     let entry = "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: ext, namespace: shop}\n\
