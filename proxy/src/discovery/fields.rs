@@ -1,12 +1,12 @@
 //! Reading fields out of a parsed manifest document, with errors that name the field path
-//! (`spec.ports[1].port: ...`). Hand-navigating the `serde_yaml::Value` (rather than deriving
+//! (`spec.ports[1].port: ...`). Hand-navigating the `serde_yaml_ng::Value` (rather than deriving
 //! `Deserialize` for Kubernetes shapes) is what makes those paths possible: serde errors from a
 //! `Value` carry neither a location nor a path.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
-use serde_yaml::Value;
+use serde_yaml_ng::Value;
 
 use super::manifest::DocError;
 
@@ -51,7 +51,7 @@ impl<'a> Node<'a> {
         self.invalid(format!("expected {what}, found {}", describe(self.value)))
     }
 
-    pub fn expect_mapping(&self) -> Result<&'a serde_yaml::Mapping, DocError> {
+    pub fn expect_mapping(&self) -> Result<&'a serde_yaml_ng::Mapping, DocError> {
         self.value.as_mapping().ok_or_else(|| self.expected("a mapping"))
     }
 

@@ -71,7 +71,7 @@ where
 
 /// Deserializes `value` (a document's `spec`) into `T`, naming the field of the first error
 /// (`spec.http[0].route[1].weight: invalid type: ...`).
-pub(crate) fn from_spec<T: serde::de::DeserializeOwned>(value: &serde_yaml::Value) -> Result<T, DocError> {
+pub(crate) fn from_spec<T: serde::de::DeserializeOwned>(value: &serde_yaml_ng::Value) -> Result<T, DocError> {
     serde_path_to_error::deserialize(value).map_err(|e| {
         let path = e.path().to_string();
         let field = if path == "." { "spec".to_owned() } else { format!("spec.{path}") };

@@ -448,7 +448,7 @@ fn the_kubernetes_source_passes_pod_ips_and_cluster_ips_through() {
     }
     // As list items come: JSON, without apiVersion and kind, decoded within the limits.
     let item = |yaml: &str| {
-        let mut v: serde_json::Value = serde_yaml::from_str(yaml).unwrap();
+        let mut v: serde_json::Value = serde_yaml_ng::from_str(yaml).unwrap();
         let map = v.as_object_mut().unwrap();
         map.remove("apiVersion");
         map.remove("kind");
