@@ -1,11 +1,12 @@
 //! Reading fields out of a parsed manifest document, with errors that name the field path
-//! (`spec.ports[1].port: ...`). Hand-navigating the `serde_yaml_ng::Value` (rather than deriving
-//! `Deserialize` for Kubernetes shapes) is what makes those paths possible: serde errors from a
-//! `Value` carry neither a location nor a path.
+//! (`spec.ports[1].port: ...`). [`Node::typed`] deserializes a node into a serde type (a
+//! k8s-openapi type, an Istio kind's) through `serde_path_to_error`, so its errors carry the
+//! path from the document's root; the hand-walking accessors remain for the kinds not yet
+//! moved to serde types (the Gateway API routes, TrafficPolicy, ServiceEntry).
 
 use std::collections::BTreeMap;
-use std::net::IpAddr;
 
+use serde::de::DeserializeOwned;
 use serde_yaml_ng::Value;
 
 use super::manifest::DocError;
@@ -36,6 +37,29 @@ impl<'a> Node<'a> {
             None | Some(Value::Null) => None,
             Some(value) => Some(Node { value, path: self.child_path(key) }),
         }
+    }
+
+    /// Whether `key` is present and not `null` (Kubernetes treats both alike). For the
+    /// required scalars of k8s-openapi types, which default to zero when absent: the API's
+    /// "missing" and "invalid" are different messages.
+    pub fn has(&self, key: &str) -> bool {
+        self.get(key).is_some()
+    }
+
+    /// Deserializes this node into `T` (a k8s-openapi type, or a view holding some), naming
+    /// the field of the first error from the document's root
+    /// (`spec.ports[0].port: invalid type: string "80", expected i32`).
+    pub fn typed<T: DeserializeOwned>(&self) -> Result<T, DocError> {
+        serde_path_to_error::deserialize(self.value).map_err(|e| {
+            let path = e.path().to_string();
+            let field = match path.as_str() {
+                "." => self.path.clone(),
+                p if self.path.is_empty() => p.to_owned(),
+                p if p.starts_with('[') => format!("{}{p}", self.path),
+                p => format!("{}.{p}", self.path),
+            };
+            DocError::Invalid { field, reason: e.into_inner().to_string() }
+        })
     }
 
     /// Like [`Node::get`], but an absent field is an error.
@@ -79,11 +103,6 @@ impl<'a> Node<'a> {
             .ok()
             .filter(|p| *p != 0)
             .ok_or_else(|| self.invalid(format!("port {n} is out of range 1-65535")))
-    }
-
-    pub fn as_ip(&self) -> Result<IpAddr, DocError> {
-        let s = self.as_str()?;
-        s.parse().map_err(|_| self.invalid(format!("{s:?} is not an IP address")))
     }
 
     /// An optional string field; "" counts as absent (Kubernetes' zero value).

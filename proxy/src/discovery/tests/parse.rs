@@ -218,7 +218,7 @@ fn service_errors() {
     let e = err(&svc("  ports:\n  - port: 0\n"));
     assert!(e.ends_with("spec.ports[0].port: port 0 is out of range 1-65535"), "{e}");
     let e = err(&svc("  ports:\n  - port: \"80\"\n"));
-    assert!(e.ends_with("spec.ports[0].port: expected an integer, found a string"), "{e}");
+    assert!(e.ends_with("spec.ports[0].port: invalid type: string \"80\", expected i32"), "{e}");
     let e = err(&svc("  ports:\n  - port: 80\n    targetPort: 65536\n"));
     assert!(e.ends_with("spec.ports[0].targetPort: port 65536 is out of range 1-65535"), "{e}");
     let e = err(&svc("  ports:\n  - port: 80\n    targetPort: \"8080\"\n"));
@@ -253,7 +253,7 @@ fn endpoint_slice_errors() {
     let e = err(&format!("{labelled}addressType: IPv4\nports:\n- name: http\n"));
     assert!(e.ends_with("missing required field `ports[0].port`"), "{e}");
     let e = err(&format!("{labelled}addressType: IPv4\nendpoints:\n- addresses: [10.0.0.1]\n  conditions:\n    ready: \"yes\"\n"));
-    assert!(e.ends_with("endpoints[0].conditions.ready: expected true or false, found a string"), "{e}");
+    assert!(e.ends_with("endpoints[0].conditions.ready: invalid type: string \"yes\", expected a boolean"), "{e}");
 }
 
 #[test]
