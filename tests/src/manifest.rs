@@ -339,7 +339,7 @@ pub fn to_yaml(docs: &[Value]) -> Result<String> {
         if i > 0 {
             out.push_str("---\n");
         }
-        out.push_str(&serde_yaml::to_string(d).context("rendering YAML")?);
+        out.push_str(&serde_yaml_ng::to_string(d).context("rendering YAML")?);
     }
     Ok(out)
 }
@@ -368,7 +368,7 @@ mod tests {
             &[ep],
         ))
         .unwrap();
-        let docs: Vec<Value> = serde_yaml::Deserializer::from_str(&yaml)
+        let docs: Vec<Value> = serde_yaml_ng::Deserializer::from_str(&yaml)
             .map(|d| Value::deserialize(d).unwrap())
             .collect();
         assert_eq!(docs.len(), 2);

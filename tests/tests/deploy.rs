@@ -17,7 +17,7 @@ use std::{
 
 use anyhow::{bail, ensure, Context, Result};
 use serde::Deserialize;
-use serde_yaml::Value;
+use serde_yaml_ng::Value;
 
 fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_path_buf()
@@ -49,7 +49,7 @@ fn manifest_files(dir: &Path) -> Result<Vec<PathBuf>> {
 fn documents(path: &Path) -> Result<Vec<Value>> {
     let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let mut docs = Vec::new();
-    for de in serde_yaml::Deserializer::from_str(&text) {
+    for de in serde_yaml_ng::Deserializer::from_str(&text) {
         let v = Value::deserialize(de).with_context(|| format!("parsing {}", path.display()))?;
         if !v.is_null() {
             docs.push(v);
@@ -403,7 +403,7 @@ fn rbac_only_reads_what_sluice_watches() -> Result<()> {
     Ok(())
 }
 
-/// A file mode as kubectl reads it: YAML 1.1, where `0400` is octal (serde_yaml follows YAML 1.2
+/// A file mode as kubectl reads it: YAML 1.1, where `0400` is octal (serde_yaml_ng follows YAML 1.2
 /// and leaves it a string); a plain integer is decimal, `0o400` octal.
 fn file_mode(v: &Value) -> Option<u64> {
     match v {
@@ -826,7 +826,7 @@ fn only_cluster_admins_write_the_trust_bundle() -> Result<()> {
     for f in manifest_files(&deploy_dir())? {
         for d in documents(&f)? {
             if d["kind"] == "ClusterRole" || d["kind"] == "Role" {
-                let text = serde_yaml::to_string(&d)?;
+                let text = serde_yaml_ng::to_string(&d)?;
                 ensure!(!text.contains("trustbundles"), "{} grants trustbundles", f.display());
             }
         }

@@ -311,7 +311,7 @@ fn malformed_manifests_keep_last_good_state() -> Result<()> {
     let bad_yaml = "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop\nspec: [\n";
     // What the YAML parser says about it ("did not find expected ',' or '}' at line 4 column
     // 5, while parsing a flow mapping at line 3 column 11"): the log line must carry it.
-    let yaml_error = serde_yaml::from_str::<serde_yaml::Value>(bad_yaml)
+    let yaml_error = serde_yaml_ng::from_str::<serde_yaml_ng::Value>(bad_yaml)
         .expect_err("the test YAML must be invalid")
         .to_string();
     w.sim.write_file(svc_file, bad_yaml)?;

@@ -199,7 +199,7 @@ fn processes_are_placed_in_the_pod_netns_and_cgroup() -> Result<()> {
 
     // The manifest, as a Kubernetes client would read it.
     let yaml = fs::read_to_string(sim.manifest_dir().join("pod-shop-web.yaml"))?;
-    let m: Value = serde_yaml::from_str(&yaml)?;
+    let m: Value = serde_yaml_ng::from_str(&yaml)?;
     assert_eq!(m["kind"], "Pod");
     assert_eq!(m["metadata"]["uid"], pod.uid());
     assert_eq!(m["metadata"]["labels"]["app"], "web");
@@ -210,7 +210,7 @@ fn processes_are_placed_in_the_pod_netns_and_cgroup() -> Result<()> {
 
     sim.write_namespace("shop", true)?;
     sim.write_service("shop", "web", "10.96.0.10", &[("http", 80, 8080)], &[&pod])?;
-    let ns: Value = serde_yaml::from_str(&fs::read_to_string(
+    let ns: Value = serde_yaml_ng::from_str(&fs::read_to_string(
         sim.manifest_dir().join("ns-shop.yaml"),
     )?)?;
     assert_eq!(ns["metadata"]["annotations"]["sluice.dev/mesh"], "enabled");
@@ -349,7 +349,7 @@ fn dual_stack_pods_speak_ipv6_across_nodes_and_over_link_local() -> Result<()> {
 
     // The pod manifest lists both addresses, IPv4 first.
     let manifest = fs::read_to_string(sim.manifest_dir().join(server.manifest_file()))?;
-    let doc: Value = serde_yaml::from_str(&manifest)?;
+    let doc: Value = serde_yaml_ng::from_str(&manifest)?;
     assert_eq!(doc["status"]["podIP"], "10.244.2.10", "{manifest}");
     assert_eq!(
         doc["status"]["podIPs"],
@@ -472,7 +472,7 @@ fn ipv4_only_sims_have_link_local_but_no_global_ipv6() -> Result<()> {
     assert!(n1.bridge_ip6().is_err());
     assert_eq!(pod.ips(), [std::net::IpAddr::from(pod.ip())]);
     let manifest = fs::read_to_string(sim.manifest_dir().join(pod.manifest_file()))?;
-    let doc: Value = serde_yaml::from_str(&manifest)?;
+    let doc: Value = serde_yaml_ng::from_str(&manifest)?;
     assert_eq!(
         doc["status"]["podIPs"],
         serde_json::json!([{"ip": pod.ip().to_string()}])

@@ -16,7 +16,7 @@ use std::fmt;
 use std::path::Path;
 
 use serde::Deserialize;
-use serde_yaml::Value;
+use serde_yaml_ng::Value;
 use thiserror::Error;
 
 use super::fields::{NameRule, Node};
@@ -105,7 +105,7 @@ pub enum ParseError {
     /// Over a limit: refused before parsing.
     #[error(transparent)]
     Limit(#[from] LimitError),
-    /// serde_yaml's message ends with "at line L column C" (1-based, counted in the file).
+    /// serde_yaml_ng's message ends with "at line L column C" (1-based, counted in the file).
     #[error("invalid YAML in document {document}: {message}")]
     Yaml { document: usize, message: String, line: Option<usize>, column: Option<usize> },
     #[error("invalid JSON: {message}")]
@@ -280,11 +280,11 @@ impl Parsed {
 
 fn parse_yaml(text: &str, out: &mut Parsed) -> Result<(), ParseError> {
     let starts = document_start_lines(text);
-    for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
+    for (i, doc) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
         let document = i + 1;
         let value = match Value::deserialize(doc) {
             Ok(v) => v,
-            // serde_yaml's document iterator yields the same error forever after a syntax
+            // serde_yaml_ng's document iterator yields the same error forever after a syntax
             // error, so stop at the first one.
             Err(e) => {
                 let loc = e.location();
@@ -313,7 +313,7 @@ fn parse_json(text: &str, out: &mut Parsed) -> Result<(), ParseError> {
         })?;
         let at = DocRef { document: i + 1, ..DocRef::default() };
         // JSON maps onto YAML's data model without loss (numbers, strings, maps, lists).
-        let value = serde_yaml::to_value(json)
+        let value = serde_yaml_ng::to_value(json)
             .map_err(|e| doc_error(&at, DocError::Invalid { field: String::new(), reason: e.to_string() }))?;
         parse_document(value, at, out)?;
     }
@@ -399,7 +399,7 @@ fn parse_object(node: &Node<'_>, at: &DocRef) -> Result<Object, ParseError> {
 /// validation, same defaults). The error names the field; the caller names the object.
 pub fn parse_json_object(json: serde_json::Value) -> Result<Object, DocError> {
     // JSON maps onto YAML's data model without loss (numbers, strings, maps, lists).
-    let value = serde_yaml::to_value(json)
+    let value = serde_yaml_ng::to_value(json)
         .map_err(|e| DocError::Invalid { field: String::new(), reason: e.to_string() })?;
     check_and_parse(&Node::root(&value))
 }

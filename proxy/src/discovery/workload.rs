@@ -274,6 +274,6 @@ mod tests {
         let e = parsed("  ownerReferences:\n  - kind: \"\"\n    name: db\n").unwrap_err();
         assert!(e.ends_with("metadata.ownerReferences[0].kind: must not be empty"), "{e}");
         let e = parsed("  ownerReferences: db\n").unwrap_err();
-        assert!(e.ends_with("metadata.ownerReferences: expected a list, found a string"), "{e}");
+        assert!(e.ends_with("metadata.ownerReferences: invalid type: string \"db\", expected a sequence"), "{e}");
     }
 }

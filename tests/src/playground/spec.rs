@@ -162,7 +162,7 @@ pub fn read_dir(dir: &Path) -> Result<Vec<Source>> {
 /// The documents of one file's text (YAML, JSON being a subset of it).
 pub fn read_str(file: &str, text: &str) -> Result<Vec<Source>> {
     let mut out = Vec::new();
-    for (i, de) in serde_yaml::Deserializer::from_str(text).enumerate() {
+    for (i, de) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
         let document = i + 1;
         let doc = Value::deserialize(de)
             .with_context(|| format!("{file} (document {document}): not valid YAML"))?;

@@ -785,9 +785,9 @@ struct TrafficPolicyW {
     #[serde(default, deserialize_with = "nullable")]
     port_level_settings: Vec<PortLevelW>,
     #[serde(default)]
-    proxy_protocol: Option<serde_yaml::Value>,
+    proxy_protocol: Option<serde_yaml_ng::Value>,
     #[serde(default)]
-    tunnel: Option<serde_yaml::Value>,
+    tunnel: Option<serde_yaml_ng::Value>,
 }
 
 #[derive(Deserialize)]
@@ -828,11 +828,11 @@ struct LoadBalancerW {
     #[serde(default)]
     consistent_hash: Option<ConsistentHashW>,
     #[serde(default)]
-    locality_lb_setting: Option<serde_yaml::Value>,
+    locality_lb_setting: Option<serde_yaml_ng::Value>,
     #[serde(default)]
-    warmup_duration_secs: Option<serde_yaml::Value>,
+    warmup_duration_secs: Option<serde_yaml_ng::Value>,
     #[serde(default)]
-    warmup: Option<serde_yaml::Value>,
+    warmup: Option<serde_yaml_ng::Value>,
 }
 
 #[derive(Deserialize)]
@@ -864,7 +864,7 @@ struct CookieW {
     #[serde(default)]
     ttl: Option<String>,
     #[serde(default)]
-    attributes: Option<serde_yaml::Value>,
+    attributes: Option<serde_yaml_ng::Value>,
 }
 
 #[derive(Deserialize)]
@@ -898,11 +898,11 @@ struct TcpW {
     #[serde(default)]
     connect_timeout: Option<String>,
     #[serde(default)]
-    tcp_keepalive: Option<serde_yaml::Value>,
+    tcp_keepalive: Option<serde_yaml_ng::Value>,
     #[serde(default)]
-    max_connection_duration: Option<serde_yaml::Value>,
+    max_connection_duration: Option<serde_yaml_ng::Value>,
     #[serde(default)]
-    idle_timeout: Option<serde_yaml::Value>,
+    idle_timeout: Option<serde_yaml_ng::Value>,
 }
 
 #[derive(Deserialize)]
@@ -923,7 +923,7 @@ struct HttpW {
     #[serde(default)]
     use_client_protocol: Option<bool>,
     #[serde(default)]
-    max_concurrent_streams: Option<serde_yaml::Value>,
+    max_concurrent_streams: Option<serde_yaml_ng::Value>,
 }
 
 #[derive(Deserialize)]

@@ -71,7 +71,7 @@ where
 
 /// Deserializes `value` (a document's `spec`) into `T`, naming the field of the first error
 /// (`spec.http[0].route[1].weight: invalid type: ...`).
-pub(crate) fn from_spec<T: serde::de::DeserializeOwned>(value: &serde_yaml::Value) -> Result<T, DocError> {
+pub(crate) fn from_spec<T: serde::de::DeserializeOwned>(value: &serde_yaml_ng::Value) -> Result<T, DocError> {
     serde_path_to_error::deserialize(value).map_err(|e| {
         let path = e.path().to_string();
         let field = if path == "." { "spec".to_owned() } else { format!("spec.{path}") };
@@ -80,20 +80,9 @@ pub(crate) fn from_spec<T: serde::de::DeserializeOwned>(value: &serde_yaml::Valu
 }
 
 /// Deserializes the document's `spec` into `T`; `None` when the document has no spec (or
-/// `spec: null`). Errors name the field path from the document's root.
+/// `spec: null`). Errors name the field path from the document's root ([`Node::typed`]).
 pub(crate) fn spec<T: DeserializeOwned>(doc: &Node<'_>) -> Result<Option<T>, DocError> {
-    let Some(spec) = doc.get("spec") else {
-        return Ok(None);
-    };
-    serde_path_to_error::deserialize(spec.value).map(Some).map_err(|e| {
-        let path = e.path().to_string();
-        let field = match path.as_str() {
-            "." => spec.path.clone(),
-            p if p.starts_with('[') => format!("{}{p}", spec.path),
-            p => format!("{}.{p}", spec.path),
-        };
-        DocError::Invalid { field, reason: e.into_inner().to_string() }
-    })
+    doc.get("spec").map(|spec| spec.typed()).transpose()
 }
 
 /// A label selector as Istio writes it (`WorkloadSelector`): only `matchLabels`.

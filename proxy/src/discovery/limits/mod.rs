@@ -1,6 +1,6 @@
 //! What one manifest file or API object may cost, checked before any parser sees it.
 //!
-//! The YAML parser under serde_yaml (libyaml) rescans its stack of flow collections on every
+//! The YAML parser under serde_yaml_ng (libyaml) rescans its stack of flow collections on every
 //! token, so `[[[[…` is quadratic in its depth: 400 KB of brackets kept the discovery thread busy
 //! for about ten minutes. YAML aliases let a 300 KB file expand to over a gigabyte of values.
 //! So every document is measured first, by a single linear pass that follows just enough of the
@@ -47,7 +47,7 @@ impl Limits {
     ///   recursion limits are 128, and below 100 every recursive walk is safe.
     /// - 10 000 documents per file.
     /// - 200 000 nodes per document: a full EndpointSlice (1 000 endpoints) counts 33 000
-    ///   (serde_yaml builds 24 000 values from it). Parsing costs up to some 500 bytes per
+    ///   (serde_yaml_ng builds 24 000 values from it). Parsing costs up to some 500 bytes per
     ///   node: the worst document these limits let through takes 0.25 s and 100 MB to parse
     ///   (release build), whatever its text.
     pub const DEFAULT: Limits = Limits {

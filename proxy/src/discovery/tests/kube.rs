@@ -24,7 +24,7 @@ fn store() -> KubeStore {
 /// A manifest fixture as the API sends it in a list: JSON, without apiVersion and kind, and
 /// through the source's `ApiObject` decoding (within the limits) and back.
 fn api_item(yaml: &str) -> Value {
-    let mut v: Value = serde_yaml::from_str(yaml).unwrap();
+    let mut v: Value = serde_yaml_ng::from_str(yaml).unwrap();
     let map = v.as_object_mut().unwrap();
     map.remove("apiVersion");
     map.remove("kind");
@@ -254,7 +254,7 @@ fn a_crd_that_goes_away_takes_its_objects_with_it() {
     sync_all(&mut s);
     let p = watch("authorizationpolicies");
     let policy: Value =
-        serde_yaml::from_str(&fixtures::policy("shop", "deny-all", "  action: DENY\n  rules:\n  - {}\n"))
+        serde_yaml_ng::from_str(&fixtures::policy("shop", "deny-all", "  action: DENY\n  rules:\n  - {}\n"))
             .unwrap();
     assert!(s.apply(p, obj(through_kube(policy))).changed());
     assert_eq!(s.build().authorization_policies("shop").len(), 1);

@@ -1,11 +1,11 @@
-//! The pre-check (`discovery::limits`): what it measures agrees with what serde_yaml builds,
+//! The pre-check (`discovery::limits`): what it measures agrees with what serde_yaml_ng builds,
 //! nothing libyaml reads as structure can be hidden from it (quotes, comments, block scalars,
 //! plain-scalar continuations, every kind of line break), and each limit is enforced with a
 //! message naming it and the place.
 
 use std::time::{Duration, Instant};
 
-use serde_yaml::Value;
+use serde_yaml_ng::Value;
 
 use super::fixtures;
 use crate::discovery::limits::{check, check_file_size, Exceeded, LimitError, Limits};
@@ -32,7 +32,7 @@ fn exceeded(r: Result<(), LimitError>) -> Exceeded {
     }
 }
 
-/// How deep serde_yaml's value nests (a scalar is 0, `[x]` is 1).
+/// How deep serde_yaml_ng's value nests (a scalar is 0, `[x]` is 1).
 fn depth(v: &Value) -> usize {
     match v {
         Value::Sequence(s) => 1 + s.iter().map(depth).max().unwrap_or(0),
@@ -42,7 +42,7 @@ fn depth(v: &Value) -> usize {
     }
 }
 
-/// Every node serde_yaml builds: collections, keys, values, items (aliases expanded).
+/// Every node serde_yaml_ng builds: collections, keys, values, items (aliases expanded).
 fn nodes(v: &Value) -> usize {
     1 + match v {
         Value::Sequence(s) => s.iter().map(nodes).sum(),
@@ -70,17 +70,17 @@ const SAMPLES: &[&str] = &[
 ];
 
 /// Aliases: counted as what they expand to for nodes and size. (Not for depth: what aliases
-/// nest, serde_yaml bounds itself, at 128 levels.)
+/// nest, serde_yaml_ng bounds itself, at 128 levels.)
 const ALIAS_SAMPLES: &[&str] = &[
     "base: &anchor\n  x: 1\n  y: [1, 2]\ncopy: *anchor\nmerged:\n  <<: *anchor\n  z: 3\n",
     "m: &x [1, {a: b}]\nn: [*x, *x]\no: {p: *x}\n",
     "- &item {name: a, ports: [80, 443]}\n- *item\n- [*item, *item]\n",
 ];
 
-/// For each sample: the pre-check's depth is exactly serde_yaml's (one less is refused, the
-/// same passes), and its node count is never below serde_yaml's.
+/// For each sample: the pre-check's depth is exactly serde_yaml_ng's (one less is refused, the
+/// same passes), and its node count is never below serde_yaml_ng's.
 #[test]
-fn measures_what_serde_yaml_builds() {
+fn measures_what_serde_yaml_ng_builds() {
     let mut samples: Vec<String> = SAMPLES.iter().map(|s| s.to_string()).collect();
     samples.extend(
         [fixtures::NAMESPACE, fixtures::POD, fixtures::SERVICE, fixtures::ENDPOINT_SLICE].map(String::from),
@@ -91,7 +91,7 @@ fn measures_what_serde_yaml_builds() {
     );
     for text in &samples {
         let value: Value =
-            serde_yaml::from_str(text).unwrap_or_else(|e| panic!("sample does not parse: {e}\n{text}"));
+            serde_yaml_ng::from_str(text).unwrap_or_else(|e| panic!("sample does not parse: {e}\n{text}"));
         let (d, n) = (depth(&value), nodes(&value));
         assert!(yaml(text, &with(|l| l.depth = d)).is_ok(), "depth {d} counted too deep:\n{text}");
         assert_eq!(
@@ -102,12 +102,12 @@ fn measures_what_serde_yaml_builds() {
         assert_eq!(
             exceeded(yaml(text, &with(|l| l.nodes = n - 1))),
             Exceeded::Nodes { limit: n - 1 },
-            "fewer than serde_yaml's {n} nodes counted:\n{text}"
+            "fewer than serde_yaml_ng's {n} nodes counted:\n{text}"
         );
     }
     for text in ALIAS_SAMPLES {
         let n = nodes(
-            &serde_yaml::from_str(text).unwrap_or_else(|e| panic!("sample does not parse: {e}\n{text}")),
+            &serde_yaml_ng::from_str(text).unwrap_or_else(|e| panic!("sample does not parse: {e}\n{text}")),
         );
         assert_eq!(
             exceeded(yaml(text, &with(|l| l.nodes = n - 1))),
@@ -153,7 +153,7 @@ fn block_nesting_counts_mappings_and_sequences() {
     // `k:` then `- k:` one column pair further each line: a mapping and a sequence per line.
     let indentless =
         "k:\n".to_owned() + &(0..60).map(|i| format!("{}- k:\n", "  ".repeat(i))).collect::<String>();
-    assert_eq!(depth(&serde_yaml::from_str(&indentless).unwrap()), 121);
+    assert_eq!(depth(&serde_yaml_ng::from_str(&indentless).unwrap()), 121);
     assert_eq!(exceeded(yaml(&indentless, &Limits::DEFAULT)), Exceeded::Depth { limit: 100 });
 }
 
@@ -274,7 +274,7 @@ fn empty_values_and_items_count_as_nodes() {
 /// Aliases count as what they expand to: the bombs are refused, ordinary merge keys are not.
 #[test]
 fn alias_expansion_is_bounded() {
-    // 300 KB that serde_yaml expands to 10 million nodes (1.2 GB, 8 s in a release build).
+    // 300 KB that serde_yaml_ng expands to 10 million nodes (1.2 GB, 8 s in a release build).
     let wide = format!("a: &a [{}]\nb: [{}]\n", vec!["x"; 100].join(","), vec!["*a"; 100_000].join(","));
     assert!(matches!(
         exceeded(yaml(&wide, &Limits::DEFAULT)),
@@ -303,7 +303,7 @@ fn alias_expansion_is_bounded() {
     let merges = "defaults: &d {app: web, tier: front}\n".to_owned()
         + &(0..200).map(|i| format!("o{i}:\n  <<: *d\n  name: n{i}\n")).collect::<String>();
     assert!(yaml(&merges, &Limits::DEFAULT).is_ok());
-    serde_yaml::from_str::<Value>(&merges).expect("the merge sample is valid YAML");
+    serde_yaml_ng::from_str::<Value>(&merges).expect("the merge sample is valid YAML");
 }
 
 #[test]
@@ -323,7 +323,7 @@ fn json_depth_and_size() {
         Exceeded::DocumentBytes { limit: 100 }
     );
     let manifest =
-        serde_json::to_string_pretty(&serde_yaml::from_str::<serde_json::Value>(fixtures::POD).unwrap())
+        serde_json::to_string_pretty(&serde_yaml_ng::from_str::<serde_json::Value>(fixtures::POD).unwrap())
             .unwrap();
     assert!(json(&manifest, &Limits::DEFAULT).is_ok());
 }
@@ -351,9 +351,9 @@ fn real_manifests_pass() {
             i % 10
         );
     }
-    let value: Value = serde_yaml::from_str(&slice).unwrap();
+    let value: Value = serde_yaml_ng::from_str(&slice).unwrap();
     let n = nodes(&value);
-    assert!(yaml(&slice, &with(|l| l.nodes = n * 3)).is_ok(), "counted more than 3× serde_yaml's {n} nodes");
+    assert!(yaml(&slice, &with(|l| l.nodes = n * 3)).is_ok(), "counted more than 3× serde_yaml_ng's {n} nodes");
     assert!(n * 5 < Limits::DEFAULT.nodes, "{n} nodes: the default limit leaves little room");
     assert!(parse(&slice, Format::Yaml).is_ok());
 }

@@ -1,4 +1,4 @@
-//! The YAML pre-check against libyaml itself, the parser under serde_yaml. Random inputs are
+//! The YAML pre-check against libyaml itself, the parser under serde_yaml_ng. Random inputs are
 //! built from the fragments that make YAML's tokenization tricky (quotes and escapes, comments,
 //! block scalars, continued plain scalars, anchors and aliases, indicators, document markers,
 //! every line break libyaml knows), with a deep flow payload somewhere. However deep libyaml gets

@@ -203,6 +203,22 @@ fn pod_errors() {
     assert!(e.ends_with("missing required field `metadata.uid`"), "{e}");
 }
 
+/// The Pod's spec is read as a view of the fields sluice uses: a container field kube-apiserver
+/// accepts but k8s-openapi's PodSpec would not (a numeric Quantity) does not refuse the pod,
+/// while a wrong type in a field sluice reads is reported with its path.
+#[test]
+fn pod_spec_fields_sluice_does_not_read_are_not_judged() {
+    let pod = |spec: &str| {
+        format!("apiVersion: v1\nkind: Pod\nmetadata: {{name: p, namespace: shop, uid: u}}\nspec:\n{spec}status:\n  podIP: 10.0.0.3\n")
+    };
+    let Object::Pod(p) = one(&pod("  containers:\n  - name: app\n    resources: {limits: {cpu: 1}}\n  serviceAccountName: api\n")) else {
+        panic!()
+    };
+    assert_eq!(p.service_account, "api");
+    let e = err(&pod("  hostNetwork: \"yes\"\n"));
+    assert!(e.ends_with("spec.hostNetwork: invalid type: string \"yes\", expected a boolean"), "{e}");
+}
+
 #[test]
 fn service_errors() {
     let svc = |spec: &str| format!("apiVersion: v1\nkind: Service\nmetadata:\n  name: web\nspec:\n{spec}");
@@ -217,8 +233,11 @@ fn service_errors() {
     assert!(e.ends_with("spec.ports[0].port: port 70000 is out of range 1-65535"), "{e}");
     let e = err(&svc("  ports:\n  - port: 0\n"));
     assert!(e.ends_with("spec.ports[0].port: port 0 is out of range 1-65535"), "{e}");
+    // k8s-openapi reads an absent port as 0: still reported as missing, not as out of range.
+    let e = err(&svc("  ports:\n  - name: web\n"));
+    assert!(e.ends_with("missing required field `spec.ports[0].port`"), "{e}");
     let e = err(&svc("  ports:\n  - port: \"80\"\n"));
-    assert!(e.ends_with("spec.ports[0].port: expected an integer, found a string"), "{e}");
+    assert!(e.ends_with("spec.ports[0].port: invalid type: string \"80\", expected i32"), "{e}");
     let e = err(&svc("  ports:\n  - port: 80\n    targetPort: 65536\n"));
     assert!(e.ends_with("spec.ports[0].targetPort: port 65536 is out of range 1-65535"), "{e}");
     let e = err(&svc("  ports:\n  - port: 80\n    targetPort: \"8080\"\n"));
@@ -253,7 +272,7 @@ fn endpoint_slice_errors() {
     let e = err(&format!("{labelled}addressType: IPv4\nports:\n- name: http\n"));
     assert!(e.ends_with("missing required field `ports[0].port`"), "{e}");
     let e = err(&format!("{labelled}addressType: IPv4\nendpoints:\n- addresses: [10.0.0.1]\n  conditions:\n    ready: \"yes\"\n"));
-    assert!(e.ends_with("endpoints[0].conditions.ready: expected true or false, found a string"), "{e}");
+    assert!(e.ends_with("endpoints[0].conditions.ready: invalid type: string \"yes\", expected a boolean"), "{e}");
 }
 
 #[test]

@@ -1189,7 +1189,7 @@ fn api_routes_make_the_same_model_as_manifests() {
         s.init_done(i);
     }
     let api = |yaml: &str| {
-        let mut v: Value = serde_yaml::from_str(yaml).unwrap();
+        let mut v: Value = serde_yaml_ng::from_str(yaml).unwrap();
         v["metadata"]["creationTimestamp"] = "2026-03-02T09:14:07Z".into();
         v["metadata"]["uid"] = "0f0e0d0c-0000-4000-8000-000000000001".into();
         v["metadata"]["resourceVersion"] = "42".into();

@@ -1345,7 +1345,7 @@ fn api_objects_make_the_same_model_as_manifests() {
         s.init_done(i);
     }
     let api = |yaml: &str| {
-        let mut v: Value = serde_yaml::from_str(yaml).unwrap();
+        let mut v: Value = serde_yaml_ng::from_str(yaml).unwrap();
         v["metadata"]["creationTimestamp"] = "2026-03-02T09:14:07Z".into();
         v["metadata"]["uid"] = "0f0e0d0c-0000-4000-8000-000000000001".into();
         v["metadata"]["resourceVersion"] = "42".into();
@@ -1364,7 +1364,7 @@ fn api_objects_make_the_same_model_as_manifests() {
         assert!(s.apply(watch("trafficpolicies"), obj(api(doc))).changed());
     }
     assert!(s.apply(watch("serviceentries"), obj(api(&entry_yaml))).changed());
-    let mut ns: Value = serde_yaml::from_str(namespace).unwrap();
+    let mut ns: Value = serde_yaml_ng::from_str(namespace).unwrap();
     ns.as_object_mut().unwrap().remove("apiVersion");
     assert!(s.apply(watch("namespaces"), obj(ns)).changed());
     let mut bad = api(docs[0]);
