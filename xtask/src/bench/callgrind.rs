@@ -151,7 +151,7 @@ pub fn measure(
     fs::create_dir_all(&dir)?;
     let proxied: Vec<Scenario> = scenarios.iter().copied().filter(|s| !s.is_baseline()).collect();
     let tunnel = proxied.iter().any(|s| s.via_tunnel());
-    let cg1 = start_under_callgrind(world, &world.n1, &world.sluice, &dir, &[&world.mesh_client])?;
+    let cg1 = start_under_callgrind(world, &world.n1, &world.sluice, &dir, &[&world.mesh_client, &world.mesh_server_local])?;
     let cg2 = match (tunnel, &world.n2, &world.sluice2, &world.mesh_server_x) {
         (true, Some(n2), Some(native), Some(mx)) => {
             Some(start_under_callgrind(world, n2, native, &dir, &[mx])?)
