@@ -71,7 +71,10 @@ fn held_conns(sluice: &Sluice, pod: &Pod) -> Result<Vec<Value>> {
     hold.wait_for_json(T, |v| v["event"] == "echo")?;
     let conns = sluice.wait_for(
         "/conns",
-        |v| v.as_array().is_some_and(|a| a.iter().any(|c| c["direction"] == "inbound")),
+        |v| {
+            v.as_array()
+                .is_some_and(|a| a.iter().any(|c| c["direction"] == "inbound" && c["protocol"] == "tcp"))
+        },
         T,
     )?;
     hold.close_stdin();
@@ -109,7 +112,10 @@ fn same_node_strict_pod_is_reached_without_a_tunnel() -> Result<()> {
     ensure!(counter(&w.sluice, "same_node_in")? >= 2, "{}", w.sluice.get_json("/status")?["counters"]);
 
     let conns = held_conns(&w.sluice, &w.client)?;
-    let inbound = conns.iter().find(|c| c["direction"] == "inbound").context("no inbound conn")?;
+    let inbound = conns
+        .iter()
+        .find(|c| c["direction"] == "inbound" && c["protocol"] == "tcp")
+        .context("no inbound conn")?;
     ensure!(inbound["security"] == "same-node", "{inbound}");
     ensure!(inbound["peer_identity"] == CLIENT_ID, "{inbound}");
     let outbound = conns
@@ -184,7 +190,10 @@ fn same_node_tunnel_mode_keeps_the_tunnel() -> Result<()> {
     ensure!(counter(&w.sluice, "hbone_streams_in")? >= 2, "{}", w.sluice.get_json("/status")?["counters"]);
     ensure!(counter(&w.sluice, "same_node_handoffs")? == 0, "handed off despite --same-node tunnel");
     let conns = held_conns(&w.sluice, &w.client)?;
-    let inbound = conns.iter().find(|c| c["direction"] == "inbound").context("no inbound conn")?;
+    let inbound = conns
+        .iter()
+        .find(|c| c["direction"] == "inbound" && c["protocol"] == "tcp")
+        .context("no inbound conn")?;
     ensure!(inbound["security"] == "mtls", "{inbound}");
     Ok(())
 }
@@ -221,7 +230,10 @@ fn cross_node_traffic_still_tunnels() -> Result<()> {
     ensure!(counter(&s1, "same_node_handoffs")? == 0, "n1 handed a cross-node connection over in-process");
     ensure!(counter(&s2, "same_node_in")? == 0, "n2 took a connection in-process");
     let conns = held_conns(&s2, &client)?;
-    let inbound = conns.iter().find(|c| c["direction"] == "inbound").context("no inbound conn")?;
+    let inbound = conns
+        .iter()
+        .find(|c| c["direction"] == "inbound" && c["protocol"] == "tcp")
+        .context("no inbound conn")?;
     ensure!(inbound["security"] == "mtls" && inbound["peer_identity"] == CLIENT_ID, "{inbound}");
     Ok(())
 }
