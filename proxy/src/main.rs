@@ -355,8 +355,8 @@ struct RunFlags {
     connect_timeout_ms: u64,
     /// How traffic between two enrolled pods of this node travels: `in-process` (identity,
     /// peer authentication and authorization applied by this sluice, no TLS to itself) or
-    /// `tunnel` (HBONE to the node's own tunnel port, as across nodes).
-    #[arg(long, env = "SLUICE_SAME_NODE", value_enum, default_value_t = sluice::same_node::SameNodeMode::InProcess)]
+    /// `tunnel` (HBONE to the node's own tunnel port, as across nodes; the default for now).
+    #[arg(long, env = "SLUICE_SAME_NODE", value_enum, default_value_t = sluice::same_node::SameNodeMode::Tunnel)]
     same_node: sluice::same_node::SameNodeMode,
     /// Log format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]

@@ -28,9 +28,10 @@ use crate::{inbound::Inbound, l4::PodContext};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum SameNodeMode {
     /// Handed over in-process: policy applied, no TLS, no HTTP/2 framing.
-    #[default]
     InProcess,
-    /// Through an HBONE tunnel to this node's own tunnel port, as across nodes.
+    /// Through an HBONE tunnel to this node's own tunnel port, as across nodes (the default
+    /// for now: see the design notes, "Same-node traffic and the destination-side pass").
+    #[default]
     Tunnel,
 }
 

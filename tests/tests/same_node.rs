@@ -16,6 +16,11 @@ use common::*;
 use serde_json::{json, Value};
 use sluice_tests::{poll_until, Pod, PodOpts, Sim, Sluice, SluiceOpts};
 
+/// sluice with the hand-off on (`--same-node in-process`; the default is still `tunnel`).
+fn in_process() -> SluiceOpts {
+    SluiceOpts { args: vec!["--same-node".into(), "in-process".into()], ..SluiceOpts::default() }
+}
+
 /// How long a manifest edit may take to show.
 const APPLY: Duration = Duration::from_secs(10);
 const CLIENT_ID: &str = "spiffe://cluster.local/ns/shop/sa/default";
@@ -88,7 +93,7 @@ fn held_conns(sluice: &Sluice, pod: &Pod) -> Result<Vec<Value>> {
 /// still refused by STRICT.
 #[test]
 fn same_node_strict_pod_is_reached_without_a_tunnel() -> Result<()> {
-    let w = world(1, true, SluiceOpts::default())?;
+    let w = world(1, true, in_process())?;
     let out = outsider(&w)?;
     write_strict(&w.sim)?;
     let echo = w.backends[0].addr(ECHO_PORT);
@@ -137,7 +142,7 @@ fn same_node_strict_pod_is_reached_without_a_tunnel() -> Result<()> {
 /// may not GET) is enforced per request too. The client's principal is unaffected.
 #[test]
 fn policy_denying_the_source_principal_still_denies_in_process() -> Result<()> {
-    let w = world(1, true, SluiceOpts::default())?;
+    let w = world(1, true, in_process())?;
     let intruder = w.node.add_pod(
         "shop",
         "intruder",
@@ -180,7 +185,7 @@ fn policy_denying_the_source_principal_still_denies_in_process() -> Result<()> {
     Ok(())
 }
 
-/// `--same-node tunnel`: the operator's way back to a tunnel to the node's own port.
+/// `--same-node tunnel` (the default for now): a tunnel to the node's own port, as before.
 #[test]
 fn same_node_tunnel_mode_keeps_the_tunnel() -> Result<()> {
     let opts = SluiceOpts { args: vec!["--same-node".into(), "tunnel".into()], ..SluiceOpts::default() };
@@ -216,8 +221,8 @@ fn cross_node_traffic_still_tunnels() -> Result<()> {
         &[&backend],
     )?;
     let client = n1.add_pod("shop", "client", PodOpts::labels(&[("app", "client")]))?;
-    let s1 = n1.start_sluice(SluiceOpts::default())?;
-    let s2 = n2.start_sluice(SluiceOpts::default())?;
+    let s1 = n1.start_sluice(in_process())?;
+    let s2 = n2.start_sluice(in_process())?;
     s1.wait_ready(T)?;
     s2.wait_ready(T)?;
     wait_enrolled(&s1, &client)?;

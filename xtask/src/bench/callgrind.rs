@@ -119,7 +119,7 @@ fn start_under_callgrind(
         ),
     )?;
     fs::set_permissions(&wrapper, fs::Permissions::from_mode(0o755))?;
-    let mut opts = SluiceOpts { bin: Some(wrapper), args: world.bins.sluice_args(), ..SluiceOpts::default() };
+    let mut opts = SluiceOpts { bin: Some(wrapper), args: world.bins.sluice_args(), env: world.bins.sluice_opts().env, ..SluiceOpts::default() };
     if world.bins.sluice_takes_ca_dir() {
         // The simulator passes its mesh CA only to its default binary: pass the same one.
         let ca = world.sim.temp_dir().join("ca");

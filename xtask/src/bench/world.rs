@@ -126,10 +126,15 @@ impl Bins {
 
     pub fn sluice_opts(&self) -> SluiceOpts {
         let args = self.sluice_args();
+        // `mtls-same-node` measures the in-process hand-off unless the environment says
+        // otherwise (`SLUICE_SAME_NODE=tunnel`: the same path through a tunnel to the node
+        // itself). A sluice without the flag ignores the variable.
+        let same_node = std::env::var_os("SLUICE_SAME_NODE").unwrap_or_else(|| "in-process".into());
+        let env = vec![("SLUICE_SAME_NODE".into(), same_node)];
         if self.sluice_takes_ca_dir() {
-            SluiceOpts { args, ..SluiceOpts::default() }
+            SluiceOpts { args, env, ..SluiceOpts::default() }
         } else {
-            SluiceOpts { bin: Some(self.sluice.clone()), args, ..SluiceOpts::default() }
+            SluiceOpts { bin: Some(self.sluice.clone()), args, env, ..SluiceOpts::default() }
         }
     }
 }
