@@ -41,6 +41,8 @@ pub struct ConnEntry {
     /// The other side's SPIFFE ID when it was authenticated by mTLS.
     pub peer_identity: Option<Arc<str>>,
     pub mtls: bool,
+    /// Handed over in-process between two pods of this node (no tunnel, no TLS).
+    pub same_node: bool,
     pub source_pod: Arc<str>,
     pub source_addr: SocketAddr,
     pub original_dst: SocketAddr,
@@ -65,7 +67,8 @@ pub struct ConnView {
     pub id: u64,
     pub direction: Direction,
     pub peer_identity: Option<String>,
-    /// "mtls" or "plaintext".
+    /// "mtls", "same-node" (handed over in-process between two pods of this node, identity
+    /// attested by the node, no TLS) or "plaintext".
     pub security: String,
     pub source_pod: String,
     pub source_addr: SocketAddr,
@@ -115,6 +118,8 @@ pub struct NewConn {
     pub direction: Direction,
     pub peer_identity: Option<Arc<str>>,
     pub mtls: bool,
+    /// Handed over in-process between two pods of this node (see `same_node`).
+    pub same_node: bool,
     pub source_pod: Arc<str>,
     pub source_addr: SocketAddr,
     pub original_dst: SocketAddr,
@@ -135,6 +140,7 @@ impl ConnRegistry {
             direction: c.direction,
             peer_identity: c.peer_identity,
             mtls: c.mtls,
+            same_node: c.same_node,
             source_pod: c.source_pod,
             source_addr: c.source_addr,
             original_dst: c.original_dst,
@@ -171,7 +177,12 @@ impl ConnRegistry {
                 id: e.id,
                 direction: e.direction,
                 peer_identity: e.peer_identity.as_deref().map(str::to_string),
-                security: if e.mtls { "mtls" } else { "plaintext" }.to_string(),
+                security: match (e.same_node, e.mtls) {
+                    (true, _) => "same-node",
+                    (false, true) => "mtls",
+                    (false, false) => "plaintext",
+                }
+                .to_string(),
                 source_pod: e.source_pod.to_string(),
                 source_addr: e.source_addr,
                 original_dst: e.original_dst,
@@ -202,6 +213,7 @@ mod tests {
             direction: Direction::Outbound,
             peer_identity: None,
             mtls: false,
+            same_node: false,
             source_pod: "ns/p".into(),
             source_addr: a,
             original_dst: a,

@@ -66,6 +66,8 @@ pub struct RunArgs {
     pub admission: crate::admission::AdmissionFlags,
     /// Opaque TCP with no bytes either way for this long is closed (`None`: never).
     pub tcp_idle_timeout: Option<Duration>,
+    /// How traffic between two pods of this node travels (`--same-node`).
+    pub same_node: crate::same_node::SameNodeMode,
 }
 
 /// The node's CA.
@@ -231,6 +233,7 @@ pub fn run(args: RunArgs) -> Result<()> {
         loop_guard: loop_guard.clone(),
         admission: admission.clone(),
         idle: idle.clone(),
+        same_node: crate::same_node::SameNode::new(args.same_node),
     });
     data_rt.spawn(reap_upstreams(dp.clone()));
     // At a connection bound, idle pooled connections make room before anything is refused.
@@ -265,6 +268,7 @@ pub fn run(args: RunArgs) -> Result<()> {
             opaque_ports: args.l7.opaque_ports.clone(),
         }),
     });
+    dp.same_node.set_inbound(inbound.clone());
     data_rt.spawn(jwks.clone().run());
     let mut enroller = Enroller::new(
         args.node.clone(),

@@ -433,6 +433,8 @@ impl Enroller {
                 move |req| inbound::handle_tunnel(req, ctx.clone(), inbound.clone()),
             )));
         }
+        // Serving the mesh here: this node's other pods reach it in-process.
+        self.dp.same_node.insert(ctx);
         Ok(tasks)
     }
 
@@ -657,6 +659,7 @@ impl Enroller {
 
     fn release(&mut self, pod: EnrolledPod) {
         self.awaiting_certificate.remove(&pod.uid);
+        self.dp.same_node.remove(&pod.ctx);
         if let Err(e) = self.redirector.release(pod.cgroup_id) {
             warn!(pod = %pod.ctx.key, error = %e, "cannot remove pod from the eBPF enrollment map");
         }

@@ -70,6 +70,8 @@ pub struct SecurityCounters {
 pub struct InboundCounters {
     pub tunnel_streams: AtomicU64,
     pub plaintext_accepted: AtomicU64,
+    /// Connections from a pod of this node handed over in-process (no tunnel; see `same_node`).
+    pub same_node_in: AtomicU64,
     pub plaintext_refused_strict: AtomicU64,
     pub policy_denied: AtomicU64,
     pub delivery_failed: AtomicU64,
@@ -238,6 +240,7 @@ pub async fn handle_tunnel(mut req: TunnelRequest, pod: Arc<PodContext>, inbound
             direction: Direction::Inbound,
             peer_identity: Some(req.peer_identity.clone()),
             mtls: true,
+            same_node: false,
             source_pod: source_pod_name(&inbound.model, req.peer),
             source_addr: req.peer,
             original_dst: req.target,
@@ -397,6 +400,7 @@ async fn handle_plaintext(
             direction: Direction::Inbound,
             peer_identity: None,
             mtls: false,
+            same_node: false,
             source_pod: source_pod_name(&inbound.model, peer),
             source_addr: peer,
             original_dst: target,
@@ -452,6 +456,7 @@ async fn serve_plaintext_http(
             direction: Direction::Inbound,
             peer_identity: None,
             mtls: false,
+            same_node: false,
             source_pod: source_pod_name(&inbound.model, peer),
             source_addr: peer,
             original_dst: target,
@@ -560,4 +565,137 @@ fn source_pod_name(model: &ArcSwap<Model>, peer: SocketAddr) -> Arc<str> {
         Some(p) => format!("{}/{}", p.namespace, p.name).into(),
         None => peer.ip().to_string().into(),
     }
+}
+
+/// Why the destination side refused a connection handed over in-process (see `same_node`);
+/// the same refusals an HBONE stream gets as a CONNECT status.
+#[derive(Debug, thiserror::Error)]
+pub enum LocalRefused {
+    #[error("{0} is not an address of the destination pod")]
+    WrongTarget(SocketAddr),
+    #[error("{0} is one of sluice's own listeners")]
+    Loop(SocketAddr),
+    #[error("connection limit reached at the destination ({})", .0.as_str())]
+    Limit(crate::admission::Refusal),
+    #[error("denied by authorization policy: {0}")]
+    Denied(String),
+    #[error("delivery to the application failed: {0}")]
+    Delivery(std::io::Error),
+}
+
+/// A connection the destination side accepted in-process: the application's socket and the
+/// connection's place within the destination pod's bounds.
+pub struct LocalAccepted {
+    pub app: TcpStream,
+    pub permit: crate::admission::Permit,
+}
+
+/// The destination side of a same-node hand-off, up to delivery: what [`handle_tunnel`] checks
+/// before it answers a CONNECT, with `source` (the source pod, whose identity the node attested
+/// at capture) in place of the certificate's peer. `per_request`: the source's L7 path carries
+/// HTTP, authorized per request by [`serve_local_l7`] (as a stream marked `x-sluice-l7`);
+/// otherwise the connection is authorized now with Istio's TCP semantics.
+pub async fn accept_local(
+    inbound: &Inbound,
+    pod: &Arc<PodContext>,
+    source: &PodContext,
+    peer: SocketAddr,
+    target: SocketAddr,
+    per_request: bool,
+) -> Result<LocalAccepted, LocalRefused> {
+    inbound.counters.same_node_in.fetch_add(1, Ordering::Relaxed);
+    if !pod.ips.contains(&target.ip()) || crate::deliver::is_link_local(target.ip()) {
+        return Err(LocalRefused::WrongTarget(target));
+    }
+    if let Err(refused) = inbound.loop_guard.check_delivery(target) {
+        inbound.loop_guard.refused(&source.identity_str, refused, crate::loopguard::Via::Delivery);
+        return Err(LocalRefused::Loop(target));
+    }
+    let permit = inbound
+        .admission
+        .inbound_stream(&pod.slots, PeerKey::Identity(source.identity_str.clone()))
+        .map_err(LocalRefused::Limit)?;
+    if !per_request {
+        // Opaque at the source (its detection read the first bytes and found no HTTP): for a
+        // pod whose policies need requests, that is the sniff the tunnel's side would do.
+        if inbound.needs_requests(pod) {
+            inbound.security.counters.inbound_sniffed.fetch_add(1, Ordering::Relaxed);
+        }
+        if let Verdict::Denied(why) = inbound.authorize(pod, peer, target, Some(&source.identity)) {
+            inbound.counters.policy_denied.fetch_add(1, Ordering::Relaxed);
+            if let Some(suppressed) = lograte::shared().allow("policy-denied", &source.identity_str) {
+                warn!(pod = %pod.key, port = target.port(), source = %source.identity_str, reason = %why, suppressed, "same-node connection denied by authorization policy");
+            }
+            return Err(LocalRefused::Denied(why));
+        }
+    }
+    let app = deliver::connect(&inbound.redirector, &pod.netns, pod.transparent, peer.ip(), target, inbound.connect_timeout)
+        .await
+        .map_err(|e| {
+            inbound.counters.delivery_failed.fetch_add(1, Ordering::Relaxed);
+            if let Some(suppressed) = lograte::shared().allow("delivery-failed", &source.identity_str) {
+                info!(pod = %pod.key, %target, error = %e, suppressed, "delivery to the application failed");
+            }
+            LocalRefused::Delivery(e)
+        })?;
+    Ok(LocalAccepted { app, permit })
+}
+
+/// The registry entry of a same-node connection on the destination side.
+fn local_conn(inbound: &Inbound, source: &PodContext, peer: SocketAddr, target: SocketAddr, protocol: &'static str) -> NewConn {
+    NewConn {
+        direction: Direction::Inbound,
+        peer_identity: Some(source.identity_str.clone()),
+        mtls: true,
+        same_node: true,
+        source_pod: source_pod_name(&inbound.model, peer),
+        source_addr: peer,
+        original_dst: target,
+        service: None,
+        endpoint: target,
+        protocol,
+    }
+}
+
+/// Serves HTTP handed over in-process by this node's L7 path (`stream`: its end of an
+/// in-memory pipe), per request as for an HBONE stream marked `x-sluice-l7`: the destination's
+/// JWT and authorization checks, `reporter=destination` telemetry.
+pub async fn serve_local_l7<S>(
+    inbound: Arc<Inbound>,
+    pod: Arc<PodContext>,
+    source: &PodContext,
+    accepted: LocalAccepted,
+    stream: S,
+    protocol: crate::l7::Protocol,
+    peer: SocketAddr,
+    target: SocketAddr,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let guard = inbound.conns.open(&pod.stats, local_conn(&inbound, source, peer, target, protocol.as_str()));
+    let ctx = inbound.l7_stream(&pod, peer, Some(source.identity_str.clone()), target, guard.entry.clone(), (accepted.permit, guard));
+    crate::l7::inbound::serve(stream, accepted.app, protocol, ctx).await;
+}
+
+/// The destination side's part of an opaque same-node connection: registry entry and
+/// `reporter=destination` telemetry, around `forward` (which moves the bytes between the source
+/// pod's socket and the application's, counting into the counters it is given).
+pub async fn serve_local_opaque<F, Fut>(
+    inbound: &Inbound,
+    pod: &PodContext,
+    source: &PodContext,
+    accepted: LocalAccepted,
+    peer: SocketAddr,
+    target: SocketAddr,
+    forward: F,
+) where
+    F: FnOnce(TcpStream, Arc<crate::conns::ConnEntry>) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let guard = inbound.conns.open(&pod.stats, local_conn(inbound, source, peer, target, "tcp"));
+    let tcp = InboundConn::new(inbound, pod, peer, target, Some(source.identity_str.clone()));
+    tcp.report(inbound, pod, &guard.entry, true);
+    forward(accepted.app, guard.entry.clone()).await;
+    tcp.report(inbound, pod, &guard.entry, false);
+    drop(accepted.permit);
 }

@@ -92,6 +92,8 @@ pub struct DataPath {
     pub admission: Arc<crate::admission::Admission>,
     /// Opaque TCP with no bytes either way for this long is closed.
     pub idle: Arc<crate::idle::IdleTimeout>,
+    /// This node's pods that take connections from its other pods in-process.
+    pub same_node: crate::same_node::SameNode,
 }
 
 /// Accepts connections on one of a pod's outbound listeners until the task is aborted
@@ -176,6 +178,7 @@ async fn handle(
             direction: Direction::Outbound,
             peer_identity: None,
             mtls: false,
+            same_node: false,
             source_pod: pod.key.clone(),
             source_addr: SocketAddr::new(pod.ip, peer.port()),
             original_dst: orig.addr,
@@ -262,9 +265,13 @@ async fn forward_opaque(
             reset(&client);
             return;
         }
+        if let Some((dest, inbound)) = dp.same_node.lookup(endpoint.ip()) {
+            hand_off_opaque(client, prefix, peer, orig, &target, endpoint, &peer_id, &pod, &dp, &dest, &inbound, &observed).await;
+            return;
+        }
         match open_tunnel(&pod, &dp, &peer_id, endpoint, None).await {
             Ok(stream) => {
-                let guard = dp.conns.open(&pod.stats, new_conn(&pod, peer, orig, &target, endpoint, Some(&peer_id)));
+                let guard = dp.conns.open(&pod.stats, new_conn(&pod, peer, orig, &target, endpoint, Some(&peer_id), false));
                 debug!(pod = %pod.key, dst = %orig, %endpoint, peer = %peer_id, id = guard.entry.id, "forwarding through tunnel");
                 observed.report(&dp, &pod, &guard.entry, true, true);
                 // `stream.slot`, the stream's place in its tunnel's count, drops at the end of
@@ -329,7 +336,7 @@ async fn forward_opaque(
             return;
         }
     };
-    let guard = dp.conns.open(&pod.stats, new_conn(&pod, peer, orig, &target, endpoint, None));
+    let guard = dp.conns.open(&pod.stats, new_conn(&pod, peer, orig, &target, endpoint, None, false));
     if !prefix.is_empty() {
         if let Err(e) = upstream.write_all(&prefix).await {
             debug!(pod = %pod.key, %endpoint, error = %e, "upstream closed before the first bytes");
@@ -343,6 +350,57 @@ async fn forward_opaque(
     let (sent, received) = (&guard.entry.sent, &guard.entry.received);
     dp.idle.run(forward(client, upstream, sent, received), sent, received).await;
     observed.report(&dp, &pod, &guard.entry, false, false);
+}
+
+/// An opaque connection to a pod of this node: the destination side accepts it in-process
+/// (peer authentication counts the hand-off as mutual TLS; authorization with the source pod's
+/// identity) and the bytes go from the client's socket straight to the application's, without
+/// TLS or HTTP/2 framing. Both sides keep their registry entries and telemetry.
+#[allow(clippy::too_many_arguments)]
+async fn hand_off_opaque(
+    client: TcpStream,
+    prefix: Bytes,
+    peer: SocketAddr,
+    orig: SocketAddr,
+    target: &routing::Target,
+    endpoint: SocketAddr,
+    peer_id: &SpiffeId,
+    pod: &Arc<PodContext>,
+    dp: &DataPath,
+    dest: &Arc<PodContext>,
+    inbound: &crate::inbound::Inbound,
+    observed: &OpaqueConn,
+) {
+    let source_addr = SocketAddr::new(pod.ip, peer.port());
+    let accepted = match crate::inbound::accept_local(inbound, dest, pod, source_addr, endpoint, false).await {
+        Ok(a) => a,
+        Err(refused) => {
+            debug!(pod = %pod.key, dst = %orig, %endpoint, peer = %peer_id, reason = %refused, "same-node connection refused at the destination; resetting client");
+            reset(&client);
+            return;
+        }
+    };
+    dp.same_node.handed_off();
+    let guard = dp.conns.open(&pod.stats, new_conn(pod, peer, orig, target, endpoint, Some(peer_id), true));
+    debug!(pod = %pod.key, dst = %orig, %endpoint, peer = %peer_id, id = guard.entry.id, "forwarding in-process to a pod of this node");
+    observed.report(dp, pod, &guard.entry, true, true);
+    let out = &guard.entry;
+    crate::inbound::serve_local_opaque(inbound, dest, pod, accepted, source_addr, endpoint, |mut app, dest_entry| async move {
+        if !prefix.is_empty() {
+            if app.write_all(&prefix).await.is_err() {
+                reset(&client);
+                return;
+            }
+            out.sent.fetch_add(prefix.len() as u64, Ordering::Relaxed);
+            dest_entry.sent.fetch_add(prefix.len() as u64, Ordering::Relaxed);
+        }
+        // The idle timeout watches the source's counters; the destination's follow them.
+        let (sent, received) = (&out.sent, &out.received);
+        let (up, down) = ([sent, &dest_entry.sent], [received, &dest_entry.received]);
+        dp.idle.run(forward_counted(client, app, Counted(&up), Counted(&down)), sent, received).await;
+    })
+    .await;
+    observed.report(dp, pod, &guard.entry, true, false);
 }
 
 /// What TCP telemetry says about one opaque outbound connection.
@@ -453,11 +511,13 @@ fn new_conn(
     target: &routing::Target,
     endpoint: SocketAddr,
     mesh_peer: Option<&SpiffeId>,
+    same_node: bool,
 ) -> NewConn {
     NewConn {
         direction: Direction::Outbound,
         peer_identity: mesh_peer.map(|id| Arc::from(id.to_string())),
         mtls: mesh_peer.is_some(),
+        same_node,
         source_pod: pod.key.clone(),
         source_addr: SocketAddr::new(pod.ip, peer.port()),
         original_dst,
@@ -501,6 +561,34 @@ pub(crate) async fn connect(netns: &PodNetns, endpoint: SocketAddr, timeout: Dur
 /// write half) on the other, so half-closed connections keep working; a reset on one side
 /// becomes a reset on the other.
 pub async fn forward(client: TcpStream, upstream: TcpStream, sent: &AtomicU64, received: &AtomicU64) {
+    forward_counted(client, upstream, sent, received).await
+}
+
+/// Where one direction's byte count goes: a counter, or several ([`Counted`]).
+pub trait Tally {
+    fn add(&self, n: u64);
+}
+
+impl Tally for &AtomicU64 {
+    fn add(&self, n: u64) {
+        self.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+/// One direction counted into several counters (both sides' registry entries of a same-node
+/// connection).
+pub struct Counted<'a>(pub &'a [&'a AtomicU64]);
+
+impl Tally for Counted<'_> {
+    fn add(&self, n: u64) {
+        for c in self.0 {
+            c.fetch_add(n, Ordering::Relaxed);
+        }
+    }
+}
+
+/// [`forward`], counting into any [`Tally`].
+pub async fn forward_counted(client: TcpStream, upstream: TcpStream, sent: impl Tally, received: impl Tally) {
     let (cr, cw) = client.into_split();
     let (ur, uw) = upstream.into_split();
     let up = pump(cr, uw, sent);
@@ -510,7 +598,7 @@ pub async fn forward(client: TcpStream, upstream: TcpStream, sent: &AtomicU64, r
     let _ = tokio::try_join!(up, down);
 }
 
-async fn pump(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, counter: &AtomicU64) -> io::Result<()> {
+async fn pump(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, counter: impl Tally) -> io::Result<()> {
     // Wait for data before allocating the buffer (idle connections hold none).
     if let Err(e) = from.readable().await {
         set_linger_zero(to.as_ref());
@@ -535,7 +623,7 @@ async fn pump(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, counter: &AtomicU
             set_linger_zero(from.as_ref());
             return Err(e);
         }
-        counter.fetch_add(n as u64, Ordering::Relaxed);
+        counter.add(n as u64);
     }
 }
 

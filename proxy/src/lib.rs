@@ -28,6 +28,7 @@ pub mod podres;
 pub mod policy;
 pub mod redirect;
 pub mod routing;
+pub mod same_node;
 pub mod stream_routes;
 pub mod sysctl;
 pub mod telemetry;

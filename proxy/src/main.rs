@@ -353,6 +353,11 @@ struct RunFlags {
     /// Upstream connect timeout in milliseconds.
     #[arg(long, default_value_t = 5000)]
     connect_timeout_ms: u64,
+    /// How traffic between two enrolled pods of this node travels: `in-process` (identity,
+    /// peer authentication and authorization applied by this sluice, no TLS to itself) or
+    /// `tunnel` (HBONE to the node's own tunnel port, as across nodes; the default for now).
+    #[arg(long, env = "SLUICE_SAME_NODE", value_enum, default_value_t = sluice::same_node::SameNodeMode::Tunnel)]
+    same_node: sluice::same_node::SameNodeMode,
     /// Log format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -577,6 +582,7 @@ fn run(f: RunFlags) -> Result<()> {
             pod_max_inbound: f.pod_max_inbound_connections,
             peer_max_inbound: f.peer_max_inbound_connections,
         },
+        same_node: f.same_node,
         tcp_idle_timeout: (f.tcp_idle_timeout_s > 0).then(|| Duration::from_secs(f.tcp_idle_timeout_s)),
         telemetry,
         l7: sluice::l7::L7Config {

@@ -670,7 +670,7 @@ impl Collector for SluiceMetrics {
         let lc = &dp.l7.limit_counters;
         let overflow: u64 =
             dp.l7.breakers.snapshot().iter().map(|(_, _, b)| b.overflows.load(Ordering::Relaxed)).sum();
-        let counters: [(&str, &str, u64); 44] = [
+        let counters: [(&str, &str, u64); 46] = [
             (
                 "sluice_http_requests",
                 "HTTP requests received from enrolled pods (outbound).",
@@ -846,6 +846,16 @@ impl Collector for SluiceMetrics {
                 "sluice_hbone_streams_rejected",
                 "Inbound HBONE streams rejected before delivery.",
                 relaxed(&tunnel.streams_rejected),
+            ),
+            (
+                "sluice_same_node_handoffs",
+                "Connections between two pods of this node handed over in-process (no tunnel, no TLS).",
+                relaxed(&dp.same_node.handoffs),
+            ),
+            (
+                "sluice_same_node_in",
+                "Connections from a pod of this node that reached the destination side in-process (no tunnel), refused ones included.",
+                relaxed(&inbound.same_node_in),
             ),
             (
                 "sluice_plaintext_accepted",

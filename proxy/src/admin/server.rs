@@ -64,6 +64,8 @@ impl AdminState {
             ("hbone_handshakes_failed", &t.handshakes_failed),
             ("hbone_streams_rejected", &t.streams_rejected),
             ("plaintext_accepted", &c.plaintext_accepted),
+            ("same_node_in", &c.same_node_in),
+            ("same_node_handoffs", &self.data.same_node.handoffs),
             ("plaintext_refused_strict", &c.plaintext_refused_strict),
             ("policy_denied", &c.policy_denied),
             ("delivery_failed", &c.delivery_failed),

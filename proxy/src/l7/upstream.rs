@@ -675,6 +675,12 @@ impl Upstreams {
         d: &Dial<'_>,
     ) -> Result<(Stream, Option<TunnelWatch>, Option<Arc<Lease>>), UpstreamError> {
         if let Some(peer) = &d.mesh_peer {
+            // A pod of this node, with no TLS of sluice's own inside: handed over in-process.
+            if d.tls.is_none() {
+                if let Some((dest, inbound)) = d.dp.same_node.lookup(d.endpoint.ip()) {
+                    return hand_off(d, peer, dest, inbound).await;
+                }
+            }
             let hint = match d.wire {
                 Wire::Http1 => "http/1.1",
                 Wire::Http2 => "h2c",
@@ -1056,6 +1062,45 @@ fn copy_head(req: &Request<Body>) -> Request<Body> {
 }
 
 /// The Overflow a request gets when admission refused its upstream socket.
+/// Bytes an in-memory same-node pipe holds per direction before the writer waits (its bound;
+/// the pipe's buffer grows to this only as data waits in it).
+const LOCAL_PIPE: usize = 64 * 1024;
+
+/// HTTP to a pod of this node: the destination side accepts it in-process (the source pod's
+/// identity, the destination's bounds) and serves it per request over an in-memory pipe, as it
+/// serves a tunnel stream marked HTTP, so the destination's JWT and authorization checks and
+/// its `reporter=destination` telemetry stay; no TLS, no HTTP/2 framing of a tunnel. No socket
+/// on the source's side, so no admission unit here (the destination's permit covers the
+/// application's socket).
+async fn hand_off(
+    d: &Dial<'_>,
+    peer: &SpiffeId,
+    dest: Arc<PodContext>,
+    inbound: Arc<crate::inbound::Inbound>,
+) -> Result<(Stream, Option<TunnelWatch>, Option<Arc<Lease>>), UpstreamError> {
+    use crate::inbound::LocalRefused;
+    let source_addr = SocketAddr::new(d.pod.ip, 0);
+    let accepted = crate::inbound::accept_local(&inbound, &dest, d.pod, source_addr, d.endpoint, true)
+        .await
+        .map_err(|refused| match refused {
+            LocalRefused::Limit(r) => UpstreamError::Overflow(overflow_of(r)),
+            LocalRefused::Delivery(source) => UpstreamError::Connect { endpoint: d.endpoint, source },
+            other => UpstreamError::Connect { endpoint: d.endpoint, source: io::Error::other(other.to_string()) },
+        })?;
+    d.dp.same_node.handed_off();
+    debug!(pod = %d.pod.key, endpoint = %d.endpoint, %peer, "HTTP handed over in-process to a pod of this node");
+    let (near, far) = tokio::io::duplex(LOCAL_PIPE);
+    let protocol = match d.wire {
+        Wire::Http1 => crate::l7::Protocol::Http1,
+        Wire::Http2 => crate::l7::Protocol::Http2,
+    };
+    let (source, endpoint) = (d.pod.clone(), d.endpoint);
+    tokio::spawn(async move {
+        crate::inbound::serve_local_l7(inbound, dest, &source, accepted, far, protocol, source_addr, endpoint).await;
+    });
+    Ok((Stream::Local(near), None, None))
+}
+
 fn overflow_of(refusal: Refusal) -> Overflow {
     match refusal {
         Refusal::Node => Overflow::NodeConnections,
@@ -1088,6 +1133,8 @@ enum Stream {
         _slot: TunnelSlot,
     },
     Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+    /// An in-memory pipe to this node's destination side (a same-node hand-off).
+    Local(tokio::io::DuplexStream),
     /// TLS that sluice originates inside an HBONE stream (a DestinationRule's SIMPLE or
     /// MUTUAL towards an enrolled pod that serves TLS itself).
     TlsTunnel {
@@ -1104,6 +1151,7 @@ impl AsyncRead for UpstreamIo {
             Stream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
             Stream::Tunnel { io: s, .. } => Pin::new(s).poll_read(cx, buf),
             Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            Stream::Local(s) => Pin::new(s).poll_read(cx, buf),
             Stream::TlsTunnel { tls: s, .. } => Pin::new(s.as_mut()).poll_read(cx, buf),
             #[cfg(test)]
             Stream::Mem(s) => Pin::new(s).poll_read(cx, buf),
@@ -1117,6 +1165,7 @@ impl AsyncWrite for UpstreamIo {
             Stream::Tcp(s) => Pin::new(s).poll_write(cx, buf),
             Stream::Tunnel { io: s, .. } => Pin::new(s).poll_write(cx, buf),
             Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+            Stream::Local(s) => Pin::new(s).poll_write(cx, buf),
             Stream::TlsTunnel { tls: s, .. } => Pin::new(s.as_mut()).poll_write(cx, buf),
             #[cfg(test)]
             Stream::Mem(s) => Pin::new(s).poll_write(cx, buf),
@@ -1132,6 +1181,7 @@ impl AsyncWrite for UpstreamIo {
             Stream::Tcp(s) => Pin::new(s).poll_write_vectored(cx, bufs),
             Stream::Tunnel { io: s, .. } => Pin::new(s).poll_write_vectored(cx, bufs),
             Stream::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+            Stream::Local(s) => Pin::new(s).poll_write_vectored(cx, bufs),
             Stream::TlsTunnel { tls: s, .. } => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
             #[cfg(test)]
             Stream::Mem(s) => Pin::new(s).poll_write_vectored(cx, bufs),
@@ -1143,6 +1193,7 @@ impl AsyncWrite for UpstreamIo {
             Stream::Tcp(s) => s.is_write_vectored(),
             Stream::Tunnel { io: s, .. } => s.is_write_vectored(),
             Stream::Tls(s) => s.is_write_vectored(),
+            Stream::Local(s) => s.is_write_vectored(),
             Stream::TlsTunnel { tls: s, .. } => s.is_write_vectored(),
             #[cfg(test)]
             Stream::Mem(s) => s.is_write_vectored(),
@@ -1154,6 +1205,7 @@ impl AsyncWrite for UpstreamIo {
             Stream::Tcp(s) => Pin::new(s).poll_flush(cx),
             Stream::Tunnel { io: s, .. } => Pin::new(s).poll_flush(cx),
             Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+            Stream::Local(s) => Pin::new(s).poll_flush(cx),
             Stream::TlsTunnel { tls: s, .. } => Pin::new(s.as_mut()).poll_flush(cx),
             #[cfg(test)]
             Stream::Mem(s) => Pin::new(s).poll_flush(cx),
@@ -1165,6 +1217,7 @@ impl AsyncWrite for UpstreamIo {
             Stream::Tcp(s) => Pin::new(s).poll_shutdown(cx),
             Stream::Tunnel { io: s, .. } => Pin::new(s).poll_shutdown(cx),
             Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+            Stream::Local(s) => Pin::new(s).poll_shutdown(cx),
             Stream::TlsTunnel { tls: s, .. } => Pin::new(s.as_mut()).poll_shutdown(cx),
             #[cfg(test)]
             Stream::Mem(s) => Pin::new(s).poll_shutdown(cx),

@@ -119,7 +119,7 @@ fn start_under_callgrind(
         ),
     )?;
     fs::set_permissions(&wrapper, fs::Permissions::from_mode(0o755))?;
-    let mut opts = SluiceOpts { bin: Some(wrapper), args: world.bins.sluice_args(), ..SluiceOpts::default() };
+    let mut opts = SluiceOpts { bin: Some(wrapper), args: world.bins.sluice_args(), env: world.bins.sluice_opts().env, ..SluiceOpts::default() };
     if world.bins.sluice_takes_ca_dir() {
         // The simulator passes its mesh CA only to its default binary: pass the same one.
         let ca = world.sim.temp_dir().join("ca");
@@ -151,7 +151,7 @@ pub fn measure(
     fs::create_dir_all(&dir)?;
     let proxied: Vec<Scenario> = scenarios.iter().copied().filter(|s| !s.is_baseline()).collect();
     let tunnel = proxied.iter().any(|s| s.via_tunnel());
-    let cg1 = start_under_callgrind(world, &world.n1, &world.sluice, &dir, &[&world.mesh_client])?;
+    let cg1 = start_under_callgrind(world, &world.n1, &world.sluice, &dir, &[&world.mesh_client, &world.mesh_server_local])?;
     let cg2 = match (tunnel, &world.n2, &world.sluice2, &world.mesh_server_x) {
         (true, Some(n2), Some(native), Some(mx)) => {
             Some(start_under_callgrind(world, n2, native, &dir, &[mx])?)

@@ -333,7 +333,7 @@ impl PathProbe {
                     answered.unwrap_or(1)
                 );
             }
-            if s.via_tunnel() && d("hbone_fallback_plaintext") > 0 {
+            if (s.via_tunnel() || s == super::Scenario::MtlsSameNode) && d("hbone_fallback_plaintext") > 0 {
                 bail!(
                     "{name}: sluice on n1 sent {} connection(s) in plaintext (no tunnel endpoint)",
                     d("hbone_fallback_plaintext")

@@ -57,6 +57,10 @@ pub enum Scenario {
     /// Two nodes, enrolled client and server: HTTP/1.1 through sluice's L7 path on node 1 and
     /// the mTLS (HBONE) tunnel to sluice on node 2 (`appProtocol: http`): full L7 with mTLS.
     Mtls,
+    /// Same node, enrolled client and server: HTTP/1.1 through sluice's L7 path, handed over
+    /// in-process to the destination side (no tunnel to itself; `--same-node in-process`).
+    #[value(name = "mtls-same-node")]
+    MtlsSameNode,
     /// The gRPC baseline: the gRPC backend without sluice (implied by `grpc`).
     #[value(skip)]
     GrpcDirect,
@@ -65,19 +69,27 @@ pub enum Scenario {
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 7] = [
+    pub const ALL: [Scenario; 8] = [
         Scenario::Direct,
         Scenario::L4,
         Scenario::MtlsL4,
         Scenario::Http,
         Scenario::Mtls,
+        Scenario::MtlsSameNode,
         Scenario::GrpcDirect,
         Scenario::Grpc,
     ];
 
     /// What `--scenarios` takes (and its default): every scenario but the implied gRPC baseline.
-    pub const REQUESTABLE: [Scenario; 6] =
-        [Scenario::Direct, Scenario::L4, Scenario::MtlsL4, Scenario::Http, Scenario::Mtls, Scenario::Grpc];
+    pub const REQUESTABLE: [Scenario; 7] = [
+        Scenario::Direct,
+        Scenario::L4,
+        Scenario::MtlsL4,
+        Scenario::Http,
+        Scenario::Mtls,
+        Scenario::MtlsSameNode,
+        Scenario::Grpc,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -86,6 +98,7 @@ impl Scenario {
             Scenario::MtlsL4 => "mtls-l4",
             Scenario::Http => "http",
             Scenario::Mtls => "mtls",
+            Scenario::MtlsSameNode => "mtls-same-node",
             Scenario::GrpcDirect => "grpc-direct",
             Scenario::Grpc => "grpc",
         }
@@ -123,7 +136,7 @@ impl Scenario {
         match self {
             Scenario::Direct | Scenario::GrpcDirect => None,
             Scenario::L4 | Scenario::MtlsL4 => Some("detected_opaque"),
-            Scenario::Http | Scenario::Mtls => Some("detected_http1"),
+            Scenario::Http | Scenario::Mtls | Scenario::MtlsSameNode => Some("detected_http1"),
             Scenario::Grpc => Some("detected_http2"),
         }
     }
@@ -135,14 +148,14 @@ impl Scenario {
         let l7 = L7.load(std::sync::atomic::Ordering::Relaxed);
         match self {
             Scenario::Direct | Scenario::L4 => None,
-            Scenario::MtlsL4 | Scenario::Mtls if !tunnel => {
+            Scenario::MtlsL4 | Scenario::Mtls | Scenario::MtlsSameNode if !tunnel => {
                 Some("needs the node-to-node mTLS (HBONE) tunnel (this sluice has no --ca-dir)")
             }
             Scenario::MtlsL4 => None,
-            Scenario::Http | Scenario::Mtls | Scenario::GrpcDirect | Scenario::Grpc if !l7 => {
+            Scenario::Http | Scenario::Mtls | Scenario::MtlsSameNode | Scenario::GrpcDirect | Scenario::Grpc if !l7 => {
                 Some("needs sluice's L7 (HTTP per request) path (this sluice has no --detect-timeout-ms)")
             }
-            Scenario::Http | Scenario::Mtls | Scenario::GrpcDirect | Scenario::Grpc => None,
+            Scenario::Http | Scenario::Mtls | Scenario::MtlsSameNode | Scenario::GrpcDirect | Scenario::Grpc => None,
         }
     }
 
@@ -160,6 +173,9 @@ impl Scenario {
             }
             Scenario::Mtls => {
                 "enrolled client on node 1 → Service (appProtocol http) → sluice L7 → pooled upstream in the mTLS (HBONE) tunnel → sluice on node 2 → enrolled server"
+            }
+            Scenario::MtlsSameNode => {
+                "enrolled client → Service (appProtocol http) → sluice L7 → handed over in-process (no tunnel) → sluice's destination side → enrolled server, same node"
             }
             Scenario::GrpcDirect => "gRPC client pod → gRPC server pod IP, no sluice (the gRPC baseline)",
             Scenario::Grpc => {

@@ -886,6 +886,7 @@ fn color(s: &str) -> &'static str {
         "http" => "#ff7f0e",
         "mtls-l4" => "#98df8a",
         "mtls" => "#2ca02c",
+        "mtls-same-node" => "#17becf",
         "grpc-direct" => "#c7c7c7",
         "grpc" => "#9467bd",
         _ => "#d62728",

@@ -51,6 +51,7 @@ const VIP_L7: &str = "10.96.0.23";
 const VIP_PLAIN_X: &str = "10.96.0.21";
 const VIP_MESH_X: &str = "10.96.0.22";
 const VIP_MESH_X_TCP: &str = "10.96.0.24";
+const VIP_MESH_LOCAL: &str = "10.96.0.25";
 pub const HTTP_PORT: u16 = 8080;
 pub const GRPC_PORT: u16 = 50051;
 pub const IPERF_PORT: u16 = 5201;
@@ -125,10 +126,15 @@ impl Bins {
 
     pub fn sluice_opts(&self) -> SluiceOpts {
         let args = self.sluice_args();
+        // `mtls-same-node` measures the in-process hand-off unless the environment says
+        // otherwise (`SLUICE_SAME_NODE=tunnel`: the same path through a tunnel to the node
+        // itself). A sluice without the flag ignores the variable.
+        let same_node = std::env::var_os("SLUICE_SAME_NODE").unwrap_or_else(|| "in-process".into());
+        let env = vec![("SLUICE_SAME_NODE".into(), same_node)];
         if self.sluice_takes_ca_dir() {
-            SluiceOpts { args, ..SluiceOpts::default() }
+            SluiceOpts { args, env, ..SluiceOpts::default() }
         } else {
-            SluiceOpts { bin: Some(self.sluice.clone()), args, ..SluiceOpts::default() }
+            SluiceOpts { bin: Some(self.sluice.clone()), args, env, ..SluiceOpts::default() }
         }
     }
 }
@@ -180,6 +186,8 @@ pub struct World {
     pub mesh_client: Pod,
     /// The enrolled server on n2 (the `mtls` destination).
     pub mesh_server_x: Option<Pod>,
+    /// The enrolled server on n1 (the `mtls-same-node` destination).
+    pub mesh_server_local: Pod,
     pub n1: Node,
     pub n2: Option<Node>,
     pub bins: Bins,
@@ -288,6 +296,10 @@ impl World {
         let dserver = n1.add_pod(DIRECT_NS, "server", labels("server"))?;
         let mclient = n1.add_pod(MESH_NS, "client", labels("client"))?;
         let mut servers = start_servers(&dserver, bins, opts.iperf, opts.grpc)?;
+        // The enrolled server on n1 (`mtls-same-node`): HTTP only.
+        let mlocal = n1.add_pod(MESH_NS, "server-local", labels("server-local"))?;
+        servers.extend(start_servers(&mlocal, bins, false, false)?);
+        write_service(&sim, MESH_NS, "server-local", VIP_MESH_LOCAL, &[("http", HTTP_PORT, "http")], &mlocal)?;
         let opaque = [("tcp", HTTP_PORT, "tcp"), ("iperf", IPERF_PORT, "tcp")];
         // The server outside the mesh behind Services: opaque (`l4`) and L7 (`http`, `grpc`).
         write_service(&sim, DIRECT_NS, "server", VIP_PLAIN, &opaque, &dserver)?;
@@ -321,7 +333,7 @@ impl World {
         let sluice_opts = bins.sluice_opts();
         let sluice = n1.start_sluice(sluice_opts.clone())?;
         sluice.wait_ready(T)?;
-        wait_enrolled(&sluice, &[&mclient], T)?;
+        wait_enrolled(&sluice, &[&mclient, &mlocal], T)?;
         let sluice2 = match (&n2, &x) {
             (Some(n2), Some((_, mx))) => {
                 let s = n2.start_sluice(sluice_opts)?;
@@ -348,6 +360,7 @@ impl World {
             direct(Scenario::Direct, &dserver, HTTP_PORT, true),
             via(Scenario::L4, VIP_PLAIN, HTTP_PORT, true),
             via(Scenario::Http, VIP_L7, HTTP_PORT, false),
+            via(Scenario::MtlsSameNode, VIP_MESH_LOCAL, HTTP_PORT, false),
             direct(Scenario::GrpcDirect, &dserver, GRPC_PORT, false),
             via(Scenario::Grpc, VIP_L7, GRPC_PORT, false),
         ];
@@ -367,6 +380,7 @@ impl World {
             l4_x,
             mesh_client: mclient,
             mesh_server_x: x.as_ref().map(|(_, mx)| mx.clone()),
+            mesh_server_local: mlocal,
             n1,
             n2,
             bins: bins.clone(),
