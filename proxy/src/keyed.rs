@@ -4,26 +4,29 @@
 
 use std::{
     collections::HashMap,
-    hash::{Hash, Hasher},
+    hash::{BuildHasher, Hash},
     sync::Mutex,
 };
 
 const SHARDS: usize = 16;
 
 /// Counts per key, each within a bound; entries live only while their count is above zero.
+///
+/// A key is hashed twice: once to choose its shard, with foldhash seeded per instance (cheap,
+/// and not predictable from outside), then inside the shard with std's SipHash, whose DoS
+/// resistance the maps keep because some keys are a peer's source address.
 pub struct KeyedCounts<K> {
     shards: [Mutex<HashMap<K, u32>>; SHARDS],
+    shard_hash: hashbrown::DefaultHashBuilder,
 }
 
 impl<K: Hash + Eq + Clone> KeyedCounts<K> {
     pub fn new() -> Self {
-        Self { shards: std::array::from_fn(|_| Mutex::new(HashMap::new())) }
+        Self { shards: std::array::from_fn(|_| Mutex::new(HashMap::new())), shard_hash: Default::default() }
     }
 
     fn shard(&self, key: &K) -> &Mutex<HashMap<K, u32>> {
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        key.hash(&mut h);
-        &self.shards[h.finish() as usize % SHARDS]
+        &self.shards[self.shard_hash.hash_one(key) as usize % SHARDS]
     }
 
     /// Takes one unit for `key` if its count stays within `max`.

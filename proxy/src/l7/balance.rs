@@ -43,7 +43,7 @@
 //! loses almost every time (50 times slower: chosen in 2 % of the pairs it is in).
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::HashSet,
     net::SocketAddr,
     sync::{
         atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering},
@@ -327,14 +327,19 @@ pub struct Balancer {
     state_overflow: AtomicU64,
     /// Outside states evicted to make room for new addresses.
     state_evicted: AtomicU64,
-    /// Round-robin positions per backend (by a caller-chosen key).
-    rr: RwLock<HashMap<u64, Arc<AtomicUsize>>>,
+    /// Round-robin positions per backend (by a caller-chosen key; foldhash: the keys are
+    /// backend hashes the control path's names make, not a client's input).
+    rr: RwLock<hashbrown::HashMap<u64, Arc<AtomicUsize>>>,
 }
 
 /// The kept states, and how many of them are of outside addresses.
+///
+/// Looked up on every pick: hashed with foldhash (hashbrown's default, seeded per process)
+/// rather than SipHash. The keys are endpoint addresses from the model or from DNS answers
+/// (not chosen by a client's request), and the map is bounded by `Capacity`.
 #[derive(Default)]
 struct States {
-    map: HashMap<SocketAddr, Slot>,
+    map: hashbrown::HashMap<SocketAddr, Slot>,
     outside: usize,
 }
 
@@ -665,24 +670,16 @@ impl Balancer {
                     b += 1;
                 }
                 let tau = self.cfg.tau.as_nanos() as f64;
-                let (ca, cb) = (
-                    self.load(endpoints[a], now).cost(now, tau),
-                    self.load(endpoints[b], now).cost(now, tau),
-                );
+                // Each candidate's state is looked up once and handed to `take`: the state
+                // map's lock is taken twice per pick, not three times.
+                let (la, lb) = (self.load(endpoints[a], now), self.load(endpoints[b], now));
+                let (ca, cb) = (la.cost(now, tau), lb.cost(now, tau));
                 // The cheaper candidate wins with probability cost_other / (cost_a + cost_b),
                 // not always: see the module docs.
                 let total = ca + cb;
-                if total <= 0.0 || !total.is_finite() {
-                    if cb < ca {
-                        b
-                    } else {
-                        a
-                    }
-                } else if fastrand::f64() * total < ca {
-                    b
-                } else {
-                    a
-                }
+                let pick_b = if total <= 0.0 || !total.is_finite() { cb < ca } else { fastrand::f64() * total < ca };
+                let (i, load) = if pick_b { (b, lb) } else { (a, la) };
+                return Some(self.take_with(endpoints[i], Some(load), now));
             }
         };
         Some(self.take(endpoints, i, now))
@@ -695,6 +692,11 @@ impl Balancer {
         // addresses outside any Service must not grow the map); an endpoint that has one
         // (it is also in a larger set) still counts the request.
         let load = if endpoints.len() > 1 { Some(self.load(addr, now)) } else { self.endpoint(addr) };
+        self.take_with(addr, load, now)
+    }
+
+    /// Marks a request in flight to `addr`, whose state (if it keeps one) is `load`.
+    fn take_with(&self, addr: SocketAddr, load: Option<Arc<EndpointLoad>>, now: Instant) -> (SocketAddr, InFlight) {
         if let Some(load) = &load {
             load.pending.fetch_add(1, Ordering::Relaxed);
             load.requests.fetch_add(1, Ordering::Relaxed);
@@ -869,6 +871,8 @@ impl Balancer {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::HashMap;
+
     use super::*;
 
     fn addrs(n: usize) -> Vec<SocketAddr> {

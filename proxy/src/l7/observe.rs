@@ -67,7 +67,9 @@ pub struct Observation {
 
 impl Observation {
     fn emit(mut self, response_bytes: u64, failed: bool) {
-        let span = std::mem::take(&mut self.span);
+        let mut span = std::mem::take(&mut self.span);
+        let export = span.take_export();
+        let trace_hex = span.trace_id_hex();
         let flags = if failed && self.flags == "-" { "stream-reset" } else { self.flags };
         let rec = RequestRecord {
             reporter: self.reporter,
@@ -87,12 +89,12 @@ impl Observation {
             response_bytes,
             upstream: self.upstream,
             mtls: self.mtls,
-            trace_id: span.trace_id.as_deref(),
-            request_id: span.request_id.as_deref(),
+            trace_id: trace_hex.as_ref().map(|t| t.as_str()),
+            request_id: span.request_id(),
             access_log: self.access_log,
         };
         self.telemetry.request(&rec);
-        self.telemetry.end_span(&span, &rec);
+        self.telemetry.end_span(export, &rec);
     }
 }
 

@@ -181,7 +181,8 @@ async fn forward(req: Request<Body>, ctx: &Arc<ConnCtx>, grpc: bool, obs: &mut O
         Endpoints::Known(eps) => eps.clone(),
         Endpoints::Dns { host, port, service_entry } => {
             let who = super::dns::Asker { pod: &ctx.pod.key, service_entry };
-            let resolved = l7.resolve(host, *port, who).await;
+            // Boxed: a DNS lookup's future would otherwise add to every request's (see `send`).
+            let resolved = Box::pin(l7.resolve(host, *port, who)).await;
             resolved.map_err(|e| ProxyError::NoEndpoints(format!("{} ({e})", plan.backend)))?
         }
     };
@@ -279,7 +280,10 @@ async fn forward(req: Request<Body>, ctx: &Arc<ConnCtx>, grpc: bool, obs: &mut O
         };
         let send = async {
             if upgrade {
-                l7.upstreams.send_upgrade(&dial, this_req).await
+                // Boxed: an upgrade dials its own connection, a large future that would
+                // otherwise be part of every request's (moved whole when the request's task
+                // is boxed, in `server.rs`).
+                Box::pin(l7.upstreams.send_upgrade(&dial, this_req)).await
             } else {
                 l7.upstreams.send(&dial, this_req).await
             }

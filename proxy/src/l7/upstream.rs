@@ -16,8 +16,8 @@
 //! evicted as soon as hyper's keepalive PING goes unanswered.
 
 use std::{
-    collections::HashMap,
     future::Future,
+    hash::BuildHasher as _,
     io,
     net::SocketAddr,
     pin::Pin,
@@ -243,8 +243,19 @@ pub struct UpstreamCounters {
     pub tls_originated: AtomicU64,
 }
 
+/// Shards of the HTTP/1.1 idle pool: a checkout and a checkin per request each take one
+/// shard's lock, so requests to different endpoints (or from different pods) rarely meet.
+const H1_SHARDS: usize = 16;
+
+/// One shard of the idle HTTP/1.1 connections, by key. foldhash (hashbrown's default, seeded
+/// per process) rather than SipHash: a key is a pod index, an endpoint address and a TLS
+/// configuration, none of them a client's choice.
+type H1Shard = Mutex<hashbrown::HashMap<Key, Vec<IdleH1>>>;
+
 pub struct Upstreams {
-    h1: Mutex<HashMap<Key, Vec<IdleH1>>>,
+    h1: [H1Shard; H1_SHARDS],
+    /// Which shard a key is in.
+    h1_shard_hash: hashbrown::DefaultHashBuilder,
     h2: Arc<H2Pool>,
     pub counters: UpstreamCounters,
 }
@@ -252,7 +263,8 @@ pub struct Upstreams {
 impl Default for Upstreams {
     fn default() -> Self {
         Self {
-            h1: Mutex::default(),
+            h1: std::array::from_fn(|_| Mutex::default()),
+            h1_shard_hash: hashbrown::DefaultHashBuilder::default(),
             h2: Arc::new(MuxPool::with_owners(H2_LIMITS, |k: &Key| k.src_pod)),
             counters: UpstreamCounters::default(),
         }
@@ -375,7 +387,10 @@ impl Upstreams {
         let key = Self::key(d, Wire::Http1);
         let (mut conn, reused) = match self.checkout_ready_h1(&key).await {
             Some(c) => (c, true),
-            None => match self.connect_h1(d).await {
+            // Boxed, here and below: a new connection (dial, tunnel, TLS, handshake) is a large
+            // future, and unboxed it would be part of every request's future, which is moved
+            // (copied) whole when the request's task is boxed.
+            None => match Box::pin(self.connect_h1(d)).await {
                 Ok(c) => (c, false),
                 Err(error) => return Err(SendError { error, request: Some(req) }),
             },
@@ -398,7 +413,7 @@ impl Upstreams {
                     Some(req) if reused => {
                         self.counters.retried_on_fresh_connection.fetch_add(1, Ordering::Relaxed);
                         debug!(endpoint = %d.endpoint, error = %err, "pooled connection was closing; sending on a new one");
-                        conn = match self.connect_h1(d).await {
+                        conn = match Box::pin(self.connect_h1(d)).await {
                             Ok(c) => c,
                             Err(error) => return Err(SendError { error, request: Some(req) }),
                         };
@@ -444,8 +459,12 @@ impl Upstreams {
         }
     }
 
+    fn h1_shard(&self, key: &Key) -> &H1Shard {
+        &self.h1[self.h1_shard_hash.hash_one(key) as usize % H1_SHARDS]
+    }
+
     fn checkout_h1(&self, key: &Key) -> Option<H1Conn> {
-        let mut pools = self.h1.lock().unwrap_or_else(|p| p.into_inner());
+        let mut pools = self.h1_shard(key).lock().unwrap_or_else(|p| p.into_inner());
         let idle = pools.get_mut(key)?;
         while let Some(c) = idle.pop() {
             if !c.conn.sender.is_closed() && c.since.elapsed() < c.conn.idle_timeout && reusable(&c.conn.tunnel) {
@@ -459,7 +478,7 @@ impl Upstreams {
         if !reusable(&conn.tunnel) {
             return; // dropped: the connection (a stream of a draining tunnel) closes now
         }
-        let mut pools = self.h1.lock().unwrap_or_else(|p| p.into_inner());
+        let mut pools = self.h1_shard(&key).lock().unwrap_or_else(|p| p.into_inner());
         let idle = pools.entry(key).or_default();
         if idle.len() < MAX_IDLE_PER_KEY {
             idle.push(IdleH1 { conn, since: Instant::now() });
@@ -574,7 +593,8 @@ impl Upstreams {
     {
         match self.h2.checkout_admitted(key, admit).await {
             Ok(Checkout::Ready(slot)) => Ok((Arc::new(slot), true)),
-            Ok(Checkout::Connect(leader)) => match connect_h2(endpoint, dial).await {
+            // Boxed: see `send_h1`.
+            Ok(Checkout::Connect(leader)) => match Box::pin(connect_h2(endpoint, dial)).await {
                 Ok((conn, task)) => {
                     let slot = leader.finish(conn);
                     tokio::spawn(task.run(slot.pooled().clone(), self.h2.clone()));
@@ -757,14 +777,15 @@ impl Upstreams {
     /// no longer take requests (periodically, off the request path; idle HTTP/2 connections
     /// close on their own).
     pub fn reap(&self) {
-        let mut h1 = self.h1.lock().unwrap_or_else(|p| p.into_inner());
-        h1.retain(|_, idle| {
-            idle.retain(|c| {
-                c.conn.sender.is_ready() && c.since.elapsed() < c.conn.idle_timeout && reusable(&c.conn.tunnel)
+        for shard in &self.h1 {
+            let mut h1 = shard.lock().unwrap_or_else(|p| p.into_inner());
+            h1.retain(|_, idle| {
+                idle.retain(|c| {
+                    c.conn.sender.is_ready() && c.since.elapsed() < c.conn.idle_timeout && reusable(&c.conn.tunnel)
+                });
+                !idle.is_empty()
             });
-            !idle.is_empty()
-        });
-        drop(h1);
+        }
         self.h2.sweep();
     }
 
@@ -774,22 +795,27 @@ impl Upstreams {
     pub fn shed_idle(&self, scope: Shed) -> usize {
         let matches = |k: &Key| scope == Shed::Any || scope == Shed::Pod(k.src_pod);
         let mut released = 0;
-        let mut h1 = self.h1.lock().unwrap_or_else(|p| p.into_inner());
-        h1.retain(|key, idle| {
-            if !matches(key) {
-                return true;
-            }
-            // Those inside a tunnel give back no unit, but their tunnel may go idle with them.
-            released += idle.drain(..).filter(|c| c.conn.unit.as_ref().is_some_and(|u| u.revoke())).count();
-            false
-        });
-        drop(h1);
+        for shard in &self.h1 {
+            let mut h1 = shard.lock().unwrap_or_else(|p| p.into_inner());
+            h1.retain(|key, idle| {
+                if !matches(key) {
+                    return true;
+                }
+                // Those inside a tunnel give back no unit, but their tunnel may go idle with them.
+                released += idle.drain(..).filter(|c| c.conn.unit.as_ref().is_some_and(|u| u.revoke())).count();
+                false
+            });
+        }
         released + self.h2.shed_idle(matches, |c| c.unit.as_ref().is_some_and(|u| u.revoke()))
     }
 
     /// (idle HTTP/1.1 connections, HTTP/2 connections) held, for the admin view.
     pub fn sizes(&self) -> (usize, usize) {
-        let h1 = self.h1.lock().unwrap_or_else(|p| p.into_inner()).values().map(Vec::len).sum();
+        let h1 = self
+            .h1
+            .iter()
+            .map(|shard| shard.lock().unwrap_or_else(|p| p.into_inner()).values().map(Vec::len).sum::<usize>())
+            .sum();
         (h1, self.h2.len())
     }
 

@@ -193,7 +193,7 @@ impl Telemetry {
     }
 
     /// Ends a span with what the request became.
-    pub fn end_span(&self, span: &trace::SpanContext, rec: &RequestRecord<'_>) {
+    pub fn end_span(&self, span: trace::SpanContext, rec: &RequestRecord<'_>) {
         self.trace.end(span, rec);
     }
 }

@@ -24,7 +24,6 @@
 //! once per key (a histogram on the slot's first request) and reused as the ring turns.
 
 use std::{
-    collections::HashMap,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
@@ -226,8 +225,10 @@ impl Series {
     }
 }
 
-/// namespace → name → series.
-type Index = HashMap<Arc<str>, HashMap<Arc<str>, Arc<Series>>>;
+/// namespace → name → series. Looked up twice per request (pod, Service): foldhash
+/// (hashbrown's default, seeded per process) instead of SipHash; the keys are names of pods
+/// and Services from the API server, not a client's input.
+type Index = hashbrown::HashMap<Arc<str>, hashbrown::HashMap<Arc<str>, Arc<Series>>>;
 
 /// The series of one kind of key (pods or services).
 struct Keyed {
@@ -277,7 +278,7 @@ fn without_stale(index: &Index, now: u64) -> Index {
     let oldest = (now + 1).saturating_sub(SLOTS as u64);
     let mut next = Index::with_capacity(index.len());
     for (ns, names) in index {
-        let kept: HashMap<_, _> =
+        let kept: hashbrown::HashMap<_, _> =
             names.iter().filter(|(_, s)| s.last() >= oldest).map(|(k, v)| (k.clone(), v.clone())).collect();
         if !kept.is_empty() {
             next.insert(ns.clone(), kept);

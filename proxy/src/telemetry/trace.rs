@@ -17,15 +17,11 @@
 
 use std::{
     borrow::Cow,
-    fmt::Write as _,
-    sync::{
-        atomic::{AtomicU64, Ordering},
-        Mutex,
-    },
+    sync::atomic::{AtomicU64, Ordering},
     time::Duration,
 };
 
-use http::{HeaderMap, HeaderValue};
+use http::{HeaderMap, HeaderName, HeaderValue};
 use opentelemetry::{
     trace::{SpanContext as OtelSpanContext, SpanId, SpanKind, Status, TraceFlags, TraceId, TraceState},
     InstrumentationScope, KeyValue,
@@ -37,6 +33,16 @@ use tracing::{debug, warn};
 
 use super::{Reporter, RequestRecord, TelemetryConfig};
 
+// The propagation headers, parsed once (a `&str` key is parsed and checked on every lookup).
+const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+const B3: HeaderName = HeaderName::from_static("b3");
+const X_B3_TRACEID: HeaderName = HeaderName::from_static("x-b3-traceid");
+const X_B3_SPANID: HeaderName = HeaderName::from_static("x-b3-spanid");
+const X_B3_PARENTSPANID: HeaderName = HeaderName::from_static("x-b3-parentspanid");
+const X_B3_SAMPLED: HeaderName = HeaderName::from_static("x-b3-sampled");
+const X_B3_FLAGS: HeaderName = HeaderName::from_static("x-b3-flags");
+
 /// Spans waiting for export before new ones are dropped.
 const QUEUE: usize = 4096;
 /// Spans per export call.
@@ -45,14 +51,63 @@ const BATCH: usize = 512;
 const FLUSH_EVERY: Duration = Duration::from_millis(500);
 
 /// The trace context of one proxy hop while its request is in flight.
+///
+/// Built on every proxied request, so it holds no text made for it: the trace id stays a
+/// number (its hex form, for access logs and tap, is made only when asked for), and the
+/// request id is the header value itself (shared with the request, not copied).
 #[derive(Debug, Default)]
 pub struct SpanContext {
-    /// The trace id (32 hex digits), for access logs and tap.
-    pub trace_id: Option<String>,
-    /// `x-request-id` of the request.
-    pub request_id: Option<String>,
+    trace_id: Option<u128>,
+    request_id: Option<HeaderValue>,
     /// The span to export when the request ends (sampled traces only).
-    pending: Mutex<Option<Pending>>,
+    pending: Option<Pending>,
+}
+
+impl SpanContext {
+    /// The trace id as 32 hex digits (access logs, tap).
+    pub fn trace_id_hex(&self) -> Option<TraceHex> {
+        self.trace_id.map(TraceHex::new)
+    }
+
+    /// The span to end and export, taken out (so the ids can still be read while it is
+    /// ended); an empty context when the trace is not sampled.
+    pub fn take_export(&mut self) -> SpanContext {
+        SpanContext { pending: self.pending.take(), ..SpanContext::default() }
+    }
+
+    /// `x-request-id` of the request.
+    pub fn request_id(&self) -> Option<&str> {
+        self.request_id.as_ref().and_then(|v| v.to_str().ok())
+    }
+}
+
+/// A trace id as 32 lowercase hex digits, on the stack.
+#[derive(Clone, Copy)]
+pub struct TraceHex([u8; 32]);
+
+impl TraceHex {
+    fn new(id: u128) -> TraceHex {
+        let mut b = [0u8; 32];
+        hex_into(&mut b, id);
+        TraceHex(b)
+    }
+
+    pub fn as_str(&self) -> &str {
+        // Only ASCII hex digits are ever written.
+        std::str::from_utf8(&self.0).unwrap_or_default()
+    }
+}
+
+/// Writes the low `out.len()` hex digits of `v` (lowercase, zero-padded) into `out`: the
+/// formatting machinery of `format!` costs several hundred instructions per id, and ids are
+/// written on every request.
+fn hex_into(out: &mut [u8], v: u128) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut v = v;
+    for b in out.iter_mut().rev() {
+        *b = HEX[(v & 0xf) as usize];
+        v >>= 4;
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -124,13 +179,12 @@ impl Tracer {
 
     /// See [`super::Telemetry::start_span`].
     pub fn start(&self, reporter: Reporter, headers: &mut HeaderMap) -> SpanContext {
-        let request_id = match headers.get("x-request-id").and_then(|v| v.to_str().ok()) {
-            Some(id) => id.to_owned(),
+        // An id that is not text is replaced, as a missing one is made.
+        let request_id = match headers.get(X_REQUEST_ID).filter(|v| v.to_str().is_ok()) {
+            Some(id) => id.clone(),
             None => {
                 let id = uuid_v4();
-                if let Ok(v) = HeaderValue::from_str(&id) {
-                    headers.insert("x-request-id", v);
-                }
+                headers.insert(X_REQUEST_ID, id.clone());
                 id
             }
         };
@@ -142,7 +196,6 @@ impl Tracer {
         };
         let span_id = fastrand::u64(1..);
         write_context(headers, trace_id, span_id, incoming.as_ref().and_then(|c| c.parent), sampled, incoming.as_ref().is_some_and(|c| c.b3));
-        let trace_hex = format!("{trace_id:032x}");
         let pending = (sampled && self.queue.is_some()).then(|| Pending {
             trace_id: TraceId::from_bytes(trace_id.to_be_bytes()),
             span_id: SpanId::from_bytes(span_id.to_be_bytes()),
@@ -152,12 +205,12 @@ impl Tracer {
                 Reporter::Destination => SpanKind::Server,
             },
         });
-        SpanContext { trace_id: Some(trace_hex), request_id: Some(request_id), pending: Mutex::new(pending) }
+        SpanContext { trace_id: Some(trace_id), request_id: Some(request_id), pending }
     }
 
     /// Ends the span (if sampled) with what the request became, and queues it for export.
-    pub fn end(&self, span: &SpanContext, rec: &RequestRecord<'_>) {
-        let Some(p) = span.pending.lock().unwrap_or_else(|e| e.into_inner()).take() else { return };
+    pub fn end(&self, span: SpanContext, rec: &RequestRecord<'_>) {
+        let Some(p) = span.pending else { return };
         let Some(queue) = &self.queue else { return };
         let mut attributes = vec![
             KeyValue::new("http.request.method", rec.method.as_str().to_owned()),
@@ -254,25 +307,29 @@ async fn export_loop(exporter: opentelemetry_otlp::SpanExporter, mut rx: mpsc::R
 /// even when its context came from `traceparent` (as after a first sluice hop, which writes
 /// both), so the application sees consistent ids in whichever format it reads.
 fn read_context(headers: &HeaderMap) -> Option<Incoming> {
-    let has_b3 = headers.contains_key("x-b3-traceid") || headers.contains_key("b3");
-    if let Some(tp) = headers.get("traceparent").and_then(|v| v.to_str().ok()) {
+    let has_b3 = headers.contains_key(X_B3_TRACEID) || headers.contains_key(B3);
+    if let Some(tp) = headers.get(TRACEPARENT).and_then(|v| v.to_str().ok()) {
         if let Some(mut c) = parse_traceparent(tp) {
             c.b3 = has_b3;
             return Some(c);
         }
     }
-    if let Some(b3) = headers.get("b3").and_then(|v| v.to_str().ok()) {
+    if !has_b3 {
+        // Neither B3 form is there: nothing more to read.
+        return None;
+    }
+    if let Some(b3) = headers.get(B3).and_then(|v| v.to_str().ok()) {
         if let Some(c) = parse_b3_single(b3) {
             return Some(c);
         }
     }
-    let get = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
-    let trace_id = get("x-b3-traceid").and_then(parse_trace_id)?;
-    let parent = get("x-b3-spanid").and_then(|s| u64::from_str_radix(s, 16).ok()).filter(|s| *s != 0);
-    let sampled = if get("x-b3-flags") == Some("1") {
+    let get = |name: HeaderName| headers.get(name).and_then(|v| v.to_str().ok());
+    let trace_id = get(X_B3_TRACEID).and_then(parse_trace_id)?;
+    let parent = get(X_B3_SPANID).and_then(|s| u64::from_str_radix(s, 16).ok()).filter(|s| *s != 0);
+    let sampled = if get(X_B3_FLAGS) == Some("1") {
         Some(true)
     } else {
-        get("x-b3-sampled").and_then(|s| match s {
+        get(X_B3_SAMPLED).and_then(|s| match s {
             "1" | "true" | "d" => Some(true),
             "0" | "false" => Some(false),
             _ => None,
@@ -320,46 +377,57 @@ fn parse_trace_id(s: &str) -> Option<u128> {
 
 /// Makes the next hop a child of `span_id`.
 fn write_context(headers: &mut HeaderMap, trace_id: u128, span_id: u64, parent: Option<u64>, sampled: bool, b3: bool) {
-    let mut tp = String::with_capacity(55);
-    let _ = write!(tp, "00-{trace_id:032x}-{span_id:016x}-{:02x}", u8::from(sampled));
-    if let Ok(v) = HeaderValue::from_str(&tp) {
-        headers.insert("traceparent", v);
-    }
+    // `00-{trace:32}-{span:16}-{flags:2}`
+    let mut tp = *b"00-00000000000000000000000000000000-0000000000000000-00";
+    hex_into(&mut tp[3..35], trace_id);
+    hex_into(&mut tp[36..52], u128::from(span_id));
+    hex_into(&mut tp[53..55], u128::from(u8::from(sampled)));
+    headers.insert(TRACEPARENT, hex_value(&tp));
     if b3 {
-        headers.remove("b3");
-        let set = |h: &mut HeaderMap, k: &'static str, v: String| {
-            if let Ok(v) = HeaderValue::from_str(&v) {
-                h.insert(k, v);
-            }
-        };
-        set(headers, "x-b3-traceid", format!("{trace_id:032x}"));
-        set(headers, "x-b3-spanid", format!("{span_id:016x}"));
+        headers.remove(B3);
+        let mut t = [0u8; 32];
+        hex_into(&mut t, trace_id);
+        headers.insert(X_B3_TRACEID, hex_value(&t));
+        let mut sp = [0u8; 16];
+        hex_into(&mut sp, u128::from(span_id));
+        headers.insert(X_B3_SPANID, hex_value(&sp));
         match parent {
-            Some(p) => set(headers, "x-b3-parentspanid", format!("{p:016x}")),
+            Some(p) => {
+                hex_into(&mut sp, u128::from(p));
+                headers.insert(X_B3_PARENTSPANID, hex_value(&sp));
+            }
             None => {
-                headers.remove("x-b3-parentspanid");
+                headers.remove(X_B3_PARENTSPANID);
             }
         }
-        set(headers, "x-b3-sampled", if sampled { "1".into() } else { "0".into() });
-        headers.remove("x-b3-flags");
+        headers.insert(X_B3_SAMPLED, HeaderValue::from_static(if sampled { "1" } else { "0" }));
+        headers.remove(X_B3_FLAGS);
     }
 }
 
-/// A random (version 4) UUID.
-fn uuid_v4() -> String {
+/// A header value of hex digits and dashes (always valid).
+fn hex_value(b: &[u8]) -> HeaderValue {
+    HeaderValue::from_bytes(b).unwrap_or_else(|_| HeaderValue::from_static(""))
+}
+
+/// A random (version 4) UUID, as a header value.
+fn uuid_v4() -> HeaderValue {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut b = fastrand::u128(..).to_be_bytes();
     b[6] = (b[6] & 0x0f) | 0x40;
     b[8] = (b[8] & 0x3f) | 0x80;
-    let mut out = String::with_capacity(36);
+    let mut out = [0u8; 36];
+    let mut o = 0;
     for (i, x) in b.iter().enumerate() {
         if matches!(i, 4 | 6 | 8 | 10) {
-            out.push('-');
+            out[o] = b'-';
+            o += 1;
         }
-        out.push(HEX[usize::from(x >> 4)] as char);
-        out.push(HEX[usize::from(x & 0xf)] as char);
+        out[o] = HEX[usize::from(x >> 4)];
+        out[o + 1] = HEX[usize::from(x & 0xf)];
+        o += 2;
     }
-    out
+    hex_value(&out)
 }
 
 #[cfg(test)]
@@ -377,7 +445,7 @@ mod tests {
         h.insert("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".parse().unwrap());
         h.insert("tracestate", "vendor=x".parse().unwrap());
         let span = t.start(Reporter::Source, &mut h);
-        assert_eq!(span.trace_id.as_deref(), Some("4bf92f3577b34da6a3ce929d0e0e4736"));
+        assert_eq!(span.trace_id_hex().unwrap().as_str(), "4bf92f3577b34da6a3ce929d0e0e4736");
         let tp = h["traceparent"].to_str().unwrap();
         assert!(tp.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-") && tp.ends_with("-01"), "{tp}");
         assert!(!tp.contains("00f067aa0ba902b7"), "the next hop's parent is sluice's span: {tp}");
@@ -395,7 +463,7 @@ mod tests {
         h.insert("x-b3-sampled", "0".parse().unwrap());
         h.insert("x-request-id", "keep-me".parse().unwrap());
         let span = t.start(Reporter::Destination, &mut h);
-        assert_eq!(span.trace_id.as_deref(), Some("80f198ee56343ba864fe8b2a57d3eff7"));
+        assert_eq!(span.trace_id_hex().unwrap().as_str(), "80f198ee56343ba864fe8b2a57d3eff7");
         assert_eq!(h["x-b3-traceid"], "80f198ee56343ba864fe8b2a57d3eff7");
         assert_eq!(h["x-b3-parentspanid"], "e457b5a2e4d86bd1");
         assert_ne!(h["x-b3-spanid"], "e457b5a2e4d86bd1");
@@ -416,13 +484,15 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert("traceparent", "garbage".parse().unwrap());
         let span = t.start(Reporter::Source, &mut h);
-        assert_eq!(span.trace_id.as_ref().unwrap().len(), 32);
-        assert!(h["traceparent"].to_str().unwrap().starts_with(&format!("00-{}-", span.trace_id.unwrap())));
+        let trace = span.trace_id_hex().unwrap();
+        assert_eq!(trace.as_str().len(), 32);
+        assert!(h["traceparent"].to_str().unwrap().starts_with(&format!("00-{}-", trace.as_str())));
     }
 
     #[test]
     fn uuids_look_like_v4() {
         let u = uuid_v4();
+        let u = u.to_str().unwrap();
         assert_eq!(u.len(), 36);
         assert_eq!(&u[14..15], "4");
     }
