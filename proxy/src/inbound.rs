@@ -382,34 +382,9 @@ async fn handle_plaintext(
         pump::reset(&client);
         return;
     }
-    inbound.counters.plaintext_accepted.fetch_add(1, Ordering::Relaxed);
-    let app = match deliver::connect(&inbound.redirector, &pod.netns, pod.transparent, peer.ip(), target, inbound.connect_timeout).await {
-        Ok(s) => s,
-        Err(e) => {
-            inbound.counters.delivery_failed.fetch_add(1, Ordering::Relaxed);
-            if let Some(suppressed) = lograte::shared().allow("delivery-failed", &lograte::source_of_ip(peer.ip())) {
-                info!(pod = %pod.key, %target, error = %e, suppressed, "delivery to the application failed; resetting");
-            }
-            pump::reset(&client);
-            return;
-        }
+    let Some((mut app, guard)) = deliver_plaintext(&client, peer, target, &pod, &inbound, "tcp").await else {
+        return;
     };
-    let guard = inbound.conns.open(
-        &pod.stats,
-        NewConn {
-            direction: Direction::Inbound,
-            peer_identity: None,
-            mtls: false,
-            same_node: false,
-            source_pod: source_pod_name(&inbound.model, peer),
-            source_addr: peer,
-            original_dst: target,
-            service: None,
-            endpoint: target,
-            protocol: "tcp",
-        },
-    );
-    let mut app = app;
     if !prefix.is_empty() {
         use tokio::io::AsyncWriteExt;
         if app.write_all(&prefix).await.is_err() {
@@ -426,18 +401,17 @@ async fn handle_plaintext(
     drop(permit);
 }
 
-/// A plaintext connection that speaks HTTP, to a pod whose policies need requests: each
-/// request is checked (JWT, authorization) and forwarded on one application connection.
-async fn serve_plaintext_http(
-    client: TcpStream,
-    prefix: bytes::Bytes,
-    protocol: crate::l7::Protocol,
+/// An accepted plaintext connection, opaque or HTTP: counts it, opens its delivery
+/// connection into the pod's application and its `sluice conns` entry. If the application
+/// cannot be reached the client is reset (counted, logged rate-limited) and `None` returned.
+async fn deliver_plaintext(
+    client: &TcpStream,
     peer: SocketAddr,
     target: SocketAddr,
-    pod: Arc<PodContext>,
-    inbound: Arc<Inbound>,
-    permit: crate::admission::Permit,
-) {
+    pod: &PodContext,
+    inbound: &Inbound,
+    protocol: &'static str,
+) -> Option<(TcpStream, crate::conns::ConnGuard)> {
     inbound.counters.plaintext_accepted.fetch_add(1, Ordering::Relaxed);
     let app = match deliver::connect(&inbound.redirector, &pod.netns, pod.transparent, peer.ip(), target, inbound.connect_timeout).await {
         Ok(s) => s,
@@ -446,8 +420,8 @@ async fn serve_plaintext_http(
             if let Some(suppressed) = lograte::shared().allow("delivery-failed", &lograte::source_of_ip(peer.ip())) {
                 info!(pod = %pod.key, %target, error = %e, suppressed, "delivery to the application failed; resetting");
             }
-            pump::reset(&client);
-            return;
+            pump::reset(client);
+            return None;
         }
     };
     let guard = inbound.conns.open(
@@ -462,9 +436,27 @@ async fn serve_plaintext_http(
             original_dst: target,
             service: None,
             endpoint: target,
-            protocol: protocol.as_str(),
+            protocol,
         },
     );
+    Some((app, guard))
+}
+
+/// A plaintext connection that speaks HTTP, to a pod whose policies need requests: each
+/// request is checked (JWT, authorization) and forwarded on one application connection.
+async fn serve_plaintext_http(
+    client: TcpStream,
+    prefix: bytes::Bytes,
+    protocol: crate::l7::Protocol,
+    peer: SocketAddr,
+    target: SocketAddr,
+    pod: Arc<PodContext>,
+    inbound: Arc<Inbound>,
+    permit: crate::admission::Permit,
+) {
+    let Some((app, guard)) = deliver_plaintext(&client, peer, target, &pod, &inbound, protocol.as_str()).await else {
+        return;
+    };
     let ctx = inbound.l7_stream(&pod, peer, None, target, guard.entry.clone(), (permit, guard));
     crate::l7::inbound::serve(crate::l7::io::Prefixed::new(prefix, client), app, protocol, ctx).await;
 }
