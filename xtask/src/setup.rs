@@ -28,6 +28,10 @@ const APT_PACKAGES: &[&str] = &[
     "wrk",
     // The telemetry CLI tests: `sluice top` driven in a real terminal.
     "tmux",
+    // The deploy/ validation (its PyPI packages below) and a JWKS server in a pod
+    // (`python3 -m http.server`, the RequestAuthentication tests).
+    "python3",
+    "python3-pip",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
